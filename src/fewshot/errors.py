@@ -1,0 +1,50 @@
+"""Errors that reach a user carry a message naming the file and the fix.
+
+The CLI catches :class:`FewshotError` and prints ``error: <message>`` (plus the hint)
+without a traceback; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FewshotError(Exception):
+    """A user-facing error: ``message`` says what is wrong, ``hint`` how to fix it."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  fix: {self.hint}"
+
+
+class DataError(FewshotError):
+    """A dataset, manifest or split file cannot be used (missing path, bad columns, empty)."""
+
+
+class ImageReadError(FewshotError):
+    """One image cannot be decoded (missing, zero-byte, truncated, corrupt, not an image).
+
+    Attributes:
+        path: the offending file.
+        reason: a short human reason, e.g. ``"zero-byte file"``.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(
+            f"cannot read image {self.path}: {reason}",
+            hint="replace or delete the file, or run without --strict to skip it",
+        )
+
+
+class BackboneError(FewshotError):
+    """A backbone name is unknown, its package is missing, or its weights cannot be loaded."""
+
+
+class CheckpointError(FewshotError):
+    """A saved run, index or cache is damaged or does not match the requested backbone."""
