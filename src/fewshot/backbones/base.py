@@ -1,0 +1,110 @@
+"""The backbone record and the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import BackboneError
+from .preprocess import Preprocess
+
+
+@dataclass
+class Backbone:
+    """A frozen-or-trainable feature extractor.
+
+    Attributes:
+        name: registry name (e.g. ``"efficientnet_lite0"``).
+        model: module mapping ``float32 [B, 3, S, S]`` to ``float32 [B, dim]`` embeddings
+            (global average pool of the last feature map for CNNs).
+        preprocess: PIL image -> ``float32 [3, S, S]`` tensor.
+        dim: embedding dimension ``D``.
+        pretrained: whether pretrained weights were loaded.
+        weights_tag: identifies the weights in cache keys (``"imagenet"``, ``"random"``, or a
+            digest of fine-tuned weights).
+    """
+
+    name: str
+    model: nn.Module
+    preprocess: Preprocess
+    dim: int
+    pretrained: bool = True
+    weights_tag: str = "imagenet"
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.image_size
+
+    @property
+    def cache_key(self) -> str:
+        """A file-name-safe key: name, weights and every preprocessing choice."""
+        p = self.preprocess
+        norm = "half" if p.mean == (0.5, 0.5, 0.5) and p.std == (0.5, 0.5, 0.5) else (
+            "imnet" if p.mean[0] == 0.485 else "custom")
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
+        return f"{safe}-{self.weights_tag}-{p.image_size}px-{p.interpolation}-{norm}"
+
+    def describe(self) -> dict:
+        """A JSON-ready description recorded in every result file."""
+        return {"name": self.name, "dim": self.dim, "pretrained": self.pretrained,
+                "weights": self.weights_tag, "preprocess": self.preprocess.to_dict()}
+
+
+BackboneFactory = Callable[[bool, int], Backbone]
+_REGISTRY: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator: register ``factory(pretrained: bool, image_size: int) -> Backbone`` under ``name``."""
+
+    def wrap(factory: BackboneFactory) -> BackboneFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def list_backbones() -> list[str]:
+    """Names registered here; ``timm:``, ``torchvision:`` and ``open_clip:`` prefixes also work."""
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, pretrained: bool = True, image_size: int = 224) -> Backbone:
+    """Create a backbone by name, in eval mode.
+
+    Args:
+        name: a registered name (``list_backbones()``) or ``timm:NAME``, ``torchvision:NAME``,
+            ``open_clip:ARCH/PRETRAINED``.
+        pretrained: load pretrained weights (``False`` gives random weights, for tests).
+        image_size: input side in pixels.
+
+    Raises:
+        BackboneError: unknown name, missing optional package, or weights that cannot be
+            loaded (e.g. no internet for a model that downloads its weights).
+    """
+    if image_size < 32 or image_size > 1024:
+        raise BackboneError(f"image size {image_size} px is out of range",
+                            hint="use an --image-size between 32 and 1024 (224 is the default)")
+    prefix = name.split(":", 1)[0] + ":" if ":" in name else name
+    factory = _REGISTRY.get(name) or _REGISTRY.get(prefix)
+    if factory is None:
+        raise BackboneError(
+            f"unknown backbone '{name}'",
+            hint=f"use one of {', '.join(list_backbones())} or timm:NAME / torchvision:NAME / "
+            "open_clip:ARCH/PRETRAINED with that package installed")
+    if factory is _REGISTRY.get(prefix) and prefix != name:
+        backbone = factory(pretrained, image_size, name.split(":", 1)[1])  # type: ignore[call-arg]
+    else:
+        backbone = factory(pretrained, image_size)
+    backbone.model.eval()
+    return backbone
+
+
+@torch.no_grad()
+def infer_dim(model: nn.Module, image_size: int) -> int:
+    """Embedding dimension found by one forward pass on a zero image."""
+    model.eval()
+    return int(model(torch.zeros(1, 3, image_size, image_size)).shape[-1])

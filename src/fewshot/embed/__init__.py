@@ -1,0 +1,229 @@
+"""Batched embedding extraction with an on-disk cache.
+
+:func:`embed_dataset` reads every image once to hash it, takes cached vectors where the
+content hash is known, and runs the backbone (``torch.inference_mode``, a DataLoader that
+decodes in worker processes, a progress bar) on the rest. Unreadable images are skipped with
+a warning that names them and a summary count; ``strict=True`` makes any skip an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm.auto import tqdm
+
+from ..backbones import Backbone, Preprocess
+from ..data.images import load_image
+from ..data.records import Dataset
+from ..errors import DataError, ImageReadError
+from .cache import EmbeddingCache, default_cache_dir, file_digest
+
+log = logging.getLogger("fewshot")
+
+__all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "apply_head",
+           "default_cache_dir"]
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of the readable images of a dataset.
+
+    Attributes:
+        vectors: ``float32 [N, D]``, row ``i`` for ``dataset.records[i]`` (not normalised).
+        dataset: the records that were embedded (unreadable ones removed).
+        skipped: ``(path, reason)`` for each image that could not be read.
+        backbone: the backbone's description (name, weights, preprocessing).
+        num_cached: how many vectors came from the cache.
+    """
+
+    vectors: np.ndarray
+    dataset: Dataset
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    backbone: dict = field(default_factory=dict)
+    num_cached: int = 0
+
+    @property
+    def labels(self) -> list[str]:
+        return self.dataset.labels
+
+    @property
+    def groups(self) -> list[str | None]:
+        return self.dataset.groups
+
+
+class _ImageFiles(TorchDataset):
+    """Decode + preprocess in DataLoader workers; a bad file yields its reason, not an error."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
+        self.paths = list(paths)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_image(self.paths[i], target_size=self.preprocess.image_size)
+            return i, self.preprocess(image), None
+        except ImageReadError as exc:
+            return i, None, exc.reason
+        except Exception as exc:  # never let one photo end a long run
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(items):
+    good = [(i, t) for i, t, r in items if t is not None]
+    bad = [(i, r) for i, t, r in items if t is None]
+    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+    batch = torch.stack([t for _, t in good]) if good else None
+    return idx, batch, bad
+
+
+def _read_digest(path: Path) -> tuple[str | None, str | None]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, "file not found"
+    except IsADirectoryError:
+        return None, "is a folder, not an image"
+    except OSError as exc:
+        return None, f"cannot read file ({exc.strerror or exc})"
+    if not data:
+        return None, "zero-byte file"
+    return file_digest(data), None
+
+
+def embed_paths(
+    paths: Sequence[str | Path],
+    backbone: Backbone,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> tuple[np.ndarray, list[int], dict[int, str], int]:
+    """Embed image files with ``backbone``.
+
+    Args:
+        paths: image files.
+        backbone: from :func:`fewshot.backbones.create_backbone`.
+        batch_size: images per forward pass.
+        num_workers: DataLoader decode workers (0 = decode in this process).
+        cache_dir: cache folder (default :func:`default_cache_dir`); ``use_cache=False`` skips it.
+        progress: show a progress bar.
+
+    Returns:
+        ``(vectors float32 [M, D], ok_indices (M positions into paths), failures {index: reason},
+        num_cached)``.
+    """
+    paths = [Path(p) for p in paths]
+    cache = EmbeddingCache(cache_dir or default_cache_dir(), backbone.cache_key) if use_cache else None
+    digests: list[str | None] = []
+    failures: dict[int, str] = {}
+    for i, p in enumerate(paths):
+        digest, reason = _read_digest(p)
+        digests.append(digest)
+        if reason:
+            failures[i] = reason
+    out: dict[int, np.ndarray] = {}
+    todo: list[int] = []
+    for i, d in enumerate(digests):
+        if d is None:
+            continue
+        hit = cache.get(d) if cache is not None else None
+        if hit is not None and hit.shape[-1] == backbone.dim:
+            out[i] = hit
+        else:
+            todo.append(i)
+    num_cached = len(out)
+    if todo:
+        loader = DataLoader(_ImageFiles([paths[i] for i in todo], backbone.preprocess),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                            persistent_workers=False)
+        model = backbone.model.eval()
+        with torch.inference_mode(), tqdm(total=len(todo), desc=desc, unit="img",
+                                          disable=not progress, leave=False) as bar:
+            for idx, batch, bad in loader:
+                for j, reason in bad:
+                    failures[todo[j]] = reason
+                if batch is not None:
+                    vectors = model(batch).float().cpu().numpy()
+                    for j, v in zip(idx.tolist(), vectors):
+                        k = todo[j]
+                        out[k] = v
+                        if cache is not None:
+                            cache.put(digests[k], v)  # type: ignore[arg-type]
+                bar.update(len(idx) + len(bad))
+        if cache is not None:
+            cache.save()
+    ok = sorted(out)
+    vectors = np.stack([out[i] for i in ok]).astype(np.float32) if ok else np.zeros(
+        (0, backbone.dim), np.float32)
+    return vectors, ok, failures, num_cached
+
+
+def embed_dataset(
+    dataset: Dataset,
+    backbone: Backbone,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    strict: bool = False,
+    progress: bool = True,
+) -> Embeddings:
+    """Embed every readable image of ``dataset``.
+
+    Unreadable images (missing, zero-byte, truncated, corrupt, not an image) are skipped:
+    each is logged with its path and reason, and a summary count follows.
+
+    Returns:
+        :class:`Embeddings` with ``vectors float32 [N, D]`` aligned to ``embeddings.dataset``.
+
+    Raises:
+        DataError: the dataset is empty, or no image at all could be read.
+        ImageReadError: ``strict=True`` and at least one image could not be read.
+    """
+    if len(dataset) == 0:
+        raise DataError(f"dataset {dataset.name} has no images", hint="check --data and --split")
+    vectors, ok, failures, num_cached = embed_paths(
+        dataset.paths, backbone, batch_size=batch_size, num_workers=num_workers,
+        cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+        desc=f"embedding {dataset.name}")
+    skipped = [(dataset.records[i].path, failures[i]) for i in sorted(failures)]
+    if skipped:
+        if strict:
+            path, reason = skipped[0]
+            err = ImageReadError(path, reason)
+            err.message += f" ({len(skipped)} unreadable image(s) in all)"
+            err.hint = "fix or remove the listed files, or run without --strict to skip them"
+            raise err
+        for path, reason in skipped:
+            log.warning("skipped unreadable image %s: %s", path, reason)
+        log.warning("skipped %d of %d images that could not be read", len(skipped), len(dataset))
+    if not ok:
+        raise DataError(f"none of the {len(dataset)} images of {dataset.name} could be read",
+                        hint="check the image files (see the warnings above)")
+    kept = dataset.subset(ok)
+    return Embeddings(vectors=vectors, dataset=kept, skipped=skipped,
+                      backbone=backbone.describe(), num_cached=num_cached)
+
+
+@torch.no_grad()
+def apply_head(head: nn.Module, vectors: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Map backbone embeddings through a trained head: ``float32 [N, D] -> float32 [N, E]``."""
+    head.eval()
+    out = [head(torch.from_numpy(vectors[i:i + batch_size])).float().numpy()
+           for i in range(0, len(vectors), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

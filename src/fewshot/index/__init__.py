@@ -1,0 +1,293 @@
+"""A searchable catalogue: FAISS index over L2-normalised embeddings plus per-article prototypes.
+
+The catalogue is the support set of the main job: a few labelled photos per article. New
+photos are classified by cosine similarity either to each article's prototype (the mean of
+its L2-normalised embeddings, re-normalised; Snell et al. 2017) or to its nearest catalogue
+image (the article's score is its best image's score).
+
+On disk (``save``/``load``, written atomically as a whole folder)::
+
+    INDEX_DIR/images.faiss       faiss.IndexFlatIP over the image embeddings  [N, D]
+    INDEX_DIR/prototypes.faiss   faiss.IndexFlatIP over the article prototypes [C, D]
+    INDEX_DIR/meta.json          labels, groups, paths per image; articles; config; version
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from .. import __version__
+from ..errors import CheckpointError, DataError
+from ..io import atomic_dir
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One ranked article for a query: ``score`` is a cosine similarity in [-1, 1]."""
+
+    label: str
+    group: str | None
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "group": self.group, "score": round(float(self.score), 6)}
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """One catalogue image returned by :meth:`CatalogueIndex.search`."""
+
+    path: str
+    label: str
+    group: str | None
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "label": self.label, "group": self.group,
+                "score": round(float(self.score), 6)}
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation of ``float32 [N, D]`` (zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _flat_ip(vectors: np.ndarray, dim: int) -> faiss.Index:
+    index = faiss.IndexFlatIP(dim)
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+@dataclass
+class CatalogueIndex:
+    """Catalogue embeddings with their labels, groups, paths and per-article prototypes.
+
+    Build with :meth:`build`; all vectors are stored L2-normalised, ``float32``.
+
+    Attributes:
+        dim: embedding dimension ``D``.
+        labels, groups, paths: per catalogue image, aligned with the image index.
+        config: how the embeddings were made (backbone, model run, image size, data, split).
+    """
+
+    dim: int
+    labels: list[str]
+    groups: list[str | None]
+    paths: list[str]
+    config: dict = field(default_factory=dict)
+    image_index: faiss.Index | None = None
+    articles: list[str] = field(default_factory=list)
+    article_groups: list[str | None] = field(default_factory=list)
+    prototype_index: faiss.Index | None = None
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def build(cls, vectors: np.ndarray, labels: Sequence[str], groups: Sequence[str | None],
+              paths: Sequence[str | Path], config: dict | None = None) -> "CatalogueIndex":
+        """Index ``vectors float32 [N, D]`` (normalised here) with per-image metadata.
+
+        Raises:
+            DataError: no vectors, or metadata lengths that differ from ``N``.
+        """
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) == 0:
+            raise DataError("cannot build an index from an empty catalogue",
+                            hint="check --data / --split: no image was embedded")
+        n = len(vectors)
+        if not (len(labels) == len(groups) == len(paths) == n):
+            raise DataError(f"catalogue metadata lengths differ: {n} vectors, {len(labels)} "
+                            f"labels, {len(groups)} groups, {len(paths)} paths")
+        self = cls(dim=vectors.shape[1], labels=list(labels), groups=list(groups),
+                   paths=[str(p) for p in paths], config=dict(config or {}))
+        self.image_index = _flat_ip(l2_normalize(vectors), self.dim)
+        self._rebuild_prototypes()
+        return self
+
+    def image_vectors(self) -> np.ndarray:
+        """The stored (normalised) image embeddings, ``float32 [N, D]``."""
+        assert self.image_index is not None
+        if self.image_index.ntotal == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self.image_index.reconstruct_n(0, self.image_index.ntotal)
+
+    def _rebuild_prototypes(self) -> None:
+        vectors = self.image_vectors()
+        order: dict[str, int] = {}
+        for label in self.labels:
+            order.setdefault(label, len(order))
+        self.articles = list(order)
+        group_of: dict[str, str | None] = {}
+        for label, group in zip(self.labels, self.groups):
+            group_of.setdefault(label, group)
+        self.article_groups = [group_of[a] for a in self.articles]
+        sums = np.zeros((len(self.articles), self.dim), np.float32)
+        idx = np.array([order[lab] for lab in self.labels], dtype=np.int64)
+        if len(idx):
+            np.add.at(sums, idx, vectors)
+        self.prototype_index = _flat_ip(l2_normalize(sums), self.dim)
+
+    def add_article(self, label: str, group: str | None, vectors: np.ndarray,
+                    paths: Sequence[str | Path]) -> None:
+        """Add images of one article (new or existing) and update its prototype.
+
+        Raises:
+            DataError: no vectors, wrong dimension, or paths that do not match the vectors.
+        """
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) == 0:
+            raise DataError(f"article '{label}' has no images to add")
+        if vectors.shape[1] != self.dim:
+            raise DataError(f"embedding dimension {vectors.shape[1]} does not match the index's {self.dim}")
+        if len(paths) != len(vectors):
+            raise DataError(f"{len(paths)} paths for {len(vectors)} vectors")
+        assert self.image_index is not None
+        self.image_index.add(l2_normalize(vectors))
+        self.labels += [label] * len(vectors)
+        self.groups += [group] * len(vectors)
+        self.paths += [str(p) for p in paths]
+        self._rebuild_prototypes()
+
+    def remove_article(self, label: str) -> int:
+        """Remove every image of an article; returns how many were removed.
+
+        Raises:
+            KeyError: the article is not in the catalogue.
+        """
+        keep = [i for i, lab in enumerate(self.labels) if lab != label]
+        removed = len(self.labels) - len(keep)
+        if removed == 0:
+            raise KeyError(label)
+        vectors = self.image_vectors()[keep]
+        self.labels = [self.labels[i] for i in keep]
+        self.groups = [self.groups[i] for i in keep]
+        self.paths = [self.paths[i] for i in keep]
+        self.image_index = _flat_ip(vectors, self.dim)
+        self._rebuild_prototypes()
+        return removed
+
+    # ----------------------------------------------------------------- querying
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.shape[1] != self.dim:
+            raise CheckpointError(
+                f"query embeddings have dimension {queries.shape[1]} but the index has {self.dim}",
+                hint="embed queries with the backbone/model the index was built with")
+        return l2_normalize(queries)
+
+    def search(self, queries: np.ndarray, k: int = 5) -> list[list[Neighbor]]:
+        """Nearest catalogue images for ``queries float32 [Q, D]`` (cosine, best first)."""
+        queries = self._check_queries(queries)
+        assert self.image_index is not None
+        k = min(k, len(self.labels))
+        if k == 0:
+            return [[] for _ in range(len(queries))]
+        scores, idx = self.image_index.search(queries, k)
+        return [[Neighbor(self.paths[j], self.labels[j], self.groups[j], float(s))
+                 for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(scores, idx)]
+
+    def classify(self, queries: np.ndarray, top_k: int = 5, mode: str = "prototype") -> list[list[Prediction]]:
+        """Top-k articles for ``queries float32 [Q, D]``.
+
+        Args:
+            top_k: articles to return per query.
+            mode: ``"prototype"`` (cosine to the article's mean embedding) or ``"nearest"``
+                (the article's best-matching catalogue image).
+
+        Raises:
+            ValueError: unknown mode.
+            CheckpointError: query dimension differs from the index's.
+        """
+        queries = self._check_queries(queries)
+        top_k = max(1, min(top_k, len(self.articles)))
+        if mode == "prototype":
+            assert self.prototype_index is not None
+            scores, idx = self.prototype_index.search(queries, top_k)
+            return [[Prediction(self.articles[j], self.article_groups[j], float(s))
+                     for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(scores, idx)]
+        if mode != "nearest":
+            raise ValueError(f"unknown mode '{mode}': use 'prototype' or 'nearest'")
+        assert self.image_index is not None
+        n = len(self.labels)
+        k = min(n, max(50, top_k * 20))
+        while True:
+            scores, idx = self.image_index.search(queries, k)
+            results, short = [], False
+            for srow, irow in zip(scores, idx):
+                best: dict[str, tuple[float, str | None]] = {}
+                for s, j in zip(srow, irow):
+                    if j >= 0 and self.labels[j] not in best:
+                        best[self.labels[j]] = (float(s), self.groups[j])
+                if len(best) < top_k and k < n:
+                    short = True
+                    break
+                ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:top_k]
+                results.append([Prediction(lab, g, s) for lab, (s, g) in ranked])
+            if not short:
+                return results
+            k = min(n, k * 4)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the index folder atomically (the old folder survives a crash)."""
+        path = Path(path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "fewshot_version": __version__,
+            "dim": self.dim,
+            "num_images": len(self.labels),
+            "num_articles": len(self.articles),
+            "config": self.config,
+            "labels": self.labels,
+            "groups": self.groups,
+            "paths": self.paths,
+        }
+        with atomic_dir(path) as tmp:
+            faiss.write_index(self.image_index, str(tmp / "images.faiss"))
+            faiss.write_index(self.prototype_index, str(tmp / "prototypes.faiss"))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CatalogueIndex":
+        """Read an index folder written by :meth:`save`.
+
+        Raises:
+            CheckpointError: the folder is missing, incomplete, damaged or inconsistent.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"index folder {path} does not exist",
+                                  hint="build one with `fewshot index --data ... --out DIR`")
+        try:
+            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+            image_index = faiss.read_index(str(path / "images.faiss"))
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"index folder {path} is incomplete: {Path(exc.filename).name} is missing",
+                                  hint="rebuild it with `fewshot index`") from exc
+        except Exception as exc:
+            raise CheckpointError(f"index folder {path} is damaged: {exc}",
+                                  hint="rebuild it with `fewshot index`") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"index {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}",
+                                  hint="rebuild it with this version of fewshot")
+        if image_index.ntotal != len(meta["labels"]) or image_index.d != meta["dim"]:
+            raise CheckpointError(f"index {path} is inconsistent: {image_index.ntotal} vectors for "
+                                  f"{len(meta['labels'])} labels", hint="rebuild it with `fewshot index`")
+        self = cls(dim=meta["dim"], labels=meta["labels"], groups=meta["groups"],
+                   paths=meta["paths"], config=meta.get("config", {}), image_index=image_index)
+        self._rebuild_prototypes()
+        return self
