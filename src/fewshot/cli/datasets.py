@@ -1,0 +1,90 @@
+"""``fewshot datasets``: list the known public datasets and fetch them.
+
+The main CLI mounts this sub-app with ``app.add_typer(datasets.app, name="datasets")``::
+
+    fewshot datasets list
+    fewshot datasets fetch grocery                       # from the public source
+    fewshot datasets fetch grocery --mirror ../shared/data   # offline, from a local copy
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fewshot.data import fetch as _fetch
+from fewshot.errors import FewshotError
+
+app = typer.Typer(
+    help="List and fetch the public datasets (Grocery Store Dataset, Omniglot).",
+    no_args_is_help=True,
+)
+
+
+def _fail(exc: FewshotError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _size(n: int) -> str:
+    if n >= 1_000_000:
+        return f"~{n / 1_000_000:.0f} MB"
+    return f"~{n / 1_000:.0f} kB"
+
+
+@app.command("list")
+def list_cmd(
+    root: Optional[Path] = typer.Option(
+        None, "--root", help="Data root to look in (default: $FEWSHOT_DATA or the user cache)."
+    ),
+) -> None:
+    """Show the datasets that `fewshot datasets fetch` knows: source, licence, size, citation."""
+    table = Table(title="fewshot datasets", show_lines=True)
+    for col in ("name", "source", "licence", "size", "citation", "status"):
+        table.add_column(col, overflow="fold")
+    try:
+        for info in _fetch.list_datasets():
+            dest = _fetch.dataset_path(info, root)
+            status = f"fetched: {dest}" if _fetch.is_verified(dest, info) else "not fetched"
+            table.add_row(
+                info.name,
+                f"{info.title}\n{info.homepage}",
+                info.licence,
+                _size(info.size_bytes),
+                info.citation,
+                status,
+            )
+    except FewshotError as exc:
+        _fail(exc)
+    Console().print(table)
+
+
+@app.command("fetch")
+def fetch_cmd(
+    name: str = typer.Argument(..., help="Dataset name (see `fewshot datasets list`)."),
+    root: Optional[Path] = typer.Option(
+        None, "--root", help="Data root; the dataset goes to ROOT/NAME "
+        "(default: $FEWSHOT_DATA or ~/.cache/fewshot/datasets)."
+    ),
+    mirror: Optional[Path] = typer.Option(
+        None, "--mirror", help="Local folder or archive to take the dataset from instead of the "
+        "network (default: $FEWSHOT_DATASETS_MIRROR), e.g. ../shared/data."
+    ),
+    force: bool = typer.Option(False, "--force", help="Fetch again and replace an existing copy."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Re-check an existing copy with the full content checksum."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Download (or copy from --mirror) a dataset, verify its checksum, print its folder."""
+    try:
+        path = _fetch.fetch_dataset(
+            name, root=root, mirror=mirror, progress=progress, force=force, verify=verify
+        )
+    except FewshotError as exc:
+        _fail(exc)
+    typer.echo(str(path))
