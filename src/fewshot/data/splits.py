@@ -1,0 +1,484 @@
+"""Class-disjoint splits (articles unseen in training) and the cross-visit evaluation protocol.
+
+A :class:`ClassSplit` assigns every class (label) of a dataset to exactly one part,
+``train``, ``val`` or ``test``, so that evaluation happens on articles never seen during
+training. With ``keep_groups_together`` every group (brand, Grocery coarse class, Omniglot
+alphabet) lands whole in one part, so that near-identical sibling articles cannot leak.
+
+Evaluation protocol (:func:`protocol_sets`), for the classes of one part:
+
+* datasets **with** image splits (``ImageRecord.split`` set, e.g. Grocery): the gallery
+  (support set) is the images from ``split.gallery_split`` (default ``["train"]``) and the
+  queries are the images from ``split.query_split`` (default ``["test"]``); a class with no
+  query-split images uses its images from ``split.query_fallback`` (default ``["val"]``)
+  as queries. Queries and gallery then come from different shelf visits, which avoids the
+  near-duplicate shots that inflate within-split retrieval.
+* datasets **without** image splits (``split`` is ``None``, e.g. Omniglot, folder trees): a
+  seeded per-class division: each class's ``n`` images are shuffled with a generator seeded
+  by ``(seed, label)``; the first ``n * gallery_fraction`` of them (rounded half up, at least
+  1, at most ``n - 1`` so that a class with two or more images keeps a query) form the
+  gallery, the rest are queries. A class with a single image is gallery only.
+
+The decision is made per class, so a manifest that gives splits to some classes only works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import DataError
+from ..io import atomic_write_json
+from .records import Dataset, ImageRecord
+
+__all__ = ["ClassSplit", "make_class_split", "protocol_sets", "dataset_for", "PARTS"]
+
+PARTS: tuple[str, ...] = ("train", "val", "test")
+SPLIT_FORMAT = "fewshot.class_split"
+SPLIT_VERSION = 1
+
+_REQUIRED_KEYS = ("seed", "train", "val", "test")
+
+
+@dataclass
+class ClassSplit:
+    """A class-disjoint split of a dataset's labels.
+
+    Attributes:
+        name: a short name for reports and file names.
+        seed: the seed used to shuffle the groups / classes (and the per-class division of
+            datasets without image splits).
+        train, val, test: sorted class labels of each part; disjoint.
+        keep_groups_together: whether every group's classes were kept in one part.
+        fractions: requested (train, val, test) fractions of the classes.
+        dataset: the name of the dataset the split was made from.
+        query_split: image splits whose images are queries (default ``["test"]``).
+        gallery_split: image splits whose images form the gallery (default ``["train"]``).
+        notes: free text (how it was made; shown in reports).
+        query_fallback: image splits used as queries for a class without any
+            ``query_split`` image (default ``["val"]``).
+        gallery_fraction: share of each class's images put in the gallery for datasets
+            without image splits (default 0.5).
+    """
+
+    name: str
+    seed: int
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    keep_groups_together: bool = True
+    fractions: tuple[float, float, float] = (0.5, 0.15, 0.35)
+    dataset: str = "dataset"
+    query_split: list[str] = field(default_factory=lambda: ["test"])
+    gallery_split: list[str] = field(default_factory=lambda: ["train"])
+    notes: str = ""
+    query_fallback: list[str] = field(default_factory=lambda: ["val"])
+    gallery_fraction: float = 0.5
+
+    def classes_of(self, part: str) -> list[str]:
+        """The labels of ``part`` (``"train"``, ``"val"`` or ``"test"``).
+
+        Raises:
+            DataError: ``part`` is not one of those names.
+        """
+        if part not in PARTS:
+            raise DataError(f"unknown split part {part!r}", hint=f"use one of: {', '.join(PARTS)}")
+        return list(getattr(self, part))
+
+    def part_of(self) -> dict[str, str]:
+        """Map label -> part name."""
+        return {c: p for p in PARTS for c in getattr(self, p)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form written by :meth:`save` (includes a readable ``protocol``)."""
+        d = asdict(self)
+        d["fractions"] = list(self.fractions)
+        return {
+            "format": SPLIT_FORMAT,
+            "version": SPLIT_VERSION,
+            **d,
+            "counts": {p: len(getattr(self, p)) for p in PARTS},
+            "protocol": {
+                "rule": "class-disjoint parts; for the classes of a part, gallery = their images "
+                        "from gallery_split, queries = their images from query_split (classes with "
+                        "none: from query_fallback); datasets without image splits: seeded per-class "
+                        "division, gallery_fraction of each class's images in the gallery",
+                "gallery_split": list(self.gallery_split),
+                "query_split": list(self.query_split),
+                "query_fallback": list(self.query_fallback),
+                "gallery_fraction": self.gallery_fraction,
+            },
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the split as indented JSON, atomically; returns the path written."""
+        path = Path(path)
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "split") -> "ClassSplit":
+        """Build a split from :meth:`to_dict` output.
+
+        Raises:
+            DataError: not an object, required keys (seed, train, val, test) missing, wrong
+                types, or a class listed in two parts.
+        """
+        hint = "recreate it with make_class_split(...).save(path) (CLI: fewshot evaluate --make-split)"
+        if not isinstance(data, dict):
+            raise DataError(f"{source} is not a class split (expected a JSON object)", hint=hint)
+        missing = [k for k in _REQUIRED_KEYS if k not in data]
+        if missing:
+            raise DataError(
+                f"{source} is not a class split: missing key(s) {', '.join(missing)} "
+                f"(found: {', '.join(sorted(map(str, data))) or 'none'})",
+                hint=hint,
+            )
+        parts: dict[str, list[str]] = {}
+        for p in PARTS:
+            v = data[p]
+            if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+                raise DataError(f"{source}: {p!r} must be a list of class names", hint=hint)
+            parts[p] = list(v)
+        seen: dict[str, str] = {}
+        for p in PARTS:
+            for c in parts[p]:
+                if c in seen and seen[c] != p:
+                    raise DataError(f"{source}: class {c!r} is in both {seen[c]!r} and {p!r}", hint=hint)
+                seen[c] = p
+        try:
+            seed = int(data["seed"])
+            fractions = tuple(float(x) for x in data.get("fractions", (0.5, 0.15, 0.35)))
+            if len(fractions) != 3:
+                raise ValueError("fractions must have three values")
+
+            def _strs(key: str, default: list[str]) -> list[str]:
+                v = data.get(key, default)
+                if isinstance(v, str):
+                    v = [v]
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                    raise ValueError(f"{key} must be a list of split names")
+                return list(v)
+
+            return cls(
+                name=str(data.get("name", Path(str(source)).stem)),
+                seed=seed,
+                train=parts["train"],
+                val=parts["val"],
+                test=parts["test"],
+                keep_groups_together=bool(data.get("keep_groups_together", True)),
+                fractions=fractions,  # type: ignore[arg-type]
+                dataset=str(data.get("dataset", "dataset")),
+                query_split=_strs("query_split", ["test"]),
+                gallery_split=_strs("gallery_split", ["train"]),
+                notes=str(data.get("notes", "")),
+                query_fallback=_strs("query_fallback", ["val"]),
+                gallery_fraction=float(data.get("gallery_fraction", 0.5)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{source}: invalid value ({exc})", hint=hint) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClassSplit":
+        """Read a split written by :meth:`save`.
+
+        Raises:
+            DataError: the file is missing or unreadable, is not valid JSON (message gives
+                line and column), or does not describe a class split (missing keys, wrong
+                types, a class in two parts).
+        """
+        path = Path(path)
+        hint = "give the JSON file written by ClassSplit.save (CLI: --split-file)"
+        if not path.is_file():
+            raise DataError(f"split file not found: {path}", hint=hint)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read split file {path}: {exc}", hint=hint) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"split file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+                hint="recreate it with make_class_split(...).save(path)",
+            ) from None
+        return cls.from_dict(data, source=f"split file {path}")
+
+
+def _class_units(dataset: Dataset, keep_groups_together: bool) -> list[list[str]]:
+    """Classes bundled into units that must stay together (sorted within and across units).
+
+    With groups, units are the connected components of the label-group relation (a label
+    seen under two groups joins them); labels without a group are units of their own.
+    """
+    labels = sorted(set(dataset.labels))
+    if not keep_groups_together:
+        return [[c] for c in labels]
+    parent = {c: c for c in labels}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first_of_group: dict[str, str] = {}
+    for r in dataset.records:
+        if r.group is None:
+            continue
+        other = first_of_group.setdefault(r.group, r.label)
+        a, b = find(r.label), find(other)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    units: dict[str, list[str]] = {}
+    for c in labels:
+        units.setdefault(find(c), []).append(c)
+    return sorted(units.values(), key=lambda u: u[0])
+
+
+def make_class_split(
+    dataset: Dataset,
+    fractions: Sequence[float] = (0.5, 0.15, 0.35),
+    seed: int = 0,
+    keep_groups_together: bool = True,
+    name: str | None = None,
+    *,
+    query_split: Sequence[str] = ("test",),
+    gallery_split: Sequence[str] = ("train",),
+) -> ClassSplit:
+    """Split the dataset's classes into disjoint train / val / test parts.
+
+    Units (whole groups with ``keep_groups_together``, else single classes) are shuffled
+    with ``random.Random(seed)`` and assigned greedily, each to the part whose class count
+    is furthest below its target ``fraction * n_classes``. The result is deterministic for
+    a seed (independent of record order and of ``PYTHONHASHSEED``); fractions are met
+    approximately (a large group can overshoot). Every part with a positive fraction gets
+    at least one unit: an empty part takes the smallest unit of the part with the largest
+    surplus.
+
+    Args:
+        dataset: the records; labels are the classes, groups the units kept together.
+        fractions: (train, val, test) fractions of classes; non-negative, normalised to sum 1.
+            A zero fraction leaves that part empty.
+        seed: shuffling seed.
+        keep_groups_together: keep every group's classes in one part (classes without a
+            group are free).
+        name: the split's name (default ``"<dataset.name>-seed<seed>"``).
+        query_split / gallery_split: stored in the split for :func:`protocol_sets`.
+
+    Returns:
+        A :class:`ClassSplit` with sorted, disjoint, covering class lists.
+
+    Raises:
+        DataError: bad fractions, or fewer classes (or groups, with
+            ``keep_groups_together``) than parts with a positive fraction.
+    """
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or any(f < 0 or math.isnan(f) for f in fr) or sum(fr) <= 0:
+        raise DataError(
+            f"invalid split fractions {tuple(fractions)}",
+            hint="give three non-negative numbers (train, val, test), e.g. 0.5,0.15,0.35",
+        )
+    total = sum(fr)
+    fr = [f / total for f in fr]
+    positive = [i for i, f in enumerate(fr) if f > 0]
+    units = _class_units(dataset, keep_groups_together)
+    n_classes = sum(len(u) for u in units)
+    if n_classes < len(positive):
+        raise DataError(
+            f"dataset {dataset.name!r} has {n_classes} class(es): too few for a {len(positive)}-part class split",
+            hint="use a dataset with more classes, or set some fractions to 0",
+        )
+    if len(units) < len(positive):
+        raise DataError(
+            f"dataset {dataset.name!r} has only {len(units)} group(s) for a {len(positive)}-part split "
+            "with groups kept together",
+            hint="use keep_groups_together=False (CLI: --no-keep-groups) or set some fractions to 0",
+        )
+
+    rng = random.Random(seed)
+    order = list(units)
+    rng.shuffle(order)
+    targets = [f * n_classes for f in fr]
+    assigned: list[list[list[str]]] = [[], [], []]
+    counts = [0, 0, 0]
+    for unit in order:
+        best = max(positive, key=lambda i: (targets[i] - counts[i], -i))
+        assigned[best].append(unit)
+        counts[best] += len(unit)
+
+    for i in positive:  # make every positive part non-empty
+        if assigned[i]:
+            continue
+        donors = [j for j in positive if len(assigned[j]) > 1]
+        j = max(donors, key=lambda j: (counts[j] - targets[j], -j))
+        unit = min(assigned[j], key=lambda u: (len(u), u[0]))
+        assigned[j].remove(unit)
+        assigned[i].append(unit)
+        counts[j] -= len(unit)
+        counts[i] += len(unit)
+
+    parts = [sorted(c for u in assigned[i] for c in u) for i in range(3)]
+    n_groups = len({g for g in dataset.groups if g is not None})
+    notes = (
+        f"{n_classes} classes"
+        + (f" in {n_groups} groups" if n_groups else "")
+        + f" -> train {len(parts[0])} / val {len(parts[1])} / test {len(parts[2])} classes; "
+        + ("whole groups per part" if keep_groups_together and n_groups else "classes assigned individually")
+        + f"; seeded shuffle (seed {seed}) then greedy fill to fractions"
+    )
+    return ClassSplit(
+        name=name or f"{dataset.name}-seed{seed}",
+        seed=int(seed),
+        train=parts[0],
+        val=parts[1],
+        test=parts[2],
+        keep_groups_together=bool(keep_groups_together),
+        fractions=(fr[0], fr[1], fr[2]),
+        dataset=dataset.name,
+        query_split=list(query_split),
+        gallery_split=list(gallery_split),
+        notes=notes,
+    )
+
+
+def _records_of(dataset: Dataset, split: ClassSplit, part: str) -> tuple[list[ImageRecord], list[str]]:
+    classes = split.classes_of(part)
+    wanted = set(classes)
+    records = [r for r in dataset.records if r.label in wanted]
+    if classes and not records:
+        raise DataError(
+            f"none of the {len(classes)} {part!r} classes of split {split.name!r} are in dataset "
+            f"{dataset.name!r} (split made from {split.dataset!r})",
+            hint="use the split file made for this dataset, or make a new one",
+        )
+    if not classes:
+        raise DataError(
+            f"split {split.name!r} has no {part!r} classes",
+            hint="make the split with a positive fraction for that part",
+        )
+    present = {r.label for r in records}
+    missing = sorted(wanted - present)
+    notes = []
+    if missing:
+        notes.append(
+            f"{len(missing)} {part} class(es) of split {split.name!r} have no images in {dataset.name!r} "
+            f"(e.g. {', '.join(missing[:3])})"
+        )
+    return records, notes
+
+
+def dataset_for(dataset: Dataset, split: ClassSplit, part: str) -> Dataset:
+    """All records (every image split) of the classes of ``part``, e.g. for training.
+
+    Raises:
+        DataError: unknown part, the part has no classes, or none of them is in ``dataset``.
+    """
+    records, notes = _records_of(dataset, split, part)
+    return Dataset(records, name=f"{dataset.name}-{part}", root=dataset.root, source=dataset.source,
+                   split=dataset.split, warnings=list(dataset.warnings) + notes)
+
+
+def protocol_sets(
+    dataset: Dataset,
+    split: ClassSplit,
+    part: str,
+    *,
+    seed: int | None = None,
+) -> tuple[Dataset, Dataset]:
+    """Queries and gallery for the classes of ``part`` under the cross-visit rule.
+
+    See the module docstring for the rule. Records keep the dataset's order.
+
+    Args:
+        dataset: the full dataset (all image splits loaded, e.g. ``load_dataset(root)``).
+        split: the class split.
+        part: ``"train"``, ``"val"`` or ``"test"``.
+        seed: seed of the per-class division for datasets without image splits
+            (default: ``split.seed``).
+
+    Returns:
+        ``(queries, gallery)``: two :class:`Dataset` objects named
+        ``"<name>-<part>-queries"`` / ``"<name>-<part>-gallery"``; their ``warnings`` list
+        classes without queries or without gallery images.
+
+    Raises:
+        DataError: unknown part, the part has no classes, none of its classes is in the
+            dataset, or the result has no queries or no gallery images (e.g. a dataset
+            loaded with only one image split).
+    """
+    records, notes = _records_of(dataset, split, part)
+    seed = split.seed if seed is None else seed
+    gallery_splits = set(split.gallery_split)
+    query_splits = set(split.query_split)
+    fallback = [s for s in split.query_fallback if s not in gallery_splits and s not in query_splits]
+
+    by_class: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_class.setdefault(r.label, []).append(i)
+
+    is_query = [False] * len(records)
+    is_gallery = [False] * len(records)
+    no_query: list[str] = []
+    no_gallery: list[str] = []
+    divided = 0
+    for label, idx in by_class.items():
+        if all(records[i].split is None for i in idx):
+            divided += 1
+            order = list(idx)
+            random.Random(f"{seed}:{label}").shuffle(order)
+            n = len(order)
+            g = 1 if n == 1 else min(n - 1, max(1, math.floor(n * split.gallery_fraction + 0.5)))
+            for i in order[:g]:
+                is_gallery[i] = True
+            for i in order[g:]:
+                is_query[i] = True
+        else:
+            q = [i for i in idx if records[i].split in query_splits]
+            if not q:
+                for s in fallback:
+                    q = [i for i in idx if records[i].split == s]
+                    if q:
+                        break
+            for i in q:
+                is_query[i] = True
+            for i in idx:
+                if records[i].split in gallery_splits:
+                    is_gallery[i] = True
+        if not any(is_query[i] for i in idx):
+            no_query.append(label)
+        if not any(is_gallery[i] for i in idx):
+            no_gallery.append(label)
+
+    if no_query:
+        notes.append(f"{len(no_query)} {part} class(es) have no query images (e.g. {', '.join(sorted(no_query)[:3])})")
+    if no_gallery:
+        notes.append(f"{len(no_gallery)} {part} class(es) have no gallery images "
+                     f"(e.g. {', '.join(sorted(no_gallery)[:3])})")
+    if divided:
+        notes.append(f"{divided} class(es) without image splits divided per class with seed {seed} "
+                     f"(gallery fraction {split.gallery_fraction:g})")
+    queries = [r for r, k in zip(records, is_query) if k]
+    gallery = [r for r, k in zip(records, is_gallery) if k]
+    if not queries or not gallery:
+        which = "query" if not queries else "gallery"
+        raise DataError(
+            f"no {which} images for the {part!r} classes of split {split.name!r} in dataset {dataset.name!r} "
+            f"(queries from {sorted(query_splits)}, gallery from {sorted(gallery_splits)})",
+            hint="load the dataset with all its image splits (no --split), or change the split's "
+                 "query_split / gallery_split",
+        )
+    mixed = divided < len(by_class)
+    q_name = ",".join(sorted(query_splits)) if mixed else None
+    g_name = ",".join(sorted(gallery_splits)) if mixed else None
+    warns = list(dataset.warnings) + notes
+    return (
+        Dataset(queries, name=f"{dataset.name}-{part}-queries", root=dataset.root, source=dataset.source,
+                split=q_name, warnings=list(warns)),
+        Dataset(gallery, name=f"{dataset.name}-{part}-gallery", root=dataset.root, source=dataset.source,
+                split=g_name, warnings=list(warns)),
+    )
