@@ -1,0 +1,19 @@
+"""Evaluation metrics: retrieval (mAP, MAP@R, Precision@1, Recall@k) and episodic accuracy."""
+
+from fewshot.metrics.episodic import (
+    EpisodicResult,
+    episodic_accuracy,
+    episodic_by_group,
+    prototype_classifier,
+)
+from fewshot.metrics.retrieval import RetrievalReport, nearest_neighbors, retrieval_metrics
+
+__all__ = [
+    "EpisodicResult",
+    "RetrievalReport",
+    "episodic_accuracy",
+    "episodic_by_group",
+    "nearest_neighbors",
+    "prototype_classifier",
+    "retrieval_metrics",
+]
