@@ -81,9 +81,14 @@ class EmbeddingCache:
         self._dirty = True
 
     def save(self) -> None:
-        """Write the cache atomically if anything was added."""
+        """Write the cache atomically if anything was added (merging what others wrote since)."""
         if not self._dirty or not self._vectors:
             return
+        # Another process may have added vectors since we loaded: keep theirs too.
+        mine = self._vectors
+        self._vectors = {}
+        self._load()
+        self._vectors.update(mine)
         digests = np.array([d.encode() for d in self._vectors], dtype="S64")
         vectors = np.stack(list(self._vectors.values())).astype(np.float32)
         with atomic_path(self.path) as tmp:
