@@ -70,7 +70,7 @@ def retrieval_grid(query_paths: Sequence[str | Path], query_labels: Sequence[str
                          fontsize=7, color=colour)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985 if title else 1))
     return _save(fig, out)
 
 

@@ -1,0 +1,267 @@
+"""The ``fewshot`` command line (typer).
+
+Every command takes ``--seed`` where randomness is involved and writes result files that
+record the config, backbone, data split and package version. A :class:`~fewshot.errors.FewshotError`
+is printed as ``error: ...`` with its fix, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from ..errors import FewshotError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Few-shot product recognition: embed, evaluate (mAP), index and classify images.")
+err_console = Console(stderr=True)
+log = logging.getLogger("fewshot")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn FewshotError into ``error: ...`` on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except FewshotError as exc:
+            err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            if exc.hint:
+                err_console.print(f"  fix: {exc.hint}", highlight=False)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+# Shared option definitions -----------------------------------------------------------------
+DataOpt = typer.Option(..., "--data", help="Dataset folder, CSV manifest, or a fetched dataset name (grocery, omniglot).")
+BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default efficientnet_lite0); see `fewshot backbones`.")
+ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot train` (backbone + trained head).")
+SizeOpt = typer.Option(224, "--image-size", help="Input side in pixels (bilinear resize, no crop).")
+GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
+StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
+BatchOpt = typer.Option(32, "--batch-size", help="Images per forward pass.")
+WorkersOpt = typer.Option(0, "--workers", help="Image-decoding worker processes (0 = in the main process).")
+CacheOpt = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).")
+NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
+
+
+def _embed_options(backbone, model, image_size, batch_size, workers, cache_dir, strict, no_progress):
+    from ..pipeline import EmbedOptions
+
+    return EmbedOptions(backbone=backbone if (backbone or not model) else None, model_dir=model,
+                        image_size=image_size, batch_size=batch_size, num_workers=workers,
+                        cache_dir=cache_dir, strict=strict, progress=not no_progress)
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    data: str = DataOpt,
+    split: Optional[str] = typer.Option("test", "--split", help="The dataset's image split (train|val|test); 'all' for every image. With --split-file: the class part (train|val|test)."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Class-disjoint protocol JSON (e.g. splits/grocery-unseen.json)."),
+    backbone: Optional[str] = BackboneOpt,
+    model: Optional[Path] = ModelOpt,
+    image_size: int = SizeOpt,
+    seed: int = typer.Option(0, "--seed", help="Seed for episodes and the retrieval grid."),
+    episodes: int = typer.Option(1000, "--episodes", help="Episodes per N-way K-shot setting."),
+    queries: int = typer.Option(5, "--queries", help="Query images per class in each episode."),
+    group_from: Optional[str] = GroupFromOpt,
+    out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, report.md, retrieval_grid.png."),
+    batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
+    strict: bool = StrictOpt, no_progress: bool = NoProgressOpt,
+) -> None:
+    """Retrieval mAP / MAP@R / P@1 / Recall@k and episodic accuracy of a backbone or trained run."""
+    from ..pipeline import EvalConfig, evaluate as run_evaluate
+
+    emb = _embed_options(backbone, str(model) if model else None, image_size, batch_size, workers,
+                         str(cache_dir) if cache_dir else None, strict, no_progress)
+    cfg = EvalConfig(data=data, split=None if split == "all" else split,
+                     split_file=str(split_file) if split_file else None, part=split or "test",
+                     group_from=group_from, seed=seed, episodes=episodes, n_query=queries, embed=emb)
+    metrics = run_evaluate(cfg, out)
+    e = metrics["episodes"]
+    typer.echo(f"mAP {metrics['map']:.4f}  MAP@R {metrics['map_at_r']:.4f}  P@1 {metrics['precision_at_1']:.4f}  "
+               f"R@5 {metrics['recall_at_k']['5']:.4f}  queries {metrics['num_queries']} "
+               f"(skipped {metrics['num_skipped_queries']})")
+    for key, v in e.items():
+        if v.get("accuracy") is not None:
+            typer.echo(f"{key}: {v['accuracy']:.4f} +- {v['ci95']:.4f}")
+    typer.echo(f"wrote {out}/metrics.json, report.md, retrieval_grid.png")
+
+
+@app.command("index")
+@handle_errors
+def index_cmd(
+    data: str = DataOpt,
+    split: Optional[str] = typer.Option("train", "--split", help="Image split used as the catalogue ('all' for every image)."),
+    catalogue: Optional[str] = typer.Option(None, "--catalogue", help="'iconic': the Grocery studio images, one per article."),
+    backbone: Optional[str] = BackboneOpt, model: Optional[Path] = ModelOpt, image_size: int = SizeOpt,
+    group_from: Optional[str] = GroupFromOpt,
+    out: Path = typer.Option(..., "--out", help="Index folder to write (atomically)."),
+    batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
+    strict: bool = StrictOpt, no_progress: bool = NoProgressOpt,
+) -> None:
+    """Embed a catalogue (a few labelled photos per article) into a FAISS index."""
+    from ..pipeline import build_index
+
+    emb = _embed_options(backbone, str(model) if model else None, image_size, batch_size, workers,
+                         str(cache_dir) if cache_dir else None, strict, no_progress)
+    idx = build_index(data, out, split=None if split == "all" else split, catalogue=catalogue,
+                      group_from=group_from, embed=emb)
+    typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out}")
+
+
+def _expand_images(items: List[Path]) -> list[Path]:
+    from ..data.images import is_image_file
+
+    paths: list[Path] = []
+    for item in items:
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+        else:
+            paths.append(item)
+    return paths
+
+
+@app.command()
+@handle_errors
+def classify(
+    images: Optional[List[Path]] = typer.Argument(None, help="Image files or folders of images."),
+    index: Path = typer.Option(..., "--index", help="Index folder written by `fewshot index`."),
+    top_k: int = typer.Option(5, "--top-k", help="Articles to list per image."),
+    mode: str = typer.Option("prototype", "--mode", help="prototype (article mean) or nearest (best image)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    data: Optional[str] = typer.Option(None, "--data", help="Classify a labelled dataset instead of IMAGES and report top-1 / top-k accuracy."),
+    split: Optional[str] = typer.Option(None, "--split", help="With --data: the image split to classify (e.g. test)."),
+    group_from: Optional[str] = GroupFromOpt,
+    summary_only: bool = typer.Option(False, "--summary-only", help="With --data: print only the accuracy summary."),
+    batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Say which article each photo shows (top-k with cosine scores). Exits 1 if any image is bad.
+
+    With --data, every image of the dataset (split) is classified and the top-1 / top-k
+    accuracy against its known label is printed at the end.
+    """
+    from ..errors import DataError
+    from ..index import CatalogueIndex
+    from ..pipeline import EmbedOptions, classify_paths, model_for_index
+
+    if mode not in ("prototype", "nearest"):
+        raise DataError(f"unknown --mode '{mode}'", hint="use --mode prototype or --mode nearest")
+    cat = CatalogueIndex.load(index)
+    truth: list[str] | None = None
+    if data is not None:
+        from ..pipeline import load_data
+
+        dataset = load_data(data, split, group_from)
+        paths, truth = dataset.paths, dataset.labels
+    else:
+        paths = _expand_images(images or [])
+    if not paths:
+        raise DataError("no images given", hint="pass image files or folders that contain images, or --data")
+    opts = EmbedOptions(batch_size=batch_size, num_workers=workers,
+                        cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress)
+    results = classify_paths(cat, model_for_index(cat, opts), paths, top_k=top_k, mode=mode, embed=opts)
+    bad = 0
+    for r in results:
+        if r.error:
+            bad += 1
+            err_console.print(f"[red]error:[/] {r.image}: {r.error}", highlight=False)
+            if as_json:
+                typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+            continue
+        if summary_only and truth is not None:
+            continue
+        if as_json:
+            typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+        else:
+            preds = ", ".join(f"{p.label} ({p.score:.3f})" for p in r.predictions)
+            typer.echo(f"{r.image}\t{preds}")
+    if truth is not None:
+        from ..pipeline import classification_accuracy
+
+        acc = classification_accuracy(results, truth, top_k)
+        typer.echo(f"top-1 accuracy {acc['top1']:.4f}  top-{top_k} accuracy {acc['topk']:.4f}  "
+                   f"({acc['num_images']} images, {len(cat.articles)} articles, mode {mode})")
+    if bad:
+        err_console.print(f"{bad} of {len(results)} image(s) could not be read", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def embed(
+    data: str = DataOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="The dataset's image split (default: all)."),
+    backbone: Optional[str] = BackboneOpt, model: Optional[Path] = ModelOpt, image_size: int = SizeOpt,
+    group_from: Optional[str] = GroupFromOpt,
+    out: Path = typer.Option(..., "--out", help="Output file: .safetensors or .npz."),
+    batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
+    strict: bool = StrictOpt, no_progress: bool = NoProgressOpt,
+) -> None:
+    """Export embeddings with their labels, groups and paths."""
+    from ..pipeline import export_embeddings
+
+    emb = _embed_options(backbone, str(model) if model else None, image_size, batch_size, workers,
+                         str(cache_dir) if cache_dir else None, strict, no_progress)
+    n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb)
+    typer.echo(f"wrote {n} x {d} embeddings to {out}")
+
+
+@app.command()
+def backbones() -> None:
+    """List the built-in backbones."""
+    from ..backbones import list_backbones
+
+    for name in list_backbones():
+        typer.echo(name)
+
+
+def _register_subcommands() -> None:
+    from . import datasets as _datasets
+
+    app.add_typer(_datasets.app, name="datasets")
+    try:
+        from . import train as _train  # noqa: F401  (registers `fewshot train`)
+    except ImportError:
+        pass
+    try:
+        from . import serve as _serve  # noqa: F401  (registers `fewshot serve`)
+    except ImportError:
+        pass
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

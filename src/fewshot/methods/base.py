@@ -1,0 +1,87 @@
+"""The embedding model every command uses: a backbone, optionally followed by a trained head.
+
+``--backbone NAME`` gives a frozen pretrained backbone; ``--model RUN_DIR`` gives the backbone
+and head a training run saved (see :mod:`fewshot.methods.runs`). Backbone embeddings are
+cached on disk (:mod:`fewshot.embed`), so a head trained on frozen features re-embeds nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backbones import Backbone, create_backbone
+from ..data.records import Dataset
+from ..embed import Embeddings, apply_head, embed_dataset, embed_paths
+
+#: ``classifier(support_x [N*K, E], support_y [N*K] int64, query_x [N*Q, E], n_way) -> [N*Q] int64``
+EpisodeClassifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class EmbeddingModel:
+    """Backbone + optional head: images -> ``float32 [N, E]`` embeddings.
+
+    Attributes:
+        backbone: the feature extractor (frozen unless a run fine-tuned it).
+        head: maps backbone embeddings ``[B, D]`` to ``[B, E]``; ``None`` = identity.
+        run_dir: the training run this came from, if any.
+        run_config: that run's config (method, head, protocol, seed, ...).
+        episode_classifier: a method-specific N-way classifier for episodic evaluation
+            (MAML adapts on the support set); ``None`` = nearest prototype.
+    """
+
+    backbone: Backbone
+    head: nn.Module | None = None
+    run_dir: Path | None = None
+    run_config: dict = field(default_factory=dict)
+    episode_classifier: EpisodeClassifier | None = None
+
+    @property
+    def dim(self) -> int:
+        """Output embedding dimension ``E``."""
+        if self.head is None:
+            return self.backbone.dim
+        return int(self.head(torch.zeros(1, self.backbone.dim)).shape[-1])
+
+    def transform(self, vectors: np.ndarray) -> np.ndarray:
+        """Backbone embeddings ``float32 [N, D]`` -> model embeddings ``float32 [N, E]``."""
+        return vectors if self.head is None else apply_head(self.head, vectors)
+
+    def embed(self, dataset: Dataset, **kwargs) -> Embeddings:
+        """Embed a dataset (kwargs go to :func:`fewshot.embed.embed_dataset`)."""
+        emb = embed_dataset(dataset, self.backbone, **kwargs)
+        emb.vectors = self.transform(emb.vectors)
+        return emb
+
+    def embed_paths(self, paths: Sequence[str | Path], **kwargs):
+        """Embed files; returns ``(vectors [M, E], ok_indices, failures, num_cached)``."""
+        vectors, ok, failures, cached = embed_paths(paths, self.backbone, **kwargs)
+        return self.transform(vectors), ok, failures, cached
+
+    def describe(self) -> dict:
+        """JSON-ready description for result files."""
+        return {"backbone": self.backbone.describe(),
+                "model_dir": str(self.run_dir) if self.run_dir else None,
+                "method": self.run_config.get("method", "frozen"),
+                "embedding_dim": self.dim}
+
+
+def load_embedding_model(backbone: str | None = "efficientnet_lite0", model_dir: str | Path | None = None,
+                         image_size: int = 224, pretrained: bool = True) -> EmbeddingModel:
+    """Frozen ``backbone`` at ``image_size``, or the run saved in ``model_dir``.
+
+    With ``model_dir`` the run's own backbone and image size are used; a ``backbone`` that
+    differs from the run's raises :class:`~fewshot.errors.CheckpointError`.
+    """
+    if model_dir is not None:
+        from .runs import load_run
+
+        return load_run(model_dir, expected_backbone=backbone)
+    return EmbeddingModel(backbone=create_backbone(backbone or "efficientnet_lite0",
+                                                   pretrained=pretrained, image_size=image_size))

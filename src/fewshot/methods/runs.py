@@ -1,0 +1,155 @@
+"""The RUN_DIR format shared by every training method.
+
+::
+
+    RUN_DIR/config.json          method, backbone (name, image size), head spec, fine-tune mode,
+                                 protocol (split file, classes), seed, hyper-parameters,
+                                 best epoch and its validation metrics, package version
+    RUN_DIR/model.safetensors    ``head.*`` weights (and ``backbone.*`` when fine-tuned, and
+                                 ``method.*`` tensors of the method, e.g. MAML's output layer)
+
+Both are written atomically; ``config.json`` records ``weights_sha256``, a digest of the tensors,
+so that a damaged weights file is refused even when it still parses. :func:`load_run` rebuilds
+the :class:`EmbeddingModel` (and lets the run's method attach its episode classifier, see
+:meth:`fewshot.methods.method.Method.attach`) and refuses a run whose backbone differs from the
+one asked for, or whose files are damaged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..backbones import create_backbone
+from ..errors import CheckpointError, FewshotError
+from ..io import atomic_path, atomic_write_json
+from .base import EmbeddingModel
+from .heads import build_head
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short content digest of a state dict (for cache keys of fine-tuned backbones)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_run(run_dir: str | Path, model: EmbeddingModel, config: dict,
+             extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``run_dir``.
+
+    ``config`` must hold at least ``method``; backbone, head spec, version and the weights'
+    digest are added here. ``extra_tensors`` (method state) are stored as ``method.<key>``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    if model.head is not None:
+        tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()})
+    fine_tuned = config.get("fine_tune", "none") != "none"
+    if fine_tuned:
+        tensors.update({f"backbone.{k}": v.detach().cpu().contiguous()
+                        for k, v in model.backbone.model.state_dict().items()})
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"method.{k}"] = v.detach().cpu().contiguous()
+    full = dict(config)
+    full.update({
+        "fewshot_version": __version__,
+        "backbone": {"name": model.backbone.name, "image_size": model.backbone.image_size,
+                     "pretrained": model.backbone.pretrained, "dim": model.backbone.dim},
+        "head": getattr(model.head, "spec", None),
+        "fine_tune": config.get("fine_tune", "none"),
+        "weights_sha256": weights_digest(tensors),
+    })
+    with atomic_path(run_dir / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"fewshot_version": __version__})
+    atomic_write_json(run_dir / CONFIG, full)
+    return run_dir
+
+
+def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> EmbeddingModel:
+    """Rebuild the embedding model saved in ``run_dir``.
+
+    Args:
+        expected_backbone: if given (e.g. from ``--backbone``) and different from the run's
+            backbone, the run is refused.
+
+    Raises:
+        CheckpointError: missing folder or files, unreadable JSON or weights, a backbone
+            mismatch, or weights that do not fit the recorded architecture.
+    """
+    run_dir = Path(run_dir)
+    cfg_path, w_path = run_dir / CONFIG, run_dir / WEIGHTS
+    if not run_dir.is_dir():
+        raise CheckpointError(f"model folder {run_dir} does not exist",
+                              hint="pass the RUN_DIR written by `fewshot train --out RUN_DIR`")
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise CheckpointError(f"{p} is missing: {run_dir} is not a complete training run",
+                                  hint="pass a RUN_DIR written by `fewshot train`, or re-run training")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        backbone_cfg = cfg["backbone"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{cfg_path} is damaged ({exc})", hint="re-run training") from exc
+    name = backbone_cfg["name"]
+    if expected_backbone and expected_backbone != name:
+        raise CheckpointError(
+            f"run {run_dir} was trained on backbone '{name}', not '{expected_backbone}'",
+            hint=f"drop --backbone, or pass --backbone {name}")
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as exc:
+        raise CheckpointError(f"{w_path} is damaged or not a safetensors file ({exc})",
+                              hint="re-run training (or --resume) to write it again") from exc
+    expected_digest = cfg.get("weights_sha256")
+    if expected_digest and weights_digest(tensors) != expected_digest:
+        raise CheckpointError(f"{w_path} is damaged: its tensors do not match the digest recorded in {cfg_path}",
+                              hint="re-run training (or --resume) to write it again")
+    backbone = create_backbone(name, pretrained=backbone_cfg.get("pretrained", True),
+                               image_size=int(backbone_cfg["image_size"]))
+    if backbone.dim != backbone_cfg.get("dim", backbone.dim):
+        raise CheckpointError(f"run {run_dir} expects a {backbone_cfg['dim']}-d backbone, got {backbone.dim}")
+    try:
+        bb_state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        if bb_state:
+            backbone.model.load_state_dict(bb_state)
+            backbone.weights_tag = "ft" + weights_digest(bb_state)
+        head = None
+        if cfg.get("head"):
+            head = build_head(cfg["head"])
+            head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+            head.eval()
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"weights in {w_path} do not match the architecture in {cfg_path}: {exc}",
+                              hint="the run folder was mixed up or damaged; re-run training") from exc
+    model = EmbeddingModel(backbone=backbone, head=head, run_dir=run_dir, run_config=cfg)
+    from . import registry
+    from .method import get_method
+
+    method_cls = None
+    if cfg.get("method") not in (None, "", "frozen"):
+        try:  # imports the method's module, which also registers its load hooks
+            method_cls = get_method(cfg["method"])
+        except FewshotError:
+            method_cls = None
+    registry.attach_method_extras(model)
+    method_tensors = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
+    if method_cls is not None and model.episode_classifier is None:
+        try:
+            method_cls.attach(model, cfg, method_tensors)
+        except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"method state in {w_path} does not fit method '{cfg['method']}': {exc}",
+                                  hint="the run folder was mixed up or damaged; re-run training") from exc
+    return model
