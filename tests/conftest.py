@@ -34,3 +34,53 @@ def grocery_root(shared: Path) -> Path:
 @pytest.fixture(scope="session")
 def omniglot_root(shared: Path) -> Path:
     return shared / "data" / "omniglot" / "images_background_small1"
+
+
+# --------------------------------------------------------------------------- small real subsets
+SMALL_CLASSES = ["Granny-Smith", "Pink-Lady", "Banana", "Carrots", "Oatly-Natural-Oatghurt", "Arla-Standard-Milk"]
+
+
+def _grocery_lines(root: Path, split: str) -> list[tuple[str, int]]:
+    out = []
+    for line in (root / "dataset" / f"{split}.txt").read_text().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 2:
+            out.append((parts[0], int(parts[1])))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_manifest(grocery_root: Path, tmp_path_factory) -> Path:
+    """A CSV manifest (path,label,group,split) over real Grocery photos: 6 articles,
+    6 train + 4 test photos each, paths relative to the CSV (files copied into a tmp folder)."""
+    import csv
+    import shutil
+
+    import fewshot.data.loaders as loaders
+
+    full = loaders.load_dataset(grocery_root)
+    out = tmp_path_factory.mktemp("small_grocery")
+    rows = []
+    for label in SMALL_CLASSES:
+        for split, n in (("train", 6), ("test", 4)):
+            recs = [r for r in full.records if r.label == label and r.split == split][:n]
+            assert len(recs) == n, (label, split)
+            for r in recs:
+                rel = Path(split) / r.group / label / r.path.name
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(r.path, out / rel)
+                rows.append((rel.as_posix(), label, r.group, split))
+    manifest = out / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group", "split"])
+        w.writerows(rows)
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def lite0_64():
+    """EfficientNet-Lite0 with its shipped ImageNet weights at 64 px (fast on CPU)."""
+    from fewshot.backbones import create_backbone
+
+    return create_backbone("efficientnet_lite0", pretrained=True, image_size=64)

@@ -272,12 +272,13 @@ class CatalogueIndex:
         if not path.is_dir():
             raise CheckpointError(f"index folder {path} does not exist",
                                   hint="build one with `fewshot index --data ... --out DIR`")
+        for name in ("meta.json", "images.faiss"):
+            if not (path / name).is_file():
+                raise CheckpointError(f"index folder {path} is incomplete: {name} is missing",
+                                      hint="rebuild it with `fewshot index`")
         try:
             meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
             image_index = faiss.read_index(str(path / "images.faiss"))
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"index folder {path} is incomplete: {Path(exc.filename).name} is missing",
-                                  hint="rebuild it with `fewshot index`") from exc
         except Exception as exc:
             raise CheckpointError(f"index folder {path} is damaged: {exc}",
                                   hint="rebuild it with `fewshot index`") from exc

@@ -1,0 +1,196 @@
+"""Backbones, cached embedding, the catalogue index: on real Grocery photos."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot.backbones import Preprocess, create_backbone, list_backbones
+from fewshot.data.loaders import load_dataset
+from fewshot.embed import EmbeddingCache, embed_dataset, embed_paths
+from fewshot.errors import BackboneError, CheckpointError, DataError, ImageReadError
+from fewshot.index import CatalogueIndex
+from fewshot.metrics import retrieval_metrics
+
+
+@pytest.fixture(scope="module")
+def small(small_manifest):
+    return load_dataset(small_manifest)
+
+
+def test_registry_and_errors():
+    assert {"efficientnet_lite0", "efficientnet_lite2"} <= set(list_backbones())
+    with pytest.raises(BackboneError, match="unknown backbone 'nope'"):
+        create_backbone("nope")
+    with pytest.raises(BackboneError, match="optional package 'timm'") as exc:
+        create_backbone("timm:resnet18")
+    assert "pip install" in exc.value.hint
+
+
+def test_preprocess_scales_to_minus_one_one():
+    from PIL import Image
+
+    img = Image.new("RGB", (300, 200), (255, 0, 128))
+    x = Preprocess(image_size=32)(img)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(x[:, 5, 5], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-6)
+
+
+def test_pretrained_weights_beat_random_weights(small, lite0_64, tmp_path):
+    """The shipped ImageNet weights must be loaded: retrieval far above random init."""
+    pre = embed_dataset(small, lite0_64, cache_dir=tmp_path, progress=False)
+    rnd = embed_dataset(small, create_backbone("efficientnet_lite0", pretrained=False, image_size=64),
+                        cache_dir=tmp_path, progress=False)
+    assert pre.vectors.shape == (60, 1280) and pre.vectors.dtype == np.float32
+    p = retrieval_metrics(pre.vectors, pre.labels)
+    r = retrieval_metrics(rnd.vectors, rnd.labels)
+    assert p.precision_at_1 >= 0.8
+    assert p.map > r.map + 0.1
+
+
+def test_cache_second_run_embeds_nothing(small, lite0_64, tmp_path, monkeypatch):
+    first = embed_dataset(small, lite0_64, cache_dir=tmp_path, progress=False)
+    assert first.num_cached == 0
+    cache_file = tmp_path / f"{lite0_64.cache_key}.npz"
+    assert cache_file.is_file() and len(EmbeddingCache(tmp_path, lite0_64.cache_key)) == 60
+
+    def boom(*a, **k):
+        raise AssertionError("the backbone must not run on a cached dataset")
+
+    monkeypatch.setattr(lite0_64.model, "forward", boom)
+    second = embed_dataset(small, lite0_64, cache_dir=tmp_path, progress=False)
+    assert second.num_cached == 60
+    np.testing.assert_array_equal(first.vectors, second.vectors)
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file may be left behind"
+
+
+def test_cache_keyed_by_content_not_path(small, lite0_64, tmp_path):
+    src = small.records[0].path
+    copy = tmp_path / "renamed.jpg"
+    shutil.copyfile(src, copy)
+    cache = tmp_path / "cache"
+    v1, ok1, _, c1 = embed_paths([src], lite0_64, cache_dir=cache, progress=False)
+    v2, ok2, _, c2 = embed_paths([copy], lite0_64, cache_dir=cache, progress=False)
+    assert (c1, c2) == (0, 1)
+    np.testing.assert_array_equal(v1, v2)
+
+
+def test_damaged_cache_is_rebuilt(small, lite0_64, tmp_path, caplog):
+    (tmp_path / f"{lite0_64.cache_key}.npz").write_bytes(b"not a zip file")
+    emb = embed_dataset(small.subset(range(3)), lite0_64, cache_dir=tmp_path, progress=False)
+    assert emb.num_cached == 0 and len(emb.vectors) == 3
+    assert "unreadable" in caplog.text
+    assert len(EmbeddingCache(tmp_path, lite0_64.cache_key)) == 3
+
+
+def _with_bad_files(small, tmp_path):
+    from dataclasses import replace
+
+    good = small.records[0]
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, not an image")
+    data = good.path.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    bad = [replace(good, path=tmp_path / n) for n in ("zero.jpg", "text.jpg", "truncated.jpg", "missing.jpg")]
+    return replace(small, records=list(small.records[:5]) + bad)
+
+
+def test_bad_images_skipped_with_warning_and_count(small, lite0_64, tmp_path, caplog):
+    ds = _with_bad_files(small, tmp_path)
+    emb = embed_dataset(ds, lite0_64, cache_dir=tmp_path / "c", progress=False)
+    assert len(emb.vectors) == 5 and len(emb.dataset) == 5
+    reasons = {p.name: r for p, r in emb.skipped}
+    assert reasons["zero.jpg"] == "zero-byte file"
+    assert reasons["missing.jpg"] == "file not found"
+    assert "not an image" in reasons["text.jpg"]
+    assert "truncated" in reasons["truncated.jpg"]
+    assert "skipped 4 of 9 images" in caplog.text
+    assert "zero.jpg" in caplog.text
+
+
+def test_strict_turns_skips_into_an_error(small, lite0_64, tmp_path):
+    ds = _with_bad_files(small, tmp_path)
+    with pytest.raises(ImageReadError, match=r"zero.jpg: zero-byte file \(4 unreadable image\(s\) in all\)"):
+        embed_dataset(ds, lite0_64, cache_dir=tmp_path / "c", strict=True, progress=False)
+
+
+# --------------------------------------------------------------------------- index
+def _toy_index() -> CatalogueIndex:
+    v = np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.8, 0.6], [0, 0, 1]], np.float32)
+    return CatalogueIndex.build(v, ["a", "a", "b", "b", "c"], ["g1", "g1", "g2", "g2", None],
+                                [f"img{i}.jpg" for i in range(5)], {"backbone": "toy"})
+
+
+def test_index_prototype_and_nearest_scores_by_hand():
+    idx = _toy_index()
+    q = np.array([[0, 0.6, 0.8]], np.float32)
+    # prototypes: a = norm(e1 + norm(0.9,0.1,0)); b = norm((0,1,0) + (0,0.8,0.6)) = (0, 1.8, 0.6)/|.|; c = e3
+    b = np.array([0, 1.8, 0.6]) / np.linalg.norm([0, 1.8, 0.6])
+    proto = idx.classify(q, top_k=3, mode="prototype")[0]
+    assert [p.label for p in proto] == ["b", "c", "a"]
+    assert proto[0].score == pytest.approx(float(b @ [0, 0.6, 0.8]), abs=1e-6)
+    assert proto[0].group == "g2"
+    near = idx.classify(q, top_k=3, mode="nearest")[0]
+    # nearest image of b is (0, .8, .6): cos = .48 + .48 = .96; c: .8; a: (0.9,0.1,0)/|.| -> 0.066
+    assert [p.label for p in near] == ["b", "c", "a"]
+    assert near[0].score == pytest.approx(0.96, abs=1e-6)
+    assert near[1].score == pytest.approx(0.8, abs=1e-6)
+    hits = idx.search(q, k=2)[0]
+    assert [h.path for h in hits] == ["img3.jpg", "img4.jpg"]
+
+
+def test_index_add_remove_and_round_trip(tmp_path):
+    idx = _toy_index()
+    idx.add_article("d", "g3", np.array([[1, 1, 1]], np.float32), ["new.jpg"])
+    assert idx.classify(np.array([[1, 1, 1]], np.float32), top_k=1)[0][0].label == "d"
+    assert idx.remove_article("a") == 2
+    with pytest.raises(KeyError):
+        idx.remove_article("zzz")
+    idx.save(tmp_path / "idx")
+    back = CatalogueIndex.load(tmp_path / "idx")
+    assert back.labels == ["b", "b", "c", "d"] and back.articles == ["b", "c", "d"]
+    np.testing.assert_allclose(back.image_vectors(), idx.image_vectors())
+    assert back.config == {"backbone": "toy"}
+    # overwriting keeps a complete folder and leaves no temporary folder behind
+    back.save(tmp_path / "idx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_index_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        CatalogueIndex.load(tmp_path / "nope")
+    idx = _toy_index()
+    idx.save(tmp_path / "idx")
+    (tmp_path / "idx" / "images.faiss").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="damaged"):
+        CatalogueIndex.load(tmp_path / "idx")
+    (tmp_path / "idx" / "images.faiss").unlink()
+    with pytest.raises(CheckpointError, match="images.faiss is missing"):
+        CatalogueIndex.load(tmp_path / "idx")
+    with pytest.raises(CheckpointError, match="dimension 2"):
+        idx.classify(np.zeros((1, 2), np.float32))
+    with pytest.raises(DataError, match="empty catalogue"):
+        CatalogueIndex.build(np.zeros((0, 3), np.float32), [], [], [])
+
+
+def test_index_save_crash_keeps_old_index(tmp_path, monkeypatch):
+    import faiss
+
+    idx = _toy_index()
+    idx.save(tmp_path / "idx")
+    idx.add_article("d", None, np.ones((1, 3), np.float32), ["d.jpg"])
+
+    def crash(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", crash)
+    with pytest.raises(OSError):
+        idx.save(tmp_path / "idx")
+    monkeypatch.undo()
+    back = CatalogueIndex.load(tmp_path / "idx")
+    assert back.articles == ["a", "b", "c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
