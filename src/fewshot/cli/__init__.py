@@ -22,7 +22,7 @@ from ..errors import FewshotError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Few-shot product recognition: embed, evaluate (mAP), index and classify images.")
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("fewshot")
 
 
