@@ -1,0 +1,705 @@
+"""The HTTP service: classify photos against a catalogue index, enrol and remove articles.
+
+:func:`create_app` returns a FastAPI application over one index folder (written by
+``fewshot index`` / :func:`fewshot.pipeline.build_index`)::
+
+    GET    /                         web page: upload a photo, see the top-k articles; enrol form
+    GET    /health                   status, catalogue size, backbone
+    POST   /classify?top_k=5&mode=prototype    multipart field ``file`` -> top-k articles + nearest images
+    GET    /articles                 the catalogue's articles
+    POST   /articles                 form ``label``, ``group``, one or more ``files``: enrol (no retraining)
+    DELETE /articles/{label}         remove an article
+    GET    /catalogue-image/{id}     a thumbnail of one catalogue image (only images in the index)
+    GET    /docs, /openapi.json      OpenAPI, as FastAPI serves it
+
+Design:
+
+* **Same embedding as the index.** Uploads are decoded with :func:`fewshot.data.images.load_image`
+  and embedded by the index's own model (:func:`fewshot.pipeline.model_for_index`: same
+  backbone, image size, trained head), exactly as :func:`fewshot.embed.embed_paths` does.
+  Concurrent requests are batched into one forward pass (:class:`_Embedder`).
+* **Copy-on-write catalogue.** Requests read an immutable snapshot; a mutation (enrol, delete)
+  runs under one lock: copy the current index, change the copy, write the whole index folder
+  atomically, then swap the snapshot. Two racing enrolments are serialised, never lost.
+* **Self-contained enrolments.** Enrolled photos are copied into ``INDEX_DIR/enrolled/<article>/``
+  inside the same atomic folder write as the index files, so the folder on disk always
+  references files that exist (a crash leaves the previous complete folder).
+* **Bad input never changes the index and never gives a 500:** unreadable, non-image,
+  decompression-bomb or oversize uploads, unknown labels, empty enrolments are answered with a
+  4xx and ``{"error": CODE, "message": TEXT, "hint": FIX}``. Oversize requests are refused from
+  their ``Content-Length`` before the body is read, or as soon as a streamed body passes the limit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import unicodedata
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import faiss
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..data.images import load_image
+from ..errors import FewshotError, ImageReadError
+from ..index import CatalogueIndex
+from ..io import atomic_dir
+
+log = logging.getLogger("fewshot.serve")
+
+__all__ = ["create_app", "ApiError", "DEFAULT_MAX_UPLOAD_BYTES", "MAX_ENROL_FILES", "ENROLLED_DIR"]
+
+#: Largest accepted image upload, per file (``fewshot serve --max-upload-mb``).
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+#: Most photos accepted in one enrolment request.
+MAX_ENROL_FILES = 16
+#: Sub-folder of the index folder that holds enrolled photos.
+ENROLLED_DIR = "enrolled"
+#: Longest accepted article label / group name.
+MAX_LABEL_CHARS = 200
+#: Allowance for multipart boundaries and form fields on top of the file bytes.
+_MULTIPART_OVERHEAD = 64 * 1024
+_STATIC = Path(__file__).resolve().parent / "static"
+_FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp",
+                  "GIF": ".gif", "TIFF": ".tif"}
+
+
+class ApiError(StarletteHTTPException):
+    """A client error answered as ``{"error": code, "message": message, "hint": hint}``.
+
+    A subclass of Starlette's ``HTTPException`` so that FastAPI re-raises it untouched when it
+    comes out of body parsing (the streaming size limit raises it there).
+    """
+
+    def __init__(self, status: int, code: str, message: str, hint: str | None = None,
+                 **extra: Any) -> None:
+        super().__init__(status_code=status, detail=message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.extra = extra
+
+    def body(self) -> dict:
+        out: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.hint:
+            out["hint"] = self.hint
+        out.update(self.extra)
+        return out
+
+
+def _error_response(status: int, code: str, message: str, hint: str | None = None,
+                    headers: dict | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(ApiError(status, code, message, hint, **extra).body(), status_code=status,
+                        headers=headers)
+
+
+# --------------------------------------------------------------------------- request size limit
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies above a per-path limit with a JSON 413.
+
+    A declared ``Content-Length`` above the limit is refused before any byte is read; a
+    body without one (chunked) is counted as it streams in and refused once it passes the
+    limit. Multipart file parts are spooled to temporary files by Starlette (at most 1 MB
+    of each in memory), so memory stays bounded either way.
+
+    ``limit_for(method, path)`` gives ``(limit in bytes, what the service accepts)`` or ``None``.
+    """
+
+    def __init__(self, app, limit_for: Callable[[str, str], tuple[int, str] | None]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope, receive, send) -> None:
+        rule = self.limit_for(scope.get("method", ""), scope.get("path", "")) \
+            if scope["type"] == "http" else None
+        if rule is None:
+            await self.app(scope, receive, send)
+            return
+        limit, accepted = rule
+        declared = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+        if declared is not None and declared > limit:
+            response = _error_response(413, "upload_too_large",
+                                       f"request body is {_mb(declared)}; this service accepts {accepted}",
+                                       hint=_too_large_hint(), headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, "upload_too_large", f"request body is more than {_mb(limit)}; "
+                                   f"this service accepts {accepted}", hint=_too_large_hint())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} kB"
+
+
+def _too_large_hint() -> str:
+    return ("send a smaller photo (resize it to a few megapixels), fewer photos per request, "
+            "or start the service with a larger --max-upload-mb")
+
+
+# --------------------------------------------------------------------------- embedding
+@dataclass
+class _Job:
+    x: torch.Tensor
+    done: threading.Event = field(default_factory=threading.Event)
+    result: np.ndarray | None = None
+    error: BaseException | None = None
+
+
+class _Embedder:
+    """Runs the index's model on preprocessed images; concurrent calls share forward passes.
+
+    Whoever holds the run lock embeds every job queued so far (up to ``max_batch`` images),
+    so under load requests are batched without a background thread or a timer.
+    """
+
+    def __init__(self, model, max_batch: int = 16) -> None:
+        self.model = model
+        self.backbone = model.backbone
+        self.backbone.model.eval()
+        self.max_batch = max_batch
+        # Decoding a large PNG takes width x height x 3 bytes; bound how many run at once.
+        self._decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+        self._queue: list[_Job] = []
+        self._queue_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    def prepare(self, path: Path) -> torch.Tensor:
+        """Decode (:func:`load_image`) and preprocess one file; raises :class:`ImageReadError`."""
+        with self._decode_slots:
+            image = load_image(path, target_size=self.image_size)
+            try:
+                return self.backbone.preprocess(image)
+            except MemoryError:
+                raise ImageReadError(path, "out of memory while preprocessing") from None
+
+    def embed(self, x: torch.Tensor) -> np.ndarray:
+        """``float32 [B, 3, S, S]`` -> embeddings ``float32 [B, E]`` (not normalised)."""
+        job = _Job(x)
+        with self._queue_lock:
+            self._queue.append(job)
+        while not job.done.is_set():
+            with self._run_lock:
+                if job.done.is_set():
+                    break
+                with self._queue_lock:
+                    take, n = [], 0
+                    while self._queue and (not take or n + len(self._queue[0].x) <= self.max_batch):
+                        j = self._queue.pop(0)
+                        take.append(j)
+                        n += len(j.x)
+                if take:
+                    self._run(take)
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            batch = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
+            with torch.inference_mode():
+                vectors = self.backbone.model(batch).float().cpu().numpy()
+            vectors = np.asarray(self.model.transform(vectors), dtype=np.float32)
+            offset = 0
+            for j in jobs:
+                j.result = vectors[offset:offset + len(j.x)]
+                offset += len(j.x)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+            for j in jobs:
+                j.error = exc
+        finally:
+            for j in jobs:
+                j.done.set()
+
+
+# --------------------------------------------------------------------------- catalogue state
+def image_id(path: str) -> str:
+    """Stable public id of a catalogue image (its path never leaves the server as a URL)."""
+    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """An immutable view of the catalogue that requests read without locking."""
+
+    index: CatalogueIndex
+    ids: list[str]
+    by_id: dict[str, int]
+    first_image: dict[str, int]
+    counts: dict[str, int]
+
+    @classmethod
+    def of(cls, index: CatalogueIndex) -> "_Snapshot":
+        ids = [image_id(p) for p in index.paths]
+        first: dict[str, int] = {}
+        counts: dict[str, int] = {}
+        for i, label in enumerate(index.labels):
+            first.setdefault(label, i)
+            counts[label] = counts.get(label, 0) + 1
+        return cls(index, ids, {k: i for i, k in enumerate(ids)}, first, counts)
+
+
+def _clone(index: CatalogueIndex) -> CatalogueIndex:
+    """A copy that can be changed while requests keep reading the original."""
+    new = copy.copy(index)
+    new.labels, new.groups, new.paths = list(index.labels), list(index.groups), list(index.paths)
+    new.articles, new.article_groups = list(index.articles), list(index.article_groups)
+    new.config = copy.deepcopy(index.config)
+    new.image_index = faiss.clone_index(index.image_index)
+    new.prototype_index = faiss.clone_index(index.prototype_index)
+    return new
+
+
+def _slug(label: str) -> str:
+    """A file-name-safe folder name for an article, unique per label."""
+    text = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "article"
+    return f"{text}-{hashlib.sha1(label.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class _Service:
+    """The state behind the routes: the catalogue snapshot, the model, the locks."""
+
+    def __init__(self, index_dir: Path, max_upload_bytes: int, model=None) -> None:
+        self.index_dir = Path(index_dir).resolve()
+        index = CatalogueIndex.load(self.index_dir)
+        if model is None:
+            from ..pipeline import model_for_index
+
+            model = model_for_index(index)
+        self.model = model
+        if model.dim != index.dim:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(
+                f"the model gives {model.dim}-dimensional embeddings but index {self.index_dir} "
+                f"has {index.dim}", hint="serve the index with the model it was built with")
+        self.embedder = _Embedder(model)
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.snapshot = _Snapshot.of(index)
+        self.mutation_lock = threading.Lock()
+        self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._thumbs_lock = threading.Lock()
+        self.enrolled_root = self.index_dir / ENROLLED_DIR
+
+    # ------------------------------------------------------------------ uploads
+    def receive_upload(self, upload: UploadFile, tmpdir: Path, n: int) -> tuple[Path, str]:
+        """Copy one upload into ``tmpdir`` (size-checked); returns ``(path, display name)``."""
+        name = os.path.basename(upload.filename or "") or f"upload {n + 1}"
+        size = upload.size
+        if size is None:
+            upload.file.seek(0, os.SEEK_END)
+            size = upload.file.tell()
+        if size > self.max_upload_bytes:
+            raise ApiError(413, "upload_too_large",
+                           f"'{name}' is {_mb(size)}, above this service's limit of "
+                           f"{_mb(self.max_upload_bytes)} per image", hint=_too_large_hint())
+        if size == 0:
+            raise ApiError(400, "unreadable_image", f"cannot read image '{name}': empty file (0 bytes)",
+                           hint="send a JPEG, PNG or WebP photo")
+        path = tmpdir / f"upload-{n}"
+        upload.file.seek(0)
+        with open(path, "wb") as fh:
+            shutil.copyfileobj(upload.file, fh, 1024 * 1024)
+        return path, name
+
+    def decode(self, path: Path, name: str) -> torch.Tensor:
+        try:
+            return self.embedder.prepare(path)
+        except ImageReadError as exc:
+            raise ApiError(400, "unreadable_image", f"cannot read image '{name}': {exc.reason}",
+                           hint="send a photo as JPEG, PNG or WebP, at most "
+                                f"{int(np.sqrt(_max_pixels()))} x {int(np.sqrt(_max_pixels()))} pixels",
+                           file=name) from None
+
+    # ------------------------------------------------------------------ mutations
+    def commit(self, new_index: CatalogueIndex, new_files: list[tuple[Path, Path]]) -> None:
+        """Write ``new_index`` and its enrolled photos as one atomic folder, then publish it.
+
+        ``new_files`` are ``(temporary source, final absolute path under INDEX_DIR/enrolled)``.
+        Enrolled photos the new index still references are hard-linked (or copied) from the
+        current folder; photos of removed articles are left behind with the old folder.
+        Call with :attr:`mutation_lock` held.
+        """
+        new_dest = {str(dst) for _, dst in new_files}
+        with atomic_dir(self.index_dir) as tmp:
+            new_index.save(tmp)
+            for p in dict.fromkeys(new_index.paths):
+                path = Path(p)
+                if p in new_dest or not _within(path, self.enrolled_root):
+                    continue
+                if path.is_file():
+                    _link_or_copy(path, tmp / path.relative_to(self.index_dir))
+                else:  # pragma: no cover - the folder was edited by hand
+                    log.warning("enrolled image %s is missing from the index folder", path)
+            for src, dst in new_files:
+                target = tmp / dst.relative_to(self.index_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, target)
+        self.snapshot = _Snapshot.of(new_index)
+
+    # ------------------------------------------------------------------ thumbnails
+    def thumbnail(self, i: int, size: int) -> bytes:
+        snap = self.snapshot
+        key = (snap.ids[i], size)
+        with self._thumbs_lock:
+            hit = self._thumbs.get(key)
+            if hit is not None:
+                self._thumbs.move_to_end(key)
+                return hit
+        path = self.resolve(snap.index.paths[i])
+        try:
+            image = load_image(path, target_size=size)
+        except ImageReadError as exc:
+            raise ApiError(404, "image_unavailable",
+                           f"catalogue image {snap.ids[i]} cannot be read on the server: {exc.reason}") from None
+        image.thumbnail((size, size), Image.BILINEAR)
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=82, optimize=True)
+        data = buf.getvalue()
+        with self._thumbs_lock:
+            self._thumbs[key] = data
+            while len(self._thumbs) > 2048:
+                self._thumbs.popitem(last=False)
+        return data
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self.index_dir / p
+
+
+def _within(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _max_pixels() -> int:
+    from ..data.images import MAX_IMAGE_PIXELS
+
+    return MAX_IMAGE_PIXELS
+
+
+def _clean_text(value: str | None, what: str, required: bool) -> str | None:
+    text = unicodedata.normalize("NFC", (value or "")).strip()
+    if not text:
+        if required:
+            raise ApiError(422, "empty_enrolment", f"the article {what} is empty",
+                           hint=f"give the new article a {what} (e.g. 'Oatly-Oat-Milk')")
+        return None
+    if len(text) > MAX_LABEL_CHARS:
+        raise ApiError(422, "invalid_label", f"the article {what} is {len(text)} characters long "
+                       f"(limit {MAX_LABEL_CHARS})", hint=f"use a shorter {what}")
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise ApiError(422, "invalid_label", f"the article {what} {text!r} contains control characters",
+                       hint=f"use a {what} of printable characters")
+    return text
+
+
+def _image_url(image_id_: str, size: int = 160) -> str:
+    return f"/catalogue-image/{image_id_}?size={size}"
+
+
+# --------------------------------------------------------------------------- the app
+def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               model=None) -> FastAPI:
+    """The FastAPI application serving the catalogue index in ``index_dir``.
+
+    Args:
+        index_dir: an index folder written by ``fewshot index``; enrolments and deletions
+            rewrite it atomically.
+        max_upload_bytes: largest accepted image, per file (default 10 MB). A classify
+            request may be this plus 64 KB of multipart overhead; an enrolment request
+            :data:`MAX_ENROL_FILES` times this.
+        model: the :class:`~fewshot.methods.base.EmbeddingModel` to embed uploads with;
+            default :func:`fewshot.pipeline.model_for_index` (the index's own backbone/run).
+
+    Raises:
+        CheckpointError: the index folder is missing or damaged, or ``model`` does not
+            match its embedding dimension.
+    """
+    if max_upload_bytes <= 0:
+        raise FewshotError(f"upload limit must be positive, got {max_upload_bytes} bytes",
+                           hint="use e.g. --max-upload-mb 10")
+    service = _Service(Path(index_dir), max_upload_bytes, model)
+    app = FastAPI(
+        title="fewshot catalogue service",
+        version=__version__,
+        description="Classify product photos against a few-shot catalogue and enrol new articles "
+                    "without retraining. Errors are JSON: `{\"error\": code, \"message\": text, \"hint\": fix}`.",
+    )
+    app.state.service = service
+
+    classify_limit = max_upload_bytes + _MULTIPART_OVERHEAD
+    enrol_limit = max_upload_bytes * MAX_ENROL_FILES + _MULTIPART_OVERHEAD
+
+    def limit_for(method: str, path: str) -> tuple[int, str] | None:
+        if method == "POST" and path.rstrip("/") == "/classify":
+            return classify_limit, f"one photo of at most {_mb(max_upload_bytes)}"
+        if method == "POST" and path.rstrip("/") == "/articles":
+            return enrol_limit, f"up to {MAX_ENROL_FILES} photos of at most {_mb(max_upload_bytes)} each"
+        if method in ("POST", "PUT", "PATCH", "DELETE"):
+            return _MULTIPART_OVERHEAD, "no request body here"
+        return None
+
+    app.add_middleware(_BodyLimit, limit_for=limit_for)
+
+    # ------------------------------------------------------------------ error handlers
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}.get(
+            exc.status_code, "bad_request" if exc.status_code < 500 else "server_error")
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        return JSONResponse({"error": code, "message": message}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path"))
+            msg = err.get("msg", "invalid")
+            if err.get("type") == "missing":
+                msg = "required but missing"
+            problems.append(f"{loc}: {msg}" if loc else msg)
+        return JSONResponse({"error": "invalid_request", "message": "; ".join(problems) or "invalid request",
+                             "hint": "see /docs for the expected parameters"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal_error",
+                             "message": f"unexpected server error ({type(exc).__name__})"}, status_code=500)
+
+    # ------------------------------------------------------------------ pages
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(_STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
+
+    @app.get("/health", summary="Service status and catalogue size")
+    def health() -> dict:
+        snap = service.snapshot
+        b = service.model.backbone
+        return {"status": "ok", "version": __version__, "index": str(service.index_dir),
+                "articles": len(snap.index.articles), "images": len(snap.index),
+                "backbone": b.name, "image_size": b.image_size, "embedding_dim": snap.index.dim,
+                "model_dir": str(service.model.run_dir) if getattr(service.model, "run_dir", None) else None,
+                "max_upload_bytes": service.max_upload_bytes, "max_enrol_files": MAX_ENROL_FILES}
+
+    # ------------------------------------------------------------------ classify
+    @app.post("/classify", summary="Top-k articles for one photo, with the nearest catalogue images")
+    def classify(
+        file: UploadFile = File(..., description="The photo (JPEG, PNG, WebP, ...)."),
+        top_k: int = Query(5, ge=1, le=100, description="Articles to return."),
+        mode: str = Query("prototype", pattern="^(prototype|nearest)$",
+                          description="prototype: cosine to the article's mean embedding; "
+                                      "nearest: the article's best catalogue image."),
+        neighbors: int = Query(8, ge=0, le=100, description="Nearest catalogue images to return."),
+    ) -> dict:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="fewshot-upload-") as tmp:
+            path, name = service.receive_upload(file, Path(tmp), 0)
+            x = service.decode(path, name)
+        vector = service.embedder.embed(x.unsqueeze(0))
+        snap = service.snapshot
+        index = snap.index
+        if len(index.articles) == 0:  # pragma: no cover - deleting the last article is refused
+            raise ApiError(409, "empty_catalogue", "the catalogue has no articles",
+                           hint="enrol an article with POST /articles")
+        preds = index.classify(vector, top_k=top_k, mode=mode)[0]
+        wide = index.search(vector, k=max(neighbors, min(len(index), 256)))[0]
+        best_image: dict[str, tuple[str, float]] = {}
+        neighbor_list = []
+        for rank, nb in enumerate(wide):
+            i = snap.by_id[image_id(nb.path)]
+            best_image.setdefault(nb.label, (snap.ids[i], nb.score))
+            if rank < neighbors:
+                neighbor_list.append({"label": nb.label, "group": nb.group, "score": round(nb.score, 6),
+                                      "path": nb.path, "image_id": snap.ids[i],
+                                      "image_url": _image_url(snap.ids[i])})
+        predictions = []
+        for p in preds:
+            iid, iscore = best_image.get(p.label, (snap.ids[snap.first_image[p.label]], None))
+            predictions.append({**p.to_dict(), "num_images": snap.counts.get(p.label, 0),
+                                "image_id": iid, "image_url": _image_url(iid),
+                                "image_score": None if iscore is None else round(iscore, 6)})
+        return {"file": name, "mode": mode, "top_k": top_k, "predictions": predictions,
+                "neighbors": neighbor_list, "num_articles": len(index.articles),
+                "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
+
+    # ------------------------------------------------------------------ articles
+    @app.get("/articles", summary="The catalogue's articles")
+    def list_articles() -> dict:
+        snap = service.snapshot
+        index = snap.index
+        out = []
+        for label, group in zip(index.articles, index.article_groups):
+            i = snap.first_image[label]
+            out.append({"label": label, "group": group, "num_images": snap.counts[label],
+                        "enrolled": _within(Path(index.paths[i]), service.enrolled_root),
+                        "image_id": snap.ids[i], "image_url": _image_url(snap.ids[i])})
+        return {"count": len(out), "images": len(index), "articles": out}
+
+    @app.post("/articles", status_code=201,
+              summary="Enrol an article from a few photos (added to the index at once, no retraining)")
+    def enrol(
+        label: Optional[str] = Form(None, description="Article name (new, or existing to add photos)."),
+        group: Optional[str] = Form(None, description="Group / brand / coarse class (optional)."),
+        files: Optional[List[UploadFile]] = File(None, description=f"1 to {MAX_ENROL_FILES} photos "
+                                                                   "of the article."),
+    ) -> dict:
+        label = _clean_text(label, "label", required=True)
+        group = _clean_text(group, "group", required=False)
+        files = [f for f in (files or []) if f.filename or f.size]
+        if not files:
+            raise ApiError(422, "empty_enrolment", f"no photos were sent for article '{label}'",
+                           hint=f"attach 1 to {MAX_ENROL_FILES} photos in the form field 'files'")
+        if len(files) > MAX_ENROL_FILES:
+            raise ApiError(422, "too_many_files", f"{len(files)} photos sent; at most {MAX_ENROL_FILES} "
+                           "per request", hint="enrol the rest in a second request with the same label")
+        assert label is not None
+        with tempfile.TemporaryDirectory(prefix="fewshot-enrol-") as tmp:
+            received = [service.receive_upload(f, Path(tmp), n) for n, f in enumerate(files)]
+            tensors, bad = [], []
+            for path, name in received:
+                try:
+                    tensors.append(service.decode(path, name))
+                except ApiError as exc:
+                    bad.append({"file": name, "message": exc.message})
+            if bad:
+                raise ApiError(400, "unreadable_image",
+                               "; ".join(b["message"] for b in bad) + " (nothing was enrolled)",
+                               hint="send photos as JPEG, PNG or WebP", files=bad)
+            vectors = service.embedder.embed(torch.stack(tensors))
+            folder = service.enrolled_root / _slug(label)
+            new_files = []
+            for path, _ in received:
+                src, suffix = _stored_copy(path)
+                new_files.append((src, folder / f"{uuid.uuid4().hex[:12]}{suffix}"))
+            with service.mutation_lock:
+                current = service.snapshot.index
+                created = label not in current.articles
+                if not created:
+                    existing_group = current.article_groups[current.articles.index(label)]
+                    if group is not None and existing_group is not None and group != existing_group:
+                        raise ApiError(409, "group_conflict",
+                                       f"article '{label}' already exists in group '{existing_group}', "
+                                       f"not '{group}'", hint="leave the group empty to add photos to it, "
+                                       "or delete the article first")
+                    group = existing_group if group is None else group
+                new_index = _clone(current)
+                new_index.add_article(label, group, vectors, [str(dst) for _, dst in new_files])
+                service.commit(new_index, new_files)
+                snap = service.snapshot
+        return {"label": label, "group": group, "created": created, "added": len(new_files),
+                "num_images": snap.counts[label], "articles": len(snap.index.articles),
+                "images": len(snap.index)}
+
+    @app.delete("/articles/{label:path}", summary="Remove an article and its images from the catalogue")
+    def delete_article(label: str = PathParam(..., description="The article's label.")) -> dict:
+        with service.mutation_lock:
+            current = service.snapshot.index
+            if label not in current.articles:
+                raise ApiError(404, "unknown_article", f"no article '{label}' in the catalogue",
+                               hint="GET /articles lists the labels")
+            if len(current.articles) == 1:
+                raise ApiError(409, "last_article", f"'{label}' is the only article left; a catalogue "
+                               "cannot be empty", hint="enrol another article first")
+            new_index = _clone(current)
+            removed = new_index.remove_article(label)
+            service.commit(new_index, [])
+            snap = service.snapshot
+        return {"deleted": label, "images_removed": removed, "articles": len(snap.index.articles),
+                "images": len(snap.index)}
+
+    # ------------------------------------------------------------------ thumbnails
+    @app.get("/catalogue-image/{image_id}", summary="Thumbnail of one catalogue image",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def catalogue_image(image_id: str = PathParam(..., pattern="^[0-9a-f]{16}$"),
+                        size: int = Query(160, ge=32, le=512)) -> Response:
+        snap = service.snapshot
+        i = snap.by_id.get(image_id)
+        if i is None:
+            raise ApiError(404, "unknown_image", f"no catalogue image with id '{image_id}'",
+                           hint="use the image_id values returned by /classify or /articles")
+        data = service.thumbnail(i, size)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=600"})
+
+    return app
+
+
+def _stored_copy(path: Path) -> tuple[Path, str]:
+    """``(file to store, suffix)`` for a decoded upload, named by its real format.
+
+    Common formats are stored byte for byte; anything else Pillow decoded (PPM, ICO, ...) is
+    stored as PNG so the dataset loaders, which go by suffix, still see an image.
+    """
+    try:
+        with Image.open(path) as im:
+            suffix = _FORMAT_SUFFIX.get(im.format or "")
+    except Exception:  # pragma: no cover - it was decoded a moment ago
+        suffix = None
+    if suffix:
+        return path, suffix
+    png = path.with_name(path.name + ".png")
+    load_image(path).save(png, "PNG")
+    return png, ".png"

@@ -1,0 +1,391 @@
+"""The HTTP service (fewshot.serve) on a small real Grocery index, through FastAPI's TestClient.
+
+Covers classify, the catalogue thumbnails, enrol -> classify -> delete, persistence across a
+restart, racing enrolments, a failure in the middle of a write, and every kind of bad input
+(each answered with a 4xx JSON error and leaving the index folder byte-for-byte unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fewshot.index import CatalogueIndex  # noqa: E402
+from fewshot.serve.app import ENROLLED_DIR, create_app  # noqa: E402
+
+from serve_helpers import ARTICLES, NEW_ARTICLE, PHOTOS_PER_ARTICLE, small_catalogue  # noqa: E402
+
+N_IMAGES = len(ARTICLES) * PHOTOS_PER_ARTICLE
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def catalogue(grocery_root: Path, tmp_path_factory):
+    return small_catalogue(grocery_root, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def client(catalogue):
+    """A client over the shared index: only for requests that must not change it."""
+    return TestClient(create_app(catalogue.index_dir, model=catalogue.model))
+
+
+@pytest.fixture
+def own_index(catalogue, tmp_path: Path) -> Path:
+    """A private copy of the index folder, for tests that change it."""
+    dst = tmp_path / "index"
+    shutil.copytree(catalogue.index_dir, dst)
+    return dst
+
+
+def folder_digest(path: Path) -> str:
+    """Hash of every file (relative name + bytes) under ``path``."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def photo(path: Path) -> tuple[str, bytes, str]:
+    return (path.name, path.read_bytes(), "image/jpeg")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid tiny PNG whose header claims ``width x height`` pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * (width * 3 + 1))) + chunk(b"IEND", b""))
+
+
+def assert_error(resp, status: int, code: str, *fragments: str) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert body["error"] == code, body
+    for fragment in fragments:
+        assert fragment.lower() in body["message"].lower(), body
+    return body
+
+
+# --------------------------------------------------------------------------- read-only API
+def test_health_openapi_and_page(client, catalogue) -> None:
+    h = client.get("/health").json()
+    assert h["status"] == "ok"
+    assert (h["articles"], h["images"], h["image_size"]) == (len(ARTICLES), N_IMAGES, 96)
+    assert h["backbone"] == "efficientnet_lite0"
+    schema = client.get("/openapi.json").json()
+    for path in ("/classify", "/articles", "/articles/{label}", "/health", "/catalogue-image/{image_id}"):
+        assert path in schema["paths"], path
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="classify-form"' in page.text and 'id="enrol-form"' in page.text
+    assert client.get("/static/app.js").status_code == 200
+    arts = client.get("/articles").json()
+    assert arts["count"] == len(ARTICLES)
+    assert {a["label"]: a["num_images"] for a in arts["articles"]} == {a: PHOTOS_PER_ARTICLE for a in ARTICLES}
+    assert all(a["group"] == catalogue.groups[a["label"]] and not a["enrolled"] for a in arts["articles"])
+
+
+def test_classify_held_out_photo(client, catalogue) -> None:
+    query = catalogue.test["Granny-Smith"][0]
+    resp = client.post("/classify", params={"top_k": 3}, files={"file": photo(query)})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    preds = body["predictions"]
+    assert len(preds) == 3
+    assert preds[0]["label"] == "Granny-Smith" and preds[0]["group"] == "Apple"
+    scores = [p["score"] for p in preds]
+    assert scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1
+    assert len({p["label"] for p in preds}) == 3
+    assert len(body["neighbors"]) == 8 and body["neighbors"][0]["label"] == "Granny-Smith"
+    # the article's thumbnail and every neighbour are served as images, from the index only
+    for url in [preds[0]["image_url"]] + [n["image_url"] for n in body["neighbors"][:2]]:
+        img = client.get(url)
+        assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
+        assert max(Image.open(io.BytesIO(img.content)).size) <= 160
+    # nearest mode, top_k larger than the catalogue is clamped
+    body = client.post("/classify", params={"top_k": 50, "mode": "nearest"},
+                       files={"file": photo(query)}).json()
+    assert len(body["predictions"]) == len(ARTICLES) and body["predictions"][0]["label"] == "Granny-Smith"
+
+
+def test_upload_is_embedded_like_the_index(client, catalogue) -> None:
+    """A catalogue photo sent as an upload finds itself with cosine ~1: same model, same preprocessing."""
+    indexed = catalogue.train["Oatly-Oat-Milk"][0]
+    body = client.post("/classify", files={"file": photo(indexed)}).json()
+    top = body["neighbors"][0]
+    assert top["path"] == str(indexed) and top["score"] > 0.999
+    assert body["predictions"][0]["label"] == "Oatly-Oat-Milk"
+
+
+def test_catalogue_images_only_from_the_index(client) -> None:
+    assert_error(client.get("/catalogue-image/0123456789abcdef"), 404, "unknown_image", "no catalogue image")
+    for bad in ("..%2F..%2Fetc%2Fpasswd", "etc/passwd", "0123"):
+        resp = client.get(f"/catalogue-image/{bad}")
+        assert resp.status_code in (404, 422) and "root:" not in resp.text
+    assert client.get("/catalogue-image/0123456789abcdef", params={"size": 10000}).status_code == 422
+
+
+# --------------------------------------------------------------------------- bad input
+BAD_UPLOADS = {
+    "text": (("notes.txt", b"this is not a photo\n" * 50, "text/plain"), "not an image file"),
+    "corrupt": None,  # filled in from a real JPEG below
+    "empty": (("empty.jpg", b"", "image/jpeg"), "empty file"),
+    "bomb": (("bomb.png", png_claiming(30000, 30000), "image/png"), "decompression bomb"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_UPLOADS))
+def test_classify_bad_upload(client, catalogue, kind: str) -> None:
+    before = folder_digest(catalogue.index_dir)
+    if kind == "corrupt":
+        data = catalogue.train["Banana"][0].read_bytes()
+        upload, fragment = ("cut.jpg", data[: len(data) // 3], "image/jpeg"), "truncated or corrupt"
+    else:
+        upload, fragment = BAD_UPLOADS[kind]
+    body = assert_error(client.post("/classify", files={"file": upload}), 400, "unreadable_image",
+                        f"cannot read image '{upload[0]}'", fragment)
+    assert body["hint"]
+    assert folder_digest(catalogue.index_dir) == before
+
+
+def test_bomb_file_is_tiny(catalogue) -> None:
+    assert len(png_claiming(30000, 30000)) < 100_000
+
+
+def test_oversize_upload_refused_before_reading(client, catalogue) -> None:
+    before = folder_digest(catalogue.index_dir)
+    big = b"\xff\xd8" + b"\0" * (10 * 1024 * 1024 + 10)
+    body = assert_error(client.post("/classify", files={"file": ("big.jpg", big, "image/jpeg")}),
+                        413, "upload_too_large", "'big.jpg' is 10.0 MB", "limit of 10.0 MB per image")
+    assert "--max-upload-mb" in body["hint"]
+    # a request body declared larger than the limit is refused from its Content-Length alone
+    huge = big + b"\0" * (1024 * 1024)
+    assert_error(client.post("/classify", files={"file": ("huge.jpg", huge, "image/jpeg")}), 413,
+                 "upload_too_large", "request body is 11.0 MB", "one photo of at most 10.0 MB")
+    assert folder_digest(catalogue.index_dir) == before
+
+
+def test_upload_limit_is_configurable_and_streamed(catalogue, own_index: Path) -> None:
+    """Limit 10 kB: a photo above it (classify and enrol) and a streamed body (chunked, no Content-Length)."""
+    client = TestClient(create_app(own_index, model=catalogue.model, max_upload_bytes=10_000))
+    before = folder_digest(own_index)
+    big_photo = next(p for p in catalogue.train["Watermelon"] if p.stat().st_size > 12_000)
+    assert_error(client.post("/classify", files={"file": photo(big_photo)}), 413, "upload_too_large",
+                 f"is {big_photo.stat().st_size / 1024:.0f} kB", "limit of 10 kB per image")
+    boundary = "fewshotboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    chunks = [head] + [b"\0" * 8192] * 20 + [f"\r\n--{boundary}--\r\n".encode()]
+    resp = client.post("/classify", content=iter(chunks),
+                       headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert_error(resp, 413, "upload_too_large", "request body is more than")
+    # enrolment: the request is under the enrolment limit, one photo is above the per-file limit
+    resp = client.post("/articles", data={"label": "Big"}, files=[("files", photo(big_photo))])
+    assert_error(resp, 413, "upload_too_large", big_photo.name, "per image")
+    assert folder_digest(own_index) == before
+    small = catalogue.train["Lemon"][0]
+    if small.stat().st_size < 10_000:  # a photo under the limit still works
+        assert client.post("/classify", files={"file": photo(small)}).status_code == 200
+
+
+@pytest.mark.parametrize("params,fragment", [
+    ({"top_k": 0}, "top_k"), ({"top_k": "five"}, "top_k"), ({"mode": "magic"}, "mode"),
+])
+def test_classify_bad_parameters(client, catalogue, params, fragment) -> None:
+    resp = client.post("/classify", params=params, files={"file": photo(catalogue.test["Lemon"][0])})
+    assert_error(resp, 422, "invalid_request", fragment)
+
+
+def test_classify_without_file(client) -> None:
+    assert_error(client.post("/classify"), 422, "invalid_request", "file", "missing")
+    assert_error(client.post("/classify", data={"other": "x"}), 422, "invalid_request", "file")
+
+
+def test_delete_unknown_label(client, catalogue) -> None:
+    before = folder_digest(catalogue.index_dir)
+    body = assert_error(client.delete("/articles/No-Such-Article"), 404, "unknown_article", "No-Such-Article")
+    assert "/articles" in body["hint"]
+    assert folder_digest(catalogue.index_dir) == before
+
+
+def test_bad_enrolments_change_nothing(client, catalogue) -> None:
+    before = folder_digest(catalogue.index_dir)
+    good = photo(catalogue.train[NEW_ARTICLE][0])
+    assert_error(client.post("/articles", data={"label": "X", "group": "Y"}), 422, "empty_enrolment",
+                 "no photos")
+    assert_error(client.post("/articles", data={"label": "   "}, files=[("files", good)]), 422,
+                 "empty_enrolment", "label is empty")
+    assert_error(client.post("/articles", files=[("files", good)]), 422, "empty_enrolment", "label")
+    assert_error(client.post("/articles", data={"label": "x" * 300}, files=[("files", good)]), 422,
+                 "invalid_label", "characters")
+    # one good photo and one bad one: nothing is enrolled
+    body = assert_error(client.post("/articles", data={"label": NEW_ARTICLE},
+                                    files=[("files", good), ("files", ("bad.jpg", b"garbage", "image/jpeg"))]),
+                        400, "unreadable_image", "'bad.jpg'", "nothing was enrolled")
+    assert body["files"] == [{"file": "bad.jpg", "message": body["files"][0]["message"]}]
+    assert_error(client.post("/articles", data={"label": NEW_ARTICLE},
+                             files=[("files", ("bomb.png", png_claiming(30000, 30000), "image/png"))]),
+                 400, "unreadable_image", "decompression bomb")
+    # an existing article with a different group
+    assert_error(client.post("/articles", data={"label": "Banana", "group": "Dairy"}, files=[("files", good)]),
+                 409, "group_conflict", "Banana")
+    assert folder_digest(catalogue.index_dir) == before
+    assert client.get("/health").json()["images"] == N_IMAGES
+
+
+def test_unknown_endpoint_is_json(client) -> None:
+    assert_error(client.get("/nope"), 404, "not_found", "/nope")
+
+
+# --------------------------------------------------------------------------- enrol / delete
+def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
+    client = TestClient(create_app(own_index, model=catalogue.model))
+    query = photo(catalogue.test[NEW_ARTICLE][0])
+    before = client.post("/classify", files={"file": query}).json()
+    assert before["predictions"][0]["label"] != NEW_ARTICLE
+
+    enrol = catalogue.train[NEW_ARTICLE][:4]
+    resp = client.post("/articles", data={"label": NEW_ARTICLE, "group": "Melon"},
+                       files=[("files", photo(p)) for p in enrol])
+    assert resp.status_code == 201, resp.text
+    assert resp.json() == {"label": NEW_ARTICLE, "group": "Melon", "created": True, "added": 4,
+                                "num_images": 4, "articles": len(ARTICLES) + 1, "images": N_IMAGES + 4}
+    top = client.post("/classify", files={"file": query}).json()["predictions"][0]
+    assert (top["label"], top["group"]) == (NEW_ARTICLE, "Melon")
+    assert client.get(top["image_url"]).status_code == 200
+
+    # on disk: the index references copies inside its own folder
+    on_disk = CatalogueIndex.load(own_index)
+    assert NEW_ARTICLE in on_disk.articles and len(on_disk) == N_IMAGES + 4
+    new_paths = [Path(p) for p, lab in zip(on_disk.paths, on_disk.labels) if lab == NEW_ARTICLE]
+    assert all(p.is_file() and p.is_relative_to(own_index / ENROLLED_DIR) for p in new_paths)
+    assert sorted(p.read_bytes() for p in new_paths) == sorted(p.read_bytes() for p in enrol)
+
+    # a restarted service sees the enrolment; adding photos to an existing article works
+    client = TestClient(create_app(own_index, model=catalogue.model))
+    assert client.post("/classify", files={"file": query}).json()["predictions"][0]["label"] == NEW_ARTICLE
+    resp = client.post("/articles", data={"label": NEW_ARTICLE},
+                       files=[("files", photo(catalogue.train[NEW_ARTICLE][4]))])
+    assert resp.status_code == 201 and resp.json()["created"] is False and resp.json()["num_images"] == 5
+    assert all(p.is_file() for p in new_paths)  # earlier photos survived the second rewrite
+
+    resp = client.delete(f"/articles/{NEW_ARTICLE}")
+    assert resp.status_code == 200
+    assert resp.json() == {"deleted": NEW_ARTICLE, "images_removed": 5, "articles": len(ARTICLES),
+                           "images": N_IMAGES}
+    assert NEW_ARTICLE not in {a["label"] for a in client.get("/articles").json()["articles"]}
+    assert client.post("/classify", files={"file": query}).json()["predictions"][0]["label"] != NEW_ARTICLE
+    on_disk = CatalogueIndex.load(own_index)
+    assert NEW_ARTICLE not in on_disk.articles and len(on_disk) == N_IMAGES
+    assert not any((own_index / ENROLLED_DIR).rglob("*.jpg"))
+    assert_error(client.delete(f"/articles/{NEW_ARTICLE}"), 404, "unknown_article")
+
+
+def test_labels_with_slashes_and_unicode(catalogue, own_index: Path) -> None:
+    client = TestClient(create_app(own_index, model=catalogue.model))
+    label = "Fruit/Pastèque 1kg"
+    resp = client.post("/articles", data={"label": label}, files=[("files", photo(catalogue.train[NEW_ARTICLE][0]))])
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["group"] is None
+    assert client.delete("/articles/Fruit/Past%C3%A8que%201kg").json()["deleted"] == label
+
+
+def test_last_article_cannot_be_deleted(catalogue, own_index: Path) -> None:
+    client = TestClient(create_app(own_index, model=catalogue.model))
+    for label in ARTICLES[:-1]:
+        assert client.delete(f"/articles/{label}").status_code == 200
+    before = folder_digest(own_index)
+    assert_error(client.delete(f"/articles/{ARTICLES[-1]}"), 409, "last_article")
+    assert folder_digest(own_index) == before
+
+
+def test_racing_enrolments_are_not_lost(catalogue, own_index: Path) -> None:
+    """Four enrolments and some classifications at once: every enrolment is on disk afterwards."""
+    client = TestClient(create_app(own_index, model=catalogue.model))
+    photos = catalogue.train[NEW_ARTICLE]
+    labels = [f"Race-{i}" for i in range(4)]
+    barrier = threading.Barrier(len(labels) + 2)
+    results: dict[str, int] = {}
+
+    def enrol(i: int) -> None:
+        files = [("files", photo(p)) for p in photos[2 * i: 2 * i + 2]]
+        barrier.wait()
+        results[labels[i]] = client.post("/articles", data={"label": labels[i], "group": "Race"},
+                                         files=files).status_code
+
+    def classify(j: int) -> None:
+        barrier.wait()
+        results[f"classify-{j}"] = client.post("/classify", files={"file": photo(photos[-1 - j])}).status_code
+
+    threads = [threading.Thread(target=enrol, args=(i,)) for i in range(len(labels))]
+    threads += [threading.Thread(target=classify, args=(j,)) for j in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {**{lab: 201 for lab in labels}, "classify-0": 200, "classify-1": 200}
+    on_disk = CatalogueIndex.load(own_index)
+    assert set(labels) <= set(on_disk.articles)
+    assert len(on_disk) == N_IMAGES + 2 * len(labels)
+    assert all(Path(p).is_file() for p in on_disk.paths)
+    assert client.get("/health").json()["images"] == N_IMAGES + 2 * len(labels)
+
+
+def test_failed_write_keeps_the_old_catalogue(catalogue, own_index: Path, monkeypatch) -> None:
+    """A failure while the new folder is written (disk full, crash) leaves the previous one intact."""
+    import fewshot.serve.app as serve_app
+
+    client = TestClient(create_app(own_index, model=catalogue.model), raise_server_exceptions=False)
+    before = folder_digest(own_index)
+    siblings = set(own_index.parent.iterdir())
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(serve_app.shutil, "copyfile", disk_full)
+    resp = client.post("/articles", data={"label": NEW_ARTICLE},
+                       files=[("files", photo(catalogue.train[NEW_ARTICLE][0]))])
+    assert resp.status_code == 500 and resp.json()["error"] == "internal_error"
+    assert folder_digest(own_index) == before
+    assert set(own_index.parent.iterdir()) == siblings  # no half-written folder left behind
+    assert client.get("/health").json()["images"] == N_IMAGES
+    monkeypatch.undo()
+    assert client.post("/articles", data={"label": NEW_ARTICLE},
+                       files=[("files", photo(catalogue.train[NEW_ARTICLE][0]))]).status_code == 201
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_serve_registered_and_checks_its_index(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fewshot.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0
+    for option in ("--index", "--host", "--port", "--max-upload-mb"):
+        assert option in result.output
+    result = runner.invoke(app, ["serve", "--index", str(tmp_path / "missing")])
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 1
+    assert "does not exist" in output and "fewshot index" in output and "Traceback" not in output
+    result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--max-upload-mb", "0"])
+    assert result.exit_code == 1 and "--max-upload-mb" in " ".join(result.output.split())

@@ -1,0 +1,129 @@
+"""End to end in a real browser: headless Chromium (Debian ``chromium``) driven by Playwright.
+
+Starts the service with uvicorn on a free loopback port, uploads a real Grocery photo through
+the page and reads the right article off it; enrols a new article through the form, finds it,
+and deletes it again. Needs ``apt-get install chromium`` and ``pip install playwright`` (no
+``playwright install``: the Debian browser is used through ``executable_path``). The test fails,
+rather than skips, when either is missing; set ``FEWSHOT_SKIP_BROWSER=1`` to skip it on purpose.
+``FEWSHOT_SCREENSHOT=FILE.png`` saves a screenshot of the page with results.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from serve_helpers import ARTICLES, NEW_ARTICLE, small_catalogue
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = os.environ.get("FEWSHOT_CHROMIUM", "/usr/bin/chromium")
+
+
+def _browser_or_fail():
+    if os.environ.get("FEWSHOT_SKIP_BROWSER") == "1":
+        pytest.skip("FEWSHOT_SKIP_BROWSER=1")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright for Python is not installed: pip install playwright "
+                    "(or set FEWSHOT_SKIP_BROWSER=1 to skip the browser test)")
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install -y chromium, or point "
+                    "FEWSHOT_CHROMIUM at a Chromium binary (FEWSHOT_SKIP_BROWSER=1 skips this test)")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def server(grocery_root: Path, tmp_path_factory):
+    """uvicorn serving a private small index on 127.0.0.1:<free port>, in a thread."""
+    _browser_or_fail()  # fail (or skip) before building anything
+    import uvicorn
+
+    from fewshot.serve.app import create_app
+
+    cat = small_catalogue(grocery_root, tmp_path_factory)
+    index_dir = tmp_path_factory.mktemp("browser-index") / "index"
+    shutil.copytree(cat.index_dir, index_dir)  # the test enrols and deletes: use a private copy
+    app = create_app(index_dir, model=cat.model)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", cat
+    srv.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_classify_and_enrol_in_chromium(server, tmp_path: Path) -> None:
+    sync_playwright = _browser_or_fail()
+    base, cat = server
+    query = cat.test["Granny-Smith"][0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(base + "/")
+            page.wait_for_function("document.querySelector('#status').textContent.includes('6 articles')")
+            page.wait_for_selector(f"#articles tbody tr[data-label='{ARTICLES[0]}']")
+
+            # classify a held-out photo of an indexed article
+            page.set_input_files("#photo", str(query))
+            page.click("#classify-btn")
+            page.wait_for_selector("#predictions .prediction")
+            assert page.text_content("#top1") == "Granny-Smith"
+            first = page.locator("#predictions .prediction").first
+            assert first.get_attribute("data-label") == "Granny-Smith"
+            assert "Apple" in first.text_content() and "score 0." in first.text_content()
+            assert page.locator("#predictions .prediction").count() == 5
+            page.wait_for_function(  # the catalogue thumbnails really load
+                "[...document.querySelectorAll('#predictions img, #neighbors img')]"
+                ".every(img => img.complete && img.naturalWidth > 0)")
+            if os.environ.get("FEWSHOT_SCREENSHOT"):
+                page.screenshot(path=os.environ["FEWSHOT_SCREENSHOT"], full_page=True)
+
+            # a file that is not an image: the page shows the service's message
+            bad = tmp_path / "notes.jpg"
+            bad.write_text("not a photo")
+            page.set_input_files("#photo", str(bad))
+            page.click("#classify-btn")
+            page.wait_for_selector("#classify-error:not([hidden])")
+            assert "not an image file" in page.text_content("#classify-error")
+
+            # enrol a new article through the form, then find it with a held-out photo
+            page.fill("#enrol-label", NEW_ARTICLE)
+            page.fill("#enrol-group", "Melon")
+            page.set_input_files("#enrol-files", [str(x) for x in cat.train[NEW_ARTICLE][:4]])
+            page.click("#enrol-btn")
+            page.wait_for_selector(f"#articles tbody tr[data-label='{NEW_ARTICLE}']")
+            assert f"enrolled '{NEW_ARTICLE}'" in page.text_content("#enrol-status")
+            page.set_input_files("#photo", str(cat.test[NEW_ARTICLE][0]))
+            page.click("#classify-btn")
+            page.wait_for_function(f"document.querySelector('#top1').textContent === '{NEW_ARTICLE}'")
+
+            # delete it from the articles table
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.click(f"#articles tbody tr[data-label='{NEW_ARTICLE}'] button.delete")
+            page.wait_for_selector(f"#articles tbody tr[data-label='{NEW_ARTICLE}']", state="detached")
+            assert f"deleted '{NEW_ARTICLE}'" in page.text_content("#enrol-status")
+            assert errors == []
+        finally:
+            browser.close()
