@@ -135,6 +135,27 @@ def test_upload_is_embedded_like_the_index(client, catalogue) -> None:
     assert body["predictions"][0]["label"] == "Oatly-Oat-Milk"
 
 
+def test_concurrent_requests_match_sequential_ones(client, catalogue) -> None:
+    """Requests that arrive together share a forward pass; their answers do not change."""
+    queries = [catalogue.test[a][1] for a in ARTICLES]
+    sequential = [client.post("/classify", files={"file": photo(q)}).json()["predictions"] for q in queries]
+    concurrent: dict[int, list] = {}
+    barrier = threading.Barrier(len(queries))
+
+    def go(i: int) -> None:
+        barrier.wait()
+        concurrent[i] = client.post("/classify", files={"file": photo(queries[i])}).json()["predictions"]
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(queries))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, preds in enumerate(sequential):
+        assert [p["label"] for p in concurrent[i]] == [p["label"] for p in preds]
+        assert all(abs(a["score"] - b["score"]) < 1e-3 for a, b in zip(concurrent[i], preds))
+
+
 def test_catalogue_images_only_from_the_index(client) -> None:
     assert_error(client.get("/catalogue-image/0123456789abcdef"), 404, "unknown_image", "no catalogue image")
     for bad in ("..%2F..%2Fetc%2Fpasswd", "etc/passwd", "0123"):

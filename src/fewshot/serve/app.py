@@ -37,6 +37,7 @@ import hashlib
 import io
 import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
@@ -45,6 +46,7 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -183,10 +185,12 @@ class _Job:
 
 
 class _Embedder:
-    """Runs the index's model on preprocessed images; concurrent calls share forward passes.
+    """Runs the index's model on preprocessed images in one worker thread, batching requests.
 
-    Whoever holds the run lock embeds every job queued so far (up to ``max_batch`` images),
-    so under load requests are batched without a background thread or a timer.
+    Every forward pass runs on the same thread: torch's OpenMP pool is created once (a
+    forward from many request threads would start one spinning thread team per caller and
+    slow everything down), and jobs queued while a pass runs share the next one (up to
+    ``max_batch`` images).
     """
 
     def __init__(self, model, max_batch: int = 16) -> None:
@@ -196,9 +200,9 @@ class _Embedder:
         self.max_batch = max_batch
         # Decoding a large PNG takes width x height x 3 bytes; bound how many run at once.
         self._decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
-        self._queue: list[_Job] = []
-        self._queue_lock = threading.Lock()
-        self._run_lock = threading.Lock()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
 
     @property
     def image_size(self) -> int:
@@ -215,25 +219,44 @@ class _Embedder:
 
     def embed(self, x: torch.Tensor) -> np.ndarray:
         """``float32 [B, 3, S, S]`` -> embeddings ``float32 [B, E]`` (not normalised)."""
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="fewshot-embedder", daemon=True)
+                self._thread.start()
         job = _Job(x)
-        with self._queue_lock:
-            self._queue.append(job)
-        while not job.done.is_set():
-            with self._run_lock:
-                if job.done.is_set():
-                    break
-                with self._queue_lock:
-                    take, n = [], 0
-                    while self._queue and (not take or n + len(self._queue[0].x) <= self.max_batch):
-                        j = self._queue.pop(0)
-                        take.append(j)
-                        n += len(j.x)
-                if take:
-                    self._run(take)
+        self._queue.put(job)
+        job.done.wait()
         if job.error is not None:
             raise job.error
         assert job.result is not None
         return job.result
+
+    def close(self) -> None:
+        """Stop the worker thread (it is restarted by the next :meth:`embed`)."""
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(30)
+            self._thread = None
+
+    def _work(self) -> None:
+        stop = False
+        while not stop:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, n = [job], len(job.x)
+            while n < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+                n += len(nxt.x)
+            self._run(jobs)
 
     def _run(self, jobs: list[_Job]) -> None:
         try:
@@ -473,7 +496,14 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
         raise FewshotError(f"upload limit must be positive, got {max_upload_bytes} bytes",
                            hint="use e.g. --max-upload-mb 10")
     service = _Service(Path(index_dir), max_upload_bytes, model)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        service.embedder.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="fewshot catalogue service",
         version=__version__,
         description="Classify product photos against a few-shot catalogue and enrol new articles "
