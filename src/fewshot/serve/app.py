@@ -411,8 +411,8 @@ class _Service:
         self.snapshot = _Snapshot.of(new_index)
 
     # ------------------------------------------------------------------ thumbnails
-    def thumbnail(self, i: int, size: int) -> bytes:
-        snap = self.snapshot
+    def thumbnail(self, snap: _Snapshot, i: int, size: int) -> bytes:
+        """JPEG thumbnail of image ``i`` of ``snap`` (cached, keyed by the image id)."""
         key = (snap.ids[i], size)
         with self._thumbs_lock:
             hit = self._thumbs.get(key)
@@ -711,7 +711,7 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
         if i is None:
             raise ApiError(404, "unknown_image", f"no catalogue image with id '{image_id}'",
                            hint="use the image_id values returned by /classify or /articles")
-        data = service.thumbnail(i, size)
+        data = service.thumbnail(snap, i, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=600"})
 
     return app
