@@ -194,3 +194,14 @@ def test_index_save_crash_keeps_old_index(tmp_path, monkeypatch):
     back = CatalogueIndex.load(tmp_path / "idx")
     assert back.articles == ["a", "b", "c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_index_recovered_after_crash_between_renames(tmp_path):
+    import os
+
+    idx = _toy_index()
+    idx.save(tmp_path / "idx")
+    os.replace(tmp_path / "idx", tmp_path / ".idx.old-12345")  # the state a crash would leave
+    back = CatalogueIndex.load(tmp_path / "idx")
+    assert back.articles == ["a", "b", "c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]

@@ -84,3 +84,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_dir(path: str | Path) -> bool:
+    """Undo a crash inside :func:`atomic_dir`'s two renames.
+
+    Between moving the old folder aside and renaming the new one in, a crash leaves ``path``
+    missing and the complete old folder at ``.NAME.old-PID``. If ``path`` is missing and such
+    a folder exists, it is renamed back. Returns whether anything was recovered.
+    """
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not olds:
+        return False
+    os.replace(olds[0], path)
+    return True

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CheckpointError, DataError
-from ..io import atomic_dir
+from ..io import atomic_dir, recover_dir
 
 FORMAT_VERSION = 1
 
@@ -269,6 +269,10 @@ class CatalogueIndex:
             CheckpointError: the folder is missing, incomplete, damaged or inconsistent.
         """
         path = Path(path)
+        if recover_dir(path):
+            import logging
+
+            logging.getLogger("fewshot").warning("recovered index %s from an interrupted save", path)
         if not path.is_dir():
             raise CheckpointError(f"index folder {path} does not exist",
                                   hint="build one with `fewshot index --data ... --out DIR`")
