@@ -132,3 +132,25 @@ def test_user_errors_are_messages_not_tracebacks(tmp_path, small_manifest):
     assert "unknown backbone 'resnet-nope'" in r.output
     r = run("evaluate", "--data", small_manifest, "--model", tmp_path, "--out", tmp_path / "o", code=1)
     assert "config.json is missing" in r.output
+
+
+def test_single_image_class_kept_in_gallery_not_a_query(small_manifest, cache, tmp_path):
+    """One article with a single photo: its photo is not a query (counted), but it is still
+    retrievable, so the other articles' numbers are computed over a gallery that includes it."""
+    import csv
+
+    rows = list(csv.reader(small_manifest.open()))
+    header, body = rows[0], rows[1:]
+    lonely = [r for r in body if r[1] == "Banana" and r[3] == "test"][:1]
+    kept = [r for r in body if not (r[1] == "Banana" and r[3] == "test")] + lonely
+    m = small_manifest.parent / "lonely.csv"
+    with m.open("w", newline="") as fh:
+        csv.writer(fh).writerows([header] + kept)
+    out = tmp_path / "o"
+    r = run("evaluate", "--data", m, "--split", "test", "--image-size", "64", "--episodes", "50",
+            "--queries", "1", "--out", out, "--cache-dir", cache, "--no-progress")
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["num_queries"] == 20 and res["num_skipped_queries"] == 1
+    text = " ".join(r.output.split())
+    assert "1 class(es) have no other image" in text and "not used as queries: Banana" in text
+    assert text.count("have no other image") == 1

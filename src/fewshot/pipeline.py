@@ -124,6 +124,8 @@ def evaluate(cfg: EvalConfig, out: str | Path | None = None,
     report = retrieval_metrics(q.vectors, q.labels, g.vectors if g else None, g.labels if g else None,
                                query_groups=q.groups)
     metrics = report.to_dict()
+    if report.num_skipped_queries:
+        warn_single_image_classes(q, g)
     episodes = {}
     for key, n_way, k_shot in EPISODE_SETTINGS:
         support = g if g is not None else q
@@ -150,6 +152,20 @@ def evaluate(cfg: EvalConfig, out: str | Path | None = None,
     if out is not None:
         write_evaluation(metrics, q, g, Path(out), cfg)
     return metrics
+
+
+def warn_single_image_classes(q: Embeddings, g: Embeddings | None) -> list[str]:
+    """Log once which classes cannot be retrieval queries (no other image of the class to find)."""
+    from collections import Counter
+
+    ref = Counter(g.labels) if g is not None else Counter(q.labels)
+    need = 1 if g is not None else 2
+    lonely = sorted({lab for lab in q.labels if ref.get(lab, 0) < need})
+    if lonely:
+        shown = ", ".join(lonely[:10]) + (f" and {len(lonely) - 10} more" if len(lonely) > 10 else "")
+        log.warning("%d class(es) have no other image to retrieve, so their images are kept in the "
+                    "gallery but not used as queries: %s", len(lonely), shown)
+    return lonely
 
 
 def write_evaluation(metrics: dict, q: Embeddings, g: Embeddings | None, out: Path,
