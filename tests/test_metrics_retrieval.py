@@ -375,3 +375,16 @@ def test_errors(call, message):
     x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
     with pytest.raises(ValueError, match=message):
         call(x)
+
+
+def test_automatic_chunk_respects_block_and_pair_budgets(monkeypatch):
+    from fewshot.metrics import retrieval
+
+    x, y = clustered(90, 6, 3, noise=1.0, seed=14)  # three large classes
+    expected = retrieval_metrics(x, y)
+    monkeypatch.setattr(retrieval, "_PAIR_ELEMENTS", 100)  # -> 3 queries per chunk
+    assert retrieval._check_chunk(None, 90, 90, 30) == 3
+    monkeypatch.setattr(retrieval, "_BLOCK_ELEMENTS", 90 * 2)  # -> 2 queries per chunk
+    assert retrieval._check_chunk(None, 90, 90, 30) == 2
+    report = retrieval_metrics(x, y)
+    np.testing.assert_allclose(report.average_precisions, expected.average_precisions, atol=1e-6)

@@ -30,12 +30,14 @@ leave-one-out mode) are skipped: they count in ``num_skipped_queries``, their pe
 are NaN, and every mean is over the remaining ``num_queries`` queries.
 
 Memory and speed: queries are processed in chunks (``chunk x G`` similarities at a time, never
-``Q x G``). For each chunk the similarity block is computed with one ``torch.mm``, the rows are
-sorted (numpy's SIMD sort, split across ``torch.get_num_threads()`` threads) and the rank of
-each relevant item is found by binary search; the metrics then follow from the ranks of the
-relevant items alone. With the automatic chunk size the working memory is about
-``2 * 4 * 2**25`` bytes (256 MiB) plus the relevant-pair lists plus a normalised copy of the
-inputs.
+``Q x G``). For each chunk the similarity block is computed with one ``torch.mm``; then, per
+row, only the items scoring at least as high as the row's worst relevant item (the only ones
+that can precede a relevant item) are extracted and sorted (numpy's sort, rows spread over
+``torch.get_num_threads()`` threads), and the rank of each relevant item is found by binary
+search. The metrics follow from the ranks of the relevant items alone. With the automatic
+chunk size the working memory is a few hundred MiB (a 128 MiB similarity block, the extracted
+candidates, the relevant-pair lists) plus one normalised float32 copy of the inputs, so
+100,000 x 1,280 leave-one-out stays well under 2 GiB beyond the inputs.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ __all__ = ["RetrievalReport", "retrieval_metrics", "nearest_neighbors"]
 
 logger = logging.getLogger("fewshot")
 
-#: similarity block (chunk x gallery) elements per chunk: 2**25 float32 = 128 MiB, plus an
-#: equally large sorted copy.
+#: similarity block (chunk x gallery) elements per chunk: 2**25 float32 = 128 MiB
 _BLOCK_ELEMENTS = 1 << 25
+#: (query, relevant gallery item) pairs per chunk, about 80 bytes each at the peak
+_PAIR_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -166,9 +169,13 @@ def _check_ks(ks: Sequence[int], name: str) -> list[int]:
     return out
 
 
-def _check_chunk(chunk_size: int | None, n_query: int, n_gallery: int) -> int:
+def _check_chunk(
+    chunk_size: int | None, n_query: int, n_gallery: int, max_relevant: int = 1
+) -> int:
     if chunk_size is None:
-        return max(1, min(n_query, _BLOCK_ELEMENTS // max(1, n_gallery)))
+        by_block = _BLOCK_ELEMENTS // max(1, n_gallery)
+        by_pairs = _PAIR_ELEMENTS // max(1, max_relevant)
+        return max(1, min(n_query, by_block, by_pairs))
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return min(int(chunk_size), n_query)
@@ -315,7 +322,8 @@ def retrieval_metrics(
         normalize: L2-normalise both sets first (cosine similarity); ``False`` ranks by the raw
             dot product.
         chunk_size: queries per block; ``None`` picks ``2**25 // G`` (128 MiB of float32
-            similarities per block).
+            similarities per block), fewer when classes are so large that the
+            (query, relevant item) pairs of a block would pass ``2**22``.
 
     Returns:
         A :class:`RetrievalReport` (see the module docstring for the exact definitions, the tie
@@ -343,8 +351,6 @@ def retrieval_metrics(
     groups = (
         None if query_groups is None else _as_list(query_groups, n_q, "query_groups", "groups")
     )
-    chunk = _check_chunk(chunk_size, n_q, n_g)
-
     qc, gc, n_classes = _encode_labels(q_lab, [] if loo else g_lab)
     if loo:
         gc = qc
@@ -352,6 +358,7 @@ def retrieval_metrics(
     g_order = np.argsort(gc, kind="stable")
     g_count = np.bincount(gc, minlength=n_classes)
     g_start = np.cumsum(g_count) - g_count
+    chunk = _check_chunk(chunk_size, n_q, n_g, int(g_count[qc].max()))
 
     ap = np.full(n_q, np.nan)
     ap_r = np.full(n_q, np.nan)
