@@ -78,21 +78,15 @@ def training_curves(history: Sequence[dict], out: str | Path, x: str = "epoch",
                     loss_keys: Sequence[str] = ("train_loss",),
                     metric_keys: Sequence[str] = ("val_map", "val_map_at_r")) -> Path:
     """Loss (left) and validation metrics (right) against ``x``; rows are dicts per epoch/step."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     xs = [h[x] for h in history]
-    for key in loss_keys:
-        ys = [h.get(key) for h in history]
-        if any(y is not None for y in ys):
-            ax1.plot(xs, ys, marker="o", ms=3, label=key)
-    ax1.set_xlabel(x)
-    ax1.set_title("training loss")
-    ax1.legend(fontsize=8)
-    for key in metric_keys:
-        ys = [h.get(key) for h in history]
-        if any(y is not None for y in ys):
-            ax2.plot(xs, ys, marker="o", ms=3, label=key)
-    ax2.set_xlabel(x)
-    ax2.set_title("validation")
-    ax2.legend(fontsize=8)
+    for ax, keys, title in ((axes[0], loss_keys, "training loss"), (axes[1], metric_keys, "validation")):
+        for key in keys:
+            ys = [h.get(key) for h in history]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=key)
+        ax.set_xlabel(x)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
