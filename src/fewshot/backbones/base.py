@@ -25,6 +25,9 @@ class Backbone:
         pretrained: whether pretrained weights were loaded.
         weights_tag: identifies the weights in cache keys (``"imagenet"``, ``"random"``, or a
             digest of fine-tuned weights).
+        channels_last: feed the model channels-last (NHWC) batches when embedding, the faster
+            convolution layout of oneDNN on CPU for CNNs (``bench/embed_throughput.py`` measures
+            it); the embeddings agree with NCHW batches to float rounding (~1e-6 relative).
     """
 
     name: str
@@ -33,6 +36,7 @@ class Backbone:
     dim: int
     pretrained: bool = True
     weights_tag: str = "imagenet"
+    channels_last: bool = False
 
     @property
     def image_size(self) -> int:

@@ -65,7 +65,8 @@ def _build(variant: str, pretrained: bool, image_size: int) -> Backbone:
     dim = int(net._conv_head.out_channels)
     return Backbone(name=f"efficientnet_{variant}", model=PooledFeatures(net),
                     preprocess=Preprocess(image_size=image_size, mean=HALF, std=HALF), dim=dim,
-                    pretrained=pretrained, weights_tag="imagenet" if pretrained else "random")
+                    pretrained=pretrained, weights_tag="imagenet" if pretrained else "random",
+                    channels_last=True)
 
 
 @register_backbone("efficientnet_lite0")

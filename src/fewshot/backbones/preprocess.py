@@ -44,8 +44,12 @@ class Preprocess:
         size = (self.image_size, self.image_size)
         if image.size != size:
             image = image.resize(size, _RESAMPLE[self.interpolation])
-        array = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3] in [0, 1]
-        array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        # in place on one fresh float32 copy: the same float32 operations in the same order
+        # (bit-identical results) without three temporary [H, W, 3] arrays
+        array = np.array(image, dtype=np.float32)  # [H, W, 3]
+        array /= 255.0  # in [0, 1]
+        array -= np.asarray(self.mean, np.float32)
+        array /= np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
     def to_dict(self) -> dict:

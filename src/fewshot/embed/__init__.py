@@ -157,6 +157,8 @@ def embed_paths(
                 for j, reason in bad:
                     failures[todo[j]] = reason
                 if batch is not None:
+                    if backbone.channels_last:
+                        batch = batch.contiguous(memory_format=torch.channels_last)
                     vectors = model(batch).float().cpu().numpy()
                     for j, v in zip(idx.tolist(), vectors):
                         k = todo[j]

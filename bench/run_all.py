@@ -1,0 +1,185 @@
+"""Run every benchmark and write ``OUT/benchmarks.md`` with PNG charts in ``OUT/bench/``.
+
+Usage (from the repository root, in the project's environment)::
+
+    python bench/run_all.py --out docs             # the full run -> docs/benchmarks.md, docs/bench/*.png
+    python bench/run_all.py --quick --out /tmp/bq  # a smoke run of every part at tiny sizes
+    python bench/run_all.py --out docs --only metrics,search   # rerun some parts, keep the others
+
+Parts (in run order): embed, metrics, search, training, quality, scaling. Every measurement
+is seeded (seed 0) and the raw numbers go to ``OUT/bench/results.json``; ``--only`` merges
+into the results already there, so the Markdown always shows every part. A part that fails
+is reported in the document (with the error) and the others still run. Run it on a quiet
+machine: the figures are ratios and medians measured side by side, but a machine busy with
+other work still blurs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import embed_throughput, metrics_speed, quality, scaling, search_latency, training_cost
+from bench.common import Context, fmt, fmt_bytes, fmt_s, machine, set_threads, table, verdict, write_json
+
+PARTS = {"embed": embed_throughput, "metrics": metrics_speed, "search": search_latency,
+         "training": training_cost, "quality": quality, "scaling": scaling}
+TITLES = {"embed": "1. Embedding throughput", "metrics": "2. Retrieval metrics", "search": "3. Search latency",
+          "training": "4. Training cost", "quality": "5. Quality on unseen classes", "scaling": "6. Scaling"}
+
+
+def summary(results: dict, meta: dict) -> str:
+    """The goals table at the top of the document."""
+    rows = []
+    r = results.get("embed", {})
+    if "headline" in r:
+        h = embed_throughput.headline(r)
+        rows.append(["Embedding: end-to-end / raw forward", f">= {embed_throughput.GOAL_RATIO}",
+                     f"{h['best_ratio']:.2f} ({h['best_name']}); default {h['default_ratio']:.2f}", verdict(h["met"])])
+    r = results.get("metrics", {})
+    if "rows" in r:
+        h = metrics_speed.headline(r)
+        sp = "-" if h["speedup"] is None else f"{'>= ' if h['speedup_is_lower_bound'] else ''}{h['speedup']:.1f}x"
+        rows.append([f"Metrics at {h['n']:,}: speed-up vs pytorch-metric-learning", f">= {metrics_speed.GOAL_SPEEDUP:.0f}x",
+                     sp, verdict(h["speed_met"])])
+        rows.append([f"Metrics at {h['n']:,}: peak memory (whole process)", "<= 2 GiB", fmt_bytes(h["peak_rss"]),
+                     verdict(h["memory_met"])])
+    r = results.get("search", {})
+    if "rows" in r:
+        h = search_latency.headline(r)
+        rows.append([f"Search on {r['n']:,} images: overhead vs bare FAISS (search / prototype)",
+                     f"<= {search_latency.GOAL_OVERHEAD:.0%}", f"{h['worst_search_or_prototype']:+.1%} (worst batch)",
+                     verdict(h["worst_search_or_prototype"] <= search_latency.GOAL_OVERHEAD)])
+        rows.append(["... nearest mode vs bare FAISS k=5", f"<= {search_latency.GOAL_OVERHEAD:.0%}",
+                     f"{h['worst_nearest']:+.1%} (worst batch)",
+                     verdict(h["worst_nearest"] <= search_latency.GOAL_OVERHEAD)])
+    r = results.get("training", {})
+    proto = next((x for x in r.get("rows", []) if x["method"] == "protonet" and x.get("available")), None)
+    if proto:
+        rows.append(["ProtoNet training, per 1,000 episodes", f"< {training_cost.PROTONET_TARGET_S:.0f} s",
+                     fmt_s(proto["seconds_per_1000_episodes"]),
+                     verdict(proto["seconds_per_1000_episodes"] < training_cost.PROTONET_TARGET_S)])
+    r = results.get("scaling", {})
+    if "slopes" in r:
+        rows.append(["Scaling exponent: metrics (leave-one-out) / search per query", "2 / 1 expected",
+                     f"{fmt(r['slopes']['metrics'], 2)} / {fmt(r['slopes']['bare_b1'], 2)}", "-"])
+    return table(["goal", "target", "measured", "verdict"], rows) if rows else "(no results)"
+
+
+def render(results: dict, meta: dict, ctx: Context) -> str:
+    m = meta["machine"]
+    quick = meta.get("quick")
+    head = [
+        "# Benchmarks", "",
+        ("**Smoke run (`--quick`): tiny sizes, the figures mean nothing.**\n" if quick else "")
+        + "Every figure below comes from one command, run from the repository root:", "",
+        "```", meta["command"], "```", "",
+        f"{'This smoke run' if quick else 'Last run'}: {meta['finished']}, {fmt_s(meta['total_seconds'])} in all "
+        f"(parts: {', '.join(f'{k} {fmt_s(v)}' for k, v in meta['part_seconds'].items())}). Seed 0 everywhere; "
+        "raw numbers in `bench/results.json`. fewshot and each reference ran in the same run, side by side "
+        "(interleaved rounds, or back-to-back child processes), and the figures are medians over the rounds and "
+        "ratios between contenders, because these machines are shared and noisy.", "",
+        "Machine: " + ", ".join([f"{m.get('cpu')}", f"{m.get('usable_cpus')} usable CPU(s) (os.cpu_count "
+                                 f"{m.get('cpu_count')})", f"{m.get('memory_gib')} GiB RAM",
+                                 f"torch {m.get('torch')} with {m.get('torch_threads')} intra-op thread(s)",
+                                 f"FAISS {m.get('faiss')} with {m.get('faiss_threads')} OpenMP thread(s)",
+                                 f"pytorch-metric-learning {m.get('pytorch_metric_learning')}",
+                                 f"scikit-learn {m.get('sklearn')}", f"numpy {m.get('numpy')}",
+                                 f"Python {m.get('python')}", f"fewshot {m.get('fewshot')} (git {m.get('git_commit')})",
+                                 f"1-minute load average at the start {m.get('load_average_1m')}"]) + ".", "",
+        "## Goals", "", summary(results, meta), ""]
+    body = []
+    for name, mod in PARTS.items():
+        r = results.get(name)
+        if r is None:
+            body += [f"## {TITLES[name]}", "", "Not run yet: `python bench/run_all.py --only " + name + "`.", ""]
+        elif "error" in r and len(r) <= 3:
+            body += [f"## {TITLES[name]}", "", f"This part failed: `{r['error']}`", ""]
+        else:
+            try:
+                body.append(mod.section(r, ctx))
+            except Exception as exc:  # a rendering bug must not lose the other sections
+                body += [f"## {TITLES[name]}", "", f"(could not render: {type(exc).__name__}: {exc})", ""]
+    return "\n".join(head + body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run every fewshot benchmark and write benchmarks.md.")
+    ap.add_argument("--out", type=Path, default=Path("docs"), help="folder for benchmarks.md and bench/ (default docs)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: every part at tiny sizes (a few minutes)")
+    ap.add_argument("--only", default=None, help=f"comma-separated parts to run: {','.join(PARTS)}")
+    ap.add_argument("--threads", type=int, default=None, help="torch / FAISS threads (default: torch's default)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary folder)")
+    args = ap.parse_args(argv)
+
+    only = [p.strip() for p in args.only.split(",")] if args.only else list(PARTS)
+    unknown = [p for p in only if p not in PARTS]
+    if unknown:
+        ap.error(f"unknown part(s) {unknown}; use {', '.join(PARTS)}")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("fewshot").setLevel(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    set_threads(args.threads)
+
+    out = args.out
+    (out / "bench").mkdir(parents=True, exist_ok=True)
+    results_path = out / "bench" / "results.json"
+    saved = json.loads(results_path.read_text()) if results_path.is_file() and args.only else {}
+    results: dict = saved.get("results", {})
+    meta_old = saved.get("meta", {})
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="fewshot-bench-")
+        work = Path(tmp.name)
+    else:
+        work = args.work
+        work.mkdir(parents=True, exist_ok=True)
+    ctx = Context(out_dir=out, work_dir=work, quick=args.quick, threads=args.threads, results=results)
+    command = "python bench/run_all.py" + (" --quick" if args.quick else "") + f" --out {out}" + (
+        f" --threads {args.threads}" if args.threads else "")
+    meta = {"command": command, "quick": args.quick, "machine": machine(),
+            "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "part_seconds": dict(meta_old.get("part_seconds", {}))}
+    t_all = time.perf_counter()
+    try:
+        for name in only:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            try:
+                results[name] = PARTS[name].run(args.quick, ctx)
+            except Exception as exc:
+                results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+                print(results[name]["trace"], file=sys.stderr)
+            meta["part_seconds"][name] = round(time.perf_counter() - t0, 1)
+            print(f"[bench] {name} done in {fmt_s(meta['part_seconds'][name])}", file=sys.stderr, flush=True)
+            ctx.results = results
+            write_json(results_path, {"meta": meta, "results": results})  # keep what is done
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    meta["finished"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    meta["total_seconds"] = round(sum(meta["part_seconds"].values()), 1)
+    meta["this_invocation_seconds"] = round(time.perf_counter() - t_all, 1)
+    write_json(results_path, {"meta": meta, "results": results})
+    doc = render(results, meta, ctx)
+    (out / "benchmarks.md").write_text(doc, encoding="utf-8")
+    print(f"[bench] wrote {out / 'benchmarks.md'} and {out / 'bench'}/ in {fmt_s(meta['this_invocation_seconds'])}",
+          file=sys.stderr)
+    print(summary(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
