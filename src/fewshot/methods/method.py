@@ -1,0 +1,446 @@
+"""The training-method contract: :class:`TrainConfig`, :class:`TrainData`, :class:`Method`, registry.
+
+A *method* says what one training step computes; :mod:`fewshot.methods.trainer` does the rest,
+once for every method (data loading, cached embeddings, the epoch loop, validation, history,
+best-epoch selection, early stopping, checkpoints, ``--resume``, saving the run).
+
+Writing a method
+----------------
+
+Subclass :class:`Method`, set ``name``, register it, and implement two things::
+
+    @register_method("mymethod")
+    class MyMethod(Method):
+        name = "mymethod"
+
+        def epoch_batches(self, train, rng):          # what one epoch iterates
+            ...                                        # e.g. episodes, or index batches
+        def loss(self, batch):                         # scalar loss of one batch
+            z = self.embed(self.features(batch.idx))   # [B, E], L2-normalised
+            ...
+
+* :meth:`Method.features` maps training-item indices to backbone features ``[B, D]``: the
+  cached frozen embeddings, or, with ``fine_tune="last"``, a forward pass of the partly
+  trainable backbone over augmented images. A method never needs to know which.
+* :meth:`Method.embed` applies the projection head (``self.head``): ``[B, D] -> [B, E]``.
+* Episodic methods (prototypical networks, MAML) set ``episodic = True`` and yield
+  :class:`~fewshot.data.episodes.Episode` objects from :meth:`Method.episode_sampler`; the
+  trainer then reports episodic validation accuracy with :meth:`Method.episode_classifier`.
+* State beyond the head (e.g. MAML's N-way output-layer initialisation) lives in
+  :meth:`Method.extra_parameters` (trained) and is saved with :meth:`Method.extra_tensors` /
+  restored with :meth:`Method.load_extra_tensors`; it is stored as ``method.*`` tensors beside
+  the ``head.*`` tensors in ``RUN_DIR/model.safetensors``.
+* :meth:`Method.attach` is called when a run is loaded (:func:`fewshot.methods.runs.load_run`):
+  the default rebuilds the method from the saved config, loads its extra tensors, and sets the
+  model's ``episode_classifier`` from :meth:`Method.episode_classifier`.
+
+Built-in names: ``contrastive`` and ``triplet`` (:mod:`.siamese`), ``protonet`` (:mod:`.protonet`),
+``maml`` and ``fomaml`` (:mod:`.maml`); :func:`get_method` imports their modules on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.episodes import EpisodeSampler
+from ..errors import FewshotError
+from .base import EpisodeClassifier
+from .heads import ProjectionHead
+
+__all__ = ["TrainConfig", "TrainData", "Method", "IndexBatch", "register_method", "get_method",
+           "list_methods", "make_config", "DEFAULT_HEAD", "HEAD_PRESETS", "resolve_head_spec"]
+
+#: The default head: an identity-initialised linear map on centred features (1280 -> 1280 for
+#: EfficientNet-Lite), L2-normalised. Training starts exactly at the frozen (centred) ranking and
+#: moves from there; see the README for why this beats an MLP on unseen classes.
+DEFAULT_HEAD: dict[str, Any] = {"kind": "linear", "centre": True}
+
+#: ``--head`` presets (``in_dim`` is filled in from the backbone).
+HEAD_PRESETS: dict[str, dict[str, Any]] = {
+    "linear": {"kind": "linear", "centre": True},
+    "mlp": {"kind": "mlp", "hidden_dim": 512, "out_dim": 256, "centre": False, "dropout": 0.0},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; recorded in ``RUN_DIR/config.json`` (``train_config``).
+
+    Fields a method does not use are simply ignored by it.
+
+    Attributes:
+        method: registered method name (``contrastive``, ``triplet``, ``protonet``, ``maml``, ``fomaml``).
+        data: dataset path or fetched dataset name.
+        split_file: class-split JSON (:class:`~fewshot.data.splits.ClassSplit`): training uses
+            every image of its train classes; validation its val classes (cross-visit queries
+            vs gallery, :func:`~fewshot.data.splits.protocol_sets`).
+        out: RUN_DIR.
+        backbone, image_size: the (frozen unless ``fine_tune``) feature extractor.
+        seed: seeds torch, numpy and the samplers; the same seed gives the same run.
+        epochs: maximum epochs; ``patience``: stop after this many epochs without a better
+            validation MAP@R (0 = never stop early).
+        lr, weight_decay: Adam; ``batch_size`` items per batch (siamese).
+        margin: loss margin (triplet margin; contrastive negative margin on cosine similarity);
+            ``None`` = the method's default.
+        pos_margin: contrastive positive margin (cosine similarity above which positives cost
+            nothing); ``None`` = the method's default.
+        miner: ``"hard"``, ``"semihard"`` or ``"all"`` (see :mod:`.siamese`); ``None`` = the
+            method's default.
+        m_per_class: images per class in a batch (:class:`MPerClassSampler`).
+        fine_tune: ``"none"`` (head on cached frozen features) or ``"last"`` (also the last
+            ``fine_tune_blocks`` backbone blocks, on augmented images).
+        head: :class:`~fewshot.methods.heads.ProjectionHead` spec (``in_dim`` filled in); ``None``
+            = :data:`DEFAULT_HEAD`.
+        ways, shots, queries: N-way K-shot Q-query episodes (episodic methods, episodic val).
+        episodes: total training episodes (episodic methods); ``episodes_per_epoch`` of them
+            per epoch.
+        inner_lr, inner_steps, inner_steps_test, meta_batch: MAML.
+        val_episodes: episodic validation episodes per epoch (0 = none).
+        resume: continue from ``RUN_DIR/checkpoint.pt``; ``overwrite``: replace an existing run.
+        group_from: group spec for datasets without groups (see ``load_dataset``).
+        progress: show progress bars.
+        device: ``"auto"`` (CUDA when available and fine-tuning, else CPU), ``"cpu"``, ``"cuda"``.
+        cache_dir, workers, embed_batch_size: embedding cache folder, decode workers, batch size.
+        final_eval: class part evaluated with the best model at the end (``"test"``,
+            ``"val"``, or ``"none"``), written to ``RUN_DIR/eval_<part>/``.
+        eval_episodes: episodes per setting of that final evaluation.
+    """
+
+    method: str = "triplet"
+    data: str = ""
+    split_file: str = ""
+    out: str = ""
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 224
+    seed: int = 0
+    epochs: int = 30
+    patience: int = 5
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    margin: float | None = None
+    pos_margin: float | None = None
+    miner: str | None = None
+    m_per_class: int = 4
+    fine_tune: str = "none"
+    fine_tune_blocks: int = 2
+    head: dict | None = None
+    ways: int = 5
+    shots: int = 5
+    queries: int = 5
+    episodes: int = 2000
+    episodes_per_epoch: int = 100
+    inner_lr: float = 0.01
+    inner_steps: int = 5
+    inner_steps_test: int = 10
+    meta_batch: int = 4
+    val_episodes: int = 300
+    resume: bool = False
+    overwrite: bool = False
+    group_from: str | None = None
+    progress: bool = True
+    device: str = "auto"
+    cache_dir: str | None = None
+    workers: int = 0
+    embed_batch_size: int = 32
+    final_eval: str = "test"
+    eval_episodes: int = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build from :meth:`to_dict` output; unknown keys are ignored (forward compatibility)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default value of field ``name``."""
+        f = {f.name: f for f in fields(cls)}[name]
+        return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def resolve_head_spec(head: dict | str | None, in_dim: int) -> dict[str, Any]:
+    """A full :class:`ProjectionHead` spec: preset name or partial dict, ``in_dim`` filled in.
+
+    ``"linear"`` keeps the dimension (``out_dim = in_dim``) unless the spec gives ``out_dim``.
+    """
+    if head is None:
+        spec = dict(DEFAULT_HEAD)
+    elif isinstance(head, str):
+        if head not in HEAD_PRESETS:
+            raise FewshotError(f"unknown head '{head}'", hint=f"use one of: {', '.join(HEAD_PRESETS)}")
+        spec = dict(HEAD_PRESETS[head])
+    else:
+        spec = dict(head)
+    spec["in_dim"] = int(in_dim)
+    if spec.get("kind", "mlp") == "linear":
+        spec.setdefault("out_dim", int(in_dim))
+    return spec
+
+
+@dataclass
+class TrainData:
+    """The training items of one run, as the method sees them.
+
+    Attributes:
+        x: float32 ``[N, D]`` backbone embeddings of the training images (cached, frozen
+            backbone; with fine-tuning they are the *initial* features and only used for the
+            head's centre).
+        y: int64 ``[N]`` class index in ``0..C-1``.
+        label_names: ``C`` class names (``label_names[y[i]]`` is the label of item ``i``).
+        groups: ``N`` groups (brand / coarse class), ``None`` when unknown.
+        paths: ``N`` image paths (for fine-tuning on images).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    label_names: list[str]
+    groups: list[str | None] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+
+@dataclass
+class IndexBatch:
+    """A batch of training items: ``idx`` int64 ``[B]`` into :class:`TrainData`, ``y`` int64 ``[B]``."""
+
+    idx: np.ndarray
+    y: torch.Tensor
+
+
+class Method:
+    """Base class of training methods (see the module docstring for the contract).
+
+    Args:
+        cfg: the run's :class:`TrainConfig`.
+        in_dim: backbone embedding dimension ``D``.
+
+    Attributes:
+        cfg, in_dim: as given.
+        head: the projection head (:meth:`build_head`), ``[B, D] -> [B, E]`` L2-normalised.
+        backbone: the partly trainable backbone module (``[B, 3, S, S] -> [B, D]``) when
+            fine-tuning, set by the trainer; ``None`` otherwise.
+        backbone_params: its trainable parameters (empty without fine-tuning).
+        device: where tensors live (set by the trainer).
+    """
+
+    name: ClassVar[str] = ""
+    #: method-specific defaults for :class:`TrainConfig` fields the user did not set
+    #: (applied by :func:`make_config`), e.g. ``{"lr": 1e-3}``.
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: episodic methods draw N-way K-shot episodes; the trainer then validates episodically
+    #: with :meth:`episode_classifier` (others are validated with nearest prototypes too).
+    episodic: ClassVar[bool] = False
+
+    def __init__(self, cfg: TrainConfig, in_dim: int) -> None:
+        self.cfg = cfg
+        self.in_dim = int(in_dim)
+        self.device = torch.device("cpu")
+        self.backbone: nn.Module | None = None
+        self.backbone_params: list[nn.Parameter] = []
+        self._features: Callable[[np.ndarray], torch.Tensor] | None = None
+        self.head = self.build_head()
+
+    # ------------------------------------------------------------------ model
+    def build_head(self) -> nn.Module:
+        """The projection head from ``cfg.head`` (default :data:`DEFAULT_HEAD`)."""
+        return ProjectionHead(**resolve_head_spec(self.cfg.head, self.in_dim))
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the method beyond the head (default none)."""
+        return []
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Everything the optimizer updates: head, method parameters, fine-tuned backbone blocks."""
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        return params + list(self.extra_parameters()) + list(self.backbone_params)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Adam (Kingma and Ba 2015) over :meth:`trainable` with ``cfg.lr`` / ``cfg.weight_decay``."""
+        return torch.optim.Adam(self.trainable(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def train_mode(self, training: bool) -> None:
+        """Switch the head (and method modules) between training and evaluation mode.
+
+        A fine-tuned backbone stays in eval mode (frozen BatchNorm statistics: batches of a few
+        classes would corrupt them); its trainable weights still receive gradients.
+        """
+        self.head.train(training)
+
+    def to(self, device: torch.device | str) -> "Method":
+        """Move the head and method tensors to ``device``."""
+        self.device = torch.device(device)
+        self.head.to(self.device)
+        for p in self.extra_parameters():
+            p.data = p.data.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ data
+    def bind(self, features: Callable[[np.ndarray], torch.Tensor]) -> None:
+        """Set the feature source used by :meth:`features` (called by the trainer)."""
+        self._features = features
+
+    def features(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Backbone features ``float32 [B, D]`` of training items ``idx`` (int64 ``[B]``)."""
+        if self._features is None:
+            raise RuntimeError("Method.features used before the trainer bound a feature source")
+        return self._features(np.asarray(idx, dtype=np.int64))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Head output: ``float32 [B, D] -> [B, E]`` (L2-normalised for :class:`ProjectionHead`)."""
+        return self.head(features)
+
+    def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> Iterable[Any]:
+        """What one epoch iterates (index batches, episodes, ...); ``rng`` is seeded per epoch."""
+        raise NotImplementedError
+
+    def episode_sampler(self, train: TrainData, rng: np.random.Generator,
+                        episodes: int | None = None) -> EpisodeSampler:
+        """An N-way K-shot Q-query sampler over the training items, seeded from ``rng``.
+
+        ``episodes`` defaults to ``cfg.episodes_per_epoch``. Helper for episodic methods.
+        """
+        return EpisodeSampler(train.y.tolist(), self.cfg.ways, self.cfg.shots, self.cfg.queries,
+                              episodes=episodes or self.cfg.episodes_per_epoch,
+                              seed=int(rng.integers(0, 2**31 - 1)))
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        """Scalar loss of one batch from :meth:`epoch_batches`."""
+        raise NotImplementedError
+
+    def step(self, batch: Any, optimizer: torch.optim.Optimizer) -> float:
+        """One optimisation step (zero_grad, loss, backward, step); returns the loss value.
+
+        Override for methods that step differently (e.g. several tasks per meta-batch).
+        """
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    # ------------------------------------------------------------------ state
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Method state saved as ``method.<key>`` in ``model.safetensors`` (default: none)."""
+        return {}
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_tensors` returned (keys without the ``method.`` prefix)."""
+        if tensors:
+            raise FewshotError(f"method '{self.name}' has no extra tensors, got {sorted(tensors)}",
+                               hint="the run folder was mixed up; re-run training")
+
+    def state(self) -> dict[str, Any]:
+        """Extra non-tensor state for checkpoints (default none)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state`."""
+
+    def episode_classifier(self) -> EpisodeClassifier | None:
+        """N-way classifier for episodic evaluation on head embeddings; ``None`` = nearest prototype."""
+        return None
+
+    @classmethod
+    def attach(cls, model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Called when a run is loaded: restore method state and set ``model.episode_classifier``.
+
+        Args:
+            model: the :class:`~fewshot.methods.base.EmbeddingModel` (its head already loaded).
+            config: the run's ``config.json``.
+            tensors: the ``method.*`` tensors, prefix removed.
+        """
+        if cls.episode_classifier is Method.episode_classifier and not tensors:
+            return
+        cfg = TrainConfig.from_dict(config.get("train_config", {}))
+        method = cls(cfg, model.backbone.dim)
+        if model.head is not None:
+            method.head = model.head
+        method.load_extra_tensors(tensors)
+        method.train_mode(False)
+        model.episode_classifier = method.episode_classifier()
+
+
+# ---------------------------------------------------------------------- registry
+_METHODS: dict[str, type[Method]] = {}
+#: built-in method names -> module under fewshot.methods that registers them
+_BUILTIN: dict[str, str] = {"contrastive": "siamese", "triplet": "siamese", "protonet": "protonet",
+                            "maml": "maml", "fomaml": "maml"}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: register a :class:`Method` subclass under ``name`` (one class may take several)."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register_method({name!r}) needs a Method subclass, got {cls!r}")
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name`` (importing a built-in module on demand).
+
+    Raises:
+        FewshotError: unknown name, or its module is missing / fails to import.
+    """
+    if name not in _METHODS and name in _BUILTIN:
+        try:
+            importlib.import_module(f"{__package__}.{_BUILTIN[name]}")
+        except ImportError as exc:
+            raise FewshotError(f"method '{name}' is not available ({exc})",
+                               hint="check the fewshot installation") from exc
+    if name not in _METHODS:
+        raise FewshotError(f"unknown method '{name}'", hint=f"use one of: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def make_config(method: str, **given: Any) -> TrainConfig:
+    """A :class:`TrainConfig` for ``method``: field defaults, then the method's
+    :attr:`Method.defaults`, then every ``given`` value that is not ``None``.
+
+    Raises:
+        FewshotError: unknown method.
+        TypeError: a ``given`` key is not a :class:`TrainConfig` field.
+    """
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise TypeError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+    values: dict[str, Any] = dict(get_method(method).defaults)
+    values.update({k: v for k, v in given.items() if v is not None})
+    values["method"] = method
+    return TrainConfig(**values)
+
+
+def list_methods() -> list[str]:
+    """Names of the methods that can be loaded (built-ins whose module imports, plus registered ones)."""
+    for mod in sorted(set(_BUILTIN.values())):
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ImportError:
+            pass
+    return sorted(_METHODS)
+

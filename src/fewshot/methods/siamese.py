@@ -1,0 +1,178 @@
+"""Siamese metric learning: contrastive loss and triplet margin loss, with miners.
+
+* **Contrastive loss** (Hadsell, Chopra and LeCun, "Dimensionality Reduction by Learning an
+  Invariant Mapping", CVPR 2006): pulls same-article pairs together and pushes different-article
+  pairs apart until they are past a margin. Here with the cosine similarity ``s`` of
+  L2-normalised embeddings (``pytorch_metric_learning.losses.ContrastiveLoss`` with
+  ``distance=CosineSimilarity()``): a positive pair costs ``relu(pos_margin - s)``, a negative pair
+  ``relu(s - neg_margin)``; the mean is over the pairs with a non-zero loss.
+* **Triplet margin loss** (Schroff, Kalenichenko and Philbin, "FaceNet: A Unified Embedding for
+  Face Recognition and Clustering", CVPR 2015): for an anchor ``a``, a positive ``p`` (same
+  article) and a negative ``n``, ``relu(s(a, n) - s(a, p) + margin)``
+  (``pytorch_metric_learning.losses.TripletMarginLoss`` with ``CosineSimilarity``).
+
+Miners (``--miner``), from ``pytorch_metric_learning.miners``, choose which pairs / triplets of
+a batch enter the loss:
+
+============  =============================================  ==========================================
+``--miner``   triplet                                        contrastive
+============  =============================================  ==========================================
+``hard``      ``TripletMarginMiner("hard")``: triplets whose  ``BatchHardMiner``: per anchor the least
+              negative is more similar than the positive      similar positive and the most similar
+                                                             negative (Hermans et al. 2017), as pairs
+``semihard``  ``TripletMarginMiner("semihard")``: negatives   ``MultiSimilarityMiner(epsilon=0.1)``:
+              less similar than the positive but within the   negatives more similar than the anchor's
+              margin (FaceNet's choice)                       hardest positive minus epsilon and
+                                                             positives less similar than its hardest
+                                                             negative plus epsilon (Wang et al. 2019)
+``all``       ``TripletMarginMiner("all")``: every triplet     no miner: every pair of the batch
+              that violates the margin
+============  =============================================  ==========================================
+
+Batches come from ``pytorch_metric_learning.samplers.MPerClassSampler``: ``batch_size`` items,
+``m_per_class`` of each of ``batch_size / m_per_class`` classes, so every batch holds positives
+for every anchor. One epoch is about one pass over the training items.
+
+Tensor shapes: a batch is ``idx`` int64 ``[B]`` (training items) and ``y`` int64 ``[B]``;
+:meth:`Method.features` gives ``[B, D]`` backbone features, the head ``[B, E]`` L2-normalised
+embeddings, and the loss a scalar.
+
+Defaults, chosen on the *val* classes of ``splits/grocery-unseen.json`` (see the README): Adam
+``lr=1e-4``, ``batch_size=64``, ``m_per_class=4``; triplet ``margin=0.1`` with ``semihard``
+mining; contrastive ``pos_margin=0.8`` / ``neg_margin=0.3`` (``--pos-margin`` / ``--margin``)
+with ``hard`` (batch-hard) mining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from pytorch_metric_learning import distances, losses, miners, samplers
+from pytorch_metric_learning.utils import common_functions as pml_common
+
+from ..errors import FewshotError
+from .method import IndexBatch, Method, TrainConfig, TrainData, register_method
+
+__all__ = ["SiameseMethod", "ContrastiveMethod", "TripletMethod", "MINERS"]
+
+MINERS = ("hard", "semihard", "all")
+
+
+@contextlib.contextmanager
+def _pml_random(seed: int) -> Iterator[None]:
+    """Seed pytorch-metric-learning's module-level numpy RNG (used by MPerClassSampler), then restore it."""
+    saved = pml_common.NUMPY_RANDOM
+    pml_common.NUMPY_RANDOM = np.random.RandomState(seed)
+    try:
+        yield
+    finally:
+        pml_common.NUMPY_RANDOM = saved
+
+
+class SiameseMethod(Method):
+    """Shared part of the pair / triplet methods: m-per-class batches, a loss and a miner.
+
+    Subclasses set :meth:`make_loss` and :meth:`make_miner`.
+    """
+
+    default_margin: float = 0.1
+    default_miner: str = "semihard"
+
+    def __init__(self, cfg: TrainConfig, in_dim: int) -> None:
+        super().__init__(cfg, in_dim)
+        miner = cfg.miner or self.default_miner
+        if miner not in MINERS:
+            raise FewshotError(f"unknown miner '{miner}'", hint=f"use --miner {' | '.join(MINERS)}")
+        self.miner_name = miner
+        self.margin = float(cfg.margin if cfg.margin is not None else self.default_margin)
+        self.distance = distances.CosineSimilarity()
+        self.loss_fn = self.make_loss()
+        self.miner = self.make_miner()
+
+    def make_loss(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def make_miner(self) -> Any:
+        raise NotImplementedError
+
+    def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> list[IndexBatch]:
+        """About one pass over the training items in MPerClassSampler batches.
+
+        Returns:
+            ``len(train) // batch_size`` (at least 1) :class:`IndexBatch` es of
+            ``batch_size`` items, ``m_per_class`` per class.
+
+        Raises:
+            FewshotError: ``batch_size`` is not a multiple of ``m_per_class`` or exceeds
+                ``m_per_class * classes``.
+        """
+        m, bs = int(self.cfg.m_per_class), int(self.cfg.batch_size)
+        n_classes = train.num_classes
+        if m < 2 or bs < 2 * m or bs % m:
+            raise FewshotError(f"batch size {bs} and m-per-class {m} do not fit",
+                               hint="use --m-per-class >= 2 and a --batch-size that is a multiple of it "
+                                    "(at least two classes per batch)")
+        if bs > m * n_classes:
+            raise FewshotError(f"batch size {bs} needs {bs // m} classes of {m} images, but training has "
+                               f"{n_classes} classes",
+                               hint=f"use --batch-size <= {m * n_classes} (a multiple of {m})")
+        n_batches = max(1, len(train) // bs)
+        labels = train.y.numpy()
+        sampler = samplers.MPerClassSampler(labels, m=m, batch_size=bs, length_before_new_iter=n_batches * bs)
+        with _pml_random(int(rng.integers(0, 2**31 - 1))):
+            order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+        return [IndexBatch(idx=b, y=train.y[torch.from_numpy(b)]) for b in order.reshape(-1, bs)]
+
+    def loss(self, batch: IndexBatch) -> torch.Tensor:
+        """Mined loss of one batch: features ``[B, D]`` -> embeddings ``[B, E]`` -> scalar."""
+        z = self.embed(self.features(batch.idx))
+        y = batch.y.to(z.device)
+        tuples = self.miner(z, y) if self.miner is not None else None
+        return self.loss_fn(z, y, tuples)
+
+
+@register_method("contrastive")
+class ContrastiveMethod(SiameseMethod):
+    """Contrastive loss on pairs (Hadsell, Chopra, LeCun 2006) on cosine similarity.
+
+    ``cfg.pos_margin`` (default 0.8): positives more similar than this cost nothing;
+    ``cfg.margin`` (default 0.3): negatives less similar than this cost nothing;
+    ``cfg.miner`` default ``"hard"``.
+    """
+
+    name = "contrastive"
+    default_margin = 0.3
+    default_pos_margin = 0.8
+    default_miner = "hard"
+
+    def make_loss(self) -> torch.nn.Module:
+        pos = self.cfg.pos_margin if self.cfg.pos_margin is not None else self.default_pos_margin
+        self.pos_margin = float(pos)
+        return losses.ContrastiveLoss(pos_margin=self.pos_margin, neg_margin=self.margin,
+                                      distance=self.distance)
+
+    def make_miner(self) -> Any:
+        if self.miner_name == "hard":
+            return miners.BatchHardMiner(distance=self.distance)
+        if self.miner_name == "semihard":
+            return miners.MultiSimilarityMiner(epsilon=0.1, distance=self.distance)
+        return None
+
+
+@register_method("triplet")
+class TripletMethod(SiameseMethod):
+    """Triplet margin loss (Schroff et al. 2015, FaceNet) on cosine similarity; ``cfg.margin``
+    default 0.1, ``cfg.miner`` default ``"semihard"``."""
+
+    name = "triplet"
+    default_margin = 0.1
+
+    def make_loss(self) -> torch.nn.Module:
+        return losses.TripletMarginLoss(margin=self.margin, distance=self.distance)
+
+    def make_miner(self) -> Any:
+        return miners.TripletMarginMiner(margin=self.margin, type_of_triplets=self.miner_name,
+                                         distance=self.distance)

@@ -1,0 +1,549 @@
+"""One training loop for every method: ``train(TrainConfig) -> RunResult``.
+
+What :func:`train` does, in order:
+
+1. Loads the dataset and the class split (``cfg.split_file``): training uses *every* image of
+   the split's train classes (:func:`~fewshot.data.splits.dataset_for`); validation uses the val
+   classes under the cross-visit rule (:func:`~fewshot.data.splits.protocol_sets`: queries from
+   the test photos, gallery from the train photos).
+2. Embeds those images with the frozen backbone (cached on disk: a second run embeds nothing).
+3. Builds the method (:mod:`fewshot.methods.method`) and its head; a head with ``"centre": true``
+   gets the mean L2-normalised training embedding as its centre. Seeds torch and numpy.
+4. Validates epoch 0 (before any step), so the curves start at the frozen baseline, then runs
+   epochs: each epoch iterates ``method.epoch_batches(train, rng)`` with a per-epoch seeded
+   ``rng`` and calls ``method.step``; then validates (val mAP, MAP@R, Precision@1 with
+   :func:`~fewshot.metrics.retrieval_metrics`, and N-way K-shot episodic accuracy with
+   ``val_episodes`` episodes and :meth:`Method.episode_classifier`).
+5. Keeps the best epoch by val MAP@R (``RUN_DIR/config.json`` + ``model.safetensors`` via
+   :func:`~fewshot.methods.runs.save_run`, atomically) and stops after ``patience`` epochs without
+   improvement.
+6. Every epoch writes ``RUN_DIR/history.csv`` (epoch, train_loss, val_map, val_map_at_r,
+   val_precision_at_1, val_episodic_acc, seconds), ``RUN_DIR/curves.png`` and, last,
+   ``RUN_DIR/checkpoint.pt`` (atomic: head / method / fine-tuned backbone state, optimizer state,
+   epoch, RNG states, history, best epoch, patience counter). ``cfg.resume`` continues from it
+   and gives exactly the run an uninterrupted training would have given (every epoch's
+   randomness is seeded from ``(seed, epoch)``); a finished run resumed with a larger
+   ``epochs`` trains on (one that stopped early stays stopped).
+7. Evaluates the best model on ``cfg.final_eval`` classes (default ``test``) with
+   :func:`fewshot.pipeline.evaluate` into ``RUN_DIR/eval_<part>/``.
+
+With ``fine_tune="last"`` the last ``fine_tune_blocks`` blocks of the backbone train too, on
+augmented images (:mod:`fewshot.methods.augment`); validation then re-embeds the val images
+with the current backbone every epoch. Meant for a GPU; it runs (slowly) on CPU.
+
+This module sits at the pipeline level: it uses the metrics (and, for the final evaluation,
+:mod:`fewshot.pipeline`), which nothing below it imports.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..backbones import Backbone, create_backbone
+from ..data.fetch import resolve_data
+from ..data.loaders import load_dataset
+from ..data.records import Dataset
+from ..data.splits import ClassSplit, dataset_for, protocol_sets
+from ..embed import Embeddings, embed_dataset
+from ..errors import CheckpointError, DataError, FewshotError
+from ..io import atomic_path, atomic_write_json, atomic_write_text
+from .base import EmbeddingModel
+from .method import Method, TrainConfig, TrainData, get_method
+from .runs import CONFIG, WEIGHTS, save_run
+
+log = logging.getLogger("fewshot")
+
+__all__ = ["train", "RunResult", "HISTORY_FIELDS", "CHECKPOINT", "read_history"]
+
+HISTORY = "history.csv"
+CURVES = "curves.png"
+CHECKPOINT = "checkpoint.pt"
+HISTORY_FIELDS = ("epoch", "train_loss", "val_map", "val_map_at_r", "val_precision_at_1",
+                  "val_episodic_acc", "seconds")
+CHECKPOINT_FORMAT = 1
+
+#: config fields that may change between an interrupted run and its ``--resume``
+_RESUMABLE_CHANGES = {"epochs", "patience", "episodes", "resume", "overwrite", "progress", "device",
+                      "cache_dir", "workers", "embed_batch_size", "final_eval", "eval_episodes", "out",
+                      "data"}
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_dir: the RUN_DIR.
+        best_epoch: epoch with the best val MAP@R (0 = the untrained head was best).
+        best_metrics: that epoch's history row.
+        history: one row per epoch (see :data:`HISTORY_FIELDS`), epoch 0 first.
+        seconds: training wall time in all (epochs and validation; the final evaluation excluded).
+        stopped_early: whether patience ran out before ``epochs``.
+        final_metrics: the final evaluation's metrics (``None`` with ``final_eval="none"``).
+        config: the run's ``config.json``.
+    """
+
+    run_dir: Path
+    best_epoch: int
+    best_metrics: dict
+    history: list[dict]
+    seconds: float
+    stopped_early: bool
+    final_metrics: dict | None = None
+    config: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class _Data:
+    backbone: Backbone
+    split: ClassSplit
+    train: TrainData
+    train_set: Dataset
+    val_q: Embeddings
+    val_g: Embeddings
+
+
+def _embed(dataset: Dataset, backbone: Backbone, cfg: TrainConfig) -> Embeddings:
+    return embed_dataset(dataset, backbone, batch_size=cfg.embed_batch_size, num_workers=cfg.workers,
+                         cache_dir=cfg.cache_dir, progress=cfg.progress)
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
+    if not cfg.split_file:
+        raise DataError("training needs a class split (train / val classes)",
+                        hint="pass --split-file FILE (e.g. splits/grocery-unseen.json)")
+    split = ClassSplit.load(cfg.split_file)
+    dataset = load_dataset(resolve_data(cfg.data), split=None, group_from=cfg.group_from)
+    train_set = dataset_for(dataset, split, "train")
+    val_q_set, val_g_set = protocol_sets(dataset, split, "val")
+    backbone = create_backbone(cfg.backbone, pretrained=True, image_size=cfg.image_size)
+    tr = _embed(train_set, backbone, cfg)
+    names = sorted(set(tr.labels))
+    if len(names) < 2:
+        raise DataError(f"the train classes of {cfg.split_file} have {len(names)} readable class(es)",
+                        hint="training needs at least two classes")
+    index = {n: i for i, n in enumerate(names)}
+    train = TrainData(x=torch.from_numpy(np.ascontiguousarray(tr.vectors)),
+                      y=torch.tensor([index[lab] for lab in tr.labels], dtype=torch.int64),
+                      label_names=names, groups=list(tr.groups), paths=[str(p) for p in tr.dataset.paths])
+    return _Data(backbone, split, train, tr.dataset, _embed(val_q_set, backbone, cfg),
+                 _embed(val_g_set, backbone, cfg))
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def _backbone_tail(model: nn.Module, blocks: int) -> list[nn.Module]:
+    """The modules of the last ``blocks`` blocks (and the layers after them) of a backbone.
+
+    EfficientNet-Lite: ``_blocks[-blocks:]``, ``_conv_head``, ``_bn1``. Other backbones: the last
+    ``blocks`` children of the deepest-last ``Sequential`` / ``ModuleList`` with at least four
+    children, plus the modules registered after it.
+    """
+    net = getattr(model, "net", model)
+    if hasattr(net, "_blocks") and hasattr(net, "_conv_head"):
+        return list(net._blocks[-blocks:]) + [net._conv_head, net._bn1]
+    best = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) >= 4:
+            best = mod
+    if best is None:
+        return [list(model.children())[-1]] if list(model.children()) else [model]
+    tail = list(best)[-blocks:]
+    names = [n for n, _ in model.named_modules()]
+    owner = {id(m): n for n, m in model.named_modules()}
+    start = names.index(owner[id(best)])
+    after = [m for n, m in list(model.named_modules())[start + 1:]
+             if not n.startswith(owner[id(best)] + ".") and not any(True for _ in m.children())]
+    return tail + after
+
+
+class _FineTune:
+    """Trainable backbone tail + in-memory images + augmentation for ``fine_tune="last"``."""
+
+    def __init__(self, cfg: TrainConfig, data: _Data, device: torch.device) -> None:
+        from .augment import ImageBank
+
+        self.cfg = cfg
+        self.backbone = data.backbone
+        model = self.backbone.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params: list[nn.Parameter] = []
+        for mod in _backbone_tail(model, max(1, int(cfg.fine_tune_blocks))):
+            for p in mod.parameters():
+                if not p.requires_grad:
+                    p.requires_grad_(True)
+                    params.append(p)
+        self.params = params
+        model.to(device).eval()
+        self.device = device
+        load = int(round(cfg.image_size * 8 / 7))
+        self.train_bank = ImageBank(data.train.paths, load, progress=cfg.progress)
+        self.val_q_bank = ImageBank([str(p) for p in data.val_q.dataset.paths], cfg.image_size, cfg.progress)
+        self.val_g_bank = ImageBank([str(p) for p in data.val_g.dataset.paths], cfg.image_size, cfg.progress)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def seed_epoch(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def features(self, idx: np.ndarray) -> torch.Tensor:
+        from .augment import augment
+
+        images = augment(self.train_bank.images[torch.from_numpy(idx)], self.cfg.image_size,
+                         self.backbone.preprocess, self.generator)
+        return self.backbone.model(images.to(self.device))
+
+    @torch.no_grad()
+    def embed_bank(self, bank, batch: int = 64) -> torch.Tensor:
+        from .augment import normalise
+
+        out = [self.backbone.model(normalise(bank.images[i:i + batch], self.backbone.preprocess).to(self.device))
+               for i in range(0, len(bank), batch)]
+        return torch.cat(out).float()
+
+
+# --------------------------------------------------------------------------- validation
+@torch.no_grad()
+def _head_embed(method: Method, x: torch.Tensor, batch: int = 4096) -> np.ndarray:
+    method.train_mode(False)
+    out = [method.embed(x[i:i + batch].to(method.device)).float().cpu() for i in range(0, len(x), batch)]
+    return torch.cat(out).numpy()
+
+
+def _validate(method: Method, data: _Data, cfg: TrainConfig, ft: _FineTune | None, epoch: int) -> dict:
+    from ..metrics import episodic_accuracy, retrieval_metrics
+
+    if ft is not None:
+        xq, xg = ft.embed_bank(ft.val_q_bank), ft.embed_bank(ft.val_g_bank)
+    else:
+        xq, xg = torch.from_numpy(data.val_q.vectors), torch.from_numpy(data.val_g.vectors)
+    q, g = _head_embed(method, xq), _head_embed(method, xg)
+    rep = retrieval_metrics(q, data.val_q.labels, g, data.val_g.labels)
+    episodic = None
+    if cfg.val_episodes > 0:
+        try:
+            res = episodic_accuracy(g, data.val_g.labels, n_way=cfg.ways, k_shot=cfg.shots,
+                                    n_query=cfg.queries, episodes=cfg.val_episodes, seed=cfg.seed,
+                                    query_embeddings=q, query_labels=data.val_q.labels,
+                                    classifier=method.episode_classifier())
+            episodic = res.accuracy
+        except DataError as exc:
+            if epoch == 0:
+                log.warning("episodic validation skipped: %s", exc.message)
+    return {"val_map": _f(rep.map), "val_map_at_r": _f(rep.map_at_r),
+            "val_precision_at_1": _f(rep.precision_at_1), "val_episodic_acc": episodic}
+
+
+def _f(x: float) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+# --------------------------------------------------------------------------- files
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(HISTORY_FIELDS), lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]))
+                    for k in HISTORY_FIELDS})
+    atomic_write_text(run_dir / HISTORY, buf.getvalue())
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """``RUN_DIR/history.csv`` as a list of dicts (``epoch`` int, metrics float or ``None``)."""
+    rows = []
+    with open(Path(run_dir) / HISTORY, newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            rows.append({k: (int(v) if k == "epoch" else (float(v) if v != "" else None)) for k, v in r.items()})
+    return rows
+
+
+def _write_curves(run_dir: Path, history: list[dict]) -> None:
+    try:
+        from ..viz import training_curves
+    except ImportError:  # matplotlib missing: the CSV is enough
+        return
+    nan = float("nan")
+    rows = [{k: (nan if v is None else v) for k, v in row.items()} for row in history]
+    try:
+        training_curves(rows, run_dir / CURVES, loss_keys=("train_loss",),
+                        metric_keys=("val_map", "val_map_at_r", "val_precision_at_1", "val_episodic_acc"))
+    except Exception as exc:  # a plotting failure must not end a long run
+        log.warning("could not draw %s: %s", run_dir / CURVES, exc)
+
+
+def _rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "python": list(random.getstate()[1])}
+
+
+def _save_checkpoint(run_dir: Path, state: dict) -> None:
+    with atomic_path(run_dir / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a fewshot training checkpoint")
+        return state
+    except Exception as exc:
+        raise CheckpointError(f"{path} is damaged or not a training checkpoint ({exc})",
+                              hint="delete it and train again without --resume") from exc
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diff:
+        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:6])
+        raise CheckpointError(f"cannot resume {path}: settings differ from the interrupted run ({pairs})",
+                              hint="resume with the same settings, or train into a new --out folder")
+
+
+# --------------------------------------------------------------------------- the loop
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if cfg.fine_tune != "none" and torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise FewshotError("--device cuda asked for, but no CUDA device is available", hint="use --device cpu")
+    return torch.device(cfg.device)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+def _method_state(method: Method, ft: _FineTune | None) -> dict:
+    st = {"head": {k: v.detach().cpu().clone() for k, v in method.head.state_dict().items()},
+          "extra": {k: v.detach().cpu().clone() for k, v in method.extra_tensors().items()},
+          "method_state": method.state()}
+    if ft is not None:
+        st["backbone"] = {k: v.detach().cpu().clone() for k, v in ft.backbone.model.state_dict().items()}
+    return st
+
+
+def _restore_method_state(method: Method, ft: _FineTune | None, st: dict) -> None:
+    method.head.load_state_dict(st["head"])
+    method.load_extra_tensors(st.get("extra", {}))
+    method.load_state(st.get("method_state", {}))
+    if ft is not None and "backbone" in st:
+        ft.backbone.model.load_state_dict(st["backbone"])
+
+
+def _validate_config(cfg: TrainConfig) -> type[Method]:
+    if cfg.fine_tune not in ("none", "last"):
+        raise FewshotError(f"unknown --fine-tune '{cfg.fine_tune}'", hint="use --fine-tune none or --fine-tune last")
+    if not cfg.out:
+        raise FewshotError("no output folder given", hint="pass --out RUN_DIR")
+    if cfg.epochs < 0 or cfg.patience < 0:
+        raise FewshotError("epochs and patience must not be negative", hint="e.g. --epochs 30 --patience 5")
+    if cfg.final_eval not in ("none", "test", "val", "train"):
+        raise FewshotError(f"unknown final evaluation part '{cfg.final_eval}'", hint="use test, val or none")
+    return get_method(cfg.method)
+
+
+def max_epochs(method: Method, cfg: TrainConfig) -> int:
+    """``cfg.epochs``, or for episodic methods ``ceil(episodes / episodes_per_epoch)``."""
+    if method.episodic:
+        return int(math.ceil(cfg.episodes / max(1, cfg.episodes_per_epoch)))
+    return int(cfg.epochs)
+
+
+def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
+    """Train ``cfg.method`` on the train classes of ``cfg.split_file``; see the module docstring.
+
+    Args:
+        cfg: the run's settings.
+        on_epoch_end: optional ``callback(epoch, history_row)`` after each epoch's files are
+            written (raising from it interrupts the run exactly as Ctrl-C would).
+
+    Returns:
+        :class:`RunResult`.
+
+    Raises:
+        DataError: bad data or split file.
+        CheckpointError: ``RUN_DIR`` already holds a run (and neither ``resume`` nor
+            ``overwrite``), or its checkpoint is damaged / from different settings.
+        FewshotError: unknown method, miner, head or fine-tune mode; impossible batch sizes.
+    """
+    method_cls = _validate_config(cfg)
+    run_dir = Path(cfg.out)
+    ckpt_path = run_dir / CHECKPOINT
+    resuming = bool(cfg.resume) and ckpt_path.is_file()
+    if cfg.resume and not resuming:
+        log.info("no checkpoint in %s: starting a new run", run_dir)
+    if not resuming and not cfg.overwrite and any((run_dir / f).exists() for f in (CHECKPOINT, CONFIG, WEIGHTS)):
+        raise CheckpointError(f"{run_dir} already holds a training run",
+                              hint="pass --resume to continue it, --overwrite to replace it, or another --out")
+    saved = _load_checkpoint(ckpt_path) if resuming else None
+    if saved is not None:
+        _check_resumable(saved["config"], cfg, ckpt_path)
+
+    device = _device(cfg)
+    t_start = time.perf_counter()
+    data = _load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    method = method_cls(cfg, data.backbone.dim)
+    if getattr(method.head, "use_centre", False) and hasattr(method.head, "set_centre"):
+        method.head.set_centre(data.train.x)
+    method.to(device)
+    ft: _FineTune | None = None
+    if cfg.fine_tune == "last":
+        ft = _FineTune(cfg, data, device)
+        method.backbone = ft.backbone.model
+        method.backbone_params = ft.params
+        method.bind(ft.features)
+    else:
+        x_train = data.train.x.to(device)
+        method.bind(lambda idx: x_train[torch.from_numpy(idx).to(device)])
+    optimizer = method.optimizer()
+    n_epochs = max_epochs(method, cfg)
+    setup_seconds = time.perf_counter() - t_start
+
+    protocol = {"split_file": str(cfg.split_file), "split_name": data.split.name, "dataset": data.split.dataset,
+                "train_classes": list(data.split.train), "val_classes": list(data.split.val),
+                "test_classes": list(data.split.test), "query_split": data.split.query_split,
+                "gallery_split": data.split.gallery_split, "seed": data.split.seed}
+
+    history: list[dict] = []
+    best = {"epoch": -1, "map_at_r": -math.inf}
+    bad_epochs = 0
+    elapsed = 0.0
+    start_epoch = 0
+    finished = False
+    if saved is not None:
+        _restore_method_state(method, ft, saved["state"])
+        optimizer.load_state_dict(saved["optimizer"])
+        history = saved["history"]
+        best = saved["best"]
+        bad_epochs = saved["bad_epochs"]
+        elapsed = saved["seconds"]
+        start_epoch = saved["epoch"] + 1
+        finished = saved.get("stopped_early", False)
+        log.info("resuming %s after epoch %d (best epoch %d)", run_dir, saved["epoch"], best["epoch"])
+    elif cfg.overwrite:
+        for name in (CHECKPOINT, HISTORY, CURVES):
+            (run_dir / name).unlink(missing_ok=True)
+
+    def run_config(extra: dict | None = None) -> dict:
+        c = {"method": method.name or cfg.method, "train_config": cfg.to_dict(), "protocol": protocol,
+             "seed": cfg.seed, "fine_tune": cfg.fine_tune, "package_version": __version__,
+             "in_dim": data.backbone.dim, "train_images": len(data.train),
+             "val_queries": len(data.val_q.vectors), "val_gallery": len(data.val_g.vectors)}
+        c.update(extra or {})
+        return c
+
+    def best_fields(row: dict, seconds: float) -> dict:
+        return {"best_epoch": row["epoch"],
+                "best_val": {k[4:]: row[k] for k in HISTORY_FIELDS if k.startswith("val_")},
+                "training_seconds_to_best": round(seconds, 3)}
+
+    bar = tqdm(total=n_epochs + 1, initial=start_epoch, desc=f"train {cfg.method}", unit="epoch",
+               disable=not cfg.progress, leave=True)
+    stopped_early = finished
+    try:
+        epoch = start_epoch
+        while epoch <= n_epochs and not stopped_early:
+            t0 = time.perf_counter()
+            losses: list[float] = []
+            if epoch > 0:
+                seed = _epoch_seed(cfg.seed, epoch)
+                torch.manual_seed(seed)
+                rng = np.random.default_rng(seed)
+                if ft is not None:
+                    ft.seed_epoch(seed)
+                method.train_mode(True)
+                for batch in method.epoch_batches(data.train, rng):
+                    value = method.step(batch, optimizer)
+                    if not math.isfinite(value):
+                        raise FewshotError(f"training diverged at epoch {epoch} (loss {value})",
+                                           hint="lower --lr")
+                    losses.append(value)
+            metrics = _validate(method, data, cfg, ft, epoch)
+            seconds = time.perf_counter() - t0
+            elapsed += seconds
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
+                   "seconds": round(seconds, 3)}
+            history.append(row)
+            score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
+            if score > best["map_at_r"]:
+                best = {"epoch": epoch, "map_at_r": score}
+                bad_epochs = 0
+                model = EmbeddingModel(backbone=data.backbone, head=method.head)
+                save_run(run_dir, model, run_config(best_fields(row, elapsed)),
+                         extra_tensors=method.extra_tensors())
+            elif epoch > 0:
+                bad_epochs += 1
+            if epoch > 0 and cfg.patience and bad_epochs >= cfg.patience and epoch < n_epochs:
+                stopped_early = True
+            _write_history(run_dir, history)
+            _write_curves(run_dir, history)
+            _save_checkpoint(run_dir, {
+                "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch,
+                "state": _method_state(method, ft), "optimizer": optimizer.state_dict(),
+                "rng": _rng_states(), "history": history, "best": best, "bad_epochs": bad_epochs,
+                "seconds": elapsed, "stopped_early": stopped_early, "fewshot_version": __version__})
+            bar.update(1)
+            bar.set_postfix(loss="-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
+                            val_map_r=f"{score:.4f}", best=best["epoch"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+            epoch += 1
+    except KeyboardInterrupt:
+        done = history[-1]["epoch"] if history else None
+        log.warning("training interrupted%s; continue it with the same command plus --resume",
+                    f" after epoch {done}" if done is not None else "")
+        raise
+    finally:
+        bar.close()
+
+    best_row = next(r for r in history if r["epoch"] == best["epoch"])
+    # record the whole run in config.json (the weights on disk are the best epoch's)
+    import json
+
+    cfg_path = run_dir / CONFIG
+    full = json.loads(cfg_path.read_text(encoding="utf-8"))
+    full.update({"epochs_run": history[-1]["epoch"], "stopped_early": stopped_early,
+                 "training_seconds": round(elapsed, 3), "setup_seconds": round(setup_seconds, 3)})
+    atomic_write_json(cfg_path, full)
+
+    final = None
+    if cfg.final_eval != "none":
+        final = _final_evaluation(cfg, run_dir)
+        full["final_eval"] = {"part": cfg.final_eval, "map": final["map"], "map_at_r": final["map_at_r"],
+                              "precision_at_1": final["precision_at_1"],
+                              "episodes": {k: {"accuracy": v.get("accuracy"), "ci95": v.get("ci95")}
+                                           for k, v in final["episodes"].items()}}
+        atomic_write_json(cfg_path, full)
+    return RunResult(run_dir=run_dir, best_epoch=best["epoch"], best_metrics=best_row, history=history,
+                     seconds=elapsed, stopped_early=stopped_early, final_metrics=final, config=full)
+
+
+def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
+    from ..pipeline import EmbedOptions, EvalConfig, evaluate
+
+    opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=cfg.image_size,
+                        batch_size=cfg.embed_batch_size, num_workers=cfg.workers, cache_dir=cfg.cache_dir,
+                        progress=cfg.progress)
+    ecfg = EvalConfig(data=cfg.data, split=None, split_file=cfg.split_file, part=cfg.final_eval,
+                      group_from=cfg.group_from, seed=cfg.seed, episodes=cfg.eval_episodes, embed=opts)
+    return evaluate(ecfg, run_dir / f"eval_{cfg.final_eval}")

@@ -1,0 +1,247 @@
+"""The shared trainer on a tiny real Grocery subset at 64 px: history, best run, resume, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fewshot.errors import CheckpointError
+from fewshot.methods.method import make_config
+from fewshot.methods.runs import load_run
+from fewshot.methods.trainer import CHECKPOINT, HISTORY_FIELDS, read_history, train
+
+from train_helpers import shared_tiny_grocery
+
+SMALL = dict(image_size=64, batch_size=16, m_per_class=4, lr=1e-3, ways=3, shots=2, queries=2,
+             val_episodes=40, eval_episodes=40, progress=False, final_eval="none")
+
+
+@pytest.fixture(scope="module")
+def tiny(grocery_root, tmp_path_factory):
+    return {**shared_tiny_grocery(grocery_root), "folder": tmp_path_factory.mktemp("tiny-train")}
+
+
+def _cfg(tiny, out, method="triplet", **kw):
+    args = dict(SMALL, data=tiny["data"], split_file=tiny["split_file"], cache_dir=tiny["cache_dir"],
+                out=str(out))
+    args.update(kw)
+    return make_config(method, **args)
+
+
+@pytest.fixture(scope="module")
+def run3(tiny):
+    """A 3-epoch triplet run (no early stop), evaluated on the test classes at the end."""
+    out = tiny["folder"] / "run3"
+    return train(_cfg(tiny, out, epochs=3, patience=0, final_eval="test")), out
+
+
+def test_history_has_val_metrics_every_epoch(run3):
+    result, out = run3
+    rows = read_history(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    header = (out / "history.csv").read_text().splitlines()[0]
+    assert header == ",".join(HISTORY_FIELDS)
+    assert rows[0]["train_loss"] is None  # epoch 0 = the untrained head, before any step
+    for r in rows:
+        assert 0.0 < r["val_map"] <= 1.0 and 0.0 < r["val_map_at_r"] <= r["val_map"] + 1e-9
+        assert 0.0 <= r["val_precision_at_1"] <= 1.0
+        assert 0.0 < r["val_episodic_acc"] <= 1.0
+        assert r["seconds"] > 0
+    for r in rows[1:]:
+        assert r["train_loss"] > 0
+    # the val metrics of the initial identity head on centred features are not all equal later on
+    assert len({round(r["val_map"], 6) for r in rows}) > 1
+    assert (out / "curves.png").stat().st_size > 1000
+    best = max(rows, key=lambda r: (r["val_map_at_r"], -r["epoch"]))
+    assert result.best_epoch == best["epoch"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["best_epoch"] == best["epoch"]
+    assert cfg["best_val"]["map_at_r"] == pytest.approx(best["val_map_at_r"], abs=1e-6)
+    assert cfg["method"] == "triplet" and cfg["backbone"]["name"] == "efficientnet_lite0"
+    assert cfg["backbone"]["image_size"] == 64 and cfg["seed"] == 0
+    assert cfg["head"]["kind"] == "linear" and cfg["head"]["centre"] is True
+    assert cfg["protocol"]["train_classes"] and cfg["protocol"]["val_classes"]
+    assert cfg["epochs_run"] == 3 and cfg["training_seconds"] > 0 and cfg["fewshot_version"]
+    # the final evaluation on the test classes wrote the usual report
+    metrics = json.loads((out / "eval_test" / "metrics.json").read_text())
+    assert metrics["map"] == pytest.approx(result.final_metrics["map"])
+    assert metrics["config"]["protocol"]["part"] == "test"
+    assert cfg["final_eval"]["map_at_r"] == pytest.approx(metrics["map_at_r"])
+
+
+def test_saved_run_reloads_to_identical_embeddings(run3, tiny):
+    from fewshot.data.loaders import load_dataset
+    from fewshot.data.splits import ClassSplit, protocol_sets
+    from fewshot.metrics import retrieval_metrics
+
+    result, out = run3
+    a, b = load_run(out), load_run(out)
+    q, g = protocol_sets(load_dataset(tiny["data"]), ClassSplit.load(tiny["split_file"]), "val")
+    qa = a.embed(q, cache_dir=tiny["cache_dir"], progress=False)
+    ga = a.embed(g, cache_dir=tiny["cache_dir"], progress=False)
+    qb = b.embed(q, cache_dir=tiny["cache_dir"], progress=False)
+    assert qa.vectors.shape == (len(q), 1280)
+    assert np.array_equal(qa.vectors, qb.vectors)
+    assert np.allclose(np.linalg.norm(qa.vectors, axis=1), 1.0, atol=1e-5)
+    # ... and they are the embeddings the trainer validated the best epoch with
+    rep = retrieval_metrics(qa.vectors, qa.labels, ga.vectors, ga.labels)
+    assert rep.map_at_r == pytest.approx(result.best_metrics["val_map_at_r"], abs=1e-6)
+    assert rep.map == pytest.approx(result.best_metrics["val_map"], abs=1e-6)
+    # the weights file holds exactly the head's tensors
+    tensors = load_file(str(out / "model.safetensors"))
+    assert sorted(tensors) == ["head.centre_vector", "head.net.weight"]
+    assert torch.equal(tensors["head.net.weight"], a.head.net.weight.detach())
+
+
+def test_resume_continues_exactly(tiny):
+    straight = tiny["folder"] / "straight"
+    interrupted = tiny["folder"] / "interrupted"
+    full = train(_cfg(tiny, straight, method="contrastive", epochs=4, patience=0))
+
+    def stop_after_two(epoch, row):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny, interrupted, method="contrastive", epochs=4, patience=0), on_epoch_end=stop_after_two)
+    assert [r["epoch"] for r in read_history(interrupted)] == [0, 1, 2]
+    with pytest.raises(CheckpointError, match="already holds a training run"):
+        train(_cfg(tiny, interrupted, method="contrastive", epochs=4, patience=0))
+    with pytest.raises(CheckpointError, match="settings differ"):
+        train(_cfg(tiny, interrupted, method="contrastive", epochs=4, patience=0, lr=5e-4, resume=True))
+    resumed = train(_cfg(tiny, interrupted, method="contrastive", epochs=4, patience=0, resume=True))
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert strip(resumed.history) == strip(full.history)
+    assert strip(read_history(interrupted)) == strip(read_history(straight))
+    assert resumed.best_epoch == full.best_epoch
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(interrupted / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ca = torch.load(straight / CHECKPOINT, weights_only=False)
+    cb = torch.load(interrupted / CHECKPOINT, weights_only=False)
+    assert ca["epoch"] == cb["epoch"] == 4
+    assert all(torch.equal(ca["state"]["head"][k], cb["state"]["head"][k]) for k in ca["state"]["head"])
+    assert torch.equal(ca["optimizer"]["state"][0]["exp_avg"], cb["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_early_stopping_and_patience(tiny):
+    out = tiny["folder"] / "patience"
+    # a learning rate this large wrecks the ranking at once: the best epoch stays 0
+    result = train(_cfg(tiny, out, epochs=10, patience=2, lr=0.5))
+    assert result.stopped_early
+    assert result.best_epoch == 0
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]
+    assert json.loads((out / "config.json").read_text())["stopped_early"] is True
+
+
+def test_mismatched_backbone_is_refused(run3):
+    _, out = run3
+    with pytest.raises(CheckpointError, match="trained on backbone 'efficientnet_lite0', not 'efficientnet_lite2'"):
+        load_run(out, expected_backbone="efficientnet_lite2")
+    assert load_run(out, expected_backbone="efficientnet_lite0").backbone.name == "efficientnet_lite0"
+
+
+def test_damaged_weights_are_refused(run3, tmp_path):
+    _, out = run3
+    truncated = tmp_path / "truncated"
+    shutil.copytree(out, truncated)
+    w = truncated / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="damaged or not a safetensors file"):
+        load_run(truncated)
+    flipped = tmp_path / "flipped"
+    shutil.copytree(out, flipped)
+    w = flipped / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-100] ^= 0xFF  # still parses: only the digest in config.json can tell
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged: its tensors do not match the digest"):
+        load_run(flipped)
+    missing = tmp_path / "missing"
+    shutil.copytree(out, missing)
+    (missing / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_run(missing)
+
+
+def test_mlp_head_option(tiny):
+    out = tiny["folder"] / "mlp"
+    result = train(_cfg(tiny, out, epochs=1, patience=0, head={"kind": "mlp", "hidden_dim": 64, "out_dim": 32}))
+    model = load_run(out)
+    assert model.dim == 32 and model.run_config["head"]["kind"] == "mlp"
+    assert len(result.history) == 2
+
+
+def test_fine_tune_last_smoke(tiny):
+    """One epoch of --fine-tune last on CPU: the backbone's last blocks change and are saved."""
+    from fewshot.backbones import create_backbone
+
+    out = tiny["folder"] / "finetune"
+    result = train(_cfg(tiny, out, epochs=1, patience=0, fine_tune="last", lr=1e-3, val_episodes=0))
+    assert [r["epoch"] for r in result.history] == [0, 1]
+    tensors = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("backbone.") for k in tensors)
+    model = load_run(out)
+    assert model.backbone.weights_tag.startswith("ft")
+    fresh = create_backbone("efficientnet_lite0", image_size=64).model.state_dict()
+    tuned = model.backbone.model.state_dict()
+    changed = [k for k in fresh if not torch.equal(fresh[k], tuned[k])]
+    if result.best_epoch == 1:
+        assert any("_conv_head" in k for k in changed)
+        assert not any(k.startswith("net._conv_stem") for k in changed)  # early layers stay frozen
+    else:
+        assert changed == []
+
+
+def test_augment_is_seeded_and_normalised():
+    from fewshot.backbones import Preprocess
+    from fewshot.methods.augment import augment
+
+    images = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    pre = Preprocess(image_size=32)
+    a = augment(images, 32, pre, torch.Generator().manual_seed(1))
+    b = augment(images, 32, pre, torch.Generator().manual_seed(1))
+    c = augment(images, 32, pre, torch.Generator().manual_seed(2))
+    assert a.shape == (3, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= -1.0 - 1e-6 and a.max() <= 1.0 + 1e-6
+
+
+def test_cli_train_end_to_end(tiny, tmp_path):
+    from fewshot.cli import app
+
+    out = tmp_path / "cli-run"
+    runner = CliRunner()
+    args = ["train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--method", "contrastive",
+            "--out", str(out), "--image-size", "64", "--epochs", "2", "--batch-size", "16", "--m-per-class", "4",
+            "--miner", "hard", "--lr", "0.001", "--ways", "3", "--shots", "2", "--queries", "2",
+            "--val-episodes", "20", "--eval-episodes", "20", "--split", "val", "--cache-dir", tiny["cache_dir"],
+            "--no-progress"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "best epoch" in res.output and "val classes: mAP" in res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train_config"]["miner"] == "hard" and cfg["train_config"]["lr"] == 0.001
+    assert len(read_history(out)) == 3
+    # a second run into the same folder is refused with a hint, not a traceback
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1 and "already holds a training run" in res.output
+    # the run works as --model in evaluate; a different --backbone is refused
+    ev = runner.invoke(app, ["evaluate", "--data", tiny["data"], "--split-file", tiny["split_file"], "--split", "val",
+                             "--model", str(out), "--episodes", "20", "--queries", "2", "--out", str(tmp_path / "ev"),
+                             "--cache-dir", tiny["cache_dir"], "--no-progress"])
+    assert ev.exit_code == 0, ev.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["map_at_r"] == pytest.approx(cfg["best_val"]["map_at_r"], abs=1e-6)
+    bad = runner.invoke(app, ["evaluate", "--data", tiny["data"], "--split-file", tiny["split_file"], "--model",
+                              str(out), "--backbone", "efficientnet_lite2", "--out", str(tmp_path / "ev2"),
+                              "--no-progress"])
+    assert bad.exit_code == 1 and "trained on backbone" in bad.output

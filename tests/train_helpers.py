@@ -1,0 +1,72 @@
+"""A tiny real subset of the Grocery Store Dataset for training tests (CSV manifest + class split).
+
+Whole coarse classes are taken from the committed protocol ``splits/grocery-unseen.json``, a few
+photos each, so that a run takes seconds at 64 px on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import shutil
+import tempfile
+from pathlib import Path
+
+from fewshot.data.loaders import load_dataset
+from fewshot.data.splits import ClassSplit
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL = REPO_ROOT / "splits" / "grocery-unseen.json"
+
+
+def make_tiny_grocery(grocery_root: Path, folder: Path, *, train_classes: int = 6, val_classes: int = 5,
+                      test_classes: int = 3, train_images: int = 8, query_images: int = 4) -> tuple[Path, Path]:
+    """Write ``folder/tiny.csv`` (path,label,group,split) and ``folder/tiny-split.json``.
+
+    Per class: ``train_images`` photos of Grocery's train image split and ``query_images`` of
+    its test split (val split where a class has none). Classes are the first ones (sorted) of
+    each part of the committed protocol.
+
+    Returns:
+        ``(manifest, split_file)``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    protocol = ClassSplit.load(PROTOCOL)
+    ds = load_dataset(grocery_root)
+    parts = {"train": protocol.train[:train_classes], "val": protocol.val[:val_classes],
+             "test": protocol.test[:test_classes]}
+    rows = []
+    for classes in parts.values():
+        for label in classes:
+            recs = [r for r in ds.records if r.label == label]
+            tr = [r for r in recs if r.split == "train"][:train_images]
+            q = [r for r in recs if r.split == "test"] or [r for r in recs if r.split == "val"]
+            rows += [(r, "train") for r in tr] + [(r, "test") for r in q[:query_images]]
+    manifest = folder / "tiny.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group", "split"])
+        for r, split in rows:
+            w.writerow([str(r.path), r.label, r.group, split])
+    split = ClassSplit(name="tiny-grocery", seed=0, train=sorted(parts["train"]), val=sorted(parts["val"]),
+                       test=sorted(parts["test"]), dataset="tiny")
+    split_file = split.save(folder / "tiny-split.json")
+    return manifest, split_file
+
+
+_SHARED: dict[str, str] = {}
+
+
+def shared_tiny_grocery(grocery_root: Path) -> dict[str, str]:
+    """One tiny subset (and one embedding cache) per test session, shared by the test modules.
+
+    Returns:
+        ``{"data": manifest, "split_file": ..., "cache_dir": ...}`` (a temporary folder removed
+        at exit).
+    """
+    if not _SHARED:
+        folder = Path(tempfile.mkdtemp(prefix="fewshot-tiny-grocery-"))
+        atexit.register(shutil.rmtree, folder, True)
+        manifest, split_file = make_tiny_grocery(grocery_root, folder)
+        _SHARED.update(data=str(manifest), split_file=str(split_file), cache_dir=str(folder / "cache"))
+    return dict(_SHARED)
