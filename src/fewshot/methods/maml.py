@@ -1,0 +1,360 @@
+"""Model-agnostic meta-learning (Finn, Abbeel and Levine, "Model-Agnostic Meta-Learning for Fast
+Adaptation of Deep Networks", ICML 2017), second order (``maml``) and first order (``fomaml``),
+on cached backbone embeddings.
+
+Learner (all ``float32``; ``D`` backbone dim, ``E`` head output dim, ``N`` ways)::
+
+    x  [B, D]  frozen backbone embeddings (cached)
+    z = f_theta(x)                       [B, E]  projection head (heads.py), ||z|| = 1
+    logits = s * (z @ W.T + b)           [B, N]  N-way output layer, phi = (W [N, E], b [N])
+
+``s = exp(log_scale)`` is a learned logit scale (unit-norm features give tiny logits otherwise).
+
+Per task (support ``(x_s, y_s)`` ``[N*K]``, queries ``(x_q, y_q)`` ``[N*Q]``), the inner loop
+adapts the N-way output layer with ``m`` steps of gradient descent (Finn et al. eq. 1)::
+
+    phi_0     = init(f_theta(x_s), y_s)
+    phi_{j+1} = phi_j - alpha * grad_phi CE(s * (f_theta(x_s) @ W_j.T + b_j), y_s)
+
+and the outer (meta) loss is the query loss after adaptation, averaged over a meta-batch of
+``T`` tasks and minimised with Adam over the meta-parameters ``omega = (theta, log_scale[, W0,
+b0])`` (Finn et al. eq. 2-3)::
+
+    L(omega) = 1/T * sum_t CE(s * (f_theta(x_q) @ W_m.T + b_m), y_q)
+
+* **second order** (``maml``): ``phi_{j+1}`` keeps its graph (``torch.autograd.grad(...,
+  create_graph=True)``), so ``dL/d theta`` includes the Hessian-vector terms of the inner steps
+  (the features ``f_theta(x_s)`` move the inner gradients, and the prototype init depends on
+  ``theta``).
+* **first order** (``fomaml``, Finn et al. section 5.2): the inner gradients are constants
+  (``create_graph=False``), i.e. ``d phi_m / d phi_0 = I``; the outer gradient is the gradient
+  of the post-adaptation query loss with respect to the adapted parameters, passed straight to
+  their initial values (and through the init to ``theta``).
+
+Output-layer initialisation per task (``init``): N-way layers have no meaningful shared
+initial value, because way ``k`` is a different class in every task. Options:
+
+* ``"proto"`` (default): proto-MAML (Triantafillou et al., "Meta-Dataset", ICLR 2020, sec. 3.2):
+  ``W_k = 2 c_k``, ``b_k = -||c_k||^2`` with ``c_k`` the support prototypes of ``f_theta``.
+  Then ``z @ W_k + b_k = -||z - c_k||^2 + ||z||^2``: before adaptation the learner is exactly a
+  prototypical network (same softmax), and the inner steps fine-tune from there. Gradients
+  flow through the init into ``theta`` (in both orders, as in Triantafillou et al.).
+* ``"zero"``: ``W = 0, b = 0`` at every task start (the "zero trick"; one inner step from zero
+  gives ``W_k`` proportional to the centred class mean, Kao et al., ICLR 2022 "MAML and ANIL
+  provably learn representations" / Ye and Chao 2022 "How to train your MAML to excel...").
+* ``"learned"``: a meta-learned ``(W0, b0)`` shared by all tasks, as in the original MAML
+  (needs the same ``N`` at test time; other ``N`` fall back to ``"zero"``).
+
+Only the output layer is adapted in the inner loop (the head is meta-learned in the outer loop;
+this is the ANIL variant of Raghu et al., ICLR 2020, which matches MAML's accuracy): it keeps
+the learner's embedding usable for retrieval, and test-time adaptation needs only the head's
+embeddings. :func:`inner_adapt` itself is general (any module, any subset of parameters).
+
+At test time (:meth:`MAML.episode_classifier`, also attached to a loaded run by the registry
+hook, so ``fewshot evaluate --model RUN`` uses it) each episode's support set initialises and
+adapts the output layer with ``inner_steps_test`` steps and the adapted layer classifies the
+queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, ClassVar, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..data.episodes import Episode
+from .base import EpisodeClassifier
+from .method import Method, TrainData, register_method
+from .protonet import INIT_SCALE, fused_adam, prototypes
+
+log = logging.getLogger("fewshot")
+
+__all__ = ["OutputLayer", "inner_adapt", "output_init", "adapted_query_loss", "make_adapt_classifier",
+           "INITS", "MAML", "FOMAML"]
+
+INITS = ("proto", "zero", "learned")
+
+
+class OutputLayer(nn.Module):
+    """The N-way layer: ``z [B, E] -> scale * (z @ weight.T + bias)  [B, N]``.
+
+    Its own parameters are placeholders: the learner always calls it through
+    :func:`torch.func.functional_call` with per-task ``{"weight": [N, E], "bias": [N]}``.
+    """
+
+    def __init__(self, in_dim: int, n_way: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_way, in_dim))
+        self.bias = nn.Parameter(torch.zeros(n_way))
+
+    def forward(self, z: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        return scale * F.linear(z, self.weight, self.bias)
+
+
+def inner_adapt(
+    module: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    first_order: bool,
+    adapt: Sequence[str] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    kwargs: Mapping | None = None,
+) -> dict[str, torch.Tensor]:
+    """MAML's inner loop: ``steps`` plain gradient-descent steps on ``loss_fn(module(x), y)``.
+
+    ``module`` is evaluated with :func:`torch.func.functional_call` on the current fast weights;
+    the gradient is taken with :func:`torch.autograd.grad` with ``create_graph=not first_order``.
+
+    Args:
+        module: the network (its own parameters are used for names missing from ``params``).
+        params: ``{name: tensor}``, the starting values theta (may carry a graph to
+            meta-parameters; tensors that do not require grad are made to).
+        x, y: the support inputs and targets.
+        steps: number of inner steps (0 returns ``params`` unchanged).
+        lr: inner learning rate alpha.
+        first_order: drop second-order terms (FOMAML): inner gradients are constants.
+        adapt: the names to adapt (default: all of ``params``).
+        loss_fn: ``loss_fn(output, y) -> scalar``.
+        kwargs: extra keyword arguments for ``module.forward``.
+
+    Returns:
+        ``{name: theta'}``: ``params`` with the adapted entries replaced.
+    """
+    fast = dict(params)
+    names = list(adapt) if adapt is not None else list(fast)
+    for n in names:
+        if not fast[n].requires_grad:
+            fast[n] = fast[n].detach().requires_grad_()
+    for _ in range(int(steps)):
+        loss = loss_fn(functional_call(module, fast, (x,), dict(kwargs or {})), y)
+        # retain_graph: the loss graph also holds the path to meta-parameters (e.g. through the
+        # prototype init), which the outer backward still needs in the first-order case.
+        grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order,
+                                    retain_graph=True)
+        for n, g in zip(names, grads, strict=True):
+            fast[n] = fast[n] - lr * g
+    return fast
+
+
+def output_init(mode: str, support_z: torch.Tensor, support_y: torch.Tensor, n_way: int,
+                learned: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Initial ``{"weight": [N, E], "bias": [N]}`` of the N-way layer for one task.
+
+    Args:
+        mode: ``"proto"`` (``W_k = 2 c_k``, ``b_k = -||c_k||^2``), ``"zero"``, or ``"learned"``
+            (``learned["weight"] [N, E]``, ``learned["bias"] [N]``; falls back to zero when their
+            ``N`` differs from ``n_way``).
+        support_z: head embeddings of the support set ``[N*K, E]``.
+        support_y: int64 ``[N*K]``.
+    """
+    e = support_z.shape[-1]
+    if mode == "proto":
+        c = prototypes(support_z, support_y, n_way)
+        return {"weight": 2.0 * c, "bias": -c.pow(2).sum(-1)}
+    if mode == "learned" and learned is not None and learned["weight"].shape[0] == n_way:
+        return {"weight": learned["weight"], "bias": learned["bias"]}
+    if mode not in INITS:
+        raise ValueError(f"unknown MAML output init {mode!r}: use one of {', '.join(INITS)}")
+    z = support_z.new_zeros
+    return {"weight": z(n_way, e), "bias": z(n_way)}
+
+
+def adapted_query_loss(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    out: OutputLayer,
+    scale: torch.Tensor,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    n_way: int,
+    *,
+    init: str,
+    steps: int,
+    lr: float,
+    first_order: bool,
+    learned: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One task's meta-loss: adapt the N-way layer on the support set, score the queries.
+
+    Args:
+        head: ``[B, D] -> [B, E]`` (the projection head, meta-parameters theta).
+        out: the :class:`OutputLayer` module (called functionally).
+        scale: logit scale ``s`` (scalar tensor).
+        support_x, query_x: backbone embeddings ``[N*K, D]``, ``[N*Q, D]``.
+        support_y, query_y: int64 way indices.
+
+    Returns:
+        ``(query cross-entropy after adaptation, query accuracy (detached))``.
+    """
+    z = head(torch.cat([support_x, query_x]))
+    zs, zq = z[: len(support_x)], z[len(support_x):]
+    params = output_init(init, zs, support_y, n_way, learned)
+    fast = inner_adapt(out, params, zs, support_y, steps=steps, lr=lr, first_order=first_order,
+                       kwargs={"scale": scale})
+    logits = functional_call(out, fast, (zq,), {"scale": scale})
+    loss = F.cross_entropy(logits, query_y)
+    return loss, (logits.detach().argmax(-1) == query_y).float().mean()
+
+
+def make_adapt_classifier(*, init: str, scale: float, lr: float, steps: int,
+                          learned: Mapping[str, torch.Tensor] | None = None):
+    """An episodic classifier that adapts the N-way layer on each support set.
+
+    Returns ``classifier(support_z [N*K, E], support_y [N*K] int64, query_z [N*Q, E], n_way) ->
+    [N*Q] int64`` for :func:`fewshot.metrics.episodic_accuracy` (``support_z`` / ``query_z`` are
+    the model's embeddings, i.e. the head's output). Works under ``torch.inference_mode``.
+    """
+    learned = None if learned is None else {k: v.detach().float().clone() for k, v in learned.items()}
+    scale_t = torch.tensor(float(scale))
+    out_dims: dict[int, OutputLayer] = {}
+
+    def classify(support_z, support_y, query_z, n_way: int) -> torch.Tensor:
+        with torch.inference_mode(False), torch.enable_grad():
+            zs = torch.as_tensor(support_z).detach().float().clone()
+            zq = torch.as_tensor(query_z).detach().float().clone()
+            ys = torch.as_tensor(support_y).detach().long().clone()
+            out = out_dims.setdefault(n_way, OutputLayer(zs.shape[-1], n_way))
+            params = output_init(init, zs, ys, n_way, learned)
+            fast = inner_adapt(out, params, zs, ys, steps=steps, lr=lr, first_order=True,
+                               kwargs={"scale": scale_t})
+            with torch.no_grad():
+                logits = functional_call(out, fast, (zq,), {"scale": scale_t})
+        return logits.argmax(-1)
+
+    classify.describe = {"kind": "maml_adapt", "init": init, "scale": float(scale), "inner_lr": lr,  # type: ignore[attr-defined]
+                         "inner_steps": steps}
+    return classify
+
+
+# ---------------------------------------------------------------------- training method
+@register_method("maml")
+class MAML(Method):
+    """MAML training method (``fewshot train --method maml``; :class:`FOMAML` for ``fomaml``).
+
+    One batch is a meta-batch: a list of ``cfg.meta_batch`` episodes (tasks). :meth:`loss`
+    averages :func:`adapted_query_loss` over them (``cfg.inner_steps`` inner steps of size
+    ``cfg.inner_lr``); the trainer's Adam (``cfg.lr``) takes the outer step. An epoch holds
+    ``ceil(cfg.episodes_per_epoch / cfg.meta_batch)`` meta-batches.
+
+    Configuration read beyond the shared fields (``getattr`` with defaults, so older
+    :class:`~fewshot.methods.method.TrainConfig` objects work): ``maml_init`` (``"proto"``,
+    ``"zero"`` or ``"learned"``; default ``"proto"``).
+
+    Extra state saved as ``method.*``: ``log_scale`` (float32 scalar), ``init_mode`` (int64 scalar,
+    index into :data:`INITS`) and, with ``maml_init="learned"``, ``init_weight [ways, E]`` and
+    ``init_bias [ways]`` (float32).
+    """
+
+    name = "maml"
+    episodic = True
+    first_order: bool = False
+    #: chosen on the Grocery val classes (see bench/quality_episodic.py): with the logit scale
+    #: ``s = 5`` an inner step of 0.5 moves the 5-shot decision boundaries usefully (+0.5-1 point
+    #: of val accuracy over the un-adapted prototypes) without overfitting the support set.
+    defaults: ClassVar[dict] = {"lr": 1e-4, "inner_lr": 0.5, "inner_steps": 5, "inner_steps_test": 10,
+                                "meta_batch": 4}
+
+    def __init__(self, cfg, in_dim: int) -> None:
+        super().__init__(cfg, in_dim)
+        self.init = str(getattr(cfg, "maml_init", "proto") or "proto")
+        if self.init not in INITS:
+            raise ValueError(f"unknown maml_init {self.init!r}: use one of {', '.join(INITS)}")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(INIT_SCALE)))
+        out_dim = int(self.head(torch.zeros(1, self.in_dim)).shape[-1])
+        self.out = OutputLayer(out_dim, int(cfg.ways))
+        self.out.requires_grad_(False)  # placeholders: called functionally with per-task weights
+        self.init_weight = nn.Parameter(torch.zeros(int(cfg.ways), out_dim))
+        self.init_bias = nn.Parameter(torch.zeros(int(cfg.ways)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Logit scale ``s = exp(log_scale)``."""
+        return self.log_scale.exp()
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return [self.log_scale] + ([self.init_weight, self.init_bias] if self.init == "learned" else [])
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The outer optimizer: Adam (fused kernel where available) over the meta-parameters."""
+        return fused_adam(self)
+
+    def to(self, device):
+        super().to(device)
+        self.out.to(self.device)
+        for p in (self.init_weight, self.init_bias):
+            p.data = p.data.to(self.device)
+        return self
+
+    def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> Iterator[list[Episode]]:
+        """Meta-batches of ``cfg.meta_batch`` seeded episodes (``cfg.episodes_per_epoch`` in all)."""
+        sampler = self.episode_sampler(train, rng)
+        size = max(1, int(self.cfg.meta_batch))
+        batch: list[Episode] = []
+        for ep in sampler:
+            batch.append(ep)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _learned(self) -> dict[str, torch.Tensor] | None:
+        return {"weight": self.init_weight, "bias": self.init_bias} if self.init == "learned" else None
+
+    def task_loss(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(query loss after adaptation, query accuracy)`` of one episode."""
+        n_s = len(ep.support_idx)
+        x = self.features(np.concatenate([ep.support_idx, ep.query_idx]))
+        ys = torch.as_tensor(ep.support_y, device=x.device)
+        yq = torch.as_tensor(ep.query_y, device=x.device)
+        return adapted_query_loss(self.embed, self.out, self.scale, x[:n_s], ys, x[n_s:], yq, ep.n_way,
+                                  init=self.init, steps=int(self.cfg.inner_steps), lr=float(self.cfg.inner_lr),
+                                  first_order=self.first_order, learned=self._learned())
+
+    def loss(self, batch: list[Episode] | Episode) -> torch.Tensor:
+        tasks = batch if isinstance(batch, list) else [batch]
+        return torch.stack([self.task_loss(ep)[0] for ep in tasks]).mean()
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        t = {"log_scale": self.log_scale.detach().cpu().reshape(()),
+             # the init mode travels with the weights (index into INITS), whatever the config holds
+             "init_mode": torch.tensor(INITS.index(self.init), dtype=torch.int64)}
+        if self.init == "learned":
+            t["init_weight"] = self.init_weight.detach().cpu().contiguous()
+            t["init_bias"] = self.init_bias.detach().cpu().contiguous()
+        return t
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            if "init_mode" in tensors:
+                self.init = INITS[int(tensors["init_mode"])]
+            if "log_scale" in tensors:
+                self.log_scale.copy_(tensors["log_scale"].reshape(()))
+            if "init_weight" in tensors:
+                self.init_weight.data = tensors["init_weight"].float().clone()
+                self.init_bias.data = tensors["init_bias"].float().clone()
+
+    def episode_classifier(self) -> EpisodeClassifier | None:
+        """Adapt-on-support classifier: ``cfg.inner_steps_test`` steps from the task's init."""
+        return make_adapt_classifier(init=self.init, scale=float(self.scale.detach()),
+                                     lr=float(self.cfg.inner_lr), steps=int(self.cfg.inner_steps_test),
+                                     learned=self._learned())
+
+
+@register_method("fomaml")
+class FOMAML(MAML):
+    """First-order MAML (Finn et al. 2017, sec. 5.2): inner gradients without their graph."""
+
+    name = "fomaml"
+    first_order = True
