@@ -245,14 +245,8 @@ def _register_subcommands() -> None:
     from . import datasets as _datasets
 
     app.add_typer(_datasets.app, name="datasets")
-    try:
-        from . import train as _train  # noqa: F401  (registers `fewshot train`)
-    except ImportError:
-        pass
-    try:
-        from . import serve as _serve  # noqa: F401  (registers `fewshot serve`)
-    except ImportError:
-        pass
+    from . import serve as _serve  # noqa: F401  (registers `fewshot serve`; FastAPI is imported on use)
+    from . import train as _train  # noqa: F401  (registers `fewshot train`)
 
 
 _register_subcommands()
