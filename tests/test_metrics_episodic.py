@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -138,10 +137,11 @@ def test_episodic_by_group():
     assert results["left"].accuracy == 1.0
 
 
-def test_speed_1000_episodes():
+def test_1000_episodes_on_random_embeddings_are_chance():
+    """Speed lives in bench/; here: 1,000 episodes on random embeddings give 1/N within the CI."""
     rng = np.random.default_rng(8)
     x = rng.standard_normal((3000, 1280)).astype(np.float32)
     y = rng.integers(0, 100, 3000)
-    start = time.perf_counter()
-    episodic_accuracy(x, y, n_way=5, k_shot=1, n_query=15, episodes=1000)
-    assert time.perf_counter() - start < 8.0  # about 0.5 s on an idle 2-core machine
+    res = episodic_accuracy(x, y, n_way=5, k_shot=1, n_query=15, episodes=1000)
+    assert res.episodes == 1000 and len(res.per_episode) == 1000
+    assert abs(res.accuracy - 0.2) < 3 * res.ci95
