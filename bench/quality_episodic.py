@@ -20,7 +20,7 @@ with the split's seed), efficientnet_lite0 at 112 px: 5-way and 20-way 1-shot ac
 
 Usage::
 
-    FEWSHOT_CACHE=/tmp/fscache python bench/quality_episodic.py --out results/episodic
+    FEWSHOT_CACHE=/tmp/fscache python bench/quality_episodic.py --out results/episodic --train-seeds 0 1 2
     python bench/quality_episodic.py --out results/episodic --only omniglot --episodes 1000
 
 Writes ``OUT/results.json``, ``OUT/results.md`` (the tables) and the runs in ``OUT/runs/``.
@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def _episodes_row(ep: dict) -> dict:
     return {k: {"accuracy": v.get("accuracy"), "ci95": v.get("ci95")} for k, v in ep.items()}
 
 
-def grocery(out: Path, episodes: int, seed: int, methods: list[str]) -> dict:
+def grocery(out: Path, episodes: int, seed: int, methods: list[str], train_seeds: list[int]) -> dict:
     g = GROCERY
     rows: dict[str, dict] = {}
 
@@ -111,23 +112,42 @@ def grocery(out: Path, episodes: int, seed: int, methods: list[str]) -> dict:
     for name in methods:
         if name not in g["runs"]:
             continue
-        run_dir = out / "runs" / f"grocery-{name}"
-        cfg = make_config(name, data=g["data"], split_file=g["split_file"], out=str(run_dir),
-                          image_size=g["image_size"], seed=seed, overwrite=True, progress=False,
-                          final_eval="none", **g["runs"][name])
-        res = train(cfg)
-        model = load_run(run_dir)
-        rows[name] = ev(model, name) | {
-            "train_seconds": round(res.seconds, 1), "best_epoch": res.best_epoch,
-            "epochs_run": res.history[-1]["epoch"], "best_val_map_at_r": res.best_metrics["val_map_at_r"],
-            "best_val_episodic_acc": res.best_metrics["val_episodic_acc"],
-            "val_map_at_r_epoch0": res.history[0]["val_map_at_r"],
-            "classifier": getattr(model.episode_classifier, "describe", None) or (
-                getattr(model.episode_classifier, "__name__", None) or "cosine prototype"),
-            "train_config": {k: cfg.to_dict()[k] for k in ("ways", "shots", "queries", "episodes", "lr",
-                                                            "inner_lr", "inner_steps", "inner_steps_test",
-                                                            "meta_batch")}}
+        per_seed = {}
+        for i, train_seed in enumerate(train_seeds):
+            tag = name if i == 0 else f"{name}-seed{train_seed}"
+            run_dir = out / "runs" / f"grocery-{tag}"
+            cfg = make_config(name, data=g["data"], split_file=g["split_file"], out=str(run_dir),
+                              image_size=g["image_size"], seed=train_seed, overwrite=True, progress=False,
+                              final_eval="none", **g["runs"][name])
+            res = train(cfg)
+            model = load_run(run_dir)
+            row = ev(model, tag) | {
+                "train_seed": train_seed, "train_seconds": round(res.seconds, 1), "best_epoch": res.best_epoch,
+                "epochs_run": res.history[-1]["epoch"], "best_val_map_at_r": res.best_metrics["val_map_at_r"],
+                "best_val_episodic_acc": res.best_metrics["val_episodic_acc"],
+                "val_map_at_r_epoch0": res.history[0]["val_map_at_r"],
+                "classifier": getattr(model.episode_classifier, "describe", None) or (
+                    getattr(model.episode_classifier, "__name__", None) or "cosine prototype"),
+                "train_config": {k: cfg.to_dict()[k] for k in ("ways", "shots", "queries", "episodes", "lr",
+                                                                "inner_lr", "inner_steps", "inner_steps_test",
+                                                                "meta_batch")}}
+            per_seed[train_seed] = row
+        rows[name] = dict(per_seed[train_seeds[0]])
+        if len(train_seeds) > 1:
+            rows[name]["over_seeds"] = _over_seeds(list(per_seed.values()))
     return rows
+
+
+def _over_seeds(rows: list[dict]) -> dict:
+    """Mean and std (ddof=0) over training seeds of the headline metrics."""
+    def stat(values):
+        v = np.asarray(values, dtype=np.float64)
+        return {"mean": float(v.mean()), "std": float(v.std()), "values": [float(x) for x in v]}
+
+    return {"seeds": [r["train_seed"] for r in rows],
+            "map": stat([r["map"] for r in rows]), "map_at_r": stat([r["map_at_r"] for r in rows]),
+            "precision_at_1": stat([r["precision_at_1"] for r in rows]),
+            **{k: stat([r["episodes"][k]["accuracy"] for r in rows]) for k in ("5way1shot", "5way5shot")}}
 
 
 def omniglot_eval(model: EmbeddingModel, episodes: int, seed: int) -> dict:
@@ -179,6 +199,12 @@ def _acc(e: dict | None) -> str:
     return f"{100 * e['accuracy']:.1f} +- {100 * e['ci95']:.1f}"
 
 
+def _ms(d: dict, percent: bool = False) -> str:
+    if percent:
+        return f"{100 * d['mean']:.1f} +- {100 * d['std']:.1f}"
+    return f"{d['mean']:.3f} +- {d['std']:.3f}"
+
+
 def render(results: dict, episodes: int) -> str:
     lines = []
     if "grocery" in results:
@@ -193,6 +219,15 @@ def render(results: dict, episodes: int) -> str:
                          f"{_acc(r['episodes'].get('5way1shot'))} | {_acc(r['episodes'].get('5way5shot'))} | "
                          f"{r.get('train_seconds', 0):.0f} s |")
         lines.append("")
+        seeded = {n: r["over_seeds"] for n, r in results["grocery"].items() if "over_seeds" in r}
+        if seeded:
+            seeds = next(iter(seeded.values()))["seeds"]
+            lines += [f"Over training seeds {', '.join(map(str, seeds))} (mean +- std; evaluation episodes seed fixed)", "",
+                      "| model | mAP | MAP@R | P@1 | 5-way 1-shot | 5-way 5-shot |", "|---|---|---|---|---|---|"]
+            for n, o in seeded.items():
+                lines.append(f"| {n} | {_ms(o['map'])} | {_ms(o['map_at_r'])} | {_ms(o['precision_at_1'])} | "
+                             f"{_ms(o['5way1shot'], True)} | {_ms(o['5way5shot'], True)} |")
+            lines.append("")
     if "omniglot" in results:
         lines += [f"Omniglot images_background_small1, test alphabet Korean (splits/omniglot-small1.json), "
                   f"efficientnet_lite0 112 px, {episodes} episodes, 5 queries/class, accuracy % +- 95% CI", "",
@@ -211,7 +246,10 @@ def main() -> None:
     ap.add_argument("--only", choices=["grocery", "omniglot"], default=None)
     ap.add_argument("--methods", default="protonet,maml,fomaml")
     ap.add_argument("--episodes", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="episode / evaluation seed (and training seed)")
+    ap.add_argument("--train-seeds", type=int, nargs="*", default=None,
+                    help="Grocery: train each method with these seeds (first = the main table row) and "
+                         "report mean +- std over them")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -221,7 +259,7 @@ def main() -> None:
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if args.only in (None, "grocery"):
-        results["grocery"] = grocery(out, args.episodes, args.seed, methods)
+        results["grocery"] = grocery(out, args.episodes, args.seed, methods, args.train_seeds or [args.seed])
         path.write_text(json.dumps(results, indent=2, default=str))
     if args.only in (None, "omniglot"):
         results["omniglot"] = omniglot(out, args.episodes, args.seed, methods)
