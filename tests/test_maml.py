@@ -17,13 +17,7 @@ from fewshot.methods.maml import (FOMAML, MAML, OutputLayer, adapted_query_loss,
 from fewshot.methods.method import TrainConfig, TrainData, get_method
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _flat(grads) -> torch.Tensor:

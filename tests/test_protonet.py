@@ -16,13 +16,7 @@ from fewshot.methods.protonet import (ProtoNet, protonet_logits, protonet_loss, 
 from fewshot.metrics import episodic_accuracy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_prototypes_and_distances_match_definitions():
