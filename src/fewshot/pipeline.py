@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -253,7 +253,7 @@ def build_index(data: str, out: str | Path, *, split: str | None = "train", cata
     return index
 
 
-def model_for_index(index: CatalogueIndex, embed: EmbedOptions | None = None) -> EmbeddingModel:
+def model_for_index(index: CatalogueIndex) -> EmbeddingModel:
     """The embedding model an index was built with (same backbone, size and run)."""
     cfg = index.config
     return load_embedding_model(cfg.get("backbone", "efficientnet_lite0"), cfg.get("model_dir"),
@@ -288,7 +288,7 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
 
 
 __all__ = ["EmbedOptions", "EvalConfig", "evaluate", "build_index", "classify_paths", "ClassifyResult",
-           "model_for_index", "render_report", "environment", "asdict"]
+           "model_for_index", "render_report", "environment"]
 
 
 def classification_accuracy(results: list[ClassifyResult], truth: list[str], top_k: int) -> dict:

@@ -185,7 +185,7 @@ def classify(
         raise DataError("no images given", hint="pass image files or folders that contain images, or --data")
     opts = EmbedOptions(batch_size=batch_size, num_workers=workers,
                         cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress)
-    results = classify_paths(cat, model_for_index(cat, opts), paths, top_k=top_k, mode=mode, embed=opts)
+    results = classify_paths(cat, model_for_index(cat), paths, top_k=top_k, mode=mode, embed=opts)
     bad = 0
     for r in results:
         if r.error:

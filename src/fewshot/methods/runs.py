@@ -135,18 +135,16 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
         raise CheckpointError(f"weights in {w_path} do not match the architecture in {cfg_path}: {exc}",
                               hint="the run folder was mixed up or damaged; re-run training") from exc
     model = EmbeddingModel(backbone=backbone, head=head, run_dir=run_dir, run_config=cfg)
-    from . import registry
     from .method import get_method
 
     method_cls = None
     if cfg.get("method") not in (None, "", "frozen"):
-        try:  # imports the method's module, which also registers its load hooks
+        try:  # imports the method's module
             method_cls = get_method(cfg["method"])
         except FewshotError:
             method_cls = None
-    registry.attach_method_extras(model)
     method_tensors = {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")}
-    if method_cls is not None and model.episode_classifier is None:
+    if method_cls is not None:
         try:
             method_cls.attach(model, cfg, method_tensors)
         except (RuntimeError, TypeError, ValueError, KeyError) as exc:
