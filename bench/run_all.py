@@ -5,6 +5,7 @@ Usage (from the repository root, in the project's environment)::
     python bench/run_all.py --out docs             # the full run -> docs/benchmarks.md, docs/bench/*.png
     python bench/run_all.py --quick --out /tmp/bq  # a smoke run of every part at tiny sizes
     python bench/run_all.py --out docs --only metrics,search   # rerun some parts, keep the others
+    python bench/run_all.py --out docs --render-only   # rewrite benchmarks.md from bench/results.json
 
 Parts (in run order): embed, metrics, search, training, quality, scaling. Every measurement
 is seeded (seed 0) and the raw numbers go to ``OUT/bench/results.json``; ``--only`` merges
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help=f"comma-separated parts to run: {','.join(PARTS)}")
     ap.add_argument("--threads", type=int, default=None, help="torch / FAISS threads (default: torch's default)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary folder)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite OUT/benchmarks.md from OUT/bench/results.json without measuring anything")
     args = ap.parse_args(argv)
 
     only = [p.strip() for p in args.only.split(",")] if args.only else list(PARTS)
@@ -136,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     (out / "bench").mkdir(parents=True, exist_ok=True)
     results_path = out / "bench" / "results.json"
+    if args.render_only:
+        if not results_path.is_file():
+            ap.error(f"{results_path} does not exist: run the benchmarks first")
+        saved = json.loads(results_path.read_text())
+        ctx = Context(out_dir=out, work_dir=out, quick=saved["meta"].get("quick", False),
+                      results=saved["results"])
+        (out / "benchmarks.md").write_text(render(saved["results"], saved["meta"], ctx), encoding="utf-8")
+        print(f"[bench] wrote {out / 'benchmarks.md'} from {results_path}", file=sys.stderr)
+        return 0
     saved = json.loads(results_path.read_text()) if results_path.is_file() and args.only else {}
     results: dict = saved.get("results", {})
     meta_old = saved.get("meta", {})

@@ -211,6 +211,7 @@ def test_saved_maml_run_reloads_and_adapts(tmp_path):
     loaded = runs.load_run(tmp_path / "run")
     clf = loaded.episode_classifier
     assert clf is not None and clf.describe["inner_steps"] == 100
+    assert loaded.describe()["episode_classifier"]["kind"] == "maml_adapt"  # in result files
     assert abs(clf.describe["scale"] - 10.0) < 1e-4
     # toy task in the head's output space
     g = torch.Generator().manual_seed(0)
@@ -230,13 +231,12 @@ def test_init_mode_and_learned_init_travel_with_the_run(tmp_path, init):
     from fewshot.methods.base import EmbeddingModel
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
-    cfg = TrainConfig(method="fomaml", ways=3)
-    cfg.maml_init = init  # not a TrainConfig field: the mode is saved with the method tensors
+    cfg = TrainConfig(method="fomaml", ways=3, maml_init=init)
     method = FOMAML(cfg, backbone.dim)
     with torch.no_grad():
         method.init_weight.normal_()
     runs.save_run(tmp_path / "run", EmbeddingModel(backbone=backbone, head=method.head),
-                  {"method": "fomaml", "train_config": TrainConfig(method="fomaml", ways=3).to_dict()},
+                  {"method": "fomaml", "train_config": TrainConfig(method="fomaml", ways=3).to_dict()},  # mode from the tensors
                   extra_tensors=method.extra_tensors())
     clf = runs.load_run(tmp_path / "run").episode_classifier
     assert clf.describe["init"] == init

@@ -241,7 +241,20 @@ def test_cli_train_end_to_end(tiny, tmp_path):
     assert ev.exit_code == 0, ev.output
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["map_at_r"] == pytest.approx(cfg["best_val"]["map_at_r"], abs=1e-6)
+    assert '"kind": "nearest_prototype"' in (tmp_path / "ev" / "metrics.json").read_text()  # how episodes ran
     bad = runner.invoke(app, ["evaluate", "--data", tiny["data"], "--split-file", tiny["split_file"], "--model",
                               str(out), "--backbone", "efficientnet_lite2", "--out", str(tmp_path / "ev2"),
                               "--no-progress"])
     assert bad.exit_code == 1 and "trained on backbone" in bad.output
+
+
+def test_cli_train_refuses_unknown_maml_init_before_any_work(tiny, tmp_path):
+    from fewshot.cli import app
+
+    out = tmp_path / "never"
+    res = CliRunner().invoke(app, ["train", "--data", tiny["data"], "--split-file", tiny["split_file"],
+                                   "--method", "maml", "--out", str(out), "--maml-init", "prototypes",
+                                   "--threads", "1", "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert "--maml-init" in res.output and "proto, zero or learned" in res.output
+    assert not out.exists()

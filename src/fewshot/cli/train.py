@@ -70,6 +70,7 @@ def train(
     inner_steps: Optional[int] = typer.Option(None, "--inner-steps", help="MAML inner steps when training."),
     inner_steps_test: Optional[int] = typer.Option(None, "--inner-steps-test", help="MAML inner steps when evaluating."),
     meta_batch: Optional[int] = typer.Option(None, "--meta-batch", help="MAML tasks per outer step."),
+    maml_init: str = typer.Option("proto", "--maml-init", help="MAML's initial output layer per task: proto (from the support prototypes) | zero | learned."),
     val_episodes: Optional[int] = typer.Option(None, "--val-episodes", help="Episodic validation episodes per epoch (default 300; 0 = none)."),
     eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", help="Episodes per setting in the final evaluation (default 1000)."),
     seed: int = typer.Option(0, "--seed", help="Seed of everything random (same seed, same run)."),
@@ -81,8 +82,15 @@ def train(
     workers: int = typer.Option(0, "--workers", help="Image-decoding worker processes."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice). On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
 ) -> None:
     """Train contrastive / triplet (or episodic) embeddings; keep the best epoch by val MAP@R."""
+    if maml_init not in ("proto", "zero", "learned"):
+        raise typer.BadParameter(f"{maml_init!r}: use proto, zero or learned", param_hint="--maml-init")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     from ..methods.method import make_config
     from ..methods.trainer import train as run_train
 
@@ -92,7 +100,7 @@ def train(
         m_per_class=m_per_class, margin=margin, pos_margin=pos_margin, miner=miner, head=_head_spec(head),
         fine_tune=fine_tune, fine_tune_blocks=fine_tune_blocks, ways=ways, shots=shots, queries=queries,
         episodes=episodes, episodes_per_epoch=episodes_per_epoch, inner_lr=inner_lr, inner_steps=inner_steps,
-        inner_steps_test=inner_steps_test, meta_batch=meta_batch, val_episodes=val_episodes,
+        inner_steps_test=inner_steps_test, meta_batch=meta_batch, maml_init=maml_init, val_episodes=val_episodes,
         eval_episodes=eval_episodes, resume=resume, overwrite=overwrite, device=device, group_from=group_from,
         embed_batch_size=embed_batch_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
         progress=not no_progress, final_eval=split)

@@ -69,7 +69,18 @@ class EmbeddingModel:
         return {"backbone": self.backbone.describe(),
                 "model_dir": str(self.run_dir) if self.run_dir else None,
                 "method": self.run_config.get("method", "frozen"),
-                "embedding_dim": self.dim}
+                "embedding_dim": self.dim,
+                "episode_classifier": _describe_classifier(self.episode_classifier)}
+
+
+def _describe_classifier(classifier: EpisodeClassifier | None) -> dict:
+    """How episodes are classified: nearest cosine prototype unless the run set its own."""
+    if classifier is None:
+        return {"kind": "nearest_prototype", "distance": "cosine"}
+    described = getattr(classifier, "describe", None)
+    if isinstance(described, dict):
+        return dict(described)
+    return {"kind": getattr(classifier, "__name__", type(classifier).__name__)}
 
 
 def load_embedding_model(backbone: str | None = "efficientnet_lite0", model_dir: str | Path | None = None,

@@ -101,6 +101,8 @@ class TrainConfig:
         episodes: total training episodes (episodic methods); ``episodes_per_epoch`` of them
             per epoch.
         inner_lr, inner_steps, inner_steps_test, meta_batch: MAML.
+        maml_init: MAML's initial N-way output layer in each task: ``"proto"`` (from the support
+            prototypes, Triantafillou et al. 2020; default), ``"zero"`` or ``"learned"``.
         val_episodes: episodic validation episodes per epoch (0 = none).
         resume: continue from ``RUN_DIR/checkpoint.pt``; ``overwrite``: replace an existing run.
         group_from: group spec for datasets without groups (see ``load_dataset``).
@@ -140,6 +142,7 @@ class TrainConfig:
     inner_steps: int = 5
     inner_steps_test: int = 10
     meta_batch: int = 4
+    maml_init: str = "proto"
     val_episodes: int = 300
     resume: bool = False
     overwrite: bool = False

@@ -261,6 +261,8 @@ class _Embedder:
     def _run(self, jobs: list[_Job]) -> None:
         try:
             batch = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
+            if self.backbone.channels_last:  # as embed_paths does: the faster layout on CPU
+                batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 vectors = self.backbone.model(batch).float().cpu().numpy()
             vectors = np.asarray(self.model.transform(vectors), dtype=np.float32)
