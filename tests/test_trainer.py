@@ -258,3 +258,18 @@ def test_cli_train_refuses_unknown_maml_init_before_any_work(tiny, tmp_path):
     assert res.exit_code == 2, res.output
     assert "--maml-init" in res.output and "proto, zero or learned" in res.output
     assert not out.exists()
+
+
+def test_cli_epochs_of_an_episodic_method_count_episodes(tiny, tmp_path):
+    from fewshot.cli import app
+
+    base = ["train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--method", "protonet",
+            "--image-size", "64", "--ways", "3", "--shots", "2", "--queries", "2", "--val-episodes", "10",
+            "--split", "none", "--cache-dir", tiny["cache_dir"], "--no-progress", "--patience", "0"]
+    out = tmp_path / "two-epochs"
+    res = CliRunner().invoke(app, [*base, "--out", str(out), "--epochs", "2", "--episodes-per-epoch", "5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["train_config"]["episodes"] == 10
+    assert len(read_history(out)) == 3  # epoch 0 (before training) + 2 epochs
+    both = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "both"), "--epochs", "2", "--episodes", "50"])
+    assert both.exit_code == 2 and "not both" in both.output

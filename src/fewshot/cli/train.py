@@ -49,7 +49,7 @@ def train(
     split: str = typer.Option("test", "--split", help="Class part evaluated with the best model at the end (test | val | none)."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="Backbone name."),
     image_size: int = typer.Option(224, "--image-size", help="Input side in pixels."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default 30)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default 30; episodic methods: --episodes / --episodes-per-epoch, and --epochs N means N x --episodes-per-epoch episodes)."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many epochs without a better val MAP@R (default 5; 0 = never)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-4 unless the method sets its own)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Adam weight decay (default 0)."),
@@ -91,8 +91,15 @@ def train(
         import torch
 
         torch.set_num_threads(threads)
-    from ..methods.method import make_config
+    from ..methods.method import get_method, make_config
     from ..methods.trainer import train as run_train
+
+    if epochs is not None and get_method(method).episodic:
+        # episodic methods count training in episodes: --epochs N is N epochs of episodes
+        if episodes is not None:
+            raise typer.BadParameter("episodic methods count training in episodes: give --episodes or "
+                                     "--epochs, not both", param_hint="--epochs")
+        episodes = epochs * (episodes_per_epoch or make_config(method).episodes_per_epoch)
 
     cfg = make_config(
         method, data=data, split_file=str(split_file), out=str(out), backbone=backbone, image_size=image_size,
