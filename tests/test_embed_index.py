@@ -205,3 +205,41 @@ def test_index_recovered_after_crash_between_renames(tmp_path):
     back = CatalogueIndex.load(tmp_path / "idx")
     assert back.articles == ["a", "b", "c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_index_searches_batches_on_the_blas_path_with_the_same_answers():
+    import faiss
+
+    from fewshot.index import BLAS_MIN_QUERIES, CatalogueIndex
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 64)).astype(np.float32)
+    labels = [f"a{i // 3}" for i in range(600)]
+    index = CatalogueIndex.build(x, labels, [None] * 600, [f"p{i}" for i in range(600)])
+    q = rng.standard_normal((8, 64)).astype(np.float32)
+
+    seen = []
+    real = index.prototype_index
+
+    class Spy:  # records the threshold FAISS sees during the search
+        d = real.d
+
+        def search(self, queries, k):
+            seen.append((len(queries), faiss.cvar.distance_compute_blas_threshold))
+            return real.search(queries, k)
+
+    before = faiss.cvar.distance_compute_blas_threshold
+    index.prototype_index = Spy()
+    batch = index.classify(q, top_k=3)
+    single = [index.classify(q[i:i + 1], top_k=3)[0] for i in range(len(q))]
+    assert faiss.cvar.distance_compute_blas_threshold == before  # restored
+    assert seen[0] == (8, BLAS_MIN_QUERIES * 64) and 8 * 64 >= seen[0][1]  # BLAS for the batch
+    assert seen[1] == (1, BLAS_MIN_QUERIES * 64) and 1 * 64 < seen[1][1]  # SIMD loop for one query
+    # both paths give numpy's ranking of the normalised prototypes
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)  # prototype = mean of normalised images
+    protos = np.stack([xn[i:i + 3].sum(0) for i in range(0, 600, 3)])
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    expected = [[f"a{j}" for j in np.argsort(-(qn[i] @ protos.T))[:3]] for i in range(len(q))]
+    assert [[p.label for p in r] for r in batch] == expected
+    assert [[p.label for p in r] for r in single] == expected

@@ -15,6 +15,7 @@ On disk (``save``/``load``, written atomically as a whole folder)::
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -60,6 +61,32 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
+
+
+#: FAISS's flat search runs a SIMD loop below ``faiss.cvar.distance_compute_blas_threshold``
+#: (compared, in faiss 1.15, with queries x dimension; default 128,000 = 100 queries of 1,280-d)
+#: and one BLAS matrix product at or above it. On 2 CPU cores the BLAS path is 1.4-8x faster
+#: per query from 4 queries upward and slower at 2 (docs/benchmarks.md, part 3), so the
+#: catalogue searches batches of at least this many queries with BLAS.
+BLAS_MIN_QUERIES = 4
+_BLAS_SETTING = threading.Lock()
+
+
+def _faiss_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(queries float32 [Q, D], k)`` -> ``(float32 [Q, k], int64 [Q, k])``, on the
+    BLAS path from :data:`BLAS_MIN_QUERIES` queries.
+
+    The FAISS threshold is process-wide, so it is set and restored under a lock (searches from
+    several threads take turns; each one already uses every OpenMP thread). Both paths give the
+    same neighbours up to float32 rounding of the scores.
+    """
+    with _BLAS_SETTING:
+        saved = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * int(index.d)
+        try:
+            return index.search(queries, k)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = saved
 
 
 def _flat_ip(vectors: np.ndarray, dim: int) -> faiss.Index:
@@ -195,7 +222,7 @@ class CatalogueIndex:
         k = min(k, len(self.labels))
         if k == 0:
             return [[] for _ in range(len(queries))]
-        scores, idx = self.image_index.search(queries, k)
+        scores, idx = _faiss_search(self.image_index, queries, k)
         return [[Neighbor(self.paths[j], self.labels[j], self.groups[j], float(s))
                  for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(scores, idx)]
 
@@ -215,7 +242,7 @@ class CatalogueIndex:
         top_k = max(1, min(top_k, len(self.articles)))
         if mode == "prototype":
             assert self.prototype_index is not None
-            scores, idx = self.prototype_index.search(queries, top_k)
+            scores, idx = _faiss_search(self.prototype_index, queries, top_k)
             return [[Prediction(self.articles[j], self.article_groups[j], float(s))
                      for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(scores, idx)]
         if mode != "nearest":
@@ -224,7 +251,7 @@ class CatalogueIndex:
         n = len(self.labels)
         k = min(n, max(50, top_k * 20))
         while True:
-            scores, idx = self.image_index.search(queries, k)
+            scores, idx = _faiss_search(self.image_index, queries, k)
             results, short = [], False
             for srow, irow in zip(scores, idx):
                 best: dict[str, tuple[float, str | None]] = {}
