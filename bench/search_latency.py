@@ -70,17 +70,11 @@ def repeats_for(batch: int, quick: bool) -> int:
 
 
 def same_setting_search(index, qn: np.ndarray, k: int):
-    """Bare ``index.search`` under the BLAS threshold fewshot uses (set, search, restore)."""
-    import faiss
+    """Bare ``index.search`` under the BLAS threshold fewshot uses."""
+    from fewshot.index import faiss_blas_setting
 
-    from fewshot.index import BLAS_MIN_QUERIES
-
-    saved = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * int(index.d)
-    try:
+    with faiss_blas_setting(index.d):
         return index.search(qn, k)
-    finally:
-        faiss.cvar.distance_compute_blas_threshold = saved
 
 
 def latency_table(cat, queries: np.ndarray, batches: list[int], quick: bool) -> list[dict[str, Any]]:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -72,21 +73,29 @@ BLAS_MIN_QUERIES = 4
 _BLAS_SETTING = threading.Lock()
 
 
-def _faiss_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search(queries float32 [Q, D], k)`` -> ``(float32 [Q, k], int64 [Q, k])``, on the
-    BLAS path from :data:`BLAS_MIN_QUERIES` queries.
+@contextmanager
+def faiss_blas_setting(dim: int) -> Iterator[None]:
+    """Within the block, FAISS flat searches of :data:`BLAS_MIN_QUERIES` or more ``dim``-d
+    queries take the BLAS path.
 
-    The FAISS threshold is process-wide, so it is set and restored under a lock (searches from
-    several threads take turns; each one already uses every OpenMP thread). Both paths give the
-    same neighbours up to float32 rounding of the scores.
+    ``faiss.cvar.distance_compute_blas_threshold`` is process-wide, so it is set under a lock
+    and restored on exit: searches from several threads take turns (each one already uses
+    every OpenMP thread). Both paths give the same neighbours up to float32 rounding.
     """
     with _BLAS_SETTING:
         saved = faiss.cvar.distance_compute_blas_threshold
-        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * int(index.d)
+        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * int(dim)
         try:
-            return index.search(queries, k)
+            yield
         finally:
             faiss.cvar.distance_compute_blas_threshold = saved
+
+
+def _faiss_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(queries float32 [Q, D], k)`` -> ``(float32 [Q, k], int64 [Q, k])`` under
+    :func:`faiss_blas_setting`."""
+    with faiss_blas_setting(index.d):
+        return index.search(queries, k)
 
 
 def _flat_ip(vectors: np.ndarray, dim: int) -> faiss.Index:
