@@ -243,3 +243,30 @@ def test_index_searches_batches_on_the_blas_path_with_the_same_answers():
     expected = [[f"a{j}" for j in np.argsort(-(qn[i] @ protos.T))[:3]] for i in range(len(q))]
     assert [[p.label for p in r] for r in batch] == expected
     assert [[p.label for p in r] for r in single] == expected
+
+
+def test_nearest_mode_matches_brute_force_best_image_per_article():
+    from fewshot.index import CatalogueIndex
+
+    rng = np.random.default_rng(1)
+    n, d = 900, 32
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    art = rng.integers(1, 60, size=n)  # uneven articles, images of one article scattered
+    q = rng.standard_normal((7, d)).astype(np.float32)
+    art[:300] = 0  # 300 images of article a0 around query 0: its first 100 neighbours are all a0
+    x[:300] = q[0] + 0.1 * rng.standard_normal((300, d)).astype(np.float32)
+    index = CatalogueIndex.build(x, [f"a{a}" for a in art], [f"g{a % 3}" for a in art],
+                                 [f"p{i}" for i in range(n)])
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    for top_k in (1, 5, 40):  # query 0 at top_k 5 asks 100 images, all a0: the search widens to 400
+        got = index.classify(q, top_k=top_k, mode="nearest")
+        for i, preds in enumerate(got):
+            sims = xn @ qn[i]
+            best = {}
+            for j in np.argsort(-sims, kind="stable"):
+                best.setdefault(int(art[j]), float(sims[j]))
+            expected = sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
+            assert [p.label for p in preds] == [f"a{a}" for a, _ in expected]
+            assert [p.group for p in preds] == [f"g{a % 3}" for a, _ in expected]
+            np.testing.assert_allclose([p.score for p in preds], [s for _, s in expected], atol=1e-5)

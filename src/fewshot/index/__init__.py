@@ -98,6 +98,30 @@ def _faiss_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.n
         return index.search(queries, k)
 
 
+def _best_image_per_article(idx: np.ndarray, image_article: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of each article's first (best) image in ranked FAISS results.
+
+    Args:
+        idx: int64 ``[Q, k]`` image indices, best first per row (``-1``: no result).
+        image_article: int64 ``[N]`` article of each image.
+
+    Returns:
+        ``(rows, cols)`` int64: the ``(query, rank)`` of every article's best image, ordered by
+        query, then by rank (so each query's articles come best first).
+    """
+    q, k = idx.shape
+    art = np.where(idx >= 0, image_article[np.maximum(idx, 0)], -1).ravel()
+    row = np.repeat(np.arange(q), k)
+    col = np.tile(np.arange(k), q)
+    order = np.lexsort((col, art, row))  # by query, article, rank
+    r, a = row[order], art[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (r[1:] != r[:-1]) | (a[1:] != a[:-1])
+    keep = order[first & (a >= 0)]
+    keep.sort()  # flat position = query * k + rank: back to query-major, rank order
+    return row[keep], col[keep]
+
+
 def _flat_ip(vectors: np.ndarray, dim: int) -> faiss.Index:
     index = faiss.IndexFlatIP(dim)
     if len(vectors):
@@ -126,6 +150,8 @@ class CatalogueIndex:
     articles: list[str] = field(default_factory=list)
     article_groups: list[str | None] = field(default_factory=list)
     prototype_index: faiss.Index | None = None
+    #: int64 ``[N]``: each image's position in ``articles`` (kept by ``_rebuild_prototypes``)
+    image_article: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
 
     # ----------------------------------------------------------------- building
     @classmethod
@@ -169,6 +195,7 @@ class CatalogueIndex:
         self.article_groups = [group_of[a] for a in self.articles]
         sums = np.zeros((len(self.articles), self.dim), np.float32)
         idx = np.array([order[lab] for lab in self.labels], dtype=np.int64)
+        self.image_article = idx
         if len(idx):
             np.add.at(sums, idx, vectors)
         self.prototype_index = _flat_ip(l2_normalize(sums), self.dim)
@@ -261,20 +288,17 @@ class CatalogueIndex:
         k = min(n, max(50, top_k * 20))
         while True:
             scores, idx = _faiss_search(self.image_index, queries, k)
-            results, short = [], False
-            for srow, irow in zip(scores, idx):
-                best: dict[str, tuple[float, str | None]] = {}
-                for s, j in zip(srow, irow):
-                    if j >= 0 and self.labels[j] not in best:
-                        best[self.labels[j]] = (float(s), self.groups[j])
-                if len(best) < top_k and k < n:
-                    short = True
-                    break
-                ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:top_k]
-                results.append([Prediction(lab, g, s) for lab, (s, g) in ranked])
-            if not short:
-                return results
-            k = min(n, k * 4)
+            rows, cols = _best_image_per_article(idx, self.image_article)
+            counts = np.bincount(rows, minlength=len(queries))
+            if counts.min() < top_k and k < n:  # too few distinct articles among k images
+                k = min(n, k * 4)
+                continue
+            results: list[list[Prediction]] = [[] for _ in range(len(queries))]
+            for r, c in zip(rows.tolist(), cols.tolist()):
+                if len(results[r]) < top_k:
+                    a = int(self.image_article[idx[r, c]])
+                    results[r].append(Prediction(self.articles[a], self.article_groups[a], float(scores[r, c])))
+            return results
 
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
