@@ -79,6 +79,15 @@ def summary(results: dict, meta: dict) -> str:
     return table(["goal", "target", "measured", "verdict"], rows) if rows else "(no results)"
 
 
+def _part_dates(meta: dict) -> str:
+    """When each part last ran, if they did not all run in one invocation (``--only``)."""
+    done = meta.get("part_finished", {})
+    if len(set(done.values())) <= 1 or len(done) < 2:
+        return ""
+    return (" The parts were not all measured in one invocation; each part last finished: "
+            + ", ".join(f"{k} {v}" for k, v in done.items()) + ".")
+
+
 def render(results: dict, meta: dict, ctx: Context) -> str:
     m = meta["machine"]
     quick = meta.get("quick")
@@ -91,7 +100,8 @@ def render(results: dict, meta: dict, ctx: Context) -> str:
         f"(parts: {', '.join(f'{k} {fmt_s(v)}' for k, v in meta['part_seconds'].items())}). Seed 0 everywhere; "
         "raw numbers in `bench/results.json`. fewshot and each reference ran in the same run, side by side "
         "(interleaved rounds, or back-to-back child processes), and the figures are medians over the rounds and "
-        "ratios between contenders, because these machines are shared and noisy.", "",
+        "ratios between contenders, because these machines are shared and noisy."
+        + _part_dates(meta), "",
         "Machine: " + ", ".join([f"{m.get('cpu')}", f"{m.get('usable_cpus')} usable CPU(s) (os.cpu_count "
                                  f"{m.get('cpu_count')})", f"{m.get('memory_gib')} GiB RAM",
                                  f"torch {m.get('torch')} with {m.get('torch_threads')} intra-op thread(s)",
@@ -163,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         f" --threads {args.threads}" if args.threads else "")
     meta = {"command": command, "quick": args.quick, "machine": machine(),
             "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "part_seconds": dict(meta_old.get("part_seconds", {}))}
+            "part_seconds": dict(meta_old.get("part_seconds", {})),
+            "part_finished": dict(meta_old.get("part_finished", {}))}
     t_all = time.perf_counter()
     try:
         for name in only:
@@ -175,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
                 print(results[name]["trace"], file=sys.stderr)
             meta["part_seconds"][name] = round(time.perf_counter() - t0, 1)
+            meta["part_finished"][name] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
             print(f"[bench] {name} done in {fmt_s(meta['part_seconds'][name])}", file=sys.stderr, flush=True)
             ctx.results = results
             write_json(results_path, {"meta": meta, "results": results})  # keep what is done

@@ -231,7 +231,7 @@ def section(res: dict[str, Any], ctx: Context) -> str:
         f"Goal overhead <= {GOAL_OVERHEAD:.0%}: **{verdict(h['met'])}** (worst `search`/`prototype` overhead "
         f"{h['worst_search_or_prototype']:+.1%}; worst `nearest` vs bare k=5 {h['worst_nearest']:+.1%}). "
         "`nearest` asks FAISS for 100 neighbours (to find 5 distinct articles), so its fair reference is bare "
-        "k=100; the rest of its overhead is the Python loop that keeps each article's best image.", "",
+        "k=100; the rest of its overhead is picking each article's best image (numpy) and building the answers.", "",
         f"FAISS `distance_compute_blas_threshold` (faiss 1.15 compares it with queries x dimension: default "
         f"{res['blas']['default']:,} = {res['blas']['default'] / res['dim']:.0f} queries of {res['dim']}-d; below it a "
         "SIMD loop, at or above it BLAS; older faiss compared it with the number of queries, default 20), "
