@@ -8,7 +8,7 @@ Protocols (test classes, never seen in training; :func:`fewshot.data.splits.prot
   20 drawings divided 10 gallery / 10 queries (seeded).
 
 Rows: ``frozen`` (the pretrained backbone, :func:`fewshot.pipeline.evaluate`) and every training
-method (:func:`fewshot.methods.trainer.train`, the code behind ``fewshot train``: best epoch by
+method (:func:`fewshot.training.train`, the code behind ``fewshot train``: best epoch by
 val MAP@R, then the same evaluation on the test classes). Metrics: mAP, MAP@R, P@1, 5-way 1-shot
 and 5-way 5-shot accuracy with 95% CI (``episodes`` episodes, seed 0), training time.
 
@@ -124,7 +124,7 @@ def frozen_row(ds: dict, episodes: int, out: Path) -> dict[str, Any]:
 
 def trained_row(ds: dict, method: str, episodes: int, out: Path, overrides: dict) -> dict[str, Any]:
     from fewshot.methods.method import make_config
-    from fewshot.methods.trainer import train
+    from fewshot.training import train
 
     given = {"data": str(ds["data"]), "split_file": str(ds["split_file"]), "out": str(out), "seed": SEED,
              "image_size": ds["image_size"], "progress": False, "overwrite": True, "final_eval": "test",

@@ -8,7 +8,7 @@ sets and gallery from the train photos, queries from the test photos), efficient
 * ``frozen``: the pretrained backbone, cosine nearest prototype (the baseline to beat);
 * ``frozen+centre``: the untrained default head (identity linear map on features centred by the
   train-class mean, SimpleShot's CL2N), i.e. epoch 0 of every run below;
-* ``protonet``, ``maml``, ``fomaml``: trained with :func:`fewshot.methods.trainer.train` (the code
+* ``protonet``, ``maml``, ``fomaml``: trained with :func:`fewshot.training.train` (the code
   behind ``fewshot train``) on the train classes, best epoch by val MAP@R, then evaluated with
   :func:`fewshot.pipeline.evaluate` (the code behind ``fewshot evaluate``). MAML runs classify each
   episode by adapting on its support set (their ``episode_classifier``).
@@ -46,7 +46,7 @@ from fewshot.embed import embed_dataset  # noqa: E402
 from fewshot.methods.base import EmbeddingModel, load_embedding_model  # noqa: E402
 from fewshot.methods.method import make_config  # noqa: E402
 from fewshot.methods.runs import load_run  # noqa: E402
-from fewshot.methods.trainer import train  # noqa: E402
+from fewshot.training import train  # noqa: E402
 from fewshot.metrics import episodic_accuracy, retrieval_metrics  # noqa: E402
 from fewshot.pipeline import EmbedOptions, EvalConfig, evaluate  # noqa: E402
 

@@ -46,7 +46,7 @@ if str(ROOT / "src") not in sys.path:
 
 from fewshot.io import atomic_write_json, atomic_write_text  # noqa: E402
 from fewshot.methods.method import make_config  # noqa: E402
-from fewshot.methods.trainer import train  # noqa: E402
+from fewshot.training import train  # noqa: E402
 from fewshot.pipeline import EmbedOptions, EvalConfig, evaluate  # noqa: E402
 
 SPLIT_FILE = ROOT / "splits" / "grocery-unseen.json"

@@ -1,6 +1,6 @@
 """Training cost on cached embeddings: seconds per 1,000 episodes / per epoch of each method.
 
-What is timed is exactly what :func:`fewshot.methods.trainer.train` runs per epoch:
+What is timed is exactly what :func:`fewshot.training.train` runs per epoch:
 ``method.epoch_batches`` + ``method.step`` (sampling, feature lookup, head forward / backward,
 optimiser step) with each method's default settings (:func:`fewshot.methods.method.make_config`:
 the settings ``fewshot train --method NAME`` uses). Embedding (served from the on-disk cache),

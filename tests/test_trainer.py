@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from fewshot.errors import CheckpointError
 from fewshot.methods.method import make_config
 from fewshot.methods.runs import load_run
-from fewshot.methods.trainer import CHECKPOINT, HISTORY_FIELDS, read_history, train
+from fewshot.training import CHECKPOINT, HISTORY_FIELDS, read_history, train
 
 from train_helpers import shared_tiny_grocery
 

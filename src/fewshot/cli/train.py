@@ -92,7 +92,7 @@ def train(
 
         torch.set_num_threads(threads)
     from ..methods.method import get_method, make_config
-    from ..methods.trainer import train as run_train
+    from ..training import train as run_train
 
     if epochs is not None and get_method(method).episodic:
         # episodic methods count training in episodes: --epochs N is N epochs of episodes

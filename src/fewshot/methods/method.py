@@ -1,6 +1,6 @@
 """The training-method contract: :class:`TrainConfig`, :class:`TrainData`, :class:`Method`, registry.
 
-A *method* says what one training step computes; :mod:`fewshot.methods.trainer` does the rest,
+A *method* says what one training step computes; :mod:`fewshot.training` does the rest,
 once for every method (data loading, cached embeddings, the epoch loop, validation, history,
 best-epoch selection, early stopping, checkpoints, ``--resume``, saving the run).
 

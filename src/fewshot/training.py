@@ -52,18 +52,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..backbones import Backbone, create_backbone
-from ..data.fetch import resolve_data
-from ..data.loaders import load_dataset
-from ..data.records import Dataset
-from ..data.splits import ClassSplit, dataset_for, protocol_sets
-from ..embed import Embeddings, embed_dataset
-from ..errors import CheckpointError, DataError, FewshotError
-from ..io import atomic_path, atomic_write_json, atomic_write_text
-from .base import EmbeddingModel
-from .method import Method, TrainConfig, TrainData, get_method
-from .runs import CONFIG, WEIGHTS, save_run
+from . import __version__
+from .backbones import Backbone, create_backbone
+from .data.fetch import resolve_data
+from .data.loaders import load_dataset
+from .data.records import Dataset
+from .data.splits import ClassSplit, dataset_for, protocol_sets
+from .embed import Embeddings, embed_dataset
+from .errors import CheckpointError, DataError, FewshotError
+from .io import atomic_path, atomic_write_json, atomic_write_text
+from .methods.base import EmbeddingModel
+from .methods.method import Method, TrainConfig, TrainData, get_method
+from .methods.runs import CONFIG, WEIGHTS, save_run
 
 log = logging.getLogger("fewshot")
 
@@ -175,7 +175,7 @@ class _FineTune:
     """Trainable backbone tail + in-memory images + augmentation for ``fine_tune="last"``."""
 
     def __init__(self, cfg: TrainConfig, data: _Data, device: torch.device) -> None:
-        from .augment import ImageBank
+        from .methods.augment import ImageBank
 
         self.cfg = cfg
         self.backbone = data.backbone
@@ -201,7 +201,7 @@ class _FineTune:
         self.generator.manual_seed(seed)
 
     def features(self, idx: np.ndarray) -> torch.Tensor:
-        from .augment import augment
+        from .methods.augment import augment
 
         images = augment(self.train_bank.images[torch.from_numpy(idx)], self.cfg.image_size,
                          self.backbone.preprocess, self.generator)
@@ -209,7 +209,7 @@ class _FineTune:
 
     @torch.no_grad()
     def embed_bank(self, bank, batch: int = 64) -> torch.Tensor:
-        from .augment import normalise
+        from .methods.augment import normalise
 
         out = [self.backbone.model(normalise(bank.images[i:i + batch], self.backbone.preprocess).to(self.device))
                for i in range(0, len(bank), batch)]
@@ -225,7 +225,7 @@ def _head_embed(method: Method, x: torch.Tensor, batch: int = 4096) -> np.ndarra
 
 
 def _validate(method: Method, data: _Data, cfg: TrainConfig, ft: _FineTune | None, epoch: int) -> dict:
-    from ..metrics import episodic_accuracy, retrieval_metrics
+    from .metrics import episodic_accuracy, retrieval_metrics
 
     if ft is not None:
         xq, xg = ft.embed_bank(ft.val_q_bank), ft.embed_bank(ft.val_g_bank)
@@ -275,7 +275,7 @@ def read_history(run_dir: str | Path) -> list[dict]:
 
 def _write_curves(run_dir: Path, history: list[dict]) -> None:
     try:
-        from ..viz import training_curves
+        from .viz import training_curves
     except ImportError:  # matplotlib missing: the CSV is enough
         return
     nan = float("nan")
@@ -539,7 +539,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
 
 
 def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
-    from ..pipeline import EmbedOptions, EvalConfig, evaluate
+    from .pipeline import EmbedOptions, EvalConfig, evaluate
 
     opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=cfg.image_size,
                         batch_size=cfg.embed_batch_size, num_workers=cfg.workers, cache_dir=cfg.cache_dir,
