@@ -85,8 +85,11 @@ def train(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice). On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
 ) -> None:
     """Train contrastive / triplet (or episodic) embeddings; keep the best epoch by val MAP@R."""
-    if maml_init not in ("proto", "zero", "learned"):
-        raise typer.BadParameter(f"{maml_init!r}: use proto, zero or learned", param_hint="--maml-init")
+    from ..methods.maml import INITS
+
+    if maml_init not in INITS:
+        raise typer.BadParameter(f"{maml_init!r}: use {', '.join(INITS[:-1])} or {INITS[-1]}",
+                                 param_hint="--maml-init")
     if threads is not None:
         import torch
 
