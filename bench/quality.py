@@ -216,8 +216,8 @@ def _chart(res: dict[str, Any], ctx: Context) -> str | None:
         return None
     plt = pyplot()
     fig, axes = plt.subplots(1, len(sets), figsize=(4.6 * len(sets), 2.8), squeeze=False)
-    keys = (("map_at_r", "MAP@R", None), ("precision_at_1", "P@1", None), ("acc_5w1s", "5w1s", "ci_5w1s"),
-            ("acc_5w5s", "5w5s", "ci_5w5s"))
+    keys = (("map", "mAP", None), ("map_at_r", "MAP@R", None), ("precision_at_1", "P@1", None),
+            ("acc_5w1s", "5-way 1-shot", "ci_5w1s"), ("acc_5w5s", "5-way 5-shot", "ci_5w5s"))
     for ax, d in zip(axes[0], sets):
         rows = [r for r in d["rows"] if r.get("available")]
         xs = np.arange(len(rows))
@@ -225,11 +225,11 @@ def _chart(res: dict[str, Any], ctx: Context) -> str | None:
         for i, (k, name, ci) in enumerate(keys):
             vals = [r.get(k) if r.get(k) is not None else np.nan for r in rows]
             err = [r.get(ci) or 0 for r in rows] if ci else None
-            ax.bar(xs + (i - 1.5) * w, vals, w, yerr=err, label=name, capsize=1.5 if ci else 0)
+            ax.bar(xs + (i - (len(keys) - 1) / 2) * w, vals, w, yerr=err, label=name, capsize=1.5 if ci else 0)
         ax.set_xticks(xs, [r["method"] for r in rows], rotation=20)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.08)
         ax.set_title(d["title"])
-    axes[0][0].legend(frameon=False, ncol=4, loc="upper left", fontsize=7)
+    axes[0][0].legend(frameon=False, ncol=5, loc="upper left", fontsize=6.5)
     return save_chart(fig, ctx.chart_dir / "quality.png")
 
 
