@@ -15,6 +15,7 @@ from fewshot.methods.heads import ProjectionHead
 from fewshot.methods.maml import (FOMAML, MAML, OutputLayer, adapted_query_loss, inner_adapt,
                                   make_adapt_classifier, output_init)
 from fewshot.methods.method import TrainConfig, TrainData, get_method
+from train_helpers import nuisance_toy
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -130,21 +131,9 @@ def test_proto_init_equals_protonet_before_adaptation():
     assert torch.allclose(logits - proto, (2.0 * zq.pow(2).sum(1, keepdim=True)).expand_as(proto), atol=1e-5)
 
 
-def _clustered(n_classes=12, per_class=20, dim=16, seed=0):
-    """Unit-norm-ish features: class signal in 2 dims, strong nuisance in the rest (anisotropic)."""
-    g = torch.Generator().manual_seed(seed)
-    angles = torch.rand(n_classes, generator=g) * 2 * np.pi
-    means = torch.zeros(n_classes, dim)
-    means[:, 0], means[:, 1] = angles.cos(), angles.sin()
-    y = torch.arange(n_classes).repeat_interleave(per_class)
-    x = means[y] + 0.05 * torch.randn(len(y), dim, generator=g)
-    x[:, 2:] += 0.8 * torch.randn(len(y), dim - 2, generator=g)
-    return x, y
-
-
 @pytest.mark.parametrize("cls", [MAML, FOMAML])
 def test_training_steps_reduce_meta_loss(cls):
-    x, y = _clustered()
+    x, y = nuisance_toy(12, 20, seed=0, noise=0.8, evenly_spaced=False)
     cfg = TrainConfig(method=cls.name, ways=3, shots=2, queries=3, episodes_per_epoch=8, meta_batch=4,
                       inner_lr=0.5, inner_steps=2, lr=1e-2, head={"kind": "linear", "centre": True})
     m = cls(cfg, x.shape[1])

@@ -14,6 +14,7 @@ from fewshot.methods.method import TrainConfig, TrainData, get_method
 from fewshot.methods.protonet import (ProtoNet, protonet_logits, protonet_loss, prototypes,
                                       sqeuclidean_prototype_classifier, squared_euclidean)
 from fewshot.metrics import episodic_accuracy
+from train_helpers import nuisance_toy
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,22 +43,9 @@ def test_prototypes_and_distances_match_definitions():
     assert torch.allclose(protonet_logits(s, y, q, 3, 2.0), -2.0 * brute, atol=1e-5)
 
 
-def _nuisance_toy(n_classes: int, per_class: int, seed: int, dim: int = 16):
-    """Classes on a circle in 2 dims (tight clusters) plus strong noise in ``dim - 2`` others:
-    nearest prototype on the raw features is poor, a learned linear map separates them."""
-    g = torch.Generator().manual_seed(seed)
-    angles = torch.arange(n_classes) * (2 * np.pi / n_classes) + torch.rand(1, generator=g)
-    means = torch.zeros(n_classes, dim)
-    means[:, 0], means[:, 1] = angles.cos(), angles.sin()
-    y = torch.arange(n_classes).repeat_interleave(per_class)
-    x = means[y] + 0.05 * torch.randn(len(y), dim, generator=g)
-    x[:, 2:] += 1.0 * torch.randn(len(y), dim - 2, generator=g)
-    return x, y
-
-
 def test_protonet_reaches_100_percent_on_separable_toy_problem():
     torch.manual_seed(0)
-    x, y = _nuisance_toy(12, 30, seed=0)
+    x, y = nuisance_toy(12, 30, seed=0)
     cfg = TrainConfig(method="protonet", ways=5, shots=5, queries=5, episodes_per_epoch=100, lr=1e-2,
                       head={"kind": "linear", "centre": True})
     method = get_method("protonet")(cfg, x.shape[1])
@@ -67,7 +55,7 @@ def test_protonet_reaches_100_percent_on_separable_toy_problem():
     data = TrainData(x, y, [str(i) for i in range(12)])
 
     # unseen classes of the same kind (different angles), 1-shot, cross-visit-style pools
-    xt, yt = _nuisance_toy(10, 20, seed=1)
+    xt, yt = nuisance_toy(10, 20, seed=1)
 
     def accuracy(k_shot: int) -> float:
         with torch.no_grad():

@@ -12,6 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from fewshot.data.loaders import load_dataset
 from fewshot.data.splits import ClassSplit
 
@@ -70,3 +73,25 @@ def shared_tiny_grocery(grocery_root: Path) -> dict[str, str]:
         manifest, split_file = make_tiny_grocery(grocery_root, folder)
         _SHARED.update(data=str(manifest), split_file=str(split_file), cache_dir=str(folder / "cache"))
     return dict(_SHARED)
+
+
+def nuisance_toy(n_classes: int, per_class: int, seed: int, dim: int = 16, *, noise: float = 1.0,
+                 evenly_spaced: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Toy episodic features: float32 ``[n_classes * per_class, dim]`` and int64 labels.
+
+    Class means lie on the unit circle in the first 2 dimensions (tight clusters, std 0.05);
+    the other ``dim - 2`` carry strong Gaussian noise (std ``noise``), so nearest prototype on
+    the raw features is poor and a learned linear map separates the classes. The angles are
+    evenly spaced with one random offset, or (``evenly_spaced=False``) drawn uniformly.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if evenly_spaced:
+        angles = torch.arange(n_classes) * (2 * np.pi / n_classes) + torch.rand(1, generator=g)
+    else:
+        angles = torch.rand(n_classes, generator=g) * 2 * np.pi
+    means = torch.zeros(n_classes, dim)
+    means[:, 0], means[:, 1] = angles.cos(), angles.sin()
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    x = means[y] + 0.05 * torch.randn(len(y), dim, generator=g)
+    x[:, 2:] += noise * torch.randn(len(y), dim - 2, generator=g)
+    return x, y
