@@ -116,21 +116,9 @@ def grocery(out: Path, episodes: int, seed: int, methods: list[str], train_seeds
         for i, train_seed in enumerate(train_seeds):
             tag = name if i == 0 else f"{name}-seed{train_seed}"
             run_dir = out / "runs" / f"grocery-{tag}"
-            cfg = make_config(name, data=g["data"], split_file=g["split_file"], out=str(run_dir),
-                              image_size=g["image_size"], seed=train_seed, overwrite=True, progress=False,
-                              final_eval="none", **g["runs"][name])
-            res = train(cfg)
-            model = load_run(run_dir)
-            row = ev(model, tag) | {
-                "train_seed": train_seed, "train_seconds": round(res.seconds, 1), "best_epoch": res.best_epoch,
-                "epochs_run": res.history[-1]["epoch"], "best_val_map_at_r": res.best_metrics["val_map_at_r"],
-                "best_val_episodic_acc": res.best_metrics["val_episodic_acc"],
-                "val_map_at_r_epoch0": res.history[0]["val_map_at_r"],
-                "classifier": getattr(model.episode_classifier, "describe", None) or (
-                    getattr(model.episode_classifier, "__name__", None) or "cosine prototype"),
-                "train_config": {k: cfg.to_dict()[k] for k in ("ways", "shots", "queries", "episodes", "lr",
-                                                                "inner_lr", "inner_steps", "inner_steps_test",
-                                                                "meta_batch")}}
+            model, res, row = train_run(name, g, run_dir, train_seed)
+            row = ev(model, tag) | {"train_seed": train_seed} | row | {
+                "val_map_at_r_epoch0": res.history[0]["val_map_at_r"]}
             per_seed[train_seed] = row
         rows[name] = dict(per_seed[train_seeds[0]])
         if len(train_seeds) > 1:
@@ -166,6 +154,28 @@ def omniglot_eval(model: EmbeddingModel, episodes: int, seed: int) -> dict:
     return res
 
 
+TRAIN_CONFIG_KEYS = ("ways", "shots", "queries", "episodes", "lr", "inner_lr", "inner_steps", "inner_steps_test",
+                     "meta_batch")
+
+
+def train_run(name: str, protocol: dict, run_dir: Path, seed: int) -> tuple[EmbeddingModel, object, dict]:
+    """Train ``name`` on ``protocol`` (GROCERY / OMNIGLOT) with the recipe's overrides, reload the run.
+
+    Returns ``(model, RunResult, row fields about the training)``.
+    """
+    cfg = make_config(name, data=protocol["data"], split_file=protocol["split_file"], out=str(run_dir),
+                      image_size=protocol["image_size"], seed=seed, overwrite=True, progress=False,
+                      final_eval="none", **protocol["runs"][name])
+    res = train(cfg)
+    model = load_run(run_dir)
+    return model, res, {
+        "train_seconds": round(res.seconds, 1), "best_epoch": res.best_epoch,
+        "epochs_run": res.history[-1]["epoch"], "best_val_map_at_r": res.best_metrics["val_map_at_r"],
+        "best_val_episodic_acc": res.best_metrics["val_episodic_acc"],
+        "classifier": model.describe()["episode_classifier"],
+        "train_config": {k: cfg.to_dict()[k] for k in TRAIN_CONFIG_KEYS}}
+
+
 def omniglot(out: Path, episodes: int, seed: int, methods: list[str]) -> dict:
     o = OMNIGLOT
     rows = {"frozen": omniglot_eval(load_embedding_model("efficientnet_lite0", image_size=o["image_size"]),
@@ -176,20 +186,8 @@ def omniglot(out: Path, episodes: int, seed: int, methods: list[str]) -> dict:
         if name not in o["runs"]:
             continue
         run_dir = out / "runs" / f"omniglot-{name}"
-        cfg = make_config(name, data=o["data"], split_file=o["split_file"], out=str(run_dir),
-                          image_size=o["image_size"], seed=seed, overwrite=True, progress=False,
-                          final_eval="none", **o["runs"][name])
-        res = train(cfg)
-        model = load_run(run_dir)
-        rows[name] = omniglot_eval(model, episodes, seed) | {
-            "train_seconds": round(res.seconds, 1), "best_epoch": res.best_epoch,
-            "epochs_run": res.history[-1]["epoch"], "best_val_map_at_r": res.best_metrics["val_map_at_r"],
-            "best_val_episodic_acc": res.best_metrics["val_episodic_acc"],
-            "classifier": getattr(model.episode_classifier, "describe", None) or (
-                getattr(model.episode_classifier, "__name__", None) or "cosine prototype"),
-            "train_config": {k: cfg.to_dict()[k] for k in ("ways", "shots", "queries", "episodes", "lr",
-                                                            "inner_lr", "inner_steps", "inner_steps_test",
-                                                            "meta_batch")}}
+        model, _, row = train_run(name, o, run_dir, seed)
+        rows[name] = omniglot_eval(model, episodes, seed) | row
     return rows
 
 
