@@ -103,7 +103,7 @@ def test_index_and_classify(small_manifest, cache, tmp_path):
     r = run("classify", "--index", idx, "--data", small_manifest, "--split", "test", "--summary-only",
             "--cache-dir", cache, "--mode", "nearest")
     top1 = float(r.output.split("top-1 accuracy ")[1].split()[0])
-    assert top1 >= 0.7 and "(24 images, 6 articles, mode nearest)" in r.output
+    assert top1 >= 0.7 and "(24 images, 6 articles, mode nearest)  catalogue images among them: 0" in r.output
 
 
 def test_classify_bad_images_exit_1_but_classify_the_good(small_manifest, cache, tmp_path):

@@ -51,19 +51,19 @@ def test_same_seed_same_episodes_and_reiterable():
     assert key(a) != key(d)
 
 
-def test_cross_visit_protocol_indices_point_into_each_pool():
+def test_cross_visit_protocol_indices_point_into_each_pool(caplog):
     support_labels = ["a"] * 3 + ["b"] * 3 + ["c"] * 1 + ["d"] * 4
     query_labels = ["a"] * 2 + ["b"] * 5 + ["c"] * 5 + ["e"] * 5 + ["d"] * 1
-    with pytest.warns(UserWarning) as caught:
+    with caplog.at_level(logging.WARNING, logger="fewshot"):
         sampler = EpisodeSampler(
             support_labels, n_way=2, k_shot=2, n_query=2, episodes=30, seed=0,
             query_labels=query_labels,
         )
     assert sorted(sampler.classes) == ["a", "b"]
     assert sorted(sampler.dropped) == ["c", "d", "e"]
-    assert len(caught) == 1
-    for name in ("'c'", "'d'", "'e'"):
-        assert name in str(caught[0].message)
+    records = [r for r in caplog.records if r.name == "fewshot"]
+    assert len(records) == 1
+    assert records[0].getMessage().endswith(": c, d, e")
     for ep in sampler:
         assert [support_labels[i] for i in ep.support_idx] == [ep.classes[w] for w in ep.support_y]
         assert [query_labels[i] for i in ep.query_idx] == [ep.classes[w] for w in ep.query_y]
@@ -79,11 +79,21 @@ def test_small_classes_dropped_with_one_warning(caplog):
             list(sampler)
     assert sampler.classes == ["big1", "big2", "big3"]
     assert sampler.dropped == ["tiny", "small"]
-    assert len(caught) == 1
-    message = str(caught[0].message)
-    assert "'tiny'" in message and "'small'" in message and "'big1'" not in message
+    assert caught == []  # logged once, not also a Python UserWarning (it printed twice)
     records = [r for r in caplog.records if r.name == "fewshot"]
-    assert len(records) == 1 and "'tiny'" in records[0].getMessage()
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "tiny, small" in message and "big1" not in message
+
+
+def test_dropped_classes_are_named_by_their_labels_and_warn_can_be_silenced(caplog):
+    ids = [0] * 6 + [1] * 6 + [2] * 2 + [3] * 6
+    names = ["Granny-Smith", "Pink-Lady", "Banana", "Carrots"]
+    with caplog.at_level(logging.WARNING, logger="fewshot"):
+        EpisodeSampler(ids, n_way=3, k_shot=1, n_query=3, episodes=5, seed=0, names=names)
+        EpisodeSampler(ids, n_way=3, k_shot=1, n_query=3, episodes=5, seed=0, names=names, warn=False)
+    records = [r.getMessage() for r in caplog.records if r.name == "fewshot"]
+    assert len(records) == 1 and records[0].endswith(": Banana")
 
 
 def test_no_warning_when_every_class_qualifies():
@@ -94,9 +104,8 @@ def test_no_warning_when_every_class_qualifies():
 
 def test_too_few_classes_raises_data_error():
     labels = ["a"] * 5 + ["b"] * 5 + ["c"] * 1
-    with pytest.warns(UserWarning):
-        with pytest.raises(DataError) as err:
-            EpisodeSampler(labels, n_way=5, k_shot=1, n_query=2, episodes=10, seed=0)
+    with pytest.raises(DataError) as err:
+        EpisodeSampler(labels, n_way=5, k_shot=1, n_query=2, episodes=10, seed=0)
     assert "5 classes" in err.value.message and "only 2 of 3" in err.value.message
     assert err.value.hint
 

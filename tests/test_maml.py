@@ -195,7 +195,7 @@ def test_saved_maml_run_reloads_and_adapts(tmp_path):
     with torch.no_grad():
         method.log_scale.fill_(np.log(10.0))
     model = EmbeddingModel(backbone=backbone, head=method.head)
-    runs.save_run(tmp_path / "run", model, {"method": "maml", "train_config": cfg.to_dict()},
+    runs.save_run(tmp_path / "run", model, {"method": "maml", "train_config": cfg.to_dict()}, complete=True,
                   extra_tensors=method.extra_tensors())
     loaded = runs.load_run(tmp_path / "run")
     clf = loaded.episode_classifier
@@ -226,7 +226,7 @@ def test_init_mode_and_learned_init_travel_with_the_run(tmp_path, init):
         method.init_weight.normal_()
     runs.save_run(tmp_path / "run", EmbeddingModel(backbone=backbone, head=method.head),
                   {"method": "fomaml", "train_config": TrainConfig(method="fomaml", ways=3).to_dict()},  # mode from the tensors
-                  extra_tensors=method.extra_tensors())
+                  extra_tensors=method.extra_tensors(), complete=True)
     clf = runs.load_run(tmp_path / "run").episode_classifier
     assert clf.describe["init"] == init
     assert (init == "learned") == (len(method.extra_parameters()) == 3)

@@ -87,7 +87,8 @@ def test_saved_protonet_run_restores_scale(tmp_path):
         m.log_scale.fill_(1.234)
         m.head.net.weight.mul_(0.5)
     runs.save_run(tmp_path / "run", EmbeddingModel(backbone=backbone, head=m.head),
-                  {"method": "protonet", "train_config": cfg.to_dict()}, extra_tensors=m.extra_tensors())
+                  {"method": "protonet", "train_config": cfg.to_dict()}, extra_tensors=m.extra_tensors(),
+                  complete=True)
     loaded = runs.load_run(tmp_path / "run")
     assert loaded.episode_classifier is sqeuclidean_prototype_classifier
     m2 = ProtoNet(cfg, backbone.dim)

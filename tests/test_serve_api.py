@@ -409,4 +409,4 @@ def test_cli_serve_registered_and_checks_its_index(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "does not exist" in output and "fewshot index" in output and "Traceback" not in output
     result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--max-upload-mb", "0"])
-    assert result.exit_code == 1 and "--max-upload-mb" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "--max-upload-mb" in " ".join(result.output.split())

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from fewshot.errors import CheckpointError
 from fewshot.methods.method import make_config
 from fewshot.methods.runs import load_run
-from fewshot.training import CHECKPOINT, HISTORY_FIELDS, read_history, train
+from fewshot.training import CHECKPOINT, HISTORY_FIELDS, read_history, staging_dir, train
 
 from train_helpers import shared_tiny_grocery
 
@@ -110,8 +110,12 @@ def test_resume_continues_exactly(tiny):
 
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny, interrupted, method="contrastive", epochs=4, patience=0), on_epoch_end=stop_after_two)
-    assert [r["epoch"] for r in read_history(interrupted)] == [0, 1, 2]
-    with pytest.raises(CheckpointError, match="already holds a training run"):
+    partial = staging_dir(interrupted)
+    assert not interrupted.exists()  # trained beside --out, moved there only when complete
+    assert [r["epoch"] for r in read_history(partial)] == [0, 1, 2]
+    with pytest.raises(CheckpointError, match="not a completed training run"):
+        load_run(partial)  # the interrupted run is no model for evaluate / index / classify
+    with pytest.raises(CheckpointError, match="holds an interrupted training run"):
         train(_cfg(tiny, interrupted, method="contrastive", epochs=4, patience=0))
     with pytest.raises(CheckpointError, match="settings differ"):
         train(_cfg(tiny, interrupted, method="contrastive", epochs=4, patience=0, lr=5e-4, resume=True))
@@ -122,6 +126,7 @@ def test_resume_continues_exactly(tiny):
 
     assert strip(resumed.history) == strip(full.history)
     assert strip(read_history(interrupted)) == strip(read_history(straight))
+    assert not partial.exists()
     assert resumed.best_epoch == full.best_epoch
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(interrupted / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

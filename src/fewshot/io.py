@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -72,18 +72,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Move the complete folder ``src`` onto ``dst`` (same file system), replacing ``dst``.
+
+    ``dst`` is first renamed aside to ``.NAME.old-PID`` and deleted only after ``src`` is in
+    place, so a crash between the two renames leaves the old folder for :func:`recover_dir`.
+    """
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_dir(path: str | Path) -> bool:
@@ -101,3 +111,63 @@ def recover_dir(path: str | Path) -> bool:
         return False
     os.replace(olds[0], path)
     return True
+
+
+# --------------------------------------------------------------------------- safe outputs
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(path: str | Path, *, what: str, is_ours: Callable[[Path], bool], overwrite: bool,
+                 option: str = "--out", inputs: Iterable[str | Path] = (),
+                 input_roots: Iterable[str | Path] = ()) -> None:
+    """Refuse to write ``path`` unless it is new (or an empty folder), or it already holds a
+    ``what`` that fewshot wrote and ``overwrite`` is set.
+
+    Call it after the inputs are known and before any long work, so that a refused output
+    costs nothing and touches nothing.
+
+    Args:
+        path: the output file or folder a command is about to (re)place.
+        what: what the command writes, for messages (e.g. ``"fewshot index"``).
+        is_ours: ``is_ours(path)`` is true when ``path`` holds such an artefact.
+        overwrite: the command's ``--overwrite``.
+        option: the option that named ``path``, for messages.
+        inputs: input files (e.g. the images being indexed): ``path`` may neither be one of
+            them nor a folder that holds one.
+        input_roots: input folders (e.g. a folder-tree dataset): ``path`` may not be one of
+            them, hold one, or lie inside one (its files would be read as data next time).
+
+    Raises:
+        FewshotError: naming ``path`` and the fix.
+    """
+    from .errors import FewshotError
+
+    out = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    for root in input_roots:
+        r = Path(os.path.abspath(root))
+        if _inside(out, r) or _inside(r, out):
+            raise FewshotError(f"{option} {path} would be inside (or contain) the input data folder {r}",
+                               hint=f"write the output outside the data folder, e.g. {option} {r.parent / (r.name + '-out')}")
+    for item in inputs:
+        p = Path(os.path.abspath(item))
+        if _inside(p, out):
+            raise FewshotError(f"{option} {path} holds the input image {p}: refusing to replace it",
+                               hint=f"choose an {option} path outside the input data")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if is_ours(out):
+        if overwrite:
+            return
+        raise FewshotError(f"{option} {path} already holds a {what}",
+                           hint=f"pass --overwrite to replace it, or choose another {option}")
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    kind = "folder" if out.is_dir() else "file"
+    raise FewshotError(f"{option} {path} is an existing {kind} that is not a {what}: refusing to replace it",
+                       hint=f"choose a new {option} path (fewshot replaces only a {what} it wrote, "
+                            "and only with --overwrite)")

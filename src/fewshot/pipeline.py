@@ -8,6 +8,7 @@ the CLI and the service stay thin.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import platform
 from dataclasses import dataclass, field
@@ -22,16 +23,19 @@ from .data.loaders import load_dataset, load_grocery_catalogue
 from .data.records import Dataset
 from .data.splits import ClassSplit, protocol_sets
 from .embed import Embeddings
-from .errors import DataError
-from .index import CatalogueIndex, Prediction
-from .io import atomic_write_json, atomic_write_text
+from .errors import CheckpointError, DataError
+from .index import CatalogueIndex, Prediction, is_index_dir
+from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .methods.base import EmbeddingModel, load_embedding_model
-from .metrics import episodic_accuracy, nearest_neighbors, retrieval_metrics
+from .metrics import MIN_EPISODES_FOR_CI, episodic_accuracy, nearest_neighbors, retrieval_metrics
 from .viz import retrieval_grid
 
 log = logging.getLogger("fewshot")
 
 EPISODE_SETTINGS = (("5way1shot", 5, 1), ("5way5shot", 5, 5))
+DEFAULT_IMAGE_SIZE = 224
+#: ``--split all``: every image, whatever image splits the dataset has
+ALL_SPLITS = "all"
 
 
 @dataclass
@@ -40,7 +44,8 @@ class EmbedOptions:
 
     backbone: str | None = "efficientnet_lite0"
     model_dir: str | None = None
-    image_size: int = 224
+    #: input side in pixels; ``None`` = 224 for a backbone, the run's own size with ``model_dir``
+    image_size: int | None = None
     batch_size: int = 32
     num_workers: int = 0
     cache_dir: str | None = None
@@ -48,7 +53,16 @@ class EmbedOptions:
     progress: bool = True
 
     def model(self) -> EmbeddingModel:
-        return load_embedding_model(self.backbone, self.model_dir, self.image_size)
+        """The backbone at ``image_size``, or the run in ``model_dir`` at its own size (a
+        different ``image_size`` given with a run is reported and ignored)."""
+        if self.model_dir is None:
+            return load_embedding_model(self.backbone, None, self.image_size or DEFAULT_IMAGE_SIZE)
+        model = load_embedding_model(self.backbone, self.model_dir)
+        size = model.backbone.image_size
+        if self.image_size is not None and self.image_size != size:
+            log.warning("--image-size %d ignored: run %s was trained at %d px and is used at that size",
+                        self.image_size, self.model_dir, size)
+        return model
 
     def embed(self, model: EmbeddingModel, dataset: Dataset) -> Embeddings:
         return model.embed(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
@@ -61,14 +75,16 @@ class EvalConfig:
 
     Attributes:
         data: dataset path (or a fetched dataset's name).
-        split: the dataset's own image split (leave-one-out within it) when no split file.
+        split: the dataset's own image split (leave-one-out within it) when no split file;
+            ``None`` = ``test`` when the dataset has image splits, else all its images;
+            ``"all"`` = every image.
         split_file / part: a class-disjoint protocol (:mod:`fewshot.data.splits`); queries
             and gallery then follow its cross-visit rule for the classes of ``part``.
         episodes, n_query: episodic evaluation size (``n_query`` queries per class).
     """
 
     data: str
-    split: str | None = "test"
+    split: str | None = None
     split_file: str | None = None
     part: str = "test"
     group_from: str | None = None
@@ -87,9 +103,36 @@ def environment() -> dict:
 
 
 def load_data(data: str, split: str | None = None, group_from: str | None = None,
-              strict: bool = False) -> Dataset:
-    """Resolve ``data`` (path or fetched dataset name) and load it."""
-    return load_dataset(resolve_data(data), split=split, group_from=group_from, strict=strict)
+              strict: bool = False, *, default_split: str | None = None) -> Dataset:
+    """Resolve ``data`` (path or fetched dataset name) and load it.
+
+    Args:
+        split: an image split name (``train``, ``val``, ``test``, ...), ``"all"`` for every
+            image, or ``None`` for the command's ``default_split``.
+        default_split: the split used when ``split`` is ``None`` and the dataset has image
+            splits; a dataset without image splits (a plain folder tree, a CSV without a
+            ``split`` column) then uses all its images. ``None`` = all images.
+
+    Raises:
+        DataError: an unknown split (the message lists the dataset's splits), or a dataset
+            with image splits but none called ``default_split``.
+    """
+    root = resolve_data(data)
+    if split not in (None, ALL_SPLITS):
+        return load_dataset(root, split=split, group_from=group_from, strict=strict)
+    dataset = load_dataset(root, split=None, group_from=group_from, strict=strict)
+    if split == ALL_SPLITS or default_split is None:
+        return dataset
+    available = sorted({r.split for r in dataset.records if r.split is not None})
+    if not available:
+        log.info("%s has no image splits: using all %d images", root, len(dataset))
+        return dataset
+    if default_split not in available:
+        raise DataError(f"{root} has image splits {', '.join(available)} but no '{default_split}' split",
+                        hint=f"pass --split {available[0]} (one of: {', '.join(available)}) or --split all")
+    dataset.records = [r for r in dataset.records if r.split == default_split]
+    dataset.split = default_split
+    return dataset
 
 
 def evaluation_sets(cfg: EvalConfig) -> tuple[Dataset, Dataset | None, dict]:
@@ -102,30 +145,105 @@ def evaluation_sets(cfg: EvalConfig) -> tuple[Dataset, Dataset | None, dict]:
                     "split_name": class_split.name, "classes": len(set(queries.labels) | set(gallery.labels)),
                     "query_split": class_split.query_split, "gallery_split": class_split.gallery_split}
         return queries, gallery, protocol
-    dataset = load_data(cfg.data, cfg.split, cfg.group_from, cfg.embed.strict)
-    return dataset, None, {"mode": "leave_one_out", "split": cfg.split}
+    dataset = load_data(cfg.data, cfg.split, cfg.group_from, cfg.embed.strict, default_split="test")
+    return dataset, None, {"mode": "leave_one_out", "split": dataset.split or ALL_SPLITS}
+
+
+def check_evaluable(query_labels: list[str], gallery_labels: list[str] | None, name: str) -> None:
+    """Refuse an evaluation whose numbers would be empty or true by construction.
+
+    Leave-one-out (``gallery_labels`` is ``None``) needs a class with two or more images;
+    query vs gallery needs a query whose class is in the gallery. Either needs two or more
+    classes to rank among (with one class every retrieved item is relevant: mAP 1.0).
+
+    Raises:
+        DataError: naming ``name`` and what it lacks.
+    """
+    from collections import Counter
+
+    ref = Counter(gallery_labels if gallery_labels is not None else query_labels)
+    need = 1 if gallery_labels is not None else 2
+    if not any(ref.get(lab, 0) >= need for lab in set(query_labels)):
+        what = ("every class has a single image, and leave-one-out needs two or more per class"
+                if gallery_labels is None else "no query's class is in the gallery")
+        raise DataError(f"no query of {name} has a relevant item to retrieve: {what}",
+                        hint="add photos (at least 2 per article), or evaluate other data")
+    if len(ref) < 2:
+        raise DataError(f"{name} has a single class ({next(iter(ref))}): every retrieved item would be "
+                        "relevant, so mAP, MAP@R and P@1 would be 1.0 by construction",
+                        hint="evaluate on data with at least two classes (articles)")
+
+
+def data_protection(data: str, *datasets: Dataset | None) -> dict:
+    """``check_output`` arguments that keep an output away from the input data: the image
+    files of ``datasets``, the manifest file, and the data folder itself."""
+    root = resolve_data(data)
+    inputs: list[str | Path] = [p for ds in datasets if ds is not None for p in ds.paths]
+    if root.is_file():
+        inputs.append(root)
+    return {"inputs": inputs, "input_roots": [root] if root.is_dir() else []}
+
+
+def is_evaluation_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`evaluate` (``metrics.json`` with a config)."""
+    try:
+        metrics = json.loads((Path(path) / "metrics.json").read_text(encoding="utf-8"))
+        return isinstance(metrics, dict) and "fewshot_version" in metrics.get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def evaluate(cfg: EvalConfig, out: str | Path | None = None,
-             model: EmbeddingModel | None = None) -> dict:
+             model: EmbeddingModel | None = None, *, overwrite: bool = False) -> dict:
     """Retrieval and episodic metrics of a model on a dataset; optionally written to ``out``.
 
-    Writes ``out/metrics.json`` (keys: map, map_at_r, precision_at_1, recall_at_k, map_at_k,
-    num_queries, num_skipped_queries, episodes, per_group, config), ``out/report.md`` and
-    ``out/retrieval_grid.png``.
+    Writes the folder ``out`` atomically: ``metrics.json`` (keys: map, map_at_r,
+    precision_at_1, recall_at_k, map_at_k, num_queries, num_skipped_queries, episodes,
+    per_group, config), ``report.md`` and ``retrieval_grid.png``.
+
+    Args:
+        overwrite: replace ``out`` when it holds an earlier evaluation (any other existing,
+            non-empty ``out`` is refused).
 
     Returns:
         the metrics dictionary written to ``metrics.json``.
+
+    Raises:
+        DataError: the data cannot give a meaningful result (:func:`check_evaluable`), or
+            ``out`` is not a place this command may write.
     """
-    model = model or cfg.embed.model()
     queries, gallery, protocol = evaluation_sets(cfg)
+    name = f"{cfg.data}" + (f" ({protocol['part']} classes)" if gallery is not None else "")
+    check_evaluable(queries.labels, gallery.labels if gallery is not None else None, name)
+    if out is not None:
+        check_output(out, what="fewshot evaluation", is_ours=is_evaluation_dir, overwrite=overwrite,
+                     **data_protection(cfg.data, queries, gallery))
+    model = model or cfg.embed.model()
     q = cfg.embed.embed(model, queries)
     g = cfg.embed.embed(model, gallery) if gallery is not None else None
+    check_evaluable(q.labels, g.labels if g is not None else None, f"the readable images of {name}")
     report = retrieval_metrics(q.vectors, q.labels, g.vectors if g else None, g.labels if g else None,
                                query_groups=q.groups)
     metrics = report.to_dict()
     if report.num_skipped_queries:
         warn_single_image_classes(q, g)
+    metrics["episodes"] = episode_metrics(cfg, model, q, g)
+    skipped = [(str(p), r) for p, r in q.skipped + (g.skipped if g else [])]
+    metrics["config"] = {
+        "data": str(cfg.data), "dataset": queries.name,
+        "split": protocol.get("split") if not cfg.split_file else None,
+        "protocol": protocol, "model": model.describe(), "image_size": model.backbone.image_size,
+        "seed": cfg.seed, "episodes": cfg.episodes, "n_query": cfg.n_query,
+        "similarity": "cosine", "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
+        "skipped_images": skipped, **environment()}
+    if out is not None:
+        write_evaluation(metrics, q, g, Path(out), cfg)
+    return metrics
+
+
+def episode_metrics(cfg: EvalConfig, model: EmbeddingModel, q: Embeddings, g: Embeddings | None) -> dict:
+    """N-way K-shot accuracy for each of :data:`EPISODE_SETTINGS` (``accuracy`` ``None`` with an
+    ``error`` where the data has too few classes or images for it)."""
     episodes = {}
     for key, n_way, k_shot in EPISODE_SETTINGS:
         support = g if g is not None else q
@@ -141,17 +259,7 @@ def evaluate(cfg: EvalConfig, out: str | Path | None = None,
         except DataError as exc:
             log.warning("%s episodes skipped: %s", key, exc.message)
             episodes[key] = {"accuracy": None, "ci95": None, "error": exc.message}
-    metrics["episodes"] = episodes
-    skipped = [(str(p), r) for p, r in q.skipped + (g.skipped if g else [])]
-    metrics["config"] = {
-        "data": str(cfg.data), "dataset": queries.name, "split": cfg.split if not cfg.split_file else None,
-        "protocol": protocol, "model": model.describe(), "image_size": model.backbone.image_size,
-        "seed": cfg.seed, "episodes": cfg.episodes, "n_query": cfg.n_query,
-        "similarity": "cosine", "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
-        "skipped_images": skipped, **environment()}
-    if out is not None:
-        write_evaluation(metrics, q, g, Path(out), cfg)
-    return metrics
+    return episodes
 
 
 def warn_single_image_classes(q: Embeddings, g: Embeddings | None) -> list[str]:
@@ -170,10 +278,15 @@ def warn_single_image_classes(q: Embeddings, g: Embeddings | None) -> list[str]:
 
 def write_evaluation(metrics: dict, q: Embeddings, g: Embeddings | None, out: Path,
                      cfg: EvalConfig) -> None:
-    """Write metrics.json, report.md and retrieval_grid.png into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "report.md", render_report(metrics))
+    """Write metrics.json, report.md and retrieval_grid.png as the folder ``out`` (atomically:
+    a failure leaves the previous folder as it was)."""
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "metrics.json", metrics)
+        atomic_write_text(tmp / "report.md", render_report(metrics))
+        _write_grid(metrics, q, g, tmp, cfg)
+
+
+def _write_grid(metrics: dict, q: Embeddings, g: Embeddings | None, out: Path, cfg: EvalConfig) -> None:
     rng = np.random.default_rng(cfg.seed)
     pick = np.sort(rng.choice(len(q.vectors), size=min(cfg.grid_queries, len(q.vectors)), replace=False))
     ref_vectors = g.vectors if g is not None else q.vectors
@@ -194,6 +307,12 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _ci(e: dict) -> str:
+    if e.get("accuracy") is None:
+        return "-"
+    return f"+- {e['ci95']:.3f}" if e.get("ci95") is not None else f"n/a (fewer than {MIN_EPISODES_FOR_CI} episodes)"
+
+
 def render_report(metrics: dict) -> str:
     """A Markdown report: headline table, episodic accuracy, per-group table."""
     c = metrics["config"]
@@ -212,7 +331,7 @@ def render_report(metrics: dict) -> str:
              "| episodes | accuracy | 95% CI |", "|---|---|---|"]
     for key, e in metrics["episodes"].items():
         lines.append(f"| {key} ({c['episodes']} episodes, {c['n_query']} queries/class) | "
-                     f"{_fmt(e.get('accuracy'))} | +- {_fmt(e.get('ci95'))} |")
+                     f"{_fmt(e.get('accuracy'))} | {_ci(e)} |")
     if metrics.get("per_group"):
         lines += ["", "## Per group", "", "| group | queries | mAP | MAP@R | P@1 |", "|---|---|---|---|---|"]
         for grp, v in sorted(metrics["per_group"].items()):
@@ -222,73 +341,134 @@ def render_report(metrics: dict) -> str:
 
 
 # --------------------------------------------------------------------------- index / classify
-def build_index(data: str, out: str | Path, *, split: str | None = "train", catalogue: str | None = None,
+def build_index(data: str, out: str | Path, *, split: str | None = None, catalogue: str | None = None,
                 group_from: str | None = None, embed: EmbedOptions | None = None,
-                model: EmbeddingModel | None = None) -> CatalogueIndex:
+                model: EmbeddingModel | None = None, overwrite: bool = False) -> CatalogueIndex:
     """Embed a catalogue and save it as an index folder.
 
     Args:
         data: dataset path or name.
-        split: the image split used as the catalogue (ignored with ``catalogue="iconic"``).
+        split: the image split used as the catalogue (ignored with ``catalogue="iconic"``);
+            ``None`` = ``train`` when the dataset has image splits, else all its images;
+            ``"all"`` = every image.
         catalogue: ``"iconic"`` = the Grocery studio images (one per article) instead.
+        overwrite: replace ``out`` when it is an index folder already. Any other existing,
+            non-empty ``out`` is refused, and so is one that holds (or lies inside) the data.
+
+    Raises:
+        DataError: bad data, split or catalogue; an ``out`` that may not be written. Checked
+            before anything is embedded or written.
     """
     embed = embed or EmbedOptions()
-    model = model or embed.model()
     root = resolve_data(data)
     if catalogue == "iconic":
         dataset = load_grocery_catalogue(root)
     elif catalogue not in (None, "", "images"):
         raise DataError(f"unknown catalogue '{catalogue}'", hint="use --catalogue iconic, or leave it out")
     else:
-        dataset = load_dataset(root, split=split, group_from=group_from, strict=embed.strict)
+        dataset = load_data(data, split, group_from, embed.strict, default_split="train")
+    check_output(out, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
+                 **data_protection(data, dataset))
+    model = model or embed.model()
     emb = embed.embed(model, dataset)
-    config = {"data": str(data), "split": split if catalogue != "iconic" else None,
+    config = {"data": str(data), "split": (dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
               "catalogue": catalogue or "images", "model": model.describe(),
               "image_size": model.backbone.image_size, "backbone": model.backbone.name,
               "model_dir": str(Path(model.run_dir).resolve()) if model.run_dir else None,
+              "model_digest": model.weights_digest(),
               "skipped_images": [(str(p), r) for p, r in emb.skipped], **environment()}
     index = CatalogueIndex.build(emb.vectors, emb.labels, emb.groups,
-                                 [str(p) for p in emb.dataset.paths], config)
+                                 [str(p) for p in emb.dataset.paths], config, digests=emb.digests)
     index.save(out)
     return index
 
 
-def model_for_index(index: CatalogueIndex) -> EmbeddingModel:
-    """The embedding model an index was built with (same backbone, size and run)."""
+def model_for_index(index: CatalogueIndex, where: str | Path | None = None) -> EmbeddingModel:
+    """The embedding model an index was built with (same backbone, size and run).
+
+    Raises:
+        CheckpointError: the run behind the index is gone, damaged, or was retrained since the
+            index was built (its weights digest differs from the one the index recorded), so
+            new query embeddings would not be comparable with the catalogue's vectors.
+    """
     cfg = index.config
-    return load_embedding_model(cfg.get("backbone", "efficientnet_lite0"), cfg.get("model_dir"),
-                                int(cfg.get("image_size", 224)))
+    model = load_embedding_model(cfg.get("backbone", "efficientnet_lite0"), cfg.get("model_dir"),
+                                 int(cfg.get("image_size", DEFAULT_IMAGE_SIZE)))
+    pinned = cfg.get("model_digest")
+    name = f"index {where}" if where is not None else "the index"
+    if pinned is None:
+        log.warning("%s records no model digest (built by fewshot %s): cannot check that its model is "
+                    "unchanged; rebuild it with `fewshot index ... --overwrite` to pin it", name,
+                    index.config.get("fewshot_version", "< 0.1.1"))
+    elif pinned != model.weights_digest():
+        source = f"run {cfg.get('model_dir')}" if cfg.get("model_dir") else f"backbone {cfg.get('backbone')}"
+        raise CheckpointError(
+            f"the model behind {name} has changed since it was built ({source}: weights digest "
+            f"{pinned} when indexed, {model.weights_digest()} now); its catalogue vectors and new "
+            "query embeddings would not be comparable",
+            hint=f"rebuild the index with the current model: fewshot index --data {cfg.get('data', 'DATA')} "
+                 + (f"--model {cfg['model_dir']} " if cfg.get("model_dir") else "")
+                 + f"--out {where or 'INDEX'} --overwrite")
+    return model
 
 
 @dataclass
 class ClassifyResult:
-    """One classified image (``error`` set and ``predictions`` empty when it could not be read)."""
+    """One classified image (``error`` set and ``predictions`` empty when it could not be read).
+
+    ``in_catalogue``: the image's content is a catalogue image's; it was then classified with
+    its identical catalogue copies left out (leave-one-out).
+    """
 
     image: str
     predictions: list[Prediction]
     error: str | None = None
+    in_catalogue: bool = False
 
     def to_dict(self) -> dict:
         d = {"image": self.image, "predictions": [p.to_dict() for p in self.predictions]}
+        if self.in_catalogue:
+            d["in_catalogue"] = True
         if self.error:
             d["error"] = self.error
         return d
 
 
 def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Path], *, top_k: int = 5,
-                   mode: str = "prototype", embed: EmbedOptions | None = None) -> list[ClassifyResult]:
-    """Classify image files against an index; unreadable files get an ``error`` instead."""
+                   mode: str = "prototype", embed: EmbedOptions | None = None,
+                   leave_one_out: bool = True) -> list[ClassifyResult]:
+    """Classify image files against an index; unreadable files get an ``error`` instead.
+
+    A query whose bytes are those of a catalogue image (same SHA-256) would find itself
+    (score 1.0). With ``leave_one_out`` (default) its identical catalogue copies are left
+    out of its ranking (nearest mode: those images; prototype mode: their share of the
+    article's prototype) and the result is flagged ``in_catalogue``.
+
+    Raises:
+        ValueError: ``top_k < 1`` or an unknown ``mode``.
+    """
+    from .embed import read_digests
+
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
     embed = embed or EmbedOptions()
+    digests = read_digests(paths)
     vectors, ok, failures, _ = model.embed_paths(paths, batch_size=embed.batch_size,
                                                  num_workers=embed.num_workers, cache_dir=embed.cache_dir,
-                                                 progress=embed.progress and len(paths) > 16)
-    preds = index.classify(vectors, top_k=top_k, mode=mode) if len(ok) else []
-    by_pos = dict(zip(ok, preds))
-    return [ClassifyResult(str(p), by_pos.get(i, []), failures.get(i)) for i, p in enumerate(paths)]
+                                                 progress=embed.progress and len(paths) > 16, digests=digests)
+    own = index.find_images([digests[0][i] for i in ok]) if leave_one_out else [[] for _ in ok]
+    preds = index.classify(vectors, top_k=top_k, mode=mode, exclude=own) if len(ok) else []
+    by_pos = dict(zip(ok, zip(preds, own)))
+    results = []
+    for i, p in enumerate(paths):
+        pred, mine = by_pos.get(i, ([], []))
+        results.append(ClassifyResult(str(p), pred, failures.get(i), in_catalogue=bool(mine)))
+    return results
 
 
 __all__ = ["EmbedOptions", "EvalConfig", "evaluate", "build_index", "classify_paths", "ClassifyResult",
-           "model_for_index", "render_report", "environment"]
+           "model_for_index", "render_report", "environment", "load_data", "check_evaluable",
+           "classification_accuracy", "export_embeddings"]
 
 
 def classification_accuracy(results: list[ClassifyResult], truth: list[str], top_k: int) -> dict:
@@ -301,36 +481,63 @@ def classification_accuracy(results: list[ClassifyResult], truth: list[str], top
             "num_images": n}
 
 
+def is_embeddings_file(path: Path) -> bool:
+    """Whether ``path`` is a file written by :func:`export_embeddings` (it records a config)."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return "config" in z.files and "embeddings" in z.files
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "np") as fh:
+                return "config" in (fh.metadata() or {})
+    except Exception:  # not readable as ours: treat as somebody else's file
+        return False
+    return False
+
+
 def export_embeddings(data: str, out: str | Path, *, split: str | None = None, group_from: str | None = None,
-                      embed: EmbedOptions | None = None) -> tuple[int, int]:
+                      embed: EmbedOptions | None = None, overwrite: bool = False) -> tuple[int, int]:
     """Embed a dataset and write vectors, labels, groups and paths (``.safetensors`` or ``.npz``).
 
     The safetensors file holds ``embeddings`` (``float32 [N, E]``) and its metadata holds the
     JSON lists ``labels``, ``groups``, ``paths`` and ``config``. Returns ``(N, E)``.
-    """
-    import json
 
+    Args:
+        split: an image split, ``"all"`` or ``None`` (all images).
+        overwrite: replace ``out`` when it is an embeddings file this function wrote; any
+            other existing file is refused.
+
+    Raises:
+        DataError: bad data or split, an output name that is neither ``.safetensors`` nor
+            ``.npz``, or an ``out`` that may not be written (checked before embedding).
+    """
     from safetensors.numpy import save_file
 
     from .io import atomic_path
 
-    embed = embed or EmbedOptions()
-    model = embed.model()
-    emb = embed.embed(model, load_data(data, split, group_from, embed.strict))
     out = Path(out)
+    if out.suffix not in (".npz", ".safetensors"):
+        raise DataError(f"unknown output format '{out.suffix}' for {out}", hint="use a .safetensors or .npz file name")
+    embed = embed or EmbedOptions()
+    dataset = load_data(data, split, group_from, embed.strict)
+    check_output(out, what="fewshot embeddings file", is_ours=is_embeddings_file, overwrite=overwrite,
+                 **data_protection(data, dataset))
+    model = embed.model()
+    emb = embed.embed(model, dataset)
     labels, groups = emb.labels, emb.groups
     paths = [str(p) for p in emb.dataset.paths]
-    config = {"data": str(data), "split": split, "model": model.describe(), **environment()}
+    config = {"data": str(data), "split": dataset.split or ALL_SPLITS, "model": model.describe(),
+              "model_digest": model.weights_digest(), **environment()}
     with atomic_path(out) as tmp:
         if out.suffix == ".npz":
             with open(tmp, "wb") as fh:
                 np.savez(fh, embeddings=emb.vectors, labels=np.array(labels),
                          groups=np.array(["" if g is None else g for g in groups]), paths=np.array(paths),
                          config=np.array(json.dumps(config)))
-        elif out.suffix == ".safetensors":
+        else:
             save_file({"embeddings": np.ascontiguousarray(emb.vectors)}, str(tmp),
                       metadata={"labels": json.dumps(labels), "groups": json.dumps(groups),
                                 "paths": json.dumps(paths), "config": json.dumps(config)})
-        else:
-            raise DataError(f"unknown output format '{out.suffix}' for {out}", hint="use a .safetensors or .npz file name")
     return emb.vectors.shape[0], emb.vectors.shape[1]

@@ -60,18 +60,19 @@ from .data.records import Dataset
 from .data.splits import ClassSplit, dataset_for, protocol_sets
 from .embed import Embeddings, embed_dataset
 from .errors import CheckpointError, DataError, FewshotError
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .io import atomic_path, atomic_write_json, atomic_write_text, check_output, replace_dir
 from .methods.base import EmbeddingModel
 from .methods.method import Method, TrainConfig, TrainData, get_method
-from .methods.runs import CONFIG, WEIGHTS, save_run
+from .methods.runs import CHECKPOINT, CONFIG, is_run_dir, save_run
 
 log = logging.getLogger("fewshot")
 
-__all__ = ["train", "RunResult", "HISTORY_FIELDS", "CHECKPOINT", "read_history"]
+__all__ = ["train", "RunResult", "HISTORY_FIELDS", "CHECKPOINT", "read_history", "staging_dir"]
 
 HISTORY = "history.csv"
 CURVES = "curves.png"
-CHECKPOINT = "checkpoint.pt"
+#: a run is trained in ``RUN_DIR.partial`` beside ``RUN_DIR`` and moved onto it when training completes
+PARTIAL_SUFFIX = ".partial"
 HISTORY_FIELDS = ("epoch", "train_loss", "val_map", "val_map_at_r", "val_precision_at_1",
                   "val_episodic_acc", "seconds")
 CHECKPOINT_FORMAT = 1
@@ -137,12 +138,30 @@ def _load_data(cfg: TrainConfig) -> _Data:
     if len(names) < 2:
         raise DataError(f"the train classes of {cfg.split_file} have {len(names)} readable class(es)",
                         hint="training needs at least two classes")
+    _check_validation(val_q_set, val_g_set, cfg)
     index = {n: i for i, n in enumerate(names)}
     train = TrainData(x=torch.from_numpy(np.ascontiguousarray(tr.vectors)),
                       y=torch.tensor([index[lab] for lab in tr.labels], dtype=torch.int64),
                       label_names=names, groups=list(tr.groups), paths=[str(p) for p in tr.dataset.paths])
     return _Data(backbone, split, train, tr.dataset, _embed(val_q_set, backbone, cfg),
                  _embed(val_g_set, backbone, cfg))
+
+
+def _check_validation(val_q: Dataset, val_g: Dataset, cfg: TrainConfig) -> None:
+    """Refuse a val part on which validation is empty or true by construction (one class:
+    val MAP@R 1.0 whatever the model); warn when it has few classes."""
+    from .pipeline import check_evaluable
+
+    try:
+        check_evaluable(val_q.labels, val_g.labels, f"the val classes of {cfg.split_file}")
+    except DataError as exc:
+        raise DataError(f"validation would be meaningless: {exc.message}",
+                        hint="give the split file's val part at least 2 classes (5 or more is better) "
+                             "with photos for both queries and gallery") from None
+    usable = set(val_q.labels) & set(val_g.labels)
+    if len(usable) < 5:
+        log.warning("WARNING: only %d val classes: val MAP@R (which picks the best epoch) is noisy; "
+                    "5 or more val classes are better", len(usable))
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -239,7 +258,7 @@ def _validate(method: Method, data: _Data, cfg: TrainConfig, ft: _FineTune | Non
             res = episodic_accuracy(g, data.val_g.labels, n_way=cfg.ways, k_shot=cfg.shots,
                                     n_query=cfg.queries, episodes=cfg.val_episodes, seed=cfg.seed,
                                     query_embeddings=q, query_labels=data.val_q.labels,
-                                    classifier=method.episode_classifier())
+                                    classifier=method.episode_classifier(), warn=epoch == 0)
             episodic = res.accuracy
         except DataError as exc:
             if epoch == 0:
@@ -285,11 +304,6 @@ def _write_curves(run_dir: Path, history: list[dict]) -> None:
                         metric_keys=("val_map", "val_map_at_r", "val_precision_at_1", "val_episodic_acc"))
     except Exception as exc:  # a plotting failure must not end a long run
         log.warning("could not draw %s: %s", run_dir / CURVES, exc)
-
-
-def _rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-            "python": list(random.getstate()[1])}
 
 
 def _save_checkpoint(run_dir: Path, state: dict) -> None:
@@ -354,6 +368,8 @@ def _validate_config(cfg: TrainConfig) -> type[Method]:
         raise FewshotError("no output folder given", hint="pass --out RUN_DIR")
     if cfg.epochs < 0 or cfg.patience < 0:
         raise FewshotError("epochs and patience must not be negative", hint="e.g. --epochs 30 --patience 5")
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise FewshotError(f"unknown --device '{cfg.device}'", hint="use --device auto, cpu or cuda")
     if cfg.final_eval not in ("none", "test", "val", "train"):
         raise FewshotError(f"unknown final evaluation part '{cfg.final_eval}'", hint="use test, val or none")
     return get_method(cfg.method)
@@ -366,36 +382,65 @@ def max_epochs(method: Method, cfg: TrainConfig) -> int:
     return int(cfg.epochs)
 
 
-def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
-    """Train ``cfg.method`` on the train classes of ``cfg.split_file``; see the module docstring.
+def staging_dir(run_dir: str | Path) -> Path:
+    """Where a run into ``run_dir`` is trained: ``RUN_DIR.partial`` beside it. It replaces
+    ``run_dir`` only when training completes, so a failed or interrupted run never touches a
+    previous good run (and ``--model`` refuses the partial one: it is not marked complete)."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + PARTIAL_SUFFIX)
 
-    Args:
-        cfg: the run's settings.
-        on_epoch_end: optional ``callback(epoch, history_row)`` after each epoch's files are
-            written (raising from it interrupts the run exactly as Ctrl-C would).
 
-    Returns:
-        :class:`RunResult`.
+def _resume_source(cfg: TrainConfig, run_dir: Path, stage: Path) -> Path | None:
+    """The folder whose checkpoint this call continues (``stage`` or ``run_dir``), or ``None``
+    for a new run; refuses outputs that this call may not replace."""
+    from .pipeline import data_protection
 
-    Raises:
-        DataError: bad data or split file.
-        CheckpointError: ``RUN_DIR`` already holds a run (and neither ``resume`` nor
-            ``overwrite``), or its checkpoint is damaged / from different settings.
-        FewshotError: unknown method, miner, head or fine-tune mode; impossible batch sizes.
-    """
-    method_cls = _validate_config(cfg)
-    run_dir = Path(cfg.out)
-    ckpt_path = run_dir / CHECKPOINT
-    resuming = bool(cfg.resume) and ckpt_path.is_file()
-    if cfg.resume and not resuming:
-        log.info("no checkpoint in %s: starting a new run", run_dir)
-    if not resuming and not cfg.overwrite and any((run_dir / f).exists() for f in (CHECKPOINT, CONFIG, WEIGHTS)):
+    protect = data_protection(cfg.data)
+    for folder in (run_dir, stage):  # anything there that is not a fewshot run is refused outright
+        check_output(folder, what="fewshot training run", is_ours=is_run_dir, overwrite=True, **protect)
+    if cfg.resume:
+        for folder in (stage, run_dir):
+            if (folder / CHECKPOINT).is_file():
+                return folder
+        log.info("no checkpoint in %s or %s: starting a new run", run_dir, stage)
+    if is_run_dir(stage) and not cfg.overwrite:
+        raise CheckpointError(f"{stage} holds an interrupted training run for {run_dir}",
+                              hint="pass --resume to continue it, or --overwrite to discard it and start again")
+    if is_run_dir(run_dir) and not cfg.overwrite:
         raise CheckpointError(f"{run_dir} already holds a training run",
                               hint="pass --resume to continue it, --overwrite to replace it, or another --out")
-    saved = _load_checkpoint(ckpt_path) if resuming else None
-    if saved is not None:
-        _check_resumable(saved["config"], cfg, ckpt_path)
+    return None
 
+
+def _prepare_stage(stage: Path, source: Path | None, run_dir: Path) -> None:
+    """Make ``stage`` the folder to train in (called once every argument has been checked)."""
+    import shutil
+
+    if source == stage:
+        return
+    if stage.exists():  # an interrupted run that --overwrite discards (checked by _resume_source)
+        shutil.rmtree(stage)
+    if source == run_dir:  # continue a finished run (larger --epochs) without touching it
+        shutil.copytree(run_dir, stage)
+    else:
+        stage.mkdir(parents=True)
+    log.info("training in %s (it replaces %s when training completes)", stage, run_dir)
+
+
+@dataclass
+class _Setup:
+    """Everything the epoch loop needs, built and checked before any file is written."""
+
+    data: _Data
+    method: Method
+    ft: _FineTune | None
+    optimizer: torch.optim.Optimizer
+    n_epochs: int
+    protocol: dict
+    setup_seconds: float
+
+
+def _setup(cfg: TrainConfig, method_cls: type[Method]) -> _Setup:
     device = _device(cfg)
     t_start = time.perf_counter()
     data = _load_data(cfg)
@@ -403,6 +448,7 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
     method = method_cls(cfg, data.backbone.dim)
+    method.check_data(data.train)
     if getattr(method.head, "use_centre", False) and hasattr(method.head, "set_centre"):
         method.head.set_centre(data.train.x)
     method.to(device)
@@ -415,117 +461,56 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     else:
         x_train = data.train.x.to(device)
         method.bind(lambda idx: x_train[torch.from_numpy(idx).to(device)])
-    optimizer = method.optimizer()
-    n_epochs = max_epochs(method, cfg)
-    setup_seconds = time.perf_counter() - t_start
-
     protocol = {"split_file": str(cfg.split_file), "split_name": data.split.name, "dataset": data.split.dataset,
                 "train_classes": list(data.split.train), "val_classes": list(data.split.val),
                 "test_classes": list(data.split.test), "query_split": data.split.query_split,
                 "gallery_split": data.split.gallery_split, "seed": data.split.seed}
+    return _Setup(data, method, ft, method.optimizer(), max_epochs(method, cfg), protocol,
+                  time.perf_counter() - t_start)
 
-    history: list[dict] = []
-    best = {"epoch": -1, "map_at_r": -math.inf}
-    bad_epochs = 0
-    elapsed = 0.0
-    start_epoch = 0
-    finished = False
+
+def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
+    """Train ``cfg.method`` on the train classes of ``cfg.split_file``; see the module docstring.
+
+    Every argument, the data, and whether the method can learn from it are checked before
+    anything is written. The run is trained in :func:`staging_dir` and replaces ``cfg.out``
+    (marked ``"complete": true`` in ``config.json``) only when training completes.
+
+    Args:
+        cfg: the run's settings.
+        on_epoch_end: optional ``callback(epoch, history_row)`` after each epoch's files are
+            written (raising from it interrupts the run exactly as Ctrl-C would).
+
+    Returns:
+        :class:`RunResult`.
+
+    Raises:
+        DataError: bad data or split file; a val part too small to validate on.
+        CheckpointError: ``RUN_DIR`` already holds a run (and neither ``resume`` nor
+            ``overwrite``), or its checkpoint is damaged / from different settings.
+        FewshotError: unknown method, miner, head or fine-tune mode; impossible batch sizes;
+            data on which the method cannot learn (:meth:`Method.check_data`); an ``--out``
+            that is not a run folder.
+    """
+    method_cls = _validate_config(cfg)
+    run_dir = Path(cfg.out)
+    stage = staging_dir(run_dir)
+    source = _resume_source(cfg, run_dir, stage)
+    saved = _load_checkpoint(source / CHECKPOINT) if source is not None else None
     if saved is not None:
-        _restore_method_state(method, ft, saved["state"])
-        optimizer.load_state_dict(saved["optimizer"])
-        history = saved["history"]
-        best = saved["best"]
-        bad_epochs = saved["bad_epochs"]
-        elapsed = saved["seconds"]
-        start_epoch = saved["epoch"] + 1
-        finished = saved.get("stopped_early", False)
-        log.info("resuming %s after epoch %d (best epoch %d)", run_dir, saved["epoch"], best["epoch"])
-    elif cfg.overwrite:
-        for name in (CHECKPOINT, HISTORY, CURVES):
-            (run_dir / name).unlink(missing_ok=True)
-
-    def run_config(extra: dict | None = None) -> dict:
-        c = {"method": method.name or cfg.method, "train_config": cfg.to_dict(), "protocol": protocol,
-             "seed": cfg.seed, "fine_tune": cfg.fine_tune, "package_version": __version__,
-             "in_dim": data.backbone.dim, "train_images": len(data.train),
-             "val_queries": len(data.val_q.vectors), "val_gallery": len(data.val_g.vectors)}
-        c.update(extra or {})
-        return c
-
-    def best_fields(row: dict, seconds: float) -> dict:
-        return {"best_epoch": row["epoch"],
-                "best_val": {k[4:]: row[k] for k in HISTORY_FIELDS if k.startswith("val_")},
-                "training_seconds_to_best": round(seconds, 3)}
-
-    bar = tqdm(total=n_epochs + 1, initial=start_epoch, desc=f"train {cfg.method}", unit="epoch",
-               disable=not cfg.progress, leave=True)
-    stopped_early = finished
+        _check_resumable(saved["config"], cfg, source / CHECKPOINT)
+    setup = _setup(cfg, method_cls)
+    _prepare_stage(stage, source, run_dir)
     try:
-        epoch = start_epoch
-        while epoch <= n_epochs and not stopped_early:
-            t0 = time.perf_counter()
-            losses: list[float] = []
-            if epoch > 0:
-                seed = _epoch_seed(cfg.seed, epoch)
-                torch.manual_seed(seed)
-                rng = np.random.default_rng(seed)
-                if ft is not None:
-                    ft.seed_epoch(seed)
-                method.train_mode(True)
-                for batch in method.epoch_batches(data.train, rng):
-                    value = method.step(batch, optimizer)
-                    if not math.isfinite(value):
-                        raise FewshotError(f"training diverged at epoch {epoch} (loss {value})",
-                                           hint="lower --lr")
-                    losses.append(value)
-            metrics = _validate(method, data, cfg, ft, epoch)
-            seconds = time.perf_counter() - t0
-            elapsed += seconds
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
-                   "seconds": round(seconds, 3)}
-            history.append(row)
-            score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
-            if score > best["map_at_r"]:
-                best = {"epoch": epoch, "map_at_r": score}
-                bad_epochs = 0
-                model = EmbeddingModel(backbone=data.backbone, head=method.head)
-                save_run(run_dir, model, run_config(best_fields(row, elapsed)),
-                         extra_tensors=method.extra_tensors())
-            elif epoch > 0:
-                bad_epochs += 1
-            if epoch > 0 and cfg.patience and bad_epochs >= cfg.patience and epoch < n_epochs:
-                stopped_early = True
-            _write_history(run_dir, history)
-            _write_curves(run_dir, history)
-            _save_checkpoint(run_dir, {
-                "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch,
-                "state": _method_state(method, ft), "optimizer": optimizer.state_dict(),
-                "rng": _rng_states(), "history": history, "best": best, "bad_epochs": bad_epochs,
-                "seconds": elapsed, "stopped_early": stopped_early, "fewshot_version": __version__})
-            bar.update(1)
-            bar.set_postfix(loss="-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
-                            val_map_r=f"{score:.4f}", best=best["epoch"])
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, row)
-            epoch += 1
-    except KeyboardInterrupt:
-        done = history[-1]["epoch"] if history else None
-        log.warning("training interrupted%s; continue it with the same command plus --resume",
-                    f" after epoch {done}" if done is not None else "")
+        loop = _run_epochs(cfg, setup, stage, saved, on_epoch_end)
+    except BaseException:
+        if not (stage / CHECKPOINT).is_file():  # nothing to resume: leave no empty run behind
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
         raise
-    finally:
-        bar.close()
-
-    best_row = next(r for r in history if r["epoch"] == best["epoch"])
-    # record the whole run in config.json (the weights on disk are the best epoch's)
-    import json
-
-    cfg_path = run_dir / CONFIG
-    full = json.loads(cfg_path.read_text(encoding="utf-8"))
-    full.update({"epochs_run": history[-1]["epoch"], "stopped_early": stopped_early,
-                 "training_seconds": round(elapsed, 3), "setup_seconds": round(setup_seconds, 3)})
-    atomic_write_json(cfg_path, full)
-
+    full = _finish_config(stage, loop, setup)
+    replace_dir(stage, run_dir)
     final = None
     if cfg.final_eval != "none":
         final = _final_evaluation(cfg, run_dir)
@@ -533,9 +518,131 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
                               "precision_at_1": final["precision_at_1"],
                               "episodes": {k: {"accuracy": v.get("accuracy"), "ci95": v.get("ci95")}
                                            for k, v in final["episodes"].items()}}
-        atomic_write_json(cfg_path, full)
-    return RunResult(run_dir=run_dir, best_epoch=best["epoch"], best_metrics=best_row, history=history,
-                     seconds=elapsed, stopped_early=stopped_early, final_metrics=final, config=full)
+        atomic_write_json(run_dir / CONFIG, full)
+    best_row = next(r for r in loop.history if r["epoch"] == loop.best["epoch"])
+    return RunResult(run_dir=run_dir, best_epoch=loop.best["epoch"], best_metrics=best_row,
+                     history=loop.history, seconds=loop.elapsed, stopped_early=loop.stopped_early,
+                     final_metrics=final, config=full)
+
+
+@dataclass
+class _Loop:
+    """The epoch loop's state (what a checkpoint holds besides the weights)."""
+
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": -1, "map_at_r": -math.inf})
+    bad_epochs: int = 0
+    elapsed: float = 0.0
+    start_epoch: int = 0
+    stopped_early: bool = False
+
+
+def _restore(setup: _Setup, saved: dict | None, where: Path) -> _Loop:
+    if saved is None:
+        return _Loop()
+    _restore_method_state(setup.method, setup.ft, saved["state"])
+    setup.optimizer.load_state_dict(saved["optimizer"])
+    loop = _Loop(history=saved["history"], best=saved["best"], bad_epochs=saved["bad_epochs"],
+                 elapsed=saved["seconds"], start_epoch=saved["epoch"] + 1,
+                 stopped_early=saved.get("stopped_early", False))
+    log.info("resuming %s after epoch %d (best epoch %d)", where, saved["epoch"], loop.best["epoch"])
+    return loop
+
+
+def _train_epoch(cfg: TrainConfig, setup: _Setup, epoch: int) -> list[float]:
+    seed = _epoch_seed(cfg.seed, epoch)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    if setup.ft is not None:
+        setup.ft.seed_epoch(seed)
+    method = setup.method
+    method.train_mode(True)
+    losses = []
+    for batch in method.epoch_batches(setup.data.train, rng):
+        value = method.step(batch, setup.optimizer)
+        if not math.isfinite(value):
+            raise FewshotError(f"training diverged at epoch {epoch} (loss {value})", hint="lower --lr")
+        losses.append(value)
+    return losses
+
+
+def _run_config(cfg: TrainConfig, setup: _Setup, row: dict, elapsed: float) -> dict:
+    data = setup.data
+    return {"method": setup.method.name or cfg.method, "train_config": cfg.to_dict(), "protocol": setup.protocol,
+            "seed": cfg.seed, "fine_tune": cfg.fine_tune, "package_version": __version__,
+            "in_dim": data.backbone.dim, "train_images": len(data.train),
+            "val_queries": len(data.val_q.vectors), "val_gallery": len(data.val_g.vectors),
+            "best_epoch": row["epoch"],
+            "best_val": {k[4:]: row[k] for k in HISTORY_FIELDS if k.startswith("val_")},
+            "training_seconds_to_best": round(elapsed, 3)}
+
+
+def _run_epochs(cfg: TrainConfig, setup: _Setup, work: Path, saved: dict | None,
+                on_epoch_end: Callable[[int, dict], None] | None) -> _Loop:
+    """Epoch 0 (validation only) and the training epochs, writing into ``work``."""
+    method, data = setup.method, setup.data
+    loop = _restore(setup, saved, work)
+    bar = tqdm(total=setup.n_epochs + 1, initial=loop.start_epoch, desc=f"train {cfg.method}", unit="epoch",
+               disable=not cfg.progress, leave=True)
+    try:
+        epoch = loop.start_epoch
+        while epoch <= setup.n_epochs and not loop.stopped_early:
+            t0 = time.perf_counter()
+            losses = _train_epoch(cfg, setup, epoch) if epoch > 0 else []
+            metrics = _validate(method, data, cfg, setup.ft, epoch)
+            seconds = time.perf_counter() - t0
+            loop.elapsed += seconds
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
+                   "seconds": round(seconds, 3)}
+            loop.history.append(row)
+            score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
+            if score > loop.best["map_at_r"]:
+                loop.best, loop.bad_epochs = {"epoch": epoch, "map_at_r": score}, 0
+                save_run(work, EmbeddingModel(backbone=data.backbone, head=method.head),
+                         _run_config(cfg, setup, row, loop.elapsed), extra_tensors=method.extra_tensors())
+            elif epoch > 0:
+                loop.bad_epochs += 1
+            if epoch > 0 and cfg.patience and loop.bad_epochs >= cfg.patience and epoch < setup.n_epochs:
+                loop.stopped_early = True
+            _write_epoch_files(cfg, setup, work, loop, epoch)
+            bar.update(1)
+            bar.set_postfix(loss="-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
+                            val_map_r=f"{score:.4f}", best=loop.best["epoch"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+            epoch += 1
+    except KeyboardInterrupt:
+        done = loop.history[-1]["epoch"] if loop.history else None
+        log.warning("training interrupted%s; continue it with the same command plus --resume",
+                    f" after epoch {done}" if done is not None else "")
+        raise
+    finally:
+        bar.close()
+    return loop
+
+
+def _write_epoch_files(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop, epoch: int) -> None:
+    _write_history(work, loop.history)
+    _write_curves(work, loop.history)
+    _save_checkpoint(work, {
+        "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch,
+        "state": _method_state(setup.method, setup.ft), "optimizer": setup.optimizer.state_dict(),
+        "history": loop.history, "best": loop.best, "bad_epochs": loop.bad_epochs,
+        "seconds": loop.elapsed, "stopped_early": loop.stopped_early, "fewshot_version": __version__})
+
+
+def _finish_config(work: Path, loop: _Loop, setup: _Setup) -> dict:
+    """Record the whole run in ``config.json`` (the weights on disk are the best epoch's) and
+    mark it complete."""
+    import json
+
+    cfg_path = work / CONFIG
+    full = json.loads(cfg_path.read_text(encoding="utf-8"))
+    full.update({"epochs_run": loop.history[-1]["epoch"], "stopped_early": loop.stopped_early,
+                 "training_seconds": round(loop.elapsed, 3), "setup_seconds": round(setup.setup_seconds, 3),
+                 "complete": True})
+    atomic_write_json(cfg_path, full)
+    return full
 
 
 def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
@@ -546,4 +653,4 @@ def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
                         progress=cfg.progress)
     ecfg = EvalConfig(data=cfg.data, split=None, split_file=cfg.split_file, part=cfg.final_eval,
                       group_from=cfg.group_from, seed=cfg.seed, episodes=cfg.eval_episodes, embed=opts)
-    return evaluate(ecfg, run_dir / f"eval_{cfg.final_eval}")
+    return evaluate(ecfg, run_dir / f"eval_{cfg.final_eval}", overwrite=True)

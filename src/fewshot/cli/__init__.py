@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from ..errors import FewshotError
 
@@ -44,9 +45,9 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except FewshotError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
             if exc.hint:
-                err_console.print(f"  fix: {exc.hint}", highlight=False)
+                err_console.print(f"  fix: {escape(exc.hint)}", highlight=False)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -55,15 +56,23 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def positive(value: float | None) -> float | None:
+    """typer callback: a number that must be greater than 0 (``None`` = not given)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not greater than 0")
+    return value
+
+
 # Shared option definitions -----------------------------------------------------------------
 DataOpt = typer.Option(..., "--data", help="Dataset folder, CSV manifest, or a fetched dataset name (grocery, omniglot).")
 BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default efficientnet_lite0); see `fewshot backbones`.")
 ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot train` (backbone + trained head).")
-SizeOpt = typer.Option(224, "--image-size", help="Input side in pixels (bilinear resize, no crop).")
+SizeOpt = typer.Option(None, "--image-size", min=16, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model).")
 GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
 StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
-BatchOpt = typer.Option(32, "--batch-size", help="Images per forward pass.")
-WorkersOpt = typer.Option(0, "--workers", help="Image-decoding worker processes (0 = in the main process).")
+BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass.")
+WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes (0 = in the main process).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace --out when it holds an earlier result of this command (anything else is never replaced).")
 CacheOpt = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).")
 NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
 
@@ -76,20 +85,37 @@ def _embed_options(backbone, model, image_size, batch_size, workers, cache_dir, 
                         cache_dir=cache_dir, strict=strict, progress=not no_progress)
 
 
+def _split_help(default: str) -> str:
+    return (f"The dataset's image split (train|val|test), or 'all' for every image. Default: {default} "
+            "when the dataset has image splits, else every image.")
+
+
+def echo_episodes(episodes: dict) -> None:
+    """One line per N-way K-shot setting: accuracy with its 95% CI (or why there is none)."""
+    from ..metrics import format_accuracy
+
+    for key, v in episodes.items():
+        if v.get("accuracy") is not None:
+            typer.echo(f"{key}: {format_accuracy(v['accuracy'], v.get('ci95'), v.get('episodes', 0))}")
+        else:
+            typer.echo(f"{key}: not measured ({v.get('error', 'too few classes or images')})")
+
+
 @app.command()
 @handle_errors
 def evaluate(
     data: str = DataOpt,
-    split: Optional[str] = typer.Option("test", "--split", help="The dataset's image split (train|val|test); 'all' for every image. With --split-file: the class part (train|val|test)."),
+    split: Optional[str] = typer.Option(None, "--split", help=_split_help("test") + " With --split-file: the class part (train|val|test; default test)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Class-disjoint protocol JSON (e.g. splits/grocery-unseen.json)."),
     backbone: Optional[str] = BackboneOpt,
     model: Optional[Path] = ModelOpt,
-    image_size: int = SizeOpt,
+    image_size: Optional[int] = SizeOpt,
     seed: int = typer.Option(0, "--seed", help="Seed for episodes and the retrieval grid."),
-    episodes: int = typer.Option(1000, "--episodes", help="Episodes per N-way K-shot setting."),
-    queries: int = typer.Option(5, "--queries", help="Query images per class in each episode."),
+    episodes: int = typer.Option(1000, "--episodes", min=1, help="Episodes per N-way K-shot setting (a 95% CI is reported from 30)."),
+    queries: int = typer.Option(5, "--queries", min=1, help="Query images per class in each episode."),
     group_from: Optional[str] = GroupFromOpt,
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, report.md, retrieval_grid.png."),
+    overwrite: bool = OverwriteOpt,
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
     strict: bool = StrictOpt, no_progress: bool = NoProgressOpt,
 ) -> None:
@@ -98,17 +124,14 @@ def evaluate(
 
     emb = _embed_options(backbone, str(model) if model else None, image_size, batch_size, workers,
                          str(cache_dir) if cache_dir else None, strict, no_progress)
-    cfg = EvalConfig(data=data, split=None if split == "all" else split,
-                     split_file=str(split_file) if split_file else None, part=split or "test",
-                     group_from=group_from, seed=seed, episodes=episodes, n_query=queries, embed=emb)
-    metrics = run_evaluate(cfg, out)
-    e = metrics["episodes"]
+    cfg = EvalConfig(data=data, split=split, split_file=str(split_file) if split_file else None,
+                     part=split or "test", group_from=group_from, seed=seed, episodes=episodes,
+                     n_query=queries, embed=emb)
+    metrics = run_evaluate(cfg, out, overwrite=overwrite)
     typer.echo(f"mAP {metrics['map']:.4f}  MAP@R {metrics['map_at_r']:.4f}  P@1 {metrics['precision_at_1']:.4f}  "
                f"R@5 {metrics['recall_at_k']['5']:.4f}  queries {metrics['num_queries']} "
                f"(skipped {metrics['num_skipped_queries']})")
-    for key, v in e.items():
-        if v.get("accuracy") is not None:
-            typer.echo(f"{key}: {v['accuracy']:.4f} +- {v['ci95']:.4f}")
+    echo_episodes(metrics["episodes"])
     typer.echo(f"wrote {out}/metrics.json, report.md, retrieval_grid.png")
 
 
@@ -116,11 +139,12 @@ def evaluate(
 @handle_errors
 def index_cmd(
     data: str = DataOpt,
-    split: Optional[str] = typer.Option("train", "--split", help="Image split used as the catalogue ('all' for every image)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Image split used as the catalogue. " + _split_help("train")),
     catalogue: Optional[str] = typer.Option(None, "--catalogue", help="'iconic': the Grocery studio images, one per article."),
-    backbone: Optional[str] = BackboneOpt, model: Optional[Path] = ModelOpt, image_size: int = SizeOpt,
+    backbone: Optional[str] = BackboneOpt, model: Optional[Path] = ModelOpt, image_size: Optional[int] = SizeOpt,
     group_from: Optional[str] = GroupFromOpt,
-    out: Path = typer.Option(..., "--out", help="Index folder to write (atomically)."),
+    out: Path = typer.Option(..., "--out", help="Index folder to write (atomically); never one that holds other files or the --data images."),
+    overwrite: bool = OverwriteOpt,
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
     strict: bool = StrictOpt, no_progress: bool = NoProgressOpt,
 ) -> None:
@@ -129,8 +153,8 @@ def index_cmd(
 
     emb = _embed_options(backbone, str(model) if model else None, image_size, batch_size, workers,
                          str(cache_dir) if cache_dir else None, strict, no_progress)
-    idx = build_index(data, out, split=None if split == "all" else split, catalogue=catalogue,
-                      group_from=group_from, embed=emb)
+    idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
+                      overwrite=overwrite)
     typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out}")
 
 
@@ -151,11 +175,11 @@ def _expand_images(items: List[Path]) -> list[Path]:
 def classify(
     images: Optional[List[Path]] = typer.Argument(None, help="Image files or folders of images."),
     index: Path = typer.Option(..., "--index", help="Index folder written by `fewshot index`."),
-    top_k: int = typer.Option(5, "--top-k", help="Articles to list per image."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Articles to list per image."),
     mode: str = typer.Option("prototype", "--mode", help="prototype (article mean) or nearest (best image)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     data: Optional[str] = typer.Option(None, "--data", help="Classify a labelled dataset instead of IMAGES and report top-1 / top-k accuracy."),
-    split: Optional[str] = typer.Option(None, "--split", help="With --data: the image split to classify (e.g. test)."),
+    split: Optional[str] = typer.Option(None, "--split", help="With --data: the image split to classify (e.g. test; default: every image)."),
     group_from: Optional[str] = GroupFromOpt,
     summary_only: bool = typer.Option(False, "--summary-only", help="With --data: print only the accuracy summary."),
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
@@ -164,14 +188,16 @@ def classify(
     """Say which article each photo shows (top-k with cosine scores). Exits 1 if any image is bad.
 
     With --data, every image of the dataset (split) is classified and the top-1 / top-k
-    accuracy against its known label is printed at the end.
+    accuracy against its known label is printed at the end. A photo that is itself a
+    catalogue image (same file content) is classified with its own catalogue copy left out
+    (leave-one-out), and the summary says how many there were.
     """
     from ..errors import DataError
     from ..index import CatalogueIndex
     from ..pipeline import EmbedOptions, classify_paths, model_for_index
 
     if mode not in ("prototype", "nearest"):
-        raise DataError(f"unknown --mode '{mode}'", hint="use --mode prototype or --mode nearest")
+        raise typer.BadParameter(f"{mode!r}: use prototype or nearest", param_hint="--mode")
     cat = CatalogueIndex.load(index)
     truth: list[str] | None = None
     if data is not None:
@@ -180,46 +206,76 @@ def classify(
         dataset = load_data(data, split, group_from)
         paths, truth = dataset.paths, dataset.labels
     else:
+        if split is not None:
+            raise typer.BadParameter("--split needs --data", param_hint="--split")
         paths = _expand_images(images or [])
     if not paths:
         raise DataError("no images given", hint="pass image files or folders that contain images, or --data")
+    model = model_for_index(cat, index)
     opts = EmbedOptions(batch_size=batch_size, num_workers=workers,
                         cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress)
-    results = classify_paths(cat, model_for_index(cat), paths, top_k=top_k, mode=mode, embed=opts)
-    bad = 0
-    for r in results:
-        if r.error:
-            bad += 1
-            err_console.print(f"[red]error:[/] {r.image}: {r.error}", highlight=False)
-            if as_json:
-                typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
-            continue
-        if summary_only and truth is not None:
-            continue
-        if as_json:
-            typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
-        else:
-            preds = ", ".join(f"{p.label} ({p.score:.3f})" for p in r.predictions)
-            typer.echo(f"{r.image}\t{preds}")
+    results = classify_paths(cat, model, paths, top_k=top_k, mode=mode, embed=opts)
+    bad = _print_results(results, as_json, summary_only and truth is not None)
+    _report_catalogue_queries(results, cat)
     if truth is not None:
         from ..pipeline import classification_accuracy
 
         acc = classification_accuracy(results, truth, top_k)
         typer.echo(f"top-1 accuracy {acc['top1']:.4f}  top-{top_k} accuracy {acc['topk']:.4f}  "
-                   f"({acc['num_images']} images, {len(cat.articles)} articles, mode {mode})")
+                   f"({acc['num_images']} images, {len(cat.articles)} articles, mode {mode})  "
+                   f"catalogue images among them: {_in_catalogue(results)}")
     if bad:
         err_console.print(f"{bad} of {len(results)} image(s) could not be read", highlight=False)
         raise typer.Exit(1)
+
+
+def _print_results(results, as_json: bool, summary_only: bool) -> int:
+    """Print each result (or only errors with ``summary_only``); returns how many were bad."""
+    bad = 0
+    for r in results:
+        if r.error:
+            bad += 1
+            err_console.print(f"[red]error:[/] {escape(r.image)}: {escape(r.error)}", highlight=False)
+            if as_json:
+                typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+            continue
+        if summary_only:
+            continue
+        if as_json:
+            typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+        else:
+            preds = ", ".join(f"{p.label} ({p.score:.3f})" for p in r.predictions)
+            typer.echo(f"{r.image}\t{preds}" + ("\t[catalogue image: own copy left out]" if r.in_catalogue else ""))
+    return bad
+
+
+def _in_catalogue(results) -> str:
+    n = sum(r.in_catalogue for r in results if not r.error)
+    return f"{n} (scored leave-one-out: own catalogue copy left out)" if n else "0"
+
+
+def _report_catalogue_queries(results, cat) -> None:
+    """Say loudly how many queries were catalogue images (each would otherwise find itself)."""
+    n = sum(r.in_catalogue for r in results)
+    if n:
+        log.warning("WARNING: %d of %d photos are catalogue images (same file content): each was classified "
+                    "with its own catalogue copy left out (leave-one-out), so it cannot find itself", n,
+                    len(results))
+    elif cat.digests and all(d is None for d in cat.digests):
+        log.warning("this index records no image digests (built by an older fewshot): photos that are "
+                    "catalogue images cannot be recognised and would find themselves; rebuild the index "
+                    "with `fewshot index ... --overwrite`")
 
 
 @app.command()
 @handle_errors
 def embed(
     data: str = DataOpt,
-    split: Optional[str] = typer.Option(None, "--split", help="The dataset's image split (default: all)."),
-    backbone: Optional[str] = BackboneOpt, model: Optional[Path] = ModelOpt, image_size: int = SizeOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="The dataset's image split (train|val|test), or 'all' (default: every image)."),
+    backbone: Optional[str] = BackboneOpt, model: Optional[Path] = ModelOpt, image_size: Optional[int] = SizeOpt,
     group_from: Optional[str] = GroupFromOpt,
     out: Path = typer.Option(..., "--out", help="Output file: .safetensors or .npz."),
+    overwrite: bool = OverwriteOpt,
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
     strict: bool = StrictOpt, no_progress: bool = NoProgressOpt,
 ) -> None:
@@ -228,7 +284,7 @@ def embed(
 
     emb = _embed_options(backbone, str(model) if model else None, image_size, batch_size, workers,
                          str(cache_dir) if cache_dir else None, strict, no_progress)
-    n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb)
+    n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb, overwrite=overwrite)
     typer.echo(f"wrote {n} x {d} embeddings to {out}")
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from . import app, handle_errors
+from . import app, echo_episodes, handle_errors, positive
 
 
 def _head_spec(value: Optional[str]):
@@ -48,38 +48,38 @@ def train(
     out: Path = typer.Option(..., "--out", help="RUN_DIR: config.json, model.safetensors, history.csv, curves.png, checkpoint.pt."),
     split: str = typer.Option("test", "--split", help="Class part evaluated with the best model at the end (test | val | none)."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="Backbone name."),
-    image_size: int = typer.Option(224, "--image-size", help="Input side in pixels."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default 30; episodic methods: --episodes / --episodes-per-epoch, and --epochs N means N x --episodes-per-epoch episodes)."),
-    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many epochs without a better val MAP@R (default 5; 0 = never)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-4 unless the method sets its own)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Adam weight decay (default 0)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Items per batch (siamese; default 64)."),
-    m_per_class: Optional[int] = typer.Option(None, "--m-per-class", help="Images per class in a batch (default 4)."),
-    margin: Optional[float] = typer.Option(None, "--margin", help="Triplet margin (default 0.1) / contrastive negative margin (default 0.3), on cosine similarity."),
-    pos_margin: Optional[float] = typer.Option(None, "--pos-margin", help="Contrastive positive margin (cosine; default 0.8)."),
+    image_size: int = typer.Option(224, "--image-size", min=16, help="Input side in pixels."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Maximum epochs (default 30; episodic methods: --episodes / --episodes-per-epoch, and --epochs N means N x --episodes-per-epoch episodes)."),
+    patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Stop after this many epochs without a better val MAP@R (default 5; 0 = never)."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=positive, help="Adam learning rate (default 1e-4 unless the method sets its own)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0, help="Adam weight decay (default 0)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Items per batch (siamese; default 64)."),
+    m_per_class: Optional[int] = typer.Option(None, "--m-per-class", min=2, help="Images per class in a batch (default 4)."),
+    margin: Optional[float] = typer.Option(None, "--margin", min=0.0, help="Triplet margin (default 0.1) / contrastive negative margin (default 0.3), on cosine similarity."),
+    pos_margin: Optional[float] = typer.Option(None, "--pos-margin", min=-1.0, max=1.0, help="Contrastive positive margin (cosine; default 0.8)."),
     miner: Optional[str] = typer.Option(None, "--miner", help="hard | semihard | all (default: contrastive hard, triplet semihard)."),
     head: Optional[str] = typer.Option(None, "--head", help="linear (identity-initialised, centred; default) | mlp (1280-512-256) | JSON spec."),
     fine_tune: str = typer.Option("none", "--fine-tune", help="none (head on cached embeddings) | last (also the backbone's last blocks, on augmented images; for a GPU)."),
-    fine_tune_blocks: Optional[int] = typer.Option(None, "--fine-tune-blocks", help="Backbone blocks trained with --fine-tune last (default 2)."),
-    ways: Optional[int] = typer.Option(None, "--ways", help="N of N-way episodes (episodic methods and episodic validation; default 5)."),
-    shots: Optional[int] = typer.Option(None, "--shots", help="K support images per class (default 5)."),
-    queries: Optional[int] = typer.Option(None, "--queries", help="Q query images per class (default 5)."),
-    episodes: Optional[int] = typer.Option(None, "--episodes", help="Training episodes in all (episodic methods)."),
-    episodes_per_epoch: Optional[int] = typer.Option(None, "--episodes-per-epoch", help="Training episodes between validations (episodic methods)."),
-    inner_lr: Optional[float] = typer.Option(None, "--inner-lr", help="MAML inner-loop learning rate."),
-    inner_steps: Optional[int] = typer.Option(None, "--inner-steps", help="MAML inner steps when training."),
-    inner_steps_test: Optional[int] = typer.Option(None, "--inner-steps-test", help="MAML inner steps when evaluating."),
-    meta_batch: Optional[int] = typer.Option(None, "--meta-batch", help="MAML tasks per outer step."),
+    fine_tune_blocks: Optional[int] = typer.Option(None, "--fine-tune-blocks", min=1, help="Backbone blocks trained with --fine-tune last (default 2)."),
+    ways: Optional[int] = typer.Option(None, "--ways", min=2, help="N of N-way episodes (episodic methods and episodic validation; default 5)."),
+    shots: Optional[int] = typer.Option(None, "--shots", min=1, help="K support images per class (default 5)."),
+    queries: Optional[int] = typer.Option(None, "--queries", min=1, help="Q query images per class (default 5)."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="Training episodes in all (episodic methods)."),
+    episodes_per_epoch: Optional[int] = typer.Option(None, "--episodes-per-epoch", min=1, help="Training episodes between validations (episodic methods)."),
+    inner_lr: Optional[float] = typer.Option(None, "--inner-lr", callback=positive, help="MAML inner-loop learning rate."),
+    inner_steps: Optional[int] = typer.Option(None, "--inner-steps", min=0, help="MAML inner steps when training."),
+    inner_steps_test: Optional[int] = typer.Option(None, "--inner-steps-test", min=0, help="MAML inner steps when evaluating."),
+    meta_batch: Optional[int] = typer.Option(None, "--meta-batch", min=1, help="MAML tasks per outer step."),
     maml_init: str = typer.Option("proto", "--maml-init", help="MAML's initial output layer per task: proto (from the support prototypes) | zero | learned."),
-    val_episodes: Optional[int] = typer.Option(None, "--val-episodes", help="Episodic validation episodes per epoch (default 300; 0 = none)."),
-    eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", help="Episodes per setting in the final evaluation (default 1000)."),
+    val_episodes: Optional[int] = typer.Option(None, "--val-episodes", min=0, help="Episodic validation episodes per epoch (default 300; 0 = none)."),
+    eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", min=1, help="Episodes per setting in the final evaluation (default 1000)."),
     seed: int = typer.Option(0, "--seed", help="Seed of everything random (same seed, same run)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     group_from: Optional[str] = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' or 'column:NAME'."),
-    embed_batch_size: Optional[int] = typer.Option(None, "--embed-batch-size", help="Images per forward pass when embedding (default 32)."),
-    workers: int = typer.Option(0, "--workers", help="Image-decoding worker processes."),
+    embed_batch_size: Optional[int] = typer.Option(None, "--embed-batch-size", min=1, help="Images per forward pass when embedding (default 32)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice). On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
@@ -123,7 +123,5 @@ def train(
     if result.final_metrics is not None:
         m = result.final_metrics
         typer.echo(f"{split} classes: mAP {m['map']:.4f}  MAP@R {m['map_at_r']:.4f}  P@1 {m['precision_at_1']:.4f}")
-        for key, v in m["episodes"].items():
-            if v.get("accuracy") is not None:
-                typer.echo(f"{key}: {v['accuracy']:.4f} +- {v['ci95']:.4f}")
+        echo_episodes(m["episodes"])
     typer.echo(f"wrote {out}/config.json, model.safetensors, history.csv, curves.png")

@@ -17,7 +17,6 @@ Two protocols:
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -95,13 +94,17 @@ class EpisodeSampler:
         seed: seed of the ``numpy.random.Generator``; every iteration over the sampler starts
             from this seed, so the same seed always gives the same episodes.
         query_labels: labels of a separate query pool (cross-visit protocol).
+        names: how to name a label in messages (e.g. ``label_names`` when the labels are
+            class indices); default ``str``.
+        warn: log the classes left out (once per sampler; pass ``False`` for the second and
+            later samplers over the same data).
 
     Attributes:
         classes: the eligible labels, in order of first appearance.
         dropped: the labels left out for having too few items.
 
-    Classes with too few items are left out with one warning (``warnings.warn`` and the
-    ``"fewshot"`` logger) naming them.
+    Classes with too few items are left out with one warning on the ``"fewshot"`` logger
+    naming them.
 
     Raises:
         ValueError: a count is not a positive integer.
@@ -117,6 +120,9 @@ class EpisodeSampler:
         episodes: int = 1000,
         seed: int = 0,
         query_labels: Sequence | None = None,
+        *,
+        names: Sequence[str] | None = None,
+        warn: bool = True,
     ) -> None:
         self.n_way = _positive_int(n_way, "n_way")
         self.k_shot = _positive_int(k_shot, "k_shot")
@@ -150,16 +156,15 @@ class EpisodeSampler:
         self._support = [support_groups[c] for c in self.classes]
         self._query = [query_groups[c] for c in self.classes]
 
-        if self.dropped:
-            names = ", ".join(repr(c) for c in self.dropped[:_MAX_NAMED])
+        if self.dropped and warn:
+            name = (lambda c: str(names[c])) if names is not None else str
+            shown = ", ".join(name(c) for c in self.dropped[:_MAX_NAMED])
             if len(self.dropped) > _MAX_NAMED:
-                names += f", ... ({len(self.dropped) - _MAX_NAMED} more)"
-            message = (
-                f"episodes: leaving out {len(self.dropped)} of {len(all_classes)} classes "
-                f"without {need}: {names}"
+                shown += f", ... ({len(self.dropped) - _MAX_NAMED} more)"
+            logger.warning(
+                "episodes: leaving out %d of %d classes without %s: %s",
+                len(self.dropped), len(all_classes), need, shown,
             )
-            logger.warning(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
         if len(self.classes) < self.n_way:
             raise DataError(
                 f"episodes need {self.n_way} classes with {need}, but only "

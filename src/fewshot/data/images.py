@@ -41,7 +41,7 @@ MAX_IMAGE_PIXELS: int = 89_478_485
 
 #: File name suffixes (lower case) treated as images by the dataset loaders.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 )
 
 _WHITE = (255, 255, 255)

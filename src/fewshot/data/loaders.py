@@ -49,7 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, is_image_file
 from .records import Dataset, ImageRecord
 
 __all__ = ["load_dataset", "load_grocery_catalogue", "summarize", "parse_group_from", "GroupFrom"]
@@ -371,10 +371,6 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name in _SKIP_NAMES
 
 
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
 def _abs(path: Path) -> Path:
     return Path(os.path.abspath(path))
 
@@ -479,7 +475,7 @@ def _scan(folder: str) -> tuple[list[str], list[str]]:
                 try:
                     if e.is_dir():
                         dirs.append(e.name)
-                    elif _is_image(e.name) and e.is_file():
+                    elif is_image_file(e.name) and e.is_file():
                         images.append(e.name)
                 except OSError:
                     continue
@@ -495,7 +491,7 @@ def _images_under(folder: str) -> list[str]:
         dirs[:] = sorted(d for d in dirs if not _hidden(d))
         rel = os.path.relpath(cur, folder)
         for f in sorted(files):
-            if not _hidden(f) and _is_image(f):
+            if not _hidden(f) and is_image_file(f):
                 out.append(f if rel == "." else os.path.join(rel, f))
     return out
 

@@ -128,7 +128,8 @@ class ClassSplit:
             DataError: not an object, required keys (seed, train, val, test) missing, wrong
                 types, or a class listed in two parts.
         """
-        hint = "recreate it with make_class_split(...).save(path) (CLI: fewshot evaluate --make-split)"
+        hint = ("recreate it in Python: fewshot.data.make_class_split(fewshot.data.load_dataset(DATA), "
+                "seed=0).save(PATH)")
         if not isinstance(data, dict):
             raise DataError(f"{source} is not a class split (expected a JSON object)", hint=hint)
         missing = [k for k in _REQUIRED_KEYS if k not in data]
@@ -297,7 +298,7 @@ def make_class_split(
         raise DataError(
             f"dataset {dataset.name!r} has only {len(units)} group(s) for a {len(positive)}-part split "
             "with groups kept together",
-            hint="use keep_groups_together=False (CLI: --no-keep-groups) or set some fractions to 0",
+            hint="call make_class_split with keep_groups_together=False, or set some fractions to 0",
         )
 
     rng = random.Random(seed)

@@ -28,7 +28,7 @@ from .cache import EmbeddingCache, default_cache_dir, file_digest
 
 log = logging.getLogger("fewshot")
 
-__all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "apply_head",
+__all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "apply_head",
            "default_cache_dir"]
 
 
@@ -40,6 +40,8 @@ class Embeddings:
         vectors: ``float32 [N, D]``, row ``i`` for ``dataset.records[i]`` (not normalised).
         dataset: the records that were embedded (unreadable ones removed).
         skipped: ``(path, reason)`` for each image that could not be read.
+        digests: the SHA-256 hex digest of each embedded file (the cache key; used to spot
+            queries that are catalogue images).
         backbone: the backbone's description (name, weights, preprocessing).
         num_cached: how many vectors came from the cache.
     """
@@ -49,6 +51,8 @@ class Embeddings:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     backbone: dict = field(default_factory=dict)
     num_cached: int = 0
+    #: SHA-256 of each embedded file's bytes, aligned with ``dataset.records``
+    digests: list[str] = field(default_factory=list)
 
     @property
     def labels(self) -> list[str]:
@@ -101,6 +105,19 @@ def _read_digest(path: Path) -> tuple[str | None, str | None]:
     return file_digest(data), None
 
 
+def read_digests(paths: Sequence[str | Path]) -> tuple[list[str | None], dict[int, str]]:
+    """SHA-256 hex digest of each file's bytes: ``(digests, failures {index: reason})``;
+    an unreadable file has digest ``None`` and a reason."""
+    digests: list[str | None] = []
+    failures: dict[int, str] = {}
+    for i, p in enumerate(paths):
+        digest, reason = _read_digest(Path(p))
+        digests.append(digest)
+        if reason:
+            failures[i] = reason
+    return digests, failures
+
+
 def embed_paths(
     paths: Sequence[str | Path],
     backbone: Backbone,
@@ -111,6 +128,7 @@ def embed_paths(
     use_cache: bool = True,
     progress: bool = True,
     desc: str = "embedding",
+    digests: tuple[list[str | None], dict[int, str]] | None = None,
 ) -> tuple[np.ndarray, list[int], dict[int, str], int]:
     """Embed image files with ``backbone``.
 
@@ -121,6 +139,8 @@ def embed_paths(
         num_workers: DataLoader decode workers (0 = decode in this process).
         cache_dir: cache folder (default :func:`default_cache_dir`); ``use_cache=False`` skips it.
         progress: show a progress bar.
+        digests: :func:`read_digests` of ``paths`` when the caller already has them (each file
+            is then read once).
 
     Returns:
         ``(vectors float32 [M, D], ok_indices (M positions into paths), failures {index: reason},
@@ -128,16 +148,12 @@ def embed_paths(
     """
     paths = [Path(p) for p in paths]
     cache = EmbeddingCache(cache_dir or default_cache_dir(), backbone.cache_key) if use_cache else None
-    digests: list[str | None] = []
-    failures: dict[int, str] = {}
-    for i, p in enumerate(paths):
-        digest, reason = _read_digest(p)
-        digests.append(digest)
-        if reason:
-            failures[i] = reason
+    digest_list, found = digests if digests is not None else read_digests(paths)
+    digests_of = list(digest_list)
+    failures = dict(found)
     out: dict[int, np.ndarray] = {}
     todo: list[int] = []
-    for i, d in enumerate(digests):
+    for i, d in enumerate(digests_of):
         if d is None:
             continue
         hit = cache.get(d) if cache is not None else None
@@ -164,7 +180,7 @@ def embed_paths(
                         k = todo[j]
                         out[k] = v
                         if cache is not None:
-                            cache.put(digests[k], v)  # type: ignore[arg-type]
+                            cache.put(digests_of[k], v)  # type: ignore[arg-type]
                 bar.update(len(idx) + len(bad))
         if cache is not None:
             cache.save()
@@ -199,10 +215,11 @@ def embed_dataset(
     """
     if len(dataset) == 0:
         raise DataError(f"dataset {dataset.name} has no images", hint="check --data and --split")
+    digests = read_digests(dataset.paths)
     vectors, ok, failures, num_cached = embed_paths(
         dataset.paths, backbone, batch_size=batch_size, num_workers=num_workers,
         cache_dir=cache_dir, use_cache=use_cache, progress=progress,
-        desc=f"embedding {dataset.name}")
+        desc=f"embedding {dataset.name}", digests=digests)
     skipped = [(dataset.records[i].path, failures[i]) for i in sorted(failures)]
     if skipped:
         if strict:
@@ -218,8 +235,8 @@ def embed_dataset(
         raise DataError(f"none of the {len(dataset)} images of {dataset.name} could be read",
                         hint="check the image files (see the warnings above)")
     kept = dataset.subset(ok)
-    return Embeddings(vectors=vectors, dataset=kept, skipped=skipped,
-                      backbone=backbone.describe(), num_cached=num_cached)
+    return Embeddings(vectors=vectors, dataset=kept, skipped=skipped, backbone=backbone.describe(),
+                      num_cached=num_cached, digests=[digests[0][i] for i in ok])
 
 
 @torch.no_grad()

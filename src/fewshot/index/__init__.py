@@ -9,7 +9,8 @@ On disk (``save``/``load``, written atomically as a whole folder)::
 
     INDEX_DIR/images.faiss       faiss.IndexFlatIP over the image embeddings  [N, D]
     INDEX_DIR/prototypes.faiss   faiss.IndexFlatIP over the article prototypes [C, D]
-    INDEX_DIR/meta.json          labels, groups, paths per image; articles; config; version
+    INDEX_DIR/meta.json          labels, groups, paths and content digests (SHA-256) per image;
+                                 config (backbone, run, model weights digest); version
 """
 
 from __future__ import annotations
@@ -129,6 +130,16 @@ def _flat_ip(vectors: np.ndarray, dim: int) -> faiss.Index:
     return index
 
 
+def is_index_dir(path: str | Path) -> bool:
+    """Whether ``path`` is an index folder written by :meth:`CatalogueIndex.save` (its
+    ``meta.json`` has a ``format_version``), complete or not."""
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
+        return isinstance(meta, dict) and "format_version" in meta
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass
 class CatalogueIndex:
     """Catalogue embeddings with their labels, groups, paths and per-article prototypes.
@@ -152,12 +163,18 @@ class CatalogueIndex:
     prototype_index: faiss.Index | None = None
     #: int64 ``[N]``: each image's position in ``articles`` (kept by ``_rebuild_prototypes``)
     image_article: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    #: SHA-256 of each catalogue image's file (``None`` where unknown, e.g. an index written by
+    #: fewshot 0.1.0); finds queries that are catalogue images (:meth:`find_images`)
+    digests: list[str | None] = field(default_factory=list)
 
     # ----------------------------------------------------------------- building
     @classmethod
     def build(cls, vectors: np.ndarray, labels: Sequence[str], groups: Sequence[str | None],
-              paths: Sequence[str | Path], config: dict | None = None) -> "CatalogueIndex":
+              paths: Sequence[str | Path], config: dict | None = None,
+              digests: Sequence[str | None] | None = None) -> "CatalogueIndex":
         """Index ``vectors float32 [N, D]`` (normalised here) with per-image metadata.
+
+        ``digests``: the SHA-256 of each image file (:func:`fewshot.embed.read_digests`).
 
         Raises:
             DataError: no vectors, or metadata lengths that differ from ``N``.
@@ -170,8 +187,11 @@ class CatalogueIndex:
         if not (len(labels) == len(groups) == len(paths) == n):
             raise DataError(f"catalogue metadata lengths differ: {n} vectors, {len(labels)} "
                             f"labels, {len(groups)} groups, {len(paths)} paths")
+        digests = list(digests) if digests is not None else [None] * n
+        if len(digests) != n:
+            raise DataError(f"catalogue metadata lengths differ: {n} vectors, {len(digests)} digests")
         self = cls(dim=vectors.shape[1], labels=list(labels), groups=list(groups),
-                   paths=[str(p) for p in paths], config=dict(config or {}))
+                   paths=[str(p) for p in paths], config=dict(config or {}), digests=digests)
         self.image_index = _flat_ip(l2_normalize(vectors), self.dim)
         self._rebuild_prototypes()
         return self
@@ -201,8 +221,10 @@ class CatalogueIndex:
         self.prototype_index = _flat_ip(l2_normalize(sums), self.dim)
 
     def add_article(self, label: str, group: str | None, vectors: np.ndarray,
-                    paths: Sequence[str | Path]) -> None:
+                    paths: Sequence[str | Path], digests: Sequence[str | None] | None = None) -> None:
         """Add images of one article (new or existing) and update its prototype.
+
+        ``digests``: the SHA-256 of each image file (``None`` = unknown).
 
         Raises:
             DataError: no vectors, wrong dimension, or paths that do not match the vectors.
@@ -219,6 +241,7 @@ class CatalogueIndex:
         self.labels += [label] * len(vectors)
         self.groups += [group] * len(vectors)
         self.paths += [str(p) for p in paths]
+        self.digests += list(digests) if digests is not None else [None] * len(vectors)
         self._rebuild_prototypes()
 
     def remove_article(self, label: str) -> int:
@@ -235,6 +258,7 @@ class CatalogueIndex:
         self.labels = [self.labels[i] for i in keep]
         self.groups = [self.groups[i] for i in keep]
         self.paths = [self.paths[i] for i in keep]
+        self.digests = [self.digests[i] for i in keep]
         self.image_index = _flat_ip(vectors, self.dim)
         self._rebuild_prototypes()
         return removed
@@ -262,32 +286,88 @@ class CatalogueIndex:
         return [[Neighbor(self.paths[j], self.labels[j], self.groups[j], float(s))
                  for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(scores, idx)]
 
-    def classify(self, queries: np.ndarray, top_k: int = 5, mode: str = "prototype") -> list[list[Prediction]]:
+    def find_images(self, digests: Sequence[str | None]) -> list[list[int]]:
+        """Catalogue images with the same content as each query: ``digests`` are the queries'
+        file SHA-256 (``None`` = unknown); returns, per query, the positions of the catalogue
+        images with that digest (empty when none)."""
+        where: dict[str, list[int]] = {}
+        for i, d in enumerate(self.digests):
+            if d is not None:
+                where.setdefault(d, []).append(i)
+        return [list(where.get(d, [])) if d is not None else [] for d in digests]
+
+    def classify(self, queries: np.ndarray, top_k: int = 5, mode: str = "prototype",
+                 exclude: Sequence[Sequence[int]] | None = None) -> list[list[Prediction]]:
         """Top-k articles for ``queries float32 [Q, D]``.
 
         Args:
-            top_k: articles to return per query.
+            top_k: articles to return per query (at least 1; at most the number of articles).
             mode: ``"prototype"`` (cosine to the article's mean embedding) or ``"nearest"``
                 (the article's best-matching catalogue image).
+            exclude: per query, catalogue image positions to leave out of its ranking
+                (leave-one-out for a query that is a catalogue image, :meth:`find_images`):
+                in nearest mode those images are skipped; in prototype mode the article's
+                prototype is recomputed without them (an article left with no image drops out).
 
         Raises:
-            ValueError: unknown mode.
+            ValueError: unknown mode, ``top_k < 1``, or ``exclude`` of the wrong length.
             CheckpointError: query dimension differs from the index's.
         """
         queries = self._check_queries(queries)
-        top_k = max(1, min(top_k, len(self.articles)))
-        if mode == "prototype":
-            assert self.prototype_index is not None
-            scores, idx = _faiss_search(self.prototype_index, queries, top_k)
-            return [[Prediction(self.articles[j], self.article_groups[j], float(s))
-                     for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(scores, idx)]
-        if mode != "nearest":
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if mode not in ("prototype", "nearest"):
             raise ValueError(f"unknown mode '{mode}': use 'prototype' or 'nearest'")
+        exclude = [list(e) for e in exclude] if exclude is not None else [[] for _ in range(len(queries))]
+        if len(exclude) != len(queries):
+            raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+        top_k = min(top_k, len(self.articles))
+        if mode == "prototype":
+            return self._classify_prototype(queries, top_k, exclude)
+        return self._classify_nearest(queries, top_k, exclude)
+
+    def _classify_prototype(self, queries: np.ndarray, top_k: int,
+                            exclude: list[list[int]]) -> list[list[Prediction]]:
+        assert self.prototype_index is not None
+        extra = max((len({int(self.image_article[i]) for i in e}) for e in exclude), default=0)
+        k = min(len(self.articles), top_k + extra)
+        scores, idx = _faiss_search(self.prototype_index, queries, k)
+        results = []
+        for q, (srow, irow, ex) in enumerate(zip(scores, idx, exclude)):
+            ranked = [(float(sc), int(j)) for sc, j in zip(srow, irow) if j >= 0]
+            if ex:
+                changed = self._loo_prototype_scores(queries[q], ex)
+                ranked = [(sc, j) for sc, j in ranked if j not in changed]
+                ranked += [(sc, j) for j, sc in changed.items() if sc is not None]
+                ranked.sort(key=lambda t: (-t[0], t[1]))
+            results.append([Prediction(self.articles[j], self.article_groups[j], sc) for sc, j in ranked[:top_k]])
+        return results
+
+    def _loo_prototype_scores(self, query: np.ndarray, exclude: list[int]) -> dict[int, float | None]:
+        """Cosine of ``query [D]`` (normalised) to each affected article's prototype without the
+        ``exclude`` images; ``None`` for an article left with no image."""
+        assert self.image_index is not None
+        gone = set(exclude)
+        out: dict[int, float | None] = {}
+        for a in sorted({int(self.image_article[i]) for i in exclude}):
+            keep = [int(i) for i in np.flatnonzero(self.image_article == a) if int(i) not in gone]
+            if not keep:
+                out[a] = None
+                continue
+            proto = np.sum([self.image_index.reconstruct(i) for i in keep], axis=0, dtype=np.float32)
+            out[a] = float(l2_normalize(proto[None])[0] @ query)
+        return out
+
+    def _classify_nearest(self, queries: np.ndarray, top_k: int,
+                          exclude: list[list[int]]) -> list[list[Prediction]]:
         assert self.image_index is not None
         n = len(self.labels)
-        k = min(n, max(50, top_k * 20))
+        k = min(n, max(50, top_k * 20) + max((len(e) for e in exclude), default=0))
         while True:
             scores, idx = _faiss_search(self.image_index, queries, k)
+            for r, ex in enumerate(exclude):
+                if ex:
+                    idx[r][np.isin(idx[r], ex)] = -1
             rows, cols = _best_image_per_article(idx, self.image_article)
             counts = np.bincount(rows, minlength=len(queries))
             if counts.min() < top_k and k < n:  # too few distinct articles among k images
@@ -314,6 +394,7 @@ class CatalogueIndex:
             "labels": self.labels,
             "groups": self.groups,
             "paths": self.paths,
+            "digests": self.digests,
         }
         with atomic_dir(path) as tmp:
             faiss.write_index(self.image_index, str(tmp / "images.faiss"))
@@ -352,7 +433,11 @@ class CatalogueIndex:
         if image_index.ntotal != len(meta["labels"]) or image_index.d != meta["dim"]:
             raise CheckpointError(f"index {path} is inconsistent: {image_index.ntotal} vectors for "
                                   f"{len(meta['labels'])} labels", hint="rebuild it with `fewshot index`")
-        self = cls(dim=meta["dim"], labels=meta["labels"], groups=meta["groups"],
-                   paths=meta["paths"], config=meta.get("config", {}), image_index=image_index)
+        digests = meta.get("digests") or [None] * len(meta["labels"])
+        if len(digests) != len(meta["labels"]):
+            raise CheckpointError(f"index {path} is inconsistent: {len(digests)} digests for "
+                                  f"{len(meta['labels'])} images", hint="rebuild it with `fewshot index`")
+        self = cls(dim=meta["dim"], labels=meta["labels"], groups=meta["groups"], paths=meta["paths"],
+                   config=meta.get("config", {}), image_index=image_index, digests=digests)
         self._rebuild_prototypes()
         return self

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..data.episodes import EpisodeSampler
-from ..errors import FewshotError
+from ..errors import DataError, FewshotError
 from .base import EpisodeClassifier
 from .heads import ProjectionHead
 
@@ -262,6 +262,7 @@ class Method:
         self.backbone: nn.Module | None = None
         self.backbone_params: list[nn.Parameter] = []
         self._features: Callable[[np.ndarray], torch.Tensor] | None = None
+        self._warned = False
         self.head = self.build_head()
 
     # ------------------------------------------------------------------ model
@@ -323,9 +324,36 @@ class Method:
 
         ``episodes`` defaults to ``cfg.episodes_per_epoch``. Helper for episodic methods.
         """
-        return EpisodeSampler(train.y.tolist(), self.cfg.ways, self.cfg.shots, self.cfg.queries,
-                              episodes=episodes or self.cfg.episodes_per_epoch,
-                              seed=int(rng.integers(0, 2**31 - 1)))
+        sampler = EpisodeSampler(train.y.tolist(), self.cfg.ways, self.cfg.shots, self.cfg.queries,
+                                 episodes=episodes or self.cfg.episodes_per_epoch,
+                                 seed=int(rng.integers(0, 2**31 - 1)), names=train.label_names,
+                                 warn=not self._warned)
+        self._warned = True  # the classes left out are the same every epoch: say so once
+        return sampler
+
+    def check_data(self, train: TrainData) -> None:
+        """Refuse training data on which this method cannot learn, with the reason and the fix.
+
+        Called by the trainer before anything is written. The default checks episodic
+        methods: N-way episodes need ``N >= 2`` (a 1-way episode is always right: loss 0)
+        and ``N`` training classes with ``shots + queries`` images each.
+
+        Raises:
+            FewshotError: naming the options to change.
+        """
+        if not self.episodic:
+            return
+        cfg = self.cfg
+        if cfg.ways < 2:
+            raise FewshotError(f"--ways {cfg.ways}: an episode needs at least 2 classes (in a 1-way episode "
+                               "every query is right, so the loss is 0 and nothing is learned)",
+                               hint="use --ways 2 or more (default 5)")
+        try:
+            self.episode_sampler(train, np.random.default_rng(0), episodes=1)
+        except DataError as exc:
+            raise DataError(f"the train classes cannot make {cfg.ways}-way {cfg.shots}-shot episodes with "
+                            f"{cfg.queries} queries: {exc.message}",
+                            hint="lower --ways, --shots or --queries, or give the train classes more photos") from None
 
     def loss(self, batch: Any) -> torch.Tensor:
         """Scalar loss of one batch from :meth:`epoch_batches`."""

@@ -27,30 +27,41 @@ from .. import __version__
 from ..backbones import create_backbone
 from ..errors import CheckpointError, FewshotError
 from ..io import atomic_path, atomic_write_json
-from .base import EmbeddingModel
+from .base import EmbeddingModel, weights_digest
 from .heads import build_head
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.pt"
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """A short content digest of a state dict (for cache keys of fine-tuned backbones)."""
-    import hashlib
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a training run written by fewshot, complete or not (a
+    ``config.json`` with a weights digest, or a training checkpoint)."""
+    path = Path(path)
+    if (path / CHECKPOINT).is_file():
+        return True
+    try:
+        cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+        return isinstance(cfg, dict) and "weights_sha256" in cfg
+    except (OSError, ValueError):
+        return False
 
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+
+def run_completed(cfg: dict) -> bool:
+    """Whether a run's ``config.json`` says that training finished (``"complete": true``; a
+    run of fewshot 0.1.0 recorded ``epochs_run`` only when it finished)."""
+    return bool(cfg.get("complete", "epochs_run" in cfg and "complete" not in cfg))
 
 
 def save_run(run_dir: str | Path, model: EmbeddingModel, config: dict,
-             extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+             extra_tensors: dict[str, torch.Tensor] | None = None, *, complete: bool = False) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``run_dir``.
 
     ``config`` must hold at least ``method``; backbone, head spec, version and the weights'
     digest are added here. ``extra_tensors`` (method state) are stored as ``method.<key>``.
+    ``complete`` records that training finished; :func:`load_run` refuses a run without it
+    (the trainer saves each best epoch with ``complete=False`` and marks the run at the end).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +82,7 @@ def save_run(run_dir: str | Path, model: EmbeddingModel, config: dict,
         "head": getattr(model.head, "spec", None),
         "fine_tune": config.get("fine_tune", "none"),
         "weights_sha256": weights_digest(tensors),
+        "complete": bool(complete),
     })
     with atomic_path(run_dir / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"fewshot_version": __version__})
@@ -86,8 +98,9 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
             backbone, the run is refused.
 
     Raises:
-        CheckpointError: missing folder or files, unreadable JSON or weights, a backbone
-            mismatch, or weights that do not fit the recorded architecture.
+        CheckpointError: missing folder or files, unreadable JSON or weights, a run whose
+            training did not complete (:func:`run_completed`), a backbone mismatch, or
+            weights that do not fit the recorded architecture.
     """
     run_dir = Path(run_dir)
     cfg_path, w_path = run_dir / CONFIG, run_dir / WEIGHTS
@@ -103,6 +116,11 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
         backbone_cfg = cfg["backbone"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{cfg_path} is damaged ({exc})", hint="re-run training") from exc
+    if not run_completed(cfg):
+        raise CheckpointError(f"{run_dir} is not a completed training run: its training was interrupted or "
+                              "failed, so its weights are not a trained model",
+                              hint="finish it with the same `fewshot train` command plus --resume, "
+                                   "or train again into a new --out")
     name = backbone_cfg["name"]
     if expected_backbone and expected_backbone != name:
         raise CheckpointError(

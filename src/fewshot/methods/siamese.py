@@ -46,6 +46,7 @@ with ``hard`` (batch-hard) mining.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Iterator
 
 import numpy as np
@@ -55,6 +56,8 @@ from pytorch_metric_learning.utils import common_functions as pml_common
 
 from ..errors import FewshotError
 from .method import IndexBatch, Method, TrainConfig, TrainData, register_method
+
+log = logging.getLogger("fewshot")
 
 __all__ = ["SiameseMethod", "ContrastiveMethod", "TripletMethod", "MINERS"]
 
@@ -98,6 +101,43 @@ class SiameseMethod(Method):
     def make_miner(self) -> Any:
         raise NotImplementedError
 
+    def check_data(self, train: TrainData) -> None:
+        """Refuse batch settings that do not fit and data without positive pairs.
+
+        A contrastive or triplet loss learns from pairs of *different* photos of one article
+        (anchor and positive): with fewer than two classes of 2+ photos every positive is the
+        anchor itself, the loss is 0 and nothing is learned.
+
+        Raises:
+            FewshotError: naming the options or data to change.
+        """
+        self._check_batches(train)
+        counts = np.bincount(train.y.numpy(), minlength=train.num_classes)
+        several = int((counts >= 2).sum())
+        if several < 2:
+            raise FewshotError(
+                f"{self.name} training needs positive pairs (two different photos of one article), but only "
+                f"{several} of {train.num_classes} train classes have 2 or more photos: the loss would be 0 "
+                "and nothing would be learned",
+                hint="give the train classes at least 2 photos each (4 or more is better)")
+        if several < train.num_classes:
+            lonely = [train.label_names[c] for c in np.flatnonzero(counts < 2)]
+            log.warning("%d of %d train classes have a single photo and give no positive pair: %s",
+                        len(lonely), train.num_classes, ", ".join(lonely[:10]) + (" ..." if len(lonely) > 10 else ""))
+
+    def _check_batches(self, train: TrainData) -> tuple[int, int]:
+        m, bs = int(self.cfg.m_per_class), int(self.cfg.batch_size)
+        n_classes = train.num_classes
+        if m < 2 or bs < 2 * m or bs % m:
+            raise FewshotError(f"batch size {bs} and m-per-class {m} do not fit",
+                               hint="use --m-per-class >= 2 and a --batch-size that is a multiple of it "
+                                    "(at least two classes per batch)")
+        if bs > m * n_classes:
+            raise FewshotError(f"batch size {bs} needs {bs // m} classes of {m} images, but training has "
+                               f"{n_classes} classes",
+                               hint=f"use --batch-size <= {m * n_classes} (a multiple of {m})")
+        return m, bs
+
     def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> list[IndexBatch]:
         """About one pass over the training items in MPerClassSampler batches.
 
@@ -109,16 +149,7 @@ class SiameseMethod(Method):
             FewshotError: ``batch_size`` is not a multiple of ``m_per_class`` or exceeds
                 ``m_per_class * classes``.
         """
-        m, bs = int(self.cfg.m_per_class), int(self.cfg.batch_size)
-        n_classes = train.num_classes
-        if m < 2 or bs < 2 * m or bs % m:
-            raise FewshotError(f"batch size {bs} and m-per-class {m} do not fit",
-                               hint="use --m-per-class >= 2 and a --batch-size that is a multiple of it "
-                                    "(at least two classes per batch)")
-        if bs > m * n_classes:
-            raise FewshotError(f"batch size {bs} needs {bs // m} classes of {m} images, but training has "
-                               f"{n_classes} classes",
-                               hint=f"use --batch-size <= {m * n_classes} (a multiple of {m})")
+        m, bs = self._check_batches(train)
         n_batches = max(1, len(train) // bs)
         labels = train.y.numpy()
         sampler = samplers.MPerClassSampler(labels, m=m, batch_size=bs, length_before_new_iter=n_batches * bs)

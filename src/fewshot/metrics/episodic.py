@@ -9,7 +9,9 @@ embeddings are used with the negative squared Euclidean distance, as in Snell et
 
 Reported as the mean accuracy over episodes with a 95% confidence interval
 ``ci95 = 1.96 * std(per_episode, ddof=0) / sqrt(episodes)`` (the convention of the
-prototypical-network and "closer look at few-shot" code bases).
+prototypical-network and "closer look at few-shot" code bases). That normal approximation
+needs many episodes: below :data:`MIN_EPISODES_FOR_CI` episodes no interval is reported
+(``ci95`` is ``None``; with one episode the formula would give a false ``+- 0``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ import torch
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.errors import DataError
 
-__all__ = ["EpisodicResult", "episodic_accuracy", "episodic_by_group", "prototype_classifier"]
+__all__ = ["EpisodicResult", "episodic_accuracy", "episodic_by_group", "prototype_classifier",
+           "MIN_EPISODES_FOR_CI", "format_accuracy"]
+
+#: fewest episodes for which a 95% confidence interval is reported
+MIN_EPISODES_FOR_CI = 30
 
 logger = logging.getLogger("fewshot")
 
@@ -43,13 +49,14 @@ class EpisodicResult:
 
     Attributes:
         accuracy: mean of the per-episode query accuracies.
-        ci95: ``1.96 * std(per_episode, ddof=0) / sqrt(episodes)``.
+        ci95: ``1.96 * std(per_episode, ddof=0) / sqrt(episodes)``; ``None`` below
+            :data:`MIN_EPISODES_FOR_CI` episodes.
         episodes, n_way, k_shot, n_query: the protocol.
         per_episode: float64 ``[episodes]`` accuracy of each episode.
     """
 
     accuracy: float
-    ci95: float
+    ci95: float | None
     episodes: int
     n_way: int
     k_shot: int
@@ -147,6 +154,7 @@ def episodic_accuracy(
     query_labels: Sequence | None = None,
     classifier: Classifier | None = None,
     normalize: bool = True,
+    warn: bool = True,
 ) -> EpisodicResult:
     """Mean N-way K-shot accuracy (with a 95% CI) over seeded episodes.
 
@@ -166,6 +174,8 @@ def episodic_accuracy(
             :func:`prototype_classifier`, vectorised over batches of episodes.
         normalize: L2-normalise embeddings and use cosine similarity (default); ``False``:
             raw embeddings, and the default classifier uses squared Euclidean distance.
+        warn: log the classes left out for having too few items (``False`` when the same
+            data is evaluated again, e.g. every training epoch).
 
     Returns:
         :class:`EpisodicResult`.
@@ -193,7 +203,7 @@ def episodic_accuracy(
         x = torch.nn.functional.normalize(x, dim=1)
         xq = x if yq is None else torch.nn.functional.normalize(xq, dim=1)
 
-    sampler = EpisodeSampler(y, n_way, k_shot, n_query, episodes, seed, query_labels=yq)
+    sampler = EpisodeSampler(y, n_way, k_shot, n_query, episodes, seed, query_labels=yq, warn=warn)
     _, support_idx, query_idx = sampler.index_arrays()
     support_idx = torch.from_numpy(support_idx)
     query_idx = torch.from_numpy(query_idx)
@@ -228,7 +238,8 @@ def episodic_accuracy(
 
     per_episode = correct.numpy()
     accuracy = float(per_episode.mean())
-    ci95 = float(1.96 * per_episode.std(ddof=0) / math.sqrt(len(per_episode)))
+    ci95 = (float(1.96 * per_episode.std(ddof=0) / math.sqrt(len(per_episode)))
+            if len(per_episode) >= MIN_EPISODES_FOR_CI else None)
     return EpisodicResult(
         accuracy=accuracy,
         ci95=ci95,
@@ -238,6 +249,13 @@ def episodic_accuracy(
         n_query=q,
         per_episode=per_episode,
     )
+
+
+def format_accuracy(accuracy: float, ci95: float | None, episodes: int) -> str:
+    """``"0.8520 +- 0.0070"``, or ``"0.8520 (95% CI n/a: 3 episodes, fewer than 30)"``."""
+    if ci95 is None:
+        return f"{accuracy:.4f} (95% CI n/a: {episodes} episodes, fewer than {MIN_EPISODES_FOR_CI})"
+    return f"{accuracy:.4f} +- {ci95:.4f}"
 
 
 def episodic_by_group(

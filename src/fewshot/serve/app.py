@@ -63,6 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..data.images import load_image
+from ..embed import read_digests
 from ..errors import FewshotError, ImageReadError
 from ..index import CatalogueIndex
 from ..io import atomic_dir
@@ -309,6 +310,7 @@ def _clone(index: CatalogueIndex) -> CatalogueIndex:
     """A copy that can be changed while requests keep reading the original."""
     new = copy.copy(index)
     new.labels, new.groups, new.paths = list(index.labels), list(index.groups), list(index.paths)
+    new.digests = list(index.digests)
     new.articles, new.article_groups = list(index.articles), list(index.article_groups)
     new.config = copy.deepcopy(index.config)
     new.image_index = faiss.clone_index(index.image_index)
@@ -340,7 +342,7 @@ class _Service:
         if model is None:
             from ..pipeline import model_for_index
 
-            model = model_for_index(index)
+            model = model_for_index(index, self.index_dir)
         self.model = model
         if model.dim != index.dim:
             from ..errors import CheckpointError
@@ -679,7 +681,8 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
                                        "or delete the article first")
                     group = existing_group if group is None else group
                 new_index = _clone(current)
-                new_index.add_article(label, group, vectors, [str(dst) for _, dst in new_files])
+                new_index.add_article(label, group, vectors, [str(dst) for _, dst in new_files],
+                                      digests=read_digests([src for src, _ in new_files])[0])
                 service.commit(new_index, new_files)
                 snap = service.snapshot
         return {"label": label, "group": group, "created": created, "added": len(new_files),
