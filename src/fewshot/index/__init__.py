@@ -201,7 +201,9 @@ class CatalogueIndex:
         assert self.image_index is not None
         if self.image_index.ntotal == 0:
             return np.zeros((0, self.dim), np.float32)
-        return self.image_index.reconstruct_n(0, self.image_index.ntotal)
+        # np.asarray: once faiss.contrib.torch_utils is imported (pytorch-metric-learning's
+        # inference module does it), FAISS returns torch tensors here
+        return np.asarray(self.image_index.reconstruct_n(0, self.image_index.ntotal), dtype=np.float32)
 
     def _rebuild_prototypes(self) -> None:
         vectors = self.image_vectors()
@@ -354,7 +356,7 @@ class CatalogueIndex:
             if not keep:
                 out[a] = None
                 continue
-            proto = np.sum([self.image_index.reconstruct(i) for i in keep], axis=0, dtype=np.float32)
+            proto = np.sum([np.asarray(self.image_index.reconstruct(i), dtype=np.float32) for i in keep], axis=0)
             out[a] = float(l2_normalize(proto[None])[0] @ query)
         return out
 
