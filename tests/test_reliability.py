@@ -489,3 +489,33 @@ def test_serve_on_a_busy_port_is_a_clear_error(small_manifest, cache, tmp_path):
         assert sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+# --------------------------------------------------------------------------- README
+def test_readme_classify_your_own_photos_works_as_written(photo_tree, cache, tmp_path, monkeypatch):
+    """The README's "Classify your own photos" commands, on a plain folder tree, exactly as
+    written (only PATH and the photo names filled in)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Classify your own photos", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("fewshot ")]
+    assert len(commands) == 4
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    tree_photos = sorted(photo_tree.rglob("*.jpg"))
+    for p in tree_photos[:3]:
+        shutil.copyfile(p, photos / p.name)
+    shutil.copyfile(tree_photos[5], tmp_path / "photo1.jpg")
+    shutil.copyfile(tree_photos[9], tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEWSHOT_CACHE", str(cache))
+    outputs = []
+    for command in commands:
+        argv = [str(photo_tree) if a == "PATH" else a for a in shlex.split(command)[1:]]
+        outputs.append(run(*argv).output)
+    assert "indexed 36 images of 6 articles into my-index" in outputs[0]
+    assert len(re.findall(r"^\S+\.jpg\t", outputs[1], flags=re.M)) == 4  # photo1.jpg + the 3 in photos/
+    line = json.loads([x for x in outputs[2].splitlines() if x.startswith("{")][-1])
+    assert len(line["predictions"]) == 3 and line["in_catalogue"] is True  # photo.jpg is a catalogue photo
