@@ -485,8 +485,10 @@ def test_existing_folder_without_marker(tmp_path, server, served, tiny):
     other = tmp_path / "other"
     (other / "tinygrocery").mkdir(parents=True)
     (other / "tinygrocery" / "mine.txt").write_text("user data")
-    with pytest.raises(DataError, match="use --force"):
+    with pytest.raises(DataError, match="not fetched by fewshot"):
         fetch_dataset(served, root=other, progress=False)
+    with pytest.raises(DataError, match="replaces only a copy that fewshot fetched"):
+        fetch_dataset(served, root=other, progress=False, force=True)  # --force never deletes a user's folder
     assert (other / "tinygrocery" / "mine.txt").is_file()
 
 

@@ -133,6 +133,9 @@ def test_upload_is_embedded_like_the_index(client, catalogue) -> None:
     top = body["neighbors"][0]
     assert top["path"] == str(indexed) and top["score"] > 0.999
     assert body["predictions"][0]["label"] == "Oatly-Oat-Milk"
+    assert body["in_catalogue"] == [top["image_id"]]  # said, so the 1.0 is not mistaken for recognition
+    held_out = client.post("/classify", files={"file": photo(catalogue.test["Oatly-Oat-Milk"][0])}).json()
+    assert held_out["in_catalogue"] == []
 
 
 def test_concurrent_requests_match_sequential_ones(client, catalogue) -> None:

@@ -110,7 +110,7 @@ def evaluate(
     backbone: Optional[str] = BackboneOpt,
     model: Optional[Path] = ModelOpt,
     image_size: Optional[int] = SizeOpt,
-    seed: int = typer.Option(0, "--seed", help="Seed for episodes and the retrieval grid."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for episodes and the retrieval grid."),
     episodes: int = typer.Option(1000, "--episodes", min=1, help="Episodes per N-way K-shot setting (a 95% CI is reported from 30)."),
     queries: int = typer.Option(5, "--queries", min=1, help="Query images per class in each episode."),
     group_from: Optional[str] = GroupFromOpt,
@@ -221,6 +221,9 @@ def classify(
         from ..pipeline import classification_accuracy
 
         acc = classification_accuracy(results, truth, top_k)
+        if not acc["num_images"]:
+            raise DataError(f"none of the {len(results)} images of {data} could be read: no accuracy to report",
+                            hint="check the image files (see the errors above)")
         typer.echo(f"top-1 accuracy {acc['top1']:.4f}  top-{top_k} accuracy {acc['topk']:.4f}  "
                    f"({acc['num_images']} images, {len(cat.articles)} articles, mode {mode})  "
                    f"catalogue images among them: {_in_catalogue(results)}")

@@ -73,7 +73,7 @@ def train(
     maml_init: str = typer.Option("proto", "--maml-init", help="MAML's initial output layer per task: proto (from the support prototypes) | zero | learned."),
     val_episodes: Optional[int] = typer.Option(None, "--val-episodes", min=0, help="Episodic validation episodes per epoch (default 300; 0 = none)."),
     eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", min=1, help="Episodes per setting in the final evaluation (default 1000)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of everything random (same seed, same run)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of everything random (same seed, same run)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),

@@ -850,6 +850,9 @@ def fetch_dataset(
     root = Path(root).expanduser() if root is not None else default_root()
     dest = root / info.name
 
+    if force and (dest.exists() or dest.is_symlink()) and not dest.joinpath(MARKER_NAME).is_file():
+        raise DataError(f"{dest} was not fetched by fewshot: --force replaces only a copy that fewshot fetched",
+                        hint="move it away, or fetch into another folder with --root DIR")
     if not force and dest.is_dir():
         marker = _read_marker(dest)
         if is_verified(dest, info, full=verify):
@@ -865,14 +868,15 @@ def fetch_dataset(
                 return dest
             raise DataError(
                 f"{dest} exists but does not hold the dataset '{info.name}' "
-                "(its content does not match the pinned checksum)",
-                hint="use --force to replace it, or fetch into another folder with --root DIR",
+                "(its content does not match the pinned checksum); it was not fetched by fewshot, so it "
+                "is left as it is",
+                hint="move it away, or fetch into another folder with --root DIR",
             )
         log.warning("%s failed verification; fetching it again", dest)
     elif not force and (dest.exists() or dest.is_symlink()):
         raise DataError(
             f"{dest} exists and is not a folder",
-            hint="remove it, use --force, or choose another --root DIR",
+            hint="move it away, or choose another --root DIR",
         )
 
     created_root = not root.exists()

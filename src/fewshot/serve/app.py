@@ -593,9 +593,11 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
         with tempfile.TemporaryDirectory(prefix="fewshot-upload-") as tmp:
             path, name = service.receive_upload(file, Path(tmp), 0)
             x = service.decode(path, name)
+            digest = read_digests([path])[0][0]
         vector = service.embedder.embed(x.unsqueeze(0))
         snap = service.snapshot
         index = snap.index
+        same = index.find_images([digest])[0]
         if len(index.articles) == 0:  # pragma: no cover - deleting the last article is refused
             raise ApiError(409, "empty_catalogue", "the catalogue has no articles",
                            hint="enrol an article with POST /articles")
@@ -618,6 +620,7 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
                                 "image_score": None if iscore is None else round(iscore, 6)})
         return {"file": name, "mode": mode, "top_k": top_k, "predictions": predictions,
                 "neighbors": neighbor_list, "num_articles": len(index.articles),
+                "in_catalogue": [snap.ids[i] for i in same],
                 "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
 
     # ------------------------------------------------------------------ articles
