@@ -1,6 +1,8 @@
 """One training loop for every method: ``train(TrainConfig) -> RunResult``.
 
-What :func:`train` does, in order:
+What :func:`train` does, in order (every file is written into ``RUN_DIR.partial``, see
+:func:`staging_dir`, which replaces ``RUN_DIR`` only when training completes; nothing is
+written before the arguments, the data and :meth:`Method.check_data` have been checked):
 
 1. Loads the dataset and the class split (``cfg.split_file``): training uses *every* image of
    the split's train classes (:func:`~fewshot.data.splits.dataset_for`); validation uses the val
@@ -160,7 +162,7 @@ def _check_validation(val_q: Dataset, val_g: Dataset, cfg: TrainConfig) -> None:
                              "with photos for both queries and gallery") from None
     usable = set(val_q.labels) & set(val_g.labels)
     if len(usable) < 5:
-        log.warning("WARNING: only %d val classes: val MAP@R (which picks the best epoch) is noisy; "
+        log.warning("only %d val classes: val MAP@R (which picks the best epoch) is noisy; "
                     "5 or more val classes are better", len(usable))
 
 

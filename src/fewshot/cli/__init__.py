@@ -261,7 +261,7 @@ def _report_catalogue_queries(results, cat) -> None:
     """Say loudly how many queries were catalogue images (each would otherwise find itself)."""
     n = sum(r.in_catalogue for r in results)
     if n:
-        log.warning("WARNING: %d of %d photos are catalogue images (same file content): each was classified "
+        log.warning("%d of %d photos are catalogue images (same file content): each was classified "
                     "with its own catalogue copy left out (leave-one-out), so it cannot find itself", n,
                     len(results))
     elif cat.digests and all(d is None for d in cat.digests):
