@@ -362,6 +362,9 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
     embed = embed or EmbedOptions()
     root = resolve_data(data)
     if catalogue == "iconic":
+        if split is not None or group_from is not None:
+            raise DataError("--catalogue iconic takes the 81 Grocery studio images: --split and --group-from do not "
+                            "apply to it", hint="drop --split / --group-from, or drop --catalogue")
         dataset = load_grocery_catalogue(root)
     elif catalogue not in (None, "", "images"):
         raise DataError(f"unknown catalogue '{catalogue}'", hint="use --catalogue iconic, or leave it out")

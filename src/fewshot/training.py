@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import random
@@ -374,7 +375,21 @@ def _validate_config(cfg: TrainConfig) -> type[Method]:
         raise FewshotError(f"unknown --device '{cfg.device}'", hint="use --device auto, cpu or cuda")
     if cfg.final_eval not in ("none", "test", "val", "train"):
         raise FewshotError(f"unknown final evaluation part '{cfg.final_eval}'", hint="use test, val or none")
+    _check_head(cfg.head)
     return get_method(cfg.method)
+
+
+def _check_head(head: dict | None) -> None:
+    """Build the head once at a nominal size, so that a bad ``--head`` spec fails before any work."""
+    from .methods.heads import ProjectionHead
+    from .methods.method import resolve_head_spec
+
+    try:
+        ProjectionHead(**resolve_head_spec(head, 8))
+    except (TypeError, ValueError) as exc:
+        raise FewshotError(f"--head {json.dumps(head)} is not a valid head ({exc})",
+                           hint='use --head linear, --head mlp, or e.g. --head \'{"kind": "mlp", "hidden_dim": 512, '
+                                '"out_dim": 256}\'') from None
 
 
 def max_epochs(method: Method, cfg: TrainConfig) -> int:
@@ -636,8 +651,6 @@ def _write_epoch_files(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop,
 def _finish_config(work: Path, loop: _Loop, setup: _Setup) -> dict:
     """Record the whole run in ``config.json`` (the weights on disk are the best epoch's) and
     mark it complete."""
-    import json
-
     cfg_path = work / CONFIG
     full = json.loads(cfg_path.read_text(encoding="utf-8"))
     full.update({"epochs_run": loop.history[-1]["epoch"], "stopped_early": loop.stopped_early,

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fewshot.data import fetch as _fetch
@@ -50,14 +51,9 @@ def list_cmd(
         for info in _fetch.list_datasets():
             dest = _fetch.dataset_path(info, root)
             status = f"fetched: {dest}" if _fetch.is_verified(dest, info) else "not fetched"
-            table.add_row(
-                info.name,
-                f"{info.title}\n{info.homepage}",
-                info.licence,
-                _size(info.size_bytes),
-                info.citation,
-                status,
-            )
+            cells = (info.name, f"{info.title}\n{info.homepage}", info.licence, _size(info.size_bytes),
+                     info.citation, status)
+            table.add_row(*(escape(c) for c in cells))  # a path or citation may hold [brackets]
     except FewshotError as exc:
         _fail(exc)
     Console().print(table)

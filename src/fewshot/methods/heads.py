@@ -19,11 +19,23 @@ from torch import nn
 
 
 class ProjectionHead(nn.Module):
-    """``x [B, D] float32 -> normalize(f(l2n(x) - centre)) [B, E] float32``."""
+    """``x [B, D] float32 -> normalize(f(l2n(x) - centre)) [B, E] float32``.
+
+    Raises:
+        ValueError: an unknown ``kind``, a dimension that is not a positive integer, or a
+            ``dropout`` outside ``[0, 1)``.
+    """
 
     def __init__(self, kind: str = "mlp", in_dim: int = 1280, out_dim: int = 256,
                  hidden_dim: int = 512, centre: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
+        if kind not in ("mlp", "linear"):
+            raise ValueError(f"unknown head kind '{kind}': use 'mlp' or 'linear'")
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"head {name} must be a positive integer, got {value!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"head dropout must be in [0, 1), got {dropout!r}")
         self.spec = {"kind": kind, "in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim,
                      "centre": centre, "dropout": dropout}
         self.register_buffer("centre_vector", torch.zeros(in_dim))
