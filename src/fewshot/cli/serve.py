@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import FewshotError
-from . import app, handle_errors, positive
+from .common import app, handle_errors, positive
 
 
 @app.command()

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from . import app, echo_episodes, handle_errors, positive
+from .common import app, echo_episodes, handle_errors, positive
 
 
 def _head_spec(value: Optional[str]):

@@ -5,6 +5,7 @@ The shared pieces: :mod:`.heads` (projection heads), :mod:`.runs` (the RUN_DIR f
 evaluate / index / classify / embed).
 """
 
-from .base import EmbeddingModel, load_embedding_model
+from .base import EmbeddingModel
+from .runs import load_embedding_model
 
 __all__ = ["EmbeddingModel", "load_embedding_model"]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones import Backbone, create_backbone
+from ..backbones import Backbone
 from ..data.records import Dataset
 from ..embed import Embeddings, apply_head, embed_dataset, embed_paths
 
@@ -107,18 +107,3 @@ def _describe_classifier(classifier: EpisodeClassifier | None) -> dict:
     if isinstance(described, dict):
         return dict(described)
     return {"kind": getattr(classifier, "__name__", type(classifier).__name__)}
-
-
-def load_embedding_model(backbone: str | None = "efficientnet_lite0", model_dir: str | Path | None = None,
-                         image_size: int = 224, pretrained: bool = True) -> EmbeddingModel:
-    """Frozen ``backbone`` at ``image_size``, or the run saved in ``model_dir``.
-
-    With ``model_dir`` the run's own backbone and image size are used; a ``backbone`` that
-    differs from the run's raises :class:`~fewshot.errors.CheckpointError`.
-    """
-    if model_dir is not None:
-        from .runs import load_run
-
-        return load_run(model_dir, expected_backbone=backbone)
-    return EmbeddingModel(backbone=create_backbone(backbone or "efficientnet_lite0",
-                                                   pretrained=pretrained, image_size=image_size))

@@ -169,3 +169,16 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
             raise CheckpointError(f"method state in {w_path} does not fit method '{cfg['method']}': {exc}",
                                   hint="the run folder was mixed up or damaged; re-run training") from exc
     return model
+
+
+def load_embedding_model(backbone: str | None = "efficientnet_lite0", model_dir: str | Path | None = None,
+                         image_size: int = 224, pretrained: bool = True) -> EmbeddingModel:
+    """Frozen ``backbone`` at ``image_size``, or the run saved in ``model_dir``.
+
+    With ``model_dir`` the run's own backbone and image size are used; a ``backbone`` that
+    differs from the run's raises :class:`~fewshot.errors.CheckpointError`.
+    """
+    if model_dir is not None:
+        return load_run(model_dir, expected_backbone=backbone)
+    return EmbeddingModel(backbone=create_backbone(backbone or "efficientnet_lite0",
+                                                   pretrained=pretrained, image_size=image_size))

@@ -1,0 +1,97 @@
+"""What every ``fewshot`` command shares: the typer app, error handling, common options.
+
+Kept apart from :mod:`fewshot.cli` so that the command modules (``train``, ``serve``) and the
+package ``__init__`` that registers them import it, and not each other.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from ..errors import FewshotError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Few-shot product recognition: embed, evaluate (mAP), index and classify images.")
+err_console = Console(stderr=True, soft_wrap=True)
+log = logging.getLogger("fewshot")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn FewshotError into ``error: ...`` on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except FewshotError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+            if exc.hint:
+                err_console.print(f"  fix: {escape(exc.hint)}", highlight=False)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def positive(value: float | None) -> float | None:
+    """typer callback: a number that must be greater than 0 (``None`` = not given)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not greater than 0")
+    return value
+
+
+# Shared option definitions -----------------------------------------------------------------
+DataOpt = typer.Option(..., "--data", help="Dataset folder, CSV manifest, or a fetched dataset name (grocery, omniglot).")
+BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default efficientnet_lite0); see `fewshot backbones`.")
+ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot train` (backbone + trained head).")
+SizeOpt = typer.Option(None, "--image-size", min=16, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model).")
+GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
+StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
+BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass.")
+WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes (0 = in the main process).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace --out when it holds an earlier result of this command (anything else is never replaced).")
+CacheOpt = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).")
+NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
+
+
+def _embed_options(backbone, model, image_size, batch_size, workers, cache_dir, strict, no_progress):
+    from ..pipeline import EmbedOptions
+
+    return EmbedOptions(backbone=backbone if (backbone or not model) else None, model_dir=model,
+                        image_size=image_size, batch_size=batch_size, num_workers=workers,
+                        cache_dir=cache_dir, strict=strict, progress=not no_progress)
+
+
+def _split_help(default: str) -> str:
+    return (f"The dataset's image split (train|val|test), or 'all' for every image. Default: {default} "
+            "when the dataset has image splits, else every image.")
+
+
+def echo_episodes(episodes: dict) -> None:
+    """One line per N-way K-shot setting: accuracy with its 95% CI (or why there is none)."""
+    from ..metrics import format_accuracy
+
+    for key, v in episodes.items():
+        if v.get("accuracy") is not None:
+            typer.echo(f"{key}: {format_accuracy(v['accuracy'], v.get('ci95'), v.get('episodes', 0))}")
+        else:
+            typer.echo(f"{key}: not measured ({v.get('error', 'too few classes or images')})")
