@@ -22,9 +22,13 @@ def _part(module: str) -> str:
     return names[1] if len(names) > 1 else "__init__"
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module) of every import of fewshot in ``path``."""
-    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+def _imports(path: Path, package_dir: Path = PACKAGE) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import of the package in ``path`` (module level and
+    inside functions alike); ``from P import x`` where ``x`` is a module of package ``P``
+    counts as an import of ``P.x``."""
+    root = package_dir.parent
+    top = package_dir.name
+    rel = path.relative_to(root).with_suffix("")
     here = list(rel.parts if rel.name != "__init__" else rel.parts[:-1])
     package = here if path.name == "__init__.py" else here[:-1]
     found = []
@@ -33,18 +37,16 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             if node.level:
                 base = package[: len(package) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
-                if not node.module:  # "from . import x": x is a module of that package, or a name in it
-                    folder = PACKAGE.parent.joinpath(*base)
-                    for alias in node.names:
-                        is_module = (folder / f"{alias.name}.py").is_file() or (folder / alias.name).is_dir()
-                        found.append((node.lineno, f"{module}.{alias.name}" if is_module else module))
-                    continue
             else:
                 module = node.module or ""
-            if module.split(".")[0] == "fewshot":
-                found.append((node.lineno, module))
+            if module.split(".")[0] != top:
+                continue
+            folder = root.joinpath(*module.split("."))
+            for alias in node.names:  # a module of that package, or a name in it
+                is_module = (folder / f"{alias.name}.py").is_file() or (folder / alias.name).is_dir()
+                found.append((node.lineno, f"{module}.{alias.name}" if is_module else module))
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "fewshot"]
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == top]
     return found
 
 
@@ -77,3 +79,97 @@ def test_the_check_sees_relative_imports():
     assert "fewshot.pipeline" in mods and "fewshot.methods.base" in mods
     mods = [m for _, m in _imports(PACKAGE / "methods" / "maml.py")]
     assert any(m.startswith("fewshot.methods.") for m in mods)
+
+
+# --------------------------------------------------------------------------- cycles, function length
+def _module_name(path: Path, package_dir: Path) -> str:
+    parts = list(path.relative_to(package_dir.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_cycles(package_dir: Path) -> list[list[str]]:
+    """Strongly connected groups (size > 1, or a module importing itself) of the package's
+    import graph, module-level and function-level imports alike (Tarjan's algorithm)."""
+    modules = {_module_name(p, package_dir): p for p in sorted(package_dir.rglob("*.py"))}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:  # "pkg.mod.Name" -> "pkg.mod"
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {m: sorted({t for _, imp in _imports(p, package_dir) if (t := resolve(imp)) and t != m})
+             for m, p in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for m in graph:
+        if m not in index:
+            visit(m)
+    return cycles
+
+
+def long_functions(package_dir: Path, limit: int = 80) -> list[str]:
+    """``path:line name length`` of every function whose body, docstring excluded, is longer
+    than ``limit`` lines."""
+    out = []
+    for path in sorted(package_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                        and isinstance(body[0].value.value, str):
+                    body = body[1:]
+                if not body:
+                    continue
+                length = body[-1].end_lineno - body[0].lineno + 1
+                if length > limit:
+                    out.append(f"{path.relative_to(package_dir)}:{node.lineno} {node.name} {length}")
+    return out
+
+
+def test_no_import_cycles():
+    assert import_cycles(PACKAGE) == []
+
+
+def test_the_cycle_check_finds_a_planted_cycle(tmp_path):
+    pkg = tmp_path / "toypkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..a import thing\n    return thing\n")  # function level
+    (pkg / "c.py").write_text("from . import a\n")
+    assert import_cycles(pkg) == [["toypkg.a", "toypkg.sub.b"]]
+
+
+def test_no_function_over_80_lines():
+    assert long_functions(PACKAGE) == []
+
+
+def test_the_length_check_measures_bodies(tmp_path):
+    pkg = tmp_path / "toypkg"
+    pkg.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(81))
+    (pkg / "m.py").write_text(f'def long():\n    """doc\n\n    more doc\n    """\n{body}\n\n\ndef short():\n    return 1\n')
+    assert long_functions(pkg) == ["m.py:1 long 81"]

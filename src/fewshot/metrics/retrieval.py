@@ -354,66 +354,101 @@ def retrieval_metrics(
     qc, gc, n_classes = _encode_labels(q_lab, [] if loo else g_lab)
     if loo:
         gc = qc
-    # gallery indices grouped by class, ascending within each class
-    g_order = np.argsort(gc, kind="stable")
-    g_count = np.bincount(gc, minlength=n_classes)
-    g_start = np.cumsum(g_count) - g_count
-    chunk = _check_chunk(chunk_size, n_q, n_g, int(g_count[qc].max()))
-
-    ap = np.full(n_q, np.nan)
-    ap_r = np.full(n_q, np.nan)
-    r_prec = np.full(n_q, np.nan)
-    ap_k = {k: np.full(n_q, np.nan) for k in map_at_ks}
-    first = np.zeros(n_q, dtype=np.int64)
-    n_rel = g_count[qc] - (1 if loo else 0)
-
+    classes = _GalleryClasses.of(gc, n_classes)
+    chunk = _check_chunk(chunk_size, n_q, n_g, int(classes.count[qc].max()))
+    acc = _PerQuery.empty(n_q, map_at_ks)
     block = torch.empty((chunk, n_g), dtype=torch.float32)
     pool = _Pool()
     try:
         for start in range(0, n_q, chunk):
             stop = min(n_q, start + chunk)
-            c = stop - start
-            codes = qc[start:stop]
-            # relevant (row, gallery index) pairs of this chunk
-            cnt = g_count[codes]
-            total = int(cnt.sum())
-            rows = np.repeat(np.arange(c), cnt)
-            offsets = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-            gidx = g_order[np.repeat(g_start[codes], cnt) + offsets]
-            if loo:
-                keep = gidx != rows + start
-                rows, gidx = rows[keep], gidx[keep]
+            rows, gidx = classes.relevant_pairs(qc[start:stop], start, loo)
             if len(rows) == 0:
                 continue
-
-            sims_t = block[:c]
+            sims_t = block[: stop - start]
             torch.mm(qt[start:stop], gt.T, out=sims_t)
             sims = sims_t.numpy()
             if loo:
-                sims[np.arange(c), np.arange(start, stop)] = -np.inf
-            ranks = _relevant_ranks(sims, rows, gidx, pool)
-
-            # order the ranks within each row (rows are already non-decreasing)
-            order = np.lexsort((ranks, rows))
-            rows, ranks = rows[order], ranks[order]
-            counts = np.bincount(rows, minlength=c)
-            row_start = np.cumsum(counts) - counts
-            m = np.arange(len(rows)) - row_start[rows] + 1  # i-th relevant item of its row
-            prec = m / ranks
-            valid = counts > 0
-            idx = np.arange(start, stop)[valid]
-            r = counts[valid].astype(np.float64)
-            ap[idx] = np.bincount(rows, weights=prec, minlength=c)[valid] / r
-            within_r = ranks <= counts[rows]
-            ap_r[idx] = np.bincount(rows, weights=prec * within_r, minlength=c)[valid] / r
-            r_prec[idx] = np.bincount(rows, weights=within_r, minlength=c)[valid] / r
-            for k in map_at_ks:
-                s = np.bincount(rows, weights=prec * (ranks <= k), minlength=c)[valid]
-                ap_k[k][idx] = s / np.minimum(r, k)
-            first[idx] = ranks[row_start[valid]]
+                sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+            acc.add_chunk(start, stop, rows, _relevant_ranks(sims, rows, gidx, pool), map_at_ks)
     finally:
         pool.close()
+    n_rel = classes.count[qc] - (1 if loo else 0)
+    return _report(acc, n_rel, groups, recall_ks, map_at_ks)
 
+
+@dataclass
+class _GalleryClasses:
+    """Gallery indices grouped by class (ascending within each class)."""
+
+    order: np.ndarray
+    count: np.ndarray
+    start: np.ndarray
+
+    @classmethod
+    def of(cls, gallery_codes: np.ndarray, n_classes: int) -> "_GalleryClasses":
+        count = np.bincount(gallery_codes, minlength=n_classes)
+        return cls(np.argsort(gallery_codes, kind="stable"), count, np.cumsum(count) - count)
+
+    def relevant_pairs(self, codes: np.ndarray, start: int, loo: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(row in chunk, gallery index)`` of every relevant pair of a chunk of queries
+        (rows non-decreasing); leave-one-out drops each query itself."""
+        cnt = self.count[codes]
+        total = int(cnt.sum())
+        rows = np.repeat(np.arange(len(codes)), cnt)
+        offsets = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        gidx = self.order[np.repeat(self.start[codes], cnt) + offsets]
+        if loo:
+            keep = gidx != rows + start
+            rows, gidx = rows[keep], gidx[keep]
+        return rows, gidx
+
+
+@dataclass
+class _PerQuery:
+    """Per-query values (NaN / 0 until a query's chunk is scored)."""
+
+    ap: np.ndarray
+    ap_r: np.ndarray
+    r_prec: np.ndarray
+    ap_k: dict[int, np.ndarray]
+    first: np.ndarray
+
+    @classmethod
+    def empty(cls, n_q: int, map_at_ks: list[int]) -> "_PerQuery":
+        return cls(np.full(n_q, np.nan), np.full(n_q, np.nan), np.full(n_q, np.nan),
+                   {k: np.full(n_q, np.nan) for k in map_at_ks}, np.zeros(n_q, dtype=np.int64))
+
+    def add_chunk(self, start: int, stop: int, rows: np.ndarray, ranks: np.ndarray,
+                  map_at_ks: list[int]) -> None:
+        """Fill queries ``start:stop`` from the 1-based ``ranks`` of their relevant items."""
+        c = stop - start
+        order = np.lexsort((ranks, rows))  # ranks ascending within each row
+        rows, ranks = rows[order], ranks[order]
+        counts = np.bincount(rows, minlength=c)
+        row_start = np.cumsum(counts) - counts
+        m = np.arange(len(rows)) - row_start[rows] + 1  # i-th relevant item of its row
+        prec = m / ranks
+        valid = counts > 0
+        idx = np.arange(start, stop)[valid]
+        r = counts[valid].astype(np.float64)
+        self.ap[idx] = np.bincount(rows, weights=prec, minlength=c)[valid] / r
+        within_r = ranks <= counts[rows]
+        self.ap_r[idx] = np.bincount(rows, weights=prec * within_r, minlength=c)[valid] / r
+        self.r_prec[idx] = np.bincount(rows, weights=within_r, minlength=c)[valid] / r
+        for k in map_at_ks:
+            s = np.bincount(rows, weights=prec * (ranks <= k), minlength=c)[valid]
+            self.ap_k[k][idx] = s / np.minimum(r, k)
+        self.first[idx] = ranks[row_start[valid]]
+
+
+def _mean(values: np.ndarray, mask: np.ndarray) -> float:
+    return float(values[mask].mean()) if mask.any() else float("nan")
+
+
+def _report(acc: _PerQuery, n_rel: np.ndarray, groups: list | None, recall_ks: list[int],
+            map_at_ks: list[int]) -> RetrievalReport:
+    n_q = len(n_rel)
     evaluated = n_rel > 0
     n_eval = int(evaluated.sum())
     n_skipped = n_q - n_eval
@@ -421,40 +456,28 @@ def retrieval_metrics(
         logger.debug("retrieval_metrics: %d of %d queries have no relevant item", n_skipped, n_q)
     if n_eval == 0:
         logger.warning("retrieval_metrics: no query has a relevant gallery item; metrics are NaN")
-
-    def mean(values: np.ndarray, mask: np.ndarray) -> float:
-        return float(values[mask].mean()) if mask.any() else float("nan")
-
-    hit1 = (first == 1).astype(np.float64)
+    hit1 = (acc.first == 1).astype(np.float64)
     per_group: dict[str, dict[str, float | int]] = {}
     if groups is not None:
-        names = sorted({str(g) for g in groups if g is not None})
         garr = np.array([None if g is None else str(g) for g in groups], dtype=object)
-        for name in names:
+        for name in sorted({str(g) for g in groups if g is not None}):
             mask = (garr == name) & evaluated
-            per_group[name] = {
-                "map": mean(ap, mask),
-                "map_at_r": mean(ap_r, mask),
-                "precision_at_1": mean(hit1, mask),
-                "num_queries": int(mask.sum()),
-            }
-
+            per_group[name] = {"map": _mean(acc.ap, mask), "map_at_r": _mean(acc.ap_r, mask),
+                               "precision_at_1": _mean(hit1, mask), "num_queries": int(mask.sum())}
     return RetrievalReport(
-        map=mean(ap, evaluated),
-        map_at_r=mean(ap_r, evaluated),
-        precision_at_1=mean(hit1, evaluated),
-        recall_at_k={
-            str(k): mean(((first >= 1) & (first <= k)).astype(np.float64), evaluated)
-            for k in recall_ks
-        },
-        map_at_k={str(k): mean(ap_k[k], evaluated) for k in map_at_ks},
+        map=_mean(acc.ap, evaluated),
+        map_at_r=_mean(acc.ap_r, evaluated),
+        precision_at_1=_mean(hit1, evaluated),
+        recall_at_k={str(k): _mean(((acc.first >= 1) & (acc.first <= k)).astype(np.float64), evaluated)
+                     for k in recall_ks},
+        map_at_k={str(k): _mean(acc.ap_k[k], evaluated) for k in map_at_ks},
         num_queries=n_eval,
         num_skipped_queries=n_skipped,
         per_group=per_group,
-        r_precision=mean(r_prec, evaluated),
-        average_precisions=ap,
-        average_precisions_at_r=ap_r,
-        first_relevant_rank=first,
+        r_precision=_mean(acc.r_prec, evaluated),
+        average_precisions=acc.ap,
+        average_precisions_at_r=acc.ap_r,
+        first_relevant_rank=acc.first,
         num_relevant=np.maximum(n_rel, 0).astype(np.int64),
     )
 
