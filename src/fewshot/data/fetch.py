@@ -500,59 +500,68 @@ def _download_once(info: DatasetInfo, url: str, part: Path, meta_path: Path, pro
         raise _no_network(info, url, exc) from exc
 
     with response:
-        status = response.status
-        length = response.headers.get("Content-Length")
-        length = int(length) if length and length.isdigit() else None
-        if status == 206:
-            start, total = _parse_content_range(response.headers.get("Content-Range"))
-            if start != offset:
-                part.unlink(missing_ok=True)
-                raise _Interrupted("the server answered the resume request with another range")
-            mode = "ab"
-            if total is None and length is not None:
-                total = offset + length
-        else:
-            if offset:
-                log.info("server ignored the Range request; restarting the download of %s", url)
-            offset = 0
-            mode = "wb"
-            total = length
-            meta = {"url": url, "etag": response.headers.get("ETag"), "total": total}
-            try:
-                part.parent.mkdir(parents=True, exist_ok=True)
-                meta_path.write_text(json.dumps(meta), "utf-8")
-            except OSError as exc:
-                raise _os_error(exc, meta_path, "writing") from exc
+        _receive(info, url, response, part, meta_path, offset, progress)
 
-        received = offset
+
+def _receive(info: DatasetInfo, url: str, response, part: Path, meta_path: Path, offset: int,
+             progress: bool) -> None:
+    """Append (HTTP 206) or write (200) the response body to ``part``, with a progress bar.
+
+    Raises _Interrupted when the transfer stops early or does not fit the part file.
+    """
+    status = response.status
+    length = response.headers.get("Content-Length")
+    length = int(length) if length and length.isdigit() else None
+    if status == 206:
+        start, total = _parse_content_range(response.headers.get("Content-Range"))
+        if start != offset:
+            part.unlink(missing_ok=True)
+            raise _Interrupted("the server answered the resume request with another range")
+        mode = "ab"
+        if total is None and length is not None:
+            total = offset + length
+    else:
+        if offset:
+            log.info("server ignored the Range request; restarting the download of %s", url)
+        offset = 0
+        mode = "wb"
+        total = length
+        meta = {"url": url, "etag": response.headers.get("ETag"), "total": total}
         try:
-            fh = open(part, mode)
+            part.parent.mkdir(parents=True, exist_ok=True)
+            meta_path.write_text(json.dumps(meta), "utf-8")
         except OSError as exc:
-            raise _os_error(exc, part, "writing") from exc
-        with fh, _bar(total, f"downloading {info.name}", progress, initial=offset) as bar:
-            while True:
-                try:
-                    block = response.read(_CHUNK)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise _Interrupted(f"{type(exc).__name__}: {exc}") from exc
-                if not block:
-                    break
-                try:
-                    fh.write(block)
-                except OSError as exc:
-                    raise _os_error(exc, part, "writing") from exc
-                received += len(block)
-                bar.update(len(block))
+            raise _os_error(exc, meta_path, "writing") from exc
+
+    received = offset
+    try:
+        fh = open(part, mode)
+    except OSError as exc:
+        raise _os_error(exc, part, "writing") from exc
+    with fh, _bar(total, f"downloading {info.name}", progress, initial=offset) as bar:
+        while True:
             try:
-                fh.flush()
-                os.fsync(fh.fileno())
+                block = response.read(_CHUNK)
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Interrupted(f"{type(exc).__name__}: {exc}") from exc
+            if not block:
+                break
+            try:
+                fh.write(block)
             except OSError as exc:
                 raise _os_error(exc, part, "writing") from exc
-        if total is not None and received < total:
-            raise _Interrupted(f"connection closed after {received} of {total} bytes")
-        if total is not None and received > total:
-            part.unlink(missing_ok=True)
-            raise _Interrupted(f"received {received} bytes, more than the announced {total}")
+            received += len(block)
+            bar.update(len(block))
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+        except OSError as exc:
+            raise _os_error(exc, part, "writing") from exc
+    if total is not None and received < total:
+        raise _Interrupted(f"connection closed after {received} of {total} bytes")
+    if total is not None and received > total:
+        part.unlink(missing_ok=True)
+        raise _Interrupted(f"received {received} bytes, more than the announced {total}")
 
 
 def _download(info: DatasetInfo, root: Path, progress: bool, retries: int) -> Path:

@@ -602,6 +602,32 @@ def _sniff_delimiter(header_line: str) -> str:
     return ","
 
 
+def _csv_columns(path: Path, header: list[str], names: list[str], ignored: set[int]) -> dict[str, int]:
+    """Column index of each logical column (:data:`CSV_COLUMNS`) found in the header.
+
+    Raises:
+        DataError: no ``path`` or no ``label`` column (the message lists what was found).
+    """
+    col: dict[str, int] = {}
+    for logical, aliases in CSV_COLUMNS.items():
+        for alias in aliases:
+            idx = next((i for i, n in enumerate(names) if n == alias and i not in ignored), None)
+            if idx is not None:
+                col[logical] = idx
+                break
+    missing = [c for c in ("path", "label") if c not in col]
+    if missing:
+        found = [header[i].strip() for i in range(len(header)) if i not in ignored]
+        raise DataError(
+            f"manifest {path} is missing required column(s): {', '.join(missing)} "
+            f"(found: {', '.join(repr(f) for f in found) or 'none'})",
+            hint="the header must name a 'path' column (image path relative to the CSV's folder) and a "
+                 "'label' column; optional: 'group', 'split'. Accepted path names: "
+                 + ", ".join(CSV_COLUMNS["path"]) + "; label names: " + ", ".join(CSV_COLUMNS["label"]),
+        )
+    return col
+
+
 def _load_csv(path: Path, strict: bool) -> tuple[Dataset, list[_Row], list[str]]:
     """Read a CSV manifest.
 
@@ -628,24 +654,7 @@ def _load_csv(path: Path, strict: bool) -> tuple[Dataset, list[_Row], list[str]]
 
     names = [h.strip().lower() for h in header]
     ignored = {i for i, n in enumerate(names) if n == "" or re.fullmatch(r"unnamed:\s*\d+", n)}
-    col: dict[str, int] = {}
-    for logical, aliases in CSV_COLUMNS.items():
-        for alias in aliases:
-            idx = next((i for i, n in enumerate(names) if n == alias and i not in ignored), None)
-            if idx is not None:
-                col[logical] = idx
-                break
-    missing = [c for c in ("path", "label") if c not in col]
-    if missing:
-        found = [header[i].strip() for i in range(len(header)) if i not in ignored]
-        raise DataError(
-            f"manifest {path} is missing required column(s): {', '.join(missing)} "
-            f"(found: {', '.join(repr(f) for f in found) or 'none'})",
-            hint="the header must name a 'path' column (image path relative to the CSV's folder) and a "
-                 "'label' column; optional: 'group', 'split'. Accepted path names: "
-                 + ", ".join(CSV_COLUMNS["path"]) + "; label names: " + ", ".join(CSV_COLUMNS["label"]),
-        )
-
+    col = _csv_columns(path, header, names, ignored)
     base = str(path.parent)
     rows: list[_Row] = []
     seen: dict[str, tuple[str, int]] = {}
