@@ -54,7 +54,7 @@ from typing import Any, Callable, List, Optional
 import faiss
 import numpy as np
 import torch
-from fastapi import FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -388,6 +388,134 @@ class _Service:
                                 f"{int(np.sqrt(_max_pixels()))} x {int(np.sqrt(_max_pixels()))} pixels",
                            file=name) from None
 
+    # ------------------------------------------------------------------ requests
+    def health(self) -> dict:
+        """Service status: version, index folder, catalogue size, model, limits."""
+        snap = self.snapshot
+        b = self.model.backbone
+        return {"status": "ok", "version": __version__, "index": str(self.index_dir),
+                "articles": len(snap.index.articles), "images": len(snap.index),
+                "backbone": b.name, "image_size": b.image_size, "embedding_dim": snap.index.dim,
+                "model_dir": str(self.model.run_dir) if getattr(self.model, "run_dir", None) else None,
+                "max_upload_bytes": self.max_upload_bytes, "max_enrol_files": MAX_ENROL_FILES}
+
+    def classify(self, file: UploadFile, top_k: int, mode: str, neighbors: int) -> dict:
+        """Top-k articles and nearest catalogue images for one uploaded photo; ``in_catalogue``
+        lists the catalogue images with exactly its content."""
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="fewshot-upload-") as tmp:
+            path, name = self.receive_upload(file, Path(tmp), 0)
+            x = self.decode(path, name)
+            digest = read_digests([path])[0][0]
+        vector = self.embedder.embed(x.unsqueeze(0))
+        snap = self.snapshot
+        index = snap.index
+        if len(index.articles) == 0:  # pragma: no cover - deleting the last article is refused
+            raise ApiError(409, "empty_catalogue", "the catalogue has no articles",
+                           hint="enrol an article with POST /articles")
+        preds = index.classify(vector, top_k=top_k, mode=mode)[0]
+        wide = index.search(vector, k=max(neighbors, min(len(index), 256)))[0]
+        best_image: dict[str, tuple[str, float]] = {}
+        neighbor_list = []
+        for rank, nb in enumerate(wide):
+            i = snap.by_id[image_id(nb.path)]
+            best_image.setdefault(nb.label, (snap.ids[i], nb.score))
+            if rank < neighbors:
+                neighbor_list.append({"label": nb.label, "group": nb.group, "score": round(nb.score, 6),
+                                      "path": nb.path, "image_id": snap.ids[i],
+                                      "image_url": _image_url(snap.ids[i])})
+        predictions = []
+        for p in preds:
+            iid, iscore = best_image.get(p.label, (snap.ids[snap.first_image[p.label]], None))
+            predictions.append({**p.to_dict(), "num_images": snap.counts.get(p.label, 0),
+                                "image_id": iid, "image_url": _image_url(iid),
+                                "image_score": None if iscore is None else round(iscore, 6)})
+        return {"file": name, "mode": mode, "top_k": top_k, "predictions": predictions,
+                "neighbors": neighbor_list, "num_articles": len(index.articles),
+                "in_catalogue": [snap.ids[i] for i in index.find_images([digest])[0]],
+                "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
+
+    def articles(self) -> dict:
+        """Every article with its group, image count, thumbnail and whether it was enrolled here."""
+        snap = self.snapshot
+        index = snap.index
+        out = []
+        for label, group in zip(index.articles, index.article_groups):
+            i = snap.first_image[label]
+            out.append({"label": label, "group": group, "num_images": snap.counts[label],
+                        "enrolled": _within(Path(index.paths[i]), self.enrolled_root),
+                        "image_id": snap.ids[i], "image_url": _image_url(snap.ids[i])})
+        return {"count": len(out), "images": len(index), "articles": out}
+
+    def enrol(self, label: str | None, group: str | None, files: list[UploadFile] | None) -> dict:
+        """Add an article (or photos of an existing one) from uploaded photos; all or nothing."""
+        label = _clean_text(label, "label", required=True)
+        group = _clean_text(group, "group", required=False)
+        files = [f for f in (files or []) if f.filename or f.size]
+        if not files:
+            raise ApiError(422, "empty_enrolment", f"no photos were sent for article '{label}'",
+                           hint=f"attach 1 to {MAX_ENROL_FILES} photos in the form field 'files'")
+        if len(files) > MAX_ENROL_FILES:
+            raise ApiError(422, "too_many_files", f"{len(files)} photos sent; at most {MAX_ENROL_FILES} "
+                           "per request", hint="enrol the rest in a second request with the same label")
+        assert label is not None
+        with tempfile.TemporaryDirectory(prefix="fewshot-enrol-") as tmp:
+            received = [self.receive_upload(f, Path(tmp), n) for n, f in enumerate(files)]
+            vectors = self.embedder.embed(torch.stack(self._decode_all(received)))
+            folder = self.enrolled_root / _slug(label)
+            new_files = [(src, folder / f"{uuid.uuid4().hex[:12]}{suffix}")
+                         for src, suffix in (_stored_copy(path) for path, _ in received)]
+            with self.mutation_lock:
+                current = self.snapshot.index
+                created = label not in current.articles
+                group = group if created else _existing_group(current, label, group)
+                new_index = _clone(current)
+                new_index.add_article(label, group, vectors, [str(dst) for _, dst in new_files],
+                                      digests=read_digests([src for src, _ in new_files])[0])
+                self.commit(new_index, new_files)
+                snap = self.snapshot
+        return {"label": label, "group": group, "created": created, "added": len(new_files),
+                "num_images": snap.counts[label], "articles": len(snap.index.articles),
+                "images": len(snap.index)}
+
+    def _decode_all(self, received: list[tuple[Path, str]]) -> list[torch.Tensor]:
+        tensors, bad = [], []
+        for path, name in received:
+            try:
+                tensors.append(self.decode(path, name))
+            except ApiError as exc:
+                bad.append({"file": name, "message": exc.message})
+        if bad:
+            raise ApiError(400, "unreadable_image", "; ".join(b["message"] for b in bad) + " (nothing was enrolled)",
+                           hint="send photos as JPEG, PNG or WebP", files=bad)
+        return tensors
+
+    def delete(self, label: str) -> dict:
+        """Remove an article and its images (the last article cannot be removed)."""
+        with self.mutation_lock:
+            current = self.snapshot.index
+            if label not in current.articles:
+                raise ApiError(404, "unknown_article", f"no article '{label}' in the catalogue",
+                               hint="GET /articles lists the labels")
+            if len(current.articles) == 1:
+                raise ApiError(409, "last_article", f"'{label}' is the only article left; a catalogue "
+                               "cannot be empty", hint="enrol another article first")
+            new_index = _clone(current)
+            removed = new_index.remove_article(label)
+            self.commit(new_index, [])
+            snap = self.snapshot
+        return {"deleted": label, "images_removed": removed, "articles": len(snap.index.articles),
+                "images": len(snap.index)}
+
+    def catalogue_image(self, image_id_: str, size: int) -> bytes:
+        """JPEG thumbnail of the catalogue image with this id."""
+        snap = self.snapshot
+        i = snap.by_id.get(image_id_)
+        if i is None:
+            raise ApiError(404, "unknown_image", f"no catalogue image with id '{image_id_}'",
+                           hint="use the image_id values returned by /classify or /articles")
+        return self.thumbnail(snap, i, size)
+
     # ------------------------------------------------------------------ mutations
     def commit(self, new_index: CatalogueIndex, new_files: list[tuple[Path, Path]]) -> None:
         """Write ``new_index`` and its enrolled photos as one atomic folder, then publish it.
@@ -444,6 +572,15 @@ class _Service:
         return p if p.is_absolute() else self.index_dir / p
 
 
+def _existing_group(index: CatalogueIndex, label: str, group: str | None) -> str | None:
+    """The group of an existing article; a different ``group`` is a 409."""
+    existing = index.article_groups[index.articles.index(label)]
+    if group is not None and existing is not None and group != existing:
+        raise ApiError(409, "group_conflict", f"article '{label}' already exists in group '{existing}', "
+                       f"not '{group}'", hint="leave the group empty to add photos to it, or delete the article first")
+    return existing if group is None else group
+
+
 def _within(path: Path, root: Path) -> bool:
     try:
         path.relative_to(root)
@@ -493,8 +630,8 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
             default :func:`fewshot.pipeline.model_for_index` (the index's own backbone/run).
 
     Raises:
-        CheckpointError: the index folder is missing or damaged, or ``model`` does not
-            match its embedding dimension.
+        CheckpointError: the index folder is missing or damaged, its model changed since it
+            was built, or ``model`` does not match its embedding dimension.
     """
     if max_upload_bytes <= 0:
         raise FewshotError(f"upload limit must be positive, got {max_upload_bytes} bytes",
@@ -514,7 +651,15 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
                     "without retraining. Errors are JSON: `{\"error\": code, \"message\": text, \"hint\": fix}`.",
     )
     app.state.service = service
+    app.add_middleware(_BodyLimit, limit_for=_body_limits(max_upload_bytes))
+    _add_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
+    app.include_router(_router(service))
+    return app
 
+
+def _body_limits(max_upload_bytes: int) -> Callable[[str, str], tuple[int, str] | None]:
+    """``limit_for(method, path)``: the largest request body each endpoint accepts, and why."""
     classify_limit = max_upload_bytes + _MULTIPART_OVERHEAD
     enrol_limit = max_upload_bytes * MAX_ENROL_FILES + _MULTIPART_OVERHEAD
 
@@ -527,9 +672,12 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
             return _MULTIPART_OVERHEAD, "no request body here"
         return None
 
-    app.add_middleware(_BodyLimit, limit_for=limit_for)
+    return limit_for
 
-    # ------------------------------------------------------------------ error handlers
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON ``{"error", "message", "hint"}`` with a 4xx (or 500) status."""
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code)
@@ -562,25 +710,20 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
         return JSONResponse({"error": "internal_error",
                              "message": f"unexpected server error ({type(exc).__name__})"}, status_code=500)
 
-    # ------------------------------------------------------------------ pages
-    @app.get("/", include_in_schema=False)
+
+def _router(service: "_Service") -> APIRouter:
+    """The routes: each one validates its parameters and calls the service."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(_STATIC / "index.html", media_type="text/html")
 
-    app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
-
-    @app.get("/health", summary="Service status and catalogue size")
+    @router.get("/health", summary="Service status and catalogue size")
     def health() -> dict:
-        snap = service.snapshot
-        b = service.model.backbone
-        return {"status": "ok", "version": __version__, "index": str(service.index_dir),
-                "articles": len(snap.index.articles), "images": len(snap.index),
-                "backbone": b.name, "image_size": b.image_size, "embedding_dim": snap.index.dim,
-                "model_dir": str(service.model.run_dir) if getattr(service.model, "run_dir", None) else None,
-                "max_upload_bytes": service.max_upload_bytes, "max_enrol_files": MAX_ENROL_FILES}
+        return service.health()
 
-    # ------------------------------------------------------------------ classify
-    @app.post("/classify", summary="Top-k articles for one photo, with the nearest catalogue images")
+    @router.post("/classify", summary="Top-k articles for one photo, with the nearest catalogue images")
     def classify(
         file: UploadFile = File(..., description="The photo (JPEG, PNG, WebP, ...)."),
         top_k: int = Query(5, ge=1, le=100, description="Articles to return."),
@@ -589,140 +732,34 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
                                       "nearest: the article's best catalogue image."),
         neighbors: int = Query(8, ge=0, le=100, description="Nearest catalogue images to return."),
     ) -> dict:
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="fewshot-upload-") as tmp:
-            path, name = service.receive_upload(file, Path(tmp), 0)
-            x = service.decode(path, name)
-            digest = read_digests([path])[0][0]
-        vector = service.embedder.embed(x.unsqueeze(0))
-        snap = service.snapshot
-        index = snap.index
-        same = index.find_images([digest])[0]
-        if len(index.articles) == 0:  # pragma: no cover - deleting the last article is refused
-            raise ApiError(409, "empty_catalogue", "the catalogue has no articles",
-                           hint="enrol an article with POST /articles")
-        preds = index.classify(vector, top_k=top_k, mode=mode)[0]
-        wide = index.search(vector, k=max(neighbors, min(len(index), 256)))[0]
-        best_image: dict[str, tuple[str, float]] = {}
-        neighbor_list = []
-        for rank, nb in enumerate(wide):
-            i = snap.by_id[image_id(nb.path)]
-            best_image.setdefault(nb.label, (snap.ids[i], nb.score))
-            if rank < neighbors:
-                neighbor_list.append({"label": nb.label, "group": nb.group, "score": round(nb.score, 6),
-                                      "path": nb.path, "image_id": snap.ids[i],
-                                      "image_url": _image_url(snap.ids[i])})
-        predictions = []
-        for p in preds:
-            iid, iscore = best_image.get(p.label, (snap.ids[snap.first_image[p.label]], None))
-            predictions.append({**p.to_dict(), "num_images": snap.counts.get(p.label, 0),
-                                "image_id": iid, "image_url": _image_url(iid),
-                                "image_score": None if iscore is None else round(iscore, 6)})
-        return {"file": name, "mode": mode, "top_k": top_k, "predictions": predictions,
-                "neighbors": neighbor_list, "num_articles": len(index.articles),
-                "in_catalogue": [snap.ids[i] for i in same],
-                "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
+        return service.classify(file, top_k, mode, neighbors)
 
-    # ------------------------------------------------------------------ articles
-    @app.get("/articles", summary="The catalogue's articles")
+    @router.get("/articles", summary="The catalogue's articles")
     def list_articles() -> dict:
-        snap = service.snapshot
-        index = snap.index
-        out = []
-        for label, group in zip(index.articles, index.article_groups):
-            i = snap.first_image[label]
-            out.append({"label": label, "group": group, "num_images": snap.counts[label],
-                        "enrolled": _within(Path(index.paths[i]), service.enrolled_root),
-                        "image_id": snap.ids[i], "image_url": _image_url(snap.ids[i])})
-        return {"count": len(out), "images": len(index), "articles": out}
+        return service.articles()
 
-    @app.post("/articles", status_code=201,
-              summary="Enrol an article from a few photos (added to the index at once, no retraining)")
+    @router.post("/articles", status_code=201,
+                 summary="Enrol an article from a few photos (added to the index at once, no retraining)")
     def enrol(
         label: Optional[str] = Form(None, description="Article name (new, or existing to add photos)."),
         group: Optional[str] = Form(None, description="Group / brand / coarse class (optional)."),
         files: Optional[List[UploadFile]] = File(None, description=f"1 to {MAX_ENROL_FILES} photos "
                                                                    "of the article."),
     ) -> dict:
-        label = _clean_text(label, "label", required=True)
-        group = _clean_text(group, "group", required=False)
-        files = [f for f in (files or []) if f.filename or f.size]
-        if not files:
-            raise ApiError(422, "empty_enrolment", f"no photos were sent for article '{label}'",
-                           hint=f"attach 1 to {MAX_ENROL_FILES} photos in the form field 'files'")
-        if len(files) > MAX_ENROL_FILES:
-            raise ApiError(422, "too_many_files", f"{len(files)} photos sent; at most {MAX_ENROL_FILES} "
-                           "per request", hint="enrol the rest in a second request with the same label")
-        assert label is not None
-        with tempfile.TemporaryDirectory(prefix="fewshot-enrol-") as tmp:
-            received = [service.receive_upload(f, Path(tmp), n) for n, f in enumerate(files)]
-            tensors, bad = [], []
-            for path, name in received:
-                try:
-                    tensors.append(service.decode(path, name))
-                except ApiError as exc:
-                    bad.append({"file": name, "message": exc.message})
-            if bad:
-                raise ApiError(400, "unreadable_image",
-                               "; ".join(b["message"] for b in bad) + " (nothing was enrolled)",
-                               hint="send photos as JPEG, PNG or WebP", files=bad)
-            vectors = service.embedder.embed(torch.stack(tensors))
-            folder = service.enrolled_root / _slug(label)
-            new_files = []
-            for path, _ in received:
-                src, suffix = _stored_copy(path)
-                new_files.append((src, folder / f"{uuid.uuid4().hex[:12]}{suffix}"))
-            with service.mutation_lock:
-                current = service.snapshot.index
-                created = label not in current.articles
-                if not created:
-                    existing_group = current.article_groups[current.articles.index(label)]
-                    if group is not None and existing_group is not None and group != existing_group:
-                        raise ApiError(409, "group_conflict",
-                                       f"article '{label}' already exists in group '{existing_group}', "
-                                       f"not '{group}'", hint="leave the group empty to add photos to it, "
-                                       "or delete the article first")
-                    group = existing_group if group is None else group
-                new_index = _clone(current)
-                new_index.add_article(label, group, vectors, [str(dst) for _, dst in new_files],
-                                      digests=read_digests([src for src, _ in new_files])[0])
-                service.commit(new_index, new_files)
-                snap = service.snapshot
-        return {"label": label, "group": group, "created": created, "added": len(new_files),
-                "num_images": snap.counts[label], "articles": len(snap.index.articles),
-                "images": len(snap.index)}
+        return service.enrol(label, group, files)
 
-    @app.delete("/articles/{label:path}", summary="Remove an article and its images from the catalogue")
+    @router.delete("/articles/{label:path}", summary="Remove an article and its images from the catalogue")
     def delete_article(label: str = PathParam(..., description="The article's label.")) -> dict:
-        with service.mutation_lock:
-            current = service.snapshot.index
-            if label not in current.articles:
-                raise ApiError(404, "unknown_article", f"no article '{label}' in the catalogue",
-                               hint="GET /articles lists the labels")
-            if len(current.articles) == 1:
-                raise ApiError(409, "last_article", f"'{label}' is the only article left; a catalogue "
-                               "cannot be empty", hint="enrol another article first")
-            new_index = _clone(current)
-            removed = new_index.remove_article(label)
-            service.commit(new_index, [])
-            snap = service.snapshot
-        return {"deleted": label, "images_removed": removed, "articles": len(snap.index.articles),
-                "images": len(snap.index)}
+        return service.delete(label)
 
-    # ------------------------------------------------------------------ thumbnails
-    @app.get("/catalogue-image/{image_id}", summary="Thumbnail of one catalogue image",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    @router.get("/catalogue-image/{image_id}", summary="Thumbnail of one catalogue image",
+                response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
     def catalogue_image(image_id: str = PathParam(..., pattern="^[0-9a-f]{16}$"),
                         size: int = Query(160, ge=32, le=512)) -> Response:
-        snap = service.snapshot
-        i = snap.by_id.get(image_id)
-        if i is None:
-            raise ApiError(404, "unknown_image", f"no catalogue image with id '{image_id}'",
-                           hint="use the image_id values returned by /classify or /articles")
-        data = service.thumbnail(snap, i, size)
+        data = service.catalogue_image(image_id, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=600"})
 
-    return app
+    return router
 
 
 def _stored_copy(path: Path) -> tuple[Path, str]:
