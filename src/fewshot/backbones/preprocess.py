@@ -1,6 +1,6 @@
 """Image preprocessing without torchvision: PIL resize, scale, normalise.
 
-The default for the EfficientNet-Lite weights (measured on this data, see ../shared/FACTS.md):
+The default for the EfficientNet-Lite weights (measured on Grocery photos whose classes are ImageNet classes):
 RGB, bilinear resize to ``image_size x image_size`` without crop, pixel values scaled to
 [-1, 1] (mean = std = 0.5). ImageNet mean/std costs those weights about 19 points of
 ImageNet top-1.

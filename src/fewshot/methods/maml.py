@@ -69,7 +69,6 @@ adds a few tenths of a point over the un-adapted prototypes.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Callable, ClassVar, Iterator, Mapping, Sequence
 
@@ -82,9 +81,8 @@ from torch.func import functional_call
 from ..data.episodes import Episode
 from .base import EpisodeClassifier
 from .method import Method, TrainData, register_method
-from .protonet import INIT_SCALE, fused_adam, prototypes
-
-log = logging.getLogger("fewshot")
+from .functional import prototypes
+from .protonet import INIT_SCALE, fused_adam
 
 __all__ = ["OutputLayer", "inner_adapt", "output_init", "adapted_query_loss", "make_adapt_classifier",
            "INITS", "MAML", "FOMAML"]

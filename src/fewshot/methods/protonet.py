@@ -20,8 +20,8 @@ The paper uses ``s = 1`` on unnormalised features. Here the head's output is L2-
 softmaxes; the scale (a temperature, as in TADAM, Oreshkin et al. 2018) is therefore learned,
 parameterised as ``s = exp(log_scale)`` (saved in the run as ``method.log_scale``).
 
-Defaults chosen for few training classes (see FACTS.md: a free MLP head overfits the ~34
-Grocery training classes and hurts unseen articles): a *linear* head initialised to the
+Defaults chosen for few training classes (measured on Grocery: a free MLP head overfits the
+~34 training classes and hurts unseen articles): a *linear* head initialised to the
 identity, on features centred by the mean training embedding (SimpleShot's CL2N, Wang et al.
 2019), a small learning rate, so training starts from the frozen backbone's geometry and
 moves it only as far as the validation MAP@R improves (best-epoch selection by the trainer).
@@ -50,39 +50,11 @@ from torch import nn
 
 from ..data.episodes import Episode
 from .base import EpisodeClassifier
+from .functional import prototypes, sqeuclidean_prototype_classifier, squared_euclidean
 from .method import Method, TrainData, register_method
 
 __all__ = ["prototypes", "squared_euclidean", "protonet_logits", "protonet_loss", "sqeuclidean_prototype_classifier",
            "ProtoNet", "INIT_SCALE", "fused_adam"]
-
-
-def prototypes(support: torch.Tensor, support_y: torch.Tensor, n_way: int) -> torch.Tensor:
-    """Class means (eq. 1 of Snell et al.).
-
-    Args:
-        support: float ``[S, E]`` (or batched ``[B, S, E]``) embeddings.
-        support_y: int64 ``[S]`` (or ``[B, S]``) way indices in ``0..n_way-1``.
-        n_way: N.
-
-    Returns:
-        float ``[N, E]`` (or ``[B, N, E]``); a way without support items gets a zero vector.
-    """
-    batched = support.ndim == 3
-    if not batched:
-        support, support_y = support[None], support_y[None]
-    onehot = F.one_hot(support_y.long(), n_way).to(support.dtype)  # [B, S, N]
-    sums = onehot.transpose(1, 2) @ support  # [B, N, E]
-    protos = sums / onehot.sum(1).clamp_min(1.0).unsqueeze(2)
-    return protos if batched else protos[0]
-
-
-def squared_euclidean(query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
-    """``||q - c||^2`` for every query / prototype pair: ``[Q, E] x [N, E] -> [Q, N]``
-    (also batched ``[B, Q, E] x [B, N, E] -> [B, Q, N]``), via the expansion
-    ``||q||^2 - 2 q.c + ||c||^2`` (one matmul), clamped at 0."""
-    qq = query.pow(2).sum(-1, keepdim=True)
-    cc = protos.pow(2).sum(-1).unsqueeze(-2)
-    return (qq - 2.0 * query @ protos.transpose(-1, -2) + cc).clamp_min(0.0)
 
 
 def protonet_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, n_way: int,
@@ -126,16 +98,6 @@ def fused_adam(method: Method) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=method.cfg.lr, weight_decay=method.cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=method.cfg.lr, weight_decay=method.cfg.weight_decay)
-
-
-def sqeuclidean_prototype_classifier(support_z: torch.Tensor, support_y: torch.Tensor,
-                                     query_z: torch.Tensor, n_way: int) -> torch.Tensor:
-    """Nearest prototype under squared Euclidean distance (Snell et al. eq. 2 argmax):
-    ``[N*K, E], [N*K], [N*Q, E] -> int64 [N*Q]``."""
-    with torch.no_grad():
-        d = squared_euclidean(torch.as_tensor(query_z).float(),
-                              prototypes(torch.as_tensor(support_z).float(), torch.as_tensor(support_y), n_way))
-    return d.argmin(-1)
 
 
 @register_method("protonet")

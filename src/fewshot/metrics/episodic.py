@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fewshot.data.episodes import EpisodeSampler
+from fewshot.methods.functional import prototype_classifier
 from fewshot.errors import DataError
 
 __all__ = ["EpisodicResult", "episodic_accuracy", "episodic_by_group", "prototype_classifier",
@@ -95,50 +96,6 @@ def _check_labels(labels: Any, n: int, name: str) -> list:
     if len(labels) != n:
         raise ValueError(f"{name} has {len(labels)} entries but there are {n} embeddings")
     return labels
-
-
-def prototype_classifier(
-    support_x: torch.Tensor,
-    support_y: torch.Tensor,
-    query_x: torch.Tensor,
-    n_way: int,
-    *,
-    cosine: bool = True,
-) -> torch.Tensor:
-    """Nearest-prototype prediction (Snell et al. 2017) for one or a batch of episodes.
-
-    Args:
-        support_x: float ``[N*K, D]`` or batched ``[E, N*K, D]``.
-        support_y: int64 ``[N*K]`` (or ``[E, N*K]``) way indices in ``0..N-1``.
-        query_x: float ``[N*Q, D]`` or ``[E, N*Q, D]``.
-        n_way: N.
-        cosine: cosine similarity to the (re-normalised) prototypes; ``False``: negative
-            squared Euclidean distance.
-
-    Returns:
-        int64 ``[N*Q]`` (or ``[E, N*Q]``) predicted way index; ties go to the lower index.
-    """
-    batched = support_x.ndim == 3
-    if not batched:
-        support_x, support_y, query_x = support_x[None], support_y[None], query_x[None]
-    e, n_support, d = support_x.shape
-    k = n_support // n_way
-    class_major = torch.arange(n_way).repeat_interleave(k)
-    if k * n_way == n_support and bool((support_y == class_major).all()):
-        protos = support_x.view(e, n_way, k, d).mean(dim=2)  # the layout EpisodeSampler yields
-    else:
-        onehot = torch.zeros(e, n_support, n_way, dtype=support_x.dtype)
-        onehot.scatter_(2, support_y.long().unsqueeze(2), 1.0)
-        sums = torch.bmm(onehot.transpose(1, 2), support_x)  # [E, N, D]
-        protos = sums / onehot.sum(1).clamp_min(1.0).unsqueeze(2)
-    if cosine:
-        # the query's own norm does not change its argmax, so only prototypes are normalised
-        protos = torch.nn.functional.normalize(protos, dim=2)
-        scores = torch.bmm(query_x, protos.transpose(1, 2))
-    else:
-        scores = -torch.cdist(query_x, protos).pow(2)
-    pred = scores.argmax(dim=2)
-    return pred if batched else pred[0]
 
 
 def episodic_accuracy(
