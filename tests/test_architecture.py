@@ -3,7 +3,7 @@ data -> backbones -> embed -> methods -> metrics -> index -> pipeline -> trainin
 
 Every ``from fewshot...`` / relative import in src/fewshot is resolved to its top-level part and
 checked against that order: a module may import its own part, a part to its left, or one of the
-shared helpers (``errors``, ``io``, ``viz``, the package ``__init__``).
+shared helpers (``errors``, ``io``, ``registry``, ``viz``, the package ``__init__``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fewshot"
 LAYERS = ["data", "backbones", "embed", "methods", "metrics", "index", "pipeline", "training", "cli", "serve"]
-SHARED = {"errors", "io", "viz", "__init__"}
+SHARED = {"errors", "io", "registry", "viz", "__init__"}
 
 
 def _part(module: str) -> str:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
+from ..registry import Registry
 from .preprocess import Preprocess
 
 
@@ -58,22 +59,24 @@ class Backbone:
 
 
 BackboneFactory = Callable[[bool, int], Backbone]
-_REGISTRY: dict[str, BackboneFactory] = {}
+#: built-in and plugin backbones by name; ``timm:``, ``torchvision:`` and ``open_clip:`` are
+#: prefixes whose factory also takes the model name after the colon
+BACKBONES: Registry[BackboneFactory] = Registry(
+    "backbone", BackboneError, hint="or timm:NAME / torchvision:NAME / open_clip:ARCH/PRETRAINED with that package installed")
 
 
 def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
-    """Decorator: register ``factory(pretrained: bool, image_size: int) -> Backbone`` under ``name``."""
+    """Decorator: register ``factory(pretrained: bool, image_size: int) -> Backbone`` under ``name``.
 
-    def wrap(factory: BackboneFactory) -> BackboneFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    return BACKBONES.register(name)
 
 
 def list_backbones() -> list[str]:
     """Names registered here; ``timm:``, ``torchvision:`` and ``open_clip:`` prefixes also work."""
-    return sorted(_REGISTRY)
+    return BACKBONES.names()
 
 
 def create_backbone(name: str, pretrained: bool = True, image_size: int = 224) -> Backbone:
@@ -93,16 +96,10 @@ def create_backbone(name: str, pretrained: bool = True, image_size: int = 224) -
         raise BackboneError(f"image size {image_size} px is out of range",
                             hint="use an --image-size between 32 and 1024 (224 is the default)")
     prefix = name.split(":", 1)[0] + ":" if ":" in name else name
-    factory = _REGISTRY.get(name) or _REGISTRY.get(prefix)
-    if factory is None:
-        raise BackboneError(
-            f"unknown backbone '{name}'",
-            hint=f"use one of {', '.join(list_backbones())} or timm:NAME / torchvision:NAME / "
-            "open_clip:ARCH/PRETRAINED with that package installed")
-    if factory is _REGISTRY.get(prefix) and prefix != name:
-        backbone = factory(pretrained, image_size, name.split(":", 1)[1])  # type: ignore[call-arg]
+    if name not in BACKBONES and prefix != name and prefix in BACKBONES:
+        backbone = BACKBONES.get(prefix)(pretrained, image_size, name.split(":", 1)[1])  # type: ignore[call-arg]
     else:
-        backbone = factory(pretrained, image_size)
+        backbone = BACKBONES.get(name)(pretrained, image_size)
     backbone.model.eval()
     return backbone
 

@@ -49,6 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Iterator
 
 from fewshot.errors import DataError
+from fewshot.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ class DatasetInfo:
         return self.mirror_subpath or self.name
 
 
-_REGISTRY: dict[str, DatasetInfo] = {}
+#: the datasets ``fewshot datasets fetch`` knows, by name
+DATASETS: Registry[DatasetInfo] = Registry(
+    "dataset", DataError, hint="run `fewshot datasets list` to see the datasets that can be fetched")
 
 
 def register_dataset(info: DatasetInfo, *, replace: bool = False) -> DatasetInfo:
@@ -117,15 +120,12 @@ def register_dataset(info: DatasetInfo, *, replace: bool = False) -> DatasetInfo
     Raises:
         ValueError: the name is taken and ``replace`` is false.
     """
-    if info.name in _REGISTRY and not replace:
-        raise ValueError(f"dataset {info.name!r} is already registered")
-    _REGISTRY[info.name] = info
-    return info
+    return DATASETS.add(info.name, info, replace=replace)
 
 
 def unregister_dataset(name: str) -> None:
     """Remove a dataset from the registry (no error when absent)."""
-    _REGISTRY.pop(name, None)
+    DATASETS.remove(name)
 
 
 register_dataset(
@@ -170,7 +170,7 @@ register_dataset(
 
 def list_datasets() -> list[DatasetInfo]:
     """All registered datasets, sorted by name."""
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return [DATASETS.get(k) for k in DATASETS.names()]
 
 
 def get_dataset_info(name: str | DatasetInfo) -> DatasetInfo:
@@ -181,14 +181,7 @@ def get_dataset_info(name: str | DatasetInfo) -> DatasetInfo:
     """
     if isinstance(name, DatasetInfo):
         return name
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise DataError(
-            f"unknown dataset {name!r} (known: {known})",
-            hint="run `fewshot datasets list` to see the datasets that can be fetched",
-        ) from None
+    return DATASETS.get(name)
 
 
 def default_root() -> Path:
@@ -963,8 +956,8 @@ def resolve_data(value: str | Path, root: str | Path | None = None) -> Path:
     if path.exists():
         return path
     name = str(value)
-    if name in _REGISTRY:
-        info = _REGISTRY[name]
+    info = DATASETS.find(name)
+    if info is not None:
         dest = dataset_path(info, root)
         if is_verified(dest, info):
             return dest
@@ -974,7 +967,7 @@ def resolve_data(value: str | Path, root: str | Path | None = None) -> Path:
             hint=f"`fewshot datasets fetch {name}` downloads it from {info.homepage}; set "
             f"{ENV_DATA} if it lives under another root",
         )
-    known = ", ".join(sorted(_REGISTRY))
+    known = ", ".join(DATASETS.names())
     raise DataError(
         f"no such file or folder: {value}",
         hint=f"pass an existing path, or a dataset name ({known}) fetched with "

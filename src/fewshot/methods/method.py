@@ -35,12 +35,12 @@ Subclass :class:`Method`, set ``name``, register it, and implement two things::
   model's ``episode_classifier`` from :meth:`Method.episode_classifier`.
 
 Built-in names: ``contrastive`` and ``triplet`` (:mod:`.siamese`), ``protonet`` (:mod:`.protonet`),
-``maml`` and ``fomaml`` (:mod:`.maml`); :func:`get_method` imports their modules on demand.
+``maml`` and ``fomaml`` (:mod:`.maml`); :mod:`fewshot.methods` imports those modules, so they are
+registered whenever a method module is used.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -50,6 +50,7 @@ from torch import nn
 
 from ..data.episodes import EpisodeSampler
 from ..errors import DataError, FewshotError
+from ..registry import Registry
 from .base import EpisodeClassifier
 from .heads import ProjectionHead
 
@@ -413,39 +414,34 @@ class Method:
 
 
 # ---------------------------------------------------------------------- registry
-_METHODS: dict[str, type[Method]] = {}
-#: built-in method names -> module under fewshot.methods that registers them
-_BUILTIN: dict[str, str] = {"contrastive": "siamese", "triplet": "siamese", "protonet": "protonet",
-                            "maml": "maml", "fomaml": "maml"}
+#: every training method by name; the built-in modules register theirs when
+#: :mod:`fewshot.methods` is imported
+METHODS: Registry[type[Method]] = Registry("method", FewshotError)
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: register a :class:`Method` subclass under ``name`` (one class may take several)."""
+    """Class decorator: register a :class:`Method` subclass under ``name`` (one class may take several).
+
+    Raises:
+        TypeError: not a :class:`Method` subclass.
+        ValueError: ``name`` is already registered.
+    """
 
     def wrap(cls: type[Method]) -> type[Method]:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"@register_method({name!r}) needs a Method subclass, got {cls!r}")
-        _METHODS[name] = cls
-        return cls
+        return METHODS.add(name, cls)
 
     return wrap
 
 
 def get_method(name: str) -> type[Method]:
-    """The method class registered as ``name`` (importing a built-in module on demand).
+    """The method class registered as ``name``.
 
     Raises:
-        FewshotError: unknown name, or its module is missing / fails to import.
+        FewshotError: unknown name (the hint lists the registered ones).
     """
-    if name not in _METHODS and name in _BUILTIN:
-        try:
-            importlib.import_module(f"{__package__}.{_BUILTIN[name]}")
-        except ImportError as exc:
-            raise FewshotError(f"method '{name}' is not available ({exc})",
-                               hint="check the fewshot installation") from exc
-    if name not in _METHODS:
-        raise FewshotError(f"unknown method '{name}'", hint=f"use one of: {', '.join(list_methods())}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def make_config(method: str, **given: Any) -> TrainConfig:
@@ -467,11 +463,5 @@ def make_config(method: str, **given: Any) -> TrainConfig:
 
 
 def list_methods() -> list[str]:
-    """Names of the methods that can be loaded (built-ins whose module imports, plus registered ones)."""
-    for mod in sorted(set(_BUILTIN.values())):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ImportError:
-            pass
-    return sorted(_METHODS)
-
+    """Names of the registered methods."""
+    return METHODS.names()
