@@ -123,13 +123,14 @@ def frozen_row(ds: dict, episodes: int, out: Path) -> dict[str, Any]:
 
 
 def trained_row(ds: dict, method: str, episodes: int, out: Path, overrides: dict) -> dict[str, Any]:
-    from fewshot.methods.method import make_config
+    from fewshot.methods.method import config_keys, make_config
     from fewshot.training import train
 
     given = {"data": str(ds["data"]), "split_file": str(ds["split_file"]), "out": str(out), "seed": SEED,
              "image_size": ds["image_size"], "progress": False, "overwrite": True, "final_eval": "test",
              "eval_episodes": episodes, **overrides}
-    cfg = make_config(method, **given)
+    keys = config_keys(method)  # the quick overrides hold options of every method
+    cfg = make_config(method, **{k: v for k, v in given.items() if k in keys})
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0

@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fewshot.methods.method import TrainConfig, TrainData, get_method  # noqa: E402
+from fewshot.methods.method import TrainData, get_method, make_config  # noqa: E402
 
 
 def grocery_train_features(data: str, split_file: str, image_size: int) -> TrainData:
@@ -62,7 +62,7 @@ def random_features(n: int = 2640, classes: int = 40, dim: int = 1280, seed: int
 
 
 def time_method(name: str, data: TrainData, episodes: int, queries: int, **over) -> dict:
-    cfg = TrainConfig(method=name, ways=5, shots=5, queries=queries, episodes_per_epoch=episodes, seed=0, **over)
+    cfg = make_config(name, ways=5, shots=5, queries=queries, episodes_per_epoch=episodes, seed=0, **over)
     method = get_method(name)(cfg, data.dim)
     method.head.set_centre(data.x)
     x = data.x

@@ -14,7 +14,7 @@ from torch.func import functional_call
 from fewshot.methods.heads import ProjectionHead
 from fewshot.methods.maml import (FOMAML, MAML, OutputLayer, adapted_query_loss, inner_adapt,
                                   make_adapt_classifier, output_init)
-from fewshot.methods.method import TrainConfig, TrainData, get_method
+from fewshot.methods.method import make_config, TrainConfig, TrainData, get_method
 from train_helpers import nuisance_toy
 
 
@@ -134,7 +134,7 @@ def test_proto_init_equals_protonet_before_adaptation():
 @pytest.mark.parametrize("cls", [MAML, FOMAML])
 def test_training_steps_reduce_meta_loss(cls):
     x, y = nuisance_toy(12, 20, seed=0, noise=0.8, evenly_spaced=False)
-    cfg = TrainConfig(method=cls.name, ways=3, shots=2, queries=3, episodes_per_epoch=8, meta_batch=4,
+    cfg = make_config(cls.name, ways=3, shots=2, queries=3, episodes_per_epoch=8, meta_batch=4,
                       inner_lr=0.5, inner_steps=2, lr=1e-2, head={"kind": "linear", "centre": True})
     m = cls(cfg, x.shape[1])
     m.head.set_centre(x)
@@ -189,7 +189,7 @@ def test_saved_maml_run_reloads_and_adapts(tmp_path):
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
     d = backbone.dim
-    cfg = TrainConfig(method="maml", ways=5, shots=5, queries=5, inner_lr=0.5, inner_steps=2,
+    cfg = make_config("maml", ways=5, shots=5, queries=5, inner_lr=0.5, inner_steps=2,
                       inner_steps_test=100)
     method = MAML(cfg, d)
     with torch.no_grad():
@@ -220,12 +220,12 @@ def test_init_mode_and_learned_init_travel_with_the_run(tmp_path, init):
     from fewshot.methods.base import EmbeddingModel
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
-    cfg = TrainConfig(method="fomaml", ways=3, maml_init=init)
+    cfg = make_config("fomaml", ways=3, init=init)
     method = FOMAML(cfg, backbone.dim)
     with torch.no_grad():
         method.init_weight.normal_()
     runs.save_run(tmp_path / "run", EmbeddingModel(backbone=backbone, head=method.head),
-                  {"method": "fomaml", "train_config": TrainConfig(method="fomaml", ways=3).to_dict()},  # mode from the tensors
+                  {"method": "fomaml", "train_config": make_config("fomaml", ways=3).to_dict()},  # mode from the tensors
                   extra_tensors=method.extra_tensors(), complete=True)
     clf = runs.load_run(tmp_path / "run").episode_classifier
     assert clf.describe["init"] == init

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.methods.method import TrainConfig, TrainData, get_method
+from fewshot.methods.method import make_config, TrainConfig, TrainData, get_method
 from fewshot.methods.protonet import (ProtoNet, protonet_logits, protonet_loss, prototypes,
                                       sqeuclidean_prototype_classifier, squared_euclidean)
 from fewshot.metrics import episodic_accuracy
@@ -46,7 +46,7 @@ def test_prototypes_and_distances_match_definitions():
 def test_protonet_reaches_100_percent_on_separable_toy_problem():
     torch.manual_seed(0)
     x, y = nuisance_toy(12, 30, seed=0)
-    cfg = TrainConfig(method="protonet", ways=5, shots=5, queries=5, episodes_per_epoch=100, lr=1e-2,
+    cfg = make_config("protonet", ways=5, shots=5, queries=5, episodes_per_epoch=100, lr=1e-2,
                       head={"kind": "linear", "centre": True})
     method = get_method("protonet")(cfg, x.shape[1])
     assert isinstance(method, ProtoNet)
@@ -81,7 +81,7 @@ def test_saved_protonet_run_restores_scale(tmp_path):
     from fewshot.methods.base import EmbeddingModel
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
-    cfg = TrainConfig(method="protonet")
+    cfg = make_config("protonet")
     m = ProtoNet(cfg, backbone.dim)
     with torch.no_grad():
         m.log_scale.fill_(1.234)
@@ -122,7 +122,7 @@ def test_protonet_loss_decreases_on_small_real_grocery_subset(grocery_root):
     data = TrainData(x, y, names)
 
     torch.manual_seed(0)
-    cfg = TrainConfig(method="protonet", ways=5, shots=3, queries=5, episodes_per_epoch=50, lr=1e-4)
+    cfg = make_config("protonet", ways=5, shots=3, queries=5, episodes_per_epoch=50, lr=1e-4)
     method = ProtoNet(cfg, x.shape[1])
     method.head.set_centre(x)
     method.bind(lambda i: x[torch.as_tensor(i)])

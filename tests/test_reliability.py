@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from fewshot.cli import app
 from fewshot.errors import CheckpointError, FewshotError
 from fewshot.index import CatalogueIndex
-from fewshot.methods.method import make_config
+from fewshot.methods.method import config_keys, make_config
 from fewshot.training import staging_dir, train
 
 from train_helpers import shared_tiny_grocery
@@ -56,7 +56,8 @@ def tiny(grocery_root, tmp_path_factory):
 def _cfg(tiny, out, method="triplet", **kw):
     args = dict(TINY, data=tiny["data"], split_file=tiny["split_file"], cache_dir=tiny["cache_dir"], out=str(out))
     args.update(kw)
-    return make_config(method, **args)
+    keys = config_keys(method)  # the shared settings hold the siamese batch options too
+    return make_config(method, **{k: v for k, v in args.items() if k in keys or k in kw})
 
 
 @pytest.fixture(scope="module")

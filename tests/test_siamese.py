@@ -19,7 +19,7 @@ def _toy_method(name: str, **cfg) -> tuple:
     """A method with an identity head (no centring) on 2-D toy vectors."""
     x = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
     y = torch.tensor([0, 0, 1, 1])
-    method = get_method(name)(TrainConfig(method=name, head={"kind": "linear", "centre": False}, **cfg), 2)
+    method = get_method(name)(make_config(name, head={"kind": "linear", "centre": False}, **cfg), 2)
     method.bind(lambda idx: x[torch.from_numpy(idx)])
     return method, x, y
 
@@ -62,17 +62,17 @@ def test_triplet_loss_matches_hand_computation():
 
 
 def test_miners_and_margin_defaults():
-    c = ContrastiveMethod(TrainConfig(method="contrastive"), 8)
-    t = TripletMethod(TrainConfig(method="triplet"), 8)
+    c = ContrastiveMethod(make_config("contrastive"), 8)
+    t = TripletMethod(make_config("triplet"), 8)
     assert type(c.miner).__name__ == "BatchHardMiner"
     assert (c.margin, c.pos_margin) == (0.3, 0.8)
-    ms = ContrastiveMethod(TrainConfig(method="contrastive", miner="semihard"), 8).miner
+    ms = ContrastiveMethod(make_config("contrastive", miner="semihard"), 8).miner
     assert type(ms).__name__ == "MultiSimilarityMiner"
     assert type(t.miner).__name__ == "TripletMarginMiner" and t.miner.type_of_triplets == "semihard"
     assert t.margin == 0.1
-    assert ContrastiveMethod(TrainConfig(method="contrastive", miner="all"), 8).miner is None
-    with pytest.raises(FewshotError, match="unknown miner"):
-        TripletMethod(TrainConfig(method="triplet", miner="hardest"), 8)
+    assert ContrastiveMethod(make_config("contrastive", miner="all"), 8).miner is None
+    with pytest.raises(FewshotError, match="--miner 'hardest' is not an option of method 'triplet'"):
+        TripletMethod(make_config("triplet", miner="hardest"), 8)
     with pytest.raises(FewshotError, match="unknown method"):
         get_method("siamese-net")
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fewshot.errors import CheckpointError
-from fewshot.methods.method import make_config
+from fewshot.methods.method import config_keys, make_config
 from fewshot.methods.runs import load_run
 from fewshot.training import CHECKPOINT, HISTORY_FIELDS, read_history, staging_dir, train
 
@@ -31,7 +31,8 @@ def _cfg(tiny, out, method="triplet", **kw):
     args = dict(SMALL, data=tiny["data"], split_file=tiny["split_file"], cache_dir=tiny["cache_dir"],
                 out=str(out))
     args.update(kw)
-    return make_config(method, **args)
+    keys = config_keys(method)  # the shared settings hold the siamese batch options too
+    return make_config(method, **{k: v for k, v in args.items() if k in keys or k in kw})
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +235,7 @@ def test_cli_train_end_to_end(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     assert "best epoch" in res.output and "val classes: mAP" in res.output
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["train_config"]["miner"] == "hard" and cfg["train_config"]["lr"] == 0.001
+    assert cfg["train_config"]["options"]["miner"] == "hard" and cfg["train_config"]["lr"] == 0.001
     assert len(read_history(out)) == 3
     # a second run into the same folder is refused with a hint, not a traceback
     res = runner.invoke(app, args)
@@ -261,7 +262,7 @@ def test_cli_train_refuses_unknown_maml_init_before_any_work(tiny, tmp_path):
                                    "--method", "maml", "--out", str(out), "--maml-init", "prototypes",
                                    "--threads", "1", "--no-progress"])
     assert res.exit_code == 2, res.output
-    assert "--maml-init" in res.output and "proto, zero or learned" in res.output
+    assert "--maml-init" in res.output and "proto | zero | learned" in res.output
     assert not out.exists()
 
 
@@ -274,7 +275,7 @@ def test_cli_epochs_of_an_episodic_method_count_episodes(tiny, tmp_path):
     out = tmp_path / "two-epochs"
     res = CliRunner().invoke(app, [*base, "--out", str(out), "--epochs", "2", "--episodes-per-epoch", "5"])
     assert res.exit_code == 0, res.output
-    assert json.loads((out / "config.json").read_text())["train_config"]["episodes"] == 10
+    assert json.loads((out / "config.json").read_text())["train_config"]["options"]["episodes"] == 10
     assert len(read_history(out)) == 3  # epoch 0 (before training) + 2 epochs
     both = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "both"), "--epochs", "2", "--episodes", "50"])
     assert both.exit_code == 2 and "not both" in both.output

@@ -81,7 +81,7 @@ HISTORY_FIELDS = ("epoch", "train_loss", "val_map", "val_map_at_r", "val_precisi
 CHECKPOINT_FORMAT = 1
 
 #: config fields that may change between an interrupted run and its ``--resume``
-_RESUMABLE_CHANGES = {"epochs", "patience", "episodes", "resume", "overwrite", "progress", "device",
+_RESUMABLE_CHANGES = {"epochs", "patience", "options.episodes", "resume", "overwrite", "progress", "device",
                       "cache_dir", "workers", "embed_batch_size", "final_eval", "eval_episodes", "out",
                       "data"}
 
@@ -325,8 +325,16 @@ def _load_checkpoint(path: Path) -> dict:
                               hint="delete it and train again without --resume") from exc
 
 
+def _flat(config: dict) -> dict:
+    """A train_config with its options as ``options.NAME`` keys."""
+    out = {k: v for k, v in config.items() if k != "options"}
+    out.update({f"options.{k}": v for k, v in (config.get("options") or {}).items()})
+    return out
+
+
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    now = cfg.to_dict()
+    saved = _flat(TrainConfig.from_dict(saved).to_dict())  # a checkpoint of 0.1.0 kept options flat
+    now = _flat(cfg.to_dict())
     diff = [k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if diff:
         pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:6])
@@ -349,8 +357,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def _method_state(method: Method, ft: _FineTune | None) -> dict:
     st = {"head": {k: v.detach().cpu().clone() for k, v in method.head.state_dict().items()},
-          "extra": {k: v.detach().cpu().clone() for k, v in method.extra_tensors().items()},
-          "method_state": method.state()}
+          "extra": {k: v.detach().cpu().clone() for k, v in method.extra_tensors().items()}}
     if ft is not None:
         st["backbone"] = {k: v.detach().cpu().clone() for k, v in ft.backbone.model.state_dict().items()}
     return st
@@ -359,7 +366,6 @@ def _method_state(method: Method, ft: _FineTune | None) -> dict:
 def _restore_method_state(method: Method, ft: _FineTune | None, st: dict) -> None:
     method.head.load_state_dict(st["head"])
     method.load_extra_tensors(st.get("extra", {}))
-    method.load_state(st.get("method_state", {}))
     if ft is not None and "backbone" in st:
         ft.backbone.model.load_state_dict(st["backbone"])
 
@@ -390,13 +396,6 @@ def _check_head(head: dict | None) -> None:
         raise FewshotError(f"--head {json.dumps(head)} is not a valid head ({exc})",
                            hint='use --head linear, --head mlp, or e.g. --head \'{"kind": "mlp", "hidden_dim": 512, '
                                 '"out_dim": 256}\'') from None
-
-
-def max_epochs(method: Method, cfg: TrainConfig) -> int:
-    """``cfg.epochs``, or for episodic methods ``ceil(episodes / episodes_per_epoch)``."""
-    if method.episodic:
-        return int(math.ceil(cfg.episodes / max(1, cfg.episodes_per_epoch)))
-    return int(cfg.epochs)
 
 
 def staging_dir(run_dir: str | Path) -> Path:
@@ -482,7 +481,7 @@ def _setup(cfg: TrainConfig, method_cls: type[Method]) -> _Setup:
                 "train_classes": list(data.split.train), "val_classes": list(data.split.val),
                 "test_classes": list(data.split.test), "query_split": data.split.query_split,
                 "gallery_split": data.split.gallery_split, "seed": data.split.seed}
-    return _Setup(data, method, ft, method.optimizer(), max_epochs(method, cfg), protocol,
+    return _Setup(data, method, ft, method.optimizer(), method.max_epochs(), protocol,
                   time.perf_counter() - t_start)
 
 

@@ -5,12 +5,15 @@ Registered on :data:`fewshot.cli.app` when :mod:`fewshot.cli` is imported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, List, Optional
 
 import typer
 
+from ..errors import FewshotError
 from .common import app, echo_episodes, handle_errors, positive
 
 
@@ -39,43 +42,30 @@ def _head_spec(value: Optional[str]):
     return dict(HEAD_PRESETS[value])
 
 
-@app.command()
-@handle_errors
-def train(
+def _train(
     data: str = typer.Option(..., "--data", help="Dataset folder, CSV manifest, or a fetched dataset name."),
     split_file: Path = typer.Option(..., "--split-file", help="Class-disjoint protocol JSON (e.g. splits/grocery-unseen.json): train on its train classes, validate on its val classes."),
-    method: str = typer.Option("triplet", "--method", help="contrastive | triplet | protonet | maml | fomaml."),
+    method: str = typer.Option("triplet", "--method", help="contrastive | triplet | protonet | maml | fomaml (see `fewshot methods`)."),
     out: Path = typer.Option(..., "--out", help="RUN_DIR: config.json, model.safetensors, history.csv, curves.png, checkpoint.pt."),
     split: str = typer.Option("test", "--split", help="Class part evaluated with the best model at the end (test | val | none)."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="Backbone name."),
     image_size: int = typer.Option(224, "--image-size", min=16, help="Input side in pixels."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Maximum epochs (default 30; episodic methods: --episodes / --episodes-per-epoch, and --epochs N means N x --episodes-per-epoch episodes)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Maximum epochs (default 30; episodic methods: --epochs N means N x --episodes-per-epoch episodes)."),
     patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Stop after this many epochs without a better val MAP@R (default 5; 0 = never)."),
     lr: Optional[float] = typer.Option(None, "--lr", callback=positive, help="Adam learning rate (default 1e-4 unless the method sets its own)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0, help="Adam weight decay (default 0)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Items per batch (siamese; default 64)."),
-    m_per_class: Optional[int] = typer.Option(None, "--m-per-class", min=2, help="Images per class in a batch (default 4)."),
-    margin: Optional[float] = typer.Option(None, "--margin", min=0.0, help="Triplet margin (default 0.1) / contrastive negative margin (default 0.3), on cosine similarity."),
-    pos_margin: Optional[float] = typer.Option(None, "--pos-margin", min=-1.0, max=1.0, help="Contrastive positive margin (cosine; default 0.8)."),
-    miner: Optional[str] = typer.Option(None, "--miner", help="hard | semihard | all (default: contrastive hard, triplet semihard)."),
     head: Optional[str] = typer.Option(None, "--head", help="linear (identity-initialised, centred; default) | mlp (1280-512-256) | JSON spec."),
     fine_tune: str = typer.Option("none", "--fine-tune", help="none (head on cached embeddings) | last (also the backbone's last blocks, on augmented images; for a GPU)."),
     fine_tune_blocks: Optional[int] = typer.Option(None, "--fine-tune-blocks", min=1, help="Backbone blocks trained with --fine-tune last (default 2)."),
     ways: Optional[int] = typer.Option(None, "--ways", min=2, help="N of N-way episodes (episodic methods and episodic validation; default 5)."),
     shots: Optional[int] = typer.Option(None, "--shots", min=1, help="K support images per class (default 5)."),
     queries: Optional[int] = typer.Option(None, "--queries", min=1, help="Q query images per class (default 5)."),
-    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="Training episodes in all (episodic methods)."),
-    episodes_per_epoch: Optional[int] = typer.Option(None, "--episodes-per-epoch", min=1, help="Training episodes between validations (episodic methods)."),
-    inner_lr: Optional[float] = typer.Option(None, "--inner-lr", callback=positive, help="MAML inner-loop learning rate."),
-    inner_steps: Optional[int] = typer.Option(None, "--inner-steps", min=0, help="MAML inner steps when training."),
-    inner_steps_test: Optional[int] = typer.Option(None, "--inner-steps-test", min=0, help="MAML inner steps when evaluating."),
-    meta_batch: Optional[int] = typer.Option(None, "--meta-batch", min=1, help="MAML tasks per outer step."),
-    maml_init: str = typer.Option("proto", "--maml-init", help="MAML's initial output layer per task: proto (from the support prototypes) | zero | learned."),
     val_episodes: Optional[int] = typer.Option(None, "--val-episodes", min=0, help="Episodic validation episodes per epoch (default 300; 0 = none)."),
     eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", min=1, help="Episodes per setting in the final evaluation (default 1000)."),
+    opt: Optional[List[str]] = typer.Option(None, "--opt", help="A method option as KEY=VALUE (repeatable), e.g. --opt inner_lr=0.3; checked against `fewshot methods METHOD`."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of everything random (same seed, same run)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out (only once the new run has trained)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     group_from: Optional[str] = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' or 'column:NAME'."),
     embed_batch_size: Optional[int] = typer.Option(None, "--embed-batch-size", min=1, help="Images per forward pass when embedding (default 32)."),
@@ -83,37 +73,27 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice). On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
+    **method_flags,
 ) -> None:
-    """Train contrastive / triplet (or episodic) embeddings; keep the best epoch by val MAP@R."""
-    from ..methods.maml import INITS
+    """Train contrastive / triplet (or episodic) embeddings; keep the best epoch by val MAP@R.
 
-    if maml_init not in INITS:
-        raise typer.BadParameter(f"{maml_init!r}: use {', '.join(INITS[:-1])} or {INITS[-1]}",
-                                 param_hint="--maml-init")
+    A method option (under "Method options", or --opt KEY=VALUE) applies to the methods its help names; `fewshot methods METHOD` lists one method's options.
+    """
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    from ..methods.method import get_method, make_config
+    from ..methods.method import make_config
     from ..training import train as run_train
 
-    if epochs is not None and get_method(method).episodic:
-        # episodic methods count training in episodes: --epochs N is N epochs of episodes
-        if episodes is not None:
-            raise typer.BadParameter("episodic methods count training in episodes: give --episodes or "
-                                     "--epochs, not both", param_hint="--epochs")
-        episodes = epochs * (episodes_per_epoch or make_config(method).episodes_per_epoch)
-
+    options = _method_options(method, method_flags, opt or [], epochs)
     cfg = make_config(
         method, data=data, split_file=str(split_file), out=str(out), backbone=backbone, image_size=image_size,
-        seed=seed, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-        m_per_class=m_per_class, margin=margin, pos_margin=pos_margin, miner=miner, head=_head_spec(head),
+        seed=seed, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=_head_spec(head),
         fine_tune=fine_tune, fine_tune_blocks=fine_tune_blocks, ways=ways, shots=shots, queries=queries,
-        episodes=episodes, episodes_per_epoch=episodes_per_epoch, inner_lr=inner_lr, inner_steps=inner_steps,
-        inner_steps_test=inner_steps_test, meta_batch=meta_batch, maml_init=maml_init, val_episodes=val_episodes,
-        eval_episodes=eval_episodes, resume=resume, overwrite=overwrite, device=device, group_from=group_from,
-        embed_batch_size=embed_batch_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
-        progress=not no_progress, final_eval=split)
+        val_episodes=val_episodes, eval_episodes=eval_episodes, resume=resume, overwrite=overwrite, device=device,
+        group_from=group_from, embed_batch_size=embed_batch_size, workers=workers,
+        cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress, final_eval=split, options=options)
     result = run_train(cfg)
     b = result.best_metrics
     typer.echo(f"best epoch {result.best_epoch} of {result.history[-1]['epoch']}"
@@ -125,3 +105,136 @@ def train(
         typer.echo(f"{split} classes: mAP {m['map']:.4f}  MAP@R {m['map_at_r']:.4f}  P@1 {m['precision_at_1']:.4f}")
         echo_episodes(m["episodes"])
     typer.echo(f"wrote {out}/config.json, model.safetensors, history.csv, curves.png")
+
+
+# --------------------------------------------------------------------------- method options
+@dataclasses.dataclass
+class _Flag:
+    """One CLI flag made from the methods' option fields of the same name."""
+
+    name: str
+    flag: str
+    type: type
+    help: str
+    methods: list[str] = dataclasses.field(default_factory=list)
+    defaults: list[Any] = dataclasses.field(default_factory=list)
+    helps: list[str] = dataclasses.field(default_factory=list)
+
+
+def _option_type(annotation: Any) -> type:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def method_flags() -> dict[str, _Flag]:
+    """Every option of every registered method, by field name (a flag serves every method
+    whose :attr:`~fewshot.methods.method.Method.Config` has a field of that name)."""
+    from ..methods.method import get_method, list_methods
+
+    out: dict[str, _Flag] = {}
+    for name in list_methods():
+        cls = get_method(name).Config
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = out.setdefault(f.name, _Flag(f.name, f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
+                                                _option_type(hints[f.name]), f.metadata.get("help", "")))
+            flag.methods.append(name)
+            flag.defaults.append(f.default)
+            flag.helps.append(f.metadata.get("help", ""))
+    return out
+
+
+def _flag_help(f: _Flag) -> str:
+    """The flag's help: what it does (per method where the methods differ), which methods take
+    it, and their defaults (parentheses, not brackets: typer's help renders rich markup)."""
+    if len(set(f.helps)) == 1 and len({repr(d) for d in f.defaults}) == 1:
+        return f"{f.helps[0]} ({', '.join(f.methods)}; default {f.defaults[0]!r})"
+    return " ".join(f"{m}: {h.rstrip('.')} (default {d!r})." for m, h, d in zip(f.methods, f.helps, f.defaults))
+
+
+def _method_options(method: str, given: dict[str, Any], pairs: list[str], epochs: int | None) -> dict[str, Any]:
+    """The method's options from its flags and ``--opt KEY=VALUE``; a flag of another method is
+    a usage error naming the method's own options."""
+    from ..methods.method import get_method, method_options
+
+    flags = method_flags()
+    own = {f.name for f in dataclasses.fields(get_method(method).Config)}
+    options: dict[str, Any] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key not in own:
+            raise typer.BadParameter(f"does not apply to --method {method} (it is an option of "
+                                     f"{', '.join(flags[key].methods)}); options of {method}: "
+                                     f"{', '.join(sorted(own)) or 'none'}", param_hint=flags[key].flag)
+        options[key] = value
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in own:
+            raise typer.BadParameter(f"{pair!r}: use KEY=VALUE with KEY one of {', '.join(sorted(own)) or 'none'} "
+                                     f"(see `fewshot methods {method}`)", param_hint="--opt")
+        options[key] = _parse(text.strip(), flags[key], "--opt")
+    if epochs is not None and get_method(method).episodic:
+        # episodic methods count training in episodes: --epochs N is N epochs of episodes
+        if "episodes" in options:
+            raise typer.BadParameter("episodic methods count training in episodes: give --episodes or "
+                                     "--epochs, not both", param_hint="--epochs")
+        per_epoch = options.get("episodes_per_epoch", get_method(method).Config().episodes_per_epoch)
+        options["episodes"] = epochs * per_epoch
+    try:  # a value out of range is a usage error, like the loop's own options
+        method_options(method, **options)
+    except FewshotError as exc:
+        raise typer.BadParameter(f"{exc.message} ({exc.hint})") from None
+    return options
+
+
+def _parse(text: str, flag: _Flag, hint: str) -> Any:
+    try:
+        if flag.type is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        return flag.type(text)
+    except ValueError:
+        raise typer.BadParameter(f"{flag.name}={text!r} is not a {flag.type.__name__}", param_hint=hint) from None
+
+
+def _register_train() -> None:
+    """``fewshot train``: the loop's options above, plus one flag per method option."""
+    import inspect
+
+    base = inspect.signature(_train)
+    params = [p for p in base.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    annotations = dict(typing.get_type_hints(_train))
+    for f in method_flags().values():
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[f.type],
+            default=typer.Option(None, f.flag, help=_flag_help(f), rich_help_panel="Method options")))
+        annotations[f.name] = Optional[f.type]
+    _train.__signature__ = base.replace(parameters=params)  # type: ignore[attr-defined]
+    _train.__annotations__ = annotations
+    app.command("train")(handle_errors(_train))
+
+
+@app.command("methods")
+def methods_cmd(name: Optional[str] = typer.Argument(None, help="A method: show only its options.")) -> None:
+    """List the training methods with their options and defaults."""
+    from ..methods.method import get_method, list_methods
+
+    names = [name] if name else list_methods()
+    flags = method_flags()
+    for n in names:
+        try:
+            cls = get_method(n)
+        except FewshotError as exc:
+            raise typer.BadParameter(f"{exc.message} ({exc.hint})", param_hint="NAME") from None
+        typer.echo(f"{n}: {cls.summary}" + ("  [episodic]" if cls.episodic else ""))
+        for f in dataclasses.fields(cls.Config):
+            typer.echo(f"    {flags[f.name].flag} (--opt {f.name}=...)  default {f.default!r}: "
+                       f"{f.metadata.get('help', '')}")
+        if cls.defaults:
+            typer.echo(f"    loop defaults: {', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in cls.defaults.items())}")
+
+
+_register_train()

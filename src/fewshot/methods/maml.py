@@ -70,6 +70,7 @@ adds a few tenths of a point over the un-adapted prototypes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -80,7 +81,7 @@ from torch.func import functional_call
 
 from ..data.episodes import Episode
 from .base import EpisodeClassifier
-from .method import Method, TrainData, register_method
+from .method import EpisodicOptions, Method, TrainData, option, register_method
 from .functional import prototypes
 from .protonet import INIT_SCALE, fused_adam
 
@@ -247,36 +248,50 @@ def make_adapt_classifier(*, init: str, scale: float, lr: float, steps: int,
 
 
 # ---------------------------------------------------------------------- training method
+@dataclass
+class MAMLOptions(EpisodicOptions):
+    """Options of ``maml`` and ``fomaml``. Defaults chosen on the Grocery val classes (see
+    bench/quality_episodic.py): with the logit scale ``s = 5`` an inner step of 0.5 moves the
+    5-shot decision boundaries usefully (+0.5-1 point of val accuracy over the un-adapted
+    prototypes) without overfitting the support set."""
+
+    inner_lr: float = option(0.5, "Inner-loop learning rate.", min=0.0)
+    inner_steps: int = option(5, "Inner steps when training.", min=0)
+    inner_steps_test: int = option(10, "Inner steps when evaluating.", min=0)
+    meta_batch: int = option(4, "Tasks per outer step.", min=1)
+    init: str = option("proto", "Each task's initial N-way layer: proto (from the support prototypes) | zero | "
+                       "learned.", flag="--maml-init", choices=INITS)
+    #: fewshot 0.1.0 called ``init`` ``maml_init`` in its flat train_config
+    LEGACY_NAMES: ClassVar[dict[str, str]] = {"maml_init": "init"}
+
+
 @register_method("maml")
 class MAML(Method):
     """MAML training method (``fewshot train --method maml``; :class:`FOMAML` for ``fomaml``).
 
-    One batch is a meta-batch: a list of ``cfg.meta_batch`` episodes (tasks). :meth:`loss`
-    averages :func:`adapted_query_loss` over them (``cfg.inner_steps`` inner steps of size
-    ``cfg.inner_lr``); the trainer's Adam (``cfg.lr``) takes the outer step. An epoch holds
-    ``ceil(cfg.episodes_per_epoch / cfg.meta_batch)`` meta-batches.
+    One batch is a meta-batch: a list of ``opts.meta_batch`` episodes (tasks). :meth:`loss`
+    averages :func:`adapted_query_loss` over them (``opts.inner_steps`` inner steps of size
+    ``opts.inner_lr``); the trainer's Adam (``cfg.lr``) takes the outer step. An epoch holds
+    ``ceil(opts.episodes_per_epoch / opts.meta_batch)`` meta-batches.
 
-    Configuration read beyond the shared fields (``getattr`` with defaults, so older
-    :class:`~fewshot.methods.method.TrainConfig` objects work): ``maml_init`` (``"proto"``,
-    ``"zero"`` or ``"learned"``; default ``"proto"``).
+    Options: :class:`MAMLOptions` (``init``: ``"proto"``, ``"zero"`` or ``"learned"``; default
+    ``"proto"``).
 
     Extra state saved as ``method.*``: ``log_scale`` (float32 scalar), ``init_mode`` (int64 scalar,
-    index into :data:`INITS`) and, with ``maml_init="learned"``, ``init_weight [ways, E]`` and
+    index into :data:`INITS`) and, with ``init="learned"``, ``init_weight [ways, E]`` and
     ``init_bias [ways]`` (float32).
     """
 
     name = "maml"
+    summary = "MAML (Finn et al. 2017), second order: adapts an N-way layer per task (proto init)"
     episodic = True
     first_order: bool = False
-    #: chosen on the Grocery val classes (see bench/quality_episodic.py): with the logit scale
-    #: ``s = 5`` an inner step of 0.5 moves the 5-shot decision boundaries usefully (+0.5-1 point
-    #: of val accuracy over the un-adapted prototypes) without overfitting the support set.
-    defaults: ClassVar[dict] = {"lr": 1e-4, "inner_lr": 0.5, "inner_steps": 5, "inner_steps_test": 10,
-                                "meta_batch": 4}
+    Config = MAMLOptions
+    defaults: ClassVar[dict] = {"lr": 1e-4}
 
     def __init__(self, cfg, in_dim: int) -> None:
         super().__init__(cfg, in_dim)
-        self.init = str(getattr(cfg, "maml_init", "proto") or "proto")
+        self.init = str(self.opts.init or "proto")
         if self.init not in INITS:
             raise ValueError(f"unknown maml_init {self.init!r}: use one of {', '.join(INITS)}")
         self.log_scale = nn.Parameter(torch.tensor(math.log(INIT_SCALE)))
@@ -306,9 +321,9 @@ class MAML(Method):
         return self
 
     def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> Iterator[list[Episode]]:
-        """Meta-batches of ``cfg.meta_batch`` seeded episodes (``cfg.episodes_per_epoch`` in all)."""
+        """Meta-batches of ``opts.meta_batch`` seeded episodes (``opts.episodes_per_epoch`` in all)."""
         sampler = self.episode_sampler(train, rng)
-        size = max(1, int(self.cfg.meta_batch))
+        size = max(1, int(self.opts.meta_batch))
         batch: list[Episode] = []
         for ep in sampler:
             batch.append(ep)
@@ -328,7 +343,7 @@ class MAML(Method):
         ys = torch.as_tensor(ep.support_y, device=x.device)
         yq = torch.as_tensor(ep.query_y, device=x.device)
         return adapted_query_loss(self.embed, self.out, self.scale, x[:n_s], ys, x[n_s:], yq, ep.n_way,
-                                  init=self.init, steps=int(self.cfg.inner_steps), lr=float(self.cfg.inner_lr),
+                                  init=self.init, steps=int(self.opts.inner_steps), lr=float(self.opts.inner_lr),
                                   first_order=self.first_order, learned=self._learned())
 
     def loss(self, batch: list[Episode] | Episode) -> torch.Tensor:
@@ -355,9 +370,9 @@ class MAML(Method):
                 self.init_bias.data = tensors["init_bias"].float().clone()
 
     def episode_classifier(self) -> EpisodeClassifier | None:
-        """Adapt-on-support classifier: ``cfg.inner_steps_test`` steps from the task's init."""
+        """Adapt-on-support classifier: ``opts.inner_steps_test`` steps from the task's init."""
         return make_adapt_classifier(init=self.init, scale=float(self.scale.detach()),
-                                     lr=float(self.cfg.inner_lr), steps=int(self.cfg.inner_steps_test),
+                                     lr=float(self.opts.inner_lr), steps=int(self.opts.inner_steps_test),
                                      learned=self._learned())
 
 
@@ -366,4 +381,5 @@ class FOMAML(MAML):
     """First-order MAML (Finn et al. 2017, sec. 5.2): inner gradients without their graph."""
 
     name = "fomaml"
+    summary = "First-order MAML (Finn et al. 2017, sec. 5.2)"
     first_order = True

@@ -41,7 +41,9 @@ registered whenever a method module is used.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import copy
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
@@ -55,7 +57,7 @@ from .base import EpisodeClassifier
 from .heads import ProjectionHead
 
 __all__ = ["TrainConfig", "TrainData", "Method", "IndexBatch", "register_method", "get_method",
-           "list_methods", "make_config", "DEFAULT_HEAD", "HEAD_PRESETS", "resolve_head_spec"]
+           "list_methods", "make_config", "config_keys", "option", "method_options", "EpisodicOptions", "NoOptions", "DEFAULT_HEAD", "HEAD_PRESETS", "resolve_head_spec"]
 
 #: The default head: an identity-initialised linear map on centred features (1280 -> 1280 for
 #: EfficientNet-Lite), L2-normalised. Training starts exactly at the frozen (centred) ranking and
@@ -69,11 +71,33 @@ HEAD_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def option(default: Any, help: str, *, flag: str | None = None, min: float | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A field of a method's :attr:`Method.Config`: its default, its help text (shown by
+    ``fewshot methods``), and optionally the CLI flag (default ``--name-with-dashes``), a
+    minimum and the allowed values; :func:`check_options` enforces the last two."""
+    return field(default=default, metadata={"help": help, "flag": flag, "min": min, "choices": choices})
+
+
+@dataclass
+class NoOptions:
+    """A method without options of its own."""
+
+
+@dataclass
+class EpisodicOptions:
+    """Options of every episodic method (prototypical networks, MAML)."""
+
+    episodes: int = option(2000, "Training episodes in all (--epochs N means N x --episodes-per-epoch).", min=1)
+    episodes_per_epoch: int = option(100, "Training episodes between validations.", min=1)
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs; recorded in ``RUN_DIR/config.json`` (``train_config``).
 
-    Fields a method does not use are simply ignored by it.
+    The fields are the training loop's; what only one method reads lives in ``options``, an
+    instance of that method's :attr:`Method.Config` (e.g. MAML's inner learning rate).
 
     Attributes:
         method: registered method name (``contrastive``, ``triplet``, ``protonet``, ``maml``, ``fomaml``).
@@ -84,26 +108,16 @@ class TrainConfig:
         out: RUN_DIR.
         backbone, image_size: the (frozen unless ``fine_tune``) feature extractor.
         seed: seeds torch, numpy and the samplers; the same seed gives the same run.
-        epochs: maximum epochs; ``patience``: stop after this many epochs without a better
-            validation MAP@R (0 = never stop early).
-        lr, weight_decay: Adam; ``batch_size`` items per batch (siamese).
-        margin: loss margin (triplet margin; contrastive negative margin on cosine similarity);
-            ``None`` = the method's default.
-        pos_margin: contrastive positive margin (cosine similarity above which positives cost
-            nothing); ``None`` = the method's default.
-        miner: ``"hard"``, ``"semihard"`` or ``"all"`` (see :mod:`.siamese`); ``None`` = the
-            method's default.
-        m_per_class: images per class in a batch (:class:`MPerClassSampler`).
+        epochs: maximum epochs (episodic methods count ``options.episodes`` instead);
+            ``patience``: stop after this many epochs without a better validation MAP@R
+            (0 = never stop early).
+        lr, weight_decay: Adam.
         fine_tune: ``"none"`` (head on cached frozen features) or ``"last"`` (also the last
             ``fine_tune_blocks`` backbone blocks, on augmented images).
         head: :class:`~fewshot.methods.heads.ProjectionHead` spec (``in_dim`` filled in); ``None``
             = :data:`DEFAULT_HEAD`.
-        ways, shots, queries: N-way K-shot Q-query episodes (episodic methods, episodic val).
-        episodes: total training episodes (episodic methods); ``episodes_per_epoch`` of them
-            per epoch.
-        inner_lr, inner_steps, inner_steps_test, meta_batch: MAML.
-        maml_init: MAML's initial N-way output layer in each task: ``"proto"`` (from the support
-            prototypes, Triantafillou et al. 2020; default), ``"zero"`` or ``"learned"``.
+        ways, shots, queries: N-way K-shot Q-query episodes (episodic training and episodic
+            validation).
         val_episodes: episodic validation episodes per epoch (0 = none).
         resume: continue from ``RUN_DIR/checkpoint.pt``; ``overwrite``: replace an existing run.
         group_from: group spec for datasets without groups (see ``load_dataset``).
@@ -113,6 +127,7 @@ class TrainConfig:
         final_eval: class part evaluated with the best model at the end (``"test"``,
             ``"val"``, or ``"none"``), written to ``RUN_DIR/eval_<part>/``.
         eval_episodes: episodes per setting of that final evaluation.
+        options: the method's options (its :attr:`Method.Config`; ``None`` = its defaults).
     """
 
     method: str = "triplet"
@@ -126,24 +141,12 @@ class TrainConfig:
     patience: int = 5
     lr: float = 1e-4
     weight_decay: float = 0.0
-    batch_size: int = 64
-    margin: float | None = None
-    pos_margin: float | None = None
-    miner: str | None = None
-    m_per_class: int = 4
     fine_tune: str = "none"
     fine_tune_blocks: int = 2
     head: dict | None = None
     ways: int = 5
     shots: int = 5
     queries: int = 5
-    episodes: int = 2000
-    episodes_per_epoch: int = 100
-    inner_lr: float = 0.01
-    inner_steps: int = 5
-    inner_steps_test: int = 10
-    meta_batch: int = 4
-    maml_init: str = "proto"
     val_episodes: int = 300
     resume: bool = False
     overwrite: bool = False
@@ -155,22 +158,84 @@ class TrainConfig:
     embed_batch_size: int = 32
     final_eval: str = "test"
     eval_episodes: int = 1000
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        if self.options is None or isinstance(self.options, dict):
+            self.options = method_options(self.method, **(self.options or {}))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready copy."""
-        return asdict(self)
+        """JSON-ready copy (``options`` as a dict)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        d["options"] = asdict(self.options)
+        return copy.deepcopy(d)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Build from :meth:`to_dict` output; unknown keys are ignored (forward compatibility)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+        """Build from :meth:`to_dict` output; unknown keys are ignored (forward compatibility).
 
-    @classmethod
-    def default(cls, name: str) -> Any:
-        """The default value of field ``name``."""
-        f = {f.name: f for f in fields(cls)}[name]
-        return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        A run of fewshot 0.1.0 kept the method's options among the loop's fields (e.g.
+        ``inner_lr``, ``maml_init``); they are read from there.
+        """
+        data = dict(data or {})
+        method = data.get("method", cls.method)
+        names = {f.name for f in fields(cls)} - {"options"}
+        options = data.get("options")
+        if options is None:
+            options = legacy_options(method, data)
+        return cls(**{k: v for k, v in data.items() if k in names}, options=dict(options))
+
+
+def _options_class(method: str) -> type:
+    return get_method(method).Config
+
+
+def method_options(method: str, **given: Any) -> Any:
+    """``method``'s :attr:`Method.Config` with ``given`` values (``None`` = its default).
+
+    Raises:
+        FewshotError: unknown method, an option the method does not have, or a value outside
+            its ``min`` / ``choices`` (the message lists the method's options).
+    """
+    cls = _options_class(method)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        listed = ", ".join(known) or "none"
+        raise FewshotError(f"method '{method}' has no option {', '.join(unknown)} (its options: {listed})",
+                           hint=f"see `fewshot methods {method}`")
+    opts = cls(**{k: v for k, v in given.items() if v is not None})
+    check_options(method, opts)
+    return opts
+
+
+def check_options(method: str, opts: Any) -> None:
+    """Enforce each option's ``min`` and ``choices`` (see :func:`option`).
+
+    Raises:
+        FewshotError: naming the option, its value and what is allowed.
+    """
+    for f in fields(opts):
+        value, meta = getattr(opts, f.name), f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        if meta.get("min") is not None and value is not None and value < meta["min"]:
+            raise FewshotError(f"{flag} {value}: method '{method}' needs at least {meta['min']}",
+                               hint=f"use {flag} {meta['min']} or more (default {f.default})")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise FewshotError(f"{flag} {value!r} is not an option of method '{method}'",
+                               hint=f"use {flag} {' | '.join(meta['choices'])}")
+
+
+def legacy_options(method: str, flat: dict[str, Any]) -> dict[str, Any]:
+    """The options of a fewshot 0.1.0 ``train_config``, which kept them among the loop fields."""
+    cls = _options_class(method)
+    aliases = getattr(cls, "LEGACY_NAMES", {})
+    out = {}
+    for f in fields(cls):
+        for key in (f.name, *[k for k, v in aliases.items() if v == f.name]):
+            if flat.get(key) is not None:
+                out[f.name] = flat[key]
+    return out
 
 
 def resolve_head_spec(head: dict | str | None, in_dim: int) -> dict[str, Any]:
@@ -249,7 +314,12 @@ class Method:
     """
 
     name: ClassVar[str] = ""
-    #: method-specific defaults for :class:`TrainConfig` fields the user did not set
+    #: one line for ``fewshot methods``: what the method is and its source
+    summary: ClassVar[str] = ""
+    #: the method's own options (a dataclass whose fields are made with :func:`option`); the
+    #: CLI offers each as a flag, ``fewshot methods`` lists them, ``self.opts`` holds the values
+    Config: ClassVar[type] = NoOptions
+    #: method-specific defaults for the loop's :class:`TrainConfig` fields the user did not set
     #: (applied by :func:`make_config`), e.g. ``{"lr": 1e-3}``.
     defaults: ClassVar[dict[str, Any]] = {}
     #: episodic methods draw N-way K-shot episodes; the trainer then validates episodically
@@ -258,6 +328,10 @@ class Method:
 
     def __init__(self, cfg: TrainConfig, in_dim: int) -> None:
         self.cfg = cfg
+        opts = cfg.options
+        if not isinstance(opts, self.Config):  # e.g. a config made for another method
+            opts = self.Config(**{k: v for k, v in asdict(opts).items() if k in {f.name for f in fields(self.Config)}})
+        self.opts = opts
         self.in_dim = int(in_dim)
         self.device = torch.device("cpu")
         self.backbone: nn.Module | None = None
@@ -300,6 +374,13 @@ class Method:
             p.data = p.data.to(self.device)
         return self
 
+    def max_epochs(self) -> int:
+        """Epochs the trainer runs at most: ``cfg.epochs``, or for episodic methods
+        ``ceil(opts.episodes / opts.episodes_per_epoch)``."""
+        if self.episodic:
+            return int(math.ceil(self.opts.episodes / max(1, self.opts.episodes_per_epoch)))
+        return int(self.cfg.epochs)
+
     # ------------------------------------------------------------------ data
     def bind(self, features: Callable[[np.ndarray], torch.Tensor]) -> None:
         """Set the feature source used by :meth:`features` (called by the trainer)."""
@@ -323,10 +404,10 @@ class Method:
                         episodes: int | None = None) -> EpisodeSampler:
         """An N-way K-shot Q-query sampler over the training items, seeded from ``rng``.
 
-        ``episodes`` defaults to ``cfg.episodes_per_epoch``. Helper for episodic methods.
+        ``episodes`` defaults to ``opts.episodes_per_epoch``. Helper for episodic methods.
         """
         sampler = EpisodeSampler(train.y.tolist(), self.cfg.ways, self.cfg.shots, self.cfg.queries,
-                                 episodes=episodes or self.cfg.episodes_per_epoch,
+                                 episodes=episodes or self.opts.episodes_per_epoch,
                                  seed=int(rng.integers(0, 2**31 - 1)), names=train.label_names,
                                  warn=not self._warned)
         self._warned = True  # the classes left out are the same every epoch: say so once
@@ -381,13 +462,6 @@ class Method:
         if tensors:
             raise FewshotError(f"method '{self.name}' has no extra tensors, got {sorted(tensors)}",
                                hint="the run folder was mixed up; re-run training")
-
-    def state(self) -> dict[str, Any]:
-        """Extra non-tensor state for checkpoints (default none)."""
-        return {}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state`."""
 
     def episode_classifier(self) -> EpisodeClassifier | None:
         """N-way classifier for episodic evaluation on head embeddings; ``None`` = nearest prototype."""
@@ -446,20 +520,32 @@ def get_method(name: str) -> type[Method]:
 
 def make_config(method: str, **given: Any) -> TrainConfig:
     """A :class:`TrainConfig` for ``method``: field defaults, then the method's
-    :attr:`Method.defaults`, then every ``given`` value that is not ``None``.
+    :attr:`Method.defaults`, then every ``given`` value that is not ``None``. A ``given`` key
+    that is one of the method's options (its :attr:`Method.Config`) goes into ``options``.
 
     Raises:
-        FewshotError: unknown method.
-        TypeError: a ``given`` key is not a :class:`TrainConfig` field.
+        FewshotError: unknown method, an option of another method (not this one's), or a
+            bad value.
+        TypeError: a ``given`` key is neither a :class:`TrainConfig` field nor an option of any
+            registered method.
     """
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(given) - names)
+    loop = {f.name for f in fields(TrainConfig)} - {"options"}
+    anyone = {f.name for m in list_methods() for f in fields(get_method(m).Config)}
+    unknown = sorted(set(given) - loop - anyone - {"options"})
     if unknown:
         raise TypeError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
     values: dict[str, Any] = dict(get_method(method).defaults)
-    values.update({k: v for k, v in given.items() if v is not None})
+    values.update({k: v for k, v in given.items() if k in loop and v is not None})
+    opts = dict(given.get("options") or {})
+    opts.update({k: v for k, v in given.items() if k not in loop and k != "options" and v is not None})
     values["method"] = method
+    values["options"] = method_options(method, **opts)
     return TrainConfig(**values)
+
+
+def config_keys(method: str) -> set[str]:
+    """The keys :func:`make_config` takes for ``method``: the loop's fields and its options."""
+    return ({f.name for f in fields(TrainConfig)} - {"options"}) | {f.name for f in fields(get_method(method).Config)}
 
 
 def list_methods() -> list[str]:

@@ -51,7 +51,7 @@ from torch import nn
 from ..data.episodes import Episode
 from .base import EpisodeClassifier
 from .functional import prototypes, sqeuclidean_prototype_classifier, squared_euclidean
-from .method import Method, TrainData, register_method
+from .method import EpisodicOptions, Method, TrainData, register_method
 
 __all__ = ["prototypes", "squared_euclidean", "protonet_logits", "protonet_loss", "sqeuclidean_prototype_classifier",
            "ProtoNet", "INIT_SCALE", "fused_adam"]
@@ -111,7 +111,9 @@ class ProtoNet(Method):
     """
 
     name = "protonet"
+    summary = "Prototypical networks (Snell et al. 2017), trained on N-way K-shot episodes"
     episodic = True
+    Config = EpisodicOptions
     #: a small learning rate keeps the identity-initialised head near the frozen geometry
     #: (chosen on the Grocery val classes; best epoch by val MAP@R guards the rest)
     defaults: ClassVar[dict] = {"lr": 1e-4}
@@ -133,7 +135,7 @@ class ProtoNet(Method):
         return fused_adam(self)
 
     def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> Iterator[Episode]:
-        """``cfg.episodes_per_epoch`` seeded episodes over the training classes."""
+        """``opts.episodes_per_epoch`` seeded episodes over the training classes."""
         return iter(self.episode_sampler(train, rng))
 
     def loss(self, batch: Episode) -> torch.Tensor:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -55,11 +56,12 @@ from pytorch_metric_learning import distances, losses, miners, samplers
 from pytorch_metric_learning.utils import common_functions as pml_common
 
 from ..errors import FewshotError
-from .method import IndexBatch, Method, TrainConfig, TrainData, register_method
+from .method import IndexBatch, Method, TrainConfig, TrainData, option, register_method
 
 log = logging.getLogger("fewshot")
 
-__all__ = ["SiameseMethod", "ContrastiveMethod", "TripletMethod", "MINERS"]
+__all__ = ["SiameseMethod", "ContrastiveMethod", "TripletMethod", "MINERS", "SiameseOptions", "TripletOptions",
+           "ContrastiveOptions"]
 
 MINERS = ("hard", "semihard", "all")
 
@@ -75,22 +77,48 @@ def _pml_random(seed: int) -> Iterator[None]:
         pml_common.NUMPY_RANDOM = saved
 
 
+@dataclass
+class SiameseOptions:
+    """Batches of the pair / triplet methods (pytorch-metric-learning's ``MPerClassSampler``)."""
+
+    batch_size: int = option(64, "Items per batch.", min=4)
+    m_per_class: int = option(4, "Images per class in a batch.", min=2)
+
+
+@dataclass
+class TripletOptions(SiameseOptions):
+    """Options of ``triplet``."""
+
+    margin: float = option(0.1, "Triplet margin on cosine similarity.", min=0.0)
+    miner: str = option("semihard", "Which triplets enter the loss: hard | semihard | all.", choices=MINERS)
+
+
+@dataclass
+class ContrastiveOptions(SiameseOptions):
+    """Options of ``contrastive``."""
+
+    margin: float = option(0.3, "Negative margin on cosine similarity: less similar negatives cost nothing.",
+                           min=-1.0)
+    pos_margin: float = option(0.8, "Positive margin on cosine similarity: more similar positives cost nothing.",
+                               min=-1.0)
+    miner: str = option("hard", "Which pairs enter the loss: hard (batch-hard) | semihard | all.", choices=MINERS)
+
+
 class SiameseMethod(Method):
     """Shared part of the pair / triplet methods: m-per-class batches, a loss and a miner.
 
-    Subclasses set :meth:`make_loss` and :meth:`make_miner`.
+    Subclasses set :attr:`Config`, :meth:`make_loss` and :meth:`make_miner`.
     """
 
-    default_margin: float = 0.1
-    default_miner: str = "semihard"
+    Config = SiameseOptions
 
     def __init__(self, cfg: TrainConfig, in_dim: int) -> None:
         super().__init__(cfg, in_dim)
-        miner = cfg.miner or self.default_miner
+        miner = self.opts.miner
         if miner not in MINERS:
             raise FewshotError(f"unknown miner '{miner}'", hint=f"use --miner {' | '.join(MINERS)}")
         self.miner_name = miner
-        self.margin = float(cfg.margin if cfg.margin is not None else self.default_margin)
+        self.margin = float(self.opts.margin)
         self.distance = distances.CosineSimilarity()
         self.loss_fn = self.make_loss()
         self.miner = self.make_miner()
@@ -126,7 +154,7 @@ class SiameseMethod(Method):
                         len(lonely), train.num_classes, ", ".join(lonely[:10]) + (" ..." if len(lonely) > 10 else ""))
 
     def _check_batches(self, train: TrainData) -> tuple[int, int]:
-        m, bs = int(self.cfg.m_per_class), int(self.cfg.batch_size)
+        m, bs = int(self.opts.m_per_class), int(self.opts.batch_size)
         n_classes = train.num_classes
         if m < 2 or bs < 2 * m or bs % m:
             raise FewshotError(f"batch size {bs} and m-per-class {m} do not fit",
@@ -169,19 +197,17 @@ class SiameseMethod(Method):
 class ContrastiveMethod(SiameseMethod):
     """Contrastive loss on pairs (Hadsell, Chopra, LeCun 2006) on cosine similarity.
 
-    ``cfg.pos_margin`` (default 0.8): positives more similar than this cost nothing;
-    ``cfg.margin`` (default 0.3): negatives less similar than this cost nothing;
-    ``cfg.miner`` default ``"hard"``.
+    Options (:class:`ContrastiveOptions`): ``pos_margin`` (default 0.8): positives more similar
+    than this cost nothing; ``margin`` (default 0.3): negatives less similar than this cost
+    nothing; ``miner`` default ``"hard"``.
     """
 
     name = "contrastive"
-    default_margin = 0.3
-    default_pos_margin = 0.8
-    default_miner = "hard"
+    summary = "Siamese pairs with the contrastive loss (Hadsell, Chopra and LeCun 2006), batch-hard mining"
+    Config = ContrastiveOptions
 
     def make_loss(self) -> torch.nn.Module:
-        pos = self.cfg.pos_margin if self.cfg.pos_margin is not None else self.default_pos_margin
-        self.pos_margin = float(pos)
+        self.pos_margin = float(self.opts.pos_margin)
         return losses.ContrastiveLoss(pos_margin=self.pos_margin, neg_margin=self.margin,
                                       distance=self.distance)
 
@@ -195,11 +221,12 @@ class ContrastiveMethod(SiameseMethod):
 
 @register_method("triplet")
 class TripletMethod(SiameseMethod):
-    """Triplet margin loss (Schroff et al. 2015, FaceNet) on cosine similarity; ``cfg.margin``
-    default 0.1, ``cfg.miner`` default ``"semihard"``."""
+    """Triplet margin loss (Schroff et al. 2015, FaceNet) on cosine similarity; options
+    (:class:`TripletOptions`): ``margin`` default 0.1, ``miner`` default ``"semihard"``."""
 
     name = "triplet"
-    default_margin = 0.1
+    summary = "Siamese triplets with the triplet margin loss (Schroff et al. 2015), semi-hard mining"
+    Config = TripletOptions
 
     def make_loss(self) -> torch.nn.Module:
         return losses.TripletMarginLoss(margin=self.margin, distance=self.distance)
