@@ -18,6 +18,17 @@ def shared_dir() -> Path:
     return Path(os.environ.get("FEWSHOT_SHARED", REPO_ROOT.parent / "shared")).resolve()
 
 
+#: fixtures that read ../shared; a test that uses any of them (directly or through another
+#: fixture) is marked ``shared_data``, so ``-m "not shared_data"`` runs the rest without it
+SHARED_FIXTURES = {"shared", "grocery_root", "omniglot_root"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.shared_data)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     path = shared_dir()
@@ -95,3 +106,38 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- drawn data (no ../shared)
+DRAWN_CLASSES = {"Round": ["Red-Ball", "Blue-Ball", "Green-Ball"], "Box": ["Red-Box", "Blue-Box", "Green-Box"]}
+_COLOURS = {"Red": (200, 40, 40), "Blue": (40, 60, 200), "Green": (40, 170, 60)}
+
+
+def draw_tree(root: Path, per_class: int = 6, size: int = 72, seed: int = 0) -> Path:
+    """Write ``root/<article>/<nn>.jpg``: drawn products (a ball or a box in one of three
+    colours) at random positions and sizes on a noisy background; 6 articles in 2 shapes."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for shape, articles in DRAWN_CLASSES.items():
+        for article in articles:
+            folder = root / article
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = _COLOURS[article.split("-")[0]]
+            for i in range(per_class):
+                noise = rng.integers(150, 255, size=(size, size, 3), dtype=np.uint8)
+                img = Image.fromarray(noise)
+                r = int(rng.integers(size // 5, size // 3))
+                cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+                box = (cx - r, cy - r, cx + r, cy + r)
+                draw = ImageDraw.Draw(img)
+                (draw.ellipse if shape == "Round" else draw.rectangle)(box, fill=colour)
+                img.save(folder / f"{article}_{i:02d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def drawn_tree(tmp_path_factory) -> Path:
+    """A plain folder tree of 36 drawn photos (6 articles x 6), made at test time."""
+    return draw_tree(tmp_path_factory.mktemp("drawn") / "PHOTOS")
