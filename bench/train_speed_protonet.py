@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fewshot.methods.method import TrainData, get_method, make_config  # noqa: E402
+from fewshot.methods.base import TrainData, get_method, make_config  # noqa: E402
 
 
 def grocery_train_features(data: str, split_file: str, image_size: int) -> TrainData:

@@ -2,7 +2,7 @@
 
 What is timed is exactly what :func:`fewshot.training.train` runs per epoch:
 ``method.epoch_batches`` + ``method.step`` (sampling, feature lookup, head forward / backward,
-optimiser step) with each method's default settings (:func:`fewshot.methods.method.make_config`:
+optimiser step) with each method's default settings (:func:`fewshot.methods.base.make_config`:
 the settings ``fewshot train --method NAME`` uses). Embedding (served from the on-disk cache),
 validation and checkpointing are not included; the quality benchmark reports whole runs.
 
@@ -40,7 +40,7 @@ def grocery_train_features(progress: bool = False):
     from fewshot.data.loaders import load_dataset
     from fewshot.data.splits import ClassSplit, dataset_for
     from fewshot.embed import embed_dataset
-    from fewshot.methods.method import TrainData
+    from fewshot.methods.base import TrainData
 
     ds = dataset_for(load_dataset(grocery_root()), ClassSplit.load(GROCERY_SPLIT), "train")
     emb = embed_dataset(ds, create_backbone("efficientnet_lite0", image_size=224), progress=progress)
@@ -53,7 +53,7 @@ def grocery_train_features(progress: bool = False):
 def random_features(n: int = 2640, classes: int = 40, dim: int = 1280):
     import torch
 
-    from fewshot.methods.method import TrainData
+    from fewshot.methods.base import TrainData
 
     g = torch.Generator().manual_seed(SEED)
     y = torch.arange(classes).repeat_interleave(n // classes)
@@ -74,7 +74,7 @@ def time_method(name: str, data, rounds: int, episodes: int | None) -> dict[str,
     """Median seconds of ``rounds`` epochs of ``name`` (``episodes`` per epoch when episodic)."""
     import torch
 
-    from fewshot.methods.method import get_method, make_config
+    from fewshot.methods.base import get_method, make_config
 
     over = {"seed": SEED, "progress": False}
     if name in EPISODIC and episodes:

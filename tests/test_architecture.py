@@ -1,5 +1,5 @@
 """The package's imports flow one way (docs/ARCHITECTURE.md):
-data -> backbones -> embed -> methods -> metrics -> index -> pipeline -> training -> cli / serve.
+data -> backbones -> embed -> model -> methods -> metrics -> index -> pipeline -> training -> cli / serve.
 
 Every ``from fewshot...`` / relative import in src/fewshot is resolved to its top-level part and
 checked against that order: a module may import its own part, a part to its left, or one of the
@@ -12,12 +12,12 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fewshot"
-LAYERS = ["data", "backbones", "embed", "methods", "metrics", "index", "pipeline", "training", "cli", "serve"]
+LAYERS = ["data", "backbones", "embed", "model", "methods", "metrics", "index", "pipeline", "training", "cli", "serve"]
 SHARED = {"errors", "io", "registry", "viz", "__init__"}
 
 
 def _part(module: str) -> str:
-    """``fewshot.methods.base`` -> ``methods``; ``fewshot`` -> ``__init__``."""
+    """``fewshot.model`` -> ``methods``; ``fewshot`` -> ``__init__``."""
     names = module.split(".")
     return names[1] if len(names) > 1 else "__init__"
 
@@ -76,7 +76,7 @@ def test_imports_flow_one_way():
 def test_the_check_sees_relative_imports():
     """The resolver must map relative imports to the right part, or the test above proves nothing."""
     mods = dict((m, n) for n, m in _imports(PACKAGE / "training.py"))
-    assert "fewshot.pipeline" in mods and "fewshot.methods.base" in mods
+    assert "fewshot.pipeline" in mods and "fewshot.model" in mods
     mods = [m for _, m in _imports(PACKAGE / "methods" / "maml.py")]
     assert any(m.startswith("fewshot.methods.") for m in mods)
 

@@ -14,7 +14,7 @@ from torch.func import functional_call
 from fewshot.methods.heads import ProjectionHead
 from fewshot.methods.maml import (FOMAML, MAML, OutputLayer, adapted_query_loss, inner_adapt,
                                   make_adapt_classifier, output_init)
-from fewshot.methods.method import make_config, TrainConfig, TrainData, get_method
+from fewshot.methods.base import make_config, TrainConfig, TrainData, get_method
 from train_helpers import nuisance_toy
 
 
@@ -185,7 +185,7 @@ def test_adapt_classifier_improves_on_prototypes():
 def test_saved_maml_run_reloads_and_adapts(tmp_path):
     from fewshot.backbones import create_backbone
     from fewshot.methods import runs
-    from fewshot.methods.base import EmbeddingModel
+    from fewshot.model import EmbeddingModel
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
     d = backbone.dim
@@ -217,7 +217,7 @@ def test_saved_maml_run_reloads_and_adapts(tmp_path):
 def test_init_mode_and_learned_init_travel_with_the_run(tmp_path, init):
     from fewshot.backbones import create_backbone
     from fewshot.methods import runs
-    from fewshot.methods.base import EmbeddingModel
+    from fewshot.model import EmbeddingModel
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
     cfg = make_config("fomaml", ways=3, init=init)

@@ -16,7 +16,7 @@ from fewshot.cli import app
 from fewshot.errors import FewshotError
 from fewshot.methods import METHODS
 from fewshot.methods.maml import MAMLOptions
-from fewshot.methods.method import TrainConfig, make_config
+from fewshot.methods.base import TrainConfig, make_config
 from fewshot.training import read_history, train
 
 from train_helpers import shared_tiny_grocery
@@ -75,7 +75,7 @@ TOY_METHOD = '''
     import numpy as np
     import torch
 
-    from fewshot.methods.method import IndexBatch, Method, option, register_method
+    from fewshot.methods.base import IndexBatch, Method, option, register_method
 
 
     @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.methods.method import make_config, TrainConfig, TrainData, get_method
+from fewshot.methods.base import make_config, TrainConfig, TrainData, get_method
 from fewshot.methods.protonet import (ProtoNet, protonet_logits, protonet_loss, prototypes,
                                       sqeuclidean_prototype_classifier, squared_euclidean)
 from fewshot.metrics import episodic_accuracy
@@ -78,7 +78,7 @@ def test_protonet_reaches_100_percent_on_separable_toy_problem():
 def test_saved_protonet_run_restores_scale(tmp_path):
     from fewshot.backbones import create_backbone
     from fewshot.methods import runs
-    from fewshot.methods.base import EmbeddingModel
+    from fewshot.model import EmbeddingModel
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
     cfg = make_config("protonet")

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from fewshot.cli import app
 from fewshot.errors import CheckpointError, FewshotError
 from fewshot.index import CatalogueIndex
-from fewshot.methods.method import config_keys, make_config
+from fewshot.methods.base import config_keys, make_config
 from fewshot.training import staging_dir, train
 
 from train_helpers import shared_tiny_grocery
@@ -300,7 +300,7 @@ def test_a_one_class_val_part_is_refused(tiny, tmp_path):
 def test_class_warnings_once_with_labels(caplog):
     import logging
 
-    from fewshot.methods.method import TrainData, get_method
+    from fewshot.methods.base import TrainData, get_method
 
     y = torch.tensor([0] * 6 + [1] * 6 + [2] * 2 + [3] * 6)
     data = TrainData(x=torch.randn(len(y), 8), y=y, label_names=["Granny-Smith", "Pink-Lady", "Banana", "Carrots"])

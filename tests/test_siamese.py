@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fewshot.errors import FewshotError
-from fewshot.methods.method import IndexBatch, TrainConfig, TrainData, get_method, make_config
+from fewshot.methods.base import IndexBatch, TrainConfig, TrainData, get_method, make_config
 from fewshot.methods.siamese import ContrastiveMethod, TripletMethod
 
 from train_helpers import shared_tiny_grocery

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fewshot.errors import CheckpointError
-from fewshot.methods.method import config_keys, make_config
+from fewshot.methods.base import config_keys, make_config
 from fewshot.methods.runs import load_run
 from fewshot.training import CHECKPOINT, HISTORY_FIELDS, read_history, staging_dir, train
 

@@ -26,7 +26,7 @@ from .embed import Embeddings
 from .errors import CheckpointError, DataError
 from .index import CatalogueIndex, Prediction, is_index_dir
 from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output
-from .methods.base import EmbeddingModel
+from .model import EmbeddingModel
 from .methods.runs import load_embedding_model
 from .metrics import MIN_EPISODES_FOR_CI, episodic_accuracy, nearest_neighbors, retrieval_metrics
 from .viz import retrieval_grid

@@ -9,7 +9,7 @@ written before the arguments, the data and :meth:`Method.check_data` have been c
    classes under the cross-visit rule (:func:`~fewshot.data.splits.protocol_sets`: queries from
    the test photos, gallery from the train photos).
 2. Embeds those images with the frozen backbone (cached on disk: a second run embeds nothing).
-3. Builds the method (:mod:`fewshot.methods.method`) and its head; a head with ``"centre": true``
+3. Builds the method (:mod:`fewshot.methods.base`) and its head; a head with ``"centre": true``
    gets the mean L2-normalised training embedding as its centre. Seeds torch and numpy.
 4. Validates epoch 0 (before any step), so the curves start at the frozen baseline, then runs
    epochs: each epoch iterates ``method.epoch_batches(train, rng)`` with a per-epoch seeded
@@ -64,8 +64,8 @@ from .data.splits import ClassSplit, dataset_for, protocol_sets
 from .embed import Embeddings, embed_dataset
 from .errors import CheckpointError, DataError, FewshotError
 from .io import atomic_path, atomic_write_json, atomic_write_text, check_output, replace_dir
-from .methods.base import EmbeddingModel
-from .methods.method import Method, TrainConfig, TrainData, get_method
+from .model import EmbeddingModel
+from .methods.base import Method, TrainConfig, TrainData, get_method
 from .methods.runs import CHECKPOINT, CONFIG, is_run_dir, save_run
 
 log = logging.getLogger("fewshot")
@@ -388,7 +388,7 @@ def _validate_config(cfg: TrainConfig) -> type[Method]:
 def _check_head(head: dict | None) -> None:
     """Build the head once at a nominal size, so that a bad ``--head`` spec fails before any work."""
     from .methods.heads import ProjectionHead
-    from .methods.method import resolve_head_spec
+    from .methods.base import resolve_head_spec
 
     try:
         ProjectionHead(**resolve_head_spec(head, 8))

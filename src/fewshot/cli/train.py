@@ -33,7 +33,7 @@ def _head_spec(value: Optional[str]):
         if not isinstance(spec, dict):
             raise FewshotError("--head JSON must be an object", hint='e.g. --head \'{"kind": "linear"}\'')
         return spec
-    from ..methods.method import HEAD_PRESETS
+    from ..methods.base import HEAD_PRESETS
     from ..errors import FewshotError
 
     if value not in HEAD_PRESETS:
@@ -83,7 +83,7 @@ def _train(
         import torch
 
         torch.set_num_threads(threads)
-    from ..methods.method import make_config
+    from ..methods.base import make_config
     from ..training import train as run_train
 
     options = _method_options(method, method_flags, opt or [], epochs)
@@ -128,8 +128,8 @@ def _option_type(annotation: Any) -> type:
 
 def method_flags() -> dict[str, _Flag]:
     """Every option of every registered method, by field name (a flag serves every method
-    whose :attr:`~fewshot.methods.method.Method.Config` has a field of that name)."""
-    from ..methods.method import get_method, list_methods
+    whose :attr:`~fewshot.methods.base.Method.Config` has a field of that name)."""
+    from ..methods.base import get_method, list_methods
 
     out: dict[str, _Flag] = {}
     for name in list_methods():
@@ -155,7 +155,7 @@ def _flag_help(f: _Flag) -> str:
 def _method_options(method: str, given: dict[str, Any], pairs: list[str], epochs: int | None) -> dict[str, Any]:
     """The method's options from its flags and ``--opt KEY=VALUE``; a flag of another method is
     a usage error naming the method's own options."""
-    from ..methods.method import get_method, method_options
+    from ..methods.base import get_method, method_options
 
     flags = method_flags()
     own = {f.name for f in dataclasses.fields(get_method(method).Config)}
@@ -220,7 +220,7 @@ def _register_train() -> None:
 @app.command("methods")
 def methods_cmd(name: Optional[str] = typer.Argument(None, help="A method: show only its options.")) -> None:
     """List the training methods with their options and defaults."""
-    from ..methods.method import get_method, list_methods
+    from ..methods.base import get_method, list_methods
 
     names = [name] if name else list_methods()
     flags = method_flags()

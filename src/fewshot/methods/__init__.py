@@ -1,4 +1,4 @@
-"""Few-shot methods: each one file behind :class:`~fewshot.methods.method.Method`.
+"""Few-shot methods: each one file behind :class:`~fewshot.methods.base.Method`.
 
 The shared pieces: :mod:`.method` (the method contract and the ``METHODS`` registry),
 :mod:`.functional` (prototypes and distances, shared with the metrics), :mod:`.heads`
@@ -9,8 +9,8 @@ Importing this package registers the built-in methods (one import line per metho
 """
 
 from . import maml, protonet, siamese  # noqa: F401  (register contrastive, triplet, protonet, maml, fomaml)
-from .base import EmbeddingModel
-from .method import METHODS, get_method, list_methods, register_method
+from ..model import EmbeddingModel
+from .base import METHODS, get_method, list_methods, register_method
 from .runs import load_embedding_model
 
 __all__ = ["EmbeddingModel", "load_embedding_model", "METHODS", "get_method", "list_methods", "register_method"]

@@ -1,109 +1,553 @@
-"""The embedding model every command uses: a backbone, optionally followed by a trained head.
+"""The training-method contract: :class:`TrainConfig`, :class:`TrainData`, :class:`Method`, registry.
 
-``--backbone NAME`` gives a frozen pretrained backbone; ``--model RUN_DIR`` gives the backbone
-and head a training run saved (see :mod:`fewshot.methods.runs`). Backbone embeddings are
-cached on disk (:mod:`fewshot.embed`), so a head trained on frozen features re-embeds nothing.
+A *method* says what one training step computes; :mod:`fewshot.training` does the rest,
+once for every method (data loading, cached embeddings, the epoch loop, validation, history,
+best-epoch selection, early stopping, checkpoints, ``--resume``, saving the run).
+
+Writing a method
+----------------
+
+Subclass :class:`Method`, set ``name``, register it, and implement two things::
+
+    @register_method("mymethod")
+    class MyMethod(Method):
+        name = "mymethod"
+
+        def epoch_batches(self, train, rng):          # what one epoch iterates
+            ...                                        # e.g. episodes, or index batches
+        def loss(self, batch):                         # scalar loss of one batch
+            z = self.embed(self.features(batch.idx))   # [B, E], L2-normalised
+            ...
+
+* :meth:`Method.features` maps training-item indices to backbone features ``[B, D]``: the
+  cached frozen embeddings, or, with ``fine_tune="last"``, a forward pass of the partly
+  trainable backbone over augmented images. A method never needs to know which.
+* :meth:`Method.embed` applies the projection head (``self.head``): ``[B, D] -> [B, E]``.
+* Episodic methods (prototypical networks, MAML) set ``episodic = True`` and yield
+  :class:`~fewshot.data.episodes.Episode` objects from :meth:`Method.episode_sampler`; the
+  trainer then reports episodic validation accuracy with :meth:`Method.episode_classifier`.
+* State beyond the head (e.g. MAML's N-way output-layer initialisation) lives in
+  :meth:`Method.extra_parameters` (trained) and is saved with :meth:`Method.extra_tensors` /
+  restored with :meth:`Method.load_extra_tensors`; it is stored as ``method.*`` tensors beside
+  the ``head.*`` tensors in ``RUN_DIR/model.safetensors``.
+* :meth:`Method.attach` is called when a run is loaded (:func:`fewshot.methods.runs.load_run`):
+  the default rebuilds the method from the saved config, loads its extra tensors, and sets the
+  model's ``episode_classifier`` from :meth:`Method.episode_classifier`.
+
+Built-in names: ``contrastive`` and ``triplet`` (:mod:`.siamese`), ``protonet`` (:mod:`.protonet`),
+``maml`` and ``fomaml`` (:mod:`.maml`); :mod:`fewshot.methods` imports those modules, so they are
+registered whenever a method module is used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+import copy
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..backbones import Backbone
-from ..data.records import Dataset
-from ..embed import Embeddings, apply_head, embed_dataset, embed_paths
+from ..data.episodes import EpisodeSampler
+from ..errors import DataError, FewshotError
+from ..registry import Registry
+from ..model import EpisodeClassifier
+from .heads import ProjectionHead
 
-#: ``classifier(support_x [N*K, E], support_y [N*K] int64, query_x [N*Q, E], n_way) -> [N*Q] int64``
-EpisodeClassifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+__all__ = ["TrainConfig", "TrainData", "Method", "IndexBatch", "register_method", "get_method",
+           "list_methods", "make_config", "config_keys", "option", "method_options", "EpisodicOptions", "NoOptions", "DEFAULT_HEAD", "HEAD_PRESETS", "resolve_head_spec"]
+
+#: The default head: an identity-initialised linear map on centred features (1280 -> 1280 for
+#: EfficientNet-Lite), L2-normalised. Training starts exactly at the frozen (centred) ranking and
+#: moves from there; see the README for why this beats an MLP on unseen classes.
+DEFAULT_HEAD: dict[str, Any] = {"kind": "linear", "centre": True}
+
+#: ``--head`` presets (``in_dim`` is filled in from the backbone).
+HEAD_PRESETS: dict[str, dict[str, Any]] = {
+    "linear": {"kind": "linear", "centre": True},
+    "mlp": {"kind": "mlp", "hidden_dim": 512, "out_dim": 256, "centre": False, "dropout": 0.0},
+}
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """A short SHA-256 content digest (16 hex digits) of a state dict: names and tensor bytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+def option(default: Any, help: str, *, flag: str | None = None, min: float | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A field of a method's :attr:`Method.Config`: its default, its help text (shown by
+    ``fewshot methods``), and optionally the CLI flag (default ``--name-with-dashes``), a
+    minimum and the allowed values; :func:`check_options` enforces the last two."""
+    return field(default=default, metadata={"help": help, "flag": flag, "min": min, "choices": choices})
 
 
 @dataclass
-class EmbeddingModel:
-    """Backbone + optional head: images -> ``float32 [N, E]`` embeddings.
+class NoOptions:
+    """A method without options of its own."""
+
+
+@dataclass
+class EpisodicOptions:
+    """Options of every episodic method (prototypical networks, MAML)."""
+
+    episodes: int = option(2000, "Training episodes in all (--epochs N means N x --episodes-per-epoch).", min=1)
+    episodes_per_epoch: int = option(100, "Training episodes between validations.", min=1)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; recorded in ``RUN_DIR/config.json`` (``train_config``).
+
+    The fields are the training loop's; what only one method reads lives in ``options``, an
+    instance of that method's :attr:`Method.Config` (e.g. MAML's inner learning rate).
 
     Attributes:
-        backbone: the feature extractor (frozen unless a run fine-tuned it).
-        head: maps backbone embeddings ``[B, D]`` to ``[B, E]``; ``None`` = identity.
-        run_dir: the training run this came from, if any.
-        run_config: that run's config (method, head, protocol, seed, ...).
-        episode_classifier: a method-specific N-way classifier for episodic evaluation
-            (MAML adapts on the support set); ``None`` = nearest prototype.
+        method: registered method name (``contrastive``, ``triplet``, ``protonet``, ``maml``, ``fomaml``).
+        data: dataset path or fetched dataset name.
+        split_file: class-split JSON (:class:`~fewshot.data.splits.ClassSplit`): training uses
+            every image of its train classes; validation its val classes (cross-visit queries
+            vs gallery, :func:`~fewshot.data.splits.protocol_sets`).
+        out: RUN_DIR.
+        backbone, image_size: the (frozen unless ``fine_tune``) feature extractor.
+        seed: seeds torch, numpy and the samplers; the same seed gives the same run.
+        epochs: maximum epochs (episodic methods count ``options.episodes`` instead);
+            ``patience``: stop after this many epochs without a better validation MAP@R
+            (0 = never stop early).
+        lr, weight_decay: Adam.
+        fine_tune: ``"none"`` (head on cached frozen features) or ``"last"`` (also the last
+            ``fine_tune_blocks`` backbone blocks, on augmented images).
+        head: :class:`~fewshot.methods.heads.ProjectionHead` spec (``in_dim`` filled in); ``None``
+            = :data:`DEFAULT_HEAD`.
+        ways, shots, queries: N-way K-shot Q-query episodes (episodic training and episodic
+            validation).
+        val_episodes: episodic validation episodes per epoch (0 = none).
+        resume: continue from ``RUN_DIR/checkpoint.pt``; ``overwrite``: replace an existing run.
+        group_from: group spec for datasets without groups (see ``load_dataset``).
+        progress: show progress bars.
+        device: ``"auto"`` (CUDA when available and fine-tuning, else CPU), ``"cpu"``, ``"cuda"``.
+        cache_dir, workers, embed_batch_size: embedding cache folder, decode workers, batch size.
+        final_eval: class part evaluated with the best model at the end (``"test"``,
+            ``"val"``, or ``"none"``), written to ``RUN_DIR/eval_<part>/``.
+        eval_episodes: episodes per setting of that final evaluation.
+        options: the method's options (its :attr:`Method.Config`; ``None`` = its defaults).
     """
 
-    backbone: Backbone
-    head: nn.Module | None = None
-    run_dir: Path | None = None
-    run_config: dict = field(default_factory=dict)
-    episode_classifier: EpisodeClassifier | None = None
-    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+    method: str = "triplet"
+    data: str = ""
+    split_file: str = ""
+    out: str = ""
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 224
+    seed: int = 0
+    epochs: int = 30
+    patience: int = 5
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    fine_tune: str = "none"
+    fine_tune_blocks: int = 2
+    head: dict | None = None
+    ways: int = 5
+    shots: int = 5
+    queries: int = 5
+    val_episodes: int = 300
+    resume: bool = False
+    overwrite: bool = False
+    group_from: str | None = None
+    progress: bool = True
+    device: str = "auto"
+    cache_dir: str | None = None
+    workers: int = 0
+    embed_batch_size: int = 32
+    final_eval: str = "test"
+    eval_episodes: int = 1000
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        if self.options is None or isinstance(self.options, dict):
+            self.options = method_options(self.method, **(self.options or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (``options`` as a dict)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        d["options"] = asdict(self.options)
+        return copy.deepcopy(d)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build from :meth:`to_dict` output; unknown keys are ignored (forward compatibility).
+
+        A run of fewshot 0.1.0 kept the method's options among the loop's fields (e.g.
+        ``inner_lr``, ``maml_init``); they are read from there.
+        """
+        data = dict(data or {})
+        method = data.get("method", cls.method)
+        names = {f.name for f in fields(cls)} - {"options"}
+        options = data.get("options")
+        if options is None:
+            options = legacy_options(method, data)
+        return cls(**{k: v for k, v in data.items() if k in names}, options=dict(options))
+
+
+def _options_class(method: str) -> type:
+    return get_method(method).Config
+
+
+def method_options(method: str, **given: Any) -> Any:
+    """``method``'s :attr:`Method.Config` with ``given`` values (``None`` = its default).
+
+    Raises:
+        FewshotError: unknown method, an option the method does not have, or a value outside
+            its ``min`` / ``choices`` (the message lists the method's options).
+    """
+    cls = _options_class(method)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        listed = ", ".join(known) or "none"
+        raise FewshotError(f"method '{method}' has no option {', '.join(unknown)} (its options: {listed})",
+                           hint=f"see `fewshot methods {method}`")
+    opts = cls(**{k: v for k, v in given.items() if v is not None})
+    check_options(method, opts)
+    return opts
+
+
+def check_options(method: str, opts: Any) -> None:
+    """Enforce each option's ``min`` and ``choices`` (see :func:`option`).
+
+    Raises:
+        FewshotError: naming the option, its value and what is allowed.
+    """
+    for f in fields(opts):
+        value, meta = getattr(opts, f.name), f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        if meta.get("min") is not None and value is not None and value < meta["min"]:
+            raise FewshotError(f"{flag} {value}: method '{method}' needs at least {meta['min']}",
+                               hint=f"use {flag} {meta['min']} or more (default {f.default})")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise FewshotError(f"{flag} {value!r} is not an option of method '{method}'",
+                               hint=f"use {flag} {' | '.join(meta['choices'])}")
+
+
+def legacy_options(method: str, flat: dict[str, Any]) -> dict[str, Any]:
+    """The options of a fewshot 0.1.0 ``train_config``, which kept them among the loop fields."""
+    cls = _options_class(method)
+    aliases = getattr(cls, "LEGACY_NAMES", {})
+    out = {}
+    for f in fields(cls):
+        for key in (f.name, *[k for k, v in aliases.items() if v == f.name]):
+            if flat.get(key) is not None:
+                out[f.name] = flat[key]
+    return out
+
+
+def resolve_head_spec(head: dict | str | None, in_dim: int) -> dict[str, Any]:
+    """A full :class:`ProjectionHead` spec: preset name or partial dict, ``in_dim`` filled in.
+
+    ``"linear"`` keeps the dimension (``out_dim = in_dim``) unless the spec gives ``out_dim``.
+    """
+    if head is None:
+        spec = dict(DEFAULT_HEAD)
+    elif isinstance(head, str):
+        if head not in HEAD_PRESETS:
+            raise FewshotError(f"unknown head '{head}'", hint=f"use one of: {', '.join(HEAD_PRESETS)}")
+        spec = dict(HEAD_PRESETS[head])
+    else:
+        spec = dict(head)
+    spec["in_dim"] = int(in_dim)
+    if spec.get("kind", "mlp") == "linear":
+        spec.setdefault("out_dim", int(in_dim))
+    return spec
+
+
+@dataclass
+class TrainData:
+    """The training items of one run, as the method sees them.
+
+    Attributes:
+        x: float32 ``[N, D]`` backbone embeddings of the training images (cached, frozen
+            backbone; with fine-tuning they are the *initial* features and only used for the
+            head's centre).
+        y: int64 ``[N]`` class index in ``0..C-1``.
+        label_names: ``C`` class names (``label_names[y[i]]`` is the label of item ``i``).
+        groups: ``N`` groups (brand / coarse class), ``None`` when unknown.
+        paths: ``N`` image paths (for fine-tuning on images).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    label_names: list[str]
+    groups: list[str | None] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
 
     @property
     def dim(self) -> int:
-        """Output embedding dimension ``E``."""
-        if self.head is None:
-            return self.backbone.dim
-        return int(self.head(torch.zeros(1, self.backbone.dim)).shape[-1])
+        return int(self.x.shape[1])
 
-    def transform(self, vectors: np.ndarray) -> np.ndarray:
-        """Backbone embeddings ``float32 [N, D]`` -> model embeddings ``float32 [N, E]``."""
-        return vectors if self.head is None else apply_head(self.head, vectors)
 
-    def embed(self, dataset: Dataset, **kwargs) -> Embeddings:
-        """Embed a dataset (kwargs go to :func:`fewshot.embed.embed_dataset`)."""
-        emb = embed_dataset(dataset, self.backbone, **kwargs)
-        emb.vectors = self.transform(emb.vectors)
-        return emb
+@dataclass
+class IndexBatch:
+    """A batch of training items: ``idx`` int64 ``[B]`` into :class:`TrainData`, ``y`` int64 ``[B]``."""
 
-    def embed_paths(self, paths: Sequence[str | Path], **kwargs):
-        """Embed files; returns ``(vectors [M, E], ok_indices, failures, num_cached)``."""
-        vectors, ok, failures, cached = embed_paths(paths, self.backbone, **kwargs)
-        return self.transform(vectors), ok, failures, cached
+    idx: np.ndarray
+    y: torch.Tensor
 
-    def weights_digest(self) -> str:
-        """:func:`weights_digest` of every tensor that shapes the embeddings (backbone + head).
 
-        An index records it, so that a run retrained after the index was built is detected
-        (:func:`fewshot.pipeline.model_for_index`). Computed once per model (about 50 ms for
-        EfficientNet-Lite0).
+class Method:
+    """Base class of training methods (see the module docstring for the contract).
+
+    Args:
+        cfg: the run's :class:`TrainConfig`.
+        in_dim: backbone embedding dimension ``D``.
+
+    Attributes:
+        cfg, in_dim: as given.
+        head: the projection head (:meth:`build_head`), ``[B, D] -> [B, E]`` L2-normalised.
+        backbone: the partly trainable backbone module (``[B, 3, S, S] -> [B, D]``) when
+            fine-tuning, set by the trainer; ``None`` otherwise.
+        backbone_params: its trainable parameters (empty without fine-tuning).
+        device: where tensors live (set by the trainer).
+    """
+
+    name: ClassVar[str] = ""
+    #: one line for ``fewshot methods``: what the method is and its source
+    summary: ClassVar[str] = ""
+    #: the method's own options (a dataclass whose fields are made with :func:`option`); the
+    #: CLI offers each as a flag, ``fewshot methods`` lists them, ``self.opts`` holds the values
+    Config: ClassVar[type] = NoOptions
+    #: method-specific defaults for the loop's :class:`TrainConfig` fields the user did not set
+    #: (applied by :func:`make_config`), e.g. ``{"lr": 1e-3}``.
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: episodic methods draw N-way K-shot episodes; the trainer then validates episodically
+    #: with :meth:`episode_classifier` (others are validated with nearest prototypes too).
+    episodic: ClassVar[bool] = False
+
+    def __init__(self, cfg: TrainConfig, in_dim: int) -> None:
+        self.cfg = cfg
+        opts = cfg.options
+        if not isinstance(opts, self.Config):  # e.g. a config made for another method
+            opts = self.Config(**{k: v for k, v in asdict(opts).items() if k in {f.name for f in fields(self.Config)}})
+        self.opts = opts
+        self.in_dim = int(in_dim)
+        self.device = torch.device("cpu")
+        self.backbone: nn.Module | None = None
+        self.backbone_params: list[nn.Parameter] = []
+        self._features: Callable[[np.ndarray], torch.Tensor] | None = None
+        self._warned = False
+        self.head = self.build_head()
+
+    # ------------------------------------------------------------------ model
+    def build_head(self) -> nn.Module:
+        """The projection head from ``cfg.head`` (default :data:`DEFAULT_HEAD`)."""
+        return ProjectionHead(**resolve_head_spec(self.cfg.head, self.in_dim))
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the method beyond the head (default none)."""
+        return []
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Everything the optimizer updates: head, method parameters, fine-tuned backbone blocks."""
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        return params + list(self.extra_parameters()) + list(self.backbone_params)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Adam (Kingma and Ba 2015) over :meth:`trainable` with ``cfg.lr`` / ``cfg.weight_decay``."""
+        return torch.optim.Adam(self.trainable(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def train_mode(self, training: bool) -> None:
+        """Switch the head (and method modules) between training and evaluation mode.
+
+        A fine-tuned backbone stays in eval mode (frozen BatchNorm statistics: batches of a few
+        classes would corrupt them); its trainable weights still receive gradients.
         """
-        if self._digest is None:
-            state = {f"backbone.{k}": v for k, v in self.backbone.model.state_dict().items()}
-            if self.head is not None:
-                state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-            self._digest = weights_digest(state)
-        return self._digest
+        self.head.train(training)
 
-    def describe(self) -> dict:
-        """JSON-ready description for result files."""
-        return {"backbone": self.backbone.describe(),
-                "model_dir": str(self.run_dir) if self.run_dir else None,
-                "method": self.run_config.get("method", "frozen"),
-                "embedding_dim": self.dim,
-                "episode_classifier": _describe_classifier(self.episode_classifier)}
+    def to(self, device: torch.device | str) -> "Method":
+        """Move the head and method tensors to ``device``."""
+        self.device = torch.device(device)
+        self.head.to(self.device)
+        for p in self.extra_parameters():
+            p.data = p.data.to(self.device)
+        return self
+
+    def max_epochs(self) -> int:
+        """Epochs the trainer runs at most: ``cfg.epochs``, or for episodic methods
+        ``ceil(opts.episodes / opts.episodes_per_epoch)``."""
+        if self.episodic:
+            return int(math.ceil(self.opts.episodes / max(1, self.opts.episodes_per_epoch)))
+        return int(self.cfg.epochs)
+
+    # ------------------------------------------------------------------ data
+    def bind(self, features: Callable[[np.ndarray], torch.Tensor]) -> None:
+        """Set the feature source used by :meth:`features` (called by the trainer)."""
+        self._features = features
+
+    def features(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Backbone features ``float32 [B, D]`` of training items ``idx`` (int64 ``[B]``)."""
+        if self._features is None:
+            raise RuntimeError("Method.features used before the trainer bound a feature source")
+        return self._features(np.asarray(idx, dtype=np.int64))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Head output: ``float32 [B, D] -> [B, E]`` (L2-normalised for :class:`ProjectionHead`)."""
+        return self.head(features)
+
+    def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> Iterable[Any]:
+        """What one epoch iterates (index batches, episodes, ...); ``rng`` is seeded per epoch."""
+        raise NotImplementedError
+
+    def episode_sampler(self, train: TrainData, rng: np.random.Generator,
+                        episodes: int | None = None) -> EpisodeSampler:
+        """An N-way K-shot Q-query sampler over the training items, seeded from ``rng``.
+
+        ``episodes`` defaults to ``opts.episodes_per_epoch``. Helper for episodic methods.
+        """
+        sampler = EpisodeSampler(train.y.tolist(), self.cfg.ways, self.cfg.shots, self.cfg.queries,
+                                 episodes=episodes or self.opts.episodes_per_epoch,
+                                 seed=int(rng.integers(0, 2**31 - 1)), names=train.label_names,
+                                 warn=not self._warned)
+        self._warned = True  # the classes left out are the same every epoch: say so once
+        return sampler
+
+    def check_data(self, train: TrainData) -> None:
+        """Refuse training data on which this method cannot learn, with the reason and the fix.
+
+        Called by the trainer before anything is written. The default checks episodic
+        methods: N-way episodes need ``N >= 2`` (a 1-way episode is always right: loss 0)
+        and ``N`` training classes with ``shots + queries`` images each.
+
+        Raises:
+            FewshotError: naming the options to change.
+        """
+        if not self.episodic:
+            return
+        cfg = self.cfg
+        if cfg.ways < 2:
+            raise FewshotError(f"--ways {cfg.ways}: an episode needs at least 2 classes (in a 1-way episode "
+                               "every query is right, so the loss is 0 and nothing is learned)",
+                               hint="use --ways 2 or more (default 5)")
+        try:
+            self.episode_sampler(train, np.random.default_rng(0), episodes=1)
+        except DataError as exc:
+            raise DataError(f"the train classes cannot make {cfg.ways}-way {cfg.shots}-shot episodes with "
+                            f"{cfg.queries} queries: {exc.message}",
+                            hint="lower --ways, --shots or --queries, or give the train classes more photos") from None
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        """Scalar loss of one batch from :meth:`epoch_batches`."""
+        raise NotImplementedError
+
+    def step(self, batch: Any, optimizer: torch.optim.Optimizer) -> float:
+        """One optimisation step (zero_grad, loss, backward, step); returns the loss value.
+
+        Override for methods that step differently (e.g. several tasks per meta-batch).
+        """
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    # ------------------------------------------------------------------ state
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Method state saved as ``method.<key>`` in ``model.safetensors`` (default: none)."""
+        return {}
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_tensors` returned (keys without the ``method.`` prefix)."""
+        if tensors:
+            raise FewshotError(f"method '{self.name}' has no extra tensors, got {sorted(tensors)}",
+                               hint="the run folder was mixed up; re-run training")
+
+    def episode_classifier(self) -> EpisodeClassifier | None:
+        """N-way classifier for episodic evaluation on head embeddings; ``None`` = nearest prototype."""
+        return None
+
+    @classmethod
+    def attach(cls, model: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Called when a run is loaded: restore method state and set ``model.episode_classifier``.
+
+        Args:
+            model: the :class:`~fewshot.model.EmbeddingModel` (its head already loaded).
+            config: the run's ``config.json``.
+            tensors: the ``method.*`` tensors, prefix removed.
+        """
+        if cls.episode_classifier is Method.episode_classifier and not tensors:
+            return
+        cfg = TrainConfig.from_dict(config.get("train_config", {}))
+        method = cls(cfg, model.backbone.dim)
+        if model.head is not None:
+            method.head = model.head
+        method.load_extra_tensors(tensors)
+        method.train_mode(False)
+        model.episode_classifier = method.episode_classifier()
 
 
-def _describe_classifier(classifier: EpisodeClassifier | None) -> dict:
-    """How episodes are classified: nearest cosine prototype unless the run set its own."""
-    if classifier is None:
-        return {"kind": "nearest_prototype", "distance": "cosine"}
-    described = getattr(classifier, "describe", None)
-    if isinstance(described, dict):
-        return dict(described)
-    return {"kind": getattr(classifier, "__name__", type(classifier).__name__)}
+# ---------------------------------------------------------------------- registry
+#: every training method by name; the built-in modules register theirs when
+#: :mod:`fewshot.methods` is imported
+METHODS: Registry[type[Method]] = Registry("method", FewshotError)
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: register a :class:`Method` subclass under ``name`` (one class may take several).
+
+    Raises:
+        TypeError: not a :class:`Method` subclass.
+        ValueError: ``name`` is already registered.
+    """
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register_method({name!r}) needs a Method subclass, got {cls!r}")
+        return METHODS.add(name, cls)
+
+    return wrap
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``.
+
+    Raises:
+        FewshotError: unknown name (the hint lists the registered ones).
+    """
+    return METHODS.get(name)
+
+
+def make_config(method: str, **given: Any) -> TrainConfig:
+    """A :class:`TrainConfig` for ``method``: field defaults, then the method's
+    :attr:`Method.defaults`, then every ``given`` value that is not ``None``. A ``given`` key
+    that is one of the method's options (its :attr:`Method.Config`) goes into ``options``.
+
+    Raises:
+        FewshotError: unknown method, an option of another method (not this one's), or a
+            bad value.
+        TypeError: a ``given`` key is neither a :class:`TrainConfig` field nor an option of any
+            registered method.
+    """
+    loop = {f.name for f in fields(TrainConfig)} - {"options"}
+    anyone = {f.name for m in list_methods() for f in fields(get_method(m).Config)}
+    unknown = sorted(set(given) - loop - anyone - {"options"})
+    if unknown:
+        raise TypeError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+    values: dict[str, Any] = dict(get_method(method).defaults)
+    values.update({k: v for k, v in given.items() if k in loop and v is not None})
+    opts = dict(given.get("options") or {})
+    opts.update({k: v for k, v in given.items() if k not in loop and k != "options" and v is not None})
+    values["method"] = method
+    values["options"] = method_options(method, **opts)
+    return TrainConfig(**values)
+
+
+def config_keys(method: str) -> set[str]:
+    """The keys :func:`make_config` takes for ``method``: the loop's fields and its options."""
+    return ({f.name for f in fields(TrainConfig)} - {"options"}) | {f.name for f in fields(get_method(method).Config)}
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods."""
+    return METHODS.names()

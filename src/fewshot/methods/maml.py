@@ -53,7 +53,7 @@ adaptation then needs only the head's embeddings. :func:`inner_adapt` itself is 
 module, any subset of parameters; the tests check it on a small network with all parameters
 adapted).
 
-At test time (:meth:`MAML.episode_classifier`; :meth:`~fewshot.methods.method.Method.attach`
+At test time (:meth:`MAML.episode_classifier`; :meth:`~fewshot.methods.base.Method.attach`
 sets it on a run loaded by :func:`fewshot.methods.runs.load_run`, so ``fewshot evaluate --model
 RUN`` uses it) each episode's support set initialises the output layer and adapts it with
 ``inner_steps_test`` steps; the adapted layer then classifies the queries. Input: float32
@@ -80,8 +80,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..data.episodes import Episode
-from .base import EpisodeClassifier
-from .method import EpisodicOptions, Method, TrainData, option, register_method
+from ..model import EpisodeClassifier
+from .base import EpisodicOptions, Method, TrainData, option, register_method
 from .functional import prototypes
 from .protonet import INIT_SCALE, fused_adam
 

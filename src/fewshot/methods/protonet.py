@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.episodes import Episode
-from .base import EpisodeClassifier
+from ..model import EpisodeClassifier
 from .functional import prototypes, sqeuclidean_prototype_classifier, squared_euclidean
-from .method import EpisodicOptions, Method, TrainData, register_method
+from .base import EpisodicOptions, Method, TrainData, register_method
 
 __all__ = ["prototypes", "squared_euclidean", "protonet_logits", "protonet_loss", "sqeuclidean_prototype_classifier",
            "ProtoNet", "INIT_SCALE", "fused_adam"]

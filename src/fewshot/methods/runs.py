@@ -11,7 +11,7 @@
 Both are written atomically; ``config.json`` records ``weights_sha256``, a digest of the tensors,
 so that a damaged weights file is refused even when it still parses. :func:`load_run` rebuilds
 the :class:`EmbeddingModel` (and lets the run's method attach its episode classifier, see
-:meth:`fewshot.methods.method.Method.attach`) and refuses a run whose backbone differs from the
+:meth:`fewshot.methods.base.Method.attach`) and refuses a run whose backbone differs from the
 one asked for, or whose files are damaged.
 """
 
@@ -27,7 +27,7 @@ from .. import __version__
 from ..backbones import create_backbone
 from ..errors import CheckpointError, FewshotError
 from ..io import atomic_path, atomic_write_json
-from .base import EmbeddingModel, weights_digest
+from ..model import EmbeddingModel, weights_digest
 from .heads import build_head
 
 CONFIG = "config.json"
@@ -153,7 +153,7 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
         raise CheckpointError(f"weights in {w_path} do not match the architecture in {cfg_path}: {exc}",
                               hint="the run folder was mixed up or damaged; re-run training") from exc
     model = EmbeddingModel(backbone=backbone, head=head, run_dir=run_dir, run_config=cfg)
-    from .method import get_method
+    from .base import get_method
 
     method_cls = None
     if cfg.get("method") not in (None, "", "frozen"):

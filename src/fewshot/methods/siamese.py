@@ -56,7 +56,7 @@ from pytorch_metric_learning import distances, losses, miners, samplers
 from pytorch_metric_learning.utils import common_functions as pml_common
 
 from ..errors import FewshotError
-from .method import IndexBatch, Method, TrainConfig, TrainData, option, register_method
+from .base import IndexBatch, Method, TrainConfig, TrainData, option, register_method
 
 log = logging.getLogger("fewshot")
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.methods.functional import prototype_classifier
+from fewshot.model import EpisodeClassifier
 from fewshot.errors import DataError
 
 __all__ = ["EpisodicResult", "episodic_accuracy", "episodic_by_group", "prototype_classifier",
@@ -35,10 +36,6 @@ __all__ = ["EpisodicResult", "episodic_accuracy", "episodic_by_group", "prototyp
 MIN_EPISODES_FOR_CI = 30
 
 logger = logging.getLogger("fewshot")
-
-#: ``classifier(support_x [N*K, D], support_y [N*K] int64, query_x [N*Q, D], n_way)``
-#: ``-> predicted way index [N*Q] int64``
-Classifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], Any]
 
 #: float32 elements per batch of episodes for the vectorised default classifier
 _BATCH_ELEMENTS = 1 << 22
@@ -109,7 +106,7 @@ def episodic_accuracy(
     seed: int = 0,
     query_embeddings: np.ndarray | None = None,
     query_labels: Sequence | None = None,
-    classifier: Classifier | None = None,
+    classifier: EpisodeClassifier | None = None,
     normalize: bool = True,
     warn: bool = True,
 ) -> EpisodicResult:

@@ -626,7 +626,7 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
         max_upload_bytes: largest accepted image, per file (default 10 MB). A classify
             request may be this plus 64 KB of multipart overhead; an enrolment request
             :data:`MAX_ENROL_FILES` times this.
-        model: the :class:`~fewshot.methods.base.EmbeddingModel` to embed uploads with;
+        model: the :class:`~fewshot.model.EmbeddingModel` to embed uploads with;
             default :func:`fewshot.pipeline.model_for_index` (the index's own backbone/run).
 
     Raises:
