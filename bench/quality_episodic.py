@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from fewshot.data.loaders import load_dataset  # noqa: E402
 from fewshot.data.splits import ClassSplit, protocol_sets  # noqa: E402
 from fewshot.embed import embed_dataset  # noqa: E402
-from fewshot.model import EmbeddingModel, load_embedding_model  # noqa: E402
+from fewshot.methods.runs import load_embedding_model  # noqa: E402
+from fewshot.model import EmbeddingModel  # noqa: E402
 from fewshot.methods.base import make_config  # noqa: E402
 from fewshot.methods.runs import load_run  # noqa: E402
 from fewshot.training import train  # noqa: E402

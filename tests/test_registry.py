@@ -51,3 +51,19 @@ def test_unknown_names_list_the_known_ones():
     assert "efficientnet_lite0" in err.value.hint and "timm:NAME" in err.value.hint
     with pytest.raises(DataError, match="unknown dataset 'nope'"):
         get_dataset_info("nope")
+
+
+def test_a_backbone_names_its_own_trainable_tail():
+    from torch import nn
+
+    from fewshot.backbones.base import Backbone
+    from fewshot.backbones.preprocess import Preprocess
+
+    lite = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
+    net = lite.model.net
+    tail = lite.trainable_tail(2)
+    assert tail == [net._blocks[-2], net._blocks[-1], net._conv_head, net._bn1]
+    blocks = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])
+    toy = nn.Sequential(blocks, nn.ReLU(), nn.Linear(4, 2))  # no trainable_tail of its own
+    generic = Backbone("toy", toy, Preprocess(image_size=32), dim=2).trainable_tail(2)
+    assert generic[:2] == [blocks[3], blocks[4]] and generic[2:] == [toy[1], toy[2]]

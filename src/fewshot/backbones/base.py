@@ -52,10 +52,39 @@ class Backbone:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
         return f"{safe}-{self.weights_tag}-{p.image_size}px-{p.interpolation}-{norm}"
 
+    def trainable_tail(self, blocks: int) -> list[nn.Module]:
+        """The modules to train when fine-tuning the last ``blocks`` blocks (``blocks >= 1``).
+
+        A model that knows its own layout says so with a ``trainable_tail(blocks)`` method
+        (EfficientNet-Lite: the last MBConv blocks, the head convolution and its BatchNorm).
+        Otherwise: the last ``blocks`` children of the deepest-last ``Sequential`` /
+        ``ModuleList`` with at least four children, plus the leaf modules registered after it.
+        """
+        own = getattr(self.model, "trainable_tail", None)
+        if callable(own):
+            return list(own(blocks))
+        return _generic_tail(self.model, blocks)
+
     def describe(self) -> dict:
         """A JSON-ready description recorded in every result file."""
         return {"name": self.name, "dim": self.dim, "pretrained": self.pretrained,
                 "weights": self.weights_tag, "preprocess": self.preprocess.to_dict()}
+
+
+def _generic_tail(model: nn.Module, blocks: int) -> list[nn.Module]:
+    best = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) >= 4:
+            best = mod
+    if best is None:
+        return [list(model.children())[-1]] if list(model.children()) else [model]
+    tail = list(best)[-blocks:]
+    names = [n for n, _ in model.named_modules()]
+    owner = {id(m): n for n, m in model.named_modules()}
+    start = names.index(owner[id(best)])
+    after = [m for n, m in list(model.named_modules())[start + 1:]
+             if not n.startswith(owner[id(best)] + ".") and not any(True for _ in m.children())]
+    return tail + after
 
 
 BackboneFactory = Callable[[bool, int], Backbone]

@@ -1,0 +1,49 @@
+"""One training loop for every method: ``train(TrainConfig) -> RunResult``.
+
+What :func:`train` does, in order (every file is written into ``RUN_DIR.partial``, see
+:func:`staging_dir`, which replaces ``RUN_DIR`` only when training completes; nothing is
+written before the arguments, the data and :meth:`Method.check_data` have been checked):
+
+1. Loads the dataset and the class split (``cfg.split_file``): training uses *every* image of
+   the split's train classes (:func:`~fewshot.data.splits.dataset_for`); validation uses the val
+   classes under the cross-visit rule (:func:`~fewshot.data.splits.protocol_sets`: queries from
+   the test photos, gallery from the train photos).
+2. Embeds those images with the frozen backbone (cached on disk: a second run embeds nothing).
+3. Builds the method (:mod:`fewshot.methods.base`) and its head; a head with ``"centre": true``
+   gets the mean L2-normalised training embedding as its centre. Seeds torch and numpy.
+4. Validates epoch 0 (before any step), so the curves start at the frozen baseline, then runs
+   epochs: each epoch iterates ``method.epoch_batches(train, rng)`` with a per-epoch seeded
+   ``rng`` and calls ``method.step``; then validates (val mAP, MAP@R, Precision@1 with
+   :func:`~fewshot.metrics.retrieval_metrics`, and N-way K-shot episodic accuracy with
+   ``val_episodes`` episodes and :meth:`Method.episode_classifier`).
+5. Keeps the best epoch by val MAP@R (``RUN_DIR/config.json`` + ``model.safetensors`` via
+   :func:`~fewshot.methods.runs.save_run`, atomically) and stops after ``patience`` epochs without
+   improvement.
+6. Every epoch writes ``RUN_DIR/history.csv`` (epoch, train_loss, val_map, val_map_at_r,
+   val_precision_at_1, val_episodic_acc, seconds), ``RUN_DIR/curves.png`` and, last,
+   ``RUN_DIR/checkpoint.pt`` (atomic: head / method / fine-tuned backbone state, optimizer state,
+   epoch, RNG states, history, best epoch, patience counter). ``cfg.resume`` continues from it
+   and gives exactly the run an uninterrupted training would have given (every epoch's
+   randomness is seeded from ``(seed, epoch)``); a finished run resumed with a larger
+   ``epochs`` trains on (one that stopped early stays stopped).
+7. Evaluates the best model on ``cfg.final_eval`` classes (default ``test``) with
+   :func:`fewshot.pipeline.evaluate` into ``RUN_DIR/eval_<part>/``.
+
+With ``fine_tune="last"`` the last ``fine_tune_blocks`` blocks of the backbone train too, on
+augmented images (:mod:`fewshot.methods.augment`); validation then re-embeds the val images
+with the current backbone every epoch. Meant for a GPU; it runs (slowly) on CPU.
+
+This module sits at the pipeline level: it uses the metrics (and, for the final evaluation,
+:mod:`fewshot.pipeline`), which nothing below it imports.
+
+Parts: :mod:`.loop` (:func:`train` and the epoch loop), :mod:`.data` (train / val sets and
+validation), :mod:`.finetune` (the trainable backbone tail on augmented images),
+:mod:`.checkpoint` (RUN_DIR.partial, history, curves, checkpoints, ``--resume``).
+"""
+
+from __future__ import annotations
+
+from .checkpoint import CHECKPOINT, HISTORY_FIELDS, read_history, staging_dir
+from .loop import RunResult, train
+
+__all__ = ["train", "RunResult", "HISTORY_FIELDS", "CHECKPOINT", "read_history", "staging_dir"]

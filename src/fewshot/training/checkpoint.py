@@ -1,0 +1,163 @@
+"""What a run writes while it trains, and how an interrupted one is continued.
+
+A run is trained in ``RUN_DIR.partial`` (:func:`staging_dir`) and moved onto ``RUN_DIR`` when
+training completes; every epoch writes ``history.csv``, ``curves.png`` and ``checkpoint.pt``
+there (atomically), and ``--resume`` continues from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..io import atomic_path, atomic_write_text, check_output
+from ..methods.base import Method, TrainConfig
+from ..methods.runs import CHECKPOINT, is_run_dir
+from .finetune import _FineTune
+
+log = logging.getLogger("fewshot")
+
+HISTORY = "history.csv"
+CURVES = "curves.png"
+#: a run is trained in ``RUN_DIR.partial`` beside ``RUN_DIR`` and moved onto it when training completes
+PARTIAL_SUFFIX = ".partial"
+HISTORY_FIELDS = ("epoch", "train_loss", "val_map", "val_map_at_r", "val_precision_at_1",
+                  "val_episodic_acc", "seconds")
+CHECKPOINT_FORMAT = 1
+
+#: config fields that may change between an interrupted run and its ``--resume``
+_RESUMABLE_CHANGES = {"epochs", "patience", "options.episodes", "resume", "overwrite", "progress", "device",
+                      "cache_dir", "workers", "embed_batch_size", "final_eval", "eval_episodes", "out",
+                      "data"}
+
+
+# --------------------------------------------------------------------------- files
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(HISTORY_FIELDS), lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]))
+                    for k in HISTORY_FIELDS})
+    atomic_write_text(run_dir / HISTORY, buf.getvalue())
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """``RUN_DIR/history.csv`` as a list of dicts (``epoch`` int, metrics float or ``None``)."""
+    rows = []
+    with open(Path(run_dir) / HISTORY, newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            rows.append({k: (int(v) if k == "epoch" else (float(v) if v != "" else None)) for k, v in r.items()})
+    return rows
+
+
+def _write_curves(run_dir: Path, history: list[dict]) -> None:
+    try:
+        from ..viz import training_curves
+    except ImportError:  # matplotlib missing: the CSV is enough
+        return
+    nan = float("nan")
+    rows = [{k: (nan if v is None else v) for k, v in row.items()} for row in history]
+    try:
+        training_curves(rows, run_dir / CURVES, loss_keys=("train_loss",),
+                        metric_keys=("val_map", "val_map_at_r", "val_precision_at_1", "val_episodic_acc"))
+    except Exception as exc:  # a plotting failure must not end a long run
+        log.warning("could not draw %s: %s", run_dir / CURVES, exc)
+
+
+def _save_checkpoint(run_dir: Path, state: dict) -> None:
+    with atomic_path(run_dir / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a fewshot training checkpoint")
+        return state
+    except Exception as exc:
+        raise CheckpointError(f"{path} is damaged or not a training checkpoint ({exc})",
+                              hint="delete it and train again without --resume") from exc
+
+
+def _flat(config: dict) -> dict:
+    """A train_config with its options as ``options.NAME`` keys."""
+    out = {k: v for k, v in config.items() if k != "options"}
+    out.update({f"options.{k}": v for k, v in (config.get("options") or {}).items()})
+    return out
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    saved = _flat(TrainConfig.from_dict(saved).to_dict())  # a checkpoint of 0.1.0 kept options flat
+    now = _flat(cfg.to_dict())
+    diff = [k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diff:
+        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:6])
+        raise CheckpointError(f"cannot resume {path}: settings differ from the interrupted run ({pairs})",
+                              hint="resume with the same settings, or train into a new --out folder")
+
+
+def _method_state(method: Method, ft: _FineTune | None) -> dict:
+    st = {"head": {k: v.detach().cpu().clone() for k, v in method.head.state_dict().items()},
+          "extra": {k: v.detach().cpu().clone() for k, v in method.extra_tensors().items()}}
+    if ft is not None:
+        st["backbone"] = {k: v.detach().cpu().clone() for k, v in ft.backbone.model.state_dict().items()}
+    return st
+
+
+def _restore_method_state(method: Method, ft: _FineTune | None, st: dict) -> None:
+    method.head.load_state_dict(st["head"])
+    method.load_extra_tensors(st.get("extra", {}))
+    if ft is not None and "backbone" in st:
+        ft.backbone.model.load_state_dict(st["backbone"])
+
+
+def staging_dir(run_dir: str | Path) -> Path:
+    """Where a run into ``run_dir`` is trained: ``RUN_DIR.partial`` beside it. It replaces
+    ``run_dir`` only when training completes, so a failed or interrupted run never touches a
+    previous good run (and ``--model`` refuses the partial one: it is not marked complete)."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + PARTIAL_SUFFIX)
+
+
+def _resume_source(cfg: TrainConfig, run_dir: Path, stage: Path) -> Path | None:
+    """The folder whose checkpoint this call continues (``stage`` or ``run_dir``), or ``None``
+    for a new run; refuses outputs that this call may not replace."""
+    from ..pipeline import data_protection
+
+    protect = data_protection(cfg.data)
+    for folder in (run_dir, stage):  # anything there that is not a fewshot run is refused outright
+        check_output(folder, what="fewshot training run", is_ours=is_run_dir, overwrite=True, **protect)
+    if cfg.resume:
+        for folder in (stage, run_dir):
+            if (folder / CHECKPOINT).is_file():
+                return folder
+        log.info("no checkpoint in %s or %s: starting a new run", run_dir, stage)
+    if is_run_dir(stage) and not cfg.overwrite:
+        raise CheckpointError(f"{stage} holds an interrupted training run for {run_dir}",
+                              hint="pass --resume to continue it, or --overwrite to discard it and start again")
+    if is_run_dir(run_dir) and not cfg.overwrite:
+        raise CheckpointError(f"{run_dir} already holds a training run",
+                              hint="pass --resume to continue it, --overwrite to replace it, or another --out")
+    return None
+
+
+def _prepare_stage(stage: Path, source: Path | None, run_dir: Path) -> None:
+    """Make ``stage`` the folder to train in (called once every argument has been checked)."""
+    import shutil
+
+    if source == stage:
+        return
+    if stage.exists():  # an interrupted run that --overwrite discards (checked by _resume_source)
+        shutil.rmtree(stage)
+    if source == run_dir:  # continue a finished run (larger --epochs) without touching it
+        shutil.copytree(run_dir, stage)
+    else:
+        stage.mkdir(parents=True)
+    log.info("training in %s (it replaces %s when training completes)", stage, run_dir)

@@ -1,0 +1,75 @@
+"""The training run's data: train items (cached backbone embeddings) and the val sets."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+import numpy as np
+import torch
+
+from ..backbones import Backbone, create_backbone
+from ..data.fetch import resolve_data
+from ..data.loaders import load_dataset
+from ..data.records import Dataset
+from ..data.splits import ClassSplit, dataset_for, protocol_sets
+from ..embed import Embeddings, embed_dataset
+from ..errors import DataError
+from ..methods.base import TrainConfig, TrainData
+
+log = logging.getLogger("fewshot")
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class _Data:
+    backbone: Backbone
+    split: ClassSplit
+    train: TrainData
+    train_set: Dataset
+    val_q: Embeddings
+    val_g: Embeddings
+
+
+def _embed(dataset: Dataset, backbone: Backbone, cfg: TrainConfig) -> Embeddings:
+    return embed_dataset(dataset, backbone, batch_size=cfg.embed_batch_size, num_workers=cfg.workers,
+                         cache_dir=cfg.cache_dir, progress=cfg.progress)
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
+    if not cfg.split_file:
+        raise DataError("training needs a class split (train / val classes)",
+                        hint="pass --split-file FILE (e.g. splits/grocery-unseen.json)")
+    split = ClassSplit.load(cfg.split_file)
+    dataset = load_dataset(resolve_data(cfg.data), split=None, group_from=cfg.group_from)
+    train_set = dataset_for(dataset, split, "train")
+    val_q_set, val_g_set = protocol_sets(dataset, split, "val")
+    backbone = create_backbone(cfg.backbone, pretrained=True, image_size=cfg.image_size)
+    tr = _embed(train_set, backbone, cfg)
+    names = sorted(set(tr.labels))
+    if len(names) < 2:
+        raise DataError(f"the train classes of {cfg.split_file} have {len(names)} readable class(es)",
+                        hint="training needs at least two classes")
+    _check_validation(val_q_set, val_g_set, cfg)
+    index = {n: i for i, n in enumerate(names)}
+    train = TrainData(x=torch.from_numpy(np.ascontiguousarray(tr.vectors)),
+                      y=torch.tensor([index[lab] for lab in tr.labels], dtype=torch.int64),
+                      label_names=names, groups=list(tr.groups), paths=[str(p) for p in tr.dataset.paths])
+    return _Data(backbone, split, train, tr.dataset, _embed(val_q_set, backbone, cfg),
+                 _embed(val_g_set, backbone, cfg))
+
+
+def _check_validation(val_q: Dataset, val_g: Dataset, cfg: TrainConfig) -> None:
+    """Refuse a val part on which validation is empty or true by construction (one class:
+    val MAP@R 1.0 whatever the model); warn when it has few classes."""
+    from ..pipeline import check_evaluable
+
+    try:
+        check_evaluable(val_q.labels, val_g.labels, f"the val classes of {cfg.split_file}")
+    except DataError as exc:
+        raise DataError(f"validation would be meaningless: {exc.message}",
+                        hint="give the split file's val part at least 2 classes (5 or more is better) "
+                             "with photos for both queries and gallery") from None
+    usable = set(val_q.labels) & set(val_g.labels)
+    if len(usable) < 5:
+        log.warning("only %d val classes: val MAP@R (which picks the best epoch) is noisy; "
+                    "5 or more val classes are better", len(usable))

@@ -1,0 +1,325 @@
+"""One training loop for every method: ``train(TrainConfig) -> RunResult`` (see :mod:`fewshot.training`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import FewshotError
+from ..io import atomic_write_json, replace_dir
+from ..methods.base import Method, TrainConfig, get_method
+from ..methods.runs import CHECKPOINT, CONFIG, save_run
+from ..model import EmbeddingModel
+from .checkpoint import (CHECKPOINT_FORMAT, HISTORY_FIELDS, _check_resumable, _load_checkpoint, _method_state,
+                         _prepare_stage, _restore_method_state, _resume_source, _save_checkpoint, _write_curves,
+                         _write_history, staging_dir)
+from .data import _Data, _load_data
+from .finetune import _FineTune
+from .validate import _validate
+
+log = logging.getLogger("fewshot")
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_dir: the RUN_DIR.
+        best_epoch: epoch with the best val MAP@R (0 = the untrained head was best).
+        best_metrics: that epoch's history row.
+        history: one row per epoch (see :data:`HISTORY_FIELDS`), epoch 0 first.
+        seconds: training wall time in all (epochs and validation; the final evaluation excluded).
+        stopped_early: whether patience ran out before ``epochs``.
+        final_metrics: the final evaluation's metrics (``None`` with ``final_eval="none"``).
+        config: the run's ``config.json``.
+    """
+
+    run_dir: Path
+    best_epoch: int
+    best_metrics: dict
+    history: list[dict]
+    seconds: float
+    stopped_early: bool
+    final_metrics: dict | None = None
+    config: dict = field(default_factory=dict)
+
+
+
+# --------------------------------------------------------------------------- the loop
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if cfg.fine_tune != "none" and torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise FewshotError("--device cuda asked for, but no CUDA device is available", hint="use --device cpu")
+    return torch.device(cfg.device)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+def _validate_config(cfg: TrainConfig) -> type[Method]:
+    if cfg.fine_tune not in ("none", "last"):
+        raise FewshotError(f"unknown --fine-tune '{cfg.fine_tune}'", hint="use --fine-tune none or --fine-tune last")
+    if not cfg.out:
+        raise FewshotError("no output folder given", hint="pass --out RUN_DIR")
+    if cfg.epochs < 0 or cfg.patience < 0:
+        raise FewshotError("epochs and patience must not be negative", hint="e.g. --epochs 30 --patience 5")
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise FewshotError(f"unknown --device '{cfg.device}'", hint="use --device auto, cpu or cuda")
+    if cfg.final_eval not in ("none", "test", "val", "train"):
+        raise FewshotError(f"unknown final evaluation part '{cfg.final_eval}'", hint="use test, val or none")
+    _check_head(cfg.head)
+    return get_method(cfg.method)
+
+
+def _check_head(head: dict | None) -> None:
+    """Build the head once at a nominal size, so that a bad ``--head`` spec fails before any work."""
+    from ..methods.heads import ProjectionHead
+    from ..methods.base import resolve_head_spec
+
+    try:
+        ProjectionHead(**resolve_head_spec(head, 8))
+    except (TypeError, ValueError) as exc:
+        raise FewshotError(f"--head {json.dumps(head)} is not a valid head ({exc})",
+                           hint='use --head linear, --head mlp, or e.g. --head \'{"kind": "mlp", "hidden_dim": 512, '
+                                '"out_dim": 256}\'') from None
+
+
+@dataclass
+class _Setup:
+    """Everything the epoch loop needs, built and checked before any file is written."""
+
+    data: _Data
+    method: Method
+    ft: _FineTune | None
+    optimizer: torch.optim.Optimizer
+    n_epochs: int
+    protocol: dict
+    setup_seconds: float
+
+
+def _setup(cfg: TrainConfig, method_cls: type[Method]) -> _Setup:
+    device = _device(cfg)
+    t_start = time.perf_counter()
+    data = _load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    method = method_cls(cfg, data.backbone.dim)
+    method.check_data(data.train)
+    if getattr(method.head, "use_centre", False) and hasattr(method.head, "set_centre"):
+        method.head.set_centre(data.train.x)
+    method.to(device)
+    ft: _FineTune | None = None
+    if cfg.fine_tune == "last":
+        ft = _FineTune(cfg, data, device)
+        method.backbone = ft.backbone.model
+        method.backbone_params = ft.params
+        method.bind(ft.features)
+    else:
+        x_train = data.train.x.to(device)
+        method.bind(lambda idx: x_train[torch.from_numpy(idx).to(device)])
+    protocol = {"split_file": str(cfg.split_file), "split_name": data.split.name, "dataset": data.split.dataset,
+                "train_classes": list(data.split.train), "val_classes": list(data.split.val),
+                "test_classes": list(data.split.test), "query_split": data.split.query_split,
+                "gallery_split": data.split.gallery_split, "seed": data.split.seed}
+    return _Setup(data, method, ft, method.optimizer(), method.max_epochs(), protocol,
+                  time.perf_counter() - t_start)
+
+
+def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
+    """Train ``cfg.method`` on the train classes of ``cfg.split_file``; see the module docstring.
+
+    Every argument, the data, and whether the method can learn from it are checked before
+    anything is written. The run is trained in :func:`staging_dir` and replaces ``cfg.out``
+    (marked ``"complete": true`` in ``config.json``) only when training completes.
+
+    Args:
+        cfg: the run's settings.
+        on_epoch_end: optional ``callback(epoch, history_row)`` after each epoch's files are
+            written (raising from it interrupts the run exactly as Ctrl-C would).
+
+    Returns:
+        :class:`RunResult`.
+
+    Raises:
+        DataError: bad data or split file; a val part too small to validate on.
+        CheckpointError: ``RUN_DIR`` already holds a run (and neither ``resume`` nor
+            ``overwrite``), or its checkpoint is damaged / from different settings.
+        FewshotError: unknown method, miner, head or fine-tune mode; impossible batch sizes;
+            data on which the method cannot learn (:meth:`Method.check_data`); an ``--out``
+            that is not a run folder.
+    """
+    method_cls = _validate_config(cfg)
+    run_dir = Path(cfg.out)
+    stage = staging_dir(run_dir)
+    source = _resume_source(cfg, run_dir, stage)
+    saved = _load_checkpoint(source / CHECKPOINT) if source is not None else None
+    if saved is not None:
+        _check_resumable(saved["config"], cfg, source / CHECKPOINT)
+    setup = _setup(cfg, method_cls)
+    _prepare_stage(stage, source, run_dir)
+    try:
+        loop = _run_epochs(cfg, setup, stage, saved, on_epoch_end)
+    except BaseException:
+        if not (stage / CHECKPOINT).is_file():  # nothing to resume: leave no empty run behind
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    full = _finish_config(stage, loop, setup)
+    replace_dir(stage, run_dir)
+    final = None
+    if cfg.final_eval != "none":
+        final = _final_evaluation(cfg, run_dir)
+        full["final_eval"] = {"part": cfg.final_eval, "map": final["map"], "map_at_r": final["map_at_r"],
+                              "precision_at_1": final["precision_at_1"],
+                              "episodes": {k: {"accuracy": v.get("accuracy"), "ci95": v.get("ci95")}
+                                           for k, v in final["episodes"].items()}}
+        atomic_write_json(run_dir / CONFIG, full)
+    best_row = next(r for r in loop.history if r["epoch"] == loop.best["epoch"])
+    return RunResult(run_dir=run_dir, best_epoch=loop.best["epoch"], best_metrics=best_row,
+                     history=loop.history, seconds=loop.elapsed, stopped_early=loop.stopped_early,
+                     final_metrics=final, config=full)
+
+
+@dataclass
+class _Loop:
+    """The epoch loop's state (what a checkpoint holds besides the weights)."""
+
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": -1, "map_at_r": -math.inf})
+    bad_epochs: int = 0
+    elapsed: float = 0.0
+    start_epoch: int = 0
+    stopped_early: bool = False
+
+
+def _restore(setup: _Setup, saved: dict | None, where: Path) -> _Loop:
+    if saved is None:
+        return _Loop()
+    _restore_method_state(setup.method, setup.ft, saved["state"])
+    setup.optimizer.load_state_dict(saved["optimizer"])
+    loop = _Loop(history=saved["history"], best=saved["best"], bad_epochs=saved["bad_epochs"],
+                 elapsed=saved["seconds"], start_epoch=saved["epoch"] + 1,
+                 stopped_early=saved.get("stopped_early", False))
+    log.info("resuming %s after epoch %d (best epoch %d)", where, saved["epoch"], loop.best["epoch"])
+    return loop
+
+
+def _train_epoch(cfg: TrainConfig, setup: _Setup, epoch: int) -> list[float]:
+    seed = _epoch_seed(cfg.seed, epoch)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    if setup.ft is not None:
+        setup.ft.seed_epoch(seed)
+    method = setup.method
+    method.train_mode(True)
+    losses = []
+    for batch in method.epoch_batches(setup.data.train, rng):
+        value = method.step(batch, setup.optimizer)
+        if not math.isfinite(value):
+            raise FewshotError(f"training diverged at epoch {epoch} (loss {value})", hint="lower --lr")
+        losses.append(value)
+    return losses
+
+
+def _run_config(cfg: TrainConfig, setup: _Setup, row: dict, elapsed: float) -> dict:
+    data = setup.data
+    return {"method": setup.method.name or cfg.method, "train_config": cfg.to_dict(), "protocol": setup.protocol,
+            "seed": cfg.seed, "fine_tune": cfg.fine_tune, "package_version": __version__,
+            "in_dim": data.backbone.dim, "train_images": len(data.train),
+            "val_queries": len(data.val_q.vectors), "val_gallery": len(data.val_g.vectors),
+            "best_epoch": row["epoch"],
+            "best_val": {k[4:]: row[k] for k in HISTORY_FIELDS if k.startswith("val_")},
+            "training_seconds_to_best": round(elapsed, 3)}
+
+
+def _run_epochs(cfg: TrainConfig, setup: _Setup, work: Path, saved: dict | None,
+                on_epoch_end: Callable[[int, dict], None] | None) -> _Loop:
+    """Epoch 0 (validation only) and the training epochs, writing into ``work``."""
+    method, data = setup.method, setup.data
+    loop = _restore(setup, saved, work)
+    bar = tqdm(total=setup.n_epochs + 1, initial=loop.start_epoch, desc=f"train {cfg.method}", unit="epoch",
+               disable=not cfg.progress, leave=True)
+    try:
+        epoch = loop.start_epoch
+        while epoch <= setup.n_epochs and not loop.stopped_early:
+            t0 = time.perf_counter()
+            losses = _train_epoch(cfg, setup, epoch) if epoch > 0 else []
+            metrics = _validate(method, data, cfg, setup.ft, epoch)
+            seconds = time.perf_counter() - t0
+            loop.elapsed += seconds
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
+                   "seconds": round(seconds, 3)}
+            loop.history.append(row)
+            score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
+            if score > loop.best["map_at_r"]:
+                loop.best, loop.bad_epochs = {"epoch": epoch, "map_at_r": score}, 0
+                save_run(work, EmbeddingModel(backbone=data.backbone, head=method.head),
+                         _run_config(cfg, setup, row, loop.elapsed), extra_tensors=method.extra_tensors())
+            elif epoch > 0:
+                loop.bad_epochs += 1
+            if epoch > 0 and cfg.patience and loop.bad_epochs >= cfg.patience and epoch < setup.n_epochs:
+                loop.stopped_early = True
+            _write_epoch_files(cfg, setup, work, loop, epoch)
+            bar.update(1)
+            bar.set_postfix(loss="-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
+                            val_map_r=f"{score:.4f}", best=loop.best["epoch"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+            epoch += 1
+    except KeyboardInterrupt:
+        done = loop.history[-1]["epoch"] if loop.history else None
+        log.warning("training interrupted%s; continue it with the same command plus --resume",
+                    f" after epoch {done}" if done is not None else "")
+        raise
+    finally:
+        bar.close()
+    return loop
+
+
+def _write_epoch_files(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop, epoch: int) -> None:
+    _write_history(work, loop.history)
+    _write_curves(work, loop.history)
+    _save_checkpoint(work, {
+        "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch,
+        "state": _method_state(setup.method, setup.ft), "optimizer": setup.optimizer.state_dict(),
+        "history": loop.history, "best": loop.best, "bad_epochs": loop.bad_epochs,
+        "seconds": loop.elapsed, "stopped_early": loop.stopped_early, "fewshot_version": __version__})
+
+
+def _finish_config(work: Path, loop: _Loop, setup: _Setup) -> dict:
+    """Record the whole run in ``config.json`` (the weights on disk are the best epoch's) and
+    mark it complete."""
+    cfg_path = work / CONFIG
+    full = json.loads(cfg_path.read_text(encoding="utf-8"))
+    full.update({"epochs_run": loop.history[-1]["epoch"], "stopped_early": loop.stopped_early,
+                 "training_seconds": round(loop.elapsed, 3), "setup_seconds": round(setup.setup_seconds, 3),
+                 "complete": True})
+    atomic_write_json(cfg_path, full)
+    return full
+
+
+def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
+    from ..pipeline import EmbedOptions, EvalConfig, evaluate
+
+    opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=cfg.image_size,
+                        batch_size=cfg.embed_batch_size, num_workers=cfg.workers, cache_dir=cfg.cache_dir,
+                        progress=cfg.progress)
+    ecfg = EvalConfig(data=cfg.data, split=None, split_file=cfg.split_file, part=cfg.final_eval,
+                      group_from=cfg.group_from, seed=cfg.seed, episodes=cfg.eval_episodes, embed=opts)
+    return evaluate(ecfg, run_dir / f"eval_{cfg.final_eval}", overwrite=True)
