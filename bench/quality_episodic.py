@@ -169,12 +169,13 @@ def train_run(name: str, protocol: dict, run_dir: Path, seed: int) -> tuple[Embe
                       final_eval="none", **protocol["runs"][name])
     res = train(cfg)
     model = load_run(run_dir)
+    flat = {**cfg.to_dict(), **cfg.to_dict()["options"]}  # the loop's fields and the method's options
     return model, res, {
         "train_seconds": round(res.seconds, 1), "best_epoch": res.best_epoch,
         "epochs_run": res.history[-1]["epoch"], "best_val_map_at_r": res.best_metrics["val_map_at_r"],
         "best_val_episodic_acc": res.best_metrics["val_episodic_acc"],
         "classifier": model.describe()["episode_classifier"],
-        "train_config": {k: cfg.to_dict()[k] for k in TRAIN_CONFIG_KEYS}}
+        "train_config": {k: flat[k] for k in TRAIN_CONFIG_KEYS if k in flat}}
 
 
 def omniglot(out: Path, episodes: int, seed: int, methods: list[str]) -> dict:
