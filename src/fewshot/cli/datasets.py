@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import filesize
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -31,12 +32,6 @@ def _fail(exc: FewshotError) -> None:
     raise typer.Exit(code=1)
 
 
-def _size(n: int) -> str:
-    if n >= 1_000_000:
-        return f"~{n / 1_000_000:.0f} MB"
-    return f"~{n / 1_000:.0f} kB"
-
-
 @app.command("list")
 def list_cmd(
     root: Optional[Path] = typer.Option(
@@ -51,7 +46,7 @@ def list_cmd(
         for info in _fetch.list_datasets():
             dest = _fetch.dataset_path(info, root)
             status = f"fetched: {dest}" if _fetch.is_verified(dest, info) else "not fetched"
-            cells = (info.name, f"{info.title}\n{info.homepage}", info.licence, _size(info.size_bytes),
+            cells = (info.name, f"{info.title}\n{info.homepage}", info.licence, "~" + filesize.decimal(info.size_bytes),
                      info.citation, status)
             table.add_row(*(escape(c) for c in cells))  # a path or citation may hold [brackets]
     except FewshotError as exc:

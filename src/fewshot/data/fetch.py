@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Iterator
 
+from rich import filesize
+
 from fewshot.errors import DataError
 from fewshot.registry import Registry
 
@@ -291,30 +293,13 @@ def _write_marker(folder: Path, info: DatasetInfo, n_files: int, source: str) ->
 # helpers
 
 
-@contextlib.contextmanager
 def _bar(total: int | None, desc: str, enabled: bool, unit: str = "B", initial: int = 0):
-    """A tqdm progress bar on stderr, or a no-op object when disabled."""
-    if not enabled:
-
-        class _Null:
-            def update(self, n: int = 1) -> None:
-                pass
-
-        yield _Null()
-        return
+    """A tqdm progress bar on stderr (a disabled tqdm when ``enabled`` is false); bytes are
+    shown scaled (KiB, MiB)."""
     from tqdm.auto import tqdm
 
     kwargs = dict(unit_scale=True, unit_divisor=1024) if unit == "B" else {}
-    with tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, **kwargs) as bar:
-        yield bar
-
-
-def _human(n: int | float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, disable=not enabled, **kwargs)
 
 
 class _WriteError(DataError):
@@ -584,7 +569,7 @@ def _download_attempts(info: DatasetInfo, part: Path, meta: Path, progress: bool
                 size = part.stat().st_size if part.exists() else 0
                 raise DataError(
                     f"download of dataset '{info.name}' from {info.url} was interrupted "
-                    f"({exc.reason}); {_human(size)} kept in {part}",
+                    f"({exc.reason}); {filesize.decimal(size)} kept in {part}",
                     hint=(
                         "run the same command again to resume the download, or fetch from a "
                         f"local copy with --mirror PATH"

@@ -594,12 +594,14 @@ def _read_manifest_text(path: Path, warnings: list[str]) -> str:
 
 
 def _sniff_delimiter(header_line: str) -> str:
+    """The header's delimiter: ``,`` when it has one, else what :class:`csv.Sniffer` finds among
+    ``;``, tab and ``|`` (a one-column header: ``,``)."""
     if "," in header_line:
         return ","
-    for d in (";", "\t", "|"):
-        if d in header_line:
-            return d
-    return ","
+    try:
+        return csv.Sniffer().sniff(header_line, delimiters=";\t|").delimiter
+    except csv.Error:
+        return ","
 
 
 def _csv_columns(path: Path, header: list[str], names: list[str], ignored: set[int]) -> dict[str, int]:

@@ -168,6 +168,7 @@ class _BodyLimit:
 
 
 def _mb(n: int) -> str:
+    """Binary megabytes, as ``--max-upload-mb`` counts them (rich.filesize only has decimal units)."""
     return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} kB"
 
 
