@@ -13,7 +13,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fewshot"
 LAYERS = ["data", "backbones", "embed", "model", "methods", "metrics", "index", "pipeline", "training", "cli", "serve"]
-SHARED = {"errors", "io", "registry", "viz", "__init__"}
+SHARED = {"checks", "errors", "io", "registry", "viz", "__init__"}
 
 
 def _part(module: str) -> str:

@@ -91,7 +91,12 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:  # put the previous folder back
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from fewshot.checks import as_list
 from fewshot.errors import DataError
 
 __all__ = ["Episode", "EpisodeSampler"]
@@ -57,14 +58,6 @@ class Episode:
     @property
     def n_way(self) -> int:
         return len(self.classes)
-
-
-def _label_list(values: Any, name: str) -> list:
-    if values is None:
-        raise ValueError(f"{name} is None")
-    if hasattr(values, "tolist") and not isinstance(values, list):
-        values = values.tolist()
-    return list(values)
 
 
 def _group(labels: list) -> dict[Any, np.ndarray]:
@@ -131,9 +124,9 @@ class EpisodeSampler:
         self.seed = seed
         self.cross = query_labels is not None
 
-        support_groups = _group(_label_list(labels, "labels"))
+        support_groups = _group(as_list(labels, None, "labels"))
         if self.cross:
-            query_groups = _group(_label_list(query_labels, "query_labels"))
+            query_groups = _group(as_list(query_labels, None, "query_labels"))
             extra = [c for c in query_groups if c not in support_groups]
             all_classes = list(support_groups) + extra
             need = f"at least {self.k_shot} support and {self.n_query} query items"

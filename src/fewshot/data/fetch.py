@@ -51,6 +51,7 @@ from typing import IO, Iterator
 from rich import filesize
 
 from fewshot.errors import DataError
+from fewshot.io import replace_dir
 from fewshot.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -368,23 +369,6 @@ def _new_tmp(root: Path, name: str, tag: str = "") -> Path:
     with contextlib.suppress(OSError):
         os.chmod(tmp, 0o777 & ~umask)
     return tmp
-
-
-def _install(tmp: Path, dest: Path, root: Path, name: str) -> None:
-    """Atomically put the verified folder ``tmp`` at ``dest`` (replacing an old one)."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = _new_tmp(root, name, "old.")
-        os.replace(dest, old / "data")
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old / "data", dest)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -919,7 +903,7 @@ def _fetch_into(
         except OSError as exc:
             raise _os_error(exc, tmp, "writing") from exc
         try:
-            _install(tmp, dest, root, info.name)
+            replace_dir(tmp, dest)  # the old copy is deleted only once the new one is in place
         except OSError as exc:
             raise _os_error(exc, dest, "installing") from exc
     finally:

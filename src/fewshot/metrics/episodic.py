@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from fewshot.checks import as_embeddings, as_list
 from fewshot.data.episodes import EpisodeSampler
 from fewshot.methods.functional import prototype_classifier
 from fewshot.model import EpisodeClassifier
@@ -69,30 +70,7 @@ class EpisodicResult:
 
 
 def _as_embeddings(x: Any, name: str) -> torch.Tensor:
-    if x is None:
-        raise ValueError(f"{name} is None: expected a float32 array [N, D]")
-    if isinstance(x, torch.Tensor):
-        t = x.detach().cpu().to(torch.float32)
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(np.asarray(x), dtype=np.float32))
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, D], got shape {tuple(t.shape)}")
-    if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
-    return t
-
-
-def _check_labels(labels: Any, n: int, name: str) -> list:
-    if labels is None:
-        raise ValueError(f"{name} is None")
-    if hasattr(labels, "tolist") and not isinstance(labels, list):
-        labels = labels.tolist()
-    labels = list(labels)
-    if len(labels) != n:
-        raise ValueError(f"{name} has {len(labels)} entries but there are {n} embeddings")
-    return labels
+    return torch.from_numpy(as_embeddings(x, name))
 
 
 def episodic_accuracy(
@@ -141,12 +119,12 @@ def episodic_accuracy(
         fewshot.errors.DataError: fewer than ``n_way`` classes have enough items.
     """
     x = _as_embeddings(embeddings, "embeddings")
-    y = _check_labels(labels, x.shape[0], "labels")
+    y = as_list(labels, x.shape[0], "labels")
     if (query_embeddings is None) != (query_labels is None):
         raise ValueError("query_embeddings and query_labels must be given together")
     if query_embeddings is not None:
         xq = _as_embeddings(query_embeddings, "query_embeddings")
-        yq = _check_labels(query_labels, xq.shape[0], "query_labels")
+        yq = as_list(query_labels, xq.shape[0], "query_labels")
         if xq.shape[1] != x.shape[1]:
             raise ValueError(
                 f"embeddings have dimension {x.shape[1]} but query_embeddings {xq.shape[1]}"
@@ -239,15 +217,15 @@ def episodic_by_group(
         ``{group: EpisodicResult}`` for the groups that could be evaluated, sorted by name.
     """
     x = _as_embeddings(embeddings, "embeddings").numpy()
-    y = _check_labels(labels, x.shape[0], "labels")
-    g = _check_labels(groups, x.shape[0], "groups")
+    y = as_list(labels, x.shape[0], "labels")
+    g = as_list(groups, x.shape[0], "groups")
     cross = query_embeddings is not None
     if cross != (query_labels is not None) or cross != (query_groups is not None):
         raise ValueError("query_embeddings, query_labels and query_groups go together")
     if cross:
         xq = _as_embeddings(query_embeddings, "query_embeddings").numpy()
-        yq = _check_labels(query_labels, xq.shape[0], "query_labels")
-        gq = _check_labels(query_groups, xq.shape[0], "query_groups")
+        yq = as_list(query_labels, xq.shape[0], "query_labels")
+        gq = as_list(query_groups, xq.shape[0], "query_groups")
     names = sorted({str(v) for v in g if v is not None})
     out: dict[str, EpisodicResult] = {}
     for name in names:

@@ -51,6 +51,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from fewshot.checks import as_embeddings, as_list
+
 __all__ = ["RetrievalReport", "retrieval_metrics", "nearest_neighbors"]
 
 logger = logging.getLogger("fewshot")
@@ -133,33 +135,6 @@ def _json_float(value: float) -> float | None:
 # --------------------------------------------------------------------------- validation
 
 
-def _as_embeddings(x: Any, name: str) -> np.ndarray:
-    if x is None:
-        raise ValueError(f"{name} is None: expected a float32 array [N, D]")
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, D], got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): nothing to evaluate")
-    if not np.isfinite(x).all():
-        bad = int(np.count_nonzero(~np.isfinite(x).all(axis=1)))
-        raise ValueError(f"{name} has {bad} row(s) with NaN or infinite values")
-    return x
-
-
-def _as_list(values: Any, n: int, name: str, what: str) -> list:
-    if values is None:
-        raise ValueError(f"{name} is None: expected {n} {what}")
-    if hasattr(values, "tolist") and not isinstance(values, list):
-        values = values.tolist()  # numpy arrays / tensors -> hashable Python scalars
-    values = list(values)
-    if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries but there are {n} embeddings")
-    return values
-
-
 def _check_ks(ks: Sequence[int], name: str) -> list[int]:
     out = []
     for k in ks:
@@ -185,9 +160,9 @@ def _prepare(
     query: Any, gallery: Any, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Validated (query, gallery, leave_one_out) as float32 torch tensors."""
-    q = _as_embeddings(query, "query")
+    q = as_embeddings(query, "query")
     loo = gallery is None
-    g = q if loo else _as_embeddings(gallery, "gallery")
+    g = q if loo else as_embeddings(gallery, "gallery")
     if g.shape[1] != q.shape[1]:
         raise ValueError(
             f"query has dimension {q.shape[1]} but gallery has dimension {g.shape[1]}"
@@ -346,10 +321,10 @@ def retrieval_metrics(
 
     qt, gt, loo = _prepare(query, gallery, normalize)
     n_q, n_g = qt.shape[0], gt.shape[0]
-    q_lab = _as_list(query_labels, n_q, "query_labels", "labels")
-    g_lab = q_lab if loo else _as_list(gallery_labels, n_g, "gallery_labels", "labels")
+    q_lab = as_list(query_labels, n_q, "query_labels", "labels")
+    g_lab = q_lab if loo else as_list(gallery_labels, n_g, "gallery_labels", "labels")
     groups = (
-        None if query_groups is None else _as_list(query_groups, n_q, "query_groups", "groups")
+        None if query_groups is None else as_list(query_groups, n_q, "query_groups", "groups")
     )
     qc, gc, n_classes = _encode_labels(q_lab, [] if loo else g_lab)
     if loo:
