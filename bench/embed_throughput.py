@@ -167,7 +167,8 @@ def cli_run(paths: list[Path], labels: list[str], work: Path, batch: int, worker
     env = child_env()
     env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-c", "import sys; from fewshot.cli import main; sys.argv[0] = 'fewshot'; main()", "embed", "--data", str(manifest), "--out", str(out),
-           "--cache-dir", str(cache), "--batch-size", str(batch), "--workers", str(workers), "--no-progress"]
+           "--cache-dir", str(cache), "--batch-size", str(batch), "--workers", str(workers), "--no-progress",
+           "--overwrite"]  # the file of an earlier round is ours
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     seconds = time.perf_counter() - t0

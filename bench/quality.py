@@ -117,7 +117,7 @@ def frozen_row(ds: dict, episodes: int, out: Path) -> dict[str, Any]:
     cfg = EvalConfig(data=str(ds["data"]), split=None, split_file=str(ds["split_file"]), part="test", seed=SEED,
                      episodes=episodes, embed=EmbedOptions(image_size=ds["image_size"], progress=False))
     t0 = time.perf_counter()
-    m = evaluate(cfg, out)
+    m = evaluate(cfg, out, overwrite=True)  # the benchmark owns its output folders
     return {"method": "frozen", "available": True, "train_seconds": 0.0, "eval_seconds": time.perf_counter() - t0,
             "overrides": {}, **_row_from_metrics(m)}
 

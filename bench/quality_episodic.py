@@ -102,7 +102,7 @@ def grocery(out: Path, episodes: int, seed: int, methods: list[str], train_seeds
                          episodes=episodes, n_query=5,
                          embed=EmbedOptions(backbone=model.backbone.name, image_size=g["image_size"], progress=False))
         t = time.perf_counter()
-        m = evaluate(cfg, out / "eval" / f"grocery-{name}", model=model)
+        m = evaluate(cfg, out / "eval" / f"grocery-{name}", model=model, overwrite=True)
         return {"map": m["map"], "map_at_r": m["map_at_r"], "precision_at_1": m["precision_at_1"],
                 "episodes": _episodes_row(m["episodes"]), "eval_seconds": round(time.perf_counter() - t, 1)}
 

@@ -74,7 +74,7 @@ def _eval(data: str, out: Path, episodes: int, cache_dir: str | None, model_dir:
                         progress=False)
     cfg = EvalConfig(data=data, split=None, split_file=str(SPLIT_FILE), part="test", seed=0, episodes=episodes,
                      n_query=5, embed=opts)
-    return evaluate(cfg, out)
+    return evaluate(cfg, out, overwrite=True)
 
 
 def _row(name: str, m: dict, run: dict | None) -> dict:
