@@ -28,7 +28,7 @@ from .cache import EmbeddingCache, default_cache_dir, file_digest
 
 log = logging.getLogger("fewshot")
 
-__all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "apply_head",
+__all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "forward_batch", "apply_head",
            "default_cache_dir"]
 
 
@@ -118,6 +118,16 @@ def read_digests(paths: Sequence[str | Path]) -> tuple[list[str | None], dict[in
     return digests, failures
 
 
+def forward_batch(backbone: Backbone, batch: torch.Tensor) -> np.ndarray:
+    """One forward pass: preprocessed ``float32 [B, 3, S, S]`` -> ``float32 [B, D]`` backbone
+    embeddings (numpy), under ``torch.inference_mode``, channels-last where the backbone asks
+    for it (the faster convolution layout on CPU)."""
+    if backbone.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return backbone.model(batch).float().cpu().numpy()
+
+
 def embed_paths(
     paths: Sequence[str | Path],
     backbone: Backbone,
@@ -166,16 +176,14 @@ def embed_paths(
         loader = DataLoader(_ImageFiles([paths[i] for i in todo], backbone.preprocess),
                             batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                             persistent_workers=False)
-        model = backbone.model.eval()
-        with torch.inference_mode(), tqdm(total=len(todo), desc=desc, unit="img",
+        backbone.model.eval()
+        with tqdm(total=len(todo), desc=desc, unit="img",
                                           disable=not progress, leave=False) as bar:
             for idx, batch, bad in loader:
                 for j, reason in bad:
                     failures[todo[j]] = reason
                 if batch is not None:
-                    if backbone.channels_last:
-                        batch = batch.contiguous(memory_format=torch.channels_last)
-                    vectors = model(batch).float().cpu().numpy()
+                    vectors = forward_batch(backbone, batch)
                     for j, v in zip(idx.tolist(), vectors):
                         k = todo[j]
                         out[k] = v

@@ -63,7 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..data.images import load_image
-from ..embed import read_digests
+from ..embed import forward_batch, read_digests
 from ..errors import FewshotError, ImageReadError
 from ..index import CatalogueIndex
 from ..io import atomic_dir
@@ -263,11 +263,7 @@ class _Embedder:
     def _run(self, jobs: list[_Job]) -> None:
         try:
             batch = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
-            if self.backbone.channels_last:  # as embed_paths does: the faster layout on CPU
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                vectors = self.backbone.model(batch).float().cpu().numpy()
-            vectors = np.asarray(self.model.transform(vectors), dtype=np.float32)
+            vectors = np.asarray(self.model.transform(forward_batch(self.backbone, batch)), dtype=np.float32)
             offset = 0
             for j in jobs:
                 j.result = vectors[offset:offset + len(j.x)]
