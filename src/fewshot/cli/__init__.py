@@ -10,41 +10,38 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.markup import escape
 
-from .common import (BackboneOpt, BatchOpt, CacheOpt, DataOpt, GroupFromOpt, ModelOpt, NoProgressOpt,
-                     OverwriteOpt, SizeOpt, StrictOpt, WorkersOpt, _embed_options, _split_help, app,
-                     echo_episodes, err_console, handle_errors, log)
+from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, NoProgressOpt, OverwriteOpt, WorkersOpt,
+                     _split_help, app, echo_episodes, embedding_options, err_console, handle_errors, log)
+
+if TYPE_CHECKING:
+    from ..pipeline import EmbedOptions
 
 __all__ = ["app", "main", "handle_errors"]
 
 
 @app.command()
 @handle_errors
+@embedding_options
 def evaluate(
     data: str = DataOpt,
     split: Optional[str] = typer.Option(None, "--split", help=_split_help("test") + " With --split-file: the class part (train|val|test; default test)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Class-disjoint protocol JSON (e.g. splits/grocery-unseen.json)."),
-    backbone: Optional[str] = BackboneOpt,
-    model: Optional[Path] = ModelOpt,
-    image_size: Optional[int] = SizeOpt,
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for episodes and the retrieval grid."),
     episodes: int = typer.Option(1000, "--episodes", min=1, help="Episodes per N-way K-shot setting (a 95% CI is reported from 30)."),
     queries: int = typer.Option(5, "--queries", min=1, help="Query images per class in each episode."),
     group_from: Optional[str] = GroupFromOpt,
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, report.md, retrieval_grid.png."),
     overwrite: bool = OverwriteOpt,
-    batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
-    strict: bool = StrictOpt, no_progress: bool = NoProgressOpt,
+    *, emb: "EmbedOptions",
 ) -> None:
     """Retrieval mAP / MAP@R / P@1 / Recall@k and episodic accuracy of a backbone or trained run."""
     from ..pipeline import EvalConfig, evaluate as run_evaluate
 
-    emb = _embed_options(backbone, str(model) if model else None, image_size, batch_size, workers,
-                         str(cache_dir) if cache_dir else None, strict, no_progress)
     cfg = EvalConfig(data=data, split=split, split_file=str(split_file) if split_file else None,
                      part=split or "test", group_from=group_from, seed=seed, episodes=episodes,
                      n_query=queries, embed=emb)
@@ -58,22 +55,19 @@ def evaluate(
 
 @app.command("index")
 @handle_errors
+@embedding_options
 def index_cmd(
     data: str = DataOpt,
     split: Optional[str] = typer.Option(None, "--split", help="Image split used as the catalogue. " + _split_help("train")),
     catalogue: Optional[str] = typer.Option(None, "--catalogue", help="'iconic': the Grocery studio images, one per article."),
-    backbone: Optional[str] = BackboneOpt, model: Optional[Path] = ModelOpt, image_size: Optional[int] = SizeOpt,
     group_from: Optional[str] = GroupFromOpt,
     out: Path = typer.Option(..., "--out", help="Index folder to write (atomically); never one that holds other files or the --data images."),
     overwrite: bool = OverwriteOpt,
-    batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
-    strict: bool = StrictOpt, no_progress: bool = NoProgressOpt,
+    *, emb: "EmbedOptions",
 ) -> None:
     """Embed a catalogue (a few labelled photos per article) into a FAISS index."""
     from ..pipeline import build_index
 
-    emb = _embed_options(backbone, str(model) if model else None, image_size, batch_size, workers,
-                         str(cache_dir) if cache_dir else None, strict, no_progress)
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
                       overwrite=overwrite)
     typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out}")
@@ -193,21 +187,18 @@ def _report_catalogue_queries(results, cat) -> None:
 
 @app.command()
 @handle_errors
+@embedding_options
 def embed(
     data: str = DataOpt,
     split: Optional[str] = typer.Option(None, "--split", help="The dataset's image split (train|val|test), or 'all' (default: every image)."),
-    backbone: Optional[str] = BackboneOpt, model: Optional[Path] = ModelOpt, image_size: Optional[int] = SizeOpt,
     group_from: Optional[str] = GroupFromOpt,
     out: Path = typer.Option(..., "--out", help="Output file: .safetensors or .npz."),
     overwrite: bool = OverwriteOpt,
-    batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
-    strict: bool = StrictOpt, no_progress: bool = NoProgressOpt,
+    *, emb: "EmbedOptions",
 ) -> None:
     """Export embeddings with their labels, groups and paths."""
     from ..pipeline import export_embeddings
 
-    emb = _embed_options(backbone, str(model) if model else None, image_size, batch_size, workers,
-                         str(cache_dir) if cache_dir else None, strict, no_progress)
     n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb, overwrite=overwrite)
     typer.echo(f"wrote {n} x {d} embeddings to {out}")
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -76,9 +77,42 @@ NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
 def _embed_options(backbone, model, image_size, batch_size, workers, cache_dir, strict, no_progress):
     from ..pipeline import EmbedOptions
 
-    return EmbedOptions(backbone=backbone if (backbone or not model) else None, model_dir=model,
-                        image_size=image_size, batch_size=batch_size, num_workers=workers,
-                        cache_dir=cache_dir, strict=strict, progress=not no_progress)
+    return EmbedOptions(backbone=backbone if (backbone or not model) else None,
+                        model_dir=str(model) if model else None, image_size=image_size, batch_size=batch_size,
+                        num_workers=workers, cache_dir=str(cache_dir) if cache_dir else None, strict=strict,
+                        progress=not no_progress)
+
+
+#: the options of every command that embeds a dataset (name, annotation, typer option)
+_EMBED_PARAMS = (("backbone", Optional[str], BackboneOpt), ("model", Optional[Path], ModelOpt),
+                 ("image_size", Optional[int], SizeOpt), ("batch_size", int, BatchOpt),
+                 ("workers", int, WorkersOpt), ("cache_dir", Optional[Path], CacheOpt),
+                 ("strict", bool, StrictOpt), ("no_progress", bool, NoProgressOpt))
+
+
+def embedding_options(fn: Callable) -> Callable:
+    """Give a command the embedding options (``--backbone``, ``--model``, ``--image-size``,
+    ``--batch-size``, ``--workers``, ``--cache-dir``, ``--strict``, ``--no-progress``) once:
+    the command declares a keyword ``emb`` and receives them as one
+    :class:`~fewshot.pipeline.EmbedOptions`."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    own = [p for name, p in sig.parameters.items() if name != "emb"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+             for name, ann, opt in _EMBED_PARAMS]
+    names = [name for name, _, _ in _EMBED_PARAMS]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        emb = _embed_options(*(kwargs.pop(n) for n in names))
+        return fn(emb=emb, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    hints = {k: eval(v, fn.__globals__) if isinstance(v, str) else v  # noqa: S307 - our own annotations
+             for k, v in fn.__annotations__.items() if k != "emb"}
+    wrapper.__annotations__ = {**hints, **{name: ann for name, ann, _ in _EMBED_PARAMS}}
+    return wrapper
 
 
 def _split_help(default: str) -> str:
