@@ -402,6 +402,18 @@ BAD_INVOCATIONS = [
     ("serve", "--index", "{idx}", "--port", "70000"),
     ("serve", "--index", "{tmp}/no-index"),
     ("datasets", "fetch", "imagenet"),
+    ("index", "--data", "{data}", "--out", "{tmp}/a-file.txt/sub"),
+    ("embed", "--data", "{data}", "--out", "{tmp}/a-file.txt/e.npz"),
+    (*EVAL[:-1], "{tmp}/a-file.txt/sub"),
+    (*TRAIN[:-1], "{tmp}/a-file.txt/sub"),
+    ("embed", "--data", "{data}", "--out", "{tmp}/c.npz", "--cache-dir", "{tmp}/a-file.txt"),
+    (*EVAL, "--backbone", "timm:"),
+    (*TRAIN, "--seed", str(2**64)),
+    (*EVAL, "--image-size", "16"),
+    (*TRAIN, "--margin", "inf"),
+    ("classify", "--index", "{idx}", "--data", "{data}", "{photo}"),
+    ("classify", "--index", "{tmp}/a-file.txt", "{photo}"),
+    ("classify", "--index", "{tmp}", "{photo}"),
 ]
 
 
@@ -412,6 +424,7 @@ def test_bad_invocations_are_messages_never_tracebacks(small_manifest, cache, ti
     photo = CatalogueIndex.load(idx).paths[0]
     fill = {"idx": idx, "photo": photo, "data": small_manifest, "tmp": tmp_path, "tdata": tiny["data"],
             "split": tiny["split_file"]}
+    (tmp_path / "a-file.txt").write_text("not a folder")
     for args in BAD_INVOCATIONS:
         argv = [a.format(**{k: str(v) for k, v in fill.items()}) for a in args]
         result = runner.invoke(app, argv + (["--cache-dir", str(cache)] if argv[0] in ("evaluate", "index") else []))
@@ -420,6 +433,7 @@ def test_bad_invocations_are_messages_never_tracebacks(small_manifest, cache, ti
         assert "Traceback" not in result.output, argv
         assert "error" in result.output.lower() or "invalid" in result.output.lower(), (argv, result.output)
     assert not (tmp_path / "e").exists() and not (tmp_path / "t").exists()
+    assert (tmp_path / "a-file.txt").read_text() == "not a folder"
 
 
 def test_hints_keep_brackets_and_name_only_options_that_exist(small_manifest, tmp_path):
@@ -526,3 +540,75 @@ def test_readme_classify_your_own_photos_works_as_written(photo_tree, cache, tmp
     assert len(re.findall(r"^\S+\.jpg\t", outputs[1], flags=re.M)) == 4  # photo1.jpg + the 3 in photos/
     line = json.loads([x for x in outputs[2].splitlines() if x.startswith("{")][-1])
     assert len(line["predictions"]) == 3 and line["in_catalogue"] is True  # photo.jpg is a catalogue photo
+
+
+# --------------------------------------------------------------------------- found by trying to break it
+def test_symlinks_do_not_get_past_the_data_check(photo_tree, cache, tmp_path):
+    link = tmp_path / "LINK"
+    link.symlink_to(photo_tree, target_is_directory=True)
+    before = _files(photo_tree)
+    common = ("--image-size", "64", "--cache-dir", cache, "--no-progress")
+    r = run("index", "--data", photo_tree, "--out", link / "idx", *common, code=1)
+    assert "inside (or contain) the input data folder" in flat(r)
+    run("index", "--data", link, "--out", photo_tree / "idx", *common, code=1)
+    run("evaluate", "--data", photo_tree, "--out", link / "ev", *common, code=1)
+    assert _files(photo_tree) == before
+
+
+def test_overwrite_never_deletes_files_fewshot_did_not_write(photo_tree, cache, tmp_path):
+    common = ("--image-size", "64", "--cache-dir", cache, "--no-progress")
+    idx = tmp_path / "idx"
+    run("index", "--data", photo_tree, "--out", idx, *common)
+    (idx / "my-notes.txt").write_text("important")
+    r = run("index", "--data", photo_tree, "--out", idx, *common, "--overwrite", code=1)
+    assert "files fewshot did not write (my-notes.txt)" in flat(r) and (idx / "my-notes.txt").is_file()
+    ev = tmp_path / "ev"
+    run("evaluate", "--data", photo_tree, "--out", ev, "--episodes", "30", *common)
+    (ev / "analysis.md").write_text("mine")
+    run("evaluate", "--data", photo_tree, "--out", ev, "--episodes", "30", *common, "--overwrite", code=1)
+    assert (ev / "analysis.md").read_text() == "mine"
+    fake = tmp_path / "other"
+    fake.mkdir()
+    (fake / "meta.json").write_text('{"format_version": 3}')  # looks like an index, is not one
+    (fake / "data.bin").write_bytes(b"precious")
+    run("index", "--data", photo_tree, "--out", fake, *common, "--overwrite", code=1)
+    assert (fake / "data.bin").read_bytes() == b"precious"
+    import os
+
+    assert oct(os.stat(idx).st_mode & 0o777) != oct(0o700)  # an index folder gets the usual permissions
+
+
+def test_a_folder_with_a_checkpoint_is_not_taken_for_a_run(tiny, tmp_path):
+    proj = tmp_path / "myproj"
+    (proj / "code").mkdir(parents=True)
+    torch.save({"epoch": 3}, proj / "checkpoint.pt")
+    (proj / "code" / "train.py").write_text("print('mine')")
+    r = run("train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", proj, "--overwrite",
+            "--image-size", "64", "--cache-dir", tiny["cache_dir"], "--no-progress", code=1)
+    assert "not a fewshot training run" in flat(r) and (proj / "code" / "train.py").is_file()
+
+
+def test_a_foreign_safetensors_file_is_not_replaced(small_manifest, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    mine = tmp_path / "mine.safetensors"
+    save_file({"w": np.ones(3, np.float32)}, str(mine), metadata={"config": "{}"})
+    run("embed", "--data", small_manifest, "--out", mine, "--overwrite", "--image-size", "64", code=1)
+    assert load_file(str(mine))["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_classify_does_not_count_queries_that_cannot_be_right(drawn_tree, cache, tmp_path):
+    common = ("--image-size", "64", "--cache-dir", cache, "--no-progress")
+    one = tmp_path / "one"
+    for cls in ("Red-Ball", "Blue-Box"):
+        (one / cls).mkdir(parents=True)
+        shutil.copyfile(sorted((drawn_tree / cls).glob("*.jpg"))[0], one / cls / "a.jpg")
+    idx = tmp_path / "idx"
+    run("index", "--data", one, "--out", idx, *common)
+    run_opts = ("--cache-dir", cache, "--no-progress")
+    r = run("classify", "--index", idx, "--data", one, "--summary-only", *run_opts, code=1)
+    assert "no image of" in flat(r) and "can be scored" in flat(r)  # was "top-1 accuracy 0.0000"
+    r = run("classify", "--index", idx, "--data", drawn_tree, "--summary-only", "--json", *run_opts)
+    summary = json.loads(r.stdout.strip().splitlines()[-1])["summary"]  # --json: the summary is JSON too
+    assert summary["num_images"] == 10 and summary["num_not_in_catalogue"] == 24
+    assert summary["num_no_other_image"] == 2 and "26 image(s) not scored" in flat(r)

@@ -14,6 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+#: this process's umask (read once at import, while no other thread can race os.umask)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -31,6 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
     try:
         yield tmp
         os.replace(tmp, path)
@@ -70,6 +75,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the result gets the usual permissions
     try:
         yield tmp
         replace_dir(tmp, path)
@@ -127,14 +133,36 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _check_writable(out: Path, shown: str | Path, option: str) -> None:
+    """The nearest existing ancestor of ``out`` must be a folder this process can write in."""
+    from .errors import FewshotError
+
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FewshotError(f"{option} {shown}: {parent} is a file, not a folder",
+                           hint=f"choose an {option} path whose parent is a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise FewshotError(f"{option} {shown}: cannot write in {parent} ({exc.strerror or exc})",
+                           hint=f"choose an {option} path in a folder you can write to") from None
+
+
 def check_output(path: str | Path, *, what: str, is_ours: Callable[[Path], bool], overwrite: bool,
                  option: str = "--out", inputs: Iterable[str | Path] = (),
-                 input_roots: Iterable[str | Path] = ()) -> None:
+                 input_roots: Iterable[str | Path] = (), owned: Callable[[str], bool] | None = None) -> None:
     """Refuse to write ``path`` unless it is new (or an empty folder), or it already holds a
-    ``what`` that fewshot wrote and ``overwrite`` is set.
+    ``what`` that fewshot wrote, holding nothing else, and ``overwrite`` is set.
 
     Call it after the inputs are known and before any long work, so that a refused output
-    costs nothing and touches nothing.
+    costs nothing and touches nothing. Paths are compared after resolving symbolic links.
 
     Args:
         path: the output file or folder a command is about to (re)place.
@@ -146,31 +174,42 @@ def check_output(path: str | Path, *, what: str, is_ours: Callable[[Path], bool]
             them nor a folder that holds one.
         input_roots: input folders (e.g. a folder-tree dataset): ``path`` may not be one of
             them, hold one, or lie inside one (its files would be read as data next time).
+        owned: for a folder artefact, ``owned(name)`` is true for the names the command itself
+            writes at its top level; anything else found there (a user's notes, photos) is
+            refused even with ``overwrite``, since replacing the folder would delete it.
 
     Raises:
         FewshotError: naming ``path`` and the fix.
     """
     from .errors import FewshotError
 
-    out = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    out = _real(path)
     for root in input_roots:
-        r = Path(os.path.abspath(root))
+        r = _real(root)
         if _inside(out, r) or _inside(r, out):
             raise FewshotError(f"{option} {path} would be inside (or contain) the input data folder {r}",
                                hint=f"write the output outside the data folder, e.g. {option} {r.parent / (r.name + '-out')}")
     for item in inputs:
-        p = Path(os.path.abspath(item))
+        p = _real(item)
         if _inside(p, out):
             raise FewshotError(f"{option} {path} holds the input image {p}: refusing to replace it",
                                hint=f"choose an {option} path outside the input data")
-    if not (out.exists() or out.is_symlink()):
+    _check_writable(out, path, option)
+    if not out.exists():
         return
     if is_ours(out):
+        foreign = sorted(e.name for e in out.iterdir() if not e.name.startswith(".") and not owned(e.name)) \
+            if owned is not None and out.is_dir() else []
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise FewshotError(f"{option} {path} holds a {what} and also files fewshot did not write ({shown}): "
+                               "refusing to replace it", hint="move those files out first, or choose another "
+                                                                f"{option}")
         if overwrite:
             return
         raise FewshotError(f"{option} {path} already holds a {what}",
                            hint=f"pass --overwrite to replace it, or choose another {option}")
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+    if out.is_dir() and not any(out.iterdir()):
         return
     kind = "folder" if out.is_dir() else "file"
     raise FewshotError(f"{option} {path} is an existing {kind} that is not a {what}: refusing to replace it",

@@ -24,7 +24,7 @@ from .data.records import Dataset
 from .data.splits import ClassSplit, protocol_sets
 from .embed import Embeddings
 from .errors import CheckpointError, DataError
-from .index import CatalogueIndex, Prediction, is_index_dir
+from .index import INDEX_FILES, CatalogueIndex, Prediction, is_index_dir
 from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .model import EmbeddingModel
 from .methods.runs import load_embedding_model
@@ -141,6 +141,7 @@ def evaluation_sets(cfg: EvalConfig) -> tuple[Dataset, Dataset | None, dict]:
     if cfg.split_file:
         dataset = load_data(cfg.data, None, cfg.group_from, cfg.embed.strict)
         class_split = ClassSplit.load(cfg.split_file)
+        warn_unknown_classes(class_split, dataset, cfg.split_file)
         queries, gallery = protocol_sets(dataset, class_split, cfg.part)
         protocol = {"mode": "query_vs_gallery", "split_file": str(cfg.split_file), "part": cfg.part,
                     "split_name": class_split.name, "classes": len(set(queries.labels) | set(gallery.labels)),
@@ -194,6 +195,9 @@ def is_evaluation_dir(path: Path) -> bool:
         return False
 
 
+EVALUATION_FILES = frozenset({"metrics.json", "report.md", "retrieval_grid.png"})
+
+
 def evaluate(cfg: EvalConfig, out: str | Path | None = None,
              model: EmbeddingModel | None = None, *, overwrite: bool = False) -> dict:
     """Retrieval and episodic metrics of a model on a dataset; optionally written to ``out``.
@@ -218,7 +222,7 @@ def evaluate(cfg: EvalConfig, out: str | Path | None = None,
     check_evaluable(queries.labels, gallery.labels if gallery is not None else None, name)
     if out is not None:
         check_output(out, what="fewshot evaluation", is_ours=is_evaluation_dir, overwrite=overwrite,
-                     **data_protection(cfg.data, queries, gallery))
+                     owned=EVALUATION_FILES.__contains__, **data_protection(cfg.data, queries, gallery))
     model = model or cfg.embed.model()
     q = cfg.embed.embed(model, queries)
     g = cfg.embed.embed(model, gallery) if gallery is not None else None
@@ -372,10 +376,11 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
     else:
         dataset = load_data(data, split, group_from, embed.strict, default_split="train")
     check_output(out, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
-                 **data_protection(data, dataset))
+                 owned=INDEX_FILES.__contains__, **data_protection(data, dataset))
     model = model or embed.model()
     emb = embed.embed(model, dataset)
-    config = {"data": str(data), "split": (dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
+    config = {"data": str(Path(data).resolve()) if Path(data).exists() else str(data),
+              "split": (dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
               "catalogue": catalogue or "images", "model": model.describe(),
               "image_size": model.backbone.image_size, "backbone": model.backbone.name,
               "model_dir": str(Path(model.run_dir).resolve()) if model.run_dir else None,
@@ -396,10 +401,18 @@ def model_for_index(index: CatalogueIndex, where: str | Path | None = None) -> E
             new query embeddings would not be comparable with the catalogue's vectors.
     """
     cfg = index.config
-    model = load_embedding_model(cfg.get("backbone", "efficientnet_lite0"), cfg.get("model_dir"),
-                                 int(cfg.get("image_size", DEFAULT_IMAGE_SIZE)))
-    pinned = cfg.get("model_digest")
     name = f"index {where}" if where is not None else "the index"
+    try:
+        model = load_embedding_model(cfg.get("backbone", "efficientnet_lite0"), cfg.get("model_dir"),
+                                     int(cfg.get("image_size", DEFAULT_IMAGE_SIZE)))
+    except CheckpointError as exc:
+        if not cfg.get("model_dir"):
+            raise
+        raise CheckpointError(f"the run behind {name} cannot be loaded: {exc.message}",
+                              hint=f"restore {cfg['model_dir']}, or rebuild the index with another run: "
+                                   f"fewshot index --data {cfg.get('data', 'DATA')} --model RUN_DIR "
+                                   f"--out {where or 'INDEX'} --overwrite") from None
+    pinned = cfg.get("model_digest")
     if pinned is None:
         log.warning("%s records no model digest (built by fewshot %s): cannot check that its model is "
                     "unchanged; rebuild it with `fewshot index ... --overwrite` to pin it", name,
@@ -428,6 +441,8 @@ class ClassifyResult:
     predictions: list[Prediction]
     error: str | None = None
     in_catalogue: bool = False
+    #: labels of the catalogue copies left out of this query's ranking (leave-one-out)
+    left_out: list[str] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         d = {"image": self.image, "predictions": [p.to_dict() for p in self.predictions]}
@@ -436,6 +451,18 @@ class ClassifyResult:
         if self.error:
             d["error"] = self.error
         return d
+
+
+def warn_unknown_classes(split: ClassSplit, dataset: Dataset, split_file: str | Path) -> list[str]:
+    """Log the classes a split file names that the dataset does not have (a typo or another
+    dataset's split); returns them."""
+    present = set(dataset.labels)
+    missing = sorted(c for c in split.train + split.val + split.test if c not in present)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        log.warning("%d class(es) of %s are not in %s and are left out: %s", len(missing), split_file,
+                    dataset.name, shown)
+    return missing
 
 
 def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Path], *, top_k: int = 5,
@@ -466,7 +493,8 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
     results = []
     for i, p in enumerate(paths):
         pred, mine = by_pos.get(i, ([], []))
-        results.append(ClassifyResult(str(p), pred, failures.get(i), in_catalogue=bool(mine)))
+        results.append(ClassifyResult(str(p), pred, failures.get(i), in_catalogue=bool(mine),
+                                      left_out=[index.labels[j] for j in mine]))
     return results
 
 
@@ -475,14 +503,35 @@ __all__ = ["EmbedOptions", "EvalConfig", "evaluate", "build_index", "classify_pa
            "classification_accuracy", "export_embeddings"]
 
 
-def classification_accuracy(results: list[ClassifyResult], truth: list[str], top_k: int) -> dict:
-    """Top-1 and top-k accuracy of classified images against their true labels (unreadable skipped)."""
-    scored = [(r, t) for r, t in zip(results, truth) if not r.error]
+def classification_accuracy(results: list[ClassifyResult], truth: list[str], top_k: int,
+                            index: CatalogueIndex | None = None) -> dict:
+    """Top-1 and top-k accuracy of classified images against their true labels.
+
+    Unreadable images are skipped, and so are queries that cannot be right: with ``index``,
+    those whose article is not in the catalogue, or whose article has no catalogue image left
+    once the query's own copy is left out (as leave-one-out retrieval skips them).
+
+    Returns:
+        ``{"top1", "topk", "num_images", "num_not_in_catalogue", "num_no_other_image"}``.
+    """
+    from collections import Counter
+
+    counts = Counter(index.labels) if index is not None else None
+    scored, absent, alone = [], 0, 0
+    for r, t in zip(results, truth):
+        if r.error:
+            continue
+        if counts is not None and counts.get(t, 0) == 0:
+            absent += 1
+        elif counts is not None and counts[t] - r.left_out.count(t) <= 0:
+            alone += 1
+        else:
+            scored.append((r, t))
     n = len(scored)
     top1 = sum(1 for r, t in scored if r.predictions and r.predictions[0].label == t)
     topk = sum(1 for r, t in scored if any(p.label == t for p in r.predictions[:top_k]))
     return {"top1": top1 / n if n else float("nan"), "topk": topk / n if n else float("nan"),
-            "num_images": n}
+            "num_images": n, "num_not_in_catalogue": absent, "num_no_other_image": alone}
 
 
 def is_embeddings_file(path: Path) -> bool:
@@ -490,15 +539,22 @@ def is_embeddings_file(path: Path) -> bool:
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
-                return "config" in z.files and "embeddings" in z.files
-        if path.suffix == ".safetensors":
+                if not {"config", "embeddings", "labels", "paths"} <= set(z.files):
+                    return False
+                config = json.loads(str(z["config"]))
+        elif path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), "np") as fh:
-                return "config" in (fh.metadata() or {})
+                meta = fh.metadata() or {}
+            if not {"config", "labels", "paths"} <= set(meta):
+                return False
+            config = json.loads(meta["config"])
+        else:
+            return False
+        return isinstance(config, dict) and "fewshot_version" in config
     except Exception:  # not readable as ours: treat as somebody else's file
         return False
-    return False
 
 
 def export_embeddings(data: str, out: str | Path, *, split: str | None = None, group_from: str | None = None,

@@ -125,6 +125,10 @@ def create_backbone(name: str, pretrained: bool = True, image_size: int = 224) -
         raise BackboneError(f"image size {image_size} px is out of range",
                             hint="use an --image-size between 32 and 1024 (224 is the default)")
     prefix = name.split(":", 1)[0] + ":" if ":" in name else name
+    if prefix == name and name.endswith(":") and name in BACKBONES:
+        raise BackboneError(f"backbone '{name}' needs a model name after the colon",
+                            hint=f"e.g. --backbone {name}resnet18" if name != "open_clip:" else
+                            "e.g. --backbone open_clip:ViT-B-32/openai")
     if name not in BACKBONES and prefix != name and prefix in BACKBONES:
         backbone = BACKBONES.get(prefix)(pretrained, image_size, name.split(":", 1)[1])  # type: ignore[call-arg]
     else:

@@ -31,7 +31,7 @@ def evaluate(
     data: str = DataOpt,
     split: Optional[str] = typer.Option(None, "--split", help=_split_help("test") + " With --split-file: the class part (train|val|test; default test)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Class-disjoint protocol JSON (e.g. splits/grocery-unseen.json)."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed for episodes and the retrieval grid."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for episodes and the retrieval grid."),
     episodes: int = typer.Option(1000, "--episodes", min=1, help="Episodes per N-way K-shot setting (a 95% CI is reported from 30)."),
     queries: int = typer.Option(5, "--queries", min=1, help="Query images per class in each episode."),
     group_from: Optional[str] = GroupFromOpt,
@@ -118,6 +118,9 @@ def classify(
     if data is not None:
         from ..pipeline import load_data
 
+        if images:
+            raise typer.BadParameter("give image files or --data, not both", param_hint="IMAGES")
+
         dataset = load_data(data, split, group_from)
         paths, truth = dataset.paths, dataset.labels
     else:
@@ -133,18 +136,37 @@ def classify(
     bad = _print_results(results, as_json, summary_only and truth is not None)
     _report_catalogue_queries(results, cat)
     if truth is not None:
-        from ..pipeline import classification_accuracy
-
-        acc = classification_accuracy(results, truth, top_k)
-        if not acc["num_images"]:
-            raise DataError(f"none of the {len(results)} images of {data} could be read: no accuracy to report",
-                            hint="check the image files (see the errors above)")
-        typer.echo(f"top-1 accuracy {acc['top1']:.4f}  top-{top_k} accuracy {acc['topk']:.4f}  "
-                   f"({acc['num_images']} images, {len(cat.articles)} articles, mode {mode})  "
-                   f"catalogue images among them: {_in_catalogue(results)}")
+        _echo_accuracy(results, truth, cat, top_k, mode, as_json, data)
     if bad:
         err_console.print(f"{bad} of {len(results)} image(s) could not be read", highlight=False)
         raise typer.Exit(1)
+
+
+def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_json: bool, data: str) -> None:
+    """The ``--data`` summary (a JSON object with ``--json``); queries that cannot be right are
+    counted apart, with a warning, not as errors."""
+    from ..errors import DataError
+    from ..pipeline import classification_accuracy
+
+    acc = classification_accuracy(results, truth, top_k, cat)
+    skipped = acc["num_not_in_catalogue"] + acc["num_no_other_image"]
+    if skipped:
+        log.warning("%d image(s) not scored: %d of an article the catalogue does not have, %d whose article "
+                    "has no other catalogue image once its own copy is left out", skipped,
+                    acc["num_not_in_catalogue"], acc["num_no_other_image"])
+    if not acc["num_images"]:
+        raise DataError(f"no image of {data} can be scored against the catalogue ({len(results)} classified, "
+                        f"{skipped} of articles it lacks or cannot retrieve, the rest unreadable)",
+                        hint="classify photos of the catalogue's articles (see the warnings above)")
+    n_cat = sum(r.in_catalogue for r in results if not r.error)
+    if as_json:
+        typer.echo(json.dumps({"summary": {**acc, f"top{top_k}": acc["topk"], "top_k": top_k, "mode": mode,
+                                           "articles": len(cat.articles), "catalogue_images": n_cat}}))
+        return
+    typer.echo(f"top-1 accuracy {acc['top1']:.4f}  top-{top_k} accuracy {acc['topk']:.4f}  "
+               f"({acc['num_images']} images, {len(cat.articles)} articles, mode {mode})  "
+               f"catalogue images among them: {_in_catalogue(results)}"
+               + (f"  not scored: {skipped}" if skipped else ""))
 
 
 def _print_results(results, as_json: bool, summary_only: bool) -> int:

@@ -128,6 +128,23 @@ def forward_batch(backbone: Backbone, batch: torch.Tensor) -> np.ndarray:
         return backbone.model(batch).float().cpu().numpy()
 
 
+def _run_loader(loader: DataLoader, backbone: Backbone, todo: list[int], digests: list[str | None],
+                failures: dict[int, str], out: dict[int, np.ndarray], cache: EmbeddingCache | None,
+                progress: bool, desc: str) -> None:
+    """Embed every batch of ``loader`` into ``out`` (and the cache), with a progress bar."""
+    with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for idx, batch, bad in loader:
+            for j, reason in bad:
+                failures[todo[j]] = reason
+            if batch is not None:
+                for j, v in zip(idx.tolist(), forward_batch(backbone, batch)):
+                    k = todo[j]
+                    out[k] = v
+                    if cache is not None:
+                        cache.put(digests[k], v)  # type: ignore[arg-type]
+            bar.update(len(idx) + len(bad))
+
+
 def embed_paths(
     paths: Sequence[str | Path],
     backbone: Backbone,
@@ -177,21 +194,11 @@ def embed_paths(
                             batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                             persistent_workers=False)
         backbone.model.eval()
-        with tqdm(total=len(todo), desc=desc, unit="img",
-                                          disable=not progress, leave=False) as bar:
-            for idx, batch, bad in loader:
-                for j, reason in bad:
-                    failures[todo[j]] = reason
-                if batch is not None:
-                    vectors = forward_batch(backbone, batch)
-                    for j, v in zip(idx.tolist(), vectors):
-                        k = todo[j]
-                        out[k] = v
-                        if cache is not None:
-                            cache.put(digests_of[k], v)  # type: ignore[arg-type]
-                bar.update(len(idx) + len(bad))
-        if cache is not None:
-            cache.save()
+        try:
+            _run_loader(loader, backbone, todo, digests_of, failures, out, cache, progress, desc)
+        finally:  # an interrupted run keeps what it embedded (the cache write is atomic)
+            if cache is not None:
+                cache.save()
     ok = sorted(out)
     vectors = np.stack([out[i] for i in ok]).astype(np.float32) if ok else np.zeros(
         (0, backbone.dim), np.float32)

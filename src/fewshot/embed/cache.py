@@ -43,10 +43,22 @@ class EmbeddingCache:
     Args:
         cache_dir: folder holding the cache files (created on first write).
         key: backbone cache key; the file is ``cache_dir / f"{key}.npz"``.
+
+    Raises:
+        DataError: ``cache_dir`` is (or lies under) a file.
     """
 
     def __init__(self, cache_dir: str | Path, key: str) -> None:
-        self.path = Path(cache_dir) / f"{key}.npz"
+        folder = Path(cache_dir)
+        parent = folder
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            from ..errors import DataError
+
+            raise DataError(f"embedding cache folder {folder} cannot be made: {parent} is a file",
+                            hint="pass --cache-dir a folder (or leave it out for $FEWSHOT_CACHE / ~/.cache/fewshot)")
+        self.path = folder / f"{key}.npz"
         self._vectors: dict[str, np.ndarray] = {}
         self._dirty = False
         self._load()

@@ -132,12 +132,17 @@ def _flat_ip(vectors: np.ndarray, dim: int) -> faiss.Index:
 
 def is_index_dir(path: str | Path) -> bool:
     """Whether ``path`` is an index folder written by :meth:`CatalogueIndex.save` (its
-    ``meta.json`` has a ``format_version``), complete or not."""
+    ``meta.json`` records a format and a fewshot version, and ``images.faiss`` is there)."""
     try:
         meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
-        return isinstance(meta, dict) and "format_version" in meta
+        return (isinstance(meta, dict) and "format_version" in meta and "fewshot_version" in meta
+                and (Path(path) / "images.faiss").is_file())
     except (OSError, ValueError):
         return False
+
+
+#: what an index folder holds at its top level (the service adds ``enrolled/``)
+INDEX_FILES = frozenset({"meta.json", "images.faiss", "prototypes.faiss", "enrolled"})
 
 
 @dataclass
@@ -417,8 +422,11 @@ class CatalogueIndex:
 
             logging.getLogger("fewshot").warning("recovered index %s from an interrupted save", path)
         if not path.is_dir():
-            raise CheckpointError(f"index folder {path} does not exist",
+            raise CheckpointError(f"index folder {path} " + ("is a file, not a folder" if path.exists() else "does not exist"),
                                   hint="build one with `fewshot index --data ... --out DIR`")
+        if not (path / "meta.json").is_file() and not (path / "images.faiss").is_file():
+            raise CheckpointError(f"{path} is not a fewshot index (no meta.json or images.faiss)",
+                                  hint="pass --index the folder written by `fewshot index --out DIR`")
         for name in ("meta.json", "images.faiss"):
             if not (path / name).is_file():
                 raise CheckpointError(f"index folder {path} is incomplete: {name} is missing",

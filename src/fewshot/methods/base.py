@@ -218,6 +218,9 @@ def check_options(method: str, opts: Any) -> None:
     for f in fields(opts):
         value, meta = getattr(opts, f.name), f.metadata
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FewshotError(f"{flag} {value}: method '{method}' needs a finite number",
+                               hint=f"use e.g. {flag} {f.default}")
         if meta.get("min") is not None and value is not None and value < meta["min"]:
             raise FewshotError(f"{flag} {value}: method '{method}' needs at least {meta['min']}",
                                hint=f"use {flag} {meta['min']} or more (default {f.default})")

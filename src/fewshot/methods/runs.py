@@ -36,16 +36,19 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """Whether ``path`` holds a training run written by fewshot, complete or not (a
-    ``config.json`` with a weights digest, or a training checkpoint)."""
-    path = Path(path)
-    if (path / CHECKPOINT).is_file():
-        return True
+    """Whether ``path`` holds a training run written by fewshot, complete or not (its
+    ``config.json`` records a weights digest and a fewshot version; the trainer writes it at
+    epoch 0, before any checkpoint)."""
     try:
-        cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-        return isinstance(cfg, dict) and "weights_sha256" in cfg
+        cfg = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+        return isinstance(cfg, dict) and "weights_sha256" in cfg and "fewshot_version" in cfg
     except (OSError, ValueError):
         return False
+
+
+def run_file(name: str) -> bool:
+    """Whether ``name`` is one of the files a training run writes at its top level."""
+    return name in {CONFIG, WEIGHTS, CHECKPOINT, "history.csv", "curves.png"} or name.startswith("eval_")
 
 
 def run_completed(cfg: dict) -> bool:
@@ -105,7 +108,7 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
     run_dir = Path(run_dir)
     cfg_path, w_path = run_dir / CONFIG, run_dir / WEIGHTS
     if not run_dir.is_dir():
-        raise CheckpointError(f"model folder {run_dir} does not exist",
+        raise CheckpointError(f"model folder {run_dir} " + ("is a file, not a folder" if run_dir.exists() else "does not exist"),
                               hint="pass the RUN_DIR written by `fewshot train --out RUN_DIR`")
     for p in (cfg_path, w_path):
         if not p.is_file():

@@ -17,7 +17,7 @@ import torch
 from ..errors import CheckpointError
 from ..io import atomic_path, atomic_write_text, check_output
 from ..methods.base import Method, TrainConfig
-from ..methods.runs import CHECKPOINT, is_run_dir
+from ..methods.runs import CHECKPOINT, is_run_dir, run_file
 from .finetune import _FineTune
 
 log = logging.getLogger("fewshot")
@@ -133,7 +133,8 @@ def _resume_source(cfg: TrainConfig, run_dir: Path, stage: Path) -> Path | None:
 
     protect = data_protection(cfg.data)
     for folder in (run_dir, stage):  # anything there that is not a fewshot run is refused outright
-        check_output(folder, what="fewshot training run", is_ours=is_run_dir, overwrite=True, **protect)
+        check_output(folder, what="fewshot training run", is_ours=is_run_dir, overwrite=True, owned=run_file,
+                     **protect)
     if cfg.resume:
         for folder in (stage, run_dir):
             if (folder / CHECKPOINT).is_file():

@@ -41,6 +41,9 @@ def _load_data(cfg: TrainConfig) -> _Data:
                         hint="pass --split-file FILE (e.g. splits/grocery-unseen.json)")
     split = ClassSplit.load(cfg.split_file)
     dataset = load_dataset(resolve_data(cfg.data), split=None, group_from=cfg.group_from)
+    from ..pipeline import warn_unknown_classes
+
+    warn_unknown_classes(split, dataset, cfg.split_file)
     train_set = dataset_for(dataset, split, "train")
     val_q_set, val_g_set = protocol_sets(dataset, split, "val")
     backbone = create_backbone(cfg.backbone, pretrained=True, image_size=cfg.image_size)

@@ -80,7 +80,7 @@ def _validate_config(cfg: TrainConfig) -> type[Method]:
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise FewshotError(f"unknown --device '{cfg.device}'", hint="use --device auto, cpu or cuda")
     if cfg.final_eval not in ("none", "test", "val", "train"):
-        raise FewshotError(f"unknown final evaluation part '{cfg.final_eval}'", hint="use test, val or none")
+        raise FewshotError(f"unknown final evaluation part '{cfg.final_eval}'", hint="use --split test, val, train or none")
     _check_head(cfg.head)
     return get_method(cfg.method)
 
