@@ -622,3 +622,19 @@ def test_cli_fetch_errors(tmp_path):
     assert "error: mirror" in result.output and "Traceback" not in result.output
     result = runner.invoke(datasets_cli.app, ["fetch", "nope", "--root", str(tmp_path)])
     assert result.exit_code == 1 and "error: unknown dataset 'nope'" in result.output
+
+
+def test_unsafe_tar_member_is_refused_by_tarfiles_data_filter(tmp_path):
+    from fewshot.data import fetch as fetch_mod
+
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, data in (("top/README.md", b"hi"), ("top/../../evil.txt", b"x")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tf.addfile(member, io.BytesIO(data))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(DataError, match="unsafe to extract"):
+        fetch_mod._extract(archive, dest, fetch_mod.get_dataset_info("omniglot"), "tar", progress=False)
+    assert not (tmp_path / "evil.txt").exists()

@@ -592,10 +592,25 @@ def _choose_prefix(names: list[str], subdir: str) -> str:
     return ""
 
 
+def _tar_member_is_safe(member: tarfile.TarInfo, dest: Path) -> None:
+    """tarfile's own ``"data"`` extraction filter (PEP 706) vets the member: no absolute path,
+    no ``..``, no link or device pointing outside ``dest``.
+
+    Raises:
+        DataError: the archive is unsafe to extract.
+    """
+    try:
+        tarfile.data_filter(member, str(dest))
+    except tarfile.FilterError as exc:
+        raise DataError(f"archive member {member.name!r} is unsafe to extract ({exc})",
+                        hint="the archive may be malicious; fetch the dataset from its official source") from None
+
+
 def _safe_rel(name: str, prefix: str) -> PurePosixPath | None:
     """Member name relative to ``prefix``; None for members outside it or hidden ones.
 
-    Raises DataError on absolute paths or ``..`` (a malicious archive).
+    Raises DataError on absolute paths or ``..`` (a malicious archive; zip files have no
+    extraction filter of their own, tar members are vetted by :func:`_tar_member_is_safe` too).
     """
     name = name.replace("\\", "/")
     if prefix:
@@ -661,6 +676,7 @@ def _extract(archive: Path, dest: Path, info: DatasetInfo, declared: str | None,
             prefix = _choose_prefix(names, info.subdir)
             with _bar(len(members), f"extracting {info.name}", progress, unit="file") as bar:
                 for m, mname in zip(members, names):
+                    _tar_member_is_safe(m, dest)
                     rel = _safe_rel(mname, prefix)
                     if rel is not None:
                         src = tf.extractfile(m)
