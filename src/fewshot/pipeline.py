@@ -136,12 +136,20 @@ def load_data(data: str, split: str | None = None, group_from: str | None = None
     return dataset
 
 
+def load_protocol(data: str, split_file: str | Path, group_from: str | None = None,
+                  strict: bool = False) -> tuple[Dataset, ClassSplit]:
+    """Every image of ``data`` and the class split of ``split_file`` (classes it names that the
+    data lacks are named in a warning); :func:`protocol_sets` then gives each part's images."""
+    dataset = load_data(data, ALL_SPLITS, group_from, strict)
+    class_split = ClassSplit.load(split_file)
+    warn_unknown_classes(class_split, dataset, split_file)
+    return dataset, class_split
+
+
 def evaluation_sets(cfg: EvalConfig) -> tuple[Dataset, Dataset | None, dict]:
     """``(queries, gallery or None for leave-one-out, protocol description)``."""
     if cfg.split_file:
-        dataset = load_data(cfg.data, None, cfg.group_from, cfg.embed.strict)
-        class_split = ClassSplit.load(cfg.split_file)
-        warn_unknown_classes(class_split, dataset, cfg.split_file)
+        dataset, class_split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, cfg.embed.strict)
         queries, gallery = protocol_sets(dataset, class_split, cfg.part)
         protocol = {"mode": "query_vs_gallery", "split_file": str(cfg.split_file), "part": cfg.part,
                     "split_name": class_split.name, "classes": len(set(queries.labels) | set(gallery.labels)),

@@ -8,8 +8,6 @@ import numpy as np
 import torch
 
 from ..backbones import Backbone, create_backbone
-from ..data.fetch import resolve_data
-from ..data.loaders import load_dataset
 from ..data.records import Dataset
 from ..data.splits import ClassSplit, dataset_for, protocol_sets
 from ..embed import Embeddings, embed_dataset
@@ -39,11 +37,9 @@ def _load_data(cfg: TrainConfig) -> _Data:
     if not cfg.split_file:
         raise DataError("training needs a class split (train / val classes)",
                         hint="pass --split-file FILE (e.g. splits/grocery-unseen.json)")
-    split = ClassSplit.load(cfg.split_file)
-    dataset = load_dataset(resolve_data(cfg.data), split=None, group_from=cfg.group_from)
-    from ..pipeline import warn_unknown_classes
+    from ..pipeline import load_protocol
 
-    warn_unknown_classes(split, dataset, cfg.split_file)
+    dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from)
     train_set = dataset_for(dataset, split, "train")
     val_q_set, val_g_set = protocol_sets(dataset, split, "val")
     backbone = create_backbone(cfg.backbone, pretrained=True, image_size=cfg.image_size)
