@@ -15,6 +15,8 @@ import re
 import shutil
 import socket
 import tarfile
+import tempfile
+import time
 import threading
 import zipfile
 from dataclasses import replace
@@ -26,6 +28,8 @@ from typer.testing import CliRunner
 
 from fewshot.cli import datasets as datasets_cli
 from fewshot.data import fetch
+from fewshot.data.fetch import archive as fetch_archive
+from fewshot.data.fetch import download as fetch_download
 from fewshot.data.fetch import (
     MARKER_NAME,
     DatasetInfo,
@@ -125,7 +129,7 @@ def _isolated_env(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.setattr(fetch.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
 
 
 # ----------------------------------------------------------------------------- test archive
@@ -410,7 +414,7 @@ def test_root_not_writable(tmp_path, served, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(fetch.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(DataError, match="is not a writable folder.*Permission denied"):
         fetch_dataset(served, root=tmp_path / "ro", progress=False)
 
@@ -446,7 +450,7 @@ def _enospc_open(match: str):
 
 def test_disk_full_while_extracting_keeps_only_the_archive(tmp_path, server, served, tiny,
                                                             monkeypatch):
-    monkeypatch.setattr(fetch, "open", _enospc_open(r"^\.tinygrocery\.|^dataset$|^" + TOP),
+    monkeypatch.setattr(fetch_archive, "open", _enospc_open(r"^\.tinygrocery\.|^dataset$|^" + TOP),
                         raising=False)
     with pytest.raises(DataError, match="no space left on device") as err:
         fetch_dataset(served, root=tmp_path, progress=False)
@@ -461,7 +465,7 @@ def test_disk_full_while_extracting_keeps_only_the_archive(tmp_path, server, ser
 
 
 def test_disk_full_while_downloading(tmp_path, served, monkeypatch):
-    monkeypatch.setattr(fetch, "open", _enospc_open(r"\.part$"), raising=False)
+    monkeypatch.setattr(fetch_download, "open", _enospc_open(r"\.part$"), raising=False)
     with pytest.raises(DataError, match="no space left on device"):
         fetch_dataset(served, root=tmp_path, progress=False)
     assert not (tmp_path / "tinygrocery").exists()
