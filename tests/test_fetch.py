@@ -258,10 +258,10 @@ def test_fetch_over_http_then_not_again(tmp_path, server, served, tiny):
     assert fetch_dataset(served, root=root, progress=False, verify=True) == dest
     assert len(server.requests) == 1
 
-    # force: fetched again and replaced
-    (dest / "extra.txt").write_text("x")
+    # force: fetched again and replaced (a file the user added is never deleted: see below)
+    (dest / "LICENSE").write_text("edited")
     assert fetch_dataset(served, root=root, progress=False, force=True) == dest
-    assert len(server.requests) == 2 and not (dest / "extra.txt").exists()
+    assert len(server.requests) == 2 and (dest / "LICENSE").read_text() != "edited"
     assert _leftovers(root) == []
 
 
@@ -502,6 +502,17 @@ def test_damaged_verified_copy_is_fetched_again(tmp_path, server, served, tiny):
     assert not is_verified(dest, served)
     fetch_dataset(served, root=tmp_path, progress=False)
     assert len(server.requests) == 2 and tree_digest(dest) == tiny["digest"]
+
+
+def test_a_users_files_in_a_fetched_copy_are_never_deleted(tmp_path, server, served, tiny):
+    dest = fetch_dataset(served, root=tmp_path, progress=False)
+    (dest / "my-annotations.csv").write_text("mine")  # the copy no longer verifies
+    for force in (False, True):
+        with pytest.raises(DataError, match="not part of the dataset .my-annotations.csv."):
+            fetch_dataset(served, root=tmp_path, progress=False, force=force)
+        assert (dest / "my-annotations.csv").read_text() == "mine"
+    (dest / "my-annotations.csv").unlink()
+    assert fetch_dataset(served, root=tmp_path, progress=False) == dest and tree_digest(dest) == tiny["digest"]
 
 
 # ------------------------------------------------------------------------------------ mirror

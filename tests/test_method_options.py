@@ -63,7 +63,11 @@ def test_cli_refuses_an_option_of_another_method(tmp_path):
     r = runner.invoke(app, [*base, "--method", "maml", "--opt", "nope=1"])
     assert r.exit_code == 2 and "inner_lr" in " ".join(r.output.split())
     r = runner.invoke(app, [*base, "--method", "maml", "--opt", "inner_steps=many"])
-    assert r.exit_code == 2 and "is not a int" in " ".join(r.output.split())
+    assert r.exit_code == 2 and "is not an integer" in " ".join(r.output.split())
+    r = runner.invoke(app, [*base, "--method", "maml", "--inner-lr", "0.4", "--opt", "inner_lr=0.3"])
+    assert r.exit_code == 2 and "inner_lr is given twice" in " ".join(r.output.split())
+    r = runner.invoke(app, [*base, "--method", "triplet", "--opt", "margin=0.2", "--opt", "margin=0.3"])
+    assert r.exit_code == 2 and "--opt margin=... twice" in " ".join(r.output.split())
     assert not (tmp_path / "r").exists()
 
 

@@ -520,7 +520,8 @@ def classification_accuracy(results: list[ClassifyResult], truth: list[str], top
     once the query's own copy is left out (as leave-one-out retrieval skips them).
 
     Returns:
-        ``{"top1", "topk", "num_images", "num_not_in_catalogue", "num_no_other_image"}``.
+        ``{"top1", "topk", "num_images", "num_catalogue_images" (scored queries that are
+        catalogue images, scored leave-one-out), "num_not_in_catalogue", "num_no_other_image"}``.
     """
     from collections import Counter
 
@@ -539,7 +540,8 @@ def classification_accuracy(results: list[ClassifyResult], truth: list[str], top
     top1 = sum(1 for r, t in scored if r.predictions and r.predictions[0].label == t)
     topk = sum(1 for r, t in scored if any(p.label == t for p in r.predictions[:top_k]))
     return {"top1": top1 / n if n else float("nan"), "topk": topk / n if n else float("nan"),
-            "num_images": n, "num_not_in_catalogue": absent, "num_no_other_image": alone}
+            "num_images": n, "num_catalogue_images": sum(r.in_catalogue for r, _ in scored),
+            "num_not_in_catalogue": absent, "num_no_other_image": alone}
 
 
 def is_embeddings_file(path: Path) -> bool:

@@ -158,14 +158,13 @@ def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_jso
         raise DataError(f"no image of {data} can be scored against the catalogue ({len(results)} classified, "
                         f"{skipped} of articles it lacks or cannot retrieve, the rest unreadable)",
                         hint="classify photos of the catalogue's articles (see the warnings above)")
-    n_cat = sum(r.in_catalogue for r in results if not r.error)
     if as_json:
         typer.echo(json.dumps({"summary": {**acc, f"top{top_k}": acc["topk"], "top_k": top_k, "mode": mode,
-                                           "articles": len(cat.articles), "catalogue_images": n_cat}}))
+                                           "articles": len(cat.articles)}}))
         return
     typer.echo(f"top-1 accuracy {acc['top1']:.4f}  top-{top_k} accuracy {acc['topk']:.4f}  "
                f"({acc['num_images']} images, {len(cat.articles)} articles, mode {mode})  "
-               f"catalogue images among them: {_in_catalogue(results)}"
+               f"catalogue images among them: {_in_catalogue(acc['num_catalogue_images'])}"
                + (f"  not scored: {skipped}" if skipped else ""))
 
 
@@ -189,8 +188,7 @@ def _print_results(results, as_json: bool, summary_only: bool) -> int:
     return bad
 
 
-def _in_catalogue(results) -> str:
-    n = sum(r.in_catalogue for r in results if not r.error)
+def _in_catalogue(n: int) -> str:
     return f"{n} (scored leave-one-out: own catalogue copy left out)" if n else "0"
 
 

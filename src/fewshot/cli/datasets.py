@@ -65,7 +65,7 @@ def fetch_cmd(
         None, "--mirror", help="Local folder or archive to take the dataset from instead of the "
         "network (default: $FEWSHOT_DATASETS_MIRROR), e.g. ../shared/data."
     ),
-    force: bool = typer.Option(False, "--force", help="Fetch again and replace an existing copy."),
+    force: bool = typer.Option(False, "--force", help="Fetch again and replace a copy fewshot fetched (never another folder, never files you added to it)."),
     verify: bool = typer.Option(
         False, "--verify", help="Re-check an existing copy with the full content checksum."
     ),

@@ -168,13 +168,18 @@ def _method_options(method: str, given: dict[str, Any], pairs: list[str], epochs
                                      f"{', '.join(flags[key].methods)}); options of {method}: "
                                      f"{', '.join(sorted(own)) or 'none'}", param_hint=flags[key].flag)
         options[key] = value
+    from_opt: set[str] = set()
     for pair in pairs:
         key, sep, text = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in own:
             raise typer.BadParameter(f"{pair!r}: use KEY=VALUE with KEY one of {', '.join(sorted(own)) or 'none'} "
                                      f"(see `fewshot methods {method}`)", param_hint="--opt")
+        if key in options:  # a second value for the same option: say which one, do not pick one
+            twice = f"--opt {key}=... twice" if key in from_opt else f"{flags[key].flag} and --opt {key}=..."
+            raise typer.BadParameter(f"{key} is given twice ({twice})", param_hint="--opt")
         options[key] = _parse(text.strip(), flags[key], "--opt")
+        from_opt.add(key)
     if epochs is not None and get_method(method).episodic:
         # episodic methods count training in episodes: --epochs N is N epochs of episodes
         if "episodes" in options:
@@ -197,7 +202,8 @@ def _parse(text: str, flag: _Flag, hint: str) -> Any:
             return text.lower() in ("true", "1", "yes")
         return flag.type(text)
     except ValueError:
-        raise typer.BadParameter(f"{flag.name}={text!r} is not a {flag.type.__name__}", param_hint=hint) from None
+        kind = {"int": "an integer", "float": "a number", "str": "a text"}.get(flag.type.__name__, flag.type.__name__)
+        raise typer.BadParameter(f"{flag.name}={text!r} is not {kind}", param_hint=hint) from None
 
 
 def _register_train() -> None:

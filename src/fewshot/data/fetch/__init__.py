@@ -45,7 +45,7 @@ from .common import (DOWNLOADS_DIR, ENV_DATA, ENV_MIRROR, MARKER_NAME, _clean_st
 from .download import _download, _part_paths, _remove_download
 from .registry import (DATASETS, DatasetInfo, dataset_path, default_root, get_dataset_info,  # noqa: F401
                        list_datasets, register_dataset, unregister_dataset)
-from .verify import count_files, is_verified, tree_digest, _read_marker, _write_marker  # noqa: F401
+from .verify import _iter_files, _read_marker, _write_marker, count_files, is_verified, tree_digest  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # public entry points
@@ -167,6 +167,7 @@ def _fetch_into(
             raise
         except OSError as exc:
             raise _os_error(exc, tmp, "writing") from exc
+        _refuse_foreign_files(dest, tmp)
         try:
             replace_dir(tmp, dest)  # the old copy is deleted only once the new one is in place
         except OSError as exc:
@@ -177,6 +178,22 @@ def _fetch_into(
     if part is not None:
         _remove_download(part, meta)
     return dest
+
+
+def _refuse_foreign_files(dest: Path, new: Path) -> None:
+    """Refuse to replace ``dest`` when it holds files the new copy ``new`` does not (a user's
+    annotations added to a fetched dataset): replacing the folder would delete them.
+
+    Raises:
+        DataError: naming the files and the fix.
+    """
+    if not dest.is_dir():
+        return
+    extra = sorted({rel for rel, _ in _iter_files(dest)} - {rel for rel, _ in _iter_files(new)})
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise DataError(f"{dest} holds files that are not part of the dataset ({shown}): replacing the copy "
+                        "would delete them", hint="move them out of the dataset folder, then fetch again")
 
 
 def resolve_data(value: str | Path, root: str | Path | None = None) -> Path:
