@@ -125,14 +125,6 @@ def recover_dir(path: str | Path) -> bool:
 
 
 # --------------------------------------------------------------------------- safe outputs
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-        return True
-    except ValueError:
-        return False
-
-
 def _real(path: str | Path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
 
@@ -186,12 +178,12 @@ def check_output(path: str | Path, *, what: str, is_ours: Callable[[Path], bool]
     out = _real(path)
     for root in input_roots:
         r = _real(root)
-        if _inside(out, r) or _inside(r, out):
+        if out.is_relative_to(r) or r.is_relative_to(out):
             raise FewshotError(f"{option} {path} would be inside (or contain) the input data folder {r}",
                                hint=f"write the output outside the data folder, e.g. {option} {r.parent / (r.name + '-out')}")
     for item in inputs:
         p = _real(item)
-        if _inside(p, out):
+        if p.is_relative_to(out):
             raise FewshotError(f"{option} {path} holds the input image {p}: refusing to replace it",
                                hint=f"choose an {option} path outside the input data")
     _check_writable(out, path, option)

@@ -440,7 +440,7 @@ class _Service:
         for label, group in zip(index.articles, index.article_groups):
             i = snap.first_image[label]
             out.append({"label": label, "group": group, "num_images": snap.counts[label],
-                        "enrolled": _within(Path(index.paths[i]), self.enrolled_root),
+                        "enrolled": Path(index.paths[i]).is_relative_to(self.enrolled_root),
                         "image_id": snap.ids[i], "image_url": _image_url(snap.ids[i])})
         return {"count": len(out), "images": len(index), "articles": out}
 
@@ -527,7 +527,7 @@ class _Service:
             new_index.save(tmp)
             for p in dict.fromkeys(new_index.paths):
                 path = Path(p)
-                if p in new_dest or not _within(path, self.enrolled_root):
+                if p in new_dest or not path.is_relative_to(self.enrolled_root):
                     continue
                 if path.is_file():
                     _link_or_copy(path, tmp / path.relative_to(self.index_dir))
@@ -576,14 +576,6 @@ def _existing_group(index: CatalogueIndex, label: str, group: str | None) -> str
         raise ApiError(409, "group_conflict", f"article '{label}' already exists in group '{existing}', "
                        f"not '{group}'", hint="leave the group empty to add photos to it, or delete the article first")
     return existing if group is None else group
-
-
-def _within(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
 
 
 def _max_pixels() -> int:
