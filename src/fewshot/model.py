@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
+from .backbones.base import weights_digest
 from .data.records import Dataset
 from .embed import Embeddings, apply_head, embed_dataset, embed_paths
 
@@ -29,17 +30,6 @@ class EpisodeClassifier(Protocol):
 
     def __call__(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
                  n_way: int) -> torch.Tensor: ...
-
-
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """A short SHA-256 content digest (16 hex digits) of a state dict: names and tensor bytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass

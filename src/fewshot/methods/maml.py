@@ -46,14 +46,26 @@ initial value, because way ``k`` is a different class in every task. Options:
 * ``"learned"``: a meta-learned ``(W0, b0)`` shared by all tasks, as in the original MAML
   (needs the same ``N`` at test time; other ``N`` fall back to ``"zero"``).
 
-Only the output layer is adapted in the inner loop; the head is meta-learned in the outer loop
-(the ANIL variant of Raghu et al., "Rapid Learning or Feature Reuse?", ICLR 2020, which matches
-full MAML's accuracy). This keeps the learner's embedding usable for retrieval, and test-time
-adaptation then needs only the head's embeddings. :func:`inner_adapt` itself is general (any
-module, any subset of parameters; the tests check it on a small network with all parameters
-adapted).
+What the inner loop adapts (``inner_params``, ``--inner-params``):
 
-At test time (:meth:`MAML.episode_classifier`; :meth:`~fewshot.methods.base.Method.attach`
+* ``"head"`` (default): only the N-way output layer; the projection head (and a fine-tuned
+  backbone) is meta-learned in the outer loop only. This is ANIL (Raghu et al., "Rapid
+  Learning or Feature Reuse?", ICLR 2020, which matches full MAML's accuracy), and it is the
+  cheapest: the features go through the network once per task.
+* ``"tail"``: the output layer and the projection head (everything after the backbone).
+* ``"all"``: also every backbone parameter that ``--fine-tune`` trains; with ``--fine-tune
+  all`` that is the whole network, the MAML of Finn et al. (2017). The support images go
+  through the whole network at every inner step, and the second-order meta-gradient
+  differentiates through all of it (:func:`full_adapted_query_loss`, via
+  :func:`torch.func.functional_call` and ``torch.autograd.grad(create_graph=True)``): by far the
+  most expensive (``bench/maml_cost.py`` measures time and memory per meta-batch).
+
+:func:`inner_adapt` itself is general (any module, any subset of parameters; the tests check
+its second-order meta-gradient against finite differences on a small conv net).
+
+At test time the model is an embedding model (every command embeds images once and works on the
+embeddings), so whatever ``inner_params`` was trained with, a test episode adapts the N-way
+layer on the support embeddings (:meth:`MAML.episode_classifier`; :meth:`~fewshot.methods.base.Method.attach`
 sets it on a run loaded by :func:`fewshot.methods.runs.load_run`, so ``fewshot evaluate --model
 RUN`` uses it) each episode's support set initialises the output layer and adapts it with
 ``inner_steps_test`` steps; the adapted layer then classifies the queries. Input: float32
@@ -80,15 +92,18 @@ from torch import nn
 from torch.func import functional_call
 
 from ..data.episodes import Episode
+from ..errors import FewshotError
 from ..model import EpisodeClassifier
 from .base import EpisodicOptions, Method, TrainData, option, register_method
 from .functional import prototypes
 from .protonet import INIT_SCALE, fused_adam
 
 __all__ = ["OutputLayer", "inner_adapt", "output_init", "adapted_query_loss", "make_adapt_classifier",
-           "INITS", "MAML", "FOMAML"]
+           "INITS", "INNER_PARAMS", "Learner", "MAML", "FOMAML"]
 
 INITS = ("proto", "zero", "learned")
+#: what the inner loop adapts (``--inner-params``)
+INNER_PARAMS = ("head", "tail", "all")
 
 
 class OutputLayer(nn.Module):
@@ -217,6 +232,56 @@ def adapted_query_loss(
     return loss, (logits.detach().argmax(-1) == query_y).float().mean()
 
 
+class Learner(nn.Module):
+    """The whole learner as one module, for an inner loop over any of its parameters:
+    ``images or features [B, ...] -> backbone (optional) -> head -> N-way layer -> [B, N]``.
+
+    Its parameter names are ``backbone.*``, ``head.*`` and ``out.weight`` / ``out.bias``;
+    :func:`inner_adapt` calls it through :func:`torch.func.functional_call`.
+    """
+
+    def __init__(self, head: nn.Module, out: OutputLayer, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.head, self.out = head, out
+        self.backbone = backbone
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, ...] -> [B, E]``: backbone (when set) and head."""
+        return self.head(self.backbone(x) if self.backbone is not None else x)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        return self.out(self.embed(x), scale)
+
+
+def full_adapted_query_loss(learner: Learner, adapt: Sequence[str], scale: torch.Tensor,
+                            support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                            query_y: torch.Tensor, n_way: int, *, init: str, steps: int, lr: float,
+                            first_order: bool, learned: Mapping[str, torch.Tensor] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One task's meta-loss when the inner loop adapts more than the N-way layer (Finn et al.
+    2017, eq. 1-3): the N-way layer starts from ``init`` on the support embeddings, then
+    ``steps`` inner steps adapt it *and* the learner parameters named in ``adapt``; the query
+    loss is taken through the adapted parameters. Second order unless ``first_order``.
+
+    Args:
+        learner: the :class:`Learner` (its parameters are the meta-parameters).
+        adapt: learner parameter names besides ``out.*`` to adapt, e.g. ``head.net.weight``.
+        support_x, query_x: learner inputs (images ``[B, 3, S, S]`` with a backbone, else
+            backbone features ``[B, D]``).
+
+    Returns:
+        ``(query cross-entropy after adaptation, query accuracy (detached))``.
+    """
+    named = dict(learner.named_parameters())
+    init_params = output_init(init, learner.embed(support_x), support_y, n_way, learned)
+    params = {n: named[n] for n in adapt}
+    params.update({"out.weight": init_params["weight"], "out.bias": init_params["bias"]})
+    fast = inner_adapt(learner, params, support_x, support_y, steps=steps, lr=lr, first_order=first_order,
+                       kwargs={"scale": scale})
+    logits = functional_call(learner, fast, (query_x,), {"scale": scale})
+    return F.cross_entropy(logits, query_y), (logits.detach().argmax(-1) == query_y).float().mean()
+
+
 def make_adapt_classifier(*, init: str, scale: float, lr: float, steps: int,
                           learned: Mapping[str, torch.Tensor] | None = None):
     """An episodic classifier that adapts the N-way layer on each support set.
@@ -261,6 +326,9 @@ class MAMLOptions(EpisodicOptions):
     meta_batch: int = option(4, "Tasks per outer step.", min=1)
     init: str = option("proto", "Each task's initial N-way layer: proto (from the support prototypes) | zero | "
                        "learned.", flag="--maml-init", choices=INITS)
+    inner_params: str = option("head", "What the inner loop adapts: head (the N-way layer only, ANIL) | tail (also "
+                               "the projection head) | all (also every fine-tuned backbone parameter: with "
+                               "--fine-tune all, the whole network, Finn et al. 2017).", choices=INNER_PARAMS)
     #: fewshot 0.1.0 called ``init`` ``maml_init`` in its flat train_config
     LEGACY_NAMES: ClassVar[dict[str, str]] = {"maml_init": "init"}
 
@@ -283,7 +351,8 @@ class MAML(Method):
     """
 
     name = "maml"
-    summary = "MAML (Finn et al. 2017), second order: adapts an N-way layer per task (proto init)"
+    summary = ("MAML (Finn et al. 2017), second order: adapts an N-way layer per task (proto init), or the "
+               "whole network with --inner-params all")
     episodic = True
     first_order: bool = False
     Config = MAMLOptions
@@ -336,8 +405,45 @@ class MAML(Method):
     def _learned(self) -> dict[str, torch.Tensor] | None:
         return {"weight": self.init_weight, "bias": self.init_bias} if self.init == "learned" else None
 
+    def check_data(self, train: TrainData) -> None:
+        """As :meth:`Method.check_data`; also refuses ``--inner-params all`` on a frozen backbone.
+
+        Raises:
+            FewshotError: ``inner_params="all"`` with ``--fine-tune none``.
+        """
+        super().check_data(train)
+        if self.opts.inner_params == "all" and not self.cfg.fine_tuning:
+            raise FewshotError("--inner-params all adapts the fine-tuned backbone parameters in the inner loop, "
+                               "but --fine-tune is none (the backbone is frozen)",
+                               hint="add --fine-tune all (or last:N), or use --inner-params tail")
+
+    def _learner(self) -> Learner:
+        """The :class:`Learner` over this method's modules (the backbone only for ``inner_params="all"``)."""
+        backbone = self.backbone if self.opts.inner_params == "all" else None
+        if getattr(self, "_learner_module", None) is None or self._learner_module.backbone is not backbone:
+            self._learner_module = Learner(self.head, self.out, backbone)
+        return self._learner_module
+
+    def _adapted_names(self, learner: Learner) -> list[str]:
+        keep = ("head.",) + (("backbone.",) if self.opts.inner_params == "all" else ())
+        return [n for n, p in learner.named_parameters() if p.requires_grad and n.startswith(keep)]
+
+    def _full_task_loss(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        n_s = len(ep.support_idx)
+        idx = np.concatenate([ep.support_idx, ep.query_idx])
+        x = self.inputs(idx) if self.opts.inner_params == "all" else self.features(idx)
+        ys = torch.as_tensor(ep.support_y, device=x.device)
+        yq = torch.as_tensor(ep.query_y, device=x.device)
+        learner = self._learner()
+        return full_adapted_query_loss(learner, self._adapted_names(learner), self.scale, x[:n_s], ys, x[n_s:], yq,
+                                       ep.n_way, init=self.init, steps=int(self.opts.inner_steps),
+                                       lr=float(self.opts.inner_lr), first_order=self.first_order,
+                                       learned=self._learned())
+
     def task_loss(self, ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """``(query loss after adaptation, query accuracy)`` of one episode."""
+        if self.opts.inner_params != "head":
+            return self._full_task_loss(ep)
         n_s = len(ep.support_idx)
         x = self.features(np.concatenate([ep.support_idx, ep.query_idx]))
         ys = torch.as_tensor(ep.support_y, device=x.device)

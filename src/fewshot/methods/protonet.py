@@ -90,14 +90,14 @@ INIT_SCALE = 5.0
 
 
 def fused_adam(method: Method) -> torch.optim.Optimizer:
-    """Adam over ``method.trainable()`` with ``cfg.lr`` / ``cfg.weight_decay``, using PyTorch's fused
+    """Adam over ``method.param_groups()`` with ``cfg.weight_decay``, using PyTorch's fused
     kernel where it exists (same update rule; on CPU about 10x faster than the default per-tensor
     loop for a 1280 x 1280 head, which dominates the time of a 5-way 5-shot episode)."""
-    params = method.trainable()
+    cfg = method.cfg
     try:
-        return torch.optim.Adam(params, lr=method.cfg.lr, weight_decay=method.cfg.weight_decay, fused=True)
+        return torch.optim.Adam(method.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=method.cfg.lr, weight_decay=method.cfg.weight_decay)
+        return torch.optim.Adam(method.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @register_method("protonet")

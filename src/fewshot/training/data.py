@@ -42,7 +42,7 @@ def _load_data(cfg: TrainConfig) -> _Data:
     dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from)
     train_set = dataset_for(dataset, split, "train")
     val_q_set, val_g_set = protocol_sets(dataset, split, "val")
-    backbone = create_backbone(cfg.backbone, pretrained=True, image_size=cfg.image_size)
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size)
     tr = _embed(train_set, backbone, cfg)
     names = sorted(set(tr.labels))
     if len(names) < 2:

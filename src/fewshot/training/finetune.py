@@ -1,37 +1,67 @@
-"""Fine-tuning: the backbone's last blocks train too, on augmented images held in memory."""
+"""Fine-tuning the feature extractor: which backbone parameters train, on which images.
+
+``--fine-tune last:N`` trains the backbone's own last ``N`` blocks
+(:meth:`~fewshot.backbones.Backbone.trainable_tail`), ``--fine-tune all`` every backbone
+parameter. The training images are decoded once into memory (:class:`ImageBank`) and
+augmented per batch (:func:`~fewshot.methods.augment.augment`; ``--augment none`` gives the
+plain resized image); validation re-embeds the val images through the current backbone each
+epoch (no cache: the backbone changes).
+
+BatchNorm (``--bn``): in ``eval`` mode the pretrained running statistics are kept (a batch of a
+few articles would corrupt them) while the affine weights still train; in ``train`` mode the
+trainable blocks normalise with batch statistics and update the running ones (the choice for a
+backbone trained from scratch, e.g. ``conv4``).
+
+On CUDA the backbone runs under ``torch.autocast`` in bfloat16 (no loss scaling needed); on CPU
+in float32.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..methods.base import TrainConfig
+from ..methods.base import TrainConfig, parse_fine_tune
 from .data import _Data
 
 
-# --------------------------------------------------------------------------- fine-tuning
+def trainable_modules(backbone, fine_tune: str) -> list[nn.Module]:
+    """The backbone modules that ``fine_tune`` (``"last:N"`` / ``"all"``) trains; ``[]`` for ``"none"``."""
+    mode, blocks = parse_fine_tune(fine_tune)
+    if mode == "none":
+        return []
+    return [backbone.model] if mode == "all" else list(backbone.trainable_tail(blocks))
+
+
+def select_trainable(backbone, fine_tune: str) -> list[nn.Parameter]:
+    """Freeze the backbone except what ``fine_tune`` selects; return those parameters (each once)."""
+    backbone.model.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for mod in trainable_modules(backbone, fine_tune):
+        for p in mod.parameters():
+            if not p.requires_grad:
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
 class _FineTune:
-    """Trainable backbone tail + in-memory images + augmentation for ``fine_tune="last"``."""
+    """Trainable backbone parameters + in-memory images + augmentation (``fine_tune != "none"``)."""
 
     def __init__(self, cfg: TrainConfig, data: _Data, device: torch.device) -> None:
         from ..methods.augment import ImageBank
 
         self.cfg = cfg
         self.backbone = data.backbone
-        model = self.backbone.model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params: list[nn.Parameter] = []
-        for mod in self.backbone.trainable_tail(max(1, int(cfg.fine_tune_blocks))):
-            for p in mod.parameters():
-                if not p.requires_grad:
-                    p.requires_grad_(True)
-                    params.append(p)
-        self.params = params
-        model.to(device).eval()
+        self.modules = trainable_modules(self.backbone, cfg.fine_tune)
+        self.params = select_trainable(self.backbone, cfg.fine_tune)
+        self.bn_train = cfg.batchnorm_mode() == "train"
+        self.backbone.model.to(device).eval()
         self.device = device
-        load = int(round(cfg.image_size * 8 / 7))
+        load = int(round(cfg.image_size * 8 / 7)) if cfg.augment == "standard" else cfg.image_size
         self.train_bank = ImageBank(data.train.paths, load, progress=cfg.progress)
         self.val_q_bank = ImageBank([str(p) for p in data.val_q.dataset.paths], cfg.image_size, cfg.progress)
         self.val_g_bank = ImageBank([str(p) for p in data.val_g.dataset.paths], cfg.image_size, cfg.progress)
@@ -40,17 +70,50 @@ class _FineTune:
     def seed_epoch(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
-    def features(self, idx: np.ndarray) -> torch.Tensor:
-        from ..methods.augment import augment
+    def train_mode(self, training: bool) -> None:
+        """Eval mode everywhere, except the trainable blocks' BatchNorm layers when
+        ``training`` and ``--bn train``."""
+        self.backbone.model.eval()
+        if training and self.bn_train:
+            for mod in self.modules:
+                for sub in mod.modules():
+                    if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                        sub.train()
 
-        images = augment(self.train_bank.images[torch.from_numpy(idx)], self.cfg.image_size,
-                         self.backbone.preprocess, self.generator)
-        return self.backbone.model(images.to(self.device))
+    def autocast(self):
+        """bfloat16 autocast on CUDA, nothing on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def inputs(self, idx: np.ndarray) -> torch.Tensor:
+        """Augmented, normalised ``float32 [B, 3, S, S]`` inputs of training items ``idx`` (on the device)."""
+        from ..methods.augment import augment, normalise
+
+        images = self.train_bank.images[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+        if self.cfg.augment == "standard":
+            x = augment(images, self.cfg.image_size, self.backbone.preprocess, self.generator)
+        else:
+            x = normalise(images, self.backbone.preprocess)
+        x = x.to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.backbone.channels_last else x
+
+    def features(self, idx: np.ndarray) -> torch.Tensor:
+        """Backbone features ``float32 [B, D]`` of training items ``idx``, with gradients."""
+        with self.autocast():
+            return self.backbone.model(self.inputs(idx)).float()
 
     @torch.no_grad()
     def embed_bank(self, bank, batch: int = 64) -> torch.Tensor:
+        """The current backbone's embeddings ``float32 [N, D]`` of a bank's images (eval mode)."""
         from ..methods.augment import normalise
 
-        out = [self.backbone.model(normalise(bank.images[i:i + batch], self.backbone.preprocess).to(self.device))
-               for i in range(0, len(bank), batch)]
-        return torch.cat(out).float()
+        self.train_mode(False)
+        out = []
+        for i in range(0, len(bank), batch):
+            x = normalise(bank.images[i:i + batch], self.backbone.preprocess).to(self.device)
+            if self.backbone.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                out.append(self.backbone.model(x).float())
+        return torch.cat(out)

@@ -70,9 +70,24 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
 
 
+def _validate_fine_tune(cfg: TrainConfig) -> None:
+    """The fine-tuning settings (``--fine-tune`` itself is parsed by :class:`TrainConfig`)."""
+    if cfg.bn not in ("auto", "eval", "train"):
+        raise FewshotError(f"unknown --bn '{cfg.bn}'", hint="use --bn auto, --bn eval or --bn train")
+    if cfg.augment not in ("standard", "none"):
+        raise FewshotError(f"unknown --augment '{cfg.augment}'", hint="use --augment standard or --augment none")
+    if cfg.backbone_lr is not None and not (math.isfinite(cfg.backbone_lr) and cfg.backbone_lr > 0):
+        raise FewshotError(f"--backbone-lr {cfg.backbone_lr} must be a positive number", hint="e.g. --backbone-lr 2.5e-5")
+    if cfg.warmup_steps < 0:
+        raise FewshotError(f"--warmup-steps {cfg.warmup_steps} must not be negative", hint="e.g. --warmup-steps 50")
+    if not cfg.pretrained and cfg.fine_tune != "all":
+        raise FewshotError(f"--from-scratch trains {cfg.backbone} from random weights, so every backbone "
+                           f"parameter must train, but --fine-tune is '{cfg.fine_tune}'",
+                           hint="add --fine-tune all")
+
+
 def _validate_config(cfg: TrainConfig) -> type[Method]:
-    if cfg.fine_tune not in ("none", "last"):
-        raise FewshotError(f"unknown --fine-tune '{cfg.fine_tune}'", hint="use --fine-tune none or --fine-tune last")
+    _validate_fine_tune(cfg)
     if not cfg.out:
         raise FewshotError("no output folder given", hint="pass --out RUN_DIR")
     if cfg.epochs < 0 or cfg.patience < 0:
@@ -106,29 +121,45 @@ class _Setup:
     method: Method
     ft: _FineTune | None
     optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     n_epochs: int
     protocol: dict
     setup_seconds: float
 
 
+def warmup_scheduler(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up of the ``"backbone"`` parameter group: its learning rate is
+    ``min(1, (t + 1) / steps)`` x its own at optimizer step ``t`` (other groups: constant)."""
+    def ramp(t: int) -> float:
+        return 1.0 if steps <= 0 else min(1.0, (t + 1) / steps)
+
+    lambdas = [ramp if g.get("name") == "backbone" else (lambda t: 1.0) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def _setup(cfg: TrainConfig, method_cls: type[Method]) -> _Setup:
     device = _device(cfg)
     t_start = time.perf_counter()
+    _seed_all(cfg.seed)  # a backbone trained from scratch starts from seeded random weights
     data = _load_data(cfg)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    random.seed(cfg.seed)
+    _seed_all(cfg.seed)
     method = method_cls(cfg, data.backbone.dim)
     method.check_data(data.train)
     if getattr(method.head, "use_centre", False) and hasattr(method.head, "set_centre"):
         method.head.set_centre(data.train.x)
     method.to(device)
     ft: _FineTune | None = None
-    if cfg.fine_tune == "last":
+    if cfg.fine_tuning:
         ft = _FineTune(cfg, data, device)
         method.backbone = ft.backbone.model
         method.backbone_params = ft.params
-        method.bind(ft.features)
+        method.bind(ft.features, ft.inputs)
     else:
         x_train = data.train.x.to(device)
         method.bind(lambda idx: x_train[torch.from_numpy(idx).to(device)])
@@ -136,8 +167,9 @@ def _setup(cfg: TrainConfig, method_cls: type[Method]) -> _Setup:
                 "train_classes": list(data.split.train), "val_classes": list(data.split.val),
                 "test_classes": list(data.split.test), "query_split": data.split.query_split,
                 "gallery_split": data.split.gallery_split, "seed": data.split.seed}
-    return _Setup(data, method, ft, method.optimizer(), method.max_epochs(), protocol,
-                  time.perf_counter() - t_start)
+    optimizer = method.optimizer()
+    return _Setup(data, method, ft, optimizer, warmup_scheduler(optimizer, cfg.warmup_steps), method.max_epochs(),
+                  protocol, time.perf_counter() - t_start)
 
 
 def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
@@ -213,6 +245,8 @@ def _restore(setup: _Setup, saved: dict | None, where: Path) -> _Loop:
         return _Loop()
     _restore_method_state(setup.method, setup.ft, saved["state"])
     setup.optimizer.load_state_dict(saved["optimizer"])
+    if saved.get("scheduler") is not None:
+        setup.scheduler.load_state_dict(saved["scheduler"])
     loop = _Loop(history=saved["history"], best=saved["best"], bad_epochs=saved["bad_epochs"],
                  elapsed=saved["seconds"], start_epoch=saved["epoch"] + 1,
                  stopped_early=saved.get("stopped_early", False))
@@ -224,16 +258,22 @@ def _train_epoch(cfg: TrainConfig, setup: _Setup, epoch: int) -> list[float]:
     seed = _epoch_seed(cfg.seed, epoch)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    if setup.ft is not None:
-        setup.ft.seed_epoch(seed)
     method = setup.method
     method.train_mode(True)
+    if setup.ft is not None:
+        setup.ft.seed_epoch(seed)
+        setup.ft.train_mode(True)
+    batches = list(method.epoch_batches(setup.data.train, rng))
     losses = []
-    for batch in method.epoch_batches(setup.data.train, rng):
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False, disable=not cfg.progress)
+    for batch in bar:
         value = method.step(batch, setup.optimizer)
+        setup.scheduler.step()
         if not math.isfinite(value):
-            raise FewshotError(f"training diverged at epoch {epoch} (loss {value})", hint="lower --lr")
+            raise FewshotError(f"training diverged at epoch {epoch} (loss {value})",
+                               hint="lower --lr" + (" or --backbone-lr" if setup.ft is not None else ""))
         losses.append(value)
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}")
     return losses
 
 
@@ -298,6 +338,7 @@ def _write_epoch_files(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop,
     _save_checkpoint(work, {
         "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch,
         "state": _method_state(setup.method, setup.ft), "optimizer": setup.optimizer.state_dict(),
+        "scheduler": setup.scheduler.state_dict(),
         "history": loop.history, "best": loop.best, "bad_epochs": loop.bad_epochs,
         "seconds": loop.elapsed, "stopped_early": loop.stopped_early, "fewshot_version": __version__})
 

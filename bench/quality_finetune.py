@@ -1,0 +1,238 @@
+"""Fine-tuning the feature extractor, measured (issue 13): head-only vs ``last:N`` vs ``all``.
+
+Grocery (``splits/grocery-unseen.json``, the 28 unseen test classes, cross-visit: gallery and
+support from the train photos, queries from the test photos), efficientnet_lite0 at 224 px:
+one row per (method, ``--fine-tune``), each a ``fewshot train`` run with the library defaults
+plus the row's settings, evaluated by :func:`fewshot.pipeline.evaluate` on the test classes
+(mAP, MAP@R, P@1, 5-way 1-shot / 5-shot accuracy over 1,000 episodes). ``seconds`` is the
+trainer's wall time (training epochs plus per-epoch validation; the one-off embedding and image
+decoding excluded), on this machine's CPU cores.
+
+Omniglot (``splits/omniglot-small1.json``, test alphabet Korean, 40 characters; support from
+the gallery half, queries from the other half): 20-way 1-shot and 5-way 1-shot accuracy over
+1,000 episodes, for conv4 trained from scratch at 28 px (protonet; maml second order with
+``--inner-params all``) and Lite0 fine-tuned.
+
+Shelf photo -> studio image (``--studio RUN``): the test photos of the unseen test classes
+classified against those classes' single iconic catalogue image (``classes.csv``): top-1 of the
+frozen backbone and of the given fine-tuned run.
+
+Every run appends to ``OUT/results.json`` as soon as it finishes (rerunning a row replaces it),
+and ``OUT/table.md`` is rewritten from it, so the grid can be measured a few rows at a time::
+
+    python bench/quality_finetune.py --out docs/results/finetune --only triplet-last2
+    python bench/quality_finetune.py --out docs/results/finetune --studio runs/finetune/triplet-last2
+    python bench/quality_finetune.py --out docs/results/finetune --list
+
+Runs go to ``--runs`` (default ``runs/finetune``, git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import grocery_root, machine, omniglot_root  # noqa: E402
+
+GROCERY_SPLIT = "splits/grocery-unseen.json"
+OMNIGLOT_SPLIT = "splits/omniglot-small1.json"
+
+#: name -> (dataset, method, settings); the grid of the issue, cheapest first within a method
+ROWS: dict[str, tuple[str, str, dict]] = {}
+for _m in ("contrastive", "triplet", "protonet", "maml"):
+    ROWS[f"{_m}-head"] = ("grocery", _m, {"fine_tune": "none"})
+    ROWS[f"{_m}-last2"] = ("grocery", _m, {"fine_tune": "last:2", "epochs": 5, "patience": 2}
+                           if _m in ("contrastive", "triplet") else
+                           {"fine_tune": "last:2", "episodes": 600, "episodes_per_epoch": 100, "patience": 2})
+    ROWS[f"{_m}-all"] = ("grocery", _m, {"fine_tune": "all", "epochs": 4, "patience": 2}
+                         if _m in ("contrastive", "triplet") else
+                         {"fine_tune": "all", "episodes": 400, "episodes_per_epoch": 100, "patience": 2})
+for _s in (1, 2):
+    ROWS[f"triplet-last2-seed{_s}"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
+                                                              "seed": _s})
+_CONV4 = {"backbone": "conv4", "pretrained": False, "fine_tune": "all", "image_size": 28, "augment": "none",
+          "lr": 1e-3, "ways": 20, "shots": 1, "queries": 5, "patience": 0, "head": {"kind": "linear", "centre": False}}
+ROWS["omniglot-conv4-protonet"] = ("omniglot", "protonet", {**_CONV4, "episodes": 3000, "episodes_per_epoch": 300})
+ROWS["omniglot-conv4-maml"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "episodes": 1500, "episodes_per_epoch": 150,
+                                                    "inner_params": "all", "inner_lr": 0.4, "inner_steps": 1,
+                                                    "meta_batch": 4})
+ROWS["omniglot-lite0-protonet-last2"] = ("omniglot", "protonet", {"fine_tune": "last:2", "image_size": 112,
+                                                                   "augment": "none", "ways": 20, "shots": 1,
+                                                                   "queries": 5, "episodes": 400,
+                                                                   "episodes_per_epoch": 100, "patience": 2})
+ROWS["omniglot-lite0-head"] = ("omniglot", "protonet", {"fine_tune": "none", "image_size": 112, "ways": 20,
+                                                        "shots": 1, "queries": 5})
+
+
+def _data(dataset: str) -> tuple[str, str]:
+    if dataset == "grocery":
+        return str(grocery_root()), GROCERY_SPLIT
+    return str(omniglot_root() / "images_background_small1"), OMNIGLOT_SPLIT
+
+
+def train_row(name: str, runs: Path, cache_dir: str | None, progress: bool) -> dict:
+    """Train row ``name`` and evaluate it on the test classes; return its results row."""
+    from fewshot.methods.base import make_config
+    from fewshot.training import train
+
+    dataset, method, settings = ROWS[name]
+    data, split_file = _data(dataset)
+    settings = dict(settings)
+    final = "test" if dataset == "grocery" else "none"
+    cfg = make_config(method, data=data, split_file=split_file, out=str(runs / name), overwrite=True,
+                      cache_dir=cache_dir, progress=progress, final_eval=final, **settings)
+    t0 = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t0
+    row = {"name": name, "dataset": dataset, "method": method, "settings": settings,
+           "fine_tune": cfg.fine_tune, "seconds": round(result.seconds, 1), "wall_seconds": round(wall, 1),
+           "best_epoch": result.best_epoch, "epochs_run": result.history[-1]["epoch"],
+           "best_val_map_at_r": result.best_metrics["val_map_at_r"], "run_dir": str(runs / name),
+           "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "load_average_at_end": os.getloadavg()[0]}
+    if dataset == "grocery":
+        m = result.final_metrics
+        row.update({"map": m["map"], "map_at_r": m["map_at_r"], "precision_at_1": m["precision_at_1"],
+                    "5way1shot": m["episodes"]["5way1shot"]["accuracy"],
+                    "5way5shot": m["episodes"]["5way5shot"]["accuracy"]})
+    else:
+        row.update(omniglot_episodes(runs / name, cache_dir))
+    return row
+
+
+def omniglot_episodes(run_dir: Path | None, cache_dir: str | None, backbone: str | None = None,
+                      image_size: int = 112) -> dict:
+    """20-way and 5-way 1-shot accuracy (1,000 episodes, 5 queries per class) on Omniglot's test alphabet."""
+    from fewshot.data.splits import protocol_sets
+    from fewshot.methods.runs import load_embedding_model
+    from fewshot.metrics import episodic_accuracy
+    from fewshot.pipeline import load_protocol
+
+    data, split_file = _data("omniglot")
+    dataset, split = load_protocol(data, split_file, None)
+    q_set, g_set = protocol_sets(dataset, split, "test")
+    model = load_embedding_model(backbone=backbone, model_dir=run_dir, image_size=image_size)
+    q = model.embed(q_set, cache_dir=cache_dir, progress=False)
+    g = model.embed(g_set, cache_dir=cache_dir, progress=False)
+    out = {}
+    for n_way in (20, 5):
+        res = episodic_accuracy(g.vectors, g.labels, n_way=n_way, k_shot=1, n_query=5, episodes=1000, seed=0,
+                                query_embeddings=q.vectors, query_labels=q.labels,
+                                classifier=model.episode_classifier)
+        out[f"{n_way}way1shot"] = res.accuracy
+        out[f"{n_way}way1shot_ci95"] = res.ci95
+    return out
+
+
+def studio(run_dir: Path | None, cache_dir: str | None) -> dict:
+    """Top-1 of the unseen test classes' test photos against their single iconic catalogue image."""
+    import csv
+
+    import numpy as np
+
+    from fewshot.data.splits import ClassSplit
+    from fewshot.data.loaders import load_dataset
+    from fewshot.methods.runs import load_embedding_model
+
+    root = grocery_root()
+    split = ClassSplit.load(GROCERY_SPLIT)
+    test = set(split.test)
+    with open(root / "dataset" / "classes.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))[1:]
+    iconic = {r[0]: root / "dataset" / r[4].lstrip("/") for r in rows if r[0] in test}
+    ds = load_dataset(str(root))
+    photos = [r for r in ds.records if r.label in test and r.split == "test"]
+    model = load_embedding_model(backbone=None if run_dir else "efficientnet_lite0", model_dir=run_dir)
+    names = sorted(iconic)
+    g, ok_g, _, _ = model.embed_paths([iconic[n] for n in names], cache_dir=cache_dir, progress=False)
+    q, ok_q, _, _ = model.embed_paths([r.path for r in photos], cache_dir=cache_dir, progress=False)
+    names = [names[i] for i in ok_g]
+    truth = np.array([photos[i].label for i in ok_q])
+    pred = np.array(names)[np.argmax(q @ g.T, axis=1)]
+    return {"top1": float((pred == truth).mean()), "queries": int(len(truth)), "catalogue_images": len(names)}
+
+
+def _fmt(x, d: int = 3) -> str:
+    return "-" if x is None else f"{x:.{d}f}"
+
+
+def render(results: dict) -> str:
+    """``table.md`` from ``results.json``."""
+    rows = results.get("rows", {})
+    lines = ["# Fine-tuning the feature extractor (bench/quality_finetune.py)", "",
+             f"Machine: {results.get('machine', {}).get('summary', '')}", "",
+             "## Grocery, unseen test classes (28), efficientnet_lite0 224 px", "",
+             "| run | --fine-tune | mAP | MAP@R | P@1 | 5-way 1-shot | 5-way 5-shot | best epoch / run | train time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in ROWS:
+        r = rows.get(name)
+        if r and r["dataset"] == "grocery":
+            lines.append(f"| {name} | {r['fine_tune']} | {_fmt(r['map'])} | {_fmt(r['map_at_r'])} | "
+                         f"{_fmt(r['precision_at_1'])} | {_fmt(r['5way1shot'])} | {_fmt(r['5way5shot'])} | "
+                         f"{r['best_epoch']} / {r['epochs_run']} | {r['seconds'] / 60:.1f} min |")
+    lines += ["", "## Omniglot small1, test alphabet Korean (40 characters), 1,000 episodes", "",
+              "| run | --fine-tune | 20-way 1-shot | 5-way 1-shot | train time |", "|---|---|---|---|---|"]
+    for name in ROWS:
+        r = rows.get(name)
+        if r and r["dataset"] == "omniglot":
+            lines.append(f"| {name} | {r['fine_tune']} | {_fmt(r['20way1shot'])} | {_fmt(r['5way1shot'])} | "
+                         f"{r['seconds'] / 60:.1f} min |")
+    if results.get("studio"):
+        lines += ["", "## Shelf photo -> single studio image (28 unseen classes)", "",
+                  "| model | top-1 | queries |", "|---|---|---|"]
+        for name, s in results["studio"].items():
+            lines.append(f"| {name} | {_fmt(s['top1'])} | {s['queries']} |")
+    lines += ["", "Each row's settings are in results.json (`settings`), with the date and the load average."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("docs/results/finetune"))
+    ap.add_argument("--runs", type=Path, default=Path("runs/finetune"))
+    ap.add_argument("--only", nargs="*", default=None, help="rows to (re)run (default: every row)")
+    ap.add_argument("--studio", nargs="*", default=None, help="run folders for the shelf -> studio table")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(f"{k}: {v[0]} {v[1]} {v[2]}" for k, v in ROWS.items()))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    m = machine()
+    results["machine"] = {**m, "summary": f"{m.get('cpu', '')}, {m.get('usable_cpus', '')} CPU(s), torch "
+                                          f"{m.get('torch', '')}"}
+    if args.studio is not None:
+        results.setdefault("studio", {})
+        results["studio"]["frozen efficientnet_lite0"] = studio(None, args.cache_dir)
+        for run in args.studio:
+            results["studio"][Path(run).name] = studio(Path(run), args.cache_dir)
+        _write(path, args.out, results)
+    for name in (args.only if args.only is not None else ([] if args.studio is not None else list(ROWS))):
+        if name not in ROWS:
+            raise SystemExit(f"unknown row {name!r}; --list shows them")
+        print(f"== {name}", flush=True)
+        results["rows"][name] = train_row(name, args.runs, args.cache_dir, not args.no_progress)
+        print(json.dumps(results["rows"][name], default=str), flush=True)
+        _write(path, args.out, results)
+
+
+def _write(path: Path, out: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(path)
+    (out / "table.md").write_text(render(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Fine-tuning the feature extractor (issue 13): what trains, what is saved, full-network MAML, conv4."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.func import functional_call
+
+from fewshot.backbones import create_backbone
+from fewshot.errors import BackboneError, FewshotError
+from fewshot.methods.base import make_config, parse_fine_tune
+from fewshot.methods.maml import inner_adapt
+from fewshot.methods.runs import load_run
+from fewshot.training import train
+from fewshot.training.finetune import select_trainable
+
+from train_helpers import shared_tiny_grocery
+
+SMALL = dict(image_size=64, lr=1e-3, ways=3, shots=2, queries=2, val_episodes=0, eval_episodes=40,
+             progress=False, final_eval="none", patience=0)
+
+
+# ------------------------------------------------------------------ --fine-tune values
+@pytest.mark.parametrize("value, expected", [("none", ("none", 0)), ("all", ("all", 0)), ("last", ("last", 2)),
+                                             ("last:3", ("last", 3)), ("LAST:1", ("last", 1))])
+def test_parse_fine_tune(value, expected):
+    assert parse_fine_tune(value) == expected
+
+
+@pytest.mark.parametrize("value", ["some", "last:0", "last:x", "all:2", ""])
+def test_parse_fine_tune_refuses(value):
+    with pytest.raises(FewshotError, match="--fine-tune"):
+        parse_fine_tune(value)
+
+
+def test_config_canonical_and_backbone_lr():
+    cfg = make_config("triplet", fine_tune="last", fine_tune_blocks=3, lr=2e-4)
+    assert cfg.fine_tune == "last:3" and cfg.backbone_learning_rate() == pytest.approx(5e-5)
+    assert make_config("protonet", fine_tune="last:1", backbone_lr=1e-6).backbone_learning_rate() == 1e-6
+    assert make_config("protonet", pretrained=False, fine_tune="all").batchnorm_mode() == "train"
+    assert make_config("protonet", fine_tune="all").batchnorm_mode() == "eval"
+
+
+def test_select_trainable_lite0():
+    """last:2 selects exactly the last two MBConv blocks and the head conv + BN; all selects everything."""
+    bb = create_backbone("efficientnet_lite0", image_size=64)
+    params = select_trainable(bb, "last:2")
+    names = {n for n, p in bb.model.named_parameters() if p.requires_grad}
+    n_blocks = len(bb.model.net._blocks)
+    allowed = (f"net._blocks.{n_blocks - 2}.", f"net._blocks.{n_blocks - 1}.", "net._conv_head.", "net._bn1.")
+    assert names and all(n.startswith(allowed) for n in names)
+    assert len(params) == len(names)
+    select_trainable(bb, "all")
+    assert all(p.requires_grad for p in bb.model.parameters())
+    select_trainable(bb, "none")
+    assert not any(p.requires_grad for p in bb.model.parameters())
+
+
+# ------------------------------------------------------------------ training on real photos
+@pytest.fixture(scope="module")
+def tiny(grocery_root, tmp_path_factory):
+    return {**shared_tiny_grocery(grocery_root), "folder": tmp_path_factory.mktemp("tiny-ft")}
+
+
+def _cfg(tiny, out, method="triplet", **kw):
+    args = dict(SMALL, data=tiny["data"], split_file=tiny["split_file"], cache_dir=tiny["cache_dir"], out=str(out))
+    if method in ("triplet", "contrastive"):
+        args.update(batch_size=16, m_per_class=4)
+    else:
+        args.update(episodes=6, episodes_per_epoch=3)
+    args.update(kw)
+    return make_config(method, **args)
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("method, bn", [("triplet", "eval"), ("protonet", "train")])
+def test_fine_tuning_changes_only_the_selected_weights(tiny, method, bn):
+    """last:1 trains the last block and the head conv only; BN running stats move only with --bn train;
+    the saved run reloads to the embeddings of the trained weights."""
+    out = tiny["folder"] / f"ft-{method}"
+    fresh = create_backbone("efficientnet_lite0", image_size=64).model.state_dict()
+    result = train(_cfg(tiny, out, method, epochs=1, fine_tune="last:1", bn=bn, warmup_steps=0,
+                        backbone_lr=1e-3))
+    assert result.best_epoch == 1 or result.history[1]["val_map_at_r"] is not None
+    model = load_run(out)
+    tuned = model.backbone.model.state_dict()
+    changed = _changed(fresh, tuned)
+    last = f"net._blocks.{len(model.backbone.model.net._blocks) - 1}."
+    if result.best_epoch == 0:
+        assert changed == set()
+        return
+    assert any(k.startswith(last) and k.endswith("weight") for k in changed)
+    assert all(k.startswith((last, "net._conv_head.", "net._bn1.")) for k in changed), sorted(changed)[:5]
+    stats = {k for k in changed if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert (stats != set()) == (bn == "train")
+    assert model.backbone.weights_tag == "ft" + _digest(tuned)
+    tensors = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("backbone.") for k in tensors)
+
+
+def _digest(state):
+    from fewshot.model import weights_digest
+
+    return weights_digest(state)
+
+
+def test_saved_fine_tuned_run_reloads_to_the_same_embeddings(drawn_tree, tmp_path):
+    """A run saved with changed backbone weights reloads to the same embeddings, and the
+    embedding cache (keyed by a digest of the weights) never hands it the pretrained vectors."""
+    from fewshot.data.loaders import load_dataset
+    from fewshot.methods.heads import ProjectionHead
+    from fewshot.methods.runs import load_embedding_model, save_run
+    from fewshot.model import EmbeddingModel
+
+    ds = load_dataset(str(drawn_tree))
+    cache = str(tmp_path / "cache")
+    frozen = load_embedding_model("efficientnet_lite0", image_size=64)
+    frozen_vectors = frozen.embed(ds, cache_dir=cache, progress=False).vectors  # fills the cache
+    tuned_bb = create_backbone("efficientnet_lite0", image_size=64)
+    torch.manual_seed(0)
+    with torch.no_grad():  # stands in for a fine-tuning run: the last block and head conv move
+        for p in select_trainable(tuned_bb, "last:1"):
+            p.add_(0.05 * torch.randn_like(p))
+    head = ProjectionHead(kind="linear", in_dim=1280, out_dim=1280)
+    model = EmbeddingModel(backbone=tuned_bb, head=head)
+    expected = model.embed(ds, cache_dir=None, progress=False).vectors
+    save_run(tmp_path / "run", model, {"method": "triplet", "fine_tune": "last:1"}, complete=True)
+    loaded = load_run(tmp_path / "run")
+    assert loaded.backbone.weights_tag.startswith("ft") and loaded.backbone.cache_key != frozen.backbone.cache_key
+    first = loaded.embed(ds, cache_dir=cache, progress=False).vectors
+    again = load_run(tmp_path / "run").embed(ds, cache_dir=cache, progress=False).vectors  # from the cache
+    np.testing.assert_allclose(first, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(again, first, rtol=0, atol=1e-6)
+    assert np.abs(model.transform(frozen_vectors) - first).max() > 1e-2  # the pretrained vectors differ
+
+
+def test_from_scratch_needs_fine_tune_all_and_conv4_has_no_weights(tiny, tmp_path):
+    with pytest.raises(FewshotError, match="--fine-tune all"):
+        train(_cfg(tiny, tmp_path / "x", pretrained=False, fine_tune="last:1"))
+    with pytest.raises(BackboneError, match="no pretrained weights"):
+        create_backbone("conv4", pretrained=True, image_size=28)
+    assert not (tmp_path / "x").exists()
+
+
+def test_maml_inner_params_all_needs_a_trained_backbone(tiny, tmp_path):
+    with pytest.raises(FewshotError, match="--inner-params all"):
+        train(_cfg(tiny, tmp_path / "m", "maml", inner_params="all"))
+
+
+# ------------------------------------------------------------------ full-network MAML
+class _TinyConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(torch.tanh(self.conv(x)), 2).flatten(1))
+
+
+def test_second_order_meta_gradient_matches_finite_differences():
+    """d/dtheta of the query loss after 2 inner steps on every parameter (Finn et al. eq. 1-3),
+    through create_graph=True, equals central finite differences (float64)."""
+    torch.manual_seed(0)
+    net = _TinyConv().double()
+    xs, ys = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    xq, yq = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    names = [n for n, _ in net.named_parameters()]
+
+    def meta_loss(params, first_order=False):
+        fast = inner_adapt(net, params, xs, ys, steps=2, lr=0.3, first_order=first_order)
+        return F.cross_entropy(functional_call(net, fast, (xq,)), yq)
+
+    theta = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    grads = torch.autograd.grad(meta_loss(theta), [theta[n] for n in names])
+    fo_grads = torch.autograd.grad(meta_loss(theta, first_order=True), [theta[n] for n in names])
+    eps = 1e-6
+    for name, g, g_fo in zip(names, grads, fo_grads):
+        flat = theta[name].detach().reshape(-1)
+        for i in range(0, flat.numel(), max(1, flat.numel() // 5)):
+            plus = {n: t.detach().clone() for n, t in theta.items()}
+            minus = {n: t.detach().clone() for n, t in theta.items()}
+            plus[name].view(-1)[i] += eps
+            minus[name].view(-1)[i] -= eps
+            fd = (meta_loss(plus).item() - meta_loss(minus).item()) / (2 * eps)
+            assert g.reshape(-1)[i].item() == pytest.approx(fd, rel=1e-4, abs=1e-7), (name, i)
+    # the first-order gradient is a different (approximate) quantity: it must not equal the exact one
+    assert max((a - b).abs().max().item() for a, b in zip(grads, fo_grads)) > 1e-6
+
+
+def test_full_network_maml_step_adapts_and_updates_the_backbone():
+    """MAML with inner_params=all on conv4: one meta-step moves every conv4 block, and the
+    second-order step differs from the first-order one."""
+    from fewshot.data.episodes import Episode
+    from fewshot.methods.maml import FOMAML, MAML
+
+    steps = {}
+    for cls in (MAML, FOMAML):
+        torch.manual_seed(0)
+        bb = create_backbone("conv4", pretrained=False, image_size=28)
+        cfg = make_config(cls.name, fine_tune="all", pretrained=False, ways=2, shots=1, queries=2,
+                          inner_params="all", inner_steps=2, inner_lr=0.1, meta_batch=1, lr=1e-2)
+        m = cls(cfg, bb.dim)
+        params = select_trainable(bb, "all")
+        m.backbone, m.backbone_params = bb.model, params
+        images = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+        m.bind(lambda idx: bb.model(images[idx]), lambda idx: images[idx])
+        before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+        ep = Episode(support_idx=np.array([0, 1]), support_y=np.array([0, 1]), query_idx=np.array([2, 3, 4, 5]),
+                     query_y=np.array([0, 0, 1, 1]), classes=["a", "b"])
+        opt = m.optimizer()
+        loss = m.step([ep], opt)
+        assert np.isfinite(loss)
+        after = bb.model.state_dict()
+        moved = {k.split(".")[1] for k in _changed(before, after) if k.endswith("weight")}
+        assert moved == {"0", "1", "2", "3"}
+        steps[cls.name] = torch.cat([(after[k] - before[k]).flatten() for k in before if k.endswith("weight")])
+    assert (steps["maml"] - steps["fomaml"]).abs().max() > 1e-7
+
+
+# ------------------------------------------------------------------ conv4 from scratch
+def _toy_shapes(root, size: int = 28, per_class: int = 10):
+    """24 articles: 8 colours x 3 shapes on a light noisy background."""
+    from PIL import Image, ImageDraw
+
+    colours = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "black": (20, 20, 20),
+               "yellow": (230, 200, 20), "magenta": (200, 40, 200), "cyan": (40, 200, 210),
+               "orange": (240, 130, 20)}
+    rng = np.random.default_rng(0)
+    for cname, rgb in colours.items():
+        for shape in ("disc", "square", "bar"):
+            folder = root / f"{cname}-{shape}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                img = Image.fromarray(rng.integers(200, 255, size=(size, size, 3), dtype=np.uint8))
+                d = ImageDraw.Draw(img)
+                r = int(rng.integers(6, 10))
+                cx, cy = (int(v) for v in rng.integers(r + 1, size - r - 1, size=2))
+                if shape == "disc":
+                    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rgb)
+                elif shape == "square":
+                    d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=rgb)
+                else:
+                    d.rectangle((cx - r, cy - 2, cx + r, cy + 2), fill=rgb)
+                img.save(folder / f"{i:02d}.png")
+    return root
+
+
+def test_conv4_protonet_from_scratch_learns_a_separable_toy_set(tmp_path):
+    from fewshot.data.splits import ClassSplit
+
+    root = _toy_shapes(tmp_path / "toy")
+    classes = sorted(p.name for p in root.iterdir())
+    rng = np.random.default_rng(0)
+    rng.shuffle(classes)
+    split = ClassSplit(name="toy", seed=0, train=sorted(classes[:14]), val=sorted(classes[14:19]),
+                       test=sorted(classes[19:]), dataset="toy")
+    split_file = split.save(tmp_path / "toy-split.json")
+    cfg = make_config("protonet", data=str(root), split_file=str(split_file), out=str(tmp_path / "run"),
+                      backbone="conv4", pretrained=False, fine_tune="all", image_size=28, augment="none",
+                      lr=1e-3, ways=3, shots=1, queries=3, episodes=150, episodes_per_epoch=50, patience=0,
+                      val_episodes=100, eval_episodes=300, final_eval="test", progress=False,
+                      cache_dir=str(tmp_path / "cache"), head={"kind": "linear", "centre": False})
+    result = train(cfg)
+    acc = result.final_metrics["episodes"]["5way1shot"]["accuracy"]
+    assert acc >= 0.9, result.final_metrics["episodes"]
+    assert result.history[-1]["train_loss"] < 0.5 * max(r["train_loss"] or 0 for r in result.history)
+    # it learned: val MAP@R of the random initialisation (epoch 0) is far below the best epoch's
+    assert result.best_metrics["val_map_at_r"] > result.history[0]["val_map_at_r"] + 0.1
+    model = load_run(tmp_path / "run")
+    assert model.backbone.name == "conv4" and model.backbone.dim == 64
