@@ -48,15 +48,22 @@ OMNIGLOT_SPLIT = "splits/omniglot-small1.json"
 ROWS: dict[str, tuple[str, str, dict]] = {}
 for _m in ("contrastive", "triplet", "protonet", "maml"):
     ROWS[f"{_m}-head"] = ("grocery", _m, {"fine_tune": "none"})
-    ROWS[f"{_m}-last2"] = ("grocery", _m, {"fine_tune": "last:2", "epochs": 5, "patience": 2}
+    ROWS[f"{_m}-last2"] = ("grocery", _m, {"fine_tune": "last:2", "epochs": 5, "patience": 2, "backbone_lr": 1e-4}
                            if _m in ("contrastive", "triplet") else
-                           {"fine_tune": "last:2", "episodes": 600, "episodes_per_epoch": 100, "patience": 2})
+                           {"fine_tune": "last:2", "episodes": 300, "episodes_per_epoch": 100, "patience": 2,
+                            "backbone_lr": 1e-4})
     ROWS[f"{_m}-all"] = ("grocery", _m, {"fine_tune": "all", "epochs": 4, "patience": 2}
                          if _m in ("contrastive", "triplet") else
-                         {"fine_tune": "all", "episodes": 400, "episodes_per_epoch": 100, "patience": 2})
+                         {"fine_tune": "all", "episodes": 200, "episodes_per_epoch": 100, "patience": 2})
+ROWS["triplet-last2-lr4e-4"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
+                                                      "lr": 4e-4, "backbone_lr": 1e-4})
+ROWS["triplet-last2-equal-lr"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
+                                                        "lr": 1e-4, "backbone_lr": 1e-4})
 for _s in (1, 2):
     ROWS[f"triplet-last2-seed{_s}"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
-                                                              "seed": _s})
+                                                              "backbone_lr": 1e-4, "seed": _s})
+ROWS["triplet-last2-blr-quarter"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
+                                                           "backbone_lr": 2.5e-5})
 _CONV4 = {"backbone": "conv4", "pretrained": False, "fine_tune": "all", "image_size": 28, "augment": "none",
           "lr": 1e-3, "ways": 20, "shots": 1, "queries": 5, "patience": 0, "head": {"kind": "linear", "centre": False}}
 ROWS["omniglot-conv4-protonet"] = ("omniglot", "protonet", {**_CONV4, "episodes": 3000, "episodes_per_epoch": 300})

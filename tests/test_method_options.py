@@ -118,7 +118,7 @@ def test_add_a_method_as_one_file_and_train_it(grocery_root, tmp_path):
     try:
         spec.loader.exec_module(module)
         tiny = shared_tiny_grocery(grocery_root)
-        cfg = make_config("toy-pull", data=tiny["data"], split_file=tiny["split_file"], out=str(tmp_path / "run"),
+        cfg = make_config("toy-pull", fine_tune="none", data=tiny["data"], split_file=tiny["split_file"], out=str(tmp_path / "run"),
                           cache_dir=tiny["cache_dir"], image_size=64, epochs=1, patience=0, lr=1e-3, ways=3,
                           shots=2, queries=2, val_episodes=10, final_eval="none", progress=False, strength=2.0)
         result = train(cfg)

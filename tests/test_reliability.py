@@ -26,7 +26,7 @@ from fewshot.training import staging_dir, train
 from train_helpers import shared_tiny_grocery
 
 runner = CliRunner()
-TINY = dict(image_size=64, batch_size=16, m_per_class=4, lr=1e-3, ways=3, shots=2, queries=2,
+TINY = dict(image_size=64, fine_tune="none", batch_size=16, m_per_class=4, lr=1e-3, ways=3, shots=2, queries=2,
             val_episodes=20, eval_episodes=20, progress=False, final_eval="none", epochs=1, patience=0)
 
 
@@ -141,7 +141,7 @@ def test_embed_and_evaluate_never_overwrite_other_files(small_manifest, cache, t
 # --------------------------------------------------------------------------- 2-3. train --overwrite, --model
 def test_failed_overwrite_keeps_the_previous_good_run(tiny, trained_run):
     before = _files(trained_run)
-    r = run("train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", trained_run,
+    r = run("train", "--fine-tune", "none", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", trained_run,
             "--overwrite", "--image-size", "64", "--batch-size", "64", "--cache-dir", tiny["cache_dir"],
             "--no-progress", code=1)
     assert "batch size 64 needs 16 classes" in flat(r)
@@ -154,7 +154,7 @@ def test_train_never_replaces_a_foreign_folder(tiny, tmp_path):
     foreign = tmp_path / "holiday-photos"
     foreign.mkdir()
     (foreign / "beach.jpg").write_bytes(b"jpeg")
-    r = run("train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", foreign, "--overwrite",
+    r = run("train", "--fine-tune", "none", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", foreign, "--overwrite",
             "--image-size", "64", "--cache-dir", tiny["cache_dir"], "--no-progress", code=1)
     assert "not a fewshot training run" in flat(r)
     assert (foreign / "beach.jpg").read_bytes() == b"jpeg"
@@ -272,11 +272,11 @@ def _one_photo_per_class(tiny, folder: Path) -> Path:
 def test_training_that_cannot_learn_is_refused_up_front(tiny, tmp_path):
     data = _one_photo_per_class(tiny, tmp_path)
     out = tmp_path / "never"
-    r = run("train", "--data", data, "--split-file", tiny["split_file"], "--method", "triplet", "--out", out,
+    r = run("train", "--fine-tune", "none", "--data", data, "--split-file", tiny["split_file"], "--method", "triplet", "--out", out,
             "--image-size", "64", "--batch-size", "16", "--cache-dir", tiny["cache_dir"], "--no-progress", code=1)
     assert "positive pairs" in flat(r) and "0 of 6 train classes" in flat(r)
     assert not out.exists() and not staging_dir(out).exists()
-    r = run("train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--method", "protonet",
+    r = run("train", "--fine-tune", "none", "--data", tiny["data"], "--split-file", tiny["split_file"], "--method", "protonet",
             "--ways", "1", "--out", out, code=2)
     assert "--ways" in flat(r)
     with pytest.raises(FewshotError, match="at least 2 classes"):
@@ -354,7 +354,7 @@ def test_one_image_per_class_is_a_clear_error(small_manifest, cache, tmp_path):
     assert "1.0 by construction" in flat(r) and not out.exists()
 
 
-TRAIN = ("train", "--data", "{tdata}", "--split-file", "{split}", "--out", "{tmp}/t")
+TRAIN = ("train", "--fine-tune", "none", "--data", "{tdata}", "--split-file", "{split}", "--out", "{tmp}/t")
 EVAL = ("evaluate", "--data", "{data}", "--out", "{tmp}/e")
 BAD_INVOCATIONS = [
     ("classify", "--index", "{idx}", "--top-k", "0", "{photo}"),
@@ -365,6 +365,16 @@ BAD_INVOCATIONS = [
     (*EVAL, "--queries", "0"),
     (*EVAL, "--seed", "-1"),
     (*TRAIN, "--seed", "-5"),
+    (*TRAIN, "--fine-tune", "some"),
+    (*TRAIN, "--fine-tune", "last:0"),
+    (*TRAIN, "--fine-tune", "last:2", "--bn", "sometimes"),
+    (*TRAIN, "--fine-tune", "last:2", "--augment", "heavy"),
+    (*TRAIN, "--fine-tune", "last:2", "--backbone-lr", "-1"),
+    (*TRAIN, "--fine-tune", "last:2", "--warmup-steps", "-1"),
+    (*TRAIN, "--from-scratch"),
+    (*TRAIN, "--backbone", "conv4", "--image-size", "28"),
+    (*TRAIN, "--method", "maml", "--inner-params", "all"),
+    (*TRAIN, "--method", "maml", "--inner-params", "everything"),
     (*TRAIN, "--ways", "1"),
     ("datasets", "fetch", "grocery", "--root", "{tmp}", "--force", "--mirror", "{tmp}/no-mirror"),
     (*EVAL, "--image-size", "0"),
@@ -583,7 +593,7 @@ def test_a_folder_with_a_checkpoint_is_not_taken_for_a_run(tiny, tmp_path):
     (proj / "code").mkdir(parents=True)
     torch.save({"epoch": 3}, proj / "checkpoint.pt")
     (proj / "code" / "train.py").write_text("print('mine')")
-    r = run("train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", proj, "--overwrite",
+    r = run("train", "--fine-tune", "none", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", proj, "--overwrite",
             "--image-size", "64", "--cache-dir", tiny["cache_dir"], "--no-progress", code=1)
     assert "not a fewshot training run" in flat(r) and (proj / "code" / "train.py").is_file()
 

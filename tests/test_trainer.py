@@ -18,7 +18,7 @@ from fewshot.training import CHECKPOINT, HISTORY_FIELDS, read_history, staging_d
 
 from train_helpers import shared_tiny_grocery
 
-SMALL = dict(image_size=64, batch_size=16, m_per_class=4, lr=1e-3, ways=3, shots=2, queries=2,
+SMALL = dict(image_size=64, fine_tune="none", batch_size=16, m_per_class=4, lr=1e-3, ways=3, shots=2, queries=2,
              val_episodes=40, eval_episodes=40, progress=False, final_eval="none")
 
 
@@ -226,7 +226,7 @@ def test_cli_train_end_to_end(tiny, tmp_path):
 
     out = tmp_path / "cli-run"
     runner = CliRunner()
-    args = ["train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--method", "contrastive",
+    args = ["train", "--fine-tune", "none", "--data", tiny["data"], "--split-file", tiny["split_file"], "--method", "contrastive",
             "--out", str(out), "--image-size", "64", "--epochs", "2", "--batch-size", "16", "--m-per-class", "4",
             "--miner", "hard", "--lr", "0.001", "--ways", "3", "--shots", "2", "--queries", "2",
             "--val-episodes", "20", "--eval-episodes", "20", "--split", "val", "--cache-dir", tiny["cache_dir"],
@@ -258,7 +258,7 @@ def test_cli_train_refuses_unknown_maml_init_before_any_work(tiny, tmp_path):
     from fewshot.cli import app
 
     out = tmp_path / "never"
-    res = CliRunner().invoke(app, ["train", "--data", tiny["data"], "--split-file", tiny["split_file"],
+    res = CliRunner().invoke(app, ["train", "--fine-tune", "none", "--data", tiny["data"], "--split-file", tiny["split_file"],
                                    "--method", "maml", "--out", str(out), "--maml-init", "prototypes",
                                    "--threads", "1", "--no-progress"])
     assert res.exit_code == 2, res.output
@@ -269,7 +269,7 @@ def test_cli_train_refuses_unknown_maml_init_before_any_work(tiny, tmp_path):
 def test_cli_epochs_of_an_episodic_method_count_episodes(tiny, tmp_path):
     from fewshot.cli import app
 
-    base = ["train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--method", "protonet",
+    base = ["train", "--fine-tune", "none", "--data", tiny["data"], "--split-file", tiny["split_file"], "--method", "protonet",
             "--image-size", "64", "--ways", "3", "--shots", "2", "--queries", "2", "--val-episodes", "10",
             "--split", "none", "--cache-dir", tiny["cache_dir"], "--no-progress", "--patience", "0"]
     out = tmp_path / "two-epochs"

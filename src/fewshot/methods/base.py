@@ -624,7 +624,9 @@ def get_method(name: str) -> type[Method]:
 
 def make_config(method: str, **given: Any) -> TrainConfig:
     """A :class:`TrainConfig` for ``method``: field defaults, then the method's
-    :attr:`Method.defaults`, then every ``given`` value that is not ``None``. A ``given`` key
+    :attr:`Method.defaults`, then every ``given`` value that is not ``None``; without a
+    ``fine_tune``, :data:`DEFAULT_FINE_TUNE`, and when fine-tuning, :data:`FINE_TUNE_LENGTH` /
+    :data:`FINE_TUNE_EPISODES` for the loop lengths not given. A ``given`` key
     that is one of the method's options (its :attr:`Method.Config`) goes into ``options``.
 
     Raises:
@@ -642,9 +644,31 @@ def make_config(method: str, **given: Any) -> TrainConfig:
     values.update({k: v for k, v in given.items() if k in loop and v is not None})
     opts = dict(given.get("options") or {})
     opts.update({k: v for k, v in given.items() if k not in loop and k != "options" and v is not None})
+    _fine_tune_defaults(method, values, opts)
     values["method"] = method
     values["options"] = method_options(method, **opts)
     return TrainConfig(**values)
+
+
+#: what :func:`make_config` (and so ``fewshot train``) fine-tunes when ``fine_tune`` is not given;
+#: chosen from bench/quality_finetune.py (README, "Fine-tuning the feature extractor")
+DEFAULT_FINE_TUNE = "last:2"
+#: loop lengths when fine-tuning and the caller set none (every epoch runs the backbone forward
+#: and backward, so the head-only defaults of 30 epochs / 2,000 episodes would take hours on CPU)
+FINE_TUNE_LENGTH: dict[str, int] = {"epochs": 5, "patience": 2}
+FINE_TUNE_EPISODES = 300
+
+
+def _fine_tune_defaults(method: str, values: dict[str, Any], opts: dict[str, Any]) -> None:
+    """Fill in :data:`DEFAULT_FINE_TUNE` and, when fine-tuning, the shorter loop lengths the
+    caller did not set (in place)."""
+    values.setdefault("fine_tune", DEFAULT_FINE_TUNE)
+    if parse_fine_tune(values["fine_tune"], values.get("fine_tune_blocks", 2))[0] == "none":
+        return
+    for key, value in FINE_TUNE_LENGTH.items():
+        values.setdefault(key, value)
+    if get_method(method).episodic and "episodes" in {f.name for f in fields(get_method(method).Config)}:
+        opts.setdefault("episodes", FINE_TUNE_EPISODES)
 
 
 def config_keys(method: str) -> set[str]:

@@ -1,10 +1,10 @@
 """Model-agnostic meta-learning (Finn, Abbeel and Levine, "Model-Agnostic Meta-Learning for Fast
 Adaptation of Deep Networks", ICML 2017), second order (``maml``) and first order (``fomaml``),
-on cached backbone embeddings.
+on cached backbone embeddings or, with ``--fine-tune``, through the trainable backbone.
 
 Learner (all ``float32``; ``D`` backbone dim, ``E`` head output dim, ``N`` ways)::
 
-    x  [B, D]  frozen backbone embeddings (cached)
+    x  [B, D]  backbone embeddings (cached when frozen; see inner_params for the whole network)
     z = f_theta(x)                       [B, E]  projection head (heads.py), ||z|| = 1
     logits = s * (z @ W.T + b)           [B, N]  N-way output layer, phi = (W [N, E], b [N])
 
