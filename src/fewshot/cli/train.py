@@ -57,7 +57,7 @@ def _train(
     head: Optional[str] = typer.Option(None, "--head", help="linear (identity-initialised, centred; default) | mlp (1280-512-256) | JSON spec."),
     fine_tune: Optional[str] = typer.Option(None, "--fine-tune", help="What of the backbone trains: last:N (also the backbone's last N blocks; default last:2) | all (every backbone parameter) | none (only the head, on cached embeddings: minutes instead of tens of minutes on a CPU). Fine-tuning trains on augmented images and re-embeds the val images each epoch (README: its cost and gain)."),
     fine_tune_blocks: Optional[int] = typer.Option(None, "--fine-tune-blocks", min=1, hidden=True, help="N of a bare --fine-tune last (fewshot 0.1.0's spelling; use last:N)."),
-    backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", callback=positive, help="Learning rate of the fine-tuned backbone parameters (default 0.25 x --lr)."),
+    backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", callback=positive, help="Learning rate of the fine-tuned backbone parameters (default: --lr; it warms up over --warmup-steps)."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", min=0, help="The backbone learning rate rises linearly over this many first steps (default 50; 0 = none)."),
     bn: str = typer.Option("auto", "--bn", help="BatchNorm of the fine-tuned backbone: eval (keep the pretrained statistics) | train (batch statistics) | auto (eval, or train with --from-scratch)."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Start the backbone from seeded random weights instead of pretrained ones (needs --fine-tune all; the only way for --backbone conv4)."),

@@ -32,7 +32,7 @@ written before the arguments, the data and :meth:`Method.check_data` have been c
 With ``fine_tune="last:N"`` the backbone's last ``N`` blocks train too, with ``"all"`` every
 backbone parameter (:mod:`.finetune`), for every method: the siamese methods on augmented
 image batches, the episodic ones on their episodes' support and query images. The backbone has
-its own learning rate (``backbone_lr``, default a quarter of ``lr``) that warms up linearly
+its own learning rate (``backbone_lr``, default ``lr``) that warms up linearly
 over ``warmup_steps`` steps; its BatchNorm stays in eval mode unless ``bn="train"`` (or a
 backbone trained from scratch, ``pretrained=False``). Validation then re-embeds the val images
 with the current backbone every epoch, and the saved run holds the backbone's weights (its
