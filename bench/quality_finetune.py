@@ -50,8 +50,8 @@ for _m in ("contrastive", "triplet", "protonet", "maml"):
     ROWS[f"{_m}-head"] = ("grocery", _m, {"fine_tune": "none"})
     ROWS[f"{_m}-last2"] = ("grocery", _m, {"fine_tune": "last:2", "epochs": 5, "patience": 2, "backbone_lr": 1e-4}
                            if _m in ("contrastive", "triplet") else
-                           {"fine_tune": "last:2", "episodes": 300, "episodes_per_epoch": 100, "patience": 2,
-                            "backbone_lr": 1e-4})
+                           {"fine_tune": "last:2", "episodes": 300 if _m == "protonet" else 200,
+                            "episodes_per_epoch": 100, "patience": 2, "backbone_lr": 1e-4})
     ROWS[f"{_m}-all"] = ("grocery", _m, {"fine_tune": "all", "epochs": 4, "patience": 2}
                          if _m in ("contrastive", "triplet") else
                          {"fine_tune": "all", "episodes": 200, "episodes_per_epoch": 100, "patience": 2})
@@ -60,7 +60,8 @@ ROWS["triplet-last2-lr4e-4"] = ("grocery", "triplet", {"fine_tune": "last:2", "e
 ROWS["triplet-last2-equal-lr"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
                                                         "lr": 1e-4, "backbone_lr": 1e-4})
 for _s in (1, 2):
-    ROWS[f"triplet-last2-seed{_s}"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
+    # epochs 4: seed 0's best epoch was 3 and epoch 4 was worse, so 4 epochs give seed 0 the same run
+    ROWS[f"triplet-last2-seed{_s}"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 4, "patience": 2,
                                                               "backbone_lr": 1e-4, "seed": _s})
 ROWS["triplet-last2-blr-quarter"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
                                                            "backbone_lr": 2.5e-5})
@@ -81,7 +82,7 @@ ROWS["omniglot-lite0-head"] = ("omniglot", "protonet", {"fine_tune": "none", "im
 def _data(dataset: str) -> tuple[str, str]:
     if dataset == "grocery":
         return str(grocery_root()), GROCERY_SPLIT
-    return str(omniglot_root() / "images_background_small1"), OMNIGLOT_SPLIT
+    return str(omniglot_root()), OMNIGLOT_SPLIT
 
 
 def train_row(name: str, runs: Path, cache_dir: str | None, progress: bool) -> dict:

@@ -280,3 +280,19 @@ def test_conv4_protonet_from_scratch_learns_a_separable_toy_set(tmp_path):
     assert result.best_metrics["val_map_at_r"] > result.history[0]["val_map_at_r"] + 0.1
     model = load_run(tmp_path / "run")
     assert model.backbone.name == "conv4" and model.backbone.dim == 64
+
+
+def test_from_scratch_head_is_not_centred_and_frozen_runs_refuse_backbone_options(tiny, tmp_path):
+    """A random backbone's mean embedding goes stale as it learns, so its head is not centred;
+    backbone options with --fine-tune none would be ignored, so they are refused."""
+    from fewshot.methods.protonet import ProtoNet
+
+    cfg = make_config("protonet", pretrained=False, fine_tune="all")
+    assert ProtoNet(cfg, 64).head.use_centre is False
+    assert ProtoNet(make_config("protonet"), 64).head.use_centre is True
+    for option in ({"backbone_lr": 1e-3}, {"bn": "train"}, {"augment": "none"}, {"warmup_steps": 5}):
+        with pytest.raises(FewshotError, match="--fine-tune none keeps it frozen"):
+            train(_cfg(tiny, tmp_path / "r", fine_tune="none", **option))
+    with pytest.raises(FewshotError, match="has 16 blocks"):
+        train(_cfg(tiny, tmp_path / "r", fine_tune="last:17"))
+    assert not (tmp_path / "r").exists()

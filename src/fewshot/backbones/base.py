@@ -65,6 +65,15 @@ class Backbone:
             return list(own(blocks))
         return _generic_tail(self.model, blocks)
 
+    def tail_block_count(self) -> int:
+        """How many blocks :meth:`trainable_tail` can offer (the largest sensible ``N`` of
+        ``--fine-tune last:N``)."""
+        own = getattr(self.model, "tail_block_count", None)
+        if callable(own):
+            return int(own())
+        seqs = [m for m in self.model.modules() if isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) >= 4]
+        return len(seqs[-1]) if seqs else 1
+
     def describe(self) -> dict:
         """A JSON-ready description recorded in every result file."""
         return {"name": self.name, "dim": self.dim, "pretrained": self.pretrained,

@@ -42,6 +42,9 @@ class Conv4(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.blocks(images).flatten(1)
 
+    def tail_block_count(self) -> int:
+        return len(self.blocks)
+
     def trainable_tail(self, blocks: int) -> list[nn.Module]:
         """The last ``blocks`` conv blocks."""
         return list(self.blocks[-blocks:])

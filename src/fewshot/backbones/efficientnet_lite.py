@@ -32,6 +32,10 @@ class PooledFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(images).mean(dim=(2, 3))
 
+    def tail_block_count(self) -> int:
+        """The number of MBConv blocks (16 for Lite0)."""
+        return len(self.net._blocks)
+
     def trainable_tail(self, blocks: int) -> list[nn.Module]:
         """The last ``blocks`` MBConv blocks and the head convolution with its BatchNorm."""
         return list(self.net._blocks[-blocks:]) + [self.net._conv_head, self.net._bn1]

@@ -90,7 +90,8 @@ class NoOptions:
 class EpisodicOptions:
     """Options of every episodic method (prototypical networks, MAML)."""
 
-    episodes: int = option(2000, "Training episodes in all (--epochs N means N x --episodes-per-epoch).", min=1)
+    episodes: int = option(2000, "Training episodes in all (--epochs N means N x --episodes-per-epoch); "
+                           "300 when fine-tuning unless given.", min=1)
     episodes_per_epoch: int = option(100, "Training episodes between validations.", min=1)
 
 
@@ -123,7 +124,8 @@ class TrainConfig:
         fine_tune_blocks: ``N`` of a bare ``"last"`` (kept for runs of fewshot 0.1.0).
         backbone_lr: learning rate of the fine-tuned backbone parameters (``None`` =
             :data:`BACKBONE_LR_FACTOR` x ``lr``); ``warmup_steps``: it rises linearly from 0
-            over the first this many optimizer steps (0 = no warm-up).
+            over the first this many optimizer steps (0 = no warm-up; ``None`` =
+            :data:`WARMUP_STEPS`).
         bn: BatchNorm of the fine-tuned backbone: ``"eval"`` keeps the pretrained running
             statistics (batches of a few articles would corrupt them), ``"train"`` uses batch
             statistics and updates them, ``"auto"`` = ``"eval"`` for a pretrained backbone and
@@ -163,7 +165,7 @@ class TrainConfig:
     fine_tune: str = "none"
     fine_tune_blocks: int = 2
     backbone_lr: float | None = None
-    warmup_steps: int = 50
+    warmup_steps: int | None = None
     bn: str = "auto"
     pretrained: bool = True
     augment: str = "standard"
@@ -197,6 +199,10 @@ class TrainConfig:
     def fine_tuning(self) -> bool:
         """Whether any backbone parameter trains (``fine_tune`` is not ``"none"``)."""
         return self.fine_tune != "none"
+
+    def warmup(self) -> int:
+        """``warmup_steps``, or :data:`WARMUP_STEPS` when it is ``None``."""
+        return WARMUP_STEPS if self.warmup_steps is None else int(self.warmup_steps)
 
     def backbone_learning_rate(self) -> float:
         """``backbone_lr``, or :data:`BACKBONE_LR_FACTOR` x ``lr`` when it is ``None``."""
@@ -236,6 +242,11 @@ class TrainConfig:
 #: rate 0.594 after 5, a head at 4x the backbone's 0.577 after 2. The head is an identity map
 #: (the frozen ranking), so it needs no faster rate; the warm-up guards the first steps.
 BACKBONE_LR_FACTOR = 1.0
+#: default linear warm-up of the backbone learning rate, in optimizer steps (about one epoch)
+WARMUP_STEPS = 50
+#: the head of a run whose backbone trains from scratch: centring on the mean embedding of the
+#: random initial backbone would go stale as the backbone learns, so it is off
+SCRATCH_HEAD: dict[str, Any] = {"kind": "linear", "centre": False}
 FINE_TUNE_MODES = ("none", "last", "all")
 
 
@@ -421,8 +432,10 @@ class Method:
 
     # ------------------------------------------------------------------ model
     def build_head(self) -> nn.Module:
-        """The projection head from ``cfg.head`` (default :data:`DEFAULT_HEAD`)."""
-        return ProjectionHead(**resolve_head_spec(self.cfg.head, self.in_dim))
+        """The projection head from ``cfg.head`` (default :data:`DEFAULT_HEAD`, or
+        :data:`SCRATCH_HEAD` for a backbone trained from scratch)."""
+        head = self.cfg.head if self.cfg.head is not None or self.cfg.pretrained else SCRATCH_HEAD
+        return ProjectionHead(**resolve_head_spec(head, self.in_dim))
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the method beyond the head (default none)."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import FewshotError
 from ..methods.base import TrainConfig, parse_fine_tune
 from .data import _Data
 
@@ -33,6 +34,10 @@ def trainable_modules(backbone, fine_tune: str) -> list[nn.Module]:
     mode, blocks = parse_fine_tune(fine_tune)
     if mode == "none":
         return []
+    if mode == "last" and blocks > backbone.tail_block_count():
+        n = backbone.tail_block_count()
+        raise FewshotError(f"--fine-tune {fine_tune}: {backbone.name} has {n} blocks",
+                           hint=f"use --fine-tune last:N with N from 1 to {n}, or --fine-tune all")
     return [backbone.model] if mode == "all" else list(backbone.trainable_tail(blocks))
 
 

@@ -78,8 +78,14 @@ def _validate_fine_tune(cfg: TrainConfig) -> None:
         raise FewshotError(f"unknown --augment '{cfg.augment}'", hint="use --augment standard or --augment none")
     if cfg.backbone_lr is not None and not (math.isfinite(cfg.backbone_lr) and cfg.backbone_lr > 0):
         raise FewshotError(f"--backbone-lr {cfg.backbone_lr} must be a positive number", hint="e.g. --backbone-lr 2.5e-5")
-    if cfg.warmup_steps < 0:
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise FewshotError(f"--warmup-steps {cfg.warmup_steps} must not be negative", hint="e.g. --warmup-steps 50")
+    given = [flag for flag, on in (("--backbone-lr", cfg.backbone_lr is not None), ("--bn", cfg.bn != "auto"),
+                                   ("--augment", cfg.augment != "standard"),
+                                   ("--warmup-steps", cfg.warmup_steps is not None)) if on]
+    if given and not cfg.fine_tuning:
+        raise FewshotError(f"{', '.join(given)} set(s) how the backbone trains, but --fine-tune none keeps it frozen",
+                           hint="drop " + ", ".join(given) + ", or pass --fine-tune last:N or all")
     if not cfg.pretrained and cfg.fine_tune != "all":
         raise FewshotError(f"--from-scratch trains {cfg.backbone} from random weights, so every backbone "
                            f"parameter must train, but --fine-tune is '{cfg.fine_tune}'",
@@ -168,7 +174,7 @@ def _setup(cfg: TrainConfig, method_cls: type[Method]) -> _Setup:
                 "test_classes": list(data.split.test), "query_split": data.split.query_split,
                 "gallery_split": data.split.gallery_split, "seed": data.split.seed}
     optimizer = method.optimizer()
-    return _Setup(data, method, ft, optimizer, warmup_scheduler(optimizer, cfg.warmup_steps), method.max_epochs(),
+    return _Setup(data, method, ft, optimizer, warmup_scheduler(optimizer, cfg.warmup()), method.max_epochs(),
                   protocol, time.perf_counter() - t_start)
 
 
