@@ -155,7 +155,7 @@ def test_from_scratch_needs_fine_tune_all_and_conv4_has_no_weights(tiny, tmp_pat
 
 def test_maml_inner_params_all_needs_a_trained_backbone(tiny, tmp_path):
     with pytest.raises(FewshotError, match="--inner-params all"):
-        train(_cfg(tiny, tmp_path / "m", "maml", inner_params="all"))
+        train(_cfg(tiny, tmp_path / "m", "maml", inner_params="all", fine_tune="none"))
 
 
 # ------------------------------------------------------------------ full-network MAML
