@@ -74,9 +74,6 @@ ROWS["omniglot-conv4-maml"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "episod
 ROWS["omniglot-conv4-maml-long"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "episodes": 4500, "episodes_per_epoch": 300,
                                                          "inner_params": "all", "inner_lr": 0.4, "inner_steps": 1,
                                                          "meta_batch": 4})
-ROWS["omniglot-conv4-maml-2steps"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "episodes": 3600, "episodes_per_epoch": 300,
-                                                           "inner_params": "all", "inner_lr": 0.4, "inner_steps": 2,
-                                                           "meta_batch": 8})
 ROWS["omniglot-lite0-protonet-last2"] = ("omniglot", "protonet", {"fine_tune": "last:2", "image_size": 112,
                                                                    "augment": "none", "ways": 20, "shots": 1,
                                                                    "queries": 5, "episodes": 400,
