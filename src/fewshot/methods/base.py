@@ -247,7 +247,6 @@ WARMUP_STEPS = 50
 #: the head of a run whose backbone trains from scratch: centring on the mean embedding of the
 #: random initial backbone would go stale as the backbone learns, so it is off
 SCRATCH_HEAD: dict[str, Any] = {"kind": "linear", "centre": False}
-FINE_TUNE_MODES = ("none", "last", "all")
 
 
 def parse_fine_tune(value: str, blocks: int = 2) -> tuple[str, int]:
@@ -442,9 +441,9 @@ class Method:
         return []
 
     def trainable(self) -> list[nn.Parameter]:
-        """Everything the optimizer updates: head, method parameters, fine-tuned backbone blocks."""
-        params = [p for p in self.head.parameters() if p.requires_grad]
-        return params + list(self.extra_parameters()) + list(self.backbone_params)
+        """Everything the optimizer updates: head, method parameters, fine-tuned backbone blocks
+        (the parameters of :meth:`param_groups`, in order)."""
+        return [p for group in self.param_groups() for p in group["params"]]
 
     def param_groups(self) -> list[dict[str, Any]]:
         """:meth:`trainable` as optimizer parameter groups: ``"head"`` (head and method

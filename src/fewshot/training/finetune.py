@@ -100,6 +100,10 @@ class _FineTune:
             x = augment(images, self.cfg.image_size, self.backbone.preprocess, self.generator)
         else:
             x = normalise(images, self.backbone.preprocess)
+        return self._on_device(x)
+
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the device, channels-last where the backbone asks for it."""
         x = x.to(self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.backbone.channels_last else x
 
@@ -116,9 +120,7 @@ class _FineTune:
         self.train_mode(False)
         out = []
         for i in range(0, len(bank), batch):
-            x = normalise(bank.images[i:i + batch], self.backbone.preprocess).to(self.device)
-            if self.backbone.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._on_device(normalise(bank.images[i:i + batch], self.backbone.preprocess))
             with self.autocast():
                 out.append(self.backbone.model(x).float())
         return torch.cat(out)
