@@ -74,6 +74,9 @@ ROWS["omniglot-conv4-maml"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "episod
 ROWS["omniglot-conv4-maml-long"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "episodes": 4500, "episodes_per_epoch": 300,
                                                          "inner_params": "all", "inner_lr": 0.4, "inner_steps": 1,
                                                          "meta_batch": 4})
+ROWS["omniglot-conv4-maml-xl"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "episodes": 9000, "episodes_per_epoch": 600,
+                                                       "inner_params": "all", "inner_lr": 0.4, "inner_steps": 1,
+                                                       "meta_batch": 4})
 ROWS["omniglot-lite0-protonet-last2"] = ("omniglot", "protonet", {"fine_tune": "last:2", "image_size": 112,
                                                                    "augment": "none", "ways": 20, "shots": 1,
                                                                    "queries": 5, "episodes": 400,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from .backbones import Backbone
 from .backbones.base import weights_digest
 from .data.records import Dataset
-from .embed import Embeddings, apply_head, embed_dataset, embed_paths
+from .embed import Embeddings, ForwardChoice, apply_head, check_runtime, embed_dataset, embed_paths, make_forward
 
 class EpisodeClassifier(Protocol):
     """How a model classifies the queries of one N-way episode (the default is the nearest
@@ -51,6 +51,7 @@ class EmbeddingModel:
     run_config: dict = field(default_factory=dict)
     episode_classifier: EpisodeClassifier | None = None
     _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+    _forwards: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
@@ -63,16 +64,38 @@ class EmbeddingModel:
         """Backbone embeddings ``float32 [N, D]`` -> model embeddings ``float32 [N, E]``."""
         return vectors if self.head is None else apply_head(self.head, vectors)
 
-    def embed(self, dataset: Dataset, **kwargs) -> Embeddings:
+    def forward(self, runtime: str = "auto", threads: int | None = None,
+                cache_dir: str | Path | None = None) -> ForwardChoice:
+        """The backbone's forward pass on ``runtime`` (:func:`fewshot.embed.make_forward`),
+        made once per setting and reused (an ONNX session loads in about 0.3 s)."""
+        key = (runtime, threads, str(cache_dir) if cache_dir else None)
+        if key not in self._forwards:
+            self._forwards[key] = make_forward(self.backbone, runtime, threads=threads, cache_dir=cache_dir)
+        return self._forwards[key]
+
+    def _lazy_forward(self, runtime: str, threads: int | None, cache_dir) -> Callable:
+        """A forward that is made on its first batch (nothing is exported when all is cached)."""
+        check_runtime(runtime)
+        return lambda batch: self.forward(runtime, threads, cache_dir).forward(batch)
+
+    def embed(self, dataset: Dataset, *, runtime: str = "auto", threads: int | None = None, **kwargs) -> Embeddings:
         """Embed a dataset (kwargs go to :func:`fewshot.embed.embed_dataset`)."""
-        emb = embed_dataset(dataset, self.backbone, **kwargs)
+        forward = self._lazy_forward(runtime, threads, kwargs.get("cache_dir"))
+        emb = embed_dataset(dataset, self.backbone, forward=forward, **kwargs)
         emb.vectors = self.transform(emb.vectors)
         return emb
 
-    def embed_paths(self, paths: Sequence[str | Path], **kwargs):
+    def embed_paths(self, paths: Sequence[str | Path], *, runtime: str = "auto", threads: int | None = None,
+                    **kwargs):
         """Embed files; returns ``(vectors [M, E], ok_indices, failures, num_cached)``."""
-        vectors, ok, failures, cached = embed_paths(paths, self.backbone, **kwargs)
+        forward = self._lazy_forward(runtime, threads, kwargs.get("cache_dir"))
+        vectors, ok, failures, cached = embed_paths(paths, self.backbone, forward=forward, **kwargs)
         return self.transform(vectors), ok, failures, cached
+
+    def runtimes_used(self) -> list[dict]:
+        """What embedded with this model so far: runtime asked for, runtime used, any notice."""
+        return [{"requested": c.requested, "runtime": c.runtime, "notice": c.notice, **c.details}
+                for c in self._forwards.values()]
 
     def weights_digest(self) -> str:
         """:func:`weights_digest` of every tensor that shapes the embeddings (backbone + head).
@@ -94,7 +117,8 @@ class EmbeddingModel:
                 "model_dir": str(self.run_dir) if self.run_dir else None,
                 "method": self.run_config.get("method", "frozen"),
                 "embedding_dim": self.dim,
-                "episode_classifier": _describe_classifier(self.episode_classifier)}
+                "episode_classifier": _describe_classifier(self.episode_classifier),
+                "runtimes": self.runtimes_used()}
 
 
 def _describe_classifier(classifier: EpisodeClassifier | None) -> dict:

@@ -52,6 +52,10 @@ class EmbedOptions:
     cache_dir: str | None = None
     strict: bool = False
     progress: bool = True
+    #: ``auto`` | ``torch`` | ``onnx`` (:mod:`fewshot.embed.runtime`)
+    runtime: str = "auto"
+    #: ONNX Runtime threads; ``None`` = ``torch.get_num_threads()``
+    threads: int | None = None
 
     def model(self) -> EmbeddingModel:
         """The backbone at ``image_size``, or the run in ``model_dir`` at its own size (a
@@ -67,7 +71,8 @@ class EmbedOptions:
 
     def embed(self, model: EmbeddingModel, dataset: Dataset) -> Embeddings:
         return model.embed(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                           cache_dir=self.cache_dir, strict=self.strict, progress=self.progress)
+                           cache_dir=self.cache_dir, strict=self.strict, progress=self.progress,
+                           runtime=self.runtime, threads=self.threads)
 
 
 @dataclass
@@ -494,7 +499,8 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
     digests = read_digests(paths)
     vectors, ok, failures, _ = model.embed_paths(paths, batch_size=embed.batch_size,
                                                  num_workers=embed.num_workers, cache_dir=embed.cache_dir,
-                                                 progress=embed.progress and len(paths) > 16, digests=digests)
+                                                 progress=embed.progress and len(paths) > 16, digests=digests,
+                                                 runtime=embed.runtime, threads=embed.threads)
     own = index.find_images([digests[0][i] for i in ok]) if leave_one_out else [[] for _ in ok]
     preds = index.classify(vectors, top_k=top_k, mode=mode, exclude=own) if len(ok) else []
     by_pos = dict(zip(ok, zip(preds, own)))

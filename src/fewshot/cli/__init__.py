@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, List, Optional
 import typer
 from rich.markup import escape
 
-from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, NoProgressOpt, OverwriteOpt, WorkersOpt,
-                     _split_help, app, echo_episodes, embedding_options, err_console, handle_errors, log)
+from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, NoProgressOpt, OverwriteOpt, RuntimeOpt,
+                     ThreadsOpt, WorkersOpt, _split_help, apply_runtime, app, echo_episodes, embedding_options, err_console, handle_errors, log)
 
 if TYPE_CHECKING:
     from ..pipeline import EmbedOptions
@@ -98,7 +98,7 @@ def classify(
     group_from: Optional[str] = GroupFromOpt,
     summary_only: bool = typer.Option(False, "--summary-only", help="With --data: print only the accuracy summary."),
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
-    no_progress: bool = NoProgressOpt,
+    no_progress: bool = NoProgressOpt, runtime: str = RuntimeOpt, threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Say which article each photo shows (top-k with cosine scores). Exits 1 if any image is bad.
 
@@ -113,6 +113,7 @@ def classify(
 
     if mode not in ("prototype", "nearest"):
         raise typer.BadParameter(f"{mode!r}: use prototype or nearest", param_hint="--mode")
+    apply_runtime(runtime, threads)
     cat = CatalogueIndex.load(index)
     truth: list[str] | None = None
     if data is not None:
@@ -130,8 +131,8 @@ def classify(
     if not paths:
         raise DataError("no images given", hint="pass image files or folders that contain images, or --data")
     model = model_for_index(cat, index)
-    opts = EmbedOptions(batch_size=batch_size, num_workers=workers,
-                        cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress)
+    opts = EmbedOptions(batch_size=batch_size, num_workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
+                        progress=not no_progress, runtime=runtime, threads=threads)
     results = classify_paths(cat, model, paths, top_k=top_k, mode=mode, embed=opts)
     bad = _print_results(results, as_json, summary_only and truth is not None)
     _report_catalogue_queries(results, cat)

@@ -69,31 +69,48 @@ SizeOpt = typer.Option(None, "--image-size", min=16, max=1024, help="Input side 
 GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
 StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
 BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass.")
-WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes (0 = in the main process).")
+WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes (0 = one background thread of the main process, overlapping the forward pass).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace --out when it holds an earlier result of this command (anything else is never replaced).")
 CacheOpt = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).")
 NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
+RuntimeOpt = typer.Option("auto", "--runtime", help="Forward pass: onnx (ONNX Runtime, about 6x faster on a CPU; the backbone is exported once and cached) | torch | auto (onnx on a CPU when onnxruntime is installed, else torch).")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads of the forward pass (torch and ONNX Runtime; default: torch's choice, usually one per core).")
 
 
-def _embed_options(backbone, model, image_size, batch_size, workers, cache_dir, strict, no_progress):
+def apply_runtime(runtime: str, threads: int | None) -> None:
+    """Check ``--runtime`` (a clear error when onnxruntime is missing) and set ``--threads``."""
+    from ..embed import check_runtime
+
+    check_runtime(runtime)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _embed_options(backbone, model, image_size, batch_size, workers, cache_dir, strict, no_progress, runtime,
+                   threads):
     from ..pipeline import EmbedOptions
 
+    apply_runtime(runtime, threads)
     return EmbedOptions(backbone=backbone if (backbone or not model) else None,
                         model_dir=str(model) if model else None, image_size=image_size, batch_size=batch_size,
                         num_workers=workers, cache_dir=str(cache_dir) if cache_dir else None, strict=strict,
-                        progress=not no_progress)
+                        progress=not no_progress, runtime=runtime, threads=threads)
 
 
 #: the options of every command that embeds a dataset (name, annotation, typer option)
 _EMBED_PARAMS = (("backbone", Optional[str], BackboneOpt), ("model", Optional[Path], ModelOpt),
                  ("image_size", Optional[int], SizeOpt), ("batch_size", int, BatchOpt),
                  ("workers", int, WorkersOpt), ("cache_dir", Optional[Path], CacheOpt),
-                 ("strict", bool, StrictOpt), ("no_progress", bool, NoProgressOpt))
+                 ("strict", bool, StrictOpt), ("no_progress", bool, NoProgressOpt),
+                 ("runtime", str, RuntimeOpt), ("threads", Optional[int], ThreadsOpt))
 
 
 def embedding_options(fn: Callable) -> Callable:
     """Give a command the embedding options (``--backbone``, ``--model``, ``--image-size``,
-    ``--batch-size``, ``--workers``, ``--cache-dir``, ``--strict``, ``--no-progress``) once:
+    ``--batch-size``, ``--workers``, ``--cache-dir``, ``--strict``, ``--no-progress``,
+    ``--runtime``, ``--threads``) once:
     the command declares a keyword ``emb`` and receives them as one
     :class:`~fewshot.pipeline.EmbedOptions`."""
     import inspect

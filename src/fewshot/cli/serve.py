@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from ..errors import FewshotError
-from .common import app, handle_errors, positive
+from .common import RuntimeOpt, ThreadsOpt, app, apply_runtime, handle_errors, positive
 
 
 @app.command()
@@ -17,6 +18,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", callback=positive, help="Largest accepted photo, per file, in MB."),
+    runtime: str = RuntimeOpt, threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Serve the catalogue: POST /classify, GET/POST/DELETE /articles, a web page at /, OpenAPI at /docs."""
     try:
@@ -26,21 +28,23 @@ def serve(
     except ImportError as exc:
         raise FewshotError(f"the service needs fastapi, uvicorn and python-multipart ({exc})",
                            hint='pip install "fewshot[serve]"') from None
+    apply_runtime(runtime, threads)
     sock = bind_socket(host, port)  # a busy port fails at once, before the model loads
     try:
-        application = _create(create_app, index, max_upload_mb)
-        snap = application.state.service.snapshot
+        application = _create(create_app, index, max_upload_mb, runtime, threads)
+        service = application.state.service
+        snap = service.snapshot
         typer.echo(f"serving {len(snap.index.articles)} articles ({len(snap.index)} images) from {index} "
-                   f"at http://{host}:{port}/  (API docs: /docs)")
+                   f"at http://{host}:{port}/  (API docs: /docs; forward pass: {service.embedder.choice.runtime})")
         server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="info"))
         server.run(sockets=[sock])
     finally:
         sock.close()
 
 
-def _create(create_app, index: Path, max_upload_mb: float):
+def _create(create_app, index: Path, max_upload_mb: float, runtime: str, threads: int | None):
     try:
-        return create_app(index, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+        return create_app(index, max_upload_bytes=int(max_upload_mb * 1024 * 1024), runtime=runtime, threads=threads)
     except RuntimeError as exc:  # FastAPI raises this when python-multipart is missing
         if "multipart" not in str(exc):
             raise

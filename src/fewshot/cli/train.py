@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 import typer
 
 from ..errors import FewshotError
-from .common import app, echo_episodes, handle_errors, positive
+from .common import app, apply_runtime, echo_episodes, handle_errors, positive
 
 
 def _head_spec(value: Optional[str]):
@@ -78,16 +78,14 @@ def _train(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice). On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
+    runtime: str = typer.Option("auto", "--runtime", help="Forward pass of the frozen embeddings and the final evaluation: auto | onnx | torch (see `fewshot evaluate --help`); fine-tuning runs on torch."),
     **method_flags,
 ) -> None:
     """Train contrastive / triplet (or episodic) embeddings; keep the best epoch by val MAP@R.
 
     A method option (under "Method options", or --opt KEY=VALUE) applies to the methods its help names; `fewshot methods METHOD` lists one method's options.
     """
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    apply_runtime(runtime, threads)
     from ..methods.base import make_config
     from ..training import train as run_train
 
@@ -98,7 +96,7 @@ def _train(
         fine_tune=fine_tune, fine_tune_blocks=fine_tune_blocks, backbone_lr=backbone_lr, warmup_steps=warmup_steps,
         bn=bn, pretrained=not from_scratch, augment=augment, ways=ways, shots=shots, queries=queries,
         val_episodes=val_episodes, eval_episodes=eval_episodes, resume=resume, overwrite=overwrite, device=device,
-        group_from=group_from, embed_batch_size=embed_batch_size, workers=workers,
+        group_from=group_from, embed_batch_size=embed_batch_size, workers=workers, runtime=runtime,
         cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress, final_eval=split, options=options)
     result = run_train(cfg)
     b = result.best_metrics

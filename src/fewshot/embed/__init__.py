@@ -9,9 +9,12 @@ a warning that names them and a summary count; ``strict=True`` makes any skip an
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +28,13 @@ from ..data.images import load_image
 from ..data.records import Dataset
 from ..errors import DataError, ImageReadError
 from .cache import EmbeddingCache, default_cache_dir, file_digest
+from .runtime import RUNTIMES, Forward, ForwardChoice, OnnxForward, TorchForward, check_runtime, make_forward
 
 log = logging.getLogger("fewshot")
 
 __all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "forward_batch", "apply_head",
-           "default_cache_dir"]
+           "default_cache_dir", "make_forward", "check_runtime", "RUNTIMES", "Forward", "ForwardChoice",
+           "TorchForward", "OnnxForward"]
 
 
 @dataclass
@@ -119,25 +124,51 @@ def read_digests(paths: Sequence[str | Path]) -> tuple[list[str | None], dict[in
 
 
 def forward_batch(backbone: Backbone, batch: torch.Tensor) -> np.ndarray:
-    """One forward pass: preprocessed ``float32 [B, 3, S, S]`` -> ``float32 [B, D]`` backbone
-    embeddings (numpy), under ``torch.inference_mode``, channels-last where the backbone asks
-    for it (the faster convolution layout on CPU)."""
-    if backbone.channels_last:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        return backbone.model(batch).float().cpu().numpy()
+    """One torch forward pass: preprocessed ``float32 [B, 3, S, S]`` -> ``float32 [B, D]``
+    backbone embeddings (numpy); see :class:`~fewshot.embed.runtime.TorchForward`."""
+    return TorchForward(backbone)(batch)
 
 
-def _run_loader(loader: DataLoader, backbone: Backbone, todo: list[int], digests: list[str | None],
+def _load_batch(files: _ImageFiles, start: int, batch_size: int):
+    return _collate([files[i] for i in range(start, min(start + batch_size, len(files)))])
+
+
+def _thread_batches(files: _ImageFiles, batch_size: int, lookahead: int = 2) -> Iterator:
+    """Collated batches of ``files`` decoded in one background thread, up to ``lookahead + 1``
+    batches ahead of the consumer, so decoding overlaps the forward pass (PIL, torch and ONNX
+    Runtime release the GIL). Pending work is cancelled when the consumer stops."""
+    starts = iter(range(0, len(files), batch_size))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewshot-decode") as pool:
+        pending = deque(pool.submit(_load_batch, files, s, batch_size) for s in islice(starts, lookahead + 1))
+        try:
+            while pending:
+                batch = pending.popleft().result()
+                pending.extend(pool.submit(_load_batch, files, s, batch_size) for s in islice(starts, 1))
+                yield batch
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def _batches(files: _ImageFiles, batch_size: int, num_workers: int) -> Iterable:
+    """Decoded batches: worker processes (a DataLoader) when ``num_workers > 0``, else one
+    background thread (:func:`_thread_batches`)."""
+    if num_workers > 0:
+        return DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                          persistent_workers=False)
+    return _thread_batches(files, batch_size)
+
+
+def _run_loader(batches: Iterable, forward: Forward, todo: list[int], digests: list[str | None],
                 failures: dict[int, str], out: dict[int, np.ndarray], cache: EmbeddingCache | None,
                 progress: bool, desc: str) -> None:
-    """Embed every batch of ``loader`` into ``out`` (and the cache), with a progress bar."""
+    """Embed every batch into ``out`` (and the cache), with a progress bar."""
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for idx, batch, bad in loader:
+        for idx, batch, bad in batches:
             for j, reason in bad:
                 failures[todo[j]] = reason
             if batch is not None:
-                for j, v in zip(idx.tolist(), forward_batch(backbone, batch)):
+                for j, v in zip(idx.tolist(), forward(batch)):
                     k = todo[j]
                     out[k] = v
                     if cache is not None:
@@ -156,6 +187,9 @@ def embed_paths(
     progress: bool = True,
     desc: str = "embedding",
     digests: tuple[list[str | None], dict[int, str]] | None = None,
+    runtime: str = "auto",
+    threads: int | None = None,
+    forward: Forward | None = None,
 ) -> tuple[np.ndarray, list[int], dict[int, str], int]:
     """Embed image files with ``backbone``.
 
@@ -163,17 +197,28 @@ def embed_paths(
         paths: image files.
         backbone: from :func:`fewshot.backbones.create_backbone`.
         batch_size: images per forward pass.
-        num_workers: DataLoader decode workers (0 = decode in this process).
+        num_workers: decode worker processes (0 = decode in one background thread of this
+            process, overlapping the forward pass).
         cache_dir: cache folder (default :func:`default_cache_dir`); ``use_cache=False`` skips it.
         progress: show a progress bar.
         digests: :func:`read_digests` of ``paths`` when the caller already has them (each file
             is then read once).
+        runtime: ``auto`` | ``torch`` | ``onnx``, see :mod:`fewshot.embed.runtime` (made only
+            when something is not cached).
+        threads: ONNX Runtime threads (default ``torch.get_num_threads()``).
+        forward: a forward pass to use instead (e.g. one :func:`make_forward` result reused
+            across calls); ``runtime`` and ``threads`` are then ignored.
+
+    Raises:
+        BackboneError: an unknown ``runtime``, or ``onnx`` without onnxruntime.
 
     Returns:
         ``(vectors float32 [M, D], ok_indices (M positions into paths), failures {index: reason},
         num_cached)``.
     """
     paths = [Path(p) for p in paths]
+    if forward is None:
+        check_runtime(runtime)
     cache = EmbeddingCache(cache_dir or default_cache_dir(), backbone.cache_key) if use_cache else None
     digest_list, found = digests if digests is not None else read_digests(paths)
     digests_of = list(digest_list)
@@ -190,12 +235,12 @@ def embed_paths(
             todo.append(i)
     num_cached = len(out)
     if todo:
-        loader = DataLoader(_ImageFiles([paths[i] for i in todo], backbone.preprocess),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                            persistent_workers=False)
         backbone.model.eval()
+        if forward is None:
+            forward = make_forward(backbone, runtime, threads=threads, cache_dir=cache_dir).forward
+        batches = _batches(_ImageFiles([paths[i] for i in todo], backbone.preprocess), batch_size, num_workers)
         try:
-            _run_loader(loader, backbone, todo, digests_of, failures, out, cache, progress, desc)
+            _run_loader(batches, forward, todo, digests_of, failures, out, cache, progress, desc)
         finally:  # an interrupted run keeps what it embedded (the cache write is atomic)
             if cache is not None:
                 cache.save()
@@ -215,11 +260,15 @@ def embed_dataset(
     use_cache: bool = True,
     strict: bool = False,
     progress: bool = True,
+    runtime: str = "auto",
+    threads: int | None = None,
+    forward: Forward | None = None,
 ) -> Embeddings:
     """Embed every readable image of ``dataset``.
 
     Unreadable images (missing, zero-byte, truncated, corrupt, not an image) are skipped:
-    each is logged with its path and reason, and a summary count follows.
+    each is logged with its path and reason, and a summary count follows. ``runtime``,
+    ``threads`` and ``forward`` are as in :func:`embed_paths`.
 
     Returns:
         :class:`Embeddings` with ``vectors float32 [N, D]`` aligned to ``embeddings.dataset``.
@@ -234,7 +283,7 @@ def embed_dataset(
     vectors, ok, failures, num_cached = embed_paths(
         dataset.paths, backbone, batch_size=batch_size, num_workers=num_workers,
         cache_dir=cache_dir, use_cache=use_cache, progress=progress,
-        desc=f"embedding {dataset.name}", digests=digests)
+        desc=f"embedding {dataset.name}", digests=digests, runtime=runtime, threads=threads, forward=forward)
     skipped = [(dataset.records[i].path, failures[i]) for i in sorted(failures)]
     if skipped:
         if strict:

@@ -145,6 +145,8 @@ class TrainConfig:
         progress: show progress bars.
         device: ``"auto"`` (CUDA when available and fine-tuning, else CPU), ``"cpu"``, ``"cuda"``.
         cache_dir, workers, embed_batch_size: embedding cache folder, decode workers, batch size.
+        runtime: forward pass for the frozen embeddings and the final evaluation (``auto`` |
+            ``torch`` | ``onnx``, :mod:`fewshot.embed.runtime`); fine-tuning itself runs on torch.
         final_eval: class part evaluated with the best model at the end (``"test"``,
             ``"val"``, or ``"none"``), written to ``RUN_DIR/eval_<part>/``.
         eval_episodes: episodes per setting of that final evaluation.
@@ -182,6 +184,7 @@ class TrainConfig:
     cache_dir: str | None = None
     workers: int = 0
     embed_batch_size: int = 32
+    runtime: str = "auto"
     final_eval: str = "test"
     eval_episodes: int = 1000
     options: Any = None

@@ -63,7 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..data.images import load_image
-from ..embed import forward_batch, read_digests
+from ..embed import read_digests
 from ..errors import FewshotError, ImageReadError
 from ..index import CatalogueIndex
 from ..io import atomic_dir
@@ -195,10 +195,12 @@ class _Embedder:
     ``max_batch`` images).
     """
 
-    def __init__(self, model, max_batch: int = 16) -> None:
+    def __init__(self, model, max_batch: int = 16, runtime: str = "auto", threads: int | None = None) -> None:
         self.model = model
         self.backbone = model.backbone
         self.backbone.model.eval()
+        # made now, not on the first request: an export takes seconds, a session load 0.3 s
+        self.choice = model.forward(runtime, threads)
         self.max_batch = max_batch
         # Decoding a large PNG takes width x height x 3 bytes; bound how many run at once.
         self._decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
@@ -263,7 +265,7 @@ class _Embedder:
     def _run(self, jobs: list[_Job]) -> None:
         try:
             batch = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
-            vectors = np.asarray(self.model.transform(forward_batch(self.backbone, batch)), dtype=np.float32)
+            vectors = np.asarray(self.model.transform(self.choice.forward(batch)), dtype=np.float32)
             offset = 0
             for j in jobs:
                 j.result = vectors[offset:offset + len(j.x)]
@@ -333,7 +335,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 class _Service:
     """The state behind the routes: the catalogue snapshot, the model, the locks."""
 
-    def __init__(self, index_dir: Path, max_upload_bytes: int, model=None) -> None:
+    def __init__(self, index_dir: Path, max_upload_bytes: int, model=None, runtime: str = "auto",
+                 threads: int | None = None) -> None:
         self.index_dir = Path(index_dir).resolve()
         index = CatalogueIndex.load(self.index_dir)
         if model is None:
@@ -347,7 +350,7 @@ class _Service:
             raise CheckpointError(
                 f"the model gives {model.dim}-dimensional embeddings but index {self.index_dir} "
                 f"has {index.dim}", hint="serve the index with the model it was built with")
-        self.embedder = _Embedder(model)
+        self.embedder = _Embedder(model, runtime=runtime, threads=threads)
         self.max_upload_bytes = int(max_upload_bytes)
         self.snapshot = _Snapshot.of(index)
         self.mutation_lock = threading.Lock()
@@ -606,7 +609,7 @@ def _image_url(image_id_: str, size: int = 160) -> str:
 
 # --------------------------------------------------------------------------- the app
 def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               model=None) -> FastAPI:
+               model=None, runtime: str = "auto", threads: int | None = None) -> FastAPI:
     """The FastAPI application serving the catalogue index in ``index_dir``.
 
     Args:
@@ -617,6 +620,8 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
             :data:`MAX_ENROL_FILES` times this.
         model: the :class:`~fewshot.model.EmbeddingModel` to embed uploads with;
             default :func:`fewshot.pipeline.model_for_index` (the index's own backbone/run).
+        runtime, threads: the forward pass (:func:`fewshot.embed.make_forward`): ``auto``
+            (ONNX Runtime on a CPU when installed) | ``torch`` | ``onnx``; its threads.
 
     Raises:
         CheckpointError: the index folder is missing or damaged, its model changed since it
@@ -625,7 +630,7 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
     if max_upload_bytes <= 0:
         raise FewshotError(f"upload limit must be positive, got {max_upload_bytes} bytes",
                            hint="use e.g. --max-upload-mb 10")
-    service = _Service(Path(index_dir), max_upload_bytes, model)
+    service = _Service(Path(index_dir), max_upload_bytes, model, runtime, threads)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

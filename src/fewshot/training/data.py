@@ -30,7 +30,7 @@ class _Data:
 
 def _embed(dataset: Dataset, backbone: Backbone, cfg: TrainConfig) -> Embeddings:
     return embed_dataset(dataset, backbone, batch_size=cfg.embed_batch_size, num_workers=cfg.workers,
-                         cache_dir=cfg.cache_dir, progress=cfg.progress)
+                         cache_dir=cfg.cache_dir, progress=cfg.progress, runtime=cfg.runtime)
 
 
 def _load_data(cfg: TrainConfig) -> _Data:

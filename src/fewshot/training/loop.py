@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..embed import check_runtime
 from ..errors import FewshotError
 from ..io import atomic_write_json, replace_dir
 from ..methods.base import Method, TrainConfig, get_method
@@ -102,6 +103,7 @@ def _validate_config(cfg: TrainConfig) -> type[Method]:
         raise FewshotError(f"unknown --device '{cfg.device}'", hint="use --device auto, cpu or cuda")
     if cfg.final_eval not in ("none", "test", "val", "train"):
         raise FewshotError(f"unknown final evaluation part '{cfg.final_eval}'", hint="use --split test, val, train or none")
+    check_runtime(cfg.runtime)
     _check_head(cfg.head)
     return get_method(cfg.method)
 
@@ -366,7 +368,7 @@ def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
 
     opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=cfg.image_size,
                         batch_size=cfg.embed_batch_size, num_workers=cfg.workers, cache_dir=cfg.cache_dir,
-                        progress=cfg.progress)
+                        progress=cfg.progress, runtime=cfg.runtime, threads=torch.get_num_threads())
     ecfg = EvalConfig(data=cfg.data, split=None, split_file=cfg.split_file, part=cfg.final_eval,
                       group_from=cfg.group_from, seed=cfg.seed, episodes=cfg.eval_episodes, embed=opts)
     return evaluate(ecfg, run_dir / f"eval_{cfg.final_eval}", overwrite=True)
