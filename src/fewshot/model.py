@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from .backbones import Backbone
 from .backbones.base import weights_digest
 from .data.records import Dataset
-from .embed import Embeddings, ForwardChoice, apply_head, check_runtime, embed_dataset, embed_paths, make_forward
+from .embed import Embeddings, ForwardChoice, LazyForward, apply_head, check_runtime, embed_dataset, embed_paths, make_forward
 
 class EpisodeClassifier(Protocol):
     """How a model classifies the queries of one N-way episode (the default is the nearest
@@ -73,10 +73,10 @@ class EmbeddingModel:
             self._forwards[key] = make_forward(self.backbone, runtime, threads=threads, cache_dir=cache_dir)
         return self._forwards[key]
 
-    def _lazy_forward(self, runtime: str, threads: int | None, cache_dir) -> Callable:
+    def _lazy_forward(self, runtime: str, threads: int | None, cache_dir) -> LazyForward:
         """A forward that is made on its first batch (nothing is exported when all is cached)."""
         check_runtime(runtime)
-        return lambda batch: self.forward(runtime, threads, cache_dir).forward(batch)
+        return LazyForward(lambda: self.forward(runtime, threads, cache_dir).forward)
 
     def embed(self, dataset: Dataset, *, runtime: str = "auto", threads: int | None = None, **kwargs) -> Embeddings:
         """Embed a dataset (kwargs go to :func:`fewshot.embed.embed_dataset`)."""

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,13 +28,13 @@ from ..data.images import load_image
 from ..data.records import Dataset
 from ..errors import DataError, ImageReadError
 from .cache import EmbeddingCache, default_cache_dir, file_digest
-from .runtime import RUNTIMES, Forward, ForwardChoice, OnnxForward, TorchForward, check_runtime, make_forward
+from .runtime import RUNTIMES, Forward, ForwardChoice, LazyForward, OnnxForward, TorchForward, check_runtime, make_forward
 
 log = logging.getLogger("fewshot")
 
 __all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "forward_batch", "apply_head",
            "default_cache_dir", "make_forward", "check_runtime", "RUNTIMES", "Forward", "ForwardChoice",
-           "TorchForward", "OnnxForward"]
+           "TorchForward", "OnnxForward", "LazyForward"]
 
 
 @dataclass
@@ -133,42 +133,58 @@ def _load_batch(files: _ImageFiles, start: int, batch_size: int):
     return _collate([files[i] for i in range(start, min(start + batch_size, len(files)))])
 
 
-def _thread_batches(files: _ImageFiles, batch_size: int, lookahead: int = 2) -> Iterator:
-    """Collated batches of ``files`` decoded in one background thread, up to ``lookahead + 1``
-    batches ahead of the consumer, so decoding overlaps the forward pass (PIL, torch and ONNX
-    Runtime release the GIL). Pending work is cancelled when the consumer stops."""
+def _ordered(pool: ThreadPoolExecutor, fn: Callable[[int], Any], starts: Iterator[int], ahead: int) -> Iterator:
+    """``fn(start)`` for every start, run on ``pool`` with at most ``ahead`` calls pending,
+    yielded in order. Pending calls are cancelled when the consumer stops."""
+    pending = deque(pool.submit(fn, s) for s in islice(starts, ahead))
+    try:
+        while pending:
+            out = pending.popleft().result()
+            pending.extend(pool.submit(fn, s) for s in islice(starts, 1))
+            yield out
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+def _embedded_batches(files: _ImageFiles, batch_size: int, num_workers: int, forward: Forward) -> Iterator:
+    """``(idx int64 [B], vectors float32 [B, D] or None, bad [(i, reason)])`` per batch, in order.
+
+    - ``num_workers > 0``: worker processes decode (a DataLoader), this thread runs the forward;
+    - a forward with ``lanes > 1`` (ONNX Runtime): ``lanes`` threads each decode a batch and run
+      it on one thread (:meth:`~fewshot.embed.runtime.OnnxForward.lane`);
+    - otherwise one background thread decodes up to three batches ahead of the forward.
+    PIL, numpy, torch and ONNX Runtime release the GIL, so the threads overlap."""
     starts = iter(range(0, len(files), batch_size))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewshot-decode") as pool:
-        pending = deque(pool.submit(_load_batch, files, s, batch_size) for s in islice(starts, lookahead + 1))
-        try:
-            while pending:
-                batch = pending.popleft().result()
-                pending.extend(pool.submit(_load_batch, files, s, batch_size) for s in islice(starts, 1))
-                yield batch
-        finally:
-            for fut in pending:
-                fut.cancel()
-
-
-def _batches(files: _ImageFiles, batch_size: int, num_workers: int) -> Iterable:
-    """Decoded batches: worker processes (a DataLoader) when ``num_workers > 0``, else one
-    background thread (:func:`_thread_batches`)."""
     if num_workers > 0:
-        return DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                          persistent_workers=False)
-    return _thread_batches(files, batch_size)
+        loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                            persistent_workers=False)
+        for idx, batch, bad in loader:
+            yield idx, (forward(batch) if batch is not None else None), bad
+        return
+    lanes = int(getattr(forward, "lanes", 1))
+    if lanes > 1:
+        def job(start: int):
+            idx, batch, bad = _load_batch(files, start, batch_size)
+            return idx, (forward.lane(batch) if batch is not None else None), bad  # type: ignore[attr-defined]
+
+        with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="fewshot-embed") as pool:
+            yield from _ordered(pool, job, starts, 2 * lanes)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewshot-decode") as pool:
+        for idx, batch, bad in _ordered(pool, lambda s: _load_batch(files, s, batch_size), starts, 3):
+            yield idx, (forward(batch) if batch is not None else None), bad
 
 
-def _run_loader(batches: Iterable, forward: Forward, todo: list[int], digests: list[str | None],
-                failures: dict[int, str], out: dict[int, np.ndarray], cache: EmbeddingCache | None,
-                progress: bool, desc: str) -> None:
-    """Embed every batch into ``out`` (and the cache), with a progress bar."""
+def _run_loader(batches: Iterable, todo: list[int], digests: list[str | None], failures: dict[int, str],
+                out: dict[int, np.ndarray], cache: EmbeddingCache | None, progress: bool, desc: str) -> None:
+    """Collect every embedded batch into ``out`` (and the cache), with a progress bar."""
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for idx, batch, bad in batches:
+        for idx, vectors, bad in batches:
             for j, reason in bad:
                 failures[todo[j]] = reason
-            if batch is not None:
-                for j, v in zip(idx.tolist(), forward(batch)):
+            if vectors is not None:
+                for j, v in zip(idx.tolist(), vectors):
                     k = todo[j]
                     out[k] = v
                     if cache is not None:
@@ -238,9 +254,10 @@ def embed_paths(
         backbone.model.eval()
         if forward is None:
             forward = make_forward(backbone, runtime, threads=threads, cache_dir=cache_dir).forward
-        batches = _batches(_ImageFiles([paths[i] for i in todo], backbone.preprocess), batch_size, num_workers)
+        batches = _embedded_batches(_ImageFiles([paths[i] for i in todo], backbone.preprocess), batch_size,
+                                    num_workers, forward)
         try:
-            _run_loader(batches, forward, todo, digests_of, failures, out, cache, progress, desc)
+            _run_loader(batches, todo, digests_of, failures, out, cache, progress, desc)
         finally:  # an interrupted run keeps what it embedded (the cache write is atomic)
             if cache is not None:
                 cache.save()
