@@ -56,11 +56,11 @@ def raw_forward(forward, tensors, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def end_to_end(backbone, forward, paths, batch: int = 32, workers: int = 0) -> float:
-    from fewshot.embed import embed_paths
+def end_to_end(backbone, forward, paths, batch: int | None = None, workers: int = 0) -> float:
+    from fewshot.embed import DEFAULT_BATCH_SIZE, embed_paths
 
     t0 = time.perf_counter()
-    _, _, failures, _ = embed_paths(paths, backbone, batch_size=batch, num_workers=workers, use_cache=False,
+    _, _, failures, _ = embed_paths(paths, backbone, batch_size=batch or DEFAULT_BATCH_SIZE, num_workers=workers, use_cache=False,
                                     progress=False, forward=forward)
     seconds = time.perf_counter() - t0
     if failures:
@@ -96,8 +96,10 @@ def compare(name: str, size: int, n: int, rounds: int, threads: int, work: Path)
     tensors = torch.stack([backbone.preprocess(load_image(p, target_size=size)) for p in paths])
     a, b = onnx(tensors[:64]), eager(tensors[:64])
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    fns = {"raw_onnx": lambda: raw_forward(onnx, tensors, 32), "e2e_onnx": lambda: end_to_end(backbone, onnx, paths),
-           "raw_torch": lambda: raw_forward(eager, tensors, 32),
+    from fewshot.embed import DEFAULT_BATCH_SIZE as B
+
+    fns = {"raw_onnx": lambda: raw_forward(onnx, tensors, B), "e2e_onnx": lambda: end_to_end(backbone, onnx, paths),
+           "raw_torch": lambda: raw_forward(eager, tensors, B),
            "e2e_torch": lambda: end_to_end(backbone, eager, paths)}
     for fn in (lambda: onnx(tensors[:32]), lambda: eager(tensors[:32])):  # warm-up
         fn()
@@ -122,12 +124,15 @@ def grid(backbone, onnx, paths, tensors, threads: int, quick: bool) -> list[dict
 
     from fewshot.embed import make_forward
 
-    settings = [{"name": "library default (decode thread, batch 32)", "batch": 32, "workers": 0},
-                {"name": "1 decode worker process", "batch": 32, "workers": 1},
-                {"name": "2 decode worker processes", "batch": 32, "workers": 2},
-                {"name": "batch 8", "batch": 8, "workers": 0}, {"name": "batch 64", "batch": 64, "workers": 0}]
+    from fewshot.embed import DEFAULT_BATCH_SIZE as B
+
+    settings = [{"name": f"library default (a batch per thread, batch {B})", "batch": B, "workers": 0},
+                {"name": "1 decode worker process", "batch": B, "workers": 1},
+                {"name": "2 decode worker processes", "batch": B, "workers": 2},
+                {"name": "batch 8", "batch": 8, "workers": 0}, {"name": "batch 32", "batch": 32, "workers": 0},
+                {"name": "batch 64", "batch": 64, "workers": 0}]
     if threads > 1:
-        settings.append({"name": f"{threads - 1} ONNX thread(s)", "batch": 32, "workers": 0, "threads": threads - 1})
+        settings.append({"name": f"{threads - 1} ONNX thread(s)", "batch": B, "workers": 0, "threads": threads - 1})
     if quick:
         settings = settings[:2]
     rows = []
@@ -160,8 +165,8 @@ def per_image_costs(backbone, onnx, eager, paths: list[Path], tensors) -> dict[s
               "decode_ms": (lambda p: load_image(p, target_size=pre.image_size), paths),
               "preprocess_ms": (pre, images)}
     out: dict[str, Any] = {k: median([per_image(fn, items) for _ in range(3)]) for k, (fn, items) in stages.items()}
-    out["forward_onnx_b32_ms"] = raw_forward(onnx, tensors, 32) / len(tensors) * 1e3
-    out["forward_torch_b32_ms"] = raw_forward(eager, tensors, 32) / len(tensors) * 1e3
+    out["forward_onnx_ms"] = raw_forward(onnx, tensors, 16) / len(tensors) * 1e3
+    out["forward_torch_ms"] = raw_forward(eager, tensors, 16) / len(tensors) * 1e3
     out["source_size"] = list(images[0].size)
     return out
 
@@ -236,7 +241,9 @@ def run(quick: bool, ctx: Context) -> dict[str, Any]:
     threads = ctx.threads or torch.get_num_threads()
     work = ctx.work_dir / "embed"
     work.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"threads": threads, "cpus": usable_cpus()}
+    from fewshot.embed import DEFAULT_BATCH_SIZE
+
+    res: dict[str, Any] = {"threads": threads, "cpus": usable_cpus(), "batch": DEFAULT_BATCH_SIZE}
     res["headline"] = [compare(name, size, count, rounds, threads, work)
                        for (name, size), count in zip(BACKBONES, (n, n2))]
     backbone = create_backbone("efficientnet_lite0", image_size=224)
@@ -280,7 +287,7 @@ def section(res: dict[str, Any], ctx: Context) -> str:
     lines = [
         "## 1. Embedding throughput: ONNX Runtime vs torch", "",
         f"Grocery photos ({c['source_size'][0]}x{c['source_size'][1]} JPEG), {res['threads']} thread(s) on "
-        f"{res['cpus']} usable CPU(s), batch 32. End to end = `embed_paths` with the cache off (read + hash, "
+        f"{res['cpus']} usable CPU(s), batch {res.get('batch', 32)} (the library default). End to end = `embed_paths` with the cache off (read + hash, "
         "decode, resize, normalise, batching in the background decode thread, forward); raw = the forward alone on "
         "the same images pre-decoded. ONNX = ONNX Runtime CPUExecutionProvider, fp32, on the exported backbone "
         "(`--runtime onnx`, the default on a CPU); torch = eager, channels-last (`--runtime torch`). "
@@ -295,9 +302,9 @@ def section(res: dict[str, Any], ctx: Context) -> str:
         "with its own raw reference):", "",
         table(["setting", "batch", "decode workers", "ONNX threads", "raw img/s", "end-to-end img/s", "ratio"], rows), "",
         "Per-image costs in one process (ms):", "",
-        table(["read + hash", "decode", "resize + normalise", "forward ONNX b32", "forward torch b32"],
+        table(["read + hash", "decode", "resize + normalise", "forward ONNX b16", "forward torch b16"],
               [[fmt(c["read_and_hash_ms"], 2), fmt(c["decode_ms"], 2), fmt(c["preprocess_ms"], 2),
-                fmt(c["forward_onnx_b32_ms"], 1), fmt(c["forward_torch_b32_ms"], 1)]]), ""]
+                fmt(c["forward_onnx_ms"], 1), fmt(c["forward_torch_ms"], 1)]]), ""]
     lines += _serve_lines(res.get("serve", {})) + _cli_lines(res.get("cli", {}))
     lines += [f"![embedding]({ctx.chart_dir.name}/{_chart(res, ctx)})", ""]
     return "\n".join(lines)

@@ -205,3 +205,36 @@ def test_decode_threads_keep_order_and_skip_bad_files(tmp_path, drawn_tree, runt
     assert ok == [0, 1, 2, 3, 5, 6, 7, 8, 9] and list(failures) == [4]
     np.testing.assert_allclose(v, ref, atol=1e-4)  # row i is photo i (another photo's row is far off)
     assert _cosines(v, ref).min() >= 0.9999
+
+
+def test_evaluate_gives_the_same_metrics_with_either_runtime(small_manifest, tmp_path):
+    """`evaluate` on real Grocery photos (6 articles, leave-one-out, 224 px): the same mAP,
+    MAP@R and P@1 with ONNX Runtime as with torch, each embedding from an empty cache, and
+    metrics.json records the runtime that ran."""
+    from fewshot.pipeline import EmbedOptions, EvalConfig, evaluate
+
+    metrics = {}
+    for runtime in ("onnx", "torch"):
+        opts = EmbedOptions(cache_dir=str(tmp_path / runtime), progress=False, runtime=runtime)
+        m = evaluate(EvalConfig(data=str(small_manifest), split="all", episodes=50, embed=opts),
+                     tmp_path / f"eval-{runtime}")
+        assert [r["runtime"] for r in m["config"]["model"]["runtimes"]] == [runtime]
+        metrics[runtime] = m
+    for key in ("map", "map_at_r", "precision_at_1"):
+        assert metrics["onnx"][key] == pytest.approx(metrics["torch"][key], abs=1e-6), key
+    assert 0.3 < metrics["onnx"]["map"] < 1.0
+
+
+def test_unwritable_cache_folder_runs_from_memory(tmp_path, caplog):
+    """A cache folder that cannot be written (here: a file where the folder should be) costs
+    a warning, not the run: the export is used from memory."""
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    backbone = _tiny_backbone(_Pool())
+    x = torch.rand(2, 3, 16, 16)
+    with caplog.at_level(logging.WARNING, logger="fewshot"):
+        choice = make_forward(backbone, "onnx", cache_dir=blocker)
+    assert choice.runtime == "onnx" and isinstance(choice.forward.path, bytes)
+    assert "cannot cache the ONNX export" in caplog.text
+    np.testing.assert_allclose(choice.forward(x), rt.TorchForward(backbone)(x), atol=1e-5)
+    np.testing.assert_allclose(choice.forward.lane(x), rt.TorchForward(backbone)(x), atol=1e-5)

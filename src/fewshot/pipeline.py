@@ -22,7 +22,7 @@ from .data.fetch import resolve_data
 from .data.loaders import load_dataset, load_grocery_catalogue
 from .data.records import Dataset
 from .data.splits import ClassSplit, protocol_sets
-from .embed import Embeddings
+from .embed import DEFAULT_BATCH_SIZE, Embeddings
 from .errors import CheckpointError, DataError
 from .index import INDEX_FILES, CatalogueIndex, Prediction, is_index_dir
 from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output
@@ -47,7 +47,7 @@ class EmbedOptions:
     model_dir: str | None = None
     #: input side in pixels; ``None`` = 224 for a backbone, the run's own size with ``model_dir``
     image_size: int | None = None
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     num_workers: int = 0
     cache_dir: str | None = None
     strict: bool = False
@@ -331,12 +331,22 @@ def _ci(e: dict) -> str:
     return f"+- {e['ci95']:.3f}" if e.get("ci95") is not None else f"n/a (fewer than {MIN_EPISODES_FOR_CI} episodes)"
 
 
+def _runtime_note(runtimes: list[dict] | None) -> str:
+    """``; forward pass: onnx`` (or why torch ran instead); empty when all was cached."""
+    if not runtimes:
+        return "; forward pass: none (every embedding came from the cache)" if runtimes is not None else ""
+    used = ", ".join(sorted({r["runtime"] for r in runtimes}))
+    notes = [r["notice"] for r in runtimes if r.get("notice")]
+    return f"; forward pass: {used}" + (f" ({notes[0]})" if notes else "")
+
+
 def render_report(metrics: dict) -> str:
     """A Markdown report: headline table, episodic accuracy, per-group table."""
     c = metrics["config"]
     lines = [f"# Evaluation: {c['model']['method']} on {c['dataset']}", "",
              f"- model: `{c['model']['backbone']['name']}` at {c['image_size']} px"
-             + (f", run `{c['model']['model_dir']}`" if c['model']['model_dir'] else " (frozen)"),
+             + (f", run `{c['model']['model_dir']}`" if c['model']['model_dir'] else " (frozen)")
+             + _runtime_note(c['model'].get('runtimes')),
              f"- protocol: {c['protocol']['mode']}" + (f", split `{c['split']}`" if c.get("split") else "")
              + (f", split file `{c['protocol'].get('split_file')}` part `{c['protocol'].get('part')}`"
                 if c['protocol'].get('split_file') else ""),

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from ..embed import DEFAULT_BATCH_SIZE
 from ..errors import FewshotError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -68,7 +69,7 @@ ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot tra
 SizeOpt = typer.Option(None, "--image-size", min=16, max=1024, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model).")
 GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
 StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
-BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass.")
+BatchOpt = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass.")
 WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes (0 = one background thread of the main process, overlapping the forward pass).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace --out when it holds an earlier result of this command (anything else is never replaced).")
 CacheOpt = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).")

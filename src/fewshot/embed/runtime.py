@@ -107,12 +107,13 @@ class OnnxForward:
 
     Attributes:
         session: the ``onnxruntime.InferenceSession`` (thread-safe for concurrent ``run``).
-        path: the cached ``.onnx`` file it was loaded from.
+        path: the cached ``.onnx`` file it was loaded from, or the model's bytes when the
+            cache folder could not be written.
         threads: intra-op threads of the session.
     """
 
     session: Any
-    path: Path
+    path: Path | bytes
     threads: int
     name: str = "onnx"
     _single: Any = field(default=None, init=False, repr=False)
@@ -240,7 +241,7 @@ def make_forward(backbone: Backbone, runtime: str = "auto", *, threads: int | No
         except _ExportFailed as exc2:
             return _fallback(backbone, runtime, str(exc2))
     return ForwardChoice(OnnxForward(session, path, threads), runtime,
-                         details={"onnx_file": str(path), "threads": threads})
+                         details={"onnx_file": str(path) if isinstance(path, Path) else None, "threads": threads})
 
 
 def _fallback(backbone: Backbone, requested: str, reason: str) -> ForwardChoice:
@@ -254,7 +255,7 @@ def _model_device(backbone: Backbone) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _session(path: Path, threads: int):
+def _session(path: Path | bytes, threads: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -263,16 +264,18 @@ def _session(path: Path, threads: int):
     # no busy-waiting between runs: the decode thread needs the cores while a batch is prepared
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    source = str(path) if isinstance(path, Path) else path
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 class _ExportFailed(Exception):
     """The backbone cannot be exported, or its export disagrees with torch."""
 
 
-def cached_export(backbone: Backbone, folder: Path, *, force: bool = False) -> Path:
+def cached_export(backbone: Backbone, folder: Path, *, force: bool = False) -> Path | bytes:
     """The ``.onnx`` file of ``backbone`` in ``folder``, exported now if there is no intact one.
 
+    Returns the file, or the model's bytes when ``folder`` cannot be written (with a warning).
     A cached file is used only when its sidecar ``.json`` names the same key and SHA-256 and
     ONNX Runtime loads it; otherwise it is rebuilt (with a warning when it was damaged). A
     backbone that failed to export leaves a ``.failed.json`` marker so later commands do
@@ -298,10 +301,16 @@ def cached_export(backbone: Backbone, folder: Path, *, force: bool = False) -> P
         with contextlib.suppress(OSError):
             atomic_write_json(failed, {"key": key, "reason": str(exc), "exporter": exporter_version()})
         raise
-    atomic_write_bytes(path, data)
-    atomic_write_json(meta_path, {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                                  "exporter": exporter_version(), "backbone": backbone.describe(),
-                                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    try:
+        atomic_write_bytes(path, data)
+        atomic_write_json(meta_path, {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                                      "exporter": exporter_version(), "backbone": backbone.describe(),
+                                      "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    except OSError as exc:  # a read-only or full cache folder: run from memory, export again next time
+        log.warning("cannot cache the ONNX export in %s (%s); using it from memory (it is exported again "
+                    "next time: set $FEWSHOT_CACHE or --cache-dir to a writable folder)", folder,
+                    exc.strerror or exc)
+        return data
     return path
 
 
