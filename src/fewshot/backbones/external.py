@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
-from .base import Backbone, infer_dim, register_backbone
+from .base import Backbone, BackboneInfo, infer_dim, register_backbone
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
@@ -97,3 +97,21 @@ def open_clip_backbone(pretrained: bool, image_size: int, spec: str) -> Backbone
     model = _ClipImage(clip)
     return Backbone(f"open_clip:{spec}", model, Preprocess(image_size, mean, std, "bicubic"),
                     infer_dim(model, image_size), pretrained, tag or "random")
+
+
+def _family_info(prefix: str, example: str, module: str, extra: str, source: str):
+    def info() -> BackboneInfo:
+        import importlib.util
+
+        ok = importlib.util.find_spec(module) is not None
+        return BackboneInfo(f"{prefix}{example}", None, 224, f"pretrained, downloaded from {source} on first use "
+                            "(needs internet; then cached)", ok,
+                            None if ok else f"pip install 'fewshot[{extra}]' (pulls a newer, multi-GB torch)")
+    return info
+
+
+timm_backbone.info = _family_info("timm:", "NAME", "timm", "timm", "the Hugging Face hub")  # type: ignore[attr-defined]
+torchvision_backbone.info = _family_info("torchvision:", "NAME", "torchvision", "torchvision",  # type: ignore[attr-defined]
+                                         "download.pytorch.org")
+open_clip_backbone.info = _family_info("open_clip:", "ARCH/PRETRAINED", "open_clip", "open_clip",  # type: ignore[attr-defined]
+                                       "the Hugging Face hub or its authors' site")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import typer
 from rich.markup import escape
@@ -224,13 +224,41 @@ def embed(
     typer.echo(f"wrote {n} x {d} embeddings to {out}")
 
 
+@app.command("split")
+@handle_errors
+def split_cmd(
+    data: str = DataOpt,
+    out: Path = typer.Option(..., "--out", help="The split file to write (JSON), for `fewshot train --split-file` and `evaluate --split-file`."),
+    by: str = typer.Option("group", "--by", help="group: keep each group's (brand's) articles in one part, so test brands are unseen too | class: split single articles."),
+    fractions: Tuple[float, float, float] = typer.Option((0.5, 0.15, 0.35), "--fractions", help="train val test shares of the articles (normalised to sum 1)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Shuffling seed (same seed, same split)."),
+    group_from: Optional[str] = GroupFromOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it is a split file written earlier (nothing else is replaced)."),
+) -> None:
+    """Make class-disjoint train / val / test parts of a dataset, for training on unseen articles."""
+    from ..pipeline import make_split
+
+    summary = make_split(data, out, by=by, fractions=fractions, seed=seed, group_from=group_from, overwrite=overwrite)
+    for part, c in summary.parts.items():
+        groups = f" in {c['groups']} group(s)" if c["groups"] else ""
+        typer.echo(f"{part:<5} {c['classes']:>5} classes{groups}, {c['images']:>6} images")
+    unit = "whole groups per part" if by == "group" else "single classes"
+    typer.echo(f"wrote {out} ({unit}, seed {seed}); next: fewshot train --data {data} --split-file {out} --out RUN_DIR")
+
+
 @app.command()
 def backbones() -> None:
-    """List the built-in backbones."""
-    from ..backbones import list_backbones
+    """List the backbones: embedding dimension, default image size, where the weights come from."""
+    from ..backbones import backbone_info
 
-    for name in list_backbones():
-        typer.echo(name)
+    rows = backbone_info()
+    width = max(len(r.name) for r in rows)
+    typer.echo(f"{'backbone':<{width}}  {'dim':>5}  {'size':>4}  status         weights")
+    for r in rows:
+        status = "ready" if r.available else "not installed"
+        typer.echo(f"{r.name:<{width}}  {r.dim or 'model':>5}  {r.image_size or '-':>4}  {status:<13}  {r.weights}")
+        if r.install:
+            typer.echo(f"{'':<{width}}  {'':>5}  {'':>4}  {'':<13}  install: {r.install}")
 
 
 def _register_subcommands() -> None:

@@ -26,6 +26,20 @@ err_console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("fewshot")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"fewshot {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the package version and exit.")) -> None:
+    """Few-shot product recognition: embed, evaluate (mAP), index and classify images."""
+
+
 def _setup_logging(verbose: bool = False) -> None:
     if not any(isinstance(h, RichHandler) for h in log.handlers):
         handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
