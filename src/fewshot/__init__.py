@@ -2,14 +2,23 @@
 
 Pipeline (imports flow one way)::
 
-    data -> backbones -> embed -> methods -> metrics -> index -> cli / serve
+    data -> backbones -> embed -> model -> methods -> metrics -> index -> pipeline -> training -> api -> cli / serve
+
+The Python API (``docs/python-api.md``): :func:`load_dataset`, :func:`create_backbone`,
+:func:`load_model`, :class:`Catalogue`, :func:`evaluate`, :func:`train`. They are imported on
+first use, so ``import fewshot`` stays light.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from .version import __version__
 
-try:
-    __version__ = _version("fewshot")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0+source"
+_API = ("load_dataset", "create_backbone", "load_model", "Catalogue", "evaluate", "train")
 
-__all__ = ["__version__"]
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fewshot' has no attribute {name!r}")

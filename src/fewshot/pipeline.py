@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from .version import __version__
 from .data.fetch import resolve_data
 from .data.loaders import load_dataset, load_grocery_catalogue
 from .data.records import Dataset
@@ -232,6 +232,14 @@ def evaluate(cfg: EvalConfig, out: str | Path | None = None,
             ``out`` is not a place this command may write.
     """
     queries, gallery, protocol = evaluation_sets(cfg)
+    return evaluate_sets(cfg, queries, gallery, protocol, out, model, overwrite=overwrite)
+
+
+def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, protocol: dict,
+                  out: str | Path | None = None, model: EmbeddingModel | None = None, *,
+                  overwrite: bool = False) -> dict:
+    """:func:`evaluate` on query and gallery sets already chosen (``gallery`` ``None`` =
+    leave-one-out within ``queries``); ``protocol`` describes how, for ``metrics.json``."""
     name = f"{cfg.data}" + (f" ({protocol['part']} classes)" if gallery is not None else "")
     check_evaluable(queries.labels, gallery.labels if gallery is not None else None, name)
     if out is not None:
@@ -402,18 +410,23 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
     check_output(out, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
                  owned=INDEX_FILES.__contains__, **data_protection(data, dataset))
     model = model or embed.model()
-    emb = embed.embed(model, dataset)
+    index = index_embeddings(model, embed.embed(model, dataset), data, catalogue)
+    index.save(out)
+    return index
+
+
+def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, catalogue: str | None = None) -> CatalogueIndex:
+    """A :class:`CatalogueIndex` of embedded images, with the config that
+    :func:`model_for_index` needs to find (and check) its model again."""
     config = {"data": str(Path(data).resolve()) if Path(data).exists() else str(data),
-              "split": (dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
+              "split": (emb.dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
               "catalogue": catalogue or "images", "model": model.describe(),
               "image_size": model.backbone.image_size, "backbone": model.backbone.name,
               "model_dir": str(Path(model.run_dir).resolve()) if model.run_dir else None,
               "model_digest": model.weights_digest(),
               "skipped_images": [(str(p), r) for p, r in emb.skipped], **environment()}
-    index = CatalogueIndex.build(emb.vectors, emb.labels, emb.groups,
-                                 [str(p) for p in emb.dataset.paths], config, digests=emb.digests)
-    index.save(out)
-    return index
+    return CatalogueIndex.build(emb.vectors, emb.labels, emb.groups, [str(p) for p in emb.dataset.paths], config,
+                                digests=emb.digests)
 
 
 def model_for_index(index: CatalogueIndex, where: str | Path | None = None) -> EmbeddingModel:
@@ -523,7 +536,7 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
     return results
 
 
-__all__ = ["make_split", "SplitSummary", "is_split_file", "EmbedOptions", "EvalConfig", "evaluate", "build_index", "classify_paths", "ClassifyResult",
+__all__ = ["make_split", "SplitSummary", "is_split_file", "evaluate_sets", "index_embeddings", "EmbedOptions", "EvalConfig", "evaluate", "build_index", "classify_paths", "ClassifyResult",
            "model_for_index", "render_report", "environment", "load_data", "check_evaluable",
            "classification_accuracy", "export_embeddings"]
 

@@ -28,7 +28,7 @@ log = logging.getLogger("fewshot")
 
 def _print_version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from ..version import __version__
 
         typer.echo(f"fewshot {__version__}")
         raise typer.Exit()

@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import faiss
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CheckpointError, DataError
 from ..io import atomic_dir, recover_dir
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
+from ..version import __version__
 from ..backbones import create_backbone
 from ..errors import CheckpointError, FewshotError
 from ..io import atomic_path, atomic_write_json

@@ -61,7 +61,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from ..version import __version__
 from ..data.images import load_image
 from ..embed import read_digests
 from ..errors import FewshotError, ImageReadError

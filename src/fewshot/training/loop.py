@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..embed import check_runtime
 from ..errors import FewshotError
 from ..io import atomic_write_json, replace_dir
