@@ -141,3 +141,28 @@ def draw_tree(root: Path, per_class: int = 6, size: int = 72, seed: int = 0) -> 
 def drawn_tree(tmp_path_factory) -> Path:
     """A plain folder tree of 36 drawn photos (6 articles x 6), made at test time."""
     return draw_tree(tmp_path_factory.mktemp("drawn") / "PHOTOS")
+
+
+def make_brand_tree(grocery_root: Path, out: Path, per_class: int = 4) -> Path:
+    """``out/<Brand>/<Article>/*.jpg``: the first ``per_class`` train photos of each of Grocery's
+    81 articles, under its coarse class as the brand (43 brands): a user's plain folder tree."""
+    import shutil
+
+    import fewshot.data.loaders as loaders
+
+    full = loaders.load_dataset(grocery_root)
+    taken: dict[str, int] = {}
+    for r in full.records:
+        if r.split != "train" or taken.get(r.label, 0) >= per_class:
+            continue
+        taken[r.label] = taken.get(r.label, 0) + 1
+        dst = out / r.group / r.label / r.path.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(r.path, dst)
+    return out
+
+
+@pytest.fixture(scope="session")
+def brand_tree(grocery_root: Path, tmp_path_factory) -> Path:
+    """324 real Grocery photos as ``Brand/Article/photo.jpg`` (81 articles x 4, 43 brands)."""
+    return make_brand_tree(grocery_root, tmp_path_factory.mktemp("own") / "my-photos")

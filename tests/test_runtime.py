@@ -238,3 +238,49 @@ def test_unwritable_cache_folder_runs_from_memory(tmp_path, caplog):
     assert "cannot cache the ONNX export" in caplog.text
     np.testing.assert_allclose(choice.forward(x), rt.TorchForward(backbone)(x), atol=1e-5)
     np.testing.assert_allclose(choice.forward.lane(x), rt.TorchForward(backbone)(x), atol=1e-5)
+
+
+def test_odd_cache_states_are_rebuilt_not_tracebacks(tmp_path, caplog, monkeypatch):
+    """A sidecar that is JSON but not an object; a transient export failure (no marker, so the
+    next command tries again); an embedding cache that cannot be written (a warning)."""
+    backbone = _tiny_backbone(_Pool())
+    path = make_forward(backbone, "onnx", cache_dir=tmp_path).forward.path
+    path.with_suffix(".json").write_text("[1, 2]")
+    with caplog.at_level(logging.WARNING, logger="fewshot"):
+        assert make_forward(backbone, "onnx", cache_dir=tmp_path).runtime == "onnx"
+    assert "not a JSON object" in caplog.text
+
+    other = _tiny_backbone(_Pool(), name="flaky")
+    with torch.no_grad():
+        other.model.conv.bias.add_(1.0)
+    real_export = torch.onnx.export
+
+    def out_of_memory(*a, **k):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(torch.onnx, "export", out_of_memory)
+    assert make_forward(other, "onnx", cache_dir=tmp_path).runtime == "torch"
+    assert not list((tmp_path / "onnx").glob("*.failed.json"))
+    monkeypatch.setattr(torch.onnx, "export", real_export)
+    assert make_forward(other, "onnx", cache_dir=tmp_path).runtime == "onnx"
+
+    from fewshot.embed.cache import EmbeddingCache
+
+    def read_only(self):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(EmbeddingCache, "save", read_only)
+    photo = tmp_path / "p.png"
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(photo)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fewshot"):
+        v, ok, _, _ = embed_paths([photo], backbone, cache_dir=tmp_path / "emb", runtime="torch", progress=False)
+    assert ok == [0] and v.shape == (1, 8) and "cannot write the embedding cache" in caplog.text
+
+
+def test_threads_out_of_range_is_refused(tmp_path, drawn_tree):
+    res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(tmp_path / "e.npz"),
+                                   "--threads", "1000000"])
+    assert res.exit_code == 2 and "--threads" in res.output and "256" in res.output

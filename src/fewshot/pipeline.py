@@ -30,7 +30,7 @@ from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .model import EmbeddingModel
 from .methods.runs import load_embedding_model
 from .metrics import MIN_EPISODES_FOR_CI, episodic_accuracy, nearest_neighbors, retrieval_metrics
-from .viz import retrieval_grid
+from .viz import embedding_map, retrieval_grid
 
 log = logging.getLogger("fewshot")
 
@@ -209,7 +209,7 @@ def is_evaluation_dir(path: Path) -> bool:
         return False
 
 
-EVALUATION_FILES = frozenset({"metrics.json", "report.md", "retrieval_grid.png"})
+EVALUATION_FILES = frozenset({"metrics.json", "report.md", "retrieval_grid.png", "embedding_map.png"})
 
 
 def evaluate(cfg: EvalConfig, out: str | Path | None = None,
@@ -218,7 +218,8 @@ def evaluate(cfg: EvalConfig, out: str | Path | None = None,
 
     Writes the folder ``out`` atomically: ``metrics.json`` (keys: map, map_at_r,
     precision_at_1, recall_at_k, map_at_k, num_queries, num_skipped_queries, episodes,
-    per_group, config), ``report.md`` and ``retrieval_grid.png``.
+    per_group, config), ``report.md``, ``retrieval_grid.png`` and ``embedding_map.png`` (a
+    2-D t-SNE or PCA map of the query embeddings, coloured by group).
 
     Args:
         overwrite: replace ``out`` when it holds an earlier evaluation (any other existing,
@@ -305,12 +306,14 @@ def warn_single_image_classes(q: Embeddings, g: Embeddings | None) -> list[str]:
 
 def write_evaluation(metrics: dict, q: Embeddings, g: Embeddings | None, out: Path,
                      cfg: EvalConfig) -> None:
-    """Write metrics.json, report.md and retrieval_grid.png as the folder ``out`` (atomically:
+    """Write metrics.json, report.md, retrieval_grid.png and embedding_map.png as the folder ``out`` (atomically:
     a failure leaves the previous folder as it was)."""
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_text(tmp / "report.md", render_report(metrics))
         _write_grid(metrics, q, g, tmp, cfg)
+        embedding_map(q.vectors, q.labels, q.groups, tmp / "embedding_map.png", seed=cfg.seed,
+                      title=f"{metrics['config']['model']['method']} - {metrics['config']['dataset']}: query embeddings")
 
 
 def _write_grid(metrics: dict, q: Embeddings, g: Embeddings | None, out: Path, cfg: EvalConfig) -> None:
@@ -369,6 +372,9 @@ def render_report(metrics: dict) -> str:
     for key, e in metrics["episodes"].items():
         lines.append(f"| {key} ({c['episodes']} episodes, {c['n_query']} queries/class) | "
                      f"{_fmt(e.get('accuracy'))} | {_ci(e)} |")
+    lines += ["", "![retrieval grid](retrieval_grid.png)", "",
+              "Embedding map (queries; colour = group): [embedding_map.png](embedding_map.png)", "",
+              "![embedding map](embedding_map.png)"]
     if metrics.get("per_group"):
         lines += ["", "## Per group", "", "| group | queries | mAP | MAP@R | P@1 |", "|---|---|---|---|---|"]
         for grp, v in sorted(metrics["per_group"].items()):

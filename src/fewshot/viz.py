@@ -90,3 +90,60 @@ def training_curves(history: Sequence[dict], out: str | Path, x: str = "epoch",
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
+
+
+#: at most this many points go into the t-SNE of :func:`embedding_map` (a seeded sample beyond)
+MAP_MAX_POINTS = 1500
+
+
+def project_2d(vectors, seed: int = 0, method: str = "auto"):
+    """2-D coordinates ``float [N, 2]`` of ``vectors float32 [N, D]`` (L2-normalised first):
+    scikit-learn's t-SNE (van der Maaten and Hinton 2008) after a 50-d PCA, or PCA alone
+    (``method="pca"``; ``"auto"`` = t-SNE up to :data:`MAP_MAX_POINTS` points, PCA above)."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(vectors, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if method == "auto":
+        method = "tsne" if len(x) <= MAP_MAX_POINTS else "pca"
+    k = min(50, x.shape[1], len(x))
+    reduced = PCA(n_components=k, random_state=seed).fit_transform(x) if k >= 2 else np.hstack([x, x])[:, :2]
+    if method == "pca" or len(x) < 5:
+        return reduced[:, :2], "PCA"
+    perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(reduced), "t-SNE"
+
+
+def embedding_map(vectors, labels: Sequence[str], groups: Sequence[str | None], out: str | Path, *,
+                  title: str = "", seed: int = 0, names: int = 8) -> Path:
+    """A 2-D map of embeddings as a PNG: one dot per image coloured by group (brand; by label
+    when there are no groups), with the names of the ``names`` largest articles at their
+    centre. More than :data:`MAP_MAX_POINTS` images: a seeded sample of that many."""
+    import numpy as np
+
+    n = len(labels)
+    pick = np.arange(n)
+    if n > MAP_MAX_POINTS:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=MAP_MAX_POINTS, replace=False))
+    xy, how = project_2d(np.asarray(vectors)[pick], seed)
+    labs = [labels[i] for i in pick]
+    keys = [groups[i] if groups[i] is not None else labels[i] for i in pick]
+    colour_of = {k: i for i, k in enumerate(sorted(set(keys)))}
+    cmap = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.scatter(xy[:, 0], xy[:, 1], s=9, c=[cmap(colour_of[k] % 20) for k in keys], alpha=0.8, linewidths=0)
+    counts: dict[str, int] = {}
+    for lab in labs:
+        counts[lab] = counts.get(lab, 0) + 1
+    for lab in sorted(counts, key=lambda a: (-counts[a], a))[:names]:
+        at = np.median(xy[[i for i, x in enumerate(labs) if x == lab]], axis=0)
+        ax.annotate(lab, at, fontsize=8, ha="center", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.7, "lw": 0})
+    ax.set_xticks([])
+    ax.set_yticks([])
+    sample = f", a sample of {len(pick)} of {n}" if len(pick) < n else ""
+    ax.set_title(f"{title}\n{how} of {len(pick)} embeddings{sample}; colour = "
+                 f"{'group' if any(g is not None for g in groups) else 'article'}", fontsize=9)
+    return _save(fig, out)

@@ -50,7 +50,7 @@ def evaluate(
                f"R@5 {metrics['recall_at_k']['5']:.4f}  queries {metrics['num_queries']} "
                f"(skipped {metrics['num_skipped_queries']})")
     echo_episodes(metrics["episodes"])
-    typer.echo(f"wrote {out}/metrics.json, report.md, retrieval_grid.png")
+    typer.echo(f"wrote {out}/metrics.json, report.md, retrieval_grid.png, embedding_map.png")
 
 
 @app.command("index")

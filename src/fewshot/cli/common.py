@@ -80,7 +80,7 @@ def positive(value: float | None) -> float | None:
 DataOpt = typer.Option(..., "--data", help="Dataset folder, CSV manifest, or a fetched dataset name (grocery, omniglot).")
 BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default efficientnet_lite0); see `fewshot backbones`.")
 ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot train` (backbone + trained head).")
-SizeOpt = typer.Option(None, "--image-size", min=16, max=1024, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model).")
+SizeOpt = typer.Option(None, "--image-size", min=16, max=1024, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model; EfficientNet needs 32 or more, conv4 16).")
 GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
 StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
 BatchOpt = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass.")
@@ -88,8 +88,10 @@ WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker pro
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace --out when it holds an earlier result of this command (anything else is never replaced).")
 CacheOpt = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).")
 NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
-RuntimeOpt = typer.Option("auto", "--runtime", help="Forward pass: onnx (ONNX Runtime, about 6x faster on a CPU; the backbone is exported once and cached) | torch | auto (onnx on a CPU when onnxruntime is installed, else torch).")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads of the forward pass (torch and ONNX Runtime; default: torch's choice, usually one per core).")
+RuntimeOpt = typer.Option("auto", "--runtime", help="Forward pass: onnx (ONNX Runtime: about 3x the images/s of torch end to end on 2 CPU cores; the backbone is exported once and cached) | torch | auto (onnx on a CPU when onnxruntime is installed, else torch).")
+#: more threads than this is a typo, not a setting (1,000,000 crashed ONNX Runtime)
+MAX_THREADS = 256
+ThreadsOpt = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads of the forward pass (torch and ONNX Runtime; default: torch's choice, usually one per core).")
 
 
 def apply_runtime(runtime: str, threads: int | None) -> None:

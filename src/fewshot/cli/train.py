@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 import typer
 
 from ..errors import FewshotError
-from .common import app, apply_runtime, echo_episodes, handle_errors, positive
+from .common import MAX_THREADS, app, apply_runtime, echo_episodes, handle_errors, positive
 
 
 def _head_spec(value: Optional[str]):
@@ -77,7 +77,7 @@ def _train(
     workers: int = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice). On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads of torch (training) and ONNX Runtime (embedding); default: torch's choice. On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
     runtime: str = typer.Option("auto", "--runtime", help="Forward pass of the frozen embeddings and the final evaluation: auto | onnx | torch (see `fewshot evaluate --help`); fine-tuning runs on torch."),
     **method_flags,
 ) -> None:

@@ -196,6 +196,15 @@ def _run_loader(batches: Iterable, todo: list[int], digests: list[str | None], f
             bar.update(len(idx) + len(bad))
 
 
+def _save_cache(cache: EmbeddingCache) -> None:
+    """Write the cache; a folder that cannot be written costs a warning, not the run."""
+    try:
+        cache.save()
+    except OSError as exc:
+        log.warning("cannot write the embedding cache %s (%s): these embeddings are not cached; set "
+                    "--cache-dir or $FEWSHOT_CACHE to a writable folder", cache.path, exc.strerror or exc)
+
+
 def embed_paths(
     paths: Sequence[str | Path],
     backbone: Backbone,
@@ -264,7 +273,7 @@ def embed_paths(
             _run_loader(batches, todo, digests_of, failures, out, cache, progress, desc)
         finally:  # an interrupted run keeps what it embedded (the cache write is atomic)
             if cache is not None:
-                cache.save()
+                _save_cache(cache)
     ok = sorted(out)
     vectors = np.stack([out[i] for i in ok]).astype(np.float32) if ok else np.zeros(
         (0, backbone.dim), np.float32)

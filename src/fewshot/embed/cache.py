@@ -57,7 +57,8 @@ class EmbeddingCache:
             from ..errors import DataError
 
             raise DataError(f"embedding cache folder {folder} cannot be made: {parent} is a file",
-                            hint="pass --cache-dir a folder (or leave it out for $FEWSHOT_CACHE / ~/.cache/fewshot)")
+                            hint="pass --cache-dir a folder, or set $FEWSHOT_CACHE to a folder (or unset it for "
+                                 "~/.cache/fewshot)")
         self.path = folder / f"{key}.npz"
         self._vectors: dict[str, np.ndarray] = {}
         self._dirty = False

@@ -269,7 +269,12 @@ def _session(path: Path | bytes, threads: int):
 
 
 class _ExportFailed(Exception):
-    """The backbone cannot be exported, or its export disagrees with torch."""
+    """The backbone cannot be exported, or its export disagrees with torch; ``transient``
+    when the cause may pass (out of memory, an OS error), so no marker is left."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def cached_export(backbone: Backbone, folder: Path, *, force: bool = False) -> Path | bytes:
@@ -298,8 +303,9 @@ def cached_export(backbone: Backbone, folder: Path, *, force: bool = False) -> P
     try:
         data = export_bytes(backbone)
     except _ExportFailed as exc:
-        with contextlib.suppress(OSError):
-            atomic_write_json(failed, {"key": key, "reason": str(exc), "exporter": exporter_version()})
+        if not exc.transient:  # out of memory or a full disk may pass: try again next time
+            with contextlib.suppress(OSError):
+                atomic_write_json(failed, {"key": key, "reason": str(exc), "exporter": exporter_version()})
         raise
     try:
         atomic_write_bytes(path, data)
@@ -326,9 +332,16 @@ def _check_cached(path: Path, meta_path: Path, key: str) -> str | None:
     """Why a cached export cannot be used, or ``None`` when it is intact."""
     try:
         meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        return f"its record {meta_path.name} is missing"
     except (OSError, ValueError) as exc:
         return f"its record {meta_path.name} is unreadable: {exc}"
-    data = path.read_bytes()
+    if not isinstance(meta, dict):
+        return f"its record {meta_path.name} is not a JSON object"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
     if meta.get("key") != key or meta.get("sha256") != hashlib.sha256(data).hexdigest():
         return "its SHA-256 differs from the one recorded at export"
     return None
@@ -358,7 +371,9 @@ def export_bytes(backbone: Backbone) -> bytes:
     except _ExportFailed:
         raise
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: use torch
-        raise _ExportFailed(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise _ExportFailed(f"ONNX export failed: {type(exc).__name__}: {first}",
+                            transient=isinstance(exc, (MemoryError, OSError))) from None
     finally:
         model.train(was_training)
     return data
