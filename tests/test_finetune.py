@@ -134,7 +134,7 @@ def test_saved_fine_tuned_run_reloads_to_the_same_embeddings(drawn_tree, tmp_pat
             p.add_(0.05 * torch.randn_like(p))
     head = ProjectionHead(kind="linear", in_dim=1280, out_dim=1280)
     model = EmbeddingModel(backbone=tuned_bb, head=head)
-    expected = model.embed(ds, cache_dir=None, progress=False).vectors
+    expected = model.embed(ds, use_cache=False, progress=False).vectors  # weights_tag is still "imagenet" here
     save_run(tmp_path / "run", model, {"method": "triplet", "fine_tune": "last:1"}, complete=True)
     loaded = load_run(tmp_path / "run")
     assert loaded.backbone.weights_tag.startswith("ft") and loaded.backbone.cache_key != frozen.backbone.cache_key

@@ -172,8 +172,9 @@ def test_cli_runtime_onnx_without_onnxruntime(monkeypatch, tmp_path, drawn_tree)
     assert res.exit_code == 1 and "unknown runtime 'fast'" in res.output
 
 
-def test_cli_embed_onnx_equals_torch(tmp_path, drawn_tree):
+def test_cli_embed_onnx_equals_torch(tmp_path, drawn_tree, monkeypatch):
     """`fewshot embed` with each runtime (separate caches) writes the same vectors."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads 1 must not leak into later tests
     vecs = {}
     for runtime in ("onnx", "torch"):
         out = tmp_path / f"{runtime}.npz"
