@@ -296,3 +296,18 @@ def test_from_scratch_head_is_not_centred_and_frozen_runs_refuse_backbone_option
     with pytest.raises(FewshotError, match="has 16 blocks"):
         train(_cfg(tiny, tmp_path / "r", fine_tune="last:17"))
     assert not (tmp_path / "r").exists()
+
+
+def test_full_network_maml_on_efficientnet_with_fine_tune_all(tiny, tmp_path):
+    """--inner-params all with --fine-tune all on EfficientNet-Lite0: its ImageNet classifier is
+    never read by the forward, so it gets no inner gradient (it used to stop the inner loop with
+    'appears to not have been used in the graph'); the meta-update moves the first convolution."""
+    from fewshot.methods.runs import load_run
+
+    cfg = _cfg(tiny, tmp_path / "maml-all", "maml", image_size=32, fine_tune="all", inner_params="all",
+               ways=3, shots=1, queries=2, episodes=2, episodes_per_epoch=1, meta_batch=1, inner_steps=1)
+    train(cfg)
+    before = create_backbone("efficientnet_lite0", image_size=32).model.state_dict()
+    after = load_run(tmp_path / "maml-all").backbone.model.state_dict()
+    changed = _changed(before, after)
+    assert any("_conv_stem" in k for k in changed) and not any("_fc" in k for k in changed)

@@ -164,10 +164,13 @@ def inner_adapt(
         loss = loss_fn(functional_call(module, fast, (x,), dict(kwargs or {})), y)
         # retain_graph: the loss graph also holds the path to meta-parameters (e.g. through the
         # prototype init), which the outer backward still needs in the first-order case.
+        # allow_unused: a parameter the forward never reads (EfficientNet's ImageNet classifier
+        # under --fine-tune all) has gradient zero and stays as it is
         grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order,
-                                    retain_graph=True)
+                                    retain_graph=True, allow_unused=True)
         for n, g in zip(names, grads, strict=True):
-            fast[n] = fast[n] - lr * g
+            if g is not None:
+                fast[n] = fast[n] - lr * g
     return fast
 
 
