@@ -250,3 +250,36 @@ def _write(path: Path, out: Path, results: dict) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- part 7 of run_all
+GOAL_MAP_AT_R, GOAL_EACH, GOAL_OMNIGLOT = 0.60, 0.50, 0.75
+
+
+def run(quick: bool, ctx) -> dict:
+    """Part 7 of ``bench/run_all.py``: the fine-tuning runs take hours on 2 cores, so this part
+    reads the results ``python bench/quality_finetune.py`` wrote (``docs/results/finetune``)
+    instead of training again."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "finetune" / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run python bench/quality_finetune.py first")
+    return json.loads(path.read_text())
+
+
+def headline(results: dict) -> dict:
+    rows = results.get("rows", {})
+    grocery = [r for r in rows.values() if r.get("dataset") == "grocery" and r.get("fine_tune") != "none"]
+    best = max(grocery, key=lambda r: r["map_at_r"]) if grocery else None
+    per_method: dict[str, float] = {}
+    for r in grocery:
+        per_method[r["method"]] = max(per_method.get(r["method"], 0.0), r["map_at_r"])
+    omni = [r["20way1shot"] for r in rows.values() if r.get("dataset") == "omniglot" and r.get("20way1shot")]
+    return {"best": best, "per_method": per_method, "omniglot_best": max(omni) if omni else None}
+
+
+def section(results: dict, ctx) -> str:
+    body = render(results).split("\n", 1)[1]  # drop the page title
+    body = body.replace("\n## ", "\n### ")
+    return ("## 7. Fine-tuning the feature extractor\n\nFrom `python bench/quality_finetune.py --out "
+            "docs/results/finetune` (hours of training on 2 cores, so `run_all.py` reads its results instead "
+            "of training again; each row records its own date and load).\n" + body)

@@ -7,7 +7,8 @@ Usage (from the repository root, in the project's environment)::
     python bench/run_all.py --out docs --only metrics,search   # rerun some parts, keep the others
     python bench/run_all.py --out docs --render-only   # rewrite benchmarks.md from bench/results.json
 
-Parts (in run order): embed, metrics, search, training, quality, scaling. Every measurement
+Parts (in run order): embed, metrics, search, training, quality, scaling, finetune (which reads
+``docs/results/finetune/results.json`` from ``bench/quality_finetune.py`` rather than training). Every measurement
 is seeded (seed 0) and the raw numbers go to ``OUT/bench/results.json``; ``--only`` merges
 into the results already there, so the Markdown always shows every part. A part that fails
 is reported in the document (with the error) and the others still run. Run it on a quiet
@@ -32,13 +33,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import embed_throughput, metrics_speed, quality, scaling, search_latency, training_cost
+from bench import embed_throughput, metrics_speed, quality, quality_finetune, scaling, search_latency, training_cost
 from bench.common import Context, fmt, fmt_bytes, fmt_s, machine, set_threads, table, verdict, write_json
 
 PARTS = {"embed": embed_throughput, "metrics": metrics_speed, "search": search_latency,
-         "training": training_cost, "quality": quality, "scaling": scaling}
+         "training": training_cost, "quality": quality, "scaling": scaling, "finetune": quality_finetune}
 TITLES = {"embed": "1. Embedding throughput: ONNX Runtime vs torch", "metrics": "2. Retrieval metrics", "search": "3. Search latency",
-          "training": "4. Training cost", "quality": "5. Quality on unseen classes", "scaling": "6. Scaling"}
+          "training": "4. Training cost", "quality": "5. Quality on unseen classes", "scaling": "6. Scaling",
+          "finetune": "7. Fine-tuning the feature extractor"}
 
 
 def summary(results: dict, meta: dict) -> str:
@@ -88,7 +90,27 @@ def summary(results: dict, meta: dict) -> str:
     if "slopes" in r:
         rows.append(["Scaling exponent: metrics (leave-one-out) / search per query", "2 / 1 expected",
                      f"{fmt(r['slopes']['metrics'], 2)} / {fmt(r['slopes']['bare_b1'], 2)}", "-"])
+    rows += _finetune_rows(results.get("finetune", {}))
     return table(["goal", "target", "measured", "verdict"], rows) if rows else "(no results)"
+
+
+def _finetune_rows(r: dict) -> list[list[str]]:
+    if "rows" not in r:
+        return []
+    h = quality_finetune.headline(r)
+    rows = []
+    if h["best"]:
+        b = h["best"]
+        rows.append(["Fine-tuning, Grocery unseen test classes: best MAP@R", f">= {quality_finetune.GOAL_MAP_AT_R}",
+                     f"{b['map_at_r']:.3f} ({b['name']})", verdict(b["map_at_r"] >= quality_finetune.GOAL_MAP_AT_R)])
+        worst = min(h["per_method"].items(), key=lambda kv: kv[1])
+        rows.append(["... every method's best fine-tuned MAP@R", f">= {quality_finetune.GOAL_EACH}",
+                     ", ".join(f"{m} {v:.3f}" for m, v in sorted(h["per_method"].items())),
+                     verdict(worst[1] >= quality_finetune.GOAL_EACH)])
+    if h["omniglot_best"] is not None:
+        rows.append(["Omniglot small1 (Korean) 20-way 1-shot, best run", f">= {quality_finetune.GOAL_OMNIGLOT:.0%}",
+                     f"{h['omniglot_best']:.1%}", verdict(h["omniglot_best"] >= quality_finetune.GOAL_OMNIGLOT)])
+    return rows
 
 
 def _part_dates(meta: dict) -> str:

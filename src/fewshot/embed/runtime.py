@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,10 +78,12 @@ def onnx_cache_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def export_key(backbone: Backbone, digest: str | None = None) -> str:
-    """File-name-safe key of an export: the backbone's cache key (name, weights tag, image size,
-    preprocessing), its weights digest and :func:`exporter_version`."""
+    """File-name-safe key of an export: the backbone's name, image size and preprocessing (its
+    cache key without the weights tag), its weights digest and :func:`exporter_version`. The
+    digest alone names the weights, so a run that kept the pretrained weights (best epoch 0)
+    shares the pretrained backbone's export."""
     digest = digest or weights_digest(backbone.model.state_dict())
-    return f"{backbone.cache_key}-w{digest}-{exporter_version()}"
+    return f"{replace(backbone, weights_tag='onnx').cache_key}-w{digest}-{exporter_version()}"
 
 
 @dataclass
