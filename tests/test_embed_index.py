@@ -55,8 +55,8 @@ def test_pretrained_weights_beat_random_weights(small, lite0_64, tmp_path):
 def test_cache_second_run_embeds_nothing(small, lite0_64, tmp_path, monkeypatch):
     first = embed_dataset(small, lite0_64, cache_dir=tmp_path, progress=False)
     assert first.num_cached == 0
-    cache_file = tmp_path / f"{lite0_64.cache_key}.npz"
-    assert cache_file.is_file() and len(EmbeddingCache(tmp_path, lite0_64.cache_key)) == 60
+    store = tmp_path / lite0_64.cache_key
+    assert (store / "manifest.json").is_file() and len(EmbeddingCache(tmp_path, lite0_64.cache_key)) == 60
 
     def boom(*a, **k):
         raise AssertionError("the backbone must not run on a cached dataset")
@@ -85,6 +85,7 @@ def test_damaged_cache_is_rebuilt(small, lite0_64, tmp_path, caplog):
     assert emb.num_cached == 0 and len(emb.vectors) == 3
     assert "unreadable" in caplog.text
     assert len(EmbeddingCache(tmp_path, lite0_64.cache_key)) == 3
+    assert not (tmp_path / f"{lite0_64.cache_key}.npz").exists()  # the damaged old file is gone: no warning next time
 
 
 def _with_bad_files(small, tmp_path):
