@@ -63,6 +63,9 @@ for _s in (1, 2):
     # epochs 4: seed 0's best epoch was 3 and epoch 4 was worse, so 4 epochs give seed 0 the same run
     ROWS[f"triplet-last2-seed{_s}"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 4, "patience": 2,
                                                               "backbone_lr": 1e-4, "seed": _s})
+for _s in (1, 2):
+    ROWS[f"triplet-all-seed{_s}"] = ("grocery", "triplet", {"fine_tune": "all", "epochs": 4, "patience": 2,
+                                                            "seed": _s})
 ROWS["triplet-last2-blr-quarter"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
                                                            "backbone_lr": 2.5e-5})
 _CONV4 = {"backbone": "conv4", "pretrained": False, "fine_tune": "all", "image_size": 28, "augment": "none",

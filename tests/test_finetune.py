@@ -41,7 +41,9 @@ def test_config_canonical_and_backbone_lr():
     cfg = make_config("triplet", fine_tune="last", fine_tune_blocks=3, lr=2e-4)
     assert cfg.fine_tune == "last:3" and cfg.backbone_learning_rate() == pytest.approx(2e-4)
     assert (cfg.epochs, cfg.patience) == (5, 2)  # fine-tuning defaults
-    assert make_config("triplet").fine_tune == "last:2" and make_config("triplet", fine_tune="none").epochs == 30
+    assert make_config("triplet").fine_tune == "all" and make_config("contrastive").fine_tune == "all"  # measured best
+    assert make_config("protonet").fine_tune == "last:2" and make_config("maml").fine_tune == "last:2"
+    assert make_config("triplet", fine_tune="none").epochs == 30
     assert make_config("protonet").options.episodes == 300
     assert make_config("protonet", fine_tune="none").options.episodes == 2000
     assert make_config("protonet", fine_tune="last:1", backbone_lr=1e-6).backbone_learning_rate() == 1e-6

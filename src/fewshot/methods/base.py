@@ -668,8 +668,10 @@ def make_config(method: str, **given: Any) -> TrainConfig:
     return TrainConfig(**values)
 
 
-#: what :func:`make_config` (and so ``fewshot train``) fine-tunes when ``fine_tune`` is not given;
-#: chosen from bench/quality_finetune.py (README, "Fine-tuning the feature extractor")
+#: what :func:`make_config` (and so ``fewshot train``) fine-tunes when neither ``fine_tune`` nor
+#: the method's :attr:`Method.defaults` says; chosen from bench/quality_finetune.py (README,
+#: "Fine-tuning the feature extractor"): the siamese methods default to ``all`` (measured better),
+#: the episodic ones to this
 DEFAULT_FINE_TUNE = "last:2"
 #: loop lengths when fine-tuning and the caller set none (every epoch runs the backbone forward
 #: and backward, so the head-only defaults of 30 epochs / 2,000 episodes would take hours on CPU)
