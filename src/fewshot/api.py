@@ -27,8 +27,8 @@ from .errors import DataError, ImageReadError
 from .index import INDEX_FILES, CatalogueIndex, Neighbor, is_index_dir
 from .io import check_output
 from .model import EmbeddingModel
-from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths,
-                       evaluate_sets, index_embeddings, load_data, model_for_index)
+from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, evaluate_sets,
+                       index_embeddings, leave_one_out_protocol, load_data, model_for_index, split_protocol_sets)
 
 #: what an image may be: a file path, a PIL image, or a uint8 array ``[H, W, 3]`` / ``[H, W]``
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
@@ -249,18 +249,14 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
     Raises:
         DataError: data that cannot give a meaningful number (one class, one image per class).
     """
-    from .data.splits import ClassSplit, protocol_sets
+    from .data.splits import ClassSplit
 
     model = _as_model(model)
     cfg = EvalConfig(data=str(dataset.root or dataset.name), split_file=str(split_file) if split_file else None,
                      part=part, seed=seed, episodes=episodes, embed=EmbedOptions(runtime=runtime, progress=False))
     if split_file is None:
-        protocol = {"mode": "leave_one_out", "split": dataset.split or ALL_SPLITS}
-        return evaluate_sets(cfg, dataset, None, protocol, out, model, overwrite=overwrite)
-    class_split = ClassSplit.load(split_file)
-    queries, gallery = protocol_sets(dataset, class_split, part)
-    protocol = {"mode": "query_vs_gallery", "split_file": str(split_file), "part": part, "split_name": class_split.name,
-                "classes": len(set(queries.labels) | set(gallery.labels))}
+        return evaluate_sets(cfg, dataset, None, leave_one_out_protocol(dataset), out, model, overwrite=overwrite)
+    queries, gallery, protocol = split_protocol_sets(dataset, ClassSplit.load(split_file), split_file, part)
     return evaluate_sets(cfg, queries, gallery, protocol, out, model, overwrite=overwrite)
 
 

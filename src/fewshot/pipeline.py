@@ -156,13 +156,24 @@ def evaluation_sets(cfg: EvalConfig) -> tuple[Dataset, Dataset | None, dict]:
     """``(queries, gallery or None for leave-one-out, protocol description)``."""
     if cfg.split_file:
         dataset, class_split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, cfg.embed.strict)
-        queries, gallery = protocol_sets(dataset, class_split, cfg.part)
-        protocol = {"mode": "query_vs_gallery", "split_file": str(cfg.split_file), "part": cfg.part,
-                    "split_name": class_split.name, "classes": len(set(queries.labels) | set(gallery.labels)),
-                    "query_split": class_split.query_split, "gallery_split": class_split.gallery_split}
-        return queries, gallery, protocol
+        return split_protocol_sets(dataset, class_split, cfg.split_file, cfg.part)
     dataset = load_data(cfg.data, cfg.split, cfg.group_from, cfg.embed.strict, default_split="test")
-    return dataset, None, {"mode": "leave_one_out", "split": dataset.split or ALL_SPLITS}
+    return dataset, None, leave_one_out_protocol(dataset)
+
+
+def split_protocol_sets(dataset: Dataset, class_split: ClassSplit, split_file: str | Path,
+                        part: str) -> tuple[Dataset, Dataset, dict]:
+    """``(queries, gallery, protocol description)`` of the classes of ``part`` of a class split."""
+    queries, gallery = protocol_sets(dataset, class_split, part)
+    protocol = {"mode": "query_vs_gallery", "split_file": str(split_file), "part": part,
+                "split_name": class_split.name, "classes": len(set(queries.labels) | set(gallery.labels)),
+                "query_split": class_split.query_split, "gallery_split": class_split.gallery_split}
+    return queries, gallery, protocol
+
+
+def leave_one_out_protocol(dataset: Dataset) -> dict:
+    """The protocol description of a leave-one-out evaluation within ``dataset``."""
+    return {"mode": "leave_one_out", "split": dataset.split or ALL_SPLITS}
 
 
 def check_evaluable(query_labels: list[str], gallery_labels: list[str] | None, name: str) -> None:
@@ -542,7 +553,8 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
     return results
 
 
-__all__ = ["make_split", "SplitSummary", "is_split_file", "evaluate_sets", "index_embeddings", "EmbedOptions", "EvalConfig", "evaluate", "build_index", "classify_paths", "ClassifyResult",
+__all__ = ["make_split", "SplitSummary", "is_split_file", "evaluate_sets", "index_embeddings", "split_protocol_sets",
+           "leave_one_out_protocol", "EmbedOptions", "EvalConfig", "evaluate", "build_index", "classify_paths", "ClassifyResult",
            "model_for_index", "render_report", "environment", "load_data", "check_evaluable",
            "classification_accuracy", "export_embeddings"]
 

@@ -36,7 +36,7 @@ log = logging.getLogger("fewshot")
 #: 2 cores (bench/embed_throughput.py; each lane's batch stays in cache), and the same with torch
 DEFAULT_BATCH_SIZE = 16
 
-__all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "forward_batch", "apply_head",
+__all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "apply_head",
            "default_cache_dir", "make_forward", "check_runtime", "RUNTIMES", "Forward", "ForwardChoice",
            "TorchForward", "OnnxForward", "LazyForward", "DEFAULT_BATCH_SIZE"]
 
@@ -125,12 +125,6 @@ def read_digests(paths: Sequence[str | Path]) -> tuple[list[str | None], dict[in
         if reason:
             failures[i] = reason
     return digests, failures
-
-
-def forward_batch(backbone: Backbone, batch: torch.Tensor) -> np.ndarray:
-    """One torch forward pass: preprocessed ``float32 [B, 3, S, S]`` -> ``float32 [B, D]``
-    backbone embeddings (numpy); see :class:`~fewshot.embed.runtime.TorchForward`."""
-    return TorchForward(backbone)(batch)
 
 
 def _load_batch(files: _ImageFiles, start: int, batch_size: int):

@@ -111,7 +111,6 @@ class EmbeddingCache:
         self._where: dict[str, tuple[int, int]] = {}
         self._legacy: dict[str, np.ndarray] = {}
         self._new: dict[str, np.ndarray] = {}
-        self._retired: list[str] = []
         self._legacy_damaged = False
         self._load()
 
@@ -205,18 +204,17 @@ class EmbeddingCache:
         with _locked(self.path):
             self._load()  # others may have written since: keep their shards, skip what they have
             todo = {d: v for d, v in pending.items() if d not in self._where}
-            names = [e["name"] for e in self._manifest().get("shards", []) if self._has(e.get("name", ""))]
+            names = [s.name for s in self._shards]  # the readable shards of the manifest
             for start in range(0, len(todo), SHARD_ROWS):
                 names.append(self._write_shard(dict(list(todo.items())[start:start + SHARD_ROWS])))
-            names = self._compact(names)
+            names, retired = self._compact(names)
             self._write_manifest(names)
+            self._delete_shards(retired)  # only now that the manifest no longer names them
             if (self._legacy or self._legacy_damaged) and self.legacy_path.exists():
                 self.legacy_path.unlink()  # our own old file: migrated into the store, or damaged
         self._new, self._legacy = {}, {}
-        self._load()
-
-    def _has(self, name: str) -> bool:
-        return any(s.name == name for s in self._shards)
+        if retired:  # the in-memory view still points into the merged-away shards
+            self._load()
 
     def _write_shard(self, vectors: dict[str, np.ndarray]) -> str:
         name = f"shard-{uuid.uuid4().hex[:12]}"
@@ -231,19 +229,18 @@ class EmbeddingCache:
         self._add_shard(_Shard(name, digests, matrix))
         return name
 
-    def _compact(self, names: list[str]) -> list[str]:
-        """Merge the small shards into one when there are more than :data:`MAX_SMALL_SHARDS`."""
+    def _compact(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """Merge the small shards into one when there are more than :data:`MAX_SMALL_SHARDS`:
+        ``(the shards to keep, the merged-away shards to delete)``."""
         by_name = {s.name: s for s in self._shards}
         small = [n for n in names if len(by_name[n].digests) < SMALL_ROWS]
         if len(small) <= MAX_SMALL_SHARDS:
-            return names
+            return names, []
         merged: dict[str, np.ndarray] = {}
         for n in small:
             for d, v in zip(by_name[n].digests, by_name[n].vectors):
                 merged.setdefault(d.decode(), np.array(v, dtype=np.float32))
-        kept = [n for n in names if n not in small] + [self._write_shard(merged)]
-        self._retired = small
-        return kept
+        return [n for n in names if n not in small] + [self._write_shard(merged)], small
 
     def _write_manifest(self, names: list[str]) -> None:
         by_name = {s.name: s for s in self._shards}
@@ -251,8 +248,9 @@ class EmbeddingCache:
         atomic_write_json(self.path / "manifest.json", {
             "format": STORE_FORMAT, "version": 1, "dim": dim,
             "shards": [{"name": n, "rows": int(len(by_name[n].digests))} for n in names]})
-        for n in self._retired:  # merged away: only now that the manifest no longer names them
+
+    def _delete_shards(self, names: list[str]) -> None:
+        for n in names:
             for suffix in (".vectors.npy", ".digests.npy"):
                 with contextlib.suppress(FileNotFoundError):
                     (self.path / f"{n}{suffix}").unlink()
-        self._retired = []
