@@ -47,9 +47,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import ClassVar
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
