@@ -153,7 +153,8 @@ def test_index_add_remove_and_round_trip(tmp_path):
         idx.remove_article("zzz")
     idx.save(tmp_path / "idx")
     back = CatalogueIndex.load(tmp_path / "idx")
-    assert back.labels == ["b", "b", "c", "d"] and back.articles == ["b", "c", "d"]
+    # the last article takes the removed one's prototype row (swap-remove: one row written)
+    assert back.labels == ["b", "b", "c", "d"] and back.articles == ["d", "b", "c"]
     np.testing.assert_allclose(back.image_vectors(), idx.image_vectors())
     assert back.config == {"backbone": "toy"}
     # overwriting keeps a complete folder and leaves no temporary folder behind
@@ -166,12 +167,22 @@ def test_index_errors(tmp_path):
         CatalogueIndex.load(tmp_path / "nope")
     idx = _toy_index()
     idx.save(tmp_path / "idx")
-    (tmp_path / "idx" / "images.faiss").write_bytes(b"garbage")
+    (tmp_path / "idx" / "vectors.npy").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="damaged"):
         CatalogueIndex.load(tmp_path / "idx")
-    (tmp_path / "idx" / "images.faiss").unlink()
-    with pytest.raises(CheckpointError, match="images.faiss is missing"):
+    (tmp_path / "idx" / "vectors.npy").unlink()
+    with pytest.raises(CheckpointError, match="vectors.npy is missing"):
         CatalogueIndex.load(tmp_path / "idx")
+    from fewshot.index import AnnConfig
+
+    hnsw = CatalogueIndex.build(idx.image_vectors(), idx.labels, idx.groups, idx.paths, ann_config=AnnConfig("hnsw"))
+    hnsw.save(tmp_path / "hnsw")
+    (tmp_path / "hnsw" / "images.faiss").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="damaged"):
+        CatalogueIndex.load(tmp_path / "hnsw")
+    (tmp_path / "hnsw" / "images.faiss").unlink()
+    with pytest.raises(CheckpointError, match="images.faiss is missing"):
+        CatalogueIndex.load(tmp_path / "hnsw")
     with pytest.raises(CheckpointError, match="dimension 2"):
         idx.classify(np.zeros((1, 2), np.float32))
     with pytest.raises(DataError, match="empty catalogue"):
@@ -179,8 +190,6 @@ def test_index_errors(tmp_path):
 
 
 def test_index_save_crash_keeps_old_index(tmp_path, monkeypatch):
-    import faiss
-
     idx = _toy_index()
     idx.save(tmp_path / "idx")
     idx.add_article("d", None, np.ones((1, 3), np.float32), ["d.jpg"])
@@ -188,7 +197,7 @@ def test_index_save_crash_keeps_old_index(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(faiss, "write_index", crash)
+    monkeypatch.setattr(np.lib.format, "open_memmap", crash)
     with pytest.raises(OSError):
         idx.save(tmp_path / "idx")
     monkeypatch.undo()
@@ -208,7 +217,7 @@ def test_index_recovered_after_crash_between_renames(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
-def test_index_searches_batches_on_the_blas_path_with_the_same_answers():
+def test_index_searches_batches_on_the_blas_path_with_the_same_answers(monkeypatch):
     import faiss
 
     from fewshot.index import BLAS_MIN_QUERIES, CatalogueIndex
@@ -220,17 +229,14 @@ def test_index_searches_batches_on_the_blas_path_with_the_same_answers():
     q = rng.standard_normal((8, 64)).astype(np.float32)
 
     seen = []
-    real = index.prototype_index
+    real = faiss.knn
 
-    class Spy:  # records the threshold FAISS sees during the search
-        d = real.d
-
-        def search(self, queries, k):
-            seen.append((len(queries), faiss.cvar.distance_compute_blas_threshold))
-            return real.search(queries, k)
+    def spy(queries, base, k, **kw):  # records the threshold FAISS sees during the search
+        seen.append((len(queries), faiss.cvar.distance_compute_blas_threshold))
+        return real(queries, base, k, **kw)
 
     before = faiss.cvar.distance_compute_blas_threshold
-    index.prototype_index = Spy()
+    monkeypatch.setattr(faiss, "knn", spy)
     batch = index.classify(q, top_k=3)
     single = [index.classify(q[i:i + 1], top_k=3)[0] for i in range(len(q))]
     assert faiss.cvar.distance_compute_blas_threshold == before  # restored

@@ -24,8 +24,10 @@ from .data.loaders import load_dataset, load_grocery_catalogue
 from .data.records import Dataset
 from .data.splits import ClassSplit, make_class_split, protocol_sets
 from .embed import DEFAULT_BATCH_SIZE, Embeddings
+from .embed.distributed import RayOptions, ray_embed_dataset
 from .errors import CheckpointError, DataError
-from .index import INDEX_FILES, CatalogueIndex, Prediction, is_index_dir
+from .index import INDEX_FILES, AnnConfig, CatalogueIndex, Prediction, is_index_dir
+from .index.ann import resolve as resolve_ann
 from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .model import EmbeddingModel
 from .methods.runs import load_embedding_model
@@ -57,6 +59,8 @@ class EmbedOptions:
     runtime: str = "auto"
     #: ONNX Runtime threads; ``None`` = ``torch.get_num_threads()``
     threads: int | None = None
+    #: embed on Ray Data (:mod:`fewshot.embed.distributed`); ``None`` = in this process
+    distributed: RayOptions | None = None
 
     def model(self) -> EmbeddingModel:
         """The backbone at ``image_size``, or the run in ``model_dir`` at its own size (a
@@ -71,6 +75,12 @@ class EmbedOptions:
         return model
 
     def embed(self, model: EmbeddingModel, dataset: Dataset) -> Embeddings:
+        if self.distributed is not None:
+            emb = ray_embed_dataset(dataset, model.backbone, options=self.distributed, strict=self.strict,
+                                    batch_size=self.batch_size, cache_dir=self.cache_dir, progress=self.progress,
+                                    runtime=self.runtime, threads=self.threads)
+            emb.vectors = model.transform(emb.vectors)
+            return emb
         return model.embed(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                            cache_dir=self.cache_dir, strict=self.strict, progress=self.progress,
                            runtime=self.runtime, threads=self.threads)
@@ -397,7 +407,8 @@ def render_report(metrics: dict) -> str:
 # --------------------------------------------------------------------------- index / classify
 def build_index(data: str, out: str | Path, *, split: str | None = None, catalogue: str | None = None,
                 group_from: str | None = None, embed: EmbedOptions | None = None,
-                model: EmbeddingModel | None = None, overwrite: bool = False) -> CatalogueIndex:
+                model: EmbeddingModel | None = None, overwrite: bool = False,
+                ann_config: AnnConfig | None = None) -> CatalogueIndex:
     """Embed a catalogue and save it as an index folder.
 
     Args:
@@ -408,10 +419,11 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
         catalogue: ``"iconic"`` = the Grocery studio images (one per article) instead.
         overwrite: replace ``out`` when it is an index folder already. Any other existing,
             non-empty ``out`` is refused, and so is one that holds (or lies inside) the data.
+        ann_config: the image index type (:class:`fewshot.index.AnnConfig`; default exact flat).
 
     Raises:
-        DataError: bad data, split or catalogue; an ``out`` that may not be written. Checked
-            before anything is embedded or written.
+        DataError: bad data, split or catalogue; an ``out`` that may not be written; index
+            options that do not fit the catalogue. Checked before anything is embedded or written.
     """
     embed = embed or EmbedOptions()
     root = resolve_data(data)
@@ -427,12 +439,14 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
     check_output(out, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
                  owned=INDEX_FILES.__contains__, **data_protection(data, dataset))
     model = model or embed.model()
-    index = index_embeddings(model, embed.embed(model, dataset), data, catalogue)
+    ann_config = resolve_ann(ann_config or AnnConfig(), len(dataset), model.dim)
+    index = index_embeddings(model, embed.embed(model, dataset), data, catalogue, ann_config)
     index.save(out)
     return index
 
 
-def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, catalogue: str | None = None) -> CatalogueIndex:
+def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, catalogue: str | None = None,
+                     ann_config: AnnConfig | None = None) -> CatalogueIndex:
     """A :class:`CatalogueIndex` of embedded images, with the config that
     :func:`model_for_index` needs to find (and check) its model again."""
     config = {"data": str(Path(data).resolve()) if Path(data).exists() else str(data),
@@ -443,7 +457,7 @@ def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, c
               "model_digest": model.weights_digest(),
               "skipped_images": [(str(p), r) for p, r in emb.skipped], **environment()}
     return CatalogueIndex.build(emb.vectors, emb.labels, emb.groups, [str(p) for p in emb.dataset.paths], config,
-                                digests=emb.digests)
+                                digests=emb.digests, ann_config=ann_config)
 
 
 def model_for_index(index: CatalogueIndex, where: str | Path | None = None) -> EmbeddingModel:
@@ -648,6 +662,8 @@ def export_embeddings(data: str, out: str | Path, *, split: str | None = None, g
     paths = [str(p) for p in emb.dataset.paths]
     config = {"data": str(data), "split": dataset.split or ALL_SPLITS, "model": model.describe(),
               "model_digest": model.weights_digest(), **environment()}
+    if embed.distributed is not None:
+        config["distributed"] = embed.distributed.describe()
     with atomic_path(out) as tmp:
         if out.suffix == ".npz":
             with open(tmp, "wb") as fh:

@@ -63,14 +63,21 @@ def index_cmd(
     group_from: Optional[str] = GroupFromOpt,
     out: Path = typer.Option(..., "--out", help="Index folder to write (atomically); never one that holds other files or the --data images."),
     overwrite: bool = OverwriteOpt,
+    index_type: str = typer.Option("auto", "--index-type", help="flat (exact), ivfpq or hnsw (approximate); auto = flat below 200,000 images, else ivfpq."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="ivfpq: coarse cells (default: the power of two nearest sqrt(N))."),
+    pq_m: Optional[int] = typer.Option(None, "--pq-m", min=1, help="ivfpq: bytes per image (PQ sub-quantizers; must divide the dimension; default: the largest divisor <= 64)."),
+    nprobe: int = typer.Option(32, "--nprobe", min=1, help="ivfpq: cells scanned per query (default at query time; classify can override)."),
+    ef_search: int = typer.Option(64, "--ef-search", min=1, help="hnsw: candidates explored per query (default at query time)."),
     *, emb: "EmbedOptions",
 ) -> None:
     """Embed a catalogue (a few labelled photos per article) into a FAISS index."""
+    from ..index import AnnConfig
     from ..pipeline import build_index
 
+    ann = AnnConfig(index_type, nlist=nlist, m=pq_m, nprobe=nprobe, ef_search=ef_search)
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
-                      overwrite=overwrite)
-    typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out}")
+                      overwrite=overwrite, ann_config=ann)
+    typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out} ({idx.ann.kind} index)")
 
 
 def _expand_images(items: List[Path]) -> list[Path]:
@@ -99,6 +106,8 @@ def classify(
     summary_only: bool = typer.Option(False, "--summary-only", help="With --data: print only the accuracy summary."),
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
     no_progress: bool = NoProgressOpt, runtime: str = RuntimeOpt, threads: Optional[int] = ThreadsOpt,
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="ivfpq index: cells scanned per query (default: the index's)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="hnsw index: candidates explored per query (default: the index's)."),
 ) -> None:
     """Say which article each photo shows (top-k with cosine scores). Exits 1 if any image is bad.
 
@@ -114,7 +123,7 @@ def classify(
     if mode not in ("prototype", "nearest"):
         raise typer.BadParameter(f"{mode!r}: use prototype or nearest", param_hint="--mode")
     apply_runtime(runtime, threads)
-    cat = CatalogueIndex.load(index)
+    cat = CatalogueIndex.load(index).with_search(nprobe=nprobe, ef_search=ef_search)
     truth: list[str] | None = None
     if data is not None:
         from ..pipeline import load_data
@@ -215,13 +224,37 @@ def embed(
     group_from: Optional[str] = GroupFromOpt,
     out: Path = typer.Option(..., "--out", help="Output file: .safetensors or .npz."),
     overwrite: bool = OverwriteOpt,
+    distributed: Optional[str] = typer.Option(None, "--distributed", help="Embed on a cluster back-end: ray (Ray Data; pip install -e \".[scale]\"). Results go to the embedding store as they come, so an interrupted run resumes where it stopped."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --distributed ray: the cluster to join (e.g. auto, HOST:6379, ray://HOST:10001); default: a local Ray for this run, shut down at the end."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1, help="With --distributed ray: actors, one model each (default: the CPUs / --ray-cpus-per-worker)."),
+    ray_cpus: int = typer.Option(1, "--ray-cpus-per-worker", min=1, help="With --distributed ray: CPUs per actor (its forward-pass threads unless --threads)."),
     *, emb: "EmbedOptions",
 ) -> None:
     """Export embeddings with their labels, groups and paths."""
     from ..pipeline import export_embeddings
 
+    emb.distributed = _ray_options(distributed, ray_address, ray_workers, ray_cpus, emb)
     n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb, overwrite=overwrite)
     typer.echo(f"wrote {n} x {d} embeddings to {out}")
+
+
+def _ray_options(distributed: str | None, address: str | None, workers: int | None, cpus: int, emb: "EmbedOptions"):
+    """``--distributed`` and its ``--ray-*`` options as :class:`~fewshot.embed.distributed.RayOptions`
+    (``None`` = embed here), checked before anything is read or written."""
+    from ..embed.distributed import RayOptions, check_distributed
+    from ..errors import FewshotError
+
+    if distributed is None:
+        given = [flag for flag, v in (("--ray-address", address), ("--ray-workers", workers),
+                                      ("--ray-cpus-per-worker", cpus != 1)) if v]
+        if given:
+            raise FewshotError(f"{', '.join(given)} need(s) --distributed ray", hint="add --distributed ray")
+        return None
+    check_distributed(distributed)
+    if emb.num_workers:
+        raise FewshotError("--workers (decode processes of a local run) does not apply to --distributed ray",
+                           hint="use --ray-workers N (actors) and --ray-cpus-per-worker")
+    return RayOptions(address=address, workers=workers, cpus_per_worker=cpus)
 
 
 @app.command("split")

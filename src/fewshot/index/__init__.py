@@ -1,26 +1,38 @@
-"""A searchable catalogue: FAISS index over L2-normalised embeddings plus per-article prototypes.
+"""A searchable catalogue: a FAISS image index over L2-normalised embeddings plus per-article
+prototypes, for catalogues from a few images to millions.
 
 The catalogue is the support set of the main job: a few labelled photos per article. New
 photos are classified by cosine similarity either to each article's prototype (the mean of
 its L2-normalised embeddings, re-normalised; Snell et al. 2017) or to its nearest catalogue
-image (the article's score is its best image's score).
+image (the article's score is its best image's score). The image index is exact (``flat``)
+or approximate (``ivfpq``, ``hnsw``: :mod:`fewshot.index.ann`).
 
-On disk (``save``/``load``, written atomically as a whole folder)::
+Enrolling or removing an article changes only that article: its images are appended to the
+image index (removed ones become tombstones, masked at query time), its prototype row is
+updated, and :meth:`CatalogueIndex.append_change` persists the change as one journal entry
+(:mod:`fewshot.index.journal`) instead of rewriting the folder. :meth:`CatalogueIndex.save`
+writes the whole folder (compaction).
 
-    INDEX_DIR/images.faiss       faiss.IndexFlatIP over the image embeddings  [N, D]
-    INDEX_DIR/prototypes.faiss   faiss.IndexFlatIP over the article prototypes [C, D]
-    INDEX_DIR/meta.json          labels, groups, paths and content digests (SHA-256) per image;
-                                 config (backbone, run, model weights digest); version
+On disk (format 2; ``save`` writes the folder atomically as a whole)::
+
+    INDEX_DIR/meta.json            labels, groups, paths and content digests (SHA-256) per image;
+                                   config (backbone, run, model weights digest); index type; version
+    INDEX_DIR/vectors.npy          float32 [N, D] exact normalised image vectors (memory-mapped)
+    INDEX_DIR/ids.npy              int64 [N] each image's id in images.faiss (sorted)
+    INDEX_DIR/prototype_sums.npy   float32 [C, D] per article, the sum of its image vectors
+    INDEX_DIR/images.faiss         the ivfpq / hnsw index (a flat index is rebuilt from vectors.npy)
+    INDEX_DIR/journal/             changes since the base files (replayed by ``load``)
+
+Format 1 folders (``images.faiss`` flat, ``prototypes.faiss``, ``meta.json``) still load.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -28,8 +40,16 @@ import numpy as np
 from ..version import __version__
 from ..errors import CheckpointError, DataError
 from ..io import atomic_dir, recover_dir
+from . import ann
+from .ann import BLAS_MIN_QUERIES, INDEX_TYPES, AnnConfig, faiss_blas_setting
+from .journal import Change, Journal
+from .vectors import Growable, Prototypes, VectorStore, l2_normalize
 
-FORMAT_VERSION = 1
+__all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "CatalogueIndex", "Change", "INDEX_FILES", "INDEX_TYPES",
+           "Neighbor", "Prediction", "faiss_blas_setting", "is_index_dir", "l2_normalize"]
+
+FORMAT_VERSION = 2
+log = logging.getLogger("fewshot")
 
 
 @dataclass(frozen=True)
@@ -58,52 +78,11 @@ class Neighbor:
                 "score": round(float(self.score), 6)}
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation of ``float32 [N, D]`` (zero rows stay zero)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-#: FAISS's flat search runs a SIMD loop below ``faiss.cvar.distance_compute_blas_threshold``
-#: (compared, in faiss 1.15, with queries x dimension; default 128,000 = 100 queries of 1,280-d)
-#: and one BLAS matrix product at or above it. On 2 CPU cores the BLAS path is 1.4-8x faster
-#: per query from 4 queries upward and slower at 2 (docs/benchmarks.md, part 3), so the
-#: catalogue searches batches of at least this many queries with BLAS.
-BLAS_MIN_QUERIES = 4
-_BLAS_SETTING = threading.Lock()
-
-
-@contextmanager
-def faiss_blas_setting(dim: int) -> Iterator[None]:
-    """Within the block, FAISS flat searches of :data:`BLAS_MIN_QUERIES` or more ``dim``-d
-    queries take the BLAS path.
-
-    ``faiss.cvar.distance_compute_blas_threshold`` is process-wide, so it is set under a lock
-    and restored on exit: searches from several threads take turns (each one already uses
-    every OpenMP thread). Both paths give the same neighbours up to float32 rounding.
-    """
-    with _BLAS_SETTING:
-        saved = faiss.cvar.distance_compute_blas_threshold
-        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * int(dim)
-        try:
-            yield
-        finally:
-            faiss.cvar.distance_compute_blas_threshold = saved
-
-
-def _faiss_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search(queries float32 [Q, D], k)`` -> ``(float32 [Q, k], int64 [Q, k])`` under
-    :func:`faiss_blas_setting`."""
-    with faiss_blas_setting(index.d):
-        return index.search(queries, k)
-
-
 def _best_image_per_article(idx: np.ndarray, image_article: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions of each article's first (best) image in ranked FAISS results.
 
     Args:
-        idx: int64 ``[Q, k]`` image indices, best first per row (``-1``: no result).
+        idx: int64 ``[Q, k]`` image positions, best first per row (``-1``: no result).
         image_article: int64 ``[N]`` article of each image.
 
     Returns:
@@ -123,38 +102,44 @@ def _best_image_per_article(idx: np.ndarray, image_article: np.ndarray) -> tuple
     return row[keep], col[keep]
 
 
-def _flat_ip(vectors: np.ndarray, dim: int) -> faiss.Index:
-    index = faiss.IndexFlatIP(dim)
-    if len(vectors):
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def is_index_dir(path: str | Path) -> bool:
     """Whether ``path`` is an index folder written by :meth:`CatalogueIndex.save` (its
-    ``meta.json`` records a format and a fewshot version, and ``images.faiss`` is there)."""
-    try:
-        meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
-        return (isinstance(meta, dict) and "format_version" in meta and "fewshot_version" in meta
-                and (Path(path) / "images.faiss").is_file())
-    except (OSError, ValueError):
-        return False
+    ``meta.json`` records a format and a fewshot version, and its vectors are there)."""
+    meta = _read_meta(Path(path))
+    return (meta is not None and "format_version" in meta and "fewshot_version" in meta
+            and any((Path(path) / f).is_file() for f in ("vectors.npy", "images.faiss")))
 
 
 #: what an index folder holds at its top level (the service adds ``enrolled/``)
-INDEX_FILES = frozenset({"meta.json", "images.faiss", "prototypes.faiss", "enrolled"})
+INDEX_FILES = frozenset({"meta.json", "images.faiss", "prototypes.faiss", "vectors.npy", "ids.npy",
+                         "prototype_sums.npy", "journal", "enrolled"})
 
 
 @dataclass
 class CatalogueIndex:
     """Catalogue embeddings with their labels, groups, paths and per-article prototypes.
 
-    Build with :meth:`build`; all vectors are stored L2-normalised, ``float32``.
+    Build with :meth:`build`; all vectors are stored L2-normalised, ``float32``. Images are
+    addressed by position ``0..N-1`` (the order of ``labels``); removing an article shifts
+    the later positions down.
 
     Attributes:
         dim: embedding dimension ``D``.
-        labels, groups, paths: per catalogue image, aligned with the image index.
+        labels, groups, paths: per catalogue image, aligned with the image positions.
         config: how the embeddings were made (backbone, model run, image size, data, split).
+        ann: the image index type and its build / query parameters.
+        articles, article_groups: per article, in prototype order.
+        image_article: int64 ``[N]``: each image's position in ``articles``.
+        digests: SHA-256 of each catalogue image's file (``None`` where unknown); finds queries
+            that are catalogue images (:meth:`find_images`).
     """
 
     dim: int
@@ -162,74 +147,100 @@ class CatalogueIndex:
     groups: list[str | None]
     paths: list[str]
     config: dict = field(default_factory=dict)
+    ann: AnnConfig = field(default_factory=AnnConfig)
     image_index: faiss.Index | None = None
     articles: list[str] = field(default_factory=list)
     article_groups: list[str | None] = field(default_factory=list)
-    prototype_index: faiss.Index | None = None
-    #: int64 ``[N]``: each image's position in ``articles`` (kept by ``_rebuild_prototypes``)
     image_article: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
-    #: SHA-256 of each catalogue image's file (``None`` where unknown, e.g. an index written by
-    #: fewshot 0.1.0); finds queries that are catalogue images (:meth:`find_images`)
     digests: list[str | None] = field(default_factory=list)
+    #: int64 ``[N]``: each position's id in ``image_index`` (sorted; gaps are tombstones)
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    _vectors: VectorStore | None = field(default=None, repr=False)
+    _protos: Prototypes | None = field(default=None, repr=False)
+    _article_of: dict[str, int] = field(default_factory=dict, repr=False)
+    _alive: Growable | None = field(default=None, repr=False)
+    _by_digest: dict[str, list[int]] | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- building
     @classmethod
     def build(cls, vectors: np.ndarray, labels: Sequence[str], groups: Sequence[str | None],
               paths: Sequence[str | Path], config: dict | None = None,
-              digests: Sequence[str | None] | None = None) -> "CatalogueIndex":
+              digests: Sequence[str | None] | None = None, ann_config: AnnConfig | None = None,
+              progress: Callable[[int], None] | None = None) -> "CatalogueIndex":
         """Index ``vectors float32 [N, D]`` (normalised here) with per-image metadata.
 
         ``digests``: the SHA-256 of each image file (:func:`fewshot.embed.read_digests`).
+        ``ann_config``: the image index type (default exact ``flat``; ``auto`` picks by size).
 
         Raises:
-            DataError: no vectors, or metadata lengths that differ from ``N``.
+            DataError: no vectors, metadata lengths that differ from ``N``, or index options
+                that do not fit the catalogue (:func:`fewshot.index.ann.resolve`).
         """
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise DataError("cannot build an index from an empty catalogue",
                             hint="check --data / --split: no image was embedded")
         n = len(vectors)
-        if not (len(labels) == len(groups) == len(paths) == n):
-            raise DataError(f"catalogue metadata lengths differ: {n} vectors, {len(labels)} "
-                            f"labels, {len(groups)} groups, {len(paths)} paths")
         digests = list(digests) if digests is not None else [None] * n
-        if len(digests) != n:
-            raise DataError(f"catalogue metadata lengths differ: {n} vectors, {len(digests)} digests")
+        if not (len(labels) == len(groups) == len(paths) == len(digests) == n):
+            raise DataError(f"catalogue metadata lengths differ: {n} vectors, {len(labels)} labels, "
+                            f"{len(groups)} groups, {len(paths)} paths, {len(digests)} digests")
+        resolved = ann.resolve(ann_config or AnnConfig(), n, vectors.shape[1])
+        normed = l2_normalize(vectors)
         self = cls(dim=vectors.shape[1], labels=list(labels), groups=list(groups),
-                   paths=[str(p) for p in paths], config=dict(config or {}), digests=digests)
-        self.image_index = _flat_ip(l2_normalize(vectors), self.dim)
-        self._rebuild_prototypes()
+                   paths=[str(p) for p in paths], config=dict(config or {}), digests=digests,
+                   ann=resolved, ids=np.arange(n, dtype=np.int64))
+        self.image_index = ann.build(resolved, normed, progress)
+        self._vectors = VectorStore(normed, self.ids, n)
+        self._init_articles(None)
         return self
 
-    def image_vectors(self) -> np.ndarray:
-        """The stored (normalised) image embeddings, ``float32 [N, D]``."""
-        assert self.image_index is not None
-        if self.image_index.ntotal == 0:
-            return np.zeros((0, self.dim), np.float32)
-        # np.asarray: once faiss.contrib.torch_utils is imported (pytorch-metric-learning's
-        # inference module does it), FAISS returns torch tensors here
-        return np.asarray(self.image_index.reconstruct_n(0, self.image_index.ntotal), dtype=np.float32)
-
-    def _rebuild_prototypes(self) -> None:
-        vectors = self.image_vectors()
+    def _init_articles(self, sums: np.ndarray | None, articles: list[str] | None = None) -> None:
+        """Articles (in the order ``articles`` when given, else first appearance),
+        ``image_article``, prototypes (from ``sums [C, D]`` in that order, or the vectors) and
+        the alive bitmap, from the per-image metadata."""
         order: dict[str, int] = {}
-        for label in self.labels:
+        for label in (articles if articles is not None else self.labels):
             order.setdefault(label, len(order))
+        self._article_of = order
         self.articles = list(order)
         group_of: dict[str, str | None] = {}
         for label, group in zip(self.labels, self.groups):
             group_of.setdefault(label, group)
         self.article_groups = [group_of[a] for a in self.articles]
-        sums = np.zeros((len(self.articles), self.dim), np.float32)
-        idx = np.array([order[lab] for lab in self.labels], dtype=np.int64)
-        self.image_article = idx
-        if len(idx):
-            np.add.at(sums, idx, vectors)
-        self.prototype_index = _flat_ip(l2_normalize(sums), self.dim)
+        self.image_article = np.fromiter((order[lab] for lab in self.labels), np.int64, len(self.labels))
+        if sums is None:
+            sums = np.zeros((len(order), self.dim), np.float32)
+            for start in range(0, len(self.ids), ann.SHARD_ROWS):
+                part = slice(start, start + ann.SHARD_ROWS)
+                np.add.at(sums, self.image_article[part], self._vectors.get(self.ids[part]))
+        counts = np.bincount(self.image_article, minlength=len(order))
+        self._protos = Prototypes(self.dim)
+        for a in range(len(order)):
+            self._protos.append(sums[a], int(counts[a]))
+        id_space = self._vectors.first_new + self._vectors.new.n
+        self._alive = Growable((), np.uint8, capacity=id_space // 8 + 1)
+        self._alive.append(np.zeros(id_space // 8 + 1, np.uint8))
+        np.bitwise_or.at(self._alive.view, self.ids >> 3, (1 << (self.ids & 7)).astype(np.uint8))
+        self._by_digest = None
 
+    def image_vectors(self) -> np.ndarray:
+        """The stored (normalised) image embeddings, ``float32 [N, D]``, by position."""
+        assert self._vectors is not None
+        return self._vectors.get(self.ids)
+
+    @property
+    def prototypes(self) -> np.ndarray:
+        """The normalised article prototypes, ``float32 [C, D]`` (a view)."""
+        assert self._protos is not None
+        return self._protos.normed.view
+
+    # ----------------------------------------------------------------- changes
     def add_article(self, label: str, group: str | None, vectors: np.ndarray,
                     paths: Sequence[str | Path], digests: Sequence[str | None] | None = None) -> None:
-        """Add images of one article (new or existing) and update its prototype.
+        """Add images of one article (new or existing) and update its prototype: appends to
+        the image index and writes one prototype row (time independent of the catalogue size,
+        except FAISS's amortised growth).
 
         ``digests``: the SHA-256 of each image file (``None`` = unknown).
 
@@ -241,38 +252,132 @@ class CatalogueIndex:
             raise DataError(f"article '{label}' has no images to add")
         if vectors.shape[1] != self.dim:
             raise DataError(f"embedding dimension {vectors.shape[1]} does not match the index's {self.dim}")
-        if len(paths) != len(vectors):
-            raise DataError(f"{len(paths)} paths for {len(vectors)} vectors")
-        assert self.image_index is not None
-        self.image_index.add(l2_normalize(vectors))
+        digests = list(digests) if digests is not None else [None] * len(vectors)
+        if not (len(paths) == len(digests) == len(vectors)):
+            raise DataError(f"{len(paths)} paths and {len(digests)} digests for {len(vectors)} vectors")
+        assert self._vectors is not None and self._protos is not None and self.image_index is not None
+        normed = l2_normalize(vectors)
+        new_ids = self._vectors.append(normed)
+        if self.ann.kind == "ivfpq":  # ids continue after removed ones (IVF drops them on save)
+            self.image_index.add_with_ids(normed, new_ids)
+        else:  # flat / HNSW number their vectors in insertion order, tombstones included
+            assert new_ids[0] == self.image_index.ntotal, "image index and vector store disagree"
+            self.image_index.add(normed)
+        a = self._article_of.get(label)
+        if a is None:
+            a = self._article_of[label] = len(self.articles)
+            self.articles.append(label)
+            self.article_groups.append(group)
+            self._protos.append(normed.sum(axis=0), len(normed))
+        else:
+            self._protos.update(a, normed.sum(axis=0), len(normed))
+        start = len(self.labels)
         self.labels += [label] * len(vectors)
         self.groups += [group] * len(vectors)
         self.paths += [str(p) for p in paths]
-        self.digests += list(digests) if digests is not None else [None] * len(vectors)
-        self._rebuild_prototypes()
+        self.digests += digests
+        self.ids = np.concatenate([self.ids, new_ids])
+        self.image_article = np.concatenate([self.image_article, np.full(len(new_ids), a, np.int64)])
+        self._mark_alive(new_ids)
+        if self._by_digest is not None:
+            for pos, d in enumerate(digests, start):
+                if d is not None:
+                    self._by_digest.setdefault(d, []).append(int(self.ids[pos]))
+
+    def _mark_alive(self, ids: np.ndarray) -> None:
+        assert self._alive is not None
+        need = int(ids.max()) // 8 + 1
+        if need > self._alive.n:
+            self._alive.append(np.zeros(need - self._alive.n, np.uint8))
+        np.bitwise_or.at(self._alive.view, ids >> 3, (1 << (ids & 7)).astype(np.uint8))
 
     def remove_article(self, label: str) -> int:
-        """Remove every image of an article; returns how many were removed.
+        """Remove every image of an article; returns how many were removed. The images become
+        tombstones in the image index; the last article takes the removed one's prototype row
+        (so ``articles`` changes order).
 
         Raises:
             KeyError: the article is not in the catalogue.
         """
-        keep = [i for i, lab in enumerate(self.labels) if lab != label]
-        removed = len(self.labels) - len(keep)
-        if removed == 0:
+        a = self._article_of.get(label)
+        if a is None:
             raise KeyError(label)
-        vectors = self.image_vectors()[keep]
-        self.labels = [self.labels[i] for i in keep]
-        self.groups = [self.groups[i] for i in keep]
-        self.paths = [self.paths[i] for i in keep]
-        self.digests = [self.digests[i] for i in keep]
-        self.image_index = _flat_ip(vectors, self.dim)
-        self._rebuild_prototypes()
-        return removed
+        assert self._alive is not None and self._protos is not None
+        gone = np.flatnonzero(self.image_article == a)
+        dead = self.ids[gone]
+        gone_digests = {self.digests[p] for p in gone.tolist()} - {None}
+        np.bitwise_and.at(self._alive.view, dead >> 3, (~(1 << (dead & 7))).astype(np.uint8))
+        for lst in (self.labels, self.groups, self.paths, self.digests):
+            for p in gone[::-1].tolist():
+                del lst[p]
+        self.ids = np.delete(self.ids, gone)
+        self.image_article = np.delete(self.image_article, gone)
+        last = len(self.articles) - 1
+        if a != last:  # swap-remove: the last article moves into row a
+            self.image_article[self.image_article == last] = a
+            self.articles[a], self.article_groups[a] = self.articles[last], self.article_groups[last]
+            self._article_of[self.articles[a]] = a
+        self._protos.swap_remove(a)
+        self.articles.pop()
+        self.article_groups.pop()
+        del self._article_of[label]
+        if self._by_digest is not None:
+            dead_set = set(dead.tolist())
+            for d in gone_digests:
+                self._by_digest[d] = [i for i in self._by_digest.get(d, []) if i not in dead_set]
+        return len(gone)
+
+    def apply(self, change: Change) -> None:
+        """Apply one journal :class:`Change` in memory."""
+        if change.op == "add":
+            self.add_article(change.label, change.group, change.vectors, change.paths, change.digests)
+        elif change.op == "remove":
+            self.remove_article(change.label)
+        else:
+            raise CheckpointError(f"unknown journal operation '{change.op}'", hint="rebuild the index")
+
+    def append_change(self, path: str | Path, change: Change) -> Path:
+        """Persist ``change`` as one journal entry of the index folder ``path`` (durable when
+        this returns), then apply it in memory. Writes only the change's own vectors."""
+        entry = Journal(path).append(change)
+        self.apply(change)
+        return entry
 
     # ----------------------------------------------------------------- querying
+    def with_search(self, nprobe: int | None = None, ef_search: int | None = None) -> "CatalogueIndex":
+        """This index with other query-time parameters (``None`` keeps the index's own);
+        returns ``self``."""
+        changes = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+        if any(v < 1 for v in changes.values()):
+            raise ValueError(f"nprobe / ef_search must be at least 1, got {changes}")
+        self.ann = replace(self.ann, **changes)
+        return self
+
     def __len__(self) -> int:
         return len(self.labels)
+
+    def has_article(self, label: str) -> bool:
+        return label in self._article_of
+
+    def num_images(self, label: str) -> int:
+        """Images of article ``label`` (0 when it is not in the catalogue)."""
+        a = self._article_of.get(label)
+        return 0 if a is None or self._protos is None else int(self._protos.counts.view[a])
+
+    def article_group(self, label: str) -> str | None:
+        """The group of article ``label``. Raises ``KeyError`` when it is not in the catalogue."""
+        return self.article_groups[self._article_of[label]]
+
+    def article_paths(self, label: str) -> list[str]:
+        """The paths of article ``label``'s images (an O(N) scan)."""
+        a = self._article_of.get(label)
+        return [] if a is None else [self.paths[i] for i in np.flatnonzero(self.image_article == a).tolist()]
+
+    @property
+    def num_tombstones(self) -> int:
+        """Removed images still in the image index (until the next :meth:`save`)."""
+        assert self.image_index is not None
+        return int(self.image_index.ntotal) - len(self.ids)
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
@@ -282,14 +387,23 @@ class CatalogueIndex:
                 hint="embed queries with the backbone/model the index was built with")
         return l2_normalize(queries)
 
+    def _search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores [Q, k], positions int64 [Q, k])`` of the nearest live images (``-1`` pads)."""
+        assert self.image_index is not None and self._vectors is not None and self._alive is not None
+        alive = self._alive.view if self.num_tombstones else None
+        scores, ids = ann.search(self.image_index, self.ann, queries, k, alive=alive, exact=self._vectors.get)
+        pos = np.searchsorted(self.ids, np.maximum(ids, 0))
+        ok = (ids >= 0) & (pos < len(self.ids))
+        ok[ok] = self.ids[pos[ok]] == ids[ok]
+        return scores, np.where(ok, pos, -1)
+
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[Neighbor]]:
         """Nearest catalogue images for ``queries float32 [Q, D]`` (cosine, best first)."""
         queries = self._check_queries(queries)
-        assert self.image_index is not None
         k = min(k, len(self.labels))
         if k == 0:
             return [[] for _ in range(len(queries))]
-        scores, idx = _faiss_search(self.image_index, queries, k)
+        scores, idx = self._search_images(queries, k)
         return [[Neighbor(self.paths[j], self.labels[j], self.groups[j], float(s))
                  for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(scores, idx)]
 
@@ -297,11 +411,17 @@ class CatalogueIndex:
         """Catalogue images with the same content as each query: ``digests`` are the queries'
         file SHA-256 (``None`` = unknown); returns, per query, the positions of the catalogue
         images with that digest (empty when none)."""
-        where: dict[str, list[int]] = {}
-        for i, d in enumerate(self.digests):
-            if d is not None:
-                where.setdefault(d, []).append(i)
-        return [list(where.get(d, [])) if d is not None else [] for d in digests]
+        if self._by_digest is None:
+            where: dict[str, list[int]] = {}
+            for i, d in zip(self.ids.tolist(), self.digests):
+                if d is not None:
+                    where.setdefault(d, []).append(i)
+            self._by_digest = where
+        out = []
+        for d in digests:
+            ids = np.asarray(self._by_digest.get(d, []) if d is not None else [], np.int64)
+            out.append(np.searchsorted(self.ids, ids).tolist())
+        return out
 
     def classify(self, queries: np.ndarray, top_k: int = 5, mode: str = "prototype",
                  exclude: Sequence[Sequence[int]] | None = None) -> list[list[Prediction]]:
@@ -333,12 +453,17 @@ class CatalogueIndex:
             return self._classify_prototype(queries, top_k, exclude)
         return self._classify_nearest(queries, top_k, exclude)
 
+    def _search_prototypes(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``faiss.knn`` (exact inner product) of ``queries [Q, D]`` against the prototypes."""
+        with faiss_blas_setting(self.dim):
+            scores, idx = faiss.knn(queries, self.prototypes, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return np.asarray(scores, np.float32), np.asarray(idx, np.int64)
+
     def _classify_prototype(self, queries: np.ndarray, top_k: int,
                             exclude: list[list[int]]) -> list[list[Prediction]]:
-        assert self.prototype_index is not None
         extra = max((len({int(self.image_article[i]) for i in e}) for e in exclude), default=0)
         k = min(len(self.articles), top_k + extra)
-        scores, idx = _faiss_search(self.prototype_index, queries, k)
+        scores, idx = self._search_prototypes(queries, k)
         results = []
         for q, (srow, irow, ex) in enumerate(zip(scores, idx, exclude)):
             ranked = [(float(sc), int(j)) for sc, j in zip(srow, irow) if j >= 0]
@@ -353,25 +478,26 @@ class CatalogueIndex:
     def _loo_prototype_scores(self, query: np.ndarray, exclude: list[int]) -> dict[int, float | None]:
         """Cosine of ``query [D]`` (normalised) to each affected article's prototype without the
         ``exclude`` images; ``None`` for an article left with no image."""
-        assert self.image_index is not None
-        gone = set(exclude)
+        assert self._protos is not None and self._vectors is not None
         out: dict[int, float | None] = {}
-        for a in sorted({int(self.image_article[i]) for i in exclude}):
-            keep = [int(i) for i in np.flatnonzero(self.image_article == a) if int(i) not in gone]
-            if not keep:
+        by_article: dict[int, list[int]] = {}
+        for i in exclude:
+            by_article.setdefault(int(self.image_article[i]), []).append(int(i))
+        for a, positions in sorted(by_article.items()):
+            positions = sorted(set(positions))
+            if len(positions) >= int(self._protos.counts.view[a]):
                 out[a] = None
                 continue
-            proto = np.sum([np.asarray(self.image_index.reconstruct(i), dtype=np.float32) for i in keep], axis=0)
+            proto = self._protos.sums.view[a] - self._vectors.get(self.ids[positions]).sum(axis=0)
             out[a] = float(l2_normalize(proto[None])[0] @ query)
         return out
 
     def _classify_nearest(self, queries: np.ndarray, top_k: int,
                           exclude: list[list[int]]) -> list[list[Prediction]]:
-        assert self.image_index is not None
         n = len(self.labels)
         k = min(n, max(50, top_k * 20) + max((len(e) for e in exclude), default=0))
         while True:
-            scores, idx = _faiss_search(self.image_index, queries, k)
+            scores, idx = self._search_images(queries, k)
             for r, ex in enumerate(exclude):
                 if ex:
                     idx[r][np.isin(idx[r], ex)] = -1
@@ -388,66 +514,138 @@ class CatalogueIndex:
             return results
 
     # ----------------------------------------------------------------- persistence
+    def _meta(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "fewshot_version": __version__, "dim": self.dim,
+                "num_images": len(self.labels), "num_articles": len(self.articles),
+                "index_type": self.ann.kind, "index": self.ann.to_dict(), "config": self.config,
+                "articles": self.articles,
+                "labels": self.labels, "groups": self.groups, "paths": self.paths, "digests": self.digests}
+
     def save(self, path: str | Path) -> Path:
-        """Write the index folder atomically (the old folder survives a crash)."""
+        """Write the index folder atomically (the old folder survives a crash): the base files
+        with every change so far, and no journal (compaction). An ``ivfpq`` index drops its
+        tombstones here; an ``hnsw`` graph keeps them masked (FAISS cannot remove from it)."""
         path = Path(path)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "fewshot_version": __version__,
-            "dim": self.dim,
-            "num_images": len(self.labels),
-            "num_articles": len(self.articles),
-            "config": self.config,
-            "labels": self.labels,
-            "groups": self.groups,
-            "paths": self.paths,
-            "digests": self.digests,
-        }
+        assert self.image_index is not None and self._vectors is not None and self._alive is not None
+        if self.num_tombstones and self.ann.kind == "ivfpq":
+            dead = np.setdiff1d(np.arange(self._vectors.first_new + self._vectors.new.n), self.ids)
+            self.image_index.remove_ids(faiss.IDSelectorBatch(dead))
         with atomic_dir(path) as tmp:
-            faiss.write_index(self.image_index, str(tmp / "images.faiss"))
-            faiss.write_index(self.prototype_index, str(tmp / "prototypes.faiss"))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+            out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32,
+                                            shape=(len(self.ids), self.dim))
+            for start in range(0, len(self.ids), ann.SHARD_ROWS):
+                out[start:start + ann.SHARD_ROWS] = self._vectors.get(self.ids[start:start + ann.SHARD_ROWS])
+            out.flush()
+            del out
+            np.save(tmp / "ids.npy", self.ids)
+            np.save(tmp / "prototype_sums.npy", self._protos.sums.view)
+            if self.ann.kind != "flat":
+                faiss.write_index(self.image_index, str(tmp / "images.faiss"))
+            (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1, default=str), encoding="utf-8")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "CatalogueIndex":
-        """Read an index folder written by :meth:`save`.
+        """Read an index folder written by :meth:`save` and replay its journal.
 
         Raises:
             CheckpointError: the folder is missing, incomplete, damaged or inconsistent.
         """
         path = Path(path)
         if recover_dir(path):
-            import logging
-
-            logging.getLogger("fewshot").warning("recovered index %s from an interrupted save", path)
-        if not path.is_dir():
-            raise CheckpointError(f"index folder {path} " + ("is a file, not a folder" if path.exists() else "does not exist"),
-                                  hint="build one with `fewshot index --data ... --out DIR`")
-        if not (path / "meta.json").is_file() and not (path / "images.faiss").is_file():
-            raise CheckpointError(f"{path} is not a fewshot index (no meta.json or images.faiss)",
-                                  hint="pass --index the folder written by `fewshot index --out DIR`")
-        for name in ("meta.json", "images.faiss"):
-            if not (path / name).is_file():
-                raise CheckpointError(f"index folder {path} is incomplete: {name} is missing",
-                                      hint="rebuild it with `fewshot index`")
+            log.warning("recovered index %s from an interrupted save", path)
+        _check_folder(path)
+        meta = _read_meta(path)
+        if meta is None:
+            raise CheckpointError(f"index folder {path} is damaged: meta.json cannot be read",
+                                  hint="rebuild it with `fewshot index`")
+        version = meta.get("format_version")
+        if version not in (1, FORMAT_VERSION):
+            raise CheckpointError(f"index {path} has format {version}, expected {FORMAT_VERSION}",
+                                  hint="rebuild it with this version of fewshot")
         try:
-            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-            image_index = faiss.read_index(str(path / "images.faiss"))
+            self = _load_v1(path, meta) if version == 1 else _load_v2(path, meta)
+            for change in Journal(path).read():
+                self.apply(change)
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"index folder {path} is damaged: {exc}",
                                   hint="rebuild it with `fewshot index`") from exc
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"index {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}",
-                                  hint="rebuild it with this version of fewshot")
-        if image_index.ntotal != len(meta["labels"]) or image_index.d != meta["dim"]:
-            raise CheckpointError(f"index {path} is inconsistent: {image_index.ntotal} vectors for "
-                                  f"{len(meta['labels'])} labels", hint="rebuild it with `fewshot index`")
-        digests = meta.get("digests") or [None] * len(meta["labels"])
-        if len(digests) != len(meta["labels"]):
-            raise CheckpointError(f"index {path} is inconsistent: {len(digests)} digests for "
-                                  f"{len(meta['labels'])} images", hint="rebuild it with `fewshot index`")
-        self = cls(dim=meta["dim"], labels=meta["labels"], groups=meta["groups"], paths=meta["paths"],
-                   config=meta.get("config", {}), image_index=image_index, digests=digests)
-        self._rebuild_prototypes()
         return self
+
+
+def _check_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise CheckpointError(f"index folder {path} " + ("is a file, not a folder" if path.exists() else "does not exist"),
+                              hint="build one with `fewshot index --data ... --out DIR`")
+    if not (path / "meta.json").is_file() and not (path / "images.faiss").is_file():
+        raise CheckpointError(f"{path} is not a fewshot index (no meta.json or images.faiss)",
+                              hint="pass --index the folder written by `fewshot index --out DIR`")
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"index folder {path} is incomplete: meta.json is missing",
+                              hint="rebuild it with `fewshot index`")
+
+
+def _metadata(path: Path, meta: dict, n: int) -> tuple[list, list, list, list]:
+    labels, groups, paths = meta["labels"], meta["groups"], meta["paths"]
+    digests = meta.get("digests") or [None] * len(labels)
+    if not (n == len(labels) == len(groups) == len(paths) == len(digests)):
+        raise CheckpointError(f"index {path} is inconsistent: {n} vectors for {len(labels)} labels "
+                              f"and {len(digests)} digests", hint="rebuild it with `fewshot index`")
+    return labels, groups, paths, digests
+
+
+def _load_v1(path: Path, meta: dict) -> CatalogueIndex:
+    """A format-1 folder: a flat ``images.faiss`` holding the vectors."""
+    if not (path / "images.faiss").is_file():
+        raise CheckpointError(f"index folder {path} is incomplete: images.faiss is missing",
+                              hint="rebuild it with `fewshot index`")
+    flat = faiss.read_index(str(path / "images.faiss"))
+    if flat.d != meta["dim"]:
+        raise CheckpointError(f"index {path} is inconsistent: {flat.d}-d vectors, meta says {meta['dim']}",
+                              hint="rebuild it with `fewshot index`")
+    labels, groups, paths, digests = _metadata(path, meta, flat.ntotal)
+    vectors = np.asarray(flat.reconstruct_n(0, flat.ntotal), np.float32) if flat.ntotal else np.zeros((0, flat.d), np.float32)
+    ids = np.arange(flat.ntotal, dtype=np.int64)
+    self = CatalogueIndex(dim=meta["dim"], labels=labels, groups=groups, paths=paths, config=meta.get("config", {}),
+                          image_index=flat, digests=digests, ids=ids)
+    self._vectors = VectorStore(vectors, ids, len(ids))
+    self._init_articles(None)
+    return self
+
+
+def _load_v2(path: Path, meta: dict) -> CatalogueIndex:
+    """A format-2 folder: memory-mapped ``vectors.npy``, ``ids.npy``, prototype sums and, for
+    an approximate index, ``images.faiss``."""
+    for name in ("vectors.npy", "ids.npy", "prototype_sums.npy"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"index folder {path} is incomplete: {name} is missing",
+                                  hint="rebuild it with `fewshot index`")
+    config = AnnConfig.from_dict(meta.get("index"))
+    vectors = np.load(path / "vectors.npy", mmap_mode="r")
+    ids = np.load(path / "ids.npy")
+    sums = np.load(path / "prototype_sums.npy")
+    labels, groups, paths, digests = _metadata(path, meta, len(vectors))
+    if vectors.ndim != 2 or vectors.shape[1] != meta["dim"] or len(ids) != len(vectors):
+        raise CheckpointError(f"index {path} is inconsistent: vectors {vectors.shape}, {len(ids)} ids",
+                              hint="rebuild it with `fewshot index`")
+    if config.kind == "flat":
+        image_index = ann.build(config, vectors)
+        ids = np.arange(len(vectors), dtype=np.int64)
+    else:
+        if not (path / "images.faiss").is_file():
+            raise CheckpointError(f"index folder {path} is incomplete: images.faiss is missing",
+                                  hint="rebuild it with `fewshot index`")
+        image_index = faiss.read_index(str(path / "images.faiss"))
+    # flat / HNSW ids run to ntotal (tombstones included); IVF-PQ continues after the last id
+    first_new = max(int(image_index.ntotal) if config.kind != "ivfpq" else 0, int(ids[-1]) + 1 if len(ids) else 0)
+    self = CatalogueIndex(dim=meta["dim"], labels=labels, groups=groups, paths=paths, config=meta.get("config", {}),
+                          ann=config, image_index=image_index, digests=digests, ids=ids)
+    self._vectors = VectorStore(vectors, ids, first_new)
+    articles = meta.get("articles")
+    if articles is None or sorted(articles) != sorted(dict.fromkeys(labels)) or len(sums) != len(articles):
+        raise CheckpointError(f"index {path} is inconsistent: its article list does not match its images",
+                              hint="rebuild it with `fewshot index`")
+    self._init_articles(sums, list(articles))
+    return self

@@ -18,12 +18,14 @@ Design:
   and embedded by the index's own model (:func:`fewshot.pipeline.model_for_index`: same
   backbone, image size, trained head), exactly as :func:`fewshot.embed.embed_paths` does.
   Concurrent requests are batched into one forward pass (:class:`_Embedder`).
-* **Copy-on-write catalogue.** Requests read an immutable snapshot; a mutation (enrol, delete)
-  runs under one lock: copy the current index, change the copy, write the whole index folder
-  atomically, then swap the snapshot. Two racing enrolments are serialised, never lost.
-* **Self-contained enrolments.** Enrolled photos are copied into ``INDEX_DIR/enrolled/<article>/``
-  inside the same atomic folder write as the index files, so the folder on disk always
-  references files that exist (a crash leaves the previous complete folder).
+* **Incremental, durable changes.** A mutation (enrol, delete) changes only its article: the
+  photos are written into ``INDEX_DIR/enrolled/<article>/`` (fsync'ed), then one journal entry
+  with the article's vectors is appended (:meth:`fewshot.index.CatalogueIndex.append_change`),
+  and only then is the change applied in memory and acknowledged. The index folder is never
+  rewritten per request: a crash loses no acknowledged change, and a half-written entry is
+  ignored. When the journal holds :data:`COMPACT_AFTER` entries the service compacts the folder
+  at start-up (one atomic rewrite; photos of removed articles are dropped then). Index reads and
+  changes take one lock (the embedding runs outside it); racing enrolments are serialised.
 * **Bad input never changes the index and never gives a 500:** unreadable, non-image,
   decompression-bomb or oversize uploads, unknown labels, empty enrolments are answered with a
   4xx and ``{"error": CODE, "message": TEXT, "hint": FIX}``. Oversize requests are refused from
@@ -32,7 +34,7 @@ Design:
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
 import io
 import logging
@@ -51,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-import faiss
 import numpy as np
 import torch
 from fastapi import APIRouter, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
@@ -65,7 +66,8 @@ from ..version import __version__
 from ..data.images import load_image
 from ..embed import read_digests
 from ..errors import FewshotError, ImageReadError
-from ..index import CatalogueIndex
+from ..index import CatalogueIndex, Change
+from ..index.journal import Journal
 from ..io import atomic_dir
 
 log = logging.getLogger("fewshot.serve")
@@ -78,6 +80,8 @@ DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_ENROL_FILES = 16
 #: Sub-folder of the index folder that holds enrolled photos.
 ENROLLED_DIR = "enrolled"
+#: Journal entries after which the service compacts the index folder when it starts.
+COMPACT_AFTER = 500
 #: Longest accepted article label / group name.
 MAX_LABEL_CHARS = 200
 #: Allowance for multipart boundaries and form fields on top of the file bytes.
@@ -284,37 +288,28 @@ def image_id(path: str) -> str:
     return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    """An immutable view of the catalogue that requests read without locking."""
+class _Catalogue:
+    """The live catalogue: the index plus the public image ids, changed in place under ``lock``.
 
-    index: CatalogueIndex
-    ids: list[str]
-    by_id: dict[str, int]
-    first_image: dict[str, int]
-    counts: dict[str, int]
+    ``path_of`` maps each image id to its path; ``first_image`` each article to its first image.
+    """
 
-    @classmethod
-    def of(cls, index: CatalogueIndex) -> "_Snapshot":
-        ids = [image_id(p) for p in index.paths]
-        first: dict[str, int] = {}
-        counts: dict[str, int] = {}
-        for i, label in enumerate(index.labels):
-            first.setdefault(label, i)
-            counts[label] = counts.get(label, 0) + 1
-        return cls(index, ids, {k: i for i, k in enumerate(ids)}, first, counts)
+    def __init__(self, index: CatalogueIndex) -> None:
+        self.index = index
+        self.lock = threading.RLock()
+        self.path_of = {image_id(p): p for p in index.paths}
+        self.first_image: dict[str, str] = {}
+        for label, path in zip(index.labels, index.paths):
+            self.first_image.setdefault(label, path)
 
+    def added(self, label: str, paths: list[str]) -> None:
+        self.path_of.update((image_id(p), p) for p in paths)
+        self.first_image.setdefault(label, paths[0])
 
-def _clone(index: CatalogueIndex) -> CatalogueIndex:
-    """A copy that can be changed while requests keep reading the original."""
-    new = copy.copy(index)
-    new.labels, new.groups, new.paths = list(index.labels), list(index.groups), list(index.paths)
-    new.digests = list(index.digests)
-    new.articles, new.article_groups = list(index.articles), list(index.article_groups)
-    new.config = copy.deepcopy(index.config)
-    new.image_index = faiss.clone_index(index.image_index)
-    new.prototype_index = faiss.clone_index(index.prototype_index)
-    return new
+    def removed(self, label: str, paths: list[str]) -> None:
+        for p in paths:
+            self.path_of.pop(image_id(p), None)
+        self.first_image.pop(label, None)
 
 
 def _slug(label: str) -> str:
@@ -352,11 +347,12 @@ class _Service:
                 f"has {index.dim}", hint="serve the index with the model it was built with")
         self.embedder = _Embedder(model, runtime=runtime, threads=threads)
         self.max_upload_bytes = int(max_upload_bytes)
-        self.snapshot = _Snapshot.of(index)
-        self.mutation_lock = threading.Lock()
+        self.cat = _Catalogue(index)
         self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self.enrolled_root = self.index_dir / ENROLLED_DIR
+        if len(Journal(self.index_dir)) >= COMPACT_AFTER:
+            self.compact()
 
     # ------------------------------------------------------------------ uploads
     def receive_upload(self, upload: UploadFile, tmpdir: Path, n: int) -> tuple[Path, str]:
@@ -391,11 +387,13 @@ class _Service:
     # ------------------------------------------------------------------ requests
     def health(self) -> dict:
         """Service status: version, index folder, catalogue size, model, limits."""
-        snap = self.snapshot
         b = self.model.backbone
+        with self.cat.lock:
+            index = self.cat.index
+            articles, images, kind = len(index.articles), len(index), index.ann.kind
         return {"status": "ok", "version": __version__, "index": str(self.index_dir),
-                "articles": len(snap.index.articles), "images": len(snap.index),
-                "backbone": b.name, "image_size": b.image_size, "embedding_dim": snap.index.dim,
+                "articles": articles, "images": images, "index_type": kind,
+                "backbone": b.name, "image_size": b.image_size, "embedding_dim": self.cat.index.dim,
                 "model_dir": str(self.model.run_dir) if getattr(self.model, "run_dir", None) else None,
                 "max_upload_bytes": self.max_upload_bytes, "max_enrol_files": MAX_ENROL_FILES}
 
@@ -408,44 +406,46 @@ class _Service:
             x = self.decode(path, name)
             digest = read_digests([path])[0][0]
         vector = self.embedder.embed(x.unsqueeze(0))
-        snap = self.snapshot
-        index = snap.index
-        if len(index.articles) == 0:  # pragma: no cover - deleting the last article is refused
-            raise ApiError(409, "empty_catalogue", "the catalogue has no articles",
-                           hint="enrol an article with POST /articles")
-        preds = index.classify(vector, top_k=top_k, mode=mode)[0]
-        wide = index.search(vector, k=max(neighbors, min(len(index), 256)))[0]
-        best_image: dict[str, tuple[str, float]] = {}
-        neighbor_list = []
-        for rank, nb in enumerate(wide):
-            i = snap.by_id[image_id(nb.path)]
-            best_image.setdefault(nb.label, (snap.ids[i], nb.score))
-            if rank < neighbors:
-                neighbor_list.append({"label": nb.label, "group": nb.group, "score": round(nb.score, 6),
-                                      "path": nb.path, "image_id": snap.ids[i],
-                                      "image_url": _image_url(snap.ids[i])})
-        predictions = []
-        for p in preds:
-            iid, iscore = best_image.get(p.label, (snap.ids[snap.first_image[p.label]], None))
-            predictions.append({**p.to_dict(), "num_images": snap.counts.get(p.label, 0),
-                                "image_id": iid, "image_url": _image_url(iid),
-                                "image_score": None if iscore is None else round(iscore, 6)})
+        with self.cat.lock:
+            index = self.cat.index
+            if len(index.articles) == 0:  # pragma: no cover - deleting the last article is refused
+                raise ApiError(409, "empty_catalogue", "the catalogue has no articles",
+                               hint="enrol an article with POST /articles")
+            preds = index.classify(vector, top_k=top_k, mode=mode)[0]
+            wide = index.search(vector, k=max(neighbors, min(len(index), 256)))[0]
+            best_image: dict[str, tuple[str, float]] = {}
+            neighbor_list = []
+            for rank, nb in enumerate(wide):
+                iid = image_id(nb.path)
+                best_image.setdefault(nb.label, (iid, nb.score))
+                if rank < neighbors:
+                    neighbor_list.append({"label": nb.label, "group": nb.group, "score": round(nb.score, 6),
+                                          "path": nb.path, "image_id": iid, "image_url": _image_url(iid)})
+            predictions = []
+            for p in preds:
+                iid, iscore = best_image.get(p.label, (image_id(self.cat.first_image[p.label]), None))
+                predictions.append({**p.to_dict(), "num_images": index.num_images(p.label),
+                                    "image_id": iid, "image_url": _image_url(iid),
+                                    "image_score": None if iscore is None else round(iscore, 6)})
+            in_catalogue = [image_id(index.paths[i]) for i in index.find_images([digest])[0]]
+            num_articles = len(index.articles)
         return {"file": name, "mode": mode, "top_k": top_k, "predictions": predictions,
-                "neighbors": neighbor_list, "num_articles": len(index.articles),
-                "in_catalogue": [snap.ids[i] for i in index.find_images([digest])[0]],
+                "neighbors": neighbor_list, "num_articles": num_articles, "in_catalogue": in_catalogue,
                 "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
 
     def articles(self) -> dict:
         """Every article with its group, image count, thumbnail and whether it was enrolled here."""
-        snap = self.snapshot
-        index = snap.index
         out = []
-        for label, group in zip(index.articles, index.article_groups):
-            i = snap.first_image[label]
-            out.append({"label": label, "group": group, "num_images": snap.counts[label],
-                        "enrolled": Path(index.paths[i]).is_relative_to(self.enrolled_root),
-                        "image_id": snap.ids[i], "image_url": _image_url(snap.ids[i])})
-        return {"count": len(out), "images": len(index), "articles": out}
+        with self.cat.lock:
+            index = self.cat.index
+            for label, group in zip(index.articles, index.article_groups):
+                first = self.cat.first_image[label]
+                iid = image_id(first)
+                out.append({"label": label, "group": group, "num_images": index.num_images(label),
+                            "enrolled": Path(first).is_relative_to(self.enrolled_root),
+                            "image_id": iid, "image_url": _image_url(iid)})
+            images = len(index)
+        return {"count": len(out), "images": images, "articles": out}
 
     def enrol(self, label: str | None, group: str | None, files: list[UploadFile] | None) -> dict:
         """Add an article (or photos of an existing one) from uploaded photos; all or nothing."""
@@ -465,18 +465,41 @@ class _Service:
             folder = self.enrolled_root / _slug(label)
             new_files = [(src, folder / f"{uuid.uuid4().hex[:12]}{suffix}")
                          for src, suffix in (_stored_copy(path) for path, _ in received)]
-            with self.mutation_lock:
-                current = self.snapshot.index
-                created = label not in current.articles
-                group = group if created else _existing_group(current, label, group)
-                new_index = _clone(current)
-                new_index.add_article(label, group, vectors, [str(dst) for _, dst in new_files],
-                                      digests=read_digests([src for src, _ in new_files])[0])
-                self.commit(new_index, new_files)
-                snap = self.snapshot
+            with self.cat.lock:
+                index = self.cat.index
+                created = not index.has_article(label)
+                group = group if created else _existing_group(index, label, group)
+                paths = [str(dst) for _, dst in new_files]
+                change = Change("add", label, group, vectors, paths, read_digests([s for s, _ in new_files])[0])
+                self._write_durably(new_files, lambda: index.append_change(self.index_dir, change))
+                self.cat.added(label, paths)
+                num_images, articles, images = index.num_images(label), len(index.articles), len(index)
         return {"label": label, "group": group, "created": created, "added": len(new_files),
-                "num_images": snap.counts[label], "articles": len(snap.index.articles),
-                "images": len(snap.index)}
+                "num_images": num_images, "articles": articles, "images": images}
+
+    def _write_durably(self, new_files: list[tuple[Path, Path]], append: Callable[[], object]) -> None:
+        """Store the photos (fsync'ed), then ``append`` the journal entry; on any failure the
+        photos written here are removed again and nothing changed."""
+        written: list[Path] = []
+        try:
+            for src, dst in new_files:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.tmp")
+                shutil.copyfile(src, tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, dst)
+                written.append(dst)
+            append()
+        except BaseException:
+            for path in written + [dst.with_name(f".{dst.name}.tmp") for _, dst in new_files]:
+                path.unlink(missing_ok=True)
+            for folder in {dst.parent for _, dst in new_files}:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+            with contextlib.suppress(OSError):
+                self.enrolled_root.rmdir()
+            raise
 
     def _decode_all(self, received: list[tuple[Path, str]]) -> list[torch.Tensor]:
         tensors, bad = [], []
@@ -492,71 +515,76 @@ class _Service:
 
     def delete(self, label: str) -> dict:
         """Remove an article and its images (the last article cannot be removed)."""
-        with self.mutation_lock:
-            current = self.snapshot.index
-            if label not in current.articles:
+        with self.cat.lock:
+            index = self.cat.index
+            if not index.has_article(label):
                 raise ApiError(404, "unknown_article", f"no article '{label}' in the catalogue",
                                hint="GET /articles lists the labels")
-            if len(current.articles) == 1:
+            if len(index.articles) == 1:
                 raise ApiError(409, "last_article", f"'{label}' is the only article left; a catalogue "
                                "cannot be empty", hint="enrol another article first")
-            new_index = _clone(current)
-            removed = new_index.remove_article(label)
-            self.commit(new_index, [])
-            snap = self.snapshot
-        return {"deleted": label, "images_removed": removed, "articles": len(snap.index.articles),
-                "images": len(snap.index)}
+            paths = index.article_paths(label)
+            index.append_change(self.index_dir, Change("remove", label))
+            self.cat.removed(label, paths)
+            self._drop_enrolled(paths)
+            articles, images = len(index.articles), len(index)
+        return {"deleted": label, "images_removed": len(paths), "articles": articles, "images": images}
 
     def catalogue_image(self, image_id_: str, size: int) -> bytes:
         """JPEG thumbnail of the catalogue image with this id."""
-        snap = self.snapshot
-        i = snap.by_id.get(image_id_)
-        if i is None:
+        with self.cat.lock:
+            path = self.cat.path_of.get(image_id_)
+        if path is None:
             raise ApiError(404, "unknown_image", f"no catalogue image with id '{image_id_}'",
                            hint="use the image_id values returned by /classify or /articles")
-        return self.thumbnail(snap, i, size)
+        return self.thumbnail(image_id_, path, size)
 
-    # ------------------------------------------------------------------ mutations
-    def commit(self, new_index: CatalogueIndex, new_files: list[tuple[Path, Path]]) -> None:
-        """Write ``new_index`` and its enrolled photos as one atomic folder, then publish it.
+    def _drop_enrolled(self, paths: list[str]) -> None:
+        """Delete the photos this service enrolled for a removed article (after the removal is
+        in the journal: a crash before this only leaves files that compaction drops)."""
+        for p in paths:
+            path = Path(p)
+            if path.is_relative_to(self.enrolled_root):
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()  # only when empty
 
-        ``new_files`` are ``(temporary source, final absolute path under INDEX_DIR/enrolled)``.
-        Enrolled photos the new index still references are hard-linked (or copied) from the
-        current folder; photos of removed articles are left behind with the old folder.
-        Call with :attr:`mutation_lock` held.
+    # ------------------------------------------------------------------ compaction
+    def compact(self) -> None:
+        """Rewrite the index folder without its journal, as one atomic folder write.
+
+        Enrolled photos the index still references are hard-linked (or copied) into the new
+        folder; photos of removed articles are left behind with the old folder.
         """
-        new_dest = {str(dst) for _, dst in new_files}
-        with atomic_dir(self.index_dir) as tmp:
-            new_index.save(tmp)
-            for p in dict.fromkeys(new_index.paths):
-                path = Path(p)
-                if p in new_dest or not path.is_relative_to(self.enrolled_root):
-                    continue
-                if path.is_file():
-                    _link_or_copy(path, tmp / path.relative_to(self.index_dir))
-                else:  # pragma: no cover - the folder was edited by hand
-                    log.warning("enrolled image %s is missing from the index folder", path)
-            for src, dst in new_files:
-                target = tmp / dst.relative_to(self.index_dir)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, target)
-        self.snapshot = _Snapshot.of(new_index)
+        with self.cat.lock:
+            index = self.cat.index
+            with atomic_dir(self.index_dir) as tmp:
+                index.save(tmp)
+                for p in dict.fromkeys(index.paths):
+                    path = Path(p)
+                    if not path.is_relative_to(self.enrolled_root):
+                        continue
+                    if path.is_file():
+                        _link_or_copy(path, tmp / path.relative_to(self.index_dir))
+                    else:  # pragma: no cover - the folder was edited by hand
+                        log.warning("enrolled image %s is missing from the index folder", path)
+        log.info("compacted index %s (%d images)", self.index_dir, len(index))
 
     # ------------------------------------------------------------------ thumbnails
-    def thumbnail(self, snap: _Snapshot, i: int, size: int) -> bytes:
-        """JPEG thumbnail of image ``i`` of ``snap`` (cached, keyed by the image id)."""
-        key = (snap.ids[i], size)
+    def thumbnail(self, iid: str, path_text: str, size: int) -> bytes:
+        """JPEG thumbnail of the catalogue image ``iid`` at ``path_text`` (cached by id)."""
+        key = (iid, size)
         with self._thumbs_lock:
             hit = self._thumbs.get(key)
             if hit is not None:
                 self._thumbs.move_to_end(key)
                 return hit
-        path = self.resolve(snap.index.paths[i])
+        path = self.resolve(path_text)
         try:
             image = load_image(path, target_size=size)
         except ImageReadError as exc:
             raise ApiError(404, "image_unavailable",
-                           f"catalogue image {snap.ids[i]} cannot be read on the server: {exc.reason}") from None
+                           f"catalogue image {iid} cannot be read on the server: {exc.reason}") from None
         image.thumbnail((size, size), Image.BILINEAR)
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=82, optimize=True)
@@ -574,7 +602,7 @@ class _Service:
 
 def _existing_group(index: CatalogueIndex, label: str, group: str | None) -> str | None:
     """The group of an existing article; a different ``group`` is a 409."""
-    existing = index.article_groups[index.articles.index(label)]
+    existing = index.article_group(label)
     if group is not None and existing is not None and group != existing:
         raise ApiError(409, "group_conflict", f"article '{label}' already exists in group '{existing}', "
                        f"not '{group}'", hint="leave the group empty to add photos to it, or delete the article first")
