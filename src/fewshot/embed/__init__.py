@@ -36,7 +36,7 @@ log = logging.getLogger("fewshot")
 #: 2 cores (bench/embed_throughput.py; each lane's batch stays in cache), and the same with torch
 DEFAULT_BATCH_SIZE = 16
 
-__all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "apply_head",
+__all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "dataset_embeddings", "apply_head",
            "default_cache_dir", "make_forward", "check_runtime", "RUNTIMES", "Forward", "ForwardChoice",
            "TorchForward", "OnnxForward", "LazyForward", "DEFAULT_BATCH_SIZE"]
 
@@ -308,6 +308,21 @@ def embed_dataset(
         dataset.paths, backbone, batch_size=batch_size, num_workers=num_workers,
         cache_dir=cache_dir, use_cache=use_cache, progress=progress,
         desc=f"embedding {dataset.name}", digests=digests, runtime=runtime, threads=threads, forward=forward)
+    return dataset_embeddings(dataset, backbone, digests[0], (vectors, ok, failures, num_cached), strict=strict)
+
+
+def dataset_embeddings(dataset: Dataset, backbone: Backbone, digests: Sequence[str | None],
+                       result: tuple[np.ndarray, list[int], dict[int, str], int], *, strict: bool = False) -> Embeddings:
+    """:class:`Embeddings` of ``dataset`` from an :func:`embed_paths`-shaped ``result``
+    (``(vectors float32 [M, D], ok_indices, failures {index: reason}, num_cached)``) and the
+    files' ``digests``: unreadable images are logged and dropped (the same rules for every
+    way of embedding, local or distributed).
+
+    Raises:
+        DataError: no image at all could be read.
+        ImageReadError: ``strict=True`` and at least one image could not be read.
+    """
+    vectors, ok, failures, num_cached = result
     skipped = [(dataset.records[i].path, failures[i]) for i in sorted(failures)]
     if skipped:
         if strict:
@@ -324,7 +339,7 @@ def embed_dataset(
                         hint="check the image files (see the warnings above)")
     kept = dataset.subset(ok)
     return Embeddings(vectors=vectors, dataset=kept, skipped=skipped, backbone=backbone.describe(),
-                      num_cached=num_cached, digests=[digests[0][i] for i in ok])
+                      num_cached=num_cached, digests=[digests[i] for i in ok])
 
 
 @torch.no_grad()

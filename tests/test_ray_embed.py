@@ -1,0 +1,185 @@
+"""Distributed batch embedding with Ray Data (fewshot.embed.distributed, ``fewshot embed
+--distributed ray``): a local Ray embeds real Grocery photos to the same vectors as
+``fewshot embed``, writes them into the embedding store, resumes an interrupted run, and leaves
+no Ray process behind; without Ray the option is a clear error."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fewshot.cli import app
+from fewshot.embed import EmbeddingCache
+from fewshot.embed.distributed import INSTALL_HINT, RayOptions, ray_available, ray_embed_paths
+
+needs_ray = pytest.mark.skipif(not ray_available(), reason='Ray Data is not installed (pip install -e ".[scale]")')
+
+#: photos of the subset (every 60th Grocery test photo: many articles)
+N_PHOTOS = 40
+SIZE = "64"  # px: fast, and still the real decode / resize path
+
+
+def _ray_pids() -> set[int]:
+    """Processes of a Ray session: raylet, gcs_server, workers (``ray::...``), Ray's helpers."""
+    found = set()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("ray::") or "/site-packages/ray/" in cmd:
+            found.add(int(p.name))
+    return found
+
+
+def _assert_no_new_ray_processes(before: set[int], wait_s: float = 15.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while (left := _ray_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not left, f"Ray processes left running: {sorted(left)}"
+
+
+@pytest.fixture(scope="module")
+def photos(grocery_root: Path, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A CSV manifest of N_PHOTOS real Grocery photos (absolute paths) and the paths."""
+    root = grocery_root / "dataset"
+    lines = (root / "test.txt").read_text().splitlines()[::60][:N_PHOTOS]
+    paths = [root / line.split(",")[0].strip() for line in lines]
+    manifest = tmp_path_factory.mktemp("ray_photos") / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows([[str(p), p.parent.name] for p in paths])
+    return manifest, paths
+
+
+def _embed(*args: str) -> None:
+    res = CliRunner().invoke(app, ["embed", *args, "--image-size", SIZE, "--no-progress"])
+    assert res.exit_code == 0, res.output
+
+
+@needs_ray
+def test_ray_gives_the_vectors_of_fewshot_embed(photos, tmp_path):
+    """Two local Ray workers on 40 real photos: the same file as `fewshot embed` (same paths in
+    the same order, vectors within float rounding), the vectors written into the store as a
+    shard, and no Ray process left once the command returns."""
+    manifest, paths = photos
+    before = _ray_pids()
+    _embed("--data", str(manifest), "--out", str(tmp_path / "local.npz"), "--cache-dir", str(tmp_path / "c-local"))
+    _embed("--data", str(manifest), "--out", str(tmp_path / "ray.npz"), "--cache-dir", str(tmp_path / "c-ray"),
+           "--distributed", "ray", "--ray-workers", "2")
+    _assert_no_new_ray_processes(before)
+    local, dist = np.load(tmp_path / "local.npz"), np.load(tmp_path / "ray.npz")
+    assert list(dist["paths"]) == list(local["paths"]) == [str(p) for p in paths]
+    assert list(dist["labels"]) == list(local["labels"])
+    a, b = local["embeddings"], dist["embeddings"]
+    assert a.shape == b.shape == (N_PHOTOS, 1280) and b.dtype == np.float32
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= 0.9999 and np.abs(a - b).max() < 1e-5, (cos.min(), np.abs(a - b).max())
+    stores = [p for p in (tmp_path / "c-ray").iterdir() if (p / "manifest.json").is_file()]
+    assert len(stores) == 1
+    store = EmbeddingCache(tmp_path / "c-ray", stores[0].name)
+    assert len(store) == N_PHOTOS and store.num_shards >= 1
+
+
+@needs_ray
+def test_an_interrupted_run_resumes_and_a_finished_one_embeds_nothing(photos, tmp_path, caplog):
+    """Stopped after its first result batch, a run keeps what it received in the store; the
+    rerun embeds only the rest; a third run embeds 0 images and starts no Ray at all."""
+    from fewshot.backbones import create_backbone
+
+    _, paths = photos
+    backbone = create_backbone("efficientnet_lite0", image_size=int(SIZE))
+    short = tempfile.mkdtemp(prefix="fsray", dir="/tmp")  # Ray's socket paths must stay short
+    opts = RayOptions(workers=1, batch_rows=8, flush_rows=8, temp_dir=short)
+    cache = tmp_path / "cache"
+    before = _ray_pids()
+
+    def stop(done: int, total: int) -> None:
+        assert total == N_PHOTOS
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ray_embed_paths(paths, backbone, options=opts, cache_dir=cache, progress=False, callback=stop)
+    _assert_no_new_ray_processes(before)
+    kept = len(EmbeddingCache(cache, backbone.cache_key))
+    assert 8 <= kept < N_PHOTOS
+
+    vectors, ok, failures, cached = ray_embed_paths(paths, backbone, options=opts, cache_dir=cache, progress=False)
+    assert ok == list(range(N_PHOTOS)) and not failures and vectors.shape == (N_PHOTOS, 1280)
+    assert cached == kept  # embedded now: N_PHOTOS - kept
+    _assert_no_new_ray_processes(before)
+
+    import ray
+
+    again, ok2, _, cached2 = ray_embed_paths(paths, backbone, options=opts, cache_dir=cache, progress=False)
+    assert cached2 == N_PHOTOS and ok2 == ok  # 0 new images
+    assert not ray.is_initialized()  # nothing to embed: Ray was not even started
+    np.testing.assert_array_equal(again, vectors)
+
+
+@needs_ray
+def test_changed_and_unreadable_files_are_reported_not_stored(grocery_root, tmp_path):
+    """An unreadable photo is a failure with its reason; a photo whose bytes changed after it
+    was hashed is refused by the actor, never stored under its old digest."""
+    import shutil
+
+    from fewshot.backbones import create_backbone
+    from fewshot.embed import read_digests
+
+    src = sorted((grocery_root / "dataset" / "test" / "Fruit" / "Apple" / "Granny-Smith").glob("*.jpg"))[:3]
+    files = [tmp_path / f"p{i}.jpg" for i in range(3)]
+    for s, d in zip(src, files):
+        shutil.copyfile(s, d)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
+    paths = files + [tmp_path / "broken.jpg"]
+    digests, found = read_digests(paths)
+    shutil.copyfile(src[0], files[2])  # p2 now holds p0's bytes: its listed digest is stale
+    backbone = create_backbone("efficientnet_lite0", image_size=int(SIZE))
+    opts = RayOptions(workers=1, temp_dir=tempfile.mkdtemp(prefix="fsray", dir="/tmp"))
+    vectors, ok, failures, _ = ray_embed_paths(paths, backbone, options=opts, cache_dir=tmp_path / "c",
+                                               digests=(digests, found), progress=False)
+    assert ok == [0, 1] and vectors.shape == (2, 1280)
+    assert "changed" in failures[2] and 3 in failures
+    store = EmbeddingCache(tmp_path / "c", backbone.cache_key)
+    assert digests[2] not in store and len(store) == 2
+
+
+def test_without_ray_the_option_names_the_extra(tmp_path, monkeypatch, drawn_tree):
+    """No Ray installed: `--distributed ray` is an error naming the extra, and nothing is written."""
+    for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    out = tmp_path / "e.npz"
+    res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--distributed", "ray"])
+    assert res.exit_code == 1 and not out.exists()
+    assert 'pip install -e ".[scale]"' in " ".join(res.output.split()) and "scale" in INSTALL_HINT
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--distributed", "spark"], "unknown --distributed"),
+    (["--ray-workers", "2"], "need(s) --distributed ray"),
+    (["--ray-address", "auto"], "need(s) --distributed ray"),
+])
+def test_bad_distributed_options_are_refused_before_anything_is_written(tmp_path, drawn_tree, args, words):
+    out = tmp_path / "e.npz"
+    res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), *args])
+    assert res.exit_code == 1 and words in res.output and not out.exists()
+
+
+@needs_ray
+def test_decode_workers_do_not_apply_to_ray(tmp_path, drawn_tree):
+    out = tmp_path / "e.npz"
+    res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--distributed", "ray",
+                                   "--workers", "2"])
+    assert res.exit_code == 1 and "--ray-workers" in res.output and not out.exists()
