@@ -15,6 +15,7 @@ import threading
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -413,3 +414,35 @@ def test_cli_serve_registered_and_checks_its_index(tmp_path: Path) -> None:
     assert "does not exist" in output and "fewshot index" in output and "Traceback" not in output
     result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--max-upload-mb", "0"])
     assert result.exit_code == 2 and "--max-upload-mb" in " ".join(result.output.split())
+
+
+def test_enrolment_appends_to_the_journal_and_restart_compacts(catalogue, own_index: Path, monkeypatch) -> None:
+    """An enrolment writes its photos and one journal entry with its own vectors; the index
+    files are not rewritten. A restart with a long journal compacts the folder."""
+    import fewshot.serve.app as serve_app
+    from fewshot.index.journal import Journal
+
+    def base_files() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in own_index.iterdir() if p.is_file()}
+
+    before = base_files()
+    client = TestClient(create_app(own_index, model=catalogue.model))
+    photos = catalogue.train[NEW_ARTICLE][:2]
+    resp = client.post("/articles", data={"label": NEW_ARTICLE}, files=[("files", photo(p)) for p in photos])
+    assert resp.status_code == 201 and resp.json()["num_images"] == 2
+    assert base_files() == before
+    (entry,) = [p for _, p in Journal(own_index).sequence()]
+    with np.load(entry) as z:
+        assert z["vectors"].shape == (2, catalogue.model.dim)
+    assert len(list((own_index / ENROLLED_DIR).rglob("*.jpg"))) == 2
+    assert client.delete(f"/articles/{ARTICLES[0]}").status_code == 200
+    assert len(Journal(own_index)) == 2 and base_files() == before
+
+    monkeypatch.setattr(serve_app, "COMPACT_AFTER", 2)
+    again = TestClient(create_app(own_index, model=catalogue.model))
+    assert not (own_index / "journal").exists() and base_files() != before
+    health = again.get("/health").json()
+    assert health["images"] == N_IMAGES + 2 - PHOTOS_PER_ARTICLE and health["articles"] == len(ARTICLES)
+    on_disk = CatalogueIndex.load(own_index)
+    assert NEW_ARTICLE in on_disk.articles and ARTICLES[0] not in on_disk.articles
+    assert all(Path(p).is_file() for p in on_disk.article_paths(NEW_ARTICLE))

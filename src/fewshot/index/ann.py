@@ -121,7 +121,11 @@ def empty_index(config: AnnConfig, dim: int, sample: Callable[[np.ndarray], np.n
     assert sample is not None and config.nlist and config.m and config.train_size
     index = faiss.index_factory(dim, f"IVF{config.nlist},PQ{config.m}", faiss.METRIC_INNER_PRODUCT)
     rows = np.sort(np.random.default_rng(config.seed).choice(n, size=config.train_size, replace=False))
-    faiss.extract_index_ivf(index).cp.seed = config.seed
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.cp.seed = config.seed
+    ivf.do_polysemous_training = False  # slow simulated annealing, only for Hamming-filtered search
+    if config.train_size < 39 * 256:  # small catalogues: fewer than FAISS's 39 points per PQ centroid
+        ivf.pq.cp.min_points_per_centroid = 1  # is fine here; do not print a warning per training
     index.train(np.ascontiguousarray(sample(rows), dtype=np.float32))
     return index
 

@@ -1,0 +1,227 @@
+"""Large-catalogue index: ivfpq / hnsw types, the sharded IVF build, tombstones, and enrolment
+that touches only its article (journal entries instead of folder rewrites)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from fewshot.errors import CheckpointError, DataError
+from fewshot.index import AnnConfig, CatalogueIndex, Change
+from fewshot.index import ann
+from fewshot.index.journal import Journal
+
+
+def clustered(n_articles: int, per: int, dim: int = 32, noise: float = 0.35, seed: int = 0):
+    """``per`` noisy views of ``n_articles`` random unit centres, plus one fresh query each."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_articles, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.repeat(centres, per, axis=0) + noise / np.sqrt(dim) * rng.standard_normal((n_articles * per, dim)).astype(np.float32)
+    q = centres + noise / np.sqrt(dim) * rng.standard_normal(centres.shape).astype(np.float32)
+    labels = [f"a{i // per}" for i in range(len(x))]
+    return x, labels, q
+
+
+def build(kind: str, x, labels, **kw) -> CatalogueIndex:
+    return CatalogueIndex.build(x, labels, [None] * len(x), [f"p{i}.jpg" for i in range(len(x))],
+                                digests=[f"d{i}" for i in range(len(x))], ann_config=AnnConfig(kind, **kw))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return clustered(600, 5)  # 3,000 images of 600 articles
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+def test_approximate_indexes_save_load_and_classify_like_flat(tmp_path, data, kind):
+    x, labels, q = data
+    flat, approx = build("flat", x, labels), build(kind, x, labels)
+    assert approx.ann.kind == kind and approx.image_index.ntotal == len(x)
+    exact = [r[0].label for r in flat.classify(q, top_k=1, mode="nearest")]
+    got = [r[0].label for r in approx.classify(q, top_k=1, mode="nearest")]
+    truth = [f"a{i}" for i in range(len(q))]
+    assert np.mean(np.array(exact) == truth) > 0.97
+    assert np.mean(np.array(got) == np.array(exact)) >= 0.97
+    # ivfpq re-ranks its shortlist with the exact vectors: the scores are exact cosines
+    s_flat = [r[0].score for r in flat.search(q, k=1)]
+    s_approx = [r[0].score for r in approx.search(q, k=1)]
+    agree = np.array([a[0].path == b[0].path for a, b in zip(flat.search(q, 1), approx.search(q, 1))])
+    assert agree.mean() > 0.95
+    np.testing.assert_allclose(np.array(s_approx)[agree], np.array(s_flat)[agree], atol=1e-5)
+    approx.save(tmp_path / kind)
+    back = CatalogueIndex.load(tmp_path / kind)
+    assert back.ann == approx.ann and (tmp_path / kind / "images.faiss").is_file()
+    assert [r[0].label for r in back.classify(q, top_k=1, mode="nearest")] == got
+    assert [r[0].label for r in back.classify(q, top_k=1)] == [r[0].label for r in flat.classify(q, top_k=1)]
+
+
+def test_recall_grows_with_nprobe(data):
+    x, labels, q = data
+    index = build("ivfpq", x, labels, rerank=0)
+    flat = build("flat", x, labels)
+    truth = np.array([[n.path for n in r] for r in flat.search(q, 10)])
+
+    def recall(nprobe: int) -> float:
+        got = [[n.path for n in r] for r in index.with_search(nprobe=nprobe).search(q, 10)]
+        return float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)]))
+
+    low, high = recall(1), recall(index.ann.nlist)
+    assert low < high and high > 0.6
+
+
+def test_sharded_ivf_build_equals_one_pass(data, monkeypatch):
+    x, labels, _ = data
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    config = ann.resolve(AnnConfig("ivfpq"), len(x), x.shape[1])
+    monkeypatch.setattr(ann, "SHARD_ROWS", 700)  # 5 shards, built independently, then merged
+    sharded = ann.build(config, xn)
+    one = ann.empty_index(config, x.shape[1], lambda rows: xn[rows], len(x))
+    one.add(xn)
+    assert sharded.ntotal == one.ntotal == len(x)
+    qs = xn[::37]
+    params = faiss.SearchParametersIVF(nprobe=8)
+    d1, i1 = sharded.search(qs, 5, params=params)
+    d2, i2 = one.search(qs, 5, params=params)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-6)
+
+
+def test_index_type_choices_and_errors():
+    assert ann.resolve(AnnConfig("auto"), 10_000, 64).kind == "flat"
+    assert ann.resolve(AnnConfig("auto"), ann.AUTO_FLAT_MAX, 1280).kind == "ivfpq"
+    big = ann.resolve(AnnConfig("ivfpq"), 1_000_000, 1280)
+    assert (big.nlist, big.m) == (1024, 64) and 1280 % big.m == 0
+    with pytest.raises(DataError, match="at least 1,000"):
+        ann.resolve(AnnConfig("ivfpq"), 500, 64)
+    with pytest.raises(DataError, match="unknown index type"):
+        ann.resolve(AnnConfig("annoy"), 500, 64)
+    with pytest.raises(DataError, match="m dividing"):
+        ann.resolve(AnnConfig("ivfpq", m=7), 5000, 64)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])
+def test_removed_images_are_tombstones_never_returned(tmp_path, data, kind):
+    x, labels, q = data
+    index = build(kind, x, labels)
+    assert index.search(q[:1], 1)[0][0].label == "a0"
+    assert index.remove_article("a0") == 5
+    assert index.num_tombstones == 5 and len(index) == len(x) - 5
+    hits = index.search(q[:1], 50)[0]
+    assert hits and all(h.label != "a0" for h in hits)
+    assert all(p.label != "a0" for p in index.classify(q[:1], top_k=5, mode="nearest")[0])
+    assert all(p.label != "a0" for p in index.classify(q[:1], top_k=5)[0])
+    # a new article after the removal gets fresh ids and is found
+    index.add_article("new", None, q[:1] * 3, ["new.jpg"], ["dn"])
+    assert index.search(q[:1], 1)[0][0].label == "new"
+    index.save(tmp_path / "i")
+    back = CatalogueIndex.load(tmp_path / "i")
+    assert back.search(q[:1], 1)[0][0].label == "new" and len(back) == len(x) - 4
+    assert all(h.label != "a0" for h in back.search(q[:1], 50)[0])
+    # ivfpq and flat drop their tombstones at compaction; FAISS cannot remove from an HNSW graph
+    assert back.num_tombstones == (5 if kind == "hnsw" else 0)
+    assert back.find_images(["dn", "d7", "d0"]) == [[len(back) - 1], [2], []]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_enrol_and_delete_touch_only_the_article(tmp_path):
+    """On a 20,000-image index an enrolment writes one journal entry holding its own 5 rows and
+    changes one prototype row; the base files are not rewritten."""
+    x, labels, q = clustered(4000, 5, dim=64, seed=1)
+    index = build("ivfpq", x, labels)
+    folder = index.save(tmp_path / "idx")
+    base = {p.name: _digest(p) for p in folder.iterdir() if p.is_file()}
+    protos = index.prototypes.copy()
+
+    new = clustered(1, 5, dim=64, seed=9)[0]
+    entry = index.append_change(folder, Change("add", "fresh", "g", new, [f"f{i}.jpg" for i in range(5)], [None] * 5))
+    with np.load(entry) as z:
+        assert z["vectors"].shape == (5, 64)  # the rows written: the article's own
+    assert {p.name: _digest(p) for p in folder.iterdir() if p.is_file()} == base
+    after = index.prototypes
+    assert after.shape[0] == protos.shape[0] + 1
+    np.testing.assert_array_equal(after[:-1], protos)  # no other article's prototype changed
+
+    # more photos of an existing article: one prototype row changes
+    extra = clustered(1, 2, dim=64, seed=10)[0]
+    more = index.append_change(folder, Change("add", "a3", None, extra, ["m0.jpg", "m1.jpg"], [None, None]))
+    changed = np.flatnonzero(np.any(index.prototypes[:-1] != protos, axis=1))
+    assert changed.tolist() == [3] and np.load(more)["vectors"].shape == (2, 64)
+
+    before = index.prototypes.copy()
+    gone = index.append_change(folder, Change("remove", "a10"))
+    assert np.load(gone)["vectors"].size == 0
+    changed = np.flatnonzero(np.any(index.prototypes != before[:-1], axis=1))
+    assert changed.tolist() == [10]  # the last article moved into the removed one's row
+    assert {p.name: _digest(p) for p in folder.iterdir() if p.is_file()} == base
+    assert len(Journal(folder)) == 3
+
+    back = CatalogueIndex.load(folder)  # base + journal replay
+    assert back.labels == index.labels and back.articles == index.articles
+    np.testing.assert_allclose(back.prototypes, index.prototypes, atol=1e-6)
+    assert back.search(new[:1], 1)[0][0].label == "fresh"
+
+
+def test_a_crash_mid_append_loses_no_acknowledged_change(tmp_path, data, monkeypatch):
+    x, labels, q = data
+    index = build("flat", x, labels)
+    folder = index.save(tmp_path / "idx")
+    index.append_change(folder, Change("add", "kept", None, q[:1], ["k.jpg"], [None]))  # acknowledged
+
+    real = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith(".npz"):
+            raise OSError(5, "Input/output error")  # the machine dies before the rename
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        index.append_change(folder, Change("add", "lost", None, q[1:2], ["l.jpg"], [None]))
+    monkeypatch.undo()
+    assert "lost" not in index.articles  # not applied in memory either
+    back = CatalogueIndex.load(folder)
+    assert "kept" in back.articles and "lost" not in back.articles
+    assert len(back) == len(x) + 1
+    # a damaged entry is a clear error naming the file, never a silent skip
+    Journal(folder).sequence()[-1][1].write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="journal entry .*0000000001.npz is damaged"):
+        CatalogueIndex.load(folder)
+
+
+def test_save_compacts_the_journal(tmp_path, data):
+    x, labels, q = data
+    index = build("flat", x, labels)
+    folder = index.save(tmp_path / "idx")
+    index.append_change(folder, Change("add", "n", None, q[:2], ["n0.jpg", "n1.jpg"], [None, None]))
+    index.save(folder)
+    assert not (folder / "journal").exists()
+    back = CatalogueIndex.load(folder)
+    assert back.num_images("n") == 2 and len(back) == len(x) + 2
+
+
+def test_format_1_folders_still_load(tmp_path, data):
+    import json
+
+    x, labels, q = data
+    index = build("flat", x[:50], labels[:50])
+    old = tmp_path / "v1"
+    old.mkdir()
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(index.image_vectors())
+    faiss.write_index(flat, str(old / "images.faiss"))
+    faiss.write_index(flat, str(old / "prototypes.faiss"))
+    meta = {"format_version": 1, "fewshot_version": "0.1.0", "dim": x.shape[1], "config": {},
+            "labels": labels[:50], "groups": [None] * 50, "paths": [f"p{i}.jpg" for i in range(50)]}
+    (old / "meta.json").write_text(json.dumps(meta))
+    back = CatalogueIndex.load(old)
+    assert back.ann.kind == "flat" and back.digests == [None] * 50
+    assert [r[0].label for r in back.classify(q[:10])] == [r[0].label for r in index.classify(q[:10])]
