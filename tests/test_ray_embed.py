@@ -20,6 +20,8 @@ from fewshot.cli import app
 from fewshot.embed import EmbeddingCache
 from fewshot.embed.distributed import INSTALL_HINT, RayOptions, ray_available, ray_embed_paths
 
+#: Ray Data's own DataContext warns about its deprecated settings when it is copied to a worker
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 needs_ray = pytest.mark.skipif(not ray_available(), reason='Ray Data is not installed (pip install -e ".[scale]")')
 
 #: photos of the subset (every 60th Grocery test photo: many articles)
@@ -183,3 +185,26 @@ def test_decode_workers_do_not_apply_to_ray(tmp_path, drawn_tree):
     res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--distributed", "ray",
                                    "--workers", "2"])
     assert res.exit_code == 1 and "--ray-workers" in res.output and not out.exists()
+
+
+@needs_ray
+def test_a_model_with_a_head_gets_its_head_applied(photos, tmp_path):
+    """EmbedOptions(distributed=...) on a backbone + head (what `--model RUN_DIR` loads): the
+    actors embed with the backbone, the head maps the vectors, as without Ray."""
+    import torch
+    from torch import nn
+
+    from fewshot.backbones import create_backbone
+    from fewshot.data.loaders import load_dataset
+    from fewshot.model import EmbeddingModel
+    from fewshot.pipeline import EmbedOptions
+
+    manifest, _ = photos
+    dataset = load_dataset(manifest)
+    torch.manual_seed(0)
+    model = EmbeddingModel(create_backbone("efficientnet_lite0", image_size=int(SIZE)), head=nn.Linear(1280, 16))
+    local = EmbedOptions(cache_dir=str(tmp_path / "a"), progress=False).embed(model, dataset)
+    opts = RayOptions(workers=1, temp_dir=tempfile.mkdtemp(prefix="fsray", dir="/tmp"))
+    dist = EmbedOptions(cache_dir=str(tmp_path / "b"), progress=False, distributed=opts).embed(model, dataset)
+    assert dist.vectors.shape == (N_PHOTOS, 16) and dist.digests == local.digests
+    assert np.abs(dist.vectors - local.vectors).max() < 1e-5
