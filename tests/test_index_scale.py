@@ -86,8 +86,8 @@ def test_sharded_ivf_build_equals_one_pass(data, monkeypatch):
     assert sharded.ntotal == one.ntotal == len(x)
     qs = xn[::37]
     params = faiss.SearchParametersIVF(nprobe=8)
-    d1, i1 = sharded.search(qs, 5, params=params)
-    d2, i2 = one.search(qs, 5, params=params)
+    d1, i1 = ann._raw_search(sharded, qs, 5, params)
+    d2, i2 = ann._raw_search(one, qs, 5, params)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(d1, d2, rtol=1e-6)
 

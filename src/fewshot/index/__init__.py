@@ -160,6 +160,8 @@ class CatalogueIndex:
     _article_of: dict[str, int] = field(default_factory=dict, repr=False)
     _alive: Growable | None = field(default=None, repr=False)
     _by_digest: dict[str, list[int]] | None = field(default=None, repr=False)
+    #: growable buffers behind ``ids`` / ``image_article`` (``None`` after a removal)
+    _position_bufs: tuple[Growable, Growable] | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- building
     @classmethod
@@ -209,6 +211,7 @@ class CatalogueIndex:
             group_of.setdefault(label, group)
         self.article_groups = [group_of[a] for a in self.articles]
         self.image_article = np.fromiter((order[lab] for lab in self.labels), np.int64, len(self.labels))
+        self._position_bufs = None
         if sums is None:
             sums = np.zeros((len(order), self.dim), np.float32)
             for start in range(0, len(self.ids), ann.SHARD_ROWS):
@@ -276,13 +279,24 @@ class CatalogueIndex:
         self.groups += [group] * len(vectors)
         self.paths += [str(p) for p in paths]
         self.digests += digests
-        self.ids = np.concatenate([self.ids, new_ids])
-        self.image_article = np.concatenate([self.image_article, np.full(len(new_ids), a, np.int64)])
+        self._append_positions(new_ids, a)
         self._mark_alive(new_ids)
         if self._by_digest is not None:
             for pos, d in enumerate(digests, start):
                 if d is not None:
                     self._by_digest.setdefault(d, []).append(int(self.ids[pos]))
+
+    def _append_positions(self, new_ids: np.ndarray, a: int) -> None:
+        """Append to ``ids`` and ``image_article`` in amortised O(len(new_ids))."""
+        if self._position_bufs is None:
+            bufs = (Growable((), np.int64, 2 * len(self.ids) + 16), Growable((), np.int64, 2 * len(self.ids) + 16))
+            bufs[0].append(self.ids)
+            bufs[1].append(self.image_article)
+            self._position_bufs = bufs
+        ids_buf, art_buf = self._position_bufs
+        ids_buf.append(new_ids)
+        art_buf.append(np.full(len(new_ids), a, np.int64))
+        self.ids, self.image_article = ids_buf.view, art_buf.view
 
     def _mark_alive(self, ids: np.ndarray) -> None:
         assert self._alive is not None
@@ -312,6 +326,7 @@ class CatalogueIndex:
                 del lst[p]
         self.ids = np.delete(self.ids, gone)
         self.image_article = np.delete(self.image_article, gone)
+        self._position_bufs = None
         last = len(self.articles) - 1
         if a != last:  # swap-remove: the last article moves into row a
             self.image_article[self.image_article == last] = a
