@@ -8,7 +8,8 @@ Usage (from the repository root, in the project's environment)::
     python bench/run_all.py --out docs --render-only   # rewrite benchmarks.md from bench/results.json
 
 Parts (in run order): embed, metrics, search, training, quality, scaling, finetune (which reads
-``docs/results/finetune/results.json`` from ``bench/quality_finetune.py`` rather than training). Every measurement
+``docs/results/finetune/results.json`` from ``bench/quality_finetune.py`` rather than training), scale
+(which reads ``docs/results/scale/results.json`` from ``bench/scale_index.py``). Every measurement
 is seeded (seed 0) and the raw numbers go to ``OUT/bench/results.json``; ``--only`` merges
 into the results already there, so the Markdown always shows every part. A part that fails
 is reported in the document (with the error) and the others still run. Run it on a quiet
@@ -33,14 +34,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import embed_throughput, metrics_speed, quality, quality_finetune, scaling, search_latency, training_cost
+from bench import (embed_throughput, metrics_speed, quality, quality_finetune, scale_index, scaling, search_latency,
+                   training_cost)
 from bench.common import Context, fmt, fmt_bytes, fmt_s, machine, set_threads, table, verdict, write_json
 
 PARTS = {"embed": embed_throughput, "metrics": metrics_speed, "search": search_latency,
-         "training": training_cost, "quality": quality, "scaling": scaling, "finetune": quality_finetune}
+         "training": training_cost, "quality": quality, "scaling": scaling, "finetune": quality_finetune,
+         "scale": scale_index}
 TITLES = {"embed": "1. Embedding throughput: ONNX Runtime vs torch", "metrics": "2. Retrieval metrics", "search": "3. Search latency",
           "training": "4. Training cost", "quality": "5. Quality on unseen classes", "scaling": "6. Scaling",
-          "finetune": "7. Fine-tuning the feature extractor"}
+          "finetune": "7. Fine-tuning the feature extractor", "scale": "8. Scale"}
 
 
 def summary(results: dict, meta: dict) -> str:
@@ -91,6 +94,7 @@ def summary(results: dict, meta: dict) -> str:
         rows.append(["Scaling exponent: metrics (leave-one-out) / search per query", "2 / 1 expected",
                      f"{fmt(r['slopes']['metrics'], 2)} / {fmt(r['slopes']['bare_b1'], 2)}", "-"])
     rows += _finetune_rows(results.get("finetune", {}))
+    rows += scale_index.goal_rows(results.get("scale", {}))
     return table(["goal", "target", "measured", "verdict"], rows) if rows else "(no results)"
 
 

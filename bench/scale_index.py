@@ -183,7 +183,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver
-def run(sizes: list[int], kinds: list[str], work: Path, queries: int, noise: float,
+def measure(sizes: list[int], kinds: list[str], work: Path, queries: int, noise: float,
         params: dict[str, dict], timeout: float) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -250,6 +250,41 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- part 8 of run_all
+def run(quick: bool, ctx) -> dict:
+    """Part 8 of ``bench/run_all.py``: the 1M builds take about half an hour on 2 cores, so this
+    part reads what ``python bench/scale_index.py`` wrote (``docs/results/scale``)."""
+    path = ROOT / "docs" / "results" / "scale" / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run python bench/scale_index.py first")
+    return json.loads(path.read_text())
+
+
+def section(results: dict, ctx) -> str:
+    return ("## 8. Scale: catalogue index types and enrolment\n\nFrom `python bench/scale_index.py --out "
+            "docs/results/scale` (about half an hour on 2 cores, so `run_all.py` reads its results). "
+            + __doc__.split("\n\n", 1)[1].split("\n\nUsage")[0] + "\n\n" + render(results))
+
+
+def goal_rows(results: dict) -> list[list[str]]:
+    """Rows for the goals table of ``docs/benchmarks.md``."""
+    from bench.common import verdict
+
+    if "rows" not in results:
+        return []
+    h = headline(results)
+    rows = []
+    if "latency_x" in h:
+        rows.append([f"ivfpq at {h['n']:,} images vs flat: recall@10 / latency / memory",
+                     f">= {GOAL_RECALL} / >= {GOAL_LATENCY_X:.0f}x lower / >= {GOAL_MEMORY_X:.0f}x less",
+                     f"{h['recall_ratio']:.3f} / {h['latency_x']:.0f}x / {h['memory_x']:.0f}x", verdict(h["met"])])
+    if h["enrol"]:
+        rows.append(["Enrolment of a 5-image article (journal + in memory)", f"< {GOAL_ENROL_S * 1000:.0f} ms",
+                     ", ".join(f"{k} {n:,}: {fmt_s(v)}" for (k, n), v in sorted(h["enrol"].items())),
+                     verdict(h["enrol_met"])])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd")
@@ -269,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "child":
         print(json.dumps(child(args)))
         return 0
-    res = run([int(s) for s in args.sizes.split(",")], args.kinds.split(","), Path(args.work), args.queries,
+    res = measure([int(s) for s in args.sizes.split(",")], args.kinds.split(","), Path(args.work), args.queries,
               args.noise, json.loads(args.params), args.timeout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

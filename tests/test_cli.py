@@ -106,6 +106,27 @@ def test_index_and_classify(small_manifest, cache, tmp_path):
     assert top1 >= 0.7 and "(24 images, 6 articles, mode nearest)  catalogue images among them: 0" in r.output
 
 
+def test_index_types_from_the_cli(small_manifest, cache, tmp_path):
+    """--index-type hnsw builds, saves and classifies like flat; ivfpq on 36 images is refused
+    before anything is embedded or written, with the fix."""
+    flat, hnsw = tmp_path / "flat", tmp_path / "hnsw"
+    common = ["--data", small_manifest, "--split", "train", "--image-size", "64", "--cache-dir", cache, "--no-progress"]
+    run("index", *common, "--out", flat)
+    r = run("index", *common, "--out", hnsw, "--index-type", "hnsw", "--ef-search", "16")
+    assert "indexed 36 images of 6 articles" in r.output and "(hnsw index)" in r.output
+    meta = json.loads((hnsw / "meta.json").read_text())
+    assert meta["index_type"] == "hnsw" and meta["index"]["ef_search"] == 16 and (hnsw / "images.faiss").is_file()
+    args = ["--data", small_manifest, "--split", "test", "--summary-only", "--cache-dir", cache, "--mode", "nearest"]
+    a = run("classify", "--index", flat, *args).output.split("top-1 accuracy ")[1].split()[0]
+    b = run("classify", "--index", hnsw, *args, "--ef-search", "32").output.split("top-1 accuracy ")[1].split()[0]
+    assert a == b  # 36 images: the graph search is exact here
+    r = run("index", *common, "--out", tmp_path / "ivf", "--index-type", "ivfpq", code=1)
+    assert "needs at least 1,000 catalogue images" in r.output and "--index-type flat" in r.output
+    assert not (tmp_path / "ivf").exists()
+    r = run("index", *common, "--out", tmp_path / "bad", "--index-type", "annoy", code=1)
+    assert "unknown index type 'annoy'" in r.output and not (tmp_path / "bad").exists()
+
+
 def test_classify_bad_images_exit_1_but_classify_the_good(small_manifest, cache, tmp_path):
     idx = tmp_path / "idx"
     run("index", "--data", small_manifest, "--split", "train", "--image-size", "64", "--out", idx,
