@@ -16,6 +16,10 @@ import typer
 from ..errors import FewshotError
 from .common import MAX_THREADS, app, apply_runtime, echo_episodes, handle_errors, positive
 
+#: most processes of ``--nproc`` (:data:`fewshot.training.distributed.MAX_NPROC`; kept here so that
+#: ``fewshot --help`` does not import torch)
+MAX_NPROC = 64
+
 
 def _head_spec(value: Optional[str]):
     """``linear`` / ``mlp`` preset names, or a JSON object (a ProjectionHead spec)."""
@@ -79,6 +83,7 @@ def _train(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads of torch (training) and ONNX Runtime (embedding); default: torch's choice. On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
     runtime: str = typer.Option("auto", "--runtime", help="Forward pass of the frozen embeddings and the final evaluation: auto | onnx | torch (see `fewshot evaluate --help`); fine-tuning runs on torch."),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=MAX_NPROC, help="Train with N local processes (DistributedDataParallel: gloo on CPU, nccl with one GPU per process): each embeds a slice of every batch, and the run equals the one-process run on the same batches. contrastive, triplet and protonet; a contrastive / triplet --batch-size must be a multiple of N; --threads then counts per process (default: cores / N). Worth it when the backbone trains (--fine-tune) on several GPUs or many cores; with --fine-tune none the exchange of the head's gradients outweighs the work. Under torchrun (`torchrun --nproc_per_node=N -m fewshot train ...`) leave it out."),
     **method_flags,
 ) -> None:
     """Train contrastive / triplet (or episodic) embeddings; keep the best epoch by val MAP@R.
@@ -98,7 +103,9 @@ def _train(
         val_episodes=val_episodes, eval_episodes=eval_episodes, resume=resume, overwrite=overwrite, device=device,
         group_from=group_from, embed_batch_size=embed_batch_size, workers=workers, runtime=runtime,
         cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress, final_eval=split, options=options)
-    result = run_train(cfg)
+    result = _run(cfg, nproc, threads, run_train)
+    if result is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return
     b = result.best_metrics
     typer.echo(f"best epoch {result.best_epoch} of {result.history[-1]['epoch']}"
                + (" (stopped early)" if result.stopped_early else "")
@@ -109,6 +116,24 @@ def _train(
         typer.echo(f"{split} classes: mAP {m['map']:.4f}  MAP@R {m['map_at_r']:.4f}  P@1 {m['precision_at_1']:.4f}")
         echo_episodes(m["episodes"])
     typer.echo(f"wrote {out}/config.json, model.safetensors, history.csv, curves.png")
+
+
+def _run(cfg, nproc: int, threads: Optional[int], run_train):
+    """One process, ``--nproc N`` local processes, or this process's rank of a torchrun launch."""
+    from ..training.distributed import launched_env, train_distributed, train_launched
+
+    env = launched_env()
+    if env is None:
+        return train_distributed(cfg, nproc, threads=threads) if nproc > 1 else run_train(cfg)
+    if nproc > 1:
+        raise typer.BadParameter(f"torchrun already started {env[1]} processes: leave --nproc out under torchrun",
+                                 param_hint="--nproc")
+    try:
+        return train_launched(cfg)
+    except FewshotError:
+        if env[0] != 0:  # every rank fails alike: rank 0 prints it
+            raise typer.Exit(1)
+        raise
 
 
 # --------------------------------------------------------------------------- method options

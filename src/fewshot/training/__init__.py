@@ -43,14 +43,22 @@ with bfloat16 autocast; on 2 CPU cores a Grocery ``last:2`` epoch takes about 2 
 This module sits at the pipeline level: it uses the metrics (and, for the final evaluation,
 :mod:`fewshot.pipeline`), which nothing below it imports.
 
+Distributed training (:mod:`.distributed`): :func:`train_distributed` (``fewshot train --nproc N``)
+and torchrun (``torchrun --nproc_per_node=N -m fewshot train ...``) run the same loop in N
+processes with DistributedDataParallel, each embedding a slice of every batch; the run equals
+the one-process run on the same batches (contrastive, triplet, protonet; MAML is refused).
+
 Parts: :mod:`.loop` (:func:`train` and the epoch loop), :mod:`.data` (train / val sets and
 validation), :mod:`.finetune` (the trainable backbone parameters on augmented images),
-:mod:`.checkpoint` (RUN_DIR.partial, history, curves, checkpoints, ``--resume``).
+:mod:`.checkpoint` (RUN_DIR.partial, history, curves, checkpoints, ``--resume``),
+:mod:`.distributed` (several processes).
 """
 
 from __future__ import annotations
 
 from .checkpoint import CHECKPOINT, HISTORY_FIELDS, read_history, staging_dir
+from .distributed import train_distributed
 from .loop import RunResult, train
 
-__all__ = ["train", "RunResult", "HISTORY_FIELDS", "CHECKPOINT", "read_history", "staging_dir"]
+__all__ = ["train", "train_distributed", "RunResult", "HISTORY_FIELDS", "CHECKPOINT", "read_history",
+           "staging_dir"]

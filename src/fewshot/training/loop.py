@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -121,6 +121,26 @@ def _check_head(head: dict | None) -> None:
                                 '"out_dim": 256}\'') from None
 
 
+class _Parallel(Protocol):
+    """What the loop asks of a distributed run (:class:`fewshot.training.distributed.Parallel`):
+    only the lead rank (0) validates, writes files and evaluates; the others train in step."""
+
+    lead: bool
+    device: torch.device
+
+    def check(self, method_cls: type[Method], cfg: TrainConfig) -> None: ...
+
+    def share(self, obj: Any) -> Any: ...
+
+    def sync_stop(self, stop: bool) -> bool: ...
+
+    def make_step(self, setup: "_Setup") -> Callable[[Any], float]: ...
+
+    def info(self) -> dict: ...
+
+    def replica_spread(self, setup: "_Setup") -> float: ...
+
+
 @dataclass
 class _Setup:
     """Everything the epoch loop needs, built and checked before any file is written."""
@@ -133,6 +153,11 @@ class _Setup:
     n_epochs: int
     protocol: dict
     setup_seconds: float
+    #: the feature source bound to the method (cached embeddings, or the fine-tuned backbone)
+    features: Callable[[np.ndarray], torch.Tensor] | None = None
+    #: one optimisation step of a batch (``None``: ``method.step(batch, optimizer)``)
+    step: Callable[[Any], float] | None = None
+    parallel: _Parallel | None = None
 
 
 def warmup_scheduler(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -151,8 +176,8 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def _setup(cfg: TrainConfig, method_cls: type[Method]) -> _Setup:
-    device = _device(cfg)
+def _setup(cfg: TrainConfig, method_cls: type[Method], par: _Parallel | None = None) -> _Setup:
+    device = par.device if par is not None else _device(cfg)
     t_start = time.perf_counter()
     _seed_all(cfg.seed)  # a backbone trained from scratch starts from seeded random weights
     data = _load_data(cfg)
@@ -167,17 +192,19 @@ def _setup(cfg: TrainConfig, method_cls: type[Method]) -> _Setup:
         ft = _FineTune(cfg, data, device)
         method.backbone = ft.backbone.model
         method.backbone_params = ft.params
+        features = ft.features
         method.bind(ft.features, ft.inputs)
     else:
         x_train = data.train.x.to(device)
-        method.bind(lambda idx: x_train[torch.from_numpy(idx).to(device)])
+        features = lambda idx: x_train[torch.from_numpy(idx).to(device)]  # noqa: E731
+        method.bind(features)
     protocol = {"split_file": str(cfg.split_file), "split_name": data.split.name, "dataset": data.split.dataset,
                 "train_classes": list(data.split.train), "val_classes": list(data.split.val),
                 "test_classes": list(data.split.test), "query_split": data.split.query_split,
                 "gallery_split": data.split.gallery_split, "seed": data.split.seed}
     optimizer = method.optimizer()
     return _Setup(data, method, ft, optimizer, warmup_scheduler(optimizer, cfg.warmup()), method.max_epochs(),
-                  protocol, time.perf_counter() - t_start)
+                  protocol, time.perf_counter() - t_start, features=features, parallel=par)
 
 
 def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
@@ -203,24 +230,44 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
             data on which the method cannot learn (:meth:`Method.check_data`); an ``--out``
             that is not a run folder.
     """
+    return _train(cfg, on_epoch_end)
+
+
+def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = None,
+           par: _Parallel | None = None) -> RunResult | None:
+    """:func:`train`, on one rank of a distributed run when ``par`` is given (``None`` on the
+    ranks other than 0). Rank 0 checks the output and sets up first (filling the embedding
+    cache), then the others; every rank trains, rank 0 alone writes."""
     method_cls = _validate_config(cfg)
+    if par is not None:
+        par.check(method_cls, cfg)
     run_dir = Path(cfg.out)
     stage = staging_dir(run_dir)
-    source = _resume_source(cfg, run_dir, stage)
-    saved = _load_checkpoint(source / CHECKPOINT) if source is not None else None
-    if saved is not None:
-        _check_resumable(saved["config"], cfg, source / CHECKPOINT)
-    setup = _setup(cfg, method_cls)
-    _prepare_stage(stage, source, run_dir)
+    lead = par is None or par.lead
+    source = saved = setup = None
+    if lead:
+        source = _resume_source(cfg, run_dir, stage)
+        saved = _load_resumable(cfg, source)
+        setup = _setup(cfg, method_cls, par)
+        _prepare_stage(stage, source, run_dir)
+    if par is not None:
+        source = par.share(source)  # the others wait here for rank 0's checks and set-up
+        if not lead:
+            saved = _load_resumable(cfg, source)
+            setup = _setup(cfg, method_cls, par)
+        setup.step = par.make_step(setup)
     try:
         loop = _run_epochs(cfg, setup, stage, saved, on_epoch_end)
     except BaseException:
-        if not (stage / CHECKPOINT).is_file():  # nothing to resume: leave no empty run behind
+        if lead and not (stage / CHECKPOINT).is_file():  # nothing to resume: leave no empty run behind
             import shutil
 
             shutil.rmtree(stage, ignore_errors=True)
         raise
-    full = _finish_config(stage, loop, setup)
+    spread = par.replica_spread(setup) if par is not None else None
+    if not lead:
+        return None
+    full = _finish_config(stage, loop, setup, spread)
     replace_dir(stage, run_dir)
     final = None
     if cfg.final_eval != "none":
@@ -234,6 +281,15 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     return RunResult(run_dir=run_dir, best_epoch=loop.best["epoch"], best_metrics=best_row,
                      history=loop.history, seconds=loop.elapsed, stopped_early=loop.stopped_early,
                      final_metrics=final, config=full)
+
+
+def _load_resumable(cfg: TrainConfig, source: Path | None) -> dict | None:
+    """The checkpoint of ``source`` (checked against ``cfg``), or ``None`` for a new run."""
+    if source is None:
+        return None
+    saved = _load_checkpoint(source / CHECKPOINT)
+    _check_resumable(saved["config"], cfg, source / CHECKPOINT)
+    return saved
 
 
 @dataclass
@@ -275,7 +331,7 @@ def _train_epoch(cfg: TrainConfig, setup: _Setup, epoch: int) -> list[float]:
     losses = []
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False, disable=not cfg.progress)
     for batch in bar:
-        value = method.step(batch, setup.optimizer)
+        value = setup.step(batch) if setup.step is not None else method.step(batch, setup.optimizer)
         setup.scheduler.step()
         if not math.isfinite(value):
             raise FewshotError(f"training diverged at epoch {epoch} (loss {value})",
@@ -293,13 +349,17 @@ def _run_config(cfg: TrainConfig, setup: _Setup, row: dict, elapsed: float) -> d
             "val_queries": len(data.val_q.vectors), "val_gallery": len(data.val_g.vectors),
             "best_epoch": row["epoch"],
             "best_val": {k[4:]: row[k] for k in HISTORY_FIELDS if k.startswith("val_")},
-            "training_seconds_to_best": round(elapsed, 3)}
+            "training_seconds_to_best": round(elapsed, 3),
+            **({"distributed": setup.parallel.info()} if setup.parallel is not None else {})}
 
 
 def _run_epochs(cfg: TrainConfig, setup: _Setup, work: Path, saved: dict | None,
                 on_epoch_end: Callable[[int, dict], None] | None) -> _Loop:
-    """Epoch 0 (validation only) and the training epochs, writing into ``work``."""
-    method, data = setup.method, setup.data
+    """Epoch 0 (validation only) and the training epochs, writing into ``work`` (in a
+    distributed run, every rank trains; rank 0 alone validates and writes, and tells the others
+    when patience runs out)."""
+    par = setup.parallel
+    lead = par is None or par.lead
     loop = _restore(setup, saved, work)
     bar = tqdm(total=setup.n_epochs + 1, initial=loop.start_epoch, desc=f"train {cfg.method}", unit="epoch",
                disable=not cfg.progress, leave=True)
@@ -308,27 +368,12 @@ def _run_epochs(cfg: TrainConfig, setup: _Setup, work: Path, saved: dict | None,
         while epoch <= setup.n_epochs and not loop.stopped_early:
             t0 = time.perf_counter()
             losses = _train_epoch(cfg, setup, epoch) if epoch > 0 else []
-            metrics = _validate(method, data, cfg, setup.ft, epoch)
-            seconds = time.perf_counter() - t0
-            loop.elapsed += seconds
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
-                   "seconds": round(seconds, 3)}
-            loop.history.append(row)
-            score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
-            if score > loop.best["map_at_r"]:
-                loop.best, loop.bad_epochs = {"epoch": epoch, "map_at_r": score}, 0
-                save_run(work, EmbeddingModel(backbone=data.backbone, head=method.head),
-                         _run_config(cfg, setup, row, loop.elapsed), extra_tensors=method.extra_tensors())
-            elif epoch > 0:
-                loop.bad_epochs += 1
-            if epoch > 0 and cfg.patience and loop.bad_epochs >= cfg.patience and epoch < setup.n_epochs:
-                loop.stopped_early = True
-            _write_epoch_files(cfg, setup, work, loop, epoch)
-            bar.update(1)
-            bar.set_postfix(loss="-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
-                            val_map_r=f"{score:.4f}", best=loop.best["epoch"])
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, row)
+            if lead:
+                _end_epoch(cfg, setup, work, loop, epoch, losses, t0, bar)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, loop.history[-1])
+            if par is not None:
+                loop.stopped_early = par.sync_stop(loop.stopped_early)
             epoch += 1
     except KeyboardInterrupt:
         done = loop.history[-1]["epoch"] if loop.history else None
@@ -338,6 +383,31 @@ def _run_epochs(cfg: TrainConfig, setup: _Setup, work: Path, saved: dict | None,
     finally:
         bar.close()
     return loop
+
+
+def _end_epoch(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop, epoch: int, losses: list[float],
+               t0: float, bar) -> None:
+    """Validate the epoch, keep the best run, count patience and write the epoch's files."""
+    method, data = setup.method, setup.data
+    metrics = _validate(method, data, cfg, setup.ft, epoch)
+    seconds = time.perf_counter() - t0
+    loop.elapsed += seconds
+    row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
+           "seconds": round(seconds, 3)}
+    loop.history.append(row)
+    score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
+    if score > loop.best["map_at_r"]:
+        loop.best, loop.bad_epochs = {"epoch": epoch, "map_at_r": score}, 0
+        save_run(work, EmbeddingModel(backbone=data.backbone, head=method.head),
+                 _run_config(cfg, setup, row, loop.elapsed), extra_tensors=method.extra_tensors())
+    elif epoch > 0:
+        loop.bad_epochs += 1
+    if epoch > 0 and cfg.patience and loop.bad_epochs >= cfg.patience and epoch < setup.n_epochs:
+        loop.stopped_early = True
+    _write_epoch_files(cfg, setup, work, loop, epoch)
+    bar.update(1)
+    bar.set_postfix(loss="-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
+                    val_map_r=f"{score:.4f}", best=loop.best["epoch"])
 
 
 def _write_epoch_files(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop, epoch: int) -> None:
@@ -351,14 +421,17 @@ def _write_epoch_files(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop,
         "seconds": loop.elapsed, "stopped_early": loop.stopped_early, "fewshot_version": __version__})
 
 
-def _finish_config(work: Path, loop: _Loop, setup: _Setup) -> dict:
+def _finish_config(work: Path, loop: _Loop, setup: _Setup, spread: float | None = None) -> dict:
     """Record the whole run in ``config.json`` (the weights on disk are the best epoch's) and
-    mark it complete."""
+    mark it complete; a distributed run also records how far the ranks' final weights are
+    apart (``distributed.replica_max_abs_diff``, 0.0 when they are identical)."""
     cfg_path = work / CONFIG
     full = json.loads(cfg_path.read_text(encoding="utf-8"))
     full.update({"epochs_run": loop.history[-1]["epoch"], "stopped_early": loop.stopped_early,
                  "training_seconds": round(loop.elapsed, 3), "setup_seconds": round(setup.setup_seconds, 3),
                  "complete": True})
+    if setup.parallel is not None:
+        full["distributed"] = {**setup.parallel.info(), "replica_max_abs_diff": spread}
     atomic_write_json(cfg_path, full)
     return full
 
