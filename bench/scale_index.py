@@ -152,32 +152,58 @@ def _enrol(index, folder: Path, tag: Path, noise: float) -> dict[str, Any]:
             "remove_s": float(np.median(removal)), "enrolled_found": found == "new0"}
 
 
+def _recall(ids: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    return {"recall_at_1": float(np.mean(ids[:, 0] == gt[:, 0])),
+            "recall_at_10": float(np.mean([gt[i, 0] in ids[i] for i in range(len(ids))])),
+            "recall_10_at_10": float(np.mean([len(set(ids[i]) & set(gt[i])) / K for i in range(len(ids))]))}
+
+
+#: the query-time settings swept after the default one
+SWEEP = {"ivfpq": ("nprobe", (16, 32, 64, 128, 256)), "hnsw": ("ef_search", (64, 128, 256, 512))}
+
+
+def _sweep(index, kind: str, q: np.ndarray, gt: np.ndarray) -> list[dict[str, Any]]:
+    if kind not in SWEEP:
+        return []
+    name, values = SWEEP[kind]
+    out = []
+    for v in values:
+        index.with_search(**{name: v})
+        got = _queries(index, q)
+        out.append({name: v, "latency_s": got["latency_s"], **_recall(got["ids"], gt)})
+    return out
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
-    """Build, save, reload, query, enrol for one (kind, n); prints one JSON line."""
+    """One phase for one (kind, n), in its own process; prints one JSON line.
+
+    ``build``: build and save (time, bytes, peak memory). ``query``: a fresh process loads the
+    folder, answers the queries (latency, recall, memory), sweeps the query-time setting,
+    enrols and removes articles, and deletes the folder."""
     from fewshot.index import CatalogueIndex
 
     tag = Path(args.data)
     folder = Path(args.work) / f"index-{args.kind}-{args.n}"
-    shutil.rmtree(folder, ignore_errors=True)
-    params = json.loads(args.params)
-    res: dict[str, Any] = {"kind": args.kind, "n": args.n, **_build(tag, args.kind, args.n, folder, params)}
+    if args.phase == "build":
+        shutil.rmtree(folder, ignore_errors=True)
+        return {"kind": args.kind, "n": args.n, **_build(tag, args.kind, args.n, folder, json.loads(args.params))}
     t0 = time.perf_counter()
     index = CatalogueIndex.load(folder)
-    res["load_s"] = time.perf_counter() - t0
+    res: dict[str, Any] = {"load_s": time.perf_counter() - t0}
     q, _ = query_set(tag, args.n, args.queries, args.noise)
     got = _queries(index, q)
     ids = got.pop("ids")
     res.update(got)
+    res["memory"] = _memory()  # the loaded index plus the pages the queries touched
+    res["query_peak_rss"] = peak_rss()
     gt_path = Path(args.work) / f"gt-{args.n}.npy"
     if args.kind == "flat":
         np.save(gt_path, ids)
     gt = np.load(gt_path)
-    res["recall_at_1"] = float(np.mean(ids[:, 0] == gt[:, 0]))
-    res["recall_at_10"] = float(np.mean([gt[i, 0] in ids[i] for i in range(len(ids))]))
-    res["recall_10_at_10"] = float(np.mean([len(set(ids[i]) & set(gt[i])) / K for i in range(len(ids))]))
-    res["memory"] = _memory()
+    res.update(_recall(ids, gt))
+    res["sweep"] = _sweep(index, args.kind, q, gt)
+    index.ann = type(index.ann).from_dict(json.loads((folder / "meta.json").read_text())["index"])
     res.update(_enrol(index, folder, tag, args.noise))
-    res["peak_rss"] = peak_rss()
     shutil.rmtree(folder, ignore_errors=True)
     return res
 
@@ -192,11 +218,14 @@ def measure(sizes: list[int], kinds: list[str], work: Path, queries: int, noise:
     for n in sizes:
         for kind in kinds:
             print(f"[scale] {kind} at {n:,} ...", file=sys.stderr, flush=True)
-            r = run_child("scale_index", ["child", "--kind", kind, "--n", str(n), "--data", str(tag),
-                                          "--work", str(work), "--queries", str(queries), "--noise", str(noise),
-                                          "--params", json.dumps(params.get(kind, {}))], timeout)
-            r.setdefault("kind", kind)
-            r.setdefault("n", n)
+            common = ["--kind", kind, "--n", str(n), "--data", str(tag), "--work", str(work), "--queries",
+                      str(queries), "--noise", str(noise), "--params", json.dumps(params.get(kind, {}))]
+            r = run_child("scale_index", ["child", "--phase", "build", *common], timeout)
+            if "error" not in r and not r.get("timed_out"):
+                built_wall = r.pop("wall_s", None)
+                r.update(run_child("scale_index", ["child", "--phase", "query", *common], timeout))
+                r["build_wall_s"] = built_wall
+            r.update(kind=kind, n=n, date=dt.datetime.now().isoformat(timespec="minutes"), load_after=os.getloadavg())
             rows.append(r)
             print(f"[scale] {json.dumps(r)[:400]}", file=sys.stderr, flush=True)
     return {"rows": rows, "noise": noise, "queries": queries, "dim": DIM, "per_article": PER,
@@ -243,6 +272,11 @@ def render(res: dict) -> str:
                      f"{GOAL_RECALL}), single-query latency {h['latency_x']:.0f}x lower (goal >= {GOAL_LATENCY_X:.0f}x), "
                      f"memory {h['memory_x']:.0f}x less (goal >= {GOAL_MEMORY_X:.0f}x; index bytes "
                      f"{h['index_bytes_x']:.0f}x less).")
+    for r in res["rows"]:
+        if r.get("sweep"):
+            name = next(iter(set(r["sweep"][0]) - {"latency_s", "recall_at_1", "recall_at_10", "recall_10_at_10"}))
+            lines.append(f"\n{r['kind']} at {r['n']:,}, query-time {name}: " + "; ".join(
+                f"{x[name]}: recall@10 {x['recall_at_10']:.3f}, {fmt_s(x['latency_s'])}" for x in r["sweep"]))
     p = {r["kind"]: r.get("ann") for r in res["rows"] if r.get("ann")}
     lines.append(f"\nParameters: ivfpq {p.get('ivfpq')}; hnsw {p.get('hnsw')}. Data: {res['dim']}-d, "
                  f"{res['per_article']} images per article, noise {res['noise']}, {res['queries']} queries; "
@@ -289,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd")
     c = sub.add_parser("child")
+    c.add_argument("--phase", choices=("build", "query"), required=True)
     for name, typ in (("--kind", str), ("--n", int), ("--data", str), ("--work", str), ("--queries", int),
                       ("--noise", float), ("--params", str)):
         c.add_argument(name, type=typ, required=True)
@@ -300,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "scale"))
     ap.add_argument("--params", default="{}", help='JSON, e.g. {"ivfpq": {"nprobe": 64}}')
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of OUT/results.json that this run does not measure again")
     args = ap.parse_args(argv)
     if args.cmd == "child":
         print(json.dumps(child(args)))
@@ -308,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
               args.noise, json.loads(args.params), args.timeout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (out / "results.json").is_file():
+        done = {(r["kind"], r["n"]) for r in res["rows"]}
+        earlier = json.loads((out / "results.json").read_text())["rows"]
+        res["rows"] = sorted([r for r in earlier if (r["kind"], r["n"]) not in done] + res["rows"],
+                             key=lambda r: (r["n"], KINDS.index(r["kind"])))
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "README.md").write_text("# Scale: catalogue index types\n\n" + render(res))
     print(render(res))

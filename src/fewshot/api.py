@@ -156,7 +156,8 @@ class Catalogue:
 
     @property
     def articles(self) -> list[str]:
-        """The article labels, in the order they were added."""
+        """The article labels, in the order they were added, except that removing an article
+        moves the last one into its place (the index changes one prototype row per removal)."""
         return list(self.index.articles)
 
     def __len__(self) -> int:

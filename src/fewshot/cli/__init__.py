@@ -66,7 +66,7 @@ def index_cmd(
     index_type: str = typer.Option("auto", "--index-type", help="flat (exact), ivfpq or hnsw (approximate); auto = flat below 200,000 images, else ivfpq."),
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="ivfpq: coarse cells (default: the power of two nearest sqrt(N))."),
     pq_m: Optional[int] = typer.Option(None, "--pq-m", min=1, help="ivfpq: bytes per image (PQ sub-quantizers; must divide the dimension; default: the largest divisor <= 64)."),
-    nprobe: int = typer.Option(32, "--nprobe", min=1, help="ivfpq: cells scanned per query (default at query time; classify can override)."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="ivfpq: cells scanned per query, stored as the query-time default (default: max(16, nlist / 8)); classify can override."),
     ef_search: int = typer.Option(64, "--ef-search", min=1, help="hnsw: candidates explored per query (default at query time)."),
     *, emb: "EmbedOptions",
 ) -> None:

@@ -43,7 +43,7 @@ from ..io import atomic_dir, recover_dir
 from . import ann
 from .ann import BLAS_MIN_QUERIES, INDEX_TYPES, AnnConfig, faiss_blas_setting
 from .journal import Change, Journal
-from .vectors import Growable, Prototypes, VectorStore, l2_normalize
+from .vectors import Growable, Prototypes, VectorStore, l2_normalize, normalized_copy
 
 __all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "CatalogueIndex", "Change", "INDEX_FILES", "INDEX_TYPES",
            "Neighbor", "Prediction", "faiss_blas_setting", "is_index_dir", "l2_normalize"]
@@ -169,7 +169,8 @@ class CatalogueIndex:
               paths: Sequence[str | Path], config: dict | None = None,
               digests: Sequence[str | None] | None = None, ann_config: AnnConfig | None = None,
               progress: Callable[[int], None] | None = None) -> "CatalogueIndex":
-        """Index ``vectors float32 [N, D]`` (normalised here) with per-image metadata.
+        """Index ``vectors float32 [N, D]`` (normalised here, into one copy; a memory map is
+        read block by block) with per-image metadata.
 
         ``digests``: the SHA-256 of each image file (:func:`fewshot.embed.read_digests`).
         ``ann_config``: the image index type (default exact ``flat``; ``auto`` picks by size).
@@ -178,7 +179,7 @@ class CatalogueIndex:
             DataError: no vectors, metadata lengths that differ from ``N``, or index options
                 that do not fit the catalogue (:func:`fewshot.index.ann.resolve`).
         """
-        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise DataError("cannot build an index from an empty catalogue",
                             hint="check --data / --split: no image was embedded")
@@ -188,7 +189,7 @@ class CatalogueIndex:
             raise DataError(f"catalogue metadata lengths differ: {n} vectors, {len(labels)} labels, "
                             f"{len(groups)} groups, {len(paths)} paths, {len(digests)} digests")
         resolved = ann.resolve(ann_config or AnnConfig(), n, vectors.shape[1])
-        normed = l2_normalize(vectors)
+        normed = normalized_copy(vectors)
         self = cls(dim=vectors.shape[1], labels=list(labels), groups=list(groups),
                    paths=[str(p) for p in paths], config=dict(config or {}), digests=digests,
                    ann=resolved, ids=np.arange(n, dtype=np.int64))

@@ -16,6 +16,15 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def normalized_copy(x: np.ndarray, rows: int = 65_536) -> np.ndarray:
+    """:func:`l2_normalize` of ``x [N, D]`` (an array or a memory map) into one new
+    ``float32`` array, a block of ``rows`` at a time: no second full-size temporary."""
+    out = np.empty(x.shape, np.float32)
+    for start in range(0, len(x), rows):
+        out[start:start + rows] = l2_normalize(x[start:start + rows])
+    return out
+
+
 class Growable:
     """A ``[n, *shape]`` array with amortised O(rows) appends."""
 
