@@ -197,7 +197,7 @@ def test_index_save_crash_keeps_old_index(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np.lib.format, "open_memmap", crash)
+    monkeypatch.setattr(np.lib.format, "write_array_header_1_0", crash)
     with pytest.raises(OSError):
         idx.save(tmp_path / "idx")
     monkeypatch.undo()

@@ -547,18 +547,23 @@ class CatalogueIndex:
             dead = np.setdiff1d(np.arange(self._vectors.first_new + self._vectors.new.n), self.ids)
             self.image_index.remove_ids(faiss.IDSelectorBatch(dead))
         with atomic_dir(path) as tmp:
-            out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32,
-                                            shape=(len(self.ids), self.dim))
-            for start in range(0, len(self.ids), ann.SHARD_ROWS):
-                out[start:start + ann.SHARD_ROWS] = self._vectors.get(self.ids[start:start + ann.SHARD_ROWS])
-            out.flush()
-            del out
+            self._write_vectors(tmp / "vectors.npy")
             np.save(tmp / "ids.npy", self.ids)
             np.save(tmp / "prototype_sums.npy", self._protos.sums.view)
             if self.ann.kind != "flat":
                 faiss.write_index(self.image_index, str(tmp / "images.faiss"))
             (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1, default=str), encoding="utf-8")
         return path
+
+    def _write_vectors(self, path: Path) -> None:
+        """``vectors.npy`` (float32 [N, D], by position) written block by block with plain file
+        writes (a memory map would keep every written page resident in this process)."""
+        with open(path, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.dtype(np.float32).str, "fortran_order": False,
+                                                      "shape": (len(self.ids), self.dim)})
+            for start in range(0, len(self.ids), ann.SHARD_ROWS):
+                block = self._vectors.get(self.ids[start:start + ann.SHARD_ROWS])
+                fh.write(np.ascontiguousarray(block, np.float32).tobytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "CatalogueIndex":
