@@ -43,7 +43,7 @@ from ..io import atomic_dir, recover_dir
 from . import ann
 from .ann import BLAS_MIN_QUERIES, INDEX_TYPES, AnnConfig, faiss_blas_setting
 from .journal import Change, Journal
-from .vectors import Growable, Prototypes, VectorStore, l2_normalize, normalized_copy
+from .vectors import Growable, Prototypes, RowFile, VectorStore, l2_normalize, normalized_copy
 
 __all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "CatalogueIndex", "Change", "INDEX_FILES", "INDEX_TYPES",
            "Neighbor", "Prediction", "faiss_blas_setting", "is_index_dir", "l2_normalize"]
@@ -220,8 +220,7 @@ class CatalogueIndex:
                 np.add.at(sums, self.image_article[part], self._vectors.get(self.ids[part]))
         counts = np.bincount(self.image_article, minlength=len(order))
         self._protos = Prototypes(self.dim)
-        for a in range(len(order)):
-            self._protos.append(sums[a], int(counts[a]))
+        self._protos.extend(sums, counts)
         id_space = self._vectors.first_new + self._vectors.new.n
         self._alive = Growable((), np.uint8, capacity=id_space // 8 + 1)
         self._alive.append(np.zeros(id_space // 8 + 1, np.uint8))
@@ -504,7 +503,7 @@ class CatalogueIndex:
             if len(positions) >= int(self._protos.counts.view[a]):
                 out[a] = None
                 continue
-            proto = self._protos.sums.view[a] - self._vectors.get(self.ids[positions]).sum(axis=0)
+            proto = self._protos.sum_of(a) - self._vectors.get(self.ids[positions]).sum(axis=0)
             out[a] = float(l2_normalize(proto[None])[0] @ query)
         return out
 
@@ -549,21 +548,25 @@ class CatalogueIndex:
         with atomic_dir(path) as tmp:
             self._write_vectors(tmp / "vectors.npy")
             np.save(tmp / "ids.npy", self.ids)
-            np.save(tmp / "prototype_sums.npy", self._protos.sums.view)
+            self._write_rows(tmp / "prototype_sums.npy", len(self._protos), self._protos.sums)
             if self.ann.kind != "flat":
                 faiss.write_index(self.image_index, str(tmp / "images.faiss"))
             (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1, default=str), encoding="utf-8")
         return path
 
     def _write_vectors(self, path: Path) -> None:
-        """``vectors.npy`` (float32 [N, D], by position) written block by block with plain file
-        writes (a memory map would keep every written page resident in this process)."""
+        """``vectors.npy`` (float32 [N, D], by position)."""
+        assert self._vectors is not None
+        self._write_rows(path, len(self.ids), lambda a, b: self._vectors.get(self.ids[a:b]))
+
+    def _write_rows(self, path: Path, n: int, rows: Callable[[int, int], np.ndarray]) -> None:
+        """A ``float32 [n, D]`` ``.npy`` written block by block (``rows(start, stop)``) with plain
+        file writes: a memory map would keep every written page resident in this process."""
         with open(path, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, {"descr": np.dtype(np.float32).str, "fortran_order": False,
-                                                      "shape": (len(self.ids), self.dim)})
-            for start in range(0, len(self.ids), ann.SHARD_ROWS):
-                block = self._vectors.get(self.ids[start:start + ann.SHARD_ROWS])
-                fh.write(np.ascontiguousarray(block, np.float32).tobytes())
+                                                      "shape": (n, self.dim)})
+            for start in range(0, n, ann.SHARD_ROWS):
+                fh.write(np.ascontiguousarray(rows(start, min(n, start + ann.SHARD_ROWS)), np.float32).tobytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "CatalogueIndex":
@@ -644,15 +647,15 @@ def _load_v2(path: Path, meta: dict) -> CatalogueIndex:
             raise CheckpointError(f"index folder {path} is incomplete: {name} is missing",
                                   hint="rebuild it with `fewshot index`")
     config = AnnConfig.from_dict(meta.get("index"))
-    vectors = np.load(path / "vectors.npy", mmap_mode="r")
+    vectors = RowFile(path / "vectors.npy")
     ids = np.load(path / "ids.npy")
     sums = np.load(path / "prototype_sums.npy")
     labels, groups, paths, digests = _metadata(path, meta, len(vectors))
     if vectors.ndim != 2 or vectors.shape[1] != meta["dim"] or len(ids) != len(vectors):
         raise CheckpointError(f"index {path} is inconsistent: vectors {vectors.shape}, {len(ids)} ids",
                               hint="rebuild it with `fewshot index`")
-    if config.kind == "flat":
-        image_index = ann.build(config, vectors)
+    if config.kind == "flat":  # rebuilt from the file (a memory map, dropped afterwards)
+        image_index = ann.build(config, np.load(path / "vectors.npy", mmap_mode="r"))
         ids = np.arange(len(vectors), dtype=np.int64)
     else:
         if not (path / "images.faiss").is_file():

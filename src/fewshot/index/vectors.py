@@ -6,6 +6,8 @@ time proportional to its own images, not to the catalogue (amortised).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
@@ -52,6 +54,49 @@ class Growable:
         self.n -= 1
 
 
+class RowFile:
+    """Rows of a ``float32 [N, D]`` ``.npy`` file read on demand with ``os.pread``.
+
+    Used instead of a memory map for the exact vectors of a loaded index: re-ranking reads a
+    few rows per query, and a memory map makes whole page-cache folios (up to 2 MB) resident
+    in the process per row touched (measured: 40 rows -> +71 MB RSS), so a 1M-image
+    catalogue's 5 GB file became resident after a hundred queries. Consecutive rows are read
+    with one call.
+    """
+
+    def __init__(self, path) -> None:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(fh)
+            self.offset = fh.tell()
+        if dtype != np.float32 or fortran or len(shape) != 2:
+            raise ValueError(f"{path} holds {dtype} {shape}, not float32 [N, D] in C order")
+        self.shape = tuple(shape)
+        self.ndim = 2
+        self._fd = os.open(path, os.O_RDONLY)
+        self._row = self.shape[1] * 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        if not len(rows):
+            return out
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            data = os.pread(self._fd, int(b - a) * self._row, self.offset + int(rows[a]) * self._row)
+            out[a:b] = np.frombuffer(data, np.float32).reshape(int(b - a), self.shape[1])
+        return out
+
+
 class VectorStore:
     """Exact L2-normalised image vectors by FAISS id.
 
@@ -88,30 +133,47 @@ class VectorStore:
 
 
 class Prototypes:
-    """Per-article sums of normalised image vectors, image counts and the normalised
-    prototypes (Snell et al. 2017: the mean embedding, re-normalised for cosine)."""
+    """Per-article normalised prototypes (Snell et al. 2017: the mean embedding, re-normalised
+    for cosine), with the norm of each article's sum of normalised image vectors and its image
+    count: ``sum = normed * norm``, so the sums take no memory of their own (at 200,000
+    articles of 1,280-d, 1 GB saved)."""
 
     def __init__(self, dim: int) -> None:
-        self.sums = Growable((dim,), np.float32)
         self.normed = Growable((dim,), np.float32)
+        self.norms = Growable((), np.float64)
         self.counts = Growable((), np.int64)
 
     def __len__(self) -> int:
         return self.counts.n
 
+    def extend(self, totals: np.ndarray, counts: np.ndarray) -> None:
+        """New articles with ``totals float32 [k, D]`` (sums of their normalised vectors)."""
+        totals = np.asarray(totals, np.float32).reshape(len(counts), -1)
+        self.norms.append(np.linalg.norm(totals.astype(np.float64), axis=1))
+        self.normed.append(l2_normalize(totals))
+        self.counts.append(np.asarray(counts, np.int64))
+
     def append(self, total: np.ndarray, count: int) -> None:
         """A new article with ``total float32 [D]`` (sum of its normalised vectors)."""
-        self.sums.append(total[None])
-        self.normed.append(l2_normalize(total[None]))
-        self.counts.append(np.array([count], np.int64))
+        self.extend(total[None], np.array([count]))
+
+    def sum_of(self, a: int) -> np.ndarray:
+        """Article ``a``'s sum of normalised image vectors, ``float32 [D]``."""
+        return (self.normed.view[a] * self.norms.view[a]).astype(np.float32)
+
+    def sums(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the sums, ``float32 [k, D]``."""
+        return (self.normed.view[start:stop] * self.norms.view[start:stop, None]).astype(np.float32)
 
     def update(self, a: int, delta: np.ndarray, count: int) -> None:
         """Add ``delta float32 [D]`` and ``count`` images to article ``a``: one row written."""
-        self.sums.view[a] += delta
+        total = self.sum_of(a).astype(np.float64) + delta
+        norm = float(np.linalg.norm(total))
+        self.norms.view[a] = norm
+        self.normed.view[a] = (total / max(norm, 1e-12)).astype(np.float32)
         self.counts.view[a] += count
-        self.normed.view[a] = l2_normalize(self.sums.view[a][None])[0]
 
     def swap_remove(self, a: int) -> None:
         """Drop article ``a``; the last article takes its row."""
-        for g in (self.sums, self.normed, self.counts):
+        for g in (self.normed, self.norms, self.counts):
             g.pop_into(a)
