@@ -297,7 +297,13 @@ def run(quick: bool, ctx) -> dict:
 def section(results: dict, ctx) -> str:
     return ("## 8. Scale: catalogue index types and enrolment\n\nFrom `python bench/scale_index.py --out "
             "docs/results/scale` (about half an hour on 2 cores, so `run_all.py` reads its results). "
-            + __doc__.split("\n\n", 1)[1].split("\n\nUsage")[0] + "\n\n" + render(results))
+            + __doc__.split("\n\n", 1)[1].split("\n\nUsage")[0] + "\n\n" + render(results) + _ray_section())
+
+
+def _ray_section() -> str:
+    """The Ray embedding measurements (``bench/ray_embed.py``), kept in docs/results/scale/ray.md."""
+    path = ROOT / "docs" / "results" / "scale" / "ray.md"
+    return "\n" + path.read_text() if path.is_file() else ""
 
 
 def goal_rows(results: dict) -> list[list[str]]:
