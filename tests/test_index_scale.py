@@ -101,8 +101,12 @@ def test_index_type_choices_and_errors():
         ann.resolve(AnnConfig("ivfpq"), 500, 64)
     with pytest.raises(DataError, match="unknown index type"):
         ann.resolve(AnnConfig("annoy"), 500, 64)
-    with pytest.raises(DataError, match="m dividing"):
+    with pytest.raises(DataError, match="--pq-m 7 does not divide the embedding dimension 64") as err:
         ann.resolve(AnnConfig("ivfpq", m=7), 5000, 64)
+    assert "--pq-m 8 / 16 / 32 / 64" in err.value.hint
+    with pytest.raises(DataError, match="--nlist 5000 is too many cells for 5,000 images") as err:
+        ann.resolve(AnnConfig("ivfpq", nlist=5000), 5000, 64)
+    assert "--nlist 128 or fewer" in err.value.hint
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])

@@ -300,7 +300,9 @@ def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
     # on disk: the index references copies inside its own folder
     on_disk = CatalogueIndex.load(own_index)
     assert NEW_ARTICLE in on_disk.articles and len(on_disk) == N_IMAGES + 4
-    new_paths = [Path(p) for p, lab in zip(on_disk.paths, on_disk.labels) if lab == NEW_ARTICLE]
+    # stored relative to the index folder, so that the folder can move
+    assert all(not Path(p).is_absolute() for p, lab in zip(on_disk.paths, on_disk.labels) if lab == NEW_ARTICLE)
+    new_paths = [own_index / p for p, lab in zip(on_disk.paths, on_disk.labels) if lab == NEW_ARTICLE]
     assert all(p.is_file() and p.is_relative_to(own_index / ENROLLED_DIR) for p in new_paths)
     assert sorted(p.read_bytes() for p in new_paths) == sorted(p.read_bytes() for p in enrol)
 
@@ -370,7 +372,7 @@ def test_racing_enrolments_are_not_lost(catalogue, own_index: Path) -> None:
     on_disk = CatalogueIndex.load(own_index)
     assert set(labels) <= set(on_disk.articles)
     assert len(on_disk) == N_IMAGES + 2 * len(labels)
-    assert all(Path(p).is_file() for p in on_disk.paths)
+    assert all((own_index / p).is_file() for p in on_disk.paths)
     assert client.get("/health").json()["images"] == N_IMAGES + 2 * len(labels)
 
 
@@ -445,4 +447,70 @@ def test_enrolment_appends_to_the_journal_and_restart_compacts(catalogue, own_in
     assert health["images"] == N_IMAGES + 2 - PHOTOS_PER_ARTICLE and health["articles"] == len(ARTICLES)
     on_disk = CatalogueIndex.load(own_index)
     assert NEW_ARTICLE in on_disk.articles and ARTICLES[0] not in on_disk.articles
-    assert all(Path(p).is_file() for p in on_disk.article_paths(NEW_ARTICLE))
+    assert all((own_index / p).is_file() for p in on_disk.article_paths(NEW_ARTICLE))
+
+
+def test_a_moved_folder_keeps_its_enrolments_and_leftovers_are_cleaned(catalogue, own_index: Path, monkeypatch) -> None:
+    """Enrolled photos are stored relative to the folder: after a move they are still served,
+    and compaction (the service's or Catalogue.save's) keeps them. A start-up removes the files a
+    crash left (temporary entries, unreferenced photos)."""
+    import fewshot.serve.app as serve_app
+    from fewshot.api import Catalogue
+
+    client = TestClient(create_app(own_index, model=catalogue.model))
+    photos = catalogue.train[NEW_ARTICLE][:2]
+    assert client.post("/articles", data={"label": NEW_ARTICLE},
+                       files=[("files", photo(p)) for p in photos]).status_code == 201
+    moved = own_index.parent / "moved"
+    own_index.rename(moved)
+    (moved / "journal" / ".0000000009.123.tmp").write_bytes(b"half")
+    stray = moved / ENROLLED_DIR / "x" / "orphan.jpg"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"never acknowledged")
+    monkeypatch.setattr(serve_app, "COMPACT_AFTER", 1)
+    client = TestClient(create_app(moved, model=catalogue.model))
+    assert not stray.exists() and not (moved / "journal").exists()  # cleaned, then compacted
+    art = next(a for a in client.get("/articles").json()["articles"] if a["label"] == NEW_ARTICLE)
+    assert art["enrolled"] and art["num_images"] == 2
+    assert client.get(art["image_url"]).status_code == 200
+    # the Python API's save keeps the service's photos too
+    cat = Catalogue.load(moved)
+    cat.save(moved, overwrite=True)
+    assert len(list((moved / ENROLLED_DIR).rglob("*.jpg"))) == 2
+    again = TestClient(create_app(moved, model=catalogue.model))
+    assert again.get(art["image_url"]).status_code == 200
+
+
+def test_cli_serve_starts_and_answers(catalogue, own_index: Path) -> None:
+    """`fewshot serve` itself (not only its argument checks): it announces the catalogue and
+    answers /health."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot", "serve", "--index", str(own_index), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        deadline = time.time() + 120
+        while time.time() < deadline and "serving" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "fewshot serve exited"
+            assert "Traceback" not in line, line
+        assert f"serving {len(ARTICLES)} articles ({N_IMAGES} images, flat index)" in line
+        for _ in range(100):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health["images"] == N_IMAGES and health["index_type"] == "flat"
+    finally:
+        proc.terminate()
+        proc.wait(30)

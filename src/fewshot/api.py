@@ -93,7 +93,7 @@ def embed_images(model: EmbeddingModel, images: Sequence[ImageLike], *, runtime:
     from .embed import read_digests
 
     images = list(images)
-    names = [str(x) if isinstance(x, (str, Path)) else f"<image {i}>" for i, x in enumerate(images)]
+    names = [str(Path(x).resolve()) if isinstance(x, (str, Path)) else f"<image {i}>" for i, x in enumerate(images)]
     file_pos = [i for i, x in enumerate(images) if isinstance(x, (str, Path))]
     vectors = np.zeros((len(images), model.dim), np.float32)
     digests: list[str | None] = [None] * len(images)

@@ -14,7 +14,7 @@ from .common import RuntimeOpt, ThreadsOpt, app, apply_runtime, handle_errors, p
 @app.command()
 @handle_errors
 def serve(
-    index: Path = typer.Option(..., "--index", help="Index folder written by `fewshot index` (enrolments rewrite it atomically)."),
+    index: Path = typer.Option(..., "--index", help="Index folder written by `fewshot index` (enrolments append to its journal)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", callback=positive, help="Largest accepted photo, per file, in MB."),
@@ -33,8 +33,8 @@ def serve(
     try:
         application = _create(create_app, index, max_upload_mb, runtime, threads)
         service = application.state.service
-        snap = service.snapshot
-        typer.echo(f"serving {len(snap.index.articles)} articles ({len(snap.index)} images) from {index} "
+        cat = service.cat.index
+        typer.echo(f"serving {len(cat.articles)} articles ({len(cat)} images, {cat.ann.kind} index) from {index} "
                    f"at http://{host}:{port}/  (API docs: /docs; forward pass: {service.embedder.choice.runtime})")
         server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="info"))
         server.run(sockets=[sock])

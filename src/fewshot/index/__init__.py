@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,10 +47,12 @@ from .ann import BLAS_MIN_QUERIES, INDEX_TYPES, AnnConfig, faiss_blas_setting
 from .journal import Change, Journal
 from .vectors import Growable, Prototypes, RowFile, VectorStore, l2_normalize, normalized_copy
 
-__all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "CatalogueIndex", "Change", "INDEX_FILES", "INDEX_TYPES",
+__all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "ENROLLED_DIR", "CatalogueIndex", "Change", "INDEX_FILES", "INDEX_TYPES",
            "Neighbor", "Prediction", "faiss_blas_setting", "is_index_dir", "l2_normalize"]
 
 FORMAT_VERSION = 2
+#: sub-folder of an index folder with the photos ``fewshot serve`` enrolled (kept by ``save``)
+ENROLLED_DIR = "enrolled"
 log = logging.getLogger("fewshot")
 
 
@@ -365,6 +369,10 @@ class CatalogueIndex:
         changes = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
         if any(v < 1 for v in changes.values()):
             raise ValueError(f"nprobe / ef_search must be at least 1, got {changes}")
+        for name, kind in (("nprobe", "ivfpq"), ("ef_search", "hnsw")):
+            if name in changes and self.ann.kind != kind:
+                log.warning("%s applies to an %s index; this one is %s, so it is ignored", name, kind, self.ann.kind)
+                del changes[name]
         self.ann = replace(self.ann, **changes)
         return self
 
@@ -551,8 +559,30 @@ class CatalogueIndex:
             self._write_rows(tmp / "prototype_sums.npy", len(self._protos), self._protos.sums)
             if self.ann.kind != "flat":
                 faiss.write_index(self.image_index, str(tmp / "images.faiss"))
+            self._carry_enrolled(path, tmp)
             (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1, default=str), encoding="utf-8")
         return path
+
+    def _carry_enrolled(self, old: Path, new: Path) -> None:
+        """Hard-link (or copy) into the new folder the photos under ``old/enrolled/`` that the
+        index references (the service's enrolments; a relative path is relative to the
+        folder); photos of removed articles are left behind with the old folder."""
+        root = (old / ENROLLED_DIR).resolve()
+        if not root.is_dir():
+            return
+        for p in dict.fromkeys(self.paths):
+            src = Path(p) if Path(p).is_absolute() else old / p
+            if not src.resolve().is_relative_to(root):
+                continue
+            if not src.is_file():  # pragma: no cover - the folder was edited by hand
+                log.warning("enrolled image %s is missing from the index folder", src)
+                continue
+            dst = new / ENROLLED_DIR / src.resolve().relative_to(root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
 
     def _write_vectors(self, path: Path) -> None:
         """``vectors.npy`` (float32 [N, D], by position)."""

@@ -101,11 +101,17 @@ def resolve(config: AnnConfig, n: int, dim: int) -> AnnConfig:
                         hint="use --index-type flat (exact, and fast at this size) or auto")
     nlist = config.nlist or int(min(max(16, 2 ** round(math.log2(math.sqrt(n)))), max(16, n // 39)))
     m = config.m or max(d for d in range(1, min(64, dim) + 1) if dim % d == 0)
-    if nlist < 1 or m < 1 or dim % m:
-        raise DataError(f"ivfpq needs nlist >= 1 and m dividing the dimension {dim}; got nlist={nlist}, m={m}")
+    if m < 1 or dim % m:
+        divisors = [d for d in (8, 16, 32, 64, 128) if dim % d == 0]
+        raise DataError(f"--pq-m {m} does not divide the embedding dimension {dim}",
+                        hint=f"use a divisor of {dim}, e.g. --pq-m {' / '.join(map(str, divisors)) or 1}")
+    if nlist < 1 or nlist > n // 39:
+        raise DataError(f"--nlist {nlist} is too many cells for {n:,} images (FAISS wants 39 training images per cell)",
+                        hint=f"use --nlist {max(1, n // 39)} or fewer, or leave it out")
     train = min(n, config.train_size or max(39 * nlist, 256 * 39))
     if train < max(256, nlist):
-        raise DataError(f"ivfpq train_size {train} is below max(256, nlist={nlist})")
+        raise DataError(f"AnnConfig.train_size {train} is below max(256, nlist={nlist})",
+                        hint="leave train_size out (the default samples enough)")
     nprobe = min(nlist, config.nprobe or max(16, nlist // 8))
     return replace(config, kind=kind, nlist=nlist, m=m, train_size=train, nprobe=nprobe)
 

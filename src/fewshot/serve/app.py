@@ -66,9 +66,8 @@ from ..version import __version__
 from ..data.images import load_image
 from ..embed import read_digests
 from ..errors import FewshotError, ImageReadError
-from ..index import CatalogueIndex, Change
+from ..index import ENROLLED_DIR as INDEX_ENROLLED_DIR, CatalogueIndex, Change
 from ..index.journal import Journal
-from ..io import atomic_dir
 
 log = logging.getLogger("fewshot.serve")
 
@@ -79,7 +78,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 #: Most photos accepted in one enrolment request.
 MAX_ENROL_FILES = 16
 #: Sub-folder of the index folder that holds enrolled photos.
-ENROLLED_DIR = "enrolled"
+ENROLLED_DIR = INDEX_ENROLLED_DIR
 #: Journal entries after which the service compacts the index folder when it starts.
 COMPACT_AFTER = 500
 #: Longest accepted article label / group name.
@@ -319,14 +318,6 @@ def _slug(label: str) -> str:
     return f"{text}-{hashlib.sha1(label.encode('utf-8')).hexdigest()[:8]}"
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 class _Service:
     """The state behind the routes: the catalogue snapshot, the model, the locks."""
 
@@ -351,8 +342,24 @@ class _Service:
         self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self.enrolled_root = self.index_dir / ENROLLED_DIR
+        self._drop_leftovers(index)
         if len(Journal(self.index_dir)) >= COMPACT_AFTER:
             self.compact()
+
+    def _drop_leftovers(self, index: CatalogueIndex) -> None:
+        """Remove what a crash mid-change left: temporary journal entries and photos, and
+        enrolled photos no acknowledged change references (all written by this service)."""
+        journal = self.index_dir / "journal"
+        stale = list(journal.glob(".*.tmp")) if journal.is_dir() else []
+        if self.enrolled_root.is_dir():
+            referenced = {self.resolve(p) for p in index.paths if self.is_enrolled(p)}
+            stale += [f for f in self.enrolled_root.rglob("*") if f.is_file() and f not in referenced]
+        for f in stale:
+            f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                f.parent.rmdir()  # only when empty
+        if stale:
+            log.warning("removed %d file(s) left by an interrupted change in %s", len(stale), self.index_dir)
 
     # ------------------------------------------------------------------ uploads
     def receive_upload(self, upload: UploadFile, tmpdir: Path, n: int) -> tuple[Path, str]:
@@ -442,7 +449,7 @@ class _Service:
                 first = self.cat.first_image[label]
                 iid = image_id(first)
                 out.append({"label": label, "group": group, "num_images": index.num_images(label),
-                            "enrolled": Path(first).is_relative_to(self.enrolled_root),
+                            "enrolled": self.is_enrolled(first),
                             "image_id": iid, "image_url": _image_url(iid)})
             images = len(index)
         return {"count": len(out), "images": images, "articles": out}
@@ -469,7 +476,7 @@ class _Service:
                 index = self.cat.index
                 created = not index.has_article(label)
                 group = group if created else _existing_group(index, label, group)
-                paths = [str(dst) for _, dst in new_files]
+                paths = [dst.relative_to(self.index_dir).as_posix() for _, dst in new_files]  # the folder can move
                 change = Change("add", label, group, vectors, paths, read_digests([s for s, _ in new_files])[0])
                 self._write_durably(new_files, lambda: index.append_change(self.index_dir, change))
                 self.cat.added(label, paths)
@@ -543,32 +550,25 @@ class _Service:
         """Delete the photos this service enrolled for a removed article (after the removal is
         in the journal: a crash before this only leaves files that compaction drops)."""
         for p in paths:
-            path = Path(p)
-            if path.is_relative_to(self.enrolled_root):
+            path = self.resolve(p)
+            if self.is_enrolled(p):
                 path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     path.parent.rmdir()  # only when empty
 
     # ------------------------------------------------------------------ compaction
     def compact(self) -> None:
-        """Rewrite the index folder without its journal, as one atomic folder write.
-
-        Enrolled photos the index still references are hard-linked (or copied) into the new
-        folder; photos of removed articles are left behind with the old folder.
-        """
+        """Rewrite the index folder without its journal, as one atomic folder write; the
+        enrolled photos the index still references go along, those of removed articles are
+        dropped (:meth:`fewshot.index.CatalogueIndex.save`)."""
         with self.cat.lock:
             index = self.cat.index
-            with atomic_dir(self.index_dir) as tmp:
-                index.save(tmp)
-                for p in dict.fromkeys(index.paths):
-                    path = Path(p)
-                    if not path.is_relative_to(self.enrolled_root):
-                        continue
-                    if path.is_file():
-                        _link_or_copy(path, tmp / path.relative_to(self.index_dir))
-                    else:  # pragma: no cover - the folder was edited by hand
-                        log.warning("enrolled image %s is missing from the index folder", path)
+            index.save(self.index_dir)
         log.info("compacted index %s (%d images)", self.index_dir, len(index))
+
+    def is_enrolled(self, path: str) -> bool:
+        """Whether catalogue image ``path`` is a photo this service enrolled (in ``enrolled/``)."""
+        return self.resolve(path).is_relative_to(self.enrolled_root)
 
     # ------------------------------------------------------------------ thumbnails
     def thumbnail(self, iid: str, path_text: str, size: int) -> bytes:
@@ -642,7 +642,7 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
 
     Args:
         index_dir: an index folder written by ``fewshot index``; enrolments and deletions
-            rewrite it atomically.
+            append to its journal (a crash loses no acknowledged change).
         max_upload_bytes: largest accepted image, per file (default 10 MB). A classify
             request may be this plus 64 KB of multipart overhead; an enrolment request
             :data:`MAX_ENROL_FILES` times this.
