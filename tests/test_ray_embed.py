@@ -208,3 +208,21 @@ def test_a_model_with_a_head_gets_its_head_applied(photos, tmp_path):
     dist = EmbedOptions(cache_dir=str(tmp_path / "b"), progress=False, distributed=opts).embed(model, dataset)
     assert dist.vectors.shape == (N_PHOTOS, 16) and dist.digests == local.digests
     assert np.abs(dist.vectors - local.vectors).max() < 1e-5
+
+
+@needs_ray
+def test_an_unreachable_ray_address_fails_fast(tmp_path, drawn_tree):
+    """Ray itself retries a dead address for minutes; fewshot says so within seconds."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "e.npz"
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--distributed", "ray",
+                                   "--ray-address", f"127.0.0.1:{port}", "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 1 and not out.exists(), res.output
+    assert f"cannot start the Ray cluster at 127.0.0.1:{port}: nothing answers" in res.output
+    assert "--ray-address" in res.output and time.perf_counter() - t0 < 60

@@ -184,6 +184,7 @@ def _start(ray, options: RayOptions) -> bool:
                               "configure_logging": True}
     try:
         if options.address:
+            _check_reachable(options.address)
             ray.init(address=options.address, **kwargs)
         else:
             if options.temp_dir:
@@ -198,6 +199,28 @@ def _start(ray, options: RayOptions) -> bool:
                                 "and that the cluster runs the same Ray and Python versions"
                                 if options.address else "see Ray's message above") from None
     return True
+
+
+#: seconds to wait for a TCP connection to ``--ray-address`` before calling it unreachable
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a ``HOST:PORT`` (or ``ray://HOST:PORT``) address nothing listens on: Ray
+    itself keeps retrying for minutes. ``auto`` and other forms are left to Ray.
+
+    Raises:
+        ConnectionError: no TCP connection within :data:`CONNECT_TIMEOUT_S`.
+    """
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({exc})") from None
 
 
 def _quiet(ray) -> None:
