@@ -46,6 +46,9 @@ def test_grey_arrays_paths_and_save_load_agree(catalogue, drawn_tree, tmp_path):
         catalogue.save(mine, overwrite=True)
     assert (mine / "notes.txt").read_text() == "keep me"
     folder = catalogue.save(tmp_path / "idx")
+    with pytest.raises(FewshotError) as err:  # the hint names the Python argument, not the CLI flag
+        catalogue.save(folder)
+    assert "pass overwrite=True to replace it" in str(err.value) and "--" not in str(err.value)
     again = fewshot.Catalogue.load(folder, runtime="torch")
     a = catalogue.classify([rgb], top_k=3)[0].predictions
     b = again.classify([rgb], top_k=3)[0].predictions

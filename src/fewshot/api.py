@@ -221,7 +221,7 @@ class Catalogue:
                 (``overwrite`` replaces an earlier index, nothing else).
         """
         check_output(path, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
-                     owned=INDEX_FILES.__contains__)
+                     owned=INDEX_FILES.__contains__, option="path", overwrite_flag="overwrite=True")
         return self.index.save(path)
 
     @classmethod

@@ -148,7 +148,7 @@ def _check_writable(out: Path, shown: str | Path, option: str) -> None:
 
 
 def check_output(path: str | Path, *, what: str, is_ours: Callable[[Path], bool], overwrite: bool,
-                 option: str = "--out", inputs: Iterable[str | Path] = (),
+                 option: str = "--out", inputs: Iterable[str | Path] = (), overwrite_flag: str = "--overwrite",
                  input_roots: Iterable[str | Path] = (), owned: Callable[[str], bool] | None = None) -> None:
     """Refuse to write ``path`` unless it is new (or an empty folder), or it already holds a
     ``what`` that fewshot wrote, holding nothing else, and ``overwrite`` is set.
@@ -161,6 +161,7 @@ def check_output(path: str | Path, *, what: str, is_ours: Callable[[Path], bool]
         what: what the command writes, for messages (e.g. ``"fewshot index"``).
         is_ours: ``is_ours(path)`` is true when ``path`` holds such an artefact.
         overwrite: the command's ``--overwrite``.
+        overwrite_flag: how the messages name it (the Python API: ``overwrite=True``).
         option: the option that named ``path``, for messages.
         inputs: input files (e.g. the images being indexed): ``path`` may neither be one of
             them nor a folder that holds one.
@@ -200,10 +201,10 @@ def check_output(path: str | Path, *, what: str, is_ours: Callable[[Path], bool]
         if overwrite:
             return
         raise FewshotError(f"{option} {path} already holds a {what}",
-                           hint=f"pass --overwrite to replace it, or choose another {option}")
+                           hint=f"pass {overwrite_flag} to replace it, or choose another {option}")
     if out.is_dir() and not any(out.iterdir()):
         return
     kind = "folder" if out.is_dir() else "file"
     raise FewshotError(f"{option} {path} is an existing {kind} that is not a {what}: refusing to replace it",
                        hint=f"choose a new {option} path (fewshot replaces only a {what} it wrote, "
-                            "and only with --overwrite)")
+                            f"and only with {overwrite_flag})")

@@ -74,6 +74,10 @@ def index_cmd(
     from ..index import AnnConfig
     from ..pipeline import build_index
 
+    given = {"--nlist": nlist, "--pq-m": pq_m, "--nprobe": nprobe}
+    if index_type in ("flat", "hnsw") and any(v is not None for v in given.values()):
+        raise typer.BadParameter(f"{', '.join(k for k, v in given.items() if v is not None)} apply to an ivfpq "
+                                 f"index, not {index_type}", param_hint="--index-type")
     ann = AnnConfig(index_type, nlist=nlist, m=pq_m, nprobe=nprobe, ef_search=ef_search)
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
                       overwrite=overwrite, ann_config=ann)
