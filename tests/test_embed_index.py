@@ -165,24 +165,20 @@ def test_index_add_remove_and_round_trip(tmp_path):
 def test_index_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         CatalogueIndex.load(tmp_path / "nope")
+    def damaged_then_missing(folder, name):  # a garbage file is "damaged", a missing one named
+        (folder / name).write_bytes(b"garbage")
+        with pytest.raises(CheckpointError, match="damaged"):
+            CatalogueIndex.load(folder)
+        (folder / name).unlink()
+        with pytest.raises(CheckpointError, match=f"{name} is missing"):
+            CatalogueIndex.load(folder)
+
     idx = _toy_index()
-    idx.save(tmp_path / "idx")
-    (tmp_path / "idx" / "vectors.npy").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="damaged"):
-        CatalogueIndex.load(tmp_path / "idx")
-    (tmp_path / "idx" / "vectors.npy").unlink()
-    with pytest.raises(CheckpointError, match="vectors.npy is missing"):
-        CatalogueIndex.load(tmp_path / "idx")
+    damaged_then_missing(idx.save(tmp_path / "idx"), "vectors.npy")
     from fewshot.index import AnnConfig
 
     hnsw = CatalogueIndex.build(idx.image_vectors(), idx.labels, idx.groups, idx.paths, ann_config=AnnConfig("hnsw"))
-    hnsw.save(tmp_path / "hnsw")
-    (tmp_path / "hnsw" / "images.faiss").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="damaged"):
-        CatalogueIndex.load(tmp_path / "hnsw")
-    (tmp_path / "hnsw" / "images.faiss").unlink()
-    with pytest.raises(CheckpointError, match="images.faiss is missing"):
-        CatalogueIndex.load(tmp_path / "hnsw")
+    damaged_then_missing(hnsw.save(tmp_path / "hnsw"), "images.faiss")
     with pytest.raises(CheckpointError, match="dimension 2"):
         idx.classify(np.zeros((1, 2), np.float32))
     with pytest.raises(DataError, match="empty catalogue"):

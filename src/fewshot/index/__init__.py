@@ -17,7 +17,7 @@ On disk (format 2; ``save`` writes the folder atomically as a whole)::
 
     INDEX_DIR/meta.json            labels, groups, paths and content digests (SHA-256) per image;
                                    config (backbone, run, model weights digest); index type; version
-    INDEX_DIR/vectors.npy          float32 [N, D] exact normalised image vectors (memory-mapped)
+    INDEX_DIR/vectors.npy          float32 [N, D] exact normalised image vectors (rows read on demand)
     INDEX_DIR/ids.npy              int64 [N] each image's id in images.faiss (sorted)
     INDEX_DIR/prototype_sums.npy   float32 [C, D] per article, the sum of its image vectors
     INDEX_DIR/images.faiss         the ivfpq / hnsw index (a flat index is rebuilt from vectors.npy)
@@ -225,10 +225,8 @@ class CatalogueIndex:
         counts = np.bincount(self.image_article, minlength=len(order))
         self._protos = Prototypes(self.dim)
         self._protos.extend(sums, counts)
-        id_space = self._vectors.first_new + self._vectors.new.n
-        self._alive = Growable((), np.uint8, capacity=id_space // 8 + 1)
-        self._alive.append(np.zeros(id_space // 8 + 1, np.uint8))
-        np.bitwise_or.at(self._alive.view, self.ids >> 3, (1 << (self.ids & 7)).astype(np.uint8))
+        self._alive = Growable((), np.uint8, capacity=(self._vectors.first_new + self._vectors.new.n) // 8 + 1)
+        self._mark_alive(self.ids)
         self._by_digest = None
 
     def image_vectors(self) -> np.ndarray:
@@ -303,7 +301,10 @@ class CatalogueIndex:
         self.ids, self.image_article = ids_buf.view, art_buf.view
 
     def _mark_alive(self, ids: np.ndarray) -> None:
+        """Set the alive bits of ``ids`` (growing the bitmap as needed)."""
         assert self._alive is not None
+        if not len(ids):
+            return
         need = int(ids.max()) // 8 + 1
         if need > self._alive.n:
             self._alive.append(np.zeros(need - self._alive.n, np.uint8))
@@ -563,21 +564,24 @@ class CatalogueIndex:
             (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1, default=str), encoding="utf-8")
         return path
 
+    def enrolled_files(self, folder: str | Path) -> list[Path]:
+        """The distinct photos under ``folder/enrolled/`` that the index references: the
+        service's enrolments, stored relative to the folder (``enrolled/...``) or, by fewshot
+        before 2026-12, as absolute paths. String prefixes only, no file-system call per image."""
+        root = Path(folder).resolve() / ENROLLED_DIR
+        relative, absolute = ENROLLED_DIR + "/", str(root) + os.sep
+        return [root.parent / p if p.startswith(relative) else Path(p)
+                for p in dict.fromkeys(self.paths) if p.startswith(relative) or p.startswith(absolute)]
+
     def _carry_enrolled(self, old: Path, new: Path) -> None:
-        """Hard-link (or copy) into the new folder the photos under ``old/enrolled/`` that the
-        index references (the service's enrolments; a relative path is relative to the
-        folder); photos of removed articles are left behind with the old folder."""
-        root = (old / ENROLLED_DIR).resolve()
-        if not root.is_dir():
-            return
-        for p in dict.fromkeys(self.paths):
-            src = Path(p) if Path(p).is_absolute() else old / p
-            if not src.resolve().is_relative_to(root):
-                continue
+        """Hard-link (or copy) into the new folder the enrolled photos the index references
+        (:meth:`enrolled_files`); photos of removed articles are left behind with the old folder."""
+        base = Path(old).resolve()
+        for src in self.enrolled_files(old):
             if not src.is_file():  # pragma: no cover - the folder was edited by hand
                 log.warning("enrolled image %s is missing from the index folder", src)
                 continue
-            dst = new / ENROLLED_DIR / src.resolve().relative_to(root)
+            dst = new / src.relative_to(base)
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(src, dst)
@@ -670,8 +674,8 @@ def _load_v1(path: Path, meta: dict) -> CatalogueIndex:
 
 
 def _load_v2(path: Path, meta: dict) -> CatalogueIndex:
-    """A format-2 folder: memory-mapped ``vectors.npy``, ``ids.npy``, prototype sums and, for
-    an approximate index, ``images.faiss``."""
+    """A format-2 folder: ``vectors.npy`` (rows read on demand, :class:`RowFile`), ``ids.npy``,
+    prototype sums and, for an approximate index, ``images.faiss``."""
     for name in ("vectors.npy", "ids.npy", "prototype_sums.npy"):
         if not (path / name).is_file():
             raise CheckpointError(f"index folder {path} is incomplete: {name} is missing",

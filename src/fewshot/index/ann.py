@@ -4,7 +4,7 @@
 * ``ivfpq``: ``IVF{nlist},PQ{m}`` (Jegou et al. 2011, "Product quantization for nearest
   neighbor search"): a coarse k-means quantizer with ``nlist`` cells, each vector stored as
   ``m`` one-byte codes of its residual; a query scans the ``nprobe`` nearest cells. The
-  shortlist is re-ranked with the exact vectors (kept on disk, memory-mapped), so the scores
+  shortlist is re-ranked with the exact vectors (kept on disk, rows read on demand), so the scores
   returned are exact cosines.
 * ``hnsw``: ``HNSW32`` (Malkov & Yashunin 2018): a navigable small-world graph over the full
   vectors; ``efSearch`` candidates are explored per query.

@@ -100,7 +100,7 @@ class RowFile:
 class VectorStore:
     """Exact L2-normalised image vectors by FAISS id.
 
-    ``base``: ``float32 [n0, D]`` rows (an array or a read-only memory map of ``vectors.npy``)
+    ``base``: ``float32 [n0, D]`` rows (an array, or a :class:`RowFile` of ``vectors.npy``)
     for the sorted ids ``base_ids int64 [n0]``; later vectors get consecutive ids from
     ``first_new`` and live in a growable buffer.
     """
@@ -123,7 +123,7 @@ class VectorStore:
         old = ids < self.first_new
         if old.any():
             rows = np.searchsorted(self.base_ids, ids[old])
-            order = np.argsort(rows, kind="stable")  # memory maps read best in file order
+            order = np.argsort(rows, kind="stable")  # in file order: RowFile reads runs in one call
             got = np.empty((len(rows), self.base.shape[1]), np.float32)
             got[order] = self.base[rows[order]]
             out[old] = got

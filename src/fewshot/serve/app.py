@@ -34,7 +34,6 @@ Design:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
@@ -352,12 +351,10 @@ class _Service:
         journal = self.index_dir / "journal"
         stale = list(journal.glob(".*.tmp")) if journal.is_dir() else []
         if self.enrolled_root.is_dir():
-            referenced = {self.resolve(p) for p in index.paths if self.is_enrolled(p)}
+            referenced = set(index.enrolled_files(self.index_dir))
             stale += [f for f in self.enrolled_root.rglob("*") if f.is_file() and f not in referenced]
         for f in stale:
-            f.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                f.parent.rmdir()  # only when empty
+            self._remove(f)
         if stale:
             log.warning("removed %d file(s) left by an interrupted change in %s", len(stale), self.index_dir)
 
@@ -500,13 +497,20 @@ class _Service:
             append()
         except BaseException:
             for path in written + [dst.with_name(f".{dst.name}.tmp") for _, dst in new_files]:
-                path.unlink(missing_ok=True)
-            for folder in {dst.parent for _, dst in new_files}:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only when empty
-            with contextlib.suppress(OSError):
-                self.enrolled_root.rmdir()
+                self._remove(path)
             raise
+
+    def _remove(self, path: Path) -> None:
+        """Delete a file this service wrote, and the folders above it (below INDEX_DIR) that
+        this leaves empty."""
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == self.index_dir or not folder.is_relative_to(self.index_dir):
+                break
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
 
     def _decode_all(self, received: list[tuple[Path, str]]) -> list[torch.Tensor]:
         tensors, bad = [], []
@@ -550,11 +554,8 @@ class _Service:
         """Delete the photos this service enrolled for a removed article (after the removal is
         in the journal: a crash before this only leaves files that compaction drops)."""
         for p in paths:
-            path = self.resolve(p)
             if self.is_enrolled(p):
-                path.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    path.parent.rmdir()  # only when empty
+                self._remove(self.resolve(p))
 
     # ------------------------------------------------------------------ compaction
     def compact(self) -> None:
