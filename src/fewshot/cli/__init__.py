@@ -67,7 +67,7 @@ def index_cmd(
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="ivfpq: coarse cells (default: the power of two nearest sqrt(N))."),
     pq_m: Optional[int] = typer.Option(None, "--pq-m", min=1, help="ivfpq: bytes per image (PQ sub-quantizers; must divide the dimension; default: the largest divisor <= 64)."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="ivfpq: cells scanned per query, stored as the query-time default (default: max(16, nlist / 8)); classify can override."),
-    ef_search: int = typer.Option(64, "--ef-search", min=1, help="hnsw: candidates explored per query (default at query time)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="hnsw: candidates explored per query, stored as the query-time default (default 64); classify can override."),
     *, emb: "EmbedOptions",
 ) -> None:
     """Embed a catalogue (a few labelled photos per article) into a FAISS index."""
@@ -78,7 +78,8 @@ def index_cmd(
     if index_type in ("flat", "hnsw") and any(v is not None for v in given.values()):
         raise typer.BadParameter(f"{', '.join(k for k, v in given.items() if v is not None)} apply to an ivfpq "
                                  f"index, not {index_type}", param_hint="--index-type")
-    ann = AnnConfig(index_type, nlist=nlist, m=pq_m, nprobe=nprobe, ef_search=ef_search)
+    ann = AnnConfig(index_type, nlist=nlist, m=pq_m, nprobe=nprobe,
+                    **({"ef_search": ef_search} if ef_search is not None else {}))  # else AnnConfig's default
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
                       overwrite=overwrite, ann_config=ann)
     typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out} ({idx.ann.kind} index)")

@@ -190,13 +190,16 @@ def _run_loader(batches: Iterable, todo: list[int], digests: list[str | None], f
             bar.update(len(idx) + len(bad))
 
 
-def _save_cache(cache: EmbeddingCache) -> None:
-    """Write the cache; a folder that cannot be written costs a warning, not the run."""
+def _save_cache(cache: EmbeddingCache) -> bool:
+    """Write the cache; a folder that cannot be written costs a warning, not the run (then
+    ``False``: the vectors stay in memory for this run only)."""
     try:
         cache.save()
     except OSError as exc:
         log.warning("cannot write the embedding cache %s (%s): these embeddings are not cached; set "
                     "--cache-dir or $FEWSHOT_CACHE to a writable folder", cache.path, exc.strerror or exc)
+        return False
+    return True
 
 
 def embed_paths(

@@ -39,7 +39,8 @@ import numpy as np
 from ..backbones import Backbone
 from ..data.records import Dataset
 from ..errors import FewshotError
-from . import DEFAULT_BATCH_SIZE, Embeddings, _embedded_batches, _ImageFiles, dataset_embeddings, read_digests
+from . import (DEFAULT_BATCH_SIZE, Embeddings, _embedded_batches, _ImageFiles, _save_cache, dataset_embeddings,
+               read_digests)
 from .cache import SMALL_ROWS, EmbeddingCache, default_cache_dir
 from .runtime import check_runtime, make_forward
 
@@ -246,19 +247,6 @@ def _todo(digests: Sequence[str | None], cache: EmbeddingCache, dim: int) -> lis
     return todo
 
 
-def _flush(cache: EmbeddingCache) -> bool:
-    """Append what the cache holds to the store; ``False`` (with a warning) when it cannot be
-    written (the vectors then stay in memory for this run)."""
-    try:
-        cache.save()
-    except OSError as exc:
-        log.warning("cannot write the embedding store %s (%s): the vectors of this run are not kept for a "
-                    "rerun; set --cache-dir or $FEWSHOT_CACHE to a writable folder", cache.path,
-                    exc.strerror or exc)
-        return False
-    return True
-
-
 def _collect(results, cache: EmbeddingCache, failed: dict[str, str], total: int, options: RayOptions,
              progress: bool, callback: Callable[[int, int], None] | None) -> int:
     """Take every result batch into the cache, appending to the store every ``flush_rows``;
@@ -280,12 +268,12 @@ def _collect(results, cache: EmbeddingCache, failed: dict[str, str], total: int,
                 done += len(batch["digest"])
                 bar.update(len(batch["digest"]))
                 if writable and unsaved >= options.flush_rows:
-                    writable, unsaved = _flush(cache), 0
+                    writable, unsaved = _save_cache(cache), 0
                 if callback is not None:
                     callback(done, total)
     finally:  # an interrupted run keeps what it received
         if writable and unsaved:
-            _flush(cache)
+            _save_cache(cache)
     return received
 
 
