@@ -12,10 +12,13 @@ Each (index type, size) runs in its own child process, so that its memory is its
    and save the folder (bytes of the image index: ``images.faiss``, or ``N x D x 4`` for flat,
    which is rebuilt from ``vectors.npy`` at load);
 2. load the folder in a fresh state and answer 200 queries one at a time with ``search(k=10)``
-   (median latency), then all of them in one batch;
+   (median latency), then all of them in one batch; the same with ``classify(top_k=10)``
+   (prototype mode: a flat index scans every prototype, an approximate one re-ranks the
+   articles of its nearest images by their exact prototype cosine);
 3. recall against the exact flat search of the same size (the flat child writes the ground
    truth): recall@1 = the exact nearest image is the first result; recall@10 = it is among the
-   first 10 (FAISS's "1-recall@10"); also 10-recall@10 = overlap of the two top-10 lists;
+   first 10 (FAISS's "1-recall@10"); also 10-recall@10 = overlap of the two top-10 lists; the
+   same for the classified articles against the flat index's scan of every prototype;
 4. memory after loading and querying (``VmRSS``: the index plus the memory-mapped vector pages
    the re-ranking touched, and ``RssAnon``: the heap alone);
 5. enrolment: ``append_change`` of a new 5-image article (the service's path: one journal
@@ -127,7 +130,23 @@ def _queries(index, q: np.ndarray) -> dict[str, Any]:
     batch_s = time.perf_counter() - t0
     ids = np.array([[int(h.path[3:-4]) for h in row] + [-1] * (K - len(row)) for row in hits])
     return {"latency_s": float(np.median(single)), "latency_p95_s": float(np.percentile(single, 95)),
-            "batch_s_per_query": batch_s / len(q), "ids": ids}
+            "batch_s_per_query": batch_s / len(q), "ids": ids, **_classify(index, q)}
+
+
+def _classify(index, q: np.ndarray) -> dict[str, Any]:
+    """Prototype classification (``classify(top_k=10)``): latency one at a time and in a batch,
+    and the top-10 articles (``a123`` -> 123) for the recall against the flat scan."""
+    single = []
+    for i in range(min(len(q), SINGLE_QUERIES)):
+        t0 = time.perf_counter()
+        index.classify(q[i:i + 1], top_k=K)
+        single.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    preds = index.classify(q, top_k=K)
+    batch_s = time.perf_counter() - t0
+    articles = np.array([[int(p.label[1:]) for p in row] + [-1] * (K - len(row)) for row in preds])
+    return {"classify_s": float(np.median(single)), "classify_p95_s": float(np.percentile(single, 95)),
+            "classify_batch_s_per_query": batch_s / len(q), "articles": articles}
 
 
 def _enrol(index, folder: Path, tag: Path, noise: float) -> dict[str, Any]:
@@ -192,15 +211,17 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"load_s": time.perf_counter() - t0}
     q, _ = query_set(tag, args.n, args.queries, args.noise)
     got = _queries(index, q)
-    ids = got.pop("ids")
+    ids, articles = got.pop("ids"), got.pop("articles")
     res.update(got)
     res["memory"] = _memory()  # the loaded index plus the pages the queries touched
     res["query_peak_rss"] = peak_rss()
-    gt_path = Path(args.work) / f"gt-{args.n}.npy"
+    gt_path, gt_proto_path = Path(args.work) / f"gt-{args.n}.npy", Path(args.work) / f"gt-proto-{args.n}.npy"
     if args.kind == "flat":
         np.save(gt_path, ids)
+        np.save(gt_proto_path, articles)
     gt = np.load(gt_path)
     res.update(_recall(ids, gt))
+    res.update({f"classify_{k}": v for k, v in _recall(articles, np.load(gt_proto_path)).items()})
     res["sweep"] = _sweep(index, args.kind, q, gt)
     index.ann = type(index.ann).from_dict(json.loads((folder / "meta.json").read_text())["index"])
     res.update(_enrol(index, folder, tag, args.noise))
@@ -244,6 +265,9 @@ def headline(res: dict) -> dict:
         out["latency_x"] = flat["latency_s"] / ivf["latency_s"]
         out["memory_x"] = flat["memory"]["VmRSS"] / ivf["memory"]["VmRSS"]
         out["index_bytes_x"] = flat["index_bytes"] / ivf["index_bytes"]
+        if "classify_s" in flat and "classify_s" in ivf:
+            out["classify_recall_1"] = ivf["classify_recall_at_1"]
+            out["classify_latency_x"] = flat["classify_s"] / ivf["classify_s"]
         out["met"] = (out["recall_ratio"] >= GOAL_RECALL and out["latency_x"] >= GOAL_LATENCY_X
                       and out["memory_x"] >= GOAL_MEMORY_X)
     enrol = {(r["kind"], r["n"]): r["enrol_s"] for r in res["rows"] if "enrol_s" in r}
@@ -256,22 +280,29 @@ def render(res: dict) -> str:
     rows = []
     for r in res["rows"]:
         if "error" in r or r.get("timed_out"):
-            rows.append([r["kind"], fmt(r["n"]), r.get("error", "timed out")[:80]] + ["-"] * 9)
+            rows.append([r["kind"], fmt(r["n"]), r.get("error", "timed out")[:80]] + ["-"] * 12)
             continue
         rows.append([r["kind"], fmt(r["n"]), fmt_s(r["build_s"]), fmt_bytes(r["index_bytes"]),
                      fmt_bytes(r["build_peak_rss"]), fmt_bytes(r["memory"]["VmRSS"]),
                      fmt_s(r["latency_s"]), fmt_s(r["batch_s_per_query"]), fmt(r["recall_at_1"]),
                      fmt(r["recall_at_10"]), fmt(r["recall_10_at_10"]),
+                     fmt_s(r["classify_s"]) if "classify_s" in r else "-",
+                     fmt(r["classify_recall_at_1"]) if "classify_s" in r else "-",
+                     fmt(r["classify_recall_10_at_10"]) if "classify_s" in r else "-",
                      f"{fmt_s(r['enrol_s'])} (p95 {fmt_s(r['enrol_p95_s'])})"])
     h = headline(res)
     lines = [table(["index", "images", "build", "index bytes", "build peak RSS", "RSS loaded + queried",
                     "query (1 at a time)", "query (batch)", "recall@1", "recall@10", "10-recall@10",
+                    "classify (1 at a time)", "classify recall@1", "classify 10-recall@10",
                     "enrol 5 images"], rows)]
     if "latency_x" in h:
         lines.append(f"\nAt {h['n']:,} images, ivfpq vs flat: recall@10 ratio {h['recall_ratio']:.3f} (goal >= "
                      f"{GOAL_RECALL}), single-query latency {h['latency_x']:.0f}x lower (goal >= {GOAL_LATENCY_X:.0f}x), "
                      f"memory {h['memory_x']:.0f}x less (goal >= {GOAL_MEMORY_X:.0f}x; index bytes "
                      f"{h['index_bytes_x']:.0f}x less).")
+    if "classify_latency_x" in h:
+        lines.append(f"Prototype classification at {h['n']:,}: ivfpq finds the flat scan's best article for "
+                     f"{h['classify_recall_1']:.1%} of the queries, {h['classify_latency_x']:.0f}x faster.")
     for r in res["rows"]:
         if r.get("sweep"):
             name = next(iter(set(r["sweep"][0]) - {"latency_s", "recall_at_1", "recall_at_10", "recall_10_at_10"}))

@@ -5,7 +5,10 @@ The catalogue is the support set of the main job: a few labelled photos per arti
 photos are classified by cosine similarity either to each article's prototype (the mean of
 its L2-normalised embeddings, re-normalised; Snell et al. 2017) or to its nearest catalogue
 image (the article's score is its best image's score). The image index is exact (``flat``)
-or approximate (``ivfpq``, ``hnsw``: :mod:`fewshot.index.ann`).
+or approximate (``ivfpq``, ``hnsw``: :mod:`fewshot.index.ann`). A flat index keeps every
+prototype in memory and scans them exactly; an approximate one reads prototype rows from disk
+on demand and ranks the articles of the nearest images (a shortlist) by their exact prototype
+cosine, so that its memory does not grow with the number of articles.
 
 Enrolling or removing an article changes only that article: its images are appended to the
 image index (removed ones become tombstones, masked at query time), its prototype row is
@@ -20,6 +23,7 @@ On disk (format 2; ``save`` writes the folder atomically as a whole)::
     INDEX_DIR/vectors.npy          float32 [N, D] exact normalised image vectors (rows read on demand)
     INDEX_DIR/ids.npy              int64 [N] each image's id in images.faiss (sorted)
     INDEX_DIR/prototype_sums.npy   float32 [C, D] per article, the sum of its image vectors
+                                   (read on demand for ivfpq / hnsw)
     INDEX_DIR/images.faiss         the ivfpq / hnsw index (a flat index is rebuilt from vectors.npy)
     INDEX_DIR/journal/             changes since the base files (replayed by ``load``)
 
@@ -45,7 +49,7 @@ from ..io import atomic_dir, recover_dir
 from . import ann
 from .ann import BLAS_MIN_QUERIES, INDEX_TYPES, AnnConfig, faiss_blas_setting
 from .journal import Change, Journal
-from .vectors import Growable, Prototypes, RowFile, VectorStore, l2_normalize, normalized_copy
+from .vectors import Growable, OnDemandPrototypes, Prototypes, RowFile, VectorStore, l2_normalize, normalized_copy
 
 __all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "ENROLLED_DIR", "CatalogueIndex", "Change", "INDEX_FILES", "INDEX_TYPES",
            "Neighbor", "Prediction", "faiss_blas_setting", "is_index_dir", "l2_normalize"]
@@ -53,6 +57,12 @@ __all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "ENROLLED_DIR", "CatalogueIndex", "C
 FORMAT_VERSION = 2
 #: sub-folder of an index folder with the photos ``fewshot serve`` enrolled (kept by ``save``)
 ENROLLED_DIR = "enrolled"
+#: prototype search of an approximate index (:meth:`CatalogueIndex._shortlist`): the articles
+#: of the nearest max(SHORTLIST_MIN, SHORTLIST_PER_RESULT x k) images are re-ranked exactly
+SHORTLIST_MIN = 50
+SHORTLIST_PER_RESULT = 10
+#: queries per shortlist batch (their candidate prototypes are read together)
+SHORTLIST_BATCH = 256
 log = logging.getLogger("fewshot")
 
 
@@ -223,8 +233,11 @@ class CatalogueIndex:
                 part = slice(start, start + ann.SHARD_ROWS)
                 np.add.at(sums, self.image_article[part], self._vectors.get(self.ids[part]))
         counts = np.bincount(self.image_article, minlength=len(order))
-        self._protos = Prototypes(self.dim)
-        self._protos.extend(sums, counts)
+        if self.ann.kind == "flat":  # an exact scan: every prototype in memory
+            self._protos = Prototypes(self.dim)
+            self._protos.extend(np.asarray(sums[:len(order)]), counts)
+        else:  # a shortlist re-ranked: prototype rows read on demand
+            self._protos = OnDemandPrototypes(sums, counts)
         self._alive = Growable((), np.uint8, capacity=(self._vectors.first_new + self._vectors.new.n) // 8 + 1)
         self._mark_alive(self.ids)
         self._by_digest = None
@@ -236,9 +249,12 @@ class CatalogueIndex:
 
     @property
     def prototypes(self) -> np.ndarray:
-        """The normalised article prototypes, ``float32 [C, D]`` (a view)."""
+        """The normalised article prototypes, ``float32 [C, D]`` (a view for a flat index; read
+        whole, into a new array, for an approximate one, which keeps them on disk)."""
         assert self._protos is not None
-        return self._protos.normed.view
+        if isinstance(self._protos, Prototypes):
+            return self._protos.normed.view
+        return self._protos.normed_rows(np.arange(len(self._protos)))
 
     # ----------------------------------------------------------------- changes
     def add_article(self, label: str, group: str | None, vectors: np.ndarray,
@@ -478,10 +494,44 @@ class CatalogueIndex:
         return self._classify_nearest(queries, top_k, exclude)
 
     def _search_prototypes(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``faiss.knn`` (exact inner product) of ``queries [Q, D]`` against the prototypes."""
-        with faiss_blas_setting(self.dim):
-            scores, idx = faiss.knn(queries, self.prototypes, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return np.asarray(scores, np.float32), np.asarray(idx, np.int64)
+        """``(scores [Q, k], article rows int64 [Q, k])`` of the prototypes nearest to
+        ``queries [Q, D]`` (``-1`` pads). A flat index scans every prototype (``faiss.knn``,
+        exact inner product); an approximate one re-ranks a shortlist (:meth:`_shortlist`)."""
+        if isinstance(self._protos, Prototypes):
+            with faiss_blas_setting(self.dim):
+                scores, idx = faiss.knn(queries, self._protos.normed.view, k, metric=faiss.METRIC_INNER_PRODUCT)
+            return np.asarray(scores, np.float32), np.asarray(idx, np.int64)
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        idx = np.full((len(queries), k), -1, np.int64)
+        for start in range(0, len(queries), SHORTLIST_BATCH):
+            part = slice(start, start + SHORTLIST_BATCH)
+            scores[part], idx[part] = self._shortlist(queries[part], k)
+        return scores, idx
+
+    def _shortlist(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prototype search of an approximate index: the articles of the nearest
+        ``max(SHORTLIST_MIN, SHORTLIST_PER_RESULT * k)`` images (from the image index, widened
+        until each query has ``k`` distinct articles), re-ranked by the exact cosine to their
+        prototypes (read once per batch). Exact whenever the best prototypes' articles have an
+        image among that many nearest images; ``bench/scale_index.py`` measures the recall."""
+        assert self._protos is not None
+        n = len(self.labels)
+        m = min(n, max(SHORTLIST_MIN, SHORTLIST_PER_RESULT * k))
+        while True:
+            _, pos = self._search_images(queries, m)
+            cands = [np.unique(self.image_article[row[row >= 0]]) for row in pos]
+            if min(len(c) for c in cands) >= k or m >= n:
+                break
+            m = min(n, m * 4)
+        union = np.unique(np.concatenate(cands))
+        protos = self._protos.normed_rows(union)
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        idx = np.full((len(queries), k), -1, np.int64)
+        for r, c in enumerate(cands):
+            s = protos[np.searchsorted(union, c)] @ queries[r]
+            top = np.argsort(-s, kind="stable")[:k]
+            scores[r, :len(top)], idx[r, :len(top)] = s[top], c[top]
+        return scores, idx
 
     def _classify_prototype(self, queries: np.ndarray, top_k: int,
                             exclude: list[list[int]]) -> list[list[Prediction]]:
@@ -683,7 +733,7 @@ def _load_v2(path: Path, meta: dict) -> CatalogueIndex:
     config = AnnConfig.from_dict(meta.get("index"))
     vectors = RowFile(path / "vectors.npy")
     ids = np.load(path / "ids.npy")
-    sums = np.load(path / "prototype_sums.npy")
+    sums = np.load(path / "prototype_sums.npy") if config.kind == "flat" else RowFile(path / "prototype_sums.npy")
     labels, groups, paths, digests = _metadata(path, meta, len(vectors))
     if vectors.ndim != 2 or vectors.shape[1] != meta["dim"] or len(ids) != len(vectors):
         raise CheckpointError(f"index {path} is inconsistent: vectors {vectors.shape}, {len(ids)} ids",
@@ -702,7 +752,8 @@ def _load_v2(path: Path, meta: dict) -> CatalogueIndex:
                           ann=config, image_index=image_index, digests=digests, ids=ids)
     self._vectors = VectorStore(vectors, ids, first_new)
     articles = meta.get("articles")
-    if articles is None or sorted(articles) != sorted(dict.fromkeys(labels)) or len(sums) != len(articles):
+    if (articles is None or sorted(articles) != sorted(dict.fromkeys(labels)) or len(sums) != len(articles)
+            or sums.shape[1:] != (meta["dim"],)):
         raise CheckpointError(f"index {path} is inconsistent: its article list does not match its images",
                               hint="rebuild it with `fewshot index`")
     self._init_articles(sums, list(articles))

@@ -1,4 +1,4 @@
-"""Growable in-memory state of a catalogue: exact vectors by id, prototypes by article.
+"""State of a catalogue: exact vectors by id, prototypes by article.
 
 Both grow by appending into buffers that double their capacity, so enrolling an article costs
 time proportional to its own images, not to the catalogue (amortised).
@@ -6,6 +6,7 @@ time proportional to its own images, not to the catalogue (amortised).
 
 from __future__ import annotations
 
+import abc
 import os
 
 import numpy as np
@@ -132,19 +133,47 @@ class VectorStore:
         return out
 
 
-class Prototypes:
-    """Per-article normalised prototypes (Snell et al. 2017: the mean embedding, re-normalised
-    for cosine), with the norm of each article's sum of normalised image vectors and its image
-    count: ``sum = normed * norm``, so the sums take no memory of their own (at 200,000
-    articles of 1,280-d, 1 GB saved)."""
+class _PrototypeRows(abc.ABC):
+    """What both prototype stores share: per-article image counts and the updates that are
+    written in terms of an article's sum of normalised image vectors."""
+
+    counts: Growable
+
+    def __len__(self) -> int:
+        return self.counts.n
+
+    def append(self, total: np.ndarray, count: int) -> None:
+        """A new article with ``total float32 [D]`` (sum of its normalised vectors)."""
+        self.extend(total[None], np.array([count]))
+
+    def update(self, a: int, delta: np.ndarray, count: int) -> None:
+        """Add ``delta float32 [D]`` and ``count`` images to article ``a``: one row written."""
+        self._set(a, self.sum_of(a).astype(np.float64) + delta)
+        self.counts.view[a] += count
+
+    @abc.abstractmethod
+    def extend(self, totals: np.ndarray, counts: np.ndarray) -> None:
+        """See the subclasses."""
+
+    @abc.abstractmethod
+    def sum_of(self, a: int) -> np.ndarray:
+        """See the subclasses."""
+
+    @abc.abstractmethod
+    def _set(self, a: int, total: np.ndarray) -> None:
+        """See the subclasses."""
+
+
+class Prototypes(_PrototypeRows):
+    """Per-article normalised prototypes in memory (Snell et al. 2017: the mean embedding,
+    re-normalised for cosine), for the exact scan of a flat catalogue, with the norm of each
+    article's sum of normalised image vectors and its image count: ``sum = normed * norm``, so
+    the sums take no memory of their own (at 200,000 articles of 1,280-d, 1 GB saved)."""
 
     def __init__(self, dim: int) -> None:
         self.normed = Growable((dim,), np.float32)
         self.norms = Growable((), np.float64)
         self.counts = Growable((), np.int64)
-
-    def __len__(self) -> int:
-        return self.counts.n
 
     def extend(self, totals: np.ndarray, counts: np.ndarray) -> None:
         """New articles with ``totals float32 [k, D]`` (sums of their normalised vectors)."""
@@ -152,10 +181,6 @@ class Prototypes:
         self.norms.append(np.linalg.norm(totals.astype(np.float64), axis=1))
         self.normed.append(l2_normalize(totals))
         self.counts.append(np.asarray(counts, np.int64))
-
-    def append(self, total: np.ndarray, count: int) -> None:
-        """A new article with ``total float32 [D]`` (sum of its normalised vectors)."""
-        self.extend(total[None], np.array([count]))
 
     def sum_of(self, a: int) -> np.ndarray:
         """Article ``a``'s sum of normalised image vectors, ``float32 [D]``."""
@@ -165,15 +190,81 @@ class Prototypes:
         """Rows ``start:stop`` of the sums, ``float32 [k, D]``."""
         return (self.normed.view[start:stop] * self.norms.view[start:stop, None]).astype(np.float32)
 
-    def update(self, a: int, delta: np.ndarray, count: int) -> None:
-        """Add ``delta float32 [D]`` and ``count`` images to article ``a``: one row written."""
-        total = self.sum_of(a).astype(np.float64) + delta
+    def normed_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The normalised prototypes of articles ``rows int64 [k]``, ``float32 [k, D]``."""
+        return self.normed.view[np.asarray(rows, np.int64)]
+
+    def _set(self, a: int, total: np.ndarray) -> None:
         norm = float(np.linalg.norm(total))
         self.norms.view[a] = norm
         self.normed.view[a] = (total / max(norm, 1e-12)).astype(np.float32)
-        self.counts.view[a] += count
 
     def swap_remove(self, a: int) -> None:
         """Drop article ``a``; the last article takes its row."""
         for g in (self.normed, self.norms, self.counts):
             g.pop_into(a)
+
+
+class OnDemandPrototypes(_PrototypeRows):
+    """Per-article prototype sums read on demand, for an approximate catalogue, whose
+    prototype search re-ranks a shortlist (:meth:`fewshot.index.CatalogueIndex.classify`) and
+    so never needs them all at once.
+
+    ``base``: the sums ``float32 [C0, D]`` as saved (a :class:`RowFile` of
+    ``prototype_sums.npy``, or an array right after a build); the rows changed since (updates,
+    new articles, swap-removals) live in memory, so memory grows with the changes, not with
+    the catalogue: at 200,000 articles of 1,280-d the in-memory store would take 1 GB.
+    """
+
+    def __init__(self, base, counts: np.ndarray) -> None:
+        self.base = base
+        self.counts = Growable((), np.int64, capacity=len(counts) + 16)
+        self.counts.append(np.asarray(counts, np.int64))
+        self._changed: dict[int, np.ndarray] = {}
+
+    def extend(self, totals: np.ndarray, counts: np.ndarray) -> None:
+        """New articles with ``totals float32 [k, D]`` (sums of their normalised vectors)."""
+        totals = np.asarray(totals, np.float32).reshape(len(counts), -1)
+        for i, row in enumerate(totals, len(self)):
+            self._changed[i] = row.copy()
+        self.counts.append(np.asarray(counts, np.int64))
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The sums of articles ``rows int64 [k]`` (each ``< len(self)``), ``float32 [k, D]``."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.base.shape[1]), np.float32)
+        in_base = rows < len(self.base)
+        if in_base.any():
+            order = np.argsort(rows[in_base], kind="stable")  # in file order: runs read in one call
+            got = np.empty((int(in_base.sum()), self.base.shape[1]), np.float32)
+            got[order] = self.base[rows[in_base][order]]
+            out[in_base] = got
+        if self._changed:
+            for i, a in enumerate(rows.tolist()):
+                row = self._changed.get(a)
+                if row is not None:
+                    out[i] = row
+        return out
+
+    def sum_of(self, a: int) -> np.ndarray:
+        """Article ``a``'s sum of normalised image vectors, ``float32 [D]``."""
+        return self.rows(np.array([a]))[0]
+
+    def sums(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the sums, ``float32 [k, D]``."""
+        return self.rows(np.arange(start, stop))
+
+    def normed_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The normalised prototypes of articles ``rows int64 [k]``, ``float32 [k, D]``."""
+        return l2_normalize(self.rows(rows))
+
+    def _set(self, a: int, total: np.ndarray) -> None:
+        self._changed[a] = np.asarray(total, np.float32)
+
+    def swap_remove(self, a: int) -> None:
+        """Drop article ``a``; the last article takes its row."""
+        last = len(self) - 1
+        if a != last:
+            self._changed[a] = self.sum_of(last)
+        self._changed.pop(last, None)
+        self.counts.pop_into(a)
