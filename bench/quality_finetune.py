@@ -80,6 +80,12 @@ ROWS["omniglot-conv4-maml-long"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "e
 ROWS["omniglot-conv4-maml-xl"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "episodes": 9000, "episodes_per_epoch": 600,
                                                        "inner_params": "all", "inner_lr": 0.4, "inner_steps": 1,
                                                        "meta_batch": 4})
+# class rotations (Santoro et al. 2016, Vinyals et al. 2016): the 74 train characters x 4 rotations
+ROWS["omniglot-conv4-maml-rot4"] = ("omniglot", "maml", {**_CONV4, "ways": 5, "episodes": 4500, "episodes_per_epoch": 300,
+                                                         "inner_params": "all", "inner_lr": 0.4, "inner_steps": 1,
+                                                         "meta_batch": 4, "class_rotations": 4})
+ROWS["omniglot-conv4-protonet-rot4"] = ("omniglot", "protonet", {**_CONV4, "episodes": 3000, "episodes_per_epoch": 300,
+                                                                 "class_rotations": 4})
 ROWS["omniglot-lite0-protonet-last2"] = ("omniglot", "protonet", {"fine_tune": "last:2", "image_size": 112,
                                                                    "augment": "none", "ways": 20, "shots": 1,
                                                                    "queries": 5, "episodes": 400,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -284,6 +286,39 @@ def test_conv4_protonet_from_scratch_learns_a_separable_toy_set(tmp_path):
     assert model.backbone.name == "conv4" and model.backbone.dim == 64
 
 
+def test_class_rotations_make_each_rotation_a_train_class_of_its_own(tmp_path):
+    """--class-rotations 4 (Santoro et al. 2016): the train part has 4x the classes, item
+    r*N + i is image i turned r x 90 degrees with class r*C + y[i]; val is untouched."""
+    from fewshot.data.splits import ClassSplit
+    from fewshot.methods.base import get_method
+    from fewshot.training.loop import _setup
+
+    root = _toy_shapes(tmp_path / "toy")
+    classes = sorted(p.name for p in root.iterdir())
+    split = ClassSplit(name="toy", seed=0, train=classes[:14], val=classes[14:19], test=classes[19:], dataset="toy")
+    split_file = split.save(tmp_path / "toy-split.json")
+    common = dict(data=str(root), split_file=str(split_file), backbone="conv4", pretrained=False, fine_tune="all",
+                  image_size=28, augment="none", ways=3, shots=1, queries=3, episodes=20, episodes_per_epoch=10,
+                  progress=False, cache_dir=str(tmp_path / "cache"), final_eval="none")
+    plain = _setup(make_config("protonet", out=str(tmp_path / "a"), **common), get_method("protonet"))
+    rot = _setup(make_config("protonet", out=str(tmp_path / "b"), class_rotations=4, **common), get_method("protonet"))
+    n, c = len(plain.data.train), plain.data.train.num_classes
+    assert (len(rot.data.train), rot.data.train.num_classes) == (4 * n, 4 * c) and c == 14
+    base = plain.ft.train_bank.images
+    for r in range(4):
+        assert torch.equal(rot.ft.train_bank.images[r * n:(r + 1) * n], torch.rot90(base, r, dims=(2, 3)))
+        assert torch.equal(rot.data.train.y[r * n:(r + 1) * n], plain.data.train.y + r * c)
+    assert rot.data.train.label_names[c + 2] == plain.data.train.label_names[2] + " @90"
+    assert not torch.equal(rot.ft.train_bank.images[n:2 * n], base)  # the shapes are not symmetric
+    assert len(rot.ft.val_q_bank) == len(plain.ft.val_q_bank)
+    result = train(make_config("protonet", out=str(tmp_path / "run"), class_rotations=4, **common))
+    assert result.history[-1]["train_loss"] is not None
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_config"]["class_rotations"] == 4
+    with pytest.raises(FewshotError, match="--class-rotations 5 must be 1, 2, 3 or 4"):
+        train(make_config("protonet", out=str(tmp_path / "bad"), class_rotations=5, **common))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_from_scratch_head_is_not_centred_and_frozen_runs_refuse_backbone_options(tiny, tmp_path):
     """A random backbone's mean embedding goes stale as it learns, so its head is not centred;
     backbone options with --fine-tune none would be ignored, so they are refused."""
@@ -292,7 +327,8 @@ def test_from_scratch_head_is_not_centred_and_frozen_runs_refuse_backbone_option
     cfg = make_config("protonet", pretrained=False, fine_tune="all")
     assert ProtoNet(cfg, 64).head.use_centre is False
     assert ProtoNet(make_config("protonet"), 64).head.use_centre is True
-    for option in ({"backbone_lr": 1e-3}, {"bn": "train"}, {"augment": "none"}, {"warmup_steps": 5}):
+    for option in ({"backbone_lr": 1e-3}, {"bn": "train"}, {"augment": "none"}, {"warmup_steps": 5},
+                   {"class_rotations": 4}):
         with pytest.raises(FewshotError, match="--fine-tune none keeps it frozen"):
             train(_cfg(tiny, tmp_path / "r", fine_tune="none", **option))
     with pytest.raises(FewshotError, match="has 16 blocks"):

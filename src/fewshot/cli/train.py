@@ -66,6 +66,7 @@ def _train(
     bn: str = typer.Option("auto", "--bn", help="BatchNorm of the fine-tuned backbone: eval (keep the pretrained statistics) | train (batch statistics) | auto (eval, or train with --from-scratch)."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Start the backbone from seeded random weights instead of pretrained ones (needs --fine-tune all; the only way for --backbone conv4)."),
     augment: str = typer.Option("standard", "--augment", help="Fine-tuning images: standard (random resized crop, flip, colour jitter) | none (the plain resized image, e.g. handwriting)."),
+    class_rotations: int = typer.Option(1, "--class-rotations", help="1-4: each train class also trains rotated by 90, 180, 270 degrees, each rotation a new class (the Omniglot protocol uses 4; needs fine-tuning). 1 = off."),
     ways: Optional[int] = typer.Option(None, "--ways", min=2, help="N of N-way episodes (episodic methods and episodic validation; default 5)."),
     shots: Optional[int] = typer.Option(None, "--shots", min=1, help="K support images per class (default 5)."),
     queries: Optional[int] = typer.Option(None, "--queries", min=1, help="Q query images per class (default 5)."),
@@ -99,7 +100,7 @@ def _train(
         method, data=data, split_file=str(split_file), out=str(out), backbone=backbone, image_size=image_size,
         seed=seed, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=_head_spec(head),
         fine_tune=fine_tune, fine_tune_blocks=fine_tune_blocks, backbone_lr=backbone_lr, warmup_steps=warmup_steps,
-        bn=bn, pretrained=not from_scratch, augment=augment, ways=ways, shots=shots, queries=queries,
+        bn=bn, pretrained=not from_scratch, augment=augment, class_rotations=class_rotations, ways=ways, shots=shots, queries=queries,
         val_episodes=val_episodes, eval_episodes=eval_episodes, resume=resume, overwrite=overwrite, device=device,
         group_from=group_from, embed_batch_size=embed_batch_size, workers=workers, runtime=runtime,
         cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress, final_eval=split, options=options)

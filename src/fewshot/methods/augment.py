@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..backbones import Preprocess
 from ..data.images import load_image
 
-__all__ = ["ImageBank", "augment", "normalise"]
+__all__ = ["ImageBank", "augment", "normalise", "rotated_copies"]
 
 _GREY = torch.tensor([0.299, 0.587, 0.114])
 
@@ -56,6 +56,13 @@ class ImageBank:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+
+def rotated_copies(images: torch.Tensor, rotations: int) -> torch.Tensor:
+    """``[N, C, H, W]`` (square) -> ``[rotations * N, C, H, W]``: block ``r`` is every image turned
+    ``r`` x 90 degrees counter-clockwise (``torch.rot90``), the layout of
+    :func:`~fewshot.training.data.with_rotated_classes`."""
+    return torch.cat([torch.rot90(images, r, dims=(2, 3)) for r in range(rotations)])
 
 
 def normalise(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:

@@ -135,6 +135,11 @@ class TrainConfig:
         augment: ``"standard"`` (random resized crop, flip, colour jitter:
             :func:`~fewshot.methods.augment.augment`) or ``"none"`` (the plain resized image,
             e.g. for handwriting, where a flip changes the character).
+        class_rotations: ``R`` in 1..4: each train class also appears rotated by 90, 180, ...
+            degrees (the first ``R`` multiples of 90), each rotation a class of its own, so the
+            train part has ``R`` times its classes (1 = off). The Omniglot protocol of Santoro
+            et al. 2016 and Vinyals et al. 2016 (Matching Networks, section 4.1.1) uses 4; it
+            needs fine-tuning (the rotated images go through the backbone).
         head: :class:`~fewshot.methods.heads.ProjectionHead` spec (``in_dim`` filled in); ``None``
             = :data:`DEFAULT_HEAD`.
         ways, shots, queries: N-way K-shot Q-query episodes (episodic training and episodic
@@ -171,6 +176,7 @@ class TrainConfig:
     bn: str = "auto"
     pretrained: bool = True
     augment: str = "standard"
+    class_rotations: int = 1
     head: dict | None = None
     ways: int = 5
     shots: int = 5

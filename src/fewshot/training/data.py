@@ -57,6 +57,26 @@ def _load_data(cfg: TrainConfig) -> _Data:
                  _embed(val_g_set, backbone, cfg))
 
 
+def with_rotated_classes(train: TrainData, rotations: int) -> TrainData:
+    """``train`` with each class repeated at ``rotations`` (2..4) multiples of 90 degrees, each
+    rotation a class of its own (Santoro et al. 2016; Vinyals et al. 2016, section 4.1.1).
+
+    Layout (shared with :func:`~fewshot.methods.augment.rotated_copies`): item ``r * N + i`` is
+    item ``i`` turned ``r`` x 90 degrees, of class ``r * C + y[i]``, named ``"<name> @<r*90>"``
+    for ``r >= 1``. ``x`` (the unrotated initial features, used only for a head's centre) and
+    ``groups`` / ``paths`` are repeated.
+
+    Returns:
+        a new :class:`TrainData` of ``rotations * N`` items and ``rotations * C`` classes.
+    """
+    n_cls = train.num_classes
+    names = list(train.label_names) + [f"{name} @{r * 90}" for r in range(1, rotations) for name in train.label_names]
+    return TrainData(x=train.x.repeat(rotations, 1),
+                     y=torch.cat([train.y + r * n_cls for r in range(rotations)]),
+                     label_names=names, groups=list(train.groups) * rotations,
+                     paths=list(train.paths) * rotations)
+
+
 def _check_validation(val_q: Dataset, val_g: Dataset, cfg: TrainConfig) -> None:
     """Refuse a val part on which validation is empty or true by construction (one class:
     val MAP@R 1.0 whatever the model); warn when it has few classes."""

@@ -57,7 +57,7 @@ class _FineTune:
     """Trainable backbone parameters + in-memory images + augmentation (``fine_tune != "none"``)."""
 
     def __init__(self, cfg: TrainConfig, data: _Data, device: torch.device) -> None:
-        from ..methods.augment import ImageBank
+        from ..methods.augment import ImageBank, rotated_copies
 
         self.cfg = cfg
         self.backbone = data.backbone
@@ -67,7 +67,10 @@ class _FineTune:
         self.backbone.model.to(device).eval()
         self.device = device
         load = int(round(cfg.image_size * 8 / 7)) if cfg.augment == "standard" else cfg.image_size
-        self.train_bank = ImageBank(data.train.paths, load, progress=cfg.progress)
+        rotations = cfg.class_rotations
+        self.train_bank = ImageBank(data.train.paths[:len(data.train) // rotations], load, progress=cfg.progress)
+        if rotations > 1:  # data.train already has the rotated classes (with_rotated_classes)
+            self.train_bank.images = rotated_copies(self.train_bank.images, rotations)
         self.val_q_bank = ImageBank([str(p) for p in data.val_q.dataset.paths], cfg.image_size, cfg.progress)
         self.val_g_bank = ImageBank([str(p) for p in data.val_g.dataset.paths], cfg.image_size, cfg.progress)
         self.generator = torch.Generator().manual_seed(cfg.seed)

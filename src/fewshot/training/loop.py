@@ -25,7 +25,7 @@ from ..model import EmbeddingModel
 from .checkpoint import (CHECKPOINT_FORMAT, HISTORY_FIELDS, _check_resumable, _load_checkpoint, _method_state,
                          _prepare_stage, _restore_method_state, _resume_source, _save_checkpoint, _write_curves,
                          _write_history, staging_dir)
-from .data import _Data, _load_data
+from .data import _Data, _load_data, with_rotated_classes
 from .finetune import _FineTune
 from .validate import _validate
 
@@ -77,12 +77,16 @@ def _validate_fine_tune(cfg: TrainConfig) -> None:
         raise FewshotError(f"unknown --bn '{cfg.bn}'", hint="use --bn auto, --bn eval or --bn train")
     if cfg.augment not in ("standard", "none"):
         raise FewshotError(f"unknown --augment '{cfg.augment}'", hint="use --augment standard or --augment none")
+    if cfg.class_rotations not in (1, 2, 3, 4):
+        raise FewshotError(f"--class-rotations {cfg.class_rotations} must be 1, 2, 3 or 4",
+                           hint="e.g. --class-rotations 4 (0, 90, 180 and 270 degrees), or 1 for none")
     if cfg.backbone_lr is not None and not (math.isfinite(cfg.backbone_lr) and cfg.backbone_lr > 0):
         raise FewshotError(f"--backbone-lr {cfg.backbone_lr} must be a positive number", hint="e.g. --backbone-lr 2.5e-5")
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise FewshotError(f"--warmup-steps {cfg.warmup_steps} must not be negative", hint="e.g. --warmup-steps 50")
     given = [flag for flag, on in (("--backbone-lr", cfg.backbone_lr is not None), ("--bn", cfg.bn != "auto"),
                                    ("--augment", cfg.augment != "standard"),
+                                   ("--class-rotations", cfg.class_rotations != 1),
                                    ("--warmup-steps", cfg.warmup_steps is not None)) if on]
     if given and not cfg.fine_tuning:
         raise FewshotError(f"{', '.join(given)} set(s) how the backbone trains, but --fine-tune none keeps it frozen",
@@ -181,6 +185,8 @@ def _setup(cfg: TrainConfig, method_cls: type[Method], par: _Parallel | None = N
     t_start = time.perf_counter()
     _seed_all(cfg.seed)  # a backbone trained from scratch starts from seeded random weights
     data = _load_data(cfg)
+    if cfg.class_rotations > 1:
+        data.train = with_rotated_classes(data.train, cfg.class_rotations)
     _seed_all(cfg.seed)
     method = method_cls(cfg, data.backbone.dim)
     method.check_data(data.train)
