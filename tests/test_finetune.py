@@ -44,9 +44,11 @@ def test_config_canonical_and_backbone_lr():
     assert cfg.fine_tune == "last:3" and cfg.backbone_learning_rate() == pytest.approx(2e-4)
     assert (cfg.epochs, cfg.patience) == (5, 2)  # fine-tuning defaults
     assert make_config("triplet").fine_tune == "all" and make_config("contrastive").fine_tune == "all"  # measured best
-    assert make_config("protonet").fine_tune == "last:2" and make_config("maml").fine_tune == "last:2"
+    assert all(make_config(m).fine_tune == "all" for m in ("protonet", "maml", "fomaml"))
     assert make_config("triplet", fine_tune="none").epochs == 30
-    assert make_config("protonet").options.episodes == 300
+    assert make_config("protonet").options.episodes == 200 and make_config("maml").options.episodes == 200
+    assert make_config("protonet", fine_tune="last:2").options.episodes == 300
+    assert make_config("protonet", fine_tune="all", episodes=50).options.episodes == 50
     assert make_config("protonet", fine_tune="none").options.episodes == 2000
     assert make_config("protonet", fine_tune="last:1", backbone_lr=1e-6).backbone_learning_rate() == 1e-6
     assert make_config("protonet", pretrained=False, fine_tune="all").batchnorm_mode() == "train"

@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -111,10 +111,6 @@ class SiameseMethod(Method):
     """
 
     Config = SiameseOptions
-    #: fine-tune every backbone parameter unless told otherwise: on Grocery's unseen articles
-    #: (bench/quality_finetune.py, 2026-12-02) triplet reached MAP@R 0.563 with ``all`` against
-    #: 0.527 with ``last:2``, contrastive 0.555 against 0.488, and in less time (10.2 / 7.4 min)
-    defaults: ClassVar[dict] = {"fine_tune": "all"}
 
     def __init__(self, cfg: TrainConfig, in_dim: int) -> None:
         super().__init__(cfg, in_dim)
