@@ -94,6 +94,35 @@ def test_approximate_prototype_search_matches_the_exact_scan(tmp_path, data, kin
     assert [r[0].label for r in back.classify(q[:20], top_k=1)] == [back.classify(v, top_k=1)[0][0].label for v in q[:20]]
 
 
+def test_approximate_indexes_classify_real_grocery_photos_like_flat(grocery_root, tmp_path):
+    """The main job (Grocery train photos as the catalogue, test photos classified by
+    prototype) gives the same top-1 and top-5 answers with ivfpq and hnsw as with flat."""
+    from fewshot.backbones import create_backbone
+    from fewshot.data.loaders import load_dataset
+    from fewshot.embed import embed_dataset
+
+    backbone = create_backbone("efficientnet_lite0")
+    cache = tmp_path / "cache"
+    train = embed_dataset(load_dataset(grocery_root, split="train"), backbone, cache_dir=cache, progress=False)
+    test = embed_dataset(load_dataset(grocery_root, split="test"), backbone, cache_dir=cache, progress=False)
+    paths = [str(p) for p in train.dataset.paths]
+    answers = {}
+    for kind in ("flat", "ivfpq", "hnsw"):
+        index = CatalogueIndex.build(train.vectors, list(train.labels), list(train.groups), paths,
+                                     ann_config=AnnConfig(kind))
+        answers[kind] = [[p.label for p in row] for row in index.classify(test.vectors, top_k=5)]
+    truth = list(test.labels)
+    top1 = np.mean([row[0] == t for row, t in zip(answers["flat"], truth)])
+    assert round(float(top1), 4) == 0.5988  # the README's main job
+    top5 = {k: np.mean([t in row for row, t in zip(rows, truth)]) for k, rows in answers.items()}
+    assert round(float(top5["flat"]), 4) == 0.9151
+    for kind in ("ivfpq", "hnsw"):
+        assert [r[0] for r in answers[kind]] == [r[0] for r in answers["flat"]], kind
+        assert top5[kind] == top5["flat"], kind
+        overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(answers[kind], answers["flat"])])
+        assert overlap >= 0.99, kind
+
+
 def test_on_demand_prototypes_follow_every_change_like_the_in_memory_ones():
     """The same add / update / swap-remove sequence on both prototype stores gives the same rows."""
     from fewshot.index.vectors import OnDemandPrototypes, Prototypes
