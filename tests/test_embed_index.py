@@ -179,6 +179,12 @@ def test_index_errors(tmp_path):
 
     hnsw = CatalogueIndex.build(idx.image_vectors(), idx.labels, idx.groups, idx.paths, ann_config=AnnConfig("hnsw"))
     damaged_then_missing(hnsw.save(tmp_path / "hnsw"), "images.faiss")
+    for name in ("vectors.npy", "prototype_sums.npy"):  # read on demand: a cut file is refused at load
+        folder = hnsw.save(tmp_path / f"cut-{name}")
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[:-7])
+        with pytest.raises(CheckpointError, match=f"damaged: .*{name} is truncated"):
+            CatalogueIndex.load(folder)
     with pytest.raises(CheckpointError, match="dimension 2"):
         idx.classify(np.zeros((1, 2), np.float32))
     with pytest.raises(DataError, match="empty catalogue"):

@@ -75,8 +75,11 @@ class RowFile:
             raise ValueError(f"{path} holds {dtype} {shape}, not float32 [N, D] in C order")
         self.shape = tuple(shape)
         self.ndim = 2
-        self._fd = os.open(path, os.O_RDONLY)
         self._row = self.shape[1] * 4
+        size = os.stat(path).st_size
+        if size != self.offset + self.shape[0] * self._row:  # checked here, not at the first read
+            raise ValueError(f"{path} is truncated or padded: {size} bytes for float32 {self.shape}")
+        self._fd = os.open(path, os.O_RDONLY)
 
     def __len__(self) -> int:
         return self.shape[0]
