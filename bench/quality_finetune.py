@@ -71,6 +71,8 @@ ROWS["triplet-all-blr-half"] = ("grocery", "triplet", {"fine_tune": "all", "epoc
 for _s in (1, 2):
     ROWS[f"triplet-all-blr-half-seed{_s}"] = ("grocery", "triplet", {"fine_tune": "all", "epochs": 5, "patience": 2,
                                                                     "backbone_lr": 5e-5, "seed": _s})
+ROWS["fomaml-all"] = ("grocery", "fomaml", {"fine_tune": "all", "episodes": 200, "episodes_per_epoch": 100,
+                                           "patience": 2})
 ROWS["triplet-last2-blr-quarter"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
                                                            "backbone_lr": 2.5e-5})
 _CONV4 = {"backbone": "conv4", "pretrained": False, "fine_tune": "all", "image_size": 28, "augment": "none",
