@@ -123,6 +123,17 @@ def test_approximate_indexes_classify_real_grocery_photos_like_flat(grocery_root
         assert overlap >= 0.99, kind
 
 
+def test_row_file_reads_rows_in_any_order_like_the_array(tmp_path):
+    """RowFile sorts the rows it is asked for into file order itself (its callers do not)."""
+    from fewshot.index.vectors import RowFile
+
+    a = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    rows = RowFile(tmp_path / "a.npy")
+    for idx in ([3, 1, 2, 2, 49, 0, 10, 11, 12], [], [7], slice(5, 9)):
+        np.testing.assert_array_equal(rows[idx], a[idx])
+
+
 def test_on_demand_prototypes_follow_every_change_like_the_in_memory_ones():
     """The same add / update / swap-remove sequence on both prototype stores gives the same rows."""
     from fewshot.index.vectors import OnDemandPrototypes, Prototypes

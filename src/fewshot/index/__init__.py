@@ -237,7 +237,7 @@ class CatalogueIndex:
         counts = np.bincount(self.image_article, minlength=len(order))
         if self.ann.kind == "flat":  # an exact scan: every prototype in memory
             self._protos = Prototypes(self.dim)
-            self._protos.extend(np.asarray(sums[:len(order)]), counts)
+            self._protos.extend(sums, counts)
         else:  # a shortlist re-ranked: prototype rows read on demand
             self._protos = OnDemandPrototypes(sums, counts)
         self._alive = Growable((), np.uint8, capacity=(self._vectors.first_new + self._vectors.new.n) // 8 + 1)
