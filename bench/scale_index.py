@@ -119,34 +119,35 @@ def _build(tag: Path, kind: str, n: int, folder: Path, params: dict) -> dict[str
             "ann": index.ann.to_dict()}
 
 
-def _queries(index, q: np.ndarray) -> dict[str, Any]:
+def _timed(call, q: np.ndarray) -> tuple[float, float, float, Any]:
+    """``call`` on the first SINGLE_QUERIES queries one at a time, then on all of them:
+    (median and 95th-percentile seconds per single query, batch seconds per query, batch result)."""
     single = []
     for i in range(min(len(q), SINGLE_QUERIES)):
         t0 = time.perf_counter()
-        index.search(q[i:i + 1], K)
+        call(q[i:i + 1])
         single.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    hits = index.search(q, K)
+    result = call(q)
     batch_s = time.perf_counter() - t0
+    return float(np.median(single)), float(np.percentile(single, 95)), batch_s / len(q), result
+
+
+def _search(index, q: np.ndarray) -> dict[str, Any]:
+    """Image search (``search(k=10)``): latency one at a time and in a batch, and the top-10
+    images (``img123.jpg`` -> 123) for the recall against the flat index."""
+    latency, p95, batch, hits = _timed(lambda x: index.search(x, K), q)
     ids = np.array([[int(h.path[3:-4]) for h in row] + [-1] * (K - len(row)) for row in hits])
-    return {"latency_s": float(np.median(single)), "latency_p95_s": float(np.percentile(single, 95)),
-            "batch_s_per_query": batch_s / len(q), "ids": ids, **_classify(index, q)}
+    return {"latency_s": latency, "latency_p95_s": p95, "batch_s_per_query": batch, "ids": ids}
 
 
-def _classify(index, q: np.ndarray) -> dict[str, Any]:
-    """Prototype classification (``classify(top_k=10)``): latency one at a time and in a batch,
-    and the top-10 articles (``a123`` -> 123) for the recall against the flat scan."""
-    single = []
-    for i in range(min(len(q), SINGLE_QUERIES)):
-        t0 = time.perf_counter()
-        index.classify(q[i:i + 1], top_k=K)
-        single.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    preds = index.classify(q, top_k=K)
-    batch_s = time.perf_counter() - t0
+def _queries(index, q: np.ndarray) -> dict[str, Any]:
+    """:func:`_search`, then prototype classification (``classify(top_k=10)``) timed the same
+    way, with the top-10 articles (``a123`` -> 123) for the recall against the flat scan."""
+    latency, p95, batch, preds = _timed(lambda x: index.classify(x, top_k=K), q)
     articles = np.array([[int(p.label[1:]) for p in row] + [-1] * (K - len(row)) for row in preds])
-    return {"classify_s": float(np.median(single)), "classify_p95_s": float(np.percentile(single, 95)),
-            "classify_batch_s_per_query": batch_s / len(q), "articles": articles}
+    return {**_search(index, q), "classify_s": latency, "classify_p95_s": p95,
+            "classify_batch_s_per_query": batch, "articles": articles}
 
 
 def _enrol(index, folder: Path, tag: Path, noise: float) -> dict[str, Any]:
@@ -188,7 +189,7 @@ def _sweep(index, kind: str, q: np.ndarray, gt: np.ndarray) -> list[dict[str, An
     out = []
     for v in values:
         index.with_search(**{name: v})
-        got = _queries(index, q)
+        got = _search(index, q)
         out.append({name: v, "latency_s": got["latency_s"], **_recall(got["ids"], gt)})
     return out
 
