@@ -279,3 +279,18 @@ def test_nearest_mode_matches_brute_force_best_image_per_article():
             assert [p.label for p in preds] == [f"a{a}" for a, _ in expected]
             assert [p.group for p in preds] == [f"g{a % 3}" for a, _ in expected]
             np.testing.assert_allclose([p.score for p in preds], [s for _, s in expected], atol=1e-5)
+
+
+def test_preprocess_is_bit_identical_to_the_plain_float32_formula():
+    """The fast channels-first path gives exactly ``(x / 255 - mean) / std`` in float32."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    for pre in (Preprocess(image_size=32), Preprocess(image_size=32, mean=(0.485, 0.456, 0.406),
+                                                      std=(0.229, 0.224, 0.225))):
+        plain = np.array(img.resize((32, 32), Image.BILINEAR), dtype=np.float32)
+        plain = (plain / np.float32(255.0) - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+        got = pre(img)
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        assert np.array_equal(got.numpy(), plain.transpose(2, 0, 1))
