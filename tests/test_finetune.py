@@ -288,20 +288,27 @@ def test_conv4_protonet_from_scratch_learns_a_separable_toy_set(tmp_path):
     assert model.backbone.name == "conv4" and model.backbone.dim == 64
 
 
-def test_class_rotations_make_each_rotation_a_train_class_of_its_own(tmp_path):
-    """--class-rotations 4 (Santoro et al. 2016): the train part has 4x the classes, item
-    r*N + i is image i turned r x 90 degrees with class r*C + y[i]; val is untouched."""
+def _toy_conv4_protonet(tmp_path, **kw) -> dict:
+    """make_config arguments of a conv4 protonet run from scratch on the toy shapes (14 train,
+    5 val, the rest test classes): 2 epochs of 10 three-way one-shot episodes."""
     from fewshot.data.splits import ClassSplit
-    from fewshot.methods.base import get_method
-    from fewshot.training.loop import _setup
 
     root = _toy_shapes(tmp_path / "toy")
     classes = sorted(p.name for p in root.iterdir())
     split = ClassSplit(name="toy", seed=0, train=classes[:14], val=classes[14:19], test=classes[19:], dataset="toy")
     split_file = split.save(tmp_path / "toy-split.json")
-    common = dict(data=str(root), split_file=str(split_file), backbone="conv4", pretrained=False, fine_tune="all",
-                  image_size=28, augment="none", ways=3, shots=1, queries=3, episodes=20, episodes_per_epoch=10,
-                  progress=False, cache_dir=str(tmp_path / "cache"), final_eval="none")
+    return dict(data=str(root), split_file=str(split_file), backbone="conv4", pretrained=False, fine_tune="all",
+                image_size=28, augment="none", ways=3, shots=1, queries=3, episodes=20, episodes_per_epoch=10,
+                progress=False, cache_dir=str(tmp_path / "cache"), final_eval="none", **kw)
+
+
+def test_class_rotations_make_each_rotation_a_train_class_of_its_own(tmp_path):
+    """--class-rotations 4 (Santoro et al. 2016): the train part has 4x the classes, item
+    r*N + i is image i turned r x 90 degrees with class r*C + y[i]; val is untouched."""
+    from fewshot.methods.base import get_method
+    from fewshot.training.loop import _setup
+
+    common = _toy_conv4_protonet(tmp_path)
     plain = _setup(make_config("protonet", out=str(tmp_path / "a"), **common), get_method("protonet"))
     rot = _setup(make_config("protonet", out=str(tmp_path / "b"), class_rotations=4, **common), get_method("protonet"))
     n, c = len(plain.data.train), plain.data.train.num_classes
@@ -351,3 +358,61 @@ def test_full_network_maml_on_efficientnet_with_fine_tune_all(tiny, tmp_path):
     after = load_run(tmp_path / "maml-all").backbone.model.state_dict()
     changed = _changed(before, after)
     assert any("_conv_stem" in k for k in changed) and not any("_fc" in k for k in changed)
+
+
+def test_cosine_schedule_is_torch_cosine_annealing_after_the_backbone_warm_up():
+    """After the warm-up every group follows torch's CosineAnnealingLR (eta_min 0) down to 0 at
+    the last planned step; the backbone ramps first; "constant" keeps every rate."""
+    from fewshot.training.loop import lr_scheduler
+
+    def groups():
+        w = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+        return torch.optim.SGD([{"params": [w[0]], "lr": 1e-3, "name": "head"},
+                                {"params": [w[1]], "lr": 5e-5, "name": "backbone"}], lr=1e-3)
+
+    warmup, total = 4, 14
+    opt, ref_opt = groups(), groups()
+    ours, ref = lr_scheduler(opt, warmup, "cosine", total), None
+    for t in range(total):
+        if t == warmup:
+            ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=total - warmup, eta_min=0.0)
+        got = [g["lr"] for g in opt.param_groups]
+        if t < warmup:
+            assert got == pytest.approx([1e-3, 5e-5 * (t + 1) / warmup])
+        else:
+            assert got == pytest.approx([g["lr"] for g in ref_opt.param_groups], abs=1e-12)
+        opt.step()
+        ours.step()
+        ref_opt.step()
+        if ref is not None:
+            ref.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0, 0.0], abs=1e-15)
+    const = groups()
+    sched = lr_scheduler(const, warmup, "constant", total)
+    for _ in range(total):
+        const.step()
+        sched.step()
+    assert [g["lr"] for g in const.param_groups] == pytest.approx([1e-3, 5e-5])
+
+
+def test_training_with_a_cosine_schedule_plans_every_step_and_records_it(tmp_path):
+    """--lr-schedule cosine reaches 0 exactly at the run's last step (epochs x steps of an
+    epoch), is written to config.json, and an unknown schedule is refused before any output."""
+    from fewshot.methods.base import get_method
+    from fewshot.training.loop import _setup
+
+    common = _toy_conv4_protonet(tmp_path, warmup_steps=5, lr_schedule="cosine")
+    setup = _setup(make_config("protonet", out=str(tmp_path / "a"), **common), get_method("protonet"))
+    rates = []
+    for _ in range(20):  # 2 epochs x 10 episodes
+        rates.append([g["lr"] for g in setup.optimizer.param_groups])
+        setup.optimizer.step()
+        setup.scheduler.step()
+    assert rates[0][1] == pytest.approx(rates[0][0] / 5) and max(r[0] for r in rates) == rates[0][0]
+    assert all(a[0] >= b[0] for a, b in zip(rates[5:], rates[6:])) and rates[-1][0] > 0
+    assert all(g["lr"] == pytest.approx(0.0, abs=1e-12) for g in setup.optimizer.param_groups)
+    train(make_config("protonet", out=str(tmp_path / "run"), **common))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_config"]["lr_schedule"] == "cosine"
+    with pytest.raises(FewshotError, match="unknown --lr-schedule 'linear'"):
+        train(make_config("protonet", out=str(tmp_path / "bad"), **{**common, "lr_schedule": "linear"}))
+    assert not (tmp_path / "bad").exists()

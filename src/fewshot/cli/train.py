@@ -63,6 +63,7 @@ def _train(
     fine_tune_blocks: Optional[int] = typer.Option(None, "--fine-tune-blocks", min=1, hidden=True, help="N of a bare --fine-tune last (fewshot 0.1.0's spelling; use last:N)."),
     backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", callback=positive, help="Learning rate of the fine-tuned backbone parameters (default: --lr; it warms up over --warmup-steps)."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", min=0, help="The backbone learning rate rises linearly over this many first steps (default 50; 0 = none)."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant (the default) | cosine: after the warm-up every learning rate follows a half cosine down to 0 at the last planned step (--epochs)."),
     bn: str = typer.Option("auto", "--bn", help="BatchNorm of the fine-tuned backbone: eval (keep the pretrained statistics) | train (batch statistics) | auto (eval, or train with --from-scratch)."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Start the backbone from seeded random weights instead of pretrained ones (needs --fine-tune all; the only way for --backbone conv4)."),
     augment: str = typer.Option("standard", "--augment", help="Fine-tuning images: standard (random resized crop, flip, colour jitter) | none (the plain resized image, e.g. handwriting)."),
@@ -100,7 +101,7 @@ def _train(
         method, data=data, split_file=str(split_file), out=str(out), backbone=backbone, image_size=image_size,
         seed=seed, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=_head_spec(head),
         fine_tune=fine_tune, fine_tune_blocks=fine_tune_blocks, backbone_lr=backbone_lr, warmup_steps=warmup_steps,
-        bn=bn, pretrained=not from_scratch, augment=augment, class_rotations=class_rotations, ways=ways, shots=shots, queries=queries,
+        lr_schedule=lr_schedule, bn=bn, pretrained=not from_scratch, augment=augment, class_rotations=class_rotations, ways=ways, shots=shots, queries=queries,
         val_episodes=val_episodes, eval_episodes=eval_episodes, resume=resume, overwrite=overwrite, device=device,
         group_from=group_from, embed_batch_size=embed_batch_size, workers=workers, runtime=runtime,
         cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress, final_eval=split, options=options)

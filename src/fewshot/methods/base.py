@@ -126,6 +126,10 @@ class TrainConfig:
             :data:`BACKBONE_LR_FACTOR` x ``lr``); ``warmup_steps``: it rises linearly from 0
             over the first this many optimizer steps (0 = no warm-up; ``None`` =
             :data:`WARMUP_STEPS`).
+        lr_schedule: ``"constant"`` (every rate stays at its own after the warm-up) or
+            ``"cosine"``: after the warm-up every group's rate follows a half cosine from its
+            own down to 0 at the last planned step (``max_epochs`` x the steps of an epoch;
+            Loshchilov and Hutter 2017, SGDR, eq. 5 without restarts).
         bn: BatchNorm of the fine-tuned backbone: ``"eval"`` keeps the pretrained running
             statistics (batches of a few articles would corrupt them), ``"train"`` uses batch
             statistics and updates them, ``"auto"`` = ``"eval"`` for a pretrained backbone and
@@ -173,6 +177,7 @@ class TrainConfig:
     fine_tune_blocks: int = 2
     backbone_lr: float | None = None
     warmup_steps: int | None = None
+    lr_schedule: str = "constant"
     bn: str = "auto"
     pretrained: bool = True
     augment: str = "standard"
@@ -527,6 +532,11 @@ class Method:
     def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> Iterable[Any]:
         """What one epoch iterates (index batches, episodes, ...); ``rng`` is seeded per epoch."""
         raise NotImplementedError
+
+    def steps_per_epoch(self, train: TrainData) -> int:
+        """Optimizer steps in one epoch: the length of one :meth:`epoch_batches` (drawn with
+        its own seeded generator, so no other random state moves)."""
+        return sum(1 for _ in self.epoch_batches(train, np.random.default_rng(0)))
 
     def episode_sampler(self, train: TrainData, rng: np.random.Generator,
                         episodes: int | None = None) -> EpisodeSampler:

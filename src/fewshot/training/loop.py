@@ -99,6 +99,9 @@ def _validate_fine_tune(cfg: TrainConfig) -> None:
 
 def _validate_config(cfg: TrainConfig) -> type[Method]:
     _validate_fine_tune(cfg)
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise FewshotError(f"unknown --lr-schedule '{cfg.lr_schedule}'",
+                           hint="use --lr-schedule constant or --lr-schedule cosine")
     if not cfg.out:
         raise FewshotError("no output folder given", hint="pass --out RUN_DIR")
     if cfg.epochs < 0 or cfg.patience < 0:
@@ -164,13 +167,29 @@ class _Setup:
     parallel: _Parallel | None = None
 
 
-def warmup_scheduler(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up of the ``"backbone"`` parameter group: its learning rate is
-    ``min(1, (t + 1) / steps)`` x its own at optimizer step ``t`` (other groups: constant)."""
-    def ramp(t: int) -> float:
-        return 1.0 if steps <= 0 else min(1.0, (t + 1) / steps)
+LR_SCHEDULES = ("constant", "cosine")
 
-    lambdas = [ramp if g.get("name") == "backbone" else (lambda t: 1.0) for g in optimizer.param_groups]
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, warmup: int, schedule: str = "constant",
+                 total_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate factor of each parameter group at optimizer step ``t``:
+
+    - the ``"backbone"`` group warms up linearly: ``min(1, (t + 1) / warmup)``;
+    - ``schedule="cosine"``: after the warm-up, every group decays by
+      ``(1 + cos(pi * min(1, (t - warmup) / (total_steps - warmup)))) / 2``, down to 0 at
+      ``total_steps`` (SGDR, Loshchilov and Hutter 2017, eq. 5, one cycle); ``"constant"``: 1.
+    """
+    span = max(1, int(total_steps) - warmup)
+
+    def decay(t: int) -> float:
+        if schedule != "cosine" or t < warmup:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warmup) / span)))
+
+    def ramp(t: int) -> float:
+        return (1.0 if warmup <= 0 else min(1.0, (t + 1) / warmup)) * decay(t)
+
+    lambdas = [ramp if g.get("name") == "backbone" else decay for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
@@ -209,7 +228,9 @@ def _setup(cfg: TrainConfig, method_cls: type[Method], par: _Parallel | None = N
                 "test_classes": list(data.split.test), "query_split": data.split.query_split,
                 "gallery_split": data.split.gallery_split, "seed": data.split.seed}
     optimizer = method.optimizer()
-    return _Setup(data, method, ft, optimizer, warmup_scheduler(optimizer, cfg.warmup()), method.max_epochs(),
+    total = method.max_epochs() * method.steps_per_epoch(data.train) if cfg.lr_schedule == "cosine" else 0
+    scheduler = lr_scheduler(optimizer, cfg.warmup() if ft is not None else 0, cfg.lr_schedule, total)
+    return _Setup(data, method, ft, optimizer, scheduler, method.max_epochs(),
                   protocol, time.perf_counter() - t_start, features=features, parallel=par)
 
 
