@@ -237,7 +237,7 @@ def run(quick: bool, ctx: Context) -> dict[str, Any]:
     from fewshot.backbones import create_backbone
     from fewshot.data.images import load_image
 
-    n, n2, grid_n, rounds, requests = (24, 16, 16, 2, 3) if quick else (1000, 400, 500, 3, 30)
+    n, n2, grid_n, rounds, requests = (24, 16, 16, 2, 3) if quick else (1000, 400, 500, 5, 30)
     threads = ctx.threads or torch.get_num_threads()
     work = ctx.work_dir / "embed"
     work.mkdir(parents=True, exist_ok=True)

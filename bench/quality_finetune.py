@@ -71,6 +71,9 @@ ROWS["triplet-all-blr-half"] = ("grocery", "triplet", {"fine_tune": "all", "epoc
 for _s in (1, 2):
     ROWS[f"triplet-all-blr-half-seed{_s}"] = ("grocery", "triplet", {"fine_tune": "all", "epochs": 5, "patience": 2,
                                                                     "backbone_lr": 5e-5, "seed": _s})
+# cosine decay over all 5 epochs (no early stop: the last, low-rate epochs are the point)
+ROWS["triplet-all-blr-half-cosine"] = ("grocery", "triplet", {"fine_tune": "all", "epochs": 5, "patience": 0,
+                                                            "backbone_lr": 5e-5, "lr_schedule": "cosine"})
 ROWS["fomaml-all"] = ("grocery", "fomaml", {"fine_tune": "all", "episodes": 200, "episodes_per_epoch": 100,
                                            "patience": 2})
 ROWS["triplet-last2-blr-quarter"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
@@ -126,7 +129,7 @@ def train_row(name: str, runs: Path, cache_dir: str | None, progress: bool) -> d
            "best_epoch": result.best_epoch, "epochs_run": result.history[-1]["epoch"],
            "best_val_map_at_r": result.best_metrics["val_map_at_r"], "run_dir": str(runs / name),
            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "load_average_at_end": os.getloadavg()[0]}
+           "load_average_at_end": os.getloadavg()[0], "cpu": machine().get("cpu")}
     if dataset == "grocery":
         m = result.final_metrics
         row.update({"map": m["map"], "map_at_r": m["map_at_r"], "precision_at_1": m["precision_at_1"],
@@ -193,33 +196,45 @@ def _fmt(x, d: int = 3) -> str:
     return "-" if x is None else f"{x:.{d}f}"
 
 
+#: the CPU in results.json's machine entry before each row recorded its own
+LEGACY_CPU = "Intel(R) Xeon(R) Processor"
+
+
+def _cpu(row: dict) -> str:
+    return row.get("cpu") or "-"
+
+
 def render(results: dict) -> str:
     """``table.md`` from ``results.json``."""
     rows = results.get("rows", {})
     lines = ["# Fine-tuning the feature extractor (bench/quality_finetune.py)", "",
-             f"Machine: {results.get('machine', {}).get('summary', '')}", "",
+             f"Machine of the last row run: {results.get('machine', {}).get('summary', '')}", "",
              "## Grocery, unseen test classes (28), efficientnet_lite0 224 px", "",
-             "| run | --fine-tune | mAP | MAP@R | P@1 | 5-way 1-shot | 5-way 5-shot | best epoch / run | train time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | --fine-tune | mAP | MAP@R | P@1 | 5-way 1-shot | 5-way 5-shot | best epoch / run | train time | CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ROWS:
         r = rows.get(name)
         if r and r["dataset"] == "grocery":
             lines.append(f"| {name} | {r['fine_tune']} | {_fmt(r['map'])} | {_fmt(r['map_at_r'])} | "
                          f"{_fmt(r['precision_at_1'])} | {_fmt(r['5way1shot'])} | {_fmt(r['5way5shot'])} | "
-                         f"{r['best_epoch']} / {r['epochs_run']} | {r['seconds'] / 60:.1f} min |")
+                         f"{r['best_epoch']} / {r['epochs_run']} | {r['seconds'] / 60:.1f} min | {_cpu(r)} |")
     lines += ["", "## Omniglot small1, test alphabet Korean (40 characters), 1,000 episodes", "",
-              "| run | --fine-tune | 20-way 1-shot | 5-way 1-shot | train time |", "|---|---|---|---|---|"]
+              "| run | --fine-tune | 20-way 1-shot | 5-way 1-shot | train time | CPU |", "|---|---|---|---|---|---|"]
     for name in ROWS:
         r = rows.get(name)
         if r and r["dataset"] == "omniglot":
             lines.append(f"| {name} | {r['fine_tune']} | {_fmt(r['20way1shot'])} | {_fmt(r['5way1shot'])} | "
-                         f"{r['seconds'] / 60:.1f} min |")
+                         f"{r['seconds'] / 60:.1f} min | {_cpu(r)} |")
     if results.get("studio"):
         lines += ["", "## Shelf photo -> single studio image (28 unseen classes)", "",
                   "| model | top-1 | queries |", "|---|---|---|"]
         for name, s in results["studio"].items():
             lines.append(f"| {name} | {_fmt(s['top1'])} | {s['queries']} |")
-    lines += ["", "Each row's settings are in results.json (`settings`), with the date and the load average."]
+    lines += ["", "Each row's settings are in results.json (`settings`), with the date and the load average. "
+              "Train times compare only within one CPU: the machines differ several-fold (torch's Lite0 "
+              "forward took 11 ms per image on the Intel Xeon and 30 ms on the AMD EPYC). A row without a "
+              "CPU was measured before it was recorded per row; the file's machine entry then named "
+              f"{LEGACY_CPU}."]
     return "\n".join(lines) + "\n"
 
 
