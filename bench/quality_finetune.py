@@ -231,8 +231,9 @@ def render(results: dict) -> str:
         for name, s in results["studio"].items():
             lines.append(f"| {name} | {_fmt(s['top1'])} | {s['queries']} |")
     lines += ["", "Each row's settings are in results.json (`settings`), with the date and the load average. "
-              "Train times compare only within one CPU: the machines differ several-fold (torch's Lite0 "
-              "forward took 11 ms per image on the Intel Xeon and 30 ms on the AMD EPYC). A row without a "
+              "Train times compare only within one CPU: the machines differ (torch's Lite0 inference "
+              "forward took 11 ms per image on the Intel Xeon and 23-31 ms on the AMD EPYC, "
+              "docs/benchmarks.md part 1). A row without a "
               "CPU was measured before it was recorded per row; the file's machine entry then named "
               f"{LEGACY_CPU}."]
     return "\n".join(lines) + "\n"
