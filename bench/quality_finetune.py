@@ -74,6 +74,9 @@ for _s in (1, 2):
 # cosine decay over all 5 epochs (no early stop: the last, low-rate epochs are the point)
 ROWS["triplet-all-blr-half-cosine"] = ("grocery", "triplet", {"fine_tune": "all", "epochs": 5, "patience": 0,
                                                             "backbone_lr": 5e-5, "lr_schedule": "cosine"})
+for _s in (1, 2):
+    ROWS[f"triplet-all-blr-half-cosine-seed{_s}"] = ("grocery", "triplet", {
+        "fine_tune": "all", "epochs": 5, "patience": 0, "backbone_lr": 5e-5, "lr_schedule": "cosine", "seed": _s})
 ROWS["fomaml-all"] = ("grocery", "fomaml", {"fine_tune": "all", "episodes": 200, "episodes_per_epoch": 100,
                                            "patience": 2})
 ROWS["triplet-last2-blr-quarter"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,

@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 
 from .backbones import Backbone
-from .backbones import create_backbone as _create_backbone
 from .data.records import Dataset
 from .errors import DataError, ImageReadError
 from .index import INDEX_FILES, CatalogueIndex, Neighbor, is_index_dir
@@ -47,24 +46,31 @@ def load_dataset(path: str | Path, *, split: str | None = None, group_from: str 
     return load_data(str(path), split or ALL_SPLITS, group_from)
 
 
-def create_backbone(name: str = "efficientnet_lite0", *, image_size: int = 224, pretrained: bool = True) -> EmbeddingModel:
-    """A frozen pretrained backbone as an embedding model (``fewshot backbones`` lists names).
+def create_backbone(name: str = "efficientnet_lite0", *, image_size: int = 224, pretrained: bool = True,
+                    tta: str = "none") -> EmbeddingModel:
+    """A frozen pretrained backbone as an embedding model (``fewshot backbones`` lists names);
+    ``tta="flip"`` embeds each image as the mean over it and its mirror image
+    (:class:`~fewshot.backbones.FlipAverage`).
 
     Raises:
-        BackboneError: an unknown name, a missing optional package or weights.
+        BackboneError: an unknown name or ``tta``, a missing optional package or weights.
     """
-    return EmbeddingModel(_create_backbone(name, pretrained=pretrained, image_size=image_size))
+    from .methods.runs import load_embedding_model
+
+    return load_embedding_model(name, None, image_size, pretrained=pretrained, tta=tta)
 
 
-def load_model(run_dir: str | Path) -> EmbeddingModel:
-    """The model a ``fewshot train`` run saved (fine-tuned backbone + head, at its image size).
+def load_model(run_dir: str | Path, *, tta: str = "none") -> EmbeddingModel:
+    """The model a ``fewshot train`` run saved (fine-tuned backbone + head, at its image size),
+    with test-time augmentation ``tta`` (as :func:`create_backbone`).
 
     Raises:
         CheckpointError: not a complete run folder, or damaged weights.
+        BackboneError: an unknown ``tta``.
     """
-    from .methods.runs import load_run
+    from .methods.runs import load_embedding_model
 
-    return load_run(run_dir)
+    return load_embedding_model(None, run_dir, tta=tta)
 
 
 def _as_model(model: EmbeddingModel | Backbone) -> EmbeddingModel:

@@ -59,6 +59,8 @@ class EmbedOptions:
     runtime: str = "auto"
     #: ONNX Runtime threads; ``None`` = ``torch.get_num_threads()``
     threads: int | None = None
+    #: test-time augmentation: ``none`` | ``flip`` (:class:`~fewshot.backbones.FlipAverage`)
+    tta: str = "none"
     #: embed on Ray Data (:mod:`fewshot.embed.distributed`); ``None`` = in this process
     distributed: RayOptions | None = None
 
@@ -66,8 +68,8 @@ class EmbedOptions:
         """The backbone at ``image_size``, or the run in ``model_dir`` at its own size (a
         different ``image_size`` given with a run is reported and ignored)."""
         if self.model_dir is None:
-            return load_embedding_model(self.backbone, None, self.image_size or DEFAULT_IMAGE_SIZE)
-        model = load_embedding_model(self.backbone, self.model_dir)
+            return load_embedding_model(self.backbone, None, self.image_size or DEFAULT_IMAGE_SIZE, tta=self.tta)
+        model = load_embedding_model(self.backbone, self.model_dir, tta=self.tta)
         size = model.backbone.image_size
         if self.image_size is not None and self.image_size != size:
             log.warning("--image-size %d ignored: run %s was trained at %d px and is used at that size",
@@ -460,8 +462,15 @@ def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, c
                                 digests=emb.digests, ann_config=ann_config)
 
 
+def index_tta(config: dict) -> str:
+    """The test-time augmentation an index's vectors were made with (``"none"`` for an index
+    of fewshot 0.1.0, which had none)."""
+    return str(((config.get("model") or {}).get("backbone") or {}).get("tta", "none"))
+
+
 def model_for_index(index: CatalogueIndex, where: str | Path | None = None) -> EmbeddingModel:
-    """The embedding model an index was built with (same backbone, size and run).
+    """The embedding model an index was built with (same backbone, size, run and test-time
+    augmentation).
 
     Raises:
         CheckpointError: the run behind the index is gone, damaged, or was retrained since the
@@ -472,7 +481,7 @@ def model_for_index(index: CatalogueIndex, where: str | Path | None = None) -> E
     name = f"index {where}" if where is not None else "the index"
     try:
         model = load_embedding_model(cfg.get("backbone", "efficientnet_lite0"), cfg.get("model_dir"),
-                                     int(cfg.get("image_size", DEFAULT_IMAGE_SIZE)))
+                                     int(cfg.get("image_size", DEFAULT_IMAGE_SIZE)), tta=index_tta(cfg))
     except CheckpointError as exc:
         if not cfg.get("model_dir"):
             raise
@@ -569,7 +578,7 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
 
 __all__ = ["make_split", "SplitSummary", "is_split_file", "evaluate_sets", "index_embeddings", "split_protocol_sets",
            "leave_one_out_protocol", "EmbedOptions", "EvalConfig", "evaluate", "build_index", "classify_paths", "ClassifyResult",
-           "model_for_index", "render_report", "environment", "load_data", "check_evaluable",
+           "model_for_index", "index_tta", "render_report", "environment", "load_data", "check_evaluable",
            "classification_accuracy", "export_embeddings"]
 
 

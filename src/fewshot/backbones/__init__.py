@@ -13,7 +13,8 @@ libraries; a clear :class:`~fewshot.errors.BackboneError` when the download fail
 
 from __future__ import annotations
 
-from .base import Backbone, BackboneInfo, backbone_info, create_backbone, list_backbones, register_backbone
+from .base import (TTA_MODES, Backbone, BackboneInfo, FlipAverage, backbone_info, check_tta, create_backbone,
+                   list_backbones, register_backbone)
 from .preprocess import Preprocess
 
 # Importing registers the built-in factories.
@@ -21,5 +22,5 @@ from . import efficientnet_lite as _efficientnet_lite  # noqa: F401,E402
 from . import external as _external  # noqa: F401,E402
 from . import conv4 as _conv4  # noqa: F401,E402
 
-__all__ = ["Backbone", "BackboneInfo", "Preprocess", "backbone_info", "create_backbone", "list_backbones",
-           "register_backbone"]
+__all__ = ["TTA_MODES", "Backbone", "BackboneInfo", "FlipAverage", "Preprocess", "backbone_info", "check_tta",
+           "create_backbone", "list_backbones", "register_backbone"]

@@ -29,6 +29,10 @@ class Backbone:
         channels_last: feed the model channels-last (NHWC) batches when embedding, the faster
             convolution layout of oneDNN on CPU for CNNs (``bench/embed_throughput.py`` measures
             it); the embeddings agree with NCHW batches to float rounding (~1e-6 relative).
+        tta: test-time augmentation of every inference embedding (:data:`TTA_MODES`):
+            ``"none"``, or ``"flip"``, the mean of the embeddings of the image and of its mirror
+            image (:class:`FlipAverage`; twice the forward cost). Training never uses it; the
+            embedding cache and ONNX exports are keyed by it.
     """
 
     name: str
@@ -38,10 +42,16 @@ class Backbone:
     pretrained: bool = True
     weights_tag: str = "imagenet"
     channels_last: bool = False
+    tta: str = "none"
 
     @property
     def image_size(self) -> int:
         return self.preprocess.image_size
+
+    def inference_module(self) -> nn.Module:
+        """What embeds at inference (torch forward and ONNX export): :attr:`model`, wrapped in
+        :class:`FlipAverage` when :attr:`tta` is ``"flip"``."""
+        return FlipAverage(self.model) if self.tta == "flip" else self.model
 
     @property
     def cache_key(self) -> str:
@@ -50,7 +60,8 @@ class Backbone:
         norm = "half" if p.mean == (0.5, 0.5, 0.5) and p.std == (0.5, 0.5, 0.5) else (
             "imnet" if p.mean[0] == 0.485 else "custom")
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
-        return f"{safe}-{self.weights_tag}-{p.image_size}px-{p.interpolation}-{norm}"
+        tta = "" if self.tta == "none" else f"-tta{self.tta}"
+        return f"{safe}-{self.weights_tag}-{p.image_size}px-{p.interpolation}-{norm}{tta}"
 
     def trainable_tail(self, blocks: int) -> list[nn.Module]:
         """The modules to train when fine-tuning the last ``blocks`` blocks (``blocks >= 1``).
@@ -77,7 +88,38 @@ class Backbone:
     def describe(self) -> dict:
         """A JSON-ready description recorded in every result file."""
         return {"name": self.name, "dim": self.dim, "pretrained": self.pretrained,
-                "weights": self.weights_tag, "preprocess": self.preprocess.to_dict()}
+                "weights": self.weights_tag, "preprocess": self.preprocess.to_dict(), "tta": self.tta}
+
+
+#: ``--tta`` values: no test-time augmentation, or the mean over the image and its mirror image
+TTA_MODES = ("none", "flip")
+
+
+def check_tta(tta: str) -> str:
+    """``tta`` if it is one of :data:`TTA_MODES`.
+
+    Raises:
+        BackboneError: any other value (the message names ``--tta`` and its values).
+    """
+    if tta not in TTA_MODES:
+        raise BackboneError(f"--tta {tta!r} is not a test-time augmentation",
+                            hint=f"use --tta {' or --tta '.join(TTA_MODES)}")
+    return tta
+
+
+class FlipAverage(nn.Module):
+    """Horizontal-flip test-time augmentation: ``float32 [B, 3, S, S]`` -> the mean of the
+    wrapped model's ``[B, D]`` embeddings of the batch and of its mirror images (flipped along
+    the width axis), as Simonyan and Zisserman (2015, VGG, section 3.2) average the class
+    scores of an image and its flip; it costs a second forward pass. The
+    mean is taken before any head, so a linear head sees the same mean of its two outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=[3])))
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:

@@ -100,7 +100,7 @@ class TorchForward:
         if self.backbone.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.backbone.model(batch).float().cpu().numpy()
+            return self.backbone.inference_module()(batch).float().cpu().numpy()
 
 
 @dataclass
@@ -350,14 +350,15 @@ def _check_cached(path: Path, meta_path: Path, key: str) -> str | None:
 
 
 def export_bytes(backbone: Backbone) -> bytes:
-    """Export ``backbone.model`` (eval mode, batch axis dynamic) to ONNX and check it: the
+    """Export ``backbone.inference_module()`` (eval mode, batch axis dynamic; with its test-time
+    augmentation) to ONNX and check it: the
     torch and ONNX Runtime embeddings of a seeded random batch must agree (cosine >=
     :data:`EXPORT_MIN_COSINE`).
 
     Raises:
         _ExportFailed: the exporter raised, or the check failed.
     """
-    model = backbone.model
+    model = backbone.inference_module()
     was_training = model.training
     model.eval()
     size = backbone.image_size

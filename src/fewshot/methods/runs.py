@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..version import __version__
-from ..backbones import create_backbone
+from ..backbones import check_tta, create_backbone
 from ..errors import CheckpointError, FewshotError
 from ..io import atomic_path, atomic_write_json
 from ..model import EmbeddingModel, weights_digest
@@ -175,13 +175,19 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
 
 
 def load_embedding_model(backbone: str | None = "efficientnet_lite0", model_dir: str | Path | None = None,
-                         image_size: int = 224, pretrained: bool = True) -> EmbeddingModel:
-    """Frozen ``backbone`` at ``image_size``, or the run saved in ``model_dir``.
+                         image_size: int = 224, pretrained: bool = True, tta: str = "none") -> EmbeddingModel:
+    """Frozen ``backbone`` at ``image_size``, or the run saved in ``model_dir``, embedding with
+    test-time augmentation ``tta`` (:data:`~fewshot.backbones.TTA_MODES`).
 
     With ``model_dir`` the run's own backbone and image size are used; a ``backbone`` that
-    differs from the run's raises :class:`~fewshot.errors.CheckpointError`.
+    differs from the run's raises :class:`~fewshot.errors.CheckpointError`; an unknown ``tta``
+    raises :class:`~fewshot.errors.BackboneError` (before anything is loaded).
     """
+    check_tta(tta)
     if model_dir is not None:
-        return load_run(model_dir, expected_backbone=backbone)
-    return EmbeddingModel(backbone=create_backbone(backbone or "efficientnet_lite0",
-                                                   pretrained=pretrained, image_size=image_size))
+        model = load_run(model_dir, expected_backbone=backbone)
+    else:
+        model = EmbeddingModel(backbone=create_backbone(backbone or "efficientnet_lite0",
+                                                        pretrained=pretrained, image_size=image_size))
+    model.backbone.tta = tta
+    return model

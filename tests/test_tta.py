@@ -1,0 +1,115 @@
+"""Flip test-time augmentation (``--tta flip``, :class:`fewshot.backbones.FlipAverage`): the
+embedding is the mean over an image and its mirror image, on torch and ONNX alike; caches and
+exports are keyed by it; an index remembers it, so classify embeds queries the same way."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
+
+from fewshot.api import create_backbone as create_model
+from fewshot.backbones import check_tta, create_backbone
+from fewshot.cli import app
+from fewshot.embed import embed_paths, make_forward
+from fewshot.errors import BackboneError
+from fewshot.index import CatalogueIndex
+from fewshot.pipeline import model_for_index
+
+
+def _conv4():
+    torch.manual_seed(0)
+    return create_backbone("conv4", pretrained=False, image_size=28)
+
+
+def test_flip_average_is_the_mean_over_the_image_and_its_mirror(one_torch_thread):
+    backbone = _conv4()
+    x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain, mirrored = backbone.model(x), backbone.model(x.flip(3))
+        want = (0.5 * (plain + mirrored)).numpy()
+        backbone.tta = "flip"
+        got = make_forward(backbone, "torch").forward(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - plain.numpy()).max() > 1e-3  # it really changed the embedding
+    # and is the same for an image and its mirror image
+    np.testing.assert_allclose(make_forward(backbone, "torch").forward(x.flip(3)), got, rtol=1e-5, atol=1e-6)
+
+
+def test_tta_keys_caches_and_exports_and_onnx_agrees(tmp_path, drawn_tree, one_torch_thread):
+    """ONNX and torch give the same flip-averaged vectors; the cache and the export of a
+    flip model are their own, and a plain model's keys are unchanged."""
+    backbone = _conv4()
+    plain_key = backbone.cache_key
+    assert "tta" not in plain_key
+    paths = sorted(drawn_tree.rglob("*.jpg"))[:8]
+    plain, *_ = embed_paths(paths, backbone, cache_dir=tmp_path / "c", progress=False, runtime="torch")
+    backbone.tta = "flip"
+    assert backbone.cache_key == plain_key + "-ttaflip"
+    flip_torch, *_ = embed_paths(paths, backbone, use_cache=False, progress=False, runtime="torch")
+    choice = make_forward(backbone, "onnx", cache_dir=tmp_path / "c")
+    assert choice.runtime == "onnx" and choice.notice is None
+    flip_onnx, ok, fail, cached = embed_paths(paths, backbone, cache_dir=tmp_path / "c", progress=False,
+                                              forward=choice.forward)
+    assert cached == 0 and not fail  # nothing came from the plain model's cache
+    cos = (flip_onnx * flip_torch).sum(1) / np.linalg.norm(flip_onnx, axis=1) / np.linalg.norm(flip_torch, axis=1)
+    assert cos.min() >= 0.9999
+    assert np.abs(flip_torch - plain).max() > 1e-3
+    assert len(list((tmp_path / "c" / "onnx").glob("*ttaflip*.onnx"))) == 1
+    assert backbone.describe()["tta"] == "flip"
+
+
+def test_mirrored_photo_gets_the_same_flip_embedding(drawn_tree, tmp_path, one_torch_thread):
+    """A real file and its mirror image (written by PIL) embed alike with --tta flip and not
+    without it (resizing commutes with mirroring up to rounding)."""
+    src = sorted(drawn_tree.rglob("*.jpg"))[0]
+    mirror = tmp_path / "mirror.png"
+    ImageOps.mirror(Image.open(src).convert("RGB")).save(mirror)
+    original = tmp_path / "original.png"
+    Image.open(src).convert("RGB").save(original)
+    model = create_model("efficientnet_lite0", image_size=64, tta="flip")
+    v, *_ = model.embed_paths([original, mirror], use_cache=False, progress=False, runtime="torch")
+    plain = create_model("efficientnet_lite0", image_size=64)
+    p, *_ = plain.embed_paths([original, mirror], use_cache=False, progress=False, runtime="torch")
+
+    def cos(a):
+        return float(a[0] @ a[1] / np.linalg.norm(a[0]) / np.linalg.norm(a[1]))
+
+    assert cos(v) > 0.999 and cos(v) > cos(p)
+
+
+def test_index_remembers_tta_and_classify_uses_it(drawn_tree, tmp_path):
+    out, cache = tmp_path / "idx", tmp_path / "cache"
+    common = ["--image-size", "32", "--cache-dir", str(cache), "--no-progress", "--runtime", "torch"]
+    res = CliRunner().invoke(app, ["index", "--data", str(drawn_tree), "--out", str(out), "--tta", "flip", *common])
+    assert res.exit_code == 0, res.output
+    index = CatalogueIndex.load(out)
+    assert index.config["model"]["backbone"]["tta"] == "flip"
+    model = model_for_index(index, out)
+    assert model.backbone.tta == "flip"
+    photo = sorted(drawn_tree.rglob("*.jpg"))[0]
+    mirror = tmp_path / "mirror.png"  # not a catalogue file, so nothing is left out
+    ImageOps.mirror(Image.open(photo).convert("RGB")).save(mirror)
+    res = CliRunner().invoke(app, ["classify", str(mirror), "--index", str(out), "--json", "--mode", "nearest",
+                                   "--cache-dir", str(cache), "--no-progress", "--runtime", "torch"])
+    assert res.exit_code == 0, res.output
+    top = json.loads(res.output.strip().splitlines()[0])["predictions"][0]
+    # embedded with the index's flip, the mirror image meets its original far closer than
+    # the plain model's embeddings of the two do
+    plain = create_model("efficientnet_lite0", image_size=32)
+    v, *_ = plain.embed_paths([photo, mirror], use_cache=False, progress=False, runtime="torch")
+    plain_cos = float(v[0] @ v[1] / np.linalg.norm(v[0]) / np.linalg.norm(v[1]))
+    assert top["label"] == photo.parent.name and top["score"] > 0.99 and 1 - top["score"] < (1 - plain_cos) / 3, top
+
+
+def test_unknown_tta_is_refused_before_any_output(drawn_tree, tmp_path):
+    with pytest.raises(BackboneError, match="--tta 'rotate'"):
+        check_tta("rotate")
+    out = tmp_path / "e.npz"
+    res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--tta", "rotate"])
+    assert res.exit_code == 1 and "--tta 'rotate' is not a test-time augmentation" in res.output
+    assert "--tta none or --tta flip" in res.output and not out.exists()
