@@ -107,6 +107,10 @@ def _finetune_rows(r: dict) -> list[list[str]]:
         b = h["best"]
         rows.append(["Fine-tuning, Grocery unseen test classes: best MAP@R", f">= {quality_finetune.GOAL_MAP_AT_R}",
                      f"{b['map_at_r']:.3f} ({b['name']})", verdict(b["map_at_r"] >= quality_finetune.GOAL_MAP_AT_R)])
+        if h.get("best_tta"):
+            t = h["best_tta"]
+            rows.append(["... the same with `--tta flip` (test-time flip averaging)", f">= {quality_finetune.GOAL_MAP_AT_R}",
+                         f"{t['map_at_r']:.3f} ({t['name']})", verdict(t["map_at_r"] >= quality_finetune.GOAL_MAP_AT_R)])
         worst = min(h["per_method"].items(), key=lambda kv: kv[1])
         rows.append(["... every method's best fine-tuned MAP@R", f">= {quality_finetune.GOAL_EACH}",
                      ", ".join(f"{m} {v:.3f}" for m, v in sorted(h["per_method"].items())),
