@@ -113,3 +113,18 @@ def test_unknown_tta_is_refused_before_any_output(drawn_tree, tmp_path):
     res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--tta", "rotate"])
     assert res.exit_code == 1 and "--tta 'rotate' is not a test-time augmentation" in res.output
     assert "--tta none or --tta flip" in res.output and not out.exists()
+
+
+def test_evaluate_with_tta_records_it(drawn_tree, tmp_path):
+    out = tmp_path / "ev"
+    args = ["evaluate", "--data", str(drawn_tree), "--image-size", "32", "--cache-dir", str(tmp_path / "c"),
+            "--no-progress", "--runtime", "torch", "--episodes", "30"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out), "--tta", "flip"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["model"]["backbone"]["tta"] == "flip"
+    assert "mirror image (`--tta flip`)" in (out / "report.md").read_text()
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "plain")])
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert plain["config"]["model"]["backbone"]["tta"] == "none" and plain["map"] != metrics["map"]
+    assert "--tta" not in (tmp_path / "plain" / "report.md").read_text()

@@ -381,6 +381,8 @@ def render_report(metrics: dict) -> str:
     lines = [f"# Evaluation: {c['model']['method']} on {c['dataset']}", "",
              f"- model: `{c['model']['backbone']['name']}` at {c['image_size']} px"
              + (f", run `{c['model']['model_dir']}`" if c['model']['model_dir'] else " (frozen)")
+             + (", each image embedded with its mirror image (`--tta flip`)"
+                if c['model']['backbone'].get('tta', 'none') != 'none' else "")
              + _runtime_note(c['model'].get('runtimes')),
              f"- protocol: {c['protocol']['mode']}" + (f", split `{c['split']}`" if c.get("split") else "")
              + (f", split file `{c['protocol'].get('split_file')}` part `{c['protocol'].get('part')}`"
