@@ -416,3 +416,20 @@ def test_training_with_a_cosine_schedule_plans_every_step_and_records_it(tmp_pat
     with pytest.raises(FewshotError, match="unknown --lr-schedule 'linear'"):
         train(make_config("protonet", out=str(tmp_path / "bad"), **{**common, "lr_schedule": "linear"}))
     assert not (tmp_path / "bad").exists()
+
+
+def test_validation_of_a_fine_tuned_backbone_runs_on_onnx_and_agrees_with_torch(tiny):
+    """With --runtime auto on a CPU each epoch's validation embeds through an in-memory ONNX
+    export of the current weights; the validation metrics equal torch's (the same run with
+    --runtime torch) to float rounding, and config.json says which forward validated."""
+    runs = {}
+    for runtime in ("auto", "torch"):
+        out = tiny["folder"] / f"val-{runtime}"
+        runs[runtime] = train(_cfg(tiny, out, "triplet", epochs=1, fine_tune="last:1", warmup_steps=0,
+                                   backbone_lr=1e-3, runtime=runtime))
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["validation_runtime"] == ("onnx" if runtime == "auto" else "torch")
+    for a, b in zip(runs["auto"].history, runs["torch"].history):
+        for key in ("val_map", "val_map_at_r", "val_precision_at_1"):
+            assert a[key] == pytest.approx(b[key], abs=2e-3), (key, a, b)
+    assert runs["auto"].history[1]["val_map"] != runs["auto"].history[0]["val_map"]  # the weights did change

@@ -84,7 +84,7 @@ def _train(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads of torch (training) and ONNX Runtime (embedding); default: torch's choice. On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
-    runtime: str = typer.Option("auto", "--runtime", help="Forward pass of the frozen embeddings and the final evaluation: auto | onnx | torch (see `fewshot evaluate --help`); fine-tuning runs on torch."),
+    runtime: str = typer.Option("auto", "--runtime", help="Forward pass of the frozen embeddings, the final evaluation and (fine-tuning on a CPU) each epoch's validation: auto | onnx | torch (see `fewshot evaluate --help`); the training steps run on torch."),
     nproc: int = typer.Option(1, "--nproc", min=1, max=MAX_NPROC, help="Train with N local processes (DistributedDataParallel: gloo on CPU, nccl with one GPU per process): each embeds a slice of every batch, and the run equals the one-process run on the same batches. contrastive, triplet and protonet; a contrastive / triplet --batch-size must be a multiple of N; --threads then counts per process (default: cores / N). Worth it when the backbone trains (--fine-tune) on several GPUs or many cores; with --fine-tune none the exchange of the head's gradients outweighs the work. Under torchrun (`torchrun --nproc_per_node=N -m fewshot train ...`) leave it out."),
     **method_flags,
 ) -> None:

@@ -246,6 +246,27 @@ def make_forward(backbone: Backbone, runtime: str = "auto", *, threads: int | No
                          details={"onnx_file": str(path) if isinstance(path, Path) else None, "threads": threads})
 
 
+def snapshot_forward(backbone: Backbone, threads: int | None = None) -> tuple[OnnxForward | None, str | None]:
+    """An ONNX Runtime forward of ``backbone`` as it is now, exported to memory (nothing is
+    cached: for weights that are about to change, e.g. validation during fine-tuning, where it
+    embeds about 3x faster than torch on a CPU for the ~2 s an export costs).
+
+    Returns:
+        ``(forward, None)``, or ``(None, reason)`` when onnxruntime is missing, the model is
+        not on the CPU, or the export failed or disagrees with torch (then embed with torch).
+    """
+    if not onnx_available():
+        return None, "onnxruntime is not installed"
+    if _model_device(backbone).type != "cpu":
+        return None, "the model is not on the CPU"
+    threads = threads or torch.get_num_threads()
+    try:
+        data = export_bytes(backbone)
+    except _ExportFailed as exc:
+        return None, str(exc)
+    return OnnxForward(_session(data, threads), data, threads), None
+
+
 def _fallback(backbone: Backbone, requested: str, reason: str) -> ForwardChoice:
     notice = f"embedding with torch, not ONNX Runtime ({backbone.name}: {reason}); this is slower on a CPU"
     log.warning(notice)

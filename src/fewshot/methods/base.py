@@ -154,8 +154,10 @@ class TrainConfig:
         progress: show progress bars.
         device: ``"auto"`` (CUDA when available and fine-tuning, else CPU), ``"cpu"``, ``"cuda"``.
         cache_dir, workers, embed_batch_size: embedding cache folder, decode workers, batch size.
-        runtime: forward pass for the frozen embeddings and the final evaluation (``auto`` |
-            ``torch`` | ``onnx``, :mod:`fewshot.embed.runtime`); fine-tuning itself runs on torch.
+        runtime: forward pass for the frozen embeddings, the final evaluation and, when
+            fine-tuning on a CPU, each epoch's validation (an in-memory export of the current
+            weights) (``auto`` | ``torch`` | ``onnx``, :mod:`fewshot.embed.runtime`); the
+            training steps themselves run on torch.
         final_eval: class part evaluated with the best model at the end (``"test"``,
             ``"val"``, or ``"none"``), written to ``RUN_DIR/eval_<part>/``.
         eval_episodes: episodes per setting of that final evaluation.

@@ -19,6 +19,7 @@ in float32.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import numpy as np
 import torch
@@ -27,6 +28,11 @@ from torch import nn
 from ..errors import FewshotError
 from ..methods.base import TrainConfig, parse_fine_tune
 from .data import _Data
+
+log = logging.getLogger("fewshot")
+
+#: images per ONNX Runtime call when validating (the embedding default, measured fastest)
+VAL_BATCH = 16
 
 
 def trainable_modules(backbone, fine_tune: str) -> list[nn.Module]:
@@ -74,6 +80,9 @@ class _FineTune:
         self.val_q_bank = ImageBank([str(p) for p in data.val_q.dataset.paths], cfg.image_size, cfg.progress)
         self.val_g_bank = ImageBank([str(p) for p in data.val_g.dataset.paths], cfg.image_size, cfg.progress)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        #: the forward of the last validation (``"onnx"`` or ``"torch"``), and why not ONNX
+        self.val_runtime: str | None = None
+        self._val_fallback: str | None = None
 
     def seed_epoch(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -117,7 +126,7 @@ class _FineTune:
 
     @torch.no_grad()
     def embed_bank(self, bank, batch: int = 64) -> torch.Tensor:
-        """The current backbone's embeddings ``float32 [N, D]`` of a bank's images (eval mode)."""
+        """The current backbone's embeddings ``float32 [N, D]`` of a bank's images (eval mode, torch)."""
         from ..methods.augment import normalise
 
         self.train_mode(False)
@@ -127,3 +136,24 @@ class _FineTune:
             with self.autocast():
                 out.append(self.backbone.model(x).float())
         return torch.cat(out)
+
+    @torch.no_grad()
+    def embed_banks(self, *banks) -> list[torch.Tensor]:
+        """:meth:`embed_bank` of each bank; on a CPU with ``runtime`` ``auto`` or ``onnx``
+        through ONNX Runtime on one in-memory export of the current weights
+        (:func:`~fewshot.embed.runtime.snapshot_forward`; embeddings agree with torch to cosine
+        >= 0.9999), else torch. :attr:`val_runtime` says which ran last."""
+        from ..embed.runtime import snapshot_forward
+        from ..methods.augment import normalise
+
+        self.train_mode(False)
+        forward, why = (None, "--runtime torch") if self.cfg.runtime == "torch" else snapshot_forward(self.backbone)
+        if forward is None:
+            if why != self._val_fallback and self.cfg.runtime != "torch":
+                (log.warning if self.cfg.runtime == "onnx" else log.info)(
+                    "validation embeds with torch, not ONNX Runtime: %s", why)
+            self._val_fallback, self.val_runtime = why, "torch"
+            return [self.embed_bank(b) for b in banks]
+        self.val_runtime = "onnx"
+        return [torch.cat([torch.from_numpy(forward(normalise(b.images[i:i + VAL_BATCH], self.backbone.preprocess)))
+                           for i in range(0, len(b), VAL_BATCH)]) for b in banks]

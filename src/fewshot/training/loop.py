@@ -377,6 +377,7 @@ def _run_config(cfg: TrainConfig, setup: _Setup, row: dict, elapsed: float) -> d
             "best_epoch": row["epoch"],
             "best_val": {k[4:]: row[k] for k in HISTORY_FIELDS if k.startswith("val_")},
             "training_seconds_to_best": round(elapsed, 3),
+            **({"validation_runtime": setup.ft.val_runtime} if setup.ft is not None else {}),
             **({"distributed": setup.parallel.info()} if setup.parallel is not None else {})}
 
 

@@ -29,7 +29,7 @@ def _validate(method: Method, data: _Data, cfg: TrainConfig, ft: _FineTune | Non
     from ..metrics import episodic_accuracy, retrieval_metrics
 
     if ft is not None:
-        xq, xg = ft.embed_bank(ft.val_q_bank), ft.embed_bank(ft.val_g_bank)
+        xq, xg = ft.embed_banks(ft.val_q_bank, ft.val_g_bank)
     else:
         xq, xg = torch.from_numpy(data.val_q.vectors), torch.from_numpy(data.val_g.vectors)
     q, g = _head_embed(method, xq), _head_embed(method, xg)
