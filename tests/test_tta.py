@@ -107,11 +107,11 @@ def test_index_remembers_tta_and_classify_uses_it(drawn_tree, tmp_path):
 
 
 def test_unknown_tta_is_refused_before_any_output(drawn_tree, tmp_path):
-    with pytest.raises(BackboneError, match="--tta 'rotate'"):
+    with pytest.raises(BackboneError, match="unknown test-time augmentation 'rotate'"):
         check_tta("rotate")
     out = tmp_path / "e.npz"
     res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--tta", "rotate"])
-    assert res.exit_code == 1 and "--tta 'rotate' is not a test-time augmentation" in res.output
+    assert res.exit_code == 1 and "unknown test-time augmentation 'rotate'" in res.output
     assert "--tta none or --tta flip" in res.output and not out.exists()
 
 
@@ -128,3 +128,43 @@ def test_evaluate_with_tta_records_it(drawn_tree, tmp_path):
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert plain["config"]["model"]["backbone"]["tta"] == "none" and plain["map"] != metrics["map"]
     assert "--tta" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_flip_export_leaves_the_backbone_in_eval_mode_and_the_fallback_exact(tmp_path, monkeypatch,
+                                                                               one_torch_thread):
+    """The flip wrapper is new on every call: exporting it (or failing to) must not switch the
+    backbone's BatchNorm to train mode, or the torch fallback would embed per batch."""
+    backbone = _conv4()
+    backbone.tta = "flip"
+    x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    want = make_forward(backbone, "torch").forward(x)
+    make_forward(backbone, "onnx", cache_dir=tmp_path / "ok")
+    assert not backbone.model.training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no exporter today")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    choice = make_forward(backbone, "auto", cache_dir=tmp_path / "broken")
+    assert choice.runtime == "torch" and "no exporter today" in choice.notice
+    assert not backbone.model.training
+    np.testing.assert_allclose(choice.forward(x), want, rtol=1e-5, atol=1e-6)
+    assert not backbone.inference_module().training
+
+
+def test_index_tta_mismatches_are_refused_with_the_fix(drawn_tree, tmp_path):
+    from fewshot.errors import CheckpointError
+    from fewshot.serve.app import create_app
+
+    out = tmp_path / "idx"
+    res = CliRunner().invoke(app, ["index", "--data", str(drawn_tree), "--out", str(out), "--tta", "flip",
+                                   "--image-size", "32", "--cache-dir", str(tmp_path / "c"), "--no-progress",
+                                   "--runtime", "torch"])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(CheckpointError, match="test-time augmentation 'none' but index"):
+        create_app(out, model=create_model("efficientnet_lite0", image_size=32), runtime="torch")
+    index = CatalogueIndex.load(out)
+    index.config["model"]["backbone"]["tta"] = "rotate"
+    with pytest.raises(CheckpointError, match="does not know") as err:
+        model_for_index(index, out)
+    assert "fewshot index --data" in err.value.hint

@@ -68,7 +68,7 @@ class EmbeddingModel:
                 cache_dir: str | Path | None = None) -> ForwardChoice:
         """The backbone's forward pass on ``runtime`` (:func:`fewshot.embed.make_forward`),
         made once per setting and reused (an ONNX session loads in about 0.3 s)."""
-        key = (runtime, threads, str(cache_dir) if cache_dir else None)
+        key = (runtime, threads, str(cache_dir) if cache_dir else None, self.backbone.cache_key)
         if key not in self._forwards:
             self._forwards[key] = make_forward(self.backbone, runtime, threads=threads, cache_dir=cache_dir)
         return self._forwards[key]

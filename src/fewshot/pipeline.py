@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .version import __version__
+from .backbones import TTA_MODES
 from .data.fetch import resolve_data
 from .data.loaders import load_dataset, load_grocery_catalogue
 from .data.records import Dataset
@@ -481,16 +482,24 @@ def model_for_index(index: CatalogueIndex, where: str | Path | None = None) -> E
     """
     cfg = index.config
     name = f"index {where}" if where is not None else "the index"
+    tta = index_tta(cfg)
+    flag = f"--tta {tta} " if tta != "none" else ""
+    if tta not in TTA_MODES:
+        raise CheckpointError(f"{name} was built with test-time augmentation {tta!r}, which this fewshot "
+                              f"{__version__} does not know (a newer version built it?)",
+                              hint=f"rebuild the index: fewshot index --data {cfg.get('data', 'DATA')} "
+                                   + (f"--model {cfg['model_dir']} " if cfg.get("model_dir") else "")
+                                   + f"--out {where or 'INDEX'} --overwrite")
     try:
         model = load_embedding_model(cfg.get("backbone", "efficientnet_lite0"), cfg.get("model_dir"),
-                                     int(cfg.get("image_size", DEFAULT_IMAGE_SIZE)), tta=index_tta(cfg))
+                                     int(cfg.get("image_size", DEFAULT_IMAGE_SIZE)), tta=tta)
     except CheckpointError as exc:
         if not cfg.get("model_dir"):
             raise
         raise CheckpointError(f"the run behind {name} cannot be loaded: {exc.message}",
                               hint=f"restore {cfg['model_dir']}, or rebuild the index with another run: "
                                    f"fewshot index --data {cfg.get('data', 'DATA')} --model RUN_DIR "
-                                   f"--out {where or 'INDEX'} --overwrite") from None
+                                   f"{flag}--out {where or 'INDEX'} --overwrite") from None
     pinned = cfg.get("model_digest")
     if pinned is None:
         log.warning("%s records no model digest (built by fewshot %s): cannot check that its model is "
@@ -504,7 +513,7 @@ def model_for_index(index: CatalogueIndex, where: str | Path | None = None) -> E
             "query embeddings would not be comparable",
             hint=f"rebuild the index with the current model: fewshot index --data {cfg.get('data', 'DATA')} "
                  + (f"--model {cfg['model_dir']} " if cfg.get("model_dir") else "")
-                 + f"--out {where or 'INDEX'} --overwrite")
+                 + f"{flag}--out {where or 'INDEX'} --overwrite")
     return model
 
 

@@ -50,8 +50,17 @@ class Backbone:
 
     def inference_module(self) -> nn.Module:
         """What embeds at inference (torch forward and ONNX export): :attr:`model`, wrapped in
-        :class:`FlipAverage` when :attr:`tta` is ``"flip"``."""
-        return FlipAverage(self.model) if self.tta == "flip" else self.model
+        :class:`FlipAverage` (in the model's own train / eval mode) when :attr:`tta` is
+        ``"flip"``.
+
+        Raises:
+            BackboneError: :attr:`tta` is not one of :data:`TTA_MODES`.
+        """
+        if check_tta(self.tta) == "none":
+            return self.model
+        wrapper = FlipAverage(self.model)
+        wrapper.train(self.model.training)  # a new module starts in train mode
+        return wrapper
 
     @property
     def cache_key(self) -> str:
@@ -102,8 +111,9 @@ def check_tta(tta: str) -> str:
         BackboneError: any other value (the message names ``--tta`` and its values).
     """
     if tta not in TTA_MODES:
-        raise BackboneError(f"--tta {tta!r} is not a test-time augmentation",
-                            hint=f"use --tta {' or --tta '.join(TTA_MODES)}")
+        raise BackboneError(f"unknown test-time augmentation {tta!r}",
+                            hint=f"use --tta {' or --tta '.join(TTA_MODES)} (Python: tta="
+                                 + " or ".join(repr(m) for m in TTA_MODES) + ")")
     return tta
 
 

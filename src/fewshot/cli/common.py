@@ -89,7 +89,7 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace --out when it ho
 CacheOpt = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).")
 NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
 RuntimeOpt = typer.Option("auto", "--runtime", help="Forward pass: onnx (ONNX Runtime: about 3x the images/s of torch end to end on 2 CPU cores; the backbone is exported once and cached) | torch | auto (onnx on a CPU when onnxruntime is installed, else torch).")
-TtaOpt = typer.Option("none", "--tta", help="Test-time augmentation: none | flip (each embedding is the mean over the image and its mirror image: about +0.006 MAP@R for a fine-tuned Lite0 on Grocery's unseen articles, at twice the embedding time; not for text or handwriting, where a mirror image means something else). An index records it, and classify and serve use the index's own.")
+TtaOpt = typer.Option("none", "--tta", help="Test-time augmentation: none | flip (each embedding is the mean over the image and its mirror image: about +0.007 MAP@R for a fine-tuned Lite0 on Grocery's unseen articles, at twice the embedding time; not for text or handwriting, where a mirror image means something else). An index records it, and classify and serve use the index's own.")
 #: more threads than this is a typo, not a setting (1,000,000 crashed ONNX Runtime)
 MAX_THREADS = 256
 ThreadsOpt = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads of the forward pass (torch and ONNX Runtime; default: torch's choice, usually one per core).")

@@ -6,7 +6,8 @@ than torch eager on the same threads, with the same embeddings to float rounding
 ``bench/runtime_throughput.py`` measures the speed). The backbone is exported once with
 ``torch.onnx.export`` (TorchScript exporter, opset :data:`OPSET`, dynamic batch axis) and the
 ``.onnx`` file is cached under ``$FEWSHOT_CACHE/onnx`` (see :func:`onnx_cache_dir`), keyed by
-backbone name, weights digest, image size, preprocessing and exporter version, so a
+backbone name, weights digest, image size, preprocessing, test-time augmentation
+(:attr:`~fewshot.backbones.Backbone.tta`) and exporter version, so a
 fine-tuned backbone gets its own file. Each export is checked against torch before it is
 used; the write is atomic and a sidecar JSON records the file's SHA-256, so a damaged cached
 file is rebuilt, never used.
@@ -78,8 +79,9 @@ def onnx_cache_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def export_key(backbone: Backbone, digest: str | None = None) -> str:
-    """File-name-safe key of an export: the backbone's name, image size and preprocessing (its
-    cache key without the weights tag), its weights digest and :func:`exporter_version`. The
+    """File-name-safe key of an export: the backbone's name, image size, preprocessing and
+    test-time augmentation (its cache key without the weights tag), its weights digest and
+    :func:`exporter_version`. The
     digest alone names the weights, so a run that kept the pretrained weights (best epoch 0)
     shares the pretrained backbone's export."""
     digest = digest or weights_digest(backbone.model.state_dict())
@@ -262,9 +264,12 @@ def snapshot_forward(backbone: Backbone, threads: int | None = None) -> tuple[On
     threads = threads or torch.get_num_threads()
     try:
         data = export_bytes(backbone)
+        session = _session(data, threads)
     except _ExportFailed as exc:
         return None, str(exc)
-    return OnnxForward(_session(data, threads), data, threads), None
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime rejected the bytes: use torch
+        return None, f"ONNX Runtime cannot load the export ({type(exc).__name__}: {str(exc)[:200]})"
+    return OnnxForward(session, data, threads), None
 
 
 def _fallback(backbone: Backbone, requested: str, reason: str) -> ForwardChoice:
@@ -379,9 +384,9 @@ def export_bytes(backbone: Backbone) -> bytes:
     Raises:
         _ExportFailed: the exporter raised, or the check failed.
     """
+    was_training = backbone.model.training  # the wrapper of a --tta flip backbone is new each time
+    backbone.model.eval()
     model = backbone.inference_module()
-    was_training = model.training
-    model.eval()
     size = backbone.image_size
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     buf = io.BytesIO()
@@ -399,7 +404,7 @@ def export_bytes(backbone: Backbone) -> bytes:
         raise _ExportFailed(f"ONNX export failed: {type(exc).__name__}: {first}",
                             transient=isinstance(exc, (MemoryError, OSError))) from None
     finally:
-        model.train(was_training)
+        backbone.model.train(was_training)
     return data
 
 

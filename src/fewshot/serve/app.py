@@ -329,12 +329,18 @@ class _Service:
 
             model = model_for_index(index, self.index_dir)
         self.model = model
-        if model.dim != index.dim:
-            from ..errors import CheckpointError
+        from ..errors import CheckpointError
+        from ..pipeline import index_tta
 
+        if model.dim != index.dim:
             raise CheckpointError(
                 f"the model gives {model.dim}-dimensional embeddings but index {self.index_dir} "
                 f"has {index.dim}", hint="serve the index with the model it was built with")
+        if model.backbone.tta != index_tta(index.config):
+            raise CheckpointError(
+                f"the model embeds with test-time augmentation {model.backbone.tta!r} but index "
+                f"{self.index_dir} was built with {index_tta(index.config)!r}",
+                hint="serve the index with the model it was built with (leave model out to use it)")
         self.embedder = _Embedder(model, runtime=runtime, threads=threads)
         self.max_upload_bytes = int(max_upload_bytes)
         self.cat = _Catalogue(index)

@@ -81,6 +81,7 @@ class _FineTune:
         self.val_g_bank = ImageBank([str(p) for p in data.val_g.dataset.paths], cfg.image_size, cfg.progress)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         #: the forward of the last validation (``"onnx"`` or ``"torch"``), and why not ONNX
+        #: (once an export failed, the rest of the run validates on torch)
         self.val_runtime: str | None = None
         self._val_fallback: str | None = None
 
@@ -147,7 +148,10 @@ class _FineTune:
         from ..methods.augment import normalise
 
         self.train_mode(False)
-        forward, why = (None, "--runtime torch") if self.cfg.runtime == "torch" else snapshot_forward(self.backbone)
+        if self.cfg.runtime == "torch" or self._val_fallback is not None:  # a failed export fails again
+            forward, why = None, self._val_fallback or "--runtime torch"
+        else:
+            forward, why = snapshot_forward(self.backbone)
         if forward is None:
             if why != self._val_fallback and self.cfg.runtime != "torch":
                 (log.warning if self.cfg.runtime == "onnx" else log.info)(
