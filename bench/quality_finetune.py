@@ -260,6 +260,9 @@ def render(results: dict) -> str:
                   "| model | top-1 | queries |", "|---|---|---|"]
         for name, s in results["studio"].items():
             lines.append(f"| {name} | {_fmt(s['top1'])} | {s['queries']} |")
+    notes = [f"- {name}: {r['note']}." for name, r in rows.items() if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
     lines += ["", "A row *evaluated with `--tta flip`* is the run above it, unchanged, with every test photo "
               "(queries and gallery) embedded as the mean over the photo and its mirror image: twice the "
               "embedding time.", "",

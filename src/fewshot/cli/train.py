@@ -54,7 +54,7 @@ def _train(
     split: str = typer.Option("test", "--split", help="Class part evaluated with the best model at the end (test | val | none)."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="Backbone name."),
     image_size: int = typer.Option(224, "--image-size", min=16, max=1024, help="Input side in pixels."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Maximum epochs (default 30; episodic methods: --epochs N means N x --episodes-per-epoch episodes)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Maximum epochs (default 30, or 4 when fine-tuning; episodic methods: --epochs N means N x --episodes-per-epoch episodes)."),
     patience: Optional[int] = typer.Option(None, "--patience", min=0, help="Stop after this many epochs without a better val MAP@R (default 2 when fine-tuning, else 5; 0 = never)."),
     lr: Optional[float] = typer.Option(None, "--lr", callback=positive, help="Adam learning rate (default 1e-4 unless the method sets its own)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", min=0.0, help="Adam weight decay (default 0)."),

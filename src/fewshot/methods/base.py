@@ -693,8 +693,11 @@ def make_config(method: str, **given: Any) -> TrainConfig:
 #: protonet 0.577 vs 0.526, maml 0.562 vs 0.462) and peaked sooner
 DEFAULT_FINE_TUNE = "all"
 #: loop lengths when fine-tuning and the caller set none (every epoch runs the backbone forward
-#: and backward, so the head-only defaults of 30 epochs / 2,000 episodes would take hours on CPU)
-FINE_TUNE_LENGTH: dict[str, int] = {"epochs": 5, "patience": 2}
+#: and backward, so the head-only defaults of 30 epochs / 2,000 episodes would take hours on CPU).
+#: 4 epochs: every siamese run at its default rates peaked by epoch 3 (bench/quality_finetune.py:
+#: triplet all 1, 2, 2, 3; contrastive all 1; last:2 2-3), and the 5th epoch put triplet's
+#: default run over 20 minutes on 2 AMD EPYC cores (21.0 min, best epoch 3; 17.4 min for 4)
+FINE_TUNE_LENGTH: dict[str, int] = {"epochs": 4, "patience": 2}
 #: episodes of an episodic method when fine-tuning, by ``--fine-tune`` mode: ``all`` peaked
 #: after 100-200 (protonet 15 min, maml 13 min for 200 on 2 cores), ``last:2`` after 300
 FINE_TUNE_EPISODES: dict[str, int] = {"all": 200, "last": 300}
