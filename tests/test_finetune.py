@@ -42,7 +42,7 @@ def test_parse_fine_tune_refuses(value):
 def test_config_canonical_and_backbone_lr():
     cfg = make_config("triplet", fine_tune="last", fine_tune_blocks=3, lr=2e-4)
     assert cfg.fine_tune == "last:3" and cfg.backbone_learning_rate() == pytest.approx(2e-4)
-    assert (cfg.epochs, cfg.patience) == (5, 2)  # fine-tuning defaults
+    assert (cfg.epochs, cfg.patience) == (4, 2)  # fine-tuning defaults (FINE_TUNE_LENGTH)
     assert make_config("triplet").fine_tune == "all" and make_config("contrastive").fine_tune == "all"  # measured best
     assert all(make_config(m).fine_tune == "all" for m in ("protonet", "maml", "fomaml"))
     assert make_config("triplet", fine_tune="none").epochs == 30
