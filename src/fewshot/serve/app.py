@@ -336,10 +336,11 @@ class _Service:
             raise CheckpointError(
                 f"the model gives {model.dim}-dimensional embeddings but index {self.index_dir} "
                 f"has {index.dim}", hint="serve the index with the model it was built with")
-        if model.backbone.tta != index_tta(index.config):
+        built_with = index_tta(index.config)
+        if model.backbone.tta != built_with:
             raise CheckpointError(
                 f"the model embeds with test-time augmentation {model.backbone.tta!r} but index "
-                f"{self.index_dir} was built with {index_tta(index.config)!r}",
+                f"{self.index_dir} was built with {built_with!r}",
                 hint="serve the index with the model it was built with (leave model out to use it)")
         self.embedder = _Embedder(model, runtime=runtime, threads=threads)
         self.max_upload_bytes = int(max_upload_bytes)

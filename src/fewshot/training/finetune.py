@@ -126,38 +126,39 @@ class _FineTune:
             return self.backbone.model(self.inputs(idx)).float()
 
     @torch.no_grad()
-    def embed_bank(self, bank, batch: int = 64) -> torch.Tensor:
-        """The current backbone's embeddings ``float32 [N, D]`` of a bank's images (eval mode, torch)."""
+    def embed_bank(self, bank, batch: int = 64, forward=None) -> torch.Tensor:
+        """The current backbone's embeddings ``float32 [N, D]`` of a bank's images (eval mode):
+        through ``forward`` (normalised CPU batches -> numpy, e.g. an ONNX Runtime session) when
+        given, else the torch model on the device."""
         from ..methods.augment import normalise
 
         self.train_mode(False)
         out = []
         for i in range(0, len(bank), batch):
-            x = self._on_device(normalise(bank.images[i:i + batch], self.backbone.preprocess))
+            x = normalise(bank.images[i:i + batch], self.backbone.preprocess)
+            if forward is not None:
+                out.append(torch.from_numpy(forward(x)))
+                continue
             with self.autocast():
-                out.append(self.backbone.model(x).float())
+                out.append(self.backbone.model(self._on_device(x)).float())
         return torch.cat(out)
 
-    @torch.no_grad()
     def embed_banks(self, *banks) -> list[torch.Tensor]:
         """:meth:`embed_bank` of each bank; on a CPU with ``runtime`` ``auto`` or ``onnx``
         through ONNX Runtime on one in-memory export of the current weights
         (:func:`~fewshot.embed.runtime.snapshot_forward`; embeddings agree with torch to cosine
         >= 0.9999), else torch. :attr:`val_runtime` says which ran last."""
         from ..embed.runtime import snapshot_forward
-        from ..methods.augment import normalise
 
-        self.train_mode(False)
-        if self.cfg.runtime == "torch" or self._val_fallback is not None:  # a failed export fails again
-            forward, why = None, self._val_fallback or "--runtime torch"
-        else:
+        forward = None
+        if self.cfg.runtime != "torch" and self._val_fallback is None:  # a failed export fails again
+            self.train_mode(False)
             forward, why = snapshot_forward(self.backbone)
-        if forward is None:
-            if why != self._val_fallback and self.cfg.runtime != "torch":
+            if forward is None:
                 (log.warning if self.cfg.runtime == "onnx" else log.info)(
                     "validation embeds with torch, not ONNX Runtime: %s", why)
-            self._val_fallback, self.val_runtime = why, "torch"
+                self._val_fallback = why
+        self.val_runtime = "torch" if forward is None else "onnx"
+        if forward is None:
             return [self.embed_bank(b) for b in banks]
-        self.val_runtime = "onnx"
-        return [torch.cat([torch.from_numpy(forward(normalise(b.images[i:i + VAL_BATCH], self.backbone.preprocess)))
-                           for i in range(0, len(b), VAL_BATCH)]) for b in banks]
+        return [self.embed_bank(b, VAL_BATCH, forward) for b in banks]
