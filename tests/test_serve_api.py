@@ -481,6 +481,29 @@ def test_a_moved_folder_keeps_its_enrolments_and_leftovers_are_cleaned(catalogue
     assert again.get(art["image_url"]).status_code == 200
 
 
+def test_a_catalogue_saved_to_another_folder_takes_its_enrolled_photos(catalogue, own_index: Path) -> None:
+    """Catalogue.load(A).save(B): B holds the photos the service enrolled into A (linked or
+    copied), serves them, and does not depend on A; A is left as it was."""
+    from fewshot.api import Catalogue
+
+    client = TestClient(create_app(own_index, model=catalogue.model))
+    photos = catalogue.train[NEW_ARTICLE][:2]
+    assert client.post("/articles", data={"label": NEW_ARTICLE},
+                       files=[("files", photo(p)) for p in photos]).status_code == 201
+    in_a = sorted(p.relative_to(own_index) for p in (own_index / ENROLLED_DIR).rglob("*.jpg"))
+    assert len(in_a) == 2
+    copy = own_index.parent / "copy"
+    Catalogue.load(own_index).save(copy)
+    assert sorted(p.relative_to(copy) for p in (copy / ENROLLED_DIR).rglob("*.jpg")) == in_a
+    saved = CatalogueIndex.load(copy).article_paths(NEW_ARTICLE)
+    assert sorted(Path(p) for p in saved) == in_a  # relative to B, so B can move
+    assert [(copy / p).read_bytes() for p in sorted(saved)] == [(own_index / p).read_bytes() for p in in_a]
+    shutil.rmtree(own_index)  # B stands alone
+    served = TestClient(create_app(copy, model=catalogue.model))
+    art = next(a for a in served.get("/articles").json()["articles"] if a["label"] == NEW_ARTICLE)
+    assert art["num_images"] == 2 and served.get(art["image_url"]).status_code == 200
+
+
 def test_cli_serve_starts_and_answers(catalogue, own_index: Path) -> None:
     """`fewshot serve` itself (not only its argument checks): it announces the catalogue and
     answers /health."""

@@ -178,6 +178,8 @@ class CatalogueIndex:
     _by_digest: dict[str, list[int]] | None = field(default=None, repr=False)
     #: growable buffers behind ``ids`` / ``image_article`` (``None`` after a removal)
     _position_bufs: tuple[Growable, Growable] | None = field(default=None, repr=False)
+    #: the folder this index was loaded from or last saved to: where its enrolled photos are
+    folder: Path | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- building
     @classmethod
@@ -606,14 +608,16 @@ class CatalogueIndex:
         if self.num_tombstones and self.ann.kind == "ivfpq":
             dead = np.setdiff1d(np.arange(self._vectors.first_new + self._vectors.new.n), self.ids)
             self.image_index.remove_ids(faiss.IDSelectorBatch(dead))
+        origin = self.folder or path
         with atomic_dir(path) as tmp:
             self._write_vectors(tmp / "vectors.npy")
             np.save(tmp / "ids.npy", self.ids)
             self._write_rows(tmp / "prototype_sums.npy", len(self._protos), self._protos.sums)
             if self.ann.kind != "flat":
                 faiss.write_index(self.image_index, str(tmp / "images.faiss"))
-            self._carry_enrolled(path, tmp)
+            self.paths = self._carry_enrolled(origin, tmp)
             (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1, default=str), encoding="utf-8")
+        self.folder = path
         return path
 
     def enrolled_files(self, folder: str | Path) -> list[Path]:
@@ -625,20 +629,27 @@ class CatalogueIndex:
         return [root.parent / p if p.startswith(relative) else Path(p)
                 for p in dict.fromkeys(self.paths) if p.startswith(relative) or p.startswith(absolute)]
 
-    def _carry_enrolled(self, old: Path, new: Path) -> None:
+    def _carry_enrolled(self, old: Path, new: Path) -> list[str]:
         """Hard-link (or copy) into the new folder the enrolled photos the index references
-        (:meth:`enrolled_files`); photos of removed articles are left behind with the old folder."""
+        (:meth:`enrolled_files` of ``old``, the folder the index came from, which may be another
+        folder than the one being written); photos of removed articles are left behind with the
+        old folder. Returns :attr:`paths` with each enrolled photo as ``enrolled/...``, relative
+        to the new folder (an absolute path of before 2026-12 included)."""
         base = Path(old).resolve()
+        moved: dict[str, str] = {}
         for src in self.enrolled_files(old):
+            rel = src.relative_to(base)
+            moved[str(src)] = rel.as_posix()
             if not src.is_file():  # pragma: no cover - the folder was edited by hand
                 log.warning("enrolled image %s is missing from the index folder", src)
                 continue
-            dst = new / src.relative_to(base)
+            dst = new / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(src, dst)
             except OSError:
                 shutil.copy2(src, dst)
+        return [moved.get(str(base / p) if p.startswith(ENROLLED_DIR + "/") else p, p) for p in self.paths]
 
     def _write_vectors(self, path: Path) -> None:
         """``vectors.npy`` (float32 [N, D], by position)."""
@@ -682,6 +693,7 @@ class CatalogueIndex:
         except Exception as exc:
             raise CheckpointError(f"index folder {path} is damaged: {exc}",
                                   hint="rebuild it with `fewshot index`") from exc
+        self.folder = path
         return self
 
 
