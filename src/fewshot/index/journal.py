@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,8 @@ class Journal:
                 out.append(Change(meta["op"], meta["label"], meta.get("group"), vectors,
                                   list(meta.get("paths", [])), list(meta.get("digests", []))))
             except Exception as exc:
-                raise CheckpointError(f"journal entry {path} is damaged: {exc}",
+                why = (f"{type(exc).__name__}: {exc}" if zipfile.is_zipfile(path)
+                       else "it is not the .npz archive a journal entry is")
+                raise CheckpointError(f"journal entry {path} is damaged: {why}",
                                       hint="move the file away to drop that change, then reload") from exc
         return out
