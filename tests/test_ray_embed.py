@@ -240,3 +240,18 @@ def test_an_unreachable_ray_address_fails_fast(tmp_path, drawn_tree):
     assert res.exit_code == 1 and not out.exists(), res.output
     assert f"cannot start the Ray cluster at 127.0.0.1:{port}: nothing answers" in res.output
     assert "--ray-address" in res.output and time.perf_counter() - t0 < 60
+
+
+@needs_ray
+def test_ray_address_auto_without_a_cluster_names_fewshots_options(tmp_path, drawn_tree, monkeypatch):
+    """`--ray-address auto` with no cluster running: fewshot's own words and options, not Ray's
+    hint about a `--address` flag that fewshot does not have."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no-ray"))  # no cluster file of another session
+    out = tmp_path / "e.npz"
+    res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--distributed", "ray",
+                                   "--ray-address", "auto", "--cache-dir", str(tmp_path / "c")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1 and not out.exists(), res.output
+    assert "no running Ray cluster was found" in text and "ray start --head" in text
+    assert "--ray-address HOST:6379" in text and "`--address`" not in text and "Traceback" not in text

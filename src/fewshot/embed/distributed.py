@@ -195,6 +195,13 @@ def _start(ray, options: RayOptions) -> bool:
                      **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {options.address}" if options.address else "a local Ray"
+        if options.address == "auto" and isinstance(exc, ConnectionError):
+            # Ray's own text names its CLI's `--address` flag, which fewshot does not have
+            raise FewshotError("cannot start the Ray cluster at auto: no running Ray cluster was found on this "
+                               "machine (nor one named by the RAY_ADDRESS environment variable)",
+                               hint="start one first (`ray start --head`), pass a head node's address "
+                                    "(--ray-address HOST:6379), or leave --ray-address out to run a local Ray "
+                                    "for this command") from None
         raise FewshotError(f"cannot start {where}: {(str(exc).splitlines() or [''])[0][:300]}",
                            hint="check --ray-address (the head node's address, e.g. HOST:6379 or ray://HOST:10001) "
                                 "and that the cluster runs the same Ray and Python versions"
