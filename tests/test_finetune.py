@@ -433,3 +433,34 @@ def test_validation_of_a_fine_tuned_backbone_runs_on_onnx_and_agrees_with_torch(
         for key in ("val_map", "val_map_at_r", "val_precision_at_1"):
             assert a[key] == pytest.approx(b[key], abs=2e-3), (key, a, b)
     assert runs["auto"].history[1]["val_map"] != runs["auto"].history[0]["val_map"]  # the weights did change
+
+
+def test_train_tta_flip_applies_to_the_final_evaluation_only(tmp_path):
+    """`fewshot train --tta flip`: the final evaluation embeds each image with its mirror image
+    and records it; an unknown value is refused before the run folder exists."""
+    from typer.testing import CliRunner
+
+    from fewshot.cli import app
+
+    kw = _toy_conv4_protonet(tmp_path, seed=3)
+    kw.update(final_eval="test", eval_episodes=50, episodes=10)
+    args = ["train", "--method", "protonet", "--data", kw["data"], "--split-file", kw["split_file"],
+            "--backbone", "conv4", "--from-scratch", "--fine-tune", "all", "--image-size", "28", "--augment", "none",
+            "--ways", "3", "--shots", "1", "--queries", "3", "--episodes", "10", "--episodes-per-epoch", "10",
+            "--eval-episodes", "50", "--cache-dir", kw["cache_dir"], "--no-progress", "--seed", "3"]
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad"), "--tta", "rotate"])
+    assert bad.exit_code == 1 and "--tta none or --tta flip" in bad.output and not (tmp_path / "bad").exists()
+    runs = {}
+    for tta in ("none", "flip"):
+        res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / tta), "--tta", tta])
+        assert res.exit_code == 0, res.output
+        assert ("test classes (--tta flip):" in res.output) == (tta == "flip"), res.output
+        config = json.loads((tmp_path / tta / "config.json").read_text())
+        metrics = json.loads((tmp_path / tta / "eval_test" / "metrics.json").read_text())
+        assert config["final_eval"]["tta"] == config["train_config"]["final_tta"] == tta
+        assert metrics["config"]["model"]["backbone"]["tta"] == tta
+        runs[tta] = (load_file(str(tmp_path / tta / "model.safetensors")), metrics["map"])
+    # the same training either way (same seed, same weights); only the evaluation differs
+    (w0, map0), (w1, map1) = runs["none"], runs["flip"]
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert map0 != map1

@@ -73,6 +73,7 @@ def _train(
     queries: Optional[int] = typer.Option(None, "--queries", min=1, help="Q query images per class (default 5)."),
     val_episodes: Optional[int] = typer.Option(None, "--val-episodes", min=0, help="Episodic validation episodes per epoch (default 300; 0 = none)."),
     eval_episodes: Optional[int] = typer.Option(None, "--eval-episodes", min=1, help="Episodes per setting in the final evaluation (default 1000)."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation of the final evaluation only: none | flip (see `fewshot evaluate --help`). Training, validation and the saved model are the same either way; pass --tta again to `fewshot index` / `evaluate --model RUN_DIR`."),
     opt: Optional[List[str]] = typer.Option(None, "--opt", help="A method option as KEY=VALUE (repeatable), e.g. --opt inner_lr=0.3; checked against `fewshot methods METHOD`."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of everything random (same seed, same run)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its checkpoint."),
@@ -102,7 +103,7 @@ def _train(
         seed=seed, epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, head=_head_spec(head),
         fine_tune=fine_tune, fine_tune_blocks=fine_tune_blocks, backbone_lr=backbone_lr, warmup_steps=warmup_steps,
         lr_schedule=lr_schedule, bn=bn, pretrained=not from_scratch, augment=augment, class_rotations=class_rotations, ways=ways, shots=shots, queries=queries,
-        val_episodes=val_episodes, eval_episodes=eval_episodes, resume=resume, overwrite=overwrite, device=device,
+        val_episodes=val_episodes, eval_episodes=eval_episodes, final_tta=tta, resume=resume, overwrite=overwrite, device=device,
         group_from=group_from, embed_batch_size=embed_batch_size, workers=workers, runtime=runtime,
         cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress, final_eval=split, options=options)
     result = _run(cfg, nproc, threads, run_train)
@@ -115,7 +116,8 @@ def _train(
                + f"  ({result.seconds:.1f} s)")
     if result.final_metrics is not None:
         m = result.final_metrics
-        typer.echo(f"{split} classes: mAP {m['map']:.4f}  MAP@R {m['map_at_r']:.4f}  P@1 {m['precision_at_1']:.4f}")
+        typer.echo(f"{split} classes" + (f" (--tta {tta})" if tta != "none" else "")
+                   + f": mAP {m['map']:.4f}  MAP@R {m['map_at_r']:.4f}  P@1 {m['precision_at_1']:.4f}")
         echo_episodes(m["episodes"])
     typer.echo(f"wrote {out}/config.json, model.safetensors, history.csv, curves.png")
 

@@ -161,6 +161,9 @@ class TrainConfig:
         final_eval: class part evaluated with the best model at the end (``"test"``,
             ``"val"``, or ``"none"``), written to ``RUN_DIR/eval_<part>/``.
         eval_episodes: episodes per setting of that final evaluation.
+        final_tta: test-time augmentation of that final evaluation only (``"none"`` |
+            ``"flip"``, :data:`fewshot.backbones.TTA_MODES`); training, validation and the saved
+            model are the same either way.
         options: the method's options (its :attr:`Method.Config`; ``None`` = its defaults).
     """
 
@@ -200,6 +203,7 @@ class TrainConfig:
     runtime: str = "auto"
     final_eval: str = "test"
     eval_episodes: int = 1000
+    final_tta: str = "none"
     options: Any = None
 
     def __post_init__(self) -> None:

@@ -32,7 +32,7 @@ CHECKPOINT_FORMAT = 1
 
 #: config fields that may change between an interrupted run and its ``--resume``
 _RESUMABLE_CHANGES = {"epochs", "patience", "options.episodes", "resume", "overwrite", "progress", "device",
-                      "cache_dir", "workers", "embed_batch_size", "final_eval", "eval_episodes", "out",
+                      "cache_dir", "workers", "embed_batch_size", "final_eval", "eval_episodes", "final_tta", "out",
                       "data"}
 
 

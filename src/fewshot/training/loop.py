@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..version import __version__
+from ..backbones import check_tta
 from ..embed import check_runtime
 from ..errors import FewshotError
 from ..io import atomic_write_json, replace_dir
@@ -111,6 +112,7 @@ def _validate_config(cfg: TrainConfig) -> type[Method]:
     if cfg.final_eval not in ("none", "test", "val", "train"):
         raise FewshotError(f"unknown final evaluation part '{cfg.final_eval}'", hint="use --split test, val, train or none")
     check_runtime(cfg.runtime)
+    check_tta(cfg.final_tta)
     _check_head(cfg.head)
     return get_method(cfg.method)
 
@@ -299,7 +301,7 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = 
     final = None
     if cfg.final_eval != "none":
         final = _final_evaluation(cfg, run_dir)
-        full["final_eval"] = {"part": cfg.final_eval, "map": final["map"], "map_at_r": final["map_at_r"],
+        full["final_eval"] = {"part": cfg.final_eval, "tta": cfg.final_tta, "map": final["map"], "map_at_r": final["map_at_r"],
                               "precision_at_1": final["precision_at_1"],
                               "episodes": {k: {"accuracy": v.get("accuracy"), "ci95": v.get("ci95")}
                                            for k, v in final["episodes"].items()}}
@@ -469,7 +471,8 @@ def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
 
     opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=cfg.image_size,
                         batch_size=cfg.embed_batch_size, num_workers=cfg.workers, cache_dir=cfg.cache_dir,
-                        progress=cfg.progress, runtime=cfg.runtime, threads=torch.get_num_threads())
+                        progress=cfg.progress, runtime=cfg.runtime, threads=torch.get_num_threads(),
+                        tta=cfg.final_tta)
     ecfg = EvalConfig(data=cfg.data, split=None, split_file=cfg.split_file, part=cfg.final_eval,
                       group_from=cfg.group_from, seed=cfg.seed, episodes=cfg.eval_episodes, embed=opts)
     return evaluate(ecfg, run_dir / f"eval_{cfg.final_eval}", overwrite=True)
