@@ -6,6 +6,7 @@ no Ray process behind; without Ray the option is a clear error."""
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -65,6 +66,16 @@ def _assert_no_new_ray_processes(before: set[int], wait_s: float = EXIT_GRACE_S)
         f"{pid} {_cmdline(pid)}" for pid in sorted(left))
 
 
+def _isolated(func, *args):
+    """``func(*args)`` in a fresh spawned process, its result or its exception returned here.
+
+    Ray's driver state is process-wide (its SIGTERM handlers, its core worker and threads,
+    atexit hooks) and outlives ``ray.shutdown()``: each test that starts Ray runs in a process
+    of its own, as each `fewshot embed` command does, so that none of it reaches pytest's."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(func, args)
+
+
 @pytest.fixture(scope="module")
 def photos(grocery_root: Path, tmp_path_factory) -> tuple[Path, list[Path]]:
     """A CSV manifest of N_PHOTOS real Grocery photos (absolute paths) and the paths."""
@@ -89,6 +100,10 @@ def test_ray_gives_the_vectors_of_fewshot_embed(photos, tmp_path):
     """Two local Ray workers on 40 real photos: the same file as `fewshot embed` (same paths in
     the same order, vectors within float rounding), the vectors written into the store as a
     shard, and no Ray process left once the command returns."""
+    _isolated(_gives_the_vectors_of_fewshot_embed, photos, tmp_path)
+
+
+def _gives_the_vectors_of_fewshot_embed(photos, tmp_path):
     manifest, paths = photos
     before = _ray_pids()
     _embed("--data", str(manifest), "--out", str(tmp_path / "local.npz"), "--cache-dir", str(tmp_path / "c-local"))
@@ -109,9 +124,15 @@ def test_ray_gives_the_vectors_of_fewshot_embed(photos, tmp_path):
 
 
 @needs_ray
-def test_an_interrupted_run_resumes_and_a_finished_one_embeds_nothing(photos, tmp_path, caplog):
+def test_an_interrupted_run_resumes_and_a_finished_one_embeds_nothing(photos, tmp_path):
     """Stopped after its first result batch, a run keeps what it received in the store; the
     rerun embeds only the rest; a third run embeds 0 images and starts no Ray at all."""
+    _isolated(_interrupted_run_resumes, photos, tmp_path)
+
+
+def _interrupted_run_resumes(photos, tmp_path):
+    import ray
+
     from fewshot.backbones import create_backbone
 
     _, paths = photos
@@ -136,8 +157,6 @@ def test_an_interrupted_run_resumes_and_a_finished_one_embeds_nothing(photos, tm
     assert cached == kept  # embedded now: N_PHOTOS - kept
     _assert_no_new_ray_processes(before)
 
-    import ray
-
     again, ok2, _, cached2 = ray_embed_paths(paths, backbone, options=opts, cache_dir=cache, progress=False)
     assert cached2 == N_PHOTOS and ok2 == ok  # 0 new images
     assert not ray.is_initialized()  # nothing to embed: Ray was not even started
@@ -148,6 +167,10 @@ def test_an_interrupted_run_resumes_and_a_finished_one_embeds_nothing(photos, tm
 def test_changed_and_unreadable_files_are_reported_not_stored(grocery_root, tmp_path):
     """An unreadable photo is a failure with its reason; a photo whose bytes changed after it
     was hashed is refused by the actor, never stored under its old digest."""
+    _isolated(_changed_and_unreadable_files, grocery_root, tmp_path)
+
+
+def _changed_and_unreadable_files(grocery_root, tmp_path):
     import shutil
 
     from fewshot.backbones import create_backbone
@@ -205,6 +228,10 @@ def test_decode_workers_do_not_apply_to_ray(tmp_path, drawn_tree):
 def test_a_model_with_a_head_gets_its_head_applied(photos, tmp_path):
     """EmbedOptions(distributed=...) on a backbone + head (what `--model RUN_DIR` loads): the
     actors embed with the backbone, the head maps the vectors, as without Ray."""
+    _isolated(_head_applied, photos, tmp_path)
+
+
+def _head_applied(photos, tmp_path):
     import torch
     from torch import nn
 
@@ -243,11 +270,15 @@ def test_an_unreachable_ray_address_fails_fast(tmp_path, drawn_tree):
 
 
 @needs_ray
-def test_ray_address_auto_without_a_cluster_names_fewshots_options(tmp_path, drawn_tree, monkeypatch):
+def test_ray_address_auto_without_a_cluster_names_fewshots_options(tmp_path, drawn_tree):
     """`--ray-address auto` with no cluster running: fewshot's own words and options, not Ray's
     hint about a `--address` flag that fewshot does not have."""
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no-ray"))  # no cluster file of another session
+    _isolated(_auto_without_a_cluster, tmp_path, drawn_tree)
+
+
+def _auto_without_a_cluster(tmp_path, drawn_tree):
+    os.environ.pop("RAY_ADDRESS", None)  # a process of its own: no need to restore them
+    os.environ["RAY_TMPDIR"] = str(tmp_path / "no-ray")  # no cluster file of another session
     out = tmp_path / "e.npz"
     res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--distributed", "ray",
                                    "--ray-address", "auto", "--cache-dir", str(tmp_path / "c")])

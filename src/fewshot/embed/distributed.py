@@ -262,9 +262,10 @@ def _collect(results, cache: EmbeddingCache, failed: dict[str, str], total: int,
 
     done = received = unsaved = 0
     writable = True
+    batches = iter(results.iter_batches(batch_size=None, batch_format="numpy"))  # a generator, closed below
     try:
         with tqdm(total=total, desc="embedding (ray)", unit="img", disable=not progress, leave=False) as bar:
-            for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in batches:
                 for d, v, e in zip(batch["digest"], batch["vector"], batch["error"]):
                     if e:
                         failed[str(d)] = str(e)
@@ -279,6 +280,12 @@ def _collect(results, cache: EmbeddingCache, failed: dict[str, str], total: int,
                 if callback is not None:
                     callback(done, total)
     finally:  # an interrupted run keeps what it received
+        # an exception (a Ctrl-C, a failed store) leaves the generator alive in its traceback,
+        # and Ray Data shuts its streaming executor down only when the generator ends: close
+        # it now, before the caller shuts Ray down under an executor that still runs
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
         if writable and unsaved:
             _save_cache(cache)
     return received
