@@ -327,3 +327,21 @@ def test_format_1_folders_still_load(tmp_path, data):
     back = CatalogueIndex.load(old)
     assert back.ann.kind == "flat" and back.digests == [None] * 50
     assert [r[0].label for r in back.classify(q[:10])] == [r[0].label for r in index.classify(q[:10])]
+
+
+def test_an_absolute_enrolled_path_of_an_old_folder_becomes_relative_in_a_new_one(tmp_path, data):
+    """An index folder of before 2026-12 stored an enrolled photo as an absolute path under its
+    own ``enrolled/``: saved elsewhere, the photo is carried and referenced as ``enrolled/...``."""
+    from fewshot.index import ENROLLED_DIR
+
+    x, labels, _ = data
+    old = build("flat", x[:10], labels[:10]).save(tmp_path / "old")
+    photo = (tmp_path / "old" / ENROLLED_DIR / "a" / "p.jpg").resolve()
+    photo.parent.mkdir(parents=True)
+    photo.write_bytes(b"jpeg bytes")
+    index = CatalogueIndex.load(old)
+    index.paths[3] = str(photo)
+    index.save(tmp_path / "new")
+    again = CatalogueIndex.load(tmp_path / "new")
+    assert again.paths[3] == f"{ENROLLED_DIR}/a/p.jpg" and again.paths[4] == "p4.jpg"
+    assert (tmp_path / "new" / again.paths[3]).read_bytes() == b"jpeg bytes" and photo.is_file()

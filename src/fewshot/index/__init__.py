@@ -636,7 +636,7 @@ class CatalogueIndex:
         old folder. Returns :attr:`paths` with each enrolled photo as ``enrolled/...``, relative
         to the new folder (an absolute path of before 2026-12 included)."""
         base = Path(old).resolve()
-        moved: dict[str, str] = {}
+        moved: dict[str, str] = {}  # absolute path of before 2026-12 -> enrolled/...
         for src in self.enrolled_files(old):
             rel = src.relative_to(base)
             moved[str(src)] = rel.as_posix()
@@ -649,7 +649,7 @@ class CatalogueIndex:
                 os.link(src, dst)
             except OSError:
                 shutil.copy2(src, dst)
-        return [moved.get(str(base / p) if p.startswith(ENROLLED_DIR + "/") else p, p) for p in self.paths]
+        return [moved.get(p, p) for p in self.paths]  # an ``enrolled/...`` path is already relative
 
     def _write_vectors(self, path: Path) -> None:
         """``vectors.npy`` (float32 [N, D], by position)."""
