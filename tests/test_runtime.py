@@ -128,6 +128,27 @@ def test_new_weights_get_their_own_export(tmp_path):
     assert not np.allclose(a(x), b(x))
 
 
+def test_torch_forward_runs_a_cpu_batch_in_slices_of_cpu_batch():
+    """A backbone with ``cpu_batch=4`` embeds a batch of 10 on the CPU in slices of 4, 4, 2, in
+    order, to the embeddings of one whole-batch forward; without it, in one call; Lite0 sets 4."""
+    import dataclasses
+
+    whole = _tiny_backbone(_Pool())
+    sliced = dataclasses.replace(whole, cpu_batch=4)
+    sizes: list[int] = []
+    hook = sliced.model.register_forward_hook(lambda m, inp, out: sizes.append(len(inp[0])))
+    x = torch.rand(10, 3, 16, 16)
+    out = rt.TorchForward(sliced)(x)
+    assert sizes == [4, 4, 2]
+    np.testing.assert_allclose(out, rt.TorchForward(whole)(x), atol=1e-6)
+    assert out.shape == (10, 8) and out.dtype == np.float32
+    sizes.clear()
+    rt.TorchForward(whole)(x)
+    assert sizes == [10]
+    hook.remove()
+    assert create_backbone("efficientnet_lite0", pretrained=False, image_size=32).cpu_batch == 4
+
+
 def test_unexportable_backbone_falls_back_to_torch_with_one_notice(tmp_path, caplog):
     backbone = _tiny_backbone(_Unexportable(), name="svd")
     model = EmbeddingModel(backbone)

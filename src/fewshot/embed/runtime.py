@@ -91,14 +91,20 @@ def export_key(backbone: Backbone, digest: str | None = None) -> str:
 @dataclass
 class TorchForward:
     """Torch eager forward: ``float32 [B, 3, S, S]`` -> ``float32 [B, D]`` numpy, under
-    ``torch.inference_mode``, channels-last where the backbone asks for it."""
+    ``torch.inference_mode``, channels-last where the backbone asks for it, and on a CPU in
+    slices of at most :attr:`~fewshot.backbones.Backbone.cpu_batch` images."""
 
     backbone: Backbone
     name: str = "torch"
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         device = _model_device(self.backbone)
-        batch = batch.to(device)
+        step = self.backbone.cpu_batch if device.type == "cpu" and self.backbone.cpu_batch else len(batch)
+        if len(batch) <= step:
+            return self._run(batch.to(device))
+        return np.concatenate([self._run(batch[i:i + step].to(device)) for i in range(0, len(batch), step)])
+
+    def _run(self, batch: torch.Tensor) -> np.ndarray:
         if self.backbone.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
