@@ -1,9 +1,10 @@
 """Inference runtimes for the backbone's forward pass: torch eager or ONNX Runtime.
 
-On a CPU, ONNX Runtime (CPUExecutionProvider, fp32) runs EfficientNet-Lite0 about 6x faster
-than torch eager on the same threads, with the same embeddings to float rounding (cosine
->= 0.9999 per image; ``tests/test_runtime.py`` checks it on real photos, and
-``bench/runtime_throughput.py`` measures the speed). The backbone is exported once with
+On a CPU, ONNX Runtime (CPUExecutionProvider, fp32) runs EfficientNet-Lite0 2-3.5x faster
+than torch eager (channels-last, in slices of ``Backbone.cpu_batch`` images) on the same 2
+threads, at about 70% of the float32 matrix-product rate of those cores, with the same
+embeddings to float rounding (cosine >= 0.9999 per image; ``tests/test_runtime.py`` checks it
+on real photos, and ``bench/embed_throughput.py`` measures the speed). The backbone is exported once with
 ``torch.onnx.export`` (TorchScript exporter, opset :data:`OPSET`, dynamic batch axis) and the
 ``.onnx`` file is cached under ``$FEWSHOT_CACHE/onnx`` (see :func:`onnx_cache_dir`), keyed by
 backbone name, weights digest, image size, preprocessing, test-time augmentation
