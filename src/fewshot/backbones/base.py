@@ -32,8 +32,9 @@ class Backbone:
         cpu_batch: the most images the torch forward runs at once on a CPU (``None``: no
             limit); a larger inference batch is run in slices of this size, to the same
             embeddings to float rounding. EfficientNet-Lite sets 4: its activations for a few
-            images stay in the CPU's caches, so 2 threads here embed Lite0 at 85 img/s in slices
-            of 4 against 56 img/s at batch 16 (``bench/embed_throughput.py``, batch sweep).
+            images stay in the CPU's caches, so 2 threads of an AMD EPYC embed Lite0 at 84 img/s in
+            batches of 4 against 42 img/s at batch 16 in one forward (``bench/embed_throughput.py``,
+            batch sweep, 2026-12-03).
         tta: test-time augmentation of every inference embedding (:data:`TTA_MODES`):
             ``"none"``, or ``"flip"``, the mean of the embeddings of the image and of its mirror
             image (:class:`FlipAverage`; twice the forward cost). Training never uses it; the

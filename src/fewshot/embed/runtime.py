@@ -1,6 +1,6 @@
 """Inference runtimes for the backbone's forward pass: torch eager or ONNX Runtime.
 
-On a CPU, ONNX Runtime (CPUExecutionProvider, fp32) runs EfficientNet-Lite0 2-3.5x faster
+On a CPU, ONNX Runtime (CPUExecutionProvider, fp32) runs EfficientNet-Lite0 2-3x faster
 than torch eager (channels-last, in slices of ``Backbone.cpu_batch`` images) on the same 2
 threads, at about 70% of the float32 matrix-product rate of those cores, with the same
 embeddings to float rounding (cosine >= 0.9999 per image; ``tests/test_runtime.py`` checks it
