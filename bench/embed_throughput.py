@@ -37,8 +37,8 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from bench.common import (SEED, Context, child_env, fmt, fmt_s, grocery_root, median, paired_ratios, save_chart,
-                          table, usable_cpus, verdict)
+from bench.common import (SEED, Context, child_env, fmt, fmt_s, grocery_root, interleaved, median, paired_ratios,
+                          save_chart, table, timed, usable_cpus, verdict)
 
 GOAL_RATIO = 0.85
 GOAL_SPEEDUP = 4.0
@@ -183,7 +183,6 @@ def batch_sweep(backbone, onnx, tensors, rounds: int, batches=SWEEP_BATCHES) -> 
     torch runs each batch in one forward here (``cpu_batch`` off), to show where its best is."""
     from dataclasses import replace
 
-    from bench.common import interleaved
     from fewshot.embed import TorchForward
 
     whole = TorchForward(replace(backbone, cpu_batch=None))
@@ -208,21 +207,12 @@ def ceiling(backbone, threads: int, sweep: list[dict[str, Any]]) -> dict[str, An
     torch.set_num_threads(threads)
     a = torch.randn(2048, 2048)
     torch.mm(a, a)
-    gemm = median([timed_mm(a) for _ in range(5)])
+    gemm = 2 * a.shape[0] ** 3 / median([timed(lambda: torch.mm(a, a))[0] for _ in range(5)]) / 1e9
     best_onnx = max(r["onnx_ips"] for r in sweep)
     best_torch = max(r["torch_ips"] for r in sweep)
     return {"gflop_per_image": gflop, "gemm_gflops": gemm, "best_onnx_ips": best_onnx, "best_torch_ips": best_torch,
             "onnx_share_of_gemm": best_onnx * gflop / gemm, "speedup_at_best": best_onnx / best_torch,
             "needed_share_for_goal": GOAL_SPEEDUP * best_torch * gflop / gemm}
-
-
-def timed_mm(a) -> float:
-    """GFLOP/s of one ``a @ a`` (square float32)."""
-    import torch
-
-    t0 = time.perf_counter()
-    torch.mm(a, a)
-    return 2 * a.shape[0] ** 3 / (time.perf_counter() - t0) / 1e9
 
 
 def serve_latency(work: Path, requests: int) -> dict[str, Any]:
