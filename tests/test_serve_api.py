@@ -307,6 +307,7 @@ def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
     assert sorted(p.read_bytes() for p in new_paths) == sorted(p.read_bytes() for p in enrol)
 
     # a restarted service sees the enrolment; adding photos to an existing article works
+    client.app.state.service.close()  # one writer per folder: stop it before the next
     client = TestClient(create_app(own_index, model=catalogue.model))
     assert client.post("/classify", files={"file": query}).json()["predictions"][0]["label"] == NEW_ARTICLE
     resp = client.post("/articles", data={"label": NEW_ARTICLE},
@@ -441,6 +442,7 @@ def test_enrolment_appends_to_the_journal_and_restart_compacts(catalogue, own_in
     assert len(Journal(own_index)) == 2 and base_files() == before
 
     monkeypatch.setattr(serve_app, "COMPACT_AFTER", 2)
+    client.app.state.service.close()  # one writer per folder: stop it before the next
     again = TestClient(create_app(own_index, model=catalogue.model))
     assert not (own_index / "journal").exists() and base_files() != before
     health = again.get("/health").json()
@@ -475,6 +477,7 @@ def test_a_moved_folder_keeps_its_enrolments_and_leftovers_are_cleaned(catalogue
     assert client.get(art["image_url"]).status_code == 200
     # the Python API's save keeps the service's photos too
     cat = Catalogue.load(moved)
+    client.app.state.service.close()  # one writer per folder: stop it before the next
     cat.save(moved, overwrite=True)
     assert len(list((moved / ENROLLED_DIR).rglob("*.jpg"))) == 2
     again = TestClient(create_app(moved, model=catalogue.model))

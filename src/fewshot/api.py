@@ -24,9 +24,10 @@ from .backbones import Backbone
 from .data.records import Dataset
 from .errors import DataError, ImageReadError
 from .index import INDEX_FILES, CatalogueIndex, Neighbor, is_index_dir
-from .io import check_output
+from .io import check_output, writer_lock
 from .model import EmbeddingModel
-from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, evaluate_sets,
+from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, enrolled_of, evaluate_sets,
+                       keep_enrolled,
                        index_embeddings, leave_one_out_protocol, load_data, model_for_index, split_protocol_sets)
 
 #: what an image may be: a file path, a PIL image, or a uint8 array ``[H, W, 3]`` / ``[H, W]``
@@ -222,13 +223,22 @@ class Catalogue:
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the catalogue as an index folder, atomically.
 
+        Replacing another index folder keeps the articles enrolled there through the service
+        (re-embedded with this catalogue's model, and added to this catalogue too).
+
         Raises:
             FewshotError: ``path`` exists and is not an index folder we may replace
                 (``overwrite`` replaces an earlier index, nothing else).
+            FolderBusyError: another writer (a service) holds ``path``.
         """
-        check_output(path, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
-                     owned=INDEX_FILES.__contains__, option="path", overwrite_flag="overwrite=True")
-        return self.index.save(path)
+        with writer_lock(path, "Catalogue.save", owner=(writer := object())):
+            check_output(path, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
+                         owned=INDEX_FILES.__contains__, option="path", overwrite_flag="overwrite=True")
+            if self.index.folder is None or Path(self.index.folder).resolve() != Path(path).resolve():
+                # replacing another index folder: its enrolled articles come along, re-embedded
+                keep_enrolled(self.index, enrolled_of(path), self.model,
+                              EmbedOptions(runtime=self.runtime, cache_dir=self.cache_dir, progress=False))
+            return self.index.save(path, owner=writer)
 
     @classmethod
     def load(cls, path: str | Path, *, runtime: str = "auto") -> "Catalogue":

@@ -48,3 +48,16 @@ class BackboneError(FewshotError):
 
 class CheckpointError(FewshotError):
     """A saved run, index or cache is damaged or does not match the requested backbone."""
+
+
+class FolderBusyError(FewshotError):
+    """Another process (or another writer in this one) holds the writer lock of a folder.
+
+    Attributes:
+        holder: what the lock file says about the holder (``pid``, ``host``, ``command``,
+            ``since``), empty when it cannot be read.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, holder: dict | None = None) -> None:
+        super().__init__(message, hint)
+        self.holder = dict(holder or {})

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -208,3 +209,117 @@ def check_output(path: str | Path, *, what: str, is_ours: Callable[[Path], bool]
     raise FewshotError(f"{option} {path} is an existing {kind} that is not a {what}: refusing to replace it",
                        hint=f"choose a new {option} path (fewshot replaces only a {what} it wrote, "
                             f"and only with {overwrite_flag})")
+
+
+# --------------------------------------------------------------------------- one writer per folder
+#: folder (real path) -> [open lock file, nesting depth, owner] for the locks this process holds
+_HELD: dict[Path, list] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def lock_file(folder: str | Path) -> Path:
+    """The lock file of ``folder``: ``.NAME.lock`` beside it (not inside, so that replacing the
+    folder as a whole, as :func:`atomic_dir` does, never replaces the lock under its holder)."""
+    real = _real(folder)
+    return real.with_name(f".{real.name}.lock")
+
+
+def _holder_text(info: dict) -> str:
+    if not info:
+        return "another process"
+    import socket
+
+    mine = info.get("pid") == os.getpid() and info.get("host") == socket.gethostname()
+    where = "another writer in this same process" if mine else f"PID {info.get('pid', '?')} on {info.get('host', '?')}"
+    return f"{where} ({info.get('command', '?')}, since {info.get('since', '?')})"
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8") or "{}")
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _busy(folder: Path, info: dict, what: str):
+    from .errors import FolderBusyError
+
+    return FolderBusyError(
+        f"{folder} is being written by {_holder_text(info)}: one writer per folder at a time, so this "
+        f"{what} is refused", holder=info,
+        hint="stop that process (or wait until it ends) and run this again; reading the folder "
+             "(e.g. fewshot classify --index) works meanwhile")
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | Path, what: str, *, owner: object | None = None) -> Iterator[Path]:
+    """Hold the writer lock of ``folder`` (an OS ``flock`` on :func:`lock_file`) for the body.
+
+    The lock dies with the process, so a crash or ``kill -9`` never leaves it stuck. A second
+    writer is refused at once (never waits), with the holder's PID, host and command. Inside
+    one process the lock is re-entrant for the same ``owner`` object only (a service that
+    holds its index folder may compact it); any other writer, in this process or another, is
+    refused: two writers of one folder lose each other's changes wherever they run.
+
+    Args:
+        folder: the folder to write (need not exist yet; its parent is created).
+        what: the writer, for the holder record and messages (e.g. ``"fewshot serve"``).
+        owner: the object on whose behalf the lock is held (``None``: this call only).
+
+    Raises:
+        FolderBusyError: another writer holds the lock (naming it and the fix).
+        OSError: the lock file cannot be created beside ``folder``.
+    """
+    real = _real(folder)
+    with _HELD_GUARD:
+        held = _HELD.get(real)
+        if held is not None:
+            if owner is None or held[2] is not owner:
+                raise _busy(real, _read_holder(lock_file(real)), what)
+            held[1] += 1
+        else:
+            _HELD[real] = [_take(real, what), 1, owner]
+    try:
+        yield real
+    finally:
+        with _HELD_GUARD:
+            entry = _HELD[real]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _HELD[real]
+                entry[0].close()  # releases the flock
+
+
+def _take(real: Path, what: str):
+    """Open and ``flock`` the lock file of ``real`` without waiting; record the holder."""
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    path = lock_file(real)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise _busy(real, _read_holder(path), what) from None
+    except BaseException:
+        fh.close()
+        raise
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
+            "argv": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:6])),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps(info))
+    fh.flush()
+    return fh
+
+
+def holds_writer_lock(folder: str | Path) -> bool:
+    """Whether this process holds the writer lock of ``folder``."""
+    with _HELD_GUARD:
+        return _real(folder) in _HELD

@@ -27,9 +27,10 @@ from .data.splits import ClassSplit, make_class_split, protocol_sets
 from .embed import DEFAULT_BATCH_SIZE, Embeddings
 from .embed.distributed import RayOptions, ray_embed_dataset
 from .errors import CheckpointError, DataError
-from .index import INDEX_FILES, AnnConfig, CatalogueIndex, Prediction, is_index_dir
+from .index import ENROLLED_DIR, INDEX_FILES, AnnConfig, CatalogueIndex, Prediction, is_index_dir
+from .index.enrolled import EnrolledArticle, add_enrolled, enrolled_articles, export_catalogue, is_export_dir
 from .index.ann import resolve as resolve_ann
-from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output
+from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output, writer_lock
 from .model import EmbeddingModel
 from .methods.runs import load_embedding_model
 from .metrics import MIN_EPISODES_FOR_CI, episodic_accuracy, nearest_neighbors, retrieval_metrics
@@ -441,13 +442,73 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
         raise DataError(f"unknown catalogue '{catalogue}'", hint="use --catalogue iconic, or leave it out")
     else:
         dataset = load_data(data, split, group_from, embed.strict, default_split="train")
-    check_output(out, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
-                 owned=INDEX_FILES.__contains__, **data_protection(data, dataset))
-    model = model or embed.model()
-    ann_config = resolve_ann(ann_config or AnnConfig(), len(dataset), model.dim)
-    index = index_embeddings(model, embed.embed(model, dataset), data, catalogue, ann_config)
-    index.save(out)
+    with writer_lock(out, "fewshot index", owner=(writer := object())):
+        check_output(out, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
+                     owned=INDEX_FILES.__contains__, **data_protection(data, dataset))
+        enrolled = enrolled_of(out)
+        model = model or embed.model()
+        ann_config = resolve_ann(ann_config or AnnConfig(), len(dataset), model.dim)
+        index = index_embeddings(model, embed.embed(model, dataset), data, catalogue, ann_config)
+        keep_enrolled(index, enrolled, model, embed)
+        index.save(out, owner=writer)
     return index
+
+
+def enrolled_of(folder: str | Path) -> list[EnrolledArticle]:
+    """The enrolled articles of the index folder a rebuild is about to replace (none when
+    ``folder`` is not an index).
+
+    Raises:
+        CheckpointError: the folder holds enrolled photos but its index cannot be read, so their
+            articles cannot be known (nothing is written then).
+    """
+    folder = Path(folder)
+    if not is_index_dir(folder):
+        return []
+    try:
+        return enrolled_articles(CatalogueIndex.load(folder), folder)
+    except CheckpointError as exc:
+        if not any(p.is_file() for p in (folder / ENROLLED_DIR).rglob("*")):
+            return []
+        raise CheckpointError(f"{folder} holds photos enrolled through the service, but its index cannot be "
+                              f"read ({exc.message}), so a rebuild could not keep them",
+                              hint=f"move {folder / ENROLLED_DIR} somewhere safe first, or restore the "
+                                   "index folder and run `fewshot export` on it") from None
+
+
+def keep_enrolled(index: CatalogueIndex, enrolled: list[EnrolledArticle], model: EmbeddingModel,
+                  embed: EmbedOptions) -> None:
+    """Re-embed the enrolled photos of the folder being replaced with ``model`` into ``index``,
+    and record what was kept in ``index.config["kept_enrolled"]``."""
+    if not enrolled:
+        return
+
+    def run(records: list) -> tuple[np.ndarray, list[int], list[str | None]]:
+        emb = embed.embed(model, Dataset(records, name="enrolled", source="enrolled"))
+        where = {r.path: i for i, r in enumerate(records)}
+        return emb.vectors, [where[r.path] for r in emb.dataset.records], list(emb.digests)
+
+    articles, images, bad = add_enrolled(index, enrolled, run)
+    index.config["kept_enrolled"] = {"articles": articles, "images": images, "unreadable": bad}
+    if bad:
+        log.warning("%d enrolled photo(s) could not be read and were left out: %s", len(bad), ", ".join(bad[:5]))
+
+
+def export_index(index_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """``fewshot export``: copy every article's photos (from the data and enrolled through the
+    service) out of an index as ``out/<group>/<article>/...`` plus ``out/manifest.csv``
+    (:func:`fewshot.index.enrolled.export_catalogue`), so that ``fewshot index --data`` builds
+    the same catalogue again, e.g. with another model.
+
+    Raises:
+        CheckpointError: the index cannot be read. FewshotError: ``out`` may not be written
+            (an existing folder that is not an earlier export, or one inside the index).
+    """
+    index = CatalogueIndex.load(index_dir)
+    with writer_lock(out, "fewshot export"):
+        check_output(out, what="fewshot export", is_ours=is_export_dir, overwrite=overwrite,
+                     input_roots=[index_dir])
+        return export_catalogue(index, index_dir, out, environment())
 
 
 def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, catalogue: str | None = None,

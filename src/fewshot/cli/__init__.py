@@ -83,6 +83,33 @@ def index_cmd(
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
                       overwrite=overwrite, ann_config=ann)
     typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out} ({idx.ann.kind} index)")
+    kept = idx.config.get("kept_enrolled")
+    if kept:
+        typer.echo(f"kept {kept['images']} photos of {kept['articles']} article(s) enrolled through the service "
+                   f"(re-embedded with this model; they stay in {out / 'enrolled'})"
+                   + (f"; {len(kept['unreadable'])} unreadable photo(s) left out" if kept["unreadable"] else ""))
+
+
+@app.command("export")
+@handle_errors
+def export_cmd(
+    index: Path = typer.Option(..., "--index", help="Index folder written by `fewshot index` (enrolled articles included)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: <group>/<article>/photos plus manifest.csv (a new folder, or an earlier export with --overwrite)."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Copy every article's photos out of an index (enrolled ones too), as a tree that `fewshot index --data` reads back."""
+    from ..pipeline import export_index
+
+    summary = export_index(index, out, overwrite=overwrite)
+    typer.echo(f"exported {summary['images']} photos of {summary['articles']} articles to {out}")
+    typer.echo(f"build an index of them again: fewshot index --data {out / 'manifest.csv'} --out NEW_INDEX"
+               + ("" if summary["tree_exact"] else "  (the manifest keeps the exact labels; some are not "
+                                                     "usable as folder names, so the tree shows them changed)"))
+    if summary["missing"]:
+        shown = ", ".join(summary["missing"][:5]) + (" ..." if len(summary["missing"]) > 5 else "")
+        typer.echo(f"error: {len(summary['missing'])} catalogue photo(s) are not on disk and were not exported: "
+                   f"{shown}", err=True)
+        raise typer.Exit(1)
 
 
 def _expand_images(items: List[Path]) -> list[Path]:

@@ -44,8 +44,8 @@ import faiss
 import numpy as np
 
 from ..version import __version__
-from ..errors import CheckpointError, DataError
-from ..io import atomic_dir, recover_dir
+from ..errors import CheckpointError, DataError, FolderBusyError
+from ..io import atomic_dir, recover_dir, writer_lock
 from . import ann
 from .ann import BLAS_MIN_QUERIES, INDEX_TYPES, AnnConfig, faiss_blas_setting
 from .journal import Change, Journal
@@ -376,10 +376,18 @@ class CatalogueIndex:
         else:
             raise CheckpointError(f"unknown journal operation '{change.op}'", hint="rebuild the index")
 
-    def append_change(self, path: str | Path, change: Change) -> Path:
+    def append_change(self, path: str | Path, change: Change, *, owner: object | None = None) -> Path:
         """Persist ``change`` as one journal entry of the index folder ``path`` (durable when
-        this returns), then apply it in memory. Writes only the change's own vectors."""
-        entry = Journal(path).append(change)
+        this returns), then apply it in memory. Writes only the change's own vectors.
+
+        ``owner``: the holder of the folder's writer lock (:func:`fewshot.io.writer_lock`), when
+        the caller holds it (a service); otherwise the lock is taken for this write.
+
+        Raises:
+            FolderBusyError: another writer holds the folder.
+        """
+        with writer_lock(path, "a catalogue change", owner=owner or self):
+            entry = Journal(path).append(change)
         self.apply(change)
         return entry
 
@@ -599,11 +607,21 @@ class CatalogueIndex:
                 "articles": self.articles,
                 "labels": self.labels, "groups": self.groups, "paths": self.paths, "digests": self.digests}
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, owner: object | None = None) -> Path:
         """Write the index folder atomically (the old folder survives a crash): the base files
         with every change so far, and no journal (compaction). An ``ivfpq`` index drops its
-        tombstones here; an ``hnsw`` graph keeps them masked (FAISS cannot remove from it)."""
-        path = Path(path)
+        tombstones here; an ``hnsw`` graph keeps them masked (FAISS cannot remove from it).
+
+        Holds the folder's writer lock (:func:`fewshot.io.writer_lock`) while it writes;
+        ``owner``: its holder when the caller holds it already (a service, ``fewshot index``).
+
+        Raises:
+            FolderBusyError: another writer holds the folder.
+        """
+        with writer_lock(path, "saving a catalogue index", owner=owner or self):
+            return self._save(Path(path))
+
+    def _save(self, path: Path) -> Path:
         assert self.image_index is not None and self._vectors is not None and self._alive is not None
         if self.num_tombstones and self.ann.kind == "ivfpq":
             dead = np.setdiff1d(np.arange(self._vectors.first_new + self._vectors.new.n), self.ids)
@@ -615,7 +633,7 @@ class CatalogueIndex:
             self._write_rows(tmp / "prototype_sums.npy", len(self._protos), self._protos.sums)
             if self.ann.kind != "flat":
                 faiss.write_index(self.image_index, str(tmp / "images.faiss"))
-            self.paths = self._carry_enrolled(origin, tmp)
+            self.paths = self._carry_enrolled(origin, tmp, path)
             (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1, default=str), encoding="utf-8")
         self.folder = path
         return path
@@ -629,17 +647,21 @@ class CatalogueIndex:
         return [root.parent / p if p.startswith(relative) else Path(p)
                 for p in dict.fromkeys(self.paths) if p.startswith(relative) or p.startswith(absolute)]
 
-    def _carry_enrolled(self, old: Path, new: Path) -> list[str]:
+    def _carry_enrolled(self, old: Path, new: Path, fallback: Path) -> list[str]:
         """Hard-link (or copy) into the new folder the enrolled photos the index references
         (:meth:`enrolled_files` of ``old``, the folder the index came from, which may be another
         folder than the one being written); photos of removed articles are left behind with the
         old folder. Returns :attr:`paths` with each enrolled photo as ``enrolled/...``, relative
-        to the new folder (an absolute path of before 2026-12 included)."""
-        base = Path(old).resolve()
+        to the new folder (an absolute path of before 2026-12 included). A photo missing from
+        ``old`` is taken from ``fallback``, the folder being replaced (whose enrolled articles a
+        rebuild keeps, :func:`fewshot.pipeline.build_index`)."""
+        base, fallback = Path(old).resolve(), Path(fallback).resolve()
         moved: dict[str, str] = {}  # absolute path of before 2026-12 -> enrolled/...
         for src in self.enrolled_files(old):
             rel = src.relative_to(base)
             moved[str(src)] = rel.as_posix()
+            if not src.is_file() and (fallback / rel).is_file():  # carried from the folder being replaced
+                src = fallback / rel
             if not src.is_file():  # pragma: no cover - the folder was edited by hand
                 log.warning("enrolled image %s is missing from the index folder", src)
                 continue
@@ -673,8 +695,8 @@ class CatalogueIndex:
             CheckpointError: the folder is missing, incomplete, damaged or inconsistent.
         """
         path = Path(path)
-        if recover_dir(path):
-            log.warning("recovered index %s from an interrupted save", path)
+        if not path.exists():
+            _recover_or_wait(path)
         _check_folder(path)
         meta = _read_meta(path)
         if meta is None:
@@ -695,6 +717,27 @@ class CatalogueIndex:
                                   hint="rebuild it with `fewshot index`") from exc
         self.folder = path
         return self
+
+
+def _recover_or_wait(path: Path, wait_s: float = 10.0) -> None:
+    """A missing index folder: a writer may be between the two renames of its save (then wait
+    for it, up to ``wait_s``), or one was killed there (then put its old folder back, under
+    the writer lock, so that no live writer's rename is undone)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        try:
+            with writer_lock(path, "recovering an interrupted save"):
+                if recover_dir(path):
+                    log.warning("recovered index %s from an interrupted save", path)
+                return
+        except FolderBusyError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        except OSError:  # cannot create the lock file (a read-only parent): nothing to recover here
+            return
 
 
 def _check_folder(path: Path) -> None:

@@ -74,17 +74,36 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True)
         entries = self.sequence()
         seq = entries[-1][0] + 1 if entries else 1
-        final = self.dir / f"{seq:010d}.npz"
         tmp = self.dir / f".{seq:010d}.{os.getpid()}.tmp"
         meta = {"op": change.op, "label": change.label, "group": change.group,
                 "paths": list(change.paths), "digests": list(change.digests)}
-        with open(tmp, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta)), vectors=np.asarray(change.vectors, np.float32))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, meta=np.array(json.dumps(meta)), vectors=np.asarray(change.vectors, np.float32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            final = self._link_next(tmp, seq)
+        finally:
+            tmp.unlink(missing_ok=True)
         _fsync_dir(self.dir)
         return final
+
+    def _link_next(self, tmp: Path, seq: int) -> Path:
+        """Hard-link ``tmp`` as the first free entry from ``seq`` on: an existing entry is never
+        replaced, even by a writer that ignored the folder's writer lock."""
+        while True:
+            final = self.dir / f"{seq:010d}.npz"
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                seq += 1
+            except OSError:  # no hard links on this file system: check, then rename
+                if final.exists():
+                    seq += 1
+                    continue
+                os.replace(tmp, final)
+                return final
 
     def read(self) -> list[Change]:
         """Every complete entry, oldest first.

@@ -34,6 +34,7 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -67,6 +68,7 @@ from ..embed import read_digests
 from ..errors import FewshotError, ImageReadError
 from ..index import ENROLLED_DIR as INDEX_ENROLLED_DIR, CatalogueIndex, Change
 from ..index.journal import Journal
+from ..io import writer_lock
 
 log = logging.getLogger("fewshot.serve")
 
@@ -78,6 +80,8 @@ DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_ENROL_FILES = 16
 #: Sub-folder of the index folder that holds enrolled photos.
 ENROLLED_DIR = INDEX_ENROLLED_DIR
+#: Hidden sub-folder of the index folder for the uploads of requests in progress.
+UPLOAD_DIR = ".uploads"
 #: Journal entries after which the service compacts the index folder when it starts.
 COMPACT_AFTER = 500
 #: Longest accepted article label / group name.
@@ -323,6 +327,21 @@ class _Service:
     def __init__(self, index_dir: Path, max_upload_bytes: int, model=None, runtime: str = "auto",
                  threads: int | None = None) -> None:
         self.index_dir = Path(index_dir).resolve()
+        # the one writer of this folder for the service's lifetime: refused at once when another holds it
+        self._writer = contextlib.ExitStack()
+        self._writer.enter_context(writer_lock(self.index_dir, "fewshot serve", owner=self))
+        try:
+            self._open(max_upload_bytes, model, runtime, threads)
+        except BaseException:
+            self._writer.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the embedding thread and release the index folder's writer lock."""
+        self.embedder.close()
+        self._writer.close()
+
+    def _open(self, max_upload_bytes: int, model, runtime: str, threads: int | None) -> None:
         index = CatalogueIndex.load(self.index_dir)
         if model is None:
             from ..pipeline import model_for_index
@@ -348,6 +367,7 @@ class _Service:
         self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self.enrolled_root = self.index_dir / ENROLLED_DIR
+        self.upload_dir = self.index_dir / UPLOAD_DIR
         self._drop_leftovers(index)
         if len(Journal(self.index_dir)) >= COMPACT_AFTER:
             self.compact()
@@ -360,12 +380,22 @@ class _Service:
         if self.enrolled_root.is_dir():
             referenced = set(index.enrolled_files(self.index_dir))
             stale += [f for f in self.enrolled_root.rglob("*") if f.is_file() and f not in referenced]
+        if self.upload_dir.is_dir():
+            stale += [f for f in self.upload_dir.rglob("*") if f.is_file()]
         for f in stale:
             self._remove(f)
+        shutil.rmtree(self.upload_dir, ignore_errors=True)
         if stale:
             log.warning("removed %d file(s) left by an interrupted change in %s", len(stale), self.index_dir)
 
     # ------------------------------------------------------------------ uploads
+    def _scratch(self, what: str):
+        """A private temporary folder for one request's uploads, inside ``INDEX_DIR/.uploads``
+        (not the system's temporary folder): what a killed request leaves there is removed
+        when the service starts again."""
+        self.upload_dir.mkdir(exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix=f"{what}-", dir=self.upload_dir)
+
     def receive_upload(self, upload: UploadFile, tmpdir: Path, n: int) -> tuple[Path, str]:
         """Copy one upload into ``tmpdir`` (size-checked); returns ``(path, display name)``."""
         name = os.path.basename(upload.filename or "") or f"upload {n + 1}"
@@ -412,7 +442,7 @@ class _Service:
         """Top-k articles and nearest catalogue images for one uploaded photo; ``in_catalogue``
         lists the catalogue images with exactly its content."""
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="fewshot-upload-") as tmp:
+        with self._scratch("classify") as tmp:
             path, name = self.receive_upload(file, Path(tmp), 0)
             x = self.decode(path, name)
             digest = read_digests([path])[0][0]
@@ -470,7 +500,7 @@ class _Service:
             raise ApiError(422, "too_many_files", f"{len(files)} photos sent; at most {MAX_ENROL_FILES} "
                            "per request", hint="enrol the rest in a second request with the same label")
         assert label is not None
-        with tempfile.TemporaryDirectory(prefix="fewshot-enrol-") as tmp:
+        with self._scratch("enrol") as tmp:
             received = [self.receive_upload(f, Path(tmp), n) for n, f in enumerate(files)]
             vectors = self.embedder.embed(torch.stack(self._decode_all(received)))
             folder = self.enrolled_root / _slug(label)
@@ -482,7 +512,7 @@ class _Service:
                 group = group if created else _existing_group(index, label, group)
                 paths = [dst.relative_to(self.index_dir).as_posix() for _, dst in new_files]  # the folder can move
                 change = Change("add", label, group, vectors, paths, read_digests([s for s, _ in new_files])[0])
-                self._write_durably(new_files, lambda: index.append_change(self.index_dir, change))
+                self._write_durably(new_files, lambda: index.append_change(self.index_dir, change, owner=self))
                 self.cat.added(label, paths)
                 num_images, articles, images = index.num_images(label), len(index.articles), len(index)
         return {"label": label, "group": group, "created": created, "added": len(new_files),
@@ -542,7 +572,7 @@ class _Service:
                 raise ApiError(409, "last_article", f"'{label}' is the only article left; a catalogue "
                                "cannot be empty", hint="enrol another article first")
             paths = index.article_paths(label)
-            index.append_change(self.index_dir, Change("remove", label))
+            index.append_change(self.index_dir, Change("remove", label), owner=self)
             self.cat.removed(label, paths)
             self._drop_enrolled(paths)
             articles, images = len(index.articles), len(index)
@@ -571,7 +601,7 @@ class _Service:
         dropped (:meth:`fewshot.index.CatalogueIndex.save`)."""
         with self.cat.lock:
             index = self.cat.index
-            index.save(self.index_dir)
+            index.save(self.index_dir, owner=self)
         log.info("compacted index %s (%d images)", self.index_dir, len(index))
 
     def is_enrolled(self, path: str) -> bool:
@@ -671,7 +701,7 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        service.embedder.close()
+        service.close()
 
     app = FastAPI(
         lifespan=lifespan,
