@@ -73,3 +73,10 @@ def build_small_catalogue(grocery_root: Path, out: Path) -> SmallCatalogue:
     index_dir = out / "index"
     build_index(str(manifest), index_dir, split=None, embed=opts, model=model)
     return SmallCatalogue(index_dir, model, groups, by_label, test_by_label)
+
+
+def authed(app, **kwargs):
+    """A test client of ``app`` that sends the app's write token with every request."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, headers={"Authorization": f"Bearer {app.state.access.write_token}"}, **kwargs)

@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 from fewshot.index import CatalogueIndex  # noqa: E402
 from fewshot.serve.app import ENROLLED_DIR, create_app  # noqa: E402
 
-from serve_helpers import ARTICLES, NEW_ARTICLE, PHOTOS_PER_ARTICLE, small_catalogue  # noqa: E402
+from serve_helpers import ARTICLES, NEW_ARTICLE, PHOTOS_PER_ARTICLE, authed, small_catalogue  # noqa: E402
 
 N_IMAGES = len(ARTICLES) * PHOTOS_PER_ARTICLE
 
@@ -41,7 +41,7 @@ def catalogue(grocery_root: Path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(catalogue):
     """A client over the shared index: only for requests that must not change it."""
-    return TestClient(create_app(catalogue.index_dir, model=catalogue.model))
+    return authed(create_app(catalogue.index_dir, model=catalogue.model))
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def test_upload_is_embedded_like_the_index(client, catalogue) -> None:
     indexed = catalogue.train["Oatly-Oat-Milk"][0]
     body = client.post("/classify", files={"file": photo(indexed)}).json()
     top = body["neighbors"][0]
-    assert top["path"] == str(indexed) and top["score"] > 0.999
+    assert top["name"] == indexed.name and top["score"] > 0.999  # a name, never a server path
     assert body["predictions"][0]["label"] == "Oatly-Oat-Milk"
     assert body["in_catalogue"] == [top["image_id"]]  # said, so the 1.0 is not mistaken for recognition
     held_out = client.post("/classify", files={"file": photo(catalogue.test["Oatly-Oat-Milk"][0])}).json()
@@ -210,7 +210,7 @@ def test_oversize_upload_refused_before_reading(client, catalogue) -> None:
 
 def test_upload_limit_is_configurable_and_streamed(catalogue, own_index: Path) -> None:
     """Limit 10 kB: a photo above it (classify and enrol) and a streamed body (chunked, no Content-Length)."""
-    client = TestClient(create_app(own_index, model=catalogue.model, max_upload_bytes=10_000))
+    client = authed(create_app(own_index, model=catalogue.model, max_upload_bytes=10_000))
     before = folder_digest(own_index)
     big_photo = next(p for p in catalogue.train["Watermelon"] if p.stat().st_size > 12_000)
     assert_error(client.post("/classify", files={"file": photo(big_photo)}), 413, "upload_too_large",
@@ -282,7 +282,7 @@ def test_unknown_endpoint_is_json(client) -> None:
 
 # --------------------------------------------------------------------------- enrol / delete
 def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
-    client = TestClient(create_app(own_index, model=catalogue.model))
+    client = authed(create_app(own_index, model=catalogue.model))
     query = photo(catalogue.test[NEW_ARTICLE][0])
     before = client.post("/classify", files={"file": query}).json()
     assert before["predictions"][0]["label"] != NEW_ARTICLE
@@ -308,7 +308,7 @@ def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
 
     # a restarted service sees the enrolment; adding photos to an existing article works
     client.app.state.service.close()  # one writer per folder: stop it before the next
-    client = TestClient(create_app(own_index, model=catalogue.model))
+    client = authed(create_app(own_index, model=catalogue.model))
     assert client.post("/classify", files={"file": query}).json()["predictions"][0]["label"] == NEW_ARTICLE
     resp = client.post("/articles", data={"label": NEW_ARTICLE},
                        files=[("files", photo(catalogue.train[NEW_ARTICLE][4]))])
@@ -328,7 +328,7 @@ def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
 
 
 def test_labels_with_slashes_and_unicode(catalogue, own_index: Path) -> None:
-    client = TestClient(create_app(own_index, model=catalogue.model))
+    client = authed(create_app(own_index, model=catalogue.model))
     label = "Fruit/Pastèque 1kg"
     resp = client.post("/articles", data={"label": label}, files=[("files", photo(catalogue.train[NEW_ARTICLE][0]))])
     assert resp.status_code == 201, resp.text
@@ -337,7 +337,7 @@ def test_labels_with_slashes_and_unicode(catalogue, own_index: Path) -> None:
 
 
 def test_last_article_cannot_be_deleted(catalogue, own_index: Path) -> None:
-    client = TestClient(create_app(own_index, model=catalogue.model))
+    client = authed(create_app(own_index, model=catalogue.model))
     for label in ARTICLES[:-1]:
         assert client.delete(f"/articles/{label}").status_code == 200
     before = folder_digest(own_index)
@@ -347,7 +347,7 @@ def test_last_article_cannot_be_deleted(catalogue, own_index: Path) -> None:
 
 def test_racing_enrolments_are_not_lost(catalogue, own_index: Path) -> None:
     """Four enrolments and some classifications at once: every enrolment is on disk afterwards."""
-    client = TestClient(create_app(own_index, model=catalogue.model))
+    client = authed(create_app(own_index, model=catalogue.model))
     photos = catalogue.train[NEW_ARTICLE]
     labels = [f"Race-{i}" for i in range(4)]
     barrier = threading.Barrier(len(labels) + 2)
@@ -381,7 +381,7 @@ def test_failed_write_keeps_the_old_catalogue(catalogue, own_index: Path, monkey
     """A failure while the new folder is written (disk full, crash) leaves the previous one intact."""
     import fewshot.serve.app as serve_app
 
-    client = TestClient(create_app(own_index, model=catalogue.model), raise_server_exceptions=False)
+    client = authed(create_app(own_index, model=catalogue.model), raise_server_exceptions=False)
     before = folder_digest(own_index)
     siblings = set(own_index.parent.iterdir())
 
@@ -426,10 +426,11 @@ def test_enrolment_appends_to_the_journal_and_restart_compacts(catalogue, own_in
     from fewshot.index.journal import Journal
 
     def base_files() -> dict[str, str]:
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in own_index.iterdir() if p.is_file()}
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in own_index.iterdir()
+                if p.is_file() and p.name != "audit.jsonl"}  # the audit log is appended to, by design
 
     before = base_files()
-    client = TestClient(create_app(own_index, model=catalogue.model))
+    client = authed(create_app(own_index, model=catalogue.model))
     photos = catalogue.train[NEW_ARTICLE][:2]
     resp = client.post("/articles", data={"label": NEW_ARTICLE}, files=[("files", photo(p)) for p in photos])
     assert resp.status_code == 201 and resp.json()["num_images"] == 2
@@ -443,7 +444,7 @@ def test_enrolment_appends_to_the_journal_and_restart_compacts(catalogue, own_in
 
     monkeypatch.setattr(serve_app, "COMPACT_AFTER", 2)
     client.app.state.service.close()  # one writer per folder: stop it before the next
-    again = TestClient(create_app(own_index, model=catalogue.model))
+    again = authed(create_app(own_index, model=catalogue.model))
     assert not (own_index / "journal").exists() and base_files() != before
     health = again.get("/health").json()
     assert health["images"] == N_IMAGES + 2 - PHOTOS_PER_ARTICLE and health["articles"] == len(ARTICLES)
@@ -459,7 +460,7 @@ def test_a_moved_folder_keeps_its_enrolments_and_leftovers_are_cleaned(catalogue
     import fewshot.serve.app as serve_app
     from fewshot.api import Catalogue
 
-    client = TestClient(create_app(own_index, model=catalogue.model))
+    client = authed(create_app(own_index, model=catalogue.model))
     photos = catalogue.train[NEW_ARTICLE][:2]
     assert client.post("/articles", data={"label": NEW_ARTICLE},
                        files=[("files", photo(p)) for p in photos]).status_code == 201
@@ -470,7 +471,7 @@ def test_a_moved_folder_keeps_its_enrolments_and_leftovers_are_cleaned(catalogue
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"never acknowledged")
     monkeypatch.setattr(serve_app, "COMPACT_AFTER", 1)
-    client = TestClient(create_app(moved, model=catalogue.model))
+    client = authed(create_app(moved, model=catalogue.model))
     assert not stray.exists() and not (moved / "journal").exists()  # cleaned, then compacted
     art = next(a for a in client.get("/articles").json()["articles"] if a["label"] == NEW_ARTICLE)
     assert art["enrolled"] and art["num_images"] == 2
@@ -480,7 +481,7 @@ def test_a_moved_folder_keeps_its_enrolments_and_leftovers_are_cleaned(catalogue
     client.app.state.service.close()  # one writer per folder: stop it before the next
     cat.save(moved, overwrite=True)
     assert len(list((moved / ENROLLED_DIR).rglob("*.jpg"))) == 2
-    again = TestClient(create_app(moved, model=catalogue.model))
+    again = authed(create_app(moved, model=catalogue.model))
     assert again.get(art["image_url"]).status_code == 200
 
 
@@ -489,7 +490,7 @@ def test_a_catalogue_saved_to_another_folder_takes_its_enrolled_photos(catalogue
     copied), serves them, and does not depend on A; A is left as it was."""
     from fewshot.api import Catalogue
 
-    client = TestClient(create_app(own_index, model=catalogue.model))
+    client = authed(create_app(own_index, model=catalogue.model))
     photos = catalogue.train[NEW_ARTICLE][:2]
     assert client.post("/articles", data={"label": NEW_ARTICLE},
                        files=[("files", photo(p)) for p in photos]).status_code == 201
@@ -502,7 +503,7 @@ def test_a_catalogue_saved_to_another_folder_takes_its_enrolled_photos(catalogue
     assert sorted(Path(p) for p in saved) == in_a  # relative to B, so B can move
     assert [(copy / p).read_bytes() for p in sorted(saved)] == [(own_index / p).read_bytes() for p in in_a]
     shutil.rmtree(own_index)  # B stands alone
-    served = TestClient(create_app(copy, model=catalogue.model))
+    served = authed(create_app(copy, model=catalogue.model))
     art = next(a for a in served.get("/articles").json()["articles"] if a["label"] == NEW_ARTICLE)
     assert art["num_images"] == 2 and served.get(art["image_url"]).status_code == 200
 

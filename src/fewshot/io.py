@@ -288,27 +288,45 @@ def writer_lock(folder: str | Path, what: str, *, owner: object | None = None) -
             entry[1] -= 1
             if entry[1] == 0:
                 del _HELD[real]
-                entry[0].close()  # releases the flock
+                _let_go(real, entry[0])
 
 
 def _take(real: Path, what: str):
-    """Open and ``flock`` the lock file of ``real`` without waiting; record the holder."""
+    """Open and ``flock`` the lock file of ``real`` without waiting; record the holder.
+
+    The holder removes the file when it lets go (:func:`_let_go`), so a lock that was taken on a
+    file already unlinked (opened just before its holder removed it) is retried on the new one.
+    """
     import fcntl
+
+    path = lock_file(real)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        fh = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise _busy(real, _read_holder(path), what) from None
+        except BaseException:
+            fh.close()
+            raise
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fh.fileno()).st_ino:
+            _record_holder(fh, what)
+            return fh
+        fh.close()  # the file we locked was removed by its last holder: lock the new one
+    raise _busy(real, {}, what)  # pragma: no cover - a hundred holders in a row
+
+
+def _record_holder(fh, what: str) -> None:
     import socket
     import sys
     import time
 
-    path = lock_file(real)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise _busy(real, _read_holder(path), what) from None
-    except BaseException:
-        fh.close()
-        raise
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
             "argv": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:6])),
             "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
@@ -316,7 +334,13 @@ def _take(real: Path, what: str):
     fh.truncate()
     fh.write(json.dumps(info))
     fh.flush()
-    return fh
+
+
+def _let_go(real: Path, fh) -> None:
+    """Remove the lock file (while still holding it), then release the lock."""
+    with contextlib.suppress(OSError):
+        os.unlink(lock_file(real))
+    fh.close()
 
 
 def holds_writer_lock(folder: str | Path) -> bool:

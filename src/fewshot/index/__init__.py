@@ -57,6 +57,8 @@ __all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "ENROLLED_DIR", "CatalogueIndex", "C
 FORMAT_VERSION = 2
 #: sub-folder of an index folder with the photos ``fewshot serve`` enrolled (kept by ``save``)
 ENROLLED_DIR = "enrolled"
+#: the service's append-only log of changes (:class:`fewshot.serve.security.AuditLog`), kept by every save
+AUDIT_FILE = "audit.jsonl"
 #: prototype search of an approximate index (:meth:`CatalogueIndex._shortlist`): the articles
 #: of the nearest max(SHORTLIST_MIN, SHORTLIST_PER_RESULT x k) images are re-ranked exactly
 #: (100: on Grocery, 81 articles, the top-5 of a 50-image shortlist missed an article of the
@@ -136,7 +138,7 @@ def is_index_dir(path: str | Path) -> bool:
 
 #: what an index folder holds at its top level (the service adds ``enrolled/``)
 INDEX_FILES = frozenset({"meta.json", "images.faiss", "prototypes.faiss", "vectors.npy", "ids.npy",
-                         "prototype_sums.npy", "journal", "enrolled"})
+                         "prototype_sums.npy", "journal", "enrolled", "audit.jsonl"})
 
 
 @dataclass
@@ -634,6 +636,7 @@ class CatalogueIndex:
             if self.ann.kind != "flat":
                 faiss.write_index(self.image_index, str(tmp / "images.faiss"))
             self.paths = self._carry_enrolled(origin, tmp, path)
+            _carry_file(AUDIT_FILE, [Path(origin), path], tmp)
             (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1, default=str), encoding="utf-8")
         self.folder = path
         return path
@@ -717,6 +720,18 @@ class CatalogueIndex:
                                   hint="rebuild it with `fewshot index`") from exc
         self.folder = path
         return self
+
+
+def _carry_file(name: str, folders: list[Path], new: Path) -> None:
+    """Hard-link (or copy) ``name`` from the first of ``folders`` that has it into ``new``."""
+    for folder in folders:
+        src = folder / name
+        if src.is_file():
+            try:
+                os.link(src, new / name)
+            except OSError:
+                shutil.copy2(src, new / name)
+            return
 
 
 def _recover_or_wait(path: Path, wait_s: float = 10.0) -> None:

@@ -69,6 +69,7 @@ from ..errors import FewshotError, ImageReadError
 from ..index import ENROLLED_DIR as INDEX_ENROLLED_DIR, CatalogueIndex, Change
 from ..index.journal import Journal
 from ..io import writer_lock
+from .security import Access, AuditLog, Guard, new_token
 
 log = logging.getLogger("fewshot.serve")
 
@@ -299,10 +300,22 @@ class _Catalogue:
     def __init__(self, index: CatalogueIndex) -> None:
         self.index = index
         self.lock = threading.RLock()
+        data = Path(str(index.config.get("data") or ""))
+        self.data_root = (data.parent if data.suffix.lower() in (".csv", ".tsv") else data) if data.is_absolute() else None
         self.path_of = {image_id(p): p for p in index.paths}
         self.first_image: dict[str, str] = {}
         for label, path in zip(index.labels, index.paths):
             self.first_image.setdefault(label, path)
+
+    def name_of(self, path: str) -> str:
+        """The name a response shows for a catalogue image: relative to the data folder (or to the
+        index folder, for enrolled photos), never a server path."""
+        p = Path(path)
+        if not p.is_absolute():
+            return p.as_posix()
+        if self.data_root is not None and p.is_relative_to(self.data_root):
+            return p.relative_to(self.data_root).as_posix()
+        return p.name
 
     def added(self, label: str, paths: list[str]) -> None:
         self.path_of.update((image_id(p), p) for p in paths)
@@ -325,8 +338,9 @@ class _Service:
     """The state behind the routes: the catalogue snapshot, the model, the locks."""
 
     def __init__(self, index_dir: Path, max_upload_bytes: int, model=None, runtime: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, access: Access | None = None) -> None:
         self.index_dir = Path(index_dir).resolve()
+        self.access = access or Access(write_token=new_token())
         # the one writer of this folder for the service's lifetime: refused at once when another holds it
         self._writer = contextlib.ExitStack()
         self._writer.enter_context(writer_lock(self.index_dir, "fewshot serve", owner=self))
@@ -368,6 +382,7 @@ class _Service:
         self._thumbs_lock = threading.Lock()
         self.enrolled_root = self.index_dir / ENROLLED_DIR
         self.upload_dir = self.index_dir / UPLOAD_DIR
+        self.audit = AuditLog(self.index_dir)
         self._drop_leftovers(index)
         if len(Journal(self.index_dir)) >= COMPACT_AFTER:
             self.compact()
@@ -432,10 +447,12 @@ class _Service:
         with self.cat.lock:
             index = self.cat.index
             articles, images, kind = len(index.articles), len(index), index.ann.kind
-        return {"status": "ok", "version": __version__, "index": str(self.index_dir),
+        return {"status": "ok", "version": __version__, "index": self.index_dir.name,
                 "articles": articles, "images": images, "index_type": kind,
                 "backbone": b.name, "image_size": b.image_size, "embedding_dim": self.cat.index.dim,
-                "model_dir": str(self.model.run_dir) if getattr(self.model, "run_dir", None) else None,
+                "model": Path(self.model.run_dir).name if getattr(self.model, "run_dir", None) else None,
+                "writes_need_token": self.access.write_token is not None,
+                "reads_need_token": self.access.read_token is not None,
                 "max_upload_bytes": self.max_upload_bytes, "max_enrol_files": MAX_ENROL_FILES}
 
     def classify(self, file: UploadFile, top_k: int, mode: str, neighbors: int) -> dict:
@@ -461,7 +478,7 @@ class _Service:
                 best_image.setdefault(nb.label, (iid, nb.score))
                 if rank < neighbors:
                     neighbor_list.append({"label": nb.label, "group": nb.group, "score": round(nb.score, 6),
-                                          "path": nb.path, "image_id": iid, "image_url": _image_url(iid)})
+                                          "name": self.cat.name_of(nb.path), "image_id": iid, "image_url": _image_url(iid)})
             predictions = []
             for p in preds:
                 iid, iscore = best_image.get(p.label, (image_id(self.cat.first_image[p.label]), None))
@@ -488,7 +505,8 @@ class _Service:
             images = len(index)
         return {"count": len(out), "images": images, "articles": out}
 
-    def enrol(self, label: str | None, group: str | None, files: list[UploadFile] | None) -> dict:
+    def enrol(self, label: str | None, group: str | None, files: list[UploadFile] | None,
+              who: tuple[str | None, str | None] = (None, None)) -> dict:
         """Add an article (or photos of an existing one) from uploaded photos; all or nothing."""
         label = _clean_text(label, "label", required=True)
         group = _clean_text(group, "group", required=False)
@@ -515,6 +533,7 @@ class _Service:
                 self._write_durably(new_files, lambda: index.append_change(self.index_dir, change, owner=self))
                 self.cat.added(label, paths)
                 num_images, articles, images = index.num_images(label), len(index.articles), len(index)
+                self.audit.write(*who, "enrol", label=label, group=group, created=created, images=len(paths))
         return {"label": label, "group": group, "created": created, "added": len(new_files),
                 "num_images": num_images, "articles": articles, "images": images}
 
@@ -561,7 +580,7 @@ class _Service:
                            hint="send photos as JPEG, PNG or WebP", files=bad)
         return tensors
 
-    def delete(self, label: str) -> dict:
+    def delete(self, label: str, who: tuple[str | None, str | None] = (None, None)) -> dict:
         """Remove an article and its images (the last article cannot be removed)."""
         with self.cat.lock:
             index = self.cat.index
@@ -576,6 +595,7 @@ class _Service:
             self.cat.removed(label, paths)
             self._drop_enrolled(paths)
             articles, images = len(index.articles), len(index)
+            self.audit.write(*who, "delete", label=label, images=len(paths))
         return {"deleted": label, "images_removed": len(paths), "articles": articles, "images": images}
 
     def catalogue_image(self, image_id_: str, size: int) -> bytes:
@@ -675,7 +695,8 @@ def _image_url(image_id_: str, size: int = 160) -> str:
 
 # --------------------------------------------------------------------------- the app
 def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               model=None, runtime: str = "auto", threads: int | None = None) -> FastAPI:
+               model=None, runtime: str = "auto", threads: int | None = None,
+               access: Access | None = None) -> FastAPI:
     """The FastAPI application serving the catalogue index in ``index_dir``.
 
     Args:
@@ -688,15 +709,23 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
             default :func:`fewshot.pipeline.model_for_index` (the index's own backbone/run).
         runtime, threads: the forward pass (:func:`fewshot.embed.make_forward`): ``auto``
             (ONNX Runtime on a CPU when installed) | ``torch`` | ``onnx``; its threads.
+        access: tokens, host names and origins (:class:`fewshot.serve.security.Access`); default:
+            changes need a new random write token (``app.state.access.write_token``), reads are
+            open, any ``Host`` is accepted (``fewshot serve`` checks it), other origins refused.
+
+    The application holds the index folder's writer lock until its lifespan ends (or
+    ``app.state.service.close()``): a second service on the same folder is refused.
 
     Raises:
         CheckpointError: the index folder is missing or damaged, its model changed since it
             was built, or ``model`` does not match its embedding dimension.
+        FolderBusyError: another writer (another service, ``fewshot index``) holds the folder.
     """
     if max_upload_bytes <= 0:
         raise FewshotError(f"upload limit must be positive, got {max_upload_bytes} bytes",
                            hint="use e.g. --max-upload-mb 10")
-    service = _Service(Path(index_dir), max_upload_bytes, model, runtime, threads)
+    access = access or Access(write_token=new_token())
+    service = _Service(Path(index_dir), max_upload_bytes, model, runtime, threads, access)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -711,11 +740,27 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
                     "without retraining. Errors are JSON: `{\"error\": code, \"message\": text, \"hint\": fix}`.",
     )
     app.state.service = service
+    app.state.access = access
     app.add_middleware(_BodyLimit, limit_for=_body_limits(max_upload_bytes))
+    _add_access_middleware(app, access)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
     app.include_router(_router(service))
     return app
+
+
+def _add_access_middleware(app: FastAPI, access: Access) -> None:
+    """Tokens and origins (:class:`Guard`), the preflight answers for ``--allow-origin``, and
+    the ``Host`` check outermost (each added middleware wraps the ones before it)."""
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    app.add_middleware(Guard, access=access)
+    if access.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(access.allowed_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization"])
+    if access.allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(access.allowed_hosts))
 
 
 def _body_limits(max_upload_bytes: int) -> Callable[[str, str], tuple[int, str] | None]:
@@ -801,16 +846,17 @@ def _router(service: "_Service") -> APIRouter:
     @router.post("/articles", status_code=201,
                  summary="Enrol an article from a few photos (added to the index at once, no retraining)")
     def enrol(
+        request: Request,
         label: Optional[str] = Form(None, description="Article name (new, or existing to add photos)."),
         group: Optional[str] = Form(None, description="Group / brand / coarse class (optional)."),
         files: Optional[List[UploadFile]] = File(None, description=f"1 to {MAX_ENROL_FILES} photos "
                                                                    "of the article."),
     ) -> dict:
-        return service.enrol(label, group, files)
+        return service.enrol(label, group, files, who=_who(request))
 
     @router.delete("/articles/{label:path}", summary="Remove an article and its images from the catalogue")
-    def delete_article(label: str = PathParam(..., description="The article's label.")) -> dict:
-        return service.delete(label)
+    def delete_article(request: Request, label: str = PathParam(..., description="The article's label.")) -> dict:
+        return service.delete(label, who=_who(request))
 
     @router.get("/catalogue-image/{image_id}", summary="Thumbnail of one catalogue image",
                 response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
@@ -820,6 +866,11 @@ def _router(service: "_Service") -> APIRouter:
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=600"})
 
     return router
+
+
+def _who(request: Request) -> tuple[str | None, str | None]:
+    """``(token id, client address)`` of a request, for the audit log."""
+    return getattr(request.state, "token_id", None), request.client.host if request.client else None
 
 
 def _stored_copy(path: Path) -> tuple[Path, str]:

@@ -14,15 +14,57 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// ------------------------------------------------------------------ access token
+// Kept for this tab only (sessionStorage), sent as "Authorization: Bearer". A link may carry it
+// in its fragment (#token=...), which never reaches the server; it is removed from the address bar.
+const TOKEN_KEY = "fewshot-token";
+
+function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+
+function authHeaders() { return token() ? { Authorization: `Bearer ${token()}` } : {}; }
+
+function takeTokenFromLink() {
+  const m = location.hash.match(/token=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+
+function showTokenState(message) {
+  $("#token-state").textContent = message || (token() ? "token set for this tab" : "no token: classify only (if reads are open)");
+}
+
+function saveToken(event) {
+  event.preventDefault();
+  const value = $("#token").value.trim();
+  if (value) sessionStorage.setItem(TOKEN_KEY, value); else sessionStorage.removeItem(TOKEN_KEY);
+  $("#token").value = "";
+  showTokenState();
+  refreshStatus();
+  loadArticles();
+}
+
+// Thumbnails load through fetch, so that the token goes along when reads need one.
+function authImg(url, attrs) {
+  const img = el("img", attrs);
+  fetch(url, { headers: authHeaders() })
+    .then((r) => (r.ok ? r.blob() : null))
+    .then((b) => { if (b) img.src = URL.createObjectURL(b); })
+    .catch(() => {});
+  return img;
+}
+
 async function api(method, url, body) {
   let response;
   try {
-    response = await fetch(url, { method, body });
+    response = await fetch(url, { method, body, headers: authHeaders() });
   } catch (err) {
     throw new Error(`the service cannot be reached (${err.message})`);
   }
   let data = null;
   try { data = await response.json(); } catch (_) { /* not JSON */ }
+  if (response.status === 401) showTokenState("this needs the service's token: paste it above");
   if (!response.ok) {
     const msg = data && data.message ? data.message : `${response.status} ${response.statusText}`;
     const hint = data && data.hint ? ` (${data.hint})` : "";
@@ -86,7 +128,7 @@ function renderResults(res, file) {
     const pct = Math.max(0, Math.min(100, p.score * 100));
     list.append(el("li", { class: "prediction", "data-rank": String(i + 1), "data-label": p.label },
       el("span", { class: "rank", text: `${i + 1}.` }),
-      el("img", { src: p.image_url, alt: p.label, loading: "lazy" }),
+      authImg(p.image_url, { alt: p.label }),
       el("div", {},
         el("div", { class: "label", text: p.label }),
         el("div", { class: "group", text: `${p.group || "no group"} · ${p.num_images} catalogue image${p.num_images === 1 ? "" : "s"}` })),
@@ -98,7 +140,7 @@ function renderResults(res, file) {
   grid.replaceChildren();
   for (const n of res.neighbors) {
     grid.append(el("figure", { class: "neighbor", "data-label": n.label },
-      el("img", { src: n.image_url, alt: n.label, loading: "lazy", title: n.path }),
+      authImg(n.image_url, { alt: n.label, title: n.name }),
       el("figcaption", { text: `${n.label} ${n.score.toFixed(3)}` })));
   }
   $("#results").hidden = false;
@@ -167,7 +209,7 @@ function renderArticles() {
     const del = el("button", { class: "delete", type: "button", title: `delete ${a.label}`, text: "delete" });
     del.addEventListener("click", () => removeArticle(a.label));
     body.append(el("tr", { "data-label": a.label },
-      el("td", {}, el("img", { src: a.image_url.replace("size=160", "size=64"), alt: "", loading: "lazy" })),
+      el("td", {}, authImg(a.image_url.replace("size=160", "size=64"), { alt: "" })),
       el("td", { text: a.label }), el("td", { text: a.group || "" }),
       el("td", { text: String(a.num_images) }), el("td", {}, del)));
   }
@@ -193,6 +235,9 @@ function setupDrop() {
   });
 }
 
+takeTokenFromLink();
+showTokenState();
+$("#token-form").addEventListener("submit", saveToken);
 $("#classify-form").addEventListener("submit", classify);
 $("#enrol-form").addEventListener("submit", enrol);
 $("#article-filter").addEventListener("input", renderArticles);
