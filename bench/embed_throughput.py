@@ -233,7 +233,10 @@ def serve_latency(work: Path, requests: int) -> dict[str, Any]:
     build_index(str(manifest), index, embed=EmbedOptions(progress=False, cache_dir=str(work / "serve-cache")),
                 overwrite=True)
     queries = train[1::2]
-    clients = {r: TestClient(create_app(index, runtime=r)) for r in ("onnx", "torch")}
+    shutil.rmtree(work / "serve-index-torch", ignore_errors=True)  # the benchmark's own copy of its own index
+    shutil.copytree(index, work / "serve-index-torch")  # one service per index folder
+    clients = {r: TestClient(create_app(index if r == "onnx" else work / "serve-index-torch", runtime=r))
+               for r in ("onnx", "torch")}
     times: dict[str, list[float]] = {r: [] for r in clients}
     for i in range(requests + 3):
         for r, client in clients.items():
@@ -247,6 +250,7 @@ def serve_latency(work: Path, requests: int) -> dict[str, Any]:
                 times[r].append(dt * 1e3)
     for c in clients.values():
         c.close()
+        c.app.state.service.close()
     return {r: {"median_ms": median(v), "p90_ms": float(np.percentile(v, 90)), "requests": len(v)}
             for r, v in times.items()}
 
