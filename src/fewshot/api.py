@@ -24,7 +24,7 @@ from .backbones import Backbone
 from .data.records import Dataset
 from .errors import DataError, ImageReadError
 from .index import INDEX_FILES, CatalogueIndex, Neighbor, is_index_dir
-from .io import check_output, writer_lock
+from .io import claimed_output
 from .model import EmbeddingModel
 from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, enrolled_of, evaluate_sets,
                        keep_enrolled,
@@ -231,9 +231,9 @@ class Catalogue:
                 (``overwrite`` replaces an earlier index, nothing else).
             FolderBusyError: another writer (a service) holds ``path``.
         """
-        with writer_lock(path, "Catalogue.save", owner=(writer := object())):
-            check_output(path, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
-                         owned=INDEX_FILES.__contains__, option="path", overwrite_flag="overwrite=True")
+        with claimed_output(path, writer := object(), what="fewshot index", is_ours=is_index_dir,
+                            overwrite=overwrite, owned=INDEX_FILES.__contains__, option="path",
+                            overwrite_flag="overwrite=True"):
             if self.index.folder is None or Path(self.index.folder).resolve() != Path(path).resolve():
                 # replacing another index folder: its enrolled articles come along, re-embedded
                 keep_enrolled(self.index, enrolled_of(path), self.model,

@@ -347,3 +347,18 @@ def holds_writer_lock(folder: str | Path) -> bool:
     """Whether this process holds the writer lock of ``folder``."""
     with _HELD_GUARD:
         return _real(folder) in _HELD
+
+
+@contextlib.contextmanager
+def claimed_output(path: str | Path, owner: object, **check: Any) -> Iterator[Path]:
+    """:func:`check_output` ``path`` (its arguments in ``check``), then hold its writer lock for
+    the body (as ``owner``, which the body passes on to the writes it makes) and check again
+    under the lock, where no other writer can change the answer.
+
+    Raises:
+        FewshotError: from :func:`check_output`. FolderBusyError: another writer holds ``path``.
+    """
+    check_output(path, **check)  # a bad --out is named as such before a lock file is made beside it
+    with writer_lock(path, check["what"], owner=owner) as real:
+        check_output(path, **check)
+        yield real

@@ -30,7 +30,7 @@ from .errors import CheckpointError, DataError
 from .index import ENROLLED_DIR, INDEX_FILES, AnnConfig, CatalogueIndex, Prediction, is_index_dir
 from .index.enrolled import EnrolledArticle, add_enrolled, enrolled_articles, export_catalogue, is_export_dir
 from .index.ann import resolve as resolve_ann
-from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output, writer_lock
+from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output, claimed_output
 from .model import EmbeddingModel
 from .methods.runs import load_embedding_model
 from .metrics import MIN_EPISODES_FOR_CI, episodic_accuracy, nearest_neighbors, retrieval_metrics
@@ -442,9 +442,8 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
         raise DataError(f"unknown catalogue '{catalogue}'", hint="use --catalogue iconic, or leave it out")
     else:
         dataset = load_data(data, split, group_from, embed.strict, default_split="train")
-    with writer_lock(out, "fewshot index", owner=(writer := object())):
-        check_output(out, what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
-                     owned=INDEX_FILES.__contains__, **data_protection(data, dataset))
+    with claimed_output(out, writer := object(), what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
+                        owned=INDEX_FILES.__contains__, **data_protection(data, dataset)):
         enrolled = enrolled_of(out)
         model = model or embed.model()
         ann_config = resolve_ann(ann_config or AnnConfig(), len(dataset), model.dim)
@@ -505,9 +504,8 @@ def export_index(index_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
             (an existing folder that is not an earlier export, or one inside the index).
     """
     index = CatalogueIndex.load(index_dir)
-    with writer_lock(out, "fewshot export"):
-        check_output(out, what="fewshot export", is_ours=is_export_dir, overwrite=overwrite,
-                     input_roots=[index_dir])
+    with claimed_output(out, object(), what="fewshot export", is_ours=is_export_dir, overwrite=overwrite,
+                        input_roots=[index_dir]):
         return export_catalogue(index, index_dir, out, environment())
 
 

@@ -118,6 +118,10 @@ def default_hosts(host: str, port: int, extra: Iterable[str] = ()) -> tuple[str,
         names.append(host)
     else:
         names += [socket.gethostname(), socket.getfqdn()]
+        try:  # the machine's own addresses, as clients on the network type them
+            names += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), port, type=socket.SOCK_STREAM)]
+        except OSError:
+            pass
     return tuple(dict.fromkeys(n for n in [*names, *extra] if n))
 
 
