@@ -356,3 +356,16 @@ def test_cli_serve_refuses_open_writes_off_loopback(catalogue, tmp_path: Path) -
     assert res.exit_code == 1 and "too short" in res.output
     res = _cli(["serve", "--index", str(catalogue.index_dir), "--allow-origin", "evil.example/"])
     assert res.exit_code == 1 and "is not an origin" in res.output
+
+
+def test_a_second_train_into_the_same_run_folder_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _holder(run)
+    try:
+        res = _cli(["train", "--data", str(tmp_path / "photos"), "--split-file", str(tmp_path / "split.json"),
+                    "--out", str(run)])
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert res.exit_code == 1 and f"being written by PID {proc.pid}" in res.output, res.output
+    assert not run.exists()

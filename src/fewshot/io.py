@@ -300,9 +300,15 @@ def _take(real: Path, what: str):
     import fcntl
 
     path = lock_file(real)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
-        fh = open(path, "a+", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a+", encoding="utf-8")
+        except OSError as exc:
+            from .errors import FewshotError
+
+            raise FewshotError(f"cannot write beside {real} (the lock file {path.name}: {exc.strerror or exc})",
+                               hint="choose an output path in a folder you can write to") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -19,7 +19,7 @@ from ..version import __version__
 from ..backbones import check_tta
 from ..embed import check_runtime
 from ..errors import FewshotError
-from ..io import atomic_write_json, replace_dir
+from ..io import atomic_write_json, replace_dir, writer_lock
 from ..methods.base import Method, TrainConfig, get_method
 from ..methods.runs import CHECKPOINT, CONFIG, save_run
 from ..model import EmbeddingModel
@@ -266,7 +266,17 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = 
            par: _Parallel | None = None) -> RunResult | None:
     """:func:`train`, on one rank of a distributed run when ``par`` is given (``None`` on the
     ranks other than 0). Rank 0 checks the output and sets up first (filling the embedding
-    cache), then the others; every rank trains, rank 0 alone writes."""
+    cache), then the others; every rank trains, rank 0 alone writes, holding the run folder's
+    writer lock (:func:`fewshot.io.writer_lock`: a second ``fewshot train --out`` of the same
+    folder is refused at once)."""
+    if par is not None and not par.lead:
+        return _train_locked(cfg, on_epoch_end, par)
+    with writer_lock(cfg.out, "fewshot train"):
+        return _train_locked(cfg, on_epoch_end, par)
+
+
+def _train_locked(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None,
+                  par: _Parallel | None) -> RunResult | None:
     method_cls = _validate_config(cfg)
     if par is not None:
         par.check(method_cls, cfg)
