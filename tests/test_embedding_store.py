@@ -138,3 +138,179 @@ def test_damaged_manifest_and_shards_are_reported_and_rebuilt(tmp_path, caplog):
     assert len(EmbeddingCache(tmp_path, "k")) == 3
     (tmp_path / "k" / "manifest.json").write_text("[]")
     assert len(EmbeddingCache(tmp_path, "k")) == 0
+
+
+# ----------------------------------------------------------------- a run saves as it goes
+_STALL_AFTER_SAVES = """
+import os, sys, time
+from pathlib import Path
+import fewshot.embed as embed
+
+embed.SAVE_ROWS = int(os.environ["SAVE_ROWS"])  # small saves, so a 60-image run saves several times
+real, calls = embed._save_cache, []
+
+def save_then_stall(cache):  # the test kills the process (SIGKILL) while it stalls here
+    ok = real(cache)
+    calls.append(1)
+    if len(calls) == 3:
+        Path(os.environ["READY"]).touch()
+        time.sleep(120)
+    return ok
+
+embed._save_cache = save_then_stall
+from fewshot.cli import main
+sys.argv[0] = "fewshot"
+sys.exit(main())
+"""
+
+
+def _embed_cmd(data, out) -> list[str]:
+    return ["embed", "--data", str(data), "--out", str(out), "--image-size", "64", "--runtime", "torch",
+            "--batch-size", "8", "--threads", "1", "--no-progress"]
+
+
+def _env(cache, **extra) -> dict:
+    import os
+    from pathlib import Path
+
+    src = str(Path(store.__file__).resolve().parents[2])  # this tree's src, first on the path
+    return {**os.environ, "FEWSHOT_CACHE": str(cache), "PYTHONPATH": src, "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "1000", **extra}  # log lines unwrapped
+
+
+def _vectors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))["embeddings"]
+
+
+def test_a_killed_embedding_run_keeps_what_it_saved_and_a_rerun_continues(small_manifest, tmp_path):
+    """``fewshot embed`` killed with SIGKILL right after its third save of 8 vectors (no
+    ``finally`` runs) leaves 24 vectors in the store; the rerun says 24 of the 60 came from the
+    cache, embeds the other 36 and writes the same vectors as an uninterrupted run. (Before,
+    the store was written only at the end: a killed run kept nothing.)"""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache, ready = tmp_path / "cache", tmp_path / "READY"
+    killed = subprocess.Popen([sys.executable, "-c", _STALL_AFTER_SAVES, *_embed_cmd(small_manifest, tmp_path / "a.safetensors")],
+                              env=_env(cache, SAVE_ROWS="8", READY=str(ready)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while not ready.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    output = killed.communicate()[0].decode()
+    assert ready.exists(), f"the run never saved three times before it ended:\n{output}"
+    (folder,) = (cache / "embeddings").iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]] == [8, 8, 8] and not (tmp_path / "a.safetensors").exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [".lock", "manifest.json"] + [f"{s['name']}.{k}.npy" for s in manifest["shards"] for k in ("digests", "vectors")])
+
+    rerun = subprocess.run([sys.executable, "-m", "fewshot", *_embed_cmd(small_manifest, tmp_path / "a.safetensors")],
+                           env=_env(cache), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"24 of 60 images already in the embedding cache {folder}; embedding the other 36" in " ".join(
+        rerun.stderr.split())
+    straight = subprocess.run([sys.executable, "-m", "fewshot", *_embed_cmd(small_manifest, tmp_path / "b.safetensors")],
+                              env=_env(tmp_path / "other-cache"), capture_output=True, text=True, timeout=120)
+    assert straight.returncode == 0 and "already in the embedding cache" not in straight.stderr, straight.stderr
+    a, b = _vectors(tmp_path / "a.safetensors"), _vectors(tmp_path / "b.safetensors")
+    assert a.shape == (60, 1280) and np.array_equal(a, b)
+    assert len(EmbeddingCache(cache / "embeddings", folder.name)) == 60
+
+
+def test_periodic_saves_keep_the_number_of_shards_bounded(tmp_path):
+    """30 saves of 10 vectors (one run saving as it goes): never more than MAX_SMALL_SHARDS
+    shards (the small ones are merged), and every vector reads back as it was put."""
+    from fewshot.embed import PeriodicSave
+
+    c = EmbeddingCache(tmp_path, "k")
+    saver = PeriodicSave(c, rows=10, seconds=1e9)
+    most = 0
+    for i in range(300):
+        c.put(_digest(i), _vec(i))
+        saver.added(1)
+        most = max(most, len(_shard_files(tmp_path / "k")))
+    assert saver.unsaved == 0 and most <= store.MAX_SMALL_SHARDS
+    again = EmbeddingCache(tmp_path, "k")
+    assert len(again) == 300 and all(np.array_equal(again.get(_digest(i)), _vec(i)) for i in range(300))
+
+
+def test_periodic_save_by_time_and_an_unwritable_store_tried_once(tmp_path, monkeypatch, caplog):
+    """A time limit of 0 s saves at every batch, a large one only at flush(); a store that cannot
+    be written costs one warning and one attempt, not one per batch."""
+    from fewshot.embed import PeriodicSave
+
+    c = EmbeddingCache(tmp_path, "k")
+    by_time = PeriodicSave(c, rows=10**9, seconds=0.0)
+    c.put(_digest(1), _vec(1))
+    by_time.added(1)
+    assert len(EmbeddingCache(tmp_path, "k")) == 1
+    later = PeriodicSave(c, rows=10**9, seconds=1e9)
+    c.put(_digest(2), _vec(2))
+    later.added(1)
+    assert len(EmbeddingCache(tmp_path, "k")) == 1
+    later.flush()
+    assert len(EmbeddingCache(tmp_path, "k")) == 2
+    tries = []
+
+    def full_disk():
+        tries.append(1)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(c, "save", full_disk)
+    broken = PeriodicSave(c, rows=1)
+    for i in range(3, 6):
+        c.put(_digest(i), _vec(i))
+        broken.added(1)
+    broken.flush()
+    assert len(tries) == 1 and not broken.writable and caplog.text.count("cannot write the embedding cache") == 1
+
+
+def test_a_save_reads_only_the_shards_written_since(tmp_path, monkeypatch):
+    """Saving as a run goes does not re-read the store each time: a save opens only the shards
+    another process appended since (here one), not the ones this cache already holds."""
+    a, b = EmbeddingCache(tmp_path, "k"), EmbeddingCache(tmp_path, "k")
+    _fill(a, range(0, 5))
+    a.save()
+    _fill(b, range(100, 105))
+    b.save()
+    opened = []
+    real = EmbeddingCache._open_shard
+    monkeypatch.setattr(EmbeddingCache, "_open_shard", lambda self, name: opened.append(name) or real(self, name))
+    for start in (5, 10, 15):
+        _fill(a, range(start, start + 5))
+        a.save()
+    assert opened == [b._shards[-1].name]  # b's own shard (b holds a's first one too)
+    assert len(a) == 25 and np.array_equal(a.get(_digest(102)), _vec(102))
+    assert len(EmbeddingCache(tmp_path, "k")) == 25
+
+
+def test_what_a_killed_save_left_is_removed_by_the_next_save(tmp_path):
+    """A save killed between its shard and its manifest leaves an unnamed shard and temporary
+    files; the next save removes them and keeps every named shard. With a manifest that cannot
+    be read, nothing is removed."""
+    c = EmbeddingCache(tmp_path, "k")
+    _fill(c, range(5))
+    c.save()
+    folder = tmp_path / "k"
+    named = set(_shard_files(folder))
+    debris = ["shard-0123456789ab.vectors.npy", "shard-0123456789ab.digests.npy",
+              ".shard-ba9876543210.vectors.npy.x1y2.tmp", ".manifest.json.q9w8.tmp"]
+    for name in debris:
+        (folder / name).write_bytes(b"left by a killed save")
+    (folder / "notes.txt").write_text("not ours to judge")
+    _fill(c, range(5, 8))
+    c.save()
+    left = {p.name for p in folder.iterdir()}
+    assert not left & set(debris) and named <= left and "notes.txt" in left
+    assert len(EmbeddingCache(tmp_path, "k")) == 8
+    (folder / debris[0]).write_bytes(b"again")
+    (folder / "manifest.json").write_text("{damaged")
+    _fill(c, range(8, 9))
+    c.save()
+    assert (folder / debris[0]).exists() and all((folder / n).exists() for n in named)

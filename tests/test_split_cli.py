@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fewshot import __version__
@@ -63,15 +64,53 @@ def test_split_refuses_what_would_not_train_and_protects_files(drawn_tree, tmp_p
     assert res.exit_code == 1 and "unknown --by 'brand'" in res.output
 
 
+def _brand_tree(drawn_tree: Path, root: Path, per_brand: int = 3) -> Path:
+    """``root/Brand<b>/B<b>-<article>/``: 4 brands of ``per_brand`` drawn articles (6 photos each)."""
+    articles = sorted(p for p in drawn_tree.iterdir() if p.is_dir())
+    for b in range(4):
+        for src in articles[:per_brand]:
+            shutil.copytree(src, root / f"Brand{b}" / f"B{b}-{src.name}")
+    return root
+
+
+@pytest.mark.parametrize("fractions, reason", [
+    (("inf", "1", "1"), "a share is infinite"),
+    (("1", "-inf", "1"), "a share is infinite"),
+    (("1e308", "1e308", "1e308"), "the shares are too large (their sum overflows)"),
+    (("nan", "1", "1"), "a share is not a number"),
+    (("0.5", "-1", "0.5"), "a share is negative"),
+    (("0", "0", "0"), "all shares are 0"),
+])
+def test_split_refuses_hostile_fractions_without_a_traceback(drawn_tree, tmp_path, fractions, reason):
+    """Non-finite, negative, all-zero or overflowing --fractions: exit 1, a message naming
+    --fractions and the reason, the fix, no traceback, no file (inf and 1e308 x3 used to end
+    in ``max() arg is an empty sequence``)."""
+    out = tmp_path / "s.json"
+    res = _run("split", "--data", str(drawn_tree), "--out", str(out), "--by", "class", "--fractions", *fractions)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), (res.output, res.exception)
+    assert f"error: invalid --fractions ({' '.join(str(float(f)) for f in fractions)}): {reason}" in res.output
+    assert "fix: give three finite, non-negative shares" in res.output and "--fractions 0.5 0.15 0.35" in res.output
+    assert "Traceback" not in res.output and not out.exists()
+
+
+def test_split_takes_extreme_but_valid_values(drawn_tree, tmp_path):
+    """Tiny equal shares are the same as equal shares, and a 100-digit --seed is kept exactly."""
+    root = _brand_tree(drawn_tree, tmp_path / "PHOTOS", per_brand=6)
+    seed = "9" * 100
+    for name, fractions in (("tiny.json", ("1e-300", "1e-300", "1e-300")), ("equal.json", ("1", "1", "1"))):
+        res = _run("split", "--data", str(root), "--out", str(tmp_path / name), "--by", "class",
+                   "--fractions", *fractions, "--seed", seed)
+        assert res.exit_code == 0, res.output
+    tiny, equal = ClassSplit.load(tmp_path / "tiny.json"), ClassSplit.load(tmp_path / "equal.json")
+    assert tiny.seed == equal.seed == int(seed) and tiny.fractions == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert (tiny.train, tiny.val, tiny.test) == (equal.train, equal.val, equal.test)
+    assert list(map(len, (tiny.train, tiny.val, tiny.test))) == [8, 8, 8]
+
+
 def test_split_of_a_brand_tree_then_overwrite(drawn_tree, tmp_path):
     """A Brand/Article/photo tree with 4 brands of 3 articles: whole brands per part; a second
     run needs --overwrite, which replaces only the split file it wrote."""
-    root = tmp_path / "PHOTOS"
-    articles = sorted(p for p in drawn_tree.iterdir() if p.is_dir())
-    for b in range(4):
-        for a, src in enumerate(articles[:3]):
-            dst = root / f"Brand{b}" / f"B{b}-{src.name}"
-            shutil.copytree(src, dst)
+    root = _brand_tree(drawn_tree, tmp_path / "PHOTOS")
     out = tmp_path / "brands.json"
     res = _run("split", "--data", str(root), "--out", str(out), "--fractions", "0.25", "0.5", "0.25")
     assert res.exit_code == 0, res.output

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from fewshot.data import ClassSplit, Dataset, ImageRecord, dataset_for, load_dataset, make_class_split, protocol_sets
+from fewshot.data.splits import check_fractions
 from fewshot.errors import DataError
 
 
@@ -86,8 +88,35 @@ def test_too_few_classes() -> None:
         make_class_split(ds, fractions=(0.5, 0.0, 0.5))
     s = make_class_split(ds, fractions=(0.5, 0.0, 0.5), keep_groups_together=False)
     assert len(s.train) == len(s.test) == 1
-    with pytest.raises(DataError, match="invalid split fractions"):
+    with pytest.raises(DataError, match=r"invalid fractions \(0.5 -0.1 0.6\): a share is negative"):
         make_class_split(ds, fractions=(0.5, -0.1, 0.6))
+
+
+@pytest.mark.parametrize("fractions, reason", [
+    ((math.inf, 1, 1), "a share is infinite"), ((1e308, 1e308, 1e308), "their sum overflows"),
+    ((math.nan, 1, 1), "not a number"), ((0, 0, 0), "all shares are 0"), ((1, 2), "needs three values"),
+    (("a", 1, 1), "must be numbers"),
+])
+def test_make_class_split_refuses_hostile_fractions(fractions, reason) -> None:
+    """The Python API checks fractions as the CLI does (one check_fractions): a DataError naming
+    ``fractions`` and the reason, with the fix (inf used to end in ``max() arg is an empty
+    sequence``)."""
+    ds = Dataset([ImageRecord(Path(f"/x/{c}.jpg"), c, None) for c in "abcdef"], name="six")
+    with pytest.raises(DataError, match=reason) as err:
+        make_class_split(ds, fractions=fractions, keep_groups_together=False)
+    assert str(err.value).startswith("invalid fractions (") and "fractions=(0.5, 0.15, 0.35)" in err.value.hint
+    assert check_fractions((1e-300, 1e-300, 2e-300)) == (0.25, 0.25, 0.5)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-0.5", "1.5"])
+def test_split_file_with_a_bad_gallery_fraction_is_refused(tmp_path: Path, value: str) -> None:
+    """A hand-edited gallery_fraction of NaN or Infinity used to end in a ValueError /
+    OverflowError from math.floor in protocol_sets; it is refused when the file is read."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"seed": 0, "train": ["a"], "val": [], "test": ["b"], "gallery_fraction": %s}' % value)
+    with pytest.raises(DataError, match="gallery_fraction must be a number from 0 to 1") as err:
+        ClassSplit.load(bad)
+    assert str(bad) in str(err.value)
 
 
 def test_save_load_round_trip(grocery: Dataset, tmp_path: Path) -> None:

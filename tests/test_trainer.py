@@ -131,8 +131,8 @@ def test_resume_continues_exactly(tiny):
     assert resumed.best_epoch == full.best_epoch
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(interrupted / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    ca = torch.load(straight / CHECKPOINT, weights_only=False)
-    cb = torch.load(interrupted / CHECKPOINT, weights_only=False)
+    ca = torch.load(straight / CHECKPOINT, weights_only=True)  # plain values and tensors only
+    cb = torch.load(interrupted / CHECKPOINT, weights_only=True)
     assert ca["epoch"] == cb["epoch"] == 4
     assert all(torch.equal(ca["state"]["head"][k], cb["state"]["head"][k]) for k in ca["state"]["head"])
     assert torch.equal(ca["optimizer"]["state"][0]["exp_avg"], cb["optimizer"]["state"][0]["exp_avg"])
@@ -279,3 +279,79 @@ def test_cli_epochs_of_an_episodic_method_count_episodes(tiny, tmp_path):
     assert len(read_history(out)) == 3  # epoch 0 (before training) + 2 epochs
     both = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "both"), "--epochs", "2", "--episodes", "50"])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+class _Payload:
+    """What an attacker pickles: unpickling it runs ``touch MARKER``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(folder, write, content) -> None:
+    """A folder that passes for a fewshot run (a config.json with the two marker keys) and a
+    planted checkpoint.pt written with ``write`` (torch.save or pickle.dump)."""
+    import pickle
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"weights_sha256": "0" * 64, "fewshot_version": "0.1.0"}))
+    if write == "pickle":
+        with open(folder / CHECKPOINT, "wb") as fh:
+            pickle.dump(content, fh)
+    else:
+        torch.save(content, folder / CHECKPOINT)
+
+
+@pytest.mark.parametrize("where, write, payload", [("staging", "torch", True), ("run", "pickle", True),
+                                                   ("staging", "torch", False)])
+def test_resume_never_unpickles_a_planted_checkpoint(tiny, tmp_path, where, write, payload):
+    """``--resume`` with a checkpoint.pt whose pickle runs a command (planted in RUN_DIR.partial
+    or in RUN_DIR): the command never runs (torch.load weights_only), the CLI says the file cannot
+    be resumed safely and how to go on, with no traceback; a checkpoint dict without the
+    checkpoint's keys is refused as no training checkpoint.
+    Nothing is removed."""
+    from fewshot.cli import app
+
+    out, marker = tmp_path / "run", tmp_path / "MARKER"
+    folder = staging_dir(out) if where == "staging" else out
+    _plant(folder, write, {"format": 1, "config": _Payload(marker) if payload else {}, "epoch": 1})
+    res = CliRunner().invoke(app, ["train", "--fine-tune", "none", "--data", tiny["data"], "--split-file",
+                                   tiny["split_file"], "--out", str(out), "--image-size", "64", "--resume",
+                                   "--cache-dir", tiny["cache_dir"], "--no-progress"])
+    assert not marker.exists(), "the planted pickle ran"
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), (res.output, res.exception)
+    flat = " ".join(res.output.split())
+    if payload:
+        assert f"{folder / CHECKPOINT} cannot be resumed safely: it holds more than tensors and plain values" in flat
+        assert ("(it refers to posix.system)" in flat) == (write == "torch")  # pickle.dump's framing is not parsed at all
+    else:
+        assert f"{folder / CHECKPOINT} is not a fewshot training checkpoint ('state' is missing or not a dict)" in flat
+    assert f"fix: train again without --resume (add --overwrite to discard what {folder} holds)" in flat
+    assert "Traceback" not in res.output and sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "config.json"]
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit_before_writing(tiny):
+    """A well-formed checkpoint whose head has other shapes (a RuntimeError from load_state_dict
+    before) is refused with a CheckpointError before anything is written; the interrupted run's
+    checkpoint is kept as it was."""
+    out = tiny["folder"] / "misfit"
+
+    def stop(epoch, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny, out, method="contrastive", epochs=2, patience=0), on_epoch_end=stop)
+    path = staging_dir(out) / CHECKPOINT
+    saved = torch.load(path, weights_only=True)
+    saved["state"]["head"] = {k: torch.zeros(3, 3) for k in saved["state"]["head"]}
+    torch.save(saved, path)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match="does not fit this run's model") as err:
+        train(_cfg(tiny, out, method="contrastive", epochs=2, patience=0, resume=True))
+    assert "without --resume" in err.value.hint
+    assert path.read_bytes() == before and read_history(staging_dir(out))[-1]["epoch"] == 0

@@ -23,7 +23,7 @@ from .backbones import TTA_MODES
 from .data.fetch import resolve_data
 from .data.loaders import load_dataset, load_grocery_catalogue
 from .data.records import Dataset
-from .data.splits import ClassSplit, make_class_split, protocol_sets
+from .data.splits import ClassSplit, check_fractions, make_class_split, protocol_sets
 from .embed import DEFAULT_BATCH_SIZE, Embeddings
 from .embed.distributed import RayOptions, ray_embed_dataset
 from .errors import CheckpointError, DataError
@@ -797,13 +797,16 @@ def make_split(data: str, out: str | Path | None = None, *, by: str = "group",
         a :class:`SplitSummary` (classes, groups and images per part).
 
     Raises:
-        DataError: an unknown ``by``; ``by="group"`` on data without groups; bad fractions;
+        DataError: an unknown ``by``; ``by="group"`` on data without groups; bad fractions
+            (NaN, infinite, negative, all zero, or a sum that overflows; checked before the
+            data is read);
             or a part too small to use (val: fewer than :data:`MIN_VAL_CLASSES` classes with
             2+ images; train or test: fewer than :data:`MIN_PART_CLASSES`), with the fix.
         FewshotError: ``out`` exists and is not a split file we may replace.
     """
     if by not in ("group", "class"):
         raise DataError(f"unknown --by {by!r}", hint="use --by group (whole brands per part) or --by class")
+    check_fractions(fractions, "--fractions")
     dataset = load_data(data, ALL_SPLITS, group_from)
     if out is not None:
         check_output(out, what="fewshot split", is_ours=is_split_file, overwrite=overwrite,

@@ -35,7 +35,7 @@ from ..errors import DataError
 from ..io import atomic_write_json
 from .records import Dataset, ImageRecord
 
-__all__ = ["ClassSplit", "make_class_split", "protocol_sets", "dataset_for", "PARTS"]
+__all__ = ["ClassSplit", "make_class_split", "check_fractions", "protocol_sets", "dataset_for", "PARTS"]
 
 PARTS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_FORMAT = "fewshot.class_split"
@@ -126,7 +126,8 @@ class ClassSplit:
 
         Raises:
             DataError: not an object, required keys (seed, train, val, test) missing, wrong
-                types, or a class listed in two parts.
+                types, a ``gallery_fraction`` outside 0..1 (or NaN), or a class listed in two
+                parts.
         """
         hint = ("recreate it in Python: fewshot.data.make_class_split(fewshot.data.load_dataset(DATA), "
                 "seed=0).save(PATH)")
@@ -156,6 +157,9 @@ class ClassSplit:
             fractions = tuple(float(x) for x in data.get("fractions", (0.5, 0.15, 0.35)))
             if len(fractions) != 3:
                 raise ValueError("fractions must have three values")
+            gallery_fraction = float(data.get("gallery_fraction", 0.5))
+            if not 0 <= gallery_fraction <= 1:  # also refuses NaN
+                raise ValueError(f"gallery_fraction must be a number from 0 to 1, not {gallery_fraction}")
 
             def _strs(key: str, default: list[str]) -> list[str]:
                 v = data.get(key, default)
@@ -178,7 +182,7 @@ class ClassSplit:
                 gallery_split=_strs("gallery_split", ["train"]),
                 notes=str(data.get("notes", "")),
                 query_fallback=_strs("query_fallback", ["val"]),
-                gallery_fraction=float(data.get("gallery_fraction", 0.5)),
+                gallery_fraction=gallery_fraction,
             )
         except (TypeError, ValueError) as exc:
             raise DataError(f"{source}: invalid value ({exc})", hint=hint) from None
@@ -241,6 +245,52 @@ def _class_units(dataset: Dataset, keep_groups_together: bool) -> list[list[str]
     return sorted(units.values(), key=lambda u: u[0])
 
 
+def _fractions_problem(values: list[float]) -> str | None:
+    """Why ``values`` cannot be (train, val, test) shares, or ``None`` when they can."""
+    if len(values) != 3:
+        return f"needs three values (train, val, test), got {len(values)}"
+    for what, bad in (("not a number", math.isnan), ("infinite", math.isinf), ("negative", lambda f: f < 0)):
+        if any(bad(f) for f in values):
+            return f"a share is {what}"
+    total = sum(values)
+    if total <= 0:
+        return "all shares are 0"
+    if math.isinf(total):
+        return "the shares are too large (their sum overflows)"
+    return None
+
+
+def check_fractions(fractions: Sequence[float], option: str = "fractions") -> tuple[float, float, float]:
+    """Check (train, val, test) shares and normalise them to sum 1.
+
+    Args:
+        fractions: three finite, non-negative numbers with a positive (finite) sum.
+        option: how the caller names them in messages (``"--fractions"`` for the CLI).
+
+    Returns:
+        the three shares as floats divided by their sum (each in ``[0, 1]``, at least one
+        ``>= 1/3``).
+
+    Raises:
+        DataError: not three numbers; a NaN, infinite or negative share; all zero; or a sum
+            that overflows. The message names ``option`` and the values given.
+    """
+    example = f"{option} 0.5 0.15 0.35" if option.startswith("-") else f"{option}=(0.5, 0.15, 0.35)"
+    try:
+        values = [float(f) for f in fractions]
+    except (TypeError, ValueError):
+        values, problem = [], "the shares must be numbers"
+    else:
+        problem = _fractions_problem(values)
+    if problem is not None:
+        shown = " ".join(map(str, fractions)) if isinstance(fractions, (list, tuple)) else repr(fractions)
+        raise DataError(f"invalid {option} ({shown}): {problem}",
+                        hint=f"give three finite, non-negative shares (train val test) with a positive sum, "
+                             f"e.g. {example}")
+    total = sum(values)
+    return (values[0] / total, values[1] / total, values[2] / total)
+
+
 def make_class_split(
     dataset: Dataset,
     fractions: Sequence[float] = (0.5, 0.15, 0.35),
@@ -278,14 +328,7 @@ def make_class_split(
         DataError: bad fractions, or fewer classes (or groups, with
             ``keep_groups_together``) than parts with a positive fraction.
     """
-    fr = [float(f) for f in fractions]
-    if len(fr) != 3 or any(f < 0 or math.isnan(f) for f in fr) or sum(fr) <= 0:
-        raise DataError(
-            f"invalid split fractions {tuple(fractions)}",
-            hint="give three non-negative numbers (train, val, test), e.g. 0.5,0.15,0.35",
-        )
-    total = sum(fr)
-    fr = [f / total for f in fr]
+    fr = list(check_fractions(fractions))
     positive = [i for i, f in enumerate(fr) if f > 0]
     units = _class_units(dataset, keep_groups_together)
     n_classes = sum(len(u) for u in units)

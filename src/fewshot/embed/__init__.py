@@ -9,6 +9,7 @@ a warning that names them and a summary count; ``strict=True`` makes any skip an
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from ..backbones import Backbone, Preprocess
 from ..data.images import load_image
 from ..data.records import Dataset
 from ..errors import DataError, ImageReadError
-from .cache import EmbeddingCache, default_cache_dir, file_digest
+from .cache import SMALL_ROWS, EmbeddingCache, default_cache_dir, file_digest
 from .runtime import RUNTIMES, Forward, ForwardChoice, LazyForward, OnnxForward, TorchForward, check_runtime, make_forward
 
 log = logging.getLogger("fewshot")
@@ -35,10 +36,15 @@ log = logging.getLogger("fewshot")
 #: images per forward pass: 16 measured 1.08x the end-to-end images/s of 32 with ONNX Runtime on
 #: 2 cores (bench/embed_throughput.py; each lane's batch stays in cache), and the same with torch
 DEFAULT_BATCH_SIZE = 16
+#: an embedding run appends its new vectors to the store every SAVE_ROWS vectors (a shard the
+#: store does not count as small) or SAVE_SECONDS seconds, whichever comes first, so a run that
+#: is killed (SIGKILL, power loss: no ``finally`` runs) loses at most that much work
+SAVE_ROWS = SMALL_ROWS
+SAVE_SECONDS = 10.0
 
 __all__ = ["Embeddings", "EmbeddingCache", "embed_dataset", "embed_paths", "read_digests", "dataset_embeddings", "apply_head",
            "default_cache_dir", "make_forward", "check_runtime", "RUNTIMES", "Forward", "ForwardChoice",
-           "TorchForward", "OnnxForward", "LazyForward", "DEFAULT_BATCH_SIZE"]
+           "TorchForward", "OnnxForward", "LazyForward", "DEFAULT_BATCH_SIZE", "PeriodicSave", "SAVE_ROWS", "SAVE_SECONDS"]
 
 
 @dataclass
@@ -175,8 +181,8 @@ def _embedded_batches(files: _ImageFiles, batch_size: int, num_workers: int, for
 
 
 def _run_loader(batches: Iterable, todo: list[int], digests: list[str | None], failures: dict[int, str],
-                out: dict[int, np.ndarray], cache: EmbeddingCache | None, progress: bool, desc: str) -> None:
-    """Collect every embedded batch into ``out`` (and the cache), with a progress bar."""
+                out: dict[int, np.ndarray], saver: "PeriodicSave | None", progress: bool, desc: str) -> None:
+    """Collect every embedded batch into ``out`` (and the cache, saved as it goes), with a progress bar."""
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for idx, vectors, bad in batches:
             for j, reason in bad:
@@ -185,8 +191,10 @@ def _run_loader(batches: Iterable, todo: list[int], digests: list[str | None], f
                 for j, v in zip(idx.tolist(), vectors):
                     k = todo[j]
                     out[k] = v
-                    if cache is not None:
-                        cache.put(digests[k], v)  # type: ignore[arg-type]
+                    if saver is not None:
+                        saver.cache.put(digests[k], v)  # type: ignore[arg-type]
+                if saver is not None:
+                    saver.added(len(vectors))
             bar.update(len(idx) + len(bad))
 
 
@@ -200,6 +208,38 @@ def _save_cache(cache: EmbeddingCache) -> bool:
                     "--cache-dir or $FEWSHOT_CACHE to a writable folder", cache.path, exc.strerror or exc)
         return False
     return True
+
+
+class PeriodicSave:
+    """Appends the vectors put into ``cache`` to its store as a run goes: after ``rows`` new
+    vectors or ``seconds`` since the last save, whichever comes first (and at :meth:`flush`).
+    A store that cannot be written is warned about once and not tried again in this run.
+
+    Args:
+        cache: the store the run puts its vectors into.
+        rows: new vectors between two saves (default :data:`SAVE_ROWS`).
+        seconds: seconds between two saves (default :data:`SAVE_SECONDS`).
+    """
+
+    def __init__(self, cache: EmbeddingCache, rows: int | None = None, seconds: float | None = None) -> None:
+        self.cache = cache
+        self.rows = SAVE_ROWS if rows is None else rows
+        self.seconds = SAVE_SECONDS if seconds is None else seconds
+        self.unsaved = 0
+        self.writable = True
+        self._since = time.monotonic()
+
+    def added(self, n: int) -> None:
+        """Count ``n`` vectors just put into the cache; save when a limit is reached."""
+        self.unsaved += n
+        if self.unsaved >= self.rows or time.monotonic() - self._since >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Save what is not saved yet (nothing when the store proved unwritable)."""
+        if self.writable and self.unsaved:
+            self.writable = _save_cache(self.cache)
+        self.unsaved, self._since = 0, time.monotonic()
 
 
 def embed_paths(
@@ -235,12 +275,16 @@ def embed_paths(
         forward: a forward pass to use instead (e.g. one :func:`make_forward` result reused
             across calls); ``runtime`` and ``threads`` are then ignored.
 
+    The new vectors are appended to the cache as the run goes (:class:`PeriodicSave`: every
+    :data:`SAVE_ROWS` vectors or :data:`SAVE_SECONDS` seconds, and at the end or on Ctrl-C), so
+    the rerun of a killed run takes them from the cache (``num_cached``) and embeds the rest.
+
     Raises:
         BackboneError: an unknown ``runtime``, or ``onnx`` without onnxruntime.
 
     Returns:
         ``(vectors float32 [M, D], ok_indices (M positions into paths), failures {index: reason},
-        num_cached)``.
+        num_cached)``: ``num_cached`` of the ``M`` vectors came from the cache.
     """
     paths = [Path(p) for p in paths]
     if forward is None:
@@ -261,16 +305,20 @@ def embed_paths(
             todo.append(i)
     num_cached = len(out)
     if todo:
+        if num_cached:  # e.g. the rerun of an interrupted run
+            log.info("%d of %d images already in the embedding cache %s; embedding the other %d", num_cached,
+                     num_cached + len(todo), cache.path if cache is not None else "", len(todo))
         backbone.model.eval()
         if forward is None:
             forward = make_forward(backbone, runtime, threads=threads, cache_dir=cache_dir).forward
         batches = _embedded_batches(_ImageFiles([paths[i] for i in todo], backbone.preprocess), batch_size,
                                     num_workers, forward)
+        saver = PeriodicSave(cache) if cache is not None else None
         try:
-            _run_loader(batches, todo, digests_of, failures, out, cache, progress, desc)
-        finally:  # an interrupted run keeps what it embedded (the cache write is atomic)
-            if cache is not None:
-                _save_cache(cache)
+            _run_loader(batches, todo, digests_of, failures, out, saver, progress, desc)
+        finally:  # a Ctrl-C keeps what it embedded; a SIGKILL what the periodic saves wrote
+            if saver is not None:
+                saver.flush()
     ok = sorted(out)
     vectors = np.stack([out[i] for i in ok]).astype(np.float32) if ok else np.zeros(
         (0, backbone.dim), np.float32)

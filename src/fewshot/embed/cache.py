@@ -12,10 +12,13 @@ edited photo is embedded again. A save writes only the vectors added since (a ne
 most :data:`SHARD_ROWS` rows, about 250 MB at 1,280-d) and then the manifest; both writes are
 atomic, and the manifest is updated under a file lock, so concurrent processes never lose each
 other's shards. Shards are read memory-mapped: opening a store of a million vectors reads
-their digests, not their vectors. Many small shards (one per few classified photos) are merged
-once there are more than :data:`MAX_SMALL_SHARDS`. A cache of the earlier one-file format
-(``<key>.npz``) is read, and migrated into a shard on the next save. A damaged manifest or
-shard is reported and left out (its vectors are embedded again); a crash never leaves a
+their digests, not their vectors. An embedding run saves as it goes
+(:class:`fewshot.embed.PeriodicSave`), so a killed run keeps what it had saved. Many small
+shards (one per few classified photos, or per few seconds of a slow run) are merged once there
+are more than :data:`MAX_SMALL_SHARDS`; what a save killed part-way left (shard files no
+manifest names, temporary files) is removed by the next save. A cache of the earlier one-file
+format (``<key>.npz``) is read, and migrated into a shard on the next save. A damaged manifest
+or shard is reported and left out (its vectors are embedded again); a crash never leaves a
 broken store.
 """
 
@@ -124,6 +127,27 @@ class EmbeddingCache:
         if self.legacy_path.exists():
             self._legacy = self._read_legacy()
 
+    def _refresh(self) -> list[str] | None:
+        """Catch up with the manifest: open only the shards appended since this view was read
+        (a run that saves as it goes re-reads nothing), or read it all again when shards this
+        view holds were merged away or the manifest is not what it was.
+
+        Returns:
+            the shard names the manifest lists (readable or not), or ``None`` when there is a
+            manifest that cannot be read.
+        """
+        manifest = self._manifest()
+        names = [str(e.get("name", "")) for e in manifest.get("shards", [])]
+        held = [s.name for s in self._shards]
+        if names[:len(held)] != held:
+            self._load()
+        else:
+            for name in names[len(held):]:
+                shard = self._open_shard(name)
+                if shard is not None:
+                    self._add_shard(shard)
+        return names if manifest or not (self.path / "manifest.json").exists() else None
+
     def _manifest(self) -> dict:
         path = self.path / "manifest.json"
         if not path.exists():
@@ -202,7 +226,7 @@ class EmbeddingCache:
         if not pending:
             return
         with _locked(self.path):
-            self._load()  # others may have written since: keep their shards, skip what they have
+            listed = self._refresh()  # others may have written since: keep their shards, skip what they have
             todo = {d: v for d, v in pending.items() if d not in self._where}
             names = [s.name for s in self._shards]  # the readable shards of the manifest
             for start in range(0, len(todo), SHARD_ROWS):
@@ -210,6 +234,8 @@ class EmbeddingCache:
             names, retired = self._compact(names)
             self._write_manifest(names)
             self._delete_shards(retired)  # only now that the manifest no longer names them
+            if listed is not None:
+                self._delete_leftovers(set(listed) | set(names))
             if (self._legacy or self._legacy_damaged) and self.legacy_path.exists():
                 self.legacy_path.unlink()  # our own old file: migrated into the store, or damaged
         self._new, self._legacy = {}, {}
@@ -248,6 +274,19 @@ class EmbeddingCache:
         atomic_write_json(self.path / "manifest.json", {
             "format": STORE_FORMAT, "version": 1, "dim": dim,
             "shards": [{"name": n, "rows": int(len(by_name[n].digests))} for n in names]})
+
+    def _delete_leftovers(self, keep: set[str]) -> None:
+        """Remove what a save killed part-way (SIGKILL, power loss) left behind: shard files that
+        no manifest named (written before the manifest was) and temporary files. Called under
+        the lock, so no other save is in flight; shards in ``keep`` (named by the manifest, even
+        unreadable ones) stay."""
+        for p in self.path.iterdir():
+            name = p.name
+            temporary = name.endswith(".tmp") and name.startswith((".shard-", ".manifest.json."))
+            unnamed = name.startswith("shard-") and name.endswith(".npy") and name.split(".")[0] not in keep
+            if temporary or unnamed:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
 
     def _delete_shards(self, names: list[str]) -> None:
         for n in names:

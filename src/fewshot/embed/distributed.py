@@ -12,7 +12,8 @@ so the vectors are the same. Each actor hashes a file again before embedding it:
 changed since it was listed is reported, never stored under its old key.
 
 Only the driver writes the store: it appends the vectors it receives as a new shard every
-``flush_rows`` rows (and once more when the run ends or is interrupted), through
+``flush_rows`` rows or :data:`~fewshot.embed.SAVE_SECONDS` seconds (and once more when the run
+ends or is interrupted), through
 :meth:`EmbeddingCache.save`, which is atomic and takes the store's lock. So the store is
 consistent at every moment, and a rerun after an interruption embeds only what is missing
 (resumable). The vectors are then returned in the order of the input paths.
@@ -39,8 +40,7 @@ import numpy as np
 from ..backbones import Backbone
 from ..data.records import Dataset
 from ..errors import FewshotError
-from . import (DEFAULT_BATCH_SIZE, Embeddings, _embedded_batches, _ImageFiles, _save_cache, dataset_embeddings,
-               read_digests)
+from . import DEFAULT_BATCH_SIZE, Embeddings, PeriodicSave, _embedded_batches, _ImageFiles, dataset_embeddings, read_digests
 from .cache import SMALL_ROWS, EmbeddingCache, default_cache_dir
 from .runtime import check_runtime, make_forward
 
@@ -53,8 +53,8 @@ DISTRIBUTED = ("ray",)
 LOCAL_OBJECT_STORE = 512 * 1024**2
 #: rows per ``map_batches`` call (one Ray block each)
 BATCH_ROWS = 64
-#: the driver appends a shard after this many new vectors: an interrupted run loses at most
-#: this many, and the shards are not "small" (not merged again by the store's compaction)
+#: the driver appends a shard after this many new vectors (or SAVE_SECONDS seconds): an
+#: interrupted run loses at most this many, and such shards are not "small" (not merged again)
 FLUSH_ROWS = SMALL_ROWS
 CHANGED = "the file changed after it was listed (its content hash differs); run again"
 
@@ -256,27 +256,27 @@ def _todo(digests: Sequence[str | None], cache: EmbeddingCache, dim: int) -> lis
 
 def _collect(results, cache: EmbeddingCache, failed: dict[str, str], total: int, options: RayOptions,
              progress: bool, callback: Callable[[int, int], None] | None) -> int:
-    """Take every result batch into the cache, appending to the store every ``flush_rows``;
-    failures go to ``failed {digest: reason}``. Returns how many vectors were received."""
+    """Take every result batch into the cache, appending to the store every ``flush_rows``
+    vectors or :data:`~fewshot.embed.SAVE_SECONDS` seconds; failures go to ``failed {digest:
+    reason}``. Returns how many vectors were received."""
     from tqdm.auto import tqdm
 
-    done = received = unsaved = 0
-    writable = True
+    done = received = 0
+    saver = PeriodicSave(cache, rows=options.flush_rows)
     batches = iter(results.iter_batches(batch_size=None, batch_format="numpy"))  # a generator, closed below
     try:
         with tqdm(total=total, desc="embedding (ray)", unit="img", disable=not progress, leave=False) as bar:
             for batch in batches:
+                before = received
                 for d, v, e in zip(batch["digest"], batch["vector"], batch["error"]):
                     if e:
                         failed[str(d)] = str(e)
                     else:
                         cache.put(str(d), v)
                         received += 1
-                        unsaved += 1
+                saver.added(received - before)
                 done += len(batch["digest"])
                 bar.update(len(batch["digest"]))
-                if writable and unsaved >= options.flush_rows:
-                    writable, unsaved = _save_cache(cache), 0
                 if callback is not None:
                     callback(done, total)
     finally:  # an interrupted run keeps what it received
@@ -286,8 +286,7 @@ def _collect(results, cache: EmbeddingCache, failed: dict[str, str], total: int,
         close = getattr(batches, "close", None)
         if close is not None:
             close()
-        if writable and unsaved:
-            _save_cache(cache)
+        saver.flush()
     return received
 
 

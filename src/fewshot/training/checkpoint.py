@@ -10,6 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,15 +78,52 @@ def _save_checkpoint(run_dir: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+#: what every checkpoint of CHECKPOINT_FORMAT holds, and the type of each
+_CHECKPOINT_KEYS = {"config": dict, "epoch": int, "state": dict, "optimizer": dict, "history": list, "best": dict,
+                    "bad_epochs": int, "seconds": float}
+
+
 def _load_checkpoint(path: Path) -> dict:
+    """Read ``checkpoint.pt`` with torch's ``weights_only`` unpickler: tensors, dicts, lists,
+    numbers, strings and ``None`` only, so a planted file's code never runs.
+
+    Returns:
+        the checkpoint dict (``format`` :data:`CHECKPOINT_FORMAT`, the keys of ``_CHECKPOINT_KEYS``).
+
+    Raises:
+        CheckpointError: the file holds anything else (a pickled object or function: not a
+            checkpoint fewshot wrote, and not loaded), is damaged, or is not a training checkpoint.
+    """
+    hint = f"train again without --resume (add --overwrite to discard what {path.parent} holds)"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError("not a fewshot training checkpoint")
-        return state
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise CheckpointError(f"{path} cannot be resumed safely: it holds more than tensors and plain values"
+                              + (f" (it refers to {found.group(1)})" if found else "")
+                              + "; fewshot did not write it like this (or it is damaged), so it was not loaded",
+                              hint=hint) from None
     except Exception as exc:
-        raise CheckpointError(f"{path} is damaged or not a training checkpoint ({exc})",
-                              hint="delete it and train again without --resume") from exc
+        raise CheckpointError(f"{path} is damaged or not a training checkpoint ({exc})", hint=hint) from None
+    problem = _checkpoint_problem(state)
+    if problem:
+        raise CheckpointError(f"{path} is not a fewshot training checkpoint ({problem})", hint=hint)
+    return state
+
+
+def _checkpoint_problem(state: object) -> str | None:
+    """What makes ``state`` no checkpoint of :data:`CHECKPOINT_FORMAT`, or ``None``."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        return f"no format {CHECKPOINT_FORMAT} checkpoint dict"
+    for key, kind in _CHECKPOINT_KEYS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    if not isinstance(state["state"].get("head"), dict):
+        return "no head weights"
+    return None
 
 
 def _flat(config: dict) -> dict:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..version import __version__
 from ..backbones import check_tta
 from ..embed import check_runtime
-from ..errors import FewshotError
+from ..errors import CheckpointError, FewshotError
 from ..io import atomic_write_json, replace_dir, writer_lock
 from ..methods.base import Method, TrainConfig, get_method
 from ..methods.runs import CHECKPOINT, CONFIG, save_run
@@ -254,7 +254,8 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
     Raises:
         DataError: bad data or split file; a val part too small to validate on.
         CheckpointError: ``RUN_DIR`` already holds a run (and neither ``resume`` nor
-            ``overwrite``), or its checkpoint is damaged / from different settings.
+            ``overwrite``), or its checkpoint is damaged, from different settings, does not fit the
+            model, or holds more than tensors and plain values (never unpickled).
         FewshotError: unknown method, miner, head or fine-tune mode; impossible batch sizes;
             data on which the method cannot learn (:meth:`Method.check_data`); an ``--out``
             that is not a run folder.
@@ -283,20 +284,21 @@ def _train_locked(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | 
     run_dir = Path(cfg.out)
     stage = staging_dir(run_dir)
     lead = par is None or par.lead
-    source = saved = setup = None
+    source = setup = loop = None
     if lead:
         source = _resume_source(cfg, run_dir, stage)
         saved = _load_resumable(cfg, source)
         setup = _setup(cfg, method_cls, par)
+        loop = _restore(setup, saved, source)  # a checkpoint that does not fit is refused before any write
         _prepare_stage(stage, source, run_dir)
     if par is not None:
         source = par.share(source)  # the others wait here for rank 0's checks and set-up
         if not lead:
-            saved = _load_resumable(cfg, source)
             setup = _setup(cfg, method_cls, par)
+            loop = _restore(setup, _load_resumable(cfg, source), source)
         setup.step = par.make_step(setup)
     try:
-        loop = _run_epochs(cfg, setup, stage, saved, on_epoch_end)
+        loop = _run_epochs(cfg, setup, loop, on_epoch_end, stage)
     except BaseException:
         if lead and not (stage / CHECKPOINT).is_file():  # nothing to resume: leave no empty run behind
             import shutil
@@ -343,13 +345,23 @@ class _Loop:
     stopped_early: bool = False
 
 
-def _restore(setup: _Setup, saved: dict | None, where: Path) -> _Loop:
-    if saved is None:
+def _restore(setup: _Setup, saved: dict | None, where: Path | None) -> _Loop:
+    """Load ``saved`` (the checkpoint of ``where``) into ``setup``; the loop state to continue.
+
+    Raises:
+        CheckpointError: its weights or optimizer state do not fit ``setup``'s model.
+    """
+    if saved is None or where is None:
         return _Loop()
-    _restore_method_state(setup.method, setup.ft, saved["state"])
-    setup.optimizer.load_state_dict(saved["optimizer"])
-    if saved.get("scheduler") is not None:
-        setup.scheduler.load_state_dict(saved["scheduler"])
+    try:
+        _restore_method_state(setup.method, setup.ft, saved["state"])
+        setup.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scheduler") is not None:
+            setup.scheduler.load_state_dict(saved["scheduler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # shapes or names of another model
+        raise CheckpointError(f"{where / CHECKPOINT} does not fit this run's model ({str(exc)[:300]})",
+                              hint="train again without --resume (add --overwrite to discard the interrupted run)"
+                              ) from None
     loop = _Loop(history=saved["history"], best=saved["best"], bad_epochs=saved["bad_epochs"],
                  elapsed=saved["seconds"], start_epoch=saved["epoch"] + 1,
                  stopped_early=saved.get("stopped_early", False))
@@ -393,14 +405,13 @@ def _run_config(cfg: TrainConfig, setup: _Setup, row: dict, elapsed: float) -> d
             **({"distributed": setup.parallel.info()} if setup.parallel is not None else {})}
 
 
-def _run_epochs(cfg: TrainConfig, setup: _Setup, work: Path, saved: dict | None,
-                on_epoch_end: Callable[[int, dict], None] | None) -> _Loop:
+def _run_epochs(cfg: TrainConfig, setup: _Setup, loop: _Loop, on_epoch_end: Callable[[int, dict], None] | None,
+                work: Path) -> _Loop:
     """Epoch 0 (validation only) and the training epochs, writing into ``work`` (in a
     distributed run, every rank trains; rank 0 alone validates and writes, and tells the others
     when patience runs out)."""
     par = setup.parallel
     lead = par is None or par.lead
-    loop = _restore(setup, saved, work)
     bar = tqdm(total=setup.n_epochs + 1, initial=loop.start_epoch, desc=f"train {cfg.method}", unit="epoch",
                disable=not cfg.progress, leave=True)
     try:
