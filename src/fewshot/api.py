@@ -35,15 +35,18 @@ ImageLike = Union[str, Path, Image.Image, np.ndarray]
 __all__ = ["load_dataset", "create_backbone", "load_model", "Catalogue", "evaluate", "train", "ImageLike"]
 
 
-def load_dataset(path: str | Path, *, split: str | None = None, group_from: str | None = None) -> Dataset:
+def load_dataset(path: str | Path, *, split: str | None = None, group_from: str | None = None,
+                 layout: str = "auto") -> Dataset:
     """Load a folder tree (``root/<article>/*.jpg`` or ``root/<brand>/<article>/*.jpg``), a CSV
     manifest, or a fetched dataset's name (``"grocery"``); ``split`` selects a dataset's own
-    image split (``None``: every image).
+    image split (``None``: every image). ``layout`` says how a folder tree is read: ``"auto"``
+    (refuses a tree of mixed depth, naming the folders), ``"class"`` or ``"group/class"``
+    (:func:`fewshot.data.load_dataset`).
 
     Raises:
-        DataError: a missing path, an unknown split, an empty dataset (with the fix).
+        DataError: a missing path, an unknown split, an empty dataset, a mixed-depth tree (with the fix).
     """
-    return load_data(str(path), split or ALL_SPLITS, group_from)
+    return load_data(str(path), split or ALL_SPLITS, group_from, layout=layout)
 
 
 def create_backbone(name: str = "efficientnet_lite0", *, image_size: int = 224, pretrained: bool = True,

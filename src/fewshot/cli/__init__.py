@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 import typer
 from rich.markup import escape
 
-from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, NoProgressOpt, OverwriteOpt, RuntimeOpt,
+from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, LayoutOpt, NoProgressOpt, OverwriteOpt, RuntimeOpt,
                      ThreadsOpt, WorkersOpt, _split_help, apply_runtime, app, echo_episodes, embedding_options, err_console, handle_errors, log)
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ def evaluate(
     episodes: int = typer.Option(1000, "--episodes", min=1, help="Episodes per N-way K-shot setting (a 95% CI is reported from 30)."),
     queries: int = typer.Option(5, "--queries", min=1, help="Query images per class in each episode."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, report.md, retrieval_grid.png."),
     overwrite: bool = OverwriteOpt,
     *, emb: "EmbedOptions",
@@ -43,7 +44,7 @@ def evaluate(
     from ..pipeline import EvalConfig, evaluate as run_evaluate
 
     cfg = EvalConfig(data=data, split=split, split_file=str(split_file) if split_file else None,
-                     part=split or "test", group_from=group_from, seed=seed, episodes=episodes,
+                     part=split or "test", group_from=group_from, layout=layout, seed=seed, episodes=episodes,
                      n_query=queries, embed=emb)
     metrics = run_evaluate(cfg, out, overwrite=overwrite)
     typer.echo(f"mAP {metrics['map']:.4f}  MAP@R {metrics['map_at_r']:.4f}  P@1 {metrics['precision_at_1']:.4f}  "
@@ -61,6 +62,7 @@ def index_cmd(
     split: Optional[str] = typer.Option(None, "--split", help="Image split used as the catalogue. " + _split_help("train")),
     catalogue: Optional[str] = typer.Option(None, "--catalogue", help="'iconic': the Grocery studio images, one per article."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     out: Path = typer.Option(..., "--out", help="Index folder to write (atomically); never one that holds other files or the --data images."),
     overwrite: bool = OverwriteOpt,
     index_type: str = typer.Option("auto", "--index-type", help="flat (exact), ivfpq or hnsw (approximate); auto = flat below 200,000 images, else ivfpq."),
@@ -81,7 +83,7 @@ def index_cmd(
     ann = AnnConfig(index_type, nlist=nlist, m=pq_m, nprobe=nprobe,
                     **({"ef_search": ef_search} if ef_search is not None else {}))  # else AnnConfig's default
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
-                      overwrite=overwrite, ann_config=ann)
+                      overwrite=overwrite, ann_config=ann, layout=layout)
     typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out} ({idx.ann.kind} index)")
 
 
@@ -108,6 +110,7 @@ def classify(
     data: Optional[str] = typer.Option(None, "--data", help="Classify a labelled dataset instead of IMAGES and report top-1 / top-k accuracy."),
     split: Optional[str] = typer.Option(None, "--split", help="With --data: the image split to classify (e.g. test; default: every image)."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     summary_only: bool = typer.Option(False, "--summary-only", help="With --data: print only the accuracy summary."),
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
     no_progress: bool = NoProgressOpt, runtime: str = RuntimeOpt, threads: Optional[int] = ThreadsOpt,
@@ -136,11 +139,11 @@ def classify(
         if images:
             raise typer.BadParameter("give image files or --data, not both", param_hint="IMAGES")
 
-        dataset = load_data(data, split, group_from)
+        dataset = load_data(data, split, group_from, layout=layout)
         paths, truth = dataset.paths, dataset.labels
     else:
-        if split is not None:
-            raise typer.BadParameter("--split needs --data", param_hint="--split")
+        if split is not None or layout != "auto":
+            raise typer.BadParameter("--split and --layout need --data", param_hint="--split / --layout")
         paths = _expand_images(images or [])
     if not paths:
         raise DataError("no images given", hint="pass image files or folders that contain images, or --data")
@@ -227,6 +230,7 @@ def embed(
     data: str = DataOpt,
     split: Optional[str] = typer.Option(None, "--split", help="The dataset's image split (train|val|test), or 'all' (default: every image)."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     out: Path = typer.Option(..., "--out", help="Output file: .safetensors or .npz."),
     overwrite: bool = OverwriteOpt,
     distributed: Optional[str] = typer.Option(None, "--distributed", help="Embed on a cluster back-end: ray (Ray Data; pip install -e \".[scale]\"). Results go to the embedding store as they come, so an interrupted run resumes where it stopped."),
@@ -239,7 +243,8 @@ def embed(
     from ..pipeline import export_embeddings
 
     emb.distributed = _ray_options(distributed, ray_address, ray_workers, ray_cpus, emb)
-    n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb, overwrite=overwrite)
+    n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb, overwrite=overwrite,
+                             layout=layout)
     typer.echo(f"wrote {n} x {d} embeddings to {out}")
 
 
@@ -271,12 +276,14 @@ def split_cmd(
     fractions: Tuple[float, float, float] = typer.Option((0.5, 0.15, 0.35), "--fractions", help="train val test shares of the articles (normalised to sum 1)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Shuffling seed (same seed, same split)."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it is a split file written earlier (nothing else is replaced)."),
 ) -> None:
     """Make class-disjoint train / val / test parts of a dataset, for training on unseen articles."""
     from ..pipeline import make_split
 
-    summary = make_split(data, out, by=by, fractions=fractions, seed=seed, group_from=group_from, overwrite=overwrite)
+    summary = make_split(data, out, by=by, fractions=fractions, seed=seed, group_from=group_from, overwrite=overwrite,
+                         layout=layout)
     for part, c in summary.parts.items():
         groups = f" in {c['groups']} group(s)" if c["groups"] else ""
         typer.echo(f"{part:<5} {c['classes']:>5} classes{groups}, {c['images']:>6} images")

@@ -82,6 +82,18 @@ BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default effi
 ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot train` (backbone + trained head).")
 SizeOpt = typer.Option(None, "--image-size", min=16, max=1024, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model; EfficientNet needs 32 or more, conv4 16).")
 GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
+
+
+def _layout_choice(value: str) -> str:
+    """typer callback: one of :data:`fewshot.data.LAYOUTS`."""
+    from ..data import LAYOUTS
+
+    if value not in LAYOUTS:
+        raise typer.BadParameter(f"{value!r}: use one of {', '.join(LAYOUTS)}")
+    return value
+
+
+LayoutOpt = typer.Option("auto", "--layout", callback=_layout_choice, help="How a folder tree is read: class (root/<article>/photo; sub-folders belong to the article) | group/class (root/<brand>/<article>/photo; photos lying directly in a brand folder are skipped, with a warning) | auto (whichever the tree is; a tree of mixed depth, e.g. stray photos in one brand folder, is refused with the folders named).")
 StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
 BatchOpt = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass.")
 WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes (0 = one background thread of the main process, overlapping the forward pass).")
