@@ -27,7 +27,7 @@ from .data.splits import ClassSplit, make_class_split, protocol_sets
 from .embed import DEFAULT_BATCH_SIZE, Embeddings
 from .embed.distributed import RayOptions, ray_embed_dataset
 from .errors import CheckpointError, DataError
-from .index import INDEX_FILES, AnnConfig, CatalogueIndex, Prediction, is_index_dir
+from .index import INDEX_FILES, AnnConfig, CatalogueIndex, Prediction, check_classify, is_index_dir
 from .index.ann import resolve as resolve_ann
 from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from .model import EmbeddingModel
@@ -570,12 +570,12 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
     article's prototype) and the result is flagged ``in_catalogue``.
 
     Raises:
-        ValueError: ``top_k < 1`` or an unknown ``mode``.
+        ValueError: ``top_k < 1`` or an unknown ``mode`` (checked before anything is embedded).
+        TypeError: ``top_k`` is not a number.
     """
     from .embed import read_digests
 
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    top_k = check_classify(top_k, mode)
     embed = embed or EmbedOptions()
     digests = read_digests(paths)
     vectors, ok, failures, _ = model.embed_paths(paths, batch_size=embed.batch_size,
