@@ -7,7 +7,6 @@ is printed as ``error: ...`` with its fix, never as a traceback.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Tuple
@@ -16,7 +15,8 @@ import typer
 from rich.markup import escape
 
 from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, LayoutOpt, NoProgressOpt, OverwriteOpt, RuntimeOpt,
-                     ThreadsOpt, WorkersOpt, _split_help, apply_runtime, app, echo_episodes, embedding_options, err_console, handle_errors, log)
+                     ThreadsOpt, WorkersOpt, _split_help, apply_runtime, app, echo_episodes, embedding_options, err_console,
+                     handle_errors, json_line, log, one_line)
 
 if TYPE_CHECKING:
     from ..pipeline import EmbedOptions
@@ -51,7 +51,7 @@ def evaluate(
                f"R@5 {metrics['recall_at_k']['5']:.4f}  queries {metrics['num_queries']} "
                f"(skipped {metrics['num_skipped_queries']})")
     echo_episodes(metrics["episodes"])
-    typer.echo(f"wrote {out}/metrics.json, report.md, retrieval_grid.png, embedding_map.png")
+    typer.echo(f"wrote {one_line(out)}/metrics.json, report.md, retrieval_grid.png, embedding_map.png")
 
 
 @app.command("index")
@@ -84,7 +84,7 @@ def index_cmd(
                     **({"ef_search": ef_search} if ef_search is not None else {}))  # else AnnConfig's default
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
                       overwrite=overwrite, ann_config=ann, layout=layout)
-    typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out} ({idx.ann.kind} index)")
+    typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {one_line(out)} ({idx.ann.kind} index)")
 
 
 def _expand_images(items: List[Path]) -> list[Path]:
@@ -177,7 +177,7 @@ def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_jso
                         f"{skipped} of articles it lacks or cannot retrieve, the rest unreadable)",
                         hint="classify photos of the catalogue's articles (see the warnings above)")
     if as_json:
-        typer.echo(json.dumps({"summary": {**acc, f"top{top_k}": acc["topk"], "top_k": top_k, "mode": mode,
+        typer.echo(json_line({"summary": {**acc, f"top{top_k}": acc["topk"], "top_k": top_k, "mode": mode,
                                            "articles": len(cat.articles)}}))
         return
     typer.echo(f"top-1 accuracy {acc['top1']:.4f}  top-{top_k} accuracy {acc['topk']:.4f}  "
@@ -187,22 +187,27 @@ def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_jso
 
 
 def _print_results(results, as_json: bool, summary_only: bool) -> int:
-    """Print each result (or only errors with ``summary_only``); returns how many were bad."""
+    """Print each result (or only errors with ``summary_only``); returns how many were bad.
+
+    One image is one line: ``PATH<TAB>label (score), ...`` or ``error: PATH: reason`` on
+    stderr, with paths and labels through :func:`~fewshot.cli.common.one_line` (a newline or
+    tab in a file name is printed escaped); ``--json`` lines through ``json_line``."""
     bad = 0
     for r in results:
         if r.error:
             bad += 1
-            err_console.print(f"[red]error:[/] {escape(r.image)}: {escape(r.error)}", highlight=False)
+            err_console.print(f"[red]error:[/] {escape(one_line(r.image))}: {escape(one_line(r.error))}",
+                              highlight=False)
             if as_json:
-                typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+                typer.echo(json_line(r.to_dict()))
             continue
         if summary_only:
             continue
         if as_json:
-            typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+            typer.echo(json_line(r.to_dict()))
         else:
-            preds = ", ".join(f"{p.label} ({p.score:.3f})" for p in r.predictions)
-            typer.echo(f"{r.image}\t{preds}" + ("\t[catalogue image: own copy left out]" if r.in_catalogue else ""))
+            preds = ", ".join(f"{one_line(p.label)} ({p.score:.3f})" for p in r.predictions)
+            typer.echo(f"{one_line(r.image)}\t{preds}" + ("\t[catalogue image: own copy left out]" if r.in_catalogue else ""))
     return bad
 
 
@@ -245,7 +250,7 @@ def embed(
     emb.distributed = _ray_options(distributed, ray_address, ray_workers, ray_cpus, emb)
     n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb, overwrite=overwrite,
                              layout=layout)
-    typer.echo(f"wrote {n} x {d} embeddings to {out}")
+    typer.echo(f"wrote {n} x {d} embeddings to {one_line(out)}")
 
 
 def _ray_options(distributed: str | None, address: str | None, workers: int | None, cpus: int, emb: "EmbedOptions"):
@@ -288,7 +293,8 @@ def split_cmd(
         groups = f" in {c['groups']} group(s)" if c["groups"] else ""
         typer.echo(f"{part:<5} {c['classes']:>5} classes{groups}, {c['images']:>6} images")
     unit = "whole groups per part" if by == "group" else "single classes"
-    typer.echo(f"wrote {out} ({unit}, seed {seed}); next: fewshot train --data {data} --split-file {out} --out RUN_DIR")
+    typer.echo(f"wrote {one_line(out)} ({unit}, seed {seed}); next: fewshot train --data {one_line(data)} "
+               f"--split-file {one_line(out)} --out RUN_DIR")
 
 
 @app.command()

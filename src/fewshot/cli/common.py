@@ -7,8 +7,10 @@ package ``__init__`` that registers them import it, and not each other.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import unicodedata
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -67,6 +69,40 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(130)
 
     return wrapper
+
+
+def _breaks_lines(c: str) -> bool:
+    from ..index.labels import BIDI_CONTROLS
+
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI_CONTROLS
+
+
+def one_line(text: object) -> str:
+    """``text`` as one line of text output: control characters (newline, tab, ESC, ...), line
+    and paragraph separators and bidirectional controls escaped as Python writes them
+    (``\\n``, ``\\t``, ``\\x1b``, ``\\u2028``, ``\\u202e``), so that one image is always one
+    line and a tab always separates columns. Other text (accents, spaces) is unchanged.
+
+    Every per-line output that prints a path or a label goes through it (``--json`` output
+    goes through :func:`json_line`)."""
+    text = str(text)
+    if not any(_breaks_lines(c) for c in text):
+        return text
+    return "".join(repr(c)[1:-1] if _breaks_lines(c) else c for c in text)
+
+
+#: characters ``json.dumps(..., ensure_ascii=False)`` leaves raw that line readers split on
+_JSON_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def json_line(obj: object) -> str:
+    """``obj`` as one line of JSON (UTF-8 text kept readable): besides the newline and control
+    characters JSON escapes anyway, U+2028, U+2029 and U+0085, which ``str.splitlines`` and
+    some JSON-lines readers take as line ends, are written as ``\\uXXXX`` escapes."""
+    text = json.dumps(obj, ensure_ascii=False)
+    for raw, escaped in _JSON_LINE_BREAKS.items():
+        text = text.replace(raw, escaped)
+    return text
 
 
 def positive(value: float | None) -> float | None:

@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 import typer
 
 from ..errors import FewshotError
-from .common import MAX_THREADS, LayoutOpt, app, apply_runtime, echo_episodes, handle_errors, positive
+from .common import MAX_THREADS, LayoutOpt, app, apply_runtime, echo_episodes, handle_errors, one_line, positive
 
 #: most processes of ``--nproc`` (:data:`fewshot.training.distributed.MAX_NPROC`; kept here so that
 #: ``fewshot --help`` does not import torch)
@@ -120,7 +120,7 @@ def _train(
         typer.echo(f"{split} classes" + (f" (--tta {tta})" if tta != "none" else "")
                    + f": mAP {m['map']:.4f}  MAP@R {m['map_at_r']:.4f}  P@1 {m['precision_at_1']:.4f}")
         echo_episodes(m["episodes"])
-    typer.echo(f"wrote {out}/config.json, model.safetensors, history.csv, curves.png")
+    typer.echo(f"wrote {one_line(out)}/config.json, model.safetensors, history.csv, curves.png")
 
 
 def _run(cfg, nproc: int, threads: Optional[int], run_train):
