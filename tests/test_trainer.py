@@ -305,6 +305,10 @@ def test_every_output_gets_the_usual_permissions(run3, tiny, tmp_path):
         assert res.exit_code == 0, res.output
     files = {"model.safetensors", "config.json", "history.csv", "curves.png"}
     assert files <= {p.name for p in run.iterdir()} and (run / "eval_test" / "report.md").is_file()
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is not None:  # --runtime auto exported the backbone
+        assert any((Path(tiny["cache_dir"]) / "onnx").glob("*.onnx"))
     bad = []
     for top in (run, tiny["cache_dir"], *outputs.values()):  # the cache holds the embeddings and ONNX exports
         top = Path(top)
