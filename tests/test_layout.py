@@ -120,6 +120,7 @@ def test_cli_refuses_then_reads_with_layout(tmp_path):
                             "--layout", "group/class", "--fractions", "0.4", "0.3", "0.3"])
     assert r.exit_code == 0, r.output
     assert "2 photo(s)" in r.output  # the skipped strays are reported
+    assert f"next: fewshot train --data {root} --layout group/class" in r.output  # read alike next time
     import json
 
     split = json.loads((tmp_path / "c.json").read_text())

@@ -293,7 +293,8 @@ def split_cmd(
         groups = f" in {c['groups']} group(s)" if c["groups"] else ""
         typer.echo(f"{part:<5} {c['classes']:>5} classes{groups}, {c['images']:>6} images")
     unit = "whole groups per part" if by == "group" else "single classes"
-    typer.echo(f"wrote {one_line(out)} ({unit}, seed {seed}); next: fewshot train --data {one_line(data)} "
+    same = f" --layout {layout}" if layout != "auto" else ""  # the next commands must read the tree alike
+    typer.echo(f"wrote {one_line(out)} ({unit}, seed {seed}); next: fewshot train --data {one_line(data)}{same} "
                f"--split-file {one_line(out)} --out RUN_DIR")
 
 
