@@ -155,3 +155,5 @@ def test_misuse_is_a_type_or_value_error_naming_the_argument(catalogue, drawn_tr
             call()
         assert fragment in str(err.value), (fragment, str(err.value))
     assert catalogue.classify([], top_k=1) == [] and len(catalogue) == 36
+    with pytest.raises(FewshotError, match="unknown runtime 'gpu'"):  # at once, not at the first classify
+        fewshot.Catalogue.load(drawn_tree, runtime="gpu")

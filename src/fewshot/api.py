@@ -342,9 +342,13 @@ class Catalogue:
 
         Raises:
             CheckpointError: a missing or damaged folder, or a model that changed since.
+            BackboneError: an unknown ``runtime`` (checked here, not at the first classify).
             TypeError / ValueError: ``path`` is not a path.
         """
+        from .embed import check_runtime
+
         path = _as_path(path, "path")
+        check_runtime(runtime)
         index = CatalogueIndex.load(path)
         return cls(model_for_index(index, path), index, runtime)
 
