@@ -276,6 +276,21 @@ def test_bad_enrolments_change_nothing(client, catalogue) -> None:
     assert client.get("/health").json()["images"] == N_IMAGES
 
 
+@pytest.mark.parametrize("field, value, fragment", [
+    ("label", "\u200b", "no visible characters"), ("label", "\ufeff \u200b", "no visible characters"),
+    ("label", "Oat\u202eMilk", "U+202E"), ("label", "\u2067Milk", "U+2067"), ("group", "\u200b", "group"),
+    ("group", "Dairy\u202a", "U+202A"), ("label", "a\u2028b", "control characters"),
+])
+def test_invisible_and_bidi_labels_are_refused(client, catalogue, field, value, fragment) -> None:
+    """Issue 27 item 10a: the service refuses what the Python API refuses (one validator)."""
+    before = folder_digest(catalogue.index_dir)
+    data = {"label": "Fine", "group": "Fine", field: value}
+    body = assert_error(client.post("/articles", data=data, files=[("files", photo(catalogue.train[NEW_ARTICLE][0]))]),
+                        422, "invalid_label", fragment)
+    assert body["hint"]
+    assert folder_digest(catalogue.index_dir) == before
+
+
 def test_unknown_endpoint_is_json(client) -> None:
     assert_error(client.get("/nope"), 404, "not_found", "/nope")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,3 +356,41 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_before_writing(tiny):
         train(_cfg(tiny, out, method="contrastive", epochs=2, patience=0, resume=True))
     assert "without --resume" in err.value.hint
     assert path.read_bytes() == before and read_history(staging_dir(out))[-1]["epoch"] == 0
+
+
+def test_every_output_gets_the_usual_permissions(run3, tiny, tmp_path):
+    """Issue 27 item 10c: every file fewshot writes gets ``0666 & ~umask`` (0644 under umask 022)
+    and every folder ``0777 & ~umask``, as any program's output does (model.safetensors was
+    0600: safetensors replaced the temporary file the atomic write had prepared)."""
+    import stat
+
+    from fewshot.cli import app
+    from fewshot.io import _UMASK
+
+    _, run = run3
+    runner = CliRunner()
+    common = ["--data", tiny["data"], "--cache-dir", tiny["cache_dir"], "--no-progress"]
+    outputs = {"index": tmp_path / "idx", "embed": tmp_path / "emb.safetensors", "npz": tmp_path / "emb.npz",
+               "split": tmp_path / "split.json"}
+    for args in (["index", *common, "--model", str(run), "--split", "train", "--out", str(outputs["index"])],
+                 ["embed", *common, "--image-size", "64", "--out", str(outputs["embed"])],
+                 ["embed", *common, "--image-size", "64", "--out", str(outputs["npz"])],
+                 ["split", "--data", tiny["data"], "--by", "class", "--fractions", "0.3", "0.4", "0.3",
+                  "--out", str(outputs["split"])]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    files = {"model.safetensors", "config.json", "history.csv", "curves.png"}
+    assert files <= {p.name for p in run.iterdir()} and (run / "eval_test" / "report.md").is_file()
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is not None:  # --runtime auto exported the backbone
+        assert any((Path(tiny["cache_dir"]) / "onnx").glob("*.onnx"))
+    bad = []
+    for top in (run, tiny["cache_dir"], *outputs.values()):  # the cache holds the embeddings and ONNX exports
+        top = Path(top)
+        for p in [top, *(top.rglob("*") if top.is_dir() else [])]:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            want = (0o777 if p.is_dir() else 0o666) & ~_UMASK
+            if mode != want:
+                bad.append(f"{p}: {oct(mode)}, expected {oct(want)}")
+    assert not bad, "\n".join(bad)

@@ -7,12 +7,19 @@ fit/predict, pytorch-metric-learning's ``InferenceModel`` (``train_knn`` ~ ``bui
 ``docs/python-api.md``.
 
 Images may be given as file paths, PIL images or ``uint8`` arrays (``[H, W, 3]`` RGB or
-``[H, W]`` grey). Paths are embedded through the on-disk embedding cache and recognised when
-they are catalogue images (leave-one-out); images in memory are embedded directly.
+``[H, W]`` grey), always as a list (one path is ``[path]``). Paths are embedded through the
+on-disk embedding cache and recognised when they are catalogue images (leave-one-out); images
+in memory are embedded directly.
+
+Misuse is refused before any work, naming the argument: a wrong type is a ``TypeError`` (a
+path where a :class:`~fewshot.data.Dataset` is expected says how to load it), a wrong value a
+``ValueError`` (:class:`~fewshot.errors.InputError`, also a ``DataError``, for labels and
+image arrays: the same rules as the service, :mod:`fewshot.index.labels`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -21,9 +28,11 @@ import numpy as np
 from PIL import Image
 
 from .backbones import Backbone
+from .checks import positive_int
 from .data.records import Dataset
-from .errors import DataError, ImageReadError
-from .index import INDEX_FILES, CatalogueIndex, Neighbor, is_index_dir
+from .errors import DataError, ImageReadError, InputError
+from .index import INDEX_FILES, CatalogueIndex, Neighbor, check_classify, is_index_dir
+from .index.labels import clean_label, resolve_group
 from .io import claimed_output
 from .model import EmbeddingModel
 from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, enrolled_of, evaluate_sets,
@@ -36,15 +45,19 @@ ImageLike = Union[str, Path, Image.Image, np.ndarray]
 __all__ = ["load_dataset", "create_backbone", "load_model", "Catalogue", "evaluate", "train", "ImageLike"]
 
 
-def load_dataset(path: str | Path, *, split: str | None = None, group_from: str | None = None) -> Dataset:
+def load_dataset(path: str | Path, *, split: str | None = None, group_from: str | None = None,
+                 layout: str = "auto") -> Dataset:
     """Load a folder tree (``root/<article>/*.jpg`` or ``root/<brand>/<article>/*.jpg``), a CSV
     manifest, or a fetched dataset's name (``"grocery"``); ``split`` selects a dataset's own
-    image split (``None``: every image).
+    image split (``None``: every image). ``layout`` says how a folder tree is read: ``"auto"``
+    (refuses a tree of mixed depth, naming the folders), ``"class"`` or ``"group/class"``
+    (:func:`fewshot.data.load_dataset`).
 
     Raises:
-        DataError: a missing path, an unknown split, an empty dataset (with the fix).
+        DataError: a missing path, an unknown split, an empty dataset, a mixed-depth tree (with the fix).
+        TypeError / ValueError: ``path`` is not a path or name, an unknown ``layout``.
     """
-    return load_data(str(path), split or ALL_SPLITS, group_from)
+    return load_data(str(_as_path(path, "path")), split or ALL_SPLITS, group_from, layout=layout)
 
 
 def create_backbone(name: str = "efficientnet_lite0", *, image_size: int = 224, pretrained: bool = True,
@@ -54,10 +67,15 @@ def create_backbone(name: str = "efficientnet_lite0", *, image_size: int = 224, 
     (:class:`~fewshot.backbones.FlipAverage`).
 
     Raises:
-        BackboneError: an unknown name or ``tta``, a missing optional package or weights.
+        BackboneError: an unknown name or ``tta``, a missing optional package or weights, an
+            image size out of range.
+        TypeError: ``name`` is not a ``str``, ``image_size`` not an integer.
     """
     from .methods.runs import load_embedding_model
 
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a backbone name (str; `fewshot backbones` lists them), not {type(name).__name__}")
+    image_size = positive_int(image_size, "image_size")
     return load_embedding_model(name, None, image_size, pretrained=pretrained, tta=tta)
 
 
@@ -68,23 +86,81 @@ def load_model(run_dir: str | Path, *, tta: str = "none") -> EmbeddingModel:
     Raises:
         CheckpointError: not a complete run folder, or damaged weights.
         BackboneError: an unknown ``tta``.
+        TypeError / ValueError: ``run_dir`` is not a path (``None`` is not the default backbone:
+            that is :func:`create_backbone`).
     """
     from .methods.runs import load_embedding_model
 
-    return load_embedding_model(None, run_dir, tta=tta)
+    return load_embedding_model(None, _as_path(run_dir, "run_dir"), tta=tta)
 
 
-def _as_model(model: EmbeddingModel | Backbone) -> EmbeddingModel:
-    return model if isinstance(model, EmbeddingModel) else EmbeddingModel(model)
+# --------------------------------------------------------------------------- argument checks
+_IMAGES = "file paths, PIL images or uint8 arrays [H, W, 3] / [H, W]"
+
+
+def _as_path(value: object, name: str) -> Path:
+    """``value`` as a :class:`Path`. Raises TypeError (not a str / path) or ValueError (empty)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or pathlib.Path), not {type(value).__name__} ({value!r})")
+    if os.fspath(value) == "":
+        raise ValueError(f"{name} is an empty path")
+    return Path(value)
+
+
+def _as_model(model: object) -> EmbeddingModel:
+    if isinstance(model, EmbeddingModel):
+        return model
+    if isinstance(model, Backbone):
+        return EmbeddingModel(model)
+    raise TypeError(f"model must be an embedding model, not {type(model).__name__}: make one with "
+                    "fewshot.create_backbone(NAME) or fewshot.load_model(RUN_DIR)")
+
+
+def _as_dataset(dataset: object) -> Dataset:
+    if isinstance(dataset, Dataset):
+        return dataset
+    how = (f"fewshot.load_dataset({os.fspath(dataset)!r})" if isinstance(dataset, (str, os.PathLike))
+           else "fewshot.load_dataset(PATH)")
+    raise TypeError(f"dataset must be a fewshot Dataset, not {type(dataset).__name__}: load it with {how}")
+
+
+def _image_list(images: object) -> list[ImageLike]:
+    """``images`` as a list whose items are paths (as :class:`Path`), PIL images or arrays.
+
+    Raises:
+        TypeError: one image instead of a list (a str would be read character by character,
+            an array row by row), something that is not a list, or an item of another type.
+    """
+    single = isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
+        isinstance(images, np.ndarray) and images.ndim < 4)
+    if images is None or single or not hasattr(images, "__iter__"):
+        shown = f" {images!r}" if isinstance(images, (str, os.PathLike)) else ""
+        raise TypeError(f"images must be a list of images ({_IMAGES}), not a single {type(images).__name__}{shown}"
+                        ": pass [image] (a str would be read character by character)")
+    items = list(images)
+    for i, x in enumerate(items):
+        if not isinstance(x, (str, os.PathLike, Image.Image, np.ndarray)):
+            raise TypeError(f"images[{i}] is of type {type(x).__name__}: an image is one of {_IMAGES}")
+    return [Path(x) if isinstance(x, (str, os.PathLike)) else x for x in items]
 
 
 def _to_pil(image: Image.Image | np.ndarray, where: str) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    a = np.asarray(image)
-    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
-        raise DataError(f"{where} is an array of dtype {a.dtype} and shape {a.shape}",
-                        hint="give uint8 arrays [H, W, 3] (RGB) or [H, W] (grey), PIL images, or file paths")
+    """An RGB PIL image of an image in memory.
+
+    Raises:
+        InputError: an array of another dtype or shape, or an image without pixels.
+    """
+    a = image if isinstance(image, Image.Image) else np.asarray(image)
+    if isinstance(a, np.ndarray) and (a.dtype != np.uint8 or a.ndim not in (2, 3)
+                                      or (a.ndim == 3 and a.shape[2] not in (1, 3, 4))):
+        raise InputError(f"{where} is an array of dtype {a.dtype} and shape {a.shape}",
+                         hint=f"give {_IMAGES}")
+    width, height = a.size if isinstance(a, Image.Image) else (a.shape[1], a.shape[0])
+    if width == 0 or height == 0:
+        raise InputError(f"{where} is an empty image ({width}x{height} pixels): there is nothing to embed",
+                         hint="give images with pixels")
+    if isinstance(a, Image.Image):
+        return a.convert("RGB")
     return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a).convert("RGB")
 
 
@@ -95,13 +171,15 @@ def embed_images(model: EmbeddingModel, images: Sequence[ImageLike], *, runtime:
 
     Raises:
         ImageReadError: a path that is not a readable image (the message names it).
-        DataError: an array that is not an image.
+        InputError: an array that is not an image, an image without pixels (checked first).
+        TypeError: ``images`` is not a list of images.
     """
     from .embed import read_digests
 
-    images = list(images)
-    names = [str(Path(x).resolve()) if isinstance(x, (str, Path)) else f"<image {i}>" for i, x in enumerate(images)]
-    file_pos = [i for i, x in enumerate(images) if isinstance(x, (str, Path))]
+    images = _image_list(images)
+    names = [str(Path(x).resolve()) if isinstance(x, Path) else f"<image {i}>" for i, x in enumerate(images)]
+    file_pos = [i for i, x in enumerate(images) if isinstance(x, Path)]
+    in_memory = {i: _to_pil(x, f"images[{i}]") for i, x in enumerate(images) if not isinstance(x, Path)}
     vectors = np.zeros((len(images), model.dim), np.float32)
     digests: list[str | None] = [None] * len(images)
     if file_pos:
@@ -114,8 +192,7 @@ def embed_images(model: EmbeddingModel, images: Sequence[ImageLike], *, runtime:
             raise ImageReadError(paths[j], reason)
         for row, j in zip(v, ok):
             vectors[file_pos[j]], digests[file_pos[j]] = row, found[0][j]
-    on_disk = set(file_pos)
-    mem = [i for i in range(len(images)) if i not in on_disk]
+    mem = sorted(in_memory)
     if mem:
         import torch
 
@@ -124,7 +201,7 @@ def embed_images(model: EmbeddingModel, images: Sequence[ImageLike], *, runtime:
         forward = model.forward(runtime, None, cache_dir).forward
         for start in range(0, len(mem), DEFAULT_BATCH_SIZE):
             rows = mem[start:start + DEFAULT_BATCH_SIZE]
-            batch = torch.stack([model.backbone.preprocess(_to_pil(images[i], names[i])) for i in rows])
+            batch = torch.stack([model.backbone.preprocess(in_memory[i]) for i in rows])
             vectors[rows] = model.transform(forward(batch))
     return vectors, digests, names
 
@@ -155,8 +232,10 @@ class Catalogue:
 
         Raises:
             DataError: no image of the dataset could be read.
+            TypeError: ``model`` is not a model, ``dataset`` not a :class:`Dataset` (a path says
+                how to load it: ``fewshot.load_dataset(PATH)``).
         """
-        model = _as_model(model)
+        model, dataset = _as_model(model), _as_dataset(dataset)
         opts = EmbedOptions(runtime=runtime, cache_dir=cache_dir, progress=progress)
         index = index_embeddings(model, opts.embed(model, dataset), dataset.root or dataset.name)
         return cls(model, index, runtime, cache_dir)
@@ -172,13 +251,24 @@ class Catalogue:
         return len(self.index)
 
     def add(self, label: str, images: Sequence[ImageLike], *, group: str | None = None) -> int:
-        """Enrol images of an article (new or existing); returns how many were added.
+        """Enrol images of an article (new or existing); returns how many were added. The label
+        and group are stored as :func:`fewshot.index.labels.clean_label` gives them (NFC,
+        surrounding whitespace removed), under the rules the service applies.
 
         Raises:
-            ImageReadError / DataError: an image that cannot be used (nothing is added then).
+            InputError (a ``ValueError`` and a ``DataError``): an empty or unusable label or
+                group (``.code`` ``"empty_enrolment"`` / ``"invalid_label"``), an existing
+                article with another group (``"group_conflict"``), no images.
+            TypeError: ``label`` / ``group`` not a ``str``, ``images`` not a list of images.
+            ImageReadError / InputError: an image that cannot be used.
+            Nothing is added when anything is raised.
         """
+        label = clean_label(label, "label")
+        group = resolve_group(self.index, label, clean_label(group, "group", required=False))
+        images = _image_list(images)
         if not images:
-            raise DataError(f"no images given for article {label!r}", hint="pass one or more images")
+            raise InputError(f"no images given for article {label!r}", hint="pass one or more images",
+                             code="empty_enrolment")
         vectors, digests, names = embed_images(self.model, images, runtime=self.runtime, cache_dir=self.cache_dir)
         self.index.add_article(label, group, vectors, names, digests=digests)
         return len(vectors)
@@ -187,8 +277,14 @@ class Catalogue:
         """Remove every image of an article; returns how many were removed.
 
         Raises:
-            KeyError: no such article.
+            KeyError: no such article. TypeError: ``label`` is not a ``str``.
+            InputError: ``label`` is the only article left (a catalogue cannot be empty).
         """
+        if not isinstance(label, str):
+            raise TypeError(f"label must be a str, not {type(label).__name__} ({label!r})")
+        if self.index.has_article(label) and len(self.index.articles) == 1:
+            raise InputError(f"'{label}' is the only article left; a catalogue cannot be empty",
+                             hint="add another article first", code="last_article")
         return self.index.remove_article(label)
 
     def classify(self, images: Sequence[ImageLike], top_k: int = 5, mode: str = "prototype") -> list[ClassifyResult]:
@@ -197,13 +293,15 @@ class Catalogue:
         classified with its own copy left out (``result.in_catalogue``).
 
         Raises:
-            ImageReadError / DataError: an image that cannot be used; ValueError: bad top_k / mode.
+            ImageReadError / InputError: an image that cannot be used.
+            TypeError: ``images`` is not a list of images (one path is ``[path]``), ``top_k`` not
+                an integer. ValueError: ``top_k < 1``, an unknown ``mode``.
         """
-        images = list(images)
-        if all(isinstance(x, (str, Path)) for x in images):
+        images = _image_list(images)
+        top_k = check_classify(top_k, mode)
+        if all(isinstance(x, Path) for x in images):
             opts = EmbedOptions(runtime=self.runtime, cache_dir=self.cache_dir, progress=False)
-            results = classify_paths(self.index, self.model, [Path(x) for x in images], top_k=top_k, mode=mode,
-                                     embed=opts)
+            results = classify_paths(self.index, self.model, images, top_k=top_k, mode=mode, embed=opts)
             bad = next((r for r in results if r.error), None)
             if bad is not None:
                 raise ImageReadError(bad.image, bad.error or "unreadable")
@@ -216,8 +314,14 @@ class Catalogue:
 
     def search(self, images: Sequence[ImageLike], k: int = 5) -> list[list[Neighbor]]:
         """The ``k`` nearest catalogue images of each image (``.path``, ``.label``, ``.group``,
-        ``.score``), best first."""
-        vectors, _, _ = embed_images(self.model, list(images), runtime=self.runtime, cache_dir=self.cache_dir)
+        ``.score``), best first.
+
+        Raises:
+            TypeError: ``images`` is not a list of images, ``k`` not an integer.
+            ValueError: ``k < 1``. ImageReadError / InputError: an image that cannot be used.
+        """
+        k = positive_int(k, "k")
+        vectors, _, _ = embed_images(self.model, images, runtime=self.runtime, cache_dir=self.cache_dir)
         return self.index.search(vectors, k)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -230,7 +334,9 @@ class Catalogue:
             FewshotError: ``path`` exists and is not an index folder we may replace
                 (``overwrite`` replaces an earlier index, nothing else).
             FolderBusyError: another writer (a service) holds ``path``.
+            TypeError / ValueError: ``path`` is not a path.
         """
+        path = _as_path(path, "path")
         with claimed_output(path, writer := object(), what="fewshot index", is_ours=is_index_dir,
                             overwrite=overwrite, owned=INDEX_FILES.__contains__, option="path",
                             overwrite_flag="overwrite=True"):
@@ -246,7 +352,13 @@ class Catalogue:
 
         Raises:
             CheckpointError: a missing or damaged folder, or a model that changed since.
+            BackboneError: an unknown ``runtime`` (checked here, not at the first classify).
+            TypeError / ValueError: ``path`` is not a path.
         """
+        from .embed import check_runtime
+
+        path = _as_path(path, "path")
+        check_runtime(runtime)
         index = CatalogueIndex.load(path)
         return cls(model_for_index(index, path), index, runtime)
 
@@ -265,10 +377,16 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
 
     Raises:
         DataError: data that cannot give a meaningful number (one class, one image per class).
+        TypeError: ``model`` is not a model, ``dataset`` not a :class:`Dataset` (a path says
+            how to load it), ``episodes`` / ``seed`` not integers, paths that are not paths.
+        ValueError: ``episodes < 1``, ``seed < 0``. All checked before anything is embedded.
     """
     from .data.splits import ClassSplit
 
-    model = _as_model(model)
+    model, dataset = _as_model(model), _as_dataset(dataset)
+    episodes, seed = positive_int(episodes, "episodes"), positive_int(seed, "seed", minimum=0)
+    split_file = _as_path(split_file, "split_file") if split_file is not None else None
+    out = _as_path(out, "out") if out is not None else None
     cfg = EvalConfig(data=str(dataset.root or dataset.name), split_file=str(split_file) if split_file else None,
                      part=part, seed=seed, episodes=episodes, embed=EmbedOptions(runtime=runtime, progress=False))
     if split_file is None:
@@ -280,7 +398,15 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
 def train(config: Any) -> Any:
     """Train a method (``config``: a :class:`fewshot.methods.base.TrainConfig`, e.g. from
     ``fewshot.methods.base.make_config("triplet", data=..., split_file=..., out=...)``);
-    returns the :class:`fewshot.training.RunResult` (best epoch, metrics, history)."""
+    returns the :class:`fewshot.training.RunResult` (best epoch, metrics, history).
+
+    Raises:
+        TypeError: ``config`` is not a ``TrainConfig`` (the message says how to make one).
+    """
+    from .methods.base import TrainConfig
     from .training import train as _train
 
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, not {type(config).__name__}: make one with "
+                        "fewshot.methods.base.make_config('triplet', data=..., split_file=..., out=...)")
     return _train(config)

@@ -1,13 +1,31 @@
-"""Input checks shared by the metrics and the episode sampler (one implementation, one set of
-messages): embeddings must be finite float32 ``[N, D]``, label lists must match them."""
+"""Input checks shared by the metrics, the episode sampler, the index and the Python API (one
+implementation, one set of messages): embeddings must be finite float32 ``[N, D]``, label lists
+must match them, counts must be whole numbers in range."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import numpy as np
 
-__all__ = ["as_embeddings", "as_list"]
+__all__ = ["as_embeddings", "as_list", "positive_int"]
+
+
+def positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` (an ``int``, a NumPy integer, or a float with a whole value) as an ``int`` of at
+    least ``minimum``.
+
+    Raises:
+        TypeError: not a number (a ``str``, ``None``, a ``bool``); the message names ``name``.
+        ValueError: not a finite whole number, or below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__} ({value!r})")
+    if not math.isfinite(value) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be a whole number of at least {minimum}, got {value!r}")
+    return int(value)
 
 
 def as_embeddings(x: Any, name: str) -> np.ndarray:

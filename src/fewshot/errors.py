@@ -25,6 +25,22 @@ class DataError(FewshotError):
     """A dataset, manifest or split file cannot be used (missing path, bad columns, empty)."""
 
 
+class InputError(DataError, ValueError):
+    """A value given to fewshot cannot be used: an article label or group, an image array.
+
+    Both a :class:`DataError` (the CLI and the service print its message and hint) and a
+    ``ValueError`` (what a Python caller expects for a bad argument value).
+
+    Attributes:
+        code: the problem for machines, e.g. ``"invalid_label"``, ``"empty_enrolment"``,
+            ``"group_conflict"`` (the service answers it as its JSON ``error``).
+    """
+
+    def __init__(self, message: str, hint: str | None = None, code: str = "invalid_input") -> None:
+        super().__init__(message, hint)
+        self.code = code
+
+
 class ImageReadError(FewshotError):
     """One image cannot be decoded (missing, zero-byte, truncated, corrupt, not an image).
 

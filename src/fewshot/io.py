@@ -24,7 +24,10 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``path`` on success.
 
-    The temporary file is removed if the body raises. Parent folders are created.
+    The temporary file is removed if the body raises. Parent folders are created. The result
+    gets the usual mode (``0666 & ~umask``, 0644 under umask 022) whatever the body did: a
+    writer that replaces the temporary file with one of its own (safetensors' ``save_file``
+    writes a new file and renames it, 0600) would otherwise leave an owner-only file.
 
     Example::
 
@@ -36,9 +39,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600, and so may a writer that replaced it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

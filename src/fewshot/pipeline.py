@@ -27,7 +27,7 @@ from .data.splits import ClassSplit, check_fractions, make_class_split, protocol
 from .embed import DEFAULT_BATCH_SIZE, Embeddings
 from .embed.distributed import RayOptions, ray_embed_dataset
 from .errors import CheckpointError, DataError
-from .index import ENROLLED_DIR, INDEX_FILES, AnnConfig, CatalogueIndex, Prediction, is_index_dir
+from .index import ENROLLED_DIR, INDEX_FILES, AnnConfig, CatalogueIndex, Prediction, check_classify, is_index_dir
 from .index.enrolled import EnrolledArticle, add_enrolled, enrolled_articles, export_catalogue, is_export_dir
 from .index.ann import resolve as resolve_ann
 from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output, claimed_output
@@ -109,6 +109,8 @@ class EvalConfig:
     split_file: str | None = None
     part: str = "test"
     group_from: str | None = None
+    #: how a folder tree is read (:data:`fewshot.data.LAYOUTS`)
+    layout: str = "auto"
     seed: int = 0
     episodes: int = 1000
     n_query: int = 5
@@ -124,7 +126,7 @@ def environment() -> dict:
 
 
 def load_data(data: str, split: str | None = None, group_from: str | None = None,
-              strict: bool = False, *, default_split: str | None = None) -> Dataset:
+              strict: bool = False, *, default_split: str | None = None, layout: str = "auto") -> Dataset:
     """Resolve ``data`` (path or fetched dataset name) and load it.
 
     Args:
@@ -133,6 +135,7 @@ def load_data(data: str, split: str | None = None, group_from: str | None = None
         default_split: the split used when ``split`` is ``None`` and the dataset has image
             splits; a dataset without image splits (a plain folder tree, a CSV without a
             ``split`` column) then uses all its images. ``None`` = all images.
+        layout: how a folder tree is read (``--layout``, :func:`fewshot.data.load_dataset`).
 
     Raises:
         DataError: an unknown split (the message lists the dataset's splits), or a dataset
@@ -140,8 +143,8 @@ def load_data(data: str, split: str | None = None, group_from: str | None = None
     """
     root = resolve_data(data)
     if split not in (None, ALL_SPLITS):
-        return load_dataset(root, split=split, group_from=group_from, strict=strict)
-    dataset = load_dataset(root, split=None, group_from=group_from, strict=strict)
+        return load_dataset(root, split=split, group_from=group_from, strict=strict, layout=layout)
+    dataset = load_dataset(root, split=None, group_from=group_from, strict=strict, layout=layout)
     if split == ALL_SPLITS or default_split is None:
         return dataset
     available = sorted({r.split for r in dataset.records if r.split is not None})
@@ -157,10 +160,10 @@ def load_data(data: str, split: str | None = None, group_from: str | None = None
 
 
 def load_protocol(data: str, split_file: str | Path, group_from: str | None = None,
-                  strict: bool = False) -> tuple[Dataset, ClassSplit]:
+                  strict: bool = False, layout: str = "auto") -> tuple[Dataset, ClassSplit]:
     """Every image of ``data`` and the class split of ``split_file`` (classes it names that the
     data lacks are named in a warning); :func:`protocol_sets` then gives each part's images."""
-    dataset = load_data(data, ALL_SPLITS, group_from, strict)
+    dataset = load_data(data, ALL_SPLITS, group_from, strict, layout=layout)
     class_split = ClassSplit.load(split_file)
     warn_unknown_classes(class_split, dataset, split_file)
     return dataset, class_split
@@ -169,9 +172,10 @@ def load_protocol(data: str, split_file: str | Path, group_from: str | None = No
 def evaluation_sets(cfg: EvalConfig) -> tuple[Dataset, Dataset | None, dict]:
     """``(queries, gallery or None for leave-one-out, protocol description)``."""
     if cfg.split_file:
-        dataset, class_split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, cfg.embed.strict)
+        dataset, class_split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, cfg.embed.strict, cfg.layout)
         return split_protocol_sets(dataset, class_split, cfg.split_file, cfg.part)
-    dataset = load_data(cfg.data, cfg.split, cfg.group_from, cfg.embed.strict, default_split="test")
+    dataset = load_data(cfg.data, cfg.split, cfg.group_from, cfg.embed.strict, default_split="test",
+                        layout=cfg.layout)
     return dataset, None, leave_one_out_protocol(dataset)
 
 
@@ -414,7 +418,7 @@ def render_report(metrics: dict) -> str:
 def build_index(data: str, out: str | Path, *, split: str | None = None, catalogue: str | None = None,
                 group_from: str | None = None, embed: EmbedOptions | None = None,
                 model: EmbeddingModel | None = None, overwrite: bool = False,
-                ann_config: AnnConfig | None = None) -> CatalogueIndex:
+                ann_config: AnnConfig | None = None, layout: str = "auto") -> CatalogueIndex:
     """Embed a catalogue and save it as an index folder.
 
     Args:
@@ -426,6 +430,7 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
         overwrite: replace ``out`` when it is an index folder already. Any other existing,
             non-empty ``out`` is refused, and so is one that holds (or lies inside) the data.
         ann_config: the image index type (:class:`fewshot.index.AnnConfig`; default exact flat).
+        layout: how a folder tree is read (``--layout``, :func:`fewshot.data.load_dataset`).
 
     Raises:
         DataError: bad data, split or catalogue; an ``out`` that may not be written; index
@@ -434,14 +439,15 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
     embed = embed or EmbedOptions()
     root = resolve_data(data)
     if catalogue == "iconic":
-        if split is not None or group_from is not None:
-            raise DataError("--catalogue iconic takes the 81 Grocery studio images: --split and --group-from do not "
-                            "apply to it", hint="drop --split / --group-from, or drop --catalogue")
+        if split is not None or group_from is not None or layout != "auto":
+            raise DataError("--catalogue iconic takes the 81 Grocery studio images: --split, --group-from and "
+                            "--layout do not apply to it", hint="drop --split / --group-from / --layout, or drop "
+                            "--catalogue")
         dataset = load_grocery_catalogue(root)
     elif catalogue not in (None, "", "images"):
         raise DataError(f"unknown catalogue '{catalogue}'", hint="use --catalogue iconic, or leave it out")
     else:
-        dataset = load_data(data, split, group_from, embed.strict, default_split="train")
+        dataset = load_data(data, split, group_from, embed.strict, default_split="train", layout=layout)
     with claimed_output(out, writer := object(), what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
                         owned=INDEX_FILES.__contains__, **data_protection(data, dataset)):
         enrolled = enrolled_of(out)
@@ -623,12 +629,12 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
     article's prototype) and the result is flagged ``in_catalogue``.
 
     Raises:
-        ValueError: ``top_k < 1`` or an unknown ``mode``.
+        ValueError: ``top_k < 1`` or an unknown ``mode`` (checked before anything is embedded).
+        TypeError: ``top_k`` is not a number.
     """
     from .embed import read_digests
 
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    top_k = check_classify(top_k, mode)
     embed = embed or EmbedOptions()
     digests = read_digests(paths)
     vectors, ok, failures, _ = model.embed_paths(paths, batch_size=embed.batch_size,
@@ -709,7 +715,8 @@ def is_embeddings_file(path: Path) -> bool:
 
 
 def export_embeddings(data: str, out: str | Path, *, split: str | None = None, group_from: str | None = None,
-                      embed: EmbedOptions | None = None, overwrite: bool = False) -> tuple[int, int]:
+                      embed: EmbedOptions | None = None, overwrite: bool = False,
+                      layout: str = "auto") -> tuple[int, int]:
     """Embed a dataset and write vectors, labels, groups and paths (``.safetensors`` or ``.npz``).
 
     The safetensors file holds ``embeddings`` (``float32 [N, E]``) and its metadata holds the
@@ -717,6 +724,7 @@ def export_embeddings(data: str, out: str | Path, *, split: str | None = None, g
 
     Args:
         split: an image split, ``"all"`` or ``None`` (all images).
+        layout: how a folder tree is read (``--layout``, :func:`fewshot.data.load_dataset`).
         overwrite: replace ``out`` when it is an embeddings file this function wrote; any
             other existing file is refused.
 
@@ -732,7 +740,7 @@ def export_embeddings(data: str, out: str | Path, *, split: str | None = None, g
     if out.suffix not in (".npz", ".safetensors"):
         raise DataError(f"unknown output format '{out.suffix}' for {out}", hint="use a .safetensors or .npz file name")
     embed = embed or EmbedOptions()
-    dataset = load_data(data, split, group_from, embed.strict)
+    dataset = load_data(data, split, group_from, embed.strict, layout=layout)
     check_output(out, what="fewshot embeddings file", is_ours=is_embeddings_file, overwrite=overwrite,
                  **data_protection(data, dataset))
     model = embed.model()
@@ -781,7 +789,7 @@ def is_split_file(path: Path) -> bool:
 
 def make_split(data: str, out: str | Path | None = None, *, by: str = "group",
                fractions: tuple[float, float, float] = (0.5, 0.15, 0.35), seed: int = 0,
-               group_from: str | None = None, overwrite: bool = False) -> SplitSummary:
+               group_from: str | None = None, overwrite: bool = False, layout: str = "auto") -> SplitSummary:
     """Split a dataset's classes into class-disjoint train / val / test parts (``fewshot split``).
 
     Args:
@@ -792,6 +800,7 @@ def make_split(data: str, out: str | Path | None = None, *, by: str = "group",
             splits single classes.
         fractions: (train, val, test) shares of the classes (normalised to sum 1).
         seed: the shuffling seed (:func:`fewshot.data.make_class_split`).
+        layout: how a folder tree is read (``--layout``, :func:`fewshot.data.load_dataset`).
 
     Returns:
         a :class:`SplitSummary` (classes, groups and images per part).
@@ -807,7 +816,7 @@ def make_split(data: str, out: str | Path | None = None, *, by: str = "group",
     if by not in ("group", "class"):
         raise DataError(f"unknown --by {by!r}", hint="use --by group (whole brands per part) or --by class")
     check_fractions(fractions, "--fractions")
-    dataset = load_data(data, ALL_SPLITS, group_from)
+    dataset = load_data(data, ALL_SPLITS, group_from, layout=layout)
     if out is not None:
         check_output(out, what="fewshot split", is_ours=is_split_file, overwrite=overwrite,
                      **data_protection(data, dataset))

@@ -7,7 +7,6 @@ is printed as ``error: ...`` with its fix, never as a traceback.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Tuple
@@ -15,8 +14,9 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 import typer
 from rich.markup import escape
 
-from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, NoProgressOpt, OverwriteOpt, RuntimeOpt,
-                     ThreadsOpt, WorkersOpt, _split_help, apply_runtime, app, echo_episodes, embedding_options, err_console, handle_errors, log)
+from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, LayoutOpt, NoProgressOpt, OverwriteOpt, RuntimeOpt,
+                     ThreadsOpt, WorkersOpt, _split_help, apply_runtime, app, echo_episodes, embedding_options, err_console,
+                     handle_errors, json_line, log, one_line)
 
 if TYPE_CHECKING:
     from ..pipeline import EmbedOptions
@@ -35,6 +35,7 @@ def evaluate(
     episodes: int = typer.Option(1000, "--episodes", min=1, help="Episodes per N-way K-shot setting (a 95% CI is reported from 30)."),
     queries: int = typer.Option(5, "--queries", min=1, help="Query images per class in each episode."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, report.md, retrieval_grid.png."),
     overwrite: bool = OverwriteOpt,
     *, emb: "EmbedOptions",
@@ -43,14 +44,14 @@ def evaluate(
     from ..pipeline import EvalConfig, evaluate as run_evaluate
 
     cfg = EvalConfig(data=data, split=split, split_file=str(split_file) if split_file else None,
-                     part=split or "test", group_from=group_from, seed=seed, episodes=episodes,
+                     part=split or "test", group_from=group_from, layout=layout, seed=seed, episodes=episodes,
                      n_query=queries, embed=emb)
     metrics = run_evaluate(cfg, out, overwrite=overwrite)
     typer.echo(f"mAP {metrics['map']:.4f}  MAP@R {metrics['map_at_r']:.4f}  P@1 {metrics['precision_at_1']:.4f}  "
                f"R@5 {metrics['recall_at_k']['5']:.4f}  queries {metrics['num_queries']} "
                f"(skipped {metrics['num_skipped_queries']})")
     echo_episodes(metrics["episodes"])
-    typer.echo(f"wrote {out}/metrics.json, report.md, retrieval_grid.png, embedding_map.png")
+    typer.echo(f"wrote {one_line(out)}/metrics.json, report.md, retrieval_grid.png, embedding_map.png")
 
 
 @app.command("index")
@@ -61,6 +62,7 @@ def index_cmd(
     split: Optional[str] = typer.Option(None, "--split", help="Image split used as the catalogue. " + _split_help("train")),
     catalogue: Optional[str] = typer.Option(None, "--catalogue", help="'iconic': the Grocery studio images, one per article."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     out: Path = typer.Option(..., "--out", help="Index folder to write (atomically); never one that holds other files or the --data images."),
     overwrite: bool = OverwriteOpt,
     index_type: str = typer.Option("auto", "--index-type", help="flat (exact), ivfpq or hnsw (approximate); auto = flat below 200,000 images, else ivfpq."),
@@ -81,12 +83,12 @@ def index_cmd(
     ann = AnnConfig(index_type, nlist=nlist, m=pq_m, nprobe=nprobe,
                     **({"ef_search": ef_search} if ef_search is not None else {}))  # else AnnConfig's default
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
-                      overwrite=overwrite, ann_config=ann)
-    typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {out} ({idx.ann.kind} index)")
+                      overwrite=overwrite, ann_config=ann, layout=layout)
+    typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {one_line(out)} ({idx.ann.kind} index)")
     kept = idx.config.get("kept_enrolled")
     if kept:
         typer.echo(f"kept {kept['images']} photos of {kept['articles']} article(s) enrolled through the service "
-                   f"(re-embedded with this model; they stay in {out / 'enrolled'})"
+                   f"(re-embedded with this model; they stay in {one_line(out / 'enrolled')})"
                    + (f"; {len(kept['unreadable'])} unreadable photo(s) left out" if kept["unreadable"] else ""))
 
 
@@ -101,12 +103,12 @@ def export_cmd(
     from ..pipeline import export_index
 
     summary = export_index(index, out, overwrite=overwrite)
-    typer.echo(f"exported {summary['images']} photos of {summary['articles']} articles to {out}")
-    typer.echo(f"build an index of them again: fewshot index --data {out / 'manifest.csv'} --out NEW_INDEX"
+    typer.echo(f"exported {summary['images']} photos of {summary['articles']} articles to {one_line(out)}")
+    typer.echo(f"build an index of them again: fewshot index --data {one_line(out / 'manifest.csv')} --out NEW_INDEX"
                + ("" if summary["tree_exact"] else "  (the manifest keeps the exact labels; some are not "
                                                      "usable as folder names, so the tree shows them changed)"))
     if summary["missing"]:
-        shown = ", ".join(summary["missing"][:5]) + (" ..." if len(summary["missing"]) > 5 else "")
+        shown = ", ".join(map(one_line, summary["missing"][:5])) + (" ..." if len(summary["missing"]) > 5 else "")
         typer.echo(f"error: {len(summary['missing'])} catalogue photo(s) are not on disk and were not exported: "
                    f"{shown}", err=True)
         raise typer.Exit(1)
@@ -135,6 +137,7 @@ def classify(
     data: Optional[str] = typer.Option(None, "--data", help="Classify a labelled dataset instead of IMAGES and report top-1 / top-k accuracy."),
     split: Optional[str] = typer.Option(None, "--split", help="With --data: the image split to classify (e.g. test; default: every image)."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     summary_only: bool = typer.Option(False, "--summary-only", help="With --data: print only the accuracy summary."),
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
     no_progress: bool = NoProgressOpt, runtime: str = RuntimeOpt, threads: Optional[int] = ThreadsOpt,
@@ -163,11 +166,11 @@ def classify(
         if images:
             raise typer.BadParameter("give image files or --data, not both", param_hint="IMAGES")
 
-        dataset = load_data(data, split, group_from)
+        dataset = load_data(data, split, group_from, layout=layout)
         paths, truth = dataset.paths, dataset.labels
     else:
-        if split is not None:
-            raise typer.BadParameter("--split needs --data", param_hint="--split")
+        if split is not None or layout != "auto":
+            raise typer.BadParameter("--split and --layout need --data", param_hint="--split / --layout")
         paths = _expand_images(images or [])
     if not paths:
         raise DataError("no images given", hint="pass image files or folders that contain images, or --data")
@@ -201,7 +204,7 @@ def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_jso
                         f"{skipped} of articles it lacks or cannot retrieve, the rest unreadable)",
                         hint="classify photos of the catalogue's articles (see the warnings above)")
     if as_json:
-        typer.echo(json.dumps({"summary": {**acc, f"top{top_k}": acc["topk"], "top_k": top_k, "mode": mode,
+        typer.echo(json_line({"summary": {**acc, f"top{top_k}": acc["topk"], "top_k": top_k, "mode": mode,
                                            "articles": len(cat.articles)}}))
         return
     typer.echo(f"top-1 accuracy {acc['top1']:.4f}  top-{top_k} accuracy {acc['topk']:.4f}  "
@@ -211,22 +214,27 @@ def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_jso
 
 
 def _print_results(results, as_json: bool, summary_only: bool) -> int:
-    """Print each result (or only errors with ``summary_only``); returns how many were bad."""
+    """Print each result (or only errors with ``summary_only``); returns how many were bad.
+
+    One image is one line: ``PATH<TAB>label (score), ...`` or ``error: PATH: reason`` on
+    stderr, with paths and labels through :func:`~fewshot.cli.common.one_line` (a newline or
+    tab in a file name is printed escaped); ``--json`` lines through ``json_line``."""
     bad = 0
     for r in results:
         if r.error:
             bad += 1
-            err_console.print(f"[red]error:[/] {escape(r.image)}: {escape(r.error)}", highlight=False)
+            err_console.print(f"[red]error:[/] {escape(one_line(r.image))}: {escape(one_line(r.error))}",
+                              highlight=False)
             if as_json:
-                typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+                typer.echo(json_line(r.to_dict()))
             continue
         if summary_only:
             continue
         if as_json:
-            typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+            typer.echo(json_line(r.to_dict()))
         else:
-            preds = ", ".join(f"{p.label} ({p.score:.3f})" for p in r.predictions)
-            typer.echo(f"{r.image}\t{preds}" + ("\t[catalogue image: own copy left out]" if r.in_catalogue else ""))
+            preds = ", ".join(f"{one_line(p.label)} ({p.score:.3f})" for p in r.predictions)
+            typer.echo(f"{one_line(r.image)}\t{preds}" + ("\t[catalogue image: own copy left out]" if r.in_catalogue else ""))
     return bad
 
 
@@ -254,6 +262,7 @@ def embed(
     data: str = DataOpt,
     split: Optional[str] = typer.Option(None, "--split", help="The dataset's image split (train|val|test), or 'all' (default: every image)."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     out: Path = typer.Option(..., "--out", help="Output file: .safetensors or .npz."),
     overwrite: bool = OverwriteOpt,
     distributed: Optional[str] = typer.Option(None, "--distributed", help="Embed on a cluster back-end: ray (Ray Data; pip install -e \".[scale]\"). Results go to the embedding store as they come, so an interrupted run resumes where it stopped."),
@@ -266,8 +275,9 @@ def embed(
     from ..pipeline import export_embeddings
 
     emb.distributed = _ray_options(distributed, ray_address, ray_workers, ray_cpus, emb)
-    n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb, overwrite=overwrite)
-    typer.echo(f"wrote {n} x {d} embeddings to {out}")
+    n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb, overwrite=overwrite,
+                             layout=layout)
+    typer.echo(f"wrote {n} x {d} embeddings to {one_line(out)}")
 
 
 def _ray_options(distributed: str | None, address: str | None, workers: int | None, cpus: int, emb: "EmbedOptions"):
@@ -298,17 +308,21 @@ def split_cmd(
     fractions: Tuple[float, float, float] = typer.Option((0.5, 0.15, 0.35), "--fractions", help="train val test shares of the articles (normalised to sum 1)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Shuffling seed (same seed, same split)."),
     group_from: Optional[str] = GroupFromOpt,
+    layout: str = LayoutOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it is a split file written earlier (nothing else is replaced)."),
 ) -> None:
     """Make class-disjoint train / val / test parts of a dataset, for training on unseen articles."""
     from ..pipeline import make_split
 
-    summary = make_split(data, out, by=by, fractions=fractions, seed=seed, group_from=group_from, overwrite=overwrite)
+    summary = make_split(data, out, by=by, fractions=fractions, seed=seed, group_from=group_from, overwrite=overwrite,
+                         layout=layout)
     for part, c in summary.parts.items():
         groups = f" in {c['groups']} group(s)" if c["groups"] else ""
         typer.echo(f"{part:<5} {c['classes']:>5} classes{groups}, {c['images']:>6} images")
     unit = "whole groups per part" if by == "group" else "single classes"
-    typer.echo(f"wrote {out} ({unit}, seed {seed}); next: fewshot train --data {data} --split-file {out} --out RUN_DIR")
+    same = f" --layout {layout}" if layout != "auto" else ""  # the next commands must read the tree alike
+    typer.echo(f"wrote {one_line(out)} ({unit}, seed {seed}); next: fewshot train --data {one_line(data)}{same} "
+               f"--split-file {one_line(out)} --out RUN_DIR")
 
 
 @app.command()

@@ -7,8 +7,10 @@ package ``__init__`` that registers them import it, and not each other.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import unicodedata
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -69,6 +71,40 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _breaks_lines(c: str) -> bool:
+    from ..index.labels import BIDI_CONTROLS
+
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI_CONTROLS
+
+
+def one_line(text: object) -> str:
+    """``text`` as one line of text output: control characters (newline, tab, ESC, ...), line
+    and paragraph separators and bidirectional controls escaped as Python writes them
+    (``\\n``, ``\\t``, ``\\x1b``, ``\\u2028``, ``\\u202e``), so that one image is always one
+    line and a tab always separates columns. Other text (accents, spaces) is unchanged.
+
+    Every per-line output that prints a path or a label goes through it (``--json`` output
+    goes through :func:`json_line`)."""
+    text = str(text)
+    if not any(_breaks_lines(c) for c in text):
+        return text
+    return "".join(repr(c)[1:-1] if _breaks_lines(c) else c for c in text)
+
+
+#: characters ``json.dumps(..., ensure_ascii=False)`` leaves raw that line readers split on
+_JSON_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def json_line(obj: object) -> str:
+    """``obj`` as one line of JSON (UTF-8 text kept readable): besides the newline and control
+    characters JSON escapes anyway, U+2028, U+2029 and U+0085, which ``str.splitlines`` and
+    some JSON-lines readers take as line ends, are written as ``\\uXXXX`` escapes."""
+    text = json.dumps(obj, ensure_ascii=False)
+    for raw, escaped in _JSON_LINE_BREAKS.items():
+        text = text.replace(raw, escaped)
+    return text
+
+
 def positive(value: float | None) -> float | None:
     """typer callback: a number that must be greater than 0 (``None`` = not given)."""
     if value is not None and not (value > 0 and math.isfinite(value)):
@@ -82,6 +118,18 @@ BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default effi
 ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot train` (backbone + trained head).")
 SizeOpt = typer.Option(None, "--image-size", min=16, max=1024, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model; EfficientNet needs 32 or more, conv4 16).")
 GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
+
+
+def _layout_choice(value: str) -> str:
+    """typer callback: one of :data:`fewshot.data.LAYOUTS`."""
+    from ..data import LAYOUTS
+
+    if value not in LAYOUTS:
+        raise typer.BadParameter(f"{value!r}: use one of {', '.join(LAYOUTS)}")
+    return value
+
+
+LayoutOpt = typer.Option("auto", "--layout", callback=_layout_choice, help="How a folder tree is read: class (root/<article>/photo; sub-folders belong to the article) | group/class (root/<brand>/<article>/photo; photos lying directly in a brand folder are skipped, with a warning) | auto (whichever the tree is; a tree of mixed depth, e.g. stray photos in one brand folder, is refused with the folders named).")
 StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
 BatchOpt = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass.")
 WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes (0 = one background thread of the main process, overlapping the forward pass).")

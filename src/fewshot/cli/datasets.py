@@ -21,6 +21,8 @@ from rich.table import Table
 from fewshot.data import fetch as _fetch
 from fewshot.errors import FewshotError
 
+from .common import one_line
+
 app = typer.Typer(
     help="List and fetch the public datasets (Grocery Store Dataset, Omniglot).",
     no_args_is_help=True,
@@ -78,4 +80,4 @@ def fetch_cmd(
         )
     except FewshotError as exc:
         _fail(exc)
-    typer.echo(str(path))
+    typer.echo(one_line(path))

@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 import typer
 
 from ..errors import FewshotError
-from .common import MAX_THREADS, app, apply_runtime, echo_episodes, handle_errors, positive
+from .common import MAX_THREADS, LayoutOpt, app, apply_runtime, echo_episodes, handle_errors, one_line, positive
 
 #: most processes of ``--nproc`` (:data:`fewshot.training.distributed.MAX_NPROC`; kept here so that
 #: ``fewshot --help`` does not import torch)
@@ -80,6 +80,7 @@ def _train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out (only once the new run has trained)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     group_from: Optional[str] = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' or 'column:NAME'."),
+    layout: str = LayoutOpt,
     embed_batch_size: Optional[int] = typer.Option(None, "--embed-batch-size", min=1, help="Images per forward pass when embedding (default 32)."),
     workers: int = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot)."),
@@ -104,7 +105,7 @@ def _train(
         fine_tune=fine_tune, fine_tune_blocks=fine_tune_blocks, backbone_lr=backbone_lr, warmup_steps=warmup_steps,
         lr_schedule=lr_schedule, bn=bn, pretrained=not from_scratch, augment=augment, class_rotations=class_rotations, ways=ways, shots=shots, queries=queries,
         val_episodes=val_episodes, eval_episodes=eval_episodes, final_tta=tta, resume=resume, overwrite=overwrite, device=device,
-        group_from=group_from, embed_batch_size=embed_batch_size, workers=workers, runtime=runtime,
+        group_from=group_from, layout=layout, embed_batch_size=embed_batch_size, workers=workers, runtime=runtime,
         cache_dir=str(cache_dir) if cache_dir else None, progress=not no_progress, final_eval=split, options=options)
     result = _run(cfg, nproc, threads, run_train)
     if result is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
@@ -119,7 +120,7 @@ def _train(
         typer.echo(f"{split} classes" + (f" (--tta {tta})" if tta != "none" else "")
                    + f": mAP {m['map']:.4f}  MAP@R {m['map_at_r']:.4f}  P@1 {m['precision_at_1']:.4f}")
         echo_episodes(m["episodes"])
-    typer.echo(f"wrote {out}/config.json, model.safetensors, history.csv, curves.png")
+    typer.echo(f"wrote {one_line(out)}/config.json, model.safetensors, history.csv, curves.png")
 
 
 def _run(cfg, nproc: int, threads: Optional[int], run_train):

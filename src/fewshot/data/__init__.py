@@ -7,7 +7,7 @@ Public API::
 """
 
 from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, is_image_file, load_image
-from .loaders import load_dataset, load_grocery_catalogue, parse_group_from, summarize
+from .loaders import LAYOUTS, load_dataset, load_grocery_catalogue, parse_group_from, summarize
 from .records import Dataset, ImageRecord
 from .splits import ClassSplit, dataset_for, make_class_split, protocol_sets
 
@@ -16,6 +16,7 @@ __all__ = [
     "Dataset",
     "IMAGE_EXTENSIONS",
     "ImageRecord",
+    "LAYOUTS",
     "MAX_IMAGE_PIXELS",
     "dataset_for",
     "is_image_file",

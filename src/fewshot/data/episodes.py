@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from fewshot.checks import as_list
+from fewshot.checks import as_list, positive_int
 from fewshot.errors import DataError
 
 __all__ = ["Episode", "EpisodeSampler"]
@@ -68,12 +68,6 @@ def _group(labels: list) -> dict[Any, np.ndarray]:
     return {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class EpisodeSampler:
     """Seeded, re-iterable source of :class:`Episode` objects.
 
@@ -100,7 +94,7 @@ class EpisodeSampler:
     naming them.
 
     Raises:
-        ValueError: a count is not a positive integer.
+        ValueError: a count is not a positive whole number; TypeError: a count is not a number.
         fewshot.errors.DataError: fewer than ``n_way`` classes are eligible.
     """
 
@@ -117,10 +111,10 @@ class EpisodeSampler:
         names: Sequence[str] | None = None,
         warn: bool = True,
     ) -> None:
-        self.n_way = _positive_int(n_way, "n_way")
-        self.k_shot = _positive_int(k_shot, "k_shot")
-        self.n_query = _positive_int(n_query, "n_query")
-        self.episodes = _positive_int(episodes, "episodes")
+        self.n_way = positive_int(n_way, "n_way")
+        self.k_shot = positive_int(k_shot, "k_shot")
+        self.n_query = positive_int(n_query, "n_query")
+        self.episodes = positive_int(episodes, "episodes")
         self.seed = seed
         self.cross = query_labels is not None
 

@@ -12,7 +12,7 @@
    optionally ``group`` and ``split`` (see :func:`_load_csv` for the accepted dialects:
    pandas index column, ``;``/tab delimiters, Windows ``\\`` paths, UTF-8 with or without BOM).
    Paths are relative to the CSV's folder (absolute paths are used as they are).
-3. **Folder tree** (``source="folder"``, or ``"omniglot"``):
+3. **Folder tree** (``source="folder"``, or ``"omniglot"``; :mod:`fewshot.data.tree`):
 
    * one level, ``root/<class>/<images>``: ``label`` = class folder name, ``group`` = None;
    * two levels, ``root/<group>/<class>/<images>``: ``group`` = group folder name and
@@ -20,10 +20,12 @@
      than one group: then every label is ``"<group>/<class>"`` (so labels stay unique;
      a note is added to ``Dataset.warnings``).
 
-   The tree is two-level when no top-level folder holds image files directly. Images in
-   deeper sub-folders of a class folder belong to that class. A two-level tree of PNG
-   files whose path mentions ``omniglot`` (or whose class folders are named
-   ``characterNN``) is Omniglot: ``source="omniglot"`` and labels are always
+   ``layout`` says which: ``"class"``, ``"group/class"`` or ``"auto"`` (the default: two-level
+   when no top-level folder holds image files directly; a tree of mixed depth, such as stray
+   photos lying directly in one brand folder of a brand/article tree, is refused with the
+   folders named). Images in deeper sub-folders of a class folder belong to that class. A
+   two-level tree of PNG files whose path mentions ``omniglot`` (or whose class folders are
+   named ``characterNN``) is Omniglot: ``source="omniglot"`` and labels are always
    ``"<alphabet>/<character>"`` (character names repeat across alphabets).
 
 Image files are recognised by suffix (``jpg jpeg png bmp gif tif tiff webp``, any case);
@@ -49,10 +51,11 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, is_image_file
 from .records import Dataset, ImageRecord
+from .rows import MAX_EXAMPLES, Row, warn
+from .tree import FOLDER_HINT, LAYOUTS, check_layout, load_tree
 
-__all__ = ["load_dataset", "load_grocery_catalogue", "summarize", "parse_group_from", "GroupFrom"]
+__all__ = ["load_dataset", "load_grocery_catalogue", "summarize", "parse_group_from", "GroupFrom", "LAYOUTS"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,6 @@ CSV_COLUMNS: dict[str, tuple[str, ...]] = {
     "split": ("split",),
 }
 
-_SKIP_NAMES = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
-_MAX_EXAMPLES = 5
 
 
 # --------------------------------------------------------------------------- group_from
@@ -115,16 +116,7 @@ def parse_group_from(spec: str | None) -> GroupFrom | None:
         raise DataError(f"invalid group_from {text!r}: {arg!r} is not an integer", hint=_GROUP_FROM_HINT) from None
 
 
-@dataclass
-class _Row:
-    """A record plus what ``group_from`` may need: the path as written and the CSV row."""
-
-    record: ImageRecord
-    rel_parts: tuple[str, ...]
-    cells: dict[str, str] | None = None
-
-
-def _apply_group_from(rows: list[_Row], spec: GroupFrom, source: Path, columns: Sequence[str] | None) -> list[ImageRecord]:
+def _apply_group_from(rows: list[Row], spec: GroupFrom, source: Path, columns: Sequence[str] | None) -> list[ImageRecord]:
     out: list[ImageRecord] = []
     if spec.kind == "column":
         if columns is None:
@@ -177,6 +169,7 @@ def load_dataset(
     group_from: str | None = None,
     *,
     strict: bool = False,
+    layout: str = "auto",
 ) -> Dataset:
     """Load a labelled image dataset, auto-detecting its layout (see the module docstring).
 
@@ -193,7 +186,11 @@ def load_dataset(
             negative from the end), ``"label:N"`` = N-th ``-``-separated field of the label,
             ``"column:NAME"`` = a manifest column.
         strict: raise :class:`DataError` for problems that are otherwise only warnings
-            (empty class folders, manifest rows without a path or label, conflicting rows).
+            (empty class folders, manifest rows without a path or label, conflicting rows,
+            photos lying directly in a group folder).
+        layout: how a folder tree is read: ``"auto"``, ``"class"`` or ``"group/class"``
+            (:data:`fewshot.data.tree.LAYOUTS`, see :mod:`fewshot.data.tree`); a manifest or
+            the Grocery dataset takes only ``"auto"``.
 
     Returns:
         A :class:`Dataset` with records in a stable order (Grocery: file order of
@@ -205,8 +202,12 @@ def load_dataset(
             a manifest lacks the ``path``/``label`` columns (message lists the missing and
             the found columns); no images were found, or the selected split is empty;
             ``split`` names a split the dataset does not have (message lists the available
-            ones); ``group_from`` is malformed or does not fit the data.
+            ones); ``group_from`` is malformed or does not fit the data; a folder tree of
+            mixed depth with ``layout="auto"`` (the message names the folders); a ``layout``
+            other than ``"auto"`` for a manifest or the Grocery dataset.
+        TypeError / ValueError: ``layout`` is not one of :data:`~fewshot.data.tree.LAYOUTS`.
     """
+    check_layout(layout)
     p = Path(os.path.expanduser(os.fspath(path)))
     if not p.exists():
         raise DataError(
@@ -215,28 +216,10 @@ def load_dataset(
             "or a Grocery Store Dataset folder",
         )
     spec = parse_group_from(group_from)
-    columns: list[str] | None = None
-    if p.is_file():
-        if p.suffix.lower() not in (".csv", ".tsv"):
-            raise DataError(
-                f"not a dataset: {p} is a file but not a .csv manifest",
-                hint="give a folder of class folders or a CSV manifest with columns path,label[,group]",
-            )
-        ds, rows, columns = _load_csv(p, strict=strict)
-    else:
-        gdir = _grocery_dir(p)
-        if gdir is not None:
-            if split == CATALOGUE_SPLIT:
-                if spec is not None:
-                    raise DataError(
-                        "group_from cannot be used with split='catalogue'",
-                        hint="drop group_from: catalogue groups are the coarse classes",
-                    )
-                return load_grocery_catalogue(gdir)
-            ds, rows = _load_grocery(gdir, split)
-        else:
-            ds, rows = _load_tree(p, strict=strict)
-
+    read = _read(p, split, spec, strict, layout)
+    if isinstance(read, Dataset):  # the Grocery catalogue
+        return read
+    ds, rows, columns = read
     source_file = Path(ds.root) if ds.root else p
     if spec is not None:
         records = _apply_group_from(rows, spec, source_file, columns)
@@ -267,6 +250,40 @@ def load_dataset(
     ds.records = records
     ds.split = split
     return ds
+
+
+def _read(p: Path, split: str | None, spec: GroupFrom | None, strict: bool,
+          layout: str) -> Dataset | tuple[Dataset, list[Row], list[str] | None]:
+    """``(dataset without records, rows, manifest columns or None)`` of whatever ``p`` is, or
+    the finished Grocery catalogue for ``split="catalogue"``."""
+    if p.is_file():
+        if p.suffix.lower() not in (".csv", ".tsv"):
+            raise DataError(
+                f"not a dataset: {p} is a file but not a .csv manifest",
+                hint="give a folder of class folders or a CSV manifest with columns path,label[,group]",
+            )
+        _layout_is_auto(layout, p, "a CSV manifest")
+        return _load_csv(p, strict=strict)
+    gdir = _grocery_dir(p)
+    if gdir is None:
+        ds, rows = load_tree(p, strict=strict, layout=layout)
+        return ds, rows, None
+    _layout_is_auto(layout, p, "the Grocery Store Dataset (read from its list files)")
+    if split == CATALOGUE_SPLIT:
+        if spec is not None:
+            raise DataError(
+                "group_from cannot be used with split='catalogue'",
+                hint="drop group_from: catalogue groups are the coarse classes",
+            )
+        return load_grocery_catalogue(gdir)
+    ds, rows = _load_grocery(gdir, split)
+    return ds, rows, None
+
+
+def _layout_is_auto(layout: str, p: Path, what: str) -> None:
+    if layout != "auto":
+        raise DataError(f"--layout {layout} applies to folder trees, but {p} is {what}",
+                        hint="drop --layout (Python: layout=), or give the folder tree itself")
 
 
 def load_grocery_catalogue(root: str | os.PathLike) -> Dataset:
@@ -341,9 +358,9 @@ def summarize(dataset: Dataset) -> str:
         lines.append("  image splits: " + ", ".join(f"{s} {n}" for s, n in per.items()))
     if dataset.warnings:
         lines.append(f"  {len(dataset.warnings)} warning(s):")
-        lines.extend(f"    - {w}" for w in dataset.warnings[:_MAX_EXAMPLES])
-        if len(dataset.warnings) > _MAX_EXAMPLES:
-            lines.append(f"    ... and {len(dataset.warnings) - _MAX_EXAMPLES} more")
+        lines.extend(f"    - {w}" for w in dataset.warnings[:MAX_EXAMPLES])
+        if len(dataset.warnings) > MAX_EXAMPLES:
+            lines.append(f"    ... and {len(dataset.warnings) - MAX_EXAMPLES} more")
     return "\n".join(lines)
 
 
@@ -355,24 +372,7 @@ def _empty_hint(source: str) -> str:
         return "the manifest has no usable rows: add rows 'path,label' (paths relative to the CSV's folder)"
     if source == "grocery":
         return "check that dataset/train.txt, val.txt and test.txt list image paths"
-    return ("put each class's images in its own folder: root/<class>/<image>.jpg "
-            "(or root/<group>/<class>/<image>.jpg); accepted suffixes: "
-            + " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)))
-
-
-def _warn(ds_warnings: list[str], message: str, strict: bool, source: Path, hint: str) -> None:
-    if strict:
-        raise DataError(f"{message} (in {source})", hint=hint + " (or run without --strict to skip it)")
-    log.warning("%s", message)
-    ds_warnings.append(message)
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name in _SKIP_NAMES
-
-
-def _abs(path: Path) -> Path:
-    return Path(os.path.abspath(path))
+    return FOLDER_HINT
 
 
 # --------------------------------------------------------------------------- Grocery
@@ -421,7 +421,7 @@ def _grocery_classes(gdir: Path) -> dict[int, tuple[str, str | None, str]]:
     return out
 
 
-def _load_grocery(gdir: Path, split: str | None) -> tuple[Dataset, list[_Row]]:
+def _load_grocery(gdir: Path, split: str | None) -> tuple[Dataset, list[Row]]:
     gdir = gdir.resolve()
     classes = _grocery_classes(gdir)
     available = [s for s in GROCERY_SPLITS if (gdir / f"{s}.txt").is_file()]
@@ -431,7 +431,7 @@ def _load_grocery(gdir: Path, split: str | None) -> tuple[Dataset, list[_Row]]:
             hint=f"use one of: {', '.join(available + [CATALOGUE_SPLIT])}",
         )
     wanted = [split] if split is not None else available
-    rows: list[_Row] = []
+    rows: list[Row] = []
     base = str(gdir)
     for s in wanted:
         list_file = gdir / f"{s}.txt"
@@ -454,126 +454,11 @@ def _load_grocery(gdir: Path, split: str | None) -> tuple[Dataset, list[_Row]]:
                     hint="restore the file from the dataset's repository",
                 ) from None
             rel = rel.replace("\\", "/")
-            rows.append(_Row(
+            rows.append(Row(
                 ImageRecord(Path(os.path.normpath(os.path.join(base, rel))), fine_name, coarse, s),
                 tuple(PurePosixPath(rel).parts),
             ))
     return Dataset([], name="grocery", root=gdir, source="grocery"), rows
-
-
-# --------------------------------------------------------------------------- folder tree
-
-
-def _scan(folder: str) -> tuple[list[str], list[str]]:
-    """(sub-folder names, image file names) directly in ``folder``, sorted, hidden skipped."""
-    dirs, images = [], []
-    try:
-        with os.scandir(folder) as it:
-            for e in it:
-                if _hidden(e.name):
-                    continue
-                try:
-                    if e.is_dir():
-                        dirs.append(e.name)
-                    elif is_image_file(e.name) and e.is_file():
-                        images.append(e.name)
-                except OSError:
-                    continue
-    except OSError as exc:
-        raise DataError(f"cannot list folder {folder}: {exc}", hint="check the folder's permissions") from None
-    return sorted(dirs), sorted(images)
-
-
-def _images_under(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursively), as paths relative to it, sorted."""
-    out: list[str] = []
-    for cur, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        rel = os.path.relpath(cur, folder)
-        for f in sorted(files):
-            if not _hidden(f) and is_image_file(f):
-                out.append(f if rel == "." else os.path.join(rel, f))
-    return out
-
-
-def _load_tree(root: Path, strict: bool) -> tuple[Dataset, list[_Row]]:
-    root = root.resolve()
-    base = str(root)
-    top_dirs, root_images = _scan(base)
-    warnings: list[str] = []
-    hint_layout = "put each class's images in its own folder: root/<class>/<image> or root/<group>/<class>/<image>"
-    if not top_dirs:
-        if root_images:
-            raise DataError(
-                f"no class folders in {root}: {len(root_images)} image(s) lie directly in it",
-                hint=hint_layout,
-            )
-        raise DataError(f"no images found in {root}", hint=_empty_hint("folder"))
-    if root_images:
-        _warn(warnings, f"{len(root_images)} image(s) directly in {root} ignored (not in a class folder)",
-              strict, root, hint_layout)
-
-    scans = {d: _scan(os.path.join(base, d)) for d in top_dirs}
-    two_level = not any(images for _, images in scans.values())
-    name = root.name or "dataset"
-    rows: list[_Row] = []
-
-    if not two_level:
-        for cls in top_dirs:
-            folder = os.path.join(base, cls)
-            files = _images_under(folder)
-            if not files:
-                _warn(warnings, f"empty class folder (no images): {folder}", strict, root,
-                      "add images to the folder or delete it")
-                continue
-            for f in files:
-                rel = os.path.join(cls, f)
-                rows.append(_Row(ImageRecord(Path(os.path.join(folder, f)), cls, None, None),
-                                 tuple(Path(rel).parts)))
-        return Dataset([], name=name, root=root, source="folder", warnings=warnings), rows
-
-    # two levels: root/<group>/<class>/...
-    entries: list[tuple[str, str, list[str]]] = []
-    for group in top_dirs:
-        class_dirs, _ = scans[group]
-        if not class_dirs:
-            _warn(warnings, f"empty group folder (no class folders): {os.path.join(base, group)}", strict, root,
-                  "add class folders with images to it or delete it")
-            continue
-        for cls in class_dirs:
-            folder = os.path.join(base, group, cls)
-            files = _images_under(folder)
-            if not files:
-                _warn(warnings, f"empty class folder (no images): {folder}", strict, root,
-                      "add images to the folder or delete it")
-                continue
-            entries.append((group, cls, files))
-
-    all_png = bool(entries) and all(f.lower().endswith(".png") for _, _, files in entries for f in files)
-    omniglot = all_png and (
-        "omniglot" in base.lower()
-        or all(re.fullmatch(r"character\d+", cls) for _, cls, _ in entries)
-    )
-    groups_of: dict[str, set[str]] = {}
-    for group, cls, _ in entries:
-        groups_of.setdefault(cls, set()).add(group)
-    repeated = sorted(c for c, g in groups_of.items() if len(g) > 1)
-    qualify = omniglot or bool(repeated)
-    if repeated and not omniglot:
-        example = repeated[0]
-        note = (f"class folder names repeat across groups (e.g. {example!r} in "
-                f"{', '.join(sorted(groups_of[example])[:3])}): labels are '<group>/<class>'")
-        log.info("%s", note)
-        warnings.append(note)
-    for group, cls, files in entries:
-        label = f"{group}/{cls}" if qualify else cls
-        folder = os.path.join(base, group, cls)
-        for f in files:
-            rel = os.path.join(group, cls, f)
-            rows.append(_Row(ImageRecord(Path(os.path.join(folder, f)), label, group, None),
-                             tuple(Path(rel).parts)))
-    return (Dataset([], name=name, root=root, source="omniglot" if omniglot else "folder", warnings=warnings),
-            rows)
 
 
 # --------------------------------------------------------------------------- CSV manifest
@@ -630,7 +515,7 @@ def _csv_columns(path: Path, header: list[str], names: list[str], ignored: set[i
     return col
 
 
-def _load_csv(path: Path, strict: bool) -> tuple[Dataset, list[_Row], list[str]]:
+def _load_csv(path: Path, strict: bool) -> tuple[Dataset, list[Row], list[str]]:
     """Read a CSV manifest.
 
     Accepted dialects: UTF-8 with or without BOM (Windows-1252 as a fallback, with a
@@ -658,7 +543,7 @@ def _load_csv(path: Path, strict: bool) -> tuple[Dataset, list[_Row], list[str]]
     ignored = {i for i, n in enumerate(names) if n == "" or re.fullmatch(r"unnamed:\s*\d+", n)}
     col = _csv_columns(path, header, names, ignored)
     base = str(path.parent)
-    rows: list[_Row] = []
+    rows: list[Row] = []
     seen: dict[str, tuple[str, int]] = {}
     bad: list[str] = []
     dupes: list[str] = []
@@ -689,7 +574,7 @@ def _load_csv(path: Path, strict: bool) -> tuple[Dataset, list[_Row], list[str]]
             group = (row[col["group"]].strip() or None) if "group" in col else None
             split_value = (row[col["split"]].strip().lower() or None) if "split" in col else None
             cells = {names[i]: row[i] for i in range(ncols) if i not in ignored and names[i]}
-            rows.append(_Row(ImageRecord(Path(full), label, group, split_value),
+            rows.append(Row(ImageRecord(Path(full), label, group, split_value),
                              tuple(p for p in PurePosixPath(rel).parts if p != "/"), cells))
     except csv.Error as exc:
         raise DataError(f"manifest {path} line {reader.line_num} is not valid CSV: {exc}",
@@ -702,9 +587,9 @@ def _load_csv(path: Path, strict: bool) -> tuple[Dataset, list[_Row], list[str]]
         (dupes, "duplicate row(s) skipped", "delete the repeated rows"),
     ):
         if items:
-            shown = "; ".join(items[:_MAX_EXAMPLES]) + (f"; ... and {len(items) - _MAX_EXAMPLES} more"
-                                                         if len(items) > _MAX_EXAMPLES else "")
-            _warn(warnings, f"{path.name}: {len(items)} {what} ({shown})", strict and what != "duplicate row(s) skipped",
+            shown = "; ".join(items[:MAX_EXAMPLES]) + (f"; ... and {len(items) - MAX_EXAMPLES} more"
+                                                         if len(items) > MAX_EXAMPLES else "")
+            warn(warnings, f"{path.name}: {len(items)} {what} ({shown})", strict and what != "duplicate row(s) skipped",
                   path, hint)
 
     columns = [n for i, n in enumerate(names) if i not in ignored]

@@ -44,6 +44,7 @@ import faiss
 import numpy as np
 
 from ..version import __version__
+from ..checks import positive_int
 from ..errors import CheckpointError, DataError, FolderBusyError
 from ..io import atomic_dir, recover_dir, writer_lock
 from . import ann
@@ -52,7 +53,7 @@ from .journal import Change, Journal
 from .vectors import Growable, OnDemandPrototypes, Prototypes, RowFile, VectorStore, l2_normalize, normalized_copy
 
 __all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "ENROLLED_DIR", "CatalogueIndex", "Change", "INDEX_FILES", "INDEX_TYPES",
-           "Neighbor", "Prediction", "faiss_blas_setting", "is_index_dir", "l2_normalize"]
+           "MODES", "Neighbor", "Prediction", "check_classify", "faiss_blas_setting", "is_index_dir", "l2_normalize"]
 
 FORMAT_VERSION = 2
 #: sub-folder of an index folder with the photos ``fewshot serve`` enrolled (kept by ``save``)
@@ -94,6 +95,24 @@ class Neighbor:
     def to_dict(self) -> dict:
         return {"path": self.path, "label": self.label, "group": self.group,
                 "score": round(float(self.score), 6)}
+
+
+#: how :meth:`CatalogueIndex.classify` ranks articles
+MODES = ("prototype", "nearest")
+
+
+def check_classify(top_k: object, mode: object) -> int:
+    """``top_k`` as an ``int``, once ``top_k`` and ``mode`` are known to be valid (call it before
+    embedding anything).
+
+    Raises:
+        TypeError: ``top_k`` is not a number. ValueError: ``top_k < 1``, or ``mode`` is not one
+        of :data:`MODES`.
+    """
+    top_k = positive_int(top_k, "top_k")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use 'prototype' or 'nearest'")
+    return top_k
 
 
 def _best_image_per_article(idx: np.ndarray, image_article: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,11 +288,17 @@ class CatalogueIndex:
         the image index and writes one prototype row (time independent of the catalogue size,
         except FAISS's amortised growth).
 
-        ``digests``: the SHA-256 of each image file (``None`` = unknown).
+        ``digests``: the SHA-256 of each image file (``None`` = unknown). Callers that take
+        labels from people check them first (:func:`fewshot.index.labels.clean_label`).
 
         Raises:
+            TypeError: ``label`` is not a ``str`` or ``group`` neither a ``str`` nor ``None``
+                (the saved index could not be read back).
             DataError: no vectors, wrong dimension, or paths that do not match the vectors.
         """
+        if not isinstance(label, str) or not (group is None or isinstance(group, str)):
+            raise TypeError(f"an article's label must be a str and its group a str or None, got "
+                            f"{type(label).__name__} and {type(group).__name__}")
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise DataError(f"article '{label}' has no images to add")
@@ -452,7 +477,13 @@ class CatalogueIndex:
         return scores, np.where(ok, pos, -1)
 
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[Neighbor]]:
-        """Nearest catalogue images for ``queries float32 [Q, D]`` (cosine, best first)."""
+        """Nearest catalogue images for ``queries float32 [Q, D]`` (cosine, best first); ``k``
+        at most the catalogue's size (0: none).
+
+        Raises:
+            TypeError / ValueError: ``k`` is not a whole number of at least 0.
+        """
+        k = positive_int(k, "k", minimum=0)
         queries = self._check_queries(queries)
         k = min(k, len(self.labels))
         if k == 0:
@@ -492,13 +523,11 @@ class CatalogueIndex:
 
         Raises:
             ValueError: unknown mode, ``top_k < 1``, or ``exclude`` of the wrong length.
+            TypeError: ``top_k`` is not a number.
             CheckpointError: query dimension differs from the index's.
         """
+        top_k = check_classify(top_k, mode)
         queries = self._check_queries(queries)
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
-        if mode not in ("prototype", "nearest"):
-            raise ValueError(f"unknown mode '{mode}': use 'prototype' or 'nearest'")
         exclude = [list(e) for e in exclude] if exclude is not None else [[] for _ in range(len(queries))]
         if len(exclude) != len(queries):
             raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
@@ -618,8 +647,12 @@ class CatalogueIndex:
         ``owner``: its holder when the caller holds it already (a service, ``fewshot index``).
 
         Raises:
+            DataError: the catalogue has no images (such a folder could not be loaded again).
             FolderBusyError: another writer holds the folder.
         """
+        if not self.labels:
+            raise DataError(f"the catalogue has no images: an empty index cannot be saved to {path}",
+                            hint="add an article first")
         with writer_lock(path, "saving a catalogue index", owner=owner or self):
             return self._save(Path(path))
 

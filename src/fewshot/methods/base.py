@@ -151,6 +151,8 @@ class TrainConfig:
         val_episodes: episodic validation episodes per epoch (0 = none).
         resume: continue from ``RUN_DIR/checkpoint.pt``; ``overwrite``: replace an existing run.
         group_from: group spec for datasets without groups (see ``load_dataset``).
+        layout: how a folder tree is read: ``"auto"``, ``"class"`` or ``"group/class"`` (see
+            ``load_dataset``).
         progress: show progress bars.
         device: ``"auto"`` (CUDA when available and fine-tuning, else CPU), ``"cpu"``, ``"cuda"``.
         cache_dir, workers, embed_batch_size: embedding cache folder, decode workers, batch size.
@@ -195,6 +197,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     group_from: str | None = None
+    layout: str = "auto"
     progress: bool = True
     device: str = "auto"
     cache_dir: str | None = None

@@ -65,9 +65,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..version import __version__
 from ..data.images import load_image
 from ..embed import read_digests
-from ..errors import FewshotError, ImageReadError
+from ..errors import FewshotError, ImageReadError, InputError
 from ..index import ENROLLED_DIR as INDEX_ENROLLED_DIR, CatalogueIndex, Change
 from ..index.journal import Journal
+from ..index.labels import clean_label, resolve_group
 from ..io import writer_lock
 from .security import Access, AuditLog, Guard, new_token
 
@@ -85,8 +86,6 @@ ENROLLED_DIR = INDEX_ENROLLED_DIR
 UPLOAD_DIR = ".uploads"
 #: Journal entries after which the service compacts the index folder when it starts.
 COMPACT_AFTER = 500
-#: Longest accepted article label / group name.
-MAX_LABEL_CHARS = 200
 #: Allowance for multipart boundaries and form fields on top of the file bytes.
 _MULTIPART_OVERHEAD = 64 * 1024
 _STATIC = Path(__file__).resolve().parent / "static"
@@ -659,12 +658,17 @@ class _Service:
 
 
 def _existing_group(index: CatalogueIndex, label: str, group: str | None) -> str | None:
-    """The group of an existing article; a different ``group`` is a 409."""
-    existing = index.article_group(label)
-    if group is not None and existing is not None and group != existing:
-        raise ApiError(409, "group_conflict", f"article '{label}' already exists in group '{existing}', "
-                       f"not '{group}'", hint="leave the group empty to add photos to it, or delete the article first")
-    return existing if group is None else group
+    """The group of an existing article (:func:`fewshot.index.labels.resolve_group`); a
+    different ``group`` is a 409."""
+    try:
+        return resolve_group(index, label, group)
+    except InputError as exc:
+        raise _input_error(exc) from None
+
+
+def _input_error(exc: InputError) -> ApiError:
+    """The answer to a refused label or group: 409 for ``group_conflict``, else 422 (same code)."""
+    return ApiError(409 if exc.code == "group_conflict" else 422, exc.code, exc.message, exc.hint)
 
 
 def _max_pixels() -> int:
@@ -674,19 +678,11 @@ def _max_pixels() -> int:
 
 
 def _clean_text(value: str | None, what: str, required: bool) -> str | None:
-    text = unicodedata.normalize("NFC", (value or "")).strip()
-    if not text:
-        if required:
-            raise ApiError(422, "empty_enrolment", f"the article {what} is empty",
-                           hint=f"give the new article a {what} (e.g. 'Oatly-Oat-Milk')")
-        return None
-    if len(text) > MAX_LABEL_CHARS:
-        raise ApiError(422, "invalid_label", f"the article {what} is {len(text)} characters long "
-                       f"(limit {MAX_LABEL_CHARS})", hint=f"use a shorter {what}")
-    if any(unicodedata.category(c) == "Cc" for c in text):
-        raise ApiError(422, "invalid_label", f"the article {what} {text!r} contains control characters",
-                       hint=f"use a {what} of printable characters")
-    return text
+    """The label or group as stored (:func:`fewshot.index.labels.clean_label`); refused: a 422."""
+    try:
+        return clean_label(value, what, required=required)
+    except InputError as exc:
+        raise _input_error(exc) from None
 
 
 def _image_url(image_id_: str, size: int = 160) -> str:

@@ -39,7 +39,7 @@ def _load_data(cfg: TrainConfig) -> _Data:
                         hint="pass --split-file FILE (e.g. splits/grocery-unseen.json)")
     from ..pipeline import load_protocol
 
-    dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from)
+    dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, layout=cfg.layout)
     train_set = dataset_for(dataset, split, "train")
     val_q_set, val_g_set = protocol_sets(dataset, split, "val")
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size)

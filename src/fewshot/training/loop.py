@@ -495,5 +495,6 @@ def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
                         progress=cfg.progress, runtime=cfg.runtime, threads=torch.get_num_threads(),
                         tta=cfg.final_tta)
     ecfg = EvalConfig(data=cfg.data, split=None, split_file=cfg.split_file, part=cfg.final_eval,
-                      group_from=cfg.group_from, seed=cfg.seed, episodes=cfg.eval_episodes, embed=opts)
+                      group_from=cfg.group_from, layout=cfg.layout, seed=cfg.seed, episodes=cfg.eval_episodes,
+                      embed=opts)
     return evaluate(ecfg, run_dir / f"eval_{cfg.final_eval}", overwrite=True)
