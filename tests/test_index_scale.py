@@ -277,14 +277,14 @@ def test_a_crash_mid_append_loses_no_acknowledged_change(tmp_path, data, monkeyp
     folder = index.save(tmp_path / "idx")
     index.append_change(folder, Change("add", "kept", None, q[:1], ["k.jpg"], [None]))  # acknowledged
 
-    real = os.replace
+    real = os.link
 
     def crash(src, dst):
         if str(dst).endswith(".npz"):
-            raise OSError(5, "Input/output error")  # the machine dies before the rename
+            raise OSError(5, "Input/output error")  # the machine dies before the entry is published
         return real(src, dst)
 
-    monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(os, "link", crash)
     with pytest.raises(OSError):
         index.append_change(folder, Change("add", "lost", None, q[1:2], ["l.jpg"], [None]))
     monkeypatch.undo()

@@ -369,3 +369,16 @@ def test_a_second_train_into_the_same_run_folder_is_refused(tmp_path: Path) -> N
         proc.wait(10)
     assert res.exit_code == 1 and f"being written by PID {proc.pid}" in res.output, res.output
     assert not run.exists()
+
+
+def test_a_journal_on_a_file_system_without_hard_links_still_appends(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    journal = Journal(tmp_path)
+    for label in "ab":
+        journal.append(Change("add", label, None, np.ones((1, 4), np.float32), [f"{label}.jpg"], [None]))
+    assert [c.label for c in journal.read()] == ["a", "b"] and not list((tmp_path / "journal").glob(".*"))

@@ -272,7 +272,7 @@ def writer_lock(folder: str | Path, what: str, *, owner: object | None = None) -
 
     Raises:
         FolderBusyError: another writer holds the lock (naming it and the fix).
-        OSError: the lock file cannot be created beside ``folder``.
+        FewshotError: the lock file cannot be created beside ``folder`` (a read-only parent).
     """
     real = _real(folder)
     with _HELD_GUARD:

@@ -10,6 +10,7 @@ half entry, and an entry that was acknowledged (``append`` returned) survives a 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -22,6 +23,8 @@ import numpy as np
 from ..errors import CheckpointError
 
 JOURNAL_DIR = "journal"
+#: what ``os.link`` fails with on a file system without hard links (then: check, then rename)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 _ENTRY = re.compile(r"^(\d{10})\.npz$")
 
 
@@ -98,8 +101,10 @@ class Journal:
                 return final
             except FileExistsError:
                 seq += 1
-            except OSError:  # no hard links on this file system: check, then rename
-                if final.exists():
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                if final.exists():  # no hard links on this file system: check, then rename
                     seq += 1
                     continue
                 os.replace(tmp, final)
