@@ -283,7 +283,11 @@ def test_foreign_origins_and_host_names_are_refused(catalogue, own_index: Path) 
                        headers={**ok, "Origin": "http://evil.example"})
     assert evil.status_code == 403 and evil.json()["error"] == "cross_origin"
     assert client.get("/articles", headers={"Origin": "null"}).status_code == 403
-    assert client.get("/articles", headers={"Host": "attacker.example"}).status_code == 400
+    rebound = client.get("/articles", headers={"Host": "attacker.example"})
+    assert rebound.status_code == 400 and rebound.json()["error"] == "unknown_host"
+    assert "--allowed-host attacker.example" in rebound.json()["hint"]
+    for address in ("192.0.2.7:8000", "0.0.0.0:8000", "[2001:db8::1]:8000"):  # an address cannot be rebound
+        assert client.get("/articles", headers={"Host": address}).status_code == 200, address
     same = client.get("/articles", headers={"Origin": "http://127.0.0.1:8000"})
     assert same.status_code == 200
     pre = client.options("/articles", headers={"Origin": "https://shop.example.com",
@@ -353,7 +357,7 @@ def test_cli_serve_refuses_open_writes_off_loopback(catalogue, tmp_path: Path) -
     short = tmp_path / "short.txt"
     short.write_text("abc\n")
     res = _cli(["serve", "--index", str(catalogue.index_dir), "--token-file", str(short)])
-    assert res.exit_code == 1 and "too short" in res.output
+    assert res.exit_code == 1 and "at least 16 printable ASCII characters" in res.output
     res = _cli(["serve", "--index", str(catalogue.index_dir), "--allow-origin", "evil.example/"])
     assert res.exit_code == 1 and "is not an origin" in res.output
 
@@ -382,3 +386,30 @@ def test_a_journal_on_a_file_system_without_hard_links_still_appends(tmp_path: P
     for label in "ab":
         journal.append(Change("add", label, None, np.ones((1, 4), np.float32), [f"{label}.jpg"], [None]))
     assert [c.label for c in journal.read()] == ["a", "b"] and not list((tmp_path / "journal").glob(".*"))
+
+
+def test_labels_are_found_as_they_were_stored_and_tokens_are_ascii(catalogue, own_index: Path) -> None:
+    """DELETE and Catalogue.remove find a label written in another Unicode form or with spaces,
+    as the enrolment stored it; a token that an HTTP header cannot carry is refused at start;
+    thumbnails behind a read token are not for shared caches."""
+    from fewshot.errors import FewshotError
+
+    with pytest.raises(FewshotError, match="printable ASCII"):
+        Access(write_token="pässwörd-0123456789abc")
+    app = _app(own_index, catalogue.model, read_token="read-only-token-0123456789abcdef")
+    client = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+    files = [("files", photo(catalogue.train[NEW_ARTICLE][0]))]
+    assert client.post("/articles", data={"label": " Cafe\u0301 "}, files=files).json()["label"] == "Caf\u00e9"
+    assert client.delete("/articles/Cafe%CC%81%20").status_code == 200
+    art = client.get("/articles").json()["articles"][0]
+    assert client.get(art["image_url"]).headers["cache-control"] == "private, max-age=600"
+    app.state.service.close()
+
+
+def test_json_lines_stay_utf8_for_a_file_name_that_is_not():
+    from fewshot.cli.common import json_line, one_line
+
+    name = "shelf-\udcff\udcfe.jpg"  # how Python reads the bytes ff fe of a file name
+    line = json_line({"image": name})
+    assert json.loads(line.encode("utf-8"))["image"] == name
+    assert one_line(name) == "shelf-\\udcff\\udcfe.jpg"

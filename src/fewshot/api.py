@@ -32,7 +32,7 @@ from .checks import positive_int
 from .data.records import Dataset
 from .errors import DataError, ImageReadError, InputError
 from .index import INDEX_FILES, CatalogueIndex, Neighbor, check_classify, is_index_dir
-from .index.labels import clean_label, resolve_group
+from .index.labels import clean_label, normalize_label, resolve_group
 from .io import claimed_output
 from .model import EmbeddingModel
 from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, enrolled_of, evaluate_sets,
@@ -282,6 +282,7 @@ class Catalogue:
         """
         if not isinstance(label, str):
             raise TypeError(f"label must be a str, not {type(label).__name__} ({label!r})")
+        label = normalize_label(label)  # as add stored it
         if self.index.has_article(label) and len(self.index.articles) == 1:
             raise InputError(f"'{label}' is the only article left; a catalogue cannot be empty",
                              hint="add another article first", code="last_article")

@@ -210,7 +210,8 @@ def check_output(path: str | Path, *, what: str, is_ours: Callable[[Path], bool]
         return
     kind = "folder" if out.is_dir() else "file"
     raise FewshotError(f"{option} {path} is an existing {kind} that is not a {what}: refusing to replace it",
-                       hint=f"choose a new {option} path (fewshot replaces only a {what} it wrote, "
+                       hint=f"choose a new {option if option.endswith('path') else option + ' path'} (fewshot "
+                            f"replaces only a {what} it wrote, "
                             f"and only with {overwrite_flag})")
 
 
@@ -311,7 +312,8 @@ def _take(real: Path, what: str):
             from .errors import FewshotError
 
             raise FewshotError(f"cannot write beside {real} (the lock file {path.name}: {exc.strerror or exc})",
-                               hint="choose an output path in a folder you can write to") from None
+                               hint=f"fewshot writes a lock file beside every folder it writes: {real.parent} "
+                                    "must be writable, or use a folder in one that is") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

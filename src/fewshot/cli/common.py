@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import logging
 import math
 import unicodedata
@@ -74,7 +75,7 @@ def handle_errors(fn: Callable) -> Callable:
 def _breaks_lines(c: str) -> bool:
     from ..index.labels import BIDI_CONTROLS
 
-    return unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI_CONTROLS
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") or c in BIDI_CONTROLS
 
 
 def one_line(text: object) -> str:
@@ -93,6 +94,7 @@ def one_line(text: object) -> str:
 
 #: characters ``json.dumps(..., ensure_ascii=False)`` leaves raw that line readers split on
 _JSON_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_line(obj: object) -> str:
@@ -102,7 +104,8 @@ def json_line(obj: object) -> str:
     text = json.dumps(obj, ensure_ascii=False)
     for raw, escaped in _JSON_LINE_BREAKS.items():
         text = text.replace(raw, escaped)
-    return text
+    # a file name that is not UTF-8 reaches Python as lone surrogates: escaped, the line stays UTF-8
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def positive(value: float | None) -> float | None:

@@ -26,7 +26,7 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from . import CatalogueIndex
 
-__all__ = ["MAX_LABEL_CHARS", "BIDI_CONTROLS", "clean_label", "resolve_group"]
+__all__ = ["MAX_LABEL_CHARS", "BIDI_CONTROLS", "clean_label", "normalize_label", "resolve_group"]
 
 #: longest accepted article label / group name
 MAX_LABEL_CHARS = 200
@@ -34,6 +34,12 @@ MAX_LABEL_CHARS = 200
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 #: categories refused anywhere: control characters, line and paragraph separators
 _BREAKING = {"Cc", "Zl", "Zp"}
+
+
+def normalize_label(text: str) -> str:
+    """``text`` as labels are stored: NFC-normalised, surrounding whitespace removed (so that
+    ``"Cafe\u0301 "`` finds the article enrolled as ``"Café"``)."""
+    return unicodedata.normalize("NFC", text).strip()
 
 
 def clean_label(value: object, what: str = "label", *, required: bool = True) -> str | None:
@@ -48,7 +54,7 @@ def clean_label(value: object, what: str = "label", *, required: bool = True) ->
     """
     if value is not None and not isinstance(value, str):
         raise TypeError(f"the article {what} must be a str, not {type(value).__name__} ({value!r})")
-    text = unicodedata.normalize("NFC", value or "").strip()
+    text = normalize_label(value or "")
     if not text:
         if required:
             raise InputError(f"the article {what} is empty", code="empty_enrolment",

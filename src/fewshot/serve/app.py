@@ -68,7 +68,7 @@ from ..embed import read_digests
 from ..errors import FewshotError, ImageReadError, InputError
 from ..index import ENROLLED_DIR as INDEX_ENROLLED_DIR, CatalogueIndex, Change
 from ..index.journal import Journal
-from ..index.labels import clean_label, resolve_group
+from ..index.labels import clean_label, normalize_label, resolve_group
 from ..io import writer_lock
 from .security import Access, AuditLog, Guard, new_token
 
@@ -581,6 +581,7 @@ class _Service:
 
     def delete(self, label: str, who: tuple[str | None, str | None] = (None, None)) -> dict:
         """Remove an article and its images (the last article cannot be removed)."""
+        label = normalize_label(label)  # as the enrolment stored it
         with self.cat.lock:
             index = self.cat.index
             if not index.has_article(label):
@@ -746,17 +747,14 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
 
 
 def _add_access_middleware(app: FastAPI, access: Access) -> None:
-    """Tokens and origins (:class:`Guard`), the preflight answers for ``--allow-origin``, and
-    the ``Host`` check outermost (each added middleware wraps the ones before it)."""
+    """Host names, tokens and origins (:class:`Guard`), and outside it the preflight answers for
+    ``--allow-origin`` (each added middleware wraps the ones before it)."""
     from starlette.middleware.cors import CORSMiddleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app.add_middleware(Guard, access=access)
     if access.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(access.allowed_origins), allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization"])
-    if access.allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(access.allowed_hosts))
 
 
 def _body_limits(max_upload_bytes: int) -> Callable[[str, str], tuple[int, str] | None]:
@@ -859,7 +857,8 @@ def _router(service: "_Service") -> APIRouter:
     def catalogue_image(image_id: str = PathParam(..., pattern="^[0-9a-f]{16}$"),
                         size: int = Query(160, ge=32, le=512)) -> Response:
         data = service.catalogue_image(image_id, size)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=600"})
+        cache = "private" if service.access.read_token else "public"  # behind a read token: no shared caches
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": f"{cache}, max-age=600"})
 
     return router
 

@@ -6,8 +6,11 @@
   token is accepted there too). ``fewshot serve`` takes the write token from
   ``$FEWSHOT_API_TOKEN`` or ``--token-file``, or makes one and prints it once (as Jupyter does).
   Open writes (``--no-token``) are allowed on a loopback address only.
-* **Host names.** A request whose ``Host`` header is not a name the service is served under is
-  refused (Starlette's ``TrustedHostMiddleware``): a DNS-rebinding page cannot reach it.
+* **Host names.** A request whose ``Host`` header names a host the service is not served under
+  is refused with 400: a DNS-rebinding page (whose requests carry the attacker's host name)
+  cannot reach it. An IP address in ``Host`` is always accepted: a browser sends one only to a
+  page loaded from that very address, which no other site can rebind. (Starlette's
+  ``TrustedHostMiddleware`` cannot express that rule, nor answer in the service's JSON form.)
 * **Origins.** A browser request from another origin (its ``Origin`` header differs from the
   service's own) is refused with 403 unless ``--allow-origin`` names that origin; Starlette's
   ``CORSMiddleware`` answers the preflight requests of the allowed ones.
@@ -72,8 +75,9 @@ class Access:
             ``fewshot serve``).
         read_token: also needed for reads (classify, articles, thumbnails, health); ``None`` =
             reads are open.
-        allowed_hosts: the ``Host`` names accepted (``None``: no check, for an application a
-            user mounts behind their own server).
+        allowed_hosts: the ``Host`` names accepted, ``*.example.com`` for a domain's names; an IP
+            address is always accepted (``None``: no check, for an application a user mounts
+            behind their own server).
         allowed_origins: browser origins (``https://app.example.com``) besides the service's own.
     """
 
@@ -84,8 +88,10 @@ class Access:
 
     def __post_init__(self) -> None:
         for name, token in (("write token", self.write_token), ("read token", self.read_token)):
-            if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
-                raise FewshotError(f"the {name} is too short or has spaces ({len(token)} characters)",
+            if token is not None and (len(token) < 16 or not token.isascii() or not token.isprintable()
+                                      or any(c.isspace() for c in token)):
+                raise FewshotError(f"the {name} must be at least 16 printable ASCII characters without spaces "
+                                   f"(HTTP headers carry nothing else reliably); it has {len(token)} characters",
                                    hint="use at least 16 characters without spaces, e.g. the output of "
                                         "`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`")
 
@@ -118,11 +124,23 @@ def default_hosts(host: str, port: int, extra: Iterable[str] = ()) -> tuple[str,
         names.append(host)
     else:
         names += [socket.gethostname(), socket.getfqdn()]
-        try:  # the machine's own addresses, as clients on the network type them
-            names += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), port, type=socket.SOCK_STREAM)]
-        except OSError:
-            pass
-    return tuple(dict.fromkeys(n for n in [*names, *extra] if n))
+    return tuple(dict.fromkeys(n.lower() for n in [*names, *extra] if n))
+
+
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, without port or IPv6 brackets, lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def is_write(method: str, path: str) -> bool:
@@ -160,6 +178,12 @@ class Guard:
         """The refusal for this request, or ``None`` when it may go on."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         method, path = scope.get("method", ""), scope.get("path", "")
+        host = host_name(headers.get("host", ""))
+        allowed = None if self.access.allowed_hosts is None else {a.lower() for a in self.access.allowed_hosts}
+        if allowed is not None and not _is_address(host) and host not in allowed \
+                and not any(a.startswith("*.") and host.endswith(a[1:]) for a in allowed):
+            return _deny(400, "unknown_host", f"this service does not answer to the host name {host!r}",
+                         "reach it by an address or one of its names, or start it with --allowed-host " + (host or "NAME"))
         origin = headers.get("origin")
         if origin and origin != "null" and not self._same_origin(origin, scope, headers) \
                 and origin not in self.access.allowed_origins:
