@@ -204,6 +204,7 @@ def test_index_overwrite_keeps_the_enrolled_articles(catalogue, own_index: Path)
     assert res.exit_code == 0, res.output
     assert "kept 4 photos of 2 article(s) enrolled through the service" in res.output
     back = CatalogueIndex.load(own_index)
+    assert "neither in the data nor enrolled" not in res.output  # nothing dropped
     assert back.num_images(NEW_ARTICLE) == 3 and back.article_group(NEW_ARTICLE) == "Melon"
     assert back.num_images("Banana") == 5 and not (own_index / "journal").exists()
     assert sorted(Path(p) for p in back.paths if p.startswith(ENROLLED_DIR)) == photos
@@ -230,6 +231,14 @@ def test_export_writes_a_tree_that_index_reads_back(catalogue, own_index: Path, 
     again = subprocess.run([sys.executable, "-m", "fewshot", "export", "--index", str(own_index), "--out", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "--overwrite" in again.stderr + again.stdout  # never replaced unasked
+    assert _cli(["export", "--index", str(own_index), "--out", str(out), "--overwrite"]).exit_code == 0
+    added = next(out.glob("*/*/")) / "my-new-photo.jpg"  # a user adds a photo to the export
+    shutil.copyfile(catalogue.test["Banana"][0], added)
+    (out / "Extra-Article").mkdir()
+    res = _cli(["export", "--index", str(own_index), "--out", str(out), "--overwrite"])
+    assert res.exit_code == 1 and "also files fewshot did not write there" in res.output
+    assert f"{added.relative_to(out).as_posix()}" in " ".join(res.output.split()) and "Extra-Article/" in res.output
+    assert added.is_file()
 
 
 # --------------------------------------------------------------------------- tokens, origins, hosts, audit
@@ -413,3 +422,22 @@ def test_json_lines_stay_utf8_for_a_file_name_that_is_not():
     line = json_line({"image": name})
     assert json.loads(line.encode("utf-8"))["image"] == name
     assert one_line(name) == "shelf-\\udcff\\udcfe.jpg"
+
+
+def test_a_rebuild_says_which_articles_of_the_old_index_it_lacks(catalogue, own_index: Path, tmp_path: Path,
+                                                                 caplog) -> None:
+    """An article added with the Python API from photos elsewhere on disk is neither in --data
+    nor in enrolled/: a rebuild from the data cannot keep it, and says so by name."""
+    from fewshot.api import Catalogue
+
+    cat = Catalogue.load(own_index)
+    cat.add("Api-Article", [str(p) for p in catalogue.train[NEW_ARTICLE][:2]])
+    cat.save(own_index, overwrite=True)
+    manifest = catalogue.index_dir.parent / "catalogue.csv"
+    res = _cli(["index", "--data", str(manifest), "--out", str(own_index), "--overwrite", "--image-size", "96",
+                "--cache-dir", str(catalogue.index_dir.parent / "cache"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    said = " ".join((res.output + caplog.text).split())
+    assert "1 article(s) of the index being replaced are neither in the data nor enrolled" in said
+    assert "Api-Article" in said
+    assert CatalogueIndex.load(own_index).config["dropped_articles"] == {"count": 1, "first": ["Api-Article"]}

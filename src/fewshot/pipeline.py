@@ -14,6 +14,7 @@ import logging
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ from .embed import DEFAULT_BATCH_SIZE, Embeddings
 from .embed.distributed import RayOptions, ray_embed_dataset
 from .errors import CheckpointError, DataError
 from .index import ENROLLED_DIR, INDEX_FILES, AnnConfig, CatalogueIndex, Prediction, check_classify, is_index_dir
-from .index.enrolled import EnrolledArticle, add_enrolled, enrolled_articles, export_catalogue, is_export_dir
+from .index.enrolled import (EnrolledArticle, add_enrolled, enrolled_articles, export_catalogue, export_foreign,
+                             is_export_dir)
 from .index.ann import resolve as resolve_ann
 from .io import atomic_dir, atomic_write_json, atomic_write_text, check_output, claimed_output
 from .model import EmbeddingModel
@@ -459,9 +461,26 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
     return index
 
 
-def enrolled_of(folder: str | Path) -> list[EnrolledArticle]:
-    """The enrolled articles of the index folder a rebuild is about to replace (none when
-    ``folder`` is not an index).
+class Previous(NamedTuple):
+    """What the index folder a rebuild replaces holds: its enrolled articles, and all its labels."""
+
+    enrolled: list[EnrolledArticle]
+    articles: list[str]
+
+
+def _note_dropped(index: CatalogueIndex, old: list[str], enrolled: list[EnrolledArticle]) -> None:
+    kept = {a.label for a in enrolled}
+    dropped = [a for a in old if a not in kept and not index.has_article(a)]
+    if dropped:
+        index.config["dropped_articles"] = {"count": len(dropped), "first": dropped[:20]}
+        log.warning("%d article(s) of the index being replaced are neither in the data nor enrolled through "
+                    "the service, so the new index lacks them: %s%s (their photos were not touched; add them to the "
+                    "data to keep them)", len(dropped), ", ".join(dropped[:5]), " ..." if len(dropped) > 5 else "")
+
+
+def enrolled_of(folder: str | Path) -> Previous:
+    """The enrolled articles and the labels of the index folder a rebuild is about to replace
+    (none when ``folder`` is not an index).
 
     Raises:
         CheckpointError: the folder holds enrolled photos but its index cannot be read, so their
@@ -469,22 +488,26 @@ def enrolled_of(folder: str | Path) -> list[EnrolledArticle]:
     """
     folder = Path(folder)
     if not is_index_dir(folder):
-        return []
+        return Previous([], [])
     try:
-        return enrolled_articles(CatalogueIndex.load(folder), folder)
+        old = CatalogueIndex.load(folder)
+        return Previous(enrolled_articles(old, folder), list(old.articles))
     except CheckpointError as exc:
         if not any(p.is_file() for p in (folder / ENROLLED_DIR).rglob("*")):
-            return []
+            return Previous([], [])
         raise CheckpointError(f"{folder} holds photos enrolled through the service, but its index cannot be "
                               f"read ({exc.message}), so a rebuild could not keep them",
                               hint=f"move {folder / ENROLLED_DIR} somewhere safe first, or restore the "
                                    "index folder and run `fewshot export` on it") from None
 
 
-def keep_enrolled(index: CatalogueIndex, enrolled: list[EnrolledArticle], model: EmbeddingModel,
+def keep_enrolled(index: CatalogueIndex, previous: Previous, model: EmbeddingModel,
                   embed: EmbedOptions) -> None:
-    """Re-embed the enrolled photos of the folder being replaced with ``model`` into ``index``,
-    and record what was kept in ``index.config["kept_enrolled"]``."""
+    """Re-embed the enrolled photos of the folder being replaced with ``model`` into ``index``;
+    record what was kept in ``index.config["kept_enrolled"]`` and the articles of the old folder
+    that the new index lacks (neither in the data nor enrolled) in ``["dropped_articles"]``."""
+    enrolled = previous.enrolled
+    _note_dropped(index, previous.articles, enrolled)
     if not enrolled:
         return
 
@@ -512,6 +535,12 @@ def export_index(index_dir: str | Path, out: str | Path, *, overwrite: bool = Fa
     index = CatalogueIndex.load(index_dir)
     with claimed_output(out, object(), what="fewshot export", is_ours=is_export_dir, overwrite=overwrite,
                         input_roots=[index_dir]):
+        foreign = export_foreign(out) if is_export_dir(out) else []
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise DataError(f"--out {out} holds an earlier export and also files fewshot did not write there "
+                            f"({shown}): refusing to replace it", hint="move those files out first (or enrol "
+                            "added photos with `fewshot index --data`), or choose another --out")
         return export_catalogue(index, index_dir, out, environment())
 
 

@@ -114,6 +114,26 @@ def is_export_dir(path: str | Path) -> bool:
         return False
 
 
+def export_foreign(out: str | Path) -> list[str]:
+    """What an earlier export folder holds that :func:`export_catalogue` did not write there
+    (photos or notes a user added, folders they made), relative to ``out``; replacing the folder
+    would delete them."""
+    out = Path(out)
+    try:
+        with open(out / EXPORT_MANIFEST, newline="", encoding="utf-8") as fh:
+            ours = {row["path"] for row in csv.DictReader(fh)}
+    except (OSError, KeyError, ValueError, csv.Error):
+        ours = set()
+    ours |= {EXPORT_MANIFEST, EXPORT_MARKER}
+    parents = {p.as_posix() for rel in ours for p in Path(rel).parents}
+    foreign = []
+    for item in sorted(out.rglob("*")):
+        rel = item.relative_to(out).as_posix()
+        if rel not in (ours if item.is_file() else parents):
+            foreign.append(rel + ("" if item.is_file() else "/"))
+    return foreign
+
+
 def export_catalogue(index, folder: str | Path, out: str | Path, info: dict) -> dict:
     """Copy every catalogue image of ``index`` (loaded from ``folder``) into ``out`` as
     ``out/<group>/<label>/<file>`` (``out/<label>/<file>`` when no article has a group), and write
