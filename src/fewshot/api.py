@@ -30,7 +30,7 @@ from PIL import Image
 from .backbones import Backbone
 from .checks import positive_int
 from .data.records import Dataset
-from .errors import DataError, ImageReadError, InputError
+from .errors import ImageReadError, InputError
 from .index import INDEX_FILES, CatalogueIndex, Neighbor, check_classify, is_index_dir
 from .index.labels import clean_label, normalize_label, resolve_group
 from .io import claimed_output

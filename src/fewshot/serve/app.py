@@ -39,7 +39,6 @@ import hashlib
 import io
 import logging
 import os
-import queue
 import re
 import shutil
 import tempfile
@@ -49,9 +48,8 @@ import unicodedata
 import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -70,6 +68,8 @@ from ..index import ENROLLED_DIR as INDEX_ENROLLED_DIR, CatalogueIndex, Change
 from ..index.journal import Journal
 from ..index.labels import clean_label, normalize_label, resolve_group
 from ..io import writer_lock
+from .batcher import Embedder
+from .http import ApiError, BodyLimit, mb, too_large_hint
 from .security import Access, AuditLog, Guard, new_token
 
 log = logging.getLogger("fewshot.serve")
@@ -91,197 +91,6 @@ _MULTIPART_OVERHEAD = 64 * 1024
 _STATIC = Path(__file__).resolve().parent / "static"
 _FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp",
                   "GIF": ".gif", "TIFF": ".tif"}
-
-
-class ApiError(StarletteHTTPException):
-    """A client error answered as ``{"error": code, "message": message, "hint": hint}``.
-
-    A subclass of Starlette's ``HTTPException`` so that FastAPI re-raises it untouched when it
-    comes out of body parsing (the streaming size limit raises it there).
-    """
-
-    def __init__(self, status: int, code: str, message: str, hint: str | None = None,
-                 **extra: Any) -> None:
-        super().__init__(status_code=status, detail=message)
-        self.code = code
-        self.message = message
-        self.hint = hint
-        self.extra = extra
-
-    def body(self) -> dict:
-        out: dict[str, Any] = {"error": self.code, "message": self.message}
-        if self.hint:
-            out["hint"] = self.hint
-        out.update(self.extra)
-        return out
-
-
-def _error_response(status: int, code: str, message: str, hint: str | None = None,
-                    headers: dict | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse(ApiError(status, code, message, hint, **extra).body(), status_code=status,
-                        headers=headers)
-
-
-# --------------------------------------------------------------------------- request size limit
-class _BodyLimit:
-    """ASGI middleware: refuse request bodies above a per-path limit with a JSON 413.
-
-    A declared ``Content-Length`` above the limit is refused before any byte is read; a
-    body without one (chunked) is counted as it streams in and refused once it passes the
-    limit. Multipart file parts are spooled to temporary files by Starlette (at most 1 MB
-    of each in memory), so memory stays bounded either way.
-
-    ``limit_for(method, path)`` gives ``(limit in bytes, what the service accepts)`` or ``None``.
-    """
-
-    def __init__(self, app, limit_for: Callable[[str, str], tuple[int, str] | None]) -> None:
-        self.app = app
-        self.limit_for = limit_for
-
-    async def __call__(self, scope, receive, send) -> None:
-        rule = self.limit_for(scope.get("method", ""), scope.get("path", "")) \
-            if scope["type"] == "http" else None
-        if rule is None:
-            await self.app(scope, receive, send)
-            return
-        limit, accepted = rule
-        declared = None
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = None
-        if declared is not None and declared > limit:
-            response = _error_response(413, "upload_too_large",
-                                       f"request body is {_mb(declared)}; this service accepts {accepted}",
-                                       hint=_too_large_hint(), headers={"Connection": "close"})
-            await response(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message.get("type") == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise ApiError(413, "upload_too_large", f"request body is more than {_mb(limit)}; "
-                                   f"this service accepts {accepted}", hint=_too_large_hint())
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def _mb(n: int) -> str:
-    """Binary megabytes, as ``--max-upload-mb`` counts them (rich.filesize only has decimal units)."""
-    return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} kB"
-
-
-def _too_large_hint() -> str:
-    return ("send a smaller photo (resize it to a few megapixels), fewer photos per request, "
-            "or start the service with a larger --max-upload-mb")
-
-
-# --------------------------------------------------------------------------- embedding
-@dataclass
-class _Job:
-    x: torch.Tensor
-    done: threading.Event = field(default_factory=threading.Event)
-    result: np.ndarray | None = None
-    error: BaseException | None = None
-
-
-class _Embedder:
-    """Runs the index's model on preprocessed images in one worker thread, batching requests.
-
-    Every forward pass runs on the same thread: torch's OpenMP pool is created once (a
-    forward from many request threads would start one spinning thread team per caller and
-    slow everything down), and jobs queued while a pass runs share the next one (up to
-    ``max_batch`` images).
-    """
-
-    def __init__(self, model, max_batch: int = 16, runtime: str = "auto", threads: int | None = None) -> None:
-        self.model = model
-        self.backbone = model.backbone
-        self.backbone.model.eval()
-        # made now, not on the first request: an export takes seconds, a session load 0.3 s
-        self.choice = model.forward(runtime, threads)
-        self.max_batch = max_batch
-        # Decoding a large PNG takes width x height x 3 bytes; bound how many run at once.
-        self._decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-
-    @property
-    def image_size(self) -> int:
-        return self.backbone.image_size
-
-    def prepare(self, path: Path) -> torch.Tensor:
-        """Decode (:func:`load_image`) and preprocess one file; raises :class:`ImageReadError`."""
-        with self._decode_slots:
-            image = load_image(path, target_size=self.image_size)
-            try:
-                return self.backbone.preprocess(image)
-            except MemoryError:
-                raise ImageReadError(path, "out of memory while preprocessing") from None
-
-    def embed(self, x: torch.Tensor) -> np.ndarray:
-        """``float32 [B, 3, S, S]`` -> embeddings ``float32 [B, E]`` (not normalised)."""
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name="fewshot-embedder", daemon=True)
-                self._thread.start()
-        job = _Job(x)
-        self._queue.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        assert job.result is not None
-        return job.result
-
-    def close(self) -> None:
-        """Stop the worker thread (it is restarted by the next :meth:`embed`)."""
-        with self._start_lock:
-            if self._thread is not None and self._thread.is_alive():
-                self._queue.put(None)
-                self._thread.join(30)
-            self._thread = None
-
-    def _work(self) -> None:
-        stop = False
-        while not stop:
-            job = self._queue.get()
-            if job is None:
-                return
-            jobs, n = [job], len(job.x)
-            while n < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-                n += len(nxt.x)
-            self._run(jobs)
-
-    def _run(self, jobs: list[_Job]) -> None:
-        try:
-            batch = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
-            vectors = np.asarray(self.model.transform(self.choice.forward(batch)), dtype=np.float32)
-            offset = 0
-            for j in jobs:
-                j.result = vectors[offset:offset + len(j.x)]
-                offset += len(j.x)
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
-            for j in jobs:
-                j.error = exc
-        finally:
-            for j in jobs:
-                j.done.set()
 
 
 # --------------------------------------------------------------------------- catalogue state
@@ -374,7 +183,7 @@ class _Service:
                 f"the model embeds with test-time augmentation {model.backbone.tta!r} but index "
                 f"{self.index_dir} was built with {built_with!r}",
                 hint="serve the index with the model it was built with (leave model out to use it)")
-        self.embedder = _Embedder(model, runtime=runtime, threads=threads)
+        self.embedder = Embedder(model, runtime=runtime, threads=threads)
         self.max_upload_bytes = int(max_upload_bytes)
         self.cat = _Catalogue(index)
         self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
@@ -419,8 +228,8 @@ class _Service:
             size = upload.file.tell()
         if size > self.max_upload_bytes:
             raise ApiError(413, "upload_too_large",
-                           f"'{name}' is {_mb(size)}, above this service's limit of "
-                           f"{_mb(self.max_upload_bytes)} per image", hint=_too_large_hint())
+                           f"'{name}' is {mb(size)}, above this service's limit of "
+                           f"{mb(self.max_upload_bytes)} per image", hint=too_large_hint())
         if size == 0:
             raise ApiError(400, "unreadable_image", f"cannot read image '{name}': empty file (0 bytes)",
                            hint="send a JPEG, PNG or WebP photo")
@@ -738,7 +547,7 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
     )
     app.state.service = service
     app.state.access = access
-    app.add_middleware(_BodyLimit, limit_for=_body_limits(max_upload_bytes))
+    app.add_middleware(BodyLimit, limit_for=_body_limits(max_upload_bytes))
     _add_access_middleware(app, access)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
@@ -764,9 +573,9 @@ def _body_limits(max_upload_bytes: int) -> Callable[[str, str], tuple[int, str] 
 
     def limit_for(method: str, path: str) -> tuple[int, str] | None:
         if method == "POST" and path.rstrip("/") == "/classify":
-            return classify_limit, f"one photo of at most {_mb(max_upload_bytes)}"
+            return classify_limit, f"one photo of at most {mb(max_upload_bytes)}"
         if method == "POST" and path.rstrip("/") == "/articles":
-            return enrol_limit, f"up to {MAX_ENROL_FILES} photos of at most {_mb(max_upload_bytes)} each"
+            return enrol_limit, f"up to {MAX_ENROL_FILES} photos of at most {mb(max_upload_bytes)} each"
         if method in ("POST", "PUT", "PATCH", "DELETE"):
             return _MULTIPART_OVERHEAD, "no request body here"
         return None
