@@ -17,7 +17,7 @@ Design:
 * **Same embedding as the index.** Uploads are decoded with :func:`fewshot.data.images.load_image`
   and embedded by the index's own model (:func:`fewshot.pipeline.model_for_index`: same
   backbone, image size, trained head), exactly as :func:`fewshot.embed.embed_paths` does.
-  Concurrent requests are batched into one forward pass (:class:`_Embedder`).
+  Concurrent requests are batched into one forward pass (:class:`fewshot.serve.batcher.Embedder`).
 * **Incremental, durable changes.** A mutation (enrol, delete) changes only its article: the
   photos are written into ``INDEX_DIR/enrolled/<article>/`` (fsync'ed), then one journal entry
   with the article's vectors is appended (:meth:`fewshot.index.CatalogueIndex.append_change`),
@@ -26,6 +26,11 @@ Design:
   ignored. When the journal holds :data:`COMPACT_AFTER` entries the service compacts the folder
   at start-up (one atomic rewrite; photos of removed articles are dropped then). Index reads and
   changes take one lock (the embedding runs outside it); racing enrolments are serialised.
+* **One writer, known callers.** The service holds the index folder's writer lock
+  (:func:`fewshot.io.writer_lock`) for its lifetime: a second service on the folder is refused.
+  Changes need the write token; host names and browser origins are checked
+  (:mod:`fewshot.serve.security`); each change is appended to ``INDEX_DIR/audit.jsonl``.
+  Responses name images relative to the data folder, never by a server path.
 * **Bad input never changes the index and never gives a 500:** unreadable, non-image,
   decompression-bomb or oversize uploads, unknown labels, empty enrolments are answered with a
   4xx and ``{"error": CODE, "message": TEXT, "hint": FIX}``. Oversize requests are refused from
