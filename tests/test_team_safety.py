@@ -441,3 +441,28 @@ def test_a_rebuild_says_which_articles_of_the_old_index_it_lacks(catalogue, own_
     assert "1 article(s) of the index being replaced are neither in the data nor enrolled" in said
     assert "Api-Article" in said
     assert CatalogueIndex.load(own_index).config["dropped_articles"] == {"count": 1, "first": ["Api-Article"]}
+
+
+def test_saving_a_stale_catalogue_over_its_folder_is_refused(catalogue, own_index: Path) -> None:
+    """Catalogue.load(X), then a service enrols into X, then the catalogue is saved back onto X:
+    that save would drop the service's article and delete its photos. It is refused; loading
+    again and saving works, and the catalogue's own appends stay in step with the folder."""
+    from fewshot.api import Catalogue
+    from fewshot.errors import CheckpointError
+
+    stale = Catalogue.load(own_index)
+    _enrol(own_index, catalogue.model, NEW_ARTICLE, catalogue.train[NEW_ARTICLE][:2])
+    stale.add("Api-Article", [str(catalogue.train["Banana"][5])])
+    with pytest.raises(CheckpointError, match="has changed since this catalogue was loaded"):
+        stale.save(own_index, overwrite=True)
+    assert CatalogueIndex.load(own_index).num_images(NEW_ARTICLE) == 2
+    assert len(list((own_index / ENROLLED_DIR).rglob("*.jpg"))) == 2
+    fresh = Catalogue.load(own_index)
+    fresh.add("Api-Article", [str(catalogue.train["Banana"][5])])
+    fresh.save(own_index, overwrite=True)
+    back = CatalogueIndex.load(own_index)
+    assert back.num_images(NEW_ARTICLE) == 2 and back.has_article("Api-Article")
+    # the index's own journal appends keep it in step: a later save is not refused
+    idx = CatalogueIndex.load(own_index)
+    idx.append_change(own_index, Change("remove", "Api-Article"))
+    idx.save(own_index)

@@ -201,6 +201,8 @@ class CatalogueIndex:
     _position_bufs: tuple[Growable, Growable] | None = field(default=None, repr=False)
     #: the folder this index was loaded from or last saved to: where its enrolled photos are
     folder: Path | None = field(default=None, repr=False)
+    #: :func:`_folder_state` of ``folder`` when this index last read or wrote it
+    _seen: tuple | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- building
     @classmethod
@@ -414,7 +416,11 @@ class CatalogueIndex:
             FolderBusyError: another writer holds the folder.
         """
         with writer_lock(path, "a catalogue change", owner=owner or self):
+            check = self.folder is not None and self._seen is not None \
+                and Path(self.folder).resolve() == Path(path).resolve() and _folder_state(path) == self._seen
             entry = Journal(path).append(change)
+            if check:  # still in step with the folder: this entry is ours
+                self._seen = _folder_state(path)
         self.apply(change)
         return entry
 
@@ -649,12 +655,28 @@ class CatalogueIndex:
         Raises:
             DataError: the catalogue has no images (such a folder could not be loaded again).
             FolderBusyError: another writer holds the folder.
+            CheckpointError: ``path`` is the folder this index was loaded from and another
+                process changed it since (a service enrolled or deleted, a rebuild): saving
+                would undo those changes and drop their enrolled photos.
         """
         if not self.labels:
             raise DataError(f"the catalogue has no images: an empty index cannot be saved to {path}",
                             hint="add an article first")
         with writer_lock(path, "saving a catalogue index", owner=owner or self):
-            return self._save(Path(path))
+            self._check_unchanged(Path(path))
+            out = self._save(Path(path))
+            self._seen = _folder_state(out)
+            return out
+
+    def _check_unchanged(self, path: Path) -> None:
+        """Refuse to save over the folder this index came from when it changed since."""
+        if self.folder is None or self._seen is None or Path(self.folder).resolve() != path.resolve():
+            return
+        if _folder_state(path) != self._seen:
+            raise CheckpointError(
+                f"{path} has changed since this catalogue was loaded from it (another process enrolled or "
+                "removed articles, or rebuilt it): saving now would undo those changes",
+                hint="load the folder again and repeat your changes, or save to another folder")
 
     def _save(self, path: Path) -> Path:
         assert self.image_index is not None and self._vectors is not None and self._alive is not None
@@ -734,6 +756,7 @@ class CatalogueIndex:
         if not path.exists():
             _recover_or_wait(path)
         _check_folder(path)
+        seen = _folder_state(path)  # before reading: a change made meanwhile makes a later save refuse
         meta = _read_meta(path)
         if meta is None:
             raise CheckpointError(f"index folder {path} is damaged: meta.json cannot be read",
@@ -752,7 +775,18 @@ class CatalogueIndex:
             raise CheckpointError(f"index folder {path} is damaged: {exc}",
                                   hint="rebuild it with `fewshot index`") from exc
         self.folder = path
+        self._seen = seen
         return self
+
+
+def _folder_state(path: Path) -> tuple | None:
+    """What tells whether an index folder changed: its ``meta.json`` (a save writes a new one)
+    and the names of its journal entries (each change adds one)."""
+    try:
+        st = (path / "meta.json").stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size, tuple(p.name for _, p in Journal(path).sequence())
 
 
 def _carry_file(name: str, folders: list[Path], new: Path) -> None:
