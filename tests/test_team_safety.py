@@ -466,3 +466,37 @@ def test_saving_a_stale_catalogue_over_its_folder_is_refused(catalogue, own_inde
     idx = CatalogueIndex.load(own_index)
     idx.append_change(own_index, Change("remove", "Api-Article"))
     idx.save(own_index)
+
+
+def test_read_only_service_classifies_beside_a_writer_and_writes_nothing(catalogue, own_index: Path,
+                                                                         tmp_path: Path) -> None:
+    """--read-only takes no lock (so it runs beside the folder's writer, or on a read-only
+    volume), refuses changes with 403 and writes nothing beside or inside the index."""
+    writer = create_app(own_index, model=catalogue.model)
+    before = sorted(str(p.relative_to(own_index.parent)) for p in own_index.parent.rglob("*"))
+    app = create_app(own_index, model=catalogue.model, read_only=True)
+    client = authed(app)
+    assert client.get("/health").json()["read_only"] is True
+    assert client.post("/classify", files={"file": photo(catalogue.test["Banana"][0])}).json()[
+        "predictions"][0]["label"] == "Banana"
+    refused = client.post("/articles", data={"label": "X"}, files=[("files", photo(catalogue.train["Banana"][0]))])
+    assert refused.status_code == 403 and refused.json()["error"] == "read_only"
+    assert client.delete("/articles/Banana").status_code == 403
+    app.state.service.close()
+    assert sorted(str(p.relative_to(own_index.parent)) for p in own_index.parent.rglob("*")) == before
+    writer.state.service.close()
+    # a mistyped --index is named as missing, and no folder is made for it
+    with pytest.raises(Exception, match="typo"):
+        create_app(tmp_path / "typo" / "deeper" / "idx", model=catalogue.model)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_bad_allowed_hosts_and_dot_labels_are_refused(catalogue, own_index: Path) -> None:
+    for name in ("proxy.example.org:8443", "https://proxy.example.org", "*evil"):
+        res = _cli(["serve", "--index", str(catalogue.index_dir), "--allowed-host", name])
+        assert res.exit_code == 1 and "is not a host name" in res.output, (name, res.output)
+    app = create_app(own_index, model=catalogue.model)
+    for label in (".", ".."):
+        resp = authed(app).post("/articles", data={"label": label}, files=[("files", photo(catalogue.train["Banana"][0]))])
+        assert resp.status_code == 422 and resp.json()["error"] == "invalid_label"
+    app.state.service.close()

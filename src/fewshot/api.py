@@ -338,7 +338,8 @@ class Catalogue:
             TypeError / ValueError: ``path`` is not a path.
         """
         path = _as_path(path, "path")
-        with claimed_output(path, writer := object(), what="fewshot index", is_ours=is_index_dir,
+        with claimed_output(path, writer := object(), "Catalogue.save", what="fewshot index",
+                            is_ours=is_index_dir,
                             overwrite=overwrite, owned=INDEX_FILES.__contains__, option="path",
                             overwrite_flag="overwrite=True"):
             if self.index.folder is None or Path(self.index.folder).resolve() != Path(path).resolve():

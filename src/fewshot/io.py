@@ -253,7 +253,7 @@ def _busy(folder: Path, info: dict, what: str):
         f"{folder} is being written by {_holder_text(info)}: one writer per folder at a time, so this "
         f"{what} is refused", holder=info,
         hint="stop that process (or wait until it ends) and run this again; reading the folder "
-             "(e.g. fewshot classify --index) works meanwhile")
+             "(fewshot classify --index, fewshot serve --read-only) works meanwhile")
 
 
 @contextlib.contextmanager
@@ -313,7 +313,8 @@ def _take(real: Path, what: str):
 
             raise FewshotError(f"cannot write beside {real} (the lock file {path.name}: {exc.strerror or exc})",
                                hint=f"fewshot writes a lock file beside every folder it writes: {real.parent} "
-                                    "must be writable, or use a folder in one that is") from None
+                                    "must be writable (to serve a read-only index, use fewshot serve "
+                                    "--read-only)") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -361,15 +362,16 @@ def holds_writer_lock(folder: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def claimed_output(path: str | Path, owner: object, **check: Any) -> Iterator[Path]:
+def claimed_output(path: str | Path, owner: object, writer: str | None = None, **check: Any) -> Iterator[Path]:
     """:func:`check_output` ``path`` (its arguments in ``check``), then hold its writer lock for
-    the body (as ``owner``, which the body passes on to the writes it makes) and check again
-    under the lock, where no other writer can change the answer.
+    the body (as ``owner``, which the body passes on to the writes it makes; ``writer`` names it,
+    default ``check["what"]``) and check again under the lock, where no other writer can change
+    the answer.
 
     Raises:
         FewshotError: from :func:`check_output`. FolderBusyError: another writer holds ``path``.
     """
     check_output(path, **check)  # a bad --out is named as such before a lock file is made beside it
-    with writer_lock(path, check["what"], owner=owner) as real:
+    with writer_lock(path, writer or check["what"], owner=owner) as real:
         check_output(path, **check)
         yield real

@@ -24,6 +24,7 @@ def serve(
     read_token_file: Optional[Path] = typer.Option(None, "--read-token-file", help="File whose first line is a read token: classify, articles and thumbnails then need it (or the write token). Else $FEWSHOT_READ_TOKEN; else reads are open."),
     no_token: bool = typer.Option(False, "--no-token", help="Changes need no token (only with a loopback --host such as 127.0.0.1)."),
     allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="A host name clients use to reach the service (repeatable), e.g. the reverse proxy's name; loopback names and this machine's are accepted already."),
+    read_only: bool = typer.Option(False, "--read-only", help="Classify only: enrolment and deletion are refused and nothing is written beside the index (for a read-only volume, or a second service on a served folder)."),
     allow_origin: Optional[List[str]] = typer.Option(None, "--allow-origin", help="A web page origin allowed to call the API from a browser (repeatable), e.g. https://shop.example.com."),
 ) -> None:
     """Serve the catalogue: POST /classify, GET/POST/DELETE /articles, a web page at /, OpenAPI at /docs.
@@ -40,22 +41,26 @@ def serve(
     access, generated = _access(host, port, token_file, read_token_file, no_token, allowed_host or [], allow_origin or [])
     sock = bind_socket(host, port)  # a busy port fails at once, before the model loads
     try:
-        application = _create(create_app, index, max_upload_mb, runtime, threads, access)
+        application = _create(create_app, index, max_upload_mb, runtime, threads, access, read_only)
         service = application.state.service
         cat = service.cat.index
         typer.echo(f"serving {len(cat.articles)} articles ({len(cat)} images, {cat.ann.kind} index) from {index} "
                    f"at http://{host}:{port}/  (API docs: /docs; forward pass: {service.embedder.choice.runtime})")
-        _announce(access, generated, host, port)
+        if read_only:
+            typer.echo("read-only: classify and browse; enrolment and deletion are refused")
+        else:
+            _announce(access, generated, host, port)
         server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="info"))
         server.run(sockets=[sock])
     finally:
         sock.close()
 
 
-def _create(create_app, index: Path, max_upload_mb: float, runtime: str, threads: int | None, access):
+def _create(create_app, index: Path, max_upload_mb: float, runtime: str, threads: int | None, access,
+            read_only: bool = False):
     try:
         return create_app(index, max_upload_bytes=int(max_upload_mb * 1024 * 1024), runtime=runtime, threads=threads,
-                          access=access)
+                          access=access, read_only=read_only)
     except RuntimeError as exc:  # FastAPI raises this when python-multipart is missing
         if "multipart" not in str(exc):
             raise
@@ -96,6 +101,11 @@ def _access(host: str, port: int, token_file: Optional[Path], read_token_file: O
         if not origin.startswith(("http://", "https://")) or origin.rstrip("/") != origin or origin.count("/") != 2:
             raise FewshotError(f"--allow-origin {origin!r} is not an origin", hint="write scheme://host[:port], "
                                "e.g. --allow-origin https://shop.example.com (no path, no trailing slash)")
+    for name in allowed_host:
+        if not name or any(c in name for c in "/:[] ") or name.startswith("*") and not name.startswith("*."):
+            raise FewshotError(f"--allowed-host {name!r} is not a host name", hint="give the name alone, without "
+                               "scheme or port, e.g. --allowed-host shop-1.example.com or '*.example.com' "
+                               "(IP addresses are always accepted)")
     generated = write is None and not no_token
     access = Access(write_token=None if no_token else (write or new_token()), read_token=read,
                     allowed_hosts=default_hosts(host, port, allowed_host), allowed_origins=tuple(allow_origin))

@@ -807,6 +807,8 @@ def _recover_or_wait(path: Path, wait_s: float = 10.0) -> None:
     the writer lock, so that no live writer's rename is undone)."""
     import time
 
+    if not path.parent.is_dir() or not any(path.parent.glob(f".{path.name}.*")):
+        return  # no save was ever under way here (and no folder is made for a mistyped path)
     deadline = time.monotonic() + wait_s
     while not path.exists():
         try:

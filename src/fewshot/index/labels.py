@@ -71,6 +71,9 @@ def clean_label(value: object, what: str = "label", *, required: bool = True) ->
         raise InputError(f"the article {what} {text!r} contains bidirectional text controls ({', '.join(bidi)}), "
                          "which make it display as another text", hint=f"remove them from the {what}",
                          code="invalid_label")
+    if text in (".", ".."):
+        raise InputError(f"the article {what} {text!r} cannot be told from a path step in a URL or a folder name",
+                         hint=f"give a {what} with a letter or digit", code="invalid_label")
     if not any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text):
         raise InputError(f"the article {what} {text!r} has no visible characters (only format characters "
                          "such as zero-width spaces, and spaces)", hint=f"give a {what} that can be read",

@@ -151,12 +151,15 @@ class _Service:
     """The state behind the routes: the catalogue snapshot, the model, the locks."""
 
     def __init__(self, index_dir: Path, max_upload_bytes: int, model=None, runtime: str = "auto",
-                 threads: int | None = None, access: Access | None = None) -> None:
+                 threads: int | None = None, access: Access | None = None, read_only: bool = False) -> None:
         self.index_dir = Path(index_dir).resolve()
         self.access = access or Access(write_token=new_token())
-        # the one writer of this folder for the service's lifetime: refused at once when another holds it
+        self.read_only = read_only
         self._writer = contextlib.ExitStack()
-        self._writer.enter_context(writer_lock(self.index_dir, "fewshot serve", owner=self))
+        if not self.index_dir.is_dir():  # say so as a missing index, before a lock file is made beside it
+            CatalogueIndex.load(self.index_dir)
+        if not read_only:  # the one writer of this folder for the service's lifetime
+            self._writer.enter_context(writer_lock(self.index_dir, "fewshot serve", owner=self))
         try:
             self._open(max_upload_bytes, model, runtime, threads)
         except BaseException:
@@ -196,6 +199,8 @@ class _Service:
         self.enrolled_root = self.index_dir / ENROLLED_DIR
         self.upload_dir = self.index_dir / UPLOAD_DIR
         self.audit = AuditLog(self.index_dir)
+        if self.read_only:
+            return
         self._drop_leftovers(index)
         if len(Journal(self.index_dir)) >= COMPACT_AFTER:
             self.compact()
@@ -221,6 +226,8 @@ class _Service:
         """A private temporary folder for one request's uploads, inside ``INDEX_DIR/.uploads``
         (not the system's temporary folder): what a killed request leaves there is removed
         when the service starts again."""
+        if self.read_only:  # classify only: nothing may be written beside the index
+            return tempfile.TemporaryDirectory(prefix=f"fewshot-{what}-")
         self.upload_dir.mkdir(exist_ok=True)
         return tempfile.TemporaryDirectory(prefix=f"{what}-", dir=self.upload_dir)
 
@@ -266,7 +273,13 @@ class _Service:
                 "model": Path(self.model.run_dir).name if getattr(self.model, "run_dir", None) else None,
                 "writes_need_token": self.access.write_token is not None,
                 "reads_need_token": self.access.read_token is not None,
-                "max_upload_bytes": self.max_upload_bytes, "max_enrol_files": MAX_ENROL_FILES}
+                "max_upload_bytes": self.max_upload_bytes, "max_enrol_files": MAX_ENROL_FILES,
+                "read_only": self.read_only}
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ApiError(403, "read_only", "this service was started with --read-only: it classifies, and "
+                           "changes nothing", hint="restart it without --read-only to enrol or delete articles")
 
     def classify(self, file: UploadFile, top_k: int, mode: str, neighbors: int) -> dict:
         """Top-k articles and nearest catalogue images for one uploaded photo; ``in_catalogue``
@@ -321,6 +334,7 @@ class _Service:
     def enrol(self, label: str | None, group: str | None, files: list[UploadFile] | None,
               who: tuple[str | None, str | None] = (None, None)) -> dict:
         """Add an article (or photos of an existing one) from uploaded photos; all or nothing."""
+        self._check_writable()
         label = _clean_text(label, "label", required=True)
         group = _clean_text(group, "group", required=False)
         files = [f for f in (files or []) if f.filename or f.size]
@@ -395,6 +409,7 @@ class _Service:
 
     def delete(self, label: str, who: tuple[str | None, str | None] = (None, None)) -> dict:
         """Remove an article and its images (the last article cannot be removed)."""
+        self._check_writable()
         label = normalize_label(label)  # as the enrolment stored it
         with self.cat.lock:
             index = self.cat.index
@@ -507,7 +522,7 @@ def _image_url(image_id_: str, size: int = 160) -> str:
 # --------------------------------------------------------------------------- the app
 def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                model=None, runtime: str = "auto", threads: int | None = None,
-               access: Access | None = None) -> FastAPI:
+               access: Access | None = None, read_only: bool = False) -> FastAPI:
     """The FastAPI application serving the catalogue index in ``index_dir``.
 
     Args:
@@ -523,6 +538,8 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
         access: tokens, host names and origins (:class:`fewshot.serve.security.Access`); default:
             changes need a new random write token (``app.state.access.write_token``), reads are
             open, any ``Host`` is accepted (``fewshot serve`` checks it), other origins refused.
+        read_only: classify only (enrolment and deletion answer 403): no writer lock, nothing
+            written beside the index, so it can be served from a read-only volume.
 
     The application holds the index folder's writer lock until its lifespan ends (or
     ``app.state.service.close()``): a second service on the same folder is refused.
@@ -536,7 +553,7 @@ def create_app(index_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_
         raise FewshotError(f"upload limit must be positive, got {max_upload_bytes} bytes",
                            hint="use e.g. --max-upload-mb 10")
     access = access or Access(write_token=new_token())
-    service = _Service(Path(index_dir), max_upload_bytes, model, runtime, threads, access)
+    service = _Service(Path(index_dir), max_upload_bytes, model, runtime, threads, access, read_only)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -202,8 +202,10 @@ class Guard:
             return _deny(401, "unauthorized",
                          f"{what} needs the {'write' if needs_write else 'access'} token "
                          + ("(the token sent is not it)" if _bearer(headers.get("authorization")) else "(none was sent)"),
-                         "send 'Authorization: Bearer TOKEN' with the token `fewshot serve` printed or was "
-                         "given (--token-file / $FEWSHOT_API_TOKEN)", headers={"WWW-Authenticate": "Bearer"})
+                         "send 'Authorization: Bearer TOKEN' with " + (
+                             "the write token `fewshot serve` printed or was given (--token-file / $FEWSHOT_API_TOKEN)"
+                             if needs_write else "the read token the service was given (--read-token-file / "
+                             "$FEWSHOT_READ_TOKEN) or its write token"), headers={"WWW-Authenticate": "Bearer"})
         return None
 
     @staticmethod
