@@ -98,12 +98,14 @@ def _folder_name(text: str) -> str | None:
     return text if ok else None
 
 
-def _safe(text: str) -> str:
-    """A folder name for a label that cannot be one as it is (the manifest keeps the label)."""
+def slug(text: str) -> str:
+    """A file-name-safe folder name for an article label, unique per label (ASCII letters,
+    digits, ``._-``, then 8 hex digits of the label's SHA-1): where the service stores an
+    article's enrolled photos, and the export's folder for a label that cannot be one as it is."""
     import hashlib
 
-    plain = re.sub(r"[^A-Za-z0-9._ -]+", "-", unicodedata.normalize("NFKD", text)).strip(" .-")[:60] or "article"
-    return f"{plain}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]}"
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "-", unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode())
+    return f"{plain.strip('-.')[:60] or 'article'}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]}"
 
 
 def is_export_dir(path: str | Path) -> bool:
@@ -163,9 +165,9 @@ def export_catalogue(index, folder: str | Path, out: str | Path, info: dict) -> 
                 missing.append(str(path))
                 continue
             group = index.article_group(label)
-            parts = [g for g in ((_folder_name(group or "") or _safe(group or "no-group")) if grouped else None,
-                                 _folder_name(label) or _safe(label)) if g]
-            rel = _unique("/".join(parts + [_folder_name(src.name) or _safe(src.stem) + src.suffix]), used)
+            parts = [g for g in ((_folder_name(group or "") or slug(group or "no-group")) if grouped else None,
+                                 _folder_name(label) or slug(label)) if g]
+            rel = _unique("/".join(parts + [_folder_name(src.name) or slug(src.stem) + src.suffix]), used)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / rel)
             rows.append((rel, label, group or ""))

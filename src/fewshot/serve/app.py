@@ -44,12 +44,10 @@ import hashlib
 import io
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
 import time
-import unicodedata
 import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
@@ -71,6 +69,7 @@ from ..embed import read_digests
 from ..errors import FewshotError, ImageReadError, InputError
 from ..index import ENROLLED_DIR as INDEX_ENROLLED_DIR, CatalogueIndex, Change
 from ..index.journal import Journal
+from ..index.enrolled import slug
 from ..index.labels import clean_label, normalize_label, resolve_group
 from ..io import writer_lock
 from .batcher import Embedder
@@ -138,13 +137,6 @@ class _Catalogue:
         for p in paths:
             self.path_of.pop(image_id(p), None)
         self.first_image.pop(label, None)
-
-
-def _slug(label: str) -> str:
-    """A file-name-safe folder name for an article, unique per label."""
-    text = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()
-    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "article"
-    return f"{text}-{hashlib.sha1(label.encode('utf-8')).hexdigest()[:8]}"
 
 
 class _Service:
@@ -348,7 +340,7 @@ class _Service:
         with self._scratch("enrol") as tmp:
             received = [self.receive_upload(f, Path(tmp), n) for n, f in enumerate(files)]
             vectors = self.embedder.embed(torch.stack(self._decode_all(received)))
-            folder = self.enrolled_root / _slug(label)
+            folder = self.enrolled_root / slug(label)
             new_files = [(src, folder / f"{uuid.uuid4().hex[:12]}{suffix}")
                          for src, suffix in (_stored_copy(path) for path, _ in received)]
             with self.cat.lock:
