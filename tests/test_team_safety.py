@@ -498,3 +498,26 @@ def test_bad_allowed_hosts_and_dot_labels_are_refused(catalogue, own_index: Path
         resp = authed(app).post("/articles", data={"label": label}, files=[("files", photo(catalogue.train["Banana"][0]))])
         assert resp.status_code == 422 and resp.json()["error"] == "invalid_label"
     app.state.service.close()
+
+
+def test_images_added_from_memory_are_kept_as_files(catalogue, own_index: Path, tmp_path: Path) -> None:
+    """Catalogue.add of arrays / PIL images: the saved folder holds them as PNG files under
+    enrolled/, so the service shows them, export copies them and a rebuild keeps them."""
+    from PIL import Image
+
+    from fewshot.api import Catalogue
+
+    cat = Catalogue.load(own_index)
+    pixels = [np.asarray(Image.open(p).convert("RGB")) for p in catalogue.train[NEW_ARTICLE][:2]]
+    cat.add("From-Memory", [pixels[0], Image.fromarray(pixels[1])])
+    cat.save(own_index, overwrite=True)
+    saved = CatalogueIndex.load(own_index).article_paths("From-Memory")
+    assert len(saved) == 2 and all(p.startswith(f"{ENROLLED_DIR}/") and p.endswith(".png") for p in saved)
+    assert [np.asarray(Image.open(own_index / p)).tolist() == px.tolist() for p, px in zip(saved, pixels)] == [True] * 2
+    app = create_app(own_index, model=catalogue.model)
+    client = authed(app)
+    art = next(a for a in client.get("/articles").json()["articles"] if a["label"] == "From-Memory")
+    assert art["enrolled"] and client.get(art["image_url"]).status_code == 200
+    app.state.service.close()
+    res = _cli(["export", "--index", str(own_index), "--out", str(tmp_path / "exp")])
+    assert res.exit_code == 0 and "not on disk" not in res.output, res.output

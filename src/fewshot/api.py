@@ -19,8 +19,11 @@ image arrays: the same rules as the service, :mod:`fewshot.index.labels`).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -31,9 +34,10 @@ from .backbones import Backbone
 from .checks import positive_int
 from .data.records import Dataset
 from .errors import ImageReadError, InputError
-from .index import INDEX_FILES, CatalogueIndex, Neighbor, check_classify, is_index_dir
+from .index import ENROLLED_DIR, INDEX_FILES, CatalogueIndex, Neighbor, check_classify, is_index_dir
+from .index.enrolled import slug
 from .index.labels import clean_label, normalize_label, resolve_group
-from .io import claimed_output
+from .io import atomic_write_bytes, claimed_output
 from .model import EmbeddingModel
 from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, enrolled_of, evaluate_sets,
                        keep_enrolled,
@@ -224,6 +228,9 @@ class Catalogue:
     index: CatalogueIndex
     runtime: str = "auto"
     cache_dir: str | None = None
+    #: PNG bytes of the images added from memory, by the path they get in the saved folder
+    #: (``enrolled/<article>/<id>.png``), written there by the next :meth:`save`
+    unsaved: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, model: EmbeddingModel | Backbone, dataset: Dataset, *, runtime: str = "auto",
@@ -270,7 +277,15 @@ class Catalogue:
             raise InputError(f"no images given for article {label!r}", hint="pass one or more images",
                              code="empty_enrolment")
         vectors, digests, names = embed_images(self.model, images, runtime=self.runtime, cache_dir=self.cache_dir)
+        pending = {}
+        for i, x in enumerate(images):  # an image from memory is kept as a PNG file, so a saved folder has it
+            if not isinstance(x, (str, Path)):
+                buf = io.BytesIO()
+                _to_pil(x, f"images[{i}]").save(buf, "PNG")
+                names[i] = f"{ENROLLED_DIR}/{slug(label)}/{uuid.uuid4().hex[:12]}.png"
+                pending[names[i]], digests[i] = buf.getvalue(), hashlib.sha256(buf.getvalue()).hexdigest()
         self.index.add_article(label, group, vectors, names, digests=digests)
+        self.unsaved.update(pending)
         return len(vectors)
 
     def remove(self, label: str) -> int:
@@ -346,7 +361,19 @@ class Catalogue:
                 # replacing another index folder: its enrolled articles come along, re-embedded
                 keep_enrolled(self.index, enrolled_of(path), self.model,
                               EmbedOptions(runtime=self.runtime, cache_dir=self.cache_dir, progress=False))
-            return self.index.save(path, owner=writer)
+            self._write_unsaved(Path(path))
+            saved = self.index.save(path, owner=writer)
+            self.unsaved.clear()
+            return saved
+
+    def _write_unsaved(self, path: Path) -> None:
+        """Write the images added from memory (still in the index) as PNG files under
+        ``path/enrolled/``, where the save takes them from (new file names: nothing is replaced;
+        a failed save leaves files that no index references, which the service removes)."""
+        alive = set(self.index.paths)
+        for rel, data in self.unsaved.items():
+            if rel in alive:
+                atomic_write_bytes(path / rel, data)
 
     @classmethod
     def load(cls, path: str | Path, *, runtime: str = "auto") -> "Catalogue":
