@@ -724,11 +724,7 @@ class CatalogueIndex:
                 log.warning("enrolled image %s is missing from the index folder", src)
                 continue
             dst = new / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
+            _link_or_copy(src, dst)
         return [moved.get(p, p) for p in self.paths]  # an ``enrolled/...`` path is already relative
 
     def _write_vectors(self, path: Path) -> None:
@@ -789,15 +785,21 @@ def _folder_state(path: Path) -> tuple | None:
     return st.st_ino, st.st_mtime_ns, st.st_size, tuple(p.name for _, p in Journal(path).sequence())
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst`` (a copy where the file system has no hard links)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _carry_file(name: str, folders: list[Path], new: Path) -> None:
     """Hard-link (or copy) ``name`` from the first of ``folders`` that has it into ``new``."""
     for folder in folders:
         src = folder / name
         if src.is_file():
-            try:
-                os.link(src, new / name)
-            except OSError:
-                shutil.copy2(src, new / name)
+            _link_or_copy(src, new / name)
             return
 
 
