@@ -521,3 +521,20 @@ def test_images_added_from_memory_are_kept_as_files(catalogue, own_index: Path, 
     app.state.service.close()
     res = _cli(["export", "--index", str(own_index), "--out", str(tmp_path / "exp")])
     assert res.exit_code == 0 and "not on disk" not in res.output, res.output
+
+
+def test_a_missing_index_beside_an_unwritable_parent_is_named_as_missing(tmp_path: Path, monkeypatch) -> None:
+    """Loading a folder that is missing, beside leftovers of a save, where no lock file can be
+    made (a read-only parent): the answer is the missing index, not the lock file."""
+    import fewshot.io
+    from fewshot.errors import CheckpointError, FewshotError
+
+    (tmp_path / ".idx.lock").write_text("{}")
+
+    def no_lock(real, what):
+        raise FewshotError(f"cannot write beside {real}")
+
+    monkeypatch.setattr(fewshot.io, "_take", no_lock)
+    with pytest.raises(CheckpointError) as err:
+        CatalogueIndex.load(tmp_path / "idx")
+    assert "cannot write beside" not in str(err.value)

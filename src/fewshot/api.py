@@ -39,8 +39,8 @@ from .index.enrolled import slug
 from .index.labels import clean_label, normalize_label, resolve_group
 from .io import atomic_write_bytes, claimed_output
 from .model import EmbeddingModel
-from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, enrolled_of, evaluate_sets,
-                       keep_enrolled,
+from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, evaluate_sets,
+                       keep_enrolled, previous_index,
                        index_embeddings, leave_one_out_protocol, load_data, model_for_index, split_protocol_sets)
 
 #: what an image may be: a file path, a PIL image, or a uint8 array ``[H, W, 3]`` / ``[H, W]``
@@ -279,7 +279,7 @@ class Catalogue:
         vectors, digests, names = embed_images(self.model, images, runtime=self.runtime, cache_dir=self.cache_dir)
         pending = {}
         for i, x in enumerate(images):  # an image from memory is kept as a PNG file, so a saved folder has it
-            if not isinstance(x, (str, Path)):
+            if not isinstance(x, Path):
                 buf = io.BytesIO()
                 _to_pil(x, f"images[{i}]").save(buf, "PNG")
                 names[i] = f"{ENROLLED_DIR}/{slug(label)}/{uuid.uuid4().hex[:12]}.png"
@@ -353,13 +353,12 @@ class Catalogue:
             TypeError / ValueError: ``path`` is not a path.
         """
         path = _as_path(path, "path")
-        with claimed_output(path, writer := object(), "Catalogue.save", what="fewshot index",
-                            is_ours=is_index_dir,
+        with claimed_output(path, writer := object(), "Catalogue.save", what="fewshot index", is_ours=is_index_dir,
                             overwrite=overwrite, owned=INDEX_FILES.__contains__, option="path",
                             overwrite_flag="overwrite=True"):
             if self.index.folder is None or Path(self.index.folder).resolve() != Path(path).resolve():
                 # replacing another index folder: its enrolled articles come along, re-embedded
-                keep_enrolled(self.index, enrolled_of(path), self.model,
+                keep_enrolled(self.index, previous_index(path), self.model,
                               EmbedOptions(runtime=self.runtime, cache_dir=self.cache_dir, progress=False))
             self._write_unsaved(Path(path))
             saved = self.index.save(path, owner=writer)

@@ -452,7 +452,7 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
         dataset = load_data(data, split, group_from, embed.strict, default_split="train", layout=layout)
     with claimed_output(out, writer := object(), what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
                         owned=INDEX_FILES.__contains__, **data_protection(data, dataset)):
-        enrolled = enrolled_of(out)
+        enrolled = previous_index(out)
         model = model or embed.model()
         ann_config = resolve_ann(ann_config or AnnConfig(), len(dataset), model.dim)
         index = index_embeddings(model, embed.embed(model, dataset), data, catalogue, ann_config)
@@ -478,7 +478,7 @@ def _note_dropped(index: CatalogueIndex, old: list[str], enrolled: list[Enrolled
                     "data to keep them)", len(dropped), ", ".join(dropped[:5]), " ..." if len(dropped) > 5 else "")
 
 
-def enrolled_of(folder: str | Path) -> Previous:
+def previous_index(folder: str | Path) -> Previous:
     """The enrolled articles and the labels of the index folder a rebuild is about to replace
     (none when ``folder`` is not an index).
 

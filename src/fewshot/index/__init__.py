@@ -45,7 +45,7 @@ import numpy as np
 
 from ..version import __version__
 from ..checks import positive_int
-from ..errors import CheckpointError, DataError, FolderBusyError
+from ..errors import CheckpointError, DataError, FewshotError, FolderBusyError
 from ..io import atomic_dir, recover_dir, writer_lock
 from . import ann
 from .ann import BLAS_MIN_QUERIES, INDEX_TYPES, AnnConfig, faiss_blas_setting
@@ -416,11 +416,11 @@ class CatalogueIndex:
             FolderBusyError: another writer holds the folder.
         """
         with writer_lock(path, "a catalogue change", owner=owner or self):
-            check = self.folder is not None and self._seen is not None \
-                and Path(self.folder).resolve() == Path(path).resolve() and _folder_state(path) == self._seen
+            in_step = self._tracks(Path(path)) and _folder_state(path) == self._seen
             entry = Journal(path).append(change)
-            if check:  # still in step with the folder: this entry is ours
-                self._seen = _folder_state(path)
+            if in_step:  # the folder is as this index last saw it, plus this entry
+                assert self._seen is not None
+                self._seen = (*self._seen[:3], self._seen[3] + (entry.name,))
         self.apply(change)
         return entry
 
@@ -668,11 +668,13 @@ class CatalogueIndex:
             self._seen = _folder_state(out)
             return out
 
+    def _tracks(self, path: Path) -> bool:
+        """Whether ``path`` is the folder this index came from, with its state recorded."""
+        return self.folder is not None and self._seen is not None and Path(self.folder).resolve() == path.resolve()
+
     def _check_unchanged(self, path: Path) -> None:
         """Refuse to save over the folder this index came from when it changed since."""
-        if self.folder is None or self._seen is None or Path(self.folder).resolve() != path.resolve():
-            return
-        if _folder_state(path) != self._seen:
+        if self._tracks(path) and _folder_state(path) != self._seen:
             raise CheckpointError(
                 f"{path} has changed since this catalogue was loaded from it (another process enrolled or "
                 "removed articles, or rebuilt it): saving now would undo those changes",
@@ -822,7 +824,7 @@ def _recover_or_wait(path: Path, wait_s: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.05)
-        except OSError:  # cannot create the lock file (a read-only parent): nothing to recover here
+        except FewshotError:  # no lock file can be made (a read-only parent): nothing to recover here
             return
 
 
