@@ -59,7 +59,7 @@ def server(grocery_root: Path, tmp_path_factory):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     app = create_app(index_dir, model=cat.model,
-                     access=Access(write_token=TOKEN, allowed_hosts=default_hosts("127.0.0.1", port)))
+                     access=Access(write_token=TOKEN, allowed_hosts=default_hosts("127.0.0.1")))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

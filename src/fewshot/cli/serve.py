@@ -38,7 +38,7 @@ def serve(
         raise FewshotError(f"the service needs fastapi, uvicorn and python-multipart ({exc})",
                            hint='pip install "fewshot[serve]"') from None
     apply_runtime(runtime, threads)
-    access, generated = _access(host, port, token_file, read_token_file, no_token, allowed_host or [], allow_origin or [])
+    access, generated = _access(host, token_file, read_token_file, no_token, allowed_host or [], allow_origin or [])
     sock = bind_socket(host, port)  # a busy port fails at once, before the model loads
     try:
         application = _create(create_app, index, max_upload_mb, runtime, threads, access, read_only)
@@ -83,7 +83,7 @@ def _read_token(path: Optional[Path], env: str, option: str) -> Optional[str]:
     return token
 
 
-def _access(host: str, port: int, token_file: Optional[Path], read_token_file: Optional[Path], no_token: bool,
+def _access(host: str, token_file: Optional[Path], read_token_file: Optional[Path], no_token: bool,
             allowed_host: list[str], allow_origin: list[str]):
     """The service's :class:`~fewshot.serve.security.Access` and whether its write token was made here."""
     from ..serve.security import Access, default_hosts, is_loopback, new_token
@@ -108,7 +108,7 @@ def _access(host: str, port: int, token_file: Optional[Path], read_token_file: O
                                "(IP addresses are always accepted)")
     generated = write is None and not no_token
     access = Access(write_token=None if no_token else (write or new_token()), read_token=read,
-                    allowed_hosts=default_hosts(host, port, allowed_host), allowed_origins=tuple(allow_origin))
+                    allowed_hosts=default_hosts(host, allowed_host), allowed_origins=tuple(allow_origin))
     return access, generated
 
 

@@ -39,8 +39,6 @@ from ..index import AUDIT_FILE
 
 #: paths anyone may read: the page, its files and the API description
 PUBLIC_PATHS = ("/", "/static/", "/docs", "/openapi.json", "/favicon.ico")
-#: the names a loopback service answers to
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def new_token() -> str:
@@ -115,15 +113,15 @@ def _bearer(header: str | None) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def default_hosts(host: str, port: int, extra: Iterable[str] = ()) -> tuple[str, ...]:
-    """The ``Host`` names a service listening on ``host`` answers to: the loopback names, the
-    address itself, and for a wildcard address (``0.0.0.0``, ``::``) this machine's host
-    names; plus ``extra`` (``--allowed-host``)."""
-    names = list(LOOPBACK_NAMES)
-    if host not in ("0.0.0.0", "::", ""):
-        names.append(host)
-    else:
+def default_hosts(host: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """The host names a service listening on ``host`` answers to (addresses are always
+    accepted, :class:`Guard`): ``localhost``, ``host`` when it is a name, and for a wildcard
+    address (``0.0.0.0``, ``::``) this machine's names; plus ``extra`` (``--allowed-host``)."""
+    names = ["localhost"]
+    if host in ("0.0.0.0", "::", ""):
         names += [socket.gethostname(), socket.getfqdn()]
+    elif not _is_address(host.strip("[]")):
+        names.append(host)
     return tuple(dict.fromkeys(n.lower() for n in [*names, *extra] if n))
 
 
