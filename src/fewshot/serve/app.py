@@ -198,20 +198,21 @@ class _Service:
             self.compact()
 
     def _drop_leftovers(self, index: CatalogueIndex) -> None:
-        """Remove what a crash mid-change left: temporary journal entries and photos, and
-        enrolled photos no acknowledged change references (all written by this service)."""
+        """Remove what a crash mid-change left: temporary journal entries and photos, enrolled
+        photos no acknowledged change references, uploads of requests in progress (all written
+        by this service)."""
         journal = self.index_dir / "journal"
         stale = list(journal.glob(".*.tmp")) if journal.is_dir() else []
         if self.enrolled_root.is_dir():
             referenced = set(index.enrolled_files(self.index_dir))
             stale += [f for f in self.enrolled_root.rglob("*") if f.is_file() and f not in referenced]
-        if self.upload_dir.is_dir():
-            stale += [f for f in self.upload_dir.rglob("*") if f.is_file()]
         for f in stale:
             self._remove(f)
-        shutil.rmtree(self.upload_dir, ignore_errors=True)
-        if stale:
-            log.warning("removed %d file(s) left by an interrupted change in %s", len(stale), self.index_dir)
+        uploads = sum(f.is_file() for f in self.upload_dir.rglob("*")) if self.upload_dir.is_dir() else 0
+        shutil.rmtree(self.upload_dir, ignore_errors=True)  # requests in progress when the service stopped
+        if stale or uploads:
+            log.warning("removed %d file(s) left by an interrupted change in %s", len(stale) + uploads,
+                        self.index_dir)
 
     # ------------------------------------------------------------------ uploads
     def _scratch(self, what: str):
