@@ -54,6 +54,7 @@ from torch import nn
 
 from ..data.episodes import EpisodeSampler
 from ..errors import DataError, FewshotError
+from ..options import option
 from ..registry import Registry
 from ..model import EpisodeClassifier
 from .heads import ProjectionHead
@@ -71,14 +72,6 @@ HEAD_PRESETS: dict[str, dict[str, Any]] = {
     "linear": {"kind": "linear", "centre": True},
     "mlp": {"kind": "mlp", "hidden_dim": 512, "out_dim": 256, "centre": False, "dropout": 0.0},
 }
-
-
-def option(default: Any, help: str, *, flag: str | None = None, min: float | None = None,
-           choices: tuple[str, ...] | None = None) -> Any:
-    """A field of a method's :attr:`Method.Config`: its default, its help text (shown by
-    ``fewshot methods``), and optionally the CLI flag (default ``--name-with-dashes``), a
-    minimum and the allowed values; :func:`check_options` enforces the last two."""
-    return field(default=default, metadata={"help": help, "flag": flag, "min": min, "choices": choices})
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""Options declared once: a dataclass field made with :func:`option` carries its default, its
+help text, its command-line flag, a minimum and the allowed values.
+
+Method options (:mod:`fewshot.methods`), the training loop's fields (:mod:`fewshot.training`)
+and index kinds' options (:mod:`fewshot.index.kinds`) are all declared this way; the CLI
+generates one flag per field from this metadata and :func:`check_options` enforces it. Any
+layer may import this module (it imports nothing of fewshot but :mod:`fewshot.errors`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import Field, field, fields
+from typing import Any
+
+from .errors import FewshotError
+
+__all__ = ["option", "check_options", "flag_of"]
+
+
+def option(default: Any, help: str, *, flag: str | None = None, min: float | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field declared as an option.
+
+    Args:
+        default: the value when none is given.
+        help: one sentence shown by ``--help`` and ``fewshot methods``.
+        flag: the CLI flag (default ``--name-with-dashes``).
+        min: the smallest allowed value (numbers), enforced by :func:`check_options`.
+        choices: the allowed values, enforced by :func:`check_options`.
+
+    Returns:
+        A :func:`dataclasses.field` whose ``metadata`` holds ``help``, ``flag``, ``min`` and ``choices``.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "min": min, "choices": choices})
+
+
+def flag_of(f: Field) -> str:
+    """The CLI flag of an option field: its declared ``flag`` or ``--name-with-dashes``."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check_options(what: str, opts: Any) -> None:
+    """Enforce each option's ``min`` and ``choices`` (see :func:`option`) and finite numbers.
+
+    Args:
+        what: who owns the options, for the message (e.g. ``"method 'triplet'"``).
+        opts: a dataclass instance whose fields were made with :func:`option`.
+
+    Raises:
+        FewshotError: naming the option (by its field name), its value and what is allowed.
+    """
+    for f in fields(opts):
+        value, meta = getattr(opts, f.name), f.metadata
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FewshotError(f"option {f.name} = {value}: {what} needs a finite number",
+                               hint=f"use e.g. {f.name} = {f.default}")
+        if meta.get("min") is not None and value is not None and value < meta["min"]:
+            raise FewshotError(f"option {f.name} = {value}: {what} needs at least {meta['min']}",
+                               hint=f"use {f.name} = {meta['min']} or more (default {f.default})")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise FewshotError(f"option {f.name} = {value!r} is not allowed for {what}",
+                               hint=f"use one of: {', '.join(map(str, meta['choices']))}")
