@@ -1,5 +1,6 @@
 """The package's imports flow one way (docs/ARCHITECTURE.md):
-data -> backbones -> embed -> model -> methods -> metrics -> index -> pipeline -> training -> api -> cli / serve.
+data -> backbones -> embed -> model -> methods -> metrics -> index -> catalogue -> evaluation -> pipeline
+-> training -> api -> cli / serve (pipeline goes when its last jobs have moved).
 
 Every ``from fewshot...`` / relative import in src/fewshot is resolved to its top-level part and
 checked against that order: a module may import its own part, a part to its left, or one of the
@@ -12,8 +13,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fewshot"
-LAYERS = ["data", "backbones", "embed", "model", "methods", "metrics", "index", "pipeline", "training", "api", "cli", "serve"]
-SHARED = {"checks", "errors", "io", "registry", "version", "viz", "__init__"}
+LAYERS = ["data", "backbones", "embed", "model", "methods", "metrics", "index", "catalogue", "evaluation", "pipeline",
+          "training", "api", "cli", "serve"]
+SHARED = {"checks", "errors", "io", "options", "registry", "version", "viz", "__init__"}
 
 
 def _part(module: str) -> str:
