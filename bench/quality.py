@@ -7,7 +7,7 @@ Protocols (test classes, never seen in training; :func:`fewshot.data.splits.prot
 * Omniglot, ``splits/omniglot-small1.json``: the test alphabet's characters, each character's
   20 drawings divided 10 gallery / 10 queries (seeded).
 
-Rows: ``frozen`` (the pretrained backbone, :func:`fewshot.pipeline.evaluate`) and every training
+Rows: ``frozen`` (the pretrained backbone, :func:`fewshot.evaluation.evaluate`) and every training
 method (:func:`fewshot.training.train`, the code behind ``fewshot train``: best epoch by
 val MAP@R, then the same evaluation on the test classes). Metrics: mAP, MAP@R, P@1, 5-way 1-shot
 and 5-way 5-shot accuracy with 95% CI (``episodes`` episodes, seed 0), training time.
@@ -112,7 +112,8 @@ def _row_from_metrics(m: dict) -> dict[str, Any]:
 
 
 def frozen_row(ds: dict, episodes: int, out: Path) -> dict[str, Any]:
-    from fewshot.pipeline import EmbedOptions, EvalConfig, evaluate
+    from fewshot.embed.options import EmbedOptions
+    from fewshot.evaluation import EvalConfig, evaluate
 
     cfg = EvalConfig(data=str(ds["data"]), split=None, split_file=str(ds["split_file"]), part="test", seed=SEED,
                      episodes=episodes, embed=EmbedOptions(image_size=ds["image_size"], progress=False))

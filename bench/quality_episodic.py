@@ -10,7 +10,7 @@ sets and gallery from the train photos, queries from the test photos), efficient
   train-class mean, SimpleShot's CL2N), i.e. epoch 0 of every run below;
 * ``protonet``, ``maml``, ``fomaml``: trained with :func:`fewshot.training.train` (the code
   behind ``fewshot train``) on the train classes, best epoch by val MAP@R, then evaluated with
-  :func:`fewshot.pipeline.evaluate` (the code behind ``fewshot evaluate``). MAML runs classify each
+  :func:`fewshot.evaluation.evaluate` (the code behind ``fewshot evaluate``). MAML runs classify each
   episode by adapting on its support set (their ``episode_classifier``).
 
 Omniglot ``images_background_small1`` (``splits/omniglot-small1.json``: whole alphabets per part;
@@ -49,7 +49,8 @@ from fewshot.methods.base import make_config  # noqa: E402
 from fewshot.methods.runs import load_run  # noqa: E402
 from fewshot.training import train  # noqa: E402
 from fewshot.metrics import episodic_accuracy, retrieval_metrics  # noqa: E402
-from fewshot.pipeline import EmbedOptions, EvalConfig, evaluate  # noqa: E402
+from fewshot.embed.options import EmbedOptions  # noqa: E402
+from fewshot.evaluation import EvalConfig, evaluate  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

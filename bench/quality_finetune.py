@@ -3,7 +3,7 @@
 Grocery (``splits/grocery-unseen.json``, the 28 unseen test classes, cross-visit: gallery and
 support from the train photos, queries from the test photos), efficientnet_lite0 at 224 px:
 one row per (method, ``--fine-tune``), each a ``fewshot train`` run with the library defaults
-plus the row's settings, evaluated by :func:`fewshot.pipeline.evaluate` on the test classes
+plus the row's settings, evaluated by :func:`fewshot.evaluation.evaluate` on the test classes
 (mAP, MAP@R, P@1, 5-way 1-shot / 5-shot accuracy over 1,000 episodes). ``seconds`` is the
 trainer's wall time (training epochs plus per-epoch validation; the one-off embedding and image
 decoding excluded), on this machine's CPU cores.
@@ -150,7 +150,8 @@ def train_row(name: str, runs: Path, cache_dir: str | None, progress: bool) -> d
 def tta_row(name: str, row: dict, cache_dir: str | None) -> dict:
     """Row ``name``'s saved run evaluated again on the test classes with ``--tta flip`` (the
     mean embedding over each photo and its mirror image, gallery and queries alike)."""
-    from fewshot.pipeline import EmbedOptions, EvalConfig, evaluate
+    from fewshot.embed.options import EmbedOptions
+    from fewshot.evaluation import EvalConfig, evaluate
 
     run_dir = Path(row["run_dir"])
     data, split_file = _data("grocery")
@@ -171,7 +172,7 @@ def omniglot_episodes(run_dir: Path | None, cache_dir: str | None, backbone: str
     from fewshot.data.splits import protocol_sets
     from fewshot.methods.runs import load_embedding_model
     from fewshot.metrics import episodic_accuracy
-    from fewshot.pipeline import load_protocol
+    from fewshot.data.protocol import load_protocol
 
     data, split_file = _data("omniglot")
     dataset, split = load_protocol(data, split_file, None)

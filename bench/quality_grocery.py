@@ -14,7 +14,7 @@ queries from the test photos), efficientnet_lite0 at 224 px. Rows:
   (Linear 1280-512, ReLU, Linear 512-256, L2-normalised, no centring), otherwise the same
   settings (lr 1e-4 was also the better of 1e-4 / 1e-3 for this head on the val classes).
 
-Every row is evaluated by :func:`fewshot.pipeline.evaluate` (the code behind ``fewshot evaluate
+Every row is evaluated by :func:`fewshot.evaluation.evaluate` (the code behind ``fewshot evaluate
 --model RUN_DIR --split-file splits/grocery-unseen.json --split test``): mAP, MAP@R, P@1 and
 5-way 1-shot / 5-shot nearest-prototype accuracy +- 95% CI over ``--episodes`` episodes
 (5 queries per class, seed 0). Training time is the trainer's wall time (epochs + per-epoch
@@ -47,7 +47,8 @@ if str(ROOT / "src") not in sys.path:
 from fewshot.io import atomic_write_json, atomic_write_text  # noqa: E402
 from fewshot.methods.base import make_config  # noqa: E402
 from fewshot.training import train  # noqa: E402
-from fewshot.pipeline import EmbedOptions, EvalConfig, evaluate  # noqa: E402
+from fewshot.embed.options import EmbedOptions  # noqa: E402
+from fewshot.evaluation import EvalConfig, evaluate  # noqa: E402
 
 SPLIT_FILE = ROOT / "splits" / "grocery-unseen.json"
 MLP = {"kind": "mlp", "hidden_dim": 512, "out_dim": 256, "centre": False, "dropout": 0.0}

@@ -42,7 +42,9 @@ def small_catalogue(grocery_root: Path, tmp_path_factory) -> SmallCatalogue:
 
 def build_small_catalogue(grocery_root: Path, out: Path) -> SmallCatalogue:
     """Write a CSV manifest of the chosen photos and build an index folder from it."""
-    from fewshot.pipeline import EmbedOptions, build_index
+    from fewshot.embed.options import EmbedOptions
+    from fewshot.methods.from_options import model_from_options
+    from fewshot.pipeline import build_index
 
     wanted = set(ARTICLES) | {NEW_ARTICLE}
     train = load_dataset(grocery_root, split="train")
@@ -69,7 +71,7 @@ def build_small_catalogue(grocery_root: Path, out: Path) -> SmallCatalogue:
             for p in by_label[label][:PHOTOS_PER_ARTICLE]:
                 w.writerow([str(p), label, groups[label]])
     opts = EmbedOptions(image_size=IMAGE_SIZE, cache_dir=str(out / "cache"), progress=False)
-    model = opts.model()
+    model = model_from_options(opts)
     index_dir = out / "index"
     build_index(str(manifest), index_dir, split=None, embed=opts, model=model)
     return SmallCatalogue(index_dir, model, groups, by_label, test_by_label)

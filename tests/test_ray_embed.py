@@ -238,7 +238,7 @@ def _head_applied(photos, tmp_path):
     from fewshot.backbones import create_backbone
     from fewshot.data.loaders import load_dataset
     from fewshot.model import EmbeddingModel
-    from fewshot.pipeline import EmbedOptions
+    from fewshot.embed.options import EmbedOptions
 
     manifest, _ = photos
     dataset = load_dataset(manifest)

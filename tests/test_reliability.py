@@ -492,7 +492,7 @@ def test_own_folder_tree_and_jfif_photos_end_to_end(photo_tree, cache, tmp_path)
 
 def test_default_split_of_a_dataset_with_splits_is_unchanged(grocery_root):
     from fewshot.data import load_dataset
-    from fewshot.pipeline import load_data
+    from fewshot.data.protocol import load_data
 
     for default in ("train", "test"):
         a = load_data(str(grocery_root), None, default_split=default)

@@ -233,7 +233,8 @@ def test_evaluate_gives_the_same_metrics_with_either_runtime(small_manifest, tmp
     """`evaluate` on real Grocery photos (6 articles, leave-one-out, 224 px): the same mAP,
     MAP@R and P@1 with ONNX Runtime as with torch, each embedding from an empty cache, and
     metrics.json records the runtime that ran."""
-    from fewshot.pipeline import EmbedOptions, EvalConfig, evaluate
+    from fewshot.embed.options import EmbedOptions
+    from fewshot.evaluation import EvalConfig, evaluate
 
     metrics = {}
     for runtime in ("onnx", "torch"):

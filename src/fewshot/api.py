@@ -39,9 +39,11 @@ from .index.enrolled import slug
 from .index.labels import clean_label, normalize_label, resolve_group
 from .io import atomic_write_bytes, claimed_output
 from .model import EmbeddingModel
-from .pipeline import (ALL_SPLITS, ClassifyResult, EmbedOptions, EvalConfig, classify_paths, evaluate_sets,
-                       keep_enrolled, previous_index,
-                       index_embeddings, leave_one_out_protocol, load_data, model_for_index, split_protocol_sets)
+from .data.protocol import ALL_SPLITS, leave_one_out_protocol, load_data, split_protocol_sets
+from .embed.options import EmbedOptions
+from .evaluation import EvalConfig, evaluate_sets
+from .pipeline import (ClassifyResult, classify_paths, keep_enrolled, previous_index, index_embeddings,
+                       model_for_index)
 
 #: what an image may be: a file path, a PIL image, or a uint8 array ``[H, W, 3]`` / ``[H, W]``
 ImageLike = Union[str, Path, Image.Image, np.ndarray]

@@ -1,5 +1,8 @@
-"""The package version (a shared helper: every layer may import it, and it imports nothing of ours)."""
+"""The package version, and the environment recorded in result files (a shared helper: every
+layer may import it, and it imports nothing of ours)."""
 
+import datetime as _dt
+import platform
 from importlib.metadata import PackageNotFoundError, version as _version
 
 try:
@@ -7,4 +10,13 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+source"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "environment"]
+
+
+def environment() -> dict:
+    """Package version, torch version and thread count, for result files."""
+    import torch  # here, so that ``import fewshot`` stays light
+
+    return {"fewshot_version": __version__, "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

@@ -19,7 +19,7 @@ from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, LayoutOpt, NoPro
                      handle_errors, json_line, log, one_line)
 
 if TYPE_CHECKING:
-    from ..pipeline import EmbedOptions
+    from ..embed.options import EmbedOptions
 
 __all__ = ["app", "main", "handle_errors"]
 
@@ -41,7 +41,7 @@ def evaluate(
     *, emb: "EmbedOptions",
 ) -> None:
     """Retrieval mAP / MAP@R / P@1 / Recall@k and episodic accuracy of a backbone or trained run."""
-    from ..pipeline import EvalConfig, evaluate as run_evaluate
+    from ..evaluation import EvalConfig, evaluate as run_evaluate
 
     cfg = EvalConfig(data=data, split=split, split_file=str(split_file) if split_file else None,
                      part=split or "test", group_from=group_from, layout=layout, seed=seed, episodes=episodes,
@@ -153,7 +153,8 @@ def classify(
     """
     from ..errors import DataError
     from ..index import CatalogueIndex
-    from ..pipeline import EmbedOptions, classify_paths, model_for_index
+    from ..embed.options import EmbedOptions
+    from ..pipeline import classify_paths, model_for_index
 
     if mode not in ("prototype", "nearest"):
         raise typer.BadParameter(f"{mode!r}: use prototype or nearest", param_hint="--mode")
@@ -161,7 +162,7 @@ def classify(
     cat = CatalogueIndex.load(index).with_search(nprobe=nprobe, ef_search=ef_search)
     truth: list[str] | None = None
     if data is not None:
-        from ..pipeline import load_data
+        from ..data.protocol import load_data
 
         if images:
             raise typer.BadParameter("give image files or --data, not both", param_hint="IMAGES")
@@ -272,7 +273,7 @@ def embed(
     *, emb: "EmbedOptions",
 ) -> None:
     """Export embeddings with their labels, groups and paths."""
-    from ..pipeline import export_embeddings
+    from ..evaluation import export_embeddings
 
     emb.distributed = _ray_options(distributed, ray_address, ray_workers, ray_cpus, emb)
     n, d = export_embeddings(data, out, split=split, group_from=group_from, embed=emb, overwrite=overwrite,
@@ -312,7 +313,7 @@ def split_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it is a split file written earlier (nothing else is replaced)."),
 ) -> None:
     """Make class-disjoint train / val / test parts of a dataset, for training on unseen articles."""
-    from ..pipeline import make_split
+    from ..data.make_split import make_split
 
     summary = make_split(data, out, by=by, fractions=fractions, seed=seed, group_from=group_from, overwrite=overwrite,
                          layout=layout)

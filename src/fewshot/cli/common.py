@@ -160,7 +160,7 @@ def apply_runtime(runtime: str, threads: int | None) -> None:
 def _embed_options(backbone, model, image_size, batch_size, workers, cache_dir, strict, no_progress, runtime,
                    threads, tta):
     from ..backbones import check_tta
-    from ..pipeline import EmbedOptions
+    from ..embed.options import EmbedOptions
 
     apply_runtime(runtime, threads)
     return EmbedOptions(backbone=backbone if (backbone or not model) else None,
@@ -182,7 +182,7 @@ def embedding_options(fn: Callable) -> Callable:
     ``--batch-size``, ``--workers``, ``--cache-dir``, ``--strict``, ``--no-progress``,
     ``--runtime``, ``--threads``, ``--tta``) once:
     the command declares a keyword ``emb`` and receives them as one
-    :class:`~fewshot.pipeline.EmbedOptions`."""
+    :class:`~fewshot.embed.options.EmbedOptions`."""
     import inspect
 
     sig = inspect.signature(fn)

@@ -169,7 +169,7 @@ def staging_dir(run_dir: str | Path) -> Path:
 def _resume_source(cfg: TrainConfig, run_dir: Path, stage: Path) -> Path | None:
     """The folder whose checkpoint this call continues (``stage`` or ``run_dir``), or ``None``
     for a new run; refuses outputs that this call may not replace."""
-    from ..pipeline import data_protection
+    from ..data.protocol import data_protection
 
     protect = data_protection(cfg.data)
     for folder in (run_dir, stage):  # anything there that is not a fewshot run is refused outright

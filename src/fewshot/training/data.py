@@ -37,7 +37,7 @@ def _load_data(cfg: TrainConfig) -> _Data:
     if not cfg.split_file:
         raise DataError("training needs a class split (train / val classes)",
                         hint="pass --split-file FILE (e.g. splits/grocery-unseen.json)")
-    from ..pipeline import load_protocol
+    from ..data.protocol import load_protocol
 
     dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, layout=cfg.layout)
     train_set = dataset_for(dataset, split, "train")
@@ -80,7 +80,7 @@ def with_rotated_classes(train: TrainData, rotations: int) -> TrainData:
 def _check_validation(val_q: Dataset, val_g: Dataset, cfg: TrainConfig) -> None:
     """Refuse a val part on which validation is empty or true by construction (one class:
     val MAP@R 1.0 whatever the model); warn when it has few classes."""
-    from ..pipeline import check_evaluable
+    from ..data.protocol import check_evaluable
 
     try:
         check_evaluable(val_q.labels, val_g.labels, f"the val classes of {cfg.split_file}")

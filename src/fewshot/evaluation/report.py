@@ -1,0 +1,59 @@
+"""The Markdown report of an evaluation (``report.md``), rendered from its ``metrics.json``."""
+
+from __future__ import annotations
+
+from ..metrics import MIN_EPISODES_FOR_CI
+
+__all__ = ["render_report"]
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _ci(e: dict) -> str:
+    if e.get("accuracy") is None:
+        return "-"
+    return f"+- {e['ci95']:.3f}" if e.get("ci95") is not None else f"n/a (fewer than {MIN_EPISODES_FOR_CI} episodes)"
+
+
+def _runtime_note(runtimes: list[dict] | None) -> str:
+    """``; forward pass: onnx`` (or why torch ran instead); empty when all was cached."""
+    if not runtimes:
+        return "; forward pass: none (every embedding came from the cache)" if runtimes is not None else ""
+    used = ", ".join(sorted({r["runtime"] for r in runtimes}))
+    notes = [r["notice"] for r in runtimes if r.get("notice")]
+    return f"; forward pass: {used}" + (f" ({notes[0]})" if notes else "")
+
+
+def render_report(metrics: dict) -> str:
+    """A Markdown report: headline table, episodic accuracy, per-group table."""
+    c = metrics["config"]
+    lines = [f"# Evaluation: {c['model']['method']} on {c['dataset']}", "",
+             f"- model: `{c['model']['backbone']['name']}` at {c['image_size']} px"
+             + (f", run `{c['model']['model_dir']}`" if c['model']['model_dir'] else " (frozen)")
+             + (", each image embedded with its mirror image (`--tta flip`)"
+                if c['model']['backbone'].get('tta', 'none') != 'none' else "")
+             + _runtime_note(c['model'].get('runtimes')),
+             f"- protocol: {c['protocol']['mode']}" + (f", split `{c['split']}`" if c.get("split") else "")
+             + (f", split file `{c['protocol'].get('split_file')}` part `{c['protocol'].get('part')}`"
+                if c['protocol'].get('split_file') else ""),
+             f"- queries: {metrics['num_queries']} (skipped: {metrics['num_skipped_queries']} whose class has no other image)",
+             f"- seed {c['seed']}, fewshot {c['fewshot_version']}", "",
+             "| mAP | MAP@R | P@1 | R@1 | R@5 | R@10 | mAP@10 |", "|---|---|---|---|---|---|---|",
+             f"| {_fmt(metrics['map'])} | {_fmt(metrics['map_at_r'])} | {_fmt(metrics['precision_at_1'])} | "
+             f"{_fmt(metrics['recall_at_k'].get('1'))} | {_fmt(metrics['recall_at_k'].get('5'))} | "
+             f"{_fmt(metrics['recall_at_k'].get('10'))} | {_fmt(metrics['map_at_k'].get('10'))} |", "",
+             "| episodes | accuracy | 95% CI |", "|---|---|---|"]
+    for key, e in metrics["episodes"].items():
+        lines.append(f"| {key} ({c['episodes']} episodes, {c['n_query']} queries/class) | "
+                     f"{_fmt(e.get('accuracy'))} | {_ci(e)} |")
+    lines += ["", "![retrieval grid](retrieval_grid.png)", "",
+              "Embedding map (queries; colour = group): [embedding_map.png](embedding_map.png)", "",
+              "![embedding map](embedding_map.png)"]
+    if metrics.get("per_group"):
+        lines += ["", "## Per group", "", "| group | queries | mAP | MAP@R | P@1 |", "|---|---|---|---|---|"]
+        for grp, v in sorted(metrics["per_group"].items()):
+            lines.append(f"| {grp} | {v.get('num_queries', '')} | {_fmt(v['map'])} | {_fmt(v['map_at_r'])} | "
+                         f"{_fmt(v['precision_at_1'])} |")
+    return "\n".join(lines) + "\n"

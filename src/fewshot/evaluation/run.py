@@ -1,0 +1,218 @@
+"""`fewshot evaluate` as a function: retrieval and episodic metrics of a model on a dataset.
+
+:func:`evaluate` picks the query and gallery sets (:mod:`fewshot.data.protocol`), embeds them
+(:class:`~fewshot.embed.options.EmbedOptions`), computes the metrics (:mod:`fewshot.metrics`) and
+writes the evaluation folder (``metrics.json``, ``report.md`` by :mod:`.report`, and the PNGs of
+:mod:`fewshot.viz`) atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data.protocol import (check_evaluable, data_protection, leave_one_out_protocol, load_data, load_protocol,
+                             split_protocol_sets)
+from ..data.records import Dataset
+from ..embed import Embeddings
+from ..embed.options import EmbedOptions
+from ..errors import DataError
+from ..io import atomic_dir, atomic_write_json, atomic_write_text, check_output
+from ..methods.from_options import model_from_options
+from ..metrics import episodic_accuracy, nearest_neighbors, retrieval_metrics
+from ..model import EmbeddingModel
+from ..version import environment
+from ..viz import embedding_map, retrieval_grid
+from .report import render_report
+
+log = logging.getLogger("fewshot")
+
+EPISODE_SETTINGS = (("5way1shot", 5, 1), ("5way5shot", 5, 5))
+
+__all__ = [
+    "EPISODE_SETTINGS",
+    "EVALUATION_FILES",
+    "EvalConfig",
+    "episode_metrics",
+    "evaluate",
+    "evaluate_sets",
+    "evaluation_sets",
+    "is_evaluation_dir",
+    "warn_single_image_classes",
+    "write_evaluation",
+]
+
+
+@dataclass
+class EvalConfig:
+    """Everything `fewshot evaluate` needs; recorded in ``metrics.json`` under ``config``.
+
+    Attributes:
+        data: dataset path (or a fetched dataset's name).
+        split: the dataset's own image split (leave-one-out within it) when no split file;
+            ``None`` = ``test`` when the dataset has image splits, else all its images;
+            ``"all"`` = every image.
+        split_file / part: a class-disjoint protocol (:mod:`fewshot.data.splits`); queries
+            and gallery then follow its cross-visit rule for the classes of ``part``.
+        episodes, n_query: episodic evaluation size (``n_query`` queries per class).
+    """
+
+    data: str
+    split: str | None = None
+    split_file: str | None = None
+    part: str = "test"
+    group_from: str | None = None
+    #: how a folder tree is read (:data:`fewshot.data.LAYOUTS`)
+    layout: str = "auto"
+    seed: int = 0
+    episodes: int = 1000
+    n_query: int = 5
+    grid_queries: int = 8
+    embed: EmbedOptions = field(default_factory=EmbedOptions)
+
+
+def evaluation_sets(cfg: EvalConfig) -> tuple[Dataset, Dataset | None, dict]:
+    """``(queries, gallery or None for leave-one-out, protocol description)``."""
+    if cfg.split_file:
+        dataset, class_split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, cfg.embed.strict, cfg.layout)
+        return split_protocol_sets(dataset, class_split, cfg.split_file, cfg.part)
+    dataset = load_data(cfg.data, cfg.split, cfg.group_from, cfg.embed.strict, default_split="test",
+                        layout=cfg.layout)
+    return dataset, None, leave_one_out_protocol(dataset)
+
+
+def is_evaluation_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`evaluate` (``metrics.json`` with a config)."""
+    try:
+        metrics = json.loads((Path(path) / "metrics.json").read_text(encoding="utf-8"))
+        return isinstance(metrics, dict) and "fewshot_version" in metrics.get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+EVALUATION_FILES = frozenset({"metrics.json", "report.md", "retrieval_grid.png", "embedding_map.png"})
+
+
+def evaluate(cfg: EvalConfig, out: str | Path | None = None,
+             model: EmbeddingModel | None = None, *, overwrite: bool = False) -> dict:
+    """Retrieval and episodic metrics of a model on a dataset; optionally written to ``out``.
+
+    Writes the folder ``out`` atomically: ``metrics.json`` (keys: map, map_at_r,
+    precision_at_1, recall_at_k, map_at_k, num_queries, num_skipped_queries, episodes,
+    per_group, config), ``report.md``, ``retrieval_grid.png`` and ``embedding_map.png`` (a
+    2-D t-SNE or PCA map of the query embeddings, coloured by group).
+
+    Args:
+        overwrite: replace ``out`` when it holds an earlier evaluation (any other existing,
+            non-empty ``out`` is refused).
+
+    Returns:
+        the metrics dictionary written to ``metrics.json``.
+
+    Raises:
+        DataError: the data cannot give a meaningful result (:func:`check_evaluable`), or
+            ``out`` is not a place this command may write.
+    """
+    queries, gallery, protocol = evaluation_sets(cfg)
+    return evaluate_sets(cfg, queries, gallery, protocol, out, model, overwrite=overwrite)
+
+
+def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, protocol: dict,
+                  out: str | Path | None = None, model: EmbeddingModel | None = None, *,
+                  overwrite: bool = False) -> dict:
+    """:func:`evaluate` on query and gallery sets already chosen (``gallery`` ``None`` =
+    leave-one-out within ``queries``); ``protocol`` describes how, for ``metrics.json``."""
+    name = f"{cfg.data}" + (f" ({protocol['part']} classes)" if gallery is not None else "")
+    check_evaluable(queries.labels, gallery.labels if gallery is not None else None, name)
+    if out is not None:
+        check_output(out, what="fewshot evaluation", is_ours=is_evaluation_dir, overwrite=overwrite,
+                     owned=EVALUATION_FILES.__contains__, **data_protection(cfg.data, queries, gallery))
+    model = model or model_from_options(cfg.embed)
+    q = cfg.embed.embed(model, queries)
+    g = cfg.embed.embed(model, gallery) if gallery is not None else None
+    check_evaluable(q.labels, g.labels if g is not None else None, f"the readable images of {name}")
+    report = retrieval_metrics(q.vectors, q.labels, g.vectors if g else None, g.labels if g else None,
+                               query_groups=q.groups)
+    metrics = report.to_dict()
+    if report.num_skipped_queries:
+        warn_single_image_classes(q, g)
+    metrics["episodes"] = episode_metrics(cfg, model, q, g)
+    skipped = [(str(p), r) for p, r in q.skipped + (g.skipped if g else [])]
+    metrics["config"] = {
+        "data": str(cfg.data), "dataset": queries.name,
+        "split": protocol.get("split") if not cfg.split_file else None,
+        "protocol": protocol, "model": model.describe(), "image_size": model.backbone.image_size,
+        "seed": cfg.seed, "episodes": cfg.episodes, "n_query": cfg.n_query,
+        "similarity": "cosine", "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
+        "skipped_images": skipped, **environment()}
+    if out is not None:
+        write_evaluation(metrics, q, g, Path(out), cfg)
+    return metrics
+
+
+def episode_metrics(cfg: EvalConfig, model: EmbeddingModel, q: Embeddings, g: Embeddings | None) -> dict:
+    """N-way K-shot accuracy for each of :data:`EPISODE_SETTINGS` (``accuracy`` ``None`` with an
+    ``error`` where the data has too few classes or images for it)."""
+    episodes = {}
+    for key, n_way, k_shot in EPISODE_SETTINGS:
+        support = g if g is not None else q
+        try:
+            res = episodic_accuracy(
+                support.vectors, support.labels, n_way=n_way, k_shot=k_shot, n_query=cfg.n_query,
+                episodes=cfg.episodes, seed=cfg.seed,
+                query_embeddings=q.vectors if g is not None else None,
+                query_labels=q.labels if g is not None else None,
+                classifier=model.episode_classifier)
+            episodes[key] = {"accuracy": res.accuracy, "ci95": res.ci95, "episodes": res.episodes,
+                             "n_way": n_way, "k_shot": k_shot, "n_query": cfg.n_query}
+        except DataError as exc:
+            log.warning("%s episodes skipped: %s", key, exc.message)
+            episodes[key] = {"accuracy": None, "ci95": None, "error": exc.message}
+    return episodes
+
+
+def warn_single_image_classes(q: Embeddings, g: Embeddings | None) -> list[str]:
+    """Log once which classes cannot be retrieval queries (no other image of the class to find)."""
+    from collections import Counter
+
+    ref = Counter(g.labels) if g is not None else Counter(q.labels)
+    need = 1 if g is not None else 2
+    lonely = sorted({lab for lab in q.labels if ref.get(lab, 0) < need})
+    if lonely:
+        shown = ", ".join(lonely[:10]) + (f" and {len(lonely) - 10} more" if len(lonely) > 10 else "")
+        log.warning("%d class(es) have no other image to retrieve, so their images are kept in the "
+                    "gallery but not used as queries: %s", len(lonely), shown)
+    return lonely
+
+
+def write_evaluation(metrics: dict, q: Embeddings, g: Embeddings | None, out: Path,
+                     cfg: EvalConfig) -> None:
+    """Write metrics.json, report.md, retrieval_grid.png and embedding_map.png as the folder ``out`` (atomically:
+    a failure leaves the previous folder as it was)."""
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "metrics.json", metrics)
+        atomic_write_text(tmp / "report.md", render_report(metrics))
+        _write_grid(metrics, q, g, tmp, cfg)
+        embedding_map(q.vectors, q.labels, q.groups, tmp / "embedding_map.png", seed=cfg.seed,
+                      title=f"{metrics['config']['model']['method']} - {metrics['config']['dataset']}: query embeddings")
+
+
+def _write_grid(metrics: dict, q: Embeddings, g: Embeddings | None, out: Path, cfg: EvalConfig) -> None:
+    rng = np.random.default_rng(cfg.seed)
+    pick = np.sort(rng.choice(len(q.vectors), size=min(cfg.grid_queries, len(q.vectors)), replace=False))
+    ref_vectors = g.vectors if g is not None else q.vectors
+    scores, idx = nearest_neighbors(q.vectors[pick], ref_vectors, k=5 if g is not None else 6)
+    if g is None:  # leave-one-out: drop each query itself from its own results
+        keep = idx != pick[:, None]
+        scores = np.stack([row[m][:5] for row, m in zip(scores, keep)])
+        idx = np.stack([row[m][:5] for row, m in zip(idx, keep)])
+    ref = g if g is not None else q
+    retrieval_grid([q.dataset.records[i].path for i in pick], [q.labels[i] for i in pick],
+                   [[ref.dataset.records[j].path for j in row] for row in idx],
+                   [[ref.labels[j] for j in row] for row in idx], scores.tolist(),
+                   out / "retrieval_grid.png",
+                   title=f"{metrics['config']['model']['method']} - {metrics['config']['dataset']}: top-5 (green = same article)")
