@@ -1,6 +1,6 @@
 """What the dataset loaders share: the row a loader yields, how a loader warns, which names it
-skips. (:mod:`fewshot.data.loaders` reads manifests and Grocery, :mod:`fewshot.data.tree` folder
-trees.)"""
+skips. (:mod:`fewshot.data.manifest` reads manifests, :mod:`fewshot.data.grocery` Grocery,
+:mod:`fewshot.data.tree` folder trees; :mod:`fewshot.data.loaders` picks one.)"""
 
 from __future__ import annotations
 
