@@ -1,6 +1,6 @@
 """Quality of every method on the class-disjoint protocols: one table, one bar chart.
 
-Protocols (test classes, never seen in training; :func:`fewshot.data.splits.protocol_sets`):
+Protocols (test classes, never seen in training; :func:`fewshot.data.protocol.protocol_sets`):
 
 * Grocery unseen articles, ``splits/grocery-unseen.json``: queries = the test classes' test
   photos, gallery / support sets = their train photos (a different shop visit);

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fewshot.data.loaders import load_dataset  # noqa: E402
-from fewshot.data.splits import ClassSplit, protocol_sets  # noqa: E402
+from fewshot.data.protocol import protocol_sets  # noqa: E402
+from fewshot.data.splits import ClassSplit  # noqa: E402
 from fewshot.embed import embed_dataset  # noqa: E402
 from fewshot.methods.runs import load_embedding_model  # noqa: E402
 from fewshot.model import EmbeddingModel  # noqa: E402
@@ -78,7 +79,7 @@ OMNIGLOT = {
 def centred_model(data: str, split_file: str, image_size: int) -> EmbeddingModel:
     """The untrained default head: identity linear map on features centred by the mean train-class
     embedding (SimpleShot's CL2N); every run below starts here (its epoch 0)."""
-    from fewshot.data.splits import dataset_for
+    from fewshot.data.protocol import dataset_for
     from fewshot.methods.heads import ProjectionHead
 
     model = load_embedding_model("efficientnet_lite0", image_size=image_size)

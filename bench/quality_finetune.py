@@ -169,7 +169,7 @@ def tta_row(name: str, row: dict, cache_dir: str | None) -> dict:
 def omniglot_episodes(run_dir: Path | None, cache_dir: str | None, backbone: str | None = None,
                       image_size: int = 112) -> dict:
     """20-way and 5-way 1-shot accuracy (1,000 episodes, 5 queries per class) on Omniglot's test alphabet."""
-    from fewshot.data.splits import protocol_sets
+    from fewshot.data.protocol import protocol_sets
     from fewshot.methods.runs import load_embedding_model
     from fewshot.metrics import episodic_accuracy
     from fewshot.data.protocol import load_protocol

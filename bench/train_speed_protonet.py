@@ -46,7 +46,8 @@ def grocery_train_features(data: str, split_file: str, image_size: int) -> Train
     """Cached lite0 embeddings of every photo of the split's train classes."""
     from fewshot.backbones import create_backbone
     from fewshot.data.loaders import load_dataset
-    from fewshot.data.splits import ClassSplit, dataset_for
+    from fewshot.data.protocol import dataset_for
+    from fewshot.data.splits import ClassSplit
     from fewshot.embed import embed_dataset
 
     ds = dataset_for(load_dataset(data), ClassSplit.load(split_file), "train")

@@ -38,7 +38,8 @@ def grocery_train_features(progress: bool = False):
 
     from fewshot.backbones import create_backbone
     from fewshot.data.loaders import load_dataset
-    from fewshot.data.splits import ClassSplit, dataset_for
+    from fewshot.data.protocol import dataset_for
+    from fewshot.data.splits import ClassSplit
     from fewshot.embed import embed_dataset
     from fewshot.methods.base import TrainData
 

@@ -115,7 +115,8 @@ def tiny_features(grocery_root):
     """64-px backbone features of the tiny real Grocery training subset (cached in a tmp folder)."""
     from fewshot.backbones import create_backbone
     from fewshot.data.loaders import load_dataset
-    from fewshot.data.splits import ClassSplit, dataset_for
+    from fewshot.data.protocol import dataset_for
+    from fewshot.data.splits import ClassSplit
     from fewshot.embed import embed_dataset
 
     tiny = shared_tiny_grocery(grocery_root)

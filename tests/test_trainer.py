@@ -79,7 +79,8 @@ def test_history_has_val_metrics_every_epoch(run3):
 
 def test_saved_run_reloads_to_identical_embeddings(run3, tiny):
     from fewshot.data.loaders import load_dataset
-    from fewshot.data.splits import ClassSplit, protocol_sets
+    from fewshot.data.protocol import protocol_sets
+    from fewshot.data.splits import ClassSplit
     from fewshot.metrics import retrieval_metrics
 
     result, out = run3

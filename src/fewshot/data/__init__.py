@@ -9,7 +9,8 @@ Public API::
 from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, is_image_file, load_image
 from .loaders import LAYOUTS, load_dataset, load_grocery_catalogue, parse_group_from, summarize
 from .records import Dataset, ImageRecord
-from .splits import ClassSplit, dataset_for, make_class_split, protocol_sets
+from .protocol import dataset_for, protocol_sets
+from .splits import ClassSplit, make_class_split
 
 __all__ = [
     "ClassSplit",

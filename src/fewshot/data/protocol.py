@@ -5,18 +5,37 @@
 :func:`leave_one_out_protocol` give the query and gallery sets and the protocol description
 recorded in result files; :func:`check_evaluable` refuses data whose numbers would be empty or
 true by construction; :func:`data_protection` keeps a command's output away from its input data.
+
+The cross-visit rule of :func:`protocol_sets`, for the classes of one part of a
+:class:`~fewshot.data.splits.ClassSplit`:
+
+* datasets **with** image splits (``ImageRecord.split`` set, e.g. Grocery): the gallery
+  (support set) is the images from ``split.gallery_split`` (default ``["train"]``) and the
+  queries are the images from ``split.query_split`` (default ``["test"]``); a class with no
+  query-split images uses its images from ``split.query_fallback`` (default ``["val"]``)
+  as queries. Queries and gallery then come from different shelf visits, which avoids the
+  near-duplicate shots that inflate within-split retrieval.
+* datasets **without** image splits (``split`` is ``None``, e.g. Omniglot, folder trees): a
+  seeded per-class division: each class's ``n`` images are shuffled with a generator seeded
+  by ``(seed, label)``; the first ``n * gallery_fraction`` of them (rounded half up, at least
+  1, at most ``n - 1`` so that a class with two or more images keeps a query) form the
+  gallery, the rest are queries. A class with a single image is gallery only.
+
+The decision is made per class, so a manifest that gives splits to some classes only works.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 from pathlib import Path
 
 from ..errors import DataError
 from .fetch import resolve_data
 from .loaders import load_dataset
-from .records import Dataset
-from .splits import ClassSplit, protocol_sets
+from .records import Dataset, ImageRecord
+from .splits import ClassSplit
 
 log = logging.getLogger("fewshot")
 
@@ -27,9 +46,11 @@ __all__ = [
     "ALL_SPLITS",
     "check_evaluable",
     "data_protection",
+    "dataset_for",
     "leave_one_out_protocol",
     "load_data",
     "load_protocol",
+    "protocol_sets",
     "split_protocol_sets",
     "warn_unknown_classes",
 ]
@@ -139,3 +160,141 @@ def data_protection(data: str, *datasets: Dataset | None) -> dict:
     if root.is_file():
         inputs.append(root)
     return {"inputs": inputs, "input_roots": [root] if root.is_dir() else []}
+
+
+def _records_of(dataset: Dataset, split: ClassSplit, part: str) -> tuple[list[ImageRecord], list[str]]:
+    classes = split.classes_of(part)
+    wanted = set(classes)
+    records = [r for r in dataset.records if r.label in wanted]
+    if classes and not records:
+        raise DataError(
+            f"none of the {len(classes)} {part!r} classes of split {split.name!r} are in dataset "
+            f"{dataset.name!r} (split made from {split.dataset!r})",
+            hint="use the split file made for this dataset, or make a new one",
+        )
+    if not classes:
+        raise DataError(
+            f"split {split.name!r} has no {part!r} classes",
+            hint="make the split with a positive fraction for that part",
+        )
+    present = {r.label for r in records}
+    missing = sorted(wanted - present)
+    notes = []
+    if missing:
+        notes.append(
+            f"{len(missing)} {part} class(es) of split {split.name!r} have no images in {dataset.name!r} "
+            f"(e.g. {', '.join(missing[:3])})"
+        )
+    return records, notes
+
+
+def dataset_for(dataset: Dataset, split: ClassSplit, part: str) -> Dataset:
+    """All records (every image split) of the classes of ``part``, e.g. for training.
+
+    Raises:
+        DataError: unknown part, the part has no classes, or none of them is in ``dataset``.
+    """
+    records, notes = _records_of(dataset, split, part)
+    return Dataset(records, name=f"{dataset.name}-{part}", root=dataset.root, source=dataset.source,
+                   split=dataset.split, warnings=list(dataset.warnings) + notes)
+
+
+def protocol_sets(
+    dataset: Dataset,
+    split: ClassSplit,
+    part: str,
+    *,
+    seed: int | None = None,
+) -> tuple[Dataset, Dataset]:
+    """Queries and gallery for the classes of ``part`` under the cross-visit rule.
+
+    See the module docstring for the rule. Records keep the dataset's order.
+
+    Args:
+        dataset: the full dataset (all image splits loaded, e.g. ``load_dataset(root)``).
+        split: the class split.
+        part: ``"train"``, ``"val"`` or ``"test"``.
+        seed: seed of the per-class division for datasets without image splits
+            (default: ``split.seed``).
+
+    Returns:
+        ``(queries, gallery)``: two :class:`Dataset` objects named
+        ``"<name>-<part>-queries"`` / ``"<name>-<part>-gallery"``; their ``warnings`` list
+        classes without queries or without gallery images.
+
+    Raises:
+        DataError: unknown part, the part has no classes, none of its classes is in the
+            dataset, or the result has no queries or no gallery images (e.g. a dataset
+            loaded with only one image split).
+    """
+    records, notes = _records_of(dataset, split, part)
+    seed = split.seed if seed is None else seed
+    gallery_splits = set(split.gallery_split)
+    query_splits = set(split.query_split)
+    fallback = [s for s in split.query_fallback if s not in gallery_splits and s not in query_splits]
+
+    by_class: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_class.setdefault(r.label, []).append(i)
+
+    is_query = [False] * len(records)
+    is_gallery = [False] * len(records)
+    no_query: list[str] = []
+    no_gallery: list[str] = []
+    divided = 0
+    for label, idx in by_class.items():
+        if all(records[i].split is None for i in idx):
+            divided += 1
+            order = list(idx)
+            random.Random(f"{seed}:{label}").shuffle(order)
+            n = len(order)
+            g = 1 if n == 1 else min(n - 1, max(1, math.floor(n * split.gallery_fraction + 0.5)))
+            for i in order[:g]:
+                is_gallery[i] = True
+            for i in order[g:]:
+                is_query[i] = True
+        else:
+            q = [i for i in idx if records[i].split in query_splits]
+            if not q:
+                for s in fallback:
+                    q = [i for i in idx if records[i].split == s]
+                    if q:
+                        break
+            for i in q:
+                is_query[i] = True
+            for i in idx:
+                if records[i].split in gallery_splits:
+                    is_gallery[i] = True
+        if not any(is_query[i] for i in idx):
+            no_query.append(label)
+        if not any(is_gallery[i] for i in idx):
+            no_gallery.append(label)
+
+    if no_query:
+        notes.append(f"{len(no_query)} {part} class(es) have no query images (e.g. {', '.join(sorted(no_query)[:3])})")
+    if no_gallery:
+        notes.append(f"{len(no_gallery)} {part} class(es) have no gallery images "
+                     f"(e.g. {', '.join(sorted(no_gallery)[:3])})")
+    if divided:
+        notes.append(f"{divided} class(es) without image splits divided per class with seed {seed} "
+                     f"(gallery fraction {split.gallery_fraction:g})")
+    queries = [r for r, k in zip(records, is_query) if k]
+    gallery = [r for r, k in zip(records, is_gallery) if k]
+    if not queries or not gallery:
+        which = "query" if not queries else "gallery"
+        raise DataError(
+            f"no {which} images for the {part!r} classes of split {split.name!r} in dataset {dataset.name!r} "
+            f"(queries from {sorted(query_splits)}, gallery from {sorted(gallery_splits)})",
+            hint="load the dataset with all its image splits (no --split), or change the split's "
+                 "query_split / gallery_split",
+        )
+    mixed = divided < len(by_class)
+    q_name = ",".join(sorted(query_splits)) if mixed else None
+    g_name = ",".join(sorted(gallery_splits)) if mixed else None
+    warns = list(dataset.warnings) + notes
+    return (
+        Dataset(queries, name=f"{dataset.name}-{part}-queries", root=dataset.root, source=dataset.source,
+                split=q_name, warnings=list(warns)),
+        Dataset(gallery, name=f"{dataset.name}-{part}-gallery", root=dataset.root, source=dataset.source,
+                split=g_name, warnings=list(warns)),
+    )

@@ -56,7 +56,7 @@ class EvalConfig:
         split: the dataset's own image split (leave-one-out within it) when no split file;
             ``None`` = ``test`` when the dataset has image splits, else all its images;
             ``"all"`` = every image.
-        split_file / part: a class-disjoint protocol (:mod:`fewshot.data.splits`); queries
+        split_file / part: a class-disjoint protocol (:mod:`fewshot.data.protocol`); queries
             and gallery then follow its cross-visit rule for the classes of ``part``.
         episodes, n_query: episodic evaluation size (``n_query`` queries per class).
     """

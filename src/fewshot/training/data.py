@@ -9,7 +9,8 @@ import torch
 
 from ..backbones import Backbone, create_backbone
 from ..data.records import Dataset
-from ..data.splits import ClassSplit, dataset_for, protocol_sets
+from ..data.protocol import dataset_for, protocol_sets
+from ..data.splits import ClassSplit
 from ..embed import Embeddings, embed_dataset
 from ..errors import DataError
 from ..methods.base import TrainConfig, TrainData
