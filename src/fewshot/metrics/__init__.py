@@ -1,4 +1,8 @@
-"""Evaluation metrics: retrieval (mAP, MAP@R, Precision@1, Recall@k) and episodic accuracy."""
+"""Evaluation metrics: retrieval (mAP, MAP@R, Precision@1, Recall@k) and episodic accuracy.
+
+Parts: :mod:`.retrieval` (the metrics and exact nearest neighbours), :mod:`.ranking` (the ranks
+of relevant items), :mod:`.retrieval_report` (``RetrievalReport``), :mod:`.episodic`.
+"""
 
 from fewshot.metrics.episodic import (
     MIN_EPISODES_FOR_CI,
@@ -8,7 +12,8 @@ from fewshot.metrics.episodic import (
     format_accuracy,
     prototype_classifier,
 )
-from fewshot.metrics.retrieval import RetrievalReport, nearest_neighbors, retrieval_metrics
+from fewshot.metrics.retrieval import nearest_neighbors, retrieval_metrics
+from fewshot.metrics.retrieval_report import RetrievalReport
 
 __all__ = [
     "EpisodicResult",
