@@ -2,19 +2,21 @@
 
 Public API::
 
-    from fewshot.evaluation import EvalConfig, evaluate, evaluate_sets, render_report
+    from fewshot.evaluation import EvalConfig, EmbedOptions, evaluate, evaluate_sets, render_report
     from fewshot.evaluation import export_embeddings  # `fewshot embed`
 
 Parts: :mod:`.run` (``fewshot evaluate``: query and gallery sets, embeddings, retrieval and
 episodic metrics, the folder it writes), :mod:`.report` (``report.md``), :mod:`.export`
 (``fewshot embed``: the embeddings file, whose format is :mod:`fewshot.embed.export`).
+:class:`~fewshot.embed.options.EmbedOptions` (``EvalConfig.embed``) is exported here too.
 """
 
+from ..embed.options import EmbedOptions
 from .export import export_embeddings
 from .report import render_report
 from .run import (EPISODE_SETTINGS, EVALUATION_FILES, EvalConfig, episode_metrics, evaluate, evaluate_sets,
                   evaluation_sets, is_evaluation_dir, warn_single_image_classes, write_evaluation)
 
-__all__ = ["EPISODE_SETTINGS", "EVALUATION_FILES", "EvalConfig", "episode_metrics", "evaluate", "evaluate_sets",
-           "evaluation_sets", "export_embeddings", "is_evaluation_dir", "render_report", "warn_single_image_classes",
-           "write_evaluation"]
+__all__ = ["EPISODE_SETTINGS", "EVALUATION_FILES", "EmbedOptions", "EvalConfig", "episode_metrics", "evaluate",
+           "evaluate_sets", "evaluation_sets", "export_embeddings", "is_evaluation_dir", "render_report",
+           "warn_single_image_classes", "write_evaluation"]

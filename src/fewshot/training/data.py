@@ -9,8 +9,7 @@ import torch
 
 from ..backbones import Backbone, create_backbone
 from ..data.records import Dataset
-from ..data.protocol import dataset_for, protocol_sets
-from ..data.splits import ClassSplit
+from ..data import ClassSplit, dataset_for, protocol_sets
 from ..embed import Embeddings, embed_dataset
 from ..errors import DataError
 from ..methods.base import TrainConfig, TrainData

@@ -488,8 +488,7 @@ def _finish_config(work: Path, loop: _Loop, setup: _Setup, spread: float | None 
 
 
 def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
-    from ..embed.options import EmbedOptions
-    from ..evaluation import EvalConfig, evaluate
+    from ..evaluation import EmbedOptions, EvalConfig, evaluate
 
     opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=cfg.image_size,
                         batch_size=cfg.embed_batch_size, num_workers=cfg.workers, cache_dir=cfg.cache_dir,
