@@ -13,7 +13,7 @@ from ..errors import DataError
 from .records import Dataset, ImageRecord
 from .rows import Row
 
-__all__ = ["GROCERY_SPLITS", "CATALOGUE_SPLIT", "grocery_dir", "load_grocery", "load_grocery_catalogue"]
+__all__ = ["CATALOGUE_SPLIT", "GROCERY_SPLITS", "grocery_dir", "load_grocery", "load_grocery_catalogue"]
 
 GROCERY_SPLITS: tuple[str, ...] = ("train", "val", "test")
 CATALOGUE_SPLIT = "catalogue"

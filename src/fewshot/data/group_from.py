@@ -12,7 +12,7 @@ from ..errors import DataError
 from .records import ImageRecord
 from .rows import Row
 
-__all__ = ["GroupFrom", "parse_group_from", "apply_group_from"]
+__all__ = ["GroupFrom", "apply_group_from", "parse_group_from"]
 
 
 @dataclass(frozen=True)
