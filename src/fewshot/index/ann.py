@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from ..errors import InputError
-from .kinds import AUTO, AUTO_FLAT_MAX, IndexKind, choose_kind, get_kind, is_auto, list_kinds
+from .kinds import AUTO, AUTO_FLAT_MAX, DEFAULT_KIND, IndexKind, choose_kind, get_kind, is_auto, list_kinds
 from .kinds.base import SHARD_ROWS
 
 #: INDEX_TYPES (module attribute, read when asked): ``auto`` and every registered kind
@@ -65,7 +65,7 @@ class AnnConfig:
     kind: str
     options: Any
 
-    def __init__(self, kind: str = "flat", options: Any = None, **given: Any) -> None:
+    def __init__(self, kind: str = DEFAULT_KIND, options: Any = None, **given: Any) -> None:
         if is_auto(kind):
             options = dict(options or {}, **given)
             unknown = sorted(set(options) - _option_names(kind))
@@ -107,7 +107,7 @@ class AnnConfig:
             DataError: an unknown kind. InputError: an option value out of range.
         """
         d = dict(d or {})
-        kind = d.pop("kind", "flat")
+        kind = d.pop("kind", DEFAULT_KIND)
         own = _option_names(kind)
         return cls(kind, **{k: v for k, v in d.items() if k in own})
 

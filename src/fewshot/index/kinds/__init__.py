@@ -10,11 +10,13 @@ from __future__ import annotations
 from . import flat, hnsw, ivfpq  # noqa: F401  (register flat, hnsw, ivfpq: one line per kind)
 from .base import INDEX_KINDS, IndexKind, IndexOptionError, NoOptions, register_kind
 
-__all__ = ["AUTO", "AUTO_FLAT_MAX", "INDEX_KINDS", "IndexKind", "IndexOptionError", "NoOptions", "choose_kind",
+__all__ = ["AUTO", "AUTO_FLAT_MAX", "DEFAULT_KIND", "INDEX_KINDS", "IndexKind", "IndexOptionError", "NoOptions", "choose_kind",
            "get_kind", "is_auto", "list_kinds", "register_kind"]
 
 #: the index type that picks a kind by the catalogue's size
 AUTO = "auto"
+#: the kind of an index built without one (:class:`fewshot.index.AnnConfig`), and of format-1 folders
+DEFAULT_KIND = "flat"
 #: ``auto`` picks ``flat`` below this many catalogue images and ``ivfpq`` from here on
 AUTO_FLAT_MAX = 200_000
 INDEX_KINDS.hint = f"or {AUTO} (flat below {AUTO_FLAT_MAX:,} images, else ivfpq)"
