@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from fewshot.errors import DataError, InputError
-from fewshot.index import AnnConfig, CatalogueIndex, Change
-from fewshot.index import ann
+from fewshot.index import AnnConfig, CatalogueIndex, Change, ann
 from fewshot.index.kinds import INDEX_KINDS, get_kind, list_kinds
 
 DIM = 32
@@ -92,7 +91,7 @@ def test_every_kind_builds_saves_loads_enrols_and_classifies(kind, data, flat_an
 
 
 def test_approximate_kinds_search_with_their_query_time_options(data, caplog):
-    x, labels, q = data
+    x, labels, _ = data
     for kind in list_kinds():
         index = build(kind, x, labels)
         for name in get_kind(kind).search_options:
