@@ -175,3 +175,98 @@ def test_the_length_check_measures_bodies(tmp_path):
     body = "\n".join(f"    x{i} = {i}" for i in range(81))
     (pkg / "m.py").write_text(f'def long():\n    """doc\n\n    more doc\n    """\n{body}\n\n\ndef short():\n    return 1\n')
     assert long_functions(pkg) == ["m.py:1 long 81"]
+
+
+# --------------------------------------------------------------------------- index kinds
+#: what holds an index kind's name: a name or attribute called so
+KIND_NAMES = {"kind", "index_type", "kind_name"}
+
+
+def _holds_kind(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Name) and node.id in KIND_NAMES) or \
+        (isinstance(node, ast.Attribute) and node.attr in KIND_NAMES)
+
+
+def _names_a_kind(node: ast.AST, kinds: set[str]) -> bool:
+    """A string that is an index kind's name, or a tuple / list / set holding one."""
+    if isinstance(node, ast.Constant):
+        return node.value in kinds
+    return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(_names_a_kind(e, kinds) for e in node.elts)
+
+
+def kind_dispatch(package_dir: Path, kinds: set[str]) -> list[str]:
+    """``path:line`` of every branch on an index kind's name outside ``index/kinds/``: a
+    comparison (``==``, ``!=``, ``in``, ``not in``) of a name or attribute called ``kind`` /
+    ``index_type`` with a kind's name (or a collection of them), or a ``match`` on one."""
+    out = []
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir)
+        if rel.parts[:2] == ("index", "kinds"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                hit = any(_holds_kind(s) for s in sides) and any(_names_a_kind(s, kinds) for s in sides)
+            elif isinstance(node, ast.Match):
+                hit = _holds_kind(node.subject) and any(
+                    isinstance(c.pattern, ast.MatchValue) and _names_a_kind(c.pattern.value, kinds) for c in node.cases)
+            else:
+                continue
+            if hit:
+                out.append((str(rel), node.lineno))
+    return [f"{rel}:{line}" for rel, line in sorted(out)]
+
+
+def _index_kinds() -> set[str]:
+    from fewshot.index.kinds import AUTO, list_kinds
+
+    return {*list_kinds(), AUTO}
+
+
+def test_no_dispatch_on_index_kind_names_outside_index_kinds():
+    """What an index type does is its kind's (fewshot/index/kinds/, one file per kind), never an
+    ``if kind == "ivfpq"`` elsewhere: adding a kind is one file plus one import line."""
+    assert kind_dispatch(PACKAGE, _index_kinds()) == []
+
+
+def kind_names_written(package_dir: Path, kinds: set[str]) -> list[str]:
+    """``path:line name`` of every string that is an index kind's name outside ``index/kinds/``
+    (a lookup table or a list of pairs keyed by kind names is a branch on them too)."""
+    out = []
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir)
+        if rel.parts[:2] != ("index", "kinds"):
+            out += [(str(rel), node.lineno, node.value) for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in kinds]
+    return [f"{rel}:{line} {name}" for rel, line, name in sorted(out)]
+
+
+def test_index_kind_names_are_written_only_in_index_kinds():
+    from fewshot.index.kinds import list_kinds
+
+    assert kind_names_written(PACKAGE, set(list_kinds())) == []
+
+
+def test_the_kind_check_finds_planted_dispatch(tmp_path):
+    pkg = tmp_path / "toypkg"
+    (pkg / "index" / "kinds").mkdir(parents=True)
+    (pkg / "a.py").write_text(
+        "def f(cfg, kind, index_type, spec, mode):\n"
+        "    if cfg.ann.kind == 'ivfpq':\n"               # 2: an attribute
+        "        return 1\n"
+        "    if index_type in ('flat', 'hnsw'):\n"        # 4: membership in a tuple
+        "        return 2\n"
+        "    x = 3 if 'flat' != kind else 4\n"            # 6: the name on the right
+        "    match kind:\n"                               # 7: a match
+        "        case 'hnsw':\n"
+        "            return 5\n"
+        "    if spec['kind'] == 'mlp' or mode == 'flat' or kind == 'other':\n"  # not an index kind branch
+        "        return 6\n"
+        "    return x\n")
+    (pkg / "index" / "kinds" / "flat.py").write_text("def g(kind):\n    return kind == 'flat'\n")  # its own file
+    assert kind_dispatch(pkg, {"flat", "ivfpq", "hnsw", "auto"}) == ["a.py:2", "a.py:4", "a.py:6", "a.py:7"]
+    other = tmp_path / "other"
+    (other / "index" / "kinds").mkdir(parents=True)
+    (other / "b.py").write_text("STEPS = {'flat': 1, 'ivfpq': 2}\nNOTE = 'a flat index'\n")
+    (other / "index" / "kinds" / "flat.py").write_text("NAME = 'flat'\n")
+    assert kind_names_written(other, {"flat", "ivfpq", "hnsw"}) == ["b.py:1 flat", "b.py:1 ivfpq"]

@@ -15,6 +15,7 @@ from fewshot.errors import CheckpointError, DataError
 from fewshot.index import AnnConfig, CatalogueIndex, Change
 from fewshot.index import ann
 from fewshot.index.journal import Journal
+from fewshot.index.kinds import base as kinds_base
 
 
 def clustered(n_articles: int, per: int, dim: int = 32, noise: float = 0.35, seed: int = 0):
@@ -168,7 +169,7 @@ def test_recall_grows_with_nprobe(data):
         got = [[n.path for n in r] for r in index.with_search(nprobe=nprobe).search(q, 10)]
         return float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)]))
 
-    low, high = recall(1), recall(index.ann.nlist)
+    low, high = recall(1), recall(index.ann.options.nlist)
     assert low < high and high > 0.6
 
 
@@ -176,7 +177,7 @@ def test_sharded_ivf_build_equals_one_pass(data, monkeypatch):
     x, labels, _ = data
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     config = ann.resolve(AnnConfig("ivfpq"), len(x), x.shape[1])
-    monkeypatch.setattr(ann, "SHARD_ROWS", 700)  # 5 shards, built independently, then merged
+    monkeypatch.setattr(kinds_base, "SHARD_ROWS", 700)  # 5 shards, built independently, then merged
     sharded = ann.build(config, xn)
     one = ann.empty_index(config, x.shape[1], lambda rows: xn[rows], len(x))
     one.add(xn)
@@ -193,17 +194,21 @@ def test_index_type_choices_and_errors():
     assert ann.resolve(AnnConfig("auto"), 10_000, 64).kind == "flat"
     assert ann.resolve(AnnConfig("auto"), ann.AUTO_FLAT_MAX, 1280).kind == "ivfpq"
     big = ann.resolve(AnnConfig("ivfpq"), 1_000_000, 1280)
-    assert (big.nlist, big.m) == (1024, 64) and 1280 % big.m == 0
+    assert (big.options.nlist, big.options.m) == (1024, 64) and 1280 % big.options.m == 0
     with pytest.raises(DataError, match="at least 1,000"):
         ann.resolve(AnnConfig("ivfpq"), 500, 64)
     with pytest.raises(DataError, match="unknown index type"):
         ann.resolve(AnnConfig("annoy"), 500, 64)
-    with pytest.raises(DataError, match="--pq-m 7 does not divide the embedding dimension 64") as err:
+    # library errors name the option; the CLI names its flag (IndexOptionError.named)
+    with pytest.raises(DataError, match="m = 7 does not divide the embedding dimension 64") as err:
         ann.resolve(AnnConfig("ivfpq", m=7), 5000, 64)
-    assert "--pq-m 8 / 16 / 32 / 64" in err.value.hint
-    with pytest.raises(DataError, match="--nlist 5000 is too many cells for 5,000 images") as err:
+    assert "m = 8 / 16 / 32 / 64" in err.value.hint and "--" not in str(err.value)
+    message, hint = err.value.named("--pq-m")
+    assert message.startswith("--pq-m 7 does not divide the embedding dimension 64") and "--pq-m 8 / 16 / 32 / 64" in hint
+    with pytest.raises(DataError, match="nlist = 5000 is too many cells for 5,000 images") as err:
         ann.resolve(AnnConfig("ivfpq", nlist=5000), 5000, 64)
-    assert "--nlist 128 or fewer" in err.value.hint
+    assert "nlist = 128 or fewer" in err.value.hint and "--" not in str(err.value)
+    assert "--nlist 128 or fewer" in err.value.named("--nlist")[1]
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])

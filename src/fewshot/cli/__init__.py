@@ -17,6 +17,7 @@ from rich.markup import escape
 from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, LayoutOpt, NoProgressOpt, OverwriteOpt, RuntimeOpt,
                      ThreadsOpt, WorkersOpt, _split_help, apply_runtime, app, echo_episodes, embedding_options, err_console,
                      handle_errors, json_line, log, one_line)
+from .kinds import flags_named, index_config, index_type_help, kind_options
 
 if TYPE_CHECKING:
     from ..embed.options import EmbedOptions
@@ -56,6 +57,7 @@ def evaluate(
 
 @app.command("index")
 @handle_errors
+@kind_options()
 @embedding_options
 def index_cmd(
     data: str = DataOpt,
@@ -65,25 +67,19 @@ def index_cmd(
     layout: str = LayoutOpt,
     out: Path = typer.Option(..., "--out", help="Index folder to write (atomically); never one that holds other files or the --data images."),
     overwrite: bool = OverwriteOpt,
-    index_type: str = typer.Option("auto", "--index-type", help="flat (exact), ivfpq or hnsw (approximate); auto = flat below 200,000 images, else ivfpq."),
-    nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="ivfpq: coarse cells (default: the power of two nearest sqrt(N))."),
-    pq_m: Optional[int] = typer.Option(None, "--pq-m", min=1, help="ivfpq: bytes per image (PQ sub-quantizers; must divide the dimension; default: the largest divisor <= 64)."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="ivfpq: cells scanned per query, stored as the query-time default (default: max(16, nlist / 8)); classify can override."),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="hnsw: candidates explored per query, stored as the query-time default (default 64); classify can override."),
-    *, emb: "EmbedOptions",
+    index_type: str = typer.Option("auto", "--index-type", help=index_type_help()),
+    *, emb: "EmbedOptions", kind_opts: dict,
 ) -> None:
-    """Embed a catalogue (a few labelled photos per article) into a FAISS index."""
-    from ..index import AnnConfig
+    """Embed a catalogue (a few labelled photos per article) into a FAISS index.
+
+    The index type's options are under its own heading (a flag of another type is refused).
+    """
     from ..pipeline import build_index
 
-    given = {"--nlist": nlist, "--pq-m": pq_m, "--nprobe": nprobe}
-    if index_type in ("flat", "hnsw") and any(v is not None for v in given.values()):
-        raise typer.BadParameter(f"{', '.join(k for k, v in given.items() if v is not None)} apply to an ivfpq "
-                                 f"index, not {index_type}", param_hint="--index-type")
-    ann = AnnConfig(index_type, nlist=nlist, m=pq_m, nprobe=nprobe,
-                    **({"ef_search": ef_search} if ef_search is not None else {}))  # else AnnConfig's default
-    idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
-                      overwrite=overwrite, ann_config=ann, layout=layout)
+    ann = index_config(index_type, kind_opts)
+    with flags_named():
+        idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
+                          overwrite=overwrite, ann_config=ann, layout=layout)
     typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {one_line(out)} ({idx.ann.kind} index)")
     kept = idx.config.get("kept_enrolled")
     if kept:
@@ -128,6 +124,7 @@ def _expand_images(items: List[Path]) -> list[Path]:
 
 @app.command()
 @handle_errors
+@kind_options(search=True)
 def classify(
     images: Optional[List[Path]] = typer.Argument(None, help="Image files or folders of images."),
     index: Path = typer.Option(..., "--index", help="Index folder written by `fewshot index`."),
@@ -141,8 +138,7 @@ def classify(
     summary_only: bool = typer.Option(False, "--summary-only", help="With --data: print only the accuracy summary."),
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
     no_progress: bool = NoProgressOpt, runtime: str = RuntimeOpt, threads: Optional[int] = ThreadsOpt,
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="ivfpq index: cells scanned per query (default: the index's)."),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", min=1, help="hnsw index: candidates explored per query (default: the index's)."),
+    *, kind_opts: dict,
 ) -> None:
     """Say which article each photo shows (top-k with cosine scores). Exits 1 if any image is bad.
 
@@ -159,7 +155,7 @@ def classify(
     if mode not in ("prototype", "nearest"):
         raise typer.BadParameter(f"{mode!r}: use prototype or nearest", param_hint="--mode")
     apply_runtime(runtime, threads)
-    cat = CatalogueIndex.load(index).with_search(nprobe=nprobe, ef_search=ef_search)
+    cat = CatalogueIndex.load(index).with_search(**kind_opts)
     truth: list[str] | None = None
     if data is not None:
         from ..data.protocol import load_data

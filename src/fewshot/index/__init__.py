@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -260,7 +260,7 @@ class CatalogueIndex:
                 part = slice(start, start + ann.SHARD_ROWS)
                 np.add.at(sums, self.image_article[part], self._vectors.get(self.ids[part]))
         counts = np.bincount(self.image_article, minlength=len(order))
-        if self.ann.kind == "flat":  # an exact scan: every prototype in memory
+        if self.ann.index_kind.prototypes_in_memory:  # an exact scan: every prototype in memory
             self._protos = Prototypes(self.dim)
             self._protos.extend(sums, counts)
         else:  # a shortlist re-ranked: prototype rows read on demand
@@ -312,11 +312,7 @@ class CatalogueIndex:
         assert self._vectors is not None and self._protos is not None and self.image_index is not None
         normed = l2_normalize(vectors)
         new_ids = self._vectors.append(normed)
-        if self.ann.kind == "ivfpq":  # ids continue after removed ones (IVF drops them on save)
-            self.image_index.add_with_ids(normed, new_ids)
-        else:  # flat / HNSW number their vectors in insertion order, tombstones included
-            assert new_ids[0] == self.image_index.ntotal, "image index and vector store disagree"
-            self.image_index.add(normed)
+        self.ann.index_kind.add(self.image_index, normed, new_ids)
         a = self._article_of.get(label)
         if a is None:
             a = self._article_of[label] = len(self.articles)
@@ -425,17 +421,15 @@ class CatalogueIndex:
         return entry
 
     # ----------------------------------------------------------------- querying
-    def with_search(self, nprobe: int | None = None, ef_search: int | None = None) -> "CatalogueIndex":
-        """This index with other query-time parameters (``None`` keeps the index's own);
-        returns ``self``."""
-        changes = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
-        if any(v < 1 for v in changes.values()):
-            raise ValueError(f"nprobe / ef_search must be at least 1, got {changes}")
-        for name, kind in (("nprobe", "ivfpq"), ("ef_search", "hnsw")):
-            if name in changes and self.ann.kind != kind:
-                log.warning("%s applies to an %s index; this one is %s, so it is ignored", name, kind, self.ann.kind)
-                del changes[name]
-        self.ann = replace(self.ann, **changes)
+    def with_search(self, **options: int | None) -> "CatalogueIndex":
+        """This index with other query-time options of its kind, e.g. ``nprobe`` or ``ef_search``
+        (``None`` keeps the index's own; another kind's option is ignored with a warning:
+        :meth:`AnnConfig.with_search`); returns ``self``.
+
+        Raises:
+            InputError (a ValueError): not a query-time option, or a value out of range.
+        """
+        self.ann = self.ann.with_search(**options)
         return self
 
     def __len__(self) -> int:
@@ -682,15 +676,14 @@ class CatalogueIndex:
 
     def _save(self, path: Path) -> Path:
         assert self.image_index is not None and self._vectors is not None and self._alive is not None
-        if self.num_tombstones and self.ann.kind == "ivfpq":
-            dead = np.setdiff1d(np.arange(self._vectors.first_new + self._vectors.new.n), self.ids)
-            self.image_index.remove_ids(faiss.IDSelectorBatch(dead))
+        if self.num_tombstones:
+            self.ann.index_kind.compact(self.image_index, self.ids, self._vectors.first_new + self._vectors.new.n)
         origin = self.folder or path
         with atomic_dir(path) as tmp:
             self._write_vectors(tmp / "vectors.npy")
             np.save(tmp / "ids.npy", self.ids)
             self._write_rows(tmp / "prototype_sums.npy", len(self._protos), self._protos.sums)
-            if self.ann.kind != "flat":
+            if self.ann.index_kind.saves_index:
                 faiss.write_index(self.image_index, str(tmp / "images.faiss"))
             self.paths = self._carry_enrolled(origin, tmp, path)
             _carry_file(AUDIT_FILE, [Path(origin), path], tmp)
@@ -878,12 +871,13 @@ def _load_v2(path: Path, meta: dict) -> CatalogueIndex:
     config = AnnConfig.from_dict(meta.get("index"))
     vectors = RowFile(path / "vectors.npy")
     ids = np.load(path / "ids.npy")
-    sums = np.load(path / "prototype_sums.npy") if config.kind == "flat" else RowFile(path / "prototype_sums.npy")
+    kind = config.index_kind
+    sums = np.load(path / "prototype_sums.npy") if kind.prototypes_in_memory else RowFile(path / "prototype_sums.npy")
     labels, groups, paths, digests = _metadata(path, meta, len(vectors))
     if vectors.ndim != 2 or vectors.shape[1] != meta["dim"] or len(ids) != len(vectors):
         raise CheckpointError(f"index {path} is inconsistent: vectors {vectors.shape}, {len(ids)} ids",
                               hint="rebuild it with `fewshot index`")
-    if config.kind == "flat":  # rebuilt from the file (a memory map, dropped afterwards)
+    if not kind.saves_index:  # rebuilt from the file (a memory map, dropped afterwards)
         image_index = ann.build(config, np.load(path / "vectors.npy", mmap_mode="r"))
         ids = np.arange(len(vectors), dtype=np.int64)
     else:
@@ -891,8 +885,7 @@ def _load_v2(path: Path, meta: dict) -> CatalogueIndex:
             raise CheckpointError(f"index folder {path} is incomplete: images.faiss is missing",
                                   hint="rebuild it with `fewshot index`")
         image_index = faiss.read_index(str(path / "images.faiss"))
-    # flat / HNSW ids run to ntotal (tombstones included); IVF-PQ continues after the last id
-    first_new = max(int(image_index.ntotal) if config.kind != "ivfpq" else 0, int(ids[-1]) + 1 if len(ids) else 0)
+    first_new = kind.first_new_id(image_index, ids)
     self = CatalogueIndex(dim=meta["dim"], labels=labels, groups=groups, paths=paths, config=meta.get("config", {}),
                           ann=config, image_index=image_index, digests=digests, ids=ids)
     self._vectors = VectorStore(vectors, ids, first_new)

@@ -1,170 +1,173 @@
-"""FAISS image indexes for catalogues of any size: exact (flat) and approximate (IVF-PQ, HNSW).
-
-* ``flat``: ``IndexFlatIP``, an exact scan (every query reads every vector: 5 GB at 1M x 1,280).
-* ``ivfpq``: ``IVF{nlist},PQ{m}`` (Jegou et al. 2011, "Product quantization for nearest
-  neighbor search"): a coarse k-means quantizer with ``nlist`` cells, each vector stored as
-  ``m`` one-byte codes of its residual; a query scans the ``nprobe`` nearest cells. The
-  shortlist is re-ranked with the exact vectors (kept on disk, rows read on demand), so the scores
-  returned are exact cosines.
-* ``hnsw``: ``HNSW32`` (Malkov & Yashunin 2018): a navigable small-world graph over the full
-  vectors; ``efSearch`` candidates are explored per query.
+"""FAISS image indexes for catalogues of any size: an index kind (:mod:`fewshot.index.kinds`:
+exact ``flat``, approximate ``ivfpq`` and ``hnsw``) with its options, built and searched.
 
 All indexes use inner product over L2-normalised vectors (= cosine). Vector ids are insertion
 order; removed vectors stay in the index as tombstones, masked out at query time with an
-``IDSelectorBitmap`` until the catalogue is compacted (:meth:`CatalogueIndex.save`).
-
-The IVF-PQ build is sharded as the FAISS wiki describes ("Indexing 1G vectors"): the index is
-trained once on a sample, each shard of vectors is added to its own copy of the empty trained
-index (independently: another process or machine could do it), and the shards are merged
-with ``merge_from``.
+``IDSelectorBitmap`` until the catalogue is compacted (:meth:`CatalogueIndex.save`; what
+compaction does is the kind's: :meth:`~fewshot.index.kinds.IndexKind.compact`).
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import faiss
 import numpy as np
 
-from ..errors import DataError
+from ..errors import InputError
+from .kinds import AUTO, AUTO_FLAT_MAX, DEFAULT_KIND, IndexKind, choose_kind, get_kind, is_auto, list_kinds
+from .kinds.base import SHARD_ROWS
 
-INDEX_TYPES = ("auto", "flat", "ivfpq", "hnsw")
-#: ``auto`` picks ``flat`` below this many catalogue images and ``ivfpq`` from here on
-AUTO_FLAT_MAX = 200_000
-#: vectors added per shard in the IVF-PQ build (bounds the float copy held at once)
-SHARD_ROWS = 100_000
-#: IVF-PQ needs this many training vectors (256 centroids per sub-quantizer)
-MIN_IVFPQ_IMAGES = 1_000
+#: INDEX_TYPES (module attribute, read when asked): ``auto`` and every registered kind
+__all__ = ["AUTO_FLAT_MAX", "BLAS_MIN_QUERIES", "SHARD_ROWS", "AnnConfig", "build", "empty_index", "faiss_blas_setting",
+           "resolve", "search", "search_params"]
+
+log = logging.getLogger("fewshot")
 
 
-@dataclass(frozen=True)
+def __getattr__(name: str) -> Any:
+    if name == "INDEX_TYPES":  # the index types accepted now: auto and every registered kind
+        return (AUTO, *list_kinds())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _option_names(kind: str) -> set[str]:
+    """The option fields of ``kind`` (of every registered kind for ``auto``)."""
+    names = list_kinds() if is_auto(kind) else [kind]
+    return {f.name for n in names for f in fields(get_kind(n).Config)}
+
+
+@dataclass(frozen=True, init=False)
 class AnnConfig:
-    """How the image index is built and searched.
+    """How the image index is built and searched: an index kind and its options (what an index
+    folder's ``meta.json`` stores under ``index``).
+
+    ``AnnConfig(kind="flat", **options)``: ``kind`` a registered index kind
+    (:func:`fewshot.index.kinds.list_kinds`) or ``auto`` (chosen by the catalogue's size in
+    :func:`resolve`); ``options`` its option fields by name (for ``auto``, those of any kind: the
+    chosen kind takes its own). ``AnnConfig(kind, opts)`` takes a kind's ``Config`` instance.
 
     Attributes:
-        kind: ``flat``, ``ivfpq`` or ``hnsw`` (``auto`` is resolved by :func:`resolve`).
-        nlist: IVF cells (default: the power of two nearest ``sqrt(N)``, at most ``N / 39``).
-        m: PQ sub-quantizers = bytes per vector (default: the largest divisor of ``D`` <= 64).
-        train_size: vectors sampled to train IVF-PQ (default ``max(39 * nlist, 256 * 39)``).
-        nprobe: IVF cells scanned per query (query time; more = better recall, slower;
-            default ``max(16, nlist // 8)``: recall@10 0.97 at 1M clustered images, benchmarks part 8).
-        rerank: IVF-PQ shortlist = ``rerank * k`` candidates re-scored exactly (0: off).
-        hnsw_m: HNSW neighbours per node; ef_construction / ef_search: HNSW beam widths.
-        seed: the training sample and k-means seed.
+        kind: the kind's name (``auto`` until :func:`resolve`).
+        options: the kind's options (an instance of its ``Config``); for ``auto`` the dict of
+            options given.
+
+    Raises:
+        DataError: an unknown kind. InputError: an option the kind does not have, or a value out
+        of range (an :class:`~fewshot.errors.InputError` is also a ``ValueError``).
     """
 
-    kind: str = "flat"
-    nlist: int | None = None
-    m: int | None = None
-    train_size: int | None = None
-    nprobe: int | None = None
-    rerank: int = 4
-    hnsw_m: int = 32
-    ef_construction: int = 40
-    ef_search: int = 64
-    seed: int = 0
+    kind: str
+    options: Any
+
+    def __init__(self, kind: str = DEFAULT_KIND, options: Any = None, **given: Any) -> None:
+        if is_auto(kind):
+            options = dict(options or {}, **given)
+            unknown = sorted(set(options) - _option_names(kind))
+            if unknown:
+                raise InputError(f"unknown index option {', '.join(unknown)}",
+                                 hint=f"use one of: {', '.join(sorted(_option_names(kind)))}")
+            for name in list_kinds():  # each value checked by the kinds that have it
+                own = _option_names(name)
+                get_kind(name).make_options(**{k: v for k, v in options.items() if k in own})
+        elif options is None:
+            options = get_kind(kind).make_options(**given)
+        elif given or not isinstance(options, get_kind(kind).Config):
+            raise TypeError(f"AnnConfig({kind!r}, options) takes a {get_kind(kind).Config.__name__} and no keywords")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "options", options)
+
+    @property
+    def index_kind(self) -> IndexKind:
+        """The kind with these options (an :class:`~fewshot.index.kinds.IndexKind`).
+
+        Raises:
+            ValueError: ``auto`` (:func:`resolve` chooses the kind).
+        """
+        if is_auto(self.kind):
+            raise ValueError("an auto index config has no kind yet: resolve() it for a catalogue size")
+        return get_kind(self.kind)(self.options)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """``{"kind": name, **options}`` (JSON-ready)."""
+        return {"kind": self.kind, **(dict(self.options) if is_auto(self.kind) else asdict(self.options))}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "AnnConfig":
+    def from_dict(cls, d: dict | None) -> AnnConfig:
+        """The config :meth:`to_dict` wrote (``None``: a default flat index). Keys that are not
+        options of the kind are ignored: an index written before each kind had its own options
+        stored every kind's parameters.
+
+        Raises:
+            DataError: an unknown kind. InputError: an option value out of range.
+        """
         d = dict(d or {})
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+        kind = d.pop("kind", DEFAULT_KIND)
+        own = _option_names(kind)
+        return cls(kind, **{k: v for k, v in d.items() if k in own})
+
+    def with_search(self, **given: Any) -> AnnConfig:
+        """This config with other query-time options (``None`` keeps the stored value). An
+        option of another kind is ignored, with a warning.
+
+        Raises:
+            InputError: not a query-time option of any kind, or a value out of range.
+        """
+        given = {k: v for k, v in given.items() if v is not None}
+        owners = {n: [k for k in list_kinds() if n in get_kind(k).search_options] for n in given}
+        unknown = sorted(n for n, kinds in owners.items() if not kinds)
+        if unknown:
+            known = sorted({n for k in list_kinds() for n in get_kind(k).search_options})
+            raise InputError(f"{', '.join(unknown)}: not a query-time index option",
+                             hint=f"use one of: {', '.join(known) or 'none'}")
+        for name, kinds in owners.items():
+            get_kind(kinds[0]).make_options(**{name: given[name]})  # the value is checked either way
+            if self.kind not in kinds:
+                log.warning("%s applies to %s index; this one is %s, so it is ignored", name,
+                            " / ".join(_an(k) for k in kinds), self.kind)
+                del given[name]
+        return AnnConfig(self.kind, get_kind(self.kind).make_options(**{**asdict(self.options), **given}))
+
+
+def _an(name: str) -> str:
+    return ("an " if name[:1] in "aeiouh" else "a ") + name
 
 
 def resolve(config: AnnConfig, n: int, dim: int) -> AnnConfig:
     """``config`` with ``auto`` and the size-dependent defaults filled in for ``n`` vectors of
-    dimension ``dim``.
+    dimension ``dim`` (resolving a resolved config changes nothing).
 
     Raises:
-        DataError: an unknown kind, bad parameters, or ``ivfpq`` on too few images.
+        DataError: an unknown kind. IndexOptionError (a DataError): options that do not fit the
+        catalogue, e.g. ``ivfpq`` on too few images.
     """
-    if config.kind not in INDEX_TYPES:
-        raise DataError(f"unknown index type '{config.kind}'", hint="use --index-type " + "|".join(INDEX_TYPES))
-    kind = config.kind if config.kind != "auto" else ("flat" if n < AUTO_FLAT_MAX else "ivfpq")
-    for name in ("nprobe", "hnsw_m", "ef_construction", "ef_search"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise DataError(f"index option {name} must be at least 1, got {getattr(config, name)}")
-    if config.rerank < 0:
-        raise DataError(f"index option rerank must be 0 or more, got {config.rerank}")
-    if kind != "ivfpq":
-        return replace(config, kind=kind)
-    if n < MIN_IVFPQ_IMAGES:
-        raise DataError(f"--index-type ivfpq needs at least {MIN_IVFPQ_IMAGES:,} catalogue images to train "
-                        f"its quantizers; this catalogue has {n:,}",
-                        hint="use --index-type flat (exact, and fast at this size) or auto")
-    nlist = config.nlist or int(min(max(16, 2 ** round(math.log2(math.sqrt(n)))), max(16, n // 39)))
-    m = config.m or max(d for d in range(1, min(64, dim) + 1) if dim % d == 0)
-    if m < 1 or dim % m:
-        divisors = [d for d in (8, 16, 32, 64, 128) if dim % d == 0]
-        raise DataError(f"--pq-m {m} does not divide the embedding dimension {dim}",
-                        hint=f"use a divisor of {dim}, e.g. --pq-m {' / '.join(map(str, divisors)) or 1}")
-    if nlist < 1 or nlist > n // 39:
-        raise DataError(f"--nlist {nlist} is too many cells for {n:,} images (FAISS wants 39 training images per cell)",
-                        hint=f"use --nlist {max(1, n // 39)} or fewer, or leave it out")
-    train = min(n, config.train_size or max(39 * nlist, 256 * 39))
-    if train < max(256, nlist):
-        raise DataError(f"AnnConfig.train_size {train} is below max(256, nlist={nlist})",
-                        hint="leave train_size out (the default samples enough)")
-    nprobe = min(nlist, config.nprobe or max(16, nlist // 8))
-    return replace(config, kind=kind, nlist=nlist, m=m, train_size=train, nprobe=nprobe)
+    kind = choose_kind(config.kind, n)
+    cls = get_kind(kind)
+    opts = config.options
+    if is_auto(config.kind):
+        own = _option_names(kind)
+        opts = cls.make_options(**{k: v for k, v in opts.items() if k in own})
+    return AnnConfig(kind, cls(opts).resolve(n, dim))
 
 
 def empty_index(config: AnnConfig, dim: int, sample: Callable[[np.ndarray], np.ndarray] | None = None,
                 n: int = 0) -> faiss.Index:
-    """An empty index ready for ``add``: IVF-PQ is trained on ``sample(rows)`` (``float32
-    [train_size, D]`` for the sorted row numbers drawn from ``range(n)``)."""
-    if config.kind == "flat":
-        return faiss.IndexFlatIP(dim)
-    if config.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = config.ef_construction
-        return index
-    assert sample is not None and config.nlist and config.m and config.train_size
-    index = faiss.index_factory(dim, f"IVF{config.nlist},PQ{config.m}", faiss.METRIC_INNER_PRODUCT)
-    rows = np.sort(np.random.default_rng(config.seed).choice(n, size=config.train_size, replace=False))
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    ivf.cp.seed = config.seed
-    ivf.do_polysemous_training = False  # slow simulated annealing, only for Hamming-filtered search
-    if config.train_size < 39 * 256:  # small catalogues: fewer than FAISS's 39 points per PQ centroid
-        ivf.pq.cp.min_points_per_centroid = 1  # is fine here; do not print a warning per training
-    index.train(np.ascontiguousarray(sample(rows), dtype=np.float32))
-    return index
+    """An empty index ready for ``add``; a kind that trains (IVF-PQ) is trained on
+    ``sample(rows)`` (``float32 [train_size, D]`` for the sorted row numbers drawn from
+    ``range(n)``). ``config`` must be resolved (:func:`resolve`)."""
+    return config.index_kind.create(dim, sample, n)
 
 
 def build(config: AnnConfig, vectors: np.ndarray, progress: Callable[[int], None] | None = None) -> faiss.Index:
-    """The index of ``vectors float32 [N, D]`` (L2-normalised; a memory map is fine: IVF-PQ
-    reads it shard by shard). ``config`` must be resolved (:func:`resolve`). ``progress(rows)``
-    is called after each shard."""
-    n, dim = vectors.shape
-    index = empty_index(config, dim, lambda rows: vectors[rows], n)
-    if config.kind != "ivfpq":
-        for start in range(0, n, SHARD_ROWS):
-            index.add(np.ascontiguousarray(vectors[start:start + SHARD_ROWS], dtype=np.float32))
-            if progress:
-                progress(min(n, start + SHARD_ROWS))
-        return index
-    for start in range(0, n, SHARD_ROWS):
-        shard = add_shard(index, vectors[start:start + SHARD_ROWS])
-        index.merge_from(shard, start)  # the shard's ids 0.. become start..
-        if progress:
-            progress(min(n, start + SHARD_ROWS))
-    return index
-
-
-def add_shard(trained: faiss.Index, vectors: np.ndarray) -> faiss.Index:
-    """A copy of the empty ``trained`` IVF index holding ``vectors`` (ids ``0..len-1``): one
-    independent shard of the sharded build, mergeable with ``merge_from(shard, offset)``."""
-    shard = faiss.clone_index(trained)
-    shard.reset()
-    shard.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return shard
+    """The index of ``vectors float32 [N, D]`` (L2-normalised; a memory map is fine: it is read
+    shard by shard), ids ``0..N-1``. ``config`` must be resolved (:func:`resolve`).
+    ``progress(rows)`` is called after each shard."""
+    return config.index_kind.build(vectors, progress)
 
 
 _BLAS_SETTING = threading.Lock()
@@ -195,16 +198,12 @@ def faiss_blas_setting(dim: int) -> Iterator[None]:
 
 
 def search_params(config: AnnConfig, alive: np.ndarray | None) -> faiss.SearchParameters | None:
-    """Query-time parameters: ``nprobe`` / ``efSearch`` and, when ``alive`` (a little-endian
-    bit per id, ``uint8``) is given, a selector that skips tombstoned ids. The caller keeps
-    ``alive`` referenced while the parameters are used."""
+    """Query-time parameters: the kind's own (``nprobe``, ``efSearch``) and, when ``alive`` (a
+    little-endian bit per id, ``uint8``) is given, a selector that skips tombstoned ids. The
+    caller keeps ``alive`` referenced while the parameters are used."""
     sel = faiss.IDSelectorBitmap(len(alive) * 8, faiss.swig_ptr(alive)) if alive is not None else None
     extra = {"sel": sel} if sel is not None else {}
-    if config.kind == "ivfpq":
-        return faiss.SearchParametersIVF(nprobe=config.nprobe, **extra)
-    if config.kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=config.ef_search, **extra)
-    return faiss.SearchParameters(**extra) if extra else None
+    return config.index_kind.search_params(extra)
 
 
 def search(index: faiss.Index, config: AnnConfig, queries: np.ndarray, k: int,
@@ -213,11 +212,12 @@ def search(index: faiss.Index, config: AnnConfig, queries: np.ndarray, k: int,
     """``queries float32 [Q, D]`` -> ``(scores float32 [Q, k], ids int64 [Q, k])``, best first
     (``-1`` ids pad rows with fewer than ``k`` results).
 
-    For IVF-PQ with ``rerank > 0`` and ``exact`` (``ids int64 [n] -> float32 [n, D]``), the
-    ``rerank * k`` best approximate candidates are re-scored with the exact vectors.
+    With ``exact`` (``ids int64 [n] -> float32 [n, D]``), a kind that re-ranks (IVF-PQ with
+    ``rerank > 0``) re-scores its best approximate candidates
+    (:meth:`~fewshot.index.kinds.IndexKind.shortlist`) with the exact vectors.
     """
     params = search_params(config, alive)
-    shortlist = k * config.rerank if (config.kind == "ivfpq" and config.rerank and exact) else k
+    shortlist = config.index_kind.shortlist(k) if exact else k
     shortlist = min(shortlist, max(k, index.ntotal))
     scores, ids = _raw_search(index, queries, shortlist, params)
     if shortlist == k or exact is None:
