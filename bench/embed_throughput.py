@@ -220,7 +220,8 @@ def serve_latency(work: Path, requests: int) -> dict[str, Any]:
     requests alternating between the two apps; index = 100 Grocery train photos."""
     from fastapi.testclient import TestClient
 
-    from fewshot.pipeline import EmbedOptions, build_index
+    from fewshot.catalogue import build_index
+    from fewshot.pipeline import EmbedOptions
     from fewshot.serve.app import create_app
 
     train, labels = sample_paths(200)

@@ -42,7 +42,8 @@ def small_catalogue(grocery_root: Path, tmp_path_factory) -> SmallCatalogue:
 
 def build_small_catalogue(grocery_root: Path, out: Path) -> SmallCatalogue:
     """Write a CSV manifest of the chosen photos and build an index folder from it."""
-    from fewshot.pipeline import EmbedOptions, build_index
+    from fewshot.catalogue import build_index
+    from fewshot.pipeline import EmbedOptions
 
     wanted = set(ARTICLES) | {NEW_ARTICLE}
     train = load_dataset(grocery_root, split="train")
