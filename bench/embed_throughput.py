@@ -220,8 +220,8 @@ def serve_latency(work: Path, requests: int) -> dict[str, Any]:
     requests alternating between the two apps; index = 100 Grocery train photos."""
     from fastapi.testclient import TestClient
 
+    from fewshot.catalogue import build_index
     from fewshot.embed.options import EmbedOptions
-    from fewshot.pipeline import build_index
     from fewshot.serve.app import create_app
 
     train, labels = sample_paths(200)

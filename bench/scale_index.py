@@ -102,6 +102,7 @@ def _memory() -> dict[str, int]:
 
 
 def _build(tag: Path, kind: str, n: int, folder: Path, params: dict) -> dict[str, Any]:
+    from fewshot.catalogue.store import save_index
     from fewshot.index import AnnConfig, CatalogueIndex
 
     vectors = np.load(tag / "vectors.npy", mmap_mode="r")[:n]
@@ -111,7 +112,7 @@ def _build(tag: Path, kind: str, n: int, folder: Path, params: dict) -> dict[str
                                  ann_config=AnnConfig(kind, **params))
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    index.save(folder)
+    save_index(index, folder)
     save_s = time.perf_counter() - t0
     faiss_file = folder / "images.faiss"
     index_bytes = faiss_file.stat().st_size if faiss_file.is_file() else n * DIM * 4
@@ -151,7 +152,8 @@ def _queries(index, q: np.ndarray) -> dict[str, Any]:
 
 
 def _enrol(index, folder: Path, tag: Path, noise: float) -> dict[str, Any]:
-    from fewshot.index import Change
+    from fewshot.catalogue.journal import Change
+    from fewshot.catalogue.store import append_change
 
     rng = np.random.default_rng(7)
     centres = np.load(tag / "centres_new.npy")
@@ -160,12 +162,12 @@ def _enrol(index, folder: Path, tag: Path, noise: float) -> dict[str, Any]:
         v = centres[j] + noise * rng.standard_normal((PER, DIM), dtype=np.float32)
         change = Change("add", f"new{j}", None, v, [f"new{j}-{i}.jpg" for i in range(PER)], [None] * PER)
         t0 = time.perf_counter()
-        index.append_change(folder, change)
+        append_change(index, folder, change)
         times.append(time.perf_counter() - t0)
     removal = []
     for j in range(10):
         t0 = time.perf_counter()
-        index.append_change(folder, Change("remove", f"a{j}"))
+        append_change(index, folder, Change("remove", f"a{j}"))
         removal.append(time.perf_counter() - t0)
     found = index.search(centres[:1] / np.linalg.norm(centres[:1]), 1)[0][0].label
     return {"enrol_s": float(np.median(times)), "enrol_p95_s": float(np.percentile(times, 95)),
@@ -200,7 +202,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     ``build``: build and save (time, bytes, peak memory). ``query``: a fresh process loads the
     folder, answers the queries (latency, recall, memory), sweeps the query-time setting,
     enrols and removes articles, and deletes the folder."""
-    from fewshot.index import CatalogueIndex
+    from fewshot.catalogue.store import load_index
 
     tag = Path(args.data)
     folder = Path(args.work) / f"index-{args.kind}-{args.n}"
@@ -208,7 +210,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(folder, ignore_errors=True)
         return {"kind": args.kind, "n": args.n, **_build(tag, args.kind, args.n, folder, json.loads(args.params))}
     t0 = time.perf_counter()
-    index = CatalogueIndex.load(folder)
+    index = load_index(folder)
     res: dict[str, Any] = {"load_s": time.perf_counter() - t0}
     q, _ = query_set(tag, args.n, args.queries, args.noise)
     got = _queries(index, q)

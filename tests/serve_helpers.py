@@ -42,9 +42,9 @@ def small_catalogue(grocery_root: Path, tmp_path_factory) -> SmallCatalogue:
 
 def build_small_catalogue(grocery_root: Path, out: Path) -> SmallCatalogue:
     """Write a CSV manifest of the chosen photos and build an index folder from it."""
+    from fewshot.catalogue import build_index
     from fewshot.embed.options import EmbedOptions
     from fewshot.methods.from_options import model_from_options
-    from fewshot.pipeline import build_index
 
     wanted = set(ARTICLES) | {NEW_ARTICLE}
     train = load_dataset(grocery_root, split="train")

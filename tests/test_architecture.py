@@ -1,6 +1,6 @@
 """The package's imports flow one way (docs/ARCHITECTURE.md):
-data -> backbones -> embed -> model -> methods -> metrics -> index -> catalogue -> evaluation -> pipeline
--> training -> api -> cli / serve (pipeline goes when its last jobs have moved).
+data -> backbones -> embed -> model -> methods -> metrics -> index -> catalogue -> evaluation -> training -> api
+-> cli / serve.
 
 Every ``from fewshot...`` / relative import in src/fewshot is resolved to its top-level part and
 checked against that order: a module may import its own part, a part to its left, or one of the
@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fewshot"
-LAYERS = ["data", "backbones", "embed", "model", "methods", "metrics", "index", "catalogue", "evaluation", "pipeline",
+LAYERS = ["data", "backbones", "embed", "model", "methods", "metrics", "index", "catalogue", "evaluation",
           "training", "api", "cli", "serve"]
 SHARED = {"checks", "errors", "io", "options", "registry", "version", "viz", "__init__"}
 
@@ -270,3 +270,65 @@ def test_the_kind_check_finds_planted_dispatch(tmp_path):
     (other / "b.py").write_text("STEPS = {'flat': 1, 'ivfpq': 2}\nNOTE = 'a flat index'\n")
     (other / "index" / "kinds" / "flat.py").write_text("NAME = 'flat'\n")
     assert kind_names_written(other, {"flat", "ivfpq", "hnsw"}) == ["b.py:1 flat", "b.py:1 ivfpq"]
+
+
+# --------------------------------------------------------------------------- who touches an index folder
+#: the packages that own an index folder's journal and enrolled photos
+FOLDER_OWNERS = {"catalogue", "index"}
+#: names that address the journal or the enrolled photos of an index folder
+FOLDER_NAMES = {"ENROLLED_DIR", "JOURNAL_DIR", "Journal", "Change"}
+
+
+def folder_touches(package_dir: Path) -> list[str]:
+    """``path:line what`` of every module outside :data:`FOLDER_OWNERS` that touches an index
+    folder's journal or enrolled photos: it imports a journal module or one of
+    :data:`FOLDER_NAMES`, joins a path with ``"journal"`` / ``"enrolled"``, or globs for the
+    journal's temporary names (``.*.tmp``)."""
+    out = []
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir)
+        if len(rel.parts) > 1 and rel.parts[0] in FOLDER_OWNERS:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for line, module in _imports(path, package_dir):
+            if module.split(".")[-1] == "journal":
+                out.append(f"{rel}:{line} imports {module}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(package_dir.name)):
+                out += [f"{rel}:{node.lineno} imports {a.name}" for a in node.names if a.name in FOLDER_NAMES]
+            elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and _is_folder_text(node.right):
+                out.append(f"{rel}:{node.lineno} joins a path with {node.right.value!r}")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in ("glob", "rglob") and node.args and isinstance(node.args[0], ast.Constant)
+                  and ".tmp" in str(node.args[0].value)):
+                out.append(f"{rel}:{node.lineno} globs for {node.args[0].value!r}")
+    return sorted(out, key=lambda text: (text.split(":")[0], int(text.split(":")[1].split()[0])))
+
+
+def _is_folder_text(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value.split("/")[0] in ("journal", "enrolled"))
+
+
+def test_only_the_catalogue_and_the_index_touch_journal_files_and_enrolled_photos():
+    assert folder_touches(PACKAGE) == []
+
+
+def test_the_folder_check_finds_what_the_service_did_before(tmp_path):
+    """The service of before the catalogue package: it imported the journal and ENROLLED_DIR,
+    globbed the journal's temporary names and joined paths with "journal" (serve/app.py)."""
+    pkg = tmp_path / "toypkg"
+    (pkg / "serve").mkdir(parents=True)
+    (pkg / "catalogue").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "catalogue" / "__init__.py").write_text("ENROLLED_DIR = 'enrolled'\n")
+    (pkg / "catalogue" / "journal.py").write_text("JOURNAL_DIR = 'journal'\n")
+    (pkg / "catalogue" / "store.py").write_text("def f(d):\n    return list((d / 'journal').glob('.*.tmp'))\n")
+    (pkg / "serve" / "__init__.py").write_text("")
+    (pkg / "serve" / "app.py").write_text(
+        "from ..catalogue import ENROLLED_DIR\nfrom ..catalogue.journal import JOURNAL_DIR\n\n\n"
+        "def leftovers(index_dir):\n    journal = index_dir / 'journal'\n    return list(journal.glob('.*.tmp'))\n")
+    assert folder_touches(pkg) == ["serve/app.py:1 imports ENROLLED_DIR",
+                                   "serve/app.py:2 imports toypkg.catalogue.journal",
+                                   "serve/app.py:2 imports JOURNAL_DIR", "serve/app.py:6 joins a path with 'journal'",
+                                   "serve/app.py:7 globs for '.*.tmp'"]

@@ -13,6 +13,7 @@ from fewshot.backbones import Preprocess, create_backbone, list_backbones
 from fewshot.data.loaders import load_dataset
 from fewshot.embed import EmbeddingCache, embed_dataset, embed_paths
 from fewshot.errors import BackboneError, CheckpointError, DataError, ImageReadError
+from fewshot.catalogue import load_index, save_index
 from fewshot.index import CatalogueIndex
 from fewshot.metrics import retrieval_metrics
 
@@ -151,40 +152,40 @@ def test_index_add_remove_and_round_trip(tmp_path):
     assert idx.remove_article("a") == 2
     with pytest.raises(KeyError):
         idx.remove_article("zzz")
-    idx.save(tmp_path / "idx")
-    back = CatalogueIndex.load(tmp_path / "idx")
+    save_index(idx, tmp_path / "idx")
+    back = load_index(tmp_path / "idx")
     # the last article takes the removed one's prototype row (swap-remove: one row written)
     assert back.labels == ["b", "b", "c", "d"] and back.articles == ["d", "b", "c"]
     np.testing.assert_allclose(back.image_vectors(), idx.image_vectors())
     assert back.config == {"backbone": "toy"}
     # overwriting keeps a complete folder and leaves no temporary folder behind
-    back.save(tmp_path / "idx")
+    save_index(back, tmp_path / "idx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
 def test_index_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        CatalogueIndex.load(tmp_path / "nope")
+        load_index(tmp_path / "nope")
     def damaged_then_missing(folder, name):  # a garbage file is "damaged", a missing one named
         (folder / name).write_bytes(b"garbage")
         with pytest.raises(CheckpointError, match="damaged"):
-            CatalogueIndex.load(folder)
+            load_index(folder)
         (folder / name).unlink()
         with pytest.raises(CheckpointError, match=f"{name} is missing"):
-            CatalogueIndex.load(folder)
+            load_index(folder)
 
     idx = _toy_index()
-    damaged_then_missing(idx.save(tmp_path / "idx"), "vectors.npy")
+    damaged_then_missing(save_index(idx, tmp_path / "idx"), "vectors.npy")
     from fewshot.index import AnnConfig
 
     hnsw = CatalogueIndex.build(idx.image_vectors(), idx.labels, idx.groups, idx.paths, ann_config=AnnConfig("hnsw"))
-    damaged_then_missing(hnsw.save(tmp_path / "hnsw"), "images.faiss")
+    damaged_then_missing(save_index(hnsw, tmp_path / "hnsw"), "images.faiss")
     for name in ("vectors.npy", "prototype_sums.npy"):  # read on demand: a cut file is refused at load
-        folder = hnsw.save(tmp_path / f"cut-{name}")
+        folder = save_index(hnsw, tmp_path / f"cut-{name}")
         data = (folder / name).read_bytes()
         (folder / name).write_bytes(data[:-7])
         with pytest.raises(CheckpointError, match=f"damaged: .*{name} is truncated"):
-            CatalogueIndex.load(folder)
+            load_index(folder)
     with pytest.raises(CheckpointError, match="dimension 2"):
         idx.classify(np.zeros((1, 2), np.float32))
     with pytest.raises(DataError, match="empty catalogue"):
@@ -193,7 +194,7 @@ def test_index_errors(tmp_path):
 
 def test_index_save_crash_keeps_old_index(tmp_path, monkeypatch):
     idx = _toy_index()
-    idx.save(tmp_path / "idx")
+    save_index(idx, tmp_path / "idx")
     idx.add_article("d", None, np.ones((1, 3), np.float32), ["d.jpg"])
 
     def crash(*a, **k):
@@ -201,9 +202,9 @@ def test_index_save_crash_keeps_old_index(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np.lib.format, "write_array_header_1_0", crash)
     with pytest.raises(OSError):
-        idx.save(tmp_path / "idx")
+        save_index(idx, tmp_path / "idx")
     monkeypatch.undo()
-    back = CatalogueIndex.load(tmp_path / "idx")
+    back = load_index(tmp_path / "idx")
     assert back.articles == ["a", "b", "c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
@@ -212,9 +213,9 @@ def test_index_recovered_after_crash_between_renames(tmp_path):
     import os
 
     idx = _toy_index()
-    idx.save(tmp_path / "idx")
+    save_index(idx, tmp_path / "idx")
     os.replace(tmp_path / "idx", tmp_path / ".idx.old-12345")  # the state a crash would leave
-    back = CatalogueIndex.load(tmp_path / "idx")
+    back = load_index(tmp_path / "idx")
     assert back.articles == ["a", "b", "c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 

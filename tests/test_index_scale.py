@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from fewshot.errors import CheckpointError, DataError
-from fewshot.index import AnnConfig, CatalogueIndex, Change
+from fewshot.catalogue.journal import Change, Journal
+from fewshot.catalogue.store import append_change, load_index, save_index
+from fewshot.index import AnnConfig, CatalogueIndex
 from fewshot.index import ann
-from fewshot.index.journal import Journal
 from fewshot.index.kinds import base as kinds_base
 
 
@@ -55,8 +56,8 @@ def test_approximate_indexes_save_load_and_classify_like_flat(tmp_path, data, ki
     agree = np.array([a[0].path == b[0].path for a, b in zip(flat.search(q, 1), approx.search(q, 1))])
     assert agree.mean() > 0.95
     np.testing.assert_allclose(np.array(s_approx)[agree], np.array(s_flat)[agree], atol=1e-5)
-    approx.save(tmp_path / kind)
-    back = CatalogueIndex.load(tmp_path / kind)
+    save_index(approx, tmp_path / kind)
+    back = load_index(tmp_path / kind)
     assert back.ann == approx.ann and (tmp_path / kind / "images.faiss").is_file()
     assert [r[0].label for r in back.classify(q, top_k=1, mode="nearest")] == got
     assert [r[0].label for r in back.classify(q, top_k=1)] == [r[0].label for r in flat.classify(q, top_k=1)]
@@ -73,8 +74,8 @@ def test_approximate_prototype_search_matches_the_exact_scan(tmp_path, data, kin
     x, labels, q = data
     flat = build("flat", x, labels)
     approx = build(kind, x, labels)
-    approx.save(tmp_path / kind)
-    back = CatalogueIndex.load(tmp_path / kind)
+    save_index(approx, tmp_path / kind)
+    back = load_index(tmp_path / kind)
     assert isinstance(back._protos, OnDemandPrototypes) and isinstance(back._protos.base, RowFile)
     assert back._protos._changed == {}  # nothing but the counts in memory
     exact = flat.classify(q, top_k=5)
@@ -225,8 +226,8 @@ def test_removed_images_are_tombstones_never_returned(tmp_path, data, kind):
     # a new article after the removal gets fresh ids and is found
     index.add_article("new", None, q[:1] * 3, ["new.jpg"], ["dn"])
     assert index.search(q[:1], 1)[0][0].label == "new"
-    index.save(tmp_path / "i")
-    back = CatalogueIndex.load(tmp_path / "i")
+    save_index(index, tmp_path / "i")
+    back = load_index(tmp_path / "i")
     assert back.search(q[:1], 1)[0][0].label == "new" and len(back) == len(x) - 4
     assert all(h.label != "a0" for h in back.search(q[:1], 50)[0])
     # ivfpq and flat drop their tombstones at compaction; FAISS cannot remove from an HNSW graph
@@ -243,12 +244,12 @@ def test_enrol_and_delete_touch_only_the_article(tmp_path):
     changes one prototype row; the base files are not rewritten."""
     x, labels, q = clustered(4000, 5, dim=64, seed=1)
     index = build("ivfpq", x, labels)
-    folder = index.save(tmp_path / "idx")
+    folder = save_index(index, tmp_path / "idx")
     base = {p.name: _digest(p) for p in folder.iterdir() if p.is_file()}
     protos = index.prototypes.copy()
 
     new = clustered(1, 5, dim=64, seed=9)[0]
-    entry = index.append_change(folder, Change("add", "fresh", "g", new, [f"f{i}.jpg" for i in range(5)], [None] * 5))
+    entry = append_change(index, folder, Change("add", "fresh", "g", new, [f"f{i}.jpg" for i in range(5)], [None] * 5))
     with np.load(entry) as z:
         assert z["vectors"].shape == (5, 64)  # the rows written: the article's own
     assert {p.name: _digest(p) for p in folder.iterdir() if p.is_file()} == base
@@ -258,19 +259,19 @@ def test_enrol_and_delete_touch_only_the_article(tmp_path):
 
     # more photos of an existing article: one prototype row changes
     extra = clustered(1, 2, dim=64, seed=10)[0]
-    more = index.append_change(folder, Change("add", "a3", None, extra, ["m0.jpg", "m1.jpg"], [None, None]))
+    more = append_change(index, folder, Change("add", "a3", None, extra, ["m0.jpg", "m1.jpg"], [None, None]))
     changed = np.flatnonzero(np.any(index.prototypes[:-1] != protos, axis=1))
     assert changed.tolist() == [3] and np.load(more)["vectors"].shape == (2, 64)
 
     before = index.prototypes.copy()
-    gone = index.append_change(folder, Change("remove", "a10"))
+    gone = append_change(index, folder, Change("remove", "a10"))
     assert np.load(gone)["vectors"].size == 0
     changed = np.flatnonzero(np.any(index.prototypes != before[:-1], axis=1))
     assert changed.tolist() == [10]  # the last article moved into the removed one's row
     assert {p.name: _digest(p) for p in folder.iterdir() if p.is_file()} == base
     assert len(Journal(folder)) == 3
 
-    back = CatalogueIndex.load(folder)  # base + journal replay
+    back = load_index(folder)  # base + journal replay
     assert back.labels == index.labels and back.articles == index.articles
     np.testing.assert_allclose(back.prototypes, index.prototypes, atol=1e-6)
     assert back.search(new[:1], 1)[0][0].label == "fresh"
@@ -279,8 +280,8 @@ def test_enrol_and_delete_touch_only_the_article(tmp_path):
 def test_a_crash_mid_append_loses_no_acknowledged_change(tmp_path, data, monkeypatch):
     x, labels, q = data
     index = build("flat", x, labels)
-    folder = index.save(tmp_path / "idx")
-    index.append_change(folder, Change("add", "kept", None, q[:1], ["k.jpg"], [None]))  # acknowledged
+    folder = save_index(index, tmp_path / "idx")
+    append_change(index, folder, Change("add", "kept", None, q[:1], ["k.jpg"], [None]))  # acknowledged
 
     real = os.link
 
@@ -291,27 +292,27 @@ def test_a_crash_mid_append_loses_no_acknowledged_change(tmp_path, data, monkeyp
 
     monkeypatch.setattr(os, "link", crash)
     with pytest.raises(OSError):
-        index.append_change(folder, Change("add", "lost", None, q[1:2], ["l.jpg"], [None]))
+        append_change(index, folder, Change("add", "lost", None, q[1:2], ["l.jpg"], [None]))
     monkeypatch.undo()
     assert "lost" not in index.articles  # not applied in memory either
-    back = CatalogueIndex.load(folder)
+    back = load_index(folder)
     assert "kept" in back.articles and "lost" not in back.articles
     assert len(back) == len(x) + 1
     # a damaged entry is a clear error naming the file, never a silent skip
     Journal(folder).sequence()[-1][1].write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="journal entry .*0000000001.npz is damaged: it is not the .npz") as err:
-        CatalogueIndex.load(folder)
+        load_index(folder)
     assert "pickle" not in str(err.value)  # numpy's wording about pickled data would mislead
 
 
 def test_save_compacts_the_journal(tmp_path, data):
     x, labels, q = data
     index = build("flat", x, labels)
-    folder = index.save(tmp_path / "idx")
-    index.append_change(folder, Change("add", "n", None, q[:2], ["n0.jpg", "n1.jpg"], [None, None]))
-    index.save(folder)
+    folder = save_index(index, tmp_path / "idx")
+    append_change(index, folder, Change("add", "n", None, q[:2], ["n0.jpg", "n1.jpg"], [None, None]))
+    save_index(index, folder)
     assert not (folder / "journal").exists()
-    back = CatalogueIndex.load(folder)
+    back = load_index(folder)
     assert back.num_images("n") == 2 and len(back) == len(x) + 2
 
 
@@ -329,7 +330,7 @@ def test_format_1_folders_still_load(tmp_path, data):
     meta = {"format_version": 1, "fewshot_version": "0.1.0", "dim": x.shape[1], "config": {},
             "labels": labels[:50], "groups": [None] * 50, "paths": [f"p{i}.jpg" for i in range(50)]}
     (old / "meta.json").write_text(json.dumps(meta))
-    back = CatalogueIndex.load(old)
+    back = load_index(old)
     assert back.ann.kind == "flat" and back.digests == [None] * 50
     assert [r[0].label for r in back.classify(q[:10])] == [r[0].label for r in index.classify(q[:10])]
 
@@ -337,16 +338,16 @@ def test_format_1_folders_still_load(tmp_path, data):
 def test_an_absolute_enrolled_path_of_an_old_folder_becomes_relative_in_a_new_one(tmp_path, data):
     """An index folder of before 2026-12 stored an enrolled photo as an absolute path under its
     own ``enrolled/``: saved elsewhere, the photo is carried and referenced as ``enrolled/...``."""
-    from fewshot.index import ENROLLED_DIR
+    from fewshot.catalogue.store import ENROLLED_DIR
 
     x, labels, _ = data
-    old = build("flat", x[:10], labels[:10]).save(tmp_path / "old")
+    old = save_index(build("flat", x[:10], labels[:10]), tmp_path / "old")
     photo = (tmp_path / "old" / ENROLLED_DIR / "a" / "p.jpg").resolve()
     photo.parent.mkdir(parents=True)
     photo.write_bytes(b"jpeg bytes")
-    index = CatalogueIndex.load(old)
+    index = load_index(old)
     index.paths[3] = str(photo)
-    index.save(tmp_path / "new")
-    again = CatalogueIndex.load(tmp_path / "new")
+    save_index(index, tmp_path / "new")
+    again = load_index(tmp_path / "new")
     assert again.paths[3] == f"{ENROLLED_DIR}/a/p.jpg" and again.paths[4] == "p4.jpg"
     assert (tmp_path / "new" / again.paths[3]).read_bytes() == b"jpeg bytes" and photo.is_file()

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from fewshot.cli import app
 from fewshot.errors import CheckpointError, FewshotError
+from fewshot.catalogue import load_index
 from fewshot.index import CatalogueIndex
 from fewshot.methods.base import config_keys, make_config
 from fewshot.training import staging_dir, train
@@ -107,7 +108,7 @@ def test_index_replaces_an_index_only_with_overwrite(photo_tree, cache, tmp_path
     r = run("index", "--data", photo_tree, "--out", out, *common, code=1)
     assert "already holds a fewshot index" in flat(r) and "--overwrite" in flat(r)
     run("index", "--data", photo_tree, "--out", out, *common, "--overwrite")
-    assert CatalogueIndex.load(out).config["split"] == "all"
+    assert load_index(out).config["split"] == "all"
 
 
 def test_index_refuses_a_folder_holding_csv_images(small_manifest, cache):
@@ -192,8 +193,8 @@ def test_index_refuses_a_retrained_model(tiny, tmp_path):
     idx = tmp_path / "idx"
     run("index", "--data", tiny["data"], "--split", "train", "--model", run_dir, "--out", idx,
         "--cache-dir", tiny["cache_dir"], "--no-progress")
-    assert CatalogueIndex.load(idx).config["model_digest"]
-    photo = next(Path(p) for p in CatalogueIndex.load(idx).paths)
+    assert load_index(idx).config["model_digest"]
+    photo = next(Path(p) for p in load_index(idx).paths)
     run("classify", "--index", idx, photo, "--cache-dir", tiny["cache_dir"])
     train(_cfg(tiny, run_dir, head=mlp, seed=1, overwrite=True))  # the run changes behind the index
     r = run("classify", "--index", idx, photo, "--cache-dir", tiny["cache_dir"], code=1)
@@ -226,7 +227,7 @@ def test_classify_catalogue_images_leave_one_out(small_manifest, cache, tmp_path
     idx = tmp_path / "idx"
     common = ("--cache-dir", cache, "--no-progress")
     run("index", "--data", small_manifest, "--split", "train", "--image-size", "64", "--out", idx, *common)
-    nearest, prototype = _loo_expectations(CatalogueIndex.load(idx))
+    nearest, prototype = _loo_expectations(load_index(idx))
     for mode, expected in (("nearest", nearest), ("prototype", prototype)):
         r = run("classify", "--index", idx, "--data", small_manifest, "--split", "train", "--summary-only",
                 "--mode", mode, *common)
@@ -234,7 +235,7 @@ def test_classify_catalogue_images_leave_one_out(small_manifest, cache, tmp_path
         assert top1 == pytest.approx(expected, abs=1e-4) and top1 < 1.0  # was 1.0000: each found itself
         assert "catalogue images among them: 36 (scored leave-one-out" in flat(r)
         assert "36 of 36 photos are catalogue images" in flat(r) and "WARNING" in r.output
-    photo = CatalogueIndex.load(idx).paths[0]
+    photo = load_index(idx).paths[0]
     line = json.loads(run("classify", "--index", idx, "--json", photo, *common).stdout.strip().splitlines()[-1])
     assert line["in_catalogue"] is True and line["predictions"][0]["score"] < 0.9999
 
@@ -436,7 +437,7 @@ def test_bad_invocations_are_messages_never_tracebacks(small_manifest, cache, ti
     idx = tmp_path / "idx"
     run("index", "--data", small_manifest, "--split", "train", "--image-size", "64", "--out", idx,
         "--cache-dir", cache, "--no-progress")
-    photo = CatalogueIndex.load(idx).paths[0]
+    photo = load_index(idx).paths[0]
     fill = {"idx": idx, "photo": photo, "data": small_manifest, "tmp": tmp_path, "tdata": tiny["data"],
             "split": tiny["split_file"]}
     (tmp_path / "a-file.txt").write_text("not a folder")

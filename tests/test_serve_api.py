@@ -24,8 +24,9 @@ pytest.importorskip("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fewshot.index import CatalogueIndex  # noqa: E402
-from fewshot.serve.app import ENROLLED_DIR, create_app  # noqa: E402
+from fewshot.catalogue import load_index  # noqa: E402
+from fewshot.catalogue.store import ENROLLED_DIR  # noqa: E402
+from fewshot.serve.app import create_app  # noqa: E402
 
 from serve_helpers import ARTICLES, NEW_ARTICLE, PHOTOS_PER_ARTICLE, authed, small_catalogue  # noqa: E402
 
@@ -313,7 +314,7 @@ def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
     assert client.get(top["image_url"]).status_code == 200
 
     # on disk: the index references copies inside its own folder
-    on_disk = CatalogueIndex.load(own_index)
+    on_disk = load_index(own_index)
     assert NEW_ARTICLE in on_disk.articles and len(on_disk) == N_IMAGES + 4
     # stored relative to the index folder, so that the folder can move
     assert all(not Path(p).is_absolute() for p, lab in zip(on_disk.paths, on_disk.labels) if lab == NEW_ARTICLE)
@@ -336,7 +337,7 @@ def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
                            "images": N_IMAGES}
     assert NEW_ARTICLE not in {a["label"] for a in client.get("/articles").json()["articles"]}
     assert client.post("/classify", files={"file": query}).json()["predictions"][0]["label"] != NEW_ARTICLE
-    on_disk = CatalogueIndex.load(own_index)
+    on_disk = load_index(own_index)
     assert NEW_ARTICLE not in on_disk.articles and len(on_disk) == N_IMAGES
     assert not any((own_index / ENROLLED_DIR).rglob("*.jpg"))
     assert_error(client.delete(f"/articles/{NEW_ARTICLE}"), 404, "unknown_article")
@@ -385,7 +386,7 @@ def test_racing_enrolments_are_not_lost(catalogue, own_index: Path) -> None:
     for t in threads:
         t.join(60)
     assert results == {**{lab: 201 for lab in labels}, "classify-0": 200, "classify-1": 200}
-    on_disk = CatalogueIndex.load(own_index)
+    on_disk = load_index(own_index)
     assert set(labels) <= set(on_disk.articles)
     assert len(on_disk) == N_IMAGES + 2 * len(labels)
     assert all((own_index / p).is_file() for p in on_disk.paths)
@@ -394,7 +395,7 @@ def test_racing_enrolments_are_not_lost(catalogue, own_index: Path) -> None:
 
 def test_failed_write_keeps_the_old_catalogue(catalogue, own_index: Path, monkeypatch) -> None:
     """A failure while the new folder is written (disk full, crash) leaves the previous one intact."""
-    import fewshot.serve.app as serve_app
+    import fewshot.catalogue.store as store
 
     client = authed(create_app(own_index, model=catalogue.model), raise_server_exceptions=False)
     before = folder_digest(own_index)
@@ -403,7 +404,7 @@ def test_failed_write_keeps_the_old_catalogue(catalogue, own_index: Path, monkey
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(serve_app.shutil, "copyfile", disk_full)
+    monkeypatch.setattr(store.shutil, "copyfile", disk_full)
     resp = client.post("/articles", data={"label": NEW_ARTICLE},
                        files=[("files", photo(catalogue.train[NEW_ARTICLE][0]))])
     assert resp.status_code == 500 and resp.json()["error"] == "internal_error"
@@ -438,7 +439,7 @@ def test_enrolment_appends_to_the_journal_and_restart_compacts(catalogue, own_in
     """An enrolment writes its photos and one journal entry with its own vectors; the index
     files are not rewritten. A restart with a long journal compacts the folder."""
     import fewshot.serve.app as serve_app
-    from fewshot.index.journal import Journal
+    from fewshot.catalogue.journal import Journal
 
     def base_files() -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in own_index.iterdir()
@@ -463,7 +464,7 @@ def test_enrolment_appends_to_the_journal_and_restart_compacts(catalogue, own_in
     assert not (own_index / "journal").exists() and base_files() != before
     health = again.get("/health").json()
     assert health["images"] == N_IMAGES + 2 - PHOTOS_PER_ARTICLE and health["articles"] == len(ARTICLES)
-    on_disk = CatalogueIndex.load(own_index)
+    on_disk = load_index(own_index)
     assert NEW_ARTICLE in on_disk.articles and ARTICLES[0] not in on_disk.articles
     assert all((own_index / p).is_file() for p in on_disk.article_paths(NEW_ARTICLE))
 
@@ -514,7 +515,7 @@ def test_a_catalogue_saved_to_another_folder_takes_its_enrolled_photos(catalogue
     copy = own_index.parent / "copy"
     Catalogue.load(own_index).save(copy)
     assert sorted(p.relative_to(copy) for p in (copy / ENROLLED_DIR).rglob("*.jpg")) == in_a
-    saved = CatalogueIndex.load(copy).article_paths(NEW_ARTICLE)
+    saved = load_index(copy).article_paths(NEW_ARTICLE)
     assert sorted(Path(p) for p in saved) == in_a  # relative to B, so B can move
     assert [(copy / p).read_bytes() for p in sorted(saved)] == [(own_index / p).read_bytes() for p in in_a]
     shutil.rmtree(own_index)  # B stands alone

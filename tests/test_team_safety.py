@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from fewshot.errors import FolderBusyError
-from fewshot.index import CatalogueIndex
-from fewshot.index.journal import Change, Journal
+from fewshot.catalogue.journal import Change, Journal
+from fewshot.catalogue.store import ENROLLED_DIR, UPLOAD_DIR, append_change, load_index, save_index
 from fewshot.io import lock_file, writer_lock
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from fewshot.serve.app import ENROLLED_DIR, UPLOAD_DIR, create_app  # noqa: E402
+from fewshot.serve.app import create_app  # noqa: E402
 from fewshot.serve.security import Access, token_id  # noqa: E402
 from serve_helpers import ARTICLES, NEW_ARTICLE, authed, small_catalogue  # noqa: E402
 
@@ -201,7 +201,7 @@ def test_index_overwrite_keeps_the_enrolled_articles(catalogue, own_index: Path)
                 "--cache-dir", str(catalogue.index_dir.parent / "cache"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "kept 4 photos of 2 article(s) enrolled through the service" in res.output
-    back = CatalogueIndex.load(own_index)
+    back = load_index(own_index)
     assert "neither in the data nor enrolled" not in res.output  # nothing dropped
     assert back.num_images(NEW_ARTICLE) == 3 and back.article_group(NEW_ARTICLE) == "Melon"
     assert back.num_images("Banana") == 5 and not (own_index / "journal").exists()
@@ -221,7 +221,7 @@ def test_export_writes_a_tree_that_index_reads_back(catalogue, own_index: Path, 
     printed = res.output
     assert f"exported {len(ARTICLES) * 4 + 2} photos of {len(ARTICLES) + 1} articles" in printed
     assert f"fewshot index --data {out / 'manifest.csv'}" in printed
-    index = CatalogueIndex.load(own_index)
+    index = load_index(own_index)
     for data in (out / "manifest.csv", out):  # the manifest and the folder tree alike
         ds = load_dataset(data)
         assert sorted(ds.labels) == sorted(index.labels)
@@ -438,7 +438,7 @@ def test_a_rebuild_says_which_articles_of_the_old_index_it_lacks(catalogue, own_
     said = " ".join((res.output + caplog.text).split())
     assert "1 article(s) of the index being replaced are neither in the data nor enrolled" in said
     assert "Api-Article" in said
-    assert CatalogueIndex.load(own_index).config["dropped_articles"] == {"count": 1, "first": ["Api-Article"]}
+    assert load_index(own_index).config["dropped_articles"] == {"count": 1, "first": ["Api-Article"]}
 
 
 def test_saving_a_stale_catalogue_over_its_folder_is_refused(catalogue, own_index: Path) -> None:
@@ -453,17 +453,17 @@ def test_saving_a_stale_catalogue_over_its_folder_is_refused(catalogue, own_inde
     stale.add("Api-Article", [str(catalogue.train["Banana"][5])])
     with pytest.raises(CheckpointError, match="has changed since this catalogue was loaded"):
         stale.save(own_index, overwrite=True)
-    assert CatalogueIndex.load(own_index).num_images(NEW_ARTICLE) == 2
+    assert load_index(own_index).num_images(NEW_ARTICLE) == 2
     assert len(list((own_index / ENROLLED_DIR).rglob("*.jpg"))) == 2
     fresh = Catalogue.load(own_index)
     fresh.add("Api-Article", [str(catalogue.train["Banana"][5])])
     fresh.save(own_index, overwrite=True)
-    back = CatalogueIndex.load(own_index)
+    back = load_index(own_index)
     assert back.num_images(NEW_ARTICLE) == 2 and back.has_article("Api-Article")
     # the index's own journal appends keep it in step: a later save is not refused
-    idx = CatalogueIndex.load(own_index)
-    idx.append_change(own_index, Change("remove", "Api-Article"))
-    idx.save(own_index)
+    idx = load_index(own_index)
+    append_change(idx, own_index, Change("remove", "Api-Article"))
+    save_index(idx, own_index)
 
 
 def test_read_only_service_classifies_beside_a_writer_and_writes_nothing(catalogue, own_index: Path,
@@ -511,7 +511,7 @@ def test_images_added_from_memory_are_kept_as_files(catalogue, own_index: Path, 
     pixels = [np.asarray(Image.open(p).convert("RGB")) for p in catalogue.train[NEW_ARTICLE][:2]]
     cat.add("From-Memory", [pixels[0], Image.fromarray(pixels[1])])
     cat.save(own_index, overwrite=True)
-    saved = CatalogueIndex.load(own_index).article_paths("From-Memory")
+    saved = load_index(own_index).article_paths("From-Memory")
     assert len(saved) == 2 and all(p.startswith(f"{ENROLLED_DIR}/") and p.endswith(".png") for p in saved)
     assert [np.asarray(Image.open(own_index / p)).tolist() == px.tolist() for p, px in zip(saved, pixels)] == [True] * 2
     app = create_app(own_index, model=catalogue.model)
@@ -536,5 +536,5 @@ def test_a_missing_index_beside_an_unwritable_parent_is_named_as_missing(tmp_pat
 
     monkeypatch.setattr(fewshot.io, "_take", no_lock)
     with pytest.raises(CheckpointError) as err:
-        CatalogueIndex.load(tmp_path / "idx")
+        load_index(tmp_path / "idx")
     assert "cannot write beside" not in str(err.value)

@@ -17,8 +17,7 @@ from fewshot.backbones import check_tta, create_backbone
 from fewshot.cli import app
 from fewshot.embed import embed_paths, make_forward
 from fewshot.errors import BackboneError
-from fewshot.index import CatalogueIndex
-from fewshot.pipeline import model_for_index
+from fewshot.catalogue import load_index, model_for_index
 
 
 def _conv4():
@@ -87,7 +86,7 @@ def test_index_remembers_tta_and_classify_uses_it(drawn_tree, tmp_path):
     common = ["--image-size", "32", "--cache-dir", str(cache), "--no-progress", "--runtime", "torch"]
     res = CliRunner().invoke(app, ["index", "--data", str(drawn_tree), "--out", str(out), "--tta", "flip", *common])
     assert res.exit_code == 0, res.output
-    index = CatalogueIndex.load(out)
+    index = load_index(out)
     assert index.config["model"]["backbone"]["tta"] == "flip"
     model = model_for_index(index, out)
     assert model.backbone.tta == "flip"
@@ -163,7 +162,7 @@ def test_index_tta_mismatches_are_refused_with_the_fix(drawn_tree, tmp_path):
     assert res.exit_code == 0, res.output
     with pytest.raises(CheckpointError, match="test-time augmentation 'none' but index"):
         create_app(out, model=create_model("efficientnet_lite0", image_size=32), runtime="torch")
-    index = CatalogueIndex.load(out)
+    index = load_index(out)
     index.config["model"]["backbone"]["tta"] = "rotate"
     with pytest.raises(CheckpointError, match="does not know") as err:
         model_for_index(index, out)

@@ -2,7 +2,7 @@
 
 Pipeline (imports flow one way)::
 
-    data -> backbones -> embed -> model -> methods -> metrics -> index -> pipeline -> training -> api -> cli / serve
+    data -> backbones -> embed -> model -> methods -> metrics -> index -> catalogue -> evaluation -> training -> api -> cli / serve
 
 The Python API (``docs/python-api.md``): :func:`load_dataset`, :func:`create_backbone`,
 :func:`load_model`, :class:`Catalogue`, :func:`evaluate`, :func:`train`. They are imported on

@@ -101,7 +101,7 @@ class EmbeddingModel:
         """:func:`weights_digest` of every tensor that shapes the embeddings (backbone + head).
 
         An index records it, so that a run retrained after the index was built is detected
-        (:func:`fewshot.pipeline.model_for_index`). Computed once per model (about 50 ms for
+        (:class:`fewshot.catalogue.EmbedderSpec`). Computed once per model (about 50 ms for
         EfficientNet-Lite0).
         """
         if self._digest is None:

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from fewshot.errors import DataError, InputError
-from fewshot.index import AnnConfig, CatalogueIndex, Change, ann
+from fewshot.catalogue.journal import Change
+from fewshot.catalogue.store import append_change, load_index, save_index
+from fewshot.index import AnnConfig, CatalogueIndex, ann
 from fewshot.index.kinds import INDEX_KINDS, get_kind, list_kinds
 
 DIM = 32
@@ -61,8 +63,8 @@ def exercise(kind: str, data, flat_answers, tmp_path) -> CatalogueIndex:
     assert np.mean(np.array([r[0].label for r in index.classify(q, 1, "nearest")]) == nearest) >= 0.99
     assert np.mean(np.array([r[0].path for r in index.search(q, 1)]) == paths) >= 0.97
 
-    folder = index.save(tmp_path / kind)
-    back = CatalogueIndex.load(folder)
+    folder = save_index(index, tmp_path / kind)
+    back = load_index(folder)
     assert back.ann == index.ann and json.loads((folder / "meta.json").read_text())["index"]["kind"] == kind
     assert [r[0].label for r in back.classify(q, top_k=1)] == got
 
@@ -70,15 +72,15 @@ def exercise(kind: str, data, flat_answers, tmp_path) -> CatalogueIndex:
     centre = rng.standard_normal(DIM).astype(np.float32)
     new = centre + 0.05 * rng.standard_normal((5, DIM)).astype(np.float32)
     back.add_article("new", "gnew", new[:3], ["n0.jpg", "n1.jpg", "n2.jpg"])
-    back.append_change(folder, Change("add", "new", "gnew", new[3:], ["n3.jpg", "n4.jpg"], [None, None]))
+    append_change(back, folder, Change("add", "new", "gnew", new[3:], ["n3.jpg", "n4.jpg"], [None, None]))
     assert back.num_images("new") == 5 and len(back) == len(x) + 5
     for row in back.classify(new, top_k=2):
         assert row[0].label == "new" and row[0].score > 0.95 and row[0].group == "gnew" and row[1].score < 0.8
     assert {n[0].path for n in back.search(new, 1)} <= {f"n{i}.jpg" for i in range(5)}
     assert back.remove_article("a0") == 4 and back.num_tombstones == 4
     assert all(n.label != "a0" for row in back.search(q[:1], 20) for n in row)  # tombstones are never returned
-    back.save(folder)
-    again = CatalogueIndex.load(folder)
+    save_index(back, folder)
+    again = load_index(folder)
     assert again.classify(new[:1], top_k=1)[0][0].label == "new" and not again.has_article("a0")
     assert [r[0].label for r in again.classify(q[1:], top_k=1)] == protos[1:]
     return again
@@ -149,12 +151,12 @@ def test_index_metadata_of_the_old_format_loads_unchanged(data, tmp_path):
     for kind, old in OLD_FORMAT.items():
         own = {"kind", *get_kind(kind).Config.__dataclass_fields__}
         index = build(kind, x, labels)
-        folder = index.save(tmp_path / kind)
+        folder = save_index(index, tmp_path / kind)
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["index"] == {k: v for k, v in old.items() if k in own}  # the same keys, less other kinds' ones
         meta["index"] = {**old, **changed.get(kind, {})}  # the folder as the old version wrote it
         (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-        back = CatalogueIndex.load(folder)
+        back = load_index(folder)
         assert back.ann.to_dict() == {k: v for k, v in meta["index"].items() if k in own}
         assert [r[0].label for r in back.classify(q, top_k=1)] == [r[0].label for r in index.classify(q, top_k=1)]
     assert back.ann.options.ef_search == 16

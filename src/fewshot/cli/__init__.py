@@ -74,7 +74,8 @@ def index_cmd(
 
     The index type's options are under its own heading (a flag of another type is refused).
     """
-    from ..pipeline import build_index
+    from ..catalogue import build_index
+    from ..catalogue.store import enrolled_dir
 
     ann = index_config(index_type, kind_opts)
     with flags_named():
@@ -84,7 +85,7 @@ def index_cmd(
     kept = idx.config.get("kept_enrolled")
     if kept:
         typer.echo(f"kept {kept['images']} photos of {kept['articles']} article(s) enrolled through the service "
-                   f"(re-embedded with this model; they stay in {one_line(out / 'enrolled')})"
+                   f"(re-embedded with this model; they stay in {one_line(enrolled_dir(out))})"
                    + (f"; {len(kept['unreadable'])} unreadable photo(s) left out" if kept["unreadable"] else ""))
 
 
@@ -96,7 +97,7 @@ def export_cmd(
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Copy every article's photos out of an index (enrolled ones too), as a tree that `fewshot index --data` reads back."""
-    from ..pipeline import export_index
+    from ..catalogue import export_index
 
     summary = export_index(index, out, overwrite=overwrite)
     typer.echo(f"exported {summary['images']} photos of {summary['articles']} articles to {one_line(out)}")
@@ -147,15 +148,14 @@ def classify(
     catalogue image (same file content) is classified with its own catalogue copy left out
     (leave-one-out), and the summary says how many there were.
     """
+    from ..catalogue import classify_paths, load_index, model_for_index
     from ..errors import DataError
-    from ..index import CatalogueIndex
     from ..embed.options import EmbedOptions
-    from ..pipeline import classify_paths, model_for_index
 
     if mode not in ("prototype", "nearest"):
         raise typer.BadParameter(f"{mode!r}: use prototype or nearest", param_hint="--mode")
     apply_runtime(runtime, threads)
-    cat = CatalogueIndex.load(index).with_search(**kind_opts)
+    cat = load_index(index).with_search(**kind_opts)
     truth: list[str] | None = None
     if data is not None:
         from ..data.protocol import load_data
@@ -187,8 +187,8 @@ def classify(
 def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_json: bool, data: str) -> None:
     """The ``--data`` summary (a JSON object with ``--json``); queries that cannot be right are
     counted apart, with a warning, not as errors."""
+    from ..catalogue import classification_accuracy
     from ..errors import DataError
-    from ..pipeline import classification_accuracy
 
     acc = classification_accuracy(results, truth, top_k, cat)
     skipped = acc["num_not_in_catalogue"] + acc["num_no_other_image"]

@@ -73,7 +73,7 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 def _breaks_lines(c: str) -> bool:
-    from ..index.labels import BIDI_CONTROLS
+    from ..catalogue.labels import BIDI_CONTROLS
 
     return unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") or c in BIDI_CONTROLS
 

@@ -43,7 +43,7 @@ def serve(
     try:
         application = _create(create_app, index, max_upload_mb, runtime, threads, access, read_only)
         service = application.state.service
-        cat = service.cat.index
+        cat = service.catalogue.index
         typer.echo(f"serving {len(cat.articles)} articles ({len(cat)} images, {cat.ann.kind} index) from {index} "
                    f"at http://{host}:{port}/  (API docs: /docs; forward pass: {service.embedder.choice.runtime})")
         if read_only:

@@ -35,7 +35,7 @@ from typing import Iterable
 from fastapi.responses import JSONResponse
 
 from ..errors import FewshotError
-from ..index import AUDIT_FILE
+from ..catalogue.store import AUDIT_FILE
 
 #: paths anyone may read: the page, its files and the API description
 PUBLIC_PATHS = ("/", "/static/", "/docs", "/openapi.json", "/favicon.ico")

@@ -1,11 +1,9 @@
-"""Enrolled photos of an index folder: what a rebuild keeps, and the export of a catalogue.
+"""``fewshot export``: every article's photos out of an index, as a tree ``fewshot index --data`` reads back.
 
-The service stores the photos of articles enrolled over HTTP in ``INDEX_DIR/enrolled/`` (the
-only copy a user has of them). Rebuilding the folder (``fewshot index --overwrite``, a
-retrained model) must keep them: :func:`enrolled_articles` reads them from the old folder,
-:func:`add_enrolled` re-embeds them with the new model into the new index. :func:`export_catalogue`
-(``fewshot export``) writes every article's photos as a folder tree plus a CSV manifest that
-``fewshot index --data`` reads back.
+:func:`export_index` copies the photos of every article (from the data and enrolled through the
+service) as ``out/<group>/<article>/...`` plus ``out/manifest.csv`` (exact labels and groups),
+with :func:`export_catalogue`, so that the same catalogue can be built again, e.g. with another
+model.
 """
 
 from __future__ import annotations
@@ -17,15 +15,15 @@ import os
 import re
 import shutil
 import unicodedata
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
-import numpy as np
-
-from ..data.records import ImageRecord
 from ..errors import DataError
-from ..io import atomic_write_json, atomic_write_text
+from ..index import CatalogueIndex
+from ..io import atomic_write_json, atomic_write_text, claimed_output
+from ..version import environment
+from .store import load_index, slug
+
+__all__ = ["EXPORT_MANIFEST", "EXPORT_MARKER", "export_catalogue", "export_foreign", "export_index", "is_export_dir"]
 
 #: the file that marks a folder as written by :func:`export_catalogue`
 EXPORT_MARKER = "fewshot-export.json"
@@ -33,57 +31,26 @@ EXPORT_MARKER = "fewshot-export.json"
 EXPORT_MANIFEST = "manifest.csv"
 
 
-@dataclass
-class EnrolledArticle:
-    """The enrolled photos of one article (``files``: absolute; ``paths``: as the index keeps them)."""
+def export_index(index_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """``fewshot export``: copy every article's photos (from the data and enrolled through the
+    service) out of an index as ``out/<group>/<article>/...`` plus ``out/manifest.csv``
+    (:func:`export_catalogue`), so that ``fewshot index --data`` builds
+    the same catalogue again, e.g. with another model.
 
-    label: str
-    group: str | None
-    files: list[Path] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
-
-
-def enrolled_articles(index, folder: str | Path) -> list[EnrolledArticle]:
-    """The photos under ``folder/enrolled/`` that ``index`` (loaded from ``folder``, journal
-    replayed) references, grouped by article in the index's order."""
-    wanted = {str(p) for p in index.enrolled_files(folder)}
-    root = Path(folder).resolve()
-    out: dict[str, EnrolledArticle] = {}
-    for label, group, path in zip(index.labels, index.groups, index.paths):
-        file = Path(path) if Path(path).is_absolute() else root / path
-        if str(file) not in wanted:
-            continue
-        art = out.setdefault(label, EnrolledArticle(label, index.article_group(label)))
-        art.files.append(file)
-        art.paths.append(file.relative_to(root).as_posix())
-    return list(out.values())
-
-
-#: ``embed(records) -> (vectors float32 [M, E], kept positions into records, digests per kept)``
-EmbedRecords = Callable[[list[ImageRecord]], tuple[np.ndarray, list[int], list[str | None]]]
-
-
-def add_enrolled(index, articles: Sequence[EnrolledArticle], embed: EmbedRecords) -> tuple[int, int, list[str]]:
-    """Add the enrolled photos of ``articles`` to ``index``, embedded by ``embed``; an article
-    already in ``index`` (from the data) gets the photos under its own group.
-
-    Returns:
-        ``(articles added to, photos added, unreadable photos as "path: reason")``.
+    Raises:
+        CheckpointError: the index cannot be read. FewshotError: ``out`` may not be written
+            (an existing folder that is not an earlier export, or one inside the index).
     """
-    records = [ImageRecord(f, a.label, a.group) for a in articles for f in a.files]
-    rel = [p for a in articles for p in a.paths]
-    if not records:
-        return 0, 0, []
-    vectors, kept, digests = embed(records)
-    bad = sorted(set(range(len(records))) - set(kept))
-    by_label: dict[str, list[int]] = {}
-    for row, k in enumerate(kept):
-        by_label.setdefault(records[k].label, []).append(row)
-    for label, rows in by_label.items():
-        group = index.article_group(label) if index.has_article(label) else records[kept[rows[0]]].group
-        index.add_article(label, group, vectors[rows], [rel[kept[r]] for r in rows],
-                          digests=[digests[r] for r in rows])
-    return len(by_label), len(kept), [str(records[k].path) for k in bad]
+    index = load_index(index_dir)
+    with claimed_output(out, object(), what="fewshot export", is_ours=is_export_dir, overwrite=overwrite,
+                        input_roots=[index_dir]):
+        foreign = export_foreign(out) if is_export_dir(out) else []
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise DataError(f"--out {out} holds an earlier export and also files fewshot did not write there "
+                            f"({shown}): refusing to replace it", hint="move those files out first (or enrol "
+                            "added photos with `fewshot index --data`), or choose another --out")
+        return export_catalogue(index, index_dir, out, environment())
 
 
 # --------------------------------------------------------------------------- export
@@ -96,16 +63,6 @@ def _folder_name(text: str) -> str | None:
     ok = (text and text == text.strip() and not text.startswith(".") and not _UNSAFE.search(text)
           and len(text.encode("utf-8")) <= 200 and unicodedata.normalize("NFC", text) == text)
     return text if ok else None
-
-
-def slug(text: str) -> str:
-    """A file-name-safe folder name for an article label, unique per label (ASCII letters,
-    digits, ``._-``, then 8 hex digits of the label's SHA-1): where the service stores an
-    article's enrolled photos, and the export's folder for a label that cannot be one as it is."""
-    import hashlib
-
-    plain = re.sub(r"[^A-Za-z0-9._-]+", "-", unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode())
-    return f"{plain.strip('-.')[:60] or 'article'}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]}"
 
 
 def is_export_dir(path: str | Path) -> bool:
@@ -136,7 +93,7 @@ def export_foreign(out: str | Path) -> list[str]:
     return foreign
 
 
-def export_catalogue(index, folder: str | Path, out: str | Path, info: dict) -> dict:
+def export_catalogue(index: CatalogueIndex, folder: str | Path, out: str | Path, info: dict) -> dict:
     """Copy every catalogue image of ``index`` (loaded from ``folder``) into ``out`` as
     ``out/<group>/<label>/<file>`` (``out/<label>/<file>`` when no article has a group), and write
     ``out/manifest.csv`` (``path,label,group``, exact names) and ``out/fewshot-export.json``.

@@ -4,8 +4,9 @@ Each change is one file ``INDEX_DIR/journal/<sequence>.npz`` holding only that c
 article's new vectors and metadata, or the label to remove), written to a temporary name,
 fsync'ed and renamed: a crash mid-write leaves a temporary file that is ignored, never a
 half entry, and an entry that was acknowledged (``append`` returned) survives a crash.
-:meth:`CatalogueIndex.load` replays the entries after the folder's base files;
-:meth:`CatalogueIndex.save` writes a new base and leaves the journal behind (compaction).
+:func:`fewshot.catalogue.store.load_index` replays the entries after the folder's base files
+(:func:`apply`); :func:`~fewshot.catalogue.store.save_index` writes a new base and leaves the
+journal behind (compaction). Only :mod:`fewshot.catalogue.store` uses this module.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
+from ..index import CatalogueIndex
 
 JOURNAL_DIR = "journal"
 #: what ``os.link`` fails with on a file system without hard links (then: check, then rename)
@@ -130,3 +132,17 @@ class Journal:
                 raise CheckpointError(f"journal entry {path} is damaged: {why}",
                                       hint="move the file away to drop that change, then reload") from exc
         return out
+
+
+def apply(index: CatalogueIndex, change: Change) -> None:
+    """Apply one journal :class:`Change` to ``index`` in memory.
+
+    Raises:
+        CheckpointError: an unknown operation (an entry of a newer fewshot, or a damaged one).
+    """
+    if change.op == "add":
+        index.add_article(change.label, change.group, change.vectors, change.paths, change.digests)
+    elif change.op == "remove":
+        index.remove_article(change.label)
+    else:
+        raise CheckpointError(f"unknown journal operation '{change.op}'", hint="rebuild the index")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from . import CatalogueIndex
+    from ..index import CatalogueIndex
 
 __all__ = ["MAX_LABEL_CHARS", "BIDI_CONTROLS", "clean_label", "normalize_label", "resolve_group"]
 
