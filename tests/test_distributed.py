@@ -130,8 +130,9 @@ def test_shard_sizes_and_nproc_checks():
 
     assert CLI_MAX == MAX_NPROC == 64 and check_nproc(64) == 64
     for bad in (0, -1, 1.5, "two", 65, None):
-        with pytest.raises(FewshotError, match="--nproc"):
+        with pytest.raises(FewshotError, match="nproc=") as err:
             check_nproc(bad)
+        assert err.value.options == ("nproc",)
 
 
 # --------------------------------------------------------------------------- the CLI on real data
