@@ -263,7 +263,7 @@ def test_cli_train_refuses_unknown_maml_init_before_any_work(tiny, tmp_path):
                                    "--method", "maml", "--out", str(out), "--maml-init", "prototypes",
                                    "--threads", "1", "--no-progress"])
     assert res.exit_code == 2, res.output
-    assert "--maml-init" in res.output and "proto | zero | learned" in res.output
+    assert "--maml-init" in res.output and "proto, zero, learned" in res.output
     assert not out.exists()
 
 
