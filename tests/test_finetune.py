@@ -163,8 +163,9 @@ def test_from_scratch_needs_fine_tune_all_and_conv4_has_no_weights(tiny, tmp_pat
 
 
 def test_maml_inner_params_all_needs_a_trained_backbone(tiny, tmp_path):
-    with pytest.raises(FewshotError, match="--inner-params all"):
+    with pytest.raises(FewshotError, match="inner_params=all") as err:
         train(_cfg(tiny, tmp_path / "m", "maml", inner_params="all", fine_tune="none"))
+    assert err.value.options == ("inner_params", "fine_tune")  # the CLI names --inner-params and --fine-tune
 
 
 # ------------------------------------------------------------------ full-network MAML

@@ -21,9 +21,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..backbones import TTA_MODES
+from ..backbones import check_tta
 from ..embed import check_runtime
-from ..embed.runtime import RUNTIMES
 from ..errors import FewshotError
 from ..methods import EpisodeSpec, Method, get_method, method_options
 from ..methods.heads import ProjectionHead, parse_head, resolve_head_spec
@@ -155,7 +154,7 @@ class TrainConfig:
                                         unset=True)
     runtime: str = loop_option("auto", "Forward pass of the frozen embeddings, the final evaluation and (fine-tuning "
                                "on a CPU) each epoch's validation: auto | onnx | torch (see `fewshot evaluate "
-                               "--help`); the training steps run on torch.", choices=RUNTIMES)
+                               "--help`); the training steps run on torch.")
     final_eval: str = loop_option("test", "Class part evaluated with the best model at the end (test | val | none).",
                                   flag="--split", choices=("none", "test", "val", "train"))
     eval_episodes: int = loop_option(1000, "Episodes per setting in the final evaluation (default 1000).", min=1,
@@ -163,7 +162,7 @@ class TrainConfig:
     final_tta: str = loop_option("none", "Test-time augmentation of the final evaluation only: none | flip (see "
                                  "`fewshot evaluate --help`). Training, validation and the saved model are the same "
                                  "either way; pass --tta again to `fewshot index` / `evaluate --model RUN_DIR`.",
-                                 flag="--tta", choices=TTA_MODES)
+                                 flag="--tta")
     options: Any = None
 
     def __post_init__(self) -> None:
@@ -255,7 +254,8 @@ def parse_fine_tune(value: str, blocks: int = 2) -> tuple[str, int]:
 # --------------------------------------------------------------------------- checks
 def check_config(cfg: TrainConfig) -> type[Method]:
     """Every check of ``cfg`` that needs no data: each field's declared ``min`` / ``max`` /
-    ``above`` / ``choices``, then the rules between fields. Called before a run writes anything.
+    ``above`` / ``choices``, then the rules between fields, then the embedding layer's checks of
+    ``runtime`` and ``final_tta``. Called before a run writes anything.
 
     Returns:
         the method class of ``cfg.method``.
@@ -270,7 +270,8 @@ def check_config(cfg: TrainConfig) -> type[Method]:
         raise FewshotError("no output folder given", hint="pass out=RUN_DIR", options=("out",))
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise FewshotError(f"unknown device '{cfg.device}'", hint="use device=auto, cpu or cuda", options=("device",))
-    check_runtime(cfg.runtime)
+    check_runtime(cfg.runtime)  # the embedding layer's own checks of these two
+    check_tta(cfg.final_tta)
     _check_head(cfg.head)
     return get_method(cfg.method)
 
