@@ -15,7 +15,7 @@ from fewshot.methods.heads import ProjectionHead
 from fewshot.methods.maml import (FOMAML, MAML, OutputLayer, adapted_query_loss, inner_adapt,
                                   make_adapt_classifier, output_init)
 from fewshot.methods import TrainData, get_method
-from fewshot.training import TrainConfig, make_config
+from fewshot.training import make_config
 from fewshot.training.optim import make_optimizer, train_step
 from train_helpers import nuisance_toy
 

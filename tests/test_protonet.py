@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.methods import TrainData, get_method
-from fewshot.training import TrainConfig, make_config
+from fewshot.methods import TrainData
+from fewshot.training import make_config
 from fewshot.training.optim import make_optimizer, train_step
 from fewshot.methods.protonet import (ProtoNet, protonet_logits, protonet_loss, prototypes,
                                       sqeuclidean_prototype_classifier, squared_euclidean)

@@ -10,7 +10,7 @@ import torch
 
 from fewshot.errors import FewshotError
 from fewshot.methods import IndexBatch, TrainData, get_method
-from fewshot.training import TrainConfig, make_config
+from fewshot.training import make_config
 from fewshot.training.optim import make_optimizer, train_step
 from fewshot.methods.siamese import ContrastiveMethod, TripletMethod
 
@@ -66,6 +66,7 @@ def test_triplet_loss_matches_hand_computation():
 def test_miners_and_margin_defaults():
     c = make_config("contrastive").build_method(8)
     t = make_config("triplet").build_method(8)
+    assert isinstance(c, ContrastiveMethod) and isinstance(t, TripletMethod)
     assert type(c.miner).__name__ == "BatchHardMiner"
     assert (c.margin, c.pos_margin) == (0.3, 0.8)
     ms = make_config("contrastive", miner="semihard").build_method(8).miner

@@ -57,7 +57,7 @@ def test_one_process_group_steps_exactly_like_the_trainer_and_leaves_the_method_
 
     method, data, optimizer = _toy(name)
     before = (type(method).embed, dict(vars(method)))
-    ref, ref_data, ref_opt = _toy(name)
+    ref, _, ref_opt = _toy(name)
     dist.init_process_group("gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0, world_size=1)
     try:
         step = DataParallelStep(method, optimizer, Parallel(0, 1, 0, torch.device("cpu"), "gloo",
