@@ -34,7 +34,8 @@ def measure(backbone: str, size: int, inner: str, first_order: bool, repeats: in
 
     from fewshot.backbones import create_backbone
     from fewshot.data.episodes import Episode
-    from fewshot.methods.base import make_config
+    from fewshot.training import make_config
+    from fewshot.training.optim import make_optimizer, train_step
     from fewshot.methods.maml import FOMAML, MAML
     from fewshot.training.finetune import select_trainable
 
@@ -44,17 +45,17 @@ def measure(backbone: str, size: int, inner: str, first_order: bool, repeats: in
     cls = FOMAML if first_order else MAML
     cfg = make_config(cls.name, fine_tune="all", pretrained=not scratch, ways=5, shots=1, queries=5,
                       inner_params=inner, inner_steps=steps, meta_batch=meta_batch)
-    m = cls(cfg, bb.dim)
+    m = cfg.build_method(bb.dim)
     m.backbone, m.backbone_params = bb.model, select_trainable(bb, "all")
     images = torch.randn(30, 3, size, size)
     m.bind(lambda idx: bb.model(images[idx]), lambda idx: images[idx])
     ep = Episode(classes=list("abcde"), support_idx=np.arange(5), support_y=np.arange(5),
                  query_idx=np.arange(5, 30), query_y=np.repeat(np.arange(5), 5))
-    opt = m.optimizer()
+    opt = make_optimizer(m, cfg)
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        m.step([ep] * meta_batch, opt)
+        train_step(m, [ep] * meta_batch, opt)
         if i:
             times.append(time.perf_counter() - t0)
     return {"seconds_per_meta_batch": median(times), "peak_rss_bytes": peak_rss()}

@@ -124,7 +124,7 @@ def frozen_row(ds: dict, episodes: int, out: Path) -> dict[str, Any]:
 
 
 def trained_row(ds: dict, method: str, episodes: int, out: Path, overrides: dict) -> dict[str, Any]:
-    from fewshot.methods.base import config_keys, make_config
+    from fewshot.training import config_keys, make_config
     from fewshot.training import train
 
     given = {"data": str(ds["data"]), "split_file": str(ds["split_file"]), "out": str(out), "seed": SEED,

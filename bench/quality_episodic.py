@@ -46,7 +46,7 @@ from fewshot.data.splits import ClassSplit  # noqa: E402
 from fewshot.embed import embed_dataset  # noqa: E402
 from fewshot.methods.runs import load_embedding_model  # noqa: E402
 from fewshot.model import EmbeddingModel  # noqa: E402
-from fewshot.methods.base import make_config  # noqa: E402
+from fewshot.training import make_config  # noqa: E402
 from fewshot.methods.runs import load_run  # noqa: E402
 from fewshot.training import train  # noqa: E402
 from fewshot.metrics import episodic_accuracy, retrieval_metrics  # noqa: E402

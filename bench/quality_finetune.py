@@ -119,7 +119,7 @@ def _data(dataset: str) -> tuple[str, str]:
 
 def train_row(name: str, runs: Path, cache_dir: str | None, progress: bool) -> dict:
     """Train row ``name`` and evaluate it on the test classes; return its results row."""
-    from fewshot.methods.base import make_config
+    from fewshot.training import make_config
     from fewshot.training import train
 
     dataset, method, settings = ROWS[name]

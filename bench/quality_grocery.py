@@ -45,7 +45,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from fewshot.io import atomic_write_json, atomic_write_text  # noqa: E402
-from fewshot.methods.base import make_config  # noqa: E402
+from fewshot.training import make_config  # noqa: E402
 from fewshot.training import train  # noqa: E402
 from fewshot.embed.options import EmbedOptions  # noqa: E402
 from fewshot.evaluation import EvalConfig, evaluate  # noqa: E402

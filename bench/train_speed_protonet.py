@@ -3,7 +3,7 @@
 Target (issue 4): 1,000 training episodes of 5-way 5-shot prototypical-network training on cached
 embeddings in under 10 s on 2 CPU cores. Also times MAML and first-order MAML per 1,000 episodes.
 
-What is timed: exactly what the trainer runs per epoch, ``method.epoch_batches`` + ``method.step``
+What is timed: exactly what the trainer runs per epoch, ``method.epoch_batches`` + the trainer's ``train_step``
 (episode sampling, feature lookup, head forward / backward, Adam step) with the default head
 (identity-initialised linear 1280 -> 1280 on centred features). Embedding, validation and
 checkpointing are not included (the embeddings come from the on-disk cache).
@@ -39,7 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fewshot.methods.base import TrainData, get_method, make_config  # noqa: E402
+from fewshot.methods import TrainData  # noqa: E402
+from fewshot.training import make_config  # noqa: E402
+from fewshot.training.optim import make_optimizer, train_step  # noqa: E402
 
 
 def grocery_train_features(data: str, split_file: str, image_size: int) -> TrainData:
@@ -64,21 +66,21 @@ def random_features(n: int = 2640, classes: int = 40, dim: int = 1280, seed: int
 
 def time_method(name: str, data: TrainData, episodes: int, queries: int, **over) -> dict:
     cfg = make_config(name, ways=5, shots=5, queries=queries, episodes_per_epoch=episodes, seed=0, **over)
-    method = get_method(name)(cfg, data.dim)
+    method = cfg.build_method(data.dim)
     method.head.set_centre(data.x)
     x = data.x
     method.bind(lambda idx: x[torch.from_numpy(idx)])
-    opt = method.optimizer()
+    opt = make_optimizer(method, cfg)
     method.train_mode(True)
     # warm-up (allocator, kernels), not timed
     for i, batch in enumerate(method.epoch_batches(data, np.random.default_rng(1))):
-        method.step(batch, opt)
+        train_step(method, batch, opt)
         if i >= 4:
             break
     done = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for batch in method.epoch_batches(data, np.random.default_rng(0)):
-        method.step(batch, opt)
+        train_step(method, batch, opt)
         done += len(batch) if isinstance(batch, list) else 1
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"method": name, "episodes": done, "queries": queries, "seconds": round(seconds, 3),

@@ -1,8 +1,8 @@
 """Training cost on cached embeddings: seconds per 1,000 episodes / per epoch of each method.
 
 What is timed is exactly what :func:`fewshot.training.train` runs per epoch:
-``method.epoch_batches`` + ``method.step`` (sampling, feature lookup, head forward / backward,
-optimiser step) with each method's default settings (:func:`fewshot.methods.base.make_config`:
+``method.epoch_batches`` + the trainer's ``train_step`` (sampling, feature lookup, head forward / backward,
+optimiser step) with each method's default settings (:func:`fewshot.training.make_config`:
 the settings ``fewshot train --method NAME`` uses). Embedding (served from the on-disk cache),
 validation and checkpointing are not included; the quality benchmark reports whole runs.
 
@@ -41,7 +41,7 @@ def grocery_train_features(progress: bool = False):
     from fewshot.data.protocol import dataset_for
     from fewshot.data.splits import ClassSplit
     from fewshot.embed import embed_dataset
-    from fewshot.methods.base import TrainData
+    from fewshot.methods import TrainData
 
     ds = dataset_for(load_dataset(grocery_root()), ClassSplit.load(GROCERY_SPLIT), "train")
     emb = embed_dataset(ds, create_backbone("efficientnet_lite0", image_size=224), progress=progress)
@@ -54,7 +54,7 @@ def grocery_train_features(progress: bool = False):
 def random_features(n: int = 2640, classes: int = 40, dim: int = 1280):
     import torch
 
-    from fewshot.methods.base import TrainData
+    from fewshot.methods import TrainData
 
     g = torch.Generator().manual_seed(SEED)
     y = torch.arange(classes).repeat_interleave(n // classes)
@@ -75,22 +75,23 @@ def time_method(name: str, data, rounds: int, episodes: int | None) -> dict[str,
     """Median seconds of ``rounds`` epochs of ``name`` (``episodes`` per epoch when episodic)."""
     import torch
 
-    from fewshot.methods.base import get_method, make_config
+    from fewshot.training import make_config
+    from fewshot.training.optim import make_optimizer, train_step
 
     over = {"seed": SEED, "progress": False}
     if name in EPISODIC and episodes:
         over["episodes_per_epoch"] = episodes
     cfg = make_config(name, **over)
-    method = get_method(name)(cfg, data.dim)
+    method = cfg.build_method(data.dim)
     if getattr(method.head, "use_centre", False) and hasattr(method.head, "set_centre"):
         method.head.set_centre(data.x)
     x = data.x
     method.bind(lambda idx: x[torch.from_numpy(np.asarray(idx, dtype=np.int64))])
-    opt = method.optimizer()
+    opt = make_optimizer(method, cfg)
     method.train_mode(True)
     torch.manual_seed(SEED)
     for i, batch in enumerate(method.epoch_batches(data, np.random.default_rng(SEED + 100))):  # warm-up
-        method.step(batch, opt)
+        train_step(method, batch, opt)
         if i >= 2:
             break
     seconds, eps, imgs, steps = [], 0, 0, 0
@@ -99,7 +100,7 @@ def time_method(name: str, data, rounds: int, episodes: int | None) -> dict[str,
         eps = imgs = steps = 0
         t0 = time.perf_counter()
         for batch in method.epoch_batches(data, rng):
-            method.step(batch, opt)
+            train_step(method, batch, opt)
             e, n = _units(batch)
             eps, imgs, steps = eps + e, imgs + n, steps + 1
         seconds.append(time.perf_counter() - t0)

@@ -29,7 +29,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fewshot.errors import FewshotError
-from fewshot.methods.base import TrainData, config_keys, get_method, make_config
+from fewshot.methods import TrainData
+from fewshot.training import config_keys, make_config
+from fewshot.training.optim import make_optimizer, train_step
 from fewshot.training import read_history, train
 from fewshot.training.distributed import check_nproc, shard_sizes
 
@@ -53,10 +55,10 @@ def _toy_method(name: str):
     cfg = make_config(name, fine_tune="none", head={"kind": "mlp", "hidden_dim": 12, "out_dim": 8}, seed=5,
                       **STEP_CASES[name])
     torch.manual_seed(0)
-    method = get_method(name)(cfg, 16)
+    method = cfg.build_method(16)
     features = lambda idx: x[torch.from_numpy(idx)]  # noqa: E731
     method.bind(features)
-    return method, train_data, features
+    return method, train_data, features, make_optimizer(method, cfg)
 
 
 def _epoch_batches(method, train_data, epoch: int):
@@ -81,11 +83,9 @@ def _rank_main(rank: int, world_size: int, folder: str) -> None:
     par = Parallel(rank, world_size, rank, torch.device("cpu"), "gloo", group=dist.new_group(backend="gloo"))
     try:
         for name in STEP_CASES:
-            method, train_data, features = _toy_method(name)
-            optimizer = method.optimizer()
+            method, train_data, features, optimizer = _toy_method(name)
             step = DataParallelStep(method, optimizer, par, None, features)
             losses = [step(b) for epoch in range(1, EPOCHS + 1) for b in _epoch_batches(method, train_data, epoch)]
-            step.close()
             torch.save({"losses": losses, "weights": _weights(method)}, Path(folder) / f"{name}-{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -103,9 +103,8 @@ def two_ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(STEP_CASES))
 def test_two_processes_step_like_one_process_on_the_same_batches(two_ranks, name):
-    method, train_data, _ = _toy_method(name)
-    optimizer = method.optimizer()
-    ref_losses = [method.step(b, optimizer) for epoch in range(1, EPOCHS + 1)
+    method, train_data, _, optimizer = _toy_method(name)
+    ref_losses = [train_step(method, b, optimizer) for epoch in range(1, EPOCHS + 1)
                   for b in _epoch_batches(method, train_data, epoch)]
     ref = _weights(method)
     ranks = [torch.load(two_ranks / f"{name}-{r}.pt") for r in range(2)]
@@ -131,8 +130,9 @@ def test_shard_sizes_and_nproc_checks():
 
     assert CLI_MAX == MAX_NPROC == 64 and check_nproc(64) == 64
     for bad in (0, -1, 1.5, "two", 65, None):
-        with pytest.raises(FewshotError, match="--nproc"):
+        with pytest.raises(FewshotError, match="nproc=") as err:
             check_nproc(bad)
+        assert err.value.options == ("nproc",)
 
 
 # --------------------------------------------------------------------------- the CLI on real data

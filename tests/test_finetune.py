@@ -14,7 +14,9 @@ from torch.func import functional_call
 
 from fewshot.backbones import create_backbone
 from fewshot.errors import BackboneError, FewshotError
-from fewshot.methods.base import make_config, parse_fine_tune
+from fewshot.training import make_config
+from fewshot.training.config import parse_fine_tune
+from fewshot.training.optim import make_optimizer, train_step
 from fewshot.methods.maml import inner_adapt
 from fewshot.methods.runs import load_run
 from fewshot.training import train
@@ -35,8 +37,9 @@ def test_parse_fine_tune(value, expected):
 
 @pytest.mark.parametrize("value", ["some", "last:0", "last:x", "all:2", ""])
 def test_parse_fine_tune_refuses(value):
-    with pytest.raises(FewshotError, match="--fine-tune"):
+    with pytest.raises(FewshotError, match="fine_tune") as err:
         parse_fine_tune(value)
+    assert err.value.options == ("fine_tune",) and "--" not in str(err.value)
 
 
 def test_config_canonical_and_backbone_lr():
@@ -152,7 +155,7 @@ def test_saved_fine_tuned_run_reloads_to_the_same_embeddings(drawn_tree, tmp_pat
 
 
 def test_from_scratch_needs_fine_tune_all_and_conv4_has_no_weights(tiny, tmp_path):
-    with pytest.raises(FewshotError, match="--fine-tune all"):
+    with pytest.raises(FewshotError, match="fine_tune=all"):
         train(_cfg(tiny, tmp_path / "x", pretrained=False, fine_tune="last:1"))
     with pytest.raises(BackboneError, match="no pretrained weights"):
         create_backbone("conv4", pretrained=True, image_size=28)
@@ -160,8 +163,9 @@ def test_from_scratch_needs_fine_tune_all_and_conv4_has_no_weights(tiny, tmp_pat
 
 
 def test_maml_inner_params_all_needs_a_trained_backbone(tiny, tmp_path):
-    with pytest.raises(FewshotError, match="--inner-params all"):
+    with pytest.raises(FewshotError, match="inner_params=all") as err:
         train(_cfg(tiny, tmp_path / "m", "maml", inner_params="all", fine_tune="none"))
+    assert err.value.options == ("inner_params", "fine_tune")  # the CLI names --inner-params and --fine-tune
 
 
 # ------------------------------------------------------------------ full-network MAML
@@ -217,7 +221,7 @@ def test_full_network_maml_step_adapts_and_updates_the_backbone():
         bb = create_backbone("conv4", pretrained=False, image_size=28)
         cfg = make_config(cls.name, fine_tune="all", pretrained=False, ways=2, shots=1, queries=2,
                           inner_params="all", inner_steps=2, inner_lr=0.1, meta_batch=1, lr=1e-2)
-        m = cls(cfg, bb.dim)
+        m = cfg.build_method(bb.dim)
         params = select_trainable(bb, "all")
         m.backbone, m.backbone_params = bb.model, params
         images = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -225,8 +229,8 @@ def test_full_network_maml_step_adapts_and_updates_the_backbone():
         before = {k: v.clone() for k, v in bb.model.state_dict().items()}
         ep = Episode(support_idx=np.array([0, 1]), support_y=np.array([0, 1]), query_idx=np.array([2, 3, 4, 5]),
                      query_y=np.array([0, 0, 1, 1]), classes=["a", "b"])
-        opt = m.optimizer()
-        loss = m.step([ep], opt)
+        opt = make_optimizer(m, cfg)
+        loss = train_step(m, [ep], opt)
         assert np.isfinite(loss)
         after = bb.model.state_dict()
         moved = {k.split(".")[1] for k in _changed(before, after) if k.endswith("weight")}
@@ -305,12 +309,11 @@ def _toy_conv4_protonet(tmp_path, **kw) -> dict:
 def test_class_rotations_make_each_rotation_a_train_class_of_its_own(tmp_path):
     """--class-rotations 4 (Santoro et al. 2016): the train part has 4x the classes, item
     r*N + i is image i turned r x 90 degrees with class r*C + y[i]; val is untouched."""
-    from fewshot.methods.base import get_method
-    from fewshot.training.loop import _setup
+    from fewshot.training.setup import build_setup
 
     common = _toy_conv4_protonet(tmp_path)
-    plain = _setup(make_config("protonet", out=str(tmp_path / "a"), **common), get_method("protonet"))
-    rot = _setup(make_config("protonet", out=str(tmp_path / "b"), class_rotations=4, **common), get_method("protonet"))
+    plain = build_setup(make_config("protonet", out=str(tmp_path / "a"), **common))
+    rot = build_setup(make_config("protonet", out=str(tmp_path / "b"), class_rotations=4, **common))
     n, c = len(plain.data.train), plain.data.train.num_classes
     assert (len(rot.data.train), rot.data.train.num_classes) == (4 * n, 4 * c) and c == 14
     base = plain.ft.train_bank.images
@@ -323,7 +326,7 @@ def test_class_rotations_make_each_rotation_a_train_class_of_its_own(tmp_path):
     result = train(make_config("protonet", out=str(tmp_path / "run"), class_rotations=4, **common))
     assert result.history[-1]["train_loss"] is not None
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_config"]["class_rotations"] == 4
-    with pytest.raises(FewshotError, match="--class-rotations 5 must be 1, 2, 3 or 4"):
+    with pytest.raises(FewshotError, match="class_rotations = 5: the training loop needs at most 4"):
         train(make_config("protonet", out=str(tmp_path / "bad"), class_rotations=5, **common))
     assert not (tmp_path / "bad").exists()
 
@@ -331,14 +334,12 @@ def test_class_rotations_make_each_rotation_a_train_class_of_its_own(tmp_path):
 def test_from_scratch_head_is_not_centred_and_frozen_runs_refuse_backbone_options(tiny, tmp_path):
     """A random backbone's mean embedding goes stale as it learns, so its head is not centred;
     backbone options with --fine-tune none would be ignored, so they are refused."""
-    from fewshot.methods.protonet import ProtoNet
-
     cfg = make_config("protonet", pretrained=False, fine_tune="all")
-    assert ProtoNet(cfg, 64).head.use_centre is False
-    assert ProtoNet(make_config("protonet"), 64).head.use_centre is True
+    assert cfg.build_method(64).head.use_centre is False
+    assert make_config("protonet").build_method(64).head.use_centre is True
     for option in ({"backbone_lr": 1e-3}, {"bn": "train"}, {"augment": "none"}, {"warmup_steps": 5},
                    {"class_rotations": 4}):
-        with pytest.raises(FewshotError, match="--fine-tune none keeps it frozen"):
+        with pytest.raises(FewshotError, match="fine_tune none keeps it frozen"):
             train(_cfg(tiny, tmp_path / "r", fine_tune="none", **option))
     with pytest.raises(FewshotError, match="has 16 blocks"):
         train(_cfg(tiny, tmp_path / "r", fine_tune="last:17"))
@@ -363,7 +364,7 @@ def test_full_network_maml_on_efficientnet_with_fine_tune_all(tiny, tmp_path):
 def test_cosine_schedule_is_torch_cosine_annealing_after_the_backbone_warm_up():
     """After the warm-up every group follows torch's CosineAnnealingLR (eta_min 0) down to 0 at
     the last planned step; the backbone ramps first; "constant" keeps every rate."""
-    from fewshot.training.loop import lr_scheduler
+    from fewshot.training.optim import lr_scheduler
 
     def groups():
         w = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
@@ -398,11 +399,10 @@ def test_cosine_schedule_is_torch_cosine_annealing_after_the_backbone_warm_up():
 def test_training_with_a_cosine_schedule_plans_every_step_and_records_it(tmp_path):
     """--lr-schedule cosine reaches 0 exactly at the run's last step (epochs x steps of an
     epoch), is written to config.json, and an unknown schedule is refused before any output."""
-    from fewshot.methods.base import get_method
-    from fewshot.training.loop import _setup
+    from fewshot.training.setup import build_setup
 
     common = _toy_conv4_protonet(tmp_path, warmup_steps=5, lr_schedule="cosine")
-    setup = _setup(make_config("protonet", out=str(tmp_path / "a"), **common), get_method("protonet"))
+    setup = build_setup(make_config("protonet", out=str(tmp_path / "a"), **common))
     rates = []
     for _ in range(20):  # 2 epochs x 10 episodes
         rates.append([g["lr"] for g in setup.optimizer.param_groups])
@@ -413,7 +413,7 @@ def test_training_with_a_cosine_schedule_plans_every_step_and_records_it(tmp_pat
     assert all(g["lr"] == pytest.approx(0.0, abs=1e-12) for g in setup.optimizer.param_groups)
     train(make_config("protonet", out=str(tmp_path / "run"), **common))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_config"]["lr_schedule"] == "cosine"
-    with pytest.raises(FewshotError, match="unknown --lr-schedule 'linear'"):
+    with pytest.raises(FewshotError, match="lr_schedule = 'linear' is not allowed"):
         train(make_config("protonet", out=str(tmp_path / "bad"), **{**common, "lr_schedule": "linear"}))
     assert not (tmp_path / "bad").exists()
 

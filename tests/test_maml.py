@@ -14,7 +14,9 @@ from torch.func import functional_call
 from fewshot.methods.heads import ProjectionHead
 from fewshot.methods.maml import (FOMAML, MAML, OutputLayer, adapted_query_loss, inner_adapt,
                                   make_adapt_classifier, output_init)
-from fewshot.methods.base import make_config, TrainConfig, TrainData, get_method
+from fewshot.methods import TrainData, get_method
+from fewshot.training import make_config
+from fewshot.training.optim import make_optimizer, train_step
 from train_helpers import nuisance_toy
 
 
@@ -136,18 +138,18 @@ def test_training_steps_reduce_meta_loss(cls):
     x, y = nuisance_toy(12, 20, seed=0, noise=0.8, evenly_spaced=False)
     cfg = make_config(cls.name, ways=3, shots=2, queries=3, episodes_per_epoch=8, meta_batch=4,
                       inner_lr=0.5, inner_steps=2, lr=1e-2, head={"kind": "linear", "centre": True})
-    m = cls(cfg, x.shape[1])
+    m = cfg.build_method(x.shape[1])
     m.head.set_centre(x)
     m.bind(lambda idx: x[torch.as_tensor(idx)])
     data = TrainData(x, y, [str(i) for i in range(12)])
     fixed = [b for b in m.epoch_batches(data, np.random.default_rng(0))]
     assert [len(b) for b in fixed] == [4, 4]
     before = float(sum(m.loss(b).detach() for b in fixed))
-    opt = m.optimizer()
+    opt = make_optimizer(m, cfg)
     rng = np.random.default_rng(1)
     for _ in range(15):
         for b in m.epoch_batches(data, rng):
-            m.step(b, opt)
+            train_step(m, b, opt)
     after = float(sum(m.loss(b).detach() for b in fixed))
     assert after < 0.8 * before
     assert get_method(cls.name) is cls
@@ -191,7 +193,7 @@ def test_saved_maml_run_reloads_and_adapts(tmp_path):
     d = backbone.dim
     cfg = make_config("maml", ways=5, shots=5, queries=5, inner_lr=0.5, inner_steps=2,
                       inner_steps_test=100)
-    method = MAML(cfg, d)
+    method = cfg.build_method(d)
     with torch.no_grad():
         method.log_scale.fill_(np.log(10.0))
     model = EmbeddingModel(backbone=backbone, head=method.head)
@@ -221,7 +223,7 @@ def test_init_mode_and_learned_init_travel_with_the_run(tmp_path, init):
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
     cfg = make_config("fomaml", ways=3, init=init)
-    method = FOMAML(cfg, backbone.dim)
+    method = cfg.build_method(backbone.dim)
     with torch.no_grad():
         method.init_weight.normal_()
     runs.save_run(tmp_path / "run", EmbeddingModel(backbone=backbone, head=method.head),

@@ -16,7 +16,7 @@ from fewshot.cli import app
 from fewshot.errors import FewshotError
 from fewshot.methods import METHODS
 from fewshot.methods.maml import MAMLOptions
-from fewshot.methods.base import TrainConfig, make_config
+from fewshot.training import TrainConfig, make_config
 from fewshot.training import read_history, train
 
 from train_helpers import shared_tiny_grocery
@@ -31,7 +31,7 @@ def test_options_live_with_their_method():
     assert make_config("triplet").options.margin == 0.1 and make_config("contrastive").options.margin == 0.3
     with pytest.raises(FewshotError, match="method 'triplet' has no option inner_lr"):
         make_config("triplet", inner_lr=0.3)
-    with pytest.raises(FewshotError, match="--inner-steps -1"):
+    with pytest.raises(FewshotError, match="option inner_steps = -1"):
         make_config("maml", inner_steps=-1)
     with pytest.raises(TypeError, match="unknown TrainConfig field"):
         make_config("triplet", learning_rate=1)
@@ -79,7 +79,7 @@ TOY_METHOD = '''
     import numpy as np
     import torch
 
-    from fewshot.methods.base import IndexBatch, Method, option, register_method
+    from fewshot.methods import IndexBatch, Method, option, register_method
 
 
     @dataclass
@@ -93,6 +93,7 @@ TOY_METHOD = '''
         name = "toy-pull"
         summary = "Toy: pull embeddings to their class mean"
         Config = PullOptions
+        data_parallel = True
 
         def epoch_batches(self, train, rng):
             order = rng.permutation(len(train))
@@ -100,8 +101,10 @@ TOY_METHOD = '''
             return [IndexBatch(idx=order[i:i + size], y=train.y[torch.from_numpy(order[i:i + size])])
                     for i in range(0, len(order) - size + 1, size)]
 
-        def loss(self, batch):
-            z = self.embed(self.features(batch.idx))
+        def items(self, batch):
+            return batch.idx
+
+        def loss_from(self, z, batch):
             y = batch.y.to(z.device)
             onehot = torch.nn.functional.one_hot(y).float()
             means = (onehot.T @ z) / onehot.sum(0).clamp_min(1).unsqueeze(1)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.methods.base import make_config, TrainConfig, TrainData, get_method
+from fewshot.methods import TrainData
+from fewshot.training import make_config
+from fewshot.training.optim import make_optimizer, train_step
 from fewshot.methods.protonet import (ProtoNet, protonet_logits, protonet_loss, prototypes,
                                       sqeuclidean_prototype_classifier, squared_euclidean)
 from fewshot.metrics import episodic_accuracy
@@ -48,7 +50,7 @@ def test_protonet_reaches_100_percent_on_separable_toy_problem():
     x, y = nuisance_toy(12, 30, seed=0)
     cfg = make_config("protonet", ways=5, shots=5, queries=5, episodes_per_epoch=100, lr=1e-2,
                       head={"kind": "linear", "centre": True})
-    method = get_method("protonet")(cfg, x.shape[1])
+    method = cfg.build_method(x.shape[1])
     assert isinstance(method, ProtoNet)
     method.head.set_centre(x)
     method.bind(lambda idx: x[torch.as_tensor(idx)])
@@ -64,11 +66,11 @@ def test_protonet_reaches_100_percent_on_separable_toy_problem():
                                  classifier=method.episode_classifier()).accuracy
 
     before = accuracy(1)
-    opt = method.optimizer()
+    opt = make_optimizer(method, cfg)
     rng = np.random.default_rng(0)
     for _ in range(6):
         for ep in method.epoch_batches(data, rng):
-            method.step(ep, opt)
+            train_step(method, ep, opt)
     assert before < 0.8
     assert accuracy(1) == 1.0
     assert accuracy(5) == 1.0
@@ -82,7 +84,7 @@ def test_saved_protonet_run_restores_scale(tmp_path):
 
     backbone = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
     cfg = make_config("protonet")
-    m = ProtoNet(cfg, backbone.dim)
+    m = cfg.build_method(backbone.dim)
     with torch.no_grad():
         m.log_scale.fill_(1.234)
         m.head.net.weight.mul_(0.5)
@@ -91,7 +93,7 @@ def test_saved_protonet_run_restores_scale(tmp_path):
                   complete=True)
     loaded = runs.load_run(tmp_path / "run")
     assert loaded.episode_classifier is sqeuclidean_prototype_classifier
-    m2 = ProtoNet(cfg, backbone.dim)
+    m2 = cfg.build_method(backbone.dim)
     from safetensors.torch import load_file
 
     t = load_file(str(tmp_path / "run" / runs.WEIGHTS))
@@ -123,7 +125,7 @@ def test_protonet_loss_decreases_on_small_real_grocery_subset(grocery_root):
 
     torch.manual_seed(0)
     cfg = make_config("protonet", ways=5, shots=3, queries=5, episodes_per_epoch=50, lr=1e-4)
-    method = ProtoNet(cfg, x.shape[1])
+    method = cfg.build_method(x.shape[1])
     method.head.set_centre(x)
     method.bind(lambda i: x[torch.as_tensor(i)])
     fixed = list(method.epoch_batches(data, np.random.default_rng(123)))
@@ -133,10 +135,10 @@ def test_protonet_loss_decreases_on_small_real_grocery_subset(grocery_root):
             return float(np.mean([method.loss(ep).item() for ep in fixed]))
 
     before = mean_loss()
-    opt = method.optimizer()
+    opt = make_optimizer(method, cfg)
     rng = np.random.default_rng(0)
     for _ in range(3):
         for ep in method.epoch_batches(data, rng):
-            method.step(ep, opt)
+            train_step(method, ep, opt)
     after = mean_loss()
     assert np.isfinite(after) and after < 0.8 * before, (before, after)

@@ -9,7 +9,7 @@ from fewshot.backbones.base import BACKBONES, register_backbone
 from fewshot.data.fetch import DATASETS, get_dataset_info, register_dataset
 from fewshot.errors import BackboneError, DataError, FewshotError
 from fewshot.methods import METHODS, get_method, list_methods, register_method
-from fewshot.methods.base import Method
+from fewshot.methods import Method
 from fewshot.registry import Registry
 
 

@@ -21,7 +21,7 @@ from fewshot.cli import app
 from fewshot.errors import CheckpointError, FewshotError
 from fewshot.catalogue import load_index
 from fewshot.index import CatalogueIndex
-from fewshot.methods.base import config_keys, make_config
+from fewshot.training import config_keys, make_config
 from fewshot.training import staging_dir, train
 
 from train_helpers import shared_tiny_grocery
@@ -280,7 +280,7 @@ def test_training_that_cannot_learn_is_refused_up_front(tiny, tmp_path):
     r = run("train", "--fine-tune", "none", "--data", tiny["data"], "--split-file", tiny["split_file"], "--method", "protonet",
             "--ways", "1", "--out", out, code=2)
     assert "--ways" in flat(r)
-    with pytest.raises(FewshotError, match="at least 2 classes"):
+    with pytest.raises(FewshotError, match="ways = 1: the training loop needs at least 2"):  # its declared min
         train(_cfg(tiny, out, method="protonet", ways=1))
     with pytest.raises(FewshotError, match="cannot make 3-way 10-shot"):
         train(_cfg(tiny, out, method="protonet", shots=10, queries=4))  # 12 photos per train class
@@ -301,11 +301,11 @@ def test_a_one_class_val_part_is_refused(tiny, tmp_path):
 def test_class_warnings_once_with_labels(caplog):
     import logging
 
-    from fewshot.methods.base import TrainData, get_method
+    from fewshot.methods import TrainData
 
     y = torch.tensor([0] * 6 + [1] * 6 + [2] * 2 + [3] * 6)
     data = TrainData(x=torch.randn(len(y), 8), y=y, label_names=["Granny-Smith", "Pink-Lady", "Banana", "Carrots"])
-    method = get_method("protonet")(make_config("protonet", ways=3, shots=2, queries=2, episodes_per_epoch=3), 8)
+    method = make_config("protonet", ways=3, shots=2, queries=2, episodes_per_epoch=3).build_method(8)
     with caplog.at_level(logging.WARNING, logger="fewshot"):
         for epoch in range(3):
             list(method.epoch_batches(data, np.random.default_rng(epoch)))

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fewshot.errors import FewshotError
-from fewshot.methods.base import IndexBatch, TrainConfig, TrainData, get_method, make_config
+from fewshot.methods import IndexBatch, TrainData, get_method
+from fewshot.training import make_config
+from fewshot.training.optim import make_optimizer, train_step
 from fewshot.methods.siamese import ContrastiveMethod, TripletMethod
 
 from train_helpers import shared_tiny_grocery
@@ -19,7 +21,7 @@ def _toy_method(name: str, **cfg) -> tuple:
     """A method with an identity head (no centring) on 2-D toy vectors."""
     x = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
     y = torch.tensor([0, 0, 1, 1])
-    method = get_method(name)(make_config(name, head={"kind": "linear", "centre": False}, **cfg), 2)
+    method = make_config(name, head={"kind": "linear", "centre": False}, **cfg).build_method(2)
     method.bind(lambda idx: x[torch.from_numpy(idx)])
     return method, x, y
 
@@ -62,17 +64,18 @@ def test_triplet_loss_matches_hand_computation():
 
 
 def test_miners_and_margin_defaults():
-    c = ContrastiveMethod(make_config("contrastive"), 8)
-    t = TripletMethod(make_config("triplet"), 8)
+    c = make_config("contrastive").build_method(8)
+    t = make_config("triplet").build_method(8)
+    assert isinstance(c, ContrastiveMethod) and isinstance(t, TripletMethod)
     assert type(c.miner).__name__ == "BatchHardMiner"
     assert (c.margin, c.pos_margin) == (0.3, 0.8)
-    ms = ContrastiveMethod(make_config("contrastive", miner="semihard"), 8).miner
+    ms = make_config("contrastive", miner="semihard").build_method(8).miner
     assert type(ms).__name__ == "MultiSimilarityMiner"
     assert type(t.miner).__name__ == "TripletMarginMiner" and t.miner.type_of_triplets == "semihard"
     assert t.margin == 0.1
-    assert ContrastiveMethod(make_config("contrastive", miner="all"), 8).miner is None
-    with pytest.raises(FewshotError, match="--miner 'hardest' is not an option of method 'triplet'"):
-        TripletMethod(make_config("triplet", miner="hardest"), 8)
+    assert make_config("contrastive", miner="all").build_method(8).miner is None
+    with pytest.raises(FewshotError, match="option miner = 'hardest' is not allowed for method 'triplet'"):
+        make_config("triplet", miner="hardest").build_method(8)
     with pytest.raises(FewshotError, match="unknown method"):
         get_method("siamese-net")
 
@@ -86,7 +89,7 @@ def _train_data(n_classes: int = 10, per_class: int = 7, dim: int = 16, seed: in
 
 def test_m_per_class_batches_are_seeded_and_balanced():
     data = _train_data()
-    method = TripletMethod(make_config("triplet", batch_size=12, m_per_class=3), data.dim)
+    method = make_config("triplet", batch_size=12, m_per_class=3).build_method(data.dim)
     a = method.epoch_batches(data, np.random.default_rng(1))
     b = method.epoch_batches(data, np.random.default_rng(1))
     c = method.epoch_batches(data, np.random.default_rng(2))
@@ -103,10 +106,10 @@ def test_m_per_class_batches_are_seeded_and_balanced():
 def test_impossible_batch_sizes_are_refused():
     data = _train_data(n_classes=3)
     with pytest.raises(FewshotError, match="needs 4 classes"):
-        TripletMethod(make_config("triplet", batch_size=16, m_per_class=4), 16).epoch_batches(
+        make_config("triplet", batch_size=16, m_per_class=4).build_method(16).epoch_batches(
             data, np.random.default_rng(0))
     with pytest.raises(FewshotError, match="do not fit"):
-        TripletMethod(make_config("triplet", batch_size=10, m_per_class=4), 16).epoch_batches(
+        make_config("triplet", batch_size=10, m_per_class=4).build_method(16).epoch_batches(
             data, np.random.default_rng(0))
 
 
@@ -135,21 +138,21 @@ def test_loss_decreases_on_real_subset(tiny_features, name, miner):
     assert data.num_classes == 6 and len(data) == 6 * 12
     torch.manual_seed(0)
     cfg = make_config(name, miner=miner, lr=1e-3, batch_size=24, m_per_class=4)
-    method = get_method(name)(cfg, data.dim)
+    method = cfg.build_method(data.dim)
     method.head.set_centre(data.x)
     method.bind(lambda idx: data.x[torch.from_numpy(idx)])
     # the fixed objective: the same loss with every pair / triplet of the whole subset
     full = IndexBatch(idx=np.arange(len(data)), y=data.y)
-    reference = get_method(name)(make_config(name, miner="all"), data.dim)
+    reference = make_config(name, miner="all").build_method(data.dim)
     reference.head = method.head
     reference.bind(method._features)
     with torch.no_grad():
         before = float(reference.loss(full))
-    opt = method.optimizer()
+    opt = make_optimizer(method, cfg)
     rng = np.random.default_rng(0)
     for _ in range(8):
         for batch in method.epoch_batches(data, rng):
-            method.step(batch, opt)
+            train_step(method, batch, opt)
     with torch.no_grad():
         after = float(reference.loss(full))
     assert math.isfinite(before) and before > 0

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fewshot.errors import CheckpointError
-from fewshot.methods.base import config_keys, make_config
+from fewshot.training import config_keys, make_config
 from fewshot.methods.runs import load_run
 from fewshot.training import CHECKPOINT, HISTORY_FIELDS, read_history, staging_dir, train
 
@@ -264,7 +264,7 @@ def test_cli_train_refuses_unknown_maml_init_before_any_work(tiny, tmp_path):
                                    "--method", "maml", "--out", str(out), "--maml-init", "prototypes",
                                    "--threads", "1", "--no-progress"])
     assert res.exit_code == 2, res.output
-    assert "--maml-init" in res.output and "proto | zero | learned" in res.output
+    assert "--maml-init" in res.output and "proto, zero, learned" in res.output
     assert not out.exists()
 
 
@@ -355,7 +355,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_before_writing(tiny):
     before = path.read_bytes()
     with pytest.raises(CheckpointError, match="does not fit this run's model") as err:
         train(_cfg(tiny, out, method="contrastive", epochs=2, patience=0, resume=True))
-    assert "without --resume" in err.value.hint
+    assert "without resume=True" in err.value.hint and err.value.options == ("resume", "overwrite")
     assert path.read_bytes() == before and read_history(staging_dir(out))[-1]["epoch"] == 0
 
 

@@ -120,17 +120,16 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
 
 
 def train(config: Any) -> Any:
-    """Train a method (``config``: a :class:`fewshot.methods.base.TrainConfig`, e.g. from
-    ``fewshot.methods.base.make_config("triplet", data=..., split_file=..., out=...)``);
+    """Train a method (``config``: a :class:`fewshot.training.TrainConfig`, e.g. from
+    ``fewshot.training.make_config("triplet", data=..., split_file=..., out=...)``);
     returns the :class:`fewshot.training.RunResult` (best epoch, metrics, history).
 
     Raises:
         TypeError: ``config`` is not a ``TrainConfig`` (the message says how to make one).
     """
-    from .methods.base import TrainConfig
-    from .training import train as _train
+    from .training import TrainConfig, train as _train
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, not {type(config).__name__}: make one with "
-                        "fewshot.methods.base.make_config('triplet', data=..., split_file=..., out=...)")
+                        "fewshot.training.make_config('triplet', data=..., split_file=..., out=...)")
     return _train(config)

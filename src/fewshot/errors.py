@@ -10,12 +10,22 @@ from pathlib import Path
 
 
 class FewshotError(Exception):
-    """A user-facing error: ``message`` says what is wrong, ``hint`` how to fix it."""
+    """A user-facing error: ``message`` says what is wrong, ``hint`` how to fix it.
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    Attributes:
+        options: the names of the options (dataclass fields: a method's, the training loop's)
+            that the message and hint name as they are spelt in Python (``ways=1``); a command
+            line shows each as its flag instead (``--ways 1``). Empty when none.
+    """
+
+    options: tuple[str, ...] = ()
+
+    def __init__(self, message: str, hint: str | None = None, *, options: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if options:
+            self.options = tuple(options)
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  fix: {self.hint}"

@@ -48,16 +48,19 @@ def check_options(what: str, opts: Any) -> None:
         opts: a dataclass instance whose fields were made with :func:`option`.
 
     Raises:
-        FewshotError: naming the option (by its field name), its value and what is allowed.
+        FewshotError: naming the option (by its field name, also in ``options``), its value and
+            what is allowed.
     """
     for f in fields(opts):
         value, meta = getattr(opts, f.name), f.metadata
         if isinstance(value, float) and not math.isfinite(value):
             raise FewshotError(f"option {f.name} = {value}: {what} needs a finite number",
-                               hint=f"use e.g. {f.name} = {f.default}")
+                               hint=f"use e.g. {f.name} = {f.default}", options=(f.name,))
         if meta.get("min") is not None and value is not None and value < meta["min"]:
             raise FewshotError(f"option {f.name} = {value}: {what} needs at least {meta['min']}",
-                               hint=f"use {f.name} = {meta['min']} or more (default {f.default})")
+                               hint=f"use {f.name} = {meta['min']} or more (default {f.default})",
+                               options=(f.name,))
         if meta.get("choices") and value not in meta["choices"]:
             raise FewshotError(f"option {f.name} = {value!r} is not allowed for {what}",
-                               hint=f"use one of: {', '.join(map(str, meta['choices']))}")
+                               hint=f"use one of: {', '.join(map(str, meta['choices']))}",
+                               options=(f.name,))

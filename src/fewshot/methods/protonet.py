@@ -33,15 +33,15 @@ measured the same within 0.1 point on Grocery). Retrieval uses the head's embedd
 cosine similarity, like every other model.
 
 Speed: one 5-way 5-shot 5-query episode is one head forward and backward on ``[50, 1280]`` plus
-an Adam step on the ``1280 x 1280`` head; :func:`fused_adam` (PyTorch's fused Adam kernel) makes
-the optimizer step ~10x cheaper than the default per-tensor loop on CPU. See
-``bench/train_speed_protonet.py``.
+an Adam step on the ``1280 x 1280`` head; the method asks the trainer for PyTorch's fused Adam
+kernel (:attr:`~fewshot.methods.base.Method.fused_adam`), which makes the optimizer step ~10x
+cheaper than the default per-tensor loop on CPU. See ``bench/train_speed_protonet.py``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -51,10 +51,11 @@ from torch import nn
 from ..data.episodes import Episode
 from ..model import EpisodeClassifier
 from .functional import prototypes, sqeuclidean_prototype_classifier, squared_euclidean
-from .base import EpisodicOptions, Method, TrainData, register_method
+from .base import EpisodicOptions, Method, TrainData
+from .registry import register_method
 
 __all__ = ["prototypes", "squared_euclidean", "protonet_logits", "protonet_loss", "sqeuclidean_prototype_classifier",
-           "ProtoNet", "INIT_SCALE", "fused_adam"]
+           "ProtoNet", "INIT_SCALE"]
 
 
 def protonet_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, n_way: int,
@@ -89,37 +90,29 @@ def protonet_loss(support: torch.Tensor, support_y: torch.Tensor, query: torch.T
 INIT_SCALE = 5.0
 
 
-def fused_adam(method: Method) -> torch.optim.Optimizer:
-    """Adam over ``method.param_groups()`` with ``cfg.weight_decay``, using PyTorch's fused
-    kernel where it exists (same update rule; on CPU about 10x faster than the default per-tensor
-    loop for a 1280 x 1280 head, which dominates the time of a 5-way 5-shot episode)."""
-    cfg = method.cfg
-    try:
-        return torch.optim.Adam(method.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(method.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 @register_method("protonet")
 class ProtoNet(Method):
     """Prototypical network training method (``fewshot train --method protonet``).
 
-    One batch is one :class:`~fewshot.data.episodes.Episode` of ``cfg.ways`` x ``cfg.shots``
-    support and ``cfg.ways`` x ``cfg.queries`` query items drawn from the training classes;
-    :meth:`loss` is :func:`protonet_loss` on the head's embeddings with the learned scale.
+    One batch is one :class:`~fewshot.data.episodes.Episode` of ``ways`` x ``shots``
+    support and ``ways`` x ``queries`` query items (:attr:`episodes`) drawn from the training
+    classes; :meth:`loss_from` is :func:`protonet_loss` on the head's embeddings of the support
+    and query items (:meth:`items`) with the learned scale. Data-parallel.
     Extra state: ``log_scale`` (scalar float32), saved as ``method.log_scale``.
     """
 
     name = "protonet"
     summary = "Prototypical networks (Snell et al. 2017), trained on N-way K-shot episodes"
     episodic = True
+    data_parallel = True
+    fused_adam = True
     Config = EpisodicOptions
     #: a small learning rate keeps the identity-initialised head near the frozen geometry
     #: (chosen on the Grocery val classes; best epoch by val MAP@R guards the rest)
     defaults: ClassVar[dict] = {"lr": 1e-4}
 
-    def __init__(self, cfg, in_dim: int) -> None:
-        super().__init__(cfg, in_dim)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.log_scale = nn.Parameter(torch.tensor(math.log(INIT_SCALE)))
 
     @property
@@ -130,17 +123,17 @@ class ProtoNet(Method):
     def extra_parameters(self) -> list[nn.Parameter]:
         return [self.log_scale]
 
-    def optimizer(self) -> torch.optim.Optimizer:
-        """Adam (fused kernel where available), as the base class."""
-        return fused_adam(self)
-
     def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> Iterator[Episode]:
         """``opts.episodes_per_epoch`` seeded episodes over the training classes."""
         return iter(self.episode_sampler(train, rng))
 
-    def loss(self, batch: Episode) -> torch.Tensor:
-        n_s = len(batch.support_idx)
-        z = self.embed(self.features(np.concatenate([batch.support_idx, batch.query_idx])))
+    def items(self, batch: Episode) -> np.ndarray:
+        """The support items, then the query items: int64 ``[N*K + N*Q]``."""
+        return np.concatenate([batch.support_idx, batch.query_idx])
+
+    def loss_from(self, embeddings: torch.Tensor, batch: Episode) -> torch.Tensor:
+        """Eq. 2's cross-entropy of the queries from the embeddings ``[N*K + N*Q, E]`` of :meth:`items`."""
+        z, n_s = embeddings, len(batch.support_idx)
         ys = torch.as_tensor(batch.support_y, device=z.device)
         yq = torch.as_tensor(batch.query_y, device=z.device)
         loss, _ = protonet_loss(z[:n_s], ys, z[n_s:], yq, batch.n_way, self.scale)

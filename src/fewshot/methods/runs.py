@@ -156,7 +156,7 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
         raise CheckpointError(f"weights in {w_path} do not match the architecture in {cfg_path}: {exc}",
                               hint="the run folder was mixed up or damaged; re-run training") from exc
     model = EmbeddingModel(backbone=backbone, head=head, run_dir=run_dir, run_config=cfg)
-    from .base import get_method
+    from .registry import get_method
 
     method_cls = None
     if cfg.get("method") not in (None, "", "frozen"):

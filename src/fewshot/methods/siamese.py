@@ -56,7 +56,8 @@ from pytorch_metric_learning import distances, losses, miners, samplers
 from pytorch_metric_learning.utils import common_functions as pml_common
 
 from ..errors import FewshotError
-from .base import IndexBatch, Method, TrainConfig, TrainData, option, register_method
+from .base import EpisodeSpec, IndexBatch, Method, TrainData, option
+from .registry import register_method
 
 log = logging.getLogger("fewshot")
 
@@ -107,16 +108,18 @@ class ContrastiveOptions(SiameseOptions):
 class SiameseMethod(Method):
     """Shared part of the pair / triplet methods: m-per-class batches, a loss and a miner.
 
-    Subclasses set :attr:`Config`, :meth:`make_loss` and :meth:`make_miner`.
+    Subclasses set :attr:`Config`, :meth:`make_loss` and :meth:`make_miner`. Data-parallel:
+    the miner and the loss see the embeddings of the whole batch, gathered from every process.
     """
 
     Config = SiameseOptions
+    data_parallel = True
 
-    def __init__(self, cfg: TrainConfig, in_dim: int) -> None:
-        super().__init__(cfg, in_dim)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         miner = self.opts.miner
         if miner not in MINERS:
-            raise FewshotError(f"unknown miner '{miner}'", hint=f"use --miner {' | '.join(MINERS)}")
+            raise FewshotError(f"unknown miner '{miner}'", hint=f"use miner={' | '.join(MINERS)}", options=("miner",))
         self.miner_name = miner
         self.margin = float(self.opts.margin)
         self.distance = distances.CosineSimilarity()
@@ -158,12 +161,12 @@ class SiameseMethod(Method):
         n_classes = train.num_classes
         if m < 2 or bs < 2 * m or bs % m:
             raise FewshotError(f"batch size {bs} and m-per-class {m} do not fit",
-                               hint="use --m-per-class >= 2 and a --batch-size that is a multiple of it "
-                                    "(at least two classes per batch)")
+                               hint="use m_per_class >= 2 and a batch_size that is a multiple of it "
+                                    "(at least two classes per batch)", options=("batch_size", "m_per_class"))
         if bs > m * n_classes:
             raise FewshotError(f"batch size {bs} needs {bs // m} classes of {m} images, but training has "
                                f"{n_classes} classes",
-                               hint=f"use --batch-size <= {m * n_classes} (a multiple of {m})")
+                               hint=f"use batch_size <= {m * n_classes} (a multiple of {m})", options=("batch_size",))
         return m, bs
 
     def epoch_batches(self, train: TrainData, rng: np.random.Generator) -> list[IndexBatch]:
@@ -185,12 +188,33 @@ class SiameseMethod(Method):
             order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
         return [IndexBatch(idx=b, y=train.y[torch.from_numpy(b)]) for b in order.reshape(-1, bs)]
 
-    def loss(self, batch: IndexBatch) -> torch.Tensor:
-        """Mined loss of one batch: features ``[B, D]`` -> embeddings ``[B, E]`` -> scalar."""
-        z = self.embed(self.features(batch.idx))
-        y = batch.y.to(z.device)
-        tuples = self.miner(z, y) if self.miner is not None else None
-        return self.loss_fn(z, y, tuples)
+    def items(self, batch: IndexBatch) -> np.ndarray:
+        """The batch's items, int64 ``[B]``."""
+        return batch.idx
+
+    def loss_from(self, embeddings: torch.Tensor, batch: IndexBatch) -> torch.Tensor:
+        """Mined loss of one batch from its embeddings ``[B, E]``: a scalar."""
+        y = batch.y.to(embeddings.device)
+        tuples = self.miner(embeddings, y) if self.miner is not None else None
+        return self.loss_fn(embeddings, y, tuples)
+
+    @classmethod
+    def check_parallel(cls, opts: Any, episodes: EpisodeSpec, world_size: int) -> None:
+        """As :meth:`Method.check_parallel`; also refuses a ``batch_size`` that is not a multiple
+        of ``world_size`` (every process embeds an equal slice of each batch).
+
+        Raises:
+            FewshotError: naming ``batch_size``, ``m_per_class`` and ``nproc`` (``options``).
+        """
+        super().check_parallel(opts, episodes, world_size)
+        bs, m = int(opts.batch_size), int(opts.m_per_class)
+        if world_size > 1 and bs % world_size:
+            good = next(b for b in range(bs, bs * world_size + 1) if b % world_size == 0 and b % m == 0)
+            raise FewshotError(f"batch_size={bs} does not split over nproc={world_size}: every process embeds an "
+                               "equal slice of each batch",
+                               hint=f"use a batch_size that is a multiple of {world_size} (and of m_per_class={m}), "
+                                    f"e.g. batch_size={good}, or another nproc",
+                               options=("batch_size", "m_per_class", "nproc"))
 
 
 @register_method("contrastive")

@@ -9,11 +9,13 @@ written before the arguments, the data and :meth:`Method.check_data` have been c
    classes under the cross-visit rule (:func:`~fewshot.data.splits.protocol_sets`: queries from
    the test photos, gallery from the train photos).
 2. Embeds those images with the frozen backbone (cached on disk: a second run embeds nothing).
-3. Builds the method (:mod:`fewshot.methods.base`) and its head; a head with ``"centre": true``
-   gets the mean L2-normalised training embedding as its centre. Seeds torch and numpy.
+3. Builds the method (:mod:`fewshot.methods.base`: its own options, the episode shape and its
+   head) and the optimizer (:mod:`.optim`: Adam, the learning rates of its parameter groups, the
+   warm-up and schedule); a head with ``"centre": true`` gets the mean L2-normalised training
+   embedding as its centre. Seeds torch and numpy.
 4. Validates epoch 0 (before any step), so the curves start at the frozen baseline, then runs
    epochs: each epoch iterates ``method.epoch_batches(train, rng)`` with a per-epoch seeded
-   ``rng`` and calls ``method.step``; then validates (val mAP, MAP@R, Precision@1 with
+   ``rng`` and takes one optimizer step per batch on ``method.loss(batch)``; then validates (val mAP, MAP@R, Precision@1 with
    :func:`~fewshot.metrics.retrieval_metrics`, and N-way K-shot episodic accuracy with
    ``val_episodes`` episodes and :meth:`Method.episode_classifier`).
 5. Keeps the best epoch by val MAP@R (``RUN_DIR/config.json`` + ``model.safetensors`` via
@@ -27,7 +29,7 @@ written before the arguments, the data and :meth:`Method.check_data` have been c
    randomness is seeded from ``(seed, epoch)``); a finished run resumed with a larger
    ``epochs`` trains on (one that stopped early stays stopped).
 7. Evaluates the best model on ``cfg.final_eval`` classes (default ``test``) with
-   :func:`fewshot.pipeline.evaluate` into ``RUN_DIR/eval_<part>/``.
+   :func:`fewshot.evaluation.evaluate` into ``RUN_DIR/eval_<part>/``.
 
 With ``fine_tune="last:N"`` the backbone's last ``N`` blocks train too, with ``"all"`` every
 backbone parameter (:mod:`.finetune`), for every method: the siamese methods on augmented
@@ -40,25 +42,32 @@ embeddings are cached under a digest of them). CUDA is used when present (``devi
 with bfloat16 autocast; on 2 CPU cores a Grocery ``last:2`` epoch takes about 2 minutes
 (README, "Fine-tuning the feature extractor").
 
-This module sits at the pipeline level: it uses the metrics (and, for the final evaluation,
-:mod:`fewshot.pipeline`), which nothing below it imports.
+This module sits above the evaluation layer: it uses the metrics (and, for the final evaluation,
+:mod:`fewshot.evaluation`), which nothing below it imports.
 
 Distributed training (:mod:`.distributed`): :func:`train_distributed` (``fewshot train --nproc N``)
 and torchrun (``torchrun --nproc_per_node=N -m fewshot train ...``) run the same loop in N
 processes with DistributedDataParallel, each embedding a slice of every batch; the run equals
-the one-process run on the same batches (contrastive, triplet, protonet; MAML is refused).
+the one-process run on the same batches (every method that declares
+:attr:`~fewshot.methods.base.Method.data_parallel`: contrastive, triplet, protonet; MAML is refused).
 
-Parts: :mod:`.loop` (:func:`train` and the epoch loop), :mod:`.data` (train / val sets and
-validation), :mod:`.finetune` (the trainable backbone parameters on augmented images),
-:mod:`.checkpoint` (RUN_DIR.partial, history, curves, checkpoints, ``--resume``),
-:mod:`.distributed` (several processes).
+Parts: :mod:`.config` (:class:`TrainConfig`: every loop setting declared once, its checks),
+:mod:`.defaults` (:func:`make_config`: the defaults that depend on other settings),
+:mod:`.loop` (:func:`train` and the epoch loop), :mod:`.setup` (what a run builds first),
+:mod:`.optim` (optimizer, learning-rate policy, the step), :mod:`.data` (train / val sets),
+:mod:`.validate` (each epoch's validation), :mod:`.finetune` (the trainable backbone parameters
+on augmented images), :mod:`.checkpoint` (the run folder: RUN_DIR.partial, history, curves,
+checkpoints, ``resume``), :mod:`.state` (the loop's state and its checkpoint),
+:mod:`.parallel` (the data-parallel step), :mod:`.distributed` (several processes).
 """
 
 from __future__ import annotations
 
 from .checkpoint import CHECKPOINT, HISTORY_FIELDS, read_history, staging_dir
+from .config import TrainConfig
+from .defaults import config_keys, make_config
 from .distributed import train_distributed
 from .loop import RunResult, train
 
 __all__ = ["train", "train_distributed", "RunResult", "HISTORY_FIELDS", "CHECKPOINT", "read_history",
-           "staging_dir"]
+           "staging_dir", "TrainConfig", "make_config", "config_keys"]

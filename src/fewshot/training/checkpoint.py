@@ -1,4 +1,4 @@
-"""What a run writes while it trains, and how an interrupted one is continued.
+"""The run folder: what a run writes while it trains, and how an interrupted one is continued.
 
 A run is trained in ``RUN_DIR.partial`` (:func:`staging_dir`) and moved onto ``RUN_DIR`` when
 training completes; every epoch writes ``history.csv``, ``curves.png`` and ``checkpoint.pt``
@@ -19,9 +19,10 @@ import torch
 
 from ..errors import CheckpointError
 from ..io import atomic_path, atomic_write_text, check_output
-from ..methods.base import Method, TrainConfig
+from ..methods import Method
 from ..methods.runs import CHECKPOINT, is_run_dir, run_file
-from .finetune import _FineTune
+from .config import TrainConfig
+from .finetune import FineTune
 
 log = logging.getLogger("fewshot")
 
@@ -33,14 +34,17 @@ HISTORY_FIELDS = ("epoch", "train_loss", "val_map", "val_map_at_r", "val_precisi
                   "val_episodic_acc", "seconds")
 CHECKPOINT_FORMAT = 1
 
-#: config fields that may change between an interrupted run and its ``--resume``
-_RESUMABLE_CHANGES = {"epochs", "patience", "options.episodes", "resume", "overwrite", "progress", "device",
+#: the options a run folder's errors name: continue the run, or replace it
+RESUME_OPTIONS = ("resume", "overwrite")
+#: config fields that may change between an interrupted run and its ``resume``
+RESUMABLE_CHANGES = {"epochs", "patience", "options.episodes", "resume", "overwrite", "progress", "device",
                       "cache_dir", "workers", "embed_batch_size", "final_eval", "eval_episodes", "final_tta", "out",
                       "data"}
 
 
 # --------------------------------------------------------------------------- files
-def _write_history(run_dir: Path, history: list[dict]) -> None:
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    """Write ``RUN_DIR/history.csv`` (:data:`HISTORY_FIELDS`, one row per epoch), atomically."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(HISTORY_FIELDS), lineterminator="\n")
     w.writeheader()
@@ -59,7 +63,8 @@ def read_history(run_dir: str | Path) -> list[dict]:
     return rows
 
 
-def _write_curves(run_dir: Path, history: list[dict]) -> None:
+def write_curves(run_dir: Path, history: list[dict]) -> None:
+    """Draw ``RUN_DIR/curves.png`` from the history (nothing without matplotlib; a failure is logged)."""
     try:
         from ..viz import training_curves
     except ImportError:  # matplotlib missing: the CSV is enough
@@ -73,7 +78,8 @@ def _write_curves(run_dir: Path, history: list[dict]) -> None:
         log.warning("could not draw %s: %s", run_dir / CURVES, exc)
 
 
-def _save_checkpoint(run_dir: Path, state: dict) -> None:
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    """Write ``state`` (tensors and plain values) to ``RUN_DIR/checkpoint.pt``, atomically."""
     with atomic_path(run_dir / CHECKPOINT) as tmp:
         torch.save(state, tmp)
 
@@ -83,7 +89,7 @@ _CHECKPOINT_KEYS = {"config": dict, "epoch": int, "state": dict, "optimizer": di
                     "bad_epochs": int, "seconds": float}
 
 
-def _load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict:
     """Read ``checkpoint.pt`` with torch's ``weights_only`` unpickler: tensors, dicts, lists,
     numbers, strings and ``None`` only, so a planted file's code never runs.
 
@@ -94,7 +100,7 @@ def _load_checkpoint(path: Path) -> dict:
         CheckpointError: the file holds anything else (a pickled object or function: not a
             checkpoint fewshot wrote, and not loaded), is damaged, or is not a training checkpoint.
     """
-    hint = f"train again without --resume (add --overwrite to discard what {path.parent} holds)"
+    hint = f"train again without resume=True (add overwrite=True to discard what {path.parent} holds)"
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file
             warnings.simplefilter("ignore")
@@ -104,12 +110,14 @@ def _load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} cannot be resumed safely: it holds more than tensors and plain values"
                               + (f" (it refers to {found.group(1)})" if found else "")
                               + "; fewshot did not write it like this (or it is damaged), so it was not loaded",
-                              hint=hint) from None
+                              hint=hint, options=RESUME_OPTIONS) from None
     except Exception as exc:
-        raise CheckpointError(f"{path} is damaged or not a training checkpoint ({exc})", hint=hint) from None
+        raise CheckpointError(f"{path} is damaged or not a training checkpoint ({exc})", hint=hint,
+                              options=RESUME_OPTIONS) from None
     problem = _checkpoint_problem(state)
     if problem:
-        raise CheckpointError(f"{path} is not a fewshot training checkpoint ({problem})", hint=hint)
+        raise CheckpointError(f"{path} is not a fewshot training checkpoint ({problem})", hint=hint,
+                              options=RESUME_OPTIONS)
     return state
 
 
@@ -133,17 +141,25 @@ def _flat(config: dict) -> dict:
     return out
 
 
-def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume the checkpoint at ``path`` (its ``saved`` config) with settings ``cfg``
+    that differ beyond :data:`RESUMABLE_CHANGES`.
+
+    Raises:
+        CheckpointError: naming the settings that differ.
+    """
     saved = _flat(TrainConfig.from_dict(saved).to_dict())  # a checkpoint of 0.1.0 kept options flat
     now = _flat(cfg.to_dict())
-    diff = [k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if diff:
         pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:6])
         raise CheckpointError(f"cannot resume {path}: settings differ from the interrupted run ({pairs})",
-                              hint="resume with the same settings, or train into a new --out folder")
+                              hint="resume with the same settings, or train into a new out folder", options=("out",))
 
 
-def _method_state(method: Method, ft: _FineTune | None) -> dict:
+def method_state(method: Method, ft: FineTune | None) -> dict:
+    """The trained weights of a checkpoint: ``head``, ``extra`` (the method's tensors) and, when
+    fine-tuning, ``backbone`` (CPU copies)."""
     st = {"head": {k: v.detach().cpu().clone() for k, v in method.head.state_dict().items()},
           "extra": {k: v.detach().cpu().clone() for k, v in method.extra_tensors().items()}}
     if ft is not None:
@@ -151,7 +167,8 @@ def _method_state(method: Method, ft: _FineTune | None) -> dict:
     return st
 
 
-def _restore_method_state(method: Method, ft: _FineTune | None, st: dict) -> None:
+def restore_method_state(method: Method, ft: FineTune | None, st: dict) -> None:
+    """Load :func:`method_state` output into ``method`` (and the fine-tuned backbone)."""
     method.head.load_state_dict(st["head"])
     method.load_extra_tensors(st.get("extra", {}))
     if ft is not None and "backbone" in st:
@@ -166,7 +183,7 @@ def staging_dir(run_dir: str | Path) -> Path:
     return run_dir.with_name(run_dir.name + PARTIAL_SUFFIX)
 
 
-def _resume_source(cfg: TrainConfig, run_dir: Path, stage: Path) -> Path | None:
+def resume_source(cfg: TrainConfig, run_dir: Path, stage: Path) -> Path | None:
     """The folder whose checkpoint this call continues (``stage`` or ``run_dir``), or ``None``
     for a new run; refuses outputs that this call may not replace."""
     from ..data.protocol import data_protection
@@ -182,20 +199,22 @@ def _resume_source(cfg: TrainConfig, run_dir: Path, stage: Path) -> Path | None:
         log.info("no checkpoint in %s or %s: starting a new run", run_dir, stage)
     if is_run_dir(stage) and not cfg.overwrite:
         raise CheckpointError(f"{stage} holds an interrupted training run for {run_dir}",
-                              hint="pass --resume to continue it, or --overwrite to discard it and start again")
+                              hint="pass resume=True to continue it, or overwrite=True to discard it and start again",
+                              options=RESUME_OPTIONS)
     if is_run_dir(run_dir) and not cfg.overwrite:
         raise CheckpointError(f"{run_dir} already holds a training run",
-                              hint="pass --resume to continue it, --overwrite to replace it, or another --out")
+                              hint="pass resume=True to continue it, overwrite=True to replace it, or another out",
+                              options=(*RESUME_OPTIONS, "out"))
     return None
 
 
-def _prepare_stage(stage: Path, source: Path | None, run_dir: Path) -> None:
+def prepare_stage(stage: Path, source: Path | None, run_dir: Path) -> None:
     """Make ``stage`` the folder to train in (called once every argument has been checked)."""
     import shutil
 
     if source == stage:
         return
-    if stage.exists():  # an interrupted run that --overwrite discards (checked by _resume_source)
+    if stage.exists():  # an interrupted run that overwrite discards (checked by resume_source)
         shutil.rmtree(stage)
     if source == run_dir:  # continue a finished run (larger --epochs) without touching it
         shutil.copytree(run_dir, stage)

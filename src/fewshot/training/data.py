@@ -12,14 +12,18 @@ from ..data.records import Dataset
 from ..data import ClassSplit, dataset_for, protocol_sets
 from ..embed import Embeddings, embed_dataset
 from ..errors import DataError
-from ..methods.base import TrainConfig, TrainData
+from ..methods import TrainData
+from .config import TrainConfig
 
 log = logging.getLogger("fewshot")
 
 
 # --------------------------------------------------------------------------- data
 @dataclass
-class _Data:
+class RunData:
+    """A run's data: the backbone, the class split, the train items (:class:`TrainData`, cached
+    embeddings) and their dataset, and the embedded val queries and gallery."""
+
     backbone: Backbone
     split: ClassSplit
     train: TrainData
@@ -33,10 +37,15 @@ def _embed(dataset: Dataset, backbone: Backbone, cfg: TrainConfig) -> Embeddings
                          cache_dir=cfg.cache_dir, progress=cfg.progress, runtime=cfg.runtime)
 
 
-def _load_data(cfg: TrainConfig) -> _Data:
+def load_run_data(cfg: TrainConfig) -> RunData:
+    """Load ``cfg``'s dataset and split, and embed the train and val images (cached).
+
+    Raises:
+        DataError: no split file, fewer than two train classes, or a val part too small to validate on.
+    """
     if not cfg.split_file:
         raise DataError("training needs a class split (train / val classes)",
-                        hint="pass --split-file FILE (e.g. splits/grocery-unseen.json)")
+                        hint="set split_file=FILE (e.g. splits/grocery-unseen.json)", options=("split_file",))
     from ..data.protocol import load_protocol
 
     dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, layout=cfg.layout)
@@ -53,7 +62,7 @@ def _load_data(cfg: TrainConfig) -> _Data:
     train = TrainData(x=torch.from_numpy(np.ascontiguousarray(tr.vectors)),
                       y=torch.tensor([index[lab] for lab in tr.labels], dtype=torch.int64),
                       label_names=names, groups=list(tr.groups), paths=[str(p) for p in tr.dataset.paths])
-    return _Data(backbone, split, train, tr.dataset, _embed(val_q_set, backbone, cfg),
+    return RunData(backbone, split, train, tr.dataset, _embed(val_q_set, backbone, cfg),
                  _embed(val_g_set, backbone, cfg))
 
 

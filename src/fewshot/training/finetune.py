@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import FewshotError
-from ..methods.base import TrainConfig, parse_fine_tune
-from .data import _Data
+from .config import TrainConfig, parse_fine_tune
+from .data import RunData
 
 log = logging.getLogger("fewshot")
 
@@ -42,8 +42,8 @@ def trainable_modules(backbone, fine_tune: str) -> list[nn.Module]:
         return []
     if mode == "last" and blocks > backbone.tail_block_count():
         n = backbone.tail_block_count()
-        raise FewshotError(f"--fine-tune {fine_tune}: {backbone.name} has {n} blocks",
-                           hint=f"use --fine-tune last:N with N from 1 to {n}, or --fine-tune all")
+        raise FewshotError(f"fine_tune={fine_tune}: {backbone.name} has {n} blocks",
+                           hint=f"use fine_tune=last:N with N from 1 to {n}, or fine_tune=all", options=("fine_tune",))
     return [backbone.model] if mode == "all" else list(backbone.trainable_tail(blocks))
 
 
@@ -59,10 +59,10 @@ def select_trainable(backbone, fine_tune: str) -> list[nn.Parameter]:
     return params
 
 
-class _FineTune:
+class FineTune:
     """Trainable backbone parameters + in-memory images + augmentation (``fine_tune != "none"``)."""
 
-    def __init__(self, cfg: TrainConfig, data: _Data, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, data: RunData, device: torch.device) -> None:
         from ..methods.augment import ImageBank, rotated_copies
 
         self.cfg = cfg

@@ -5,30 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..version import __version__
-from ..backbones import check_tta
-from ..embed import check_runtime
-from ..errors import CheckpointError, FewshotError
+from ..errors import FewshotError
 from ..io import atomic_write_json, replace_dir, writer_lock
-from ..methods.base import Method, TrainConfig, get_method
 from ..methods.runs import CHECKPOINT, CONFIG, save_run
 from ..model import EmbeddingModel
-from .checkpoint import (CHECKPOINT_FORMAT, HISTORY_FIELDS, _check_resumable, _load_checkpoint, _method_state,
-                         _prepare_stage, _restore_method_state, _resume_source, _save_checkpoint, _write_curves,
-                         _write_history, staging_dir)
-from .data import _Data, _load_data, with_rotated_classes
-from .finetune import _FineTune
-from .validate import _validate
+from ..version import __version__
+from .checkpoint import (HISTORY_FIELDS, prepare_stage, resume_source, save_checkpoint, staging_dir, write_curves,
+                         write_history)
+from .config import TrainConfig, check_config
+from .optim import train_step
+from .setup import ParallelRun, Setup, build_setup, epoch_seed
+from .state import TrainState, checkpoint_of, load_resumable, restore_state
+from .validate import validate_epoch
+
+__all__ = ["RunResult", "train", "run_training"]
 
 log = logging.getLogger("fewshot")
 
@@ -59,183 +58,6 @@ class RunResult:
 
 
 
-# --------------------------------------------------------------------------- the loop
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if cfg.fine_tune != "none" and torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise FewshotError("--device cuda asked for, but no CUDA device is available", hint="use --device cpu")
-    return torch.device(cfg.device)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
-
-
-def _validate_fine_tune(cfg: TrainConfig) -> None:
-    """The fine-tuning settings (``--fine-tune`` itself is parsed by :class:`TrainConfig`)."""
-    if cfg.bn not in ("auto", "eval", "train"):
-        raise FewshotError(f"unknown --bn '{cfg.bn}'", hint="use --bn auto, --bn eval or --bn train")
-    if cfg.augment not in ("standard", "none"):
-        raise FewshotError(f"unknown --augment '{cfg.augment}'", hint="use --augment standard or --augment none")
-    if cfg.class_rotations not in (1, 2, 3, 4):
-        raise FewshotError(f"--class-rotations {cfg.class_rotations} must be 1, 2, 3 or 4",
-                           hint="e.g. --class-rotations 4 (0, 90, 180 and 270 degrees), or 1 for none")
-    if cfg.backbone_lr is not None and not (math.isfinite(cfg.backbone_lr) and cfg.backbone_lr > 0):
-        raise FewshotError(f"--backbone-lr {cfg.backbone_lr} must be a positive number", hint="e.g. --backbone-lr 2.5e-5")
-    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
-        raise FewshotError(f"--warmup-steps {cfg.warmup_steps} must not be negative", hint="e.g. --warmup-steps 50")
-    given = [flag for flag, on in (("--backbone-lr", cfg.backbone_lr is not None), ("--bn", cfg.bn != "auto"),
-                                   ("--augment", cfg.augment != "standard"),
-                                   ("--class-rotations", cfg.class_rotations != 1),
-                                   ("--warmup-steps", cfg.warmup_steps is not None)) if on]
-    if given and not cfg.fine_tuning:
-        raise FewshotError(f"{', '.join(given)} set(s) how the backbone trains, but --fine-tune none keeps it frozen",
-                           hint="drop " + ", ".join(given) + ", or pass --fine-tune last:N or all")
-    if not cfg.pretrained and cfg.fine_tune != "all":
-        raise FewshotError(f"--from-scratch trains {cfg.backbone} from random weights, so every backbone "
-                           f"parameter must train, but --fine-tune is '{cfg.fine_tune}'",
-                           hint="add --fine-tune all")
-
-
-def _validate_config(cfg: TrainConfig) -> type[Method]:
-    _validate_fine_tune(cfg)
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise FewshotError(f"unknown --lr-schedule '{cfg.lr_schedule}'",
-                           hint="use --lr-schedule constant or --lr-schedule cosine")
-    if not cfg.out:
-        raise FewshotError("no output folder given", hint="pass --out RUN_DIR")
-    if cfg.epochs < 0 or cfg.patience < 0:
-        raise FewshotError("epochs and patience must not be negative", hint="e.g. --epochs 30 --patience 5")
-    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
-        raise FewshotError(f"unknown --device '{cfg.device}'", hint="use --device auto, cpu or cuda")
-    if cfg.final_eval not in ("none", "test", "val", "train"):
-        raise FewshotError(f"unknown final evaluation part '{cfg.final_eval}'", hint="use --split test, val, train or none")
-    check_runtime(cfg.runtime)
-    check_tta(cfg.final_tta)
-    _check_head(cfg.head)
-    return get_method(cfg.method)
-
-
-def _check_head(head: dict | None) -> None:
-    """Build the head once at a nominal size, so that a bad ``--head`` spec fails before any work."""
-    from ..methods.heads import ProjectionHead
-    from ..methods.base import resolve_head_spec
-
-    try:
-        ProjectionHead(**resolve_head_spec(head, 8))
-    except (TypeError, ValueError) as exc:
-        raise FewshotError(f"--head {json.dumps(head)} is not a valid head ({exc})",
-                           hint='use --head linear, --head mlp, or e.g. --head \'{"kind": "mlp", "hidden_dim": 512, '
-                                '"out_dim": 256}\'') from None
-
-
-class _Parallel(Protocol):
-    """What the loop asks of a distributed run (:class:`fewshot.training.distributed.Parallel`):
-    only the lead rank (0) validates, writes files and evaluates; the others train in step."""
-
-    lead: bool
-    device: torch.device
-
-    def check(self, method_cls: type[Method], cfg: TrainConfig) -> None: ...
-
-    def share(self, obj: Any) -> Any: ...
-
-    def sync_stop(self, stop: bool) -> bool: ...
-
-    def make_step(self, setup: "_Setup") -> Callable[[Any], float]: ...
-
-    def info(self) -> dict: ...
-
-    def replica_spread(self, setup: "_Setup") -> float: ...
-
-
-@dataclass
-class _Setup:
-    """Everything the epoch loop needs, built and checked before any file is written."""
-
-    data: _Data
-    method: Method
-    ft: _FineTune | None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    n_epochs: int
-    protocol: dict
-    setup_seconds: float
-    #: the feature source bound to the method (cached embeddings, or the fine-tuned backbone)
-    features: Callable[[np.ndarray], torch.Tensor] | None = None
-    #: one optimisation step of a batch (``None``: ``method.step(batch, optimizer)``)
-    step: Callable[[Any], float] | None = None
-    parallel: _Parallel | None = None
-
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def lr_scheduler(optimizer: torch.optim.Optimizer, warmup: int, schedule: str = "constant",
-                 total_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate factor of each parameter group at optimizer step ``t``:
-
-    - the ``"backbone"`` group warms up linearly: ``min(1, (t + 1) / warmup)``;
-    - ``schedule="cosine"``: after the warm-up, every group decays by
-      ``(1 + cos(pi * min(1, (t - warmup) / (total_steps - warmup)))) / 2``, down to 0 at
-      ``total_steps`` (SGDR, Loshchilov and Hutter 2017, eq. 5, one cycle); ``"constant"``: 1.
-    """
-    span = max(1, int(total_steps) - warmup)
-
-    def decay(t: int) -> float:
-        if schedule != "cosine" or t < warmup:
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warmup) / span)))
-
-    def ramp(t: int) -> float:
-        return (1.0 if warmup <= 0 else min(1.0, (t + 1) / warmup)) * decay(t)
-
-    lambdas = [ramp if g.get("name") == "backbone" else decay for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _setup(cfg: TrainConfig, method_cls: type[Method], par: _Parallel | None = None) -> _Setup:
-    device = par.device if par is not None else _device(cfg)
-    t_start = time.perf_counter()
-    _seed_all(cfg.seed)  # a backbone trained from scratch starts from seeded random weights
-    data = _load_data(cfg)
-    if cfg.class_rotations > 1:
-        data.train = with_rotated_classes(data.train, cfg.class_rotations)
-    _seed_all(cfg.seed)
-    method = method_cls(cfg, data.backbone.dim)
-    method.check_data(data.train)
-    if getattr(method.head, "use_centre", False) and hasattr(method.head, "set_centre"):
-        method.head.set_centre(data.train.x)
-    method.to(device)
-    ft: _FineTune | None = None
-    if cfg.fine_tuning:
-        ft = _FineTune(cfg, data, device)
-        method.backbone = ft.backbone.model
-        method.backbone_params = ft.params
-        features = ft.features
-        method.bind(ft.features, ft.inputs)
-    else:
-        x_train = data.train.x.to(device)
-        features = lambda idx: x_train[torch.from_numpy(idx).to(device)]  # noqa: E731
-        method.bind(features)
-    protocol = {"split_file": str(cfg.split_file), "split_name": data.split.name, "dataset": data.split.dataset,
-                "train_classes": list(data.split.train), "val_classes": list(data.split.val),
-                "test_classes": list(data.split.test), "query_split": data.split.query_split,
-                "gallery_split": data.split.gallery_split, "seed": data.split.seed}
-    optimizer = method.optimizer()
-    total = method.max_epochs() * method.steps_per_epoch(data.train) if cfg.lr_schedule == "cosine" else 0
-    scheduler = lr_scheduler(optimizer, cfg.warmup() if ft is not None else 0, cfg.lr_schedule, total)
-    return _Setup(data, method, ft, optimizer, scheduler, method.max_epochs(),
-                  protocol, time.perf_counter() - t_start, features=features, parallel=par)
-
-
 def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
     """Train ``cfg.method`` on the train classes of ``cfg.split_file``; see the module docstring.
 
@@ -260,11 +82,11 @@ def train(cfg: TrainConfig, *, on_epoch_end: Callable[[int, dict], None] | None 
             data on which the method cannot learn (:meth:`Method.check_data`); an ``--out``
             that is not a run folder.
     """
-    return _train(cfg, on_epoch_end)
+    return run_training(cfg, on_epoch_end)
 
 
-def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = None,
-           par: _Parallel | None = None) -> RunResult | None:
+def run_training(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = None,
+                 par: ParallelRun | None = None) -> RunResult | None:
     """:func:`train`, on one rank of a distributed run when ``par`` is given (``None`` on the
     ranks other than 0). Rank 0 checks the output and sets up first (filling the embedding
     cache), then the others; every rank trains, rank 0 alone writes, holding the run folder's
@@ -277,25 +99,25 @@ def _train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = 
 
 
 def _train_locked(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None,
-                  par: _Parallel | None) -> RunResult | None:
-    method_cls = _validate_config(cfg)
+                  par: ParallelRun | None) -> RunResult | None:
+    check_config(cfg)
     if par is not None:
-        par.check(method_cls, cfg)
+        par.check(cfg)
     run_dir = Path(cfg.out)
     stage = staging_dir(run_dir)
     lead = par is None or par.lead
     source = setup = loop = None
     if lead:
-        source = _resume_source(cfg, run_dir, stage)
-        saved = _load_resumable(cfg, source)
-        setup = _setup(cfg, method_cls, par)
-        loop = _restore(setup, saved, source)  # a checkpoint that does not fit is refused before any write
-        _prepare_stage(stage, source, run_dir)
+        source = resume_source(cfg, run_dir, stage)
+        saved = load_resumable(cfg, source)
+        setup = build_setup(cfg, par)
+        loop = restore_state(setup, saved, source)  # a checkpoint that does not fit is refused before any write
+        prepare_stage(stage, source, run_dir)
     if par is not None:
         source = par.share(source)  # the others wait here for rank 0's checks and set-up
         if not lead:
-            setup = _setup(cfg, method_cls, par)
-            loop = _restore(setup, _load_resumable(cfg, source), source)
+            setup = build_setup(cfg, par)
+            loop = restore_state(setup, load_resumable(cfg, source), source)
         setup.step = par.make_step(setup)
     try:
         loop = _run_epochs(cfg, setup, loop, on_epoch_end, stage)
@@ -324,53 +146,8 @@ def _train_locked(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | 
                      final_metrics=final, config=full)
 
 
-def _load_resumable(cfg: TrainConfig, source: Path | None) -> dict | None:
-    """The checkpoint of ``source`` (checked against ``cfg``), or ``None`` for a new run."""
-    if source is None:
-        return None
-    saved = _load_checkpoint(source / CHECKPOINT)
-    _check_resumable(saved["config"], cfg, source / CHECKPOINT)
-    return saved
-
-
-@dataclass
-class _Loop:
-    """The epoch loop's state (what a checkpoint holds besides the weights)."""
-
-    history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=lambda: {"epoch": -1, "map_at_r": -math.inf})
-    bad_epochs: int = 0
-    elapsed: float = 0.0
-    start_epoch: int = 0
-    stopped_early: bool = False
-
-
-def _restore(setup: _Setup, saved: dict | None, where: Path | None) -> _Loop:
-    """Load ``saved`` (the checkpoint of ``where``) into ``setup``; the loop state to continue.
-
-    Raises:
-        CheckpointError: its weights or optimizer state do not fit ``setup``'s model.
-    """
-    if saved is None or where is None:
-        return _Loop()
-    try:
-        _restore_method_state(setup.method, setup.ft, saved["state"])
-        setup.optimizer.load_state_dict(saved["optimizer"])
-        if saved.get("scheduler") is not None:
-            setup.scheduler.load_state_dict(saved["scheduler"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # shapes or names of another model
-        raise CheckpointError(f"{where / CHECKPOINT} does not fit this run's model ({str(exc)[:300]})",
-                              hint="train again without --resume (add --overwrite to discard the interrupted run)"
-                              ) from None
-    loop = _Loop(history=saved["history"], best=saved["best"], bad_epochs=saved["bad_epochs"],
-                 elapsed=saved["seconds"], start_epoch=saved["epoch"] + 1,
-                 stopped_early=saved.get("stopped_early", False))
-    log.info("resuming %s after epoch %d (best epoch %d)", where, saved["epoch"], loop.best["epoch"])
-    return loop
-
-
-def _train_epoch(cfg: TrainConfig, setup: _Setup, epoch: int) -> list[float]:
-    seed = _epoch_seed(cfg.seed, epoch)
+def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> list[float]:
+    seed = epoch_seed(cfg.seed, epoch)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     method = setup.method
@@ -382,17 +159,18 @@ def _train_epoch(cfg: TrainConfig, setup: _Setup, epoch: int) -> list[float]:
     losses = []
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False, disable=not cfg.progress)
     for batch in bar:
-        value = setup.step(batch) if setup.step is not None else method.step(batch, setup.optimizer)
+        value = setup.step(batch) if setup.step is not None else train_step(method, batch, setup.optimizer)
         setup.scheduler.step()
         if not math.isfinite(value):
             raise FewshotError(f"training diverged at epoch {epoch} (loss {value})",
-                               hint="lower --lr" + (" or --backbone-lr" if setup.ft is not None else ""))
+                               hint="lower lr" + (" or backbone_lr" if setup.ft is not None else ""),
+                               options=("lr", "backbone_lr"))
         losses.append(value)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
     return losses
 
 
-def _run_config(cfg: TrainConfig, setup: _Setup, row: dict, elapsed: float) -> dict:
+def _run_config(cfg: TrainConfig, setup: Setup, row: dict, elapsed: float) -> dict:
     data = setup.data
     return {"method": setup.method.name or cfg.method, "train_config": cfg.to_dict(), "protocol": setup.protocol,
             "seed": cfg.seed, "fine_tune": cfg.fine_tune, "package_version": __version__,
@@ -405,8 +183,8 @@ def _run_config(cfg: TrainConfig, setup: _Setup, row: dict, elapsed: float) -> d
             **({"distributed": setup.parallel.info()} if setup.parallel is not None else {})}
 
 
-def _run_epochs(cfg: TrainConfig, setup: _Setup, loop: _Loop, on_epoch_end: Callable[[int, dict], None] | None,
-                work: Path) -> _Loop:
+def _run_epochs(cfg: TrainConfig, setup: Setup, loop: TrainState, on_epoch_end: Callable[[int, dict], None] | None,
+                work: Path) -> TrainState:
     """Epoch 0 (validation only) and the training epochs, writing into ``work`` (in a
     distributed run, every rank trains; rank 0 alone validates and writes, and tells the others
     when patience runs out)."""
@@ -436,11 +214,11 @@ def _run_epochs(cfg: TrainConfig, setup: _Setup, loop: _Loop, on_epoch_end: Call
     return loop
 
 
-def _end_epoch(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop, epoch: int, losses: list[float],
+def _end_epoch(cfg: TrainConfig, setup: Setup, work: Path, loop: TrainState, epoch: int, losses: list[float],
                t0: float, bar) -> None:
     """Validate the epoch, keep the best run, count patience and write the epoch's files."""
     method, data = setup.method, setup.data
-    metrics = _validate(method, data, cfg, setup.ft, epoch)
+    metrics = validate_epoch(method, data, cfg, setup.ft, epoch)
     seconds = time.perf_counter() - t0
     loop.elapsed += seconds
     row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
@@ -461,18 +239,13 @@ def _end_epoch(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop, epoch: 
                     val_map_r=f"{score:.4f}", best=loop.best["epoch"])
 
 
-def _write_epoch_files(cfg: TrainConfig, setup: _Setup, work: Path, loop: _Loop, epoch: int) -> None:
-    _write_history(work, loop.history)
-    _write_curves(work, loop.history)
-    _save_checkpoint(work, {
-        "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch,
-        "state": _method_state(setup.method, setup.ft), "optimizer": setup.optimizer.state_dict(),
-        "scheduler": setup.scheduler.state_dict(),
-        "history": loop.history, "best": loop.best, "bad_epochs": loop.bad_epochs,
-        "seconds": loop.elapsed, "stopped_early": loop.stopped_early, "fewshot_version": __version__})
+def _write_epoch_files(cfg: TrainConfig, setup: Setup, work: Path, loop: TrainState, epoch: int) -> None:
+    write_history(work, loop.history)
+    write_curves(work, loop.history)
+    save_checkpoint(work, checkpoint_of(cfg, setup, loop, epoch))
 
 
-def _finish_config(work: Path, loop: _Loop, setup: _Setup, spread: float | None = None) -> dict:
+def _finish_config(work: Path, loop: TrainState, setup: Setup, spread: float | None = None) -> dict:
     """Record the whole run in ``config.json`` (the weights on disk are the best epoch's) and
     mark it complete; a distributed run also records how far the ranks' final weights are
     apart (``distributed.replica_max_abs_diff``, 0.0 when they are identical)."""

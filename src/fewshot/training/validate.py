@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..methods.base import Method, TrainConfig
-from .data import _Data
-from .finetune import _FineTune
+from ..methods import Method
+from .config import TrainConfig
+from .data import RunData
+from .finetune import FineTune
 
 log = logging.getLogger("fewshot")
 
@@ -25,7 +26,9 @@ def _head_embed(method: Method, x: torch.Tensor, batch: int = 4096) -> np.ndarra
     return torch.cat(out).numpy()
 
 
-def _validate(method: Method, data: _Data, cfg: TrainConfig, ft: _FineTune | None, epoch: int) -> dict:
+def validate_epoch(method: Method, data: RunData, cfg: TrainConfig, ft: FineTune | None, epoch: int) -> dict:
+    """The val metrics of the current model after ``epoch``: ``val_map``, ``val_map_at_r``,
+    ``val_precision_at_1`` and ``val_episodic_acc`` (``None`` when episodic validation is off or impossible)."""
     from ..metrics import episodic_accuracy, retrieval_metrics
 
     if ft is not None:

@@ -1,0 +1,316 @@
+"""The training loop's settings, declared once: :class:`TrainConfig`.
+
+Every field is made with :func:`loop_option` (:func:`fewshot.options.option` plus what the
+command line needs), so its default, help text, flag and allowed values live in one place:
+``fewshot train`` generates one flag per field from this metadata (:mod:`fewshot.cli.train`),
+and :func:`check_config` enforces it (``min``, ``max``, ``above``, ``choices``) before a run
+writes anything, plus the few rules that tie fields together (small explicit functions below).
+What one method reads lives in ``options``, an instance of that method's
+:attr:`~fewshot.methods.base.Method.Config`. The rules for defaults that depend on other
+settings (fine-tuning, a method's own defaults) are :func:`fewshot.training.defaults.make_config`'s.
+
+Errors name the fields as Python spells them (``class_rotations=5``) and list them in
+:attr:`~fewshot.errors.FewshotError.options`; the command line shows each as its flag.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..backbones import check_tta
+from ..embed import check_runtime
+from ..errors import FewshotError
+from ..methods import EpisodeSpec, Method, get_method, method_options
+from ..methods.heads import ProjectionHead, parse_head, resolve_head_spec
+from ..options import check_options, option
+
+__all__ = ["TrainConfig", "loop_option", "check_config", "parse_fine_tune", "LR_SCHEDULES", "BACKBONE_LR_FACTOR",
+           "WARMUP_STEPS", "SCRATCH_HEAD"]
+
+#: ``lr_schedule`` values (:func:`fewshot.training.optim.lr_scheduler`)
+LR_SCHEDULES = ("constant", "cosine")
+#: default backbone learning rate relative to ``lr`` when fine-tuning. Measured on the Grocery
+#: val classes (bench/quality_finetune.py, triplet, last:2, 5 epochs): equal rates (1e-4 / 1e-4)
+#: reached val MAP@R 0.604 after 2 epochs and 0.619 at best; a backbone at a quarter of the head's
+#: rate 0.594 after 5, a head at 4x the backbone's 0.577 after 2. The head is an identity map
+#: (the frozen ranking), so it needs no faster rate; the warm-up guards the first steps.
+BACKBONE_LR_FACTOR = 1.0
+#: default linear warm-up of the backbone learning rate, in optimizer steps (about one epoch)
+WARMUP_STEPS = 50
+#: the head of a run whose backbone trains from scratch: centring on the mean embedding of the
+#: random initial backbone would go stale as the backbone learns, so it is off
+SCRATCH_HEAD: dict[str, Any] = {"kind": "linear", "centre": False}
+
+
+def loop_option(default: Any, help: str, *, flag: str | None = None, min: float | None = None,
+                choices: tuple | None = None, max: float | None = None, above: float | None = None,
+                **cli: Any) -> Any:
+    """A field of :class:`TrainConfig`: :func:`fewshot.options.option` plus ``max`` (largest
+    allowed value), ``above`` (values must be greater) and what the command line needs (``cli``
+    metadata): ``required`` (no default on the command line), ``path`` (a file or folder),
+    ``hidden``, ``invert`` (a boolean whose flag sets it to ``False``, e.g. ``--no-progress``),
+    ``parse`` (a function from the flag's text to the value, e.g. :func:`parse_head`) and
+    ``unset`` (the command line passes nothing unless the flag is given, because the default
+    depends on other settings: the help text says it)."""
+    base = option(default, help, flag=flag, min=min, choices=choices)
+    return field(default=default, metadata={**base.metadata, "max": max, "above": above, "cli": cli})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; recorded in ``RUN_DIR/config.json`` (``train_config``).
+
+    Each field's help text is in its declaration below (``fewshot train --help`` shows it); the
+    ones that need more words:
+
+    Attributes:
+        split_file: class-split JSON (:class:`~fewshot.data.splits.ClassSplit`): training uses
+            every image of its train classes; validation its val classes (cross-visit queries
+            vs gallery, :func:`~fewshot.data.splits.protocol_sets`).
+        seed: seeds torch, numpy and the samplers; the same seed gives the same run.
+        epochs: maximum epochs (episodic methods count ``options.episodes`` instead).
+        fine_tune: which backbone parameters train (:func:`parse_fine_tune`): ``"none"`` (head
+            on cached frozen features), ``"last:N"`` (also the backbone's own last ``N`` blocks,
+            :meth:`~fewshot.backbones.Backbone.trainable_tail`), or ``"all"``; ``"last"`` means
+            ``"last:<fine_tune_blocks>"`` (kept for runs of fewshot 0.1.0).
+        backbone_lr: ``None`` = :data:`BACKBONE_LR_FACTOR` x ``lr``; ``warmup_steps``: ``None`` =
+            :data:`WARMUP_STEPS`.
+        lr_schedule: ``"cosine"``: after the warm-up every group's rate follows a half cosine down
+            to 0 at the last planned step (Loshchilov and Hutter 2017, SGDR, eq. 5 without restarts).
+        class_rotations: the Omniglot protocol of Santoro et al. 2016 and Vinyals et al. 2016
+            (Matching Networks, section 4.1.1) uses 4.
+        head: :class:`~fewshot.methods.heads.ProjectionHead` spec; ``None`` = the default head
+            (:data:`SCRATCH_HEAD` for a backbone trained from scratch).
+        runtime: forward pass for the frozen embeddings, the final evaluation and, when
+            fine-tuning on a CPU, each epoch's validation (:mod:`fewshot.embed.runtime`).
+        final_eval: class part evaluated with the best model at the end, into ``RUN_DIR/eval_<part>/``.
+        options: the method's options (its :attr:`~fewshot.methods.base.Method.Config`; ``None``
+            or a dict = its defaults / those values).
+    """
+
+    method: str = loop_option("triplet", "contrastive | triplet | protonet | maml | fomaml (see `fewshot methods`).")
+    data: str = loop_option("", "Dataset folder, CSV manifest, or a fetched dataset name.", required=True)
+    split_file: str = loop_option("", "Class-disjoint protocol JSON (e.g. splits/grocery-unseen.json): train on its "
+                                  "train classes, validate on its val classes.", required=True, path=True)
+    out: str = loop_option("", "RUN_DIR: config.json, model.safetensors, history.csv, curves.png, checkpoint.pt.",
+                           required=True, path=True)
+    backbone: str = loop_option("efficientnet_lite0", "Backbone name.")
+    image_size: int = loop_option(224, "Input side in pixels.", min=16, max=1024)
+    seed: int = loop_option(0, "Seed of everything random (same seed, same run).", min=0, max=2**32 - 1)
+    epochs: int = loop_option(30, "Maximum epochs (default 30, or 4 when fine-tuning; episodic methods: --epochs N "
+                              "means N x --episodes-per-epoch episodes).", min=0, unset=True)
+    patience: int = loop_option(5, "Stop after this many epochs without a better val MAP@R (default 2 when "
+                                "fine-tuning, else 5; 0 = never).", min=0, unset=True)
+    lr: float = loop_option(1e-4, "Adam learning rate (default 1e-4 unless the method sets its own).", above=0.0,
+                            unset=True)
+    weight_decay: float = loop_option(0.0, "Adam weight decay (default 0).", min=0.0, unset=True)
+    fine_tune: str = loop_option(
+        "none", "What of the backbone trains: all (every backbone parameter; the default, measured best for every "
+        "method) | last:N (the backbone's last N blocks) | none (only the head, on cached embeddings: minutes "
+        "instead of tens of minutes on a CPU). Fine-tuning trains on augmented images and re-embeds the val images "
+        "each epoch (README: its cost and gain).", unset=True)
+    fine_tune_blocks: int = loop_option(2, "N of a bare --fine-tune last (fewshot 0.1.0's spelling; use last:N).",
+                                        min=1, hidden=True, unset=True)
+    backbone_lr: float | None = loop_option(None, "Learning rate of the fine-tuned backbone parameters (default: "
+                                            "--lr; it warms up over --warmup-steps).", above=0.0, unset=True)
+    warmup_steps: int | None = loop_option(None, "The backbone learning rate rises linearly over this many first "
+                                           "steps (default 50; 0 = none).", min=0, unset=True)
+    lr_schedule: str = loop_option("constant", "constant (the default) | cosine: after the warm-up every learning "
+                                   "rate follows a half cosine down to 0 at the last planned step (--epochs).",
+                                   choices=LR_SCHEDULES)
+    bn: str = loop_option("auto", "BatchNorm of the fine-tuned backbone: eval (keep the pretrained statistics) | "
+                          "train (batch statistics) | auto (eval, or train with --from-scratch).",
+                          choices=("auto", "eval", "train"))
+    pretrained: bool = loop_option(True, "Start the backbone from seeded random weights instead of pretrained ones "
+                                   "(needs --fine-tune all; the only way for --backbone conv4).", flag="--from-scratch",
+                                   invert=True)
+    augment: str = loop_option("standard", "Fine-tuning images: standard (random resized crop, flip, colour jitter) "
+                               "| none (the plain resized image, e.g. handwriting).", choices=("standard", "none"))
+    class_rotations: int = loop_option(1, "1-4: each train class also trains rotated by 90, 180, 270 degrees, each "
+                                       "rotation a new class (the Omniglot protocol uses 4; needs fine-tuning). "
+                                       "1 = off.", min=1, max=4)
+    head: dict | None = loop_option(None, "linear (identity-initialised, centred; default) | mlp (1280-512-256) | "
+                                    "JSON spec.", parse=parse_head, unset=True)
+    ways: int = loop_option(5, "N of N-way episodes (episodic methods and episodic validation; default 5).", min=2,
+                            unset=True)
+    shots: int = loop_option(5, "K support images per class (default 5).", min=1, unset=True)
+    queries: int = loop_option(5, "Q query images per class (default 5).", min=1, unset=True)
+    val_episodes: int = loop_option(300, "Episodic validation episodes per epoch (default 300; 0 = none).", min=0,
+                                    unset=True)
+    resume: bool = loop_option(False, "Continue the interrupted run in --out from its checkpoint.")
+    overwrite: bool = loop_option(False, "Replace a run already in --out (only once the new run has trained).")
+    group_from: str | None = loop_option(None, "Group (brand) from 'path:N', 'label:N' or 'column:NAME'.")
+    layout: str = loop_option("auto", "How a folder tree is read: auto | class | group/class (see `load_dataset`).")
+    progress: bool = loop_option(True, "Hide progress bars.", flag="--no-progress", invert=True)
+    device: str = loop_option("auto", "auto | cpu | cuda.")
+    cache_dir: str | None = loop_option(None, "Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).",
+                                        path=True)
+    workers: int = loop_option(0, "Image-decoding worker processes.", min=0)
+    embed_batch_size: int = loop_option(32, "Images per forward pass when embedding (default 32).", min=1,
+                                        unset=True)
+    runtime: str = loop_option("auto", "Forward pass of the frozen embeddings, the final evaluation and (fine-tuning "
+                               "on a CPU) each epoch's validation: auto | onnx | torch (see `fewshot evaluate "
+                               "--help`); the training steps run on torch.")
+    final_eval: str = loop_option("test", "Class part evaluated with the best model at the end (test | val | none).",
+                                  flag="--split", choices=("none", "test", "val", "train"))
+    eval_episodes: int = loop_option(1000, "Episodes per setting in the final evaluation (default 1000).", min=1,
+                                     unset=True)
+    final_tta: str = loop_option("none", "Test-time augmentation of the final evaluation only: none | flip (see "
+                                 "`fewshot evaluate --help`). Training, validation and the saved model are the same "
+                                 "either way; pass --tta again to `fewshot index` / `evaluate --model RUN_DIR`.",
+                                 flag="--tta")
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        if self.options is None or isinstance(self.options, dict):
+            self.options = method_options(self.method, **(self.options or {}))
+        mode, blocks = parse_fine_tune(self.fine_tune, self.fine_tune_blocks)
+        if mode == "last":
+            self.fine_tune, self.fine_tune_blocks = f"last:{blocks}", blocks
+        else:
+            self.fine_tune = mode
+
+    @property
+    def fine_tuning(self) -> bool:
+        """Whether any backbone parameter trains (``fine_tune`` is not ``"none"``)."""
+        return self.fine_tune != "none"
+
+    def warmup(self) -> int:
+        """``warmup_steps``, or :data:`WARMUP_STEPS` when it is ``None``."""
+        return WARMUP_STEPS if self.warmup_steps is None else int(self.warmup_steps)
+
+    def backbone_learning_rate(self) -> float:
+        """``backbone_lr``, or :data:`BACKBONE_LR_FACTOR` x ``lr`` when it is ``None``."""
+        return float(self.backbone_lr) if self.backbone_lr is not None else BACKBONE_LR_FACTOR * float(self.lr)
+
+    def batchnorm_mode(self) -> str:
+        """``bn`` resolved: ``"eval"`` or ``"train"`` (``"auto"``: train only from scratch)."""
+        if self.bn == "auto":
+            return "eval" if self.pretrained else "train"
+        return self.bn
+
+    def episode_spec(self) -> EpisodeSpec:
+        """The episode shape the method and episodic validation use (``ways``, ``shots``, ``queries``)."""
+        return EpisodeSpec(int(self.ways), int(self.shots), int(self.queries))
+
+    def head_spec(self) -> dict | None:
+        """``head``, or :data:`SCRATCH_HEAD` for a backbone trained from scratch when ``head`` is ``None``."""
+        return self.head if self.head is not None or self.pretrained else SCRATCH_HEAD
+
+    def build_method(self, in_dim: int) -> Method:
+        """The run's method, given only what it needs (its options, the episode shape, the head spec)."""
+        return get_method(self.method)(self.options, in_dim, episodes=self.episode_spec(), head=self.head_spec(),
+                                       fine_tuning=self.fine_tuning)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (``options`` as a dict)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        d["options"] = asdict(self.options)
+        return copy.deepcopy(d)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build from :meth:`to_dict` output; unknown keys are ignored (forward compatibility).
+
+        A run of fewshot 0.1.0 kept the method's options among the loop's fields (e.g.
+        ``inner_lr``, ``maml_init``); they are read from there.
+        """
+        data = dict(data or {})
+        method = data.get("method", cls.method)
+        names = {f.name for f in fields(cls)} - {"options"}
+        options = data.get("options")
+        if options is None:
+            options = get_method(method).legacy_options(data)
+        return cls(**{k: v for k, v in data.items() if k in names}, options=dict(options))
+
+
+def parse_fine_tune(value: str, blocks: int = 2) -> tuple[str, int]:
+    """A ``fine_tune`` value -> ``(mode, blocks)``: ``"none"``, ``"all"``, ``"last"`` (``blocks``
+    blocks) or ``"last:N"`` (``N >= 1`` blocks). ``blocks`` is 0 unless the mode is ``"last"``.
+
+    Raises:
+        FewshotError: any other value, or ``N`` not a positive integer (``options``: ``fine_tune``).
+    """
+    text = str(value).strip().lower()
+    mode, sep, count = text.partition(":")
+    if mode in ("none", "all") and not sep:
+        return mode, 0
+    if mode == "last":
+        try:
+            n = int(count) if sep else int(blocks)
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return "last", n
+    raise FewshotError(f"unknown fine_tune '{value}'",
+                       hint="use fine_tune=none, fine_tune=last:N (N >= 1 blocks, e.g. last:2) or fine_tune=all",
+                       options=("fine_tune",))
+
+
+# --------------------------------------------------------------------------- checks
+def check_config(cfg: TrainConfig) -> type[Method]:
+    """Every check of ``cfg`` that needs no data: each field's declared ``min`` / ``max`` /
+    ``above`` / ``choices``, then the rules between fields, then the embedding layer's checks of
+    ``runtime`` and ``final_tta``. Called before a run writes anything.
+
+    Returns:
+        the method class of ``cfg.method``.
+
+    Raises:
+        FewshotError: naming the fields to change (in ``options``); an unknown method or runtime.
+    """
+    check_options("the training loop", cfg)
+    _check_limits(cfg)
+    _check_fine_tune(cfg)
+    if not cfg.out:
+        raise FewshotError("no output folder given", hint="pass out=RUN_DIR", options=("out",))
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise FewshotError(f"unknown device '{cfg.device}'", hint="use device=auto, cpu or cuda", options=("device",))
+    check_runtime(cfg.runtime)  # the embedding layer's own checks of these two
+    check_tta(cfg.final_tta)
+    _check_head(cfg.head)
+    return get_method(cfg.method)
+
+
+def _check_limits(cfg: TrainConfig) -> None:
+    """The ``max`` and ``above`` of each field (:func:`loop_option`)."""
+    for f in fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None or isinstance(value, bool):
+            continue
+        if meta.get("max") is not None and value > meta["max"]:
+            raise FewshotError(f"option {f.name} = {value}: the training loop needs at most {meta['max']}",
+                               hint=f"use {f.name} = {meta['max']} or less (default {f.default})", options=(f.name,))
+        if meta.get("above") is not None and not (math.isfinite(value) and value > meta["above"]):
+            raise FewshotError(f"option {f.name} = {value}: the training loop needs a finite number greater than "
+                               f"{meta['above']}", hint=f"e.g. {f.name} = {f.default or 2.5e-5}", options=(f.name,))
+
+
+def _check_fine_tune(cfg: TrainConfig) -> None:
+    """Backbone settings need a backbone that trains; one trained from scratch trains whole."""
+    given = [name for name, on in (("backbone_lr", cfg.backbone_lr is not None), ("bn", cfg.bn != "auto"),
+                                   ("augment", cfg.augment != "standard"),
+                                   ("class_rotations", cfg.class_rotations != 1),
+                                   ("warmup_steps", cfg.warmup_steps is not None)) if on]
+    if given and not cfg.fine_tuning:
+        raise FewshotError(f"{', '.join(given)} set(s) how the backbone trains, but fine_tune none keeps it frozen",
+                           hint="drop " + ", ".join(given) + ", or pass fine_tune=last:N or all",
+                           options=(*given, "fine_tune"))
+    if not cfg.pretrained and cfg.fine_tune != "all":
+        raise FewshotError(f"pretrained=False trains {cfg.backbone} from random weights, so every backbone "
+                           f"parameter must train, but fine_tune is '{cfg.fine_tune}'",
+                           hint="set fine_tune=all", options=("pretrained", "fine_tune"))
+
+
+def _check_head(head: dict | None) -> None:
+    """Build the head once at a nominal size, so that a bad ``head`` spec fails before any work."""
+    try:
+        ProjectionHead(**resolve_head_spec(head, 8))
+    except (TypeError, ValueError) as exc:
+        raise FewshotError(f"head={json.dumps(head)} is not a valid head ({exc})",
+                           hint='use head=linear, head=mlp, or e.g. head=\'{"kind": "mlp", "hidden_dim": 512, '
+                                '"out_dim": 256}\'', options=("head",)) from None
