@@ -132,3 +132,13 @@ def test_labels_are_checked_before_anything_is_added(flat: Catalogue) -> None:
     with pytest.raises(InputError) as err:
         cat.add("Red-Ball", [Image.new("RGB", (8, 8))], group="Other")
     assert err.value.code == "group_conflict" and len(cat) == 36
+
+
+def test_build_takes_the_index_kind_and_its_options(model, flat: Catalogue, drawn_tree: Path) -> None:
+    dataset = fewshot.load_dataset(drawn_tree)
+    graph = Catalogue.build(model, dataset, runtime="torch", cache_dir=flat.cache_dir, index_type="hnsw", ef_search=16)
+    assert graph.index.ann.kind == "hnsw" and graph.index.ann.options.ef_search == 16
+    photos = [drawn_tree / "Red-Ball" / "Red-Ball_00.jpg"]
+    assert _answers(graph, photos) == _answers(flat, photos)
+    with pytest.raises(InputError, match="nlist"):  # an option of another kind
+        Catalogue.build(model, dataset, runtime="torch", cache_dir=flat.cache_dir, index_type="flat", nlist=4)

@@ -22,7 +22,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from ..checks import positive_int
 from ..data.records import Dataset
 from ..embed import read_digests
 from ..errors import ImageReadError, InputError
-from ..index import CatalogueIndex, Neighbor, check_classify
+from ..index import AnnConfig, CatalogueIndex, Neighbor, check_classify
 from ..io import atomic_write_bytes, claimed_output, writer_lock
 from ..model import EmbeddingModel
 from ..embed.options import EmbedOptions
@@ -82,17 +82,25 @@ class Catalogue:
 
     @classmethod
     def build(cls, model: EmbeddingModel | Backbone, dataset: Dataset, *, runtime: str = "auto",
-              cache_dir: str | None = None, progress: bool = False) -> "Catalogue":
+              cache_dir: str | None = None, progress: bool = False, index_type: str = "auto",
+              **index_options: Any) -> "Catalogue":
         """Embed every image of ``dataset`` (its label = the article, its group = the brand).
+
+        ``index_type`` is a registered index kind (:func:`fewshot.index.kinds.list_kinds`) or
+        ``"auto"``; ``index_options`` are that kind's options (e.g. ``nprobe=32`` for ivfpq).
 
         Raises:
             DataError: no image of the dataset could be read.
             TypeError: ``model`` is not a model, ``dataset`` not a :class:`Dataset` (a path says
                 how to load it: ``fewshot.load_dataset(PATH)``).
+            DataError: an unknown index kind. InputError: an option the kind does not have, or a
+                value out of range.
         """
         model, dataset = as_model(model), as_dataset(dataset)
+        ann_config = AnnConfig(index_type, **index_options)
         opts = EmbedOptions(runtime=runtime, cache_dir=cache_dir, progress=progress)
-        index = index_embeddings(model, opts.embed(model, dataset), dataset.root or dataset.name)
+        index = index_embeddings(model, opts.embed(model, dataset), dataset.root or dataset.name,
+                                 ann_config=ann_config)
         return cls(model, index, runtime, cache_dir)
 
     @property
