@@ -299,7 +299,7 @@ def section(res: dict[str, Any], ctx: Context) -> str:
         "compute the similarities in a different order (sklearn's rows come from a numpy mat-vec, fewshot's from "
         "torch blocks), so scores equal to the last bit in one can differ by 1 ulp in the other, and sklearn "
         "groups tied scores into one threshold where fewshot orders ties by gallery index. The hand-worked and "
-        "tie-free tests in tests/test_metrics_retrieval.py agree with sklearn and pml to 1e-9.", "",
+        "tie-free tests in tests/metrics/test_metrics_retrieval.py agree with sklearn and pml to 1e-9.", "",
         *_floor_note(res),
         *_full_map_lines(res),
         f"Goals at N = {h['n']:,}: speed-up >= {GOAL_SPEEDUP:.0f}x vs pml on MAP@R / P@1 / R-precision: "

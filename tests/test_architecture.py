@@ -332,3 +332,57 @@ def test_the_folder_check_finds_what_the_service_did_before(tmp_path):
                                    "serve/app.py:2 imports toypkg.catalogue.journal",
                                    "serve/app.py:2 imports JOURNAL_DIR", "serve/app.py:6 joins a path with 'journal'",
                                    "serve/app.py:7 globs for '.*.tmp'"]
+
+
+# --------------------------------------------------------------------------- file length, test layout
+MAX_FILE_LINES = 450
+TESTS = Path(__file__).resolve().parent
+#: test files that check the package as a whole (or a one-file module) stay at the top of tests/
+CROSS_CUTTING = {"test_architecture.py", "test_reliability.py", "test_python_api_doc.py",
+                 "test_readme_own_photos.py", "test_api.py", "test_registry.py", "test_viz.py"}
+
+
+def long_files(package_dir: Path, limit: int = MAX_FILE_LINES) -> list[str]:
+    """``path (lines)`` of every module longer than ``limit`` lines."""
+    out = []
+    for path in sorted(package_dir.rglob("*.py")):
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        if n > limit:
+            out.append(f"{path.relative_to(package_dir)} ({n})")
+    return out
+
+
+def test_no_file_over_450_lines():
+    assert long_files(PACKAGE) == []
+
+
+def test_the_file_check_counts_lines(tmp_path):
+    (tmp_path / "ok.py").write_text("x = 1\n" * MAX_FILE_LINES)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "big.py").write_text("x = 1\n" * (MAX_FILE_LINES + 1))
+    assert long_files(tmp_path) == [f"{Path('sub') / 'big.py'} ({MAX_FILE_LINES + 1})"]
+
+
+def misplaced_tests(tests_dir: Path, package_dir: Path) -> list[str]:
+    """Test files that do not mirror the source: a folder of tests/ that is not a package of
+    ``package_dir`` (``tests/catalogue/`` for ``fewshot/catalogue/``), or a test file at the top
+    of tests/ that is not one of :data:`CROSS_CUTTING`."""
+    out = [p.name for p in sorted(tests_dir.glob("test_*.py")) if p.name not in CROSS_CUTTING]
+    for folder in sorted(p for p in tests_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        if any(folder.rglob("test_*.py")) and not (package_dir / folder.name / "__init__.py").is_file():
+            out.append(f"{folder.name}/")
+    return out
+
+
+def test_tests_mirror_the_source():
+    assert misplaced_tests(TESTS, PACKAGE) == []
+
+
+def test_the_layout_check_finds_misplaced_tests(tmp_path):
+    pkg, tests = tmp_path / "pkg", tmp_path / "tests"
+    (pkg / "catalogue").mkdir(parents=True)
+    (pkg / "catalogue" / "__init__.py").write_text("")
+    for rel in ("catalogue/test_a.py", "nowhere/test_b.py", "test_architecture.py", "test_loose.py"):
+        (tests / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tests / rel).write_text("")
+    assert misplaced_tests(tests, pkg) == ["test_loose.py", "nowhere/"]

@@ -13,7 +13,7 @@ from fewshot import __version__
 from fewshot.cli import app
 from fewshot.data.splits import ClassSplit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str):

@@ -1,7 +1,7 @@
 """Prototypical networks (fewshot.methods.protonet): equations, toy problem, real-data training.
 
 The episode sampler's guarantees (exact N/K/Q, disjoint support and query, seeding) are tested
-in tests/test_episodes.py.
+in tests/data/test_episodes.py.
 """
 
 from __future__ import annotations

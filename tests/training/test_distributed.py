@@ -37,7 +37,7 @@ from fewshot.training.distributed import check_nproc, shard_sizes
 
 from train_helpers import nuisance_toy, shared_tiny_grocery
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: method -> settings of the step-level check (16-d toy features, 6 classes x 8 items)
 STEP_CASES = {
