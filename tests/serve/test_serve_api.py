@@ -21,7 +21,6 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 
-from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fewshot.catalogue import load_index  # noqa: E402
