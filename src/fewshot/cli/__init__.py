@@ -252,7 +252,7 @@ def _report_catalogue_queries(results, cat) -> None:
 
 
 @app.command()
-@handle_errors
+@handle_errors(flags={"address": "--ray-address"})
 @embedding_options
 def embed(
     data: str = DataOpt,

@@ -53,13 +53,15 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 #: library option names whose flag is not ``--name-with-dashes`` on any command; a key
-#: ``name=value`` is a boolean value that a flag sets (:func:`show_flags`)
-OPTION_FLAGS = {"model_dir": "--model", "index_dir": "--index", "num_workers": "--workers",
-                "progress=False": "--no-progress"}
-#: an option's name where it is not part of a word, a path or a file name (``split`` in
-#: ``split_file``, ``data/split`` or ``split.json`` is not the option); right after a quoted value
-#: it is prose (``no 'test' split``)
-_LEAD, _TRAIL = r"(?<![\w/.\\-])(?<!' )", r"(?![\w/\\-]|\.\w)"
+#: ``name=value`` is a boolean value that a flag sets (:func:`show_flags`; ``pretrained=False``
+#: is ``fewshot train``'s flag, named by hints about training)
+OPTION_FLAGS = {"model_dir": "--model", "num_workers": "--workers",
+                "progress=False": "--no-progress", "pretrained=False": "--from-scratch"}
+#: an option's name where it is not part of a word, a path, a file name or a quoted value
+#: (``split`` in ``split_file``, ``data/split``, ``split.json`` or ``'split'`` is not the option);
+#: next to a quoted value it is prose (``no 'test' split``, ``unknown runtime 'gpu'``): a message
+#: names an option with its value as ``option name = 'v'`` or ``name='v'``
+_LEAD, _TRAIL = r"(?<![\w/.\\'-])(?<!' )", r"(?![\w/\\'-]|\.\w| ')"
 
 
 def show_flags(exc: FewshotError, flags: Mapping[str, str] | None = None) -> FewshotError:
