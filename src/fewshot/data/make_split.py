@@ -104,11 +104,11 @@ def _check_split_parts(parts: dict[str, dict[str, int]], by: str, fractions) -> 
         if have >= need:
             continue
         total = sum(p["classes"] for p in parts.values())
-        hint = (f"give {part} a larger share (--fractions, now {' '.join(f'{f:g}' for f in fractions)})"
+        hint = (f"give {part} a larger share (fractions, now {' '.join(f'{f:g}' for f in fractions)})"
                 + (", or split single classes with by='class' (fewer, larger brands make uneven parts)"
                    if by == "group" else "")
                 + (f"; with {total} classes in all, the data may simply be too small for three parts"
                    if total < 3 * MIN_VAL_CLASSES else ""))
         raise DataError(f"the {part} part would have {have} class(es) with 2+ images; it needs at least {need}"
                         + (" for a meaningful val MAP@R each epoch" if part == "val" else ""), hint=hint,
-                        options=("by",))
+                        options=("by", "fractions"))
