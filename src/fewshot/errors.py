@@ -12,10 +12,13 @@ from pathlib import Path
 class FewshotError(Exception):
     """A user-facing error: ``message`` says what is wrong, ``hint`` how to fix it.
 
+    Library code names its options as they are spelt in Python (``ways=1``, ``option ways = 1``,
+    ``split='all'``, a bare ``image_size``), never as command-line flags, and lists them in
+    ``options``; the CLI shows each as the command's flag (:func:`fewshot.cli.common.show_flags`).
+
     Attributes:
-        options: the names of the options (dataclass fields: a method's, the training loop's)
-            that the message and hint name as they are spelt in Python (``ways=1``); a command
-            line shows each as its flag instead (``--ways 1``). Empty when none.
+        options: the names of the options (parameters or dataclass fields: a method's, the
+            training loop's, an index kind's) that the message and hint name. Empty when none.
     """
 
     options: tuple[str, ...] = ()
@@ -64,7 +67,8 @@ class ImageReadError(FewshotError):
         self.reason = reason
         super().__init__(
             f"cannot read image {self.path}: {reason}",
-            hint="replace or delete the file, or run without --strict to skip it",
+            hint="replace or delete the file, or leave strict off to skip it",
+            options=("strict",),
         )
 
 

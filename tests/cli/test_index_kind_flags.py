@@ -44,7 +44,7 @@ def test_another_kinds_flag_is_a_usage_error_naming_the_kinds_own(tmp_path):
 
 
 def test_library_option_errors_reach_the_cli_with_the_flag(small_manifest, tmp_path, monkeypatch):
-    """The library says ``m = 7`` / ``nlist = 5`` / ``index kind ivfpq``; the CLI says the flags."""
+    """The library says ``m = 7`` / ``nlist = 5`` / ``index_type='ivfpq'``; the CLI says the flags."""
     common = ["index", "--data", small_manifest, "--split", "train", "--image-size", "64", "--no-progress",
               "--cache-dir", tmp_path / "cache", "--out", tmp_path / "idx", "--index-type", "ivfpq"]
     text = said(*common, code=1)

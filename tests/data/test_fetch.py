@@ -409,7 +409,7 @@ def test_root_not_writable(tmp_path, served, monkeypatch):
     blocker.write_text("not a folder")
     with pytest.raises(DataError, match="is not a writable folder") as err:
         fetch_dataset(served, root=blocker / "data", progress=False)
-    assert "--root" in str(err.value)
+    assert "root=DIR" in str(err.value) and "--" not in err.value.hint and err.value.options == ("root",)
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -454,7 +454,7 @@ def test_disk_full_while_extracting_keeps_only_the_archive(tmp_path, server, ser
                         raising=False)
     with pytest.raises(DataError, match="no space left on device") as err:
         fetch_dataset(served, root=tmp_path, progress=False)
-    assert "--root" in str(err.value)
+    assert "root=DIR" in str(err.value) and "--" not in err.value.hint and err.value.options == ("root",)
     assert not (tmp_path / "tinygrocery").exists()
     assert _leftovers(tmp_path) == [".downloads"]  # the complete archive, kept for a rerun
     monkeypatch.undo()

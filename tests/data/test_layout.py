@@ -44,7 +44,7 @@ def test_auto_refuses_a_mixed_tree_and_names_the_folder(tmp_path):
     text = str(err.value)
     assert "Brand0" in text and "2 photo(s)" in text  # the folder with the strays, and how many
     assert "4 of 5" in text  # the other top-level folders hold only sub-folders
-    assert "--layout group/class" in err.value.hint and "move the stray photos" in err.value.hint
+    assert "layout='group/class'" in err.value.hint and "--" not in err.value.hint and "move the stray photos" in err.value.hint
     with pytest.raises(DataError):  # the Python API and the pipeline refuse it the same way
         fewshot.load_dataset(root)
 
@@ -87,7 +87,7 @@ def test_a_class_folder_of_sub_folders_is_mixed_depth_too(tmp_path):
     _photo(root / "Fruit" / "Apple" / "Pink" / "0.jpg", 3)
     with pytest.raises(DataError) as err:
         load_dataset(root)
-    assert "Fruit/Apple" in str(err.value) and "--layout group/class" in err.value.hint
+    assert "Fruit/Apple" in str(err.value) and "layout='group/class'" in err.value.hint and "--" not in err.value.hint
     ds = load_dataset(root, layout="group/class")
     assert ds.class_counts() == {"Banana": 1, "Apple": 2}
 

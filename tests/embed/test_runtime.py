@@ -172,7 +172,7 @@ def test_unknown_runtime_and_missing_onnxruntime_are_clear_errors(monkeypatch, t
     backbone = _tiny_backbone(_Pool())
     with pytest.raises(BackboneError) as err:
         make_forward(backbone, "tensorrt")
-    assert "--runtime auto, torch or onnx" in err.value.hint
+    assert "runtime='auto', 'torch' or 'onnx'" in err.value.hint and err.value.options == ("runtime",)
     monkeypatch.setattr(rt, "onnx_available", lambda: False)
     with pytest.raises(BackboneError) as err:
         make_forward(backbone, "onnx")

@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 import pytest
 
+from fewshot.cli.common import show_flags
 from fewshot.errors import CheckpointError, DataError
 from fewshot.catalogue.journal import Change, Journal
 from fewshot.catalogue.store import append_change, load_index, save_index
@@ -200,16 +201,17 @@ def test_index_type_choices_and_errors():
         ann.resolve(AnnConfig("ivfpq"), 500, 64)
     with pytest.raises(DataError, match="unknown index type"):
         ann.resolve(AnnConfig("annoy"), 500, 64)
-    # library errors name the option; the CLI names its flag (IndexOptionError.named)
-    with pytest.raises(DataError, match="m = 7 does not divide the embedding dimension 64") as err:
+    # library errors name the option (and list it in .options); the CLI shows its flag (show_flags)
+    with pytest.raises(DataError, match="option m = 7 does not divide the embedding dimension 64") as err:
         ann.resolve(AnnConfig("ivfpq", m=7), 5000, 64)
-    assert "m = 8 / 16 / 32 / 64" in err.value.hint and "--" not in str(err.value)
-    message, hint = err.value.named("--pq-m")
-    assert message.startswith("--pq-m 7 does not divide the embedding dimension 64") and "--pq-m 8 / 16 / 32 / 64" in hint
-    with pytest.raises(DataError, match="nlist = 5000 is too many cells for 5,000 images") as err:
+    assert "m = 8 / 16 / 32 / 64" in err.value.hint and "--" not in str(err.value) and err.value.options == ("m",)
+    shown = show_flags(err.value, {"m": "--pq-m"})
+    assert shown.message.startswith("--pq-m 7 does not divide the embedding dimension 64")
+    assert "--pq-m 8 / 16 / 32 / 64" in shown.hint
+    with pytest.raises(DataError, match="option nlist = 5000 is too many cells for 5,000 images") as err:
         ann.resolve(AnnConfig("ivfpq", nlist=5000), 5000, 64)
     assert "nlist = 128 or fewer" in err.value.hint and "--" not in str(err.value)
-    assert "--nlist 128 or fewer" in err.value.named("--nlist")[1]
+    assert "--nlist 128 or fewer" in show_flags(err.value).hint
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])

@@ -115,12 +115,11 @@ def check_tta(tta: str) -> str:
     """``tta`` if it is one of :data:`TTA_MODES`.
 
     Raises:
-        BackboneError: any other value (the message names ``--tta`` and its values).
+        BackboneError: any other value (the hint names ``tta`` and its values).
     """
     if tta not in TTA_MODES:
         raise BackboneError(f"unknown test-time augmentation {tta!r}",
-                            hint=f"use --tta {' or --tta '.join(TTA_MODES)} (Python: tta="
-                                 + " or ".join(repr(m) for m in TTA_MODES) + ")")
+                            hint="use " + " or ".join(f"tta={m!r}" for m in TTA_MODES), options=("tta",))
     return tta
 
 
@@ -237,12 +236,13 @@ def create_backbone(name: str, pretrained: bool = True, image_size: int = 224) -
     """
     if image_size < MIN_IMAGE_SIZE or image_size > MAX_IMAGE_SIZE:
         raise BackboneError(f"image size {image_size} px is out of range",
-                            hint=f"use an --image-size between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} (224 is the default)")
+                            hint=f"use an image_size between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} (224 is the default)",
+                            options=("image_size",))
     prefix = name.split(":", 1)[0] + ":" if ":" in name else name
     if prefix == name and name.endswith(":") and name in BACKBONES:
         raise BackboneError(f"backbone '{name}' needs a model name after the colon",
-                            hint=f"e.g. --backbone {name}resnet18" if name != "open_clip:" else
-                            "e.g. --backbone open_clip:ViT-B-32/openai")
+                            hint=f"e.g. backbone='{name}resnet18'" if name != "open_clip:" else
+                            "e.g. backbone='open_clip:ViT-B-32/openai'", options=("backbone",))
     if name not in BACKBONES and prefix != name and prefix in BACKBONES:
         backbone = BACKBONES.get(prefix)(pretrained, image_size, name.split(":", 1)[1])  # type: ignore[call-arg]
     else:

@@ -60,11 +60,12 @@ def conv4(pretrained: bool = False, image_size: int = 28) -> Backbone:
     """
     if pretrained:
         raise BackboneError("backbone conv4 has no pretrained weights: it is trained from scratch",
-                            hint="train it with `fewshot train --backbone conv4 --from-scratch --fine-tune all "
-                                 "--image-size 28 ...`, then pass --model RUN_DIR")
+                            hint="train it from scratch (backbone='conv4', pretrained=False, fine_tune='all', "
+                                 "image_size=28), then pass model_dir=RUN_DIR",
+                            options=("backbone", "pretrained", "fine_tune", "image_size", "model_dir"))
     if image_size < 16:
         raise BackboneError(f"conv4 needs an image side of at least 16 px, got {image_size}",
-                            hint="use --image-size 28 (Omniglot) or 84 (miniImageNet)")
+                            hint="use image_size=28 (Omniglot) or 84 (miniImageNet)", options=("image_size",))
     model = Conv4()
     dim = WIDTH * (image_size // 2 ** BLOCKS) ** 2
     return Backbone(name="conv4", model=model, preprocess=Preprocess(image_size=image_size, mean=HALF, std=HALF),

@@ -56,7 +56,7 @@ def _weights_path(variant: str) -> str:
 def _build(variant: str, pretrained: bool, image_size: int) -> Backbone:
     if image_size < 32:  # five stride-2 stages: the last 5x5 kernels need at least 32 px
         raise BackboneError(f"efficientnet_{variant} needs an image side of at least 32 px, got {image_size}",
-                            hint="use --image-size 32 or more (224 is the default)")
+                            hint="use image_size=32 or more (224 is the default)", options=("image_size",))
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:

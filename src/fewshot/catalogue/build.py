@@ -64,12 +64,13 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
     root = resolve_data(data)
     if catalogue == "iconic":
         if split is not None or group_from is not None or layout != "auto":
-            raise DataError("--catalogue iconic takes the 81 Grocery studio images: --split, --group-from and "
-                            "--layout do not apply to it", hint="drop --split / --group-from / --layout, or drop "
-                            "--catalogue")
+            raise DataError("catalogue='iconic' takes the 81 Grocery studio images: split, group_from and "
+                            "layout do not apply to it", hint="drop split / group_from / layout, or drop "
+                            "catalogue", options=("catalogue", "split", "group_from", "layout"))
         dataset = load_grocery_catalogue(root)
     elif catalogue not in (None, "", "images"):
-        raise DataError(f"unknown catalogue '{catalogue}'", hint="use --catalogue iconic, or leave it out")
+        raise DataError(f"unknown catalogue '{catalogue}'", hint="use catalogue='iconic', or leave it out",
+                        options=("catalogue",))
     else:
         dataset = load_data(data, split, group_from, embed.strict, default_split="train", layout=layout)
     with claimed_output(out, writer := object(), what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,

@@ -66,10 +66,10 @@ def check_folder(path: Path) -> None:
     """
     if not path.is_dir():
         raise CheckpointError(f"index folder {path} " + ("is a file, not a folder" if path.exists() else "does not exist"),
-                              hint="build one with `fewshot index --data ... --out DIR`")
+                              hint="build one with Catalogue.build(...).save(DIR) or `fewshot index --data ... --out DIR`")
     if not (path / "meta.json").is_file() and not (path / "images.faiss").is_file():
         raise CheckpointError(f"{path} is not a fewshot index (no meta.json or images.faiss)",
-                              hint="pass --index the folder written by `fewshot index --out DIR`")
+                              hint="give the folder written by Catalogue.save or `fewshot index --out DIR`")
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"index folder {path} is incomplete: meta.json is missing",
                               hint="rebuild it with `fewshot index`")

@@ -17,7 +17,7 @@ from rich.markup import escape
 from .common import (BatchOpt, CacheOpt, DataOpt, GroupFromOpt, LayoutOpt, NoProgressOpt, OverwriteOpt, RuntimeOpt,
                      ThreadsOpt, WorkersOpt, _split_help, apply_runtime, app, echo_episodes, embedding_options, err_console,
                      handle_errors, json_line, log, one_line)
-from .kinds import flags_named, index_config, index_type_help, kind_options
+from .kinds import index_config, index_type_help, kind_options
 
 if TYPE_CHECKING:
     from ..embed.options import EmbedOptions
@@ -78,9 +78,8 @@ def index_cmd(
     from ..catalogue.store import enrolled_dir
 
     ann = index_config(index_type, kind_opts)
-    with flags_named():
-        idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
-                          overwrite=overwrite, ann_config=ann, layout=layout)
+    idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
+                      overwrite=overwrite, ann_config=ann, layout=layout)
     typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {one_line(out)} ({idx.ann.kind} index)")
     kept = idx.config.get("kept_enrolled")
     if kept:
@@ -253,7 +252,7 @@ def _report_catalogue_queries(results, cat) -> None:
 
 
 @app.command()
-@handle_errors
+@handle_errors(flags={"address": "--ray-address"})
 @embedding_options
 def embed(
     data: str = DataOpt,

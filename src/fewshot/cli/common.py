@@ -13,7 +13,7 @@ import logging
 import math
 import unicodedata
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import typer
 from rich.console import Console
@@ -52,8 +52,77 @@ def _setup_logging(verbose: bool = False) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def handle_errors(fn: Callable) -> Callable:
-    """Turn FewshotError into ``error: ...`` on stderr and exit code 1."""
+#: library option names whose flag is not ``--name-with-dashes`` on any command; a key
+#: ``name=value`` is a boolean value that a flag sets (:func:`show_flags`; ``pretrained=False``
+#: is ``fewshot train``'s flag, named by hints about training)
+OPTION_FLAGS = {"model_dir": "--model", "num_workers": "--workers",
+                "progress=False": "--no-progress", "pretrained=False": "--from-scratch"}
+#: an option's name where it is not part of a word, a path, a file name or a quoted value
+#: (``split`` in ``split_file``, ``data/split``, ``split.json`` or ``'split'`` is not the option);
+#: next to a quoted value it is prose (``no 'test' split``, ``unknown runtime 'gpu'``): a message
+#: names an option with its value as ``option name = 'v'`` or ``name='v'``
+_LEAD, _TRAIL = r"(?<![\w/.\\'-])(?<!' )", r"(?![\w/\\'-]|\.\w| ')"
+
+
+def show_flags(exc: FewshotError, flags: Mapping[str, str] | None = None) -> FewshotError:
+    """``exc`` with the options it names (:attr:`~fewshot.errors.FewshotError.options`, spelt as
+    in Python) shown as a command's flags, in its message and hint.
+
+    ``option ways = 1`` and ``ways=1`` become ``--ways 1`` (``split='all'``: ``--split all``), a
+    bare ``ways`` becomes ``--ways``; a key ``name=value`` of ``flags`` is a boolean value its flag
+    sets (``pretrained=False``: ``--from-scratch``), and ``name=True`` is the flag itself.
+
+    Args:
+        exc: the error, changed in place.
+        flags: the command's flag of each option name where it is not ``--name-with-dashes``
+            (over :data:`OPTION_FLAGS`).
+    """
+    if not exc.options:
+        return exc
+    flags = {**OPTION_FLAGS, **(flags or {})}
+    for name in exc.options:
+        flag = flags.get(name) or "--" + name.replace("_", "-")
+        sets = {f"{name}={v}": flags[f"{name}={v}"] for v in (True, False) if f"{name}={v}" in flags}
+        if not sets:  # a plain boolean flag sets True
+            sets[f"{name}=True"] = flag
+        for attr in ("message", "hint"):
+            text = getattr(exc, attr)
+            if not text:
+                continue
+            for spelt, on in sets.items():
+                text = re.sub(_LEAD + re.escape(spelt) + _TRAIL, on, text)
+            text = re.sub(_LEAD + re.escape(name) + r"='([\w./:+|-]+)'(?![\w'])", flag + r" \1", text)
+            text = re.sub(r"(?:\boption )?" + _LEAD + re.escape(name) + r"(?: = |=)", flag + " ", text)
+            setattr(exc, attr, re.sub(_LEAD + re.escape(name) + _TRAIL, flag, text))
+    exc.args = (exc.message,)
+    return exc
+
+
+def command_flags(fn: Callable) -> dict[str, str]:
+    """The flag of each option of a typer command, by parameter name, from its signature (a
+    ``--on/--off`` boolean also as ``name=True`` / ``name=False``)."""
+    import inspect
+
+    out: dict[str, str] = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        decls = [d for d in getattr(p.default, "param_decls", None) or () if d.startswith("--")]
+        if not decls:
+            continue
+        on, _, off = decls[0].partition("/")
+        out[name] = on
+        if off:
+            out[f"{name}=True"], out[f"{name}=False"] = on, off
+    return out
+
+
+def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None = None) -> Callable:
+    """Turn FewshotError into ``error: ...`` on stderr and exit code 1, each option it names
+    shown as the command's flag (:func:`show_flags`; ``flags``: the command's exceptions to its
+    parameters' own flags, e.g. an inverted boolean).
+
+    Use as ``@handle_errors`` or ``handle_errors(fn, flags={...})``."""
+    if fn is None:
+        return functools.partial(handle_errors, flags=flags)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -61,6 +130,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except FewshotError as exc:
+            show_flags(exc, {**command_flags(fn), **(flags or {})})
             err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
             if exc.hint:
                 err_console.print(f"  fix: {escape(exc.hint)}", highlight=False)

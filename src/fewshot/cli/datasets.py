@@ -19,9 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from fewshot.data import fetch as _fetch
-from fewshot.errors import FewshotError
 
-from .common import one_line
+from .common import handle_errors, one_line
 
 app = typer.Typer(
     help="List and fetch the public datasets (Grocery Store Dataset, Omniglot).",
@@ -29,12 +28,8 @@ app = typer.Typer(
 )
 
 
-def _fail(exc: FewshotError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(code=1)
-
-
 @app.command("list")
+@handle_errors
 def list_cmd(
     root: Optional[Path] = typer.Option(
         None, "--root", help="Data root to look in (default: $FEWSHOT_DATA or the user cache)."
@@ -44,19 +39,17 @@ def list_cmd(
     table = Table(title="fewshot datasets", show_lines=True)
     for col in ("name", "source", "licence", "size", "citation", "status"):
         table.add_column(col, overflow="fold")
-    try:
-        for info in _fetch.list_datasets():
-            dest = _fetch.dataset_path(info, root)
-            status = f"fetched: {dest}" if _fetch.is_verified(dest, info) else "not fetched"
-            cells = (info.name, f"{info.title}\n{info.homepage}", info.licence, "~" + filesize.decimal(info.size_bytes),
-                     info.citation, status)
-            table.add_row(*(escape(c) for c in cells))  # a path or citation may hold [brackets]
-    except FewshotError as exc:
-        _fail(exc)
+    for info in _fetch.list_datasets():
+        dest = _fetch.dataset_path(info, root)
+        status = f"fetched: {dest}" if _fetch.is_verified(dest, info) else "not fetched"
+        cells = (info.name, f"{info.title}\n{info.homepage}", info.licence, "~" + filesize.decimal(info.size_bytes),
+                 info.citation, status)
+        table.add_row(*(escape(c) for c in cells))  # a path or citation may hold [brackets]
     Console().print(table)
 
 
 @app.command("fetch")
+@handle_errors
 def fetch_cmd(
     name: str = typer.Argument(..., help="Dataset name (see `fewshot datasets list`)."),
     root: Optional[Path] = typer.Option(
@@ -74,10 +67,5 @@ def fetch_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Download (or copy from --mirror) a dataset, verify its checksum, print its folder."""
-    try:
-        path = _fetch.fetch_dataset(
-            name, root=root, mirror=mirror, progress=progress, force=force, verify=verify
-        )
-    except FewshotError as exc:
-        _fail(exc)
+    path = _fetch.fetch_dataset(name, root=root, mirror=mirror, progress=progress, force=force, verify=verify)
     typer.echo(one_line(path))

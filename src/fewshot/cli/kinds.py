@@ -4,8 +4,8 @@ methods, shown in one help panel per kind (``ivfpq options``).
 
 ``fewshot index`` takes every option (:func:`index_config` refuses those of another kind than
 ``--index-type``); ``fewshot classify`` takes the query-time ones. Library errors name an option
-by its field (:class:`~fewshot.index.kinds.IndexOptionError`); :func:`flags_named` re-words them
-with the flag.
+by its field (:class:`~fewshot.index.kinds.IndexOptionError`); the command's error handling
+(:func:`~fewshot.cli.common.show_flags`) shows the flag.
 """
 
 from __future__ import annotations
@@ -14,22 +14,21 @@ import dataclasses
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
 
 from ..errors import DataError
-from ..index.kinds import AUTO, AUTO_FLAT_MAX, IndexOptionError, get_kind, is_auto, list_kinds
+from ..index.kinds import AUTO, AUTO_FLAT_MAX, get_kind, is_auto, list_kinds
 from ..options import flag_of
 
 if typing.TYPE_CHECKING:
     from ..index.ann import AnnConfig
 
-__all__ = ["KindFlag", "flags_named", "index_config", "index_type_help", "kind_flags", "kind_options"]
+__all__ = ["KindFlag", "index_config", "index_type_help", "kind_flags", "kind_options"]
 
-#: the flag that chooses the kind (what an IndexOptionError about ``kind`` is re-worded with)
+#: the flag that chooses the kind
 INDEX_TYPE_FLAG = "--index-type"
 
 
@@ -117,18 +116,6 @@ def kind_options(search: bool = False) -> Callable[[Callable], Callable]:
     return wrap
 
 
-@contextmanager
-def flags_named() -> Iterator[None]:
-    """Within the block, an :class:`~fewshot.index.kinds.IndexOptionError` (which names the
-    option) becomes a :class:`~fewshot.errors.DataError` that names its flag."""
-    try:
-        yield
-    except IndexOptionError as exc:
-        flag = kind_flags().get(exc.option)
-        message, hint = exc.named(INDEX_TYPE_FLAG if exc.option == "kind" else flag.flag if flag else exc.option)
-        raise DataError(message, hint=hint) from None
-
-
 def index_config(index_type: str, given: dict[str, Any]) -> AnnConfig:
     """``--index-type`` and the kind flags given as an :class:`~fewshot.index.AnnConfig`.
 
@@ -154,5 +141,4 @@ def index_config(index_type: str, given: dict[str, Any]) -> AnnConfig:
                 f"{', '.join(flags[n].flag for n in foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to "
                 f"{INDEX_TYPE_FLAG} {index_type} (an option of {', '.join(owners)}); options of {index_type}: "
                 f"{', '.join(flags[n].flag for n in sorted(own)) or 'none'}", param_hint=INDEX_TYPE_FLAG)
-    with flags_named():
-        return AnnConfig(index_type, **given)
+    return AnnConfig(index_type, **given)

@@ -6,7 +6,6 @@ Registered on :data:`fewshot.cli.app` when :mod:`fewshot.cli` is imported.
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from pathlib import Path
 from typing import Any, List, Optional
@@ -15,7 +14,8 @@ import typer
 
 from ..errors import FewshotError
 from ..options import flag_of
-from .common import MAX_THREADS, LayoutOpt, app, apply_runtime, echo_episodes, handle_errors, one_line, positive
+from .common import (MAX_THREADS, LayoutOpt, app, apply_runtime, echo_episodes, handle_errors, one_line, positive,
+                     show_flags)
 
 #: most processes of ``--nproc`` (:data:`fewshot.training.distributed.MAX_NPROC`; kept here so that
 #: ``fewshot --help`` does not import torch)
@@ -33,11 +33,7 @@ def _train(
     A method option (under "Method options", or --opt KEY=VALUE) applies to the methods its help names; `fewshot methods METHOD` lists one method's options.
     """
     apply_runtime(given["runtime"], threads)
-    method = given["method"]
-    try:
-        _train_run(method, given, opt or [], nproc, threads)
-    except FewshotError as exc:
-        raise with_flags(exc, method) from None
+    _train_run(given["method"], given, opt or [], nproc, threads)
 
 
 def _train_run(method: str, given: dict[str, Any], pairs: list[str], nproc: int, threads: Optional[int]) -> None:
@@ -141,28 +137,12 @@ def _loop_flag_names() -> dict[str, str]:
     return {f.name: flag_of(f) for f in _loop_fields()}
 
 
-def with_flags(exc: FewshotError, method: str) -> FewshotError:
-    """``exc`` with the options it names (:attr:`~fewshot.errors.FewshotError.options`, spelt as
-    in Python: ``ways=1``, ``option ways = 1``, ``ways``) shown as this command's flags
-    (``--ways 1``); a boolean set as its flag sets it (``pretrained=False``: ``--from-scratch``)."""
-    if not exc.options:
-        return exc
-    flags = {**{k: f.flag for k, f in method_flags().items()}, **_loop_flag_names(), "nproc": "--nproc"}
-    sets = {f.name: not f.metadata["cli"].get("invert") for f in _loop_fields() if isinstance(f.default, bool)}
-    lead, trail = r"(?<![\w/.\\-])", r"(?![\w/\\-])"
-    for name in exc.options:
-        if name not in flags:
-            continue
-        for attr in ("message", "hint"):
-            text = getattr(exc, attr)
-            if not text:
-                continue
-            if name in sets:
-                text = re.sub(lead + re.escape(f"{name}={sets[name]}") + trail, flags[name], text)
-            text = re.sub(r"(?:\boption )?" + lead + re.escape(name) + r"(?: = |=)", flags[name] + " ", text)
-            setattr(exc, attr, re.sub(lead + re.escape(name) + trail, flags[name], text))
-    exc.args = (exc.message,)
-    return exc
+def train_flags() -> dict[str, str]:
+    """The train command's flag of each option whose flag is not its parameter's own: an
+    inverted boolean as the value it sets (``pretrained=False``: ``--from-scratch``), and the
+    methods' options (for :func:`~fewshot.cli.common.show_flags`)."""
+    inverted = {f"{f.name}=False": flag_of(f) for f in _loop_fields() if f.metadata["cli"].get("invert")}
+    return {**{k: f.flag for k, f in method_flags().items()}, **_loop_flag_names(), **inverted}
 
 
 # --------------------------------------------------------------------------- method options
@@ -248,7 +228,7 @@ def _method_options(method: str, given: dict[str, Any], pairs: list[str], epochs
     try:  # a value out of range is a usage error, like the loop's own options
         method_options(method, **options)
     except FewshotError as exc:
-        exc = with_flags(exc, method)
+        exc = show_flags(exc, train_flags())
         raise typer.BadParameter(f"{exc.message} ({exc.hint})") from None
     return options
 
@@ -283,7 +263,7 @@ def _register_train() -> None:
         annotations[f.name] = Optional[f.type]
     _train.__signature__ = base.replace(parameters=params)  # type: ignore[attr-defined]
     _train.__annotations__ = annotations
-    app.command("train")(handle_errors(_train))
+    app.command("train")(handle_errors(_train, flags=train_flags()))
 
 
 @app.command("methods")

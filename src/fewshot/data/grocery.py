@@ -117,7 +117,8 @@ def load_grocery(gdir: Path, split: str | None) -> tuple[Dataset, list[Row]]:
     if split is not None and split not in available:
         raise DataError(
             f"unknown split {split!r} for {gdir}: available splits: {', '.join(available + [CATALOGUE_SPLIT])}",
-            hint=f"use one of: {', '.join(available + [CATALOGUE_SPLIT])}",
+            hint=f"use one of ({', '.join(available + [CATALOGUE_SPLIT])}) as split",
+            options=("split",),
         )
     wanted = [split] if split is not None else available
     rows: list[Row] = []

@@ -132,8 +132,9 @@ def load_dataset(
             raise DataError(
                 f"unknown split {split!r} for {source_file}: "
                 + (f"available splits: {', '.join(available)}" if available else "this dataset has no image splits"),
-                hint=(f"use one of: {', '.join(available)}" if available
-                      else "omit the split (or add a 'split' column to the manifest)"),
+                hint=(f"use one of ({', '.join(available)}) as split" if available
+                      else "leave split out (or add a 'split' column to the manifest)"),
+                options=("split",),
             )
         records = [r for r in records if r.split == split]
         if not records:
@@ -176,8 +177,8 @@ def _read(p: Path, split: str | None, spec: GroupFrom | None, strict: bool,
 
 def _layout_is_auto(layout: str, p: Path, what: str) -> None:
     if layout != "auto":
-        raise DataError(f"--layout {layout} applies to folder trees, but {p} is {what}",
-                        hint="drop --layout (Python: layout=), or give the folder tree itself")
+        raise DataError(f"layout={layout!r} applies to folder trees, but {p} is {what}",
+                        hint="leave layout out, or give the folder tree itself", options=("layout",))
 
 
 def summarize(dataset: Dataset) -> str:

@@ -67,7 +67,8 @@ def make_split(data: str, out: str | Path | None = None, *, by: str = "group",
         FewshotError: ``out`` exists and is not a split file we may replace.
     """
     if by not in ("group", "class"):
-        raise DataError(f"unknown --by {by!r}", hint="use --by group (whole brands per part) or --by class")
+        raise DataError(f"unknown option by = {by!r}", hint="use by='group' (whole brands per part) or by='class'",
+                        options=("by",))
     check_fractions(fractions, "--fractions")
     dataset = load_data(data, ALL_SPLITS, group_from, layout=layout)
     if out is not None:
@@ -75,7 +76,8 @@ def make_split(data: str, out: str | Path | None = None, *, by: str = "group",
                      **data_protection(data, dataset))
     if by == "group" and all(g is None for g in dataset.groups):
         raise DataError(f"{data} has no groups (brands) to keep together",
-                        hint="use --by class, give groups with --group-from, or use a Brand/Article/photo folder tree")
+                        hint="use by='class', give groups with group_from, or use a Brand/Article/photo folder tree",
+                        options=("by", "group_from"))
     split = make_class_split(dataset, fractions, seed, keep_groups_together=(by == "group"),
                              name=Path(out).stem if out is not None else None)
     parts = _split_parts(split, dataset)
@@ -102,10 +104,11 @@ def _check_split_parts(parts: dict[str, dict[str, int]], by: str, fractions) -> 
         if have >= need:
             continue
         total = sum(p["classes"] for p in parts.values())
-        hint = (f"give {part} a larger share (--fractions, now {' '.join(f'{f:g}' for f in fractions)})"
-                + (", or split single classes with --by class (fewer, larger brands make uneven parts)"
+        hint = (f"give {part} a larger share (fractions, now {' '.join(f'{f:g}' for f in fractions)})"
+                + (", or split single classes with by='class' (fewer, larger brands make uneven parts)"
                    if by == "group" else "")
                 + (f"; with {total} classes in all, the data may simply be too small for three parts"
                    if total < 3 * MIN_VAL_CLASSES else ""))
         raise DataError(f"the {part} part would have {have} class(es) with 2+ images; it needs at least {need}"
-                        + (" for a meaningful val MAP@R each epoch" if part == "val" else ""), hint=hint)
+                        + (" for a meaningful val MAP@R each epoch" if part == "val" else ""), hint=hint,
+                        options=("by", "fractions"))

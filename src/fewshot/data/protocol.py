@@ -84,7 +84,8 @@ def load_data(data: str, split: str | None = None, group_from: str | None = None
         return dataset
     if default_split not in available:
         raise DataError(f"{root} has image splits {', '.join(available)} but no '{default_split}' split",
-                        hint=f"pass --split {available[0]} (one of: {', '.join(available)}) or --split all")
+                        hint=f"pass split={available[0]!r} (one of: {', '.join(available)}) or split='all'",
+                        options=("split",))
     dataset.records = [r for r in dataset.records if r.split == default_split]
     dataset.split = default_split
     return dataset
@@ -283,10 +284,11 @@ def protocol_sets(
     if not queries or not gallery:
         which = "query" if not queries else "gallery"
         raise DataError(
-            f"no {which} images for the {part!r} classes of split {split.name!r} in dataset {dataset.name!r} "
+            f"no {which} images for the {part!r} classes of the {split.name!r} class split in dataset {dataset.name!r} "
             f"(queries from {sorted(query_splits)}, gallery from {sorted(gallery_splits)})",
-            hint="load the dataset with all its image splits (no --split), or change the split's "
+            hint="load the dataset with all its image splits (split='all'), or change the class split's "
                  "query_split / gallery_split",
+            options=("split",),
         )
     mixed = divided < len(by_class)
     q_name = ",".join(sorted(query_splits)) if mixed else None

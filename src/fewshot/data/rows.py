@@ -29,14 +29,17 @@ class Row:
     cells: dict[str, str] | None = None
 
 
-def warn(ds_warnings: list[str], message: str, strict: bool, source: Path, hint: str) -> None:
-    """Log ``message`` and keep it in ``ds_warnings``; with ``strict``, raise it instead.
+def warn(ds_warnings: list[str], message: str, strict: bool, source: Path, hint: str,
+         options: tuple[str, ...] = ()) -> None:
+    """Log ``message`` and keep it in ``ds_warnings``; with ``strict``, raise it instead
+    (``options``: those the hint names, see :class:`~fewshot.errors.FewshotError`).
 
     Raises:
         DataError: ``strict`` is set (the message names ``source``, the hint the fix).
     """
     if strict:
-        raise DataError(f"{message} (in {source})", hint=hint + " (or run without --strict to skip it)")
+        raise DataError(f"{message} (in {source})", hint=hint + " (or leave strict off to skip it)",
+                        options=("strict", *options))
     log.warning("%s", message)
     ds_warnings.append(message)
 

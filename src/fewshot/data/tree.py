@@ -47,8 +47,8 @@ FOLDER_HINT = ("put each class's images in its own folder: root/<class>/<image>.
                "(or root/<group>/<class>/<image>.jpg); accepted suffixes: "
                + " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)))
 
-_LAYOUT_FIX = ("pass --layout group/class (Python: layout='group/class') to read top-level folders as groups "
-               "and their sub-folders as classes, or --layout class to read every top-level folder as one class")
+_LAYOUT_FIX = ("pass layout='group/class' to read top-level folders as groups "
+               "and their sub-folders as classes, or layout='class' to read every top-level folder as one class")
 
 
 def check_layout(layout: object) -> str:
@@ -139,7 +139,8 @@ def _mixed_top_level(root: Path, scans: dict[str, tuple[list[str], list[str]]], 
         f"(<group>/<class>/photo: {examples(nested, 3)}), but {len(direct)} hold(s) photos directly "
         f"(<class>/photo): {examples(shown)}",
         hint="move the stray photos into an article folder (root/<group>/<class>/photo.jpg), or " + _LAYOUT_FIX
-             + "; --layout group/class skips photos lying directly in a group folder")
+             + "; layout='group/class' skips photos lying directly in a group folder",
+        options=("layout",))
 
 
 def _check_class_depth(root: Path, scans: dict[str, tuple[list[str], list[str]]]) -> None:
@@ -164,9 +165,9 @@ def _check_class_depth(root: Path, scans: dict[str, tuple[list[str], list[str]]]
     raise DataError(
         f"{root}: {len(deep)} class folder(s) hold no photo directly, only sub-folders of photos "
         f"({examples(deep)}), {where}; each of them may be one class or a group of classes",
-        hint="put each class's photos directly in its folder (root/<group>/<class>/photo.jpg), point --data at "
-             "a folder one level down, or pass --layout group/class (Python: layout='group/class') to count "
-             "the photos in a class folder's sub-folders as that class's own")
+        hint="put each class's photos directly in its folder (root/<group>/<class>/photo.jpg), point data at "
+             "a folder one level down, or pass layout='group/class' to count "
+             "the photos in a class folder's sub-folders as that class's own", options=("data", "layout"))
 
 
 # --------------------------------------------------------------------------- reading
@@ -221,8 +222,8 @@ def _class_folders(root: Path, scans: dict[str, tuple[list[str], list[str]]], wa
         total = sum(n for _, n in strays)
         warn(warnings, f"{total} photo(s) lying directly in group folder(s) skipped (stray: not in a class folder): "
              + examples([f"{g} ({n})" for g, n in strays]), strict, root,
-             "move them into a class folder (root/<group>/<class>/photo.jpg), or pass --layout class to read "
-             "every top-level folder as one class")
+             "move them into a class folder (root/<group>/<class>/photo.jpg), or pass layout='class' to read "
+             "every top-level folder as one class", options=("layout",))
     for group, (class_dirs, _) in scans.items():
         if not class_dirs:
             warn(warnings, f"empty group folder (no class folders): {os.path.join(base, group)}", strict, root,

@@ -353,7 +353,8 @@ def embed_dataset(
         ImageReadError: ``strict=True`` and at least one image could not be read.
     """
     if len(dataset) == 0:
-        raise DataError(f"dataset {dataset.name} has no images", hint="check --data and --split")
+        raise DataError(f"dataset {dataset.name} has no images", hint="check data and split",
+                        options=("data", "split"))
     digests = read_digests(dataset.paths)
     vectors, ok, failures, num_cached = embed_paths(
         dataset.paths, backbone, batch_size=batch_size, num_workers=num_workers,
@@ -380,7 +381,7 @@ def dataset_embeddings(dataset: Dataset, backbone: Backbone, digests: Sequence[s
             path, reason = skipped[0]
             err = ImageReadError(path, reason)
             err.message += f" ({len(skipped)} unreadable image(s) in all)"
-            err.hint = "fix or remove the listed files, or run without --strict to skip them"
+            err.hint = "fix or remove the listed files, or leave strict off to skip them"
             raise err
         for path, reason in skipped:
             log.warning("skipped unreadable image %s: %s", path, reason)

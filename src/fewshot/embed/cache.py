@@ -106,8 +106,8 @@ class EmbeddingCache:
             from ..errors import DataError
 
             raise DataError(f"embedding cache folder {folder} cannot be made: {parent} is a file",
-                            hint="pass --cache-dir a folder, or set $FEWSHOT_CACHE to a folder (or unset it for "
-                                 "~/.cache/fewshot)")
+                            hint="pass cache_dir=FOLDER, or set $FEWSHOT_CACHE to a folder (or unset it for "
+                                 "~/.cache/fewshot)", options=("cache_dir",))
         self.path = folder / key
         self.legacy_path = folder / f"{key}.npz"
         self._shards: list[_Shard] = []

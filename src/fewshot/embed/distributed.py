@@ -110,9 +110,11 @@ def check_distributed(backend: str) -> str:
             names ``pip install -e ".[scale]"``).
     """
     if backend not in DISTRIBUTED:
-        raise FewshotError(f"unknown --distributed back-end {backend!r}", hint="use --distributed ray")
+        raise FewshotError(f"unknown option distributed = {backend!r}", hint="use distributed='ray'",
+                           options=("distributed",))
     if not ray_available():
-        raise FewshotError("--distributed ray needs Ray Data, which is not installed", hint=INSTALL_HINT)
+        raise FewshotError("distributed='ray' needs Ray Data, which is not installed", hint=INSTALL_HINT,
+                           options=("distributed",))
     return backend
 
 
@@ -169,7 +171,8 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise FewshotError("--distributed ray needs Ray Data, which is not installed", hint=INSTALL_HINT) from None
+        raise FewshotError("distributed='ray' needs Ray Data, which is not installed", hint=INSTALL_HINT,
+                           options=("distributed",)) from None
     return ray
 
 
@@ -199,13 +202,13 @@ def _start(ray, options: RayOptions) -> bool:
             # Ray's own text names its CLI's `--address` flag, which fewshot does not have
             raise FewshotError("cannot start the Ray cluster at auto: no running Ray cluster was found on this "
                                "machine (nor one named by the RAY_ADDRESS environment variable)",
-                               hint="start one first (`ray start --head`), pass a head node's address "
-                                    "(--ray-address HOST:6379), or leave --ray-address out to run a local Ray "
-                                    "for this command") from None
+                               hint="start one first (`ray start --head`), pass address='HOST:6379' (a head node's), "
+                                    "or leave address out to run a local Ray "
+                                    "for this command", options=("address",)) from None
         raise FewshotError(f"cannot start {where}: {(str(exc).splitlines() or [''])[0][:300]}",
-                           hint="check --ray-address (the head node's address, e.g. HOST:6379 or ray://HOST:10001) "
+                           hint="check address (the head node's host:port, e.g. HOST:6379 or ray://HOST:10001) "
                                 "and that the cluster runs the same Ray and Python versions"
-                                if options.address else "see Ray's message above") from None
+                                if options.address else "see Ray's message above", options=("address",)) from None
     return True
 
 
@@ -427,7 +430,8 @@ def ray_embed_dataset(dataset: Dataset, backbone: Backbone, *, options: RayOptio
     from ..errors import DataError
 
     if len(dataset) == 0:
-        raise DataError(f"dataset {dataset.name} has no images", hint="check --data and --split")
+        raise DataError(f"dataset {dataset.name} has no images", hint="check data and split",
+                        options=("data", "split"))
     digests = read_digests(dataset.paths)
     result = ray_embed_paths(dataset.paths, backbone, options=options, digests=digests, **kwargs)
     return dataset_embeddings(dataset, backbone, digests[0], result, strict=strict)

@@ -206,10 +206,11 @@ def check_runtime(runtime: str) -> str:
         BackboneError: not one of :data:`RUNTIMES`, or ``onnx`` without onnxruntime installed.
     """
     if runtime not in RUNTIMES:
-        raise BackboneError(f"unknown runtime {runtime!r}", hint="use --runtime auto, torch or onnx")
+        raise BackboneError(f"unknown runtime {runtime!r}", hint="use runtime='auto', 'torch' or 'onnx'",
+                            options=("runtime",))
     if runtime == "onnx" and not onnx_available():
-        raise BackboneError("--runtime onnx needs the onnxruntime package, which is not installed",
-                            hint="pip install onnxruntime (or use --runtime torch)")
+        raise BackboneError("runtime='onnx' needs the onnxruntime package, which is not installed",
+                            hint="pip install onnxruntime (or use runtime='torch')", options=("runtime",))
     return runtime
 
 

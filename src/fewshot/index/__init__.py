@@ -107,7 +107,7 @@ class CatalogueIndex(Ranking):
         vectors = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise DataError("cannot build an index from an empty catalogue",
-                            hint="check --data / --split: no image was embedded")
+                            hint="check data / split: no image was embedded", options=("data", "split"))
         n = len(vectors)
         digests = list(digests) if digests is not None else [None] * n
         if not (len(labels) == len(groups) == len(paths) == len(digests) == n):

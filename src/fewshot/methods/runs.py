@@ -109,7 +109,7 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
     cfg_path, w_path = run_dir / CONFIG, run_dir / WEIGHTS
     if not run_dir.is_dir():
         raise CheckpointError(f"model folder {run_dir} " + ("is a file, not a folder" if run_dir.exists() else "does not exist"),
-                              hint="pass the RUN_DIR written by `fewshot train --out RUN_DIR`")
+                              hint="pass the folder a training run wrote (fewshot.train, `fewshot train --out RUN_DIR`)")
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise CheckpointError(f"{p} is missing: {run_dir} is not a complete training run",
@@ -122,22 +122,22 @@ def load_run(run_dir: str | Path, expected_backbone: str | None = None) -> Embed
     if not run_completed(cfg):
         raise CheckpointError(f"{run_dir} is not a completed training run: its training was interrupted or "
                               "failed, so its weights are not a trained model",
-                              hint="finish it with the same `fewshot train` command plus --resume, "
-                                   "or train again into a new --out")
+                              hint="finish it by training again with the same settings plus resume=True, "
+                                   "or train again into a new out folder", options=("resume", "out"))
     name = backbone_cfg["name"]
     if expected_backbone and expected_backbone != name:
         raise CheckpointError(
             f"run {run_dir} was trained on backbone '{name}', not '{expected_backbone}'",
-            hint=f"drop --backbone, or pass --backbone {name}")
+            hint=f"leave backbone out, or pass backbone={name!r}", options=("backbone",))
     try:
         tensors = load_file(str(w_path))
     except Exception as exc:
         raise CheckpointError(f"{w_path} is damaged or not a safetensors file ({exc})",
-                              hint="re-run training (or --resume) to write it again") from exc
+                              hint="re-run training (or resume=True) to write it again", options=("resume",)) from exc
     expected_digest = cfg.get("weights_sha256")
     if expected_digest and weights_digest(tensors) != expected_digest:
         raise CheckpointError(f"{w_path} is damaged: its tensors do not match the digest recorded in {cfg_path}",
-                              hint="re-run training (or --resume) to write it again")
+                              hint="re-run training (or resume=True) to write it again", options=("resume",))
     backbone = create_backbone(name, pretrained=backbone_cfg.get("pretrained", True),
                                image_size=int(backbone_cfg["image_size"]))
     if backbone.dim != backbone_cfg.get("dim", backbone.dim):

@@ -119,7 +119,7 @@ class SiameseMethod(Method):
         super().__init__(*args, **kwargs)
         miner = self.opts.miner
         if miner not in MINERS:
-            raise FewshotError(f"unknown miner '{miner}'", hint=f"use miner={' | '.join(MINERS)}", options=("miner",))
+            raise FewshotError(f"unknown option miner = '{miner}'", hint=f"use miner={' | '.join(MINERS)}", options=("miner",))
         self.miner_name = miner
         self.margin = float(self.opts.margin)
         self.distance = distances.CosineSimilarity()

@@ -246,7 +246,7 @@ def parse_fine_tune(value: str, blocks: int = 2) -> tuple[str, int]:
             n = 0
         if n >= 1:
             return "last", n
-    raise FewshotError(f"unknown fine_tune '{value}'",
+    raise FewshotError(f"unknown option fine_tune = '{value}'",
                        hint="use fine_tune=none, fine_tune=last:N (N >= 1 blocks, e.g. last:2) or fine_tune=all",
                        options=("fine_tune",))
 
@@ -269,7 +269,7 @@ def check_config(cfg: TrainConfig) -> type[Method]:
     if not cfg.out:
         raise FewshotError("no output folder given", hint="pass out=RUN_DIR", options=("out",))
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
-        raise FewshotError(f"unknown device '{cfg.device}'", hint="use device=auto, cpu or cuda", options=("device",))
+        raise FewshotError(f"unknown option device = '{cfg.device}'", hint="use device=auto, cpu or cuda", options=("device",))
     check_runtime(cfg.runtime)  # the embedding layer's own checks of these two
     check_tta(cfg.final_tta)
     _check_head(cfg.head)

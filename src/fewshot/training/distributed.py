@@ -140,7 +140,7 @@ def train_launched(cfg: TrainConfig) -> Any:
     env = launched_env()
     if env is None:
         raise FewshotError("not started by torchrun: RANK and WORLD_SIZE (> 1) are not set",
-                           hint="run `torchrun --nproc_per_node=N -m fewshot train ...`, or `fewshot train --nproc N`")
+                           hint="run `torchrun --nproc_per_node=N -m fewshot train ...`, or use train_distributed(cfg, nproc=N)")
     return _run_rank(cfg, *env, "env://")
 
 

@@ -87,8 +87,8 @@ def fetch_dataset(
     dest = root / info.name
 
     if force and (dest.exists() or dest.is_symlink()) and not dest.joinpath(MARKER_NAME).is_file():
-        raise DataError(f"{dest} was not fetched by fewshot: --force replaces only a copy that fewshot fetched",
-                        hint="move it away, or fetch into another folder with --root DIR")
+        raise DataError(f"{dest} was not fetched by fewshot: force=True replaces only a copy that fewshot fetched",
+                        hint="move it away, or fetch into another folder with root=DIR", options=("force", "root"))
     if not force and dest.is_dir():
         marker = _read_marker(dest)
         if is_verified(dest, info, full=verify):
@@ -106,13 +106,15 @@ def fetch_dataset(
                 f"{dest} exists but does not hold the dataset '{info.name}' "
                 "(its content does not match the pinned checksum); it was not fetched by fewshot, so it "
                 "is left as it is",
-                hint="move it away, or fetch into another folder with --root DIR",
+                hint="move it away, or fetch into another folder with root=DIR",
+                options=("root",),
             )
         log.warning("%s failed verification; fetching it again", dest)
     elif not force and (dest.exists() or dest.is_symlink()):
         raise DataError(
             f"{dest} exists and is not a folder",
-            hint="move it away, or choose another --root DIR",
+            hint="move it away, or choose another root=DIR",
+            options=("root",),
         )
 
     created_root = not root.exists()

@@ -234,7 +234,8 @@ def _find_in_mirror(mirror: Path, info: DatasetInfo) -> tuple[Path, bool]:
     raise DataError(
         f"dataset '{info.name}' not found in mirror {mirror} (looked for "
         + ", ".join(str(t) for t in tried) + ")",
-        hint=f"point --mirror (or {ENV_MIRROR}) at a folder that holds {info.mirror_path}/",
+        hint=f"point mirror (or {ENV_MIRROR}) at a folder that holds {info.mirror_path}/",
+        options=("mirror",),
     )
 
 

@@ -54,17 +54,20 @@ def _os_error(exc: OSError, path: Path, what: str) -> DataError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return _WriteError(
             f"no space left on device while {what} {path}",
-            hint=f"free some disk space, or fetch into another folder with --root DIR "
+            hint=f"free some disk space, or fetch into another folder with root=DIR "
             f"(or set {ENV_DATA})",
+            options=("root",),
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return _WriteError(
             f"permission denied while {what} {path}",
-            hint=f"choose a writable folder with --root DIR (or set {ENV_DATA})",
+            hint=f"choose a writable folder with root=DIR (or set {ENV_DATA})",
+            options=("root",),
         )
     return _WriteError(
         f"cannot write {path} while {what}: {exc.strerror or exc}",
-        hint=f"check the disk, or fetch into another folder with --root DIR (or set {ENV_DATA})",
+        hint=f"check the disk, or fetch into another folder with root=DIR (or set {ENV_DATA})",
+        options=("root",),
     )
 
 
@@ -77,8 +80,9 @@ def _prepare_root(root: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise DataError(
-            f"dataset root {root} is not a writable folder: {exc.strerror or exc}",
-            hint=f"choose a writable folder with --root DIR (or set {ENV_DATA})",
+            f"{root} is not a writable folder for datasets: {exc.strerror or exc}",
+            hint=f"choose a writable folder with root=DIR (or set {ENV_DATA})",
+            options=("root",),
         ) from exc
 
 

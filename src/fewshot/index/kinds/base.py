@@ -37,24 +37,20 @@ def shards(n: int) -> Iterator[tuple[int, int]]:
 
 
 class IndexOptionError(InputError):
-    """An index option (or the index kind itself) that does not fit the catalogue.
+    """An index option (or the index kind itself, ``index_type``) that does not fit the catalogue.
 
-    ``message`` and ``hint`` are templates in which ``{name}`` stands for the option: the
-    library writes ``option NAME =`` (``index kind`` for the kind), the CLI writes its flag
-    (:meth:`named`). Both a :class:`~fewshot.errors.DataError` and a ``ValueError``.
+    ``message`` and ``hint`` name the option as in Python (``option m = 7``, ``index_type='ivfpq'``);
+    it is the error's one :attr:`~fewshot.errors.FewshotError.options`, so that the CLI shows its
+    flag. Both a :class:`~fewshot.errors.DataError` and a ``ValueError``.
 
     Attributes:
-        option: the option's field name, or ``"kind"``.
+        option: the option's field name, or ``"index_type"``.
     """
 
     def __init__(self, option: str, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
         self.option = option
-        self.templates = (message, hint)
-        super().__init__(*self.named("index kind" if option == "kind" else f"option {option} ="))
-
-    def named(self, name: str) -> tuple[str, str]:
-        """``(message, hint)`` with the option called ``name`` (e.g. its CLI flag)."""
-        return self.templates[0].format(name=name), self.templates[1].format(name=name)
+        self.options = (option,)
 
 
 @dataclass(frozen=True)

@@ -53,23 +53,23 @@ class IvfPq(IndexKind):
     def resolve(self, n, dim):
         o = self.opts
         if n < MIN_IVFPQ_IMAGES:
-            raise IndexOptionError("kind", f"{{name}} ivfpq needs at least {MIN_IVFPQ_IMAGES:,} catalogue images "
+            raise IndexOptionError("index_type", f"index_type='ivfpq' needs at least {MIN_IVFPQ_IMAGES:,} catalogue images "
                                    f"to train its quantizers; this catalogue has {n:,}",
-                                   hint="use {name} flat (exact, and fast at this size) or auto")
+                                   hint="use index_type='flat' (exact, and fast at this size) or auto")
         nlist = o.nlist or int(min(max(16, 2 ** round(math.log2(math.sqrt(n)))), max(16, n // 39)))
         m = o.m or max(d for d in range(1, min(64, dim) + 1) if dim % d == 0)
         if m < 1 or dim % m:
             divisors = [d for d in (8, 16, 32, 64, 128) if dim % d == 0]
-            raise IndexOptionError("m", f"{{name}} {m} does not divide the embedding dimension {dim}",
-                                   hint=f"use a divisor of {dim}, e.g. {{name}} {' / '.join(map(str, divisors)) or 1}")
+            raise IndexOptionError("m", f"option m = {m} does not divide the embedding dimension {dim}",
+                                   hint=f"use a divisor of {dim}, e.g. m = {' / '.join(map(str, divisors)) or 1}")
         if nlist < 1 or nlist > n // 39:
-            raise IndexOptionError("nlist", f"{{name}} {nlist} is too many cells for {n:,} images (FAISS wants 39 "
+            raise IndexOptionError("nlist", f"option nlist = {nlist} is too many cells for {n:,} images (FAISS wants 39 "
                                    "training images per cell)",
-                                   hint=f"use {{name}} {max(1, n // 39)} or fewer, or leave it out")
+                                   hint=f"use nlist = {max(1, n // 39)} or fewer, or leave it out")
         train = min(n, o.train_size or max(39 * nlist, 256 * 39))
         if train < max(256, nlist):
-            raise IndexOptionError("train_size", f"{{name}} {train} is below max(256, nlist={nlist})",
-                                   hint=f"use {{name}} {max(256, nlist)} or more, or leave it out "
+            raise IndexOptionError("train_size", f"option train_size = {train} is below max(256, nlist={nlist})",
+                                   hint=f"use train_size = {max(256, nlist)} or more, or leave it out "
                                    "(the default samples enough)")
         nprobe = min(nlist, o.nprobe or max(16, nlist // 8))
         return replace(o, nlist=nlist, m=m, train_size=train, nprobe=nprobe)
