@@ -57,10 +57,10 @@ def check_options(what: str, opts: Any) -> None:
             raise FewshotError(f"option {f.name} = {value}: {what} needs a finite number",
                                hint=f"use e.g. {f.name} = {f.default}", options=(f.name,))
         if meta.get("min") is not None and value is not None and value < meta["min"]:
+            default = f" (default {f.default})" if f.default is not None else ""
             raise FewshotError(f"option {f.name} = {value}: {what} needs at least {meta['min']}",
-                               hint=f"use {f.name} = {meta['min']} or more (default {f.default})",
-                               options=(f.name,))
+                               hint=f"use {f.name} = {meta['min']} or more{default}", options=(f.name,))
         if meta.get("choices") and value not in meta["choices"]:
-            raise FewshotError(f"option {f.name} = {value!r} is not allowed for {what}",
+            raise FewshotError(f"unknown option {f.name} = {value!r} for {what}",
                                hint=f"use one of: {', '.join(map(str, meta['choices']))}",
                                options=(f.name,))

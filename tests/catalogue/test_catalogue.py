@@ -18,7 +18,7 @@ from fewshot.index.kinds import list_kinds
 from fewshot.catalogue import Catalogue, EmbedderSpec, load_index
 from fewshot.catalogue.journal import Journal
 from fewshot.catalogue.store import ENROLLED_DIR
-from fewshot.errors import CheckpointError, FolderBusyError, InputError
+from fewshot.errors import CheckpointError, FewshotError, FolderBusyError, InputError
 from fewshot.index import AnnConfig, CatalogueIndex
 
 FILLERS = 964
@@ -142,3 +142,33 @@ def test_build_takes_the_index_kind_and_its_options(model, flat: Catalogue, draw
     assert _answers(graph, photos) == _answers(flat, photos)
     with pytest.raises(InputError, match="nlist"):  # an option of another kind
         Catalogue.build(model, dataset, runtime="torch", cache_dir=flat.cache_dir, index_type="flat", nlist=4)
+
+
+def test_an_opened_catalogue_persists_what_it_adds_from_memory(flat: Catalogue, tmp_path: Path) -> None:
+    """compact() and save() into the folder a writer opened write the photos added from memory
+    (they were referenced but never written, and save() was refused by the catalogue's own lock)."""
+    folder = flat.save(tmp_path / "idx")
+    live = Catalogue.open(folder, runtime="torch")
+    try:
+        live.add("Grey-Thing", [np.full((20, 20, 3), 90, np.uint8)], group="Plain")
+        live.compact()
+        live.add("Dark-Thing", [np.full((20, 20, 3), 10, np.uint8)], group="Plain")
+        live.save(folder, overwrite=True)
+    finally:
+        live.close()
+    back = Catalogue.load(folder, runtime="torch")
+    stored = back.index.article_paths("Grey-Thing") + back.index.article_paths("Dark-Thing")
+    assert len(stored) == 2 and all((folder / p).is_file() for p in stored)
+    assert _answers(back, [np.full((20, 20, 3), 10, np.uint8)])[0][0] == ("Dark-Thing", 1.0)
+
+
+def test_a_read_only_catalogue_writes_nothing(flat: Catalogue, drawn_tree: Path, tmp_path: Path) -> None:
+    folder = flat.save(tmp_path / "idx")
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    viewer = Catalogue.open(folder, runtime="torch", read_only=True)
+    photo = drawn_tree / "Green-Ball" / "Green-Ball_01.jpg"
+    for change in (lambda: viewer.enrol("Y", None, flat.index.image_vectors()[:1], [(photo, ".jpg")]),
+                   lambda: viewer.delete("Red-Ball"), viewer.compact, lambda: viewer.save(folder, overwrite=True)):
+        with pytest.raises(FewshotError, match="opened read-only"):
+            change()
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before

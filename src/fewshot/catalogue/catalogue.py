@@ -30,7 +30,7 @@ from ..backbones import Backbone
 from ..checks import positive_int
 from ..data.records import Dataset
 from ..embed import read_digests
-from ..errors import ImageReadError, InputError
+from ..errors import FewshotError, ImageReadError, InputError
 from ..index import AnnConfig, CatalogueIndex, Neighbor, check_classify
 from ..io import atomic_write_bytes, claimed_output, writer_lock
 from ..model import EmbeddingModel
@@ -42,8 +42,8 @@ from .inputs import ImageLike, as_dataset, as_model, as_path, embed_images, imag
 from .journal import Change
 from .labels import clean_label, normalize_label, resolve_group
 from .spec import EmbedderSpec
-from .store import (ENROLLED_DIR, UPLOAD_DIR, append_change, drop_leftovers, enrolled_name, journal_length, load_index,
-                    remove_written, save_index, write_durably)
+from .store import (ENROLLED_DIR, UPLOAD_DIR, append_change, check_unchanged, drop_leftovers, enrolled_name,
+                    journal_length, load_index, remove_written, save_index, write_durably)
 
 __all__ = ["Catalogue"]
 
@@ -206,17 +206,32 @@ class Catalogue:
             TypeError / ValueError: ``path`` is not a path.
         """
         path = as_path(path, "path")
-        with claimed_output(path, writer := object(), "Catalogue.save", what="fewshot index", is_ours=is_index_dir,
+        own = self.folder is not None and Path(self.folder).resolve() == Path(path).resolve()
+        if own:
+            self._check_writable("save into")
+        writer = self._owner if own and not self.read_only else object()  # open() holds its lock already
+        with claimed_output(path, writer, "Catalogue.save", what="fewshot index", is_ours=is_index_dir,
                             overwrite=overwrite, owned=INDEX_FILES.__contains__, option="path",
                             overwrite_flag="overwrite=True"):
-            if self.index.folder is None or Path(self.index.folder).resolve() != Path(path).resolve():
-                # replacing another index folder: its enrolled articles come along, re-embedded
+            if not own:  # replacing another index folder: its enrolled articles come along, re-embedded
                 keep_enrolled(self.index, previous_index(path), self.model,
                               EmbedOptions(runtime=self.runtime, cache_dir=self.cache_dir, progress=False))
-            self._write_unsaved(Path(path))
-            saved = save_index(self.index, path, owner=writer)
-            self.unsaved.clear()
-            return saved
+            return self._save_into(Path(path), writer)
+
+    def _save_into(self, path: Path, owner: object) -> Path:
+        """Write the images added from memory, then the index, into ``path`` (its writer lock
+        held by ``owner``); refuses a folder changed since it was read before writing anything."""
+        check_unchanged(self.index, path)
+        self._write_unsaved(path)
+        saved = save_index(self.index, path, owner=owner)
+        self.unsaved.clear()
+        return saved
+
+    def _check_writable(self, what: str) -> None:
+        """Refuse a change of the folder of a catalogue opened with ``read_only=True``."""
+        if self.read_only:
+            raise FewshotError(f"this catalogue of {self.folder} was opened read-only: it cannot {what} its folder",
+                               hint="open it with Catalogue.open(folder) (read_only=False) to change it")
 
     def _write_unsaved(self, path: Path) -> None:
         """Write the images added from memory (still in the index) as PNG files under
@@ -250,8 +265,8 @@ class Catalogue:
         """The catalogue of index folder ``folder`` for a long-lived user (a service), holding the
         folder's writer lock (named ``holder`` to others) until :meth:`close`. Removes what an
         interrupted change left, and compacts the folder when its journal holds ``compact_after``
-        entries or more. ``read_only``: no lock, nothing written (:meth:`enrol` and
-        :meth:`delete` must not be called).
+        entries or more. ``read_only``: no lock, nothing written (:meth:`enrol`,
+        :meth:`delete`, :meth:`compact` and a :meth:`save` into the folder refuse).
 
         ``model``: the model to embed with (default: the index's own, :meth:`EmbedderSpec.load`);
         one given is checked against the index (:meth:`EmbedderSpec.check`).
@@ -320,7 +335,9 @@ class Catalogue:
 
         Raises:
             OSError: a photo or the entry could not be written. FolderBusyError: see :meth:`open`.
+            FewshotError: the catalogue was opened read-only.
         """
+        self._check_writable("enrol into")
         new_files = [(src, self.folder / enrolled_name(label, suffix)) for src, suffix in photos]
         paths = [dst.relative_to(self.folder).as_posix() for _, dst in new_files]
         change = Change("add", label, group, vectors, paths, read_digests([s for s, _ in new_files])[0])
@@ -335,7 +352,11 @@ class Catalogue:
 
         Returns:
             the paths of its images.
+
+        Raises:
+            FewshotError: the catalogue was opened read-only.
         """
+        self._check_writable("delete from")
         paths = self.index.article_paths(label)
         append_change(self.index, self.folder, Change("remove", label), owner=self._owner)
         for p in paths:
@@ -346,8 +367,9 @@ class Catalogue:
     def compact(self) -> None:
         """Rewrite the folder without its journal, as one atomic folder write; the enrolled photos
         the index still references go along, those of removed articles are dropped."""
+        self._check_writable("compact")
         with self.lock:
-            save_index(self.index, self.folder, owner=self._owner)
+            self._save_into(self.folder, self._owner)
         log.info("compacted index %s (%d images)", self.folder, len(self.index))
 
     def photo_file(self, path: str) -> Path:

@@ -93,7 +93,7 @@ def save_index(index: CatalogueIndex, path: str | Path, *, owner: object | None 
         raise DataError(f"the catalogue has no images: an empty index cannot be saved to {path}",
                         hint="add an article first")
     with writer_lock(path, "saving a catalogue index", owner=owner or index):
-        _check_unchanged(index, Path(path))
+        check_unchanged(index, Path(path))
         out = _save(index, Path(path))
         index.folder_state = _folder_state(out)
         return out
@@ -105,7 +105,7 @@ def _tracks(index: CatalogueIndex, path: Path) -> bool:
             and Path(index.folder).resolve() == path.resolve())
 
 
-def _check_unchanged(index: CatalogueIndex, path: Path) -> None:
+def check_unchanged(index: CatalogueIndex, path: Path) -> None:
     """Refuse to save over the folder ``index`` came from when it changed since."""
     if _tracks(index, path) and _folder_state(path) != index.folder_state:
         raise CheckpointError(
