@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's Chromium for the browser test (tests/test_serve_browser.py); part of the README's set-up.
+# Debian's Chromium for the browser test (tests/serve/test_serve_browser.py); part of the README's set-up.
 # Does nothing when a chromium is already installed.
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1; then

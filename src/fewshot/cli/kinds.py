@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import typing
 from collections.abc import Callable
 from typing import Any, Optional
@@ -48,7 +49,9 @@ class KindFlag:
         """What the flag does, per kind where they differ, with the default (``search``: the
         index's stored value is the default)."""
         def one(h: str, d: Any) -> str:
-            return h + (" Default: the index's own." if search else f" Default {d!r}." if d is not None else "")
+            if search:  # what the option does, not how the index chose its stored value
+                return re.split(r" \(|;|, stored", h, maxsplit=1)[0].rstrip(". ") + ". Default: the index's own."
+            return h + (f" Default {d!r}." if d is not None else "")
         if len(set(self.helps)) == 1 and len({repr(d) for d in self.defaults}) == 1:
             return one(self.helps[0], self.defaults[0])
         return " ".join(f"{k}: {one(h, d)}" for k, h, d in zip(self.kinds, self.helps, self.defaults))

@@ -3,7 +3,7 @@
 On a CPU, ONNX Runtime (CPUExecutionProvider, fp32) runs EfficientNet-Lite0 2-3x faster
 than torch eager (channels-last, in slices of ``Backbone.cpu_batch`` images) on the same 2
 threads, at about 70% of the float32 matrix-product rate of those cores, with the same
-embeddings to float rounding (cosine >= 0.9999 per image; ``tests/test_runtime.py`` checks it
+embeddings to float rounding (cosine >= 0.9999 per image; ``tests/embed/test_runtime.py`` checks it
 on real photos, and ``bench/embed_throughput.py`` measures the speed). The backbone is exported once with
 ``torch.onnx.export`` (TorchScript exporter, opset :data:`OPSET`, dynamic batch axis) and the
 ``.onnx`` file is cached under ``$FEWSHOT_CACHE/onnx`` (see :func:`onnx_cache_dir`), keyed by

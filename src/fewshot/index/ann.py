@@ -3,7 +3,7 @@ exact ``flat``, approximate ``ivfpq`` and ``hnsw``) with its options, built and 
 
 All indexes use inner product over L2-normalised vectors (= cosine). Vector ids are insertion
 order; removed vectors stay in the index as tombstones, masked out at query time with an
-``IDSelectorBitmap`` until the catalogue is compacted (:meth:`CatalogueIndex.save`; what
+``IDSelectorBitmap`` until the catalogue is compacted (:func:`fewshot.catalogue.store.save_index`; what
 compaction does is the kind's: :meth:`~fewshot.index.kinds.IndexKind.compact`).
 """
 

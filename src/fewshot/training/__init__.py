@@ -5,8 +5,8 @@ What :func:`train` does, in order (every file is written into ``RUN_DIR.partial`
 written before the arguments, the data and :meth:`Method.check_data` have been checked):
 
 1. Loads the dataset and the class split (``cfg.split_file``): training uses *every* image of
-   the split's train classes (:func:`~fewshot.data.splits.dataset_for`); validation uses the val
-   classes under the cross-visit rule (:func:`~fewshot.data.splits.protocol_sets`: queries from
+   the split's train classes (:func:`~fewshot.data.protocol.dataset_for`); validation uses the val
+   classes under the cross-visit rule (:func:`~fewshot.data.protocol.protocol_sets`: queries from
    the test photos, gallery from the train photos).
 2. Embeds those images with the frozen backbone (cached on disk: a second run embeds nothing).
 3. Builds the method (:mod:`fewshot.methods.base`: its own options, the episode shape and its
@@ -15,7 +15,8 @@ written before the arguments, the data and :meth:`Method.check_data` have been c
    embedding as its centre. Seeds torch and numpy.
 4. Validates epoch 0 (before any step), so the curves start at the frozen baseline, then runs
    epochs: each epoch iterates ``method.epoch_batches(train, rng)`` with a per-epoch seeded
-   ``rng`` and takes one optimizer step per batch on ``method.loss(batch)``; then validates (val mAP, MAP@R, Precision@1 with
+   ``rng`` and takes one optimizer step per batch on the method's loss
+   (``loss_from(embeddings, batch)``, or ``loss(batch)``); then validates (val mAP, MAP@R, Precision@1 with
    :func:`~fewshot.metrics.retrieval_metrics`, and N-way K-shot episodic accuracy with
    ``val_episodes`` episodes and :meth:`Method.episode_classifier`).
 5. Keeps the best epoch by val MAP@R (``RUN_DIR/config.json`` + ``model.safetensors`` via

@@ -70,7 +70,7 @@ class TrainConfig:
     Attributes:
         split_file: class-split JSON (:class:`~fewshot.data.splits.ClassSplit`): training uses
             every image of its train classes; validation its val classes (cross-visit queries
-            vs gallery, :func:`~fewshot.data.splits.protocol_sets`).
+            vs gallery, :func:`~fewshot.data.protocol.protocol_sets`).
         seed: seeds torch, numpy and the samplers; the same seed gives the same run.
         epochs: maximum epochs (episodic methods count ``options.episodes`` instead).
         fine_tune: which backbone parameters train (:func:`parse_fine_tune`): ``"none"`` (head

@@ -19,7 +19,7 @@ Every rank's gradient of its slice is then ``N x dL/dslice`` and DistributedData
 averages the parameters' gradients over the ``N`` ranks, so the update is the one-process
 update on the global batch (a parameter used after the gather, e.g. protonet's learned logit
 scale, gets the plain average of ``N`` equal gradients). So N processes train the same model as
-one process on the same batches, within float rounding (``tests/test_distributed.py``). Not
+one process on the same batches, within float rounding (``tests/training/test_distributed.py``). Not
 exact: ``bn="train"`` (each rank normalises its slice with its own batch statistics; the running
 statistics are rank 0's) and a head with dropout (each rank draws its own masks).
 
