@@ -181,7 +181,7 @@ def test_sharded_ivf_build_equals_one_pass(data, monkeypatch):
     config = ann.resolve(AnnConfig("ivfpq"), len(x), x.shape[1])
     monkeypatch.setattr(kinds_base, "SHARD_ROWS", 700)  # 5 shards, built independently, then merged
     sharded = ann.build(config, xn)
-    one = ann.empty_index(config, x.shape[1], lambda rows: xn[rows], len(x))
+    one = config.index_kind.create(x.shape[1], lambda rows: xn[rows], len(x))  # one unsharded index
     one.add(xn)
     assert sharded.ntotal == one.ntotal == len(x)
     qs = xn[::37]

@@ -24,7 +24,7 @@ from .kinds import AUTO, AUTO_FLAT_MAX, DEFAULT_KIND, IndexKind, choose_kind, ge
 from .kinds.base import SHARD_ROWS
 
 #: INDEX_TYPES (module attribute, read when asked): ``auto`` and every registered kind
-__all__ = ["AUTO_FLAT_MAX", "BLAS_MIN_QUERIES", "SHARD_ROWS", "AnnConfig", "build", "empty_index", "faiss_blas_setting",
+__all__ = ["AUTO_FLAT_MAX", "BLAS_MIN_QUERIES", "SHARD_ROWS", "AnnConfig", "build", "faiss_blas_setting",
            "resolve", "search", "search_params"]
 
 log = logging.getLogger("fewshot")
@@ -153,14 +153,6 @@ def resolve(config: AnnConfig, n: int, dim: int) -> AnnConfig:
         own = _option_names(kind)
         opts = cls.make_options(**{k: v for k, v in opts.items() if k in own})
     return AnnConfig(kind, cls(opts).resolve(n, dim))
-
-
-def empty_index(config: AnnConfig, dim: int, sample: Callable[[np.ndarray], np.ndarray] | None = None,
-                n: int = 0) -> faiss.Index:
-    """An empty index ready for ``add``; a kind that trains (IVF-PQ) is trained on
-    ``sample(rows)`` (``float32 [train_size, D]`` for the sorted row numbers drawn from
-    ``range(n)``). ``config`` must be resolved (:func:`resolve`)."""
-    return config.index_kind.create(dim, sample, n)
 
 
 def build(config: AnnConfig, vectors: np.ndarray, progress: Callable[[int], None] | None = None) -> faiss.Index:
