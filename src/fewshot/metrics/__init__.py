@@ -1,7 +1,8 @@
-"""Evaluation metrics: retrieval (mAP, MAP@R, Precision@1, Recall@k) and episodic accuracy.
+"""Evaluation metrics: retrieval (mAP, MAP@R, Precision@1, Recall@k), episodic accuracy and open set.
 
 Parts: :mod:`.retrieval` (the metrics and exact nearest neighbours), :mod:`.ranking` (the ranks
-of relevant items), :mod:`.retrieval_report` (``RetrievalReport``), :mod:`.episodic`.
+of relevant items), :mod:`.retrieval_report` (``RetrievalReport``), :mod:`.episodic`,
+:mod:`.openset` (AUROC, FPR@95TPR, the threshold for a false-accept rate, the OSCR curve).
 """
 
 from fewshot.metrics.episodic import (
@@ -12,6 +13,7 @@ from fewshot.metrics.episodic import (
     format_accuracy,
     prototype_classifier,
 )
+from fewshot.metrics.openset import OpenSetReport, openset_metrics, oscr_curve, threshold_for_far
 from fewshot.metrics.retrieval import nearest_neighbors, retrieval_metrics
 from fewshot.metrics.retrieval_report import RetrievalReport
 
@@ -19,10 +21,14 @@ __all__ = [
     "EpisodicResult",
     "MIN_EPISODES_FOR_CI",
     "format_accuracy",
+    "OpenSetReport",
     "RetrievalReport",
     "episodic_accuracy",
     "episodic_by_group",
     "nearest_neighbors",
+    "openset_metrics",
+    "oscr_curve",
     "prototype_classifier",
     "retrieval_metrics",
+    "threshold_for_far",
 ]
