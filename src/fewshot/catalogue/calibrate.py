@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..index import CatalogueIndex
+from ..index.vectors import l2_normalize
 from ..metrics.openset import threshold_for_far
 
 __all__ = ["Calibration", "calibrate", "calibration_scores", "MIN_ARTICLES", "MIN_FOLDS"]
@@ -54,10 +55,6 @@ class Calibration:
         return dict(self.__dict__)
 
 
-def _normed(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def _fold_of_articles(index: CatalogueIndex, by: str, folds: int, seed: int) -> np.ndarray:
     """The fold of each article (``index.articles`` order): articles, or their groups, dealt at random."""
     units = list(index.articles) if by == "article" else list(index.article_groups)
@@ -73,7 +70,7 @@ def _fold_of_articles(index: CatalogueIndex, by: str, folds: int, seed: int) -> 
 
 def calibration_scores(index: CatalogueIndex, *, by: str = "article", folds: int = 5,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(present float64 [P], absent float64 [A])``: the best prototype cosine of each catalogue
+    """``(present float32 [P], absent float32 [A])``: the best prototype cosine of each catalogue
     photo with its own photo left out, and of each photo against the other folds' articles only.
 
     Raises:
@@ -83,19 +80,18 @@ def calibration_scores(index: CatalogueIndex, *, by: str = "article", folds: int
         raise DataError(f"unknown calibration unit {by!r}", hint="use by='article' or by='group'")
     if folds < MIN_FOLDS:
         raise DataError(f"folds = {folds}: at least {MIN_FOLDS} are needed", hint="use folds=5")
-    x = _normed(np.asarray(index.image_vectors(), np.float64))
+    x = index.image_vectors()  # normalised, float32 [N, D]
     article = np.asarray(index.image_article)
-    sums = np.zeros((len(index.articles), x.shape[1]))
-    np.add.at(sums, article, x)
+    sums = index.prototype_sums(0, len(index.articles))  # the index's own, float32 [C, D]
     counts = np.bincount(article, minlength=len(index.articles))
-    protos = _normed(sums)
+    protos = l2_normalize(sums)
     fold = _fold_of_articles(index, by, folds, seed)
     scores = x @ protos.T  # [N, articles]
     scores[:, counts == 0] = -np.inf  # removed articles keep a row but no photo
     absent = np.concatenate([scores[fold[article] == k][:, fold != k].max(1) for k in range(folds)
                              if (fold != k).any() and (fold[article] == k).any()])
     own = counts[article] > 1
-    loo = _normed(sums[article[own]] - x[own])  # own article's prototype without the photo
+    loo = l2_normalize(sums[article[own]] - x[own])  # own article's prototype without the photo
     others = scores[own].copy()
     others[np.arange(own.sum()), article[own]] = -np.inf
     present = np.maximum(others.max(1), (loo * x[own]).sum(1))
