@@ -49,8 +49,9 @@ class InputError(DataError, ValueError):
             ``"group_conflict"`` (the service answers it as its JSON ``error``).
     """
 
-    def __init__(self, message: str, hint: str | None = None, code: str = "invalid_input") -> None:
-        super().__init__(message, hint)
+    def __init__(self, message: str, hint: str | None = None, code: str = "invalid_input", *,
+                 options: tuple[str, ...] = ()) -> None:
+        super().__init__(message, hint, options=options)
         self.code = code
 
 

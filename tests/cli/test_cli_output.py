@@ -47,8 +47,8 @@ def test_classify_prints_one_line_per_image(drawn_tree, tmp_path):
     assert r.exit_code == 1
     lines = r.stdout.splitlines()
     assert len(lines) == 2, lines
-    for line in lines:  # PATH, predictions[, the catalogue-copy note]: the tabs are the columns
-        assert line.split("\t")[2:] == ["[catalogue image: own copy left out]"]  # both are catalogue copies
+    for line in lines:  # PATH, answer, predictions[, the catalogue-copy note]: the tabs are the columns
+        assert line.split("\t")[3:] == ["[catalogue image: own copy left out]"]  # both are catalogue copies
     assert lines[0].startswith(one_line(odd) + "\t") and "new\\nline\\tname.jpg" in lines[0]
     assert lines[1].startswith(f"{plain}\t")
     assert all("Odd\\nBall\\tX (" in line for line in lines)  # the label, escaped, among the top 6
@@ -59,3 +59,14 @@ def test_classify_prints_one_line_per_image(drawn_tree, tmp_path):
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["image"] for row in rows] == [str(odd), str(plain), str(broken)]  # exact names back
     assert ODD_ARTICLE in [p["label"] for p in rows[0]["predictions"]]
+    auto = [row["answer"] for row in rows[:2]]
+    assert all(a["unknown"] == (a["score"] < a["threshold"]) and a["target_far"] == 0.05 for a in auto)
+    assert [line.split("\t")[1] for line in lines] == [one_line(a["article"]) for a in auto]
+    # a threshold no score reaches: every photo is unknown, its nearest articles still listed
+    r = runner.invoke(app, args[:-1] + ["--reject", "5"])
+    assert [line.split("\t")[1] for line in r.stdout.splitlines()] == ["unknown", "unknown"]
+    assert "a threshold given by hand" in r.stderr
+    r = runner.invoke(app, args[:-1] + ["--reject", "none"])  # no answer column
+    assert [len(line.split("\t")) for line in r.stdout.splitlines()] == [3, 3]
+    r = runner.invoke(app, args[:-1] + ["--reject", "maybe"])
+    assert r.exit_code != 0 and "--reject" in r.stderr and "not auto, none or a score" in r.stderr

@@ -231,6 +231,33 @@ def test_upload_limit_is_configurable_and_streamed(catalogue, own_index: Path) -
         assert client.post("/classify", files={"file": photo(small)}).status_code == 200
 
 
+def test_classify_answers_unknown_below_the_threshold(client, catalogue) -> None:
+    query = photo(catalogue.test["Granny-Smith"][0])
+    auto = client.post("/classify", files={"file": query}).json()
+    reject, answer = auto["reject"], auto["answer"]
+    assert reject["reject"] == "auto" and reject["target_far"] == 0.05 and reject["open_score"] == "relative"
+    assert answer["threshold"] == pytest.approx(reject["threshold"], abs=1e-6)
+    top = [p["score"] for p in auto["predictions"][:2]]
+    assert answer["score"] == pytest.approx(top[0] - 0.5 * top[1], abs=1e-5)
+    assert answer["unknown"] == (answer["score"] < answer["threshold"])
+    never = client.post("/classify", params={"reject": "5"}, files={"file": query}).json()
+    assert never["answer"]["article"] == "unknown" and never["answer"]["unknown"] is True
+    assert never["reject"] == {**never["reject"], "reject": "score", "threshold": 5.0, "target_far": None}
+    assert never["predictions"][0]["label"] == "Granny-Smith"  # the nearest articles are still listed
+    none = client.post("/classify", params={"reject": "none"}, files={"file": query}).json()
+    assert none["answer"]["article"] == "Granny-Smith" and none["answer"]["threshold"] is None
+    stricter = client.post("/classify", params={"target_far": 0.01}, files={"file": query}).json()
+    assert stricter["reject"]["threshold"] >= reject["threshold"]
+
+
+@pytest.mark.parametrize("params,fragment", [
+    ({"reject": "maybe"}, "reject"), ({"target_far": 0}, "target_far"), ({"target_far": 1.5}, "target_far"),
+])
+def test_classify_bad_reject(client, catalogue, params, fragment) -> None:
+    resp = client.post("/classify", params=params, files={"file": photo(catalogue.test["Lemon"][0])})
+    assert resp.status_code == 422 and fragment in resp.text
+
+
 @pytest.mark.parametrize("params,fragment", [
     ({"top_k": 0}, "top_k"), ({"top_k": "five"}, "top_k"), ({"mode": "magic"}, "mode"),
 ])

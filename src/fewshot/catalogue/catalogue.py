@@ -41,6 +41,8 @@ from .formats import INDEX_FILES, is_index_dir
 from .inputs import ImageLike, as_dataset, as_model, as_path, embed_images, image_list, to_pil
 from .journal import Change
 from .labels import clean_label, normalize_label, resolve_group
+from .reject import DEFAULT_TARGET_FAR, Rejector
+from .scores import DEFAULT_SCORE
 from .spec import EmbedderSpec
 from .store import (ENROLLED_DIR, UPLOAD_DIR, append_change, check_unchanged, drop_leftovers, enrolled_name,
                     journal_length, load_index, remove_written, save_index, write_durably)
@@ -159,27 +161,44 @@ class Catalogue:
                              hint="add another article first", code="last_article")
         return self.index.remove_article(label)
 
-    def classify(self, images: Sequence[ImageLike], top_k: int = 5, mode: str = "prototype") -> list[ClassifyResult]:
+    def classify(self, images: Sequence[ImageLike], top_k: int = 5, mode: str = "prototype", *,
+                 reject: str | float = "auto", target_far: float = DEFAULT_TARGET_FAR,
+                 open_score: str = DEFAULT_SCORE) -> list[ClassifyResult]:
         """The ``top_k`` articles of each image, best first (``result.predictions[i].label``,
-        ``.group``, ``.score`` = cosine similarity). A path that is itself a catalogue image is
-        classified with its own copy left out (``result.in_catalogue``).
+        ``.group``, ``.score`` = cosine similarity), and the answer (``result.answer.article``:
+        the best article, or ``"unknown"`` when the photo is not confidently a catalogue article;
+        ``result.answer.brand`` then names a confident brand). A path that is itself a catalogue
+        image is classified with its own copy left out (``result.in_catalogue``).
+
+        ``reject``: ``"auto"`` (the threshold calibrated on this catalogue for ``target_far``
+        false accepts, :func:`fewshot.catalogue.calibrate.calibrate`; a catalogue too small to
+        calibrate answers every photo, with a warning), ``"none"`` or a threshold on
+        ``open_score`` (:mod:`fewshot.catalogue.scores`).
 
         Raises:
-            ImageReadError / InputError: an image that cannot be used.
+            ImageReadError / InputError: an image that cannot be used; a bad ``reject``,
+                ``target_far`` or ``open_score``.
             TypeError: ``images`` is not a list of images (one path is ``[path]``), ``top_k`` not
                 an integer. ValueError: ``top_k < 1``, an unknown ``mode``.
         """
         images = image_list(images)
         top_k = check_classify(top_k, mode)
+        rejector = self.rejector(reject, target_far, open_score)
         if all(isinstance(x, Path) for x in images):
             opts = EmbedOptions(runtime=self.runtime, cache_dir=self.cache_dir, progress=False)
-            results = classify_paths(self.index, self.model, images, top_k=top_k, mode=mode, embed=opts)
+            results = classify_paths(self.index, self.model, images, top_k=top_k, mode=mode, embed=opts,
+                                     rejector=rejector)
             bad = next((r for r in results if r.error), None)
             if bad is not None:
                 raise ImageReadError(bad.image, bad.error or "unreadable")
             return results
         vectors, digests, names = embed_images(self.model, images, runtime=self.runtime, cache_dir=self.cache_dir)
-        return classify_embedded(self.index, vectors, digests, names, top_k=top_k, mode=mode)
+        return classify_embedded(self.index, vectors, digests, names, top_k=top_k, mode=mode, rejector=rejector)
+
+    def rejector(self, reject: str | float = "auto", target_far: float = DEFAULT_TARGET_FAR,
+                 open_score: str = DEFAULT_SCORE) -> Rejector:
+        """The reject decision of this catalogue as it is now (:meth:`Rejector.for_index`)."""
+        return Rejector.for_index(self.index, reject, target_far=target_far, score=open_score)
 
     def search(self, images: Sequence[ImageLike], k: int = 5) -> list[list[Neighbor]]:
         """The ``k`` nearest catalogue images of each image (``.path``, ``.label``, ``.group``,

@@ -11,7 +11,7 @@ classify``); :func:`classification_accuracy` scores results against known labels
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +20,7 @@ import numpy as np
 from ..index import CatalogueIndex, Prediction, check_classify
 from ..model import EmbeddingModel
 from ..embed.options import EmbedOptions
+from .reject import SCORE_DEPTH, Answer, Rejector, answers
 
 __all__ = ["ClassifyResult", "classification_accuracy", "classify_embedded", "classify_paths"]
 
@@ -41,9 +42,18 @@ class ClassifyResult:
     #: positions of the catalogue images with this image's content (left out or not), valid
     #: until the index changes
     same_images: list[int] = field(default_factory=list, repr=False)
+    #: the decision with a reject option (``None``: classified without one)
+    answer: Answer | None = None
+
+    @property
+    def unknown(self) -> bool:
+        """Rejected: not confidently any catalogue article (``answer.article == "unknown"``)."""
+        return self.answer is not None and self.answer.unknown
 
     def to_dict(self) -> dict:
         d = {"image": self.image, "predictions": [p.to_dict() for p in self.predictions]}
+        if self.answer is not None:
+            d["answer"] = self.answer.to_dict()
         if self.in_catalogue:
             d["in_catalogue"] = True
         if self.error:
@@ -53,13 +63,16 @@ class ClassifyResult:
 
 def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Sequence[str | None],
                       names: Sequence[str], *, top_k: int = 5, mode: str = "prototype",
-                      leave_one_out: bool = True) -> list[ClassifyResult]:
+                      leave_one_out: bool = True, rejector: Rejector | None = None) -> list[ClassifyResult]:
     """Classify embedded queries: ``vectors float32 [Q, E]``, each query's file SHA-256 in
     ``digests`` (``None``: unknown, an image in memory) and its name in ``names``.
 
     With ``leave_one_out`` a query's identical catalogue copies are left out of its ranking
     (nearest mode: those images; prototype mode: their share of the article's prototype) and
-    the result is flagged ``in_catalogue``; either way ``same_images`` lists them.
+    the result is flagged ``in_catalogue``; either way ``same_images`` lists them. With a
+    ``rejector`` each result gets an ``answer`` (:mod:`fewshot.catalogue.reject`): "unknown" when
+    the open-set score of its best prototypes is under the threshold (in ``nearest`` mode too:
+    whether a photo shows a catalogue article is judged on the prototypes, where it was calibrated).
 
     Raises:
         ValueError / TypeError: a bad ``top_k`` or ``mode`` (:func:`fewshot.index.check_classify`).
@@ -67,16 +80,25 @@ def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Seque
     """
     own = index.find_images(digests)
     exclude = own if leave_one_out else None
-    preds = index.classify(vectors, top_k=top_k, mode=mode, exclude=exclude) if len(own) else []
-    return [ClassifyResult(name, pred, None, in_catalogue=leave_one_out and bool(same),
-                           left_out=[index.labels[j] for j in same] if leave_one_out else [], same_images=same)
-            for name, pred, same in zip(names, preds, own)]
+    depth = max(top_k, SCORE_DEPTH) if rejector is not None and mode == "prototype" else top_k
+    preds = index.classify(vectors, top_k=depth, mode=mode, exclude=exclude) if len(own) else []
+    said: list[Answer | None] = [None] * len(preds)
+    if rejector is not None and len(preds):
+        scored = preds if mode == "prototype" else index.classify(vectors, SCORE_DEPTH, "prototype", exclude)
+        said = list(answers(rejector, scored))
+        if mode != "prototype":  # the article is nearest mode's best; the decision the prototypes'
+            said = [a if a.unknown else replace(a, article=p[0].label) for a, p in zip(said, preds)]
+    return [ClassifyResult(name, pred[:top_k], None, in_catalogue=leave_one_out and bool(same),
+                           left_out=[index.labels[j] for j in same] if leave_one_out else [], same_images=same,
+                           answer=a)
+            for name, pred, same, a in zip(names, preds, own, said)]
 
 
 def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Path], *, top_k: int = 5,
                    mode: str = "prototype", embed: EmbedOptions | None = None,
-                   leave_one_out: bool = True) -> list[ClassifyResult]:
-    """Classify image files against an index; unreadable files get an ``error`` instead.
+                   leave_one_out: bool = True, rejector: Rejector | None = None) -> list[ClassifyResult]:
+    """Classify image files against an index; unreadable files get an ``error`` instead
+    (``rejector``: as :func:`classify_embedded`).
 
     A query whose bytes are those of a catalogue image (same SHA-256) would find itself
     (score 1.0). With ``leave_one_out`` (default) its identical catalogue copies are left
@@ -97,7 +119,7 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
                                                  progress=embed.progress and len(paths) > 16, digests=digests,
                                                  runtime=embed.runtime, threads=embed.threads)
     done = classify_embedded(index, vectors, [digests[0][i] for i in ok], [str(paths[i]) for i in ok],
-                             top_k=top_k, mode=mode, leave_one_out=leave_one_out)
+                             top_k=top_k, mode=mode, leave_one_out=leave_one_out, rejector=rejector)
     by_pos = dict(zip(ok, done))
     return [by_pos.get(i) or ClassifyResult(str(p), [], failures.get(i)) for i, p in enumerate(paths)]
 
@@ -112,15 +134,20 @@ def classification_accuracy(results: list[ClassifyResult], truth: list[str], top
 
     Returns:
         ``{"top1", "topk", "num_images", "num_catalogue_images" (scored queries that are
-        catalogue images, scored leave-one-out), "num_not_in_catalogue", "num_no_other_image"}``.
+        catalogue images, scored leave-one-out), "num_not_in_catalogue", "num_no_other_image"}``
+        (top-1 / top-k of the ranked articles, whatever the reject option said), and with a reject
+        threshold ``"accepted"`` / ``"accepted_right"`` (shares of the scored queries answered
+        with an article / with the right one) and ``"not_in_catalogue_accepted"`` (the share of
+        queries of absent articles given an article: the false-accept rate).
     """
     counts = Counter(index.labels) if index is not None else None
-    scored, absent, alone = [], 0, 0
+    scored, absent, alone, absent_accepted = [], 0, 0, 0
     for r, t in zip(results, truth):
         if r.error:
             continue
         if counts is not None and counts.get(t, 0) == 0:
             absent += 1
+            absent_accepted += r.answer is not None and not r.unknown
         elif counts is not None and counts[t] - r.left_out.count(t) <= 0:
             alone += 1
         else:
@@ -128,6 +155,11 @@ def classification_accuracy(results: list[ClassifyResult], truth: list[str], top
     n = len(scored)
     top1 = sum(1 for r, t in scored if r.predictions and r.predictions[0].label == t)
     topk = sum(1 for r, t in scored if any(p.label == t for p in r.predictions[:top_k]))
-    return {"top1": top1 / n if n else float("nan"), "topk": topk / n if n else float("nan"),
-            "num_images": n, "num_catalogue_images": sum(r.in_catalogue for r, _ in scored),
-            "num_not_in_catalogue": absent, "num_no_other_image": alone}
+    out = {"top1": top1 / n if n else float("nan"), "topk": topk / n if n else float("nan"),
+           "num_images": n, "num_catalogue_images": sum(r.in_catalogue for r, _ in scored),
+           "num_not_in_catalogue": absent, "num_no_other_image": alone}
+    if any(r.answer is not None and r.answer.threshold is not None for r, _ in scored):
+        right = sum(1 for r, t in scored if not r.unknown and r.answer and r.answer.article == t)
+        out.update(accepted=sum(not r.unknown for r, _ in scored) / n, accepted_right=right / n,
+                   not_in_catalogue_accepted=absent_accepted / absent if absent else float("nan"))
+    return out

@@ -136,13 +136,19 @@ def classify(
     group_from: Optional[str] = GroupFromOpt,
     layout: str = LayoutOpt,
     summary_only: bool = typer.Option(False, "--summary-only", help="With --data: print only the accuracy summary."),
+    reject: str = typer.Option("auto", "--reject", help="Answer 'unknown' for photos of no catalogue article. auto: below the threshold calibrated on the catalogue for --target-far; none: always the best article; a number: that threshold on --open-score."),
+    target_far: float = typer.Option(0.05, "--target-far", help="With --reject auto: the share of photos of absent articles that may be given an article (false accepts), e.g. 0.05; lower rejects more."),
+    open_score: str = typer.Option("relative", "--open-score", help="The score judged for 'unknown': relative (best minus half the second best cosine), cosine, margin or softmax."),
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
     no_progress: bool = NoProgressOpt, runtime: str = RuntimeOpt, threads: Optional[int] = ThreadsOpt,
     *, kind_opts: dict,
 ) -> None:
-    """Say which article each photo shows (top-k with cosine scores). Exits 1 if any image is bad.
+    """Say which article each photo shows, or 'unknown' when it shows none of them (top-k with
+    cosine scores). Exits 1 if any image is bad.
 
-    With --data, every image of the dataset (split) is classified and the top-1 / top-k
+    With --reject auto (the default) the threshold is calibrated on the catalogue itself for
+    --target-far false accepts; a rejected photo keeps its nearest articles, and is given its
+    brand when the brand alone is confident. With --data, every image of the dataset (split) is classified and the top-1 / top-k
     accuracy against its known label is printed at the end. A photo that is itself a
     catalogue image (same file content) is classified with its own catalogue copy left out
     (leave-one-out), and the summary says how many there were.
@@ -171,9 +177,10 @@ def classify(
     if not paths:
         raise DataError("no images given", hint="pass image files or folders that contain images, or --data")
     model = model_for_index(cat, index)
+    rejector = _rejector(cat, reject, target_far, open_score)
     opts = EmbedOptions(batch_size=batch_size, num_workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
                         progress=not no_progress, runtime=runtime, threads=threads)
-    results = classify_paths(cat, model, paths, top_k=top_k, mode=mode, embed=opts)
+    results = classify_paths(cat, model, paths, top_k=top_k, mode=mode, embed=opts, rejector=rejector)
     bad = _print_results(results, as_json, summary_only and truth is not None)
     _report_catalogue_queries(results, cat)
     if truth is not None:
@@ -181,6 +188,19 @@ def classify(
     if bad:
         err_console.print(f"{bad} of {len(results)} image(s) could not be read", highlight=False)
         raise typer.Exit(1)
+
+
+def _rejector(cat, reject: str, target_far: float, open_score: str):
+    """The reject decision for ``classify``, said on stderr before the results."""
+    from ..catalogue import Rejector
+
+    rejector = Rejector.for_index(cat, reject, target_far=target_far, score=open_score)
+    if rejector.calibration is not None:
+        log.info("reject: %s", rejector.calibration.summary())
+    elif rejector.threshold is not None:
+        log.info("reject: %s score < %s (a threshold given by hand: its false-accept rate is not known)",
+                 open_score, rejector.threshold)
+    return rejector
 
 
 def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_json: bool, data: str) -> None:
@@ -207,6 +227,11 @@ def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_jso
                f"({acc['num_images']} images, {len(cat.articles)} articles, mode {mode})  "
                f"catalogue images among them: {_in_catalogue(acc['num_catalogue_images'])}"
                + (f"  not scored: {skipped}" if skipped else ""))
+    if "accepted" in acc:
+        absent = acc["not_in_catalogue_accepted"]
+        typer.echo(f"reject option: {acc['accepted']:.4f} of these answered with an article, "
+                   f"{acc['accepted_right']:.4f} with the right one (top-1 above ignores the reject option)"
+                   + (f"; photos of articles not in the catalogue given an article: {absent:.4f}" if absent == absent else ""))
 
 
 def _print_results(results, as_json: bool, summary_only: bool) -> int:
@@ -230,7 +255,8 @@ def _print_results(results, as_json: bool, summary_only: bool) -> int:
             typer.echo(json_line(r.to_dict()))
         else:
             preds = ", ".join(f"{one_line(p.label)} ({p.score:.3f})" for p in r.predictions)
-            typer.echo(f"{one_line(r.image)}\t{preds}" + ("\t[catalogue image: own copy left out]" if r.in_catalogue else ""))
+            said = f"{one_line(r.answer.text())}\t" if r.answer is not None and r.answer.threshold is not None else ""
+            typer.echo(f"{one_line(r.image)}\t{said}{preds}" + ("\t[catalogue image: own copy left out]" if r.in_catalogue else ""))
     return bad
 
 

@@ -87,6 +87,8 @@ class CatalogueIndex(Ranking):
     folder: Path | None = field(default=None, repr=False)
     #: what that folder looked like when the store last read or wrote it (``None``: unknown)
     folder_state: tuple | None = field(default=None, repr=False)
+    #: what is computed from the contents (a reject calibration), emptied by every change
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ----------------------------------------------------------------- building
     @classmethod
@@ -221,6 +223,7 @@ class CatalogueIndex(Ranking):
                 (the saved index could not be read back).
             DataError: no vectors, wrong dimension, or paths that do not match the vectors.
         """
+        self.derived.clear()
         if not isinstance(label, str) or not (group is None or isinstance(group, str)):
             raise TypeError(f"an article's label must be a str and its group a str or None, got "
                             f"{type(label).__name__} and {type(group).__name__}")
@@ -286,6 +289,7 @@ class CatalogueIndex(Ranking):
         Raises:
             KeyError: the article is not in the catalogue.
         """
+        self.derived.clear()
         a = self._article_of.get(label)
         if a is None:
             raise KeyError(label)

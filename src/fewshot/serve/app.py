@@ -5,7 +5,9 @@
 
     GET    /                         web page: upload a photo, see the top-k articles; enrol form
     GET    /health                   status, catalogue size, backbone
-    POST   /classify?top_k=5&mode=prototype    multipart field ``file`` -> top-k articles + nearest images
+    POST   /classify?top_k=5&mode=prototype&reject=auto&target_far=0.05
+                                                multipart field ``file`` -> the answer (an article
+                                                or "unknown"), top-k articles + nearest images
     GET    /articles                 the catalogue's articles
     POST   /articles                 form ``label``, ``group``, one or more ``files``: enrol (no retraining)
     DELETE /articles/{label}         remove an article
@@ -226,8 +228,14 @@ def _router(service: Service) -> APIRouter:
                           description="prototype: cosine to the article's mean embedding; "
                                       "nearest: the article's best catalogue image."),
         neighbors: int = Query(8, ge=0, le=100, description="Nearest catalogue images to return."),
+        reject: str = Query("auto", max_length=32,
+                            description="auto: answer 'unknown' below the threshold calibrated on the catalogue "
+                                        "for target_far; none: always the best article; a number: that threshold "
+                                        "on the relative score."),
+        target_far: float = Query(0.05, gt=0, lt=1, description="With reject=auto: the false-accept rate the "
+                                                                 "threshold is calibrated for."),
     ) -> dict:
-        return service.classify(file, top_k, mode, neighbors)
+        return service.classify(file, top_k, mode, neighbors, reject, target_far)
 
     @router.get("/articles", summary="The catalogue's articles")
     def list_articles() -> dict:

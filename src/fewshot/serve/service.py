@@ -161,9 +161,12 @@ class Service:
             raise ApiError(403, "read_only", "this service was started with --read-only: it classifies, and "
                            "changes nothing", hint="restart it without --read-only to enrol or delete articles")
 
-    def classify(self, file: UploadFile, top_k: int, mode: str, neighbors: int) -> dict:
-        """Top-k articles and nearest catalogue images for one uploaded photo; ``in_catalogue``
-        lists the catalogue images with exactly its content."""
+    def classify(self, file: UploadFile, top_k: int, mode: str, neighbors: int, reject: str = "auto",
+                 target_far: float = 0.05) -> dict:
+        """Top-k articles and nearest catalogue images for one uploaded photo, and the ``answer``
+        (its article, or ``unknown`` below the reject threshold, :mod:`fewshot.catalogue.reject`);
+        ``reject`` says which threshold was used; ``in_catalogue`` lists the catalogue images
+        with exactly its content."""
         start = time.perf_counter()
         with self.catalogue.scratch("classify") as tmp:
             path, name = self.receive_upload(file, Path(tmp), 0)
@@ -175,8 +178,12 @@ class Service:
             if len(index.articles) == 0:  # pragma: no cover - deleting the last article is refused
                 raise ApiError(409, "empty_catalogue", "the catalogue has no articles",
                                hint="enrol an article with POST /articles")
+            try:
+                rejector = self.catalogue.rejector(reject, target_far)
+            except InputError as e:
+                raise _input_error(e) from None
             result = classify_embedded(index, vector, [digest], [name], top_k=top_k, mode=mode,
-                                       leave_one_out=False)[0]
+                                       leave_one_out=False, rejector=rejector)[0]
             wide = index.search(vector, k=max(neighbors, min(len(index), 256)))[0]
             best_image: dict[str, tuple[str, float]] = {}
             neighbor_list = []
@@ -194,7 +201,8 @@ class Service:
                                     "image_score": None if iscore is None else round(iscore, 6)})
             in_catalogue = [image_id(index.paths[i]) for i in result.same_images]
             num_articles = len(index.articles)
-        return {"file": name, "mode": mode, "top_k": top_k, "predictions": predictions,
+        return {"file": name, "mode": mode, "top_k": top_k, "answer": result.answer.to_dict(),
+                "reject": rejector.record(), "predictions": predictions,
                 "neighbors": neighbor_list, "num_articles": num_articles, "in_catalogue": in_catalogue,
                 "elapsed_ms": round((time.perf_counter() - start) * 1000, 1)}
 

@@ -119,9 +119,17 @@ function renderResults(res, file) {
   previewUrl = URL.createObjectURL(file);
   $("#query-preview").src = previewUrl;
   const top = res.predictions[0];
-  $("#top1").textContent = top ? top.label : "no match";
-  $("#top1").dataset.label = top ? top.label : "";
-  $("#timing").textContent = `${res.mode} scores · ${res.num_articles} articles · ${res.elapsed_ms} ms`;
+  const answer = res.answer;
+  const unknown = answer && answer.unknown;
+  $("#top1").textContent = unknown ? (answer.brand ? `unknown article, brand ${answer.brand}` : "unknown: none of these")
+    : (top ? top.label : "no match");
+  $("#top1").dataset.label = unknown ? "unknown" : (top ? top.label : "");
+  $("#top1").classList.toggle("unknown", Boolean(unknown));
+  const rule = res.reject && res.reject.threshold !== null
+    ? ` · ${answer.open_score} score ${answer.score.toFixed(3)} vs threshold ${res.reject.threshold.toFixed(3)}` +
+      (res.reject.target_far ? ` (calibrated for ${(res.reject.target_far * 100).toFixed(0)}% false accepts)` : "")
+    : " · no reject threshold";
+  $("#timing").textContent = `${res.mode} scores · ${res.num_articles} articles · ${res.elapsed_ms} ms${rule}`;
   const list = $("#predictions");
   list.replaceChildren();
   res.predictions.forEach((p, i) => {

@@ -1,0 +1,186 @@
+"""The reject option: answer "unknown" when a photo is not confidently one of the catalogue's articles.
+
+``reject`` is ``"auto"`` (the threshold calibrated for the catalogue and a target false-accept
+rate, :func:`fewshot.catalogue.calibrate.calibrate`), ``"none"`` (every photo gets its best
+article, as before) or a score (a number: that threshold on the chosen open-set score). A
+rejected photo keeps its ranked articles; with ``auto`` and a catalogue with brands, it is given
+its brand when the brand alone is confident ("unknown article, brand X").
+
+:class:`Rejector` holds the decision for one catalogue; :func:`answers` applies it to ranked
+predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DataError, InputError
+from ..index import CatalogueIndex, Prediction
+from .calibrate import Calibration, calibrate
+from .scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, brand_scores, open_scores
+
+__all__ = ["Answer", "Rejector", "answers", "parse_reject", "prediction_arrays", "DEFAULT_TARGET_FAR",
+           "SCORE_DEPTH", "UNKNOWN", "cached_calibration", "check_target_far"]
+
+log = logging.getLogger("fewshot")
+
+DEFAULT_TARGET_FAR = 0.05
+#: the answer of a rejected photo
+UNKNOWN = "unknown"
+
+
+def parse_reject(value: object) -> str | float:
+    """``"auto"``, ``"none"`` or a finite threshold from a flag, a query parameter or the API.
+
+    Raises:
+        InputError: anything else (option ``reject``).
+    """
+    if isinstance(value, str) and value.strip().lower() in ("auto", "none"):
+        return value.strip().lower()
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise InputError(f"reject={value!r} is not auto, none or a score", hint="use reject='auto', 'none' or e.g. 0.4",
+                         options=("reject",))
+    return number
+
+
+def check_target_far(value: object) -> float:
+    """The target false-accept rate, a number in ``(0, 1)``.
+
+    Raises:
+        InputError: anything else (option ``target_far``).
+    """
+    try:
+        far = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        far = math.nan
+    if isinstance(value, bool) or not 0.0 < far < 1.0:
+        raise InputError(f"target_far={value!r} is not a rate in (0, 1)", hint="use e.g. target_far=0.05 for 5%",
+                         options=("target_far",))
+    return far
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The decision for one photo: ``article`` (its best article, or :data:`UNKNOWN`), the open-set
+    ``score`` it was judged on and the ``threshold`` used (``None``: no reject), the false-accept
+    rate that threshold was calibrated for (``None``: a threshold given by hand), and for an
+    unknown article the ``brand`` when the brand alone is confident."""
+
+    article: str
+    score: float
+    score_name: str
+    threshold: float | None
+    target_far: float | None
+    brand: str | None = None
+
+    @property
+    def unknown(self) -> bool:
+        return self.threshold is not None and self.score < self.threshold
+
+    def to_dict(self) -> dict:
+        d = {"article": self.article, "unknown": self.unknown, "score": round(self.score, 6),
+             "open_score": self.score_name,
+             "threshold": None if self.threshold is None else round(self.threshold, 6),
+             "target_far": self.target_far}
+        if self.brand is not None:
+            d["brand"] = self.brand
+        return d
+
+    def text(self) -> str:
+        """``"unknown article, brand X"``, ``"unknown"`` or the article."""
+        if not self.unknown:
+            return self.article
+        return f"{UNKNOWN} article, brand {self.brand}" if self.brand else UNKNOWN
+
+
+@dataclass(frozen=True)
+class Rejector:
+    """How one catalogue rejects: ``threshold`` on the ``score`` (``None``: never), from
+    ``calibration`` with ``reject="auto"``."""
+
+    score: str = DEFAULT_SCORE
+    threshold: float | None = None
+    calibration: Calibration | None = None
+
+    @classmethod
+    def for_index(cls, index: CatalogueIndex, reject: object = "auto", *, target_far: object = DEFAULT_TARGET_FAR,
+                  score: str = DEFAULT_SCORE) -> "Rejector":
+        """The rejector of ``index``; ``auto`` calibrates (cached on the index until it changes), and
+        falls back to no reject, with a warning, when the catalogue is too small.
+
+        Raises:
+            InputError: a bad ``reject``, ``target_far`` or ``score``.
+        """
+        reject, far = parse_reject(reject), check_target_far(target_far)
+        OPEN_SCORES.get(score)
+        if reject == "none":
+            return cls(score)
+        if reject != "auto":
+            return cls(score, float(reject))
+        try:
+            cal = cached_calibration(index, far, score)
+        except DataError as e:
+            log.warning("no reject threshold: %s; every photo gets its best article (reject='none')", e.message)
+            return cls(score)
+        return cls(score, cal.threshold, cal)
+
+    def record(self) -> dict:
+        """What the responses say about the threshold used."""
+        cal = self.calibration
+        return {"reject": "none" if self.threshold is None else ("auto" if cal else "score"),
+                "open_score": self.score, "threshold": self.threshold,
+                "target_far": cal.target_far if cal else None,
+                "brand_threshold": cal.brand_threshold if cal else None}
+
+
+def cached_calibration(index: CatalogueIndex, target_far: float, score: str) -> Calibration:
+    """:func:`calibrate` of ``index``, kept in ``index.derived`` until the index changes."""
+    key = ("calibration", score, target_far)
+    if key not in index.derived:
+        index.derived[key] = calibrate(index, target_far, score=score)
+    return index.derived[key]
+
+
+def prediction_arrays(predictions: Sequence[Sequence[Prediction]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(top float32 [Q, m], groups object [Q, m])`` of ranked predictions (``m >= 2``; ``-inf`` /
+    ``None`` pad): the input of :func:`fewshot.catalogue.scores.open_scores`."""
+    m = max(2, max((len(p) for p in predictions), default=0))
+    top = np.full((len(predictions), m), -np.inf, np.float32)
+    groups = np.full((len(predictions), m), None, object)
+    for r, preds in enumerate(predictions):
+        top[r, :len(preds)] = [p.score for p in preds]
+        groups[r, :len(preds)] = [p.group for p in preds]
+    return top, groups
+
+
+def answers(rejector: Rejector, predictions: Sequence[Sequence[Prediction]]) -> list[Answer]:
+    """The answer for each photo from its ranked predictions (at least ``SCORE_DEPTH`` when the
+    catalogue has that many articles: the scores read them)."""
+    if not predictions:
+        return []
+    top, groups = prediction_arrays(predictions)
+    scores = open_scores(top, rejector.score)
+    cal = rejector.calibration
+    brand_ok = np.zeros(len(top), bool)
+    if cal is not None and cal.brand_threshold is not None:
+        brand_ok = brand_scores(top, groups) >= cal.brand_threshold
+    out = []
+    for preds, s, named in zip(predictions, scores, brand_ok):
+        best = preds[0] if preds else None
+        a = Answer(best.label if best else UNKNOWN, float(s), rejector.score, rejector.threshold,
+                   cal.target_far if cal else None)
+        if a.unknown:
+            a = Answer(UNKNOWN, a.score, a.score_name, a.threshold, a.target_far,
+                       best.group if (named and best and best.group) else None)
+        out.append(a)
+    return out
+
