@@ -56,6 +56,10 @@ def test_readme_walkthrough_on_a_folder_tree(brand_tree, grocery_root, tmp_path)
     assert "indexed 324 images of 81 articles" in index_out
     lines = [line for line in classify_out.splitlines() if line.startswith("new-photos/")]
     assert len(lines) == 3 and all("\t" in line for line in lines)
-    top1 = {Path(line.split("\t")[0]).name.rsplit("_", 1)[0]: line.split("\t")[1].split(" (")[0] for line in lines}
+    # PATH, the answer (an article or unknown), the ranked articles
+    top1 = {Path(line.split("\t")[0]).name.rsplit("_", 1)[0]: line.split("\t")[2].split(" (")[0] for line in lines}
     assert sum(a == b for a, b in top1.items()) >= 2, top1
+    answers = [line.split("\t")[1] for line in lines]
+    assert all(a == "unknown" or a.startswith("unknown article, brand ") or a == t
+               for a, t in zip(answers, [line.split("\t")[2].split(" (")[0] for line in lines])), answers
     assert "--index" in serve_help and "--port" in serve_help

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -92,3 +93,23 @@ def test_the_api_answers_unknown(drawn_tree: Path, tmp_path: Path):
     assert never.to_dict()["answer"]["unknown"] is True
     always = cat.classify([photo], reject="none")[0]
     assert not always.unknown and always.answer.article == always.predictions[0].label
+
+
+def test_the_calibration_is_stored_with_the_index_and_read_back(tmp_path: Path):
+    from fewshot.catalogue import load_index, save_index
+    from fewshot.catalogue.calibrate import calibrate
+
+    index = _index(8)
+    folder = save_index(index, tmp_path / "idx")
+    record = json.loads((folder / "calibration.json").read_text())
+    fresh = calibrate(index)
+    assert record["calibrated"] and record["threshold"] == fresh.threshold and record["score"] == "relative"
+    assert sum(record["histograms"]["absent"]) == fresh.num_absent
+    loaded = load_index(folder)
+    stored = Rejector.for_index(loaded).calibration
+    assert stored == fresh and loaded.derived  # read, not computed again
+    (folder / "calibration.json").write_text('{"calibrated": true, "threshold": "high"}')
+    again = load_index(folder)
+    assert not again.derived and Rejector.for_index(again).calibration == fresh  # a bad record: computed
+    small = save_index(_index(4), tmp_path / "small")
+    assert json.loads((small / "calibration.json").read_text())["calibrated"] is False

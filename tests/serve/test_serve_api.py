@@ -333,8 +333,13 @@ def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
     resp = client.post("/articles", data={"label": NEW_ARTICLE, "group": "Melon"},
                        files=[("files", photo(p)) for p in enrol])
     assert resp.status_code == 201, resp.text
-    assert resp.json() == {"label": NEW_ARTICLE, "group": "Melon", "created": True, "added": 4,
-                                "num_images": 4, "articles": len(ARTICLES) + 1, "images": N_IMAGES + 4}
+    body = resp.json()
+    reject = body.pop("reject")
+    assert body == {"label": NEW_ARTICLE, "group": "Melon", "created": True, "added": 4,
+                    "num_images": 4, "articles": len(ARTICLES) + 1, "images": N_IMAGES + 4}
+    # calibrated again for 7 articles: the next classify uses that threshold
+    assert reject["reject"] == "auto" and reject["threshold"] != before["reject"]["threshold"]
+    assert client.post("/classify", files={"file": query}).json()["reject"] == reject
     top = client.post("/classify", files={"file": query}).json()["predictions"][0]
     assert (top["label"], top["group"]) == (NEW_ARTICLE, "Melon")
     assert client.get(top["image_url"]).status_code == 200

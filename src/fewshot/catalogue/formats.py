@@ -38,7 +38,7 @@ __all__ = ["FORMAT_VERSION", "INDEX_FILES", "check_folder", "is_index_dir", "ope
 FORMAT_VERSION = 2
 #: what an index folder holds at its top level (the service adds ``enrolled/``)
 INDEX_FILES = frozenset({"meta.json", "images.faiss", "prototypes.faiss", "vectors.npy", "ids.npy",
-                         "prototype_sums.npy", "journal", "enrolled", "audit.jsonl"})
+                         "prototype_sums.npy", "journal", "enrolled", "audit.jsonl", "calibration.json"})
 
 
 def read_meta(path: Path) -> dict | None:

@@ -12,9 +12,11 @@ predictions.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +27,7 @@ from .calibrate import Calibration, calibrate
 from .scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, brand_scores, open_scores
 
 __all__ = ["Answer", "Rejector", "answers", "parse_reject", "prediction_arrays", "DEFAULT_TARGET_FAR",
-           "SCORE_DEPTH", "UNKNOWN", "cached_calibration", "check_target_far"]
+           "CALIBRATION_FILE", "SCORE_DEPTH", "UNKNOWN", "read_calibration", "write_calibration", "cached_calibration", "check_target_far"]
 
 log = logging.getLogger("fewshot")
 
@@ -148,6 +150,39 @@ def cached_calibration(index: CatalogueIndex, target_far: float, score: str) -> 
     if key not in index.derived:
         index.derived[key] = calibrate(index, target_far, score=score)
     return index.derived[key]
+
+
+#: the file of an index folder that records its calibration (for the default score and target)
+CALIBRATION_FILE = "calibration.json"
+
+
+def write_calibration(index: CatalogueIndex, folder: Path) -> dict:
+    """Calibrate ``index`` for the default score and target (:func:`cached_calibration`) and
+    record it in ``folder/calibration.json``: the thresholds and the score histograms, or why
+    the catalogue cannot be calibrated. Returns the record."""
+    try:
+        record = {"calibrated": True, **cached_calibration(index, DEFAULT_TARGET_FAR, DEFAULT_SCORE).as_dict()}
+    except DataError as e:
+        record = {"calibrated": False, "reason": e.message, "score": DEFAULT_SCORE, "target_far": DEFAULT_TARGET_FAR}
+    (folder / CALIBRATION_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return record
+
+
+def read_calibration(index: CatalogueIndex, folder: Path) -> Calibration | None:
+    """The calibration recorded in ``folder/calibration.json`` for ``index`` as saved there, kept
+    in ``index.derived`` (so a loaded catalogue does not calibrate again until it changes);
+    ``None`` when there is none or it cannot be read (it is then computed when needed)."""
+    try:
+        record = json.loads((folder / CALIBRATION_FILE).read_text(encoding="utf-8"))
+        if not record.pop("calibrated"):
+            return None
+        cal = Calibration(**{f.name: record[f.name] for f in fields(Calibration) if f.name in record})
+        if not (isinstance(cal.threshold, float) and isinstance(cal.target_far, float) and cal.score in OPEN_SCORES):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    index.derived[("calibration", cal.score, cal.target_far)] = cal
+    return cal
 
 
 def prediction_arrays(predictions: Sequence[Sequence[Prediction]]) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,7 @@ from ..index import CatalogueIndex
 from ..io import atomic_dir, recover_dir, writer_lock
 from .formats import check_folder, open_meta, read_base, write_arrays, write_meta
 from .journal import JOURNAL_DIR, Change, Journal, apply
+from .reject import read_calibration, write_calibration
 
 __all__ = ["AUDIT_FILE", "ENROLLED_DIR", "UPLOAD_DIR", "EnrolledArticle", "append_change", "drop_leftovers",
            "enrolled_articles", "enrolled_dir", "enrolled_files", "enrolled_name", "journal_length", "load_index",
@@ -62,6 +63,7 @@ def load_index(path: str | Path) -> CatalogueIndex:
     meta = open_meta(path)
     try:
         index = read_base(path, meta)
+        read_calibration(index, path)  # dropped by the first change the journal replays
         for change in Journal(path).read():
             apply(index, change)
     except CheckpointError:
@@ -121,6 +123,7 @@ def _save(index: CatalogueIndex, path: Path) -> Path:
         write_arrays(index, tmp)
         index.paths = _carry_enrolled(index, origin, tmp, path)
         _carry_file(AUDIT_FILE, [Path(origin), path], tmp)
+        write_calibration(index, tmp)
         write_meta(index, tmp)
     index.folder = path
     return path

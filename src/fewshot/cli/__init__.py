@@ -81,6 +81,7 @@ def index_cmd(
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
                       overwrite=overwrite, ann_config=ann, layout=layout)
     typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {one_line(out)} ({idx.ann.kind} index)")
+    _echo_calibration(idx)
     kept = idx.config.get("kept_enrolled")
     if kept:
         typer.echo(f"kept {kept['images']} photos of {kept['articles']} article(s) enrolled through the service "
@@ -188,6 +189,15 @@ def classify(
     if bad:
         err_console.print(f"{bad} of {len(results)} image(s) could not be read", highlight=False)
         raise typer.Exit(1)
+
+
+def _echo_calibration(idx) -> None:
+    """Say the reject threshold `fewshot index` calibrated (or why there is none)."""
+    from ..catalogue import Rejector
+
+    rejector = Rejector.for_index(idx)  # calibrated by the save already: read from memory
+    if rejector.calibration is not None:
+        typer.echo(f"reject threshold for 'unknown': {rejector.calibration.summary()}")
 
 
 def _rejector(cat, reject: str, target_far: float, open_score: str):

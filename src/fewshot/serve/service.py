@@ -246,8 +246,9 @@ class Service:
                 self.ids.added(label, paths)
                 num_images, articles, images = index.num_images(label), len(index.articles), len(index)
                 self.audit.write(*who, "enrol", label=label, group=group, created=created, images=len(paths))
+                reject = self.catalogue.rejector().record()  # calibrated again for the changed catalogue
         return {"label": label, "group": group, "created": created, "added": len(paths),
-                "num_images": num_images, "articles": articles, "images": images}
+                "num_images": num_images, "articles": articles, "images": images, "reject": reject}
 
     def _decode_all(self, received: list[tuple[Path, str]]) -> list[torch.Tensor]:
         tensors, bad = [], []
