@@ -307,7 +307,8 @@ def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
                        files=[("files", photo(p)) for p in enrol])
     assert resp.status_code == 201, resp.text
     assert resp.json() == {"label": NEW_ARTICLE, "group": "Melon", "created": True, "added": 4,
-                                "num_images": 4, "articles": len(ARTICLES) + 1, "images": N_IMAGES + 4}
+                                "num_images": 4, "articles": len(ARTICLES) + 1, "images": N_IMAGES + 4,
+                                "warnings": []}
     top = client.post("/classify", files={"file": query}).json()["predictions"][0]
     assert (top["label"], top["group"]) == (NEW_ARTICLE, "Melon")
     assert client.get(top["image_url"]).status_code == 200
