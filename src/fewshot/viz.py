@@ -147,3 +147,23 @@ def embedding_map(vectors, labels: Sequence[str], groups: Sequence[str | None], 
     ax.set_title(f"{title}\n{how} of {len(pick)} embeddings{sample}; colour = "
                  f"{'group' if any(g is not None for g in groups) else 'article'}", fontsize=9)
     return _save(fig, out)
+
+
+def image_rows(rows: Sequence[tuple[str, Sequence[str | Path]]], out: str | Path, title: str = "",
+               per_row: int = 6) -> Path:
+    """Photos side by side as a PNG: one row per ``(caption, paths)`` (at most ``per_row``
+    photos each; the caption over the row's first photo); unreadable photos say so."""
+    k = max([1] + [min(len(paths), per_row) for _, paths in rows])
+    fig, axes = plt.subplots(len(rows), k, figsize=(1.9 * k, 2.1 * len(rows)), squeeze=False)
+    for r, (caption, paths) in enumerate(rows):
+        for c in range(k):
+            ax = axes[r][c]
+            if c >= min(len(paths), per_row):
+                ax.axis("off")
+                continue
+            _thumb(ax, paths[c])
+            ax.set_title(caption[:48] if c == 0 else "", fontsize=7, loc="left")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))
+    return _save(fig, out)

@@ -336,7 +336,7 @@ def test_enrol_classify_delete(catalogue, own_index: Path) -> None:
     body = resp.json()
     reject = body.pop("reject")
     assert body == {"label": NEW_ARTICLE, "group": "Melon", "created": True, "added": 4,
-                    "num_images": 4, "articles": len(ARTICLES) + 1, "images": N_IMAGES + 4}
+                    "num_images": 4, "articles": len(ARTICLES) + 1, "images": N_IMAGES + 4, "warnings": []}
     # calibrated again for 7 articles: the next classify uses that threshold
     assert reject["reject"] == "auto" and reject["threshold"] != before["reject"]["threshold"]
     assert client.post("/classify", files={"file": query}).json()["reject"] == reject

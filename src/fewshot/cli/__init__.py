@@ -68,11 +68,13 @@ def index_cmd(
     out: Path = typer.Option(..., "--out", help="Index folder to write (atomically); never one that holds other files or the --data images."),
     overwrite: bool = OverwriteOpt,
     index_type: str = typer.Option("auto", "--index-type", help=index_type_help()),
+    check: bool = typer.Option(True, "--check/--no-check", help="Check the catalogue at the end and warn of its defects (as `fewshot check`, without writing a report)."),
     *, emb: "EmbedOptions", kind_opts: dict,
 ) -> None:
     """Embed a catalogue (a few labelled photos per article) into a FAISS index.
 
     The index type's options are under its own heading (a flag of another type is refused).
+    At the end the catalogue is checked (`fewshot check`) and its defects are shown as warnings.
     """
     from ..catalogue import build_index
     from ..catalogue.store import enrolled_dir
@@ -87,6 +89,20 @@ def index_cmd(
         typer.echo(f"kept {kept['images']} photos of {kept['articles']} article(s) enrolled through the service "
                    f"(re-embedded with this model; they stay in {one_line(enrolled_dir(out))})"
                    + (f"; {len(kept['unreadable'])} unreadable photo(s) left out" if kept["unreadable"] else ""))
+    if check:
+        _warn_defects(idx, out)
+
+
+def _warn_defects(idx, out: Path) -> None:
+    """The catalogue check's findings as warnings (counts and the first few), no files written."""
+    from ..catalogue.check import check_catalogue
+    from ..catalogue.check_report import summary_lines
+
+    lines = summary_lines(check_catalogue(idx))
+    for line in lines:
+        log.warning("catalogue check: %s", one_line(line))
+    if lines:
+        log.warning("details and pictures: fewshot check --index %s", one_line(out))
 
 
 @app.command("export")
@@ -376,6 +392,7 @@ def _register_subcommands() -> None:
     from . import datasets as _datasets
 
     app.add_typer(_datasets.app, name="datasets")
+    from . import check as _check  # noqa: F401  (registers `fewshot check`)
     from . import serve as _serve  # noqa: F401  (registers `fewshot serve`; FastAPI is imported on use)
     from . import train as _train  # noqa: F401  (registers `fewshot train`)
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..version import __version__
 from ..catalogue import Catalogue, classify_embedded
+from ..catalogue.check import check_article
 from ..catalogue.labels import clean_label, normalize_label, resolve_group
 from ..data.images import load_image
 from ..embed import read_digests
@@ -247,8 +248,18 @@ class Service:
                 num_images, articles, images = index.num_images(label), len(index.articles), len(index)
                 self.audit.write(*who, "enrol", label=label, group=group, created=created, images=len(paths))
                 reject = self.catalogue.rejector().record()  # calibrated again for the changed catalogue
+                warnings = self._warnings(index, label)
         return {"label": label, "group": group, "created": created, "added": len(paths),
-                "num_images": num_images, "articles": articles, "images": images, "reject": reject}
+                "num_images": num_images, "articles": articles, "images": images, "reject": reject,
+                "warnings": warnings}
+
+    def _warnings(self, index: CatalogueIndex, label: str) -> list[dict]:
+        """The catalogue check's findings about article ``label`` (:func:`fewshot.catalogue.check.check_article`),
+        its photos named as the service names catalogue images (never by server paths)."""
+        return [{"kind": f.kind, "articles": list(f.articles), "figures": f.figures, "message": f.message,
+                 "images": [{"name": self.ids.name_of(p), "image_id": image_id(p), "image_url": _image_url(image_id(p))}
+                            for p in f.images]}
+                for f in check_article(index, label).findings]
 
     def _decode_all(self, received: list[tuple[Path, str]]) -> list[torch.Tensor]:
         tensors, bad = [], []
