@@ -99,6 +99,15 @@ def test_classify_and_enrol_in_chromium(server, tmp_path: Path) -> None:
             assert first.get_attribute("data-label") == "Granny-Smith"
             assert "Apple" in first.text_content() and "score 0." in first.text_content()
             assert page.locator("#predictions .prediction").count() == 5
+            assert "vs threshold" in page.text_content("#timing") and "5% false accepts" in page.text_content("#timing")
+            # a threshold no photo reaches (set on the request): the page answers unknown, the articles stay
+            page.route("**/classify?*", lambda route: route.continue_(url=route.request.url + "&reject=5"))
+            page.click("#classify-btn")
+            page.wait_for_function("document.querySelector('#top1').textContent.startsWith('unknown')")
+            assert page.text_content("#top1") == "unknown: none of these"
+            assert "unknown" in page.get_attribute("#top1", "class")
+            assert page.locator("#predictions .prediction").first.get_attribute("data-label") == "Granny-Smith"
+            page.unroute("**/classify?*")
             page.wait_for_function(  # the catalogue thumbnails really load
                 "[...document.querySelectorAll('#predictions img, #neighbors img')]"
                 ".every(img => img.complete && img.naturalWidth > 0)")
@@ -130,7 +139,9 @@ def test_classify_and_enrol_in_chromium(server, tmp_path: Path) -> None:
             assert f"enrolled '{NEW_ARTICLE}'" in page.text_content("#enrol-status")
             page.set_input_files("#photo", str(cat.test[NEW_ARTICLE][0]))
             page.click("#classify-btn")
-            page.wait_for_function(f"document.querySelector('#top1').textContent === '{NEW_ARTICLE}'")
+            page.wait_for_function(  # ranked first; answered, or 'unknown' below the calibrated threshold
+                f"document.querySelector('#predictions .prediction')?.dataset.label === '{NEW_ARTICLE}'")
+            assert page.text_content("#top1") in (NEW_ARTICLE, "unknown: none of these")
 
             # delete it from the articles table
             page.on("dialog", lambda dialog: dialog.accept())

@@ -172,6 +172,11 @@ async function enrol(event) {
     const res = await api("POST", "/articles", form);
     status.className = "ok";
     status.textContent = `${res.created ? "enrolled" : "added photos to"} '${res.label}': ${res.added} photo(s), ${res.num_images} in all. The catalogue has ${res.articles} articles.`;
+    const warnings = res.warnings || [];
+    if (warnings.length) {
+      status.append(el("ul", { class: "warnings" },
+        ...warnings.map((w) => el("li", { class: "warning", "data-kind": w.kind, text: `warning: ${w.message}` }))));
+    }
     $("#enrol-form").reset();
     await Promise.all([loadArticles(), refreshStatus()]);
   } catch (err) {
