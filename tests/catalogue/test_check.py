@@ -123,3 +123,13 @@ def test_one_article_checked_alone_finds_what_the_whole_check_says_of_it(catalog
         assert sorted(map(_key, alone.findings)) == sorted(map(_key, about)), label
         assert all(f.articles[0] == label for f in alone.findings)
     assert check_article(index, "Carrots").findings == []
+
+
+def test_the_catalogue_api_checks_itself():
+    from fewshot.catalogue import Catalogue
+
+    x = np.array([[1, 0.3, 0], [1, -0.3, 0], [0.3, 1, 0], [-0.3, 1, 0], [1, 0, 0]], np.float32)
+    index = CatalogueIndex.build(x, ["a", "a", "b", "b", "b"], [None] * 5, [f"{i}.jpg" for i in range(5)], {})
+    report = Catalogue(model=None, index=index).check()  # type: ignore[arg-type]
+    assert [f.images for f in report.of_kind("likely_mislabel")] == [("4.jpg",)]
+    assert Catalogue(model=None, index=index).check(mislabel_margin=1.5).of_kind("likely_mislabel") == []  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ from ..index import AnnConfig, CatalogueIndex, Neighbor, check_classify
 from ..io import atomic_write_bytes, claimed_output, writer_lock
 from ..model import EmbeddingModel
 from ..embed.options import EmbedOptions
+from .check import CheckReport, check_catalogue
 from .build import index_embeddings, keep_enrolled, previous_index
 from .classify import ClassifyResult, classify_embedded, classify_paths
 from .formats import INDEX_FILES, is_index_dir
@@ -199,6 +200,15 @@ class Catalogue:
                  open_score: str = DEFAULT_SCORE) -> Rejector:
         """The reject decision of this catalogue as it is now (:meth:`Rejector.for_index`)."""
         return Rejector.for_index(self.index, reject, target_far=target_far, score=open_score)
+
+    def check(self, **levels: Any) -> "CheckReport":
+        """What would make this catalogue answer wrongly: the same photo under two articles,
+        near duplicates, likely mislabels, articles the model cannot tell apart, single-photo
+        articles (:func:`fewshot.catalogue.check.check_catalogue`; ``levels``: its options).
+
+        Raises:
+            DataError: a level out of range."""
+        return check_catalogue(self.index, **levels)
 
     def search(self, images: Sequence[ImageLike], k: int = 5) -> list[list[Neighbor]]:
         """The ``k`` nearest catalogue images of each image (``.path``, ``.label``, ``.group``,
