@@ -187,7 +187,7 @@ def score_histogram(edges: Sequence[float], known: Sequence[int], absent: Sequen
     import numpy as np
 
     e = np.asarray(edges, float)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for counts, label, colour in ((known, "known articles", "#1a9850"), (absent, "absent articles", "#d73027")):
         c = np.asarray(counts, float)
         ax.stairs(c / max(c.sum(), 1.0), e, fill=True, alpha=0.45, color=colour, label=f"{label} ({int(c.sum())})")

@@ -126,6 +126,6 @@ def write_open_set_plots(section: dict, out: Path, title: str = "") -> list[Path
     t = h["threshold"]
     hist = score_histogram(h["edges"], h["known"], h["absent"], out / "open_set_scores.png", threshold=t["mean"],
                            threshold_range=(t["min"], t["max"]), xlabel=f"{h['score']} score",
-                           title=f"{head}{h['score']} score of query photos (photo x draw, pooled over {p['draws']} draws)\n"
-                                 "line: mean calibrated threshold; shaded: its min-max over the draws")
+                           title=(f"{title}\n" if title else "") + f"{h['score']} score of query photos, pooled over "
+                                 f"{p['draws']} draws\nline: mean calibrated threshold; shaded: its min-max over the draws")
     return [roc, oscr, hist]
