@@ -9,7 +9,8 @@ Usage (from the repository root, in the project's environment)::
 
 Parts (in run order): embed, metrics, search, training, quality, scaling, finetune (which reads
 ``docs/results/finetune/results.json`` from ``bench/quality_finetune.py`` rather than training), scale
-(which reads ``docs/results/scale/results.json`` from ``bench/scale_index.py``). Every measurement
+(which reads ``docs/results/scale/results.json`` from ``bench/scale_index.py``), openset (the frozen row
+measured again, with the rows of ``bench/openset.py --model RUN`` from ``docs/results/openset``). Every measurement
 is seeded (seed 0) and the raw numbers go to ``OUT/bench/results.json``; ``--only`` merges
 into the results already there, so the Markdown always shows every part. A part that fails
 is reported in the document (with the error) and the others still run. Run it on a quiet
@@ -34,16 +35,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import (embed_throughput, metrics_speed, quality, quality_finetune, scale_index, scaling, search_latency,
-                   training_cost)
+from bench import (embed_throughput, metrics_speed, openset, quality, quality_finetune, scale_index, scaling,
+                   search_latency, training_cost)
 from bench.common import Context, fmt, fmt_bytes, fmt_s, machine, set_threads, table, verdict, write_json
 
 PARTS = {"embed": embed_throughput, "metrics": metrics_speed, "search": search_latency,
          "training": training_cost, "quality": quality, "scaling": scaling, "finetune": quality_finetune,
-         "scale": scale_index}
+         "scale": scale_index, "openset": openset}
 TITLES = {"embed": "1. Embedding throughput: ONNX Runtime vs torch", "metrics": "2. Retrieval metrics", "search": "3. Search latency",
           "training": "4. Training cost", "quality": "5. Quality on unseen classes", "scaling": "6. Scaling",
-          "finetune": "7. Fine-tuning the feature extractor", "scale": "8. Scale"}
+          "finetune": "7. Fine-tuning the feature extractor", "scale": "8. Scale",
+          "openset": "9. Open set"}
 
 
 def summary(results: dict, meta: dict) -> str:
@@ -95,6 +97,7 @@ def summary(results: dict, meta: dict) -> str:
                      f"{fmt(r['slopes']['metrics'], 2)} / {fmt(r['slopes']['bare_b1'], 2)}", "-"])
     rows += _finetune_rows(results.get("finetune", {}))
     rows += scale_index.goal_rows(results.get("scale", {}))
+    rows += openset.goal_rows(results.get("openset", {}))
     return table(["goal", "target", "measured", "verdict"], rows) if rows else "(no results)"
 
 

@@ -33,7 +33,7 @@ from .data.records import Dataset
 from .model import EmbeddingModel
 from .data.protocol import ALL_SPLITS, leave_one_out_protocol, load_data, split_protocol_sets
 from .embed.options import EmbedOptions
-from .evaluation import EvalConfig, evaluate_sets
+from .evaluation import EvalConfig, check_open_set, evaluate_sets
 
 __all__ = ["load_dataset", "create_backbone", "load_model", "Catalogue", "evaluate", "train", "ImageLike"]
 
@@ -89,12 +89,19 @@ def load_model(run_dir: str | Path, *, tta: str = "none") -> EmbeddingModel:
 
 def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: str | Path | None = None,
              part: str = "test", episodes: int = 1000, seed: int = 0, runtime: str = "auto",
-             out: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+             out: str | Path | None = None, overwrite: bool = False, open_set: bool = False,
+             open_set_draws: int = 20, target_far: float = 0.05) -> dict[str, Any]:
     """Retrieval metrics (mAP, MAP@R, P@1, Recall@k, per group) and N-way K-shot accuracy.
 
     Without ``split_file``: leave-one-out within ``dataset``. With it: the classes of ``part``,
     queries against their gallery (:func:`fewshot.data.protocol_sets`). ``out``: also write
     ``metrics.json``, ``report.md`` and the PNGs there.
+
+    ``open_set=True`` (needs ``split_file``) adds the ``open_set`` section
+    (:func:`fewshot.evaluation.openset.evaluate_open_set`): the articles of ``part`` halved at
+    random ``open_set_draws`` times (seeded by ``seed``) into known ones, in the catalogue, and
+    absent ones; AUROC and FPR@95TPR of each open-set score, and what the threshold calibrated
+    for ``target_far`` does (false accepts, known photos accepted and right, brand fallback).
 
     Returns:
         the metrics record (the dict ``metrics.json`` holds).
@@ -103,16 +110,20 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
         DataError: data that cannot give a meaningful number (one class, one image per class).
         TypeError: ``model`` is not a model, ``dataset`` not a :class:`Dataset` (a path says
             how to load it), ``episodes`` / ``seed`` not integers, paths that are not paths.
-        ValueError: ``episodes < 1``, ``seed < 0``. All checked before anything is embedded.
+        ValueError: ``episodes < 1``, ``seed < 0``, ``open_set_draws < 1``, ``open_set`` without
+            ``split_file``, ``target_far`` outside (0, 1). All checked before anything is embedded.
     """
     from .data.splits import ClassSplit
 
     model, dataset = as_model(model), as_dataset(dataset)
     episodes, seed = positive_int(episodes, "episodes"), positive_int(seed, "seed", minimum=0)
+    open_set_draws = positive_int(open_set_draws, "open_set_draws")
     split_file = as_path(split_file, "split_file") if split_file is not None else None
     out = as_path(out, "out") if out is not None else None
     cfg = EvalConfig(data=str(dataset.root or dataset.name), split_file=str(split_file) if split_file else None,
-                     part=part, seed=seed, episodes=episodes, embed=EmbedOptions(runtime=runtime, progress=False))
+                     part=part, seed=seed, episodes=episodes, open_set=bool(open_set), open_set_draws=open_set_draws,
+                     target_far=target_far, embed=EmbedOptions(runtime=runtime, progress=False))
+    check_open_set(cfg)
     if split_file is None:
         return evaluate_sets(cfg, dataset, None, leave_one_out_protocol(dataset), out, model, overwrite=overwrite)
     queries, gallery, protocol = split_protocol_sets(dataset, ClassSplit.load(split_file), split_file, part)

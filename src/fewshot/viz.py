@@ -167,3 +167,57 @@ def image_rows(rows: Sequence[tuple[str, Sequence[str | Path]]], out: str | Path
         fig.suptitle(title, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.97 if title else 1))
     return _save(fig, out)
+
+
+def rate_curves(fpr_grid: Sequence[float], curves: dict[str, Sequence[float]], out: str | Path, *, ylabel: str,
+                title: str = "", points: dict[str, tuple[float, float]] | None = None,
+                highlight: str | None = None) -> Path:
+    """Curves of a rate against the false-accept rate (ROC, OSCR) as a PNG, one line per name;
+    ``points``: a marked operating point ``(fpr, rate)`` per name; ``highlight``: drawn thicker.
+
+    Args:
+        fpr_grid: the false-accept rates ``[T]`` every curve is given at.
+        curves: name -> rates ``[T]``.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 5))
+    cmap = plt.get_cmap("tab10")
+    for i, (name, ys) in enumerate(curves.items()):
+        colour = cmap(i % 10)
+        ax.plot(fpr_grid, ys, color=colour, lw=2.6 if name == highlight else 1.4, label=name)
+        if points and name in points:
+            x, y = points[name]
+            ax.plot([x], [y], marker="o", ms=7, color=colour, markeredgecolor="black")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("false-accept rate (absent-article photos accepted)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def score_histogram(edges: Sequence[float], known: Sequence[int], absent: Sequence[int], out: str | Path, *,
+                    threshold: float | None = None, threshold_range: tuple[float, float] | None = None,
+                    xlabel: str = "score", title: str = "") -> Path:
+    """Histograms of the scores of known and absent photos (counts on shared bins ``edges``
+    ``[B + 1]``, ``known`` / ``absent`` ``[B]``) as a PNG, each scaled to its own total, with the
+    ``threshold`` as a line and ``threshold_range`` (e.g. its min and max over draws) shaded."""
+    import numpy as np
+
+    e = np.asarray(edges, float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for counts, label, colour in ((known, "known articles", "#1a9850"), (absent, "absent articles", "#d73027")):
+        c = np.asarray(counts, float)
+        ax.stairs(c / max(c.sum(), 1.0), e, fill=True, alpha=0.45, color=colour, label=f"{label} ({int(c.sum())})")
+    if threshold_range is not None:
+        ax.axvspan(*threshold_range, color="grey", alpha=0.2, label="threshold range")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", lw=1.5, label=f"calibrated threshold {threshold:.3f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("share of photos")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)

@@ -32,27 +32,39 @@ def evaluate(
     data: str = DataOpt,
     split: Optional[str] = typer.Option(None, "--split", help=_split_help("test") + " With --split-file: the class part (train|val|test; default test)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Class-disjoint protocol JSON (e.g. splits/grocery-unseen.json)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for episodes and the retrieval grid."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for episodes, the retrieval grid and the --open-set draws."),
     episodes: int = typer.Option(1000, "--episodes", min=1, help="Episodes per N-way K-shot setting (a 95% CI is reported from 30)."),
     queries: int = typer.Option(5, "--queries", min=1, help="Query images per class in each episode."),
     group_from: Optional[str] = GroupFromOpt,
     layout: str = LayoutOpt,
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, report.md, retrieval_grid.png."),
     overwrite: bool = OverwriteOpt,
+    open_set: bool = typer.Option(False, "--open-set", help="Also measure the reject option (needs --split-file): the part's articles halved at random into known (in the catalogue) and absent ones; AUROC and FPR@95TPR of each open-set score, the false accepts at the calibrated threshold, brand fallback; roc.png, oscr.png, open_set_scores.png."),
+    open_set_draws: int = typer.Option(20, "--open-set-draws", min=1, help="With --open-set: random halvings of the articles (seeded by --seed); figures are averaged over them."),
+    target_far: float = typer.Option(0.05, "--target-far", help="With --open-set: the false-accept rate the reject thresholds are calibrated for, as `fewshot classify --reject auto --target-far`."),
     *, emb: "EmbedOptions",
 ) -> None:
-    """Retrieval mAP / MAP@R / P@1 / Recall@k and episodic accuracy of a backbone or trained run."""
-    from ..evaluation import EvalConfig, evaluate as run_evaluate
+    """Retrieval mAP / MAP@R / P@1 / Recall@k and episodic accuracy of a backbone or trained run
+    (with --open-set: how well it tells photos of catalogue articles from photos of absent ones)."""
+    from ..evaluation import EvalConfig, check_open_set, evaluate as run_evaluate
 
     cfg = EvalConfig(data=data, split=split, split_file=str(split_file) if split_file else None,
                      part=split or "test", group_from=group_from, layout=layout, seed=seed, episodes=episodes,
-                     n_query=queries, embed=emb)
+                     n_query=queries, open_set=open_set, open_set_draws=open_set_draws, target_far=target_far,
+                     embed=emb)
+    check_open_set(cfg)
     metrics = run_evaluate(cfg, out, overwrite=overwrite)
     typer.echo(f"mAP {metrics['map']:.4f}  MAP@R {metrics['map_at_r']:.4f}  P@1 {metrics['precision_at_1']:.4f}  "
                f"R@5 {metrics['recall_at_k']['5']:.4f}  queries {metrics['num_queries']} "
                f"(skipped {metrics['num_skipped_queries']})")
     echo_episodes(metrics["episodes"])
-    typer.echo(f"wrote {one_line(out)}/metrics.json, report.md, retrieval_grid.png, embedding_map.png")
+    if "open_set" in metrics:
+        from ..evaluation.openset_report import OPEN_SET_FILES, summary_lines
+
+        for line in summary_lines(metrics["open_set"]):
+            typer.echo(line)
+    typer.echo(f"wrote {one_line(out)}/metrics.json, report.md, retrieval_grid.png, embedding_map.png"
+               + ("".join(f", {f}" for f in OPEN_SET_FILES) if "open_set" in metrics else ""))
 
 
 @app.command("index")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..metrics import MIN_EPISODES_FOR_CI
+from .openset_report import render_open_set
 
 __all__ = ["render_report"]
 
@@ -27,7 +28,7 @@ def _runtime_note(runtimes: list[dict] | None) -> str:
 
 
 def render_report(metrics: dict) -> str:
-    """A Markdown report: headline table, episodic accuracy, per-group table."""
+    """A Markdown report: headline table, episodic accuracy, per-group table, the open-set section."""
     c = metrics["config"]
     lines = [f"# Evaluation: {c['model']['method']} on {c['dataset']}", "",
              f"- model: `{c['model']['backbone']['name']}` at {c['image_size']} px"
@@ -56,4 +57,6 @@ def render_report(metrics: dict) -> str:
         for grp, v in sorted(metrics["per_group"].items()):
             lines.append(f"| {grp} | {v.get('num_queries', '')} | {_fmt(v['map'])} | {_fmt(v['map_at_r'])} | "
                          f"{_fmt(v['precision_at_1'])} |")
+    if metrics.get("open_set"):
+        lines += render_open_set(metrics["open_set"])
     return "\n".join(lines) + "\n"

@@ -20,13 +20,16 @@ from ..data.protocol import (check_evaluable, data_protection, leave_one_out_pro
 from ..data.records import Dataset
 from ..embed import Embeddings
 from ..embed.options import EmbedOptions
-from ..errors import DataError
+from ..errors import DataError, InputError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from ..methods.from_options import model_from_options
 from ..metrics import episodic_accuracy, nearest_neighbors, retrieval_metrics
 from ..model import EmbeddingModel
 from ..version import environment
 from ..viz import embedding_map, retrieval_grid
+from ..catalogue.reject import check_target_far
+from .openset import DEFAULT_DRAWS, evaluate_open_set
+from .openset_report import OPEN_SET_FILES, write_open_set_plots
 from .report import render_report
 
 log = logging.getLogger("fewshot")
@@ -37,11 +40,13 @@ __all__ = [
     "EPISODE_SETTINGS",
     "EVALUATION_FILES",
     "EvalConfig",
+    "check_open_set",
     "episode_metrics",
     "evaluate",
     "evaluate_sets",
     "evaluation_sets",
     "is_evaluation_dir",
+    "open_set_metrics",
     "warn_single_image_classes",
     "write_evaluation",
 ]
@@ -59,6 +64,9 @@ class EvalConfig:
         split_file / part: a class-disjoint protocol (:mod:`fewshot.data.protocol`); queries
             and gallery then follow its cross-visit rule for the classes of ``part``.
         episodes, n_query: episodic evaluation size (``n_query`` queries per class).
+        open_set, open_set_draws, target_far: also run the open-set protocol
+            (:mod:`.openset`; needs ``split_file``): ``open_set_draws`` random halvings of the
+            part's articles (seeded by ``seed``), thresholds calibrated for ``target_far``.
     """
 
     data: str
@@ -72,6 +80,9 @@ class EvalConfig:
     episodes: int = 1000
     n_query: int = 5
     grid_queries: int = 8
+    open_set: bool = False
+    open_set_draws: int = DEFAULT_DRAWS
+    target_far: float = 0.05
     embed: EmbedOptions = field(default_factory=EmbedOptions)
 
 
@@ -94,7 +105,24 @@ def is_evaluation_dir(path: Path) -> bool:
         return False
 
 
-EVALUATION_FILES = frozenset({"metrics.json", "report.md", "retrieval_grid.png", "embedding_map.png"})
+EVALUATION_FILES = frozenset({"metrics.json", "report.md", "retrieval_grid.png", "embedding_map.png", *OPEN_SET_FILES})
+
+
+def check_open_set(cfg: EvalConfig) -> None:
+    """Refuse ``open_set`` without a class-disjoint split (it halves the articles of a part), or
+    with a ``target_far`` that is not a rate, before anything is loaded or embedded.
+
+    Raises:
+        InputError: naming ``open_set`` and ``split_file``, or ``target_far``.
+    """
+    if not cfg.open_set:
+        return
+    check_target_far(cfg.target_far)
+    if not cfg.split_file:
+        raise InputError("open_set=True needs a class-disjoint split: the articles of one of its parts are halved "
+                         "into known and absent ones, and split_file is not given",
+                         hint="add split_file (e.g. splits/grocery-unseen.json; `fewshot split` makes one for "
+                              "your data), or leave out open_set", options=("open_set", "split_file"))
 
 
 def evaluate(cfg: EvalConfig, out: str | Path | None = None,
@@ -117,6 +145,7 @@ def evaluate(cfg: EvalConfig, out: str | Path | None = None,
         DataError: the data cannot give a meaningful result (:func:`check_evaluable`), or
             ``out`` is not a place this command may write.
     """
+    check_open_set(cfg)
     queries, gallery, protocol = evaluation_sets(cfg)
     return evaluate_sets(cfg, queries, gallery, protocol, out, model, overwrite=overwrite)
 
@@ -126,6 +155,10 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
                   overwrite: bool = False) -> dict:
     """:func:`evaluate` on query and gallery sets already chosen (``gallery`` ``None`` =
     leave-one-out within ``queries``); ``protocol`` describes how, for ``metrics.json``."""
+    check_open_set(cfg)
+    if cfg.open_set and gallery is None:
+        raise InputError("open_set=True needs query and gallery sets of a class-disjoint split, not leave-one-out",
+                         hint="pass split_file", options=("open_set", "split_file"))
     name = f"{cfg.data}" + (f" ({protocol['part']} classes)" if gallery is not None else "")
     check_evaluable(queries.labels, gallery.labels if gallery is not None else None, name)
     if out is not None:
@@ -141,12 +174,14 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
     if report.num_skipped_queries:
         warn_single_image_classes(q, g)
     metrics["episodes"] = episode_metrics(cfg, model, q, g)
+    if cfg.open_set and g is not None:
+        metrics["open_set"] = open_set_metrics(cfg, protocol, q, g)
     skipped = [(str(p), r) for p, r in q.skipped + (g.skipped if g else [])]
     metrics["config"] = {
         "data": str(cfg.data), "dataset": queries.name,
         "split": protocol.get("split") if not cfg.split_file else None,
         "protocol": protocol, "model": model.describe(), "image_size": model.backbone.image_size,
-        "seed": cfg.seed, "episodes": cfg.episodes, "n_query": cfg.n_query,
+        "seed": cfg.seed, "episodes": cfg.episodes, "n_query": cfg.n_query, "open_set": cfg.open_set,
         "similarity": "cosine", "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
         "skipped_images": skipped, **environment()}
     if out is not None:
@@ -175,6 +210,16 @@ def episode_metrics(cfg: EvalConfig, model: EmbeddingModel, q: Embeddings, g: Em
     return episodes
 
 
+def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddings) -> dict:
+    """The ``open_set`` section: :func:`evaluate_open_set` on the part's articles, in the split
+    file's order (the draws depend on it)."""
+    from ..data.splits import ClassSplit
+
+    classes = ClassSplit.load(protocol["split_file"]).classes_of(protocol["part"])
+    return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups, classes,
+                             draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far)
+
+
 def warn_single_image_classes(q: Embeddings, g: Embeddings | None) -> list[str]:
     """Log once which classes cannot be retrieval queries (no other image of the class to find)."""
     from collections import Counter
@@ -199,6 +244,9 @@ def write_evaluation(metrics: dict, q: Embeddings, g: Embeddings | None, out: Pa
         _write_grid(metrics, q, g, tmp, cfg)
         embedding_map(q.vectors, q.labels, q.groups, tmp / "embedding_map.png", seed=cfg.seed,
                       title=f"{metrics['config']['model']['method']} - {metrics['config']['dataset']}: query embeddings")
+        if "open_set" in metrics:
+            write_open_set_plots(metrics["open_set"], tmp,
+                                 f"{metrics['config']['model']['method']} - {metrics['config']['dataset']}")
 
 
 def _write_grid(metrics: dict, q: Embeddings, g: Embeddings | None, out: Path, cfg: EvalConfig) -> None:
