@@ -66,6 +66,19 @@ def test_auto_is_cached_until_the_catalogue_changes():
     assert again.calibration is not first.calibration and again.calibration.num_present == first.calibration.num_present + 2
 
 
+def test_many_targets_reuse_the_scores_and_keep_few_thresholds(monkeypatch):
+    import fewshot.catalogue.reject as reject
+
+    index = _index(8)
+    calls = []
+    real = reject.calibration_scores
+    monkeypatch.setattr(reject, "calibration_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cals = [Rejector.for_index(index, "auto", target_far=f).calibration for f in np.linspace(0.01, 0.5, 30)]
+    assert len(calls) == 1  # the scores are made once; each target is a sort
+    assert [c.threshold for c in cals] == sorted((c.threshold for c in cals), reverse=True)
+    assert sum(k[0] == "calibration" for k in index.derived) == reject.MAX_CACHED
+
+
 def test_a_catalogue_too_small_falls_back_to_none_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="fewshot"):
         r = Rejector.for_index(_index(4), "auto")
@@ -111,5 +124,15 @@ def test_the_calibration_is_stored_with_the_index_and_read_back(tmp_path: Path):
     (folder / "calibration.json").write_text('{"calibrated": true, "threshold": "high"}')
     again = load_index(folder)
     assert not again.derived and Rejector.for_index(again).calibration == fresh  # a bad record: computed
+    for edit in ('"threshold": 0.9', '"threshold": NaN', '"brand_threshold": "x"'):  # edited by hand: not trusted
+        good = dict(record)
+        text = json.dumps(good).replace(f'"threshold": {record["threshold"]}', edit.split(",")[0], 1) \
+            if "brand" not in edit else json.dumps({**good, "brand_threshold": "x"})
+        (folder / "calibration.json").write_text(text)
+        edited = load_index(folder)
+        assert not edited.derived and Rejector.for_index(edited).calibration == fresh, edit
+    other = save_index(_index(9), tmp_path / "other")  # another index's record, copied in: not trusted
+    (folder / "calibration.json").write_bytes((other / "calibration.json").read_bytes())
+    assert not load_index(folder).derived
     small = save_index(_index(4), tmp_path / "small")
     assert json.loads((small / "calibration.json").read_text())["calibrated"] is False

@@ -72,6 +72,15 @@ def test_a_clean_catalogue_gives_nothing_and_the_default_out_is_beside_the_index
     assert "wrote " in r.output and "clean-check/check.json" in r.output
 
 
+def test_the_default_out_of_index_dot_is_beside_it(catalogues, tmp_path: Path, monkeypatch):
+    import shutil
+
+    shutil.copytree(catalogues.clean, tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")
+    run("check", "--index", ".")
+    assert json.loads((tmp_path / "here-check" / "check.json").read_text())["findings"] == []
+
+
 def test_check_refuses_what_it_may_not_write_or_read(catalogues, tmp_path: Path):
     foreign = tmp_path / "notes"
     foreign.mkdir()

@@ -70,3 +70,5 @@ def test_classify_prints_one_line_per_image(drawn_tree, tmp_path):
     assert [len(line.split("\t")) for line in r.stdout.splitlines()] == [3, 3]
     r = runner.invoke(app, args[:-1] + ["--reject", "maybe"])
     assert r.exit_code != 0 and "--reject" in r.stderr and "not auto, none or a score" in r.stderr
+    r = runner.invoke(app, args[:-1] + ["--open-score", "energy"])
+    assert r.exit_code != 0 and "--open-score" in r.stderr and "relative" in r.stderr

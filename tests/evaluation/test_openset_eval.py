@@ -194,6 +194,10 @@ def test_the_cli_refuses_open_set_without_a_split_file(tmp_path):
     assert r.exit_code == 1
     assert "--open-set needs a class-disjoint split" in r.output and "--split-file" in r.output
     assert not (tmp_path / "ev").exists()
+    for extra in (["--target-far", "0.1"], ["--open-set-draws", "5"]):  # open-set options without --open-set
+        r = CliRunner().invoke(app, ["evaluate", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "ev"),
+                                     *extra])
+        assert r.exit_code == 1 and f"{extra[0]} only apply" in r.output and "--open-set" in r.output
 
 
 def _drawn_manifest(root):

@@ -248,10 +248,13 @@ def test_classify_answers_unknown_below_the_threshold(client, catalogue) -> None
     assert none["answer"]["article"] == "Granny-Smith" and none["answer"]["threshold"] is None
     stricter = client.post("/classify", params={"target_far": 0.01}, files={"file": query}).json()
     assert stricter["reject"]["threshold"] >= reject["threshold"]
+    cosine = client.post("/classify", params={"open_score": "cosine"}, files={"file": query}).json()
+    assert cosine["answer"]["open_score"] == "cosine" and cosine["answer"]["score"] == pytest.approx(top[0], abs=1e-5)
 
 
 @pytest.mark.parametrize("params,fragment", [
     ({"reject": "maybe"}, "reject"), ({"target_far": 0}, "target_far"), ({"target_far": 1.5}, "target_far"),
+    ({"open_score": "energy"}, "open_score"),
 ])
 def test_classify_bad_reject(client, catalogue, params, fragment) -> None:
     resp = client.post("/classify", params=params, files={"file": photo(catalogue.test["Lemon"][0])})

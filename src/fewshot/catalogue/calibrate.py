@@ -34,7 +34,7 @@ from ..index.vectors import l2_normalize
 from ..metrics.openset import threshold_for_far
 from .scores import DEFAULT_SCORE, brand_scores, open_scores, top_scores
 
-__all__ = ["Calibration", "CalibrationScores", "calibrate", "calibration_scores", "MIN_ARTICLES", "MIN_BRANDS",
+__all__ = ["Calibration", "CalibrationScores", "calibrate", "calibration_from", "calibration_scores", "MIN_ARTICLES", "MIN_BRANDS",
            "MAX_PHOTOS", "HISTOGRAM_BINS"]
 
 #: the fewest articles (or brands, with ``by="group"``) a catalogue needs to be calibrated
@@ -96,7 +96,7 @@ class Calibration:
     def summary(self) -> str:
         """One line: the score, the threshold, its target and what it accepts."""
         brand = "" if self.brand_threshold is None else f"; brand threshold {self.brand_threshold:.4f}"
-        return (f"{self.score} score >= {self.threshold:.4f} (calibrated for {self.target_far:.0%} false accepts "
+        return (f"{self.score} score >= {self.threshold:.4f} (calibrated for {self.target_far * 100:g}% false accepts "
                 f"on {self.num_absent} photos of left-out articles; accepts {self.present_accepted:.0%} of "
                 f"{self.num_present} catalogue photos{brand})")
 
@@ -213,6 +213,17 @@ def calibrate(index: CatalogueIndex, target_far: float = 0.05, *, score: str = D
         InputError: ``target_far`` outside ``[0, 1)``; an unknown ``score``.
     """
     s = calibration_scores(index, score=score, by=by, max_photos=max_photos, seed=seed)
+    return calibration_from(s, target_far, score=score, by=by, seed=seed)
+
+
+def calibration_from(s: CalibrationScores, target_far: float, *, score: str = DEFAULT_SCORE, by: str = "article",
+                     seed: int = 0) -> Calibration:
+    """The thresholds for ``target_far`` from scores :func:`calibration_scores` made (cheap: a
+    sort; the scores do not depend on the target).
+
+    Raises:
+        DataError: no present score (no article with two photos). InputError: a bad ``target_far``.
+    """
     if not len(s.present):
         raise DataError("no article of the catalogue has two photos: nothing to calibrate the present scores on",
                         hint="add a second photo to some articles, or classify without a reject threshold")

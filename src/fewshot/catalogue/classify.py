@@ -11,7 +11,7 @@ classify``); :func:`classification_accuracy` scores results against known labels
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -72,7 +72,8 @@ def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Seque
     the result is flagged ``in_catalogue``; either way ``same_images`` lists them. With a
     ``rejector`` each result gets an ``answer`` (:mod:`fewshot.catalogue.reject`): "unknown" when
     the open-set score of its best prototypes is under the threshold (in ``nearest`` mode too:
-    whether a photo shows a catalogue article is judged on the prototypes, where it was calibrated).
+    whether a photo shows a catalogue article is judged on the prototypes, where it was calibrated,
+    and the answer is the best prototype's article, which the nearest-image ranking may put lower).
 
     Raises:
         ValueError / TypeError: a bad ``top_k`` or ``mode`` (:func:`fewshot.index.check_classify`).
@@ -85,9 +86,7 @@ def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Seque
     said: list[Answer | None] = [None] * len(preds)
     if rejector is not None and len(preds):
         scored = preds if mode == "prototype" else index.classify(vectors, SCORE_DEPTH, "prototype", exclude)
-        said = list(answers(rejector, scored))
-        if mode != "prototype":  # the article is nearest mode's best; the decision the prototypes'
-            said = [a if a.unknown else replace(a, article=p[0].label) for a, p in zip(said, preds)]
+        said = list(answers(rejector, scored))  # nearest mode too: the prototype's article, which the score vouches for
     return [ClassifyResult(name, pred[:top_k], None, in_catalogue=leave_one_out and bool(same),
                            left_out=[index.labels[j] for j in same] if leave_one_out else [], same_images=same,
                            answer=a)

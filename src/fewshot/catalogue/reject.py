@@ -12,6 +12,7 @@ predictions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,11 +24,11 @@ import numpy as np
 
 from ..errors import DataError, InputError
 from ..index import CatalogueIndex, Prediction
-from .calibrate import Calibration, calibrate
+from .calibrate import Calibration, calibration_from, calibration_scores
 from .scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, brand_scores, open_scores
 
 __all__ = ["Answer", "Rejector", "answers", "parse_reject", "prediction_arrays", "DEFAULT_TARGET_FAR",
-           "CALIBRATION_FILE", "SCORE_DEPTH", "UNKNOWN", "read_calibration", "write_calibration", "cached_calibration", "check_target_far"]
+           "CALIBRATION_FILE", "SCORE_DEPTH", "UNKNOWN", "read_calibration", "write_calibration", "cached_calibration", "check_score_name", "check_target_far"]
 
 log = logging.getLogger("fewshot")
 
@@ -49,9 +50,28 @@ def parse_reject(value: object) -> str | float:
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number):
-        raise InputError(f"reject={value!r} is not auto, none or a score", hint="use reject='auto', 'none' or e.g. 0.4",
+        raise InputError(f"reject={_short(value)} is not auto, none or a score", hint="use reject='auto', 'none' or e.g. 0.4",
                          options=("reject",))
     return number
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to 40 characters (a value is echoed in an error, not a document)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_score_name(score: object) -> str:
+    """An open-set score's name.
+
+    Raises:
+        InputError: not a registered score (option ``open_score``; the hint lists them).
+    """
+    if not isinstance(score, str) or score not in OPEN_SCORES:
+        raise InputError(f"open_score={_short(score)} is not an open-set score",
+                         hint=f"use one of {', '.join(sorted(OPEN_SCORES._entries))} (default {DEFAULT_SCORE})",
+                         options=("open_score",))
+    return score
 
 
 def check_target_far(value: object) -> float:
@@ -65,7 +85,7 @@ def check_target_far(value: object) -> float:
     except (TypeError, ValueError):
         far = math.nan
     if isinstance(value, bool) or not 0.0 < far < 1.0:
-        raise InputError(f"target_far={value!r} is not a rate in (0, 1)", hint="use e.g. target_far=0.05 for 5%",
+        raise InputError(f"target_far={_short(value)} is not a rate in (0, 1)", hint="use e.g. target_far=0.05 for 5%",
                          options=("target_far",))
     return far
 
@@ -123,7 +143,7 @@ class Rejector:
             InputError: a bad ``reject``, ``target_far`` or ``score``.
         """
         reject, far = parse_reject(reject), check_target_far(target_far)
-        OPEN_SCORES.get(score)
+        check_score_name(score)
         if reject == "none":
             return cls(score)
         if reject != "auto":
@@ -144,26 +164,53 @@ class Rejector:
                 "brand_threshold": cal.brand_threshold if cal else None}
 
 
+#: calibrations kept per index (one per score and target asked for; the oldest goes first)
+MAX_CACHED = 8
+
+
 def cached_calibration(index: CatalogueIndex, target_far: float, score: str) -> Calibration:
-    """:func:`calibrate` of ``index``, kept in ``index.derived`` until the index changes."""
+    """:func:`calibrate` of ``index``, kept in ``index.derived`` until the index changes: the
+    calibration scores once per open-set score (the costly part), the thresholds per target (a
+    sort), at most :data:`MAX_CACHED` of them."""
     key = ("calibration", score, target_far)
-    if key not in index.derived:
-        index.derived[key] = calibrate(index, target_far, score=score)
-    return index.derived[key]
+    if key in index.derived:
+        return index.derived[key]
+    scores_key = ("calibration scores", score)
+    if scores_key not in index.derived:
+        index.derived[scores_key] = calibration_scores(index, score=score)
+    cal = calibration_from(index.derived[scores_key], target_far, score=score)
+    kept = [k for k in index.derived if k[0] == "calibration"]
+    for old in kept[: max(0, len(kept) + 1 - MAX_CACHED)]:
+        del index.derived[old]
+    index.derived[key] = cal
+    return cal
 
 
 #: the file of an index folder that records its calibration (for the default score and target)
 CALIBRATION_FILE = "calibration.json"
+#: a larger calibration file is not read (the record is a few kB)
+MAX_CALIBRATION_BYTES = 1 << 20
+
+
+def _digest(index: CatalogueIndex, record: dict) -> str:
+    """SHA-256 of a calibration record and of the index it was made for (its articles and the
+    sums of their vectors): a record edited by hand, or copied from another index, does not match."""
+    h = hashlib.sha256(json.dumps(record, sort_keys=True).encode())
+    h.update(json.dumps([len(index.labels), index.articles]).encode())
+    h.update(np.ascontiguousarray(index.prototype_sums(0, len(index.articles))).tobytes())
+    return h.hexdigest()
 
 
 def write_calibration(index: CatalogueIndex, folder: Path) -> dict:
     """Calibrate ``index`` for the default score and target (:func:`cached_calibration`) and
     record it in ``folder/calibration.json``: the thresholds and the score histograms, or why
-    the catalogue cannot be calibrated. Returns the record."""
+    the catalogue cannot be calibrated, with the digest :func:`read_calibration` checks.
+    Returns the record."""
     try:
         record = {"calibrated": True, **cached_calibration(index, DEFAULT_TARGET_FAR, DEFAULT_SCORE).as_dict()}
     except DataError as e:
         record = {"calibrated": False, "reason": e.message, "score": DEFAULT_SCORE, "target_far": DEFAULT_TARGET_FAR}
+    record["digest"] = _digest(index, record)
     (folder / CALIBRATION_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return record
 
@@ -171,14 +218,17 @@ def write_calibration(index: CatalogueIndex, folder: Path) -> dict:
 def read_calibration(index: CatalogueIndex, folder: Path) -> Calibration | None:
     """The calibration recorded in ``folder/calibration.json`` for ``index`` as saved there, kept
     in ``index.derived`` (so a loaded catalogue does not calibrate again until it changes);
-    ``None`` when there is none or it cannot be read (it is then computed when needed)."""
+    ``None`` when there is none, it cannot be read, or its digest does not match this index and
+    record (edited by hand, copied from another index): it is then computed when needed."""
     try:
-        record = json.loads((folder / CALIBRATION_FILE).read_text(encoding="utf-8"))
-        if not record.pop("calibrated"):
+        file = folder / CALIBRATION_FILE
+        if file.stat().st_size > MAX_CALIBRATION_BYTES:
+            return None
+        record = json.loads(file.read_text(encoding="utf-8"))
+        digest = record.pop("digest")
+        if digest != _digest(index, record) or not record.pop("calibrated"):
             return None
         cal = Calibration(**{f.name: record[f.name] for f in fields(Calibration) if f.name in record})
-        if not (isinstance(cal.threshold, float) and isinstance(cal.target_far, float) and cal.score in OPEN_SCORES):
-            return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     index.derived[("calibration", cal.score, cal.target_far)] = cal

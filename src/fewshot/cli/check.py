@@ -34,7 +34,8 @@ def check_cmd(
     """
     from ..catalogue.check_report import check_index, summary_lines
 
-    out = out if out is not None else index.with_name(index.name + "-check")
+    where = index.resolve()  # `--index .` has no name of its own
+    out = out if out is not None else where.parent / f"{where.name or 'index'}-check"
     report, doc = check_index(index, out, overwrite=overwrite, max_figures=max_figures,
                               duplicate_cosine=duplicate_cosine, mislabel_margin=mislabel_margin,
                               confusable_cosine=confusable_cosine, confusable_share=confusable_share,

@@ -113,9 +113,15 @@ def check_open_set(cfg: EvalConfig) -> None:
     with a ``target_far`` that is not a rate, before anything is loaded or embedded.
 
     Raises:
-        InputError: naming ``open_set`` and ``split_file``, or ``target_far``.
+        InputError: naming ``open_set`` and ``split_file``, or ``target_far``; ``open_set_draws``
+            or ``target_far`` given without ``open_set``.
     """
     if not cfg.open_set:
+        changed = [name for name, default in (("open_set_draws", DEFAULT_DRAWS), ("target_far", 0.05))
+                   if getattr(cfg, name) != default]
+        if changed:
+            raise InputError(f"{' and '.join(changed)} only apply to the open-set protocol, and open_set is off",
+                             hint="add open_set=True, or leave them out", options=(*changed, "open_set"))
         return
     check_target_far(cfg.target_far)
     if not cfg.split_file:

@@ -231,11 +231,14 @@ def _router(service: Service) -> APIRouter:
         reject: str = Query("auto", max_length=32,
                             description="auto: answer 'unknown' below the threshold calibrated on the catalogue "
                                         "for target_far; none: always the best article; a number: that threshold "
-                                        "on the relative score."),
+                                        "on open_score."),
         target_far: float = Query(0.05, gt=0, lt=1, description="With reject=auto: the false-accept rate the "
                                                                  "threshold is calibrated for."),
+        open_score: str = Query("relative", max_length=32,
+                                description="The open-set score the threshold applies to: relative (best minus "
+                                            "half the second best cosine), cosine, margin or softmax."),
     ) -> dict:
-        return service.classify(file, top_k, mode, neighbors, reject, target_far)
+        return service.classify(file, top_k, mode, neighbors, reject, target_far, open_score)
 
     @router.get("/articles", summary="The catalogue's articles")
     def list_articles() -> dict:

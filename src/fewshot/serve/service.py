@@ -163,7 +163,7 @@ class Service:
                            "changes nothing", hint="restart it without --read-only to enrol or delete articles")
 
     def classify(self, file: UploadFile, top_k: int, mode: str, neighbors: int, reject: str = "auto",
-                 target_far: float = 0.05) -> dict:
+                 target_far: float = 0.05, open_score: str = "relative") -> dict:
         """Top-k articles and nearest catalogue images for one uploaded photo, and the ``answer``
         (its article, or ``unknown`` below the reject threshold, :mod:`fewshot.catalogue.reject`);
         ``reject`` says which threshold was used; ``in_catalogue`` lists the catalogue images
@@ -180,7 +180,7 @@ class Service:
                 raise ApiError(409, "empty_catalogue", "the catalogue has no articles",
                                hint="enrol an article with POST /articles")
             try:
-                rejector = self.catalogue.rejector(reject, target_far)
+                rejector = self.catalogue.rejector(reject, target_far, open_score)
             except InputError as e:
                 raise _input_error(e) from None
             result = classify_embedded(index, vector, [digest], [name], top_k=top_k, mode=mode,
