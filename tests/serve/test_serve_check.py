@@ -37,7 +37,9 @@ def test_enrolment_warns_of_the_enrolled_article_defects(grocery_root: Path, tmp
     warnings = resp.json()["warnings"]
     same = [w for w in warnings if w["kind"] == "same_photo"]
     assert len(same) == 2 and all(w["articles"] == ["Banana-Again", "Banana"] for w in same)
-    assert all(w["message"] == "the same photo (identical file) is under 'Banana-Again' and 'Banana'" for w in same)
+    assert all(w["message"] == f"the same photo ({w['images'][0]['name'].split('/')[-1]}) (identical file) is under "
+               "'Banana-Again' and 'Banana'" for w in same)
+    assert len({w["message"] for w in same}) == len(same)  # each names its photo
     shown = {i["name"] for w in same for i in w["images"]}
     assert {p.name for p in banana} <= shown and sum(n.startswith("enrolled/") for n in shown) == 2
     assert not any(Path(i["name"]).is_absolute() or str(grocery_root) in i["name"] for w in warnings for i in w["images"])

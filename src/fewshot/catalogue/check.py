@@ -32,6 +32,8 @@ taken for the other. Other models give other cosines: the levels are options.
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -104,12 +106,13 @@ class Finding:
         """One line for people: what was found, with its figures (labels only, never paths)."""
         a, f = self.articles, self.figures
         names = " and ".join(f"'{x}'" for x in a)
+        photo = f" ({PurePath(self.images[0]).name})" if self.images else ""  # a file name, not where it is
         if self.kind == "same_photo":
-            return f"the same photo (identical file) is under {names}"
+            return f"the same photo{photo} (identical file) is under {names}"
         if self.kind == "near_duplicate":
-            return f"near-identical photos under {names} (cosine {f['cosine']:.3f})"
+            return f"near-identical photos{photo} under {names} (cosine {f['cosine']:.3f})"
         if self.kind == "likely_mislabel":
-            return (f"a photo of '{a[0]}' is nearer to '{a[1]}' (cosine {f['other_cosine']:.3f}) than to the rest of "
+            return (f"a photo{photo} of '{a[0]}' is nearer to '{a[1]}' (cosine {f['other_cosine']:.3f}) than to the rest of "
                     f"'{a[0]}' ({f['own_cosine']:.3f}): likely mislabelled")
         if self.kind == "confusable_articles":
             return (f"{names} are hard to tell apart: prototype cosine {f['prototype_cosine']:.3f}, "
