@@ -96,7 +96,7 @@ def test_index_remembers_tta_and_classify_uses_it(drawn_tree, tmp_path):
     res = CliRunner().invoke(app, ["classify", str(mirror), "--index", str(out), "--json", "--mode", "nearest",
                                    "--cache-dir", str(cache), "--no-progress", "--runtime", "torch"])
     assert res.exit_code == 0, res.output
-    top = json.loads(res.output.strip().splitlines()[0])["predictions"][0]
+    top = json.loads(res.stdout.strip().splitlines()[0])["predictions"][0]
     # embedded with the index's flip, the mirror image meets its original far closer than
     # the plain model's embeddings of the two do
     plain = create_model("efficientnet_lite0", image_size=32)
