@@ -17,7 +17,7 @@ def test_each_score_by_hand():
     assert open_scores(TOP, "relative") == pytest.approx([0.65, 0.325, 1.2])
     e = np.exp
     assert open_scores(TOP, "softmax") == pytest.approx([1 / (1 + e(-4) + e(-8)), 1 / (1 + e(-0.5) + e(-1)), 1.0])
-    assert sorted(OPEN_SCORES._entries) == ["cosine", "margin", "relative", "softmax"]
+    assert OPEN_SCORES.names() == ["cosine", "margin", "relative", "softmax"]
 
 
 def test_bad_names_and_shapes_are_refused():

@@ -103,8 +103,7 @@ class Calibration:
 
 def _sample(index: CatalogueIndex, max_photos: int, seed: int) -> np.ndarray:
     n = len(index.labels)
-    rows = np.arange(n) if n <= max_photos else np.sort(np.random.default_rng(seed).choice(n, max_photos, False))
-    return rows
+    return np.arange(n) if n <= max_photos else np.sort(np.random.default_rng(seed).choice(n, max_photos, False))
 
 
 def _brand_codes(index: CatalogueIndex) -> np.ndarray:
@@ -113,7 +112,7 @@ def _brand_codes(index: CatalogueIndex) -> np.ndarray:
     return np.unique(names, return_inverse=True)[1]
 
 
-def _check(index: CatalogueIndex, by: str, counts: np.ndarray, brand: np.ndarray) -> None:
+def _check(by: str, counts: np.ndarray, brand: np.ndarray) -> None:
     if by not in ("article", "group"):
         raise DataError(f"unknown calibration unit {by!r}", hint="use by='article' or by='group'")
     units = len(np.unique(brand[counts > 0])) if by == "group" else int((counts > 0).sum())
@@ -134,7 +133,7 @@ def calibration_scores(index: CatalogueIndex, *, score: str = DEFAULT_SCORE, by:
     """
     counts = np.bincount(index.image_article, minlength=len(index.articles))
     brand = _brand_codes(index)
-    _check(index, by, counts, brand)
+    _check(by, counts, brand)
     sums = index.prototype_sums(0, len(index.articles))  # the index's own, float32 [C, D]
     protos = l2_normalize(sums)
     groups = np.array(index.article_groups, object)

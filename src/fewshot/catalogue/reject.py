@@ -69,7 +69,7 @@ def check_score_name(score: object) -> str:
     """
     if not isinstance(score, str) or score not in OPEN_SCORES:
         raise InputError(f"open_score={_short(score)} is not an open-set score",
-                         hint=f"use one of {', '.join(sorted(OPEN_SCORES._entries))} (default {DEFAULT_SCORE})",
+                         hint=f"use one of {', '.join(OPEN_SCORES.names())} (default {DEFAULT_SCORE})",
                          options=("open_score",))
     return score
 
@@ -168,11 +168,16 @@ class Rejector:
 MAX_CACHED = 8
 
 
+def _cache_key(score: str, target_far: float) -> tuple:
+    """Where ``index.derived`` keeps the calibration for a score and a target."""
+    return ("calibration", score, target_far)
+
+
 def cached_calibration(index: CatalogueIndex, target_far: float, score: str) -> Calibration:
     """:func:`calibrate` of ``index``, kept in ``index.derived`` until the index changes: the
     calibration scores once per open-set score (the costly part), the thresholds per target (a
     sort), at most :data:`MAX_CACHED` of them."""
-    key = ("calibration", score, target_far)
+    key = _cache_key(score, target_far)
     if key in index.derived:
         return index.derived[key]
     scores_key = ("calibration scores", score)
@@ -231,7 +236,7 @@ def read_calibration(index: CatalogueIndex, folder: Path) -> Calibration | None:
         cal = Calibration(**{f.name: record[f.name] for f in fields(Calibration) if f.name in record})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    index.derived[("calibration", cal.score, cal.target_far)] = cal
+    index.derived[_cache_key(cal.score, cal.target_far)] = cal
     return cal
 
 
