@@ -14,7 +14,7 @@ from fewshot.metrics.episodic import (
     prototype_classifier,
 )
 from fewshot.metrics.openset import OpenSetReport, openset_metrics, oscr_curve, threshold_for_far
-from fewshot.metrics.retrieval import nearest_neighbors, retrieval_metrics
+from fewshot.metrics.retrieval import nearest_neighbors, ranking_metrics, retrieval_metrics
 from fewshot.metrics.retrieval_report import RetrievalReport
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "openset_metrics",
     "oscr_curve",
     "prototype_classifier",
+    "ranking_metrics",
     "retrieval_metrics",
     "threshold_for_far",
 ]

@@ -53,7 +53,7 @@ from fewshot.checks import as_embeddings, as_list
 from .ranking import GalleryClasses, RowPool, encode_labels, relevant_ranks
 from .retrieval_report import PerQuery, RetrievalReport, build_report
 
-__all__ = ["RetrievalReport", "retrieval_metrics", "nearest_neighbors"]
+__all__ = ["RetrievalReport", "retrieval_metrics", "ranking_metrics", "nearest_neighbors"]
 
 #: similarity block (chunk x gallery) elements per chunk: 2**25 float32 = 128 MiB
 _BLOCK_ELEMENTS = 1 << 25
@@ -158,7 +158,30 @@ def retrieval_metrics(
     map_at_ks = _check_ks(map_at_ks, "map_at_ks")
 
     qt, gt, loo = _prepare(query, gallery, normalize)
-    n_q, n_g = qt.shape[0], gt.shape[0]
+    block: torch.Tensor | None = None
+
+    def scores(start: int, stop: int) -> np.ndarray:
+        nonlocal block
+        if block is None or block.shape[0] < stop - start:
+            block = torch.empty((stop - start, gt.shape[0]), dtype=torch.float32)
+        sims_t = block[: stop - start]
+        torch.mm(qt[start:stop], gt.T, out=sims_t)
+        sims = sims_t.numpy()
+        if loo:
+            sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        return sims
+
+    return _ranked(scores, (qt.shape[0], gt.shape[0]), query_labels, None if loo else gallery_labels,
+                   query_groups, recall_ks, map_at_ks, chunk_size)
+
+
+def _ranked(scores: Any, shape: tuple[int, int], query_labels: Sequence, gallery_labels: Sequence | None,
+            query_groups: Sequence | None, recall_ks: list[int], map_at_ks: list[int],
+            chunk_size: int | None) -> RetrievalReport:
+    """The metrics of rankings whose ``scores(start, stop)`` gives rows ``start:stop`` of the
+    ``[Q, G]`` similarity (``gallery_labels`` ``None``: leave-one-out, the caller masked the diagonal)."""
+    n_q, n_g = shape
+    loo = gallery_labels is None
     q_lab = as_list(query_labels, n_q, "query_labels", "labels")
     g_lab = q_lab if loo else as_list(gallery_labels, n_g, "gallery_labels", "labels")
     groups = (
@@ -170,7 +193,6 @@ def retrieval_metrics(
     classes = GalleryClasses.of(gc, n_classes)
     chunk = _check_chunk(chunk_size, n_q, n_g, int(classes.count[qc].max()))
     acc = PerQuery.empty(n_q, map_at_ks)
-    block = torch.empty((chunk, n_g), dtype=torch.float32)
     pool = RowPool()
     try:
         for start in range(0, n_q, chunk):
@@ -178,16 +200,41 @@ def retrieval_metrics(
             rows, gidx = classes.relevant_pairs(qc[start:stop], start, loo)
             if len(rows) == 0:
                 continue
-            sims_t = block[: stop - start]
-            torch.mm(qt[start:stop], gt.T, out=sims_t)
-            sims = sims_t.numpy()
-            if loo:
-                sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
-            acc.add_chunk(start, stop, rows, relevant_ranks(sims, rows, gidx, pool), map_at_ks)
+            acc.add_chunk(start, stop, rows, relevant_ranks(scores(start, stop), rows, gidx, pool), map_at_ks)
     finally:
         pool.close()
     n_rel = classes.count[qc] - (1 if loo else 0)
     return build_report(acc, n_rel, groups, recall_ks, map_at_ks)
+
+
+def ranking_metrics(
+    scores: np.ndarray,
+    query_labels: Sequence[str | int],
+    gallery_labels: Sequence[str | int],
+    *,
+    query_groups: Sequence[str | None] | None = None,
+    recall_ks: Sequence[int] = (1, 5, 10),
+    map_at_ks: Sequence[int] = (10,),
+) -> RetrievalReport:
+    """The metrics of :func:`retrieval_metrics` for rankings given as scores (higher ranks
+    first, the same stable tie rule): for re-ranked galleries (:mod:`fewshot.index.rerank`).
+
+    Args:
+        scores: float32 ``[Q, G]`` similarity of each query to each gallery item (NaN not allowed;
+            ``-inf`` ranks an item last).
+        query_labels / gallery_labels: ``Q`` / ``G`` labels; query_groups, recall_ks,
+        map_at_ks: as :func:`retrieval_metrics`.
+
+    Raises:
+        ValueError: ``scores`` is not 2-D or holds NaN, a label list's length differs, a bad ``k``.
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    if s.ndim != 2 or s.size == 0:
+        raise ValueError(f"scores must be a non-empty [Q, G] array, got shape {s.shape}")
+    if np.isnan(s).any():
+        raise ValueError("scores hold NaN")
+    return _ranked(lambda a, b: s[a:b].copy(), s.shape, query_labels, gallery_labels, query_groups,
+                   _check_ks(recall_ks, "recall_ks"), _check_ks(map_at_ks, "map_at_ks"), None)
 
 
 def nearest_neighbors(

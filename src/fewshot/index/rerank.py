@@ -1,0 +1,241 @@
+"""Re-ranking a gallery ranking from the embeddings alone (issue 30, first lever).
+
+Three methods, each a function of L2-normalised float32 vectors (cosine similarity):
+
+* **alpha query expansion** (alpha-QE; Radenovic, Tolias and Chum, "Fine-tuning CNN Image
+  Retrieval with No Human Annotation", TPAMI 2018, section 3.3): the query is replaced by
+  ``normalise(q + sum_{i<=k} max(s_i, 0)**alpha * g_i)`` over its ``k`` most similar gallery
+  vectors ``g_i`` (similarities ``s_i``), then the gallery is ranked again.
+* **database-side augmentation** (DBA, the same paper): every gallery vector is replaced by the
+  same weighted sum over its ``k`` nearest gallery vectors, itself first (weight 1). For a
+  catalogue it depends on the gallery alone, so it is computed once per catalogue.
+* **k-reciprocal re-ranking** (Zhong, Zheng, Cao and Li, "Re-ranking Person Re-identification
+  with k-reciprocal Encoding", CVPR 2017): the distance becomes
+  ``(1 - lambda) * Jaccard(k-reciprocal sets) + lambda * d_original`` over the joint set of
+  queries and gallery (transductive in the queries). It holds two ``(Q + G)^2`` float32
+  matrices, so it is refused above :data:`MAX_K_RECIPROCAL` vectors.
+
+Which one, and its settings: :class:`RerankOptions` (``kind``: ``none``, ``qe``, ``dba``,
+``dba-qe``, ``k-reciprocal``; the defaults were chosen on Grocery's *val* articles, see
+docs/benchmarks.md). :func:`rerank_scores` gives the ``[Q, G]`` similarity a gallery is ranked by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from ..checks import as_embeddings
+from ..errors import FewshotError
+from ..metrics import nearest_neighbors
+from ..options import check_options, option
+
+__all__ = ["RERANK_KINDS", "RerankOptions", "MAX_K_RECIPROCAL", "alpha_query_expansion", "database_augmentation",
+           "k_reciprocal_distance", "rerank_scores", "rerank_vectors"]
+
+#: the re-ranking methods, by name
+RERANK_KINDS = ("none", "qe", "dba", "dba-qe", "k-reciprocal")
+#: most vectors (queries + gallery) k-reciprocal re-ranking takes: two float32 N x N matrices, 1.6 GiB at 20,000
+MAX_K_RECIPROCAL = 20_000
+
+
+@dataclass(frozen=True)
+class RerankOptions:
+    """How a gallery ranking is re-ranked (see the module docstring for each method)."""
+
+    kind: str = option("none", "Re-ranking: none | qe (alpha query expansion) | dba (database-side augmentation) "
+                               "| dba-qe (both) | k-reciprocal (Zhong et al. 2017).", flag="--rerank",
+                       choices=RERANK_KINDS)
+    k: int = option(5, "Neighbours averaged by qe and dba.", flag="--rerank-k", min=1)
+    alpha: float = option(1.0, "Weight exponent of qe and dba: a neighbour counts max(cosine, 0)**alpha.",
+                          flag="--rerank-alpha", min=0.0)
+    k1: int = option(20, "k-reciprocal: size of the k-reciprocal neighbourhoods.", flag="--rerank-k1", min=1)
+    k2: int = option(6, "k-reciprocal: neighbours whose encodings are averaged (local query expansion).",
+                     flag="--rerank-k2", min=1)
+    lam: float = option(0.3, "k-reciprocal: weight of the original distance against the Jaccard distance.",
+                        flag="--rerank-lambda", min=0.0)
+
+    def __post_init__(self) -> None:
+        check_options("re-ranking", self)
+        for name in ("k", "k1", "k2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise FewshotError(f"option {name} = {value!r}: re-ranking needs a whole number",
+                                   hint=f"use e.g. {name} = {getattr(RerankOptions, name)}", options=(name,))
+        if self.lam > 1:
+            raise FewshotError(f"option lam = {self.lam} is above 1", hint="use a weight between 0 and 1",
+                               options=("lam",))
+
+    @classmethod
+    def from_value(cls, value: "RerankOptions | str | dict[str, Any] | None") -> "RerankOptions":
+        """Options from a kind name, a dict of fields (``metrics.json``'s record) or ``None``.
+
+        Raises:
+            FewshotError: an unknown kind, field or out-of-range value, naming it.
+        """
+        if isinstance(value, cls):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, str):
+            return cls(kind=value)
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise FewshotError(f"unknown re-ranking option {unknown[0]!r}",
+                               hint="use " + ", ".join(f.name for f in fields(cls)), options=("rerank",))
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that matter for ``kind`` (what a result file records)."""
+        keep = {"none": (), "qe": ("k", "alpha"), "dba": ("k", "alpha"), "dba-qe": ("k", "alpha"),
+                "k-reciprocal": ("k1", "k2", "lam")}[self.kind]
+        return {"kind": self.kind, **{name: getattr(self, name) for name in keep}}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _weighted_sum(vectors: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: float) -> np.ndarray:
+    """``sum_j max(sims[:, j], 0)**alpha * vectors[idx[:, j]]``: float32 ``[N, D]``."""
+    w = np.maximum(sims, 0.0).astype(np.float32) ** np.float32(alpha)
+    out = np.zeros((idx.shape[0], vectors.shape[1]), dtype=np.float32)
+    for j in range(idx.shape[1]):
+        out += w[:, j:j + 1] * vectors[idx[:, j]]
+    return out
+
+
+def alpha_query_expansion(query: np.ndarray, gallery: np.ndarray, k: int = 5, alpha: float = 1.0) -> np.ndarray:
+    """alpha-QE (Radenovic et al. 2018): each query plus its ``k`` nearest gallery vectors,
+    weighted by ``max(cosine, 0)**alpha``, L2-normalised.
+
+    Args:
+        query: float32 ``[Q, D]``; gallery: float32 ``[G, D]`` (both L2-normalised inside).
+        k: neighbours added (at most ``G``); alpha: the weight exponent (0: plain average).
+
+    Returns:
+        float32 ``[Q, D]``, unit length.
+
+    Raises:
+        ValueError: bad shapes or non-finite values, ``k < 1``.
+    """
+    q, g = _unit(as_embeddings(query, "query")), _unit(as_embeddings(gallery, "gallery"))
+    sims, idx = nearest_neighbors(q, g, k=k, normalize=False)
+    return _unit(q + _weighted_sum(g, sims, idx, alpha))
+
+
+def database_augmentation(gallery: np.ndarray, k: int = 5, alpha: float = 1.0) -> np.ndarray:
+    """DBA (Radenovic et al. 2018): each gallery vector replaced by the weighted sum of its ``k``
+    nearest gallery vectors, itself included first with weight 1, L2-normalised.
+
+    Args:
+        gallery: float32 ``[G, D]``; k: neighbours including itself (``k = 1`` changes nothing);
+        alpha: the weight exponent.
+
+    Returns:
+        float32 ``[G, D]``, unit length.
+
+    Raises:
+        ValueError: bad shapes or non-finite values, ``k < 1``.
+    """
+    g = _unit(as_embeddings(gallery, "gallery"))
+    if k <= 1 or len(g) < 2:
+        return g
+    sims, idx = nearest_neighbors(g, None, k=k - 1, normalize=False)
+    return _unit(g + _weighted_sum(g, sims, idx, alpha))
+
+
+def _reciprocal(rank: np.ndarray, i: int, k: int) -> np.ndarray:
+    """The k-reciprocal neighbours of ``i``: its top ``k + 1`` whose own top ``k + 1`` holds ``i``."""
+    forward = rank[i, :k + 1]
+    return forward[np.any(rank[forward, :k + 1] == i, axis=1)]
+
+
+def _encodings(dist: np.ndarray, rank: np.ndarray, k1: int) -> np.ndarray:
+    """Zhong et al. eq. 7-10: each item's expanded k-reciprocal set as Gaussian-kernel weights, float32 ``[N, N]``."""
+    n = dist.shape[0]
+    v = np.zeros((n, n), dtype=np.float32)
+    half = int(round(k1 / 2))
+    for i in range(n):
+        base = _reciprocal(rank, i, k1)
+        expanded = [base]
+        for c in base:
+            cand = _reciprocal(rank, int(c), half)
+            if len(np.intersect1d(cand, base)) > 2 / 3 * len(cand):
+                expanded.append(cand)
+        members = np.unique(np.concatenate(expanded))
+        w = np.exp(-dist[i, members])
+        v[i, members] = w / w.sum()
+    return v
+
+
+def k_reciprocal_distance(query: np.ndarray, gallery: np.ndarray, k1: int = 20, k2: int = 6,
+                          lam: float = 0.3) -> np.ndarray:
+    """k-reciprocal re-ranking (Zhong et al. 2017): the final distance of each query to each
+    gallery item (lower is closer), following the authors' reference code: squared Euclidean
+    distances of the unit vectors over queries and gallery together, each column divided by its
+    maximum; k-reciprocal sets expanded by the 2/3 rule; local query expansion over ``k2``.
+
+    Args:
+        query: float32 ``[Q, D]``; gallery: float32 ``[G, D]``.
+        k1, k2, lam: the paper's ``k1``, ``k2`` and ``lambda``.
+
+    Returns:
+        float32 ``[Q, G]`` distances.
+
+    Raises:
+        FewshotError: more than :data:`MAX_K_RECIPROCAL` vectors in all.
+        ValueError: bad shapes or non-finite values.
+    """
+    q, g = _unit(as_embeddings(query, "query")), _unit(as_embeddings(gallery, "gallery"))
+    x = np.concatenate([q, g])
+    n, nq = len(x), len(q)
+    if n > MAX_K_RECIPROCAL:
+        raise FewshotError(f"k-reciprocal re-ranking of {nq} queries and {len(g)} gallery images would hold two "
+                           f"{n} x {n} matrices", hint=f"use at most {MAX_K_RECIPROCAL} in all, or rerank='dba-qe'",
+                           options=("rerank",))
+    dist = np.maximum(2.0 - 2.0 * (x @ x.T), 0.0)
+    dist = (dist / np.maximum(dist.max(axis=0, keepdims=True), 1e-12)).astype(np.float32)
+    rank = np.argsort(dist, axis=1, kind="stable")
+    v = _encodings(dist, rank, k1)
+    if k2 > 1:
+        v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
+    jaccard = np.empty((nq, len(g)), dtype=np.float32)
+    for i in range(nq):
+        shared = np.minimum(v[i][None, :], v[nq:]).sum(axis=1)
+        jaccard[i] = 1.0 - shared / (2.0 - shared)
+    return (1.0 - lam) * jaccard + lam * dist[:nq, nq:]
+
+
+def rerank_vectors(query: np.ndarray, gallery: np.ndarray,
+                   opts: RerankOptions) -> tuple[np.ndarray, np.ndarray]:
+    """``(query, gallery)`` after the vector re-rankings (``qe``, ``dba``, ``dba-qe``; ``none``
+    returns them unit length). Query expansion runs against the augmented gallery.
+
+    Raises:
+        FewshotError: ``opts.kind`` is ``k-reciprocal`` (a distance, not vectors: use :func:`rerank_scores`).
+    """
+    if opts.kind == "k-reciprocal":
+        raise FewshotError("k-reciprocal re-ranking gives distances, not vectors", hint="use rerank_scores",
+                           options=("rerank",))
+    q, g = _unit(as_embeddings(query, "query")), _unit(as_embeddings(gallery, "gallery"))
+    if opts.kind in ("dba", "dba-qe"):
+        g = database_augmentation(g, opts.k, opts.alpha)
+    if opts.kind in ("qe", "dba-qe"):
+        q = alpha_query_expansion(q, g, opts.k, opts.alpha)
+    return q, g
+
+
+def rerank_scores(query: np.ndarray, gallery: np.ndarray, opts: RerankOptions) -> np.ndarray:
+    """The similarity each query ranks the gallery by, float32 ``[Q, G]`` (higher is closer):
+    cosine after :func:`rerank_vectors`, or minus :func:`k_reciprocal_distance`.
+
+    Raises:
+        FewshotError / ValueError: as the method it runs.
+    """
+    if opts.kind == "k-reciprocal":
+        return -k_reciprocal_distance(query, gallery, opts.k1, opts.k2, opts.lam)
+    q, g = rerank_vectors(query, gallery, opts)
+    return q @ g.T
