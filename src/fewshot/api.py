@@ -34,6 +34,7 @@ from .model import EmbeddingModel
 from .data.protocol import ALL_SPLITS, leave_one_out_protocol, load_data, split_protocol_sets
 from .embed.options import EmbedOptions
 from .evaluation import EvalConfig, check_open_set, evaluate_sets
+from .evaluation.levers import check_levers
 
 __all__ = ["load_dataset", "create_backbone", "load_model", "Catalogue", "evaluate", "train", "ImageLike"]
 
@@ -88,9 +89,10 @@ def load_model(run_dir: str | Path, *, tta: str = "none") -> EmbeddingModel:
 
 
 def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: str | Path | None = None,
-             part: str = "test", episodes: int = 1000, seed: int = 0, runtime: str = "auto",
+             part: str = "test", episodes: int = 1000, n_query: int = 5, seed: int = 0, runtime: str = "auto",
              out: str | Path | None = None, overwrite: bool = False, open_set: bool = False,
-             open_set_draws: int = 20, target_far: float = 0.05) -> dict[str, Any]:
+             open_set_draws: int = 20, target_far: float = 0.05, rerank: Any = "none", transductive: str = "none",
+             query_imbalance: float | None = None) -> dict[str, Any]:
     """Retrieval metrics (mAP, MAP@R, P@1, Recall@k, per group) and N-way K-shot accuracy.
 
     Without ``split_file``: leave-one-out within ``dataset``. With it: the classes of ``part``,
@@ -103,6 +105,13 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
     absent ones; AUROC and FPR@95TPR of each open-set score, and what the threshold calibrated
     for ``target_far`` does (false accepts, known photos accepted and right, brand fallback).
 
+    ``rerank`` re-ranks the gallery before the retrieval figures (needs ``split_file``): a kind
+    (``"qe"``, ``"dba"``, ``"dba-qe"``, ``"k-reciprocal"``), a dict of
+    :class:`fewshot.index.rerank.RerankOptions` fields or an instance. ``transductive`` picks the
+    episodes' classifier (``"none"``, ``"centre"``, ``"bdcspn"``, ``"tim"``;
+    :mod:`fewshot.methods.transductive`), ``query_imbalance`` draws imbalanced query sets
+    (Dirichlet concentration, e.g. 2), where transductive classifiers can lose to ``"none"``.
+
     Returns:
         the metrics record (the dict ``metrics.json`` holds).
 
@@ -111,19 +120,23 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
         TypeError: ``model`` is not a model, ``dataset`` not a :class:`Dataset` (a path says
             how to load it), ``episodes`` / ``seed`` not integers, paths that are not paths.
         ValueError: ``episodes < 1``, ``seed < 0``, ``open_set_draws < 1``, ``open_set`` without
-            ``split_file``, ``target_far`` outside (0, 1). All checked before anything is embedded.
+            ``split_file``, ``target_far`` outside (0, 1), an unknown ``rerank`` / ``transductive``,
+            ``rerank`` without ``split_file``. All checked before anything is embedded.
     """
     from .data.splits import ClassSplit
 
     model, dataset = as_model(model), as_dataset(dataset)
     episodes, seed = positive_int(episodes, "episodes"), positive_int(seed, "seed", minimum=0)
+    n_query = positive_int(n_query, "n_query")
     open_set_draws = positive_int(open_set_draws, "open_set_draws")
     split_file = as_path(split_file, "split_file") if split_file is not None else None
     out = as_path(out, "out") if out is not None else None
     cfg = EvalConfig(data=str(dataset.root or dataset.name), split_file=str(split_file) if split_file else None,
-                     part=part, seed=seed, episodes=episodes, open_set=bool(open_set), open_set_draws=open_set_draws,
-                     target_far=target_far, embed=EmbedOptions(runtime=runtime, progress=False))
+                     part=part, seed=seed, episodes=episodes, n_query=n_query, open_set=bool(open_set),
+                     open_set_draws=open_set_draws, target_far=target_far, rerank=rerank, transductive=transductive, query_imbalance=query_imbalance,
+                     embed=EmbedOptions(runtime=runtime, progress=False))
     check_open_set(cfg)
+    check_levers(rerank, transductive, query_imbalance, gallery=split_file is not None, model_classifier=False)
     if split_file is None:
         return evaluate_sets(cfg, dataset, None, leave_one_out_protocol(dataset), out, model, overwrite=overwrite)
     queries, gallery, protocol = split_protocol_sets(dataset, ClassSplit.load(split_file), split_file, part)

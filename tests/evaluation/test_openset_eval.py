@@ -200,8 +200,8 @@ def test_the_cli_refuses_open_set_without_a_split_file(tmp_path):
         assert r.exit_code == 1 and f"{extra[0]} only apply" in r.output and "--open-set" in r.output
 
 
-def _drawn_manifest(root):
-    """12 drawn articles (4 colours x 3 shapes, brand = colour), 3 train + 2 test photos each."""
+def _drawn_manifest(root, train: int = 3, test: int = 2):
+    """12 drawn articles (4 colours x 3 shapes, brand = colour), ``train`` + ``test`` photos each."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(0)
@@ -211,7 +211,7 @@ def _drawn_manifest(root):
         for shape in ("ball", "box", "bar"):
             label = f"{colour}-{shape}"
             labels.append(label)
-            for i, split in enumerate(["train"] * 3 + ["test"] * 2):
+            for i, split in enumerate(["train"] * train + ["test"] * test):
                 img = Image.fromarray(rng.integers(150, 255, size=(40, 40, 3), dtype=np.uint8))
                 x, y = (int(v) for v in rng.integers(4, 16, size=2))
                 box = {"ball": (x, y, x + 20, y + 20), "box": (x, y, x + 18, y + 18), "bar": (x, y, x + 8, y + 22)}[shape]

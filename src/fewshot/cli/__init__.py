@@ -25,8 +25,13 @@ if TYPE_CHECKING:
 __all__ = ["app", "main", "handle_errors"]
 
 
+#: the flag of each re-ranking option (``fewshot.index.rerank.RerankOptions``; a test keeps them equal)
+RERANK_FLAGS = {"kind": "--rerank", "k": "--rerank-k", "alpha": "--rerank-alpha", "k1": "--rerank-k1",
+                "k2": "--rerank-k2", "lam": "--rerank-lambda"}
+
+
 @app.command()
-@handle_errors
+@handle_errors(flags=RERANK_FLAGS)
 @embedding_options
 def evaluate(
     data: str = DataOpt,
@@ -42,6 +47,14 @@ def evaluate(
     open_set: bool = typer.Option(False, "--open-set", help="Also measure the reject option (needs --split-file): the part's articles halved at random into known (in the catalogue) and absent ones; AUROC and FPR@95TPR of each open-set score, the false accepts at the calibrated threshold, brand fallback; roc.png, oscr.png, open_set_scores.png."),
     open_set_draws: int = typer.Option(20, "--open-set-draws", min=1, help="With --open-set: random halvings of the articles (seeded by --seed); figures are averaged over them."),
     target_far: float = typer.Option(0.05, "--target-far", help="With --open-set: the false-accept rate the reject thresholds are calibrated for, as `fewshot classify --reject auto --target-far`."),
+    rerank: str = typer.Option("none", "--rerank", help="Re-rank the gallery ranking before the retrieval figures: none | qe (alpha query expansion) | dba (database-side augmentation) | dba-qe | k-reciprocal (needs --split-file)."),
+    rerank_k: int = typer.Option(5, "--rerank-k", min=1, help="qe / dba: neighbours averaged."),
+    rerank_alpha: float = typer.Option(1.0, "--rerank-alpha", min=0.0, help="qe / dba: a neighbour weighs max(cosine, 0)**alpha."),
+    rerank_k1: int = typer.Option(20, "--rerank-k1", min=1, help="k-reciprocal: neighbourhood size k1."),
+    rerank_k2: int = typer.Option(6, "--rerank-k2", min=1, help="k-reciprocal: local query expansion k2."),
+    rerank_lambda: float = typer.Option(0.3, "--rerank-lambda", min=0.0, max=1.0, help="k-reciprocal: weight of the original distance."),
+    transductive: str = typer.Option("none", "--transductive", help="Episode classifier: none (nearest prototype) | centre (SimpleShot centring on the gallery mean) | bdcspn (prototype rectification) | tim (information maximisation). Transductive gains need queries spread over the classes: see --query-imbalance."),
+    query_imbalance: Optional[float] = typer.Option(None, "--query-imbalance", help="Episodes with imbalanced query sets: class shares drawn from Dirichlet(A) (e.g. 2; smaller is more imbalanced)."),
     *, emb: "EmbedOptions",
 ) -> None:
     """Retrieval mAP / MAP@R / P@1 / Recall@k and episodic accuracy of a backbone or trained run
@@ -51,7 +64,9 @@ def evaluate(
     cfg = EvalConfig(data=data, split=split, split_file=str(split_file) if split_file else None,
                      part=split or "test", group_from=group_from, layout=layout, seed=seed, episodes=episodes,
                      n_query=queries, open_set=open_set, open_set_draws=open_set_draws, target_far=target_far,
-                     embed=emb)
+                     rerank={"kind": rerank, "k": rerank_k, "alpha": rerank_alpha, "k1": rerank_k1, "k2": rerank_k2,
+                             "lam": rerank_lambda},
+                     transductive=transductive, query_imbalance=query_imbalance, embed=emb)
     check_open_set(cfg)
     metrics = run_evaluate(cfg, out, overwrite=overwrite)
     typer.echo(f"mAP {metrics['map']:.4f}  MAP@R {metrics['map_at_r']:.4f}  P@1 {metrics['precision_at_1']:.4f}  "

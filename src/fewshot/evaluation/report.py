@@ -27,6 +27,23 @@ def _runtime_note(runtimes: list[dict] | None) -> str:
     return f"; forward pass: {used}" + (f" ({notes[0]})" if notes else "")
 
 
+def _lever_lines(c: dict) -> list[str]:
+    """The report's lines on re-ranking and transductive episodes (none when both are off)."""
+    lines = []
+    rerank = c.get("rerank") or {"kind": "none"}
+    if rerank["kind"] != "none":
+        settings = ", ".join(f"{k} {v}" for k, v in rerank.items() if k != "kind")
+        lines.append(f"- gallery ranking re-ranked by `{rerank['kind']}` ({settings}) before every retrieval figure; "
+                     "the retrieval grid shows the plain cosine ranking")
+    if c.get("transductive", "none") != "none":
+        lines.append(f"- episodes classified transductively (`{c['transductive']}`): each episode's queries "
+                     "help classify each other; the gain holds only when queries are spread over the classes")
+    if c.get("query_imbalance") is not None:
+        lines.append(f"- imbalanced query sets: class shares drawn from Dirichlet({c['query_imbalance']}) "
+                     "(Veilleux et al. 2021)")
+    return lines
+
+
 def render_report(metrics: dict) -> str:
     """A Markdown report: headline table, episodic accuracy, per-group table, the open-set section."""
     c = metrics["config"]
@@ -40,6 +57,7 @@ def render_report(metrics: dict) -> str:
              + (f", split file `{c['protocol'].get('split_file')}` part `{c['protocol'].get('part')}`"
                 if c['protocol'].get('split_file') else ""),
              f"- queries: {metrics['num_queries']} (skipped: {metrics['num_skipped_queries']} whose class has no other image)",
+             *_lever_lines(c),
              f"- seed {c['seed']}, fewshot {c['fewshot_version']}", "",
              "| mAP | MAP@R | P@1 | R@1 | R@5 | R@10 | mAP@10 |", "|---|---|---|---|---|---|---|",
              f"| {_fmt(metrics['map'])} | {_fmt(metrics['map_at_r'])} | {_fmt(metrics['precision_at_1'])} | "

@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,11 +24,12 @@ from ..embed.options import EmbedOptions
 from ..errors import DataError, InputError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, check_output
 from ..methods.from_options import model_from_options
-from ..metrics import episodic_accuracy, nearest_neighbors, retrieval_metrics
+from ..metrics import episodic_accuracy, nearest_neighbors
 from ..model import EmbeddingModel
 from ..version import environment
 from ..viz import embedding_map, retrieval_grid
 from ..catalogue.reject import check_target_far
+from .levers import check_levers, episode_inputs, ranked_report
 from .openset import DEFAULT_DRAWS, evaluate_open_set
 from .openset_report import OPEN_SET_FILES, write_open_set_plots
 from .report import render_report
@@ -67,6 +69,12 @@ class EvalConfig:
         open_set, open_set_draws, target_far: also run the open-set protocol
             (:mod:`.openset`; needs ``split_file``): ``open_set_draws`` random halvings of the
             part's articles (seeded by ``seed``), thresholds calibrated for ``target_far``.
+        rerank: how the gallery ranking is re-ranked before the retrieval metrics
+            (:class:`~fewshot.index.rerank.RerankOptions`, a kind name or a dict of its fields).
+        transductive: the episodes' classifier (:data:`.levers.TRANSDUCTIVE_CHOICES`: ``none``,
+            ``centre``, ``bdcspn``, ``tim``; :mod:`fewshot.methods.transductive`).
+        query_imbalance: ``None`` (balanced episodes) or the Dirichlet concentration of
+            imbalanced query sets (:func:`fewshot.metrics.episodic_accuracy`).
     """
 
     data: str
@@ -83,6 +91,9 @@ class EvalConfig:
     open_set: bool = False
     open_set_draws: int = DEFAULT_DRAWS
     target_far: float = 0.05
+    rerank: Any = "none"
+    transductive: str = "none"
+    query_imbalance: float | None = None
     embed: EmbedOptions = field(default_factory=EmbedOptions)
 
 
@@ -152,6 +163,8 @@ def evaluate(cfg: EvalConfig, out: str | Path | None = None,
             ``out`` is not a place this command may write.
     """
     check_open_set(cfg)
+    check_levers(cfg.rerank, cfg.transductive, cfg.query_imbalance, gallery=cfg.split_file is not None,
+                 model_classifier=False)
     queries, gallery, protocol = evaluation_sets(cfg)
     return evaluate_sets(cfg, queries, gallery, protocol, out, model, overwrite=overwrite)
 
@@ -171,11 +184,12 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         check_output(out, what="fewshot evaluation", is_ours=is_evaluation_dir, overwrite=overwrite,
                      owned=EVALUATION_FILES.__contains__, **data_protection(cfg.data, queries, gallery))
     model = model or model_from_options(cfg.embed)
+    rerank = check_levers(cfg.rerank, cfg.transductive, cfg.query_imbalance, gallery=gallery is not None,
+                          model_classifier=model.episode_classifier is not None)
     q = cfg.embed.embed(model, queries)
     g = cfg.embed.embed(model, gallery) if gallery is not None else None
     check_evaluable(q.labels, g.labels if g is not None else None, f"the readable images of {name}")
-    report = retrieval_metrics(q.vectors, q.labels, g.vectors if g else None, g.labels if g else None,
-                               query_groups=q.groups)
+    report = ranked_report(rerank, q, g)
     metrics = report.to_dict()
     if report.num_skipped_queries:
         warn_single_image_classes(q, g)
@@ -188,6 +202,7 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         "split": protocol.get("split") if not cfg.split_file else None,
         "protocol": protocol, "model": model.describe(), "image_size": model.backbone.image_size,
         "seed": cfg.seed, "episodes": cfg.episodes, "n_query": cfg.n_query, "open_set": cfg.open_set,
+        "rerank": rerank.to_dict(), "transductive": cfg.transductive, "query_imbalance": cfg.query_imbalance,
         "similarity": "cosine", "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
         "skipped_images": skipped, **environment()}
     if out is not None:
@@ -199,17 +214,19 @@ def episode_metrics(cfg: EvalConfig, model: EmbeddingModel, q: Embeddings, g: Em
     """N-way K-shot accuracy for each of :data:`EPISODE_SETTINGS` (``accuracy`` ``None`` with an
     ``error`` where the data has too few classes or images for it)."""
     episodes = {}
+    support = g if g is not None else q
+    classifier, s_vectors, q_vectors = episode_inputs(cfg.transductive, model.episode_classifier, support.vectors,
+                                                      q.vectors if g is not None else None)
     for key, n_way, k_shot in EPISODE_SETTINGS:
-        support = g if g is not None else q
         try:
             res = episodic_accuracy(
-                support.vectors, support.labels, n_way=n_way, k_shot=k_shot, n_query=cfg.n_query,
-                episodes=cfg.episodes, seed=cfg.seed,
-                query_embeddings=q.vectors if g is not None else None,
-                query_labels=q.labels if g is not None else None,
-                classifier=model.episode_classifier)
+                s_vectors, support.labels, n_way=n_way, k_shot=k_shot, n_query=cfg.n_query,
+                episodes=cfg.episodes, seed=cfg.seed, query_embeddings=q_vectors,
+                query_labels=q.labels if g is not None else None, classifier=classifier,
+                query_imbalance=cfg.query_imbalance)
             episodes[key] = {"accuracy": res.accuracy, "ci95": res.ci95, "episodes": res.episodes,
-                             "n_way": n_way, "k_shot": k_shot, "n_query": cfg.n_query}
+                             "n_way": n_way, "k_shot": k_shot, "n_query": cfg.n_query,
+                             "transductive": cfg.transductive, "query_imbalance": cfg.query_imbalance}
         except DataError as exc:
             log.warning("%s episodes skipped: %s", key, exc.message)
             episodes[key] = {"accuracy": None, "ci95": None, "error": exc.message}

@@ -175,7 +175,7 @@ def k_reciprocal_distance(query: np.ndarray, gallery: np.ndarray, k1: int = 20, 
                           lam: float = 0.3) -> np.ndarray:
     """k-reciprocal re-ranking (Zhong et al. 2017): the final distance of each query to each
     gallery item (lower is closer), following the authors' reference code: squared Euclidean
-    distances of the unit vectors over queries and gallery together, each column divided by its
+    distances of the unit vectors over queries and gallery together, each row divided by its
     maximum; k-reciprocal sets expanded by the 2/3 rule; local query expansion over ``k2``.
 
     Args:
@@ -197,7 +197,8 @@ def k_reciprocal_distance(query: np.ndarray, gallery: np.ndarray, k1: int = 20, 
                            f"{n} x {n} matrices", hint=f"use at most {MAX_K_RECIPROCAL} in all, or rerank='dba-qe'",
                            options=("rerank",))
     dist = np.maximum(2.0 - 2.0 * (x @ x.T), 0.0)
-    dist = (dist / np.maximum(dist.max(axis=0, keepdims=True), 1e-12)).astype(np.float32)
+    # the reference divides each column by its maximum, then transposes: each row by its own maximum
+    dist = (dist / np.maximum(dist.max(axis=1, keepdims=True), 1e-12)).astype(np.float32)
     rank = np.argsort(dist, axis=1, kind="stable")
     v = _encodings(dist, rank, k1)
     if k2 > 1:

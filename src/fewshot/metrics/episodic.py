@@ -40,6 +40,8 @@ logger = logging.getLogger("fewshot")
 
 #: float32 elements per batch of episodes for the vectorised default classifier
 _BATCH_ELEMENTS = 1 << 22
+#: queries drawn per class (times ``n_query``) from which an imbalanced query set is taken
+_IMBALANCE_POOL = 3
 
 
 @dataclass
@@ -87,6 +89,7 @@ def episodic_accuracy(
     classifier: EpisodeClassifier | None = None,
     normalize: bool = True,
     warn: bool = True,
+    query_imbalance: float | None = None,
 ) -> EpisodicResult:
     """Mean N-way K-shot accuracy (with a 95% CI) over seeded episodes.
 
@@ -108,6 +111,11 @@ def episodic_accuracy(
             raw embeddings, and the default classifier uses squared Euclidean distance.
         warn: log the classes left out for having too few items (``False`` when the same
             data is evaluated again, e.g. every training epoch).
+        query_imbalance: ``None`` (balanced: ``n_query`` queries per class) or the concentration
+            ``a > 0`` of imbalanced query sets (Veilleux et al., NeurIPS 2021): each episode
+            draws class shares from a symmetric Dirichlet(``a``) and ``n_way * n_query`` queries
+            from them, at most ``3 * n_query`` per class (the pool drawn per class); smaller ``a``
+            is more imbalanced, and a class may get no query.
 
     Returns:
         :class:`EpisodicResult`.
@@ -135,7 +143,8 @@ def episodic_accuracy(
         x = torch.nn.functional.normalize(x, dim=1)
         xq = x if yq is None else torch.nn.functional.normalize(xq, dim=1)
 
-    sampler = EpisodeSampler(y, n_way, k_shot, n_query, episodes, seed, query_labels=yq, warn=warn)
+    pool = n_query if query_imbalance is None else _IMBALANCE_POOL * n_query
+    sampler = EpisodeSampler(y, n_way, k_shot, pool, episodes, seed, query_labels=yq, warn=warn)
     _, support_idx, query_idx = sampler.index_arrays()
     support_idx = torch.from_numpy(support_idx)
     query_idx = torch.from_numpy(query_idx)
@@ -143,32 +152,15 @@ def episodic_accuracy(
     support_y = torch.arange(n).repeat_interleave(k)
     query_y = torch.arange(n).repeat_interleave(q)
 
-    correct = torch.empty(sampler.episodes, dtype=torch.float64)
-    if classifier is None:
-        per_batch = max(1, _BATCH_ELEMENTS // (n * (k + q) * x.shape[1]))
-        # reused buffers: fresh multi-MB allocations (page faults) would dominate the time
-        s_buf = torch.empty(per_batch * n * k, x.shape[1])
-        q_buf = torch.empty(per_batch * n * q, x.shape[1])
-        for a in range(0, sampler.episodes, per_batch):
-            b = min(sampler.episodes, a + per_batch)
-            sx = s_buf[: (b - a) * n * k]
-            qx = q_buf[: (b - a) * n * q]
-            torch.index_select(x, 0, support_idx[a:b].reshape(-1), out=sx)
-            torch.index_select(xq, 0, query_idx[a:b].reshape(-1), out=qx)
-            sx, qx = sx.view(b - a, n * k, -1), qx.view(b - a, n * q, -1)
-            pred = prototype_classifier(sx, support_y.expand(b - a, -1), qx, n, cosine=normalize)
-            correct[a:b] = (pred == query_y).double().mean(dim=1)
+    if query_imbalance is not None:
+        keep = _imbalanced_queries(n, q, n * n_query, float(query_imbalance), sampler.episodes, seed)
+        per_episode = _per_episode(x, xq, support_idx, query_idx, support_y, query_y, n,
+                                   classifier or _nearest_prototype(normalize), keep)
+        q = n_query
+    elif classifier is None:
+        per_episode = _batched(x, xq, support_idx, query_idx, support_y, query_y, n, k, q, normalize)
     else:
-        for e in range(sampler.episodes):
-            pred = classifier(x[support_idx[e]], support_y.clone(), xq[query_idx[e]], n)
-            pred = torch.as_tensor(pred)
-            if pred.shape != (n * q,):
-                raise ValueError(
-                    f"classifier returned shape {tuple(pred.shape)}, expected ({n * q},)"
-                )
-            correct[e] = (pred.long() == query_y).double().mean()
-
-    per_episode = correct.numpy()
+        per_episode = _per_episode(x, xq, support_idx, query_idx, support_y, query_y, n, classifier, None)
     accuracy = float(per_episode.mean())
     ci95 = (float(1.96 * per_episode.std(ddof=0) / math.sqrt(len(per_episode)))
             if len(per_episode) >= MIN_EPISODES_FOR_CI else None)
@@ -181,6 +173,62 @@ def episodic_accuracy(
         n_query=q,
         per_episode=per_episode,
     )
+
+
+def _batched(x: torch.Tensor, xq: torch.Tensor, support_idx: torch.Tensor, query_idx: torch.Tensor,
+             support_y: torch.Tensor, query_y: torch.Tensor, n: int, k: int, q: int, normalize: bool) -> np.ndarray:
+    """Per-episode accuracy of the nearest prototype, vectorised over batches of episodes."""
+    episodes = support_idx.shape[0]
+    correct = torch.empty(episodes, dtype=torch.float64)
+    per_batch = max(1, _BATCH_ELEMENTS // (n * (k + q) * x.shape[1]))
+    # reused buffers: fresh multi-MB allocations (page faults) would dominate the time
+    s_buf = torch.empty(per_batch * n * k, x.shape[1])
+    q_buf = torch.empty(per_batch * n * q, x.shape[1])
+    for a in range(0, episodes, per_batch):
+        b = min(episodes, a + per_batch)
+        sx = s_buf[: (b - a) * n * k]
+        qx = q_buf[: (b - a) * n * q]
+        torch.index_select(x, 0, support_idx[a:b].reshape(-1), out=sx)
+        torch.index_select(xq, 0, query_idx[a:b].reshape(-1), out=qx)
+        sx, qx = sx.view(b - a, n * k, -1), qx.view(b - a, n * q, -1)
+        pred = prototype_classifier(sx, support_y.expand(b - a, -1), qx, n, cosine=normalize)
+        correct[a:b] = (pred == query_y).double().mean(dim=1)
+    return correct.numpy()
+
+
+def _nearest_prototype(normalize: bool) -> EpisodeClassifier:
+    return lambda sx, sy, qx, n: prototype_classifier(sx, sy, qx, n, cosine=normalize)
+
+
+def _per_episode(x: torch.Tensor, xq: torch.Tensor, support_idx: torch.Tensor, query_idx: torch.Tensor,
+                 support_y: torch.Tensor, query_y: torch.Tensor, n: int, classifier: EpisodeClassifier,
+                 keep: list[np.ndarray] | None) -> np.ndarray:
+    """Per-episode accuracy of ``classifier``, called once per episode on the queries ``keep[e]``
+    of episode ``e`` (all of them when ``keep`` is ``None``)."""
+    correct = np.empty(support_idx.shape[0], dtype=np.float64)
+    for e in range(support_idx.shape[0]):
+        take = slice(None) if keep is None else torch.from_numpy(keep[e])
+        qi, qy = query_idx[e][take], query_y[take]
+        pred = torch.as_tensor(classifier(x[support_idx[e]], support_y.clone(), xq[qi], n))
+        if pred.shape != qy.shape:
+            raise ValueError(f"classifier returned shape {tuple(pred.shape)}, expected {tuple(qy.shape)}")
+        correct[e] = float((pred.long() == qy).double().mean())
+    return correct
+
+
+def _imbalanced_queries(n: int, pool: int, total: int, concentration: float, episodes: int,
+                        seed: int) -> list[np.ndarray]:
+    """Per episode, the positions (into its class-major ``n * pool`` queries) of an imbalanced
+    query set: ``total`` queries split by Dirichlet(``concentration``) shares, at most ``pool``
+    per class (Veilleux et al. 2021)."""
+    if not (math.isfinite(concentration) and concentration > 0):
+        raise ValueError(f"query_imbalance must be a positive number, got {concentration!r}")
+    rng = np.random.default_rng([seed, 30])
+    out = []
+    for _ in range(episodes):
+        counts = np.minimum(rng.multinomial(total, rng.dirichlet([concentration] * n)), pool)
+        out.append(np.concatenate([c * pool + np.arange(m) for c, m in enumerate(counts)]).astype(np.int64))
+    return out
 
 
 def format_accuracy(accuracy: float, ci95: float | None, episodes: int) -> str:

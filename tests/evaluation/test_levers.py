@@ -1,0 +1,81 @@
+"""Re-ranking and transductive episodes wired into `fewshot evaluate` and fewshot.evaluate:
+recorded, reported, and refused where they do not apply."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fewshot.cli import app
+from fewshot.errors import InputError
+from test_openset_eval import _drawn_manifest
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    import fewshot
+    from fewshot.data.splits import ClassSplit
+
+    root = tmp_path_factory.mktemp("levers")
+    manifest, labels = _drawn_manifest(root / "data", train=5, test=6)
+    split = root / "split.json"
+    ClassSplit(name="drawn", seed=0, train=[], val=[], test=sorted(labels)).save(split)
+    return root, manifest, split, fewshot.create_backbone("efficientnet_lite0", image_size=32)
+
+
+def test_evaluate_records_and_reports_the_levers(drawn, monkeypatch):
+    import fewshot
+
+    root, manifest, split, model = drawn
+    monkeypatch.setenv("FEWSHOT_CACHE", str(root / "cache"))
+    ds = fewshot.load_dataset(manifest)
+    plain = fewshot.evaluate(model, ds, split_file=split, episodes=40, n_query=2, runtime="torch")
+    m = fewshot.evaluate(model, ds, split_file=split, episodes=40, n_query=2, runtime="torch", out=root / "ev",
+                         rerank={"kind": "dba-qe", "k": 2}, transductive="bdcspn", query_imbalance=2.0)
+    c = m["config"]
+    assert c["rerank"] == {"kind": "dba-qe", "k": 2, "alpha": 1.0}
+    assert c["transductive"] == "bdcspn" and c["query_imbalance"] == 2.0
+    assert m["episodes"]["5way1shot"]["transductive"] == "bdcspn"
+    assert m["map_at_r"] != plain["map_at_r"] and m["num_queries"] == plain["num_queries"]
+    assert m["episodes"]["5way1shot"]["accuracy"] != plain["episodes"]["5way1shot"]["accuracy"]
+    report = (root / "ev" / "report.md").read_text()
+    assert "re-ranked by `dba-qe` (k 2, alpha 1.0)" in report and "transductively (`bdcspn`)" in report
+    assert "Dirichlet(2.0)" in report
+    saved = json.loads((root / "ev" / "metrics.json").read_text())
+    assert saved["map_at_r"] == pytest.approx(m["map_at_r"])
+    kr = fewshot.evaluate(model, ds, split_file=split, episodes=40, n_query=2, runtime="torch", rerank="k-reciprocal",
+                          transductive="centre")
+    assert kr["config"]["rerank"] == {"kind": "k-reciprocal", "k1": 20, "k2": 6, "lam": 0.3}
+    assert 0 < kr["map_at_r"] <= 1 and kr["map_at_r"] != plain["map_at_r"]
+
+
+def test_levers_are_refused_where_they_do_not_apply(drawn):
+    import fewshot
+
+    root, manifest, split, model = drawn
+    ds = fewshot.load_dataset(manifest)
+    for kwargs, name in (({"rerank": "dba"}, "rerank"), ({"split_file": split, "rerank": "magic"}, "kind"),
+                         ({"split_file": split, "transductive": "magic"}, "transductive"),
+                         ({"split_file": split, "query_imbalance": -1.0}, "query_imbalance")):
+        with pytest.raises(ValueError) as exc:
+            fewshot.evaluate(model, ds, episodes=5, **kwargs)
+        assert name in exc.value.options, kwargs
+
+
+def test_the_cli_names_the_flags(tmp_path):
+    for args, flag in ((["--rerank", "magic"], "--rerank"), (["--rerank", "dba"], "--rerank"),
+                       (["--transductive", "magic"], "--transductive"), (["--query-imbalance", "0"], "--query-imbalance")):
+        r = CliRunner().invoke(app, ["evaluate", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "ev"),
+                                     *args])
+        assert r.exit_code == 1 and flag in r.output and "Traceback" not in r.output, (args, r.output)
+        assert not (tmp_path / "ev").exists()
+
+
+def test_a_maml_model_keeps_its_own_classifier():
+    from fewshot.evaluation.levers import check_levers
+
+    with pytest.raises(InputError, match="MAML"):
+        check_levers("none", "tim", None, gallery=True, model_classifier=True)
+    assert check_levers("qe", "none", None, gallery=True, model_classifier=True).kind == "qe"

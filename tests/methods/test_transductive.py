@@ -1,0 +1,104 @@
+"""Transductive episode classifiers (fewshot.methods.transductive): a rectified prototype computed
+by hand, TIM fixing an episode the nearest prototype gets wrong, centring, and imbalanced query
+sets in episodic_accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot.errors import FewshotError
+from fewshot.methods.transductive import (TimOptions, bd_cspn, centre, rectified_prototypes, tim,
+                                          transductive_classifier)
+from fewshot.metrics import episodic_accuracy
+
+
+def test_rectified_prototypes_by_hand():
+    sx = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    sy = torch.tensor([0, 1])
+    qx = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+    protos, queries = rectified_prototypes(sx, sy, qx, 2, temperature=10.0)
+    # shift by mean(support) - mean(query) = (-0.2, -0.2): (0.6, 0.4) and (0.4, 0.6), unit length
+    a = np.array([0.6, 0.4]) / math.hypot(0.6, 0.4)
+    np.testing.assert_allclose(queries.numpy(), [a, a[::-1]], atol=1e-6)
+    # class 0: its support (1, 0) weighs exp(10 * 1), its pseudo-labelled query exp(10 * cos) = exp(10 * a[0])
+    p0 = math.exp(10) * np.array([1.0, 0.0]) + math.exp(10 * a[0]) * a
+    p0 /= np.linalg.norm(p0)
+    np.testing.assert_allclose(protos[0].numpy(), p0, atol=1e-6)
+    np.testing.assert_allclose(protos[1].numpy(), p0[::-1], atol=1e-6)
+    assert bd_cspn(sx, sy, qx, 2).tolist() == [0, 1]
+
+
+def _shifted_episode(seed=0):
+    """2-way 1-shot on the unit circle: class 0's queries around 0 degrees, class 1's around 60;
+    the support photos sit at 30 and 100 degrees, so the nearest prototype puts class 1 in class 0."""
+    rng = np.random.default_rng(seed)
+    at = lambda deg: np.stack([np.cos(np.radians(deg)), np.sin(np.radians(deg))], axis=-1)  # noqa: E731
+    queries = np.concatenate([at(0 + 3 * rng.normal(size=10)), at(60 + 3 * rng.normal(size=10))])
+    t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    return t(at(np.array([30.0, 100.0]))), torch.tensor([0, 1]), t(queries), torch.tensor([0] * 10 + [1] * 10)
+
+
+def test_tim_fixes_an_episode_the_prototype_gets_wrong():
+    sx, sy, qx, qy = _shifted_episode()
+    protos = torch.nn.functional.normalize(sx, dim=1)
+    inductive = (qx @ protos.T).argmax(1)
+    assert (inductive == qy).float().mean() == 0.5
+    accuracy = [float((tim(sx, sy, qx, 2, TimOptions(steps=n)) == qy).float().mean()) for n in (50, 300)]
+    assert 0.5 < accuracy[0] < accuracy[1] == 1.0  # each step moves the class weights toward the query clusters
+    assert (tim(sx, sy, qx, 2, TimOptions(steps=1, lr=1e-6)) == inductive).all()  # barely moved: the prototypes
+
+
+def test_classifier_names_options_and_centring():
+    assert transductive_classifier("none") is None
+    assert transductive_classifier("tim") is tim and transductive_classifier("bdcspn") is bd_cspn
+    with pytest.raises(FewshotError) as exc:
+        transductive_classifier("magic")
+    assert exc.value.options == ("transductive",)
+    with pytest.raises(FewshotError):
+        TimOptions(steps=0)
+    x = np.array([[3.0, 4.0], [0.0, 2.0]], dtype=np.float32)
+    mean = np.array([0.3, 0.9], dtype=np.float32)
+    expect = np.array([[0.6 - 0.3, 0.8 - 0.9], [0.0 - 0.3, 1.0 - 0.9]])
+    np.testing.assert_allclose(centre(x, mean), expect / np.linalg.norm(expect, axis=1, keepdims=True), atol=1e-6)
+
+
+def _pool(classes=8, per=20, dim=12, seed=0, spread=0.2):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    x = np.concatenate([c + spread * rng.normal(size=(per, dim)) for c in centres]).astype(np.float32)
+    return x, np.repeat(np.arange(classes), per)
+
+
+def test_imbalanced_query_sets():
+    x, y = _pool()
+    seen = []
+
+    def recording(sx, sy, qx, n):
+        seen.append(len(qx))
+        protos = torch.nn.functional.normalize(torch.stack([sx[sy == c].mean(0) for c in range(n)]), dim=1)
+        return (qx @ protos.T).argmax(1)
+
+    kwargs = dict(n_way=5, k_shot=1, n_query=4, episodes=40, seed=3)
+    r = episodic_accuracy(x, y, classifier=recording, query_imbalance=0.5, **kwargs)
+    assert len(seen) == 40 and len(set(seen)) > 3 and max(seen) <= 20 and min(seen) >= 12  # 20 drawn, <= 12 per class
+    assert r.accuracy == 1.0 and r.n_query == 4
+    again = episodic_accuracy(x, y, query_imbalance=0.5, **kwargs)  # the default classifier: same episodes, same result
+    assert again.accuracy == 1.0
+    np.testing.assert_array_equal(episodic_accuracy(x, y, query_imbalance=0.5, **kwargs).per_episode, again.per_episode)
+    with pytest.raises(ValueError, match="query_imbalance"):
+        episodic_accuracy(x, y, query_imbalance=0.0, **kwargs)
+
+
+def test_transductive_loses_on_imbalanced_queries_and_gains_on_balanced_ones():
+    """Veilleux et al. 2021's finding, on a noisy synthetic pool: TIM's class-balance prior
+    helps when queries are spread over the classes and hurts when they are not."""
+    x, y = _pool(classes=10, per=40, dim=16, spread=1.0, seed=1)
+    kwargs = dict(n_way=5, k_shot=1, n_query=5, episodes=30, seed=0)
+    base = episodic_accuracy(x, y, **kwargs).accuracy
+    assert episodic_accuracy(x, y, classifier=tim, **kwargs).accuracy > base + 0.03
+    base_imb = episodic_accuracy(x, y, query_imbalance=0.5, **kwargs).accuracy
+    assert episodic_accuracy(x, y, classifier=tim, query_imbalance=0.5, **kwargs).accuracy < base_imb - 0.03
