@@ -37,7 +37,8 @@ def test_what_can_be_split_is_the_methods_own_declaration():
             check_distributable(cfg, 2)
             with pytest.raises(FewshotError, match="too small to split over nproc=13"):
                 check_distributable(cfg, 13)  # 3 x (2 + 2) = 12 items
-    assert {n for n in list_methods() if get_method(n).data_parallel} == {"contrastive", "triplet", "protonet"}
+    assert {n for n in list_methods() if get_method(n).data_parallel} == {"contrastive", "triplet", "protonet",
+                                                                          "multisimilarity"}
 
 
 def _toy(name: str):
