@@ -30,7 +30,8 @@ def test_registry_basics():
 
 
 def test_the_three_registries_refuse_a_second_registration():
-    assert list_methods() == ["contrastive", "fomaml", "maml", "protonet", "triplet"]
+    assert list_methods() == ["arcface", "contrastive", "fomaml", "maml", "multisimilarity", "protonet", "proxyanchor",
+                              "triplet"]
     assert {"efficientnet_lite0", "efficientnet_lite2", "timm:"} <= set(BACKBONES.names())
     assert {"grocery", "omniglot"} <= set(DATASETS.names())
     with pytest.raises(ValueError, match="method 'triplet' is already registered"):
@@ -45,7 +46,7 @@ def test_the_three_registries_refuse_a_second_registration():
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(FewshotError, match="unknown method 'siamese'") as err:
         get_method("siamese")
-    assert "contrastive, fomaml, maml, protonet, triplet" in err.value.hint
+    assert "arcface, contrastive, fomaml, maml, multisimilarity, protonet, proxyanchor, triplet" in err.value.hint
     with pytest.raises(BackboneError, match="unknown backbone 'resnet-nope'") as err:
         create_backbone("resnet-nope")
     assert "efficientnet_lite0" in err.value.hint and "timm:NAME" in err.value.hint

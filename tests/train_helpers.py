@@ -76,22 +76,28 @@ def shared_tiny_grocery(grocery_root: Path) -> dict[str, str]:
 
 
 def nuisance_toy(n_classes: int, per_class: int, seed: int, dim: int = 16, *, noise: float = 1.0,
-                 evenly_spaced: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 evenly_spaced: bool = True, signal: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Toy episodic features: float32 ``[n_classes * per_class, dim]`` and int64 labels.
 
     Class means lie on the unit circle in the first 2 dimensions (tight clusters, std 0.05);
     the other ``dim - 2`` carry strong Gaussian noise (std ``noise``), so nearest prototype on
     the raw features is poor and a learned linear map separates the classes. The angles are
     evenly spaced with one random offset, or (``evenly_spaced=False``) drawn uniformly.
+    With ``signal > 2`` the means are random unit vectors in the first ``signal`` dimensions
+    instead (room for many classes far apart, as a proxy loss wants) and the other
+    ``dim - signal`` carry the noise.
     """
     g = torch.Generator().manual_seed(seed)
-    if evenly_spaced:
-        angles = torch.arange(n_classes) * (2 * np.pi / n_classes) + torch.rand(1, generator=g)
-    else:
-        angles = torch.rand(n_classes, generator=g) * 2 * np.pi
     means = torch.zeros(n_classes, dim)
-    means[:, 0], means[:, 1] = angles.cos(), angles.sin()
+    if signal > 2:
+        means[:, :signal] = torch.nn.functional.normalize(torch.randn(n_classes, signal, generator=g), dim=1)
+    else:
+        if evenly_spaced:
+            angles = torch.arange(n_classes) * (2 * np.pi / n_classes) + torch.rand(1, generator=g)
+        else:
+            angles = torch.rand(n_classes, generator=g) * 2 * np.pi
+        means[:, 0], means[:, 1] = angles.cos(), angles.sin()
     y = torch.arange(n_classes).repeat_interleave(per_class)
     x = means[y] + 0.05 * torch.randn(len(y), dim, generator=g)
-    x[:, 2:] += noise * torch.randn(len(y), dim - 2, generator=g)
+    x[:, max(2, signal):] += noise * torch.randn(len(y), dim - max(2, signal), generator=g)
     return x, y

@@ -3,7 +3,8 @@ help text, its command-line flag, a minimum and the allowed values.
 
 Method options (:mod:`fewshot.methods`), the training loop's fields (:mod:`fewshot.training`)
 and index kinds' options (:mod:`fewshot.index.kinds`) are all declared this way; the CLI
-generates one flag per field from this metadata and :func:`check_options` enforces it. Any
+generates one flag per field from this metadata and :func:`check_options` enforces it (a bound
+``min`` cannot say, e.g. a scale above 0: :func:`check_above`, from ``__post_init__``). Any
 layer may import this module (it imports nothing of fewshot but :mod:`fewshot.errors`).
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from .errors import FewshotError
 
-__all__ = ["option", "check_options", "flag_of"]
+__all__ = ["option", "check_options", "check_above", "flag_of"]
 
 
 def option(default: Any, help: str, *, flag: str | None = None, min: float | None = None,
@@ -64,3 +65,24 @@ def check_options(what: str, opts: Any) -> None:
             raise FewshotError(f"unknown option {f.name} = {value!r} for {what}",
                                hint=f"use one of: {', '.join(map(str, meta['choices']))}",
                                options=(f.name,))
+
+
+def check_above(opts: Any, **limits: float) -> None:
+    """Refuse an option that is not greater than its limit, which ``min`` cannot say (e.g. a
+    scale or an exponent that must be positive). Call it from the options dataclass's
+    ``__post_init__``: building the options (:func:`fewshot.methods.method_options`, the CLI)
+    then refuses them.
+
+    Args:
+        opts: a dataclass instance whose fields were made with :func:`option`.
+        limits: option name -> the value it must exceed.
+
+    Raises:
+        FewshotError: naming the option (by its field name, also in ``options``) and its default.
+    """
+    defaults = {f.name: f.default for f in fields(opts)}
+    for name, limit in limits.items():
+        value = getattr(opts, name)
+        if not value > limit:  # NaN too
+            raise FewshotError(f"option {name} = {value}: must be a number greater than {limit}",
+                               hint=f"use e.g. {name} = {defaults[name]}, the default", options=(name,))

@@ -7,8 +7,8 @@ wrappers gather the slices, so the miner and the loss see the whole batch; the l
 multiplies the loss by the world size N and DDP averages the gradients over N, which gives the
 gradient of the one-process loss. For protonet the episode's embeddings are gathered with a
 differentiable all-gather whose backward sums the ranks' gradients (again N x dL/dz per slice,
-averaged by DDP), and a parameter used after the gather (the learned logit scale) gets the
-plain average of N equal gradients. So the losses and the weights match one process up to
+averaged by DDP), and a parameter used after the gather (the learned logit scale, the proxies of
+proxyanchor and arcface) gets the plain average of N equal gradients. So the losses and the weights match one process up to
 float rounding, and the two ranks hold bitwise identical weights (DDP's all-reduce gives every
 rank the same averaged gradient).
 """
@@ -45,6 +45,9 @@ STEP_CASES = {
     "contrastive": dict(batch_size=16, m_per_class=4, miner="hard", lr=1e-2),
     # 3 x (2 + 3) = 15 items per episode: an uneven split (8 + 7 rows)
     "protonet": dict(ways=3, shots=2, queries=3, episodes_per_epoch=4, lr=1e-2),
+    # learned proxies used after the gather; 15 items per batch: an uneven split (8 + 7 rows)
+    "proxyanchor": dict(batch_size=15, lr=1e-2),
+    "arcface": dict(batch_size=16, sub_centers=2, lr=1e-2),
 }
 EPOCHS = 2
 
@@ -58,6 +61,7 @@ def _toy_method(name: str):
     method = cfg.build_method(16)
     features = lambda idx: x[torch.from_numpy(idx)]  # noqa: E731
     method.bind(features)
+    method.check_data(train_data)  # as the trainer does before its optimizer (a proxy method builds its proxies)
     return method, train_data, features, make_optimizer(method, cfg)
 
 
@@ -116,10 +120,12 @@ def test_two_processes_step_like_one_process_on_the_same_batches(two_ranks, name
     for key, value in ref.items():
         assert torch.equal(ranks[0]["weights"][key], ranks[1]["weights"][key]), key  # identical on both ranks
         torch.testing.assert_close(ranks[0]["weights"][key], value, rtol=1e-5, atol=1e-6)
-        if not key.endswith("centre_vector"):  # a buffer (zeros: this head is not centred)
+        if not key.endswith(("centre_vector", "num_classes")):  # a buffer (zeros: this head is not centred)
             assert not torch.equal(value, _weights(_toy_method(name)[0])[key]), key  # it trained
     if name == "protonet":  # the parameter used after the gather moved as in one process
         assert float(ref["method.log_scale"]) != pytest.approx(np.log(5.0), abs=1e-6)
+    if name in ("proxyanchor", "arcface"):  # the proxies are among the weights checked above
+        assert any(key.startswith("method.loss.") for key in ref)
 
 
 def test_shard_sizes_and_nproc_checks():

@@ -17,7 +17,8 @@ from fewshot.training.parallel import check_distributable
 from train_helpers import nuisance_toy
 
 CASES = {"triplet": dict(batch_size=16, m_per_class=4, lr=1e-2), "contrastive": dict(batch_size=16, m_per_class=4, lr=1e-2),
-         "protonet": dict(ways=3, shots=2, queries=3, episodes_per_epoch=3, lr=1e-2)}
+         "protonet": dict(ways=3, shots=2, queries=3, episodes_per_epoch=3, lr=1e-2),
+         "proxyanchor": dict(batch_size=16, lr=1e-2)}
 
 
 def test_what_can_be_split_is_the_methods_own_declaration():
@@ -28,16 +29,19 @@ def test_what_can_be_split_is_the_methods_own_declaration():
             with pytest.raises(FewshotError, match=f"method {name} cannot train in several processes") as err:
                 check_distributable(cfg, 2)
             assert err.value.options == ("method", "nproc") and "--" not in err.value.message
-        elif cls.Config().__dict__.get("batch_size"):
+        elif cls.Config().__dict__.get("m_per_class"):  # m-per-class batches: a multiple of nproc
             check_distributable(make_config(name, fine_tune="none", batch_size=16), 2)
             with pytest.raises(FewshotError, match="batch_size=16 does not split over nproc=3") as err:
                 check_distributable(make_config(name, fine_tune="none", batch_size=16), 3)
             assert "batch_size=24" in err.value.hint
+        elif cls.Config().__dict__.get("batch_size"):  # shuffled batches (proxy methods): unequal slices too
+            check_distributable(make_config(name, fine_tune="none", batch_size=16), 3)
         else:
             check_distributable(cfg, 2)
             with pytest.raises(FewshotError, match="too small to split over nproc=13"):
                 check_distributable(cfg, 13)  # 3 x (2 + 2) = 12 items
-    assert {n for n in list_methods() if get_method(n).data_parallel} == {"contrastive", "triplet", "protonet"}
+    assert {n for n in list_methods() if get_method(n).data_parallel} == {"contrastive", "triplet", "protonet",
+                                                                          "multisimilarity", "proxyanchor", "arcface"}
 
 
 def _toy(name: str):
@@ -46,7 +50,9 @@ def _toy(name: str):
     torch.manual_seed(0)
     method = cfg.build_method(16)
     method.bind(lambda idx: x[torch.from_numpy(idx)])
-    return method, TrainData(x=x, y=y, label_names=[f"c{i}" for i in range(6)]), make_optimizer(method, cfg)
+    data = TrainData(x=x, y=y, label_names=[f"c{i}" for i in range(6)])
+    method.check_data(data)  # as the trainer does before its optimizer (a proxy method builds its proxies)
+    return method, data, make_optimizer(method, cfg)
 
 
 @pytest.mark.parametrize("name", list(CASES))

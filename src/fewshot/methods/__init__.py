@@ -9,7 +9,7 @@ format: ``config.json`` + ``model.safetensors``).
 Importing this package registers the built-in methods (one import line per method file).
 """
 
-from . import maml, protonet, siamese  # noqa: F401  (register contrastive, triplet, protonet, maml, fomaml)
+from . import arcface, maml, multisimilarity, protonet, proxyanchor, siamese  # noqa: F401  (register them all)
 from ..model import EmbeddingModel
 from ..options import option
 from .base import EpisodeSpec, EpisodicOptions, IndexBatch, Method, NoOptions, TrainData

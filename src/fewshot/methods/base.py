@@ -52,9 +52,10 @@ and say what one epoch iterates and where embedding happens::
   the default rebuilds the method from the saved config, loads its extra tensors, and sets the
   model's ``episode_classifier`` from :meth:`Method.episode_classifier`.
 
-Built-in names: ``contrastive`` and ``triplet`` (:mod:`.siamese`), ``protonet`` (:mod:`.protonet`),
-``maml`` and ``fomaml`` (:mod:`.maml`); :mod:`fewshot.methods` imports those modules, so they are
-registered whenever a method module is used. The registry is :mod:`.registry`.
+Built-in names: ``contrastive`` and ``triplet`` (:mod:`.siamese`), ``multisimilarity``, ``proxyanchor``,
+``arcface`` (one module each), ``protonet`` (:mod:`.protonet`), ``maml`` and ``fomaml`` (:mod:`.maml`);
+:mod:`fewshot.methods` imports those modules, so they are registered whenever a method module is
+used. The registry is :mod:`.registry`.
 """
 
 from __future__ import annotations

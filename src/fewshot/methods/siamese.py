@@ -56,6 +56,7 @@ from pytorch_metric_learning import distances, losses, miners, samplers
 from pytorch_metric_learning.utils import common_functions as pml_common
 
 from ..errors import FewshotError
+from ..options import check_options
 from .base import EpisodeSpec, IndexBatch, Method, TrainData, option
 from .registry import register_method
 
@@ -117,11 +118,7 @@ class SiameseMethod(Method):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        miner = self.opts.miner
-        if miner not in MINERS:
-            raise FewshotError(f"unknown option miner = '{miner}'", hint=f"use miner={' | '.join(MINERS)}", options=("miner",))
-        self.miner_name = miner
-        self.margin = float(self.opts.margin)
+        check_options(f"method '{self.name}'", self.opts)  # options made without method_options, e.g. a bad miner
         self.distance = distances.CosineSimilarity()
         self.loss_fn = self.make_loss()
         self.miner = self.make_miner()
@@ -231,14 +228,14 @@ class ContrastiveMethod(SiameseMethod):
     Config = ContrastiveOptions
 
     def make_loss(self) -> torch.nn.Module:
-        self.pos_margin = float(self.opts.pos_margin)
+        self.margin, self.pos_margin = float(self.opts.margin), float(self.opts.pos_margin)
         return losses.ContrastiveLoss(pos_margin=self.pos_margin, neg_margin=self.margin,
                                       distance=self.distance)
 
     def make_miner(self) -> Any:
-        if self.miner_name == "hard":
+        if self.opts.miner == "hard":
             return miners.BatchHardMiner(distance=self.distance)
-        if self.miner_name == "semihard":
+        if self.opts.miner == "semihard":
             return miners.MultiSimilarityMiner(epsilon=0.1, distance=self.distance)
         return None
 
@@ -253,8 +250,9 @@ class TripletMethod(SiameseMethod):
     Config = TripletOptions
 
     def make_loss(self) -> torch.nn.Module:
+        self.margin = float(self.opts.margin)
         return losses.TripletMarginLoss(margin=self.margin, distance=self.distance)
 
     def make_miner(self) -> Any:
-        return miners.TripletMarginMiner(margin=self.margin, type_of_triplets=self.miner_name,
+        return miners.TripletMarginMiner(margin=self.margin, type_of_triplets=self.opts.miner,
                                          distance=self.distance)

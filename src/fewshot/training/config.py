@@ -92,7 +92,8 @@ class TrainConfig:
             or a dict = its defaults / those values).
     """
 
-    method: str = loop_option("triplet", "contrastive | triplet | protonet | maml | fomaml (see `fewshot methods`).")
+    method: str = loop_option("triplet", "contrastive | triplet | multisimilarity | proxyanchor | arcface | protonet | "
+                              "maml | fomaml (see `fewshot methods`).")
     data: str = loop_option("", "Dataset folder, CSV manifest, or a fetched dataset name.", required=True)
     split_file: str = loop_option("", "Class-disjoint protocol JSON (e.g. splits/grocery-unseen.json): train on its "
                                   "train classes, validate on its val classes.", required=True, path=True)
