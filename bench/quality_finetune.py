@@ -79,7 +79,7 @@ for _s in (1, 2):
         "fine_tune": "all", "epochs": 5, "patience": 0, "backbone_lr": 5e-5, "lr_schedule": "cosine", "seed": _s})
 # `fewshot train --method M` exactly as a user runs it (no setting given): the time target is
 # for these; measured again on each CPU the table names
-for _m in ("fomaml", "protonet", "triplet"):
+for _m in ("fomaml", "protonet", "triplet", "multisimilarity", "proxyanchor", "arcface"):
     ROWS[f"{_m}-default"] = ("grocery", _m, {})
 ROWS["fomaml-all"] = ("grocery", "fomaml", {"fine_tune": "all", "episodes": 200, "episodes_per_epoch": 100,
                                            "patience": 2})
