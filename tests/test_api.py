@@ -56,6 +56,20 @@ def test_grey_arrays_paths_and_save_load_agree(catalogue, drawn_tree, tmp_path):
     assert [p.score for p in a] == pytest.approx([p.score for p in b], abs=1e-5)
 
 
+def test_search_re_ranks_the_shortlist(catalogue, drawn_tree):
+    photos = sorted(drawn_tree.rglob("*.jpg"))[:3]
+    plain = catalogue.search(photos, k=4)
+    for rerank in ("qe", "dba", "dba-qe", {"kind": "dba-qe", "k": 2, "alpha": 0.0}):
+        hits = catalogue.search(photos, k=4, rerank=rerank)
+        assert [len(h) for h in hits] == [4, 4, 4]
+        assert all(h[0].score >= h[-1].score for h in hits)
+    assert catalogue.search(photos, k=4, rerank="none") == plain
+    # a catalogue photo finds itself first; re-ranked, a photo of its article (DBA moves every image
+    # toward its neighbours, so its own image need not stay first)
+    assert [h[0].path for h in plain] == [str(p) for p in photos]
+    assert [h[0].label for h in catalogue.search(photos, k=4, rerank="dba-qe")] == [p.parent.name for p in photos]
+
+
 # --------------------------------------------------------------------------- issue 27, items 8 and 10a
 BAD_LABELS = [  # (label, exception, the InputError code or a message fragment)
     (None, ValueError, "empty_enrolment"), ("", ValueError, "empty_enrolment"), ("  ", ValueError, "empty_enrolment"),
@@ -134,6 +148,8 @@ def test_misuse_is_a_type_or_value_error_naming_the_argument(catalogue, drawn_tr
         (lambda: catalogue.search([grey], k=0), ValueError, "k must"),
         (lambda: catalogue.search([grey], k="2"), TypeError, "k must be an integer"),
         (lambda: catalogue.search(str(photo)), TypeError, "pass [image]"),
+        (lambda: catalogue.search([grey], rerank="k-reciprocal"), ValueError, "whole gallery"),
+        (lambda: catalogue.search([grey], rerank="magic"), ValueError, "unknown option kind"),
         (lambda: catalogue.add("New", str(photo)), TypeError, "pass [image]"),
         (lambda: catalogue.save(None), TypeError, "path must be a path"),
         (lambda: catalogue.save(""), ValueError, "path is an empty path"),

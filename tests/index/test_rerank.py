@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fewshot.errors import FewshotError
+from fewshot.errors import FewshotError, InputError
 from fewshot.index.rerank import (MAX_K_RECIPROCAL, RerankOptions, alpha_query_expansion, database_augmentation,
                                   k_reciprocal_distance, rerank_scores, rerank_vectors)
 from fewshot.metrics import ranking_metrics, retrieval_metrics
@@ -164,3 +164,29 @@ def test_the_cli_flags_are_the_options_flags():
     from fewshot.options import flag_of
 
     assert RERANK_FLAGS == {f.name: flag_of(f) for f in fields(RerankOptions)}
+
+
+def test_the_catalogue_shortlist_equals_the_full_re_ranking():
+    from fewshot.index import CatalogueIndex
+
+    q, _, g, gl = _clusters(seed=2, spread=1.0)
+    index = CatalogueIndex.build(g, [str(v) for v in gl], [None] * len(g), [f"{i}.jpg" for i in range(len(g))])
+    qn, gn = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q, g))
+    for kind in ("qe", "dba", "dba-qe"):
+        opts = RerankOptions(kind=kind, k=4)
+        full = rerank_scores(q, g, opts)
+        hits = index.search(q, k=10, rerank=opts if kind != "dba-qe" else {"kind": kind, "k": 4})
+        for row, hit in zip(full, hits):
+            order = np.lexsort((np.arange(len(row)), -row))[:10]
+            assert [h.path for h in hit] == [f"{j}.jpg" for j in order], kind
+            np.testing.assert_allclose([h.score for h in hit], row[order], atol=1e-5)
+    # a short shortlist still answers k results, all from it
+    from fewshot.index.rerank import rerank_shortlist
+
+    s, p = rerank_shortlist(qn, 3, RerankOptions(kind="dba-qe", k=4), index.search_positions, index.vectors_at,
+                            shortlist=5)
+    plain = np.argsort(-(qn @ gn.T), axis=1)[:, :5]
+    assert p.shape == (len(q), 3) and all(set(r) <= set(c) for r, c in zip(p, plain))
+    assert [h.path for h in index.search(q[:1], k=3)[0]] == [f"{j}.jpg" for j in plain[0, :3]]
+    with pytest.raises(FewshotError, match="whole gallery"):
+        index.search(q, k=3, rerank="k-reciprocal")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import faiss
 import numpy as np
@@ -366,6 +366,16 @@ class CatalogueIndex(Ranking):
                 hint="embed queries with the backbone/model the index was built with")
         return l2_normalize(queries)
 
+    def vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """The stored (normalised) vectors of image ``positions`` (int64 ``[M]``), ``float32 [M, D]``."""
+        assert self._vectors is not None
+        return self._vectors.get(self.ids[np.asarray(positions, dtype=np.int64)])
+
+    def search_positions(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores [Q, k], positions int64 [Q, k])`` of the ``k`` nearest live images of unit
+        ``queries float32 [Q, D]`` (``-1`` pads); positions index :attr:`labels` / :attr:`paths`."""
+        return self._search_images(np.ascontiguousarray(queries, dtype=np.float32), k)
+
     def _search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores [Q, k], positions int64 [Q, k])`` of the nearest live images (``-1`` pads)."""
         assert self.image_index is not None and self._vectors is not None and self._alive is not None
@@ -376,19 +386,29 @@ class CatalogueIndex(Ranking):
         ok[ok] = self.ids[pos[ok]] == ids[ok]
         return scores, np.where(ok, pos, -1)
 
-    def search(self, queries: np.ndarray, k: int = 5) -> list[list[Neighbor]]:
+    def search(self, queries: np.ndarray, k: int = 5, rerank: Any = None) -> list[list[Neighbor]]:
         """Nearest catalogue images for ``queries float32 [Q, D]`` (cosine, best first); ``k``
-        at most the catalogue's size (0: none).
+        at most the catalogue's size (0: none). ``rerank``: ``None`` / ``"none"``, or ``"qe"``,
+        ``"dba"``, ``"dba-qe"`` (or :class:`~fewshot.index.rerank.RerankOptions`): the shortlist
+        re-ranked by :func:`fewshot.index.rerank.rerank_shortlist` (``.score`` is then the
+        re-ranked cosine).
 
         Raises:
             TypeError / ValueError: ``k`` is not a whole number of at least 0.
+            FewshotError: an unknown ``rerank`` or ``k-reciprocal`` (it needs the whole gallery).
         """
+        from .rerank import rerank_shortlist, search_rerank
+
         k = positive_int(k, "k", minimum=0)
+        opts = search_rerank(rerank)
         queries = self._check_queries(queries)
         k = min(k, len(self.labels))
         if k == 0:
             return [[] for _ in range(len(queries))]
-        scores, idx = self._search_images(queries, k)
+        if opts.kind == "none":
+            scores, idx = self._search_images(queries, k)
+        else:
+            scores, idx = rerank_shortlist(queries, k, opts, self.search_positions, self.vectors_at)
         return [[Neighbor(self.paths[j], self.labels[j], self.groups[j], float(s))
                  for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(scores, idx)]
 

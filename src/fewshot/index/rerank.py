@@ -23,20 +23,22 @@ docs/benchmarks.md). :func:`rerank_scores` gives the ``[Q, G]`` similarity a gal
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..checks import as_embeddings
-from ..errors import FewshotError
+from ..errors import FewshotError, InputError
 from ..metrics import nearest_neighbors
 from ..options import check_options, option
 
-__all__ = ["RERANK_KINDS", "RerankOptions", "MAX_K_RECIPROCAL", "alpha_query_expansion", "database_augmentation",
-           "k_reciprocal_distance", "rerank_scores", "rerank_vectors"]
+__all__ = ["RERANK_KINDS", "RerankOptions", "MAX_K_RECIPROCAL", "SHORTLIST", "alpha_query_expansion",
+           "database_augmentation", "k_reciprocal_distance", "rerank_scores", "rerank_vectors", "rerank_shortlist", "search_rerank"]
 
 #: the re-ranking methods, by name
 RERANK_KINDS = ("none", "qe", "dba", "dba-qe", "k-reciprocal")
+#: catalogue images re-ranked per query by :func:`rerank_shortlist` (at least the ``k`` asked for)
+SHORTLIST = 100
 #: most vectors (queries + gallery) k-reciprocal re-ranking takes: two float32 N x N matrices, 1.6 GiB at 20,000
 MAX_K_RECIPROCAL = 20_000
 
@@ -58,14 +60,17 @@ class RerankOptions:
                         flag="--rerank-lambda", min=0.0)
 
     def __post_init__(self) -> None:
-        check_options("re-ranking", self)
+        try:
+            check_options("re-ranking", self)
+        except FewshotError as exc:  # a ValueError for Python callers, as every bad argument value
+            raise InputError(exc.message, hint=exc.hint, options=exc.options) from None
         for name in ("k", "k1", "k2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise FewshotError(f"option {name} = {value!r}: re-ranking needs a whole number",
+                raise InputError(f"option {name} = {value!r}: re-ranking needs a whole number",
                                    hint=f"use e.g. {name} = {getattr(RerankOptions, name)}", options=(name,))
         if self.lam > 1:
-            raise FewshotError(f"option lam = {self.lam} is above 1", hint="use a weight between 0 and 1",
+            raise InputError(f"option lam = {self.lam} is above 1", hint="use a weight between 0 and 1",
                                options=("lam",))
 
     @classmethod
@@ -73,7 +78,7 @@ class RerankOptions:
         """Options from a kind name, a dict of fields (``metrics.json``'s record) or ``None``.
 
         Raises:
-            FewshotError: an unknown kind, field or out-of-range value, naming it.
+            InputError: an unknown kind, field or out-of-range value, naming it.
         """
         if isinstance(value, cls):
             return value
@@ -83,7 +88,7 @@ class RerankOptions:
             return cls(kind=value)
         unknown = sorted(set(value) - {f.name for f in fields(cls)})
         if unknown:
-            raise FewshotError(f"unknown re-ranking option {unknown[0]!r}",
+            raise InputError(f"unknown re-ranking option {unknown[0]!r}",
                                hint="use " + ", ".join(f.name for f in fields(cls)), options=("rerank",))
         return cls(**value)
 
@@ -186,14 +191,14 @@ def k_reciprocal_distance(query: np.ndarray, gallery: np.ndarray, k1: int = 20, 
         float32 ``[Q, G]`` distances.
 
     Raises:
-        FewshotError: more than :data:`MAX_K_RECIPROCAL` vectors in all.
+        InputError: more than :data:`MAX_K_RECIPROCAL` vectors in all.
         ValueError: bad shapes or non-finite values.
     """
     q, g = _unit(as_embeddings(query, "query")), _unit(as_embeddings(gallery, "gallery"))
     x = np.concatenate([q, g])
     n, nq = len(x), len(q)
     if n > MAX_K_RECIPROCAL:
-        raise FewshotError(f"k-reciprocal re-ranking of {nq} queries and {len(g)} gallery images would hold two "
+        raise InputError(f"k-reciprocal re-ranking of {nq} queries and {len(g)} gallery images would hold two "
                            f"{n} x {n} matrices", hint=f"use at most {MAX_K_RECIPROCAL} in all, or rerank='dba-qe'",
                            options=("rerank",))
     dist = np.maximum(2.0 - 2.0 * (x @ x.T), 0.0)
@@ -216,10 +221,10 @@ def rerank_vectors(query: np.ndarray, gallery: np.ndarray,
     returns them unit length). Query expansion runs against the augmented gallery.
 
     Raises:
-        FewshotError: ``opts.kind`` is ``k-reciprocal`` (a distance, not vectors: use :func:`rerank_scores`).
+        InputError: ``opts.kind`` is ``k-reciprocal`` (a distance, not vectors: use :func:`rerank_scores`).
     """
     if opts.kind == "k-reciprocal":
-        raise FewshotError("k-reciprocal re-ranking gives distances, not vectors", hint="use rerank_scores",
+        raise InputError("k-reciprocal re-ranking gives distances, not vectors", hint="use rerank_scores",
                            options=("rerank",))
     q, g = _unit(as_embeddings(query, "query")), _unit(as_embeddings(gallery, "gallery"))
     if opts.kind in ("dba", "dba-qe"):
@@ -234,9 +239,84 @@ def rerank_scores(query: np.ndarray, gallery: np.ndarray, opts: RerankOptions) -
     cosine after :func:`rerank_vectors`, or minus :func:`k_reciprocal_distance`.
 
     Raises:
-        FewshotError / ValueError: as the method it runs.
+        InputError / ValueError: as the method it runs.
     """
     if opts.kind == "k-reciprocal":
         return -k_reciprocal_distance(query, gallery, opts.k1, opts.k2, opts.lam)
     q, g = rerank_vectors(query, gallery, opts)
     return q @ g.T
+
+
+
+def search_rerank(value: Any) -> RerankOptions:
+    """The options of a catalogue search's ``rerank`` (a kind name, a dict, an instance or ``None``).
+
+    Raises:
+        InputError: an unknown kind or value, or ``k-reciprocal`` (it needs every query and the
+            whole gallery at once: an evaluation, not a catalogue search), naming ``rerank``.
+    """
+    opts = RerankOptions.from_value(value)
+    if opts.kind == "k-reciprocal":
+        raise InputError("k-reciprocal re-ranking needs the whole gallery and every query at once, not one "
+                           "catalogue search", hint="use rerank='dba-qe' (or evaluate with --rerank k-reciprocal)",
+                           options=("rerank",))
+    return opts
+
+
+def _augmented(cand: np.ndarray, opts: RerankOptions, search: Callable, vectors_at: Callable) -> np.ndarray:
+    """DBA vectors of catalogue positions ``cand`` (int64 ``[M]``), each from its ``k - 1`` nearest
+    other catalogue images found by ``search``: float32 ``[M, D]``."""
+    x = vectors_at(cand)
+    if opts.kind not in ("dba", "dba-qe") or opts.k <= 1:
+        return x
+    sims, pos = search(x, opts.k)
+    # drop each image itself (or, when duplicates outrank it, its last neighbour): k - 1 others stay
+    own = pos == cand[:, None]
+    own[np.flatnonzero(~own.any(axis=1)), -1] = True
+    own &= np.cumsum(own, axis=1) == 1
+    sims, pos = sims[~own].reshape(len(cand), -1), pos[~own].reshape(len(cand), -1)
+    sims = np.where(pos >= 0, sims, 0.0)
+    unique, local = np.unique(np.maximum(pos, 0), return_inverse=True)
+    return _unit(x + _weighted_sum(vectors_at(unique), sims, local.reshape(pos.shape), opts.alpha))
+
+
+def rerank_shortlist(queries: np.ndarray, k: int, opts: RerankOptions, search: Callable, vectors_at: Callable,
+                     shortlist: int = SHORTLIST) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank a catalogue's shortlist (``qe``, ``dba``, ``dba-qe``): the ``max(k, shortlist)``
+    nearest images of each query, their DBA vectors from their own nearest catalogue images, the
+    query expanded with the best ``opts.k`` of them, the shortlist ranked by cosine to it. With a
+    shortlist of the whole catalogue this is :func:`rerank_scores` exactly; images outside the
+    shortlist are not considered (the usual approximation, Radenovic et al. 2018).
+
+    Args:
+        queries: unit float32 ``[Q, D]``; k: results per query.
+        search: ``search(vectors [M, D], n) -> (scores [M, n], positions int64 [M, n])`` (``-1`` pads),
+            e.g. :meth:`fewshot.index.CatalogueIndex.search_positions`; vectors_at:
+            ``vectors_at(positions [M]) -> float32 [M, D]``.
+
+    Returns:
+        ``(scores float32 [Q, k], positions int64 [Q, k])``, best first, ``-1`` padding.
+
+    Raises:
+        InputError: ``opts.kind`` is ``k-reciprocal`` (it needs every query and the whole gallery).
+    """
+    opts = search_rerank(opts)
+    _, pos = search(queries, max(k, shortlist))
+    out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_p = np.full((len(queries), k), -1, dtype=np.int64)
+    cand_all = np.unique(pos[pos >= 0])
+    if len(cand_all) == 0:
+        return out_s, out_p
+    aug = _augmented(cand_all, opts, search, vectors_at)
+    for i, q in enumerate(queries):
+        rows = np.searchsorted(cand_all, pos[i][pos[i] >= 0])
+        g = aug[rows]
+        if opts.kind in ("qe", "dba-qe"):
+            s = g @ q
+            top = np.argsort(-s, kind="stable")[: opts.k]
+            q = _unit((q + (np.maximum(s[top], 0) ** np.float32(opts.alpha)) @ g[top])[None])[0]
+        s = g @ q
+        order = np.lexsort((rows, -s))[:k]  # by score, ties by catalogue position
+        out_s[i, :len(order)] = s[order]
+        out_p[i, :len(order)] = cand_all[rows[order]]
+    return out_s, out_p
