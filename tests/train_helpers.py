@@ -101,3 +101,46 @@ def nuisance_toy(n_classes: int, per_class: int, seed: int, dim: int = 16, *, no
     x = means[y] + 0.05 * torch.randn(len(y), dim, generator=g)
     x[:, max(2, signal):] += noise * torch.randn(len(y), dim - max(2, signal), generator=g)
     return x, y
+
+
+def toy_shapes(root, size: int = 28, per_class: int = 10):
+    """24 articles: 8 colours x 3 shapes on a light noisy background."""
+    from PIL import Image, ImageDraw
+
+    colours = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "black": (20, 20, 20),
+               "yellow": (230, 200, 20), "magenta": (200, 40, 200), "cyan": (40, 200, 210),
+               "orange": (240, 130, 20)}
+    rng = np.random.default_rng(0)
+    for cname, rgb in colours.items():
+        for shape in ("disc", "square", "bar"):
+            folder = root / f"{cname}-{shape}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                img = Image.fromarray(rng.integers(200, 255, size=(size, size, 3), dtype=np.uint8))
+                d = ImageDraw.Draw(img)
+                r = int(rng.integers(6, 10))
+                cx, cy = (int(v) for v in rng.integers(r + 1, size - r - 1, size=2))
+                if shape == "disc":
+                    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rgb)
+                elif shape == "square":
+                    d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=rgb)
+                else:
+                    d.rectangle((cx - r, cy - 2, cx + r, cy + 2), fill=rgb)
+                img.save(folder / f"{i:02d}.png")
+    return root
+
+
+def toy_conv4_protonet(tmp_path, **kw) -> dict:
+    """make_config arguments of a conv4 protonet run from scratch on the toy shapes (14 train,
+    5 val, the rest test classes): 2 epochs of 10 three-way one-shot episodes; ``kw`` adds to or
+    replaces them (seconds on 2 CPU cores, no shared data)."""
+    from fewshot.data.splits import ClassSplit
+
+    root = toy_shapes(tmp_path / "toy")
+    classes = sorted(p.name for p in root.iterdir())
+    split = ClassSplit(name="toy", seed=0, train=classes[:14], val=classes[14:19], test=classes[19:], dataset="toy")
+    split_file = split.save(tmp_path / "toy-split.json")
+    args = dict(data=str(root), split_file=str(split_file), backbone="conv4", pretrained=False, fine_tune="all",
+                image_size=28, augment="none", ways=3, shots=1, queries=3, episodes=20, episodes_per_epoch=10,
+                progress=False, cache_dir=str(tmp_path / "cache"), final_eval="none")
+    return {**args, **kw}

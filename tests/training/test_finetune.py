@@ -22,7 +22,7 @@ from fewshot.methods.runs import load_run
 from fewshot.training import train
 from fewshot.training.finetune import select_trainable
 
-from train_helpers import shared_tiny_grocery
+from train_helpers import shared_tiny_grocery, toy_conv4_protonet, toy_shapes
 
 SMALL = dict(image_size=64, lr=1e-3, ways=3, shots=2, queries=2, val_episodes=0, eval_episodes=40,
              progress=False, final_eval="none", patience=0)
@@ -240,37 +240,10 @@ def test_full_network_maml_step_adapts_and_updates_the_backbone():
 
 
 # ------------------------------------------------------------------ conv4 from scratch
-def _toy_shapes(root, size: int = 28, per_class: int = 10):
-    """24 articles: 8 colours x 3 shapes on a light noisy background."""
-    from PIL import Image, ImageDraw
-
-    colours = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "black": (20, 20, 20),
-               "yellow": (230, 200, 20), "magenta": (200, 40, 200), "cyan": (40, 200, 210),
-               "orange": (240, 130, 20)}
-    rng = np.random.default_rng(0)
-    for cname, rgb in colours.items():
-        for shape in ("disc", "square", "bar"):
-            folder = root / f"{cname}-{shape}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                img = Image.fromarray(rng.integers(200, 255, size=(size, size, 3), dtype=np.uint8))
-                d = ImageDraw.Draw(img)
-                r = int(rng.integers(6, 10))
-                cx, cy = (int(v) for v in rng.integers(r + 1, size - r - 1, size=2))
-                if shape == "disc":
-                    d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rgb)
-                elif shape == "square":
-                    d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=rgb)
-                else:
-                    d.rectangle((cx - r, cy - 2, cx + r, cy + 2), fill=rgb)
-                img.save(folder / f"{i:02d}.png")
-    return root
-
-
 def test_conv4_protonet_from_scratch_learns_a_separable_toy_set(tmp_path):
     from fewshot.data.splits import ClassSplit
 
-    root = _toy_shapes(tmp_path / "toy")
+    root = toy_shapes(tmp_path / "toy")
     classes = sorted(p.name for p in root.iterdir())
     rng = np.random.default_rng(0)
     rng.shuffle(classes)
@@ -292,26 +265,12 @@ def test_conv4_protonet_from_scratch_learns_a_separable_toy_set(tmp_path):
     assert model.backbone.name == "conv4" and model.backbone.dim == 64
 
 
-def _toy_conv4_protonet(tmp_path, **kw) -> dict:
-    """make_config arguments of a conv4 protonet run from scratch on the toy shapes (14 train,
-    5 val, the rest test classes): 2 epochs of 10 three-way one-shot episodes."""
-    from fewshot.data.splits import ClassSplit
-
-    root = _toy_shapes(tmp_path / "toy")
-    classes = sorted(p.name for p in root.iterdir())
-    split = ClassSplit(name="toy", seed=0, train=classes[:14], val=classes[14:19], test=classes[19:], dataset="toy")
-    split_file = split.save(tmp_path / "toy-split.json")
-    return dict(data=str(root), split_file=str(split_file), backbone="conv4", pretrained=False, fine_tune="all",
-                image_size=28, augment="none", ways=3, shots=1, queries=3, episodes=20, episodes_per_epoch=10,
-                progress=False, cache_dir=str(tmp_path / "cache"), final_eval="none", **kw)
-
-
 def test_class_rotations_make_each_rotation_a_train_class_of_its_own(tmp_path):
     """--class-rotations 4 (Santoro et al. 2016): the train part has 4x the classes, item
     r*N + i is image i turned r x 90 degrees with class r*C + y[i]; val is untouched."""
     from fewshot.training.setup import build_setup
 
-    common = _toy_conv4_protonet(tmp_path)
+    common = toy_conv4_protonet(tmp_path)
     plain = build_setup(make_config("protonet", out=str(tmp_path / "a"), **common))
     rot = build_setup(make_config("protonet", out=str(tmp_path / "b"), class_rotations=4, **common))
     n, c = len(plain.data.train), plain.data.train.num_classes
@@ -401,7 +360,7 @@ def test_training_with_a_cosine_schedule_plans_every_step_and_records_it(tmp_pat
     epoch), is written to config.json, and an unknown schedule is refused before any output."""
     from fewshot.training.setup import build_setup
 
-    common = _toy_conv4_protonet(tmp_path, warmup_steps=5, lr_schedule="cosine")
+    common = toy_conv4_protonet(tmp_path, warmup_steps=5, lr_schedule="cosine")
     setup = build_setup(make_config("protonet", out=str(tmp_path / "a"), **common))
     rates = []
     for _ in range(20):  # 2 epochs x 10 episodes
@@ -442,7 +401,7 @@ def test_train_tta_flip_applies_to_the_final_evaluation_only(tmp_path):
 
     from fewshot.cli import app
 
-    kw = _toy_conv4_protonet(tmp_path, seed=3)
+    kw = toy_conv4_protonet(tmp_path, seed=3)
     kw.update(final_eval="test", eval_episodes=50, episodes=10)
     args = ["train", "--method", "protonet", "--data", kw["data"], "--split-file", kw["split_file"],
             "--backbone", "conv4", "--from-scratch", "--fine-tune", "all", "--image-size", "28", "--augment", "none",

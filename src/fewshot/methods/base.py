@@ -257,10 +257,16 @@ class Method:
         return self
 
     def max_epochs(self, epochs: int) -> int:
-        """Epochs the trainer runs at most, given the loop's ``epochs``: those, or for episodic
-        methods ``ceil(opts.episodes / opts.episodes_per_epoch)``."""
-        if self.episodic:
-            return int(math.ceil(self.opts.episodes / max(1, self.opts.episodes_per_epoch)))
+        """Epochs the trainer runs at most, given the loop's ``epochs``: :meth:`epochs_for` its options."""
+        return type(self).epochs_for(self.opts, epochs)
+
+    @classmethod
+    def epochs_for(cls, opts: Any, epochs: int) -> int:
+        """Epochs a run of this method with options ``opts`` runs at most, given the loop's
+        ``epochs``: those, or for episodic methods ``ceil(opts.episodes / opts.episodes_per_epoch)``
+        (the training loop's checks ask before a method exists)."""
+        if cls.episodic:
+            return int(math.ceil(opts.episodes / max(1, opts.episodes_per_epoch)))
         return int(epochs)
 
     # ------------------------------------------------------------------ data

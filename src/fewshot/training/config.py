@@ -29,7 +29,7 @@ from ..methods.heads import ProjectionHead, parse_head, resolve_head_spec
 from ..options import check_options, option
 
 __all__ = ["TrainConfig", "loop_option", "check_config", "parse_fine_tune", "LR_SCHEDULES", "BACKBONE_LR_FACTOR",
-           "WARMUP_STEPS", "SCRATCH_HEAD"]
+           "WARMUP_STEPS", "SCRATCH_HEAD", "WEIGHT_AVERAGES", "EMA_DECAY", "SWA_START"]
 
 #: ``lr_schedule`` values (:func:`fewshot.training.optim.lr_scheduler`)
 LR_SCHEDULES = ("constant", "cosine")
@@ -44,6 +44,15 @@ WARMUP_STEPS = 50
 #: the head of a run whose backbone trains from scratch: centring on the mean embedding of the
 #: random initial backbone would go stale as the backbone learns, so it is off
 SCRATCH_HEAD: dict[str, Any] = {"kind": "linear", "centre": False}
+#: ``weight_average`` values (:mod:`fewshot.training.average`)
+WEIGHT_AVERAGES = ("none", "ema", "swa")
+#: default decay of ``weight_average="ema"`` per optimizer step: the average spans about the last
+#: 1 / (1 - d) = 100 steps, two epochs of a Grocery fine-tune (about 50 steps each, 4 epochs).
+#: 0.999 (1,000 steps) would outlast such a run and keep the early weights in the average.
+#: Not measured against accuracy yet.
+EMA_DECAY = 0.99
+#: default first epoch of ``weight_average="swa"``: epochs 2-4 of a 4-epoch fine-tune
+SWA_START = 2
 
 
 def loop_option(default: Any, help: str, *, flag: str | None = None, min: float | None = None,
@@ -83,6 +92,11 @@ class TrainConfig:
             to 0 at the last planned step (Loshchilov and Hutter 2017, SGDR, eq. 5 without restarts).
         class_rotations: the Omniglot protocol of Santoro et al. 2016 and Vinyals et al. 2016
             (Matching Networks, section 4.1.1) uses 4.
+        weight_average: what each epoch validates and the best run saves
+            (:mod:`fewshot.training.average`): the raw weights (``"none"``), their exponential
+            moving average (``"ema"``, decay ``ema_decay``, ``None`` = :data:`EMA_DECAY`) or
+            their stochastic weight average from epoch ``swa_start`` on (``"swa"``, ``None`` =
+            :data:`SWA_START`).
         head: :class:`~fewshot.methods.heads.ProjectionHead` spec; ``None`` = the default head
             (:data:`SCRATCH_HEAD` for a backbone trained from scratch).
         runtime: forward pass for the frozen embeddings, the final evaluation and, when
@@ -164,6 +178,14 @@ class TrainConfig:
                                  "`fewshot evaluate --help`). Training, validation and the saved model are the same "
                                  "either way; pass --tta again to `fewshot index` / `evaluate --model RUN_DIR`.",
                                  flag="--tta")
+    weight_average: str = loop_option("none", "Validate and save an average of the trained weights instead of the "
+                                      "last ones: none (the default) | ema (exponential moving average after every "
+                                      "step, --ema-decay) | swa (equal average of the weights at the end of each "
+                                      "epoch from --swa-start on; Izmailov et al. 2018).", choices=WEIGHT_AVERAGES)
+    ema_decay: float | None = loop_option(None, "Decay of --weight-average ema per step, 0 < d < 1 (default 0.99: "
+                                          "about the last 100 steps).", unset=True)
+    swa_start: int | None = loop_option(None, "First epoch averaged by --weight-average swa (default 2).", min=1,
+                                        unset=True)
     options: Any = None
 
     def __post_init__(self) -> None:
@@ -193,6 +215,14 @@ class TrainConfig:
         if self.bn == "auto":
             return "eval" if self.pretrained else "train"
         return self.bn
+
+    def average_decay(self) -> float:
+        """``ema_decay``, or :data:`EMA_DECAY` when it is ``None``."""
+        return EMA_DECAY if self.ema_decay is None else float(self.ema_decay)
+
+    def average_start(self) -> int:
+        """``swa_start``, or :data:`SWA_START` when it is ``None``."""
+        return SWA_START if self.swa_start is None else int(self.swa_start)
 
     def episode_spec(self) -> EpisodeSpec:
         """The episode shape the method and episodic validation use (``ways``, ``shots``, ``queries``)."""
@@ -267,6 +297,7 @@ def check_config(cfg: TrainConfig) -> type[Method]:
     check_options("the training loop", cfg)
     _check_limits(cfg)
     _check_fine_tune(cfg)
+    _check_average(cfg)
     if not cfg.out:
         raise FewshotError("no output folder given", hint="pass out=RUN_DIR", options=("out",))
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
@@ -305,6 +336,35 @@ def _check_fine_tune(cfg: TrainConfig) -> None:
         raise FewshotError(f"pretrained=False trains {cfg.backbone} from random weights, so every backbone "
                            f"parameter must train, but fine_tune is '{cfg.fine_tune}'",
                            hint="set fine_tune=all", options=("pretrained", "fine_tune"))
+
+
+def _check_average(cfg: TrainConfig) -> None:
+    """``ema_decay`` belongs to ``weight_average="ema"``, ``swa_start`` to ``"swa"``; the decay
+    lies strictly between 0 and 1, and the first averaged epoch is one the run trains."""
+    given = [(name, kind) for name, kind in (("ema_decay", "ema"), ("swa_start", "swa"))
+             if getattr(cfg, name) is not None and cfg.weight_average != kind]
+    if given:
+        names = [name for name, _ in given]
+        applies = ", ".join(f"{name} applies to weight_average={kind} only" for name, kind in given)
+        raise FewshotError(f"{applies}, but weight_average is {cfg.weight_average!r}",
+                           hint="drop " + ", ".join(names) + f", or pass weight_average={given[0][1]}",
+                           options=(*names, "weight_average"))
+    decay = cfg.average_decay()
+    if not 0.0 < decay < 1.0:
+        raise FewshotError(f"option ema_decay = {cfg.ema_decay}: the decay must lie strictly between 0 and 1",
+                           hint=f"e.g. ema_decay = {EMA_DECAY} (about the last 100 steps) or 0.999 (1,000)",
+                           options=("ema_decay",))
+    if cfg.weight_average == "swa":
+        method = get_method(cfg.method)
+        last = method.epochs_for(cfg.options, cfg.epochs)
+        start = cfg.average_start()
+        if start > last:
+            length = ("episodes", "episodes_per_epoch") if method.episodic else ("epochs",)
+            default = " (the default)" if cfg.swa_start is None else ""
+            raise FewshotError(f"option swa_start = {start}{default} is after the run's last epoch ({last}): no "
+                               "epoch would be averaged",
+                               hint=f"use swa_start = {max(1, last)} or less, or train longer ({', '.join(length)})",
+                               options=("swa_start", *length))
 
 
 def _check_head(head: dict | None) -> None:

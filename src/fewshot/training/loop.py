@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -161,12 +162,16 @@ def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> list[float]:
     for batch in bar:
         value = setup.step(batch) if setup.step is not None else train_step(method, batch, setup.optimizer)
         setup.scheduler.step()
+        if setup.average is not None:
+            setup.average.after_step()
         if not math.isfinite(value):
             raise FewshotError(f"training diverged at epoch {epoch} (loss {value})",
                                hint="lower lr" + (" or backbone_lr" if setup.ft is not None else ""),
                                options=("lr", "backbone_lr"))
         losses.append(value)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+    if setup.average is not None:
+        setup.average.after_epoch(epoch)
     return losses
 
 
@@ -180,6 +185,7 @@ def _run_config(cfg: TrainConfig, setup: Setup, row: dict, elapsed: float) -> di
             "best_val": {k[4:]: row[k] for k in HISTORY_FIELDS if k.startswith("val_")},
             "training_seconds_to_best": round(elapsed, 3),
             **({"validation_runtime": setup.ft.val_runtime} if setup.ft is not None else {}),
+            **({"weight_average": setup.average.info()} if setup.average is not None else {}),
             **({"distributed": setup.parallel.info()} if setup.parallel is not None else {})}
 
 
@@ -216,21 +222,26 @@ def _run_epochs(cfg: TrainConfig, setup: Setup, loop: TrainState, on_epoch_end: 
 
 def _end_epoch(cfg: TrainConfig, setup: Setup, work: Path, loop: TrainState, epoch: int, losses: list[float],
                t0: float, bar) -> None:
-    """Validate the epoch, keep the best run, count patience and write the epoch's files."""
+    """Validate the epoch, keep the best run, count patience and write the epoch's files.
+
+    With ``weight_average`` the averaged weights are in place while the epoch is validated and
+    saved as the best run (:meth:`~fewshot.training.average.WeightAverage.applied`); the
+    checkpoint holds the raw ones (and the average beside them)."""
     method, data = setup.method, setup.data
-    metrics = validate_epoch(method, data, cfg, setup.ft, epoch)
-    seconds = time.perf_counter() - t0
-    loop.elapsed += seconds
-    row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
-           "seconds": round(seconds, 3)}
-    loop.history.append(row)
-    score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
-    if score > loop.best["map_at_r"]:
-        loop.best, loop.bad_epochs = {"epoch": epoch, "map_at_r": score}, 0
-        save_run(work, EmbeddingModel(backbone=data.backbone, head=method.head),
-                 _run_config(cfg, setup, row, loop.elapsed), extra_tensors=method.extra_tensors())
-    elif epoch > 0:
-        loop.bad_epochs += 1
+    with setup.average.applied() if setup.average is not None else contextlib.nullcontext():
+        metrics = validate_epoch(method, data, cfg, setup.ft, epoch)
+        seconds = time.perf_counter() - t0
+        loop.elapsed += seconds
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
+               "seconds": round(seconds, 3)}
+        loop.history.append(row)
+        score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
+        if score > loop.best["map_at_r"]:
+            loop.best, loop.bad_epochs = {"epoch": epoch, "map_at_r": score}, 0
+            save_run(work, EmbeddingModel(backbone=data.backbone, head=method.head),
+                     _run_config(cfg, setup, row, loop.elapsed), extra_tensors=method.extra_tensors())
+        elif epoch > 0:
+            loop.bad_epochs += 1
     if epoch > 0 and cfg.patience and loop.bad_epochs >= cfg.patience and epoch < setup.n_epochs:
         loop.stopped_early = True
     _write_epoch_files(cfg, setup, work, loop, epoch)

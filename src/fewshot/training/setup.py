@@ -14,6 +14,7 @@ import torch
 
 from ..errors import FewshotError
 from ..methods import Method
+from .average import WeightAverage, make_average
 from .config import TrainConfig
 from .data import RunData, load_run_data, with_rotated_classes
 from .finetune import FineTune
@@ -59,6 +60,9 @@ class Setup:
     #: one optimisation step of a batch (``None``: :func:`fewshot.training.optim.train_step`)
     step: Callable[[Any], float] | None = None
     parallel: ParallelRun | None = None
+    #: the running average of the weights that each epoch validates (``weight_average``; the
+    #: lead rank's only), or ``None``
+    average: WeightAverage | None = None
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -89,7 +93,8 @@ def seed_all(seed: int) -> None:
 
 def build_setup(cfg: TrainConfig, par: ParallelRun | None = None) -> Setup:
     """Load and embed the data, build and check the method (:meth:`~fewshot.methods.base.Method.check_data`),
-    the fine-tuning state, the optimizer and the schedule, seeded from ``cfg.seed``.
+    the fine-tuning state, the optimizer and the schedule, seeded from ``cfg.seed``, and the
+    weight average (:mod:`.average`) on the rank that validates.
 
     Raises:
         DataError: see :func:`~fewshot.training.data.load_run_data`.
@@ -122,8 +127,10 @@ def build_setup(cfg: TrainConfig, par: ParallelRun | None = None) -> Setup:
     n_epochs = method.max_epochs(cfg.epochs)
     total = n_epochs * method.steps_per_epoch(data.train) if cfg.lr_schedule == "cosine" else 0
     scheduler = lr_scheduler(optimizer, cfg.warmup() if ft is not None else 0, cfg.lr_schedule, total)
+    average = make_average(cfg, method, ft.backbone.model if ft is not None else None) \
+        if par is None or par.lead else None
     return Setup(data, method, ft, optimizer, scheduler, n_epochs, _protocol(cfg, data),
-                 time.perf_counter() - t_start, features=features, parallel=par)
+                 time.perf_counter() - t_start, features=features, parallel=par, average=average)
 
 
 def _protocol(cfg: TrainConfig, data: RunData) -> dict:

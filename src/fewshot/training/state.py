@@ -1,6 +1,7 @@
 """The epoch loop's state and its checkpoint: :class:`TrainState` (history, best epoch, patience,
-time), what ``RUN_DIR/checkpoint.pt`` holds (:func:`checkpoint_of`) and how a run continues
-from it (:func:`load_resumable`, :func:`restore_state`)."""
+time), what ``RUN_DIR/checkpoint.pt`` holds (:func:`checkpoint_of`: the raw weights, and the
+weight average of ``weight_average`` beside them) and how a run continues from it
+(:func:`load_resumable`, :func:`restore_state`)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def restore_state(setup: Setup, saved: dict | None, where: Path | None) -> Train
         setup.optimizer.load_state_dict(saved["optimizer"])
         if saved.get("scheduler") is not None:
             setup.scheduler.load_state_dict(saved["scheduler"])
+        if setup.average is not None:
+            setup.average.load_state_dict(saved["average"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # shapes or names of another model
         raise CheckpointError(f"{where / CHECKPOINT} does not fit this run's model ({str(exc)[:300]})",
                               hint="train again without resume=True (add overwrite=True to discard the interrupted "
@@ -78,4 +81,5 @@ def checkpoint_of(cfg: TrainConfig, setup: Setup, state: TrainState, epoch: int)
             "state": method_state(setup.method, setup.ft), "optimizer": setup.optimizer.state_dict(),
             "scheduler": setup.scheduler.state_dict(),
             "history": state.history, "best": state.best, "bad_epochs": state.bad_epochs,
-            "seconds": state.elapsed, "stopped_early": state.stopped_early, "fewshot_version": __version__}
+            "seconds": state.elapsed, "stopped_early": state.stopped_early, "fewshot_version": __version__,
+            "average": setup.average.state_dict() if setup.average is not None else None}
