@@ -81,6 +81,8 @@ for _s in (1, 2):
 # for these; measured again on each CPU the table names
 for _m in ("fomaml", "protonet", "triplet", "multisimilarity", "proxyanchor", "arcface"):
     ROWS[f"{_m}-default"] = ("grocery", _m, {})
+for _w in ("ema", "swa"):  # weight averaging of the default triplet run (issue 30)
+    ROWS[f"triplet-default-{_w}"] = ("grocery", "triplet", {"weight_average": _w})
 ROWS["fomaml-all"] = ("grocery", "fomaml", {"fine_tune": "all", "episodes": 200, "episodes_per_epoch": 100,
                                            "patience": 2})
 ROWS["triplet-last2-blr-quarter"] = ("grocery", "triplet", {"fine_tune": "last:2", "epochs": 5, "patience": 2,
