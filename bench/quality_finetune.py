@@ -170,8 +170,11 @@ def tta_row(name: str, row: dict, cache_dir: str | None) -> dict:
 
 def omniglot_episodes(run_dir: Path | None, cache_dir: str | None, backbone: str | None = None,
                       image_size: int = 112) -> dict:
-    """20-way and 5-way 1-shot accuracy (1,000 episodes, 5 queries per class) on Omniglot's test alphabet."""
+    """20-way and 5-way 1-shot accuracy (1,000 episodes, 5 queries per class) on Omniglot's test
+    alphabet; for a run without its own episode classifier also with the transductive ones
+    (``20way1shot_tim``, ...: :mod:`fewshot.methods.transductive`, balanced queries)."""
     from fewshot.data.protocol import protocol_sets
+    from fewshot.evaluation.levers import episode_inputs
     from fewshot.methods.runs import load_embedding_model
     from fewshot.metrics import episodic_accuracy
     from fewshot.data.protocol import load_protocol
@@ -183,12 +186,15 @@ def omniglot_episodes(run_dir: Path | None, cache_dir: str | None, backbone: str
     q = model.embed(q_set, cache_dir=cache_dir, progress=False)
     g = model.embed(g_set, cache_dir=cache_dir, progress=False)
     out = {}
-    for n_way in (20, 5):
-        res = episodic_accuracy(g.vectors, g.labels, n_way=n_way, k_shot=1, n_query=5, episodes=1000, seed=0,
-                                query_embeddings=q.vectors, query_labels=q.labels,
-                                classifier=model.episode_classifier)
-        out[f"{n_way}way1shot"] = res.accuracy
-        out[f"{n_way}way1shot_ci95"] = res.ci95
+    levers = ("none",) if model.episode_classifier is not None else ("none", "bdcspn", "tim")
+    for lever in levers:
+        classifier, support, queries = episode_inputs(lever, model.episode_classifier, g.vectors, q.vectors)
+        for n_way in (20, 5):
+            res = episodic_accuracy(support, g.labels, n_way=n_way, k_shot=1, n_query=5, episodes=1000, seed=0,
+                                    query_embeddings=queries, query_labels=q.labels, classifier=classifier)
+            suffix = "" if lever == "none" else f"_{lever}"
+            out[f"{n_way}way1shot{suffix}"] = res.accuracy
+            out[f"{n_way}way1shot{suffix}_ci95"] = res.ci95
     return out
 
 
@@ -258,6 +264,11 @@ def render(results: dict) -> str:
         if r and r["dataset"] == "omniglot":
             lines.append(f"| {name} | {r['fine_tune']} | {_fmt(r['20way1shot'])} | {_fmt(r['5way1shot'])} | "
                          f"{r['seconds'] / 60:.1f} min | {_cpu(r)} |")
+            for lever in ("bdcspn", "tim"):
+                if r.get(f"20way1shot_{lever}") is not None:
+                    lines.append(f"| {name}, episodes classified with `--transductive {lever}` | {r['fine_tune']} | "
+                                 f"{_fmt(r[f'20way1shot_{lever}'])} | {_fmt(r[f'5way1shot_{lever}'])} | "
+                                 f"(the same model) | {_cpu(r)} |")
     if results.get("studio"):
         lines += ["", "## Shelf photo -> single studio image (28 unseen classes)", "",
                   "| model | top-1 | queries |", "|---|---|---|"]

@@ -1,0 +1,155 @@
+"""Ranking levers measured (issue 30): re-ranking the gallery and transductive episodes, on fixed
+embeddings of a frozen or fine-tuned model.
+
+Grocery (``splits/grocery-unseen.json``, the 28 unseen test articles, cross-visit: gallery and
+support from the train photos, queries from the test photos), the protocol of
+``fewshot evaluate --split-file``: one row per lever, alone and combined, with mAP, MAP@R, P@1
+(retrieval, after re-ranking), 5-way 1-shot and 5-shot (1,000 balanced episodes, 5 queries per
+class), 5-way 1-shot with imbalanced query sets (Dirichlet(2) class shares, Veilleux et al. 2021,
+from a pool of 15 queries per class) and shelf photo -> studio image top-1 (each test photo
+against the 28 iconic catalogue images; transductive levers take all the shelf photos as one
+batch). ``ms/query`` is the lever's own time per query (re-ranking: all queries at once;
+episodes: per episode of 25 queries); the embedding is shared by every row.
+
+    python bench/quality_levers.py --out docs/results/levers --model frozen \\
+        --model triplet=runs/finetune/triplet-default
+
+Each model's rows are written to ``OUT/results.json`` as soon as they are measured and
+``OUT/table.md`` is rewritten from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import grocery_root, machine  # noqa: E402
+
+GROCERY_SPLIT = "splits/grocery-unseen.json"
+#: (row, rerank, transductive): each lever alone, then the combinations
+LEVERS = [("none", "none", "none"), ("qe", "qe", "none"), ("dba", "dba", "none"), ("dba-qe", "dba-qe", "none"),
+          ("k-reciprocal", "k-reciprocal", "none"), ("centre", "none", "centre"), ("bdcspn", "none", "bdcspn"),
+          ("tim", "none", "tim"), ("dba-qe + bdcspn", "dba-qe", "bdcspn"), ("k-reciprocal + tim", "k-reciprocal", "tim")]
+
+
+def embed_sets(model_dir: str | None, cache_dir: str | None):
+    """``(model, queries, gallery, studio vectors, studio labels)`` of the Grocery test articles."""
+    from fewshot.data.protocol import load_protocol, protocol_sets
+    from fewshot.embed.options import EmbedOptions
+    from fewshot.methods.from_options import model_from_options
+
+    opts = EmbedOptions(backbone=None if model_dir else "efficientnet_lite0", model_dir=model_dir,
+                        cache_dir=cache_dir, progress=False)
+    model = model_from_options(opts)
+    dataset, split = load_protocol(str(grocery_root()), GROCERY_SPLIT, None)
+    q_set, g_set = protocol_sets(dataset, split, "test")
+    q, g = opts.embed(model, q_set), opts.embed(model, g_set)
+    root = grocery_root()
+    with open(root / "dataset" / "classes.csv", newline="", encoding="utf-8") as fh:
+        iconic = {r[0]: root / "dataset" / r[4].lstrip("/") for r in list(csv.reader(fh))[1:] if r[0] in set(q.labels)}
+    names = sorted(iconic)
+    s, ok, _, _ = model.embed_paths([iconic[n] for n in names], cache_dir=cache_dir, progress=False)
+    return model, q, g, s, [names[i] for i in ok]
+
+
+def studio_top1(transductive: str, q, studio: np.ndarray, names: list[str]) -> float:
+    """Top-1 of every shelf photo against the studio images; transductive levers see all the shelf photos at once."""
+    import torch
+
+    from fewshot.evaluation.levers import episode_inputs
+
+    classifier, s, x = episode_inputs(transductive, None, studio, q.vectors)
+    unit = lambda a: torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(a)), dim=1)  # noqa: E731
+    sx, qx = unit(s), unit(x)
+    if classifier is None:
+        pred = (qx @ sx.T).argmax(1)
+    else:
+        pred = classifier(sx, torch.arange(len(names)), qx, len(names))
+    return float((np.asarray(names)[np.asarray(pred)] == np.asarray(q.labels)).mean())
+
+
+def lever_row(name: str, rerank: str, transductive: str, model, q, g, studio, names, seed: int) -> dict:
+    from fewshot.evaluation import EvalConfig
+    from fewshot.evaluation.levers import check_levers, ranked_report
+    from fewshot.evaluation.run import episode_metrics
+
+    opts = check_levers(rerank, transductive, None, gallery=True, model_classifier=model.episode_classifier is not None)
+    t0 = time.perf_counter()
+    report = ranked_report(opts, q, g)
+    rerank_ms = (time.perf_counter() - t0) * 1000 / len(q.vectors)
+    cfg = EvalConfig(data=str(grocery_root()), split_file=GROCERY_SPLIT, seed=seed, transductive=transductive)
+    t0 = time.perf_counter()
+    episodes = episode_metrics(cfg, model, q, g)
+    episode_ms = (time.perf_counter() - t0) * 1000 / (2 * cfg.episodes * 25)
+    imbalanced = episode_metrics(replace(cfg, query_imbalance=2.0), model, q, g)
+    return {"name": name, "rerank": opts.to_dict(), "transductive": transductive, "map": report.map,
+            "map_at_r": report.map_at_r, "precision_at_1": report.precision_at_1,
+            "5way1shot": episodes["5way1shot"]["accuracy"], "5way5shot": episodes["5way5shot"]["accuracy"],
+            "5way1shot_imbalanced": imbalanced["5way1shot"]["accuracy"],
+            "5way5shot_imbalanced": imbalanced["5way5shot"]["accuracy"],
+            "studio_top1": studio_top1(transductive, q, studio, names),
+            "rerank_ms_per_query": round(rerank_ms, 3), "episode_ms_per_query": round(episode_ms, 3)}
+
+
+def _fmt(x, d: int = 3) -> str:
+    return "-" if x is None else f"{x:.{d}f}"
+
+
+def render(results: dict) -> str:
+    lines = ["# Ranking levers (bench/quality_levers.py)", "",
+             "Grocery, the 28 unseen test articles of `splits/grocery-unseen.json`, efficientnet_lite0 224 px. "
+             "Retrieval figures after re-ranking; episodes 1,000 per setting; *imb.* = imbalanced query sets "
+             "(Dirichlet(2)); studio = shelf photo -> single studio image top-1.", ""]
+    for model, entry in results.get("models", {}).items():
+        lines += [f"## {model}", "", f"{entry['machine']}, {entry['finished']}, load {entry['load_average']:.1f}", "",
+                  "| lever | mAP | MAP@R | P@1 | 5w1s | 5w1s imb. | 5w5s | 5w5s imb. | studio top-1 | ms/query |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in entry["rows"]:
+            ms = r["rerank_ms_per_query"] + (r["episode_ms_per_query"] if r["transductive"] != "none" else 0)
+            lines.append(f"| {r['name']} | {_fmt(r['map'])} | {_fmt(r['map_at_r'])} | {_fmt(r['precision_at_1'])} | "
+                         f"{_fmt(r['5way1shot'])} | {_fmt(r['5way1shot_imbalanced'])} | {_fmt(r['5way5shot'])} | "
+                         f"{_fmt(r['5way5shot_imbalanced'])} | {_fmt(r['studio_top1'])} | {ms:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("docs/results/levers"))
+    ap.add_argument("--model", action="append", required=True,
+                    help="'frozen' or NAME=RUN_DIR (a fewshot train run); repeat for several")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    for spec in args.model:
+        name, _, run = spec.partition("=")
+        model, q, g, studio, names = embed_sets(run or None, args.cache_dir)
+        rows = []
+        for row, rerank, transductive in LEVERS:
+            print(f"== {name}: {row}", flush=True)
+            rows.append(lever_row(row, rerank, transductive, model, q, g, studio, names, args.seed))
+            print(json.dumps(rows[-1]), flush=True)
+        m = machine()
+        results["models"][name] = {"run_dir": run or None, "rows": rows, "machine": f"{m.get('cpu')}, "
+                                   f"{m.get('usable_cpus')} CPU(s)", "load_average": os.getloadavg()[0],
+                                   "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        path.write_text(json.dumps(results, indent=1))
+        (args.out / "table.md").write_text(render(results))
+
+
+if __name__ == "__main__":
+    main()
