@@ -25,6 +25,7 @@ import csv
 import datetime as dt
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -102,11 +103,29 @@ def lever_row(name: str, rerank: str, transductive: str, model, q, g, studio, na
             "rerank_ms_per_query": round(rerank_ms, 3), "episode_ms_per_query": round(episode_ms, 3)}
 
 
+def catalogue_cost(n: int = 100_000, dim: int = 1280, queries: int = 16, repeats: int = 3, seed: int = 0) -> dict:
+    """Per-query time of ``Catalogue.search`` (k 5) on a flat index of ``n`` random unit vectors
+    with and without ``dba-qe`` re-ranking (shortlist of 100), interleaved, medians."""
+    from fewshot.index import CatalogueIndex
+
+    from bench.common import interleaved
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim), dtype=np.float32)
+    index = CatalogueIndex.build(vectors, [f"a{i // 5}" for i in range(n)], [None] * n, [f"{i}.jpg" for i in range(n)])
+    q = vectors[rng.choice(n, queries, replace=False)] + 0.5 * rng.standard_normal((queries, dim), dtype=np.float32)
+    times = interleaved({"plain": lambda: index.search(q, 5), "dba-qe": lambda: index.search(q, 5, rerank="dba-qe")},
+                        repeats=repeats)
+    return {"images": n, "dim": dim, "queries": queries, "index": "flat",
+            **{f"{k}_ms_per_query": round(statistics.median(v) * 1000 / queries, 2) for k, v in times.items()}}
+
+
 def _fmt(x, d: int = 3) -> str:
     return "-" if x is None else f"{x:.{d}f}"
 
 
 def render(results: dict) -> str:
+    cost = results.get("catalogue_cost")
     lines = ["# Ranking levers (bench/quality_levers.py)", "",
              "Grocery, the 28 unseen test articles of `splits/grocery-unseen.json`, efficientnet_lite0 224 px. "
              "Retrieval figures after re-ranking; episodes 1,000 per setting; *imb.* = imbalanced query sets "
@@ -121,21 +140,29 @@ def render(results: dict) -> str:
                          f"{_fmt(r['5way1shot'])} | {_fmt(r['5way1shot_imbalanced'])} | {_fmt(r['5way5shot'])} | "
                          f"{_fmt(r['5way5shot_imbalanced'])} | {_fmt(r['studio_top1'])} | {ms:.2f} |")
         lines.append("")
+    if cost:
+        lines += [f"Catalogue search at {cost['images']:,} images ({cost['index']} index, {cost['dim']} dimensions, "
+                  f"k 5, load {cost['load_average']:.1f}): {cost['plain_ms_per_query']} ms per query plain, "
+                  f"{cost['dba-qe_ms_per_query']} ms with `dba-qe` (shortlist of 100 re-ranked).", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("docs/results/levers"))
-    ap.add_argument("--model", action="append", required=True,
+    ap.add_argument("--model", action="append",
                     help="'frozen' or NAME=RUN_DIR (a fewshot train run); repeat for several")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cost", action="store_true", help="also time Catalogue.search with dba-qe at 100,000 images")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"models": {}}
-    for spec in args.model:
+    if args.cost:
+        results["catalogue_cost"] = {**catalogue_cost(), "load_average": os.getloadavg()[0]}
+        print(json.dumps(results["catalogue_cost"]), flush=True)
+    for spec in args.model or []:
         name, _, run = spec.partition("=")
         model, q, g, studio, names = embed_sets(run or None, args.cache_dir)
         rows = []

@@ -79,3 +79,17 @@ def test_a_maml_model_keeps_its_own_classifier():
     with pytest.raises(InputError, match="MAML"):
         check_levers("none", "tim", None, gallery=True, model_classifier=True)
     assert check_levers("qe", "none", None, gallery=True, model_classifier=True).kind == "qe"
+
+
+def test_the_cli_says_when_figures_are_re_ranked_or_transductive(drawn, monkeypatch):
+    root, manifest, split, _ = drawn
+    monkeypatch.setenv("FEWSHOT_CACHE", str(root / "cache"))
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(manifest), "--split-file", str(split), "--episodes", "30",
+                                 "--queries", "2", "--image-size", "32", "--runtime", "torch", "--no-progress",
+                                 "--rerank", "dba-qe", "--rerank-k", "3", "--transductive", "bdcspn",
+                                 "--out", str(root / "cli-ev")])
+    assert r.exit_code == 0, r.output
+    assert "[gallery re-ranked: dba-qe]" in r.output
+    assert "episodes: classifier bdcspn, balanced queries; transductive gains assume" in r.output
+    saved = json.loads((root / "cli-ev" / "metrics.json").read_text())["config"]
+    assert saved["rerank"] == {"kind": "dba-qe", "k": 3, "alpha": 1.0} and saved["transductive"] == "bdcspn"

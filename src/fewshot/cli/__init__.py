@@ -69,10 +69,16 @@ def evaluate(
                      transductive=transductive, query_imbalance=query_imbalance, embed=emb)
     check_open_set(cfg)
     metrics = run_evaluate(cfg, out, overwrite=overwrite)
+    rr = metrics["config"]["rerank"]
     typer.echo(f"mAP {metrics['map']:.4f}  MAP@R {metrics['map_at_r']:.4f}  P@1 {metrics['precision_at_1']:.4f}  "
                f"R@5 {metrics['recall_at_k']['5']:.4f}  queries {metrics['num_queries']} "
-               f"(skipped {metrics['num_skipped_queries']})")
+               f"(skipped {metrics['num_skipped_queries']})"
+               + ("" if rr["kind"] == "none" else f"  [gallery re-ranked: {rr['kind']}]"))
     echo_episodes(metrics["episodes"])
+    if transductive != "none" or query_imbalance is not None:
+        typer.echo(f"episodes: classifier {transductive}" + (
+            f", imbalanced queries (Dirichlet {query_imbalance})" if query_imbalance is not None else ", balanced queries")
+            + ("; transductive gains assume queries spread over the classes" if transductive in ("bdcspn", "tim") else ""))
     if "open_set" in metrics:
         from ..evaluation.openset_report import OPEN_SET_FILES, summary_lines
 
