@@ -38,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import grocery_root, machine  # noqa: E402
 
 GROCERY_SPLIT = "splits/grocery-unseen.json"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "levers"
+#: issue 30's targets
+GOAL_MAP_AT_R, GOAL_5WAY1SHOT, GOAL_STUDIO = 0.66, 0.94, 0.70
 #: (row, rerank, transductive): each lever alone, then the combinations
 LEVERS = [("none", "none", "none"), ("qe", "qe", "none"), ("dba", "dba", "none"), ("dba-qe", "dba-qe", "none"),
           ("k-reciprocal", "k-reciprocal", "none"), ("centre", "none", "centre"), ("bdcspn", "none", "bdcspn"),
@@ -145,6 +148,39 @@ def render(results: dict) -> str:
                   f"k 5, load {cost['load_average']:.1f}): {cost['plain_ms_per_query']} ms per query plain, "
                   f"{cost['dba-qe_ms_per_query']} ms with `dba-qe` (shortlist of 100 re-ranked).", ""]
     return "\n".join(lines)
+
+
+def run(quick: bool, ctx) -> dict:
+    """Part 10 of ``bench/run_all.py``: the rows ``python bench/quality_levers.py`` stored in
+    ``docs/results/levers`` (they need trained runs, so nothing is measured here)."""
+    path = RESULTS / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {"models": {}}
+
+
+def _best(results: dict, key: str) -> tuple[float, str] | None:
+    found = [(r[key], f"{m}, {r['name']}") for m, e in results.get("models", {}).items() for r in e["rows"]
+             if r.get(key) is not None]
+    return max(found) if found else None
+
+
+def goal_rows(results: dict) -> list[list[str]]:
+    """Rows of the goals table of ``run_all`` (issue 30's targets; the best lever of any model)."""
+    from bench.common import verdict
+
+    rows = []
+    for key, goal, what in (("map_at_r", GOAL_MAP_AT_R, "Ranking levers, Grocery unseen test classes: best MAP@R"),
+                            ("5way1shot", GOAL_5WAY1SHOT, "... best 5-way 1-shot (balanced queries)"),
+                            ("5way1shot_imbalanced", GOAL_5WAY1SHOT, "... the same with imbalanced queries"),
+                            ("studio_top1", GOAL_STUDIO, "... best shelf photo -> studio image top-1")):
+        best = _best(results, key)
+        if best:
+            rows.append([what, f">= {goal:.2f}" if goal < 0.9 else f">= {goal:.0%}", f"{best[0]:.3f} ({best[1]})",
+                         verdict(best[0] >= goal)])
+    return rows
+
+
+def section(results: dict, ctx) -> str:
+    return "## 10. Ranking levers\n\n" + render(results).split("\n", 2)[2]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,8 @@ Usage (from the repository root, in the project's environment)::
 Parts (in run order): embed, metrics, search, training, quality, scaling, finetune (which reads
 ``docs/results/finetune/results.json`` from ``bench/quality_finetune.py`` rather than training), scale
 (which reads ``docs/results/scale/results.json`` from ``bench/scale_index.py``), openset (the frozen row
-measured again, with the rows of ``bench/openset.py --model RUN`` from ``docs/results/openset``). Every measurement
+measured again, with the rows of ``bench/openset.py --model RUN`` from ``docs/results/openset``), levers
+(which reads ``docs/results/levers/results.json`` from ``bench/quality_levers.py``). Every measurement
 is seeded (seed 0) and the raw numbers go to ``OUT/bench/results.json``; ``--only`` merges
 into the results already there, so the Markdown always shows every part. A part that fails
 is reported in the document (with the error) and the others still run. Run it on a quiet
@@ -35,17 +36,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import (embed_throughput, metrics_speed, openset, quality, quality_finetune, scale_index, scaling,
-                   search_latency, training_cost)
+from bench import (embed_throughput, metrics_speed, openset, quality, quality_finetune, quality_levers, scale_index,
+                   scaling, search_latency, training_cost)
 from bench.common import Context, fmt, fmt_bytes, fmt_s, machine, set_threads, table, verdict, write_json
 
 PARTS = {"embed": embed_throughput, "metrics": metrics_speed, "search": search_latency,
          "training": training_cost, "quality": quality, "scaling": scaling, "finetune": quality_finetune,
-         "scale": scale_index, "openset": openset}
+         "scale": scale_index, "openset": openset, "levers": quality_levers}
 TITLES = {"embed": "1. Embedding throughput: ONNX Runtime vs torch", "metrics": "2. Retrieval metrics", "search": "3. Search latency",
           "training": "4. Training cost", "quality": "5. Quality on unseen classes", "scaling": "6. Scaling",
           "finetune": "7. Fine-tuning the feature extractor", "scale": "8. Scale",
-          "openset": "9. Open set"}
+          "openset": "9. Open set", "levers": "10. Ranking levers"}
 
 
 def summary(results: dict, meta: dict) -> str:
@@ -98,6 +99,7 @@ def summary(results: dict, meta: dict) -> str:
     rows += _finetune_rows(results.get("finetune", {}))
     rows += scale_index.goal_rows(results.get("scale", {}))
     rows += openset.goal_rows(results.get("openset", {}))
+    rows += quality_levers.goal_rows(results.get("levers", {}))
     return table(["goal", "target", "measured", "verdict"], rows) if rows else "(no results)"
 
 
