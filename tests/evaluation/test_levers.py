@@ -73,12 +73,18 @@ def test_the_cli_names_the_flags(tmp_path):
         assert not (tmp_path / "ev").exists()
 
 
-def test_a_maml_model_keeps_its_own_classifier():
-    from fewshot.evaluation.levers import check_levers
+def test_a_maml_model_keeps_its_own_classifier_and_a_protonet_run_may_change_it():
+    from fewshot.evaluation.levers import adapts, check_levers
+    from fewshot.methods.adapt import make_adapt_classifier
+    from fewshot.methods.protonet import ProtoNet
 
+    maml = make_adapt_classifier(init="zero", scale=10.0, lr=0.1, steps=1)
+    assert adapts(maml) and not adapts(ProtoNet.episode_classifier(None)) and not adapts(None)
     with pytest.raises(InputError, match="MAML"):
-        check_levers("none", "tim", None, gallery=True, model_classifier=True)
+        check_levers("none", "tim", None, gallery=True, model_classifier=adapts(maml))
     assert check_levers("qe", "none", None, gallery=True, model_classifier=True).kind == "qe"
+    assert check_levers("none", "tim", None, gallery=True,
+                        model_classifier=adapts(ProtoNet.episode_classifier(None))).kind == "none"
 
 
 def test_the_cli_says_when_figures_are_re_ranked_or_transductive(drawn, monkeypatch):
@@ -90,6 +96,6 @@ def test_the_cli_says_when_figures_are_re_ranked_or_transductive(drawn, monkeypa
                                  "--out", str(root / "cli-ev")])
     assert r.exit_code == 0, r.output
     assert "[gallery re-ranked: dba-qe]" in r.output
-    assert "episodes: classifier bdcspn, balanced queries; transductive gains assume" in r.output
+    assert "episodes: bdcspn, balanced queries; transductive gains assume" in r.output
     saved = json.loads((root / "cli-ev" / "metrics.json").read_text())["config"]
     assert saved["rerank"] == {"kind": "dba-qe", "k": 3, "alpha": 1.0} and saved["transductive"] == "bdcspn"

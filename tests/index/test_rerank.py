@@ -110,7 +110,7 @@ def test_each_re_ranking_helps_on_noisy_clusters():
     q, ql, g, gl = _clusters(spread=1.1)
     base = retrieval_metrics(q, ql, g, gl).map_at_r
     for kind in ("qe", "dba", "dba-qe", "k-reciprocal"):
-        opts = RerankOptions(kind=kind, k=4, k1=8, k2=3)
+        opts = RerankOptions(kind=kind, k1=8, k2=3) if kind == "k-reciprocal" else RerankOptions(kind=kind, k=4)
         assert ranking_metrics(rerank_scores(q, g, opts), ql, gl).map_at_r > base + 0.02, kind
 
 
@@ -138,11 +138,16 @@ def test_options_are_checked_and_recorded():
     assert RerankOptions.from_value({"kind": "k-reciprocal", "k1": 10}).to_dict() == {
         "kind": "k-reciprocal", "k1": 10, "k2": 6, "lam": 0.3}
     assert RerankOptions.from_value(None).kind == "none"
-    for bad, name in (({"kind": "magic"}, "kind"), ({"k": 0}, "k"), ({"k": 2.5}, "k"), ({"lam": 1.5}, "lam"),
-                      ({"alpha": float("nan")}, "alpha"), ({"nope": 1}, "rerank")):
-        with pytest.raises(FewshotError) as exc:
+    for bad, name in (({"kind": "magic"}, "kind"), ({"kind": "qe", "k": 0}, "k"), ({"kind": "qe", "k": 2.5}, "k"),
+                      ({"kind": "k-reciprocal", "lam": 1.5}, "lam"), ({"kind": "dba", "alpha": float("nan")}, "alpha"),
+                      ({"nope": 1}, "rerank"), (5, "rerank"), ({"k": 10}, "k"),
+                      ({"kind": "qe", "lam": 0.9}, "lam"), ({"kind": "k-reciprocal", "k": 3}, "k")):
+        with pytest.raises(InputError) as exc:  # a ValueError
             RerankOptions.from_value(bad)
-        assert exc.value.options == (name,), bad
+        assert exc.value.options[0] == name, bad
+    with pytest.raises(InputError, match="does not apply to re-ranking kind = 'qe'") as exc:
+        RerankOptions(kind="qe", k2=3)
+    assert "k-reciprocal" in exc.value.hint
     with pytest.raises(FewshotError, match="distances, not vectors"):
         rerank_vectors(Q, G, RerankOptions(kind="k-reciprocal"))
 
@@ -151,10 +156,11 @@ def test_k_reciprocal_refuses_what_would_not_fit(monkeypatch):
     import fewshot.index.rerank as rr
 
     monkeypatch.setattr(rr, "MAX_K_RECIPROCAL", 3)
-    with pytest.raises(FewshotError, match="two 4 x 4 matrices") as exc:
+    with pytest.raises(InputError, match="six 4 x 4 float32 matrices") as exc:
         rr.k_reciprocal_distance(Q, G)
-    assert "dba-qe" in exc.value.hint
-    assert MAX_K_RECIPROCAL == 20_000
+    assert "dba-qe" in exc.value.hint and exc.value.options == ("rerank",)
+    rr.check_size(RerankOptions(kind="dba-qe"), 10, 10)  # only k-reciprocal is limited
+    assert MAX_K_RECIPROCAL == 10_000
 
 
 def test_the_cli_flags_are_the_options_flags():
@@ -164,6 +170,20 @@ def test_the_cli_flags_are_the_options_flags():
     from fewshot.options import flag_of
 
     assert RERANK_FLAGS == {f.name: flag_of(f) for f in fields(RerankOptions)}
+
+
+def test_the_catalogue_shortlist_clips_k_and_weighs_padding_zero():
+    from fewshot.index import CatalogueIndex
+
+    g = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    index = CatalogueIndex.build(g, list("abc"), [None] * 3, list("012"))
+    q = g[:1] + 0.01
+    for alpha in (0.0, 1.0):  # k 5 > 3 images: padding must not count, not even as 0 ** 0 = 1
+        opts = RerankOptions(kind="dba", k=5, alpha=alpha)
+        hits = index.search(q, k=3, rerank=opts)[0]
+        full = rerank_scores(q, g, opts)[0]
+        np.testing.assert_allclose(sorted(h.score for h in hits), sorted(full), atol=1e-5)
+    assert len(index.search(q, k=3, rerank={"kind": "dba-qe", "k": 10 ** 9})[0]) == 3  # clipped, not 186 GiB
 
 
 def test_the_catalogue_shortlist_equals_the_full_re_ranking():
@@ -184,7 +204,7 @@ def test_the_catalogue_shortlist_equals_the_full_re_ranking():
     from fewshot.index.rerank import rerank_shortlist
 
     s, p = rerank_shortlist(qn, 3, RerankOptions(kind="dba-qe", k=4), index.search_positions, index.vectors_at,
-                            shortlist=5)
+                            len(index), shortlist=5)
     plain = np.argsort(-(qn @ gn.T), axis=1)[:, :5]
     assert p.shape == (len(q), 3) and all(set(r) <= set(c) for r, c in zip(p, plain))
     assert [h.path for h in index.search(q[:1], k=3)[0]] == [f"{j}.jpg" for j in plain[0, :3]]

@@ -75,22 +75,33 @@ def _pool(classes=8, per=20, dim=12, seed=0, spread=0.2):
 
 def test_imbalanced_query_sets():
     x, y = _pool()
-    seen = []
+    counts = []
 
-    def recording(sx, sy, qx, n):
-        seen.append(len(qx))
+    def recording(sx, sy, qx, n):  # a perfect classifier on these clusters: its answers are the true ways
         protos = torch.nn.functional.normalize(torch.stack([sx[sy == c].mean(0) for c in range(n)]), dim=1)
-        return (qx @ protos.T).argmax(1)
+        pred = (qx @ protos.T).argmax(1)
+        counts.append(np.bincount(pred.numpy(), minlength=n))
+        return pred
 
     kwargs = dict(n_way=5, k_shot=1, n_query=4, episodes=40, seed=3)
     r = episodic_accuracy(x, y, classifier=recording, query_imbalance=0.5, **kwargs)
-    assert len(seen) == 40 and len(set(seen)) > 3 and max(seen) <= 20 and min(seen) >= 12  # 20 drawn, <= 12 per class
-    assert r.accuracy == 1.0 and r.n_query == 4
+    counts = np.array(counts)
+    assert r.accuracy == 1.0 and r.n_query == 4 and len(counts) == 40
+    assert set(counts.sum(1)) <= {19, 20}  # 5 x 4 queries; a class has 19 beside its support to give
+    assert (counts.max(1) >= 8).mean() > 0.5 and (counts == 0).any()  # balanced would be 4 each
     again = episodic_accuracy(x, y, query_imbalance=0.5, **kwargs)  # the default classifier: same episodes, same result
     assert again.accuracy == 1.0
     np.testing.assert_array_equal(episodic_accuracy(x, y, query_imbalance=0.5, **kwargs).per_episode, again.per_episode)
     with pytest.raises(ValueError, match="query_imbalance"):
         episodic_accuracy(x, y, query_imbalance=0.0, **kwargs)
+    # cross-visit: the balanced protocol's classes (6 query photos each are enough for 4 queries), and an
+    # imbalanced episode takes at most a class's own 6
+    q, qy = _pool(per=6, seed=0)
+    sizes = []
+    kw = dict(n_way=5, k_shot=1, n_query=4, episodes=30, seed=0, query_embeddings=q, query_labels=qy)
+    episodic_accuracy(x, y, classifier=lambda sx, sy, qx, n: sizes.append(len(qx)) or torch.zeros(len(qx)),
+                      query_imbalance=0.5, **kw)
+    assert len(sizes) == 30 and max(sizes) <= 20 and min(sizes) >= 6 and len(set(sizes)) > 2
 
 
 def test_transductive_loses_on_imbalanced_queries_and_gains_on_balanced_ones():

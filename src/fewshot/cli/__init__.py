@@ -48,13 +48,13 @@ def evaluate(
     open_set_draws: int = typer.Option(20, "--open-set-draws", min=1, help="With --open-set: random halvings of the articles (seeded by --seed); figures are averaged over them."),
     target_far: float = typer.Option(0.05, "--target-far", help="With --open-set: the false-accept rate the reject thresholds are calibrated for, as `fewshot classify --reject auto --target-far`."),
     rerank: str = typer.Option("none", "--rerank", help="Re-rank the gallery ranking before the retrieval figures: none | qe (alpha query expansion) | dba (database-side augmentation) | dba-qe | k-reciprocal (needs --split-file)."),
-    rerank_k: int = typer.Option(5, "--rerank-k", min=1, help="qe / dba: neighbours averaged."),
+    rerank_k: int = typer.Option(5, "--rerank-k", min=1, help="qe: gallery neighbours added to the query; dba: neighbours averaged, the image itself included."),
     rerank_alpha: float = typer.Option(1.0, "--rerank-alpha", min=0.0, help="qe / dba: a neighbour weighs max(cosine, 0)**alpha."),
     rerank_k1: int = typer.Option(20, "--rerank-k1", min=1, help="k-reciprocal: neighbourhood size k1."),
     rerank_k2: int = typer.Option(6, "--rerank-k2", min=1, help="k-reciprocal: local query expansion k2."),
     rerank_lambda: float = typer.Option(0.3, "--rerank-lambda", min=0.0, max=1.0, help="k-reciprocal: weight of the original distance."),
-    transductive: str = typer.Option("none", "--transductive", help="Episode classifier: none (nearest prototype) | centre (SimpleShot centring on the gallery mean) | bdcspn (prototype rectification) | tim (information maximisation). Transductive gains need queries spread over the classes: see --query-imbalance."),
-    query_imbalance: Optional[float] = typer.Option(None, "--query-imbalance", help="Episodes with imbalanced query sets: class shares drawn from Dirichlet(A) (e.g. 2; smaller is more imbalanced)."),
+    transductive: str = typer.Option("none", "--transductive", help="How episodes are classified: none (nearest prototype) | centre (nearest prototype after SimpleShot centring on the gallery mean) | bdcspn (prototype rectification) | tim (information maximisation). The last two use each episode's queries together: their gains need queries spread over the classes (see --query-imbalance)."),
+    query_imbalance: Optional[float] = typer.Option(None, "--query-imbalance", help="Episodes with imbalanced query sets: the balanced protocol's classes and support, and up to N x --queries queries split by class shares drawn from Dirichlet(A) (e.g. 2; smaller is more imbalanced), each class giving at most the query photos it has."),
     *, emb: "EmbedOptions",
 ) -> None:
     """Retrieval mAP / MAP@R / P@1 / Recall@k and episodic accuracy of a backbone or trained run
@@ -76,7 +76,7 @@ def evaluate(
                + ("" if rr["kind"] == "none" else f"  [gallery re-ranked: {rr['kind']}]"))
     echo_episodes(metrics["episodes"])
     if transductive != "none" or query_imbalance is not None:
-        typer.echo(f"episodes: classifier {transductive}" + (
+        typer.echo(f"episodes: {transductive}" + (
             f", imbalanced queries (Dirichlet {query_imbalance})" if query_imbalance is not None else ", balanced queries")
             + ("; transductive gains assume queries spread over the classes" if transductive in ("bdcspn", "tim") else ""))
     if "open_set" in metrics:

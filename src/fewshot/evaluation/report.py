@@ -33,8 +33,10 @@ def _lever_lines(c: dict) -> list[str]:
     rerank = c.get("rerank") or {"kind": "none"}
     if rerank["kind"] != "none":
         settings = ", ".join(f"{k} {v}" for k, v in rerank.items() if k != "kind")
-        lines.append(f"- gallery ranking re-ranked by `{rerank['kind']}` ({settings}) before every retrieval figure; "
-                     "the retrieval grid shows the plain cosine ranking")
+        lines.append(f"- gallery ranking re-ranked by `{rerank['kind']}` ({settings}) before the retrieval figures; "
+                     "the retrieval grid and the open-set section use the plain cosine ranking"
+                     + ("; k-reciprocal ranks every query with the help of all the others" if rerank["kind"] ==
+                        "k-reciprocal" else ""))
     if c.get("transductive", "none") != "none":
         lines.append(f"- episodes classified transductively (`{c['transductive']}`): each episode's queries "
                      "help classify each other; the gain holds only when queries are spread over the classes")
@@ -64,9 +66,10 @@ def render_report(metrics: dict) -> str:
              f"{_fmt(metrics['recall_at_k'].get('1'))} | {_fmt(metrics['recall_at_k'].get('5'))} | "
              f"{_fmt(metrics['recall_at_k'].get('10'))} | {_fmt(metrics['map_at_k'].get('10'))} |", "",
              "| episodes | accuracy | 95% CI |", "|---|---|---|"]
+    per = (f"{c['n_query']} queries/class" if c.get("query_imbalance") is None else
+           f"up to {c['n_query']} x N queries per episode, Dirichlet({c['query_imbalance']}) class shares")
     for key, e in metrics["episodes"].items():
-        lines.append(f"| {key} ({c['episodes']} episodes, {c['n_query']} queries/class) | "
-                     f"{_fmt(e.get('accuracy'))} | {_ci(e)} |")
+        lines.append(f"| {key} ({c['episodes']} episodes, {per}) | {_fmt(e.get('accuracy'))} | {_ci(e)} |")
     lines += ["", "![retrieval grid](retrieval_grid.png)", "",
               "Embedding map (queries; colour = group): [embedding_map.png](embedding_map.png)", "",
               "![embedding map](embedding_map.png)"]

@@ -29,7 +29,8 @@ from ..model import EmbeddingModel
 from ..version import environment
 from ..viz import embedding_map, retrieval_grid
 from ..catalogue.reject import check_target_far
-from .levers import check_levers, episode_inputs, ranked_report
+from ..index.rerank import check_size
+from .levers import adapts, check_levers, episode_inputs, ranked_report
 from .openset import DEFAULT_DRAWS, evaluate_open_set
 from .openset_report import OPEN_SET_FILES, write_open_set_plots
 from .report import render_report
@@ -185,7 +186,8 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
                      owned=EVALUATION_FILES.__contains__, **data_protection(cfg.data, queries, gallery))
     model = model or model_from_options(cfg.embed)
     rerank = check_levers(cfg.rerank, cfg.transductive, cfg.query_imbalance, gallery=gallery is not None,
-                          model_classifier=model.episode_classifier is not None)
+                          model_classifier=adapts(model.episode_classifier))
+    check_size(rerank, len(queries), len(gallery) if gallery is not None else 0)
     q = cfg.embed.embed(model, queries)
     g = cfg.embed.embed(model, gallery) if gallery is not None else None
     check_evaluable(q.labels, g.labels if g is not None else None, f"the readable images of {name}")

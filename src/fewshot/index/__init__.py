@@ -408,7 +408,7 @@ class CatalogueIndex(Ranking):
         if opts.kind == "none":
             scores, idx = self._search_images(queries, k)
         else:
-            scores, idx = rerank_shortlist(queries, k, opts, self.search_positions, self.vectors_at)
+            scores, idx = rerank_shortlist(queries, k, opts, self.search_positions, self.vectors_at, len(self))
         return [[Neighbor(self.paths[j], self.labels[j], self.groups[j], float(s))
                  for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(scores, idx)]
 

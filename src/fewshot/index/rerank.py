@@ -7,22 +7,25 @@ Three methods, each a function of L2-normalised float32 vectors (cosine similari
   ``normalise(q + sum_{i<=k} max(s_i, 0)**alpha * g_i)`` over its ``k`` most similar gallery
   vectors ``g_i`` (similarities ``s_i``), then the gallery is ranked again.
 * **database-side augmentation** (DBA, the same paper): every gallery vector is replaced by the
-  same weighted sum over its ``k`` nearest gallery vectors, itself first (weight 1). For a
-  catalogue it depends on the gallery alone, so it is computed once per catalogue.
+  same weighted sum over its ``k`` nearest gallery vectors, itself first (weight 1). It depends
+  on the gallery alone; a catalogue search computes it for its shortlist (:func:`rerank_shortlist`).
 * **k-reciprocal re-ranking** (Zhong, Zheng, Cao and Li, "Re-ranking Person Re-identification
   with k-reciprocal Encoding", CVPR 2017): the distance becomes
   ``(1 - lambda) * Jaccard(k-reciprocal sets) + lambda * d_original`` over the joint set of
-  queries and gallery (transductive in the queries). It holds two ``(Q + G)^2`` float32
-  matrices, so it is refused above :data:`MAX_K_RECIPROCAL` vectors.
+  queries and gallery (transductive: every query helps rank every other). It holds about six
+  ``(Q + G)^2`` float32 matrices, so it is refused above :data:`MAX_K_RECIPROCAL` vectors.
 
 Which one, and its settings: :class:`RerankOptions` (``kind``: ``none``, ``qe``, ``dba``,
-``dba-qe``, ``k-reciprocal``; the defaults were chosen on Grocery's *val* articles, see
-docs/benchmarks.md). :func:`rerank_scores` gives the ``[Q, G]`` similarity a gallery is ranked by.
+``dba-qe``, ``k-reciprocal``). ``k`` 5 and ``alpha`` 1 were chosen on Grocery's *val* articles
+among k 1-5 and alpha 1 or 3 (larger k scored higher there, where articles have 20-65 gallery
+photos, and would mix articles in a catalogue of about 5 photos each); k-reciprocal keeps the
+paper's k1 20, k2 6, lambda 0.3. :func:`rerank_scores` gives the ``[Q, G]`` similarity a gallery
+is ranked by, :func:`rerank_vectors` the vectors of ``qe`` / ``dba`` / ``dba-qe``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -33,14 +36,17 @@ from ..metrics import nearest_neighbors
 from ..options import check_options, option
 
 __all__ = ["RERANK_KINDS", "RerankOptions", "MAX_K_RECIPROCAL", "SHORTLIST", "alpha_query_expansion",
-           "database_augmentation", "k_reciprocal_distance", "rerank_scores", "rerank_vectors", "rerank_shortlist", "search_rerank"]
+           "database_augmentation", "k_reciprocal_distance", "rerank_scores", "rerank_vectors", "rerank_shortlist", "search_rerank", "check_size"]
 
 #: the re-ranking methods, by name
 RERANK_KINDS = ("none", "qe", "dba", "dba-qe", "k-reciprocal")
 #: catalogue images re-ranked per query by :func:`rerank_shortlist` (at least the ``k`` asked for)
 SHORTLIST = 100
-#: most vectors (queries + gallery) k-reciprocal re-ranking takes: two float32 N x N matrices, 1.6 GiB at 20,000
-MAX_K_RECIPROCAL = 20_000
+#: most vectors (queries + gallery) k-reciprocal re-ranking takes: about six float32 N x N matrices, 2.4 GB at 10,000
+MAX_K_RECIPROCAL = 10_000
+#: the settings each kind uses (others must stay at their defaults)
+USES = {"none": (), "qe": ("k", "alpha"), "dba": ("k", "alpha"), "dba-qe": ("k", "alpha"),
+        "k-reciprocal": ("k1", "k2", "lam")}
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,8 @@ class RerankOptions:
     kind: str = option("none", "Re-ranking: none | qe (alpha query expansion) | dba (database-side augmentation) "
                                "| dba-qe (both) | k-reciprocal (Zhong et al. 2017).", flag="--rerank",
                        choices=RERANK_KINDS)
-    k: int = option(5, "Neighbours averaged by qe and dba.", flag="--rerank-k", min=1)
+    k: int = option(5, "qe: gallery neighbours added to the query; dba: neighbours averaged, the image itself "
+                       "included (1 changes nothing).", flag="--rerank-k", min=1)
     alpha: float = option(1.0, "Weight exponent of qe and dba: a neighbour counts max(cosine, 0)**alpha.",
                           flag="--rerank-alpha", min=0.0)
     k1: int = option(20, "k-reciprocal: size of the k-reciprocal neighbourhoods.", flag="--rerank-k1", min=1)
@@ -71,7 +78,13 @@ class RerankOptions:
                                    hint=f"use e.g. {name} = {getattr(RerankOptions, name)}", options=(name,))
         if self.lam > 1:
             raise InputError(f"option lam = {self.lam} is above 1", hint="use a weight between 0 and 1",
-                               options=("lam",))
+                             options=("lam",))
+        for f in fields(self):
+            if f.name != "kind" and f.name not in USES[self.kind] and getattr(self, f.name) != f.default:
+                users = [kind for kind, names in USES.items() if f.name in names]
+                raise InputError(f"option {f.name} = {getattr(self, f.name)!r} does not apply to re-ranking "
+                                 f"kind = {self.kind!r}", hint=f"use it with kind = {' | '.join(users)}, or leave it out",
+                                 options=(f.name, "kind"))
 
     @classmethod
     def from_value(cls, value: "RerankOptions | str | dict[str, Any] | None") -> "RerankOptions":
@@ -86,6 +99,9 @@ class RerankOptions:
             return cls()
         if isinstance(value, str):
             return cls(kind=value)
+        if not isinstance(value, dict):
+            raise InputError(f"rerank = {value!r} is not a re-ranking", hint="use a kind name (" + " | ".join(
+                RERANK_KINDS) + "), a dict of RerankOptions fields or RerankOptions(...)", options=("rerank",))
         unknown = sorted(set(value) - {f.name for f in fields(cls)})
         if unknown:
             raise InputError(f"unknown re-ranking option {unknown[0]!r}",
@@ -94,18 +110,20 @@ class RerankOptions:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that matter for ``kind`` (what a result file records)."""
-        keep = {"none": (), "qe": ("k", "alpha"), "dba": ("k", "alpha"), "dba-qe": ("k", "alpha"),
-                "k-reciprocal": ("k1", "k2", "lam")}[self.kind]
-        return {"kind": self.kind, **{name: getattr(self, name) for name in keep}}
+        return {"kind": self.kind, **{name: getattr(self, name) for name in USES[self.kind]}}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _weighted_sum(vectors: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: float) -> np.ndarray:
-    """``sum_j max(sims[:, j], 0)**alpha * vectors[idx[:, j]]``: float32 ``[N, D]``."""
+def _weighted_sum(vectors: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: float,
+                  valid: np.ndarray | None = None) -> np.ndarray:
+    """``sum_j max(sims[:, j], 0)**alpha * vectors[idx[:, j]]`` over the ``valid`` neighbours
+    (padding weighs 0, also when ``alpha`` is 0): float32 ``[N, D]``."""
     w = np.maximum(sims, 0.0).astype(np.float32) ** np.float32(alpha)
+    if valid is not None:
+        w = np.where(valid, w, np.float32(0))
     out = np.zeros((idx.shape[0], vectors.shape[1]), dtype=np.float32)
     for j in range(idx.shape[1]):
         out += w[:, j:j + 1] * vectors[idx[:, j]]
@@ -197,22 +215,34 @@ def k_reciprocal_distance(query: np.ndarray, gallery: np.ndarray, k1: int = 20, 
     q, g = _unit(as_embeddings(query, "query")), _unit(as_embeddings(gallery, "gallery"))
     x = np.concatenate([q, g])
     n, nq = len(x), len(q)
-    if n > MAX_K_RECIPROCAL:
-        raise InputError(f"k-reciprocal re-ranking of {nq} queries and {len(g)} gallery images would hold two "
-                           f"{n} x {n} matrices", hint=f"use at most {MAX_K_RECIPROCAL} in all, or rerank='dba-qe'",
-                           options=("rerank",))
+    check_size(RerankOptions(kind="k-reciprocal"), nq, len(g))
     dist = np.maximum(2.0 - 2.0 * (x @ x.T), 0.0)
     # the reference divides each column by its maximum, then transposes: each row by its own maximum
     dist = (dist / np.maximum(dist.max(axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    rank = np.argsort(dist, axis=1, kind="stable")
+    rank = np.argsort(dist, axis=1, kind="stable").astype(np.int32)
     v = _encodings(dist, rank, k1)
     if k2 > 1:
         v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
     jaccard = np.empty((nq, len(g)), dtype=np.float32)
-    for i in range(nq):
-        shared = np.minimum(v[i][None, :], v[nq:]).sum(axis=1)
+    for i in range(nq):  # the encodings are sparse: only the columns where query i's is not 0 count
+        cols = np.flatnonzero(v[i])
+        shared = np.minimum(v[i, cols][None, :], v[nq:, cols]).sum(axis=1)
         jaccard[i] = 1.0 - shared / (2.0 - shared)
     return (1.0 - lam) * jaccard + lam * dist[:nq, nq:]
+
+
+def check_size(opts: RerankOptions, queries: int, gallery: int) -> None:
+    """Refuse k-reciprocal re-ranking of more than :data:`MAX_K_RECIPROCAL` images in all (before
+    anything is embedded).
+
+    Raises:
+        InputError: naming ``rerank``.
+    """
+    n = queries + gallery
+    if opts.kind == "k-reciprocal" and n > MAX_K_RECIPROCAL:
+        raise InputError(f"k-reciprocal re-ranking of {queries} queries and {gallery} gallery images would hold "
+                         f"about six {n} x {n} float32 matrices ({6 * 4 * n * n / 1e9:.1f} GB)",
+                         hint=f"use at most {MAX_K_RECIPROCAL} images in all, or rerank='dba-qe'", options=("rerank",))
 
 
 def rerank_vectors(query: np.ndarray, gallery: np.ndarray,
@@ -275,13 +305,12 @@ def _augmented(cand: np.ndarray, opts: RerankOptions, search: Callable, vectors_
     own[np.flatnonzero(~own.any(axis=1)), -1] = True
     own &= np.cumsum(own, axis=1) == 1
     sims, pos = sims[~own].reshape(len(cand), -1), pos[~own].reshape(len(cand), -1)
-    sims = np.where(pos >= 0, sims, 0.0)
     unique, local = np.unique(np.maximum(pos, 0), return_inverse=True)
-    return _unit(x + _weighted_sum(vectors_at(unique), sims, local.reshape(pos.shape), opts.alpha))
+    return _unit(x + _weighted_sum(vectors_at(unique), sims, local.reshape(pos.shape), opts.alpha, valid=pos >= 0))
 
 
 def rerank_shortlist(queries: np.ndarray, k: int, opts: RerankOptions, search: Callable, vectors_at: Callable,
-                     shortlist: int = SHORTLIST) -> tuple[np.ndarray, np.ndarray]:
+                     size: int, shortlist: int = SHORTLIST) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank a catalogue's shortlist (``qe``, ``dba``, ``dba-qe``): the ``max(k, shortlist)``
     nearest images of each query, their DBA vectors from their own nearest catalogue images, the
     query expanded with the best ``opts.k`` of them, the shortlist ranked by cosine to it. With a
@@ -289,7 +318,8 @@ def rerank_shortlist(queries: np.ndarray, k: int, opts: RerankOptions, search: C
     shortlist are not considered (the usual approximation, Radenovic et al. 2018).
 
     Args:
-        queries: unit float32 ``[Q, D]``; k: results per query.
+        queries: unit float32 ``[Q, D]``; k: results per query; size: the catalogue's live images
+            (``k``, ``opts.k`` and the shortlist are clipped to it).
         search: ``search(vectors [M, D], n) -> (scores [M, n], positions int64 [M, n])`` (``-1`` pads),
             e.g. :meth:`fewshot.index.CatalogueIndex.search_positions`; vectors_at:
             ``vectors_at(positions [M]) -> float32 [M, D]``.
@@ -301,7 +331,8 @@ def rerank_shortlist(queries: np.ndarray, k: int, opts: RerankOptions, search: C
         InputError: ``opts.kind`` is ``k-reciprocal`` (it needs every query and the whole gallery).
     """
     opts = search_rerank(opts)
-    _, pos = search(queries, max(k, shortlist))
+    opts = replace(opts, k=min(opts.k, size))
+    _, pos = search(queries, min(max(k, shortlist), size))
     out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     out_p = np.full((len(queries), k), -1, dtype=np.int64)
     cand_all = np.unique(pos[pos >= 0])

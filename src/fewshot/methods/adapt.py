@@ -230,4 +230,5 @@ def make_adapt_classifier(*, init: str, scale: float, lr: float, steps: int,
 
     classify.describe = {"kind": "maml_adapt", "init": init, "scale": float(scale), "inner_lr": lr,  # type: ignore[attr-defined]
                          "inner_steps": steps}
+    classify.adapts = True  # type: ignore[attr-defined]  # it adapts to each task: transductive levers refuse it
     return classify

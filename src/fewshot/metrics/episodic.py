@@ -40,8 +40,6 @@ logger = logging.getLogger("fewshot")
 
 #: float32 elements per batch of episodes for the vectorised default classifier
 _BATCH_ELEMENTS = 1 << 22
-#: queries drawn per class (times ``n_query``) from which an imbalanced query set is taken
-_IMBALANCE_POOL = 3
 
 
 @dataclass
@@ -112,10 +110,11 @@ def episodic_accuracy(
         warn: log the classes left out for having too few items (``False`` when the same
             data is evaluated again, e.g. every training epoch).
         query_imbalance: ``None`` (balanced: ``n_query`` queries per class) or the concentration
-            ``a > 0`` of imbalanced query sets (Veilleux et al., NeurIPS 2021): each episode
-            draws class shares from a symmetric Dirichlet(``a``) and ``n_way * n_query`` queries
-            from them, at most ``3 * n_query`` per class (the pool drawn per class); smaller ``a``
-            is more imbalanced, and a class may get no query.
+            ``a > 0`` of imbalanced query sets (Veilleux et al., NeurIPS 2021): the episodes'
+            classes and support are the balanced protocol's; each episode then draws class shares
+            from a symmetric Dirichlet(``a``) and up to ``n_way * n_query`` queries by them from
+            each class's own query items (a class gives at most what it has, so an episode may hold
+            fewer; smaller ``a`` is more imbalanced, and a class may get no query).
 
     Returns:
         :class:`EpisodicResult`.
@@ -143,9 +142,8 @@ def episodic_accuracy(
         x = torch.nn.functional.normalize(x, dim=1)
         xq = x if yq is None else torch.nn.functional.normalize(xq, dim=1)
 
-    pool = n_query if query_imbalance is None else _IMBALANCE_POOL * n_query
-    sampler = EpisodeSampler(y, n_way, k_shot, pool, episodes, seed, query_labels=yq, warn=warn)
-    _, support_idx, query_idx = sampler.index_arrays()
+    sampler = EpisodeSampler(y, n_way, k_shot, n_query, episodes, seed, query_labels=yq, warn=warn)
+    classes, support_idx, query_idx = sampler.index_arrays()
     support_idx = torch.from_numpy(support_idx)
     query_idx = torch.from_numpy(query_idx)
     n, k, q = sampler.n_way, sampler.k_shot, sampler.n_query
@@ -153,14 +151,14 @@ def episodic_accuracy(
     query_y = torch.arange(n).repeat_interleave(q)
 
     if query_imbalance is not None:
-        keep = _imbalanced_queries(n, q, n * n_query, float(query_imbalance), sampler.episodes, seed)
-        per_episode = _per_episode(x, xq, support_idx, query_idx, support_y, query_y, n,
-                                   classifier or _nearest_prototype(normalize), keep)
-        q = n_query
+        drawn = _imbalanced_queries(yq if yq is not None else y, classes, support_idx if yq is None else None,
+                                    n * n_query, float(query_imbalance), seed)
+        per_episode = _per_episode(x, xq, support_idx, drawn, support_y, n, classifier or _nearest_prototype(normalize))
     elif classifier is None:
         per_episode = _batched(x, xq, support_idx, query_idx, support_y, query_y, n, k, q, normalize)
     else:
-        per_episode = _per_episode(x, xq, support_idx, query_idx, support_y, query_y, n, classifier, None)
+        per_episode = _per_episode(x, xq, support_idx, [(query_idx[e], query_y) for e in range(len(query_idx))],
+                                   support_y, n, classifier)
     accuracy = float(per_episode.mean())
     ci95 = (float(1.96 * per_episode.std(ddof=0) / math.sqrt(len(per_episode)))
             if len(per_episode) >= MIN_EPISODES_FOR_CI else None)
@@ -200,15 +198,13 @@ def _nearest_prototype(normalize: bool) -> EpisodeClassifier:
     return lambda sx, sy, qx, n: prototype_classifier(sx, sy, qx, n, cosine=normalize)
 
 
-def _per_episode(x: torch.Tensor, xq: torch.Tensor, support_idx: torch.Tensor, query_idx: torch.Tensor,
-                 support_y: torch.Tensor, query_y: torch.Tensor, n: int, classifier: EpisodeClassifier,
-                 keep: list[np.ndarray] | None) -> np.ndarray:
-    """Per-episode accuracy of ``classifier``, called once per episode on the queries ``keep[e]``
-    of episode ``e`` (all of them when ``keep`` is ``None``)."""
+def _per_episode(x: torch.Tensor, xq: torch.Tensor, support_idx: torch.Tensor,
+                 queries: list[tuple[torch.Tensor, torch.Tensor]], support_y: torch.Tensor, n: int,
+                 classifier: EpisodeClassifier) -> np.ndarray:
+    """Per-episode accuracy of ``classifier``, called once per episode on its ``(query indices,
+    way labels)``."""
     correct = np.empty(support_idx.shape[0], dtype=np.float64)
-    for e in range(support_idx.shape[0]):
-        take = slice(None) if keep is None else torch.from_numpy(keep[e])
-        qi, qy = query_idx[e][take], query_y[take]
+    for e, (qi, qy) in enumerate(queries):
         pred = torch.as_tensor(classifier(x[support_idx[e]], support_y.clone(), xq[qi], n))
         if pred.shape != qy.shape:
             raise ValueError(f"classifier returned shape {tuple(pred.shape)}, expected {tuple(qy.shape)}")
@@ -216,18 +212,30 @@ def _per_episode(x: torch.Tensor, xq: torch.Tensor, support_idx: torch.Tensor, q
     return correct
 
 
-def _imbalanced_queries(n: int, pool: int, total: int, concentration: float, episodes: int,
-                        seed: int) -> list[np.ndarray]:
-    """Per episode, the positions (into its class-major ``n * pool`` queries) of an imbalanced
-    query set: ``total`` queries split by Dirichlet(``concentration``) shares, at most ``pool``
-    per class (Veilleux et al. 2021)."""
+def _imbalanced_queries(query_labels: list, classes: list[list], support_idx: torch.Tensor | None, total: int,
+                        concentration: float, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per episode, ``(query indices, way labels)`` of an imbalanced query set: ``total`` queries
+    split by Dirichlet(``concentration``) shares over the episode's classes, each class's drawn
+    without replacement from its own query items (at most what it has; ``support_idx`` given
+    when queries and support share one pool: the episode's support is left out) (Veilleux et al. 2021)."""
     if not (math.isfinite(concentration) and concentration > 0):
         raise ValueError(f"query_imbalance must be a positive number, got {concentration!r}")
+    by_label: dict = {}
+    for i, label in enumerate(query_labels):
+        by_label.setdefault(label, []).append(i)
+    pools = {label: np.asarray(idx, dtype=np.int64) for label, idx in by_label.items()}
     rng = np.random.default_rng([seed, 30])
     out = []
-    for _ in range(episodes):
-        counts = np.minimum(rng.multinomial(total, rng.dirichlet([concentration] * n)), pool)
-        out.append(np.concatenate([c * pool + np.arange(m) for c, m in enumerate(counts)]).astype(np.int64))
+    for e, names in enumerate(classes):
+        counts = rng.multinomial(total, rng.dirichlet([concentration] * len(names)))
+        support = support_idx[e].numpy() if support_idx is not None else np.empty(0, np.int64)
+        idx, ways = [], []
+        for way, (label, m) in enumerate(zip(names, counts)):
+            pool = np.setdiff1d(pools[label], support, assume_unique=True)
+            pick = rng.choice(pool, size=min(int(m), len(pool)), replace=False)
+            idx.append(pick)
+            ways.append(np.full(len(pick), way, dtype=np.int64))
+        out.append((torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(ways))))
     return out
 
 
