@@ -171,10 +171,10 @@ def tta_row(name: str, row: dict, cache_dir: str | None) -> dict:
 def omniglot_episodes(run_dir: Path | None, cache_dir: str | None, backbone: str | None = None,
                       image_size: int = 112) -> dict:
     """20-way and 5-way 1-shot accuracy (1,000 episodes, 5 queries per class) on Omniglot's test
-    alphabet; for a run without its own episode classifier also with the transductive ones
+    alphabet; for a run whose episode classifier does not adapt (not MAML) also with the transductive ones
     (``20way1shot_tim``, ...: :mod:`fewshot.methods.transductive`, balanced queries)."""
     from fewshot.data.protocol import protocol_sets
-    from fewshot.evaluation.levers import episode_inputs
+    from fewshot.evaluation.levers import adapts, episode_inputs
     from fewshot.methods.runs import load_embedding_model
     from fewshot.metrics import episodic_accuracy
     from fewshot.data.protocol import load_protocol
@@ -186,7 +186,7 @@ def omniglot_episodes(run_dir: Path | None, cache_dir: str | None, backbone: str
     q = model.embed(q_set, cache_dir=cache_dir, progress=False)
     g = model.embed(g_set, cache_dir=cache_dir, progress=False)
     out = {}
-    levers = ("none",) if model.episode_classifier is not None else ("none", "bdcspn", "tim")
+    levers = ("none",) if adapts(model.episode_classifier) else ("none", "bdcspn", "tim")
     for lever in levers:
         classifier, support, queries = episode_inputs(lever, model.episode_classifier, g.vectors, q.vectors)
         for n_way in (20, 5):
