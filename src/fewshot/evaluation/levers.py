@@ -14,6 +14,7 @@ import numpy as np
 
 from ..embed import Embeddings
 from ..errors import FewshotError, InputError
+from ..index.vectors import l2_normalize
 from ..index.rerank import RerankOptions, rerank_scores, rerank_vectors
 from ..methods.transductive import TRANSDUCTIVE, centre, transductive_classifier
 from ..metrics import RetrievalReport, ranking_metrics, retrieval_metrics
@@ -85,8 +86,7 @@ def episode_inputs(transductive: str, model_classifier: EpisodeClassifier | None
     """``(classifier, support vectors, query vectors)`` for the episodes: ``centre`` centres both
     on the support pool's (the catalogue's) mean of unit vectors; the others pick the classifier."""
     if transductive == "centre":
-        unit = support / np.maximum(np.linalg.norm(support, axis=1, keepdims=True), 1e-12)
-        mean = unit.mean(axis=0)
+        mean = l2_normalize(support).mean(axis=0)
         return None, centre(support, mean), None if queries is None else centre(queries, mean)
     if transductive == "none":
         return model_classifier, support, queries

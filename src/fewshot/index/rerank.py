@@ -34,6 +34,7 @@ from ..checks import as_embeddings
 from ..errors import FewshotError, InputError
 from ..metrics import nearest_neighbors
 from ..options import check_options, option
+from .vectors import l2_normalize
 
 __all__ = ["RERANK_KINDS", "RerankOptions", "MAX_K_RECIPROCAL", "SHORTLIST", "alpha_query_expansion",
            "database_augmentation", "k_reciprocal_distance", "rerank_scores", "rerank_vectors", "rerank_shortlist", "search_rerank", "check_size"]
@@ -113,10 +114,6 @@ class RerankOptions:
         return {"kind": self.kind, **{name: getattr(self, name) for name in USES[self.kind]}}
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def _weighted_sum(vectors: np.ndarray, sims: np.ndarray, idx: np.ndarray, alpha: float,
                   valid: np.ndarray | None = None) -> np.ndarray:
     """``sum_j max(sims[:, j], 0)**alpha * vectors[idx[:, j]]`` over the ``valid`` neighbours
@@ -144,9 +141,9 @@ def alpha_query_expansion(query: np.ndarray, gallery: np.ndarray, k: int = 5, al
     Raises:
         ValueError: bad shapes or non-finite values, ``k < 1``.
     """
-    q, g = _unit(as_embeddings(query, "query")), _unit(as_embeddings(gallery, "gallery"))
+    q, g = l2_normalize(as_embeddings(query, "query")), l2_normalize(as_embeddings(gallery, "gallery"))
     sims, idx = nearest_neighbors(q, g, k=k, normalize=False)
-    return _unit(q + _weighted_sum(g, sims, idx, alpha))
+    return l2_normalize(q + _weighted_sum(g, sims, idx, alpha))
 
 
 def database_augmentation(gallery: np.ndarray, k: int = 5, alpha: float = 1.0) -> np.ndarray:
@@ -163,11 +160,11 @@ def database_augmentation(gallery: np.ndarray, k: int = 5, alpha: float = 1.0) -
     Raises:
         ValueError: bad shapes or non-finite values, ``k < 1``.
     """
-    g = _unit(as_embeddings(gallery, "gallery"))
+    g = l2_normalize(as_embeddings(gallery, "gallery"))
     if k <= 1 or len(g) < 2:
         return g
     sims, idx = nearest_neighbors(g, None, k=k - 1, normalize=False)
-    return _unit(g + _weighted_sum(g, sims, idx, alpha))
+    return l2_normalize(g + _weighted_sum(g, sims, idx, alpha))
 
 
 def _reciprocal(rank: np.ndarray, i: int, k: int) -> np.ndarray:
@@ -212,7 +209,7 @@ def k_reciprocal_distance(query: np.ndarray, gallery: np.ndarray, k1: int = 20, 
         InputError: more than :data:`MAX_K_RECIPROCAL` vectors in all.
         ValueError: bad shapes or non-finite values.
     """
-    q, g = _unit(as_embeddings(query, "query")), _unit(as_embeddings(gallery, "gallery"))
+    q, g = l2_normalize(as_embeddings(query, "query")), l2_normalize(as_embeddings(gallery, "gallery"))
     x = np.concatenate([q, g])
     n, nq = len(x), len(q)
     check_size(RerankOptions(kind="k-reciprocal"), nq, len(g))
@@ -256,7 +253,7 @@ def rerank_vectors(query: np.ndarray, gallery: np.ndarray,
     if opts.kind == "k-reciprocal":
         raise InputError("k-reciprocal re-ranking gives distances, not vectors", hint="use rerank_scores",
                            options=("rerank",))
-    q, g = _unit(as_embeddings(query, "query")), _unit(as_embeddings(gallery, "gallery"))
+    q, g = l2_normalize(as_embeddings(query, "query")), l2_normalize(as_embeddings(gallery, "gallery"))
     if opts.kind in ("dba", "dba-qe"):
         g = database_augmentation(g, opts.k, opts.alpha)
     if opts.kind in ("qe", "dba-qe"):
@@ -306,7 +303,8 @@ def _augmented(cand: np.ndarray, opts: RerankOptions, search: Callable, vectors_
     own &= np.cumsum(own, axis=1) == 1
     sims, pos = sims[~own].reshape(len(cand), -1), pos[~own].reshape(len(cand), -1)
     unique, local = np.unique(np.maximum(pos, 0), return_inverse=True)
-    return _unit(x + _weighted_sum(vectors_at(unique), sims, local.reshape(pos.shape), opts.alpha, valid=pos >= 0))
+    neighbours = _weighted_sum(vectors_at(unique), sims, local.reshape(pos.shape), opts.alpha, valid=pos >= 0)
+    return l2_normalize(x + neighbours)
 
 
 def rerank_shortlist(queries: np.ndarray, k: int, opts: RerankOptions, search: Callable, vectors_at: Callable,
@@ -345,7 +343,7 @@ def rerank_shortlist(queries: np.ndarray, k: int, opts: RerankOptions, search: C
         if opts.kind in ("qe", "dba-qe"):
             s = g @ q
             top = np.argsort(-s, kind="stable")[: opts.k]
-            q = _unit((q + (np.maximum(s[top], 0) ** np.float32(opts.alpha)) @ g[top])[None])[0]
+            q = l2_normalize((q + (np.maximum(s[top], 0) ** np.float32(opts.alpha)) @ g[top])[None])[0]
         s = g @ q
         order = np.lexsort((rows, -s))[:k]  # by score, ties by catalogue position
         out_s[i, :len(order)] = s[order]
