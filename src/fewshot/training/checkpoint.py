@@ -31,14 +31,14 @@ CURVES = "curves.png"
 #: a run is trained in ``RUN_DIR.partial`` beside ``RUN_DIR`` and moved onto it when training completes
 PARTIAL_SUFFIX = ".partial"
 HISTORY_FIELDS = ("epoch", "train_loss", "val_map", "val_map_at_r", "val_precision_at_1",
-                  "val_episodic_acc", "seconds")
+                  "val_episodic_acc", "seconds", "images_per_second")
 CHECKPOINT_FORMAT = 1
 
 #: the options a run folder's errors name: continue the run, or replace it
 RESUME_OPTIONS = ("resume", "overwrite")
 #: config fields that may change between an interrupted run and its ``resume``
 RESUMABLE_CHANGES = {"epochs", "patience", "options.episodes", "resume", "overwrite", "progress", "device",
-                      "cache_dir", "workers", "embed_batch_size", "final_eval", "eval_episodes", "final_tta", "out",
+                      "cache_dir", "workers", "micro_batch", "embed_batch_size", "final_eval", "eval_episodes", "final_tta", "out",
                       "data"}
 
 

@@ -59,6 +59,18 @@ def select_trainable(backbone, fine_tune: str) -> list[nn.Parameter]:
     return params
 
 
+def micro_batch(cfg: TrainConfig, backbone, device: torch.device) -> int | None:
+    """Images per forward slice of a training step: ``cfg.micro_batch`` when given; else, on a
+    CPU with BatchNorm in eval mode, the backbone's measured
+    :attr:`~fewshot.backbones.Backbone.train_cpu_batch`; else ``None`` (the whole batch: on a
+    GPU, or with ``bn=train``, whose batch statistics slices would change)."""
+    if cfg.micro_batch is not None:
+        return int(cfg.micro_batch)
+    if device.type == "cpu" and cfg.batchnorm_mode() == "eval":
+        return backbone.train_cpu_batch
+    return None
+
+
 class FineTune:
     """Trainable backbone parameters + in-memory images + augmentation (``fine_tune != "none"``)."""
 
@@ -80,6 +92,8 @@ class FineTune:
         self.val_q_bank = ImageBank([str(p) for p in data.val_q.dataset.paths], cfg.image_size, cfg.progress)
         self.val_g_bank = ImageBank([str(p) for p in data.val_g.dataset.paths], cfg.image_size, cfg.progress)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        #: images per forward slice of a training step (``None``: the whole batch at once)
+        self.micro_batch = micro_batch(cfg, self.backbone, device)
         #: the forward of the last validation (``"onnx"`` or ``"torch"``), and why not ONNX
         #: (once an export failed, the rest of the run validates on torch)
         self.val_runtime: str | None = None
@@ -121,9 +135,13 @@ class FineTune:
         return x.contiguous(memory_format=torch.channels_last) if self.backbone.channels_last else x
 
     def features(self, idx: np.ndarray) -> torch.Tensor:
-        """Backbone features ``float32 [B, D]`` of training items ``idx``, with gradients."""
+        """Backbone features ``float32 [B, D]`` of training items ``idx``, with gradients: the
+        forward runs in slices of :attr:`micro_batch` images, concatenated (one backward through
+        the loss then reaches every slice: the same gradient as one forward of the batch)."""
+        x, step = self.inputs(idx), self.micro_batch or len(idx)
         with self.autocast():
-            return self.backbone.model(self.inputs(idx)).float()
+            parts = [self.backbone.model(x[i:i + step]).float() for i in range(0, len(x), step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.no_grad()
     def embed_bank(self, bank, batch: int = 64, forward=None) -> torch.Tensor:

@@ -147,7 +147,9 @@ def _train_locked(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | 
                      final_metrics=final, config=full)
 
 
-def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> list[float]:
+def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> tuple[list[float], float]:
+    """One epoch's optimisation steps: their losses, and the training images per second they
+    reached (wall time of the steps, augmentation included, validation not)."""
     seed = epoch_seed(cfg.seed, epoch)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -158,8 +160,10 @@ def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> list[float]:
         setup.ft.train_mode(True)
     batches = list(method.epoch_batches(setup.data.train, rng))
     losses = []
+    images, t0 = 0, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False, disable=not cfg.progress)
     for batch in bar:
+        images += len(method.items(batch))
         value = setup.step(batch) if setup.step is not None else train_step(method, batch, setup.optimizer)
         setup.scheduler.step()
         if setup.average is not None:
@@ -170,9 +174,10 @@ def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> list[float]:
                                options=("lr", "backbone_lr"))
         losses.append(value)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+    rate = images / max(time.perf_counter() - t0, 1e-9)
     if setup.average is not None:
         setup.average.after_epoch(epoch)
-    return losses
+    return losses, rate
 
 
 def _run_config(cfg: TrainConfig, setup: Setup, row: dict, elapsed: float) -> dict:
@@ -202,9 +207,9 @@ def _run_epochs(cfg: TrainConfig, setup: Setup, loop: TrainState, on_epoch_end: 
         epoch = loop.start_epoch
         while epoch <= setup.n_epochs and not loop.stopped_early:
             t0 = time.perf_counter()
-            losses = _train_epoch(cfg, setup, epoch) if epoch > 0 else []
+            losses, rate = _train_epoch(cfg, setup, epoch) if epoch > 0 else ([], None)
             if lead:
-                _end_epoch(cfg, setup, work, loop, epoch, losses, t0, bar)
+                _end_epoch(cfg, setup, work, loop, epoch, (losses, rate), t0, bar)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, loop.history[-1])
             if par is not None:
@@ -220,20 +225,21 @@ def _run_epochs(cfg: TrainConfig, setup: Setup, loop: TrainState, on_epoch_end: 
     return loop
 
 
-def _end_epoch(cfg: TrainConfig, setup: Setup, work: Path, loop: TrainState, epoch: int, losses: list[float],
-               t0: float, bar) -> None:
+def _end_epoch(cfg: TrainConfig, setup: Setup, work: Path, loop: TrainState, epoch: int,
+               trained: tuple[list[float], float | None], t0: float, bar) -> None:
     """Validate the epoch, keep the best run, count patience and write the epoch's files.
 
     With ``weight_average`` the averaged weights are in place while the epoch is validated and
     saved as the best run (:meth:`~fewshot.training.average.WeightAverage.applied`); the
     checkpoint holds the raw ones (and the average beside them)."""
     method, data = setup.method, setup.data
+    losses, rate = trained
     with setup.average.applied() if setup.average is not None else contextlib.nullcontext():
         metrics = validate_epoch(method, data, cfg, setup.ft, epoch)
         seconds = time.perf_counter() - t0
         loop.elapsed += seconds
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
-               "seconds": round(seconds, 3)}
+               "seconds": round(seconds, 3), "images_per_second": None if rate is None else round(rate, 2)}
         loop.history.append(row)
         score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
         if score > loop.best["map_at_r"]:
@@ -264,11 +270,19 @@ def _finish_config(work: Path, loop: TrainState, setup: Setup, spread: float | N
     full = json.loads(cfg_path.read_text(encoding="utf-8"))
     full.update({"epochs_run": loop.history[-1]["epoch"], "stopped_early": loop.stopped_early,
                  "training_seconds": round(loop.elapsed, 3), "setup_seconds": round(setup.setup_seconds, 3),
+                 "images_per_second": images_per_second(loop.history),
                  "complete": True})
     if setup.parallel is not None:
         full["distributed"] = {**setup.parallel.info(), "replica_max_abs_diff": spread}
     atomic_write_json(cfg_path, full)
     return full
+
+
+def images_per_second(history: list[dict]) -> float | None:
+    """The median over a run's trained epochs of their training images per second (``history``
+    rows' ``images_per_second``; ``None`` when no epoch trained in this process)."""
+    rates = [r["images_per_second"] for r in history if r.get("images_per_second") is not None]
+    return round(float(np.median(rates)), 2) if rates else None
 
 
 def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:

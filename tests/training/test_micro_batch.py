@@ -1,0 +1,109 @@
+"""Training throughput (issue 31): a fine-tuning step's forward in slices (``micro_batch``) gives
+the gradient of one forward of the whole batch; where it applies; the images per second a run
+records and prints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot.backbones import create_backbone
+from fewshot.errors import FewshotError
+from fewshot.training import make_config, read_history
+from fewshot.training.config import check_config
+from fewshot.training.finetune import micro_batch
+from fewshot.training.setup import build_setup
+
+from train_helpers import shared_tiny_grocery
+
+SMALL = dict(image_size=64, lr=1e-3, val_episodes=0, progress=False, final_eval="none", patience=0,
+             batch_size=16, m_per_class=4, warmup_steps=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(grocery_root, tmp_path_factory):
+    return {**shared_tiny_grocery(grocery_root), "folder": tmp_path_factory.mktemp("tiny-mb")}
+
+
+def _cfg(tiny, out, **kw):
+    return make_config("triplet", **{**SMALL, "data": tiny["data"], "split_file": tiny["split_file"],
+                                     "cache_dir": tiny["cache_dir"], "out": str(out), **kw})
+
+
+def test_micro_batch_resolution():
+    """Given: that; on a CPU with BatchNorm in eval: the backbone's measured slice (8 for
+    EfficientNet-Lite); on a GPU, with bn=train, or for a backbone without one: the whole batch."""
+    lite = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
+    conv4 = create_backbone("conv4", pretrained=False, image_size=28)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert lite.train_cpu_batch == 8 and conv4.train_cpu_batch is None
+    assert micro_batch(make_config("triplet"), lite, cpu) == 8
+    assert micro_batch(make_config("triplet", micro_batch=3), lite, cpu) == 3
+    assert micro_batch(make_config("triplet", micro_batch=3), lite, gpu) == 3
+    assert micro_batch(make_config("triplet"), lite, gpu) is None
+    assert micro_batch(make_config("triplet", bn="train"), lite, cpu) is None
+    assert micro_batch(make_config("protonet", pretrained=False, backbone="conv4"), conv4, cpu) is None
+    assert micro_batch(make_config("protonet"), lite, cpu) == 8
+
+
+@pytest.mark.parametrize("kw, names", [(dict(micro_batch=4, fine_tune="none"), {"micro_batch", "fine_tune"}),
+                                       (dict(micro_batch=4, bn="train"), {"micro_batch", "bn"}),
+                                       (dict(micro_batch=0), {"micro_batch"})])
+def test_micro_batch_refused_where_it_does_not_apply(kw, names, tmp_path):
+    with pytest.raises(FewshotError) as err:
+        check_config(make_config("triplet", out=str(tmp_path / "run"), **kw))
+    assert set(err.value.options) == names
+
+
+def test_sliced_forward_gives_the_whole_batch_features_and_gradient(tiny):
+    """The same 11 training images through the fine-tuned Lite0 (eval BatchNorm): one forward,
+    or slices of 4 concatenated, give the same features and, after one backward of a loss of all
+    of them, the same gradient of every backbone parameter (to float rounding)."""
+    setup = build_setup(_cfg(tiny, tiny["folder"] / "unused", micro_batch=4))
+    ft = setup.ft
+    assert ft.micro_batch == 4
+    idx = np.arange(11)
+    grads, feats = {}, {}
+    for name, step in (("sliced", 4), ("whole", None)):
+        ft.micro_batch = step
+        ft.seed_epoch(7)  # the same augmentation both times
+        ft.train_mode(True)
+        setup.optimizer.zero_grad(set_to_none=True)
+        z = ft.features(idx)
+        (z.sin().sum() + z.pow(2).mean()).backward()
+        feats[name] = z.detach().clone()
+        grads[name] = {n: p.grad.clone() for n, p in ft.backbone.model.named_parameters() if p.grad is not None}
+    assert feats["sliced"].shape == (11, ft.backbone.dim)
+    torch.testing.assert_close(feats["sliced"], feats["whole"], rtol=1e-4, atol=1e-5)
+    assert grads["sliced"].keys() == grads["whole"].keys() and len(grads["whole"]) > 100
+    worst = max(float((grads["sliced"][n] - grads["whole"][n]).abs().max() / (grads["whole"][n].abs().max() + 1e-12))
+                for n in grads["whole"])
+    assert worst < 1e-3, worst
+
+
+def test_a_run_records_and_prints_its_images_per_second(tiny, tmp_path):
+    """history.csv has each trained epoch's training images per second (epoch 0, validation only,
+    has none); config.json their median and the micro_batch given; `fewshot train` prints it."""
+    from typer.testing import CliRunner
+
+    from fewshot.cli import app
+
+    out = tmp_path / "cli-run"
+    args = ["train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", str(out),
+            "--cache-dir", tiny["cache_dir"], "--image-size", "64", "--fine-tune", "last:1",
+            "--epochs", "2", "--val-episodes", "0", "--split", "none", "--no-progress", "--opt", "batch_size=16",
+            "--opt", "m_per_class=4", "--micro-batch", "5"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = read_history(out)
+    assert rows[0]["images_per_second"] is None
+    rates = [r["images_per_second"] for r in rows[1:]]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    config = json.loads((out / "config.json").read_text())
+    assert config["images_per_second"] == pytest.approx(float(np.median(rates)), abs=0.01)
+    assert config["train_config"]["micro_batch"] == 5
+    line = next(x for x in res.output.splitlines() if x.startswith("training steps:"))
+    assert float(line.split()[2]) == pytest.approx(config["images_per_second"], abs=0.06)
