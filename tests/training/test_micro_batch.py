@@ -34,13 +34,17 @@ def _cfg(tiny, out, **kw):
 
 
 def test_micro_batch_resolution():
-    """Given: that; on a CPU with BatchNorm in eval: the backbone's measured slice (8 for
-    EfficientNet-Lite); on a GPU, with bn=train, or for a backbone without one: the whole batch."""
+    """Given: that; on a CPU with BatchNorm in eval: as many images as the backbone's measured
+    pixel budget holds (8 of 224 px for EfficientNet-Lite, 5 of 260, 98 of 64); on a GPU, with
+    bn=train, or for a backbone without a budget: the whole batch (None)."""
     lite = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
     conv4 = create_backbone("conv4", pretrained=False, image_size=28)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert lite.train_cpu_batch == 8 and conv4.train_cpu_batch is None
+    assert lite.train_cpu_pixels == 8 * 224 * 224 and conv4.train_cpu_pixels is None
     assert micro_batch(make_config("triplet"), lite, cpu) == 8
+    assert micro_batch(make_config("triplet", image_size=260), lite, cpu) == 5
+    assert micro_batch(make_config("triplet", image_size=64), lite, cpu) == 98
+    assert micro_batch(make_config("triplet", image_size=1024), lite, cpu) == 1
     assert micro_batch(make_config("triplet", micro_batch=3), lite, cpu) == 3
     assert micro_batch(make_config("triplet", micro_batch=3), lite, gpu) == 3
     assert micro_batch(make_config("triplet"), lite, gpu) is None

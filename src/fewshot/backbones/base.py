@@ -35,13 +35,15 @@ class Backbone:
             images stay in the CPU's caches, so 2 threads of an AMD EPYC embed Lite0 at 84 img/s in
             batches of 4 against 42 img/s at batch 16 in one forward (``bench/embed_throughput.py``,
             batch sweep, 2026-12-03).
-        train_cpu_batch: the images per forward slice of a fine-tuning step on a CPU (``None``:
-            the whole batch in one forward); the slices' embeddings are concatenated and the
-            loss takes one backward through all of them, so the gradient is the batch's (with
-            BatchNorm in eval mode; :mod:`fewshot.training.finetune`). EfficientNet-Lite sets 8:
-            forward and backward of Lite0 at 224 px took 36-40 ms per image in slices of 8
-            against 93-125 ms for 64 images in one forward, and 40-43 in slices of 4, on 2
-            threads of an AMD EPYC (``bench/train_step.py``, 2026-12-05).
+        train_cpu_pixels: the most input pixels per forward slice of a fine-tuning step on a
+            CPU (``None``: the whole batch in one forward), i.e. ``train_cpu_pixels // S**2``
+            images at side ``S``; the slices' features are concatenated and the loss takes one
+            backward through all of them, so the gradient is the batch's (with BatchNorm in eval
+            mode; :mod:`fewshot.training.finetune`). EfficientNet-Lite sets 8 images of 224 px:
+            forward and backward of Lite0 took 36-40 ms per image in slices of 8 against 93-125 ms
+            for 64 images in one forward, and 40-43 in slices of 4, on 2 threads of an AMD EPYC
+            (``bench/train_step.py``, 2026-12-05); at 64 px, where a whole batch's activations
+            fit the caches, one forward of 64 was the faster (slices of 98: the whole batch).
         tta: test-time augmentation of every inference embedding (:data:`TTA_MODES`):
             ``"none"``, or ``"flip"``, the mean of the embeddings of the image and of its mirror
             image (:class:`FlipAverage`; twice the forward cost). Training never uses it; the
@@ -56,7 +58,7 @@ class Backbone:
     weights_tag: str = "imagenet"
     channels_last: bool = False
     cpu_batch: int | None = None
-    train_cpu_batch: int | None = None
+    train_cpu_pixels: int | None = None
     tta: str = "none"
 
     @property

@@ -77,7 +77,8 @@ def _build(variant: str, pretrained: bool, image_size: int) -> Backbone:
     return Backbone(name=f"efficientnet_{variant}", model=PooledFeatures(net),
                     preprocess=Preprocess(image_size=image_size, mean=HALF, std=HALF), dim=dim,
                     pretrained=pretrained, weights_tag="imagenet" if pretrained else "random",
-                    channels_last=True, cpu_batch=4, train_cpu_batch=8)
+                    channels_last=True, cpu_batch=4,
+                    train_cpu_pixels=8 * 224 * 224)
 
 
 @register_backbone("efficientnet_lite0")

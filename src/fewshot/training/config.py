@@ -167,8 +167,9 @@ class TrainConfig:
     workers: int = loop_option(0, "Image-decoding worker processes.", min=0)
     micro_batch: int | None = loop_option(None, "Images per forward slice of a fine-tuning step; the loss still "
                                           "takes one backward over the whole batch, so the gradient is the same "
-                                          "(default: the backbone's measured best on a CPU, 8 for EfficientNet-Lite, "
-                                          "about 2.5x faster than one forward of 64; the whole batch on a GPU or "
+                                          "(default: the backbone's measured best on a CPU, 8 images of 224 px for "
+                                          "EfficientNet-Lite, 2.5x faster than one forward of 64, fewer at a larger "
+                                          "--image-size, more at a smaller; the whole batch on a GPU or "
                                           "with --bn train, whose batch statistics it would change).", min=1,
                                           unset=True)
     embed_batch_size: int = loop_option(32, "Images per forward pass when embedding (default 32).", min=1,

@@ -61,13 +61,14 @@ def select_trainable(backbone, fine_tune: str) -> list[nn.Parameter]:
 
 def micro_batch(cfg: TrainConfig, backbone, device: torch.device) -> int | None:
     """Images per forward slice of a training step: ``cfg.micro_batch`` when given; else, on a
-    CPU with BatchNorm in eval mode, the backbone's measured
-    :attr:`~fewshot.backbones.Backbone.train_cpu_batch`; else ``None`` (the whole batch: on a
-    GPU, or with ``bn=train``, whose batch statistics slices would change)."""
+    CPU with BatchNorm in eval mode, as many images of ``cfg.image_size`` as the backbone's
+    measured :attr:`~fewshot.backbones.Backbone.train_cpu_pixels` hold (at least 1; 8 for
+    EfficientNet-Lite at 224 px); else ``None`` (the whole batch: on a GPU, or with ``bn=train``,
+    whose batch statistics slices would change)."""
     if cfg.micro_batch is not None:
         return int(cfg.micro_batch)
-    if device.type == "cpu" and cfg.batchnorm_mode() == "eval":
-        return backbone.train_cpu_batch
+    if device.type == "cpu" and cfg.batchnorm_mode() == "eval" and backbone.train_cpu_pixels:
+        return max(1, int(backbone.train_cpu_pixels) // int(cfg.image_size) ** 2)
     return None
 
 
@@ -138,7 +139,12 @@ class FineTune:
         """Backbone features ``float32 [B, D]`` of training items ``idx``, with gradients: the
         forward runs in slices of :attr:`micro_batch` images, concatenated (one backward through
         the loss then reaches every slice: the same gradient as one forward of the batch)."""
-        x, step = self.inputs(idx), self.micro_batch or len(idx)
+        return self.forward(self.inputs(idx))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's features ``float32 [B, D]`` of inputs ``x`` ``[B, 3, S, S]``, with
+        gradients, the forward in slices of :attr:`micro_batch` images (see :meth:`features`)."""
+        step = self.micro_batch or len(x)
         with self.autocast():
             parts = [self.backbone.model(x[i:i + step]).float() for i in range(0, len(x), step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,338 @@
+"""Training throughput: the fine-tuning step of fewshot 0.1.0 (main at 7f58e0a: the 64-image batch
+in one forward) against today's (the forward in slices of ``micro_batch`` images, one backward),
+side by side in one process, with a breakdown of the step and the CPU's float32 GEMM ceiling.
+
+What is timed is exactly what ``fewshot train`` runs per step with its defaults (triplet,
+``--fine-tune all``, EfficientNet-Lite0 at 224 px, Grocery's train classes of
+``splits/grocery-unseen.json``, seed 0): :func:`fewshot.training.optim.train_step` on the
+trainer's own batches (augmentation from the decoded images, forward, loss and mining,
+backward, Adam). Contenders run in interleaved rounds (the order rotates), medians reported.
+Other settings measured the same way: slices of 4 and 16, bfloat16 autocast (where the CPU has
+AVX512-BF16 or AMX), and channels-last weights.
+
+``--end-to-end`` also runs whole ``fewshot train`` jobs (triplet and protonet, each with
+``--micro-batch 64``, the old one forward, and with the default) one after the other and writes
+``docs/results/trainspeed/results.json``, which the ``trainstep`` part of ``bench/run_all.py``
+reads (it does not retrain: about 40 minutes on 2 cores).
+
+usage::
+
+    python bench/train_step.py                      # the step comparison, printed as JSON
+    python bench/train_step.py --end-to-end --out docs/results/trainspeed
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from bench.common import (ROOT, Context, fmt, grocery_root, interleaved, machine, median, paired_ratios, pyplot,
+                          save_chart, table, timed, verdict, write_json)
+
+GOAL_SPEEDUP = 2.0  # issue 31: the default fewshot train at least 2x faster end to end
+GROCERY_SPLIT = ROOT / "splits" / "grocery-unseen.json"
+RESULTS = ROOT / "docs" / "results" / "trainspeed" / "results.json"
+OLD, NEW = "one forward (0.1.0)", "slices (default)"
+PHASES = ("augment", "forward", "loss", "backward", "update")
+
+
+def build(quick: bool, work: Path):
+    """The default triplet fine-tuning set-up on Grocery (64 px and few images with ``quick``)."""
+    from fewshot.training import make_config
+    from fewshot.training.setup import build_setup
+
+    cfg = make_config("triplet", data=str(grocery_root()), split_file=str(GROCERY_SPLIT), out=str(work / "run"),
+                      seed=0, progress=False, **({"image_size": 64} if quick else {}))
+    return cfg, build_setup(cfg)
+
+
+def _batches(setup, n: int) -> Callable[[], Any]:
+    """A function giving the trainer's batches of epoch 1 in turn (cycling)."""
+    rng = np.random.default_rng(0)
+    batches = list(setup.method.epoch_batches(setup.data.train, rng))[:n]
+    state = {"i": 0}
+
+    def next_batch():
+        state["i"] += 1
+        return batches[state["i"] % len(batches)]
+    return next_batch
+
+
+def bf16_ok() -> bool:
+    """Whether this CPU runs bfloat16 matrix kernels natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def step_fn(setup, next_batch, slices: int | None, bf16: bool = False, channels_last_weights: bool = False):
+    """One trainer step (:func:`train_step`) with the forward in slices of ``slices`` images."""
+    import torch
+
+    from fewshot.training.optim import train_step
+
+    ft, model = setup.ft, setup.ft.backbone.model
+
+    def run() -> None:
+        ft.micro_batch = slices
+        if channels_last_weights:
+            model.to(memory_format=torch.channels_last)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx:
+            train_step(setup.method, next_batch(), setup.optimizer)
+        if channels_last_weights:
+            model.to(memory_format=torch.contiguous_format)
+    return run
+
+
+def breakdown(setup, next_batch, slices: int | None, rounds: int) -> dict[str, float]:
+    """Median seconds of each phase of a step: augment (inputs), forward, loss (and mining),
+    backward, update (Adam)."""
+    method, ft, opt = setup.method, setup.ft, setup.optimizer
+    ft.micro_batch = slices
+    seen: dict[str, list[float]] = {p: [] for p in PHASES}
+    for _ in range(rounds):
+        batch = next_batch()
+        idx = method.items(batch)
+        opt.zero_grad(set_to_none=True)
+        t_aug, x = timed(lambda: ft.inputs(idx))
+        t_fwd, z = timed(lambda: ft.forward(x))
+        t_loss, loss = timed(lambda: method.loss_from(method.embed(z), batch))
+        t_bwd, _ = timed(loss.backward)
+        t_upd, _ = timed(opt.step)
+        for p, t in zip(PHASES, (t_aug, t_fwd, t_loss, t_bwd, t_upd)):
+            seen[p].append(t)
+    return {p: median(v) for p, v in seen.items()}
+
+
+def ceiling(setup, slices: int, size: int, threads: int) -> dict[str, float]:
+    """GFLOP of forward + backward per training image (``torch.utils.flop_counter``) and the
+    float32 GEMM rate of 2048 x 2048 matrix products on ``threads`` threads."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ft = setup.ft
+    x = torch.zeros(slices, 3, size, size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        ft.backbone.model(x).float().pow(2).mean().backward()
+    setup.optimizer.zero_grad(set_to_none=True)
+    torch.set_num_threads(threads)
+    a = torch.randn(2048, 2048)
+    torch.mm(a, a)
+    gemm = 2 * a.shape[0] ** 3 / median([timed(lambda: torch.mm(a, a))[0] for _ in range(5)]) / 1e9
+    return {"gflop_per_image": counter.get_total_flops() / 1e9 / slices, "gemm_gflops": gemm}
+
+
+def run(quick: bool, ctx: Context) -> dict[str, Any]:
+    import torch
+
+    from fewshot.training.validate import validate_epoch
+
+    rounds, others = (2, 1) if quick else (5, 3)
+    threads = ctx.threads or torch.get_num_threads()
+    cfg, setup = build(quick, ctx.work_dir / "trainstep")
+    setup.method.train_mode(True)
+    setup.ft.train_mode(True)
+    new = setup.ft.micro_batch
+    next_batch = _batches(setup, 12)
+    batch_images = len(setup.method.items(next_batch()))
+    main = interleaved({OLD: step_fn(setup, next_batch, None), NEW: step_fn(setup, next_batch, new)}, rounds)
+    variants = {f"slices of {n}": step_fn(setup, next_batch, n) for n in (4, 16) if n != new}
+    if bf16_ok():
+        variants[f"slices of {new}, bfloat16 autocast"] = step_fn(setup, next_batch, new, bf16=True)
+    variants[f"slices of {new}, channels-last weights"] = step_fn(setup, next_batch, new, channels_last_weights=True)
+    side = interleaved({NEW: step_fn(setup, next_batch, new), **variants}, others)
+    t_val, _ = timed(lambda: validate_epoch(setup.method, setup.data, cfg, setup.ft, 1))
+    res = {"threads": threads, "batch_images": batch_images, "micro_batch": new, "rounds": rounds,
+           "image_size": cfg.image_size, "train_images": len(setup.data.train),
+           "steps_per_epoch": setup.method.steps_per_epoch(setup.data.train), "validation_seconds": t_val,
+           "step_seconds": {k: median(v) for k, v in main.items()},
+           "speedup": median(paired_ratios(main[OLD], main[NEW])),
+           "variants": {k: median(v) for k, v in side.items()}, "variant_rounds": others,
+           "breakdown": {OLD: breakdown(setup, next_batch, None, 2 if quick else 3),
+                         NEW: breakdown(setup, next_batch, new, 2 if quick else 3)},
+           "ceiling": ceiling(setup, min(new or 8, 8), cfg.image_size, threads)}
+    res["end_to_end"] = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not quick else None
+    return res
+
+
+def images_per_second(res: dict[str, Any], name: str) -> float:
+    return res["batch_images"] / res["step_seconds"][name]
+
+
+def epoch_seconds(res: dict[str, Any], name: str) -> float:
+    """An epoch's steps at the measured median step time, plus one validation."""
+    return res["steps_per_epoch"] * res["step_seconds"][name] + res["validation_seconds"]
+
+
+# --------------------------------------------------------------------------- whole runs
+E2E = (("one forward (0.1.0)", ["--micro-batch", "64"]), ("default", []))
+
+
+def train_run(method: str, extra: list[str], run_dir: Path) -> dict[str, Any]:
+    """One whole ``fewshot train`` job with its defaults (plus ``extra``), timed from outside."""
+    from fewshot.training import read_history
+
+    cmd = [sys.executable, "-m", "fewshot", "train", "--data", str(grocery_root()), "--split-file", str(GROCERY_SPLIT),
+           "--method", method, "--out", str(run_dir), "--no-progress", "--overwrite", *extra]
+    load = os.getloadavg()[0]
+    wall, proc = timed(lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    config = json.loads((run_dir / "config.json").read_text())
+    epochs = [r["seconds"] for r in read_history(run_dir) if r["epoch"] > 0]
+    final = config["final_eval"]
+    return {"method": method, "flags": " ".join(extra) or "(defaults)", "wall_seconds": wall,
+            "training_seconds": config["training_seconds"], "epoch_seconds": median(epochs),
+            "images_per_second": config.get("images_per_second"), "best_epoch": config["best_epoch"],
+            "epochs_run": config["epochs_run"], "map_at_r": final["map_at_r"], "precision_at_1": final["precision_at_1"],
+            "load_before": load, "load_after": os.getloadavg()[0], "stdout": proc.stdout[-1500:]}
+
+
+def end_to_end(out: Path, runs: Path, methods: tuple[str, ...]) -> dict[str, Any]:
+    """Each method's default run with the old one forward and with slices, one after the other."""
+    rows = []
+    for method in methods:
+        for name, extra in E2E:
+            print(f"[trainstep] fewshot train --method {method} {' '.join(extra)} ...", file=sys.stderr, flush=True)
+            rows.append({"name": name, **train_run(method, extra, runs / f"{method}-{'old' if extra else 'new'}")})
+            write_json(out / "results.json", {"machine": machine(), "rows": rows})
+    return {"machine": machine(), "rows": rows}
+
+
+# --------------------------------------------------------------------------- report
+def section(res: dict[str, Any], ctx: Context) -> str:
+    c = res["ceiling"]
+    lines = [f"The default `fewshot train` step (triplet, `--fine-tune all`, EfficientNet-Lite0 at {res['image_size']} "
+             f"px, batches of {res['batch_images']} Grocery train photos, Adam), {res['threads']} threads: the 0.1.0 "
+             f"step (the batch in one forward) against today's (the forward in slices of {res['micro_batch']} images, "
+             f"one backward: the same gradient), {res['rounds']} interleaved rounds, medians. Forward + backward of "
+             f"one image is {c['gflop_per_image']:.2f} GFLOP (`torch.utils.flop_counter`); a float32 2048 x 2048 "
+             f"matrix product here reaches {c['gemm_gflops']:.0f} GFLOP/s, the ceiling below.", ""]
+    rows = []
+    for name in (OLD, NEW):
+        ips = images_per_second(res, name)
+        rows.append([name, fmt(res["step_seconds"][name], 2), fmt(1000 / ips, 1), fmt(ips, 1),
+                     f"{ips * c['gflop_per_image'] / c['gemm_gflops']:.0%}", fmt(epoch_seconds(res, name), 0)])
+    lines += [table(["step", "s / step", "ms / image", "images / s", "share of the GEMM ceiling",
+                     f"epoch s ({res['steps_per_epoch']} steps + validation)"], rows), "",
+              f"Speed-up of the step: **{res['speedup']:.2f}x** (median of the paired rounds). Validation of one "
+              f"epoch (ONNX Runtime, val queries and gallery, episodes): {res['validation_seconds']:.1f} s.", ""]
+    lines += _breakdown_lines(res) + _variant_lines(res) + _e2e_lines(res.get("end_to_end"))
+    lines.append(f"![training step]({_chart(res, ctx)})")
+    return "\n".join(lines)
+
+
+def _breakdown_lines(res: dict[str, Any]) -> list[str]:
+    b = res["breakdown"]
+    rows = [[p, fmt(b[OLD][p], 3), fmt(b[NEW][p], 3)] for p in PHASES]
+    rows.append(["all", fmt(sum(b[OLD].values()), 2), fmt(sum(b[NEW].values()), 2)])
+    share = b[NEW]["augment"] / sum(b[NEW].values())
+    return ["Where a step's time goes (seconds, median of a few steps each):", "",
+            table(["phase", OLD, NEW], rows), "",
+            f"Augmentation (random resized crop, flip, colour jitter on the decoded uint8 images held in memory "
+            f"since the run started) is {share:.0%} of today's step, so data-loading workers cannot buy much on "
+            f"2 cores and stay off; the rest is the backbone's forward and backward.", ""]
+
+
+def _variant_lines(res: dict[str, Any]) -> list[str]:
+    v = res["variants"]
+    base = v[NEW]
+    rows = [[name, fmt(t, 2), fmt(t / res["batch_images"] * 1000, 1), f"{base / t:.2f}x"] for name, t in v.items()]
+    return [f"Other settings, each against today's default in {res['variant_rounds']} interleaved rounds (kept only "
+            "where faster):", "", table(["setting", "s / step", "ms / image", "speed vs default"], rows), ""]
+
+
+def _e2e_lines(e2e: dict[str, Any] | None) -> list[str]:
+    if not e2e:
+        return ["Whole runs: not measured yet (`python bench/train_step.py --end-to-end --out docs/results/trainspeed`).",
+                ""]
+    rows, ratios = [], headline_e2e(e2e)
+    for r in e2e["rows"]:
+        rows.append([r["method"], r["name"], fmt(r["wall_seconds"] / 60, 1), fmt(r["epoch_seconds"], 0),
+                     fmt(r.get("images_per_second"), 1), f"{r['best_epoch']} of {r['epochs_run']}",
+                     fmt(r["map_at_r"], 3), fmt(r["precision_at_1"], 3), f"{r['load_before']:.1f}-{r['load_after']:.1f}"])
+    m = e2e["machine"]
+    return [f"Whole `fewshot train` runs on Grocery (defaults, seed 0, test classes; run one after the other on "
+            f"{m['cpu']}, {m['usable_cpus']} CPUs): the 0.1.0 step is `--micro-batch 64` (the batch in one forward).",
+            "", table(["method", "step", "wall min", "epoch s", "images / s", "best epoch", "test MAP@R", "P@1",
+                       "load 1 min"], rows), "",
+            "; ".join(f"{k}: **{v['speedup']:.2f}x** end to end, MAP@R {v['map_delta']:+.3f}" for k, v in ratios.items()),
+            ""]
+
+
+def headline_e2e(e2e: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """Per method: end-to-end wall-time ratio old / new and the MAP@R change."""
+    out: dict[str, dict[str, float]] = {}
+    for method in dict.fromkeys(r["method"] for r in (e2e or {}).get("rows", [])):
+        pair = {r["name"]: r for r in e2e["rows"] if r["method"] == method}
+        if len(pair) == 2:
+            old, new = pair[E2E[0][0]], pair[E2E[1][0]]
+            out[method] = {"speedup": old["wall_seconds"] / new["wall_seconds"],
+                           "map_delta": new["map_at_r"] - old["map_at_r"]}
+    return out
+
+
+def goal_rows(res: dict[str, Any]) -> list[list[str]]:
+    """The goals table's rows of this part."""
+    rows = [["Training step: today's vs 0.1.0's (interleaved)", f">= {GOAL_SPEEDUP:.0f}x", f"{res['speedup']:.2f}x",
+             verdict(res["speedup"] >= GOAL_SPEEDUP)]]
+    for method, h in headline_e2e(res.get("end_to_end")).items():
+        ok = h["speedup"] >= GOAL_SPEEDUP and h["map_delta"] >= -0.01
+        rows.append([f"Default `fewshot train --method {method}` end to end, MAP@R within 0.01",
+                     f">= {GOAL_SPEEDUP:.0f}x", f"{h['speedup']:.2f}x, MAP@R {h['map_delta']:+.3f}", verdict(ok)])
+    return rows
+
+
+def _chart(res: dict[str, Any], ctx: Context) -> str:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    n = res["batch_images"]
+    left = {OLD: 0.0, NEW: 0.0}
+    for phase in PHASES:
+        widths = [res["breakdown"][k][phase] / n * 1000 for k in (OLD, NEW)]
+        ax.barh([OLD, NEW], widths, left=[left[OLD], left[NEW]], label=phase)
+        left = {k: left[k] + w for k, w in zip((OLD, NEW), widths)}
+    ax.set_xlabel("ms per training image")
+    ax.set_title("Fine-tuning step of EfficientNet-Lite0, by phase")
+    ax.legend(fontsize=8, ncol=5, loc="lower center", bbox_to_anchor=(0.5, -0.55))
+    return save_chart(fig, ctx.chart_dir / "train_step.png")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="64 px, 2 rounds: a smoke run")
+    ap.add_argument("--end-to-end", action="store_true", help="whole fewshot train runs instead of the step")
+    ap.add_argument("--out", type=Path, default=RESULTS.parent, help="folder of results.json (--end-to-end)")
+    ap.add_argument("--runs", type=Path, default=Path("/tmp/fewshot-trainspeed"), help="run folders (--end-to-end)")
+    ap.add_argument("--methods", default="triplet,protonet")
+    args = ap.parse_args()
+    if args.end_to_end:
+        res = end_to_end(args.out, args.runs, tuple(args.methods.split(",")))
+        print(json.dumps(headline_e2e(res), indent=1))
+        return 0
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run(args.quick, Context(out_dir=Path(tmp), work_dir=Path(tmp), quick=args.quick))
+    print(json.dumps({k: v for k, v in res.items() if k != "end_to_end"}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
