@@ -286,7 +286,7 @@ def run(quick: bool, ctx: Context) -> dict[str, Any]:
     from fewshot.backbones import create_backbone
     from fewshot.data.images import load_image
 
-    n, n2, grid_n, rounds, requests = (24, 16, 16, 2, 3) if quick else (1000, 400, 500, 5, 30)
+    n, n2, grid_n, rounds, requests = (24, 16, 16, 2, 3) if quick else (300, 150, 200, 3, 20)
     threads = ctx.threads or torch.get_num_threads()
     work = ctx.work_dir / "embed"
     work.mkdir(parents=True, exist_ok=True)
@@ -302,9 +302,9 @@ def run(quick: bool, ctx: Context) -> dict[str, Any]:
     res["grid_n"] = grid_n
     res["grid"] = grid(backbone, onnx, paths[:grid_n], tensors, threads, quick)
     res["costs"] = per_image_costs(backbone, onnx, eager, paths[:min(200, n)], tensors[:min(200, n)])
-    sweep_tensors = tensors[:16 if quick else 256]
+    sweep_tensors = tensors[:16 if quick else 128]
     res["sweep_n"] = len(sweep_tensors)
-    res["sweep_rounds"] = 1 if quick else 3
+    res["sweep_rounds"] = 1 if quick else 2
     res["sweep"] = batch_sweep(backbone, onnx, sweep_tensors, res["sweep_rounds"], (4, 8) if quick else SWEEP_BATCHES)
     res["ceiling"] = ceiling(backbone, threads, res["sweep"])
     try:

@@ -66,7 +66,7 @@ def make_queries(x: np.ndarray, labels: np.ndarray, q: int, noise: float = 3.0) 
 def repeats_for(batch: int, quick: bool) -> int:
     if quick:
         return 3
-    return 40 if batch == 1 else 20 if batch <= 8 else 10 if batch <= 64 else 5
+    return 20 if batch == 1 else 10 if batch <= 8 else 6 if batch <= 64 else 3
 
 
 def same_setting_search(index, qn: np.ndarray, k: int):
