@@ -111,3 +111,33 @@ def test_a_run_records_and_prints_its_images_per_second(tiny, tmp_path):
     assert config["train_config"]["micro_batch"] == 5
     line = next(x for x in res.output.splitlines() if x.startswith("training steps:"))
     assert float(line.split()[2]) == pytest.approx(config["images_per_second"], abs=0.06)
+
+
+def _graph_convolutions(t: torch.Tensor) -> int:
+    """Convolution nodes in the autograd graph behind ``t``."""
+    seen, stack, convs = set(), [t.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        convs += "Convolution" in type(node).__name__
+        stack += [n for n, _ in node.next_functions]
+    return convs
+
+
+@pytest.mark.parametrize("fine_tune", ["last:1", "last:2", "all"])
+def test_backward_never_reaches_the_frozen_blocks(fine_tune):
+    """With --fine-tune last:N the frozen stem and blocks run without recording a graph: the
+    features' autograd graph holds exactly the convolutions of the trainable blocks (its
+    backward computes nothing for the frozen part)."""
+    from fewshot.training.finetune import select_trainable, trainable_modules
+
+    bb = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
+    select_trainable(bb, fine_tune)
+    bb.model.eval()
+    trainable = sum(isinstance(m, torch.nn.Conv2d) for mod in trainable_modules(bb, fine_tune) for m in mod.modules())
+    z = bb.model(torch.randn(2, 3, 64, 64))
+    assert _graph_convolutions(z) == trainable
+    total = sum(isinstance(m, torch.nn.Conv2d) for m in bb.model.modules())
+    assert (trainable == total) == (fine_tune == "all") and trainable > 0
