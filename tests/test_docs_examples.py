@@ -129,3 +129,23 @@ def test_the_parse_check_can_fail():
     for bad in (["classify", "--no-such-option"], ["no-such-command"], ["classify", "--top-k", "many"]):
         with pytest.raises(Exception, match="No such option|has no command|valid integer"):
             parse(bad)
+
+
+def _slug(heading: str) -> str:
+    """The anchor MkDocs and GitHub give a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_links_lead_somewhere():
+    """The README is not part of the site (its links are not checked by ``mkdocs build``): every
+    relative link names a file that exists and, with ``#anchor``, a heading of it."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#([^)\s]+))?\)", (REPO / "README.md").read_text(encoding="utf-8"))
+    local = [(target, anchor) for target, anchor in links if "://" not in target]
+    assert len(local) >= 10
+    for target, anchor in local:
+        path = REPO / target
+        assert path.is_file(), f"README links to {target}, which does not exist"
+        if anchor:
+            headings = re.findall(r"^#{1,6} (.*)$", path.read_text(encoding="utf-8"), re.MULTILINE)
+            assert anchor in {_slug(h) for h in headings}, f"README links to {target}#{anchor}: no such heading"
+    assert _slug("Embedding: backbones, ONNX Runtime and the cache") == "embedding-backbones-onnx-runtime-and-the-cache"
