@@ -338,8 +338,9 @@ def test_the_folder_check_finds_what_the_service_did_before(tmp_path):
 MAX_FILE_LINES = 450
 TESTS = Path(__file__).resolve().parent
 #: test files that check the package as a whole (or a one-file module) stay at the top of tests/
-CROSS_CUTTING = {"test_architecture.py", "test_reliability.py", "test_python_api_doc.py",
-                 "test_readme_own_photos.py", "test_api.py", "test_registry.py", "test_viz.py"}
+CROSS_CUTTING = {"test_architecture.py", "test_reliability.py", "test_docs_examples.py", "test_docs_site.py",
+                 "test_packaging.py", "test_readme_examples.py", "test_readme_own_photos.py", "test_api.py",
+                 "test_registry.py", "test_viz.py"}
 
 
 def long_files(package_dir: Path, limit: int = MAX_FILE_LINES) -> list[str]:

@@ -1,6 +1,6 @@
-"""The README's "Train on your own photos" walkthrough, run as written (commands parsed from
-the README) on a small Brand/Article/photo tree of real Grocery photos: split -> train ->
-evaluate -> index -> classify (and serve's options)."""
+"""The "Train on your own photos" walkthrough of docs/guides/training.md (it was the README's),
+run as written (commands parsed from the page) on a small Brand/Article/photo tree of real
+Grocery photos: split -> train -> evaluate -> index -> classify (and serve's options)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-#: what the test adds to `fewshot train` so that it runs in seconds (the README's own options stay)
+#: what the test adds to `fewshot train` so that it runs in seconds (the page's own options stay)
 FAST_TRAIN = ["--epochs", "1", "--image-size", "64", "--eval-episodes", "50", "--val-episodes", "30"]
 
 
 def readme_commands() -> list[list[str]]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "guides" / "training.md").read_text(encoding="utf-8")
     section = text.split("## Train on your own photos", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [shlex.split(line) for line in block.strip().splitlines() if line.strip()]

@@ -528,14 +528,14 @@ def test_serve_on_a_busy_port_is_a_clear_error(small_manifest, cache, tmp_path):
         sock.close()
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- README and docs
 def test_readme_classify_your_own_photos_works_as_written(photo_tree, cache, tmp_path, monkeypatch):
-    """The README's "Classify your own photos" commands, on a plain folder tree, exactly as
-    written (only PATH and the photo names filled in)."""
+    """The "Classify your own photos" commands of docs/guides/your-data.md (they were the
+    README's), on a plain folder tree, exactly as written (only PATH and the photo names filled in)."""
     import re
     import shlex
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "your-data.md").read_text(encoding="utf-8")
     block = readme.split("## Classify your own photos", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("fewshot ")]
     assert len(commands) == 4
