@@ -55,7 +55,7 @@ from fewshot.evaluation import EvalConfig, evaluate  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
-#: Per-dataset training settings (chosen on the val classes; see the README).
+#: Per-dataset training settings (chosen on the val classes; see docs/guides/training.md).
 GROCERY = {
     "data": str(SHARED / "grocery-store-dataset"),
     "split_file": str(ROOT / "splits" / "grocery-unseen.json"),

@@ -206,7 +206,7 @@ def goal_rows(results: dict) -> list[list[str]]:
 def section(results: dict, ctx) -> str:
     body = render(results).split("\n", 2)[2].replace("\n## ", "\n### ")
     return ("## 10. Ranking levers\n\nFrom `python bench/quality_levers.py --model NAME=RUN_DIR --cost` (it needs trained "
-            "runs, so `run_all.py` reads its results). The levers and their caveats: README, \"Re-ranking and "
+            "runs, so `run_all.py` reads its results). The levers and their caveats: docs/guides/evaluation.md, \"Re-ranking and "
             "transductive episodes\".\n\n" + body)
 
 

@@ -10,15 +10,17 @@ backward, Adam). Contenders run in interleaved rounds (the order rotates), media
 Other settings measured the same way: slices of 4 and 16, bfloat16 autocast (where the CPU has
 AVX512-BF16 or AMX), and channels-last weights.
 
-``--end-to-end`` also runs whole ``fewshot train`` jobs (triplet and protonet, each with
-``--micro-batch 64``, the old one forward, and with the default) one after the other and writes
-``docs/results/trainspeed/results.json``, which the ``trainstep`` part of ``bench/run_all.py``
-reads (it does not retrain: about 40 minutes on 2 cores).
+``--end-to-end`` measures whole runs (triplet and protonet): an epoch of each step timed in one
+process (alternating), then today's whole default ``fewshot train`` run timed from outside; it
+writes ``docs/results/trainspeed/results.json``, which the ``trainstep`` part of
+``bench/run_all.py`` reads (it does not retrain: about 30 minutes on 2 quiet cores).
+``--compile`` times ``torch.compile`` of the backbone (-> ``compile.json`` beside it).
 
 usage::
 
     python bench/train_step.py                      # the step comparison, printed as JSON
     python bench/train_step.py --end-to-end --out docs/results/trainspeed
+    python bench/train_step.py --compile --out docs/results/trainspeed
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ from bench.common import (ROOT, Context, fmt, grocery_root, interleaved, machine
 GOAL_SPEEDUP = 2.0  # issue 31: the default fewshot train at least 2x faster end to end
 GROCERY_SPLIT = ROOT / "splits" / "grocery-unseen.json"
 RESULTS = ROOT / "docs" / "results" / "trainspeed" / "results.json"
+COMPILE = RESULTS.parent / "compile.json"  # bench/train_step.py --compile
 OLD, NEW = "one forward (0.1.0)", "slices (default)"
 PHASES = ("augment", "forward", "loss", "backward", "update")
+#: test MAP@R of the default runs of seed 0 with fewshot 0.1.0 (README, docs/results/finetune)
+REFERENCE_MAP_AT_R = {"triplet": 0.5636, "protonet": 0.5776}
 
 
 def build(quick: bool, work: Path):
@@ -170,6 +175,7 @@ def run(quick: bool, ctx: Context) -> dict[str, Any]:
                          NEW: breakdown(setup, next_batch, new, 2 if quick else 3)},
            "ceiling": ceiling(setup, min(new or 8, 8), cfg.image_size, threads)}
     res["end_to_end"] = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not quick else None
+    res["compile"] = json.loads(COMPILE.read_text()) if COMPILE.is_file() and not quick else None
     return res
 
 
@@ -182,39 +188,102 @@ def epoch_seconds(res: dict[str, Any], name: str) -> float:
     return res["steps_per_epoch"] * res["step_seconds"][name] + res["validation_seconds"]
 
 
+def compiled(rounds: int = 3) -> dict[str, Any]:
+    """``torch.compile`` of the backbone (inductor) for training: its compile time (the first
+    step) and its step time against eager, interleaved, both in slices of the default size."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, setup = build(False, Path(tmp))
+        setup.method.train_mode(True)
+        setup.ft.train_mode(True)
+        next_batch, new = _batches(setup, 12), setup.ft.micro_batch
+        eager = setup.ft.backbone.model
+        fast = torch.compile(eager)
+        eager_step = step_fn(setup, next_batch, new)
+
+        def swap(model):
+            setup.ft.backbone.model = model
+        swap(fast)
+        t_compile, _ = timed(step_fn(setup, next_batch, new))
+
+        def run_compiled():
+            swap(fast)
+            step_fn(setup, next_batch, new)()
+            swap(eager)
+        swap(eager)
+        times = interleaved({"eager": eager_step, "compiled": run_compiled}, rounds)
+    return {"first_step_seconds": t_compile, "rounds": rounds, "micro_batch": new,
+            "step_seconds": {k: median(v) for k, v in times.items()},
+            "speedup": median(paired_ratios(times["eager"], times["compiled"])), "machine": machine()}
+
+
 # --------------------------------------------------------------------------- whole runs
-E2E = (("one forward (0.1.0)", ["--micro-batch", "64"]), ("default", []))
+def epoch_compare(method: str, rounds: int, work: Path) -> dict[str, Any]:
+    """One process, one set-up of ``method``'s default fine-tuning run on Grocery: whole epochs
+    (every step of the epoch's batches, then the epoch's validation) with the 0.1.0 step and
+    with today's, alternating, ``rounds`` times each."""
+    from fewshot.training import make_config
+    from fewshot.training.optim import train_step
+    from fewshot.training.setup import build_setup
+    from fewshot.training.validate import validate_epoch
+
+    cfg = make_config(method, data=str(grocery_root()), split_file=str(GROCERY_SPLIT), out=str(work / method),
+                      seed=0, progress=False)
+    setup = build_setup(cfg)
+    new = setup.ft.micro_batch
+    times: dict[str, list[float]] = {OLD: [], NEW: []}
+    for r in range(rounds):
+        for name, slices in ((OLD, None), (NEW, new)) if r % 2 == 0 else ((NEW, new), (OLD, None)):
+            setup.ft.micro_batch = slices
+            setup.method.train_mode(True)
+            setup.ft.train_mode(True)
+            batches = list(setup.method.epoch_batches(setup.data.train, np.random.default_rng(r)))
+            t0 = time.perf_counter()
+            for batch in batches:
+                train_step(setup.method, batch, setup.optimizer)
+            validate_epoch(setup.method, setup.data, cfg, setup.ft, 1)
+            times[name].append(time.perf_counter() - t0)
+            print(f"[trainstep] {method} epoch, {name}: {times[name][-1]:.0f} s", file=sys.stderr, flush=True)
+    return {"method": method, "rounds": rounds, "micro_batch": new, "steps": len(batches),
+            "epoch_seconds": {k: median(v) for k, v in times.items()}, "all_seconds": times,
+            "speedup": median(paired_ratios(times[OLD], times[NEW])), "load_after": os.getloadavg()[0]}
 
 
-def train_run(method: str, extra: list[str], run_dir: Path) -> dict[str, Any]:
-    """One whole ``fewshot train`` job with its defaults (plus ``extra``), timed from outside."""
+def train_run(method: str, run_dir: Path) -> dict[str, Any]:
+    """One whole ``fewshot train`` job with its defaults, timed from outside."""
     from fewshot.training import read_history
 
     cmd = [sys.executable, "-m", "fewshot", "train", "--data", str(grocery_root()), "--split-file", str(GROCERY_SPLIT),
-           "--method", method, "--out", str(run_dir), "--no-progress", "--overwrite", *extra]
+           "--method", method, "--out", str(run_dir), "--no-progress", "--overwrite"]
     load = os.getloadavg()[0]
     wall, proc = timed(lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     config = json.loads((run_dir / "config.json").read_text())
-    epochs = [r["seconds"] for r in read_history(run_dir) if r["epoch"] > 0]
+    history = [r for r in read_history(run_dir) if r["epoch"] > 0]
     final = config["final_eval"]
-    return {"method": method, "flags": " ".join(extra) or "(defaults)", "wall_seconds": wall,
-            "training_seconds": config["training_seconds"], "epoch_seconds": median(epochs),
+    return {"method": method, "wall_seconds": wall, "training_seconds": config["training_seconds"],
+            "epochs_trained": len(history), "epoch_seconds": median([r["seconds"] for r in history]),
             "images_per_second": config.get("images_per_second"), "best_epoch": config["best_epoch"],
-            "epochs_run": config["epochs_run"], "map_at_r": final["map_at_r"], "precision_at_1": final["precision_at_1"],
+            "map_at_r": final["map_at_r"], "precision_at_1": final["precision_at_1"],
             "load_before": load, "load_after": os.getloadavg()[0], "stdout": proc.stdout[-1500:]}
 
 
-def end_to_end(out: Path, runs: Path, methods: tuple[str, ...]) -> dict[str, Any]:
-    """Each method's default run with the old one forward and with slices, one after the other."""
-    rows = []
+def end_to_end(out: Path, runs: Path, methods: tuple[str, ...], rounds: int) -> dict[str, Any]:
+    """Per method: epochs of each step in one process (:func:`epoch_compare`), then today's whole
+    default run; the 0.1.0 run's wall time is today's plus, per epoch trained, the measured
+    difference of an epoch (everything else a run does is the same code)."""
+    res: dict[str, Any] = {"machine": machine(), "methods": {}}
     for method in methods:
-        for name, extra in E2E:
-            print(f"[trainstep] fewshot train --method {method} {' '.join(extra)} ...", file=sys.stderr, flush=True)
-            rows.append({"name": name, **train_run(method, extra, runs / f"{method}-{'old' if extra else 'new'}")})
-            write_json(out / "results.json", {"machine": machine(), "rows": rows})
-    return {"machine": machine(), "rows": rows}
+        entry = {"epochs": epoch_compare(method, rounds, runs / "epochs")}
+        print(f"[trainstep] fewshot train --method {method} ...", file=sys.stderr, flush=True)
+        entry["run"] = train_run(method, runs / method)
+        res["methods"][method] = entry
+        write_json(out / "results.json", res)
+    return res
 
 
 # --------------------------------------------------------------------------- report
@@ -258,37 +327,51 @@ def _variant_lines(res: dict[str, Any]) -> list[str]:
     v = res["variants"]
     base = v[NEW]
     rows = [[name, fmt(t, 2), fmt(t / res["batch_images"] * 1000, 1), f"{base / t:.2f}x"] for name, t in v.items()]
-    return [f"Other settings, each against today's default in {res['variant_rounds']} interleaved rounds (kept only "
-            "where faster):", "", table(["setting", "s / step", "ms / image", "speed vs default"], rows), ""]
+    lines = [f"Other settings, each against today's default in {res['variant_rounds']} interleaved rounds (kept only "
+             "where faster):", "", table(["setting", "s / step", "ms / image", "speed vs default"], rows), ""]
+    c = res.get("compile")
+    if c:
+        lines += [f"`torch.compile` of the backbone (inductor; `python bench/train_step.py --compile`, {c['rounds']} "
+                  f"interleaved rounds against eager, both in slices of {c['micro_batch']}, on {c['machine']['cpu']}): "
+                  f"the first step (compiling) took {c['first_step_seconds']:.0f} s, then a step "
+                  f"{c['step_seconds']['compiled']:.2f} s against {c['step_seconds']['eager']:.2f} s eager "
+                  f"(**{c['speedup']:.2f}x**).", ""]
+    return lines
 
 
 def _e2e_lines(e2e: dict[str, Any] | None) -> list[str]:
     if not e2e:
         return ["Whole runs: not measured yet (`python bench/train_step.py --end-to-end --out docs/results/trainspeed`).",
                 ""]
-    rows, ratios = [], headline_e2e(e2e)
-    for r in e2e["rows"]:
-        rows.append([r["method"], r["name"], fmt(r["wall_seconds"] / 60, 1), fmt(r["epoch_seconds"], 0),
-                     fmt(r.get("images_per_second"), 1), f"{r['best_epoch']} of {r['epochs_run']}",
-                     fmt(r["map_at_r"], 3), fmt(r["precision_at_1"], 3), f"{r['load_before']:.1f}-{r['load_after']:.1f}"])
+    rows = []
+    for method, h in headline_e2e(e2e).items():
+        run, ep = e2e["methods"][method]["run"], e2e["methods"][method]["epochs"]
+        rows.append([method, f"{ep['epoch_seconds'][OLD]:.0f} / {ep['epoch_seconds'][NEW]:.0f} ({ep['speedup']:.2f}x)",
+                     f"{h['old_wall'] / 60:.1f}", f"{run['wall_seconds'] / 60:.1f}", f"**{h['speedup']:.2f}x**",
+                     fmt(run.get("images_per_second"), 1), f"{run['best_epoch']} of {run['epochs_trained']}",
+                     fmt(run["map_at_r"], 3), fmt(run["precision_at_1"], 3),
+                     f"{run['load_before']:.1f}-{run['load_after']:.1f}"])
     m = e2e["machine"]
-    return [f"Whole `fewshot train` runs on Grocery (defaults, seed 0, test classes; run one after the other on "
-            f"{m['cpu']}, {m['usable_cpus']} CPUs): the 0.1.0 step is `--micro-batch 64` (the batch in one forward).",
-            "", table(["method", "step", "wall min", "epoch s", "images / s", "best epoch", "test MAP@R", "P@1",
-                       "load 1 min"], rows), "",
-            "; ".join(f"{k}: **{v['speedup']:.2f}x** end to end, MAP@R {v['map_delta']:+.3f}" for k, v in ratios.items()),
-            ""]
+    return [f"Whole default `fewshot train` runs on Grocery (seed 0, test classes) on {m['cpu']}, {m['usable_cpus']} "
+            "CPUs: an epoch of each step (every step, then the validation) timed in one process, alternating; then "
+            "today's whole run, timed from outside. The 0.1.0 run's wall time is today's plus, for each epoch trained, "
+            "the measured difference of an epoch (the set-up, validation and final evaluation are the same code). "
+            "A 0.1.0 run and today's are the same computation (the gradient in slices is the batch's), so their "
+            f"MAP@R agree to float rounding: today's triplet run against the 0.1.0 run of seed 0 (MAP@R "
+            f"{REFERENCE_MAP_AT_R['triplet']}) and protonet (MAP@R {REFERENCE_MAP_AT_R['protonet']}).", "",
+            table(["method", "epoch s 0.1.0 / today", "wall min 0.1.0 (derived)", "wall min today", "end to end",
+                   "images / s today", "best epoch", "test MAP@R", "P@1", "load 1 min"], rows), ""]
 
 
 def headline_e2e(e2e: dict[str, Any] | None) -> dict[str, dict[str, float]]:
-    """Per method: end-to-end wall-time ratio old / new and the MAP@R change."""
+    """Per method: the derived 0.1.0 wall time, the end-to-end ratio and the MAP@R change
+    against the 0.1.0 run of the same seed (:data:`REFERENCE_MAP_AT_R`)."""
     out: dict[str, dict[str, float]] = {}
-    for method in dict.fromkeys(r["method"] for r in (e2e or {}).get("rows", [])):
-        pair = {r["name"]: r for r in e2e["rows"] if r["method"] == method}
-        if len(pair) == 2:
-            old, new = pair[E2E[0][0]], pair[E2E[1][0]]
-            out[method] = {"speedup": old["wall_seconds"] / new["wall_seconds"],
-                           "map_delta": new["map_at_r"] - old["map_at_r"]}
+    for method, entry in (e2e or {}).get("methods", {}).items():
+        run, ep = entry["run"], entry["epochs"]
+        old = run["wall_seconds"] + run["epochs_trained"] * (ep["epoch_seconds"][OLD] - ep["epoch_seconds"][NEW])
+        out[method] = {"old_wall": old, "speedup": old / run["wall_seconds"],
+                       "map_delta": run["map_at_r"] - REFERENCE_MAP_AT_R.get(method, float("nan"))}
     return out
 
 
@@ -325,9 +408,16 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS.parent, help="folder of results.json (--end-to-end)")
     ap.add_argument("--runs", type=Path, default=Path("/tmp/fewshot-trainspeed"), help="run folders (--end-to-end)")
     ap.add_argument("--methods", default="triplet,protonet")
+    ap.add_argument("--rounds", type=int, default=2, help="epochs of each step per method (--end-to-end)")
+    ap.add_argument("--compile", action="store_true", help="time torch.compile of the backbone instead (-> OUT/compile.json)")
     args = ap.parse_args()
+    if args.compile:
+        res = compiled()
+        write_json(args.out / "compile.json", res)
+        print(json.dumps(res, indent=1, default=float))
+        return 0
     if args.end_to_end:
-        res = end_to_end(args.out, args.runs, tuple(args.methods.split(",")))
+        res = end_to_end(args.out, args.runs, tuple(args.methods.split(",")), args.rounds)
         print(json.dumps(headline_e2e(res), indent=1))
         return 0
     import tempfile

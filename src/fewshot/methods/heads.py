@@ -24,7 +24,7 @@ from ..errors import FewshotError
 
 #: The default head: an identity-initialised linear map on centred features (1280 -> 1280 for
 #: EfficientNet-Lite), L2-normalised. Training starts exactly at the frozen (centred) ranking and
-#: moves from there; see the README for why this beats an MLP on unseen classes.
+#: moves from there; see docs/guides/training.md for why this beats an MLP on unseen classes.
 DEFAULT_HEAD: dict[str, Any] = {"kind": "linear", "centre": True}
 
 #: head presets by name (``in_dim`` is filled in from the backbone).

@@ -72,7 +72,7 @@ RUN`` uses it) each episode's support set initialises the output layer and adapt
 ``support_z [N*K, E]``, int64 ``support_y [N*K]``, float32 ``query_z [N*Q, E]``; output: int64
 ``[N*Q]``.
 
-What to expect (measured, see the README): with the proto init the inner loop starts from a
+What to expect (measured, see docs/guides/training.md): with the proto init the inner loop starts from a
 good solution, so the second-order terms are small and ``maml`` and ``fomaml`` train almost the
 same head. In 1-shot episodes each prototype *is* its support example, the support set is
 already classified with confidence and adaptation changes almost nothing; in 5-shot episodes it

@@ -37,7 +37,7 @@ Tensor shapes: a batch is ``idx`` int64 ``[B]`` (training items) and ``y`` int64
 :meth:`Method.features` gives ``[B, D]`` backbone features, the head ``[B, E]`` L2-normalised
 embeddings, and the loss a scalar.
 
-Defaults, chosen on the *val* classes of ``splits/grocery-unseen.json`` (see the README): Adam
+Defaults, chosen on the *val* classes of ``splits/grocery-unseen.json`` (see docs/guides/training.md): Adam
 ``lr=1e-4``, ``batch_size=64``, ``m_per_class=4``; triplet ``margin=0.1`` with ``semihard``
 mining; contrastive ``pos_margin=0.8`` / ``neg_margin=0.3`` (``--pos-margin`` / ``--margin``)
 with ``hard`` (batch-hard) mining.

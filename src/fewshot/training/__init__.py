@@ -42,7 +42,7 @@ backbone trained from scratch, ``pretrained=False``). Validation then re-embeds 
 with the current backbone every epoch, and the saved run holds the backbone's weights (its
 embeddings are cached under a digest of them). CUDA is used when present (``device="auto"``),
 with bfloat16 autocast; on 2 CPU cores a Grocery ``last:2`` epoch takes about 2 minutes
-(README, "Fine-tuning the feature extractor").
+(docs/guides/training.md, "Fine-tuning the feature extractor").
 
 This module sits above the evaluation layer: it uses the metrics (and, for the final evaluation,
 :mod:`fewshot.evaluation`), which nothing below it imports.

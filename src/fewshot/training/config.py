@@ -127,7 +127,7 @@ class TrainConfig:
         "none", "What of the backbone trains: all (every backbone parameter; the default, measured best for every "
         "method) | last:N (the backbone's last N blocks) | none (only the head, on cached embeddings: minutes "
         "instead of tens of minutes on a CPU). Fine-tuning trains on augmented images and re-embeds the val images "
-        "each epoch (README: its cost and gain).", unset=True)
+        "each epoch (docs/guides/training.md: its cost and gain).", unset=True)
     fine_tune_blocks: int = loop_option(2, "N of a bare --fine-tune last (fewshot 0.1.0's spelling; use last:N).",
                                         min=1, hidden=True, unset=True)
     backbone_lr: float | None = loop_option(None, "Learning rate of the fine-tuned backbone parameters (default: "

@@ -18,7 +18,7 @@ from .config import TrainConfig, parse_fine_tune
 __all__ = ["make_config", "config_keys", "DEFAULT_FINE_TUNE", "FINE_TUNE_LENGTH", "FINE_TUNE_EPISODES"]
 
 #: what :func:`make_config` (and so ``fewshot train``) fine-tunes when neither ``fine_tune`` nor
-#: the method's :attr:`Method.defaults` says; chosen from bench/quality_finetune.py (README,
+#: the method's :attr:`Method.defaults` says; chosen from bench/quality_finetune.py (docs/guides/training.md,
 #: "Fine-tuning the feature extractor"): on the unseen Grocery test classes ``all`` beat
 #: ``last:2`` for every method (MAP@R triplet 0.563 vs 0.527, contrastive 0.555 vs 0.488,
 #: protonet 0.577 vs 0.526, maml 0.562 vs 0.462) and peaked sooner
