@@ -44,3 +44,18 @@ def test_one_embedding_batch_size():
     assert SNAPSHOT["embed_batch_size"] == DEFAULT_BATCH_SIZE == 16
     assert TrainConfig.__dataclass_fields__["embed_batch_size"].default == DEFAULT_BATCH_SIZE
     assert f"default {DEFAULT_BATCH_SIZE}" in loop["embed_batch_size"]["help"]
+
+
+def test_the_help_names_every_method_and_index_kind():
+    """The choices that come from registries show in the help: ``train --method`` names every
+    registered method, ``index --index-type`` every index kind."""
+    from typer.testing import CliRunner
+
+    from fewshot.cli import app
+    from fewshot.index.kinds import list_kinds
+    from fewshot.methods import list_methods
+
+    method_help = {e["name"]: e for e in SNAPSHOT["loop"]}["method"]["help"]
+    assert [m for m in list_methods() if m not in method_help.replace("|", " ").split()] == []
+    shown = " ".join(CliRunner().invoke(app, ["index", "--help"], env={"COLUMNS": "250"}).output.split())
+    assert [k for k in list_kinds() if f"{k}: " not in shown] == []
