@@ -6,10 +6,9 @@ Pipeline (imports flow one way)::
 
 The Python API (``docs/python-api.md``): :func:`load_dataset`, :func:`create_backbone`,
 :func:`load_model`, :class:`Catalogue`, :func:`evaluate`, :func:`train`. They are imported on
-first use, so ``import fewshot`` stays light.
+first use, as is ``__version__``, so ``import fewshot`` (and every ``fewshot`` command's
+start) stays light.
 """
-
-from .version import __version__
 
 _API = ("load_dataset", "create_backbone", "load_model", "Catalogue", "evaluate", "train")
 
@@ -17,6 +16,10 @@ __all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        from .version import __version__
+
+        return __version__
     if name in _API:
         from . import api
 

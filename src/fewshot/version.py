@@ -1,8 +1,6 @@
 """The package version, and the environment recorded in result files (a shared helper: every
 layer may import it, and it imports nothing of ours)."""
 
-import datetime as _dt
-import platform
 from importlib.metadata import PackageNotFoundError, version as _version
 
 try:
@@ -15,8 +13,11 @@ __all__ = ["__version__", "environment"]
 
 def environment() -> dict:
     """Package version, torch version and thread count, for result files."""
+    import datetime as dt
+    import platform
+
     import torch  # here, so that ``import fewshot`` stays light
 
     return {"fewshot_version": __version__, "torch_version": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -7,27 +7,43 @@ from typing import Optional
 
 import typer
 
-from ..catalogue.check import CheckLevels
-from .common import OverwriteOpt, app, handle_errors, log, one_line
+from .common import (
+    DATA,
+    OUTPUT,
+    NoProgressHidden,
+    OverwriteOpt,
+    app,
+    examples,
+    handle_errors,
+    log,
+    one_line,
+)
+from .snapshot import current
 
-_D = CheckLevels()
+#: the defaults of :class:`fewshot.catalogue.check.CheckLevels`, and their help panel
+_D, LEVELS = current("check_levels"), "Levels"
 
 
-@app.command("check")
+@app.command("check", epilog=examples("fewshot check --index runs/grocery-index",
+                                      "fewshot check --index runs/grocery-index --out runs/grocery-check "
+                                      "--duplicate-cosine 0.99 --overwrite"))
 @handle_errors
 def check_cmd(
-    index: Path = typer.Option(..., "--index", help="Index folder written by `fewshot index` (enrolled articles included)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report folder to write: check.json, check.md, figures/ (default: INDEX-check beside the index; a new folder, or an earlier check with --overwrite)."),
+    index: Path = typer.Option(..., "--index", rich_help_panel=DATA, help="Index folder written by `fewshot index` (enrolled articles included)."),
+    out: Optional[Path] = typer.Option(None, "--out", rich_help_panel=OUTPUT, help="Report folder to write: check.json, check.md, figures/ (default: INDEX-check beside the index; a new folder, or an earlier check with --overwrite)."),
     overwrite: bool = OverwriteOpt,
-    duplicate_cosine: float = typer.Option(_D.duplicate_cosine, "--duplicate-cosine", help="Photos of two articles at least this similar (cosine) are near duplicates."),
-    mislabel_margin: float = typer.Option(_D.mislabel_margin, "--mislabel-margin", help="A photo nearer another article's prototype than its own (made without it) by at least this is a likely mislabel."),
-    confusable_cosine: float = typer.Option(_D.confusable_cosine, "--confusable-cosine", help="Two articles whose prototypes are at least this similar (cosine) are confusable."),
-    confusable_share: float = typer.Option(_D.confusable_share, "--confusable-share", help="...and so are two articles whose leave-one-out confusions make at least this share of their photos."),
-    min_confusions: int = typer.Option(_D.min_confusions, "--min-confusions", help="...counting at least this many confusions."),
-    max_figures: int = typer.Option(50, "--max-figures", min=0, help="Draw at most this many flagged pairs as PNGs (the strongest first)."),
+    duplicate_cosine: float = typer.Option(_D["duplicate_cosine"], "--duplicate-cosine", rich_help_panel=LEVELS, help="Photos of two articles at least this similar (cosine) are near duplicates."),
+    mislabel_margin: float = typer.Option(_D["mislabel_margin"], "--mislabel-margin", rich_help_panel=LEVELS, help="A photo nearer another article's prototype than its own (made without it) by at least this is a likely mislabel."),
+    confusable_cosine: float = typer.Option(_D["confusable_cosine"], "--confusable-cosine", rich_help_panel=LEVELS, help="Two articles whose prototypes are at least this similar (cosine) are confusable."),
+    confusable_share: float = typer.Option(_D["confusable_share"], "--confusable-share", rich_help_panel=LEVELS, help="...and so are two articles whose leave-one-out confusions make at least this share of their photos."),
+    min_confusions: int = typer.Option(_D["min_confusions"], "--min-confusions", rich_help_panel=LEVELS, help="...counting at least this many confusions."),
+    max_figures: int = typer.Option(50, "--max-figures", min=0, rich_help_panel=OUTPUT, help="Draw at most this many flagged pairs as PNGs (the strongest first)."),
+    no_progress: bool = NoProgressHidden,
 ) -> None:
-    """Check a catalogue: the same photo under two articles, near-duplicate photos, likely mislabels,
-    articles the model cannot tell apart, single-photo articles. Exits 0 with warnings.
+    """Check a catalogue for defects; exits 0 with warnings.
+
+    The defects: the same photo under two articles, near-duplicate photos, likely mislabels,
+    articles the model cannot tell apart, single-photo articles.
 
     The levels are cosines of the index's own model (defaults read off Grocery with the frozen
     efficientnet_lite0); see check.md for what each one means.

@@ -8,23 +8,77 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import logging
 import math
+import re
 import unicodedata
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 
-from ..embed import DEFAULT_BATCH_SIZE
 from ..errors import FewshotError
+from .snapshot import current
+
+#: the help panels that group a command's options (one order on every command)
+DATA, MODEL, OUTPUT, PERFORMANCE = "Data", "Model", "Output", "Performance"
+
+
+#: the longest line of an example in the help: 80 columns less rich's margins and a " \\"
+EXAMPLE_WIDTH = 76
+
+
+def examples(*commands: str) -> str:
+    """A command's help epilog: two or three real commands, each wrapped at :data:`EXAMPLE_WIDTH`
+    with shell line continuations, so that it copies and pastes as one command (a test parses
+    each one as a command of this app). Help texts are rich markup: the commands are escaped."""
+    return "[b]Examples[/b]\n\n" + "\n".join(escape(_wrap(c)) for c in commands)
+
+
+def _wrap(command: str) -> str:
+    """``command`` in lines of at most :data:`EXAMPLE_WIDTH`, continued with `` \\`` and
+    indented, broken before an option or an argument (an option keeps its values on its line)."""
+    units: list[str] = []
+    for word in command.split(" "):
+        if units and not word.startswith("-") and (
+                len(units) == 1 or units[-1].startswith("-") and len(units[-1]) + len(word) < EXAMPLE_WIDTH - 4):
+            units[-1] += " " + word  # the command's name, or an option's value
+        else:
+            units.append(word)
+    lines = [units[0]]
+    for unit in units[1:]:
+        if len(lines[-1]) + 1 + len(unit) > EXAMPLE_WIDTH:
+            lines.append("    " + unit)
+        else:
+            lines[-1] += " " + unit
+    return " \\\n".join(lines)
+
+
+def tidy_help(commands: typer.Typer) -> None:
+    """Lay out the help of each command of ``commands`` alike: its docstring with the lines of
+    each paragraph joined (rich help keeps a docstring's line breaks, which are the source's, not
+    the terminal's), and its option panels in one order: Data, Model, the command's own, Output,
+    Performance (typer shows panels in the order of their first option)."""
+    import inspect
+
+    rank = {DATA: 0, MODEL: 1, OUTPUT: 3, PERFORMANCE: 4}
+    for info in commands.registered_commands:
+        text = info.help or inspect.getdoc(info.callback) or ""
+        info.help = "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in text.split("\n\n"))
+        sig = inspect.signature(info.callback)
+        params = sorted(sig.parameters.values(), key=lambda p: -1 if not hasattr(p.default, "rich_help_panel")
+                        else rank.get(p.default.rich_help_panel, 2))  # arguments first, in their order
+        info.callback.__signature__ = sig.replace(parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                                                              for p in params])
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Few-shot product recognition: embed, evaluate (mAP), index and classify images.")
+                  help="Few-shot product recognition: embed, evaluate (mAP), index and classify images.",
+                  epilog=examples("fewshot datasets fetch grocery --mirror ../shared/data",
+                                  "fewshot index --data grocery --split train --out runs/grocery-index",
+                                  "fewshot classify --index runs/grocery-index --data grocery --split test --summary-only"))
 err_console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("fewshot")
 
@@ -44,6 +98,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
     if not any(isinstance(h, RichHandler) for h in log.handlers):
         handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -143,9 +199,13 @@ def handle_errors(fn: Callable | None = None, *, flags: Mapping[str, str] | None
 
 
 def _breaks_lines(c: str) -> bool:
+    if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs"):
+        return True
+    if c.isascii():  # the common case: no import of the catalogue (and torch) to print a path
+        return False
     from ..catalogue.labels import BIDI_CONTROLS
 
-    return unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") or c in BIDI_CONTROLS
+    return c in BIDI_CONTROLS
 
 
 def one_line(text: object) -> str:
@@ -186,11 +246,11 @@ def positive(value: float | None) -> float | None:
 
 
 # Shared option definitions -----------------------------------------------------------------
-DataOpt = typer.Option(..., "--data", help="Dataset folder, CSV manifest, or a fetched dataset name (grocery, omniglot).")
-BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default efficientnet_lite0); see `fewshot backbones`.")
-ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot train` (backbone + trained head).")
-SizeOpt = typer.Option(None, "--image-size", min=16, max=1024, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model; EfficientNet needs 32 or more, conv4 16).")
-GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.")
+DataOpt = typer.Option(..., "--data", help="Dataset folder, CSV manifest, or a fetched dataset name (grocery, omniglot).", rich_help_panel=DATA)
+BackboneOpt = typer.Option(None, "--backbone", help="Backbone name (default efficientnet_lite0); see `fewshot backbones`.", rich_help_panel=MODEL)
+ModelOpt = typer.Option(None, "--model", help="A RUN_DIR written by `fewshot train` (backbone + trained head).", rich_help_panel=MODEL)
+SizeOpt = typer.Option(None, "--image-size", min=16, max=1024, help="Input side in pixels (bilinear resize, no crop; default 224, or the run's own size with --model; EfficientNet needs 32 or more, conv4 16).", rich_help_panel=MODEL)
+GroupFromOpt = typer.Option(None, "--group-from", help="Group (brand) from 'path:N', 'label:N' (dash field) or 'column:NAME'.", rich_help_panel=DATA)
 
 
 def _layout_choice(value: str) -> str:
@@ -202,18 +262,21 @@ def _layout_choice(value: str) -> str:
     return value
 
 
-LayoutOpt = typer.Option("auto", "--layout", callback=_layout_choice, help="How a folder tree is read: class (root/<article>/photo; sub-folders belong to the article) | group/class (root/<brand>/<article>/photo; photos lying directly in a brand folder are skipped, with a warning) | auto (whichever the tree is; a tree of mixed depth, e.g. stray photos in one brand folder, is refused with the folders named).")
-StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.")
-BatchOpt = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass.")
-WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes (0 = one background thread of the main process, overlapping the forward pass).")
-OverwriteOpt = typer.Option(False, "--overwrite", help="Replace --out when it holds an earlier result of this command (anything else is never replaced).")
-CacheOpt = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).")
-NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
-RuntimeOpt = typer.Option("auto", "--runtime", help="Forward pass: onnx (ONNX Runtime: about 3x the images/s of torch end to end on 2 CPU cores; the backbone is exported once and cached) | torch | auto (onnx on a CPU when onnxruntime is installed, else torch).")
-TtaOpt = typer.Option("none", "--tta", help="Test-time augmentation: none | flip (each embedding is the mean over the image and its mirror image: about +0.007 MAP@R for a fine-tuned Lite0 on Grocery's unseen articles, at twice the embedding time; not for text or handwriting, where a mirror image means something else). An index records it, and classify and serve use the index's own.")
+LayoutOpt = typer.Option("auto", "--layout", callback=_layout_choice, help="How a folder tree is read: class (root/<article>/photo; sub-folders belong to the article) | group/class (root/<brand>/<article>/photo; photos lying directly in a brand folder are skipped, with a warning) | auto (whichever the tree is; a tree of mixed depth, e.g. stray photos in one brand folder, is refused with the folders named).", rich_help_panel=DATA)
+StrictOpt = typer.Option(False, "--strict", help="Stop on the first unreadable image instead of skipping it.", rich_help_panel=DATA)
+BatchOpt = typer.Option(current("embed_batch_size"), "--batch-size", min=1, help="Images per forward pass.", rich_help_panel=PERFORMANCE)
+WorkersOpt = typer.Option(0, "--workers", min=0, help="Image-decoding worker processes (0 = one background thread of the main process, overlapping the forward pass).", rich_help_panel=PERFORMANCE)
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace --out when it holds an earlier result of this command (anything else is never replaced).", rich_help_panel=OUTPUT)
+CacheOpt = typer.Option(None, "--cache-dir", help="Embedding cache folder (default $FEWSHOT_CACHE or ~/.cache/fewshot).", rich_help_panel=PERFORMANCE)
+NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.", rich_help_panel=OUTPUT)
+#: ``--no-progress`` of a command that draws no progress bar: accepted (and ignored), so that one
+#: script may pass it to every command that reads data
+NoProgressHidden = typer.Option(False, "--no-progress", hidden=True, help="Accepted for scripts; draws no progress bar anyway.")
+RuntimeOpt = typer.Option("auto", "--runtime", help="Forward pass: onnx (ONNX Runtime: about 3x the images/s of torch end to end on 2 CPU cores; the backbone is exported once and cached) | torch | auto (onnx on a CPU when onnxruntime is installed, else torch).", rich_help_panel=PERFORMANCE)
+TtaOpt = typer.Option("none", "--tta", help="Test-time augmentation: none | flip (each embedding is the mean over the image and its mirror image: about +0.007 MAP@R for a fine-tuned Lite0 on Grocery's unseen articles, at twice the embedding time; not for text or handwriting, where a mirror image means something else). An index records it, and classify and serve use the index's own.", rich_help_panel=MODEL)
 #: more threads than this is a typo, not a setting (1,000,000 crashed ONNX Runtime)
 MAX_THREADS = 256
-ThreadsOpt = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads of the forward pass (torch and ONNX Runtime; default: torch's choice, usually one per core).")
+ThreadsOpt = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads of the forward pass (torch and ONNX Runtime; default: torch's choice, usually one per core).", rich_help_panel=PERFORMANCE)
 
 
 def apply_runtime(runtime: str, threads: int | None) -> None:

@@ -5,6 +5,8 @@ The main CLI mounts this sub-app with ``app.add_typer(datasets.app, name="datase
     fewshot datasets list
     fewshot datasets fetch grocery                       # from the public source
     fewshot datasets fetch grocery --mirror ../shared/data   # offline, from a local copy
+
+The dataset registry (:mod:`fewshot.data.fetch`) is imported when a command runs.
 """
 
 from __future__ import annotations
@@ -13,29 +15,31 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import filesize
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from fewshot.data import fetch as _fetch
-
-from .common import handle_errors, one_line
+from .common import DATA, OUTPUT, NoProgressOpt, examples, handle_errors, one_line
 
 app = typer.Typer(
     help="List and fetch the public datasets (Grocery Store Dataset, Omniglot).",
     no_args_is_help=True,
+    epilog=examples("fewshot datasets list", "fewshot datasets fetch grocery --mirror ../shared/data"),
 )
 
 
-@app.command("list")
+@app.command("list", epilog=examples("fewshot datasets list", "fewshot datasets list --root runs/datasets"))
 @handle_errors
 def list_cmd(
     root: Optional[Path] = typer.Option(
-        None, "--root", help="Data root to look in (default: $FEWSHOT_DATA or the user cache)."
+        None, "--root", rich_help_panel=DATA, help="Data root to look in (default: $FEWSHOT_DATA or the user cache)."
     ),
 ) -> None:
     """Show the datasets that `fewshot datasets fetch` knows: source, licence, size, citation."""
+    from rich import filesize
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data import fetch as _fetch
+
     table = Table(title="fewshot datasets", show_lines=True)
     for col in ("name", "source", "licence", "size", "citation", "status"):
         table.add_column(col, overflow="fold")
@@ -48,24 +52,33 @@ def list_cmd(
     Console().print(table)
 
 
-@app.command("fetch")
-@handle_errors
+@app.command("fetch", epilog=examples("fewshot datasets fetch grocery",
+                                      "fewshot datasets fetch omniglot --mirror ../shared/data",
+                                      "fewshot datasets fetch grocery --verify --no-progress"))
+@handle_errors(flags={"force": "--overwrite", "force=True": "--overwrite"})  # the library's force is --overwrite
 def fetch_cmd(
     name: str = typer.Argument(..., help="Dataset name (see `fewshot datasets list`)."),
     root: Optional[Path] = typer.Option(
-        None, "--root", help="Data root; the dataset goes to ROOT/NAME "
+        None, "--root", rich_help_panel=DATA, help="Data root; the dataset goes to ROOT/NAME "
         "(default: $FEWSHOT_DATA or ~/.cache/fewshot/datasets)."
     ),
     mirror: Optional[Path] = typer.Option(
-        None, "--mirror", help="Local folder or archive to take the dataset from instead of the "
-        "network (default: $FEWSHOT_DATASETS_MIRROR), e.g. ../shared/data."
+        None, "--mirror", rich_help_panel=DATA, help="Local folder or archive to take the dataset from instead of "
+        "the network (default: $FEWSHOT_DATASETS_MIRROR), e.g. ../shared/data."
     ),
-    force: bool = typer.Option(False, "--force", help="Fetch again and replace a copy fewshot fetched (never another folder, never files you added to it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=OUTPUT, help="Fetch again and replace a copy "
+                                   "fewshot fetched (never another folder, never files you added to it)."),
     verify: bool = typer.Option(
-        False, "--verify", help="Re-check an existing copy with the full content checksum."
+        False, "--verify", rich_help_panel=DATA, help="Re-check an existing copy with the full content checksum."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    no_progress: bool = NoProgressOpt,
+    force: bool = typer.Option(False, "--force", hidden=True, help="The old name of --overwrite."),
+    progress: bool = typer.Option(False, "--progress", hidden=True, help="Show progress bars (the default)."),
 ) -> None:
-    """Download (or copy from --mirror) a dataset, verify its checksum, print its folder."""
-    path = _fetch.fetch_dataset(name, root=root, mirror=mirror, progress=progress, force=force, verify=verify)
+    """Download (or copy from --mirror) a dataset, verify its checksum, print its folder. A copy
+    fewshot fetched and verified is not fetched again (unless --overwrite)."""
+    from ..data import fetch as _fetch
+
+    path = _fetch.fetch_dataset(name, root=root, mirror=mirror, progress=not no_progress, force=overwrite or force,
+                                verify=verify)
     typer.echo(one_line(path))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import DataError
 from ..index.kinds import AUTO, AUTO_FLAT_MAX, get_kind, is_auto, list_kinds
@@ -102,7 +103,7 @@ def kind_options(search: bool = False) -> Callable[[Callable], Callable]:
             raise RuntimeError(f"index kind option(s) {', '.join(clash)} clash with parameters of {fn.__name__}")
         own = [p for name, p in sig.parameters.items() if name != "kind_opts"]
         extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[f.type],
-                                   default=typer.Option(None, f.flag, min=f.min, help=f.help(search),
+                                   default=typer.Option(None, f.flag, min=f.min, help=escape(f.help(search)),
                                                         rich_help_panel=f.panel))
                  for f in flags.values()]
 

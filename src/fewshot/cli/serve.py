@@ -9,23 +9,37 @@ from typing import List, Optional
 import typer
 
 from ..errors import FewshotError
-from .common import RuntimeOpt, ThreadsOpt, app, apply_runtime, handle_errors, positive
+from .common import (
+    DATA,
+    RuntimeOpt,
+    ThreadsOpt,
+    app,
+    apply_runtime,
+    examples,
+    handle_errors,
+    positive,
+)
+
+SERVICE, SECURITY = "Service", "Security"
 
 
-@app.command()
+@app.command(epilog=examples("fewshot serve --index runs/grocery-index",
+                             "fewshot serve --index runs/grocery-index --read-only --port 8001",
+                             "fewshot serve --index runs/grocery-index --host 0.0.0.0 --token-file secrets/write-token "
+                             "--allowed-host shop-1.example.com"))
 @handle_errors
 def serve(
-    index: Path = typer.Option(..., "--index", help="Index folder written by `fewshot index` (enrolments append to its journal)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
-    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", callback=positive, help="Largest accepted photo, per file, in MB."),
+    index: Path = typer.Option(..., "--index", rich_help_panel=DATA, help="Index folder written by `fewshot index` (enrolments append to its journal)."),
+    host: str = typer.Option("127.0.0.1", "--host", rich_help_panel=SERVICE, help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, "--port", rich_help_panel=SERVICE, min=1, max=65535, help="TCP port."),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", rich_help_panel=SERVICE, callback=positive, help="Largest accepted photo, per file, in MB."),
     runtime: str = RuntimeOpt, threads: Optional[int] = ThreadsOpt,
-    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File whose first line is the write token (else $FEWSHOT_API_TOKEN; else a new token is printed once)."),
-    read_token_file: Optional[Path] = typer.Option(None, "--read-token-file", help="File whose first line is a read token: classify, articles and thumbnails then need it (or the write token). Else $FEWSHOT_READ_TOKEN; else reads are open."),
-    no_token: bool = typer.Option(False, "--no-token", help="Changes need no token (only with a loopback --host such as 127.0.0.1)."),
-    allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="A host name clients use to reach the service (repeatable), e.g. the reverse proxy's name; loopback names and this machine's are accepted already."),
-    read_only: bool = typer.Option(False, "--read-only", help="Classify only: enrolment and deletion are refused and nothing is written beside the index (for a read-only volume, or a second service on a served folder)."),
-    allow_origin: Optional[List[str]] = typer.Option(None, "--allow-origin", help="A web page origin allowed to call the API from a browser (repeatable), e.g. https://shop.example.com."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", rich_help_panel=SECURITY, help="File whose first line is the write token (else $FEWSHOT_API_TOKEN; else a new token is printed once)."),
+    read_token_file: Optional[Path] = typer.Option(None, "--read-token-file", rich_help_panel=SECURITY, help="File whose first line is a read token: classify, articles and thumbnails then need it (or the write token). Else $FEWSHOT_READ_TOKEN; else reads are open."),
+    no_token: bool = typer.Option(False, "--no-token", rich_help_panel=SECURITY, help="Changes need no token (only with a loopback --host such as 127.0.0.1)."),
+    allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", rich_help_panel=SECURITY, help="A host name clients use to reach the service (repeatable), e.g. the reverse proxy's name; loopback names and this machine's are accepted already."),
+    read_only: bool = typer.Option(False, "--read-only", rich_help_panel=SERVICE, help="Classify only: enrolment and deletion are refused and nothing is written beside the index (for a read-only volume, or a second service on a served folder)."),
+    allow_origin: Optional[List[str]] = typer.Option(None, "--allow-origin", rich_help_panel=SECURITY, help="A web page origin allowed to call the API from a browser (repeatable), e.g. https://shop.example.com."),
 ) -> None:
     """Serve the catalogue: POST /classify, GET/POST/DELETE /articles, a web page at /, OpenAPI at /docs.
 
@@ -76,7 +90,7 @@ def _read_token(path: Optional[Path], env: str, option: str) -> Optional[str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise FewshotError(f"{option} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})",
-                           hint=f"give a readable text file whose first line is the token") from None
+                           hint="give a readable text file whose first line is the token") from None
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
     if not token:
         raise FewshotError(f"{option} {path} is empty", hint="write the token on its first line")

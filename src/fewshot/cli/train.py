@@ -7,25 +7,36 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import FewshotError
-from ..options import flag_of
-from .common import (MAX_THREADS, LayoutOpt, app, apply_runtime, echo_episodes, handle_errors, one_line, positive,
-                     show_flags)
+from .common import (DATA, MAX_THREADS, MODEL, OUTPUT, PERFORMANCE, LayoutOpt, app, apply_runtime, echo_episodes,
+                     examples, handle_errors, one_line, positive, show_flags)
+from .snapshot import TYPES, current
 
 #: most processes of ``--nproc`` (:data:`fewshot.training.distributed.MAX_NPROC`; kept here so that
 #: ``fewshot --help`` does not import torch)
 MAX_NPROC = 64
+#: the help panels of the loop's own options (the others are under TRAINING)
+TRAINING, FINE_TUNING, EPISODES, FINAL, METHOD = ("Training", "Fine-tuning", "Episodes", "Final evaluation",
+                                                  "Method options")
+LOOP_PANELS = {**dict.fromkeys(("data", "split_file", "group_from"), DATA),
+               **dict.fromkeys(("method", "backbone", "image_size", "head", "pretrained"), MODEL),
+               **dict.fromkeys(("fine_tune", "fine_tune_blocks", "backbone_lr", "bn", "augment"), FINE_TUNING),
+               **dict.fromkeys(("ways", "shots", "queries", "val_episodes"), EPISODES),
+               **dict.fromkeys(("final_eval", "eval_episodes", "final_tta"), FINAL),
+               **dict.fromkeys(("out", "overwrite", "progress"), OUTPUT),
+               **dict.fromkeys(("device", "cache_dir", "workers", "embed_batch_size", "runtime"), PERFORMANCE)}
+DATA_DIR, UNSEEN = "../shared/data/grocery-store-dataset", "splits/grocery-unseen.json"
 
 
 def _train(
-    opt: Optional[List[str]] = typer.Option(None, "--opt", help="A method option as KEY=VALUE (repeatable), e.g. --opt inner_lr=0.3; checked against `fewshot methods METHOD`."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads of torch (training) and ONNX Runtime (embedding); default: torch's choice. On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
-    nproc: int = typer.Option(1, "--nproc", min=1, max=MAX_NPROC, help="Train with N local processes (DistributedDataParallel: gloo on CPU, nccl with one GPU per process): each embeds a slice of every batch, and the run equals the one-process run on the same batches. contrastive, triplet and protonet; a contrastive / triplet --batch-size must be a multiple of N; --threads then counts per process (default: cores / N). Worth it when the backbone trains (--fine-tune) on several GPUs or many cores; with --fine-tune none the exchange of the head's gradients outweighs the work. Under torchrun (`torchrun --nproc_per_node=N -m fewshot train ...`) leave it out."),
+    opt: Optional[List[str]] = typer.Option(None, "--opt", rich_help_panel=METHOD, help="A method option as KEY=VALUE (repeatable), e.g. --opt inner_lr=0.3; checked against `fewshot methods METHOD`."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, rich_help_panel=PERFORMANCE, help="CPU threads of torch (training) and ONNX Runtime (embedding); default: torch's choice. On a machine busy with other work, 1 is often much faster for training on cached embeddings."),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=MAX_NPROC, rich_help_panel=PERFORMANCE, help="Train with N local processes (DistributedDataParallel: gloo on CPU, nccl with one GPU per process): each embeds a slice of every batch, and the run equals the one-process run on the same batches. contrastive, triplet and protonet; a contrastive / triplet --batch-size must be a multiple of N; --threads then counts per process (default: cores / N). Worth it when the backbone trains (--fine-tune) on several GPUs or many cores; with --fine-tune none the exchange of the head's gradients outweighs the work. Under torchrun (`torchrun --nproc_per_node=N -m fewshot train ...`) leave it out."),
     **given,
 ) -> None:
     """Train contrastive / triplet (or episodic) embeddings; keep the best epoch by val MAP@R.
@@ -83,41 +94,39 @@ def _run(cfg, nproc: int, threads: Optional[int], run_train):
 
 # --------------------------------------------------------------------------- the loop's options
 def _loop_fields() -> list:
-    """The :class:`~fewshot.training.config.TrainConfig` fields declared as options."""
+    """The :class:`~fewshot.training.config.TrainConfig` fields declared as options (at run time:
+    the flags and help come from :func:`~fewshot.cli.snapshot.current`)."""
     from ..training.config import TrainConfig
 
     return [f for f in dataclasses.fields(TrainConfig) if "help" in f.metadata]
 
 
 def loop_flags() -> list:
-    """One ``inspect.Parameter`` (a typer option) per loop field, made from its declaration
-    (:func:`fewshot.training.config.loop_option`): flag, help, default (none shown where it
-    depends on other settings), ``min`` / ``max`` (``above=0``: the ``positive`` check),
-    hidden; a path field takes a path, a parsed one text, an inverted boolean is a flag that
-    turns it off. ``--layout`` is the option every command shares."""
+    """One ``inspect.Parameter`` (a typer option) per loop option, made from its declaration
+    (:func:`fewshot.training.config.loop_option`, read through :mod:`fewshot.cli.snapshot`):
+    flag, help, default (none shown where it depends on other settings), ``min`` / ``max``
+    (``above=0``: the ``positive`` check), hidden; a path field takes a path, a parsed one
+    text, an inverted boolean is a flag that turns it off. ``--layout`` is the option every
+    command shares."""
     import inspect
 
-    from ..training.config import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
     params = []
-    for f in _loop_fields():
-        meta, cli = f.metadata, f.metadata["cli"]
-        if f.name == "layout":
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=LayoutOpt, annotation=str))
+    for e in current("loop"):
+        if e["name"] == "layout":
+            params.append(inspect.Parameter("layout", inspect.Parameter.KEYWORD_ONLY, default=LayoutOpt, annotation=str))
             continue
-        typ = Path if cli.get("path") else str if cli.get("parse") else _option_type(hints[f.name])
+        typ, panel = TYPES[e["type"]], LOOP_PANELS.get(e["name"], TRAINING)
         if typ is bool:
-            default, annotation = typer.Option(False, flag_of(f), help=meta["help"]), bool
+            default, annotation = typer.Option(False, e["flag"], help=e["help"], rich_help_panel=panel), bool
         else:
-            unset = cli.get("unset") or f.default is None
-            value = ... if cli.get("required") else None if unset else f.default
+            value = ... if e.get("required") else None if e.get("unset") or e["default"] is None else e["default"]
             annotation = typ if value is not None else Optional[typ]
-            limits = {k: meta[k] for k in ("min", "max") if meta.get(k) is not None}
-            if meta.get("above") == 0:
+            limits = {k: e[k] for k in ("min", "max") if e.get(k) is not None}
+            if e.get("above") == 0:
                 limits["callback"] = positive
-            default = typer.Option(value, flag_of(f), help=meta["help"], hidden=bool(cli.get("hidden")), **limits)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+            default = typer.Option(value, e["flag"], help=escape(e["help"]), hidden=bool(e.get("hidden")),
+                                   rich_help_panel=panel, **limits)
+        params.append(inspect.Parameter(e["name"], inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     return params
 
 
@@ -138,14 +147,14 @@ def _loop_values(given: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loop_flag_names() -> dict[str, str]:
-    return {f.name: flag_of(f) for f in _loop_fields()}
+    return {e["name"]: e["flag"] for e in current("loop")}
 
 
 def train_flags() -> dict[str, str]:
     """The train command's flag of each option whose flag is not its parameter's own: an
     inverted boolean as the value it sets (``pretrained=False``: ``--from-scratch``), and the
     methods' options (for :func:`~fewshot.cli.common.show_flags`)."""
-    inverted = {f"{f.name}=False": flag_of(f) for f in _loop_fields() if f.metadata["cli"].get("invert")}
+    inverted = {f"{e['name']}=False": e["flag"] for e in current("loop") if e.get("invert")}
     return {**{k: f.flag for k, f in method_flags().items()}, **_loop_flag_names(), **inverted}
 
 
@@ -163,26 +172,17 @@ class _Flag:
     helps: list[str] = dataclasses.field(default_factory=list)
 
 
-def _option_type(annotation: Any) -> type:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
-
-
 def method_flags() -> dict[str, _Flag]:
     """Every option of every registered method, by field name (a flag serves every method
-    whose :attr:`~fewshot.methods.base.Method.Config` has a field of that name)."""
-    from ..methods import get_method, list_methods
-
+    whose :attr:`~fewshot.methods.base.Method.Config` has a field of that name; read through
+    :mod:`fewshot.cli.snapshot`)."""
     out: dict[str, _Flag] = {}
-    for name in list_methods():
-        cls = get_method(name).Config
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            flag = out.setdefault(f.name, _Flag(f.name, f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
-                                                _option_type(hints[f.name]), f.metadata.get("help", "")))
+    for name, options in current("methods").items():
+        for o in options:
+            flag = out.setdefault(o["name"], _Flag(o["name"], o["flag"], TYPES[o["type"]], o["help"]))
             flag.methods.append(name)
-            flag.defaults.append(f.default)
-            flag.helps.append(f.metadata.get("help", ""))
+            flag.defaults.append(o["default"])
+            flag.helps.append(o["help"])
     return out
 
 
@@ -263,14 +263,19 @@ def _register_train() -> None:
     for f in method_flags().values():
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[f.type],
-            default=typer.Option(None, f.flag, help=_flag_help(f), rich_help_panel="Method options")))
+            default=typer.Option(None, f.flag, help=escape(_flag_help(f)), rich_help_panel=METHOD)))
         annotations[f.name] = Optional[f.type]
     _train.__signature__ = base.replace(parameters=params)  # type: ignore[attr-defined]
     _train.__annotations__ = annotations
-    app.command("train")(handle_errors(_train, flags=train_flags()))
+    app.command("train", epilog=examples(
+        f"fewshot train --data {DATA_DIR} --split-file {UNSEEN} --out runs/triplet",
+        f"fewshot train --data {DATA_DIR} --split-file {UNSEEN} --method protonet --fine-tune none --out runs/protonet",
+        "fewshot train --data ../shared/data/omniglot/images_background_small1 --split-file splits/omniglot-small1.json "
+        "--method maml --backbone conv4 --from-scratch --fine-tune all --image-size 28 --augment none "
+        "--class-rotations 4 --out runs/omniglot-maml"))(handle_errors(_train, flags=train_flags()))
 
 
-@app.command("methods")
+@app.command("methods", epilog=examples("fewshot methods", "fewshot methods maml"))
 def methods_cmd(name: Optional[str] = typer.Argument(None, help="A method: show only its options.")) -> None:
     """List the training methods with their options and defaults."""
     from ..methods import get_method, list_methods

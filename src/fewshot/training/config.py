@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..backbones import check_tta
-from ..embed import check_runtime
+from ..embed import DEFAULT_BATCH_SIZE, check_runtime
 from ..errors import FewshotError
 from ..methods import EpisodeSpec, Method, get_method, method_options
 from ..methods.heads import ProjectionHead, parse_head, resolve_head_spec
@@ -172,7 +172,8 @@ class TrainConfig:
                                           "--image-size, more at a smaller; the whole batch on a GPU or "
                                           "with --bn train, whose batch statistics it would change).", min=1,
                                           unset=True)
-    embed_batch_size: int = loop_option(32, "Images per forward pass when embedding (default 32).", min=1,
+    embed_batch_size: int = loop_option(DEFAULT_BATCH_SIZE, f"Images per forward pass when embedding (default "
+                                        f"{DEFAULT_BATCH_SIZE}, as --batch-size of the other commands).", min=1,
                                         unset=True)
     runtime: str = loop_option("auto", "Forward pass of the frozen embeddings, the final evaluation and (fine-tuning "
                                "on a CPU) each epoch's validation: auto | onnx | torch (see `fewshot evaluate "

@@ -8,21 +8,24 @@ saved or rebuilt from the exact vectors, how ids continue after removals and wha
 does. The catalogue (:class:`fewshot.index.CatalogueIndex`) never asks which kind it holds.
 
 Kinds register themselves in :data:`INDEX_KINDS` with :func:`register_kind`; the package
-``__init__`` imports each built-in kind file (one line per kind).
+``__init__`` imports each built-in kind file (one line per kind). The built-in kind files import
+FAISS and NumPy inside the methods that use them, so that the kinds' names and options (every
+``fewshot`` command's help) load without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
-
-import faiss
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import DataError, FewshotError, InputError
 from ...options import check_options
 from ...registry import Registry
+
+if TYPE_CHECKING:
+    import faiss
+    import numpy as np
 
 __all__ = ["INDEX_KINDS", "SHARD_ROWS", "IndexKind", "IndexOptionError", "NoOptions", "register_kind", "shards"]
 
@@ -126,6 +129,8 @@ class IndexKind:
     def build(self, vectors: np.ndarray, progress: Callable[[int], None] | None = None) -> faiss.Index:
         """The index of ``vectors float32 [N, D]`` (a memory map is fine: read shard by shard),
         ids ``0..N-1``; ``progress(rows)`` is called after each shard."""
+        import numpy as np
+
         n, dim = vectors.shape
         index = self.create(dim, lambda rows: vectors[rows], n)
         for start, stop in shards(n):
@@ -156,6 +161,8 @@ class IndexKind:
     def search_params(self, extra: dict[str, Any]) -> faiss.SearchParameters | None:
         """Query-time parameters; ``extra`` holds the id selector (``sel``) when some ids are
         tombstones. ``None``: plain search."""
+        import faiss
+
         return faiss.SearchParameters(**extra) if extra else None
 
     def shortlist(self, k: int) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import faiss
+from typing import TYPE_CHECKING
 
 from .base import IndexKind, register_kind
+
+if TYPE_CHECKING:
+    import faiss
 
 
 @register_kind("flat")
@@ -18,4 +21,6 @@ class Flat(IndexKind):
     saves_index = False
 
     def create(self, dim, sample=None, n=0) -> faiss.Index:
+        import faiss
+
         return faiss.IndexFlatIP(dim)

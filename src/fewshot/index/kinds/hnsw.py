@@ -4,11 +4,13 @@ vectors; ``efSearch`` candidates are explored per query."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import faiss
+from typing import TYPE_CHECKING
 
 from ...options import option
 from .base import IndexKind, register_kind
+
+if TYPE_CHECKING:
+    import faiss
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,13 @@ class Hnsw(IndexKind):
     search_options = ("ef_search",)
 
     def create(self, dim, sample=None, n=0) -> faiss.Index:
+        import faiss
+
         index = faiss.IndexHNSWFlat(dim, self.opts.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = self.opts.ef_construction
         return index
 
     def search_params(self, extra):
+        import faiss
+
         return faiss.SearchParametersHNSW(efSearch=self.opts.ef_search, **extra)

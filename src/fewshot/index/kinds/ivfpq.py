@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-
-import faiss
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ...options import option
 from .base import IndexKind, IndexOptionError, register_kind, shards
+
+if TYPE_CHECKING:
+    import faiss
+    import numpy as np
 
 #: IVF-PQ needs this many training vectors (256 centroids per sub-quantizer)
 MIN_IVFPQ_IMAGES = 1_000
@@ -75,6 +77,9 @@ class IvfPq(IndexKind):
         return replace(o, nlist=nlist, m=m, train_size=train, nprobe=nprobe)
 
     def create(self, dim, sample=None, n=0) -> faiss.Index:
+        import faiss
+        import numpy as np
+
         o = self.opts
         assert sample is not None and o.nlist and o.m and o.train_size
         index = faiss.index_factory(dim, f"IVF{o.nlist},PQ{o.m}", faiss.METRIC_INNER_PRODUCT)
@@ -104,9 +109,14 @@ class IvfPq(IndexKind):
         return int(ids[-1]) + 1 if len(ids) else 0  # removed ids are gone from the index, not reused
 
     def compact(self, index, live, id_end) -> None:
+        import faiss
+        import numpy as np
+
         index.remove_ids(faiss.IDSelectorBatch(np.setdiff1d(np.arange(id_end), live)))
 
     def search_params(self, extra):
+        import faiss
+
         return faiss.SearchParametersIVF(nprobe=self.opts.nprobe, **extra)
 
     def shortlist(self, k: int) -> int:
@@ -117,6 +127,9 @@ def add_shard(trained: faiss.Index, vectors: np.ndarray) -> faiss.Index:
     """A copy of the empty ``trained`` IVF index holding ``vectors float32 [n, D]`` (ids
     ``0..n-1``): one independent shard of the sharded build, mergeable with
     ``merge_from(shard, offset)``."""
+    import faiss
+    import numpy as np
+
     shard = faiss.clone_index(trained)
     shard.reset()
     shard.add(np.ascontiguousarray(vectors, dtype=np.float32))
