@@ -10,10 +10,10 @@ backward, Adam). Contenders run in interleaved rounds (the order rotates), media
 Other settings measured the same way: slices of 4 and 16, bfloat16 autocast (where the CPU has
 AVX512-BF16 or AMX), and channels-last weights.
 
-``--end-to-end`` measures whole runs (triplet and protonet): an epoch of each step timed in one
-process (alternating), then today's whole default ``fewshot train`` run timed from outside; it
+``--end-to-end`` runs whole default ``fewshot train`` jobs (triplet and protonet), each with the
+0.1.0 step (``--micro-batch 64``) and with today's, one after the other in fresh processes, and
 writes ``docs/results/trainspeed/results.json``, which the ``trainstep`` part of
-``bench/run_all.py`` reads (it does not retrain: about 30 minutes on 2 quiet cores).
+``bench/run_all.py`` reads (it does not retrain: about 40 minutes on 2 quiet cores).
 ``--compile`` times ``torch.compile`` of the backbone (-> ``compile.json`` beside it).
 
 usage::
@@ -49,8 +49,6 @@ RESULTS = ROOT / "docs" / "results" / "trainspeed" / "results.json"
 COMPILE = RESULTS.parent / "compile.json"  # bench/train_step.py --compile
 OLD, NEW = "one forward (0.1.0)", "slices (default)"
 PHASES = ("augment", "forward", "loss", "backward", "update")
-#: test MAP@R of the default runs of seed 0 with fewshot 0.1.0 (README, docs/results/finetune)
-REFERENCE_MAP_AT_R = {"triplet": 0.5636, "protonet": 0.5776}
 
 
 def build(quick: bool, work: Path):
@@ -221,43 +219,18 @@ def compiled(rounds: int = 3) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- whole runs
-def epoch_compare(method: str, rounds: int, work: Path) -> dict[str, Any]:
-    """One process, one set-up of ``method``'s default fine-tuning run on Grocery: whole epochs
-    (every step of the epoch's batches, then the epoch's validation) with the 0.1.0 step and
-    with today's, alternating, ``rounds`` times each."""
-    from fewshot.training import make_config
-    from fewshot.training.optim import train_step
-    from fewshot.training.setup import build_setup
-    from fewshot.training.validate import validate_epoch
-
-    cfg = make_config(method, data=str(grocery_root()), split_file=str(GROCERY_SPLIT), out=str(work / method),
-                      seed=0, progress=False)
-    setup = build_setup(cfg)
-    new = setup.ft.micro_batch
-    times: dict[str, list[float]] = {OLD: [], NEW: []}
-    for r in range(rounds):
-        for name, slices in ((OLD, None), (NEW, new)) if r % 2 == 0 else ((NEW, new), (OLD, None)):
-            setup.ft.micro_batch = slices
-            setup.method.train_mode(True)
-            setup.ft.train_mode(True)
-            batches = list(setup.method.epoch_batches(setup.data.train, np.random.default_rng(r)))
-            t0 = time.perf_counter()
-            for batch in batches:
-                train_step(setup.method, batch, setup.optimizer)
-            validate_epoch(setup.method, setup.data, cfg, setup.ft, 1)
-            times[name].append(time.perf_counter() - t0)
-            print(f"[trainstep] {method} epoch, {name}: {times[name][-1]:.0f} s", file=sys.stderr, flush=True)
-    return {"method": method, "rounds": rounds, "micro_batch": new, "steps": len(batches),
-            "epoch_seconds": {k: median(v) for k, v in times.items()}, "all_seconds": times,
-            "speedup": median(paired_ratios(times[OLD], times[NEW])), "load_after": os.getloadavg()[0]}
+#: the two steps of a whole run: 0.1.0's (``--micro-batch 64``: the batch in one forward, the same
+#: computation as main at 7f58e0a, whose default triplet run it reproduces epoch by epoch) and today's
+STEPS = {"old": (OLD, ["--micro-batch", "64"]), "new": (NEW, [])}
 
 
-def train_run(method: str, run_dir: Path) -> dict[str, Any]:
-    """One whole ``fewshot train`` job with its defaults, timed from outside."""
+def train_run(method: str, extra: list[str], run_dir: Path) -> dict[str, Any]:
+    """One whole ``fewshot train`` job with its defaults (plus ``extra``) in a fresh process,
+    timed from outside."""
     from fewshot.training import read_history
 
     cmd = [sys.executable, "-m", "fewshot", "train", "--data", str(grocery_root()), "--split-file", str(GROCERY_SPLIT),
-           "--method", method, "--out", str(run_dir), "--no-progress", "--overwrite"]
+           "--method", method, "--out", str(run_dir), "--no-progress", "--overwrite", *extra]
     load = os.getloadavg()[0]
     wall, proc = timed(lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True))
     if proc.returncode != 0:
@@ -265,24 +238,25 @@ def train_run(method: str, run_dir: Path) -> dict[str, Any]:
     config = json.loads((run_dir / "config.json").read_text())
     history = [r for r in read_history(run_dir) if r["epoch"] > 0]
     final = config["final_eval"]
-    return {"method": method, "wall_seconds": wall, "training_seconds": config["training_seconds"],
-            "epochs_trained": len(history), "epoch_seconds": median([r["seconds"] for r in history]),
-            "images_per_second": config.get("images_per_second"), "best_epoch": config["best_epoch"],
-            "map_at_r": final["map_at_r"], "precision_at_1": final["precision_at_1"],
-            "load_before": load, "load_after": os.getloadavg()[0], "stdout": proc.stdout[-1500:]}
+    return {"method": method, "flags": " ".join(extra) or "(defaults)", "wall_seconds": wall,
+            "training_seconds": config["training_seconds"], "epochs_trained": len(history),
+            "epoch_seconds": [r["seconds"] for r in history], "images_per_second": config.get("images_per_second"),
+            "best_epoch": config["best_epoch"], "map_at_r": final["map_at_r"],
+            "precision_at_1": final["precision_at_1"], "load_before": load, "load_after": os.getloadavg()[0],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stdout": proc.stdout[-1500:]}
 
 
-def end_to_end(out: Path, runs: Path, methods: tuple[str, ...], rounds: int) -> dict[str, Any]:
-    """Per method: epochs of each step in one process (:func:`epoch_compare`), then today's whole
-    default run; the 0.1.0 run's wall time is today's plus, per epoch trained, the measured
-    difference of an epoch (everything else a run does is the same code)."""
-    res: dict[str, Any] = {"machine": machine(), "methods": {}}
+def end_to_end(out: Path, runs: Path, methods: tuple[str, ...], steps: tuple[str, ...]) -> dict[str, Any]:
+    """Whole default runs of each method with each step, one after the other, each in a fresh
+    process; merged into ``out/results.json`` (a row per method and step)."""
+    path = out / "results.json"
+    res = json.loads(path.read_text()) if path.is_file() else {"machine": machine(), "runs": {}}
     for method in methods:
-        entry = {"epochs": epoch_compare(method, rounds, runs / "epochs")}
-        print(f"[trainstep] fewshot train --method {method} ...", file=sys.stderr, flush=True)
-        entry["run"] = train_run(method, runs / method)
-        res["methods"][method] = entry
-        write_json(out / "results.json", res)
+        for step in steps:
+            name, extra = STEPS[step]
+            print(f"[trainstep] fewshot train --method {method} {' '.join(extra)} ...", file=sys.stderr, flush=True)
+            res["runs"].setdefault(method, {})[name] = train_run(method, extra, runs / f"{method}-{step}")
+            write_json(path, res)
     return res
 
 
@@ -344,34 +318,36 @@ def _e2e_lines(e2e: dict[str, Any] | None) -> list[str]:
         return ["Whole runs: not measured yet (`python bench/train_step.py --end-to-end --out docs/results/trainspeed`).",
                 ""]
     rows = []
-    for method, h in headline_e2e(e2e).items():
-        run, ep = e2e["methods"][method]["run"], e2e["methods"][method]["epochs"]
-        rows.append([method, f"{ep['epoch_seconds'][OLD]:.0f} / {ep['epoch_seconds'][NEW]:.0f} ({ep['speedup']:.2f}x)",
-                     f"{h['old_wall'] / 60:.1f}", f"{run['wall_seconds'] / 60:.1f}", f"**{h['speedup']:.2f}x**",
-                     fmt(run.get("images_per_second"), 1), f"{run['best_epoch']} of {run['epochs_trained']}",
-                     fmt(run["map_at_r"], 3), fmt(run["precision_at_1"], 3),
-                     f"{run['load_before']:.1f}-{run['load_after']:.1f}"])
+    for method, pair in e2e["runs"].items():
+        for name, r in pair.items():
+            rows.append([method, name, fmt(r["wall_seconds"] / 60, 1), " / ".join(f"{s:.0f}" for s in r["epoch_seconds"]),
+                         fmt(r.get("images_per_second"), 1), f"{r['best_epoch']} of {r['epochs_trained']}",
+                         fmt(r["map_at_r"], 3), fmt(r["precision_at_1"], 3),
+                         f"{r['load_before']:.1f}-{r['load_after']:.1f}", r.get("finished", "-")[:16]])
     m = e2e["machine"]
-    return [f"Whole default `fewshot train` runs on Grocery (seed 0, test classes) on {m['cpu']}, {m['usable_cpus']} "
-            "CPUs: an epoch of each step (every step, then the validation) timed in one process, alternating; then "
-            "today's whole run, timed from outside. The 0.1.0 run's wall time is today's plus, for each epoch trained, "
-            "the measured difference of an epoch (the set-up, validation and final evaluation are the same code). "
-            "A 0.1.0 run and today's are the same computation (the gradient in slices is the batch's), so their "
-            f"MAP@R agree to float rounding: today's triplet run against the 0.1.0 run of seed 0 (MAP@R "
-            f"{REFERENCE_MAP_AT_R['triplet']}) and protonet (MAP@R {REFERENCE_MAP_AT_R['protonet']}).", "",
-            table(["method", "epoch s 0.1.0 / today", "wall min 0.1.0 (derived)", "wall min today", "end to end",
-                   "images / s today", "best epoch", "test MAP@R", "P@1", "load 1 min"], rows), ""]
+    text = "; ".join(f"{k}: **{v['speedup']:.2f}x** end to end ({v['per_epoch']:.2f}x per epoch), MAP@R "
+                     f"{v['map_delta']:+.3f}" for k, v in headline_e2e(e2e).items())
+    return [f"Whole default `fewshot train` runs on Grocery (seed 0, test classes), each in a fresh process, one "
+            f"after the other, on {m['cpu']}, {m['usable_cpus']} CPUs, timed from outside (set-up, epochs, "
+            "validation, final evaluation). The 0.1.0 step is `--micro-batch 64`: the batch in one forward, the "
+            "same computation as main at 7f58e0a (its triplet run repeats the 0.1.0 run of seed 0 to the last "
+            "digit). Today's step gives the same gradient up to float rounding, which is enough for the runs to "
+            "part ways after a few hundred Adam steps: a run may then train another epoch before patience stops "
+            "it, and its MAP@R differs by the luck of the draw (one seed each).", "",
+            table(["method", "step", "wall min", "epochs s", "images / s", "best epoch", "test MAP@R", "P@1",
+                   "load 1 min", "finished"], rows), "", text, ""]
 
 
 def headline_e2e(e2e: dict[str, Any] | None) -> dict[str, dict[str, float]]:
-    """Per method: the derived 0.1.0 wall time, the end-to-end ratio and the MAP@R change
-    against the 0.1.0 run of the same seed (:data:`REFERENCE_MAP_AT_R`)."""
+    """Per method with both runs: the end-to-end and per-epoch wall-time ratios 0.1.0 / today
+    and the MAP@R change."""
     out: dict[str, dict[str, float]] = {}
-    for method, entry in (e2e or {}).get("methods", {}).items():
-        run, ep = entry["run"], entry["epochs"]
-        old = run["wall_seconds"] + run["epochs_trained"] * (ep["epoch_seconds"][OLD] - ep["epoch_seconds"][NEW])
-        out[method] = {"old_wall": old, "speedup": old / run["wall_seconds"],
-                       "map_delta": run["map_at_r"] - REFERENCE_MAP_AT_R.get(method, float("nan"))}
+    for method, pair in (e2e or {}).get("runs", {}).items():
+        if OLD in pair and NEW in pair:
+            old, new = pair[OLD], pair[NEW]
+            out[method] = {"speedup": old["wall_seconds"] / new["wall_seconds"],
+                           "per_epoch": median(old["epoch_seconds"]) / median(new["epoch_seconds"]),
+                           "map_delta": new["map_at_r"] - old["map_at_r"]}
     return out
 
 
@@ -408,7 +384,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS.parent, help="folder of results.json (--end-to-end)")
     ap.add_argument("--runs", type=Path, default=Path("/tmp/fewshot-trainspeed"), help="run folders (--end-to-end)")
     ap.add_argument("--methods", default="triplet,protonet")
-    ap.add_argument("--rounds", type=int, default=2, help="epochs of each step per method (--end-to-end)")
+    ap.add_argument("--steps", default="old,new", help="which whole runs (--end-to-end): old, new or both")
     ap.add_argument("--compile", action="store_true", help="time torch.compile of the backbone instead (-> OUT/compile.json)")
     args = ap.parse_args()
     if args.compile:
@@ -417,7 +393,7 @@ def main() -> int:
         print(json.dumps(res, indent=1, default=float))
         return 0
     if args.end_to_end:
-        res = end_to_end(args.out, args.runs, tuple(args.methods.split(",")), args.rounds)
+        res = end_to_end(args.out, args.runs, tuple(args.methods.split(",")), tuple(args.steps.split(",")))
         print(json.dumps(headline_e2e(res), indent=1))
         return 0
     import tempfile

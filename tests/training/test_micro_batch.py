@@ -108,9 +108,27 @@ def test_a_run_records_and_prints_its_images_per_second(tiny, tmp_path):
     assert len(rates) == 2 and all(r > 0 for r in rates)
     config = json.loads((out / "config.json").read_text())
     assert config["images_per_second"] == pytest.approx(float(np.median(rates)), abs=0.01)
-    assert config["train_config"]["micro_batch"] == 5
+    assert config["train_config"]["micro_batch"] == 5 and config["micro_batch"] == 5
     line = next(x for x in res.output.splitlines() if x.startswith("training steps:"))
     assert float(line.split()[2]) == pytest.approx(config["images_per_second"], abs=0.06)
+    assert "images/s" in line and "slices of 5" in line
+
+
+@pytest.mark.parametrize("method", ["maml", "protonet"])
+def test_images_per_second_of_episodic_and_head_only_runs(method, tiny, tmp_path):
+    """Every method's epochs count the images they embed, MAML's episodes too (it has no
+    ``items``), on cached embeddings as well."""
+    from fewshot.training import train
+
+    out = tmp_path / method
+    cfg = make_config(method, data=tiny["data"], split_file=tiny["split_file"], cache_dir=tiny["cache_dir"],
+                      out=str(out), image_size=64, fine_tune="none", epochs=1, ways=3, shots=2, queries=2,
+                      episodes=3, episodes_per_epoch=3, val_episodes=0, final_eval="none", progress=False)
+    result = train(cfg)
+    rate = result.history[1]["images_per_second"]
+    assert rate is not None and rate > 0
+    assert result.config["images_per_second"] == pytest.approx(rate, abs=0.01)
+    assert "micro_batch" not in result.config  # nothing is sliced on cached embeddings
 
 
 def _graph_convolutions(t: torch.Tensor) -> int:

@@ -63,9 +63,13 @@ def _train_run(method: str, given: dict[str, Any], pairs: list[str], nproc: int,
                + f": val MAP@R {b['val_map_at_r']:.4f}  mAP {b['val_map']:.4f}  P@1 {b['val_precision_at_1']:.4f}"
                + f"  ({result.seconds:.1f} s)")
     rate = result.config.get("images_per_second")
-    if rate is not None:
-        typer.echo(f"training steps: {rate:.1f} images/s (median over the epochs trained; augmentation, forward, "
-                   "backward and update, validation excluded)")
+    if rate is not None and cfg.fine_tuning:
+        slices = result.config.get("micro_batch")
+        typer.echo(f"training steps: {rate:.1f} images/s (median over the epochs; augmentation, forward"
+                   + (f" in slices of {slices}" if slices else "") + ", backward and update; validation excluded)")
+    elif rate is not None:
+        typer.echo(f"training steps: {rate:.1f} embeddings/s (median over the epochs; head steps on the cached "
+                   "embeddings; validation excluded)")
     if result.final_metrics is not None:
         m = result.final_metrics
         typer.echo(f"{cfg.final_eval} classes" + (f" (--tta {cfg.final_tta})" if cfg.final_tta != "none" else "")

@@ -147,9 +147,10 @@ def _train_locked(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | 
                      final_metrics=final, config=full)
 
 
-def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> tuple[list[float], float]:
+def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> tuple[list[float], float | None]:
     """One epoch's optimisation steps: their losses, and the training images per second they
-    reached (wall time of the steps, augmentation included, validation not)."""
+    reached (images embedded, :attr:`Setup.seen`, over the wall time of the steps, augmentation
+    included, validation not; ``None`` when nothing was counted)."""
     seed = epoch_seed(cfg.seed, epoch)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -160,10 +161,9 @@ def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> tuple[list[float
         setup.ft.train_mode(True)
     batches = list(method.epoch_batches(setup.data.train, rng))
     losses = []
-    images, t0 = 0, time.perf_counter()
+    start, t0 = setup.seen.images, time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False, disable=not cfg.progress)
     for batch in bar:
-        images += len(method.items(batch))
         value = setup.step(batch) if setup.step is not None else train_step(method, batch, setup.optimizer)
         setup.scheduler.step()
         if setup.average is not None:
@@ -174,7 +174,8 @@ def _train_epoch(cfg: TrainConfig, setup: Setup, epoch: int) -> tuple[list[float
                                options=("lr", "backbone_lr"))
         losses.append(value)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-    rate = images / max(time.perf_counter() - t0, 1e-9)
+    images = setup.seen.images - start
+    rate = images / max(time.perf_counter() - t0, 1e-9) if images else None
     if setup.average is not None:
         setup.average.after_epoch(epoch)
     return losses, rate
@@ -189,7 +190,8 @@ def _run_config(cfg: TrainConfig, setup: Setup, row: dict, elapsed: float) -> di
             "best_epoch": row["epoch"],
             "best_val": {k[4:]: row[k] for k in HISTORY_FIELDS if k.startswith("val_")},
             "training_seconds_to_best": round(elapsed, 3),
-            **({"validation_runtime": setup.ft.val_runtime} if setup.ft is not None else {}),
+            **({"validation_runtime": setup.ft.val_runtime, "micro_batch": setup.ft.micro_batch}
+               if setup.ft is not None else {}),
             **({"weight_average": setup.average.info()} if setup.average is not None else {}),
             **({"distributed": setup.parallel.info()} if setup.parallel is not None else {})}
 
@@ -280,7 +282,7 @@ def _finish_config(work: Path, loop: TrainState, setup: Setup, spread: float | N
 
 def images_per_second(history: list[dict]) -> float | None:
     """The median over a run's trained epochs of their training images per second (``history``
-    rows' ``images_per_second``; ``None`` when no epoch trained in this process)."""
+    rows' ``images_per_second``, epochs restored by ``resume`` included; ``None`` when no row has one)."""
     rates = [r["images_per_second"] for r in history if r.get("images_per_second") is not None]
     return round(float(np.median(rates)), 2) if rates else None
 

@@ -98,7 +98,7 @@ class Parallel:
 
     def make_step(self, setup: Any) -> "DataParallelStep":
         """The trainer's step for this rank (a collective: DDP broadcasts rank 0's weights)."""
-        return DataParallelStep(setup.method, setup.optimizer, self, setup.ft, setup.features)
+        return DataParallelStep(setup.method, setup.optimizer, self, setup.ft, setup.features, setup.seen)
 
     def info(self) -> dict:
         """What ``config.json`` records under ``distributed``."""
@@ -194,11 +194,12 @@ class DataParallelStep:
     """
 
     def __init__(self, method: Method, optimizer: torch.optim.Optimizer, par: Parallel, ft: Any,
-                 features: Callable[[np.ndarray], torch.Tensor] | None) -> None:
+                 features: Callable[[np.ndarray], torch.Tensor] | None, seen: Any = None) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         type(method).check_parallel(method.opts, method.episodes, par.world_size)
         self.method, self.optimizer, self.par, self.ft, self.source = method, optimizer, par, ft, features
+        self.seen = seen  # counts the global batch: every rank steps with it
         bn_train = ft is not None and ft.bn_train
         # a channels-last backbone's depthwise weights [C, 1, k, k] carry an arbitrary stride on
         # their size-1 dimension: DDP copies their gradients into its buckets all the same
@@ -214,12 +215,13 @@ class DataParallelStep:
         if self.ft is None:
             return self.source(items[lo:hi])
         x = self.ft.inputs(items)[lo:hi]  # the whole batch's augmentation, as one process draws it
-        with self.ft.autocast():
-            return self.ft.backbone.model(x).float()
+        return self.ft.forward(x)  # in slices of micro_batch images, as one process runs it
 
     def _loss(self, batch: Any) -> torch.Tensor:
         """The global batch's loss, from this rank's embedded slice and the others' (gathered)."""
         items = np.asarray(self.method.items(batch), dtype=np.int64)
+        if self.seen is not None:
+            self.seen.images += len(items)
         sizes = shard_sizes(len(items), self.par.world_size)
         lo = sum(sizes[: self.par.rank])
         z = self.method.embed(self._features(items, lo, lo + sizes[self.par.rank]))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -20,7 +20,7 @@ from .data import RunData, load_run_data, with_rotated_classes
 from .finetune import FineTune
 from .optim import lr_scheduler, make_optimizer
 
-__all__ = ["ParallelRun", "Setup", "build_setup", "resolve_device", "seed_all", "epoch_seed"]
+__all__ = ["ParallelRun", "Setup", "ImageCount", "build_setup", "resolve_device", "seed_all", "epoch_seed"]
 
 
 class ParallelRun(Protocol):
@@ -43,6 +43,20 @@ class ParallelRun(Protocol):
     def replica_spread(self, setup: "Setup") -> float: ...
 
 
+class ImageCount:
+    """Training images embedded so far (the trainer's throughput count): :meth:`wrap` counts
+    the items of every call of a method's feature or input source."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def wrap(self, source: Callable[[np.ndarray], torch.Tensor]) -> Callable[[np.ndarray], torch.Tensor]:
+        def counted(idx: np.ndarray) -> torch.Tensor:
+            self.images += len(idx)
+            return source(idx)
+        return counted
+
+
 @dataclass
 class Setup:
     """Everything the epoch loop needs, built and checked before any file is written."""
@@ -63,6 +77,8 @@ class Setup:
     #: the running average of the weights that each epoch validates (``weight_average``; the
     #: lead rank's only), or ``None``
     average: WeightAverage | None = None
+    #: training images embedded so far (images per second of each epoch)
+    seen: ImageCount = field(default_factory=ImageCount)
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -113,16 +129,17 @@ def build_setup(cfg: TrainConfig, par: ParallelRun | None = None) -> Setup:
         method.head.set_centre(data.train.x)
     method.to(device)
     ft: FineTune | None = None
+    seen = ImageCount()
     if cfg.fine_tuning:
         ft = FineTune(cfg, data, device)
         method.backbone = ft.backbone.model
         method.backbone_params = ft.params
         features = ft.features
-        method.bind(ft.features, ft.inputs)
+        method.bind(seen.wrap(ft.features), seen.wrap(ft.inputs))
     else:
         x_train = data.train.x.to(device)
         features = lambda idx: x_train[torch.from_numpy(idx).to(device)]  # noqa: E731
-        method.bind(features)
+        method.bind(seen.wrap(features))
     optimizer = make_optimizer(method, cfg)
     n_epochs = method.max_epochs(cfg.epochs)
     total = n_epochs * method.steps_per_epoch(data.train) if cfg.lr_schedule == "cosine" else 0
@@ -130,7 +147,7 @@ def build_setup(cfg: TrainConfig, par: ParallelRun | None = None) -> Setup:
     average = make_average(cfg, method, ft.backbone.model if ft is not None else None) \
         if par is None or par.lead else None
     return Setup(data, method, ft, optimizer, scheduler, n_epochs, _protocol(cfg, data),
-                 time.perf_counter() - t_start, features=features, parallel=par, average=average)
+                 time.perf_counter() - t_start, features=features, parallel=par, average=average, seen=seen)
 
 
 def _protocol(cfg: TrainConfig, data: RunData) -> dict:
