@@ -35,7 +35,10 @@ if TYPE_CHECKING:  # what the names are, for readers and tools; at run time they
 #: (the ``fewshot`` commands' help) does not load FAISS and NumPy
 _EXPORTS = {"AnnConfig": "ann", "BLAS_MIN_QUERIES": "ann", "INDEX_TYPES": "ann", "faiss_blas_setting": "ann",
             "CatalogueIndex": "catalogue_index", "MODES": "ranking", "Neighbor": "ranking",
-            "Prediction": "ranking", "check_classify": "ranking", "l2_normalize": "vectors"}
+            "Prediction": "ranking", "check_classify": "ranking", "l2_normalize": "vectors",
+            # importable here before the lazy imports of 0.2.0 (not in __all__)
+            "Ranking": "ranking", "Growable": "vectors", "OnDemandPrototypes": "vectors", "Prototypes": "vectors",
+            "VectorStore": "vectors", "normalized_copy": "vectors", "ann": None}
 
 __all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "CatalogueIndex", "INDEX_TYPES", "MODES", "Neighbor", "Prediction",
            "check_classify", "faiss_blas_setting", "l2_normalize"]
@@ -44,6 +47,7 @@ __all__ = ["AnnConfig", "BLAS_MIN_QUERIES", "CatalogueIndex", "INDEX_TYPES", "MO
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    module = _EXPORTS[name]
+    value = import_module(f".{name}", __name__) if module is None else getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
