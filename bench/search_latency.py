@@ -78,7 +78,12 @@ def same_setting_search(index, qn: np.ndarray, k: int):
 
 
 def latency_table(cat, queries: np.ndarray, batches: list[int], quick: bool) -> list[dict[str, Any]]:
-    img, proto = cat.image_index, cat.prototype_index
+    import faiss
+
+    img = cat.image_index
+    protos = np.ascontiguousarray(cat.prototypes, dtype=np.float32)
+    proto = faiss.IndexFlatIP(protos.shape[1])  # bare FAISS over the same prototypes (the catalogue scans them exactly)
+    proto.add(protos)
     rows = []
     for b in batches:
         q = queries[:b]
