@@ -12,7 +12,8 @@ method (:func:`fewshot.training.train`, the code behind ``fewshot train``: best 
 val MAP@R, then the same evaluation on the test classes). Metrics: mAP, MAP@R, P@1, 5-way 1-shot
 and 5-way 5-shot accuracy with 95% CI (``episodes`` episodes, seed 0), training time.
 
-Settings per method: the library defaults (what ``fewshot train --method NAME`` does), unless a
+Settings per method: the library defaults with the head trained on the cached frozen embeddings
+(``fewshot train --method NAME --fine-tune none``; the fine-tuned rows are part 7), unless a
 recipe overrides them. Recipes come from the methods' own benchmark scripts when present:
 a module ``bench/quality_grocery.py`` or ``bench/quality_episodic.py`` (or ``bench/recipes.py``)
 that defines ``RECIPES = {"grocery": {"protonet": {TrainConfig field: value}}, "omniglot":
@@ -39,6 +40,11 @@ from bench.common import ROOT, SEED, Context, fmt, fmt_s, grocery_root, omniglot
 
 METHODS = ("contrastive", "triplet", "protonet", "maml", "fomaml")
 RECIPE_MODULES = ("bench.recipes", "bench.quality_grocery", "bench.quality_episodic")
+#: this part trains the head on the cached frozen embeddings (``fine_tune="none"``; a recipe may
+#: say otherwise): the fine-tuned rows are part 7's (``bench/quality_finetune.py``), whose runs
+#: take 5-20 minutes each. Since fine-tuning became the default of ``fewshot train``, a row
+#: without it fine-tuned every method (over an hour for the part).
+HEAD_ONLY = "none"
 
 
 def datasets(quick: bool, work: Path) -> list[dict[str, Any]]:
@@ -129,7 +135,7 @@ def trained_row(ds: dict, method: str, episodes: int, out: Path, overrides: dict
 
     given = {"data": str(ds["data"]), "split_file": str(ds["split_file"]), "out": str(out), "seed": SEED,
              "image_size": ds["image_size"], "progress": False, "overwrite": True, "final_eval": "test",
-             "eval_episodes": episodes, **overrides}
+             "eval_episodes": episodes, "fine_tune": HEAD_ONLY, **overrides}
     keys = config_keys(method)  # the quick overrides hold options of every method
     cfg = make_config(method, **{k: v for k, v in given.items() if k in keys})
     t0 = time.perf_counter()
@@ -195,11 +201,12 @@ def section(res: dict[str, Any], ctx: Context) -> str:
                          "; ".join(note) or "library defaults"])
     chart = _chart(res, ctx)
     src = ("recipes from " + ", ".join(f"`{m}`" for m in res["recipe_modules"])) if res["recipe_modules"] else \
-        "no recipe module found: every method ran with the library defaults of `fewshot train --method NAME`"
+        "no recipe module found: every method ran with the library defaults of `fewshot train --method NAME --fine-tune none`"
     lines = ["## 5. Quality on unseen classes", "",
              f"Test classes of each class-disjoint split (never seen in training); retrieval of queries against "
              f"the gallery, and N-way K-shot episodes ({res['episodes']:,} per setting, 5 queries per class, seed "
-             f"{SEED}) with 95% confidence intervals. Trained rows: best epoch by validation MAP@R; training time "
+             f"{SEED}) with 95% confidence intervals. Trained rows: the head on the cached frozen embeddings "
+             f"(`--fine-tune none`; fine-tuned rows: part 7), best epoch by validation MAP@R; training time "
              f"= epochs + validation (embedding from the cache and the final evaluation excluded). Settings: {src}.",
              "", *([f"Smoke run: every method trained with the tiny budget {res['quick_overrides']}.", ""]
                    if res.get("quick") else []),
