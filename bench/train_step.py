@@ -281,7 +281,7 @@ def section(res: dict[str, Any], ctx: Context) -> str:
               f"Speed-up of the step: **{res['speedup']:.2f}x** (median of the paired rounds). Validation of one "
               f"epoch (ONNX Runtime, val queries and gallery, episodes): {res['validation_seconds']:.1f} s.", ""]
     lines += _breakdown_lines(res) + _variant_lines(res) + _e2e_lines(res.get("end_to_end"))
-    lines.append(f"![training step]({_chart(res, ctx)})")
+    lines.append(f"![training step](bench/{_chart(res, ctx)})")
     return "\n".join(lines)
 
 
