@@ -168,7 +168,7 @@ class TrainConfig:
     micro_batch: int | None = loop_option(None, "Images per forward slice of a fine-tuning step; the loss still "
                                           "takes one backward over the whole batch, so the gradient is the same "
                                           "(default: the backbone's measured best on a CPU, 8 images of 224 px for "
-                                          "EfficientNet-Lite, 2.5x faster than one forward of 64, fewer at a larger "
+                                          "EfficientNet-Lite, 1.9x the images/s of one forward of 64, fewer at a larger "
                                           "--image-size, more at a smaller; the whole batch on a GPU or "
                                           "with --bn train, whose batch statistics it would change).", min=1,
                                           unset=True)
