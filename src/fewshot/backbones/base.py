@@ -102,6 +102,14 @@ class Backbone:
             return list(own(blocks))
         return _generic_tail(self.model, blocks)
 
+    def conv_bn_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The ``(convolution, BatchNorm)`` pairs whose BatchNorm directly and only follows its
+        convolution, as the model declares them with a ``conv_bn_pairs()`` method (EfficientNet-Lite
+        does); ``[]`` for a model that does not (nothing is folded then). Fine-tuning with
+        ``--bn eval`` folds them (:mod:`fewshot.training.fold`)."""
+        own = getattr(self.model, "conv_bn_pairs", None)
+        return list(own()) if callable(own) else []
+
     def tail_block_count(self) -> int:
         """How many blocks :meth:`trainable_tail` can offer (the largest sensible ``N`` of
         ``--fine-tune last:N``)."""

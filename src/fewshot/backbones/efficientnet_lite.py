@@ -40,6 +40,17 @@ class PooledFeatures(nn.Module):
         """The last ``blocks`` MBConv blocks and the head convolution with its BatchNorm."""
         return list(self.net._blocks[-blocks:]) + [self.net._conv_head, self.net._bn1]
 
+    def conv_bn_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        """Each convolution with the BatchNorm that directly and only follows it (stem,
+        expansion, depthwise, projection, head: 49 pairs in Lite0)."""
+        net = self.net
+        pairs = [(net._conv_stem, net._bn0)]
+        for block in net._blocks:
+            if block._block_args.expand_ratio != 1:
+                pairs.append((block._expand_conv, block._bn0))
+            pairs += [(block._depthwise_conv, block._bn1), (block._project_conv, block._bn2)]
+        return pairs + [(net._conv_head, net._bn1)]
+
 
 def _weights_path(variant: str) -> str:
     try:

@@ -29,7 +29,8 @@ LOOP_PANELS = {**dict.fromkeys(("data", "split_file", "group_from"), DATA),
                **dict.fromkeys(("ways", "shots", "queries", "val_episodes"), EPISODES),
                **dict.fromkeys(("final_eval", "eval_episodes", "final_tta"), FINAL),
                **dict.fromkeys(("out", "overwrite", "progress"), OUTPUT),
-               **dict.fromkeys(("device", "cache_dir", "workers", "micro_batch", "embed_batch_size", "runtime"), PERFORMANCE)}
+               **dict.fromkeys(("device", "cache_dir", "workers", "micro_batch", "fold_bn", "embed_batch_size", "runtime"),
+                                 PERFORMANCE)}
 DATA_DIR, UNSEEN = "../shared/data/grocery-store-dataset", "splits/grocery-unseen.json"
 
 

@@ -38,7 +38,7 @@ CHECKPOINT_FORMAT = 1
 RESUME_OPTIONS = ("resume", "overwrite")
 #: config fields that may change between an interrupted run and its ``resume``
 RESUMABLE_CHANGES = {"epochs", "patience", "options.episodes", "resume", "overwrite", "progress", "device",
-                      "cache_dir", "workers", "micro_batch", "embed_batch_size", "final_eval", "eval_episodes", "final_tta", "out",
+                      "cache_dir", "workers", "micro_batch", "fold_bn", "embed_batch_size", "final_eval", "eval_episodes", "final_tta", "out",
                       "data"}
 
 

@@ -10,7 +10,9 @@ epoch (no cache: the backbone changes).
 BatchNorm (``--bn``): in ``eval`` mode the pretrained running statistics are kept (a batch of a
 few articles would corrupt them) while the affine weights still train; in ``train`` mode the
 trainable blocks normalise with batch statistics and update the running ones (the choice for a
-backbone trained from scratch, e.g. ``conv4``).
+backbone trained from scratch, e.g. ``conv4``). An eval-mode BatchNorm is folded into the
+convolution before it during the training forward (``--no-fold-bn`` keeps them apart;
+:mod:`.fold`).
 
 On CUDA the backbone runs under ``torch.autocast`` in bfloat16 (no loss scaling needed); on CPU
 in float32.
@@ -28,6 +30,7 @@ from torch import nn
 from ..errors import FewshotError
 from .config import TrainConfig, parse_fine_tune
 from .data import RunData
+from .fold import folded_batchnorm
 
 log = logging.getLogger("fewshot")
 
@@ -95,6 +98,9 @@ class FineTune:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         #: images per forward slice of a training step (``None``: the whole batch at once)
         self.micro_batch = micro_batch(cfg, self.backbone, device)
+        #: the (convolution, BatchNorm) pairs a training forward folds (``[]``: none; see :mod:`.fold`)
+        #: (a BatchNorm in train mode, under --bn train, is never folded)
+        self.fold_pairs = self.backbone.conv_bn_pairs() if cfg.fold_bn else []
         #: the forward of the last validation (``"onnx"`` or ``"torch"``), and why not ONNX
         #: (once an export failed, the rest of the run validates on torch)
         self.val_runtime: str | None = None
@@ -143,9 +149,10 @@ class FineTune:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's features ``float32 [B, D]`` of inputs ``x`` ``[B, 3, S, S]``, with
-        gradients, the forward in slices of :attr:`micro_batch` images (see :meth:`features`)."""
+        gradients, the forward in slices of :attr:`micro_batch` images (see :meth:`features`), each
+        BatchNorm of :attr:`fold_pairs` folded into its convolution (:func:`.fold.folded_batchnorm`)."""
         step = self.micro_batch or len(x)
-        with self.autocast():
+        with self.autocast(), folded_batchnorm(self.fold_pairs):
             parts = [self.backbone.model(x[i:i + step]).float() for i in range(0, len(x), step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
