@@ -1,5 +1,6 @@
 """Training throughput: the fine-tuning step of fewshot 0.1.0 (main at 7f58e0a: the 64-image batch
-in one forward) against today's (the forward in slices of ``micro_batch`` images, one backward),
+in one forward) against today's (the forward in slices of ``micro_batch`` images, each eval-mode
+BatchNorm folded into its convolution, one backward),
 side by side in one process, with a breakdown of the step and the CPU's float32 GEMM ceiling.
 
 What is timed is exactly what ``fewshot train`` runs per step with its defaults (triplet,
@@ -47,7 +48,9 @@ GOAL_SPEEDUP = 2.0  # issue 31: the default fewshot train at least 2x faster end
 GROCERY_SPLIT = ROOT / "splits" / "grocery-unseen.json"
 RESULTS = ROOT / "docs" / "results" / "trainspeed" / "results.json"
 COMPILE = RESULTS.parent / "compile.json"  # bench/train_step.py --compile
-OLD, NEW = "one forward (0.1.0)", "slices (default)"
+OLD, NEW = "one forward (0.1.0)", "slices, BatchNorm folded (default)"
+#: today's step without the folding, as fewshot 0.2.0 ran it (a row of older results files)
+MID = "slices, BatchNorm apart (0.2.0)"
 PHASES = ("augment", "forward", "loss", "backward", "update")
 
 
@@ -82,16 +85,20 @@ def bf16_ok() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
-def step_fn(setup, next_batch, slices: int | None, bf16: bool = False, channels_last_weights: bool = False):
-    """One trainer step (:func:`train_step`) with the forward in slices of ``slices`` images."""
+def step_fn(setup, next_batch, slices: int | None, fold: bool = True, bf16: bool = False,
+            channels_last_weights: bool = False):
+    """One trainer step (:func:`train_step`) with the forward in slices of ``slices`` images, the
+    BatchNorms folded into their convolutions when ``fold``."""
     import torch
 
     from fewshot.training.optim import train_step
 
     ft, model = setup.ft, setup.ft.backbone.model
 
+    pairs = ft.backbone.conv_bn_pairs() if fold else []
+
     def run() -> None:
-        ft.micro_batch = slices
+        ft.micro_batch, ft.fold_pairs = slices, pairs
         if channels_last_weights:
             model.to(memory_format=torch.channels_last)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -102,11 +109,11 @@ def step_fn(setup, next_batch, slices: int | None, bf16: bool = False, channels_
     return run
 
 
-def breakdown(setup, next_batch, slices: int | None, rounds: int) -> dict[str, float]:
+def breakdown(setup, next_batch, slices: int | None, rounds: int, fold: bool) -> dict[str, float]:
     """Median seconds of each phase of a step: augment (inputs), forward, loss (and mining),
     backward, update (Adam)."""
     method, ft, opt = setup.method, setup.ft, setup.optimizer
-    ft.micro_batch = slices
+    ft.micro_batch, ft.fold_pairs = slices, ft.backbone.conv_bn_pairs() if fold else []
     seen: dict[str, list[float]] = {p: [] for p in PHASES}
     for _ in range(rounds):
         batch = next_batch()
@@ -156,8 +163,10 @@ def run(quick: bool, ctx: Context) -> dict[str, Any]:
     new = setup.ft.micro_batch
     next_batch = _batches(setup, 12)
     batch_images = len(setup.method.items(next_batch()))
-    main = interleaved({OLD: step_fn(setup, next_batch, None), NEW: step_fn(setup, next_batch, new)}, rounds)
-    variants = {f"slices of {n}": step_fn(setup, next_batch, n) for n in (4, 16) if n != new}
+    main = interleaved({OLD: step_fn(setup, next_batch, None, fold=False), NEW: step_fn(setup, next_batch, new)},
+                       rounds)
+    variants = {MID: step_fn(setup, next_batch, new, fold=False)}
+    variants.update({f"slices of {n}": step_fn(setup, next_batch, n) for n in (4, 16) if n != new})
     if bf16_ok():
         variants[f"slices of {new}, bfloat16 autocast"] = step_fn(setup, next_batch, new, bf16=True)
     variants[f"slices of {new}, channels-last weights"] = step_fn(setup, next_batch, new, channels_last_weights=True)
@@ -169,8 +178,8 @@ def run(quick: bool, ctx: Context) -> dict[str, Any]:
            "step_seconds": {k: median(v) for k, v in main.items()},
            "speedup": median(paired_ratios(main[OLD], main[NEW])),
            "variants": {k: median(v) for k, v in side.items()}, "variant_rounds": others,
-           "breakdown": {OLD: breakdown(setup, next_batch, None, 2 if quick else 3),
-                         NEW: breakdown(setup, next_batch, new, 2 if quick else 3)},
+           "breakdown": {OLD: breakdown(setup, next_batch, None, 2 if quick else 3, fold=False),
+                         NEW: breakdown(setup, next_batch, new, 2 if quick else 3, fold=True)},
            "ceiling": ceiling(setup, min(new or 8, 8), cfg.image_size, threads)}
     res["end_to_end"] = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not quick else None
     res["compile"] = json.loads(COMPILE.read_text()) if COMPILE.is_file() and not quick else None
@@ -266,7 +275,7 @@ def section(res: dict[str, Any], ctx: Context) -> str:
     lines = ["## 11. Training throughput", "", f"The default `fewshot train` step (triplet, `--fine-tune all`, EfficientNet-Lite0 at {res['image_size']} "
              f"px, batches of {res['batch_images']} Grocery train photos, Adam), {res['threads']} threads: the 0.1.0 "
              f"step (the batch in one forward) against today's (the forward in slices of {res['micro_batch']} images, "
-             f"one backward: the same gradient), {res['rounds']} interleaved rounds, medians. Forward + backward of "
+             f"each BatchNorm folded into its convolution, one backward: the same gradient), {res['rounds']} interleaved rounds, medians. Forward + backward of "
              f"one image is about {c['gflop_per_image']:.2f} GFLOP (three times the forward's, which "
              f"`torch.utils.flop_counter` counts; its count of the backward treats depthwise convolutions as dense); "
              f"a float32 2048 x 2048 "
