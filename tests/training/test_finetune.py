@@ -46,11 +46,15 @@ def test_config_canonical_and_backbone_lr():
     cfg = make_config("triplet", fine_tune="last", fine_tune_blocks=3, lr=2e-4)
     assert cfg.fine_tune == "last:3" and cfg.backbone_learning_rate() == pytest.approx(2e-4)
     assert (cfg.epochs, cfg.patience) == (4, 2)  # fine-tuning defaults (FINE_TUNE_LENGTH)
-    assert make_config("triplet").fine_tune == "all" and make_config("contrastive").fine_tune == "all"  # measured best
-    assert all(make_config(m).fine_tune == "all" for m in ("protonet", "maml", "fomaml"))
+    # the backbone's default: Lite0 trains its blocks after the stem and the 1/4-resolution stages
+    assert all(make_config(m).fine_tune == "last:13" for m in ("triplet", "contrastive", "protonet", "maml", "fomaml"))
+    assert make_config("triplet", backbone="efficientnet_lite2").fine_tune == "last:17"
+    assert make_config("protonet", backbone="conv4", pretrained=False).fine_tune == "all"  # from scratch
+    assert make_config("triplet", backbone="timm:resnet18").fine_tune == "all"  # declares nothing
     assert make_config("triplet", fine_tune="none").epochs == 30
     assert make_config("protonet").options.episodes == 200 and make_config("maml").options.episodes == 200
-    assert make_config("protonet", fine_tune="last:2").options.episodes == 300
+    assert make_config("protonet", fine_tune="last:2").options.episodes == 300  # a short tail learns slower
+    assert make_config("protonet", fine_tune="last:4").options.episodes == 200
     assert make_config("protonet", fine_tune="all", episodes=50).options.episodes == 50
     assert make_config("protonet", fine_tune="none").options.episodes == 2000
     assert make_config("protonet", fine_tune="last:1", backbone_lr=1e-6).backbone_learning_rate() == 1e-6

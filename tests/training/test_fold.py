@@ -171,3 +171,25 @@ def test_lighter_layers_compute_the_package_network():
     assert grads[0].keys() == grads[1].keys()
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_default_fine_tune_freezes_the_stem_and_the_quarter_resolution_blocks(variant):
+    """EfficientNet-Lite's default --fine-tune last:N leaves frozen exactly the blocks whose
+    output is at 1/2 or 1/4 of the input side (counted from the package's own strides)."""
+    import contextlib
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from fewshot.backbones import default_fine_tune
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = EfficientNet.from_name(f"efficientnet-{variant}")
+    reduction, early = 2, 0  # the stem halves the side
+    for block in net._blocks:
+        stride = block._block_args.stride
+        reduction *= stride[0] if isinstance(stride, (list, tuple)) else stride
+        early += reduction <= 4
+    assert default_fine_tune(f"efficientnet_{variant}") == f"last:{len(net._blocks) - early}"
+    assert default_fine_tune(f"efficientnet_{variant}", pretrained=False) == "all"

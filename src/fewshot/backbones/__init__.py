@@ -14,7 +14,7 @@ libraries; a clear :class:`~fewshot.errors.BackboneError` when the download fail
 from __future__ import annotations
 
 from .base import (TTA_MODES, Backbone, BackboneInfo, FlipAverage, backbone_info, check_tta, create_backbone,
-                   list_backbones, register_backbone)
+                   default_fine_tune, list_backbones, register_backbone)
 from .preprocess import Preprocess
 
 # Importing registers the built-in factories.
@@ -23,4 +23,4 @@ from . import external as _external  # noqa: F401,E402
 from . import conv4 as _conv4  # noqa: F401,E402
 
 __all__ = ["TTA_MODES", "Backbone", "BackboneInfo", "FlipAverage", "Preprocess", "backbone_info", "check_tta",
-           "create_backbone", "list_backbones", "register_backbone"]
+           "create_backbone", "default_fine_tune", "list_backbones", "register_backbone"]

@@ -234,6 +234,18 @@ def backbone_info() -> list[BackboneInfo]:
     return out
 
 
+def default_fine_tune(name: str, pretrained: bool = True) -> str:
+    """What of backbone ``name`` trains when ``fewshot train`` is not told (``--fine-tune``):
+    ``"all"`` for a backbone trained from random weights (``pretrained=False``) or one whose
+    factory declares nothing, else the factory's ``fine_tune`` attribute (EfficientNet-Lite:
+    every block after the stem and the blocks at 1/2 and 1/4 of the input resolution, e.g.
+    ``"last:13"`` of Lite0's 16, measured as good as ``"all"`` and 1.25x faster)."""
+    if not pretrained:
+        return "all"
+    factory = BACKBONES.get(name) if name in BACKBONES else None
+    return str(getattr(factory, "fine_tune", "all"))
+
+
 def list_backbones() -> list[str]:
     """Names registered here; ``timm:``, ``torchvision:`` and ``open_clip:`` prefixes also work."""
     return BACKBONES.names()

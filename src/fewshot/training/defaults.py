@@ -12,16 +12,19 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from ..backbones import default_fine_tune, list_backbones
 from ..methods import get_method, list_methods, method_options
 from .config import TrainConfig, parse_fine_tune
 
 __all__ = ["make_config", "config_keys", "DEFAULT_FINE_TUNE", "FINE_TUNE_LENGTH", "FINE_TUNE_EPISODES"]
 
 #: what :func:`make_config` (and so ``fewshot train``) fine-tunes when neither ``fine_tune`` nor
-#: the method's :attr:`Method.defaults` says; chosen from bench/quality_finetune.py (docs/guides/training.md,
-#: "Fine-tuning the feature extractor"): on the unseen Grocery test classes ``all`` beat
-#: ``last:2`` for every method (MAP@R triplet 0.563 vs 0.527, contrastive 0.555 vs 0.488,
-#: protonet 0.577 vs 0.526, maml 0.562 vs 0.462) and peaked sooner
+#: the method's :attr:`Method.defaults` says, for a backbone that declares nothing
+#: (:func:`~fewshot.backbones.default_fine_tune`; EfficientNet-Lite declares its blocks after the
+#: stem and the 1/2- and 1/4-resolution stages). From bench/quality_finetune.py
+#: (docs/guides/training.md, "Fine-tuning the feature extractor"): on the unseen Grocery test
+#: classes ``all`` beat ``last:2`` for every method (MAP@R triplet 0.563 vs 0.527, contrastive
+#: 0.555 vs 0.488, protonet 0.577 vs 0.526, maml 0.562 vs 0.462) and peaked sooner
 DEFAULT_FINE_TUNE = "all"
 #: loop lengths when fine-tuning and the caller set none (every epoch runs the backbone forward
 #: and backward, so the head-only defaults of 30 epochs / 2,000 episodes would take hours on CPU).
@@ -29,9 +32,11 @@ DEFAULT_FINE_TUNE = "all"
 #: triplet all 1, 2, 2, 3; contrastive all 1; last:2 2-3), and the 5th epoch put triplet's
 #: default run over 20 minutes on 2 AMD EPYC cores (21.0 min, best epoch 3; 17.4 min for 4)
 FINE_TUNE_LENGTH: dict[str, int] = {"epochs": 4, "patience": 2}
-#: episodes of an episodic method when fine-tuning, by ``fine_tune`` mode: ``all`` peaked
-#: after 100-200 (protonet 15 min, maml 13 min for 200 on 2 cores), ``last:2`` after 300
-FINE_TUNE_EPISODES: dict[str, int] = {"all": 200, "last": 300}
+#: episodes of an episodic method when fine-tuning: ``all`` and ``last:13`` (Lite0) peaked after
+#: 100-200 (protonet 15 min, maml 13 min for 200 on 2 cores), ``last:2`` after 300: a tail of at
+#: most :data:`SHORT_TAIL` blocks learns slower
+FINE_TUNE_EPISODES: dict[str, int] = {"all": 200, "last": 200, "short tail": 300}
+SHORT_TAIL = 3
 
 
 def make_config(method: str, **given: Any) -> TrainConfig:
@@ -65,14 +70,18 @@ def make_config(method: str, **given: Any) -> TrainConfig:
 def _fine_tune_defaults(method: str, values: dict[str, Any], opts: dict[str, Any]) -> None:
     """Fill in :data:`DEFAULT_FINE_TUNE` and, when fine-tuning, the shorter loop lengths the
     caller did not set (in place)."""
-    values.setdefault("fine_tune", DEFAULT_FINE_TUNE)
-    mode = parse_fine_tune(values["fine_tune"], values.get("fine_tune_blocks", 2))[0]
+    if "fine_tune" not in values:
+        backbone = values.get("backbone", TrainConfig.backbone)
+        values["fine_tune"] = default_fine_tune(backbone, values.get("pretrained", True)) if backbone in \
+            list_backbones() else DEFAULT_FINE_TUNE
+    mode, blocks = parse_fine_tune(values["fine_tune"], values.get("fine_tune_blocks", 2))
     if mode == "none":
         return
     for key, value in FINE_TUNE_LENGTH.items():
         values.setdefault(key, value)
     if get_method(method).episodic and "episodes" in {f.name for f in fields(get_method(method).Config)}:
-        opts.setdefault("episodes", FINE_TUNE_EPISODES[mode])
+        opts.setdefault("episodes", FINE_TUNE_EPISODES["short tail" if mode == "last" and blocks <= SHORT_TAIL
+                                                       else mode])
 
 
 def _loop_fields() -> set[str]:
