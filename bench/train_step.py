@@ -11,8 +11,9 @@ backward, Adam). Contenders run in interleaved rounds (the order rotates), media
 Other settings measured the same way: slices of 4 and 16, bfloat16 autocast (where the CPU has
 AVX512-BF16 or AMX), and channels-last weights.
 
-``--end-to-end`` runs whole default ``fewshot train`` jobs (triplet and protonet), each with the
-0.1.0 step (``--micro-batch 64``) and with today's, one after the other in fresh processes, and
+``--end-to-end`` runs whole default ``fewshot train`` jobs (triplet and protonet) of 0.1.0
+(``--old-src``: a checkout of main at 7f58e0a; else today's code with 0.1.0's settings) and of
+today, one after the other in fresh processes, and
 writes ``docs/results/trainspeed/results.json``, which the ``trainstep`` part of
 ``bench/run_all.py`` reads (it does not retrain: about 40 minutes on 2 quiet cores).
 ``--compile`` times ``torch.compile`` of the backbone (-> ``compile.json`` beside it).
@@ -20,7 +21,8 @@ writes ``docs/results/trainspeed/results.json``, which the ``trainstep`` part of
 usage::
 
     python bench/train_step.py                      # the step comparison, printed as JSON
-    python bench/train_step.py --end-to-end --out docs/results/trainspeed
+    git worktree add /tmp/fewshot-0.1.0 7f58e0a
+    python bench/train_step.py --end-to-end --old-src /tmp/fewshot-0.1.0/src --out docs/results/trainspeed
     python bench/train_step.py --compile --out docs/results/trainspeed
 """
 
@@ -228,20 +230,25 @@ def compiled(rounds: int = 3) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- whole runs
-#: the two steps of a whole run: 0.1.0's (``--micro-batch 64``: the batch in one forward, the same
-#: computation as main at 7f58e0a, whose default triplet run it reproduces epoch by epoch) and today's
-STEPS = {"old": (OLD, ["--micro-batch", "64", "--no-fold-bn"]), "new": (NEW, [])}
+#: the whole runs: 0.1.0's default run (main at 7f58e0a, from a checkout of it: ``--old-src``; else
+#: today's code with 0.1.0's training settings: the batch in one forward, BatchNorm apart, the whole
+#: backbone trained) and today's default run
+STEPS = {"old": (OLD, ["--micro-batch", "64", "--no-fold-bn", "--fine-tune", "all"]), "new": (NEW, [])}
+#: the commit whose default ``fewshot train`` issue 31 measures against
+OLD_COMMIT = "7f58e0a"
 
 
-def train_run(method: str, extra: list[str], run_dir: Path) -> dict[str, Any]:
+def train_run(method: str, extra: list[str], run_dir: Path, src: Path | None = None) -> dict[str, Any]:
     """One whole ``fewshot train`` job with its defaults (plus ``extra``) in a fresh process,
-    timed from outside."""
+    timed from outside; with ``src``, the fewshot package of that source folder (a checkout of
+    another commit) instead of this one."""
     from fewshot.training import read_history
 
     cmd = [sys.executable, "-m", "fewshot", "train", "--data", str(grocery_root()), "--split-file", str(GROCERY_SPLIT),
            "--method", method, "--out", str(run_dir), "--no-progress", "--overwrite", *extra]
+    env = {**os.environ, "PYTHONPATH": str(src)} if src else None
     load = os.getloadavg()[0]
-    wall, proc = timed(lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True))
+    wall, proc = timed(lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     config = json.loads((run_dir / "config.json").read_text())
@@ -255,16 +262,25 @@ def train_run(method: str, extra: list[str], run_dir: Path) -> dict[str, Any]:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stdout": proc.stdout[-1500:]}
 
 
-def end_to_end(out: Path, runs: Path, methods: tuple[str, ...], steps: tuple[str, ...]) -> dict[str, Any]:
+def end_to_end(out: Path, runs: Path, methods: tuple[str, ...], steps: tuple[str, ...],
+               old_src: Path | None = None) -> dict[str, Any]:
     """Whole default runs of each method with each step, one after the other, each in a fresh
-    process; merged into ``out/results.json`` (a row per method and step)."""
+    process; merged into ``out/results.json`` (a row per method and step). With ``old_src`` (the
+    ``src`` folder of a checkout of :data:`OLD_COMMIT`) the old run is that code's own default run."""
     path = out / "results.json"
     res = json.loads(path.read_text()) if path.is_file() else {"machine": machine(), "runs": {}}
+    res["machine"] = machine()
     for method in methods:
         for step in steps:
             name, extra = STEPS[step]
-            print(f"[trainstep] fewshot train --method {method} {' '.join(extra)} ...", file=sys.stderr, flush=True)
-            res["runs"].setdefault(method, {})[name] = train_run(method, extra, runs / f"{method}-{step}")
+            src = old_src if step == "old" else None
+            if src:
+                extra = []
+            print(f"[trainstep] fewshot train --method {method} {' '.join(extra)}{f' (code: {src})' if src else ''} ...",
+                  file=sys.stderr, flush=True)
+            row = train_run(method, extra, runs / f"{method}-{step}", src)
+            row["code"] = f"fewshot at {OLD_COMMIT} (0.1.0)" if src else f"this checkout ({machine()['git_commit']})"
+            res["runs"].setdefault(method, {})[name] = row
             write_json(path, res)
     return res
 
@@ -394,6 +410,9 @@ def main() -> int:
     ap.add_argument("--runs", type=Path, default=Path("/tmp/fewshot-trainspeed"), help="run folders (--end-to-end)")
     ap.add_argument("--methods", default="triplet,protonet")
     ap.add_argument("--steps", default="old,new", help="which whole runs (--end-to-end): old, new or both")
+    ap.add_argument("--old-src", type=Path, default=None,
+                    help=f"--end-to-end: the src folder of a checkout of {OLD_COMMIT} (git worktree add DIR {OLD_COMMIT}); "
+                         "its default run is the old one (else today's code with 0.1.0's settings)")
     ap.add_argument("--compile", action="store_true", help="time torch.compile of the backbone instead (-> OUT/compile.json)")
     args = ap.parse_args()
     if args.compile:
@@ -402,7 +421,8 @@ def main() -> int:
         print(json.dumps(res, indent=1, default=float))
         return 0
     if args.end_to_end:
-        res = end_to_end(args.out, args.runs, tuple(args.methods.split(",")), tuple(args.steps.split(",")))
+        res = end_to_end(args.out, args.runs, tuple(args.methods.split(",")), tuple(args.steps.split(",")),
+                         args.old_src)
         print(json.dumps(headline_e2e(res), indent=1))
         return 0
     import tempfile
