@@ -45,7 +45,9 @@ def test_parse_fine_tune_refuses(value):
 def test_config_canonical_and_backbone_lr():
     cfg = make_config("triplet", fine_tune="last", fine_tune_blocks=3, lr=2e-4)
     assert cfg.fine_tune == "last:3" and cfg.backbone_learning_rate() == pytest.approx(2e-4)
-    assert (cfg.epochs, cfg.patience) == (4, 2)  # fine-tuning defaults (FINE_TUNE_LENGTH)
+    assert (cfg.epochs, cfg.patience) == (3, 2)  # fine-tuning defaults (FINE_TUNE_LENGTH, triplet's own epochs)
+    assert make_config("contrastive").epochs == 3 and make_config("multisimilarity").epochs == 4
+    assert make_config("triplet", fine_tune="none").epochs == 30 and make_config("triplet", epochs=5).epochs == 5
     # the backbone's default: Lite0 trains its blocks after the stem and the 1/4-resolution stages
     assert all(make_config(m).fine_tune == "last:13" for m in ("triplet", "contrastive", "protonet", "maml", "fomaml"))
     assert make_config("triplet", backbone="efficientnet_lite2").fine_tune == "last:17"

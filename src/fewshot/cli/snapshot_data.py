@@ -12,7 +12,7 @@ SNAPSHOT = {
         {'name': 'backbone', 'flag': '--backbone', 'type': 'str', 'default': 'efficientnet_lite0', 'help': 'Backbone name.'},
         {'name': 'image_size', 'flag': '--image-size', 'type': 'int', 'default': 224, 'help': 'Input side in pixels.', 'min': 16, 'max': 1024},
         {'name': 'seed', 'flag': '--seed', 'type': 'int', 'default': 0, 'help': 'Seed of everything random (same seed, same run).', 'min': 0, 'max': 4294967295},
-        {'name': 'epochs', 'flag': '--epochs', 'type': 'int', 'default': 30, 'help': 'Maximum epochs (default 30, or 4 when fine-tuning; episodic methods: --epochs N means N x --episodes-per-epoch episodes).', 'min': 0, 'unset': True},
+        {'name': 'epochs', 'flag': '--epochs', 'type': 'int', 'default': 30, 'help': 'Maximum epochs (default 30, or when fine-tuning 3 for triplet and contrastive, 4 for the others; episodic methods: --epochs N means N x --episodes-per-epoch episodes).', 'min': 0, 'unset': True},
         {'name': 'patience', 'flag': '--patience', 'type': 'int', 'default': 5, 'help': 'Stop after this many epochs without a better val MAP@R (default 2 when fine-tuning, else 5; 0 = never).', 'min': 0, 'unset': True},
         {'name': 'lr', 'flag': '--lr', 'type': 'float', 'default': 0.0001, 'help': 'Adam learning rate (default 1e-4 unless the method sets its own).', 'above': 0.0, 'unset': True},
         {'name': 'weight_decay', 'flag': '--weight-decay', 'type': 'float', 'default': 0.0, 'help': 'Adam weight decay (default 0).', 'min': 0.0, 'unset': True},

@@ -116,7 +116,7 @@ class TrainConfig:
     backbone: str = loop_option("efficientnet_lite0", "Backbone name.")
     image_size: int = loop_option(224, "Input side in pixels.", min=16, max=1024)
     seed: int = loop_option(0, "Seed of everything random (same seed, same run).", min=0, max=2**32 - 1)
-    epochs: int = loop_option(30, "Maximum epochs (default 30, or 4 when fine-tuning; episodic methods: --epochs N "
+    epochs: int = loop_option(30, "Maximum epochs (default 30, or when fine-tuning 3 for triplet and contrastive, 4 for the others; episodic methods: --epochs N "
                               "means N x --episodes-per-epoch episodes).", min=0, unset=True)
     patience: int = loop_option(5, "Stop after this many epochs without a better val MAP@R (default 2 when "
                                 "fine-tuning, else 5; 0 = never).", min=0, unset=True)

@@ -26,8 +26,10 @@ __all__ = ["make_config", "config_keys", "DEFAULT_FINE_TUNE", "FINE_TUNE_LENGTH"
 #: classes ``all`` beat ``last:2`` for every method (MAP@R triplet 0.563 vs 0.527, contrastive
 #: 0.555 vs 0.488, protonet 0.577 vs 0.526, maml 0.562 vs 0.462) and peaked sooner
 DEFAULT_FINE_TUNE = "all"
-#: loop lengths when fine-tuning and the caller set none (every epoch runs the backbone forward
-#: and backward, so the head-only defaults of 30 epochs / 2,000 episodes would take hours on CPU).
+#: loop lengths when fine-tuning and neither the caller nor the method's
+#: :attr:`Method.fine_tune_defaults` set them (triplet and contrastive: 3 epochs; every epoch runs
+#: the backbone forward and backward, so the head-only defaults of 30 epochs / 2,000 episodes would
+#: take hours on CPU).
 #: 4 epochs: every siamese run at its default rates peaked by epoch 3 (bench/quality_finetune.py:
 #: triplet all 1, 2, 2, 3; contrastive all 1; last:2 2-3), and the 5th epoch put triplet's
 #: default run over 20 minutes on 2 AMD EPYC cores (21.0 min, best epoch 3; 17.4 min for 4)
@@ -77,7 +79,7 @@ def _fine_tune_defaults(method: str, values: dict[str, Any], opts: dict[str, Any
     mode, blocks = parse_fine_tune(values["fine_tune"], values.get("fine_tune_blocks", 2))
     if mode == "none":
         return
-    for key, value in FINE_TUNE_LENGTH.items():
+    for key, value in {**FINE_TUNE_LENGTH, **get_method(method).fine_tune_defaults}.items():
         values.setdefault(key, value)
     if get_method(method).episodic and "episodes" in {f.name for f in fields(get_method(method).Config)}:
         opts.setdefault("episodes", FINE_TUNE_EPISODES["short tail" if mode == "last" and blocks <= SHORT_TAIL
