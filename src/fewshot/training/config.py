@@ -176,7 +176,8 @@ class TrainConfig:
     fold_bn: bool = loop_option(True, "Run each BatchNorm apart from its convolution in the training forward, as "
                                 "fewshot 0.2.0 did (by default, with --bn eval, each BatchNorm, whose statistics are "
                                 "frozen, is folded into the convolution before it: the same model to float rounding, "
-                                "1.3x the images/s of EfficientNet-Lite0 on a CPU).", flag="--no-fold-bn", invert=True)
+                                "fewer passes over the activations; docs/benchmarks.md, part 11).", flag="--no-fold-bn",
+                                invert=True)
     embed_batch_size: int = loop_option(DEFAULT_BATCH_SIZE, f"Images per forward pass when embedding (default "
                                         f"{DEFAULT_BATCH_SIZE}, as --batch-size of the other commands).", min=1,
                                         unset=True)
