@@ -184,7 +184,7 @@ def run(quick: bool, ctx: Context) -> dict[str, Any]:
 
     from fewshot.training.validate import validate_epoch
 
-    rounds, others = (2, 1) if quick else (5, 3)
+    rounds, others = (2, 1) if quick else (5, 2)
     threads = ctx.threads or torch.get_num_threads()
     cfg, setup = build(quick, ctx.work_dir / "trainstep")
     setup.method.train_mode(True)

@@ -186,8 +186,7 @@ class Method:
     #: method-specific defaults for the training loop's settings the user did not set
     #: (applied by :func:`fewshot.training.make_config`), e.g. ``{"lr": 1e-3}``.
     defaults: ClassVar[dict[str, Any]] = {}
-    #: the same, applied only when the backbone trains (over
-    #: :data:`fewshot.training.defaults.FINE_TUNE_LENGTH`), e.g. ``{"epochs": 3}``
+    #: the same, only when the backbone trains (over ``FINE_TUNE_LENGTH``), e.g. ``{"epochs": 3}``
     fine_tune_defaults: ClassVar[dict[str, Any]] = {}
     #: episodic methods draw N-way K-shot episodes; the trainer then validates episodically
     #: with :meth:`episode_classifier` (others are validated with nearest prototypes too).
