@@ -96,13 +96,13 @@ def test_a_method_check_names_its_options():
 def test_config_json_keeps_its_fields_in_their_order():
     """``train_config`` in config.json: the same keys, in the same order, as before the options
     were declared with loop_option (runs written before load, runs written now load in them);
-    later fields come last (weight averaging), or beside their kin (micro_batch by workers)."""
+    later fields come last (weight averaging), or beside their kin (micro_batch and fold_bn by workers)."""
     keys = list(make_config("triplet").to_dict())
     assert keys == ["method", "data", "split_file", "out", "backbone", "image_size", "seed", "epochs", "patience",
                     "lr", "weight_decay", "fine_tune", "fine_tune_blocks", "backbone_lr", "warmup_steps",
                     "lr_schedule", "bn", "pretrained", "augment", "class_rotations", "head", "ways", "shots",
                     "queries", "val_episodes", "resume", "overwrite", "group_from", "layout", "progress", "device",
-                    "cache_dir", "workers", "micro_batch", "embed_batch_size", "runtime", "final_eval", "eval_episodes",
+                    "cache_dir", "workers", "micro_batch", "fold_bn", "embed_batch_size", "runtime", "final_eval", "eval_episodes",
                     "final_tta", "weight_average", "ema_decay", "swa_start", "options"]
     cfg = make_config("protonet", lr=3e-4, fine_tune="last:2", ways=3)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
