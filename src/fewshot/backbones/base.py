@@ -234,16 +234,16 @@ def backbone_info() -> list[BackboneInfo]:
     return out
 
 
-def default_fine_tune(name: str, pretrained: bool = True) -> str:
+def default_fine_tune(name: str, pretrained: bool = True, fallback: str = "all") -> str:
     """What of backbone ``name`` trains when ``fewshot train`` is not told (``--fine-tune``):
-    ``"all"`` for a backbone trained from random weights (``pretrained=False``) or one whose
-    factory declares nothing, else the factory's ``fine_tune`` attribute (EfficientNet-Lite:
+    ``"all"`` for a backbone trained from random weights (``pretrained=False``), ``fallback`` for
+    one whose factory declares nothing, else the factory's ``fine_tune`` attribute (EfficientNet-Lite:
     every block after the stem and the blocks at 1/2 and 1/4 of the input resolution, e.g.
     ``"last:13"`` of Lite0's 16, measured as good as ``"all"`` and 1.25x faster)."""
     if not pretrained:
         return "all"
     factory = BACKBONES.get(name) if name in BACKBONES else None
-    return str(getattr(factory, "fine_tune", "all"))
+    return str(getattr(factory, "fine_tune", fallback))
 
 
 def list_backbones() -> list[str]:

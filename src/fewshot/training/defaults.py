@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from ..backbones import default_fine_tune, list_backbones
+from ..backbones import default_fine_tune
 from ..methods import get_method, list_methods, method_options
 from .config import TrainConfig, parse_fine_tune
 
@@ -72,10 +72,9 @@ def make_config(method: str, **given: Any) -> TrainConfig:
 def _fine_tune_defaults(method: str, values: dict[str, Any], opts: dict[str, Any]) -> None:
     """Fill in :data:`DEFAULT_FINE_TUNE` and, when fine-tuning, the shorter loop lengths the
     caller did not set (in place)."""
-    if "fine_tune" not in values:
-        backbone = values.get("backbone", TrainConfig.backbone)
-        values["fine_tune"] = default_fine_tune(backbone, values.get("pretrained", True)) if backbone in \
-            list_backbones() else DEFAULT_FINE_TUNE
+    if "fine_tune" not in values:  # the backbone's choice; DEFAULT_FINE_TUNE for one that declares none
+        values["fine_tune"] = default_fine_tune(values.get("backbone", TrainConfig.backbone),
+                                                values.get("pretrained", True), fallback=DEFAULT_FINE_TUNE)
     mode, blocks = parse_fine_tune(values["fine_tune"], values.get("fine_tune_blocks", 2))
     if mode == "none":
         return
