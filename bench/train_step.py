@@ -92,6 +92,15 @@ def bf16_ok() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
+def contender(ft, slices: int | None, fold: bool, fine_tune: str) -> None:
+    """Set the trainer's step up as one contender runs it: forward slices, folded BatchNorm or
+    not, which of the backbone trains."""
+    from fewshot.training.finetune import select_trainable
+
+    ft.micro_batch, ft.fold_pairs = slices, ft.backbone.conv_bn_pairs() if fold else []
+    select_trainable(ft.backbone, fine_tune)
+
+
 def step_fn(setup, next_batch, slices: int | None, fold: bool = True, bf16: bool = False,
             channels_last_weights: bool = False, fine_tune: str | None = None):
     """One trainer step (:func:`train_step`) with the forward in slices of ``slices`` images, the
@@ -99,18 +108,13 @@ def step_fn(setup, next_batch, slices: int | None, fold: bool = True, bf16: bool
     backbone (``None``: today's default)."""
     import torch
 
-    from fewshot.training.finetune import select_trainable
     from fewshot.training.optim import train_step
 
     fine_tune = fine_tune or default_fine_tune()
-
     ft, model = setup.ft, setup.ft.backbone.model
 
-    pairs = ft.backbone.conv_bn_pairs() if fold else []
-
     def run() -> None:
-        ft.micro_batch, ft.fold_pairs = slices, pairs
-        select_trainable(ft.backbone, fine_tune)
+        contender(ft, slices, fold, fine_tune)
         if channels_last_weights:
             model.to(memory_format=torch.channels_last)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -124,11 +128,8 @@ def step_fn(setup, next_batch, slices: int | None, fold: bool = True, bf16: bool
 def breakdown(setup, next_batch, slices: int | None, rounds: int, fold: bool, fine_tune: str) -> dict[str, float]:
     """Median seconds of each phase of a step: augment (inputs), forward, loss (and mining),
     backward, update (Adam)."""
-    from fewshot.training.finetune import select_trainable
-
     method, ft, opt = setup.method, setup.ft, setup.optimizer
-    ft.micro_batch, ft.fold_pairs = slices, ft.backbone.conv_bn_pairs() if fold else []
-    select_trainable(ft.backbone, fine_tune)
+    contender(ft, slices, fold, fine_tune)
     seen: dict[str, list[float]] = {p: [] for p in PHASES}
     for _ in range(rounds):
         batch = next_batch()
