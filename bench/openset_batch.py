@@ -182,6 +182,12 @@ def _line(regime: str, m: dict) -> str:
     return f"| {regime} | {m['queries']['mean']:.0f} | " + " | ".join(cells) + " |"
 
 
+def _model_name(model: dict) -> str:
+    """The run folder, or the frozen backbone's name."""
+    backbone = model.get("backbone")
+    return model.get("model_dir") or (backbone.get("name") if isinstance(backbone, dict) else str(backbone))
+
+
 def render(rows: list[dict]) -> str:
     """One table per row (model): each batch composition, each score, each threshold."""
     lines = []
@@ -194,7 +200,7 @@ def render(rows: list[dict]) -> str:
                   HEADER, "|---|---|---|---|---|---|---|---|"]
         lines += [_line(regime, v) for regime, v in r["regimes"].items()]
         lines += ["", (f"{r['date']}, {m.get('cpu')}, fewshot {m.get('fewshot')} (git {m.get('git_commit')}); "
-                       f"model `{r['model'].get('model_dir') or r['model'].get('name')}`; {r['seconds']:.0f} s."), ""]
+                       f"model `{_model_name(r['model'])}`; {r['seconds']:.0f} s."), ""]
     return "\n".join(lines)
 
 
