@@ -98,7 +98,7 @@ def test_config_json_keeps_its_fields_in_their_order():
     were declared with loop_option (runs written before load, runs written now load in them);
     later fields come last (weight averaging), or beside their kin (micro_batch and fold_bn by workers)."""
     keys = list(make_config("triplet").to_dict())
-    assert keys == ["method", "data", "split_file", "out", "backbone", "image_size", "seed", "epochs", "patience",
+    assert keys == ["method", "data", "split_file", "out", "backbone", "image_size", "test_image_size", "seed", "epochs", "patience",
                     "lr", "weight_decay", "fine_tune", "fine_tune_blocks", "backbone_lr", "warmup_steps",
                     "lr_schedule", "bn", "pretrained", "augment", "class_rotations", "head", "ways", "shots",
                     "queries", "val_episodes", "resume", "overwrite", "group_from", "layout", "progress", "device",

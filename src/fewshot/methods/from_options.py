@@ -31,6 +31,6 @@ def model_from_options(options: EmbedOptions) -> EmbeddingModel:
     model = load_embedding_model(options.backbone, options.model_dir, tta=options.tta)
     size = model.backbone.image_size
     if options.image_size is not None and options.image_size != size:
-        log.warning("--image-size %d ignored: run %s was trained at %d px and is used at that size",
+        log.warning("--image-size %d ignored: run %s embeds at %d px (its test size, in its config.json)",
                     options.image_size, options.model_dir, size)
     return model

@@ -93,8 +93,9 @@ class FineTune:
         self.train_bank = ImageBank(data.train.paths[:len(data.train) // rotations], load, progress=cfg.progress)
         if rotations > 1:  # data.train already has the rotated classes (with_rotated_classes)
             self.train_bank.images = rotated_copies(self.train_bank.images, rotations)
-        self.val_q_bank = ImageBank([str(p) for p in data.val_q.dataset.paths], cfg.image_size, cfg.progress)
-        self.val_g_bank = ImageBank([str(p) for p in data.val_g.dataset.paths], cfg.image_size, cfg.progress)
+        size = self.backbone.image_size  # the test size (TrainConfig.embed_size), which validation embeds at
+        self.val_q_bank = ImageBank([str(p) for p in data.val_q.dataset.paths], size, cfg.progress)
+        self.val_g_bank = ImageBank([str(p) for p in data.val_g.dataset.paths], size, cfg.progress)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         #: images per forward slice of a training step (``None``: the whole batch at once)
         self.micro_batch = micro_batch(cfg, self.backbone, device)

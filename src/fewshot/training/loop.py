@@ -290,7 +290,7 @@ def images_per_second(history: list[dict]) -> float | None:
 def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
     from ..evaluation import EmbedOptions, EvalConfig, evaluate
 
-    opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=cfg.image_size,
+    opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=None,  # the run's own (test) size
                         batch_size=cfg.embed_batch_size, num_workers=cfg.workers, cache_dir=cfg.cache_dir,
                         progress=cfg.progress, runtime=cfg.runtime, threads=torch.get_num_threads(),
                         tta=cfg.final_tta)
