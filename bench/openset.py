@@ -57,7 +57,7 @@ def measure(data: str, model_dir: str | None, cache_dir: str | None, draws: int 
     from fewshot.evaluation import EvalConfig, evaluation_sets, open_set_metrics
     from fewshot.methods.from_options import model_from_options
 
-    opts = EmbedOptions(backbone=None if model_dir else backbone, model_dir=model_dir, image_size=224,
+    opts = EmbedOptions(backbone=None if model_dir else backbone, model_dir=model_dir, image_size=None if model_dir else 224,
                         cache_dir=cache_dir, progress=False)
     cfg = EvalConfig(data=data, split_file=str(ROOT / SPLIT_FILE), part="test", seed=seed, open_set=True,
                      open_set_draws=draws, target_far=target_far, embed=opts)

@@ -140,7 +140,7 @@ def measure(data: str, model_dir: str | None, cache_dir: str | None, draws: int 
     from fewshot.evaluation.openset import draw_known
     from fewshot.methods.from_options import model_from_options
 
-    opts = EmbedOptions(backbone=None if model_dir else "efficientnet_lite0", model_dir=model_dir, image_size=224,
+    opts = EmbedOptions(backbone=None if model_dir else "efficientnet_lite0", model_dir=model_dir, image_size=None if model_dir else 224,
                         cache_dir=cache_dir, progress=False)
     cfg = EvalConfig(data=data, split_file=str(ROOT / SPLIT_FILE), part="test", seed=seed, embed=opts)
     queries, gallery, protocol = evaluation_sets(cfg)

@@ -234,7 +234,6 @@ BASE = dict(data="x.csv", split_file="s.json", out="run", fine_tune="none")
     ({"weight_average": "swa", "swa_start": 0}, ("swa_start",), "option swa_start = 0"),
     ({"weight_average": "swa", "swa_start": 4, "epochs": 3}, ("swa_start", "epochs"),
      "option swa_start = 4 is after the run's last epoch (3)"),
-    ({"weight_average": "swa", "epochs": 1}, ("swa_start", "epochs"), "option swa_start = 2 (the default) is after"),
 ])
 def test_settings_that_make_no_sense_are_refused_naming_the_options(given, options, message):
     with pytest.raises(FewshotError) as err:
@@ -274,3 +273,16 @@ def test_the_command_line_names_the_flags_and_writes_nothing(tmp_path):
     assert not out.exists()
     help_text = _flat(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output)
     assert "--weight-average" in help_text and "--ema-decay" in help_text and "--swa-start" in help_text
+
+
+def test_the_default_swa_start_stops_at_the_last_epoch():
+    """Since 0.4.0 triplet fine-tunes with swa by default: a 1-epoch run averages its one epoch
+    (the same as no average) instead of being refused; an explicit swa_start is still checked."""
+    cfg = make_config("triplet", data="x.csv", split_file="s.json", out="run", epochs=1)
+    assert cfg.weight_average == "swa" and cfg.average_start() == 1
+    check_config(cfg)
+    assert make_config("triplet", data="x.csv", split_file="s.json", out="run").average_start() == 2
+    assert make_config("triplet", data="x.csv", split_file="s.json", out="run", fine_tune="none").weight_average == "none"
+    assert make_config("contrastive", data="x.csv", split_file="s.json", out="run").weight_average == "none"
+    with pytest.raises(FewshotError, match="swa_start = 2 is after the run's last epoch"):
+        check_config(make_config("triplet", data="x.csv", split_file="s.json", out="run", epochs=1, swa_start=2))
