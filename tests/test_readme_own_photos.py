@@ -14,7 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 #: what the test adds to `fewshot train` so that it runs in seconds (the page's own options stay)
-FAST_TRAIN = ["--epochs", "1", "--image-size", "64", "--eval-episodes", "50", "--val-episodes", "30"]
+FAST_TRAIN = ["--epochs", "1", "--image-size", "64", "--test-image-size", "64", "--eval-episodes", "50", "--val-episodes", "30"]
 
 
 def readme_commands() -> list[list[str]]:
