@@ -11,6 +11,7 @@ layer may import this module (it imports nothing of fewshot but :mod:`fewshot.er
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import Field, field, fields
 from typing import Any
 
@@ -54,6 +55,7 @@ def check_options(what: str, opts: Any) -> None:
     """
     for f in fields(opts):
         value, meta = getattr(opts, f.name), f.metadata
+        _check_number(what, f, value)
         if isinstance(value, float) and not math.isfinite(value):
             raise FewshotError(f"option {f.name} = {value}: {what} needs a finite number",
                                hint=f"use e.g. {f.name} = {f.default}", options=(f.name,))
@@ -65,6 +67,24 @@ def check_options(what: str, opts: Any) -> None:
             raise FewshotError(f"unknown option {f.name} = {value!r} for {what}",
                                hint=f"use one of: {', '.join(map(str, meta['choices']))}",
                                options=(f.name,))
+
+
+def _check_number(what: str, f: Any, value: Any) -> None:
+    """A field with a ``min``, ``max`` or ``above`` holds a number (``None`` where allowed); one annotated
+    ``int`` (and not ``float``) a whole number.
+
+    Raises:
+        FewshotError: naming the option and the kind of value it takes.
+    """
+    meta = f.metadata
+    if value is None or all(meta.get(k) is None for k in ("min", "max", "above")):
+        return
+    kind = str(f.type)
+    whole = "int" in kind and "float" not in kind
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (whole and not isinstance(value, numbers.Integral)):
+        raise FewshotError(f"option {f.name} = {value!r}: {what} needs {'a whole number' if whole else 'a number'}",
+                           hint=f"use e.g. {f.name} = {f.default if f.default is not None else meta.get('min')}",
+                           options=(f.name,))
 
 
 def check_above(opts: Any, **limits: float) -> None:

@@ -59,6 +59,20 @@ def test_a_value_outside_its_declared_limit_is_refused_naming_the_option_then_th
     assert r.exit_code == 2 and flag in _flat(r.output), r.output
 
 
+@pytest.mark.parametrize("name, value, kind", [("image_size", "224", "a whole number"), ("test_image_size", 288.5, "a whole number"),
+                                              ("epochs", 2.0, "a whole number"), ("micro_batch", True, "a whole number"),
+                                              ("lr", "1e-4", "a number"), ("lr", True, "a number")])
+def test_a_value_of_the_wrong_kind_is_refused_naming_the_option(name, value, kind):
+    """From the Python API (the command line parses the flags): a string, a bool or a fraction where
+    a (whole) number belongs is a clear error, not a TypeError from a comparison."""
+    with pytest.raises(FewshotError) as err:
+        check_config(make_config("triplet", **{**BASE, name: value}))
+    assert err.value.options == (name,) and f"option {name} = {value!r}" in err.value.message and kind in err.value.message
+    import numpy as np
+
+    check_config(make_config("triplet", **{**BASE, "image_size": np.int64(224)}))  # numpy integers are whole numbers
+
+
 def test_rules_between_fields_name_options_and_the_cli_shows_flags(tmp_path):
     with pytest.raises(FewshotError) as err:
         check_config(make_config("triplet", **{**BASE, "bn": "train", "warmup_steps": 3}))
