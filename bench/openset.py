@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -196,10 +196,14 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"rows": {}}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def rows_main(argv: list[str] | None, description: str, default_out: Path, measure_row: Callable[..., dict],
+              title: str, render_rows: Callable[[dict], str]) -> None:
+    """The command line of a benchmark of rows, one per model (the frozen backbone, each ``--model
+    RUN``): measure each, keep it in ``OUT/results.json`` at once (a rerun replaces its row), then
+    write ``OUT/table.md`` (``# title`` and ``render_rows`` of every stored row) and print it."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--data", default=str(grocery_root()))
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=str(default_out))
     p.add_argument("--model", action="append", default=[], help="a `fewshot train` run folder (repeatable)")
     p.add_argument("--no-frozen", action="store_true", help="measure only the --model rows")
     p.add_argument("--cache-dir", default=None)
@@ -208,13 +212,17 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     results = _load(out / "results.json")
     for model_dir in ([None] if not args.no_frozen else []) + args.model:
-        row = measure(args.data, model_dir, args.cache_dir, draws=args.draws)
+        row = measure_row(args.data, model_dir, args.cache_dir, draws=args.draws)
         results["rows"][row["name"]] = row
         write_json(out / "results.json", results)
-        print(f"{row['name']}: done in {row['seconds']:.0f} s (+ {row['embed_seconds']:.0f} s embedding)", flush=True)
-    text = "# Open set\n\n" + render(_ordered(results["rows"]))
+        print(f"{row['name']}: done in {row['seconds']:.0f} s (+ {row.get('embed_seconds', 0):.0f} s embedding)", flush=True)
+    text = f"# {title}\n\n" + render_rows(results["rows"])
     (out / "table.md").write_text(text, encoding="utf-8")
     print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    rows_main(argv, __doc__.split("\n")[0], RESULTS, measure, "Open set", lambda rows: render(_ordered(rows)))
 
 
 if __name__ == "__main__":

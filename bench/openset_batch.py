@@ -30,7 +30,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -41,8 +40,8 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, grocery_root, write_json
-from bench.openset import SPLIT_FILE, _stamp
+from bench.common import ROOT
+from bench.openset import SPLIT_FILE, _stamp, rows_main
 
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
@@ -205,26 +204,8 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(grocery_root()))
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--model", action="append", default=[], help="a `fewshot train` run folder (repeatable)")
-    p.add_argument("--no-frozen", action="store_true", help="measure only the --model rows")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--draws", type=int, default=20)
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    path = out / "results.json"
-    import json
-
-    results = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
-    for model_dir in ([None] if not args.no_frozen else []) + args.model:
-        row = measure(args.data, model_dir, args.cache_dir, draws=args.draws)
-        results["rows"][row["name"]] = row
-        write_json(path, results)
-    text = "# Open set with batch evidence\n\n" + render(list(results["rows"].values()))
-    (out / "table.md").write_text(text, encoding="utf-8")
-    print(text)
+    rows_main(argv, __doc__.split("\n")[0], RESULTS, measure, "Open set with batch evidence",
+              lambda rows: render(list(rows.values())))
 
 
 if __name__ == "__main__":
