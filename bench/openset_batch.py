@@ -40,11 +40,14 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT
+from bench.common import ROOT, normalized as _norm
 from bench.openset import SPLIT_FILE, _stamp, rows_main
 
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
+
+from fewshot.catalogue.scores import relative_score  # noqa: E402
+from fewshot.metrics.openset import threshold_for_far  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "openset-batch"
 #: batch compositions: (photos per known article, photos per absent article); 0 = all of them
@@ -52,14 +55,11 @@ REGIMES = ((0, 0), (10, 10), (3, 3), (1, 1), (0, 3), (3, 0))
 K, WEIGHT = 10, 3.0
 
 
-def _norm(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def relative(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(relative score, best cosine)`` of each row of prototype cosines ``[Q, C]``."""
-    s = np.sort(sims, 1)
-    return s[:, -1] - 0.5 * s[:, -2], s[:, -1]
+    """``(relative score, best cosine)`` of each row of prototype cosines ``[Q, C]`` (the score of
+    ``fewshot classify``, :func:`fewshot.catalogue.scores.relative_score`, in float64)."""
+    top = -np.sort(-sims, 1)[:, :2]
+    return relative_score(top), top[:, 0]
 
 
 def batch_score(sims: np.ndarray, batch: np.ndarray, k: int = K, weight: float = WEIGHT) -> np.ndarray:
@@ -74,19 +74,13 @@ def batch_score(sims: np.ndarray, batch: np.ndarray, k: int = K, weight: float =
     return rel - weight * (near - best)
 
 
-def _quantile_threshold(absent: np.ndarray, far: float) -> float:
-    from fewshot.metrics.openset import threshold_for_far
-
-    return threshold_for_far(absent, far)
-
-
 def catalogue_thresholds(x: np.ndarray, own: np.ndarray, protos: np.ndarray, far: float) -> dict[str, float]:
     """Thresholds from the catalogue alone: its photos ``x [N, D]`` (article ``own [N]``) with their
     article left out, scored ``relative`` and ``batch`` (the catalogue as the batch)."""
     sims = x @ protos.T
     sims[np.arange(len(x)), own] = -np.inf
-    return {"relative": _quantile_threshold(relative(sims)[0], far),
-            "batch": _quantile_threshold(batch_score(sims, x), far)}
+    return {"relative": threshold_for_far(relative(sims)[0], far),
+            "batch": threshold_for_far(batch_score(sims, x), far)}
 
 
 def _subsample(labels: np.ndarray, classes: list[str], known: set[str], regime: tuple[int, int],
@@ -109,20 +103,20 @@ def _draw(qv, ql, gv, gl, known: list[str], keep: np.ndarray, far: float) -> dic
     thresholds = catalogue_thresholds(x, own, protos, far)
     v, yy = qv[keep], ql[keep]
     sims = v @ protos.T
-    pred = np.asarray(known)[sims.argmax(1)]
-    is_known, right = np.isin(yy, known), pred == yy
+    best = sims.argmax(1)
+    is_known, right = np.isin(yy, known), np.asarray(known)[best] == yy
     gone = sims.copy()
-    gone[np.arange(len(v)), sims.argmax(1)] = -np.inf
+    gone[np.arange(len(v)), best] = -np.inf
     scores = {"relative": relative(sims)[0], "batch": batch_score(sims, v)}
     out: dict[str, float] = {"queries": float(len(v))}
     for name, s in scores.items():
         rep = openset_metrics(s[is_known], s[~is_known])
-        hindsight = _quantile_threshold(s[~is_known], far)
+        hindsight = threshold_for_far(s[~is_known], far)
         out[f"{name} auroc"], out[f"{name} fpr95"] = rep.auroc, rep.fpr_at_95tpr
         out[f"{name} hindsight right"] = float(((s >= hindsight) & right)[is_known].mean())
         cals = {"catalogue": thresholds[name]}
         if name == "batch":
-            cals["self"] = _quantile_threshold(batch_score(gone, v), far)
+            cals["self"] = threshold_for_far(batch_score(gone, v), far)
         for how, t in cals.items():
             accepted = s >= t
             out[f"{name} {how} far"] = float(accepted[~is_known].mean())

@@ -356,7 +356,7 @@ def _check_limits(cfg: TrainConfig) -> None:
     """The ``max`` and ``above`` of each field (:func:`loop_option`)."""
     for f in fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
-        if value is None or isinstance(value, bool):
+        if value is None:  # check_options, run first, refused a value that is not a number
             continue
         if meta.get("max") is not None and value > meta["max"]:
             raise FewshotError(f"option {f.name} = {value}: the training loop needs at most {meta['max']}",

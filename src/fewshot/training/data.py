@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
@@ -61,7 +59,7 @@ def load_run_data(cfg: TrainConfig) -> RunData:
                         hint="training needs at least two classes")
     _check_validation(val_q_set, val_g_set, cfg)
     if cfg.embed_size() != backbone.image_size:  # the trained model embeds at its test size, validation too
-        backbone.preprocess = dataclasses.replace(backbone.preprocess, image_size=cfg.embed_size())
+        backbone.preprocess = replace(backbone.preprocess, image_size=cfg.embed_size())
     index = {n: i for i, n in enumerate(names)}
     train = TrainData(x=torch.from_numpy(np.ascontiguousarray(tr.vectors)),
                       y=torch.tensor([index[lab] for lab in tr.labels], dtype=torch.int64),
