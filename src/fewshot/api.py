@@ -58,7 +58,8 @@ def create_backbone(name: str = "efficientnet_lite0", *, image_size: int = 224, 
                     tta: str = "none") -> EmbeddingModel:
     """A frozen pretrained backbone as an embedding model (``fewshot backbones`` lists names);
     ``tta="flip"`` embeds each image as the mean over it and its mirror image
-    (:class:`~fewshot.backbones.FlipAverage`).
+    (:class:`~fewshot.backbones.FlipAverage`), ``tta="scales"`` as the mean over it at three
+    sides (:class:`~fewshot.backbones.ScaleAverage`).
 
     Raises:
         BackboneError: an unknown name or ``tta``, a missing optional package or weights, an

@@ -1,6 +1,7 @@
-"""Flip test-time augmentation (``--tta flip``, :class:`fewshot.backbones.FlipAverage`): the
-embedding is the mean over an image and its mirror image, on torch and ONNX alike; caches and
-exports are keyed by it; an index remembers it, so classify embeds queries the same way."""
+"""Test-time augmentation: ``--tta flip`` (:class:`fewshot.backbones.FlipAverage`, the mean over
+an image and its mirror image) and ``--tta scales`` (:class:`fewshot.backbones.ScaleAverage`, the
+mean of the unit embeddings at three sides), on torch and ONNX alike; caches and exports are keyed
+by it; an index remembers it, so classify embeds queries the same way."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from fewshot.api import create_backbone as create_model
-from fewshot.backbones import check_tta, create_backbone
+from fewshot.backbones import check_tta, create_backbone, tta_sides
 from fewshot.cli import app
 from fewshot.embed import embed_paths, make_forward
 from fewshot.errors import BackboneError
@@ -39,16 +40,50 @@ def test_flip_average_is_the_mean_over_the_image_and_its_mirror(one_torch_thread
     np.testing.assert_allclose(make_forward(backbone, "torch").forward(x.flip(3)), got, rtol=1e-5, atol=1e-6)
 
 
-def test_tta_keys_caches_and_exports_and_onnx_agrees(tmp_path, drawn_tree, one_torch_thread):
-    """ONNX and torch give the same flip-averaged vectors; the cache and the export of a
-    flip model are their own, and a plain model's keys are unchanged."""
+def _lite0():
+    torch.manual_seed(0)
+    return create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
+
+
+def test_scales_refused_where_the_backbone_cannot_pool_every_side(one_torch_thread):
+    """conv4 flattens its last map (no global pooling): its embedding's length depends on the side."""
     backbone = _conv4()
+    backbone.tta = "scales"
+    with pytest.raises(BackboneError, match="--tta scales does not suit this backbone: its embedding has "
+                                            "64 values at one side and 256 at 32 px") as err:
+        make_forward(backbone, "torch").forward(torch.zeros(2, 3, 28, 28))
+    assert "--tta flip" in err.value.hint and err.value.options == ("tta",)
+
+
+def test_scale_average_is_the_mean_of_unit_embeddings_at_three_sides(one_torch_thread):
+    """By hand: the batch resized (bilinear) to 48, 64 and 80 px, each embedding made unit length,
+    then averaged; the sides are 7/9, 1 and 11/9 of the input's, to a multiple of 8."""
+    assert tta_sides(288) == [224, 288, 352] and tta_sides(224) == [176, 224, 272] and tta_sides(28) == [24, 28, 32]
+    assert tta_sides(8) == [8]  # nothing smaller than 8 px: one side left
+    backbone = _lite0()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        views = [torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+                 for s in (48, 80)]
+        units = [torch.nn.functional.normalize(backbone.model(v), dim=1) for v in (views[0], x, views[1])]
+        want = ((units[0] + units[1] + units[2]) / 3).numpy()
+        backbone.tta = "scales"
+        got = make_forward(backbone, "torch").forward(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - units[1].numpy()).max() > 1e-3  # not the plain unit embedding
+
+
+@pytest.mark.parametrize("tta", ["flip", "scales"])
+def test_tta_keys_caches_and_exports_and_onnx_agrees(tmp_path, drawn_tree, one_torch_thread, tta):
+    """ONNX and torch give the same averaged vectors; the cache and the export of a
+    TTA model are their own, and a plain model's keys are unchanged."""
+    backbone = _conv4() if tta == "flip" else _lite0()
     plain_key = backbone.cache_key
     assert "tta" not in plain_key
     paths = sorted(drawn_tree.rglob("*.jpg"))[:8]
     plain, *_ = embed_paths(paths, backbone, cache_dir=tmp_path / "c", progress=False, runtime="torch")
-    backbone.tta = "flip"
-    assert backbone.cache_key == plain_key + "-ttaflip"
+    backbone.tta = tta
+    assert backbone.cache_key == plain_key + f"-tta{tta}"
     flip_torch, *_ = embed_paths(paths, backbone, use_cache=False, progress=False, runtime="torch")
     choice = make_forward(backbone, "onnx", cache_dir=tmp_path / "c")
     assert choice.runtime == "onnx" and choice.notice is None
@@ -58,8 +93,8 @@ def test_tta_keys_caches_and_exports_and_onnx_agrees(tmp_path, drawn_tree, one_t
     cos = (flip_onnx * flip_torch).sum(1) / np.linalg.norm(flip_onnx, axis=1) / np.linalg.norm(flip_torch, axis=1)
     assert cos.min() >= 0.9999
     assert np.abs(flip_torch - plain).max() > 1e-3
-    assert len(list((tmp_path / "c" / "onnx").glob("*ttaflip*.onnx"))) == 1
-    assert backbone.describe()["tta"] == "flip"
+    assert len(list((tmp_path / "c" / "onnx").glob(f"*tta{tta}*.onnx"))) == 1
+    assert backbone.describe()["tta"] == tta
 
 
 def test_mirrored_photo_gets_the_same_flip_embedding(drawn_tree, tmp_path, one_torch_thread):
@@ -111,7 +146,7 @@ def test_unknown_tta_is_refused_before_any_output(drawn_tree, tmp_path):
     out = tmp_path / "e.npz"
     res = CliRunner().invoke(app, ["embed", "--data", str(drawn_tree), "--out", str(out), "--tta", "rotate"])
     assert res.exit_code == 1 and "unknown test-time augmentation 'rotate'" in res.output
-    assert "--tta none or --tta flip" in res.output and not out.exists()
+    assert "--tta none or --tta flip or --tta scales" in res.output and not out.exists()
 
 
 def test_evaluate_with_tta_records_it(drawn_tree, tmp_path):
@@ -123,6 +158,14 @@ def test_evaluate_with_tta_records_it(drawn_tree, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["model"]["backbone"]["tta"] == "flip"
     assert "mirror image (`--tta flip`)" in (out / "report.md").read_text()
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "small"), "--tta", "scales"])
+    assert res.exit_code == 1 and "cannot embed a 24-pixel input" in res.output  # Lite0 at 25 px and less
+    assert "a larger --image-size" in res.output and not (tmp_path / "small").exists()
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "scales"), "--tta", "scales", "--image-size", "64"])
+    assert res.exit_code == 0, res.output
+    scales = json.loads((tmp_path / "scales" / "metrics.json").read_text())
+    assert scales["config"]["model"]["backbone"]["tta"] == "scales" and scales["map"] != metrics["map"]
+    assert "7/9, 1 and 11/9 of its side (`--tta scales`)" in (tmp_path / "scales" / "report.md").read_text()
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "plain")])
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert plain["config"]["model"]["backbone"]["tta"] == "none" and plain["map"] != metrics["map"]

@@ -13,7 +13,7 @@ libraries; a clear :class:`~fewshot.errors.BackboneError` when the download fail
 
 from __future__ import annotations
 
-from .base import (TTA_MODES, Backbone, BackboneInfo, FlipAverage, backbone_info, check_tta, create_backbone,
+from .base import (TTA_MODES, Backbone, BackboneInfo, FlipAverage, ScaleAverage, tta_sides, backbone_info, check_tta, create_backbone,
                    default_fine_tune, list_backbones, register_backbone)
 from .preprocess import Preprocess
 
@@ -22,5 +22,5 @@ from . import efficientnet_lite as _efficientnet_lite  # noqa: F401,E402
 from . import external as _external  # noqa: F401,E402
 from . import conv4 as _conv4  # noqa: F401,E402
 
-__all__ = ["TTA_MODES", "Backbone", "BackboneInfo", "FlipAverage", "Preprocess", "backbone_info", "check_tta",
+__all__ = ["TTA_MODES", "Backbone", "BackboneInfo", "FlipAverage", "ScaleAverage", "tta_sides", "Preprocess", "backbone_info", "check_tta",
            "create_backbone", "default_fine_tune", "list_backbones", "register_backbone"]

@@ -55,7 +55,8 @@ class EmbedOptions:
     runtime: str = "auto"
     #: ONNX Runtime threads; ``None`` = ``torch.get_num_threads()``
     threads: int | None = None
-    #: test-time augmentation: ``none`` | ``flip`` (:class:`~fewshot.backbones.FlipAverage`)
+    #: test-time augmentation: ``none`` | ``flip`` | ``scales`` (:class:`~fewshot.backbones.FlipAverage`,
+    #: :class:`~fewshot.backbones.ScaleAverage`)
     tta: str = "none"
     #: embed on Ray Data (:mod:`fewshot.embed.distributed`); ``None`` = in this process
     distributed: RayOptions | None = None

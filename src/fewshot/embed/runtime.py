@@ -392,7 +392,7 @@ def export_bytes(backbone: Backbone) -> bytes:
     Raises:
         _ExportFailed: the exporter raised, or the check failed.
     """
-    was_training = backbone.model.training  # the wrapper of a --tta flip backbone is new each time
+    was_training = backbone.model.training  # the wrapper of a --tta flip / scales backbone is new each time
     backbone.model.eval()
     model = backbone.inference_module()
     size = backbone.image_size

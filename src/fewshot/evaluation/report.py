@@ -8,6 +8,11 @@ from .openset_report import render_open_set
 __all__ = ["render_report"]
 
 
+#: the report's words for each test-time augmentation
+_TTA_NOTE = {"flip": ", each image embedded with its mirror image (`--tta flip`)",
+             "scales": ", each image embedded at 7/9, 1 and 11/9 of its side (`--tta scales`)"}
+
+
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -52,8 +57,7 @@ def render_report(metrics: dict) -> str:
     lines = [f"# Evaluation: {c['model']['method']} on {c['dataset']}", "",
              f"- model: `{c['model']['backbone']['name']}` at {c['image_size']} px"
              + (f", run `{c['model']['model_dir']}`" if c['model']['model_dir'] else " (frozen)")
-             + (", each image embedded with its mirror image (`--tta flip`)"
-                if c['model']['backbone'].get('tta', 'none') != 'none' else "")
+             + _TTA_NOTE.get(c['model']['backbone'].get('tta', 'none'), "")
              + _runtime_note(c['model'].get('runtimes')),
              f"- protocol: {c['protocol']['mode']}" + (f", split `{c['split']}`" if c.get("split") else "")
              + (f", split file `{c['protocol'].get('split_file')}` part `{c['protocol'].get('part')}`"

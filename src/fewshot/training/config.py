@@ -193,7 +193,7 @@ class TrainConfig:
                                   flag="--split", choices=("none", "test", "val", "train"))
     eval_episodes: int = loop_option(1000, "Episodes per setting in the final evaluation (default 1000).", min=1,
                                      unset=True)
-    final_tta: str = loop_option("none", "Test-time augmentation of the final evaluation only: none | flip (see "
+    final_tta: str = loop_option("none", "Test-time augmentation of the final evaluation only: none | flip | scales (see "
                                  "`fewshot evaluate --help`). Training, validation and the saved model are the same "
                                  "either way; pass --tta again to `fewshot index` / `evaluate --model RUN_DIR`.",
                                  flag="--tta")
