@@ -47,14 +47,14 @@ LEVERS = [("none", "none", "none"), ("qe", "qe", "none"), ("dba", "dba", "none")
           ("tim", "none", "tim"), ("dba-qe + bdcspn", "dba-qe", "bdcspn"), ("k-reciprocal + tim", "k-reciprocal", "tim")]
 
 
-def embed_sets(model_dir: str | None, cache_dir: str | None):
+def embed_sets(model_dir: str | None, cache_dir: str | None, tta: str = "none"):
     """``(model, queries, gallery, studio vectors, studio labels)`` of the Grocery test articles."""
     from fewshot.data.protocol import load_protocol, protocol_sets
     from fewshot.embed.options import EmbedOptions
     from fewshot.methods.from_options import model_from_options
 
     opts = EmbedOptions(backbone=None if model_dir else "efficientnet_lite0", model_dir=model_dir,
-                        cache_dir=cache_dir, progress=False)
+                        cache_dir=cache_dir, progress=False, tta=tta)
     model = model_from_options(opts)
     dataset, split = load_protocol(str(grocery_root()), GROCERY_SPLIT, None)
     q_set, g_set = protocol_sets(dataset, split, "test")
@@ -142,12 +142,13 @@ def _fmt(x, d: int = 3) -> str:
 def render(results: dict) -> str:
     cost = results.get("catalogue_cost")
     lines = ["# Ranking levers (bench/quality_levers.py)", "",
-             "Grocery, the 28 unseen test articles of `splits/grocery-unseen.json`, efficientnet_lite0 224 px. "
+             "Grocery, the 28 unseen test articles of `splits/grocery-unseen.json`, efficientnet_lite0 (frozen at 224 px, a run at its own test size). "
              "Retrieval figures after re-ranking; episodes 1,000 per setting; *imb.* = imbalanced query sets "
              "(Dirichlet(2)); studio = shelf photo -> single studio image top-1, *all*: every shelf photo in one batch (the "
              "28 articles about evenly), *shelves*: 200 batches of the photos of 5 random articles.", ""]
     for model, entry in results.get("models", {}).items():
-        lines += [f"## {model}", "", f"{entry['machine']}, {entry['finished']}, load {entry['load_average']:.1f}", "",
+        tta = f", every photo embedded with `--tta {entry['tta']}`" if entry.get("tta", "none") != "none" else ""
+        lines += [f"## {model}", "", f"{entry['machine']}, {entry['finished']}, load {entry['load_average']:.1f}{tta}", "",
                   "| lever | mAP | MAP@R | P@1 | 5w1s | 5w1s imb. | 5w5s | 5w5s imb. | studio, all | studio, shelves "
                   "| ms/query |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in entry["rows"]:
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="'frozen' or NAME=RUN_DIR (a fewshot train run); repeat for several")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tta", default="none", help="test-time augmentation of every model's embeddings (none | flip | scales)")
     ap.add_argument("--cost", action="store_true", help="also time Catalogue.search with dba-qe at 100,000 images")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -227,14 +229,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(results["catalogue_cost"]), flush=True)
     for spec in args.model or []:
         name, _, run = spec.partition("=")
-        model, q, g, studio, names = embed_sets(run or None, args.cache_dir)
+        model, q, g, studio, names = embed_sets(run or None, args.cache_dir, args.tta)
         rows = []
         for row, rerank, transductive in LEVERS:
             print(f"== {name}: {row}", flush=True)
             rows.append(lever_row(row, rerank, transductive, model, q, g, studio, names, args.seed))
             print(json.dumps(rows[-1]), flush=True)
         m = machine()
-        results["models"][name] = {"run_dir": run or None, "rows": rows, "machine": f"{m.get('cpu')}, "
+        results["models"][name] = {"run_dir": run or None, "tta": args.tta, "rows": rows, "machine": f"{m.get('cpu')}, "
                                    f"{m.get('usable_cpus')} CPU(s)", "load_average": os.getloadavg()[0],
                                    "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         path.write_text(json.dumps(results, indent=1))
