@@ -45,14 +45,18 @@ def _lite0():
     return create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
 
 
-def test_scales_refused_where_the_backbone_cannot_pool_every_side(one_torch_thread):
-    """conv4 flattens its last map (no global pooling): its embedding's length depends on the side."""
+def test_scales_refused_where_the_backbone_cannot_pool_every_side(one_torch_thread, tmp_path):
+    """conv4 flattens its last map (no global pooling): its embedding's length depends on the side.
+    The ONNX path refuses it the same way, without falling back to torch or marking the export failed."""
     backbone = _conv4()
     backbone.tta = "scales"
     with pytest.raises(BackboneError, match="--tta scales does not suit this backbone: its embedding has "
                                             "64 values at one side and 256 at 32 px") as err:
         make_forward(backbone, "torch").forward(torch.zeros(2, 3, 28, 28))
     assert "--tta flip" in err.value.hint and err.value.options == ("tta",)
+    with pytest.raises(BackboneError, match="does not suit this backbone"):
+        make_forward(backbone, "auto", cache_dir=tmp_path)
+    assert not list(tmp_path.rglob("*.failed.json"))
 
 
 def test_scale_average_is_the_mean_of_unit_embeddings_at_three_sides(one_torch_thread):

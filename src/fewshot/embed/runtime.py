@@ -405,7 +405,7 @@ def export_bytes(backbone: Backbone) -> bytes:
                               output_names=[_OUTPUT], dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}})
         data = buf.getvalue()
         _check_export(data, TorchForward(backbone)(x), x)
-    except _ExportFailed:
+    except (_ExportFailed, BackboneError):  # a backbone that cannot embed at all (--tta scales too small) says so
         raise
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: use torch
         first = (str(exc).splitlines() or [""])[0][:200]
