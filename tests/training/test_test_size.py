@@ -50,3 +50,35 @@ def test_a_fine_tuned_run_embeds_and_validates_at_its_test_size(grocery_root, tm
     assert load_run(tmp_path / "run").backbone.image_size == 96
     metrics = json.loads((tmp_path / "run" / "eval_test" / "metrics.json").read_text())
     assert metrics["config"]["image_size"] == 96
+
+
+def test_embeds_at_tells_a_pooled_backbone_from_a_flattening_one():
+    from fewshot.backbones import create_backbone
+
+    conv4 = create_backbone("conv4", pretrained=False, image_size=28)
+    assert conv4.embeds_at(28) and not conv4.embeds_at(36)  # 64 values at 28 px, 256 at 36
+    lite0 = create_backbone("efficientnet_lite0", pretrained=False, image_size=64)
+    assert lite0.embeds_at(96) and lite0.embeds_at(48) and not lite0.embeds_at(16)
+    for mode in (True, False):  # the probe runs in eval mode and restores the model's own
+        conv4.model.train(mode)
+        assert conv4.embeds_at(28) and conv4.model.training is mode
+
+
+def test_conv4_on_crops_keeps_its_training_size_and_refuses_another(grocery_root, tmp_path):
+    """conv4 flattens its last map, so the 9/7 default would change its embedding's length: a
+    default falls back to --image-size; an explicit other size is refused before anything is written."""
+    from fewshot.errors import FewshotError
+
+    tiny = shared_tiny_grocery(grocery_root)
+    common = dict(data=tiny["data"], split_file=tiny["split_file"], cache_dir=tiny["cache_dir"], backbone="conv4",
+                  pretrained=False, fine_tune="all", image_size=28, epochs=1, batch_size=16, m_per_class=4,
+                  eval_episodes=20, progress=False, patience=0)
+    cfg = make_config("triplet", out=str(tmp_path / "run"), **common)
+    assert cfg.augment == "standard" and cfg.embed_size() == 32  # 28 x 9/7 to a multiple of 32
+    train(cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["backbone"]["image_size"] == 28 and load_run(tmp_path / "run").backbone.image_size == 28
+    with pytest.raises(FewshotError, match="conv4 cannot embed a 36-px photo") as err:
+        train(make_config("triplet", out=str(tmp_path / "run36"), test_image_size=36, **common))
+    assert err.value.options == ("test_image_size",) and "--test-image-size 28" in err.value.hint
+    assert not list(tmp_path.glob("run36*"))

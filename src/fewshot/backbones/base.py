@@ -91,6 +91,22 @@ class Backbone:
         tta = "" if self.tta == "none" else f"-tta{self.tta}"
         return f"{safe}-{self.weights_tag}-{p.image_size}px-{p.interpolation}-{norm}{tta}"
 
+    def embeds_at(self, side: int) -> bool:
+        """Whether :attr:`model` embeds a ``side``-pixel input to :attr:`dim` values, as at its
+        own side: ``False`` for a model without global pooling (``conv4`` flattens its last map)
+        or one that cannot take so small an input. One forward of a zero image, in eval mode."""
+        was = self.model.training
+        self.model.eval()
+        p = next(iter(self.model.parameters()), None)
+        x = torch.zeros(1, 3, side, side, device=p.device if p is not None else "cpu")
+        try:
+            with torch.no_grad():
+                return int(self.model(x).shape[-1]) == self.dim
+        except RuntimeError:
+            return False
+        finally:
+            self.model.train(was)
+
     def trainable_tail(self, blocks: int) -> list[nn.Module]:
         """The modules to train when fine-tuning the last ``blocks`` blocks (``blocks >= 1``).
 

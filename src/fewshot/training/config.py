@@ -119,7 +119,8 @@ class TrainConfig:
         None, "Input side at which the trained model embeds: validation, the final evaluation and every later use "
         "(index, classify, serve). Default: when fine-tuning with --augment standard, --image-size x 9/7 rounded to "
         "a multiple of 32 (288 for 224: random resized crops show objects larger than whole photos do, Touvron et al. "
-        "2019; test MAP@R +0.015 to +0.022 on Grocery), else --image-size.", min=16, max=1024, unset=True)
+        "2019; test MAP@R +0.015 to +0.022 on Grocery), else --image-size; a backbone whose embedding depends on "
+        "the input side (conv4) keeps --image-size.", min=16, max=1024, unset=True)
     seed: int = loop_option(0, "Seed of everything random (same seed, same run).", min=0, max=2**32 - 1)
     epochs: int = loop_option(30, "Maximum epochs (default 30, or when fine-tuning 3 for triplet and contrastive, 4 for the others; episodic methods: --epochs N "
                               "means N x --episodes-per-epoch episodes).", min=0, unset=True)

@@ -11,7 +11,7 @@ from ..backbones import Backbone, create_backbone
 from ..data.records import Dataset
 from ..data import ClassSplit, dataset_for, protocol_sets
 from ..embed import Embeddings, embed_dataset
-from ..errors import DataError
+from ..errors import DataError, FewshotError
 from ..methods import TrainData
 from .config import TrainConfig
 
@@ -52,20 +52,40 @@ def load_run_data(cfg: TrainConfig) -> RunData:
     train_set = dataset_for(dataset, split, "train")
     val_q_set, val_g_set = protocol_sets(dataset, split, "val")
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size)
+    test_size = _test_size(cfg, backbone)
     tr = _embed(train_set, backbone, cfg)
     names = sorted(set(tr.labels))
     if len(names) < 2:
         raise DataError(f"the train classes of {cfg.split_file} have {len(names)} readable class(es)",
                         hint="training needs at least two classes")
     _check_validation(val_q_set, val_g_set, cfg)
-    if cfg.embed_size() != backbone.image_size:  # the trained model embeds at its test size, validation too
-        backbone.preprocess = replace(backbone.preprocess, image_size=cfg.embed_size())
+    if test_size != backbone.image_size:  # the trained model embeds at its test size, validation too
+        backbone.preprocess = replace(backbone.preprocess, image_size=test_size)
     index = {n: i for i, n in enumerate(names)}
     train = TrainData(x=torch.from_numpy(np.ascontiguousarray(tr.vectors)),
                       y=torch.tensor([index[lab] for lab in tr.labels], dtype=torch.int64),
                       label_names=names, groups=list(tr.groups), paths=[str(p) for p in tr.dataset.paths])
     return RunData(backbone, split, train, tr.dataset, _embed(val_q_set, backbone, cfg),
                  _embed(val_g_set, backbone, cfg))
+
+
+def _test_size(cfg: TrainConfig, backbone: Backbone) -> int:
+    """:meth:`TrainConfig.embed_size`, where the backbone embeds at that side as at its training
+    side; a default test size falls back to the training side where it does not (``conv4``).
+
+    Raises:
+        FewshotError: an explicit ``test_image_size`` the backbone cannot embed at.
+    """
+    size = cfg.embed_size()
+    if size == backbone.image_size or backbone.embeds_at(size):
+        return size
+    if cfg.test_image_size is None:
+        log.info("%s embeds a %d-px photo to another length than a %d-px one (no global pooling): the run embeds "
+                 "at its training size", cfg.backbone, size, backbone.image_size)
+        return backbone.image_size
+    raise FewshotError(f"test_image_size={size}: {cfg.backbone} cannot embed a {size}-px photo as it does a "
+                       f"{backbone.image_size}-px one", hint=f"use --test-image-size {backbone.image_size} (the "
+                       "--image-size), or a backbone with global pooling", options=("test_image_size",))
 
 
 def with_rotated_classes(train: TrainData, rotations: int) -> TrainData:
