@@ -107,6 +107,8 @@ ROWS["omniglot-conv4-protonet-rot4"] = ("omniglot", "protonet", {**_CONV4, "epis
                                                                  "class_rotations": 4})
 ROWS["omniglot-conv4-protonet-rot4-60way"] = ("omniglot", "protonet", {**_CONV4, "ways": 60, "episodes": 3000,
                                                                        "episodes_per_epoch": 300, "class_rotations": 4})
+ROWS["omniglot-conv4-protonet-rot4-crops"] = ("omniglot", "protonet", {**_CONV4, "augment": "standard", "episodes": 3000,
+                                                                       "episodes_per_epoch": 300, "class_rotations": 4})
 ROWS["omniglot-lite0-protonet-last2"] = ("omniglot", "protonet", {"fine_tune": "last:2", "image_size": 112,
                                                                    "augment": "none", "ways": 20, "shots": 1,
                                                                    "queries": 5, "episodes": 400,
