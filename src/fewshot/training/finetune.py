@@ -93,7 +93,7 @@ class FineTune:
         self.train_bank = ImageBank(data.train.paths[:len(data.train) // rotations], load, progress=cfg.progress)
         if rotations > 1:  # data.train already has the rotated classes (with_rotated_classes)
             self.train_bank.images = rotated_copies(self.train_bank.images, rotations)
-        size = self.backbone.image_size  # the test size (TrainConfig.embed_size), which validation embeds at
+        size = self.backbone.image_size  # the run's test size (training.data._test_size), which validation embeds at
         self.val_q_bank = ImageBank([str(p) for p in data.val_q.dataset.paths], size, cfg.progress)
         self.val_g_bank = ImageBank([str(p) for p in data.val_g.dataset.paths], size, cfg.progress)
         self.generator = torch.Generator().manual_seed(cfg.seed)
