@@ -93,7 +93,7 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
              part: str = "test", episodes: int = 1000, n_query: int = 5, seed: int = 0, runtime: str = "auto",
              out: str | Path | None = None, overwrite: bool = False, open_set: bool = False,
              open_set_draws: int = 20, target_far: float = 0.05, rerank: Any = "none", transductive: str = "none",
-             query_imbalance: float | None = None) -> dict[str, Any]:
+             query_imbalance: float | None = None, whiten: bool = False) -> dict[str, Any]:
     """Retrieval metrics (mAP, MAP@R, P@1, Recall@k, per group) and N-way K-shot accuracy.
 
     Without ``split_file``: leave-one-out within ``dataset``. With it: the classes of ``part``,
@@ -112,6 +112,9 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
     episodes' classifier (``"none"``, ``"centre"``, ``"bdcspn"``, ``"tim"``;
     :mod:`fewshot.methods.transductive`), ``query_imbalance`` draws imbalanced query sets
     (Dirichlet concentration, e.g. 2), where transductive classifiers can lose to ``"none"``.
+    ``whiten=True`` (needs ``split_file``) whitens the gallery and the queries by the gallery's
+    within-article covariance for the retrieval figures, and each open-set catalogue by its own
+    (:mod:`fewshot.index.whiten`); the episodes stay unwhitened.
 
     Returns:
         the metrics record (the dict ``metrics.json`` holds).
@@ -122,7 +125,7 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
             how to load it), ``episodes`` / ``seed`` not integers, paths that are not paths.
         ValueError: ``episodes < 1``, ``seed < 0``, ``open_set_draws < 1``, ``open_set`` without
             ``split_file``, ``target_far`` outside (0, 1), an unknown ``rerank`` / ``transductive``,
-            ``rerank`` without ``split_file``. All checked before anything is embedded.
+            ``rerank`` or ``whiten`` without ``split_file``. All checked before anything is embedded.
     """
     from .data.splits import ClassSplit
 
@@ -134,10 +137,11 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
     out = as_path(out, "out") if out is not None else None
     cfg = EvalConfig(data=str(dataset.root or dataset.name), split_file=str(split_file) if split_file else None,
                      part=part, seed=seed, episodes=episodes, n_query=n_query, open_set=bool(open_set),
-                     open_set_draws=open_set_draws, target_far=target_far, rerank=rerank, transductive=transductive, query_imbalance=query_imbalance,
-                     embed=EmbedOptions(runtime=runtime, progress=False))
+                     open_set_draws=open_set_draws, target_far=target_far, rerank=rerank, transductive=transductive,
+                     query_imbalance=query_imbalance, whiten=bool(whiten), embed=EmbedOptions(runtime=runtime, progress=False))
     check_open_set(cfg)
-    check_levers(rerank, transductive, query_imbalance, gallery=split_file is not None, model_classifier=False)
+    check_levers(rerank, transductive, query_imbalance, gallery=split_file is not None, model_classifier=False,
+                 whiten=bool(whiten))
     if split_file is None:
         return evaluate_sets(cfg, dataset, None, leave_one_out_protocol(dataset), out, model, overwrite=overwrite)
     queries, gallery, protocol = split_protocol_sets(dataset, ClassSplit.load(split_file), split_file, part)

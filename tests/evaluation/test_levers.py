@@ -99,3 +99,22 @@ def test_the_cli_says_when_figures_are_re_ranked_or_transductive(drawn, monkeypa
     assert "episodes: bdcspn, balanced queries; transductive gains assume" in r.output
     saved = json.loads((root / "cli-ev" / "metrics.json").read_text())["config"]
     assert saved["rerank"] == {"kind": "dba-qe", "k": 3, "alpha": 1.0} and saved["transductive"] == "bdcspn"
+
+
+def test_whiten_through_the_cli_is_recorded_reported_and_leaves_episodes_alone(drawn, monkeypatch):
+    root, manifest, split, _ = drawn
+    monkeypatch.setenv("FEWSHOT_CACHE", str(root / "cache"))
+    base = ["evaluate", "--data", str(manifest), "--split-file", str(split), "--episodes", "30", "--queries", "2",
+            "--image-size", "32", "--runtime", "torch", "--no-progress"]
+    plain = CliRunner().invoke(app, [*base, "--out", str(root / "plain-ev")])
+    r = CliRunner().invoke(app, [*base, "--whiten", "--out", str(root / "white-ev")])
+    assert plain.exit_code == 0 and r.exit_code == 0, r.output
+    assert "[gallery whitened: episodes are not]" in r.output
+    p, w = (json.loads((root / d / "metrics.json").read_text()) for d in ("plain-ev", "white-ev"))
+    assert w["config"]["whiten"]["photos"] == 60 and w["config"]["whiten"]["articles"] == 12
+    assert p["config"]["whiten"] is None and w["map_at_r"] != p["map_at_r"]
+    assert w["episodes"]["5way1shot"]["accuracy"] == p["episodes"]["5way1shot"]["accuracy"]
+    assert "whitened by the gallery's within-article covariance (60 photos of 12 articles" in \
+        (root / "white-ev" / "report.md").read_text()
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(manifest), "--whiten", "--out", str(root / "loo-ev")])
+    assert r.exit_code == 1 and "--whiten" in r.output and "--split-file" in r.output and "Traceback" not in r.output

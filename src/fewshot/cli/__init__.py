@@ -63,6 +63,7 @@ def evaluate(
     rerank_lambda: float = typer.Option(0.3, "--rerank-lambda", rich_help_panel=RERANK, min=0.0, max=1.0, help="k-reciprocal: weight of the original distance."),
     transductive: str = typer.Option("none", "--transductive", rich_help_panel=EPISODES, help="How episodes are classified: none (nearest prototype) | centre (nearest prototype after SimpleShot centring on the gallery mean) | bdcspn (prototype rectification) | tim (information maximisation). The last two use each episode's queries together: their gains need queries spread over the classes (see --query-imbalance)."),
     query_imbalance: Optional[float] = typer.Option(None, "--query-imbalance", rich_help_panel=EPISODES, help="Episodes with imbalanced query sets: the balanced protocol's classes and support, and up to N x --queries queries split by class shares drawn from Dirichlet(A) (e.g. 2; smaller is more imbalanced), each class giving at most the query photos it has."),
+    whiten: bool = typer.Option(False, "--whiten", rich_help_panel=RERANK, help="Whiten the gallery and the queries by the gallery's within-article covariance (fitted on its labelled photos, Ledoit-Wolf shrinkage; needs --split-file) for the retrieval figures, and each --open-set catalogue by its own: the directions in which photos of one article vary count less. Episodes stay unwhitened."),
     *, emb: "EmbedOptions",
 ) -> None:
     """Retrieval mAP / MAP@R / P@1 / Recall@k and episodic accuracy of a backbone or trained run.
@@ -75,14 +76,15 @@ def evaluate(
                      n_query=queries, open_set=open_set, open_set_draws=open_set_draws, target_far=target_far,
                      rerank={"kind": rerank, "k": rerank_k, "alpha": rerank_alpha, "k1": rerank_k1, "k2": rerank_k2,
                              "lam": rerank_lambda},
-                     transductive=transductive, query_imbalance=query_imbalance, embed=emb)
+                     transductive=transductive, query_imbalance=query_imbalance, whiten=whiten, embed=emb)
     check_open_set(cfg)
     metrics = run_evaluate(cfg, out, overwrite=overwrite)
     rr = metrics["config"]["rerank"]
     typer.echo(f"mAP {metrics['map']:.4f}  MAP@R {metrics['map_at_r']:.4f}  P@1 {metrics['precision_at_1']:.4f}  "
                f"R@5 {metrics['recall_at_k']['5']:.4f}  queries {metrics['num_queries']} "
                f"(skipped {metrics['num_skipped_queries']})"
-               + ("" if rr["kind"] == "none" else f"  [gallery re-ranked: {rr['kind']}]"))
+               + ("" if rr["kind"] == "none" else f"  [gallery re-ranked: {rr['kind']}]")
+               + ("" if not whiten else "  [gallery whitened: episodes are not]"))
     echo_episodes(metrics["episodes"])
     if transductive != "none" or query_imbalance is not None:
         typer.echo(f"episodes: {transductive}" + (

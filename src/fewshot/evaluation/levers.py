@@ -27,16 +27,17 @@ TRANSDUCTIVE_CHOICES = ("none", "centre", *TRANSDUCTIVE[1:])
 
 
 def check_levers(rerank: Any, transductive: str, query_imbalance: float | None, *, gallery: bool,
-                 model_classifier: bool) -> RerankOptions:
+                 model_classifier: bool, whiten: bool = False) -> RerankOptions:
     """The checked re-ranking options; refuses levers where they do not apply.
 
     Args:
         gallery: whether the evaluation has a gallery (``False``: leave-one-out within the queries).
         model_classifier: whether the model's episode classifier adapts to each task (MAML's,
             marked ``adapts``; :func:`adapts`); a prototype classifier (protonet's) may be replaced.
+        whiten: whether the gallery is to be whitened (:mod:`fewshot.index.whiten`), which needs one.
 
     Raises:
-        InputError / FewshotError: naming ``rerank``, ``transductive`` or ``query_imbalance``.
+        InputError / FewshotError: naming ``rerank``, ``transductive``, ``query_imbalance`` or ``whiten``.
     """
     try:
         opts = RerankOptions.from_value(rerank)
@@ -46,6 +47,11 @@ def check_levers(rerank: Any, transductive: str, query_imbalance: float | None, 
         raise InputError(f"rerank={opts.kind!r} re-ranks a gallery, and this evaluation is leave-one-out within "
                          "one set of images", hint="pass split_file (queries against a gallery), or rerank='none'",
                          options=("rerank", "split_file"))
+    if whiten and not gallery:
+        raise InputError("whiten=True fits the whitening on a gallery's labelled photos, and this evaluation is "
+                         "leave-one-out within one set of images",
+                         hint="pass split_file (queries against a gallery), or leave whiten off",
+                         options=("whiten", "split_file"))
     if transductive not in TRANSDUCTIVE_CHOICES:
         raise InputError(f"unknown option transductive = {transductive!r}",
                          hint=f"use one of: {', '.join(TRANSDUCTIVE_CHOICES)}", options=("transductive",))

@@ -31,6 +31,10 @@ cannot define, e.g. a precision of nothing named, is left out of its summary):
 * per brand of the query, for the default score: AUROC (mean over the draws where the brand has
   both known and absent photos), realised false-accept rate and known accepted-and-right, pooled
   over draws (photos accepted / photos).
+
+With ``whiten=True`` each draw's catalogue and the queries are whitened by a fit on that
+catalogue's photos alone (:mod:`fewshot.index.whiten`) before the index is built: classification,
+calibration and every score then happen in the whitened space.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from ..catalogue.scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, open_sco
 from ..checks import as_embeddings, as_list, positive_int
 from ..errors import DataError, InputError
 from ..index import CatalogueIndex
+from ..index.whiten import fit_whitening
 from ..metrics.openset import openset_metrics, oscr_curve
 
 __all__ = ["evaluate_open_set", "draw_known", "usable_classes", "KNN_K", "FPR_GRID", "DEFAULT_DRAWS",
@@ -164,12 +169,17 @@ def _knn_scores(index: CatalogueIndex, q: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str]) -> _Draw:
-    """Build the catalogue of ``known``, classify every query, score and answer it."""
+def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str], whiten: bool = False) -> _Draw:
+    """Build the catalogue of ``known`` (whitened by its own fit with ``whiten``), classify every
+    query, score and answer it."""
     cat = np.isin(s.g_labels, known)
-    index = CatalogueIndex.build(s.g[cat], s.g_labels[cat].tolist(), s.g_groups[cat].tolist(),
+    g, q = s.g[cat], s.q
+    if whiten:
+        w = fit_whitening(g, s.g_labels[cat])
+        g, q = w.apply(g), w.apply(q)
+    index = CatalogueIndex.build(g, s.g_labels[cat].tolist(), s.g_groups[cat].tolist(),
                                  [f"gallery:{i}" for i in np.flatnonzero(cat)], {})
-    preds = index.classify(s.q, top_k=SCORE_DEPTH)
+    preds = index.classify(q, top_k=SCORE_DEPTH)
     top, _ = prediction_arrays(preds)
     best = np.array([p[0].label for p in preds], dtype=object)
     brands = {g for g in s.g_groups[cat] if g is not None}
@@ -177,7 +187,7 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str])
     d = _Draw(known=known, is_known=is_known, right=best == s.q_labels, groups=s.q_groups,
               known_brand=np.array([g is not None and g in brands for g in s.q_groups], bool),
               scores={name: open_scores(top, name) for name in product})
-    d.scores.update(_knn_scores(index, s.q))
+    d.scores.update(_knn_scores(index, q))
     for name in product:
         rejector = Rejector.for_index(index, "auto", target_far=target_far, score=name)
         if rejector.calibration is None:  # pragma: no cover - the inputs check rules this out
@@ -301,7 +311,7 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
                       gallery_vectors: np.ndarray, gallery_labels: Sequence[str],
                       gallery_groups: Sequence[str | None], classes: Sequence[str], *, draws: int = DEFAULT_DRAWS,
                       seed: int = 0, target_far: float = DEFAULT_TARGET_FAR,
-                      scores: Sequence[str] | None = None) -> dict:
+                      scores: Sequence[str] | None = None, whiten: bool = False) -> dict:
     """The open-set protocol of the module docstring on embeddings already computed.
 
     Args:
@@ -314,6 +324,9 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
         target_far: the false-accept rate the thresholds are calibrated for, in ``(0, 1)``.
         scores: the scores to compare (default: every registered open-set score, then ``knn1`` and
             ``knn5``); the operating point is measured for the registered ones.
+        whiten: each draw's catalogue whitened by a fit on its own photos
+            (:func:`fewshot.index.whiten.fit_whitening`), the queries with it; absent articles'
+            photos never enter the fit.
 
     Returns:
         a JSON-ready dict: ``protocol``, ``default_score``, ``scores`` (per score: ``auroc`` and
@@ -333,7 +346,7 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
     names, product = _score_names(scores)
     default = DEFAULT_SCORE if DEFAULT_SCORE in product else product[0]
     s = _inputs(query_vectors, query_labels, query_groups, gallery_vectors, gallery_labels, gallery_groups, classes)
-    done = [_run_draw(s, known, far, product) for known in draw_known(s.classes, draws, seed)]
+    done = [_run_draw(s, known, far, product, whiten) for known in draw_known(s.classes, draws, seed)]
     by_score = {n: [_score_row(d, n) for d in done] for n in names}
     by_op = {n: [_operating_row(d, n) for d in done] for n in product}
     top1 = [_share(d.right, d.is_known) for d in done]
@@ -342,7 +355,7 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
                  for c in ("roc", "oscr")}}
     return {
         "protocol": {"classes": len(s.classes), "known_per_draw": len(s.classes) // 2, "draws": draws, "seed": seed,
-                     "target_far": far, "queries": int(len(s.q)), "gallery_images": int(len(s.g)),
+                     "target_far": far, "queries": int(len(s.q)), "gallery_images": int(len(s.g)), "whiten": bool(whiten),
                      "dropped_classes": s.dropped,
                      "summaries": "mean, population sd, min and max over the draws",
                      "curves": "vertical average over the draws on fpr_grid (best rate at a FAR at most each value)"},

@@ -42,6 +42,11 @@ def _lever_lines(c: dict) -> list[str]:
                      "the retrieval grid and the open-set section use the plain cosine ranking"
                      + ("; k-reciprocal ranks every query with the help of all the others" if rerank["kind"] ==
                         "k-reciprocal" else ""))
+    if c.get("whiten"):
+        w = c["whiten"]
+        lines.append(f"- gallery and queries whitened by the gallery's within-article covariance ({w['photos']} photos "
+                     f"of {w['articles']} articles, Ledoit-Wolf shrinkage {w['shrinkage']:.3f}) for the retrieval "
+                     "figures and the grid, and each open-set catalogue by its own; the episodes are not whitened")
     if c.get("transductive", "none") != "none":
         lines.append(f"- episodes classified transductively (`{c['transductive']}`): each episode's queries "
                      "help classify each other; the gain holds only when queries are spread over the classes")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ..version import environment
 from ..viz import embedding_map, retrieval_grid
 from ..catalogue.reject import check_target_far
 from ..index.rerank import check_size
+from ..index.whiten import Whitening, fit_whitening
 from .levers import adapts, check_levers, episode_inputs, ranked_report
 from .openset import DEFAULT_DRAWS, evaluate_open_set
 from .openset_report import OPEN_SET_FILES, write_open_set_plots
@@ -76,6 +77,10 @@ class EvalConfig:
             ``centre``, ``bdcspn``, ``tim``; :mod:`fewshot.methods.transductive`).
         query_imbalance: ``None`` (balanced episodes) or the Dirichlet concentration of
             imbalanced query sets (:func:`fewshot.metrics.episodic_accuracy`).
+        whiten: whiten the gallery and the queries by the gallery's within-article covariance
+            (:mod:`fewshot.index.whiten`; needs ``split_file``) for the retrieval figures, and
+            each open-set draw's catalogue by its own; the episodes stay unwhitened (a K-shot
+            support set is all an episode may learn from).
     """
 
     data: str
@@ -95,6 +100,7 @@ class EvalConfig:
     rerank: Any = "none"
     transductive: str = "none"
     query_imbalance: float | None = None
+    whiten: bool = False
     embed: EmbedOptions = field(default_factory=EmbedOptions)
 
 
@@ -165,7 +171,7 @@ def evaluate(cfg: EvalConfig, out: str | Path | None = None,
     """
     check_open_set(cfg)
     check_levers(cfg.rerank, cfg.transductive, cfg.query_imbalance, gallery=cfg.split_file is not None,
-                 model_classifier=False)
+                 model_classifier=False, whiten=cfg.whiten)
     queries, gallery, protocol = evaluation_sets(cfg)
     return evaluate_sets(cfg, queries, gallery, protocol, out, model, overwrite=overwrite)
 
@@ -186,12 +192,13 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
                      owned=EVALUATION_FILES.__contains__, **data_protection(cfg.data, queries, gallery))
     model = model or model_from_options(cfg.embed)
     rerank = check_levers(cfg.rerank, cfg.transductive, cfg.query_imbalance, gallery=gallery is not None,
-                          model_classifier=adapts(model.episode_classifier))
+                          model_classifier=adapts(model.episode_classifier), whiten=cfg.whiten)
     check_size(rerank, len(queries), len(gallery) if gallery is not None else 0)
     q = cfg.embed.embed(model, queries)
     g = cfg.embed.embed(model, gallery) if gallery is not None else None
     check_evaluable(q.labels, g.labels if g is not None else None, f"the readable images of {name}")
-    report = ranked_report(rerank, q, g)
+    rq, rg, whitening = whitened_sets(q, g) if cfg.whiten else (q, g, None)
+    report = ranked_report(rerank, rq, rg)
     metrics = report.to_dict()
     if report.num_skipped_queries:
         warn_single_image_classes(q, g)
@@ -205,11 +212,19 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         "protocol": protocol, "model": model.describe(), "image_size": model.backbone.image_size,
         "seed": cfg.seed, "episodes": cfg.episodes, "n_query": cfg.n_query, "open_set": cfg.open_set,
         "rerank": rerank.to_dict(), "transductive": cfg.transductive, "query_imbalance": cfg.query_imbalance,
-        "similarity": "cosine", "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
+        "whiten": whitening.describe() if whitening else None, "similarity": "cosine",
+        "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
         "skipped_images": skipped, **environment()}
     if out is not None:
-        write_evaluation(metrics, q, g, Path(out), cfg)
+        write_evaluation(metrics, rq, rg, Path(out), cfg)
     return metrics
+
+
+def whitened_sets(q: Embeddings, g: Embeddings) -> tuple[Embeddings, Embeddings, Whitening]:
+    """``q`` and ``g`` whitened by a fit on ``g``'s labelled photos (:func:`fit_whitening`), and the fit."""
+    whitening = fit_whitening(g.vectors, g.labels)
+    return (replace(q, vectors=whitening.apply(q.vectors)), replace(g, vectors=whitening.apply(g.vectors)),
+            whitening)
 
 
 def episode_metrics(cfg: EvalConfig, model: EmbeddingModel, q: Embeddings, g: Embeddings | None) -> dict:
@@ -242,7 +257,7 @@ def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddin
 
     classes = ClassSplit.load(protocol["split_file"]).classes_of(protocol["part"])
     return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups, classes,
-                             draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far)
+                             draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far, whiten=cfg.whiten)
 
 
 def warn_single_image_classes(q: Embeddings, g: Embeddings | None) -> list[str]:

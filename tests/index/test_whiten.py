@@ -1,0 +1,102 @@
+"""Catalogue whitening (fewshot.index.whiten): a ranking it must fix, the whitening property
+against scikit-learn's Ledoit-Wolf estimate, refusals; wired into evaluate and the open-set
+protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.covariance import LedoitWolf
+
+from fewshot.errors import DataError, InputError
+from fewshot.index.whiten import fit_whitening
+from fewshot.metrics import retrieval_metrics
+
+
+def _nuisance_catalogue():
+    """Two articles, A and B, told apart by direction 2 (+-0.5 around a large direction 0); their
+    photos vary along direction 1 (A's from -3 to 0, B's from 0 to 3), far more than they differ.
+    Unit vectors of ``(10, nuisance, identity)``."""
+    rows, labels = [], []
+    for label, identity, nuisance in (("A", 0.5, (-3.0, -2.0, -1.0, 0.0)), ("B", -0.5, (0.0, 1.0, 2.0, 3.0))):
+        for i, n in enumerate(nuisance):
+            rows.append((10.0, n, identity + 0.05 * (-1) ** i))
+            labels.append(label)
+    g = np.array(rows, np.float32)
+    return g / np.linalg.norm(g, axis=1, keepdims=True), labels
+
+
+def test_whitening_fixes_a_ranking_the_nuisance_direction_breaks():
+    g, labels = _nuisance_catalogue()
+    q = np.array([[10.0, 2.5, 0.4]], np.float32)  # a photo of A, its nuisance among B's photos'
+    raw = retrieval_metrics(q, ["A"], g, labels)
+    assert raw.precision_at_1 == 0.0  # nearest image: B's (10, 2, -0.45)
+    w = fit_whitening(g, labels)
+    white = retrieval_metrics(w.apply(q), ["A"], w.apply(g), labels)
+    assert white.precision_at_1 == 1.0 and white.map > raw.map + 0.05
+    assert w.photos == 8 and w.articles == 2 and 0.0 <= w.shrinkage <= 1.0
+    assert w.describe()["articles"] == 2
+
+
+def test_the_matrix_whitens_scikit_learns_shrunk_within_article_covariance():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 5))
+    labels = np.repeat(np.arange(6), 4)
+    x = centres[labels] + rng.normal(scale=[2.0, 1.0, 0.5, 0.2, 0.1], size=(24, 5))
+    names = [f"a{i}" for i in labels]
+    w = fit_whitening(x.astype(np.float32), names)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    means = np.stack([unit[labels == i].mean(0) for i in range(6)])
+    reference = LedoitWolf(assume_centered=True).fit(unit - means[labels])
+    np.testing.assert_allclose(w.matrix.T @ reference.covariance_ @ w.matrix, np.eye(5), atol=1e-6)
+    np.testing.assert_allclose(w.mean, unit.mean(0), atol=1e-6)
+    assert w.shrinkage == pytest.approx(reference.shrinkage_)
+    y = w.apply(x.astype(np.float32))
+    assert y.dtype == np.float32 and y.shape == (24, 5)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+
+
+def test_single_photo_articles_photos_count_for_the_mean_only():
+    g, labels = _nuisance_catalogue()
+    extra = np.array([[1.0, 0.0, 0.0]], np.float32)
+    with_single = fit_whitening(np.vstack([g, extra]), labels + ["C"])
+    assert with_single.articles == 3 and with_single.photos == 9
+    with pytest.raises(DataError, match="too few photos of one article") as exc:
+        fit_whitening(g[[0, 4]], ["A", "B"])
+    assert "second photo" in exc.value.hint
+    with pytest.raises(ValueError, match="dimension"):
+        with_single.apply(np.ones((1, 4), np.float32))
+    with pytest.raises(ValueError):
+        fit_whitening(g, labels[:3])
+
+
+def test_open_set_draws_fit_each_catalogue_on_its_own():
+    from fewshot.evaluation.openset import evaluate_open_set
+
+    rng = np.random.default_rng(1)
+    classes = [f"c{i:02d}" for i in range(12)]
+    centres = rng.normal(size=(12, 8))
+    nuisance = np.zeros(8)
+    nuisance[0] = 1.0
+
+    def photos(n):
+        lab = np.repeat(np.arange(12), n)
+        return (centres[lab] + rng.normal(scale=3.0, size=(len(lab), 1)) * nuisance
+                + rng.normal(scale=0.3, size=(len(lab), 8))).astype(np.float32), [classes[i] for i in lab]
+
+    g, gl = photos(6)
+    q, ql = photos(4)
+    plain = evaluate_open_set(q, ql, [None] * len(q), g, gl, [None] * len(g), classes, draws=3)
+    white = evaluate_open_set(q, ql, [None] * len(q), g, gl, [None] * len(g), classes, draws=3, whiten=True)
+    assert white["protocol"]["whiten"] is True and plain["protocol"]["whiten"] is False
+    assert white["top1_known"]["mean"] > plain["top1_known"]["mean"]
+    assert white["scores"]["relative"]["auroc"]["mean"] > plain["scores"]["relative"]["auroc"]["mean"]
+
+
+def test_evaluate_refuses_whiten_without_a_gallery():
+    from fewshot.evaluation.levers import check_levers
+
+    with pytest.raises(InputError, match="whiten=True fits") as exc:
+        check_levers("none", "none", None, gallery=False, model_classifier=False, whiten=True)
+    assert exc.value.options == ("whiten", "split_file")
+    assert check_levers("none", "none", None, gallery=True, model_classifier=False, whiten=True).kind == "none"
