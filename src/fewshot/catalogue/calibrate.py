@@ -123,9 +123,11 @@ def _check(by: str, counts: np.ndarray, brand: np.ndarray) -> None:
 
 
 def calibration_scores(index: CatalogueIndex, *, score: str = DEFAULT_SCORE, by: str = "article",
-                       max_photos: int = MAX_PHOTOS, seed: int = 0) -> CalibrationScores:
+                       max_photos: int = MAX_PHOTOS, seed: int = 0,
+                       rows: np.ndarray | None = None) -> CalibrationScores:
     """The scores of the catalogue's own photos with their photo, article or brand left out
-    (module docstring).
+    (module docstring); ``rows``: score only these catalogue positions (sorted; default: all, or
+    a seeded sample of ``max_photos``).
 
     Raises:
         DataError: fewer than :data:`MIN_ARTICLES` articles (brands with ``by="group"``);
@@ -139,7 +141,7 @@ def calibration_scores(index: CatalogueIndex, *, score: str = DEFAULT_SCORE, by:
     groups = np.array(index.article_groups, object)
     with_brands = len(np.unique(brand[counts > 0])) >= MIN_BRANDS and any(g is not None for g in groups)
     parts: dict[str, list] = {k: [] for k in ("present", "absent", "brand_present", "brand_right", "brand_absent")}
-    rows = _sample(index, max_photos, seed)
+    rows = _sample(index, max_photos, seed) if rows is None else np.asarray(rows, np.int64)
     for start in range(0, len(rows), CHUNK):
         pos = rows[start:start + CHUNK]
         x = _rows(index, pos)

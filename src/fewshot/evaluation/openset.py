@@ -34,7 +34,9 @@ cannot define, e.g. a precision of nothing named, is left out of its summary):
 
 With ``whiten=True`` each draw's catalogue and the queries are whitened by a fit on that
 catalogue's photos alone (:mod:`fewshot.index.whiten`) before the index is built: classification,
-calibration and every score then happen in the whitened space.
+calibration and every score then happen in the whitened space, and the thresholds come from
+:func:`fewshot.catalogue.whitened.whitened_calibration_scores` (photos scored in fits made
+without their article).
 """
 
 from __future__ import annotations
@@ -45,13 +47,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ..catalogue.calibrate import MIN_ARTICLES
+from ..catalogue.calibrate import MIN_ARTICLES, calibration_from
 from ..catalogue.reject import DEFAULT_TARGET_FAR, Rejector, answers, check_target_far, prediction_arrays
 from ..catalogue.scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, open_scores
+from ..catalogue.whitened import whitened_calibration_scores, whitened_catalogue
 from ..checks import as_embeddings, as_list, positive_int
 from ..errors import DataError, InputError
 from ..index import CatalogueIndex
-from ..index.whiten import fit_whitening
 from ..metrics.openset import openset_metrics, oscr_curve
 
 __all__ = ["evaluate_open_set", "draw_known", "usable_classes", "KNN_K", "FPR_GRID", "DEFAULT_DRAWS",
@@ -170,15 +172,20 @@ def _knn_scores(index: CatalogueIndex, q: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str], whiten: bool = False) -> _Draw:
-    """Build the catalogue of ``known`` (whitened by its own fit with ``whiten``), classify every
-    query, score and answer it."""
+    """Build the catalogue of ``known`` (whitened by its own fit with ``whiten``, its thresholds
+    then calibrated as :mod:`fewshot.catalogue.whitened` says), classify every query, score and
+    answer it."""
     cat = np.isin(s.g_labels, known)
-    g, q = s.g[cat], s.q
+    labels, groups = s.g_labels[cat].tolist(), s.g_groups[cat].tolist()
+    paths = [f"gallery:{i}" for i in np.flatnonzero(cat)]
     if whiten:
-        w = fit_whitening(g, s.g_labels[cat])
-        g, q = w.apply(g), w.apply(q)
-    index = CatalogueIndex.build(g, s.g_labels[cat].tolist(), s.g_groups[cat].tolist(),
-                                 [f"gallery:{i}" for i in np.flatnonzero(cat)], {})
+        white = whitened_catalogue(s.g[cat], labels, groups, paths)
+        index, q = white.index, white.whitening.apply(s.q)
+        fold_scores = whitened_calibration_scores(s.g[cat], labels, groups, product)
+        rejectors = {n: _rejector(n, calibration_from(fold_scores[n], target_far, score=n)) for n in product}
+    else:
+        index, q = CatalogueIndex.build(s.g[cat], labels, groups, paths, {}), s.q
+        rejectors = {n: Rejector.for_index(index, "auto", target_far=target_far, score=n) for n in product}
     preds = index.classify(q, top_k=SCORE_DEPTH)
     top, _ = prediction_arrays(preds)
     best = np.array([p[0].label for p in preds], dtype=object)
@@ -188,8 +195,7 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
               known_brand=np.array([g is not None and g in brands for g in s.q_groups], bool),
               scores={name: open_scores(top, name) for name in product})
     d.scores.update(_knn_scores(index, q))
-    for name in product:
-        rejector = Rejector.for_index(index, "auto", target_far=target_far, score=name)
+    for name, rejector in rejectors.items():
         if rejector.calibration is None:  # pragma: no cover - the inputs check rules this out
             raise DataError(f"the catalogue of draw {known} could not be calibrated")
         said = answers(rejector, preds)
@@ -200,6 +206,11 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
         d.decided[name] = {"accepted": accepted, "accepted_right": accepted & d.right, "brand_named": named,
                            "brand_right": named & (np.array([a.brand for a in said], dtype=object) == s.q_groups)}
     return d
+
+
+def _rejector(score: str, calibration) -> Rejector:
+    """The ``auto`` rejector of a calibration made elsewhere."""
+    return Rejector(score, calibration.threshold, calibration)
 
 
 def _on_grid(fpr: np.ndarray, y: np.ndarray, grid: np.ndarray = FPR_GRID) -> np.ndarray:
