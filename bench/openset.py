@@ -13,6 +13,7 @@ Usage (from the repository root)::
 
     python bench/openset.py --out docs/results/openset                       # the frozen row
     python bench/openset.py --out docs/results/openset --model runs/triplet  # a fine-tuned row
+    python bench/openset.py --out docs/results/openset --whiten --model runs/triplet  # whitened rows
 
 Every row is written to ``OUT/results.json`` as soon as it is measured (rerunning a row replaces
 it) with its date, CPU, load and versions; ``OUT/table.md`` is rendered from it. Part 9 of
@@ -50,9 +51,10 @@ def _stamp() -> dict[str, Any]:
 
 
 def measure(data: str, model_dir: str | None, cache_dir: str | None, draws: int = 20, seed: int = 0,
-            target_far: float = 0.05, backbone: str = "efficientnet_lite0") -> dict[str, Any]:
-    """One row: the open-set section of ``fewshot evaluate --open-set`` on Grocery's unseen test
-    articles, for the frozen ``backbone`` (``model_dir`` ``None``) or a trained run."""
+            target_far: float = 0.05, backbone: str = "efficientnet_lite0", whiten: bool = False) -> dict[str, Any]:
+    """One row: the open-set section of ``fewshot evaluate --open-set`` (``--whiten``: each
+    catalogue whitened) on Grocery's unseen test articles, for the frozen ``backbone``
+    (``model_dir`` ``None``) or a trained run."""
     from fewshot.embed.options import EmbedOptions
     from fewshot.evaluation import EvalConfig, evaluation_sets, open_set_metrics
     from fewshot.methods.from_options import model_from_options
@@ -60,14 +62,14 @@ def measure(data: str, model_dir: str | None, cache_dir: str | None, draws: int 
     opts = EmbedOptions(backbone=None if model_dir else backbone, model_dir=model_dir, image_size=None if model_dir else 224,
                         cache_dir=cache_dir, progress=False)
     cfg = EvalConfig(data=data, split_file=str(ROOT / SPLIT_FILE), part="test", seed=seed, open_set=True,
-                     open_set_draws=draws, target_far=target_far, embed=opts)
+                     open_set_draws=draws, target_far=target_far, whiten=whiten, embed=opts)
     queries, gallery, protocol = evaluation_sets(cfg)
     model = model_from_options(opts)
     t0 = time.perf_counter()
     q, g = opts.embed(model, queries), opts.embed(model, gallery)
     t1 = time.perf_counter()
     section = open_set_metrics(cfg, protocol, q, g)
-    name = f"fine-tuned ({Path(model_dir).name})" if model_dir else f"frozen {backbone}"
+    name = (f"fine-tuned ({Path(model_dir).name})" if model_dir else f"frozen {backbone}") + (", whitened" if whiten else "")
     return {"name": name, "model": model.describe(), "embed_seconds": round(t1 - t0, 1),
             "seconds": round(time.perf_counter() - t1, 1), "open_set": section, **_stamp()}
 
@@ -208,11 +210,13 @@ def rows_main(argv: list[str] | None, description: str, default_out: Path, measu
     p.add_argument("--no-frozen", action="store_true", help="measure only the --model rows")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--draws", type=int, default=20)
+    p.add_argument("--whiten", action="store_true", help="each catalogue whitened (fewshot evaluate --whiten)")
     args = p.parse_args(argv)
     out = Path(args.out)
     results = _load(out / "results.json")
     for model_dir in ([None] if not args.no_frozen else []) + args.model:
-        row = measure_row(args.data, model_dir, args.cache_dir, draws=args.draws)
+        row = measure_row(args.data, model_dir, args.cache_dir, draws=args.draws,
+                          **({"whiten": True} if args.whiten else {}))
         results["rows"][row["name"]] = row
         write_json(out / "results.json", results)
         print(f"{row['name']}: done in {row['seconds']:.0f} s (+ {row.get('embed_seconds', 0):.0f} s embedding)", flush=True)
