@@ -63,7 +63,7 @@ def test_single_photo_articles_photos_count_for_the_mean_only():
     assert with_single.articles == 3 and with_single.photos == 9
     with pytest.raises(DataError, match="too few photos of one article") as exc:
         fit_whitening(g[[0, 4]], ["A", "B"])
-    assert "second photo" in exc.value.hint
+    assert "second photo" in exc.value.hint and exc.value.options == ("whiten",)
     with pytest.raises(ValueError, match="dimension"):
         with_single.apply(np.ones((1, 4), np.float32))
     with pytest.raises(ValueError):

@@ -107,7 +107,7 @@ def fit_whitening(vectors: np.ndarray, labels: Sequence[str]) -> Whitening:
     if spread < MIN_SPREAD_PHOTOS:
         raise DataError(f"the catalogue has {len(x)} photos of {len(counts)} articles: too few photos of one "
                         "article to see how its photos vary, so no whitening can be fitted",
-                        hint="add a second photo to some articles, or leave whitening off")
+                        hint="add a second photo to some articles, or leave whiten off", options=("whiten",))
     means = np.zeros((len(counts), x.shape[1]))
     np.add.at(means, article, x)
     means /= counts[:, None]
