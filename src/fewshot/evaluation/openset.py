@@ -182,7 +182,8 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
         white = whitened_catalogue(s.g[cat], labels, groups, paths)
         index, q = white.index, white.whitening.apply(s.q)
         fold_scores = whitened_calibration_scores(s.g[cat], labels, groups, product)
-        rejectors = {n: _rejector(n, calibration_from(fold_scores[n], target_far, score=n)) for n in product}
+        calibrations = {n: calibration_from(fold_scores[n], target_far, score=n) for n in product}
+        rejectors = {n: Rejector(n, c.threshold, c) for n, c in calibrations.items()}
     else:
         index, q = CatalogueIndex.build(s.g[cat], labels, groups, paths, {}), s.q
         rejectors = {n: Rejector.for_index(index, "auto", target_far=target_far, score=n) for n in product}
@@ -206,11 +207,6 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
         d.decided[name] = {"accepted": accepted, "accepted_right": accepted & d.right, "brand_named": named,
                            "brand_right": named & (np.array([a.brand for a in said], dtype=object) == s.q_groups)}
     return d
-
-
-def _rejector(score: str, calibration) -> Rejector:
-    """The ``auto`` rejector of a calibration made elsewhere."""
-    return Rejector(score, calibration.threshold, calibration)
 
 
 def _on_grid(fpr: np.ndarray, y: np.ndarray, grid: np.ndarray = FPR_GRID) -> np.ndarray:
