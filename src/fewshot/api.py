@@ -28,7 +28,7 @@ from typing import Any
 from .backbones import Backbone
 from .catalogue import Catalogue
 from .catalogue.inputs import ImageLike, as_dataset, as_model, as_path
-from .checks import positive_int
+from .checks import as_bool, positive_int
 from .data.records import Dataset
 from .model import EmbeddingModel
 from .data.protocol import ALL_SPLITS, leave_one_out_protocol, load_data, split_protocol_sets
@@ -122,7 +122,8 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
     Raises:
         DataError: data that cannot give a meaningful number (one class, one image per class).
         TypeError: ``model`` is not a model, ``dataset`` not a :class:`Dataset` (a path says
-            how to load it), ``episodes`` / ``seed`` not integers, paths that are not paths.
+            how to load it), ``episodes`` / ``seed`` not integers, ``open_set`` / ``whiten`` not
+            ``True`` / ``False``, paths that are not paths.
         ValueError: ``episodes < 1``, ``seed < 0``, ``open_set_draws < 1``, ``open_set`` without
             ``split_file``, ``target_far`` outside (0, 1), an unknown ``rerank`` / ``transductive``,
             ``rerank`` or ``whiten`` without ``split_file``. All checked before anything is embedded.
@@ -133,15 +134,16 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
     episodes, seed = positive_int(episodes, "episodes"), positive_int(seed, "seed", minimum=0)
     n_query = positive_int(n_query, "n_query")
     open_set_draws = positive_int(open_set_draws, "open_set_draws")
+    open_set, whiten = as_bool(open_set, "open_set"), as_bool(whiten, "whiten")
     split_file = as_path(split_file, "split_file") if split_file is not None else None
     out = as_path(out, "out") if out is not None else None
     cfg = EvalConfig(data=str(dataset.root or dataset.name), split_file=str(split_file) if split_file else None,
-                     part=part, seed=seed, episodes=episodes, n_query=n_query, open_set=bool(open_set),
+                     part=part, seed=seed, episodes=episodes, n_query=n_query, open_set=open_set,
                      open_set_draws=open_set_draws, target_far=target_far, rerank=rerank, transductive=transductive,
-                     query_imbalance=query_imbalance, whiten=bool(whiten), embed=EmbedOptions(runtime=runtime, progress=False))
+                     query_imbalance=query_imbalance, whiten=whiten, embed=EmbedOptions(runtime=runtime, progress=False))
     check_open_set(cfg)
     check_levers(rerank, transductive, query_imbalance, gallery=split_file is not None, model_classifier=False,
-                 whiten=bool(whiten))
+                 whiten=whiten)
     if split_file is None:
         return evaluate_sets(cfg, dataset, None, leave_one_out_protocol(dataset), out, model, overwrite=overwrite)
     queries, gallery, protocol = split_protocol_sets(dataset, ClassSplit.load(split_file), split_file, part)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_embeddings", "as_list", "positive_int"]
+__all__ = ["as_bool", "as_embeddings", "as_list", "positive_int"]
 
 
 def positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -26,6 +26,17 @@ def positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if not math.isfinite(value) or int(value) != value or value < minimum:
         raise ValueError(f"{name} must be a whole number of at least {minimum}, got {value!r}")
     return int(value)
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """``value`` (``True`` / ``False``, or a NumPy bool) as a ``bool``.
+
+    Raises:
+        TypeError: anything else (``"false"``, ``1``, ``None``): the message names ``name``.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__} ({value!r})")
+    return bool(value)
 
 
 def as_embeddings(x: Any, name: str) -> np.ndarray:

@@ -114,7 +114,8 @@ def test_whiten_through_the_cli_is_recorded_reported_and_leaves_episodes_alone(d
     assert w["config"]["whiten"]["photos"] == 60 and w["config"]["whiten"]["articles"] == 12
     assert p["config"]["whiten"] is None and w["map_at_r"] != p["map_at_r"]
     assert w["episodes"]["5way1shot"]["accuracy"] == p["episodes"]["5way1shot"]["accuracy"]
-    assert "whitened by the gallery's within-article covariance (60 photos of 12 articles" in \
-        (root / "white-ev" / "report.md").read_text()
+    report = (root / "white-ev" / "report.md").read_text()
+    assert "whitened by the gallery's within-article covariance (60 photos of 12 articles" in report
+    assert "open-set catalogue" not in report  # no --open-set: the report does not claim one
     r = CliRunner().invoke(app, ["evaluate", "--data", str(manifest), "--whiten", "--out", str(root / "loo-ev")])
     assert r.exit_code == 1 and "--whiten" in r.output and "--split-file" in r.output and "Traceback" not in r.output

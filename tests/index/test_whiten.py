@@ -61,9 +61,15 @@ def test_single_photo_articles_photos_count_for_the_mean_only():
     extra = np.array([[1.0, 0.0, 0.0]], np.float32)
     with_single = fit_whitening(np.vstack([g, extra]), labels + ["C"])
     assert with_single.articles == 3 and with_single.photos == 9
-    with pytest.raises(DataError, match="too few photos of one article") as exc:
+    with pytest.raises(DataError, match="2 photos of 2 articles, and only 0 of them") as exc:
         fit_whitening(g[[0, 4]], ["A", "B"])
     assert "second photo" in exc.value.hint and exc.value.options == ("whiten",)
+    with pytest.raises(DataError, match="only 1 of them"):  # one article of two photos is not enough
+        fit_whitening(g[[0, 1, 4]], ["A", "A", "B"])
+    same = np.repeat(g[:1], 6, axis=0)  # every photo alike: whitened, each would be the zero vector
+    with pytest.raises(DataError, match="identical") as exc:
+        fit_whitening(same, ["A", "A", "A", "B", "B", "B"])
+    assert exc.value.options == ("whiten",)
     with pytest.raises(ValueError, match="dimension"):
         with_single.apply(np.ones((1, 4), np.float32))
     with pytest.raises(ValueError):
@@ -91,6 +97,36 @@ def test_open_set_draws_fit_each_catalogue_on_its_own():
     assert white["protocol"]["whiten"] is True and plain["protocol"]["whiten"] is False
     assert white["top1_known"]["mean"] > plain["top1_known"]["mean"]
     assert white["scores"]["relative"]["auroc"]["mean"] > plain["scores"]["relative"]["auroc"]["mean"]
+
+
+def test_open_set_says_which_draw_cannot_be_whitened():
+    from fewshot.evaluation.openset import evaluate_open_set
+
+    rng = np.random.default_rng(2)
+    classes = [f"c{i:02d}" for i in range(12)]
+    counts = [3] + [1] * 11  # the gallery can be whitened, no draw's 5 folds can
+    g = rng.normal(size=(sum(counts), 8)).astype(np.float32)
+    gl = [c for c, n in zip(classes, counts) for _ in range(n)]
+    q = rng.normal(size=(24, 8)).astype(np.float32)
+    ql = [c for c in classes for _ in range(2)]
+    fit_whitening(g, gl)
+    with pytest.raises(DataError, match="open set with whitening: the catalogue of a draw") as exc:
+        evaluate_open_set(q, ql, [None] * 24, g, gl, [None] * len(g), classes, draws=2, whiten=True)
+    assert exc.value.options == ("whiten",) and "two or more gallery photos" in exc.value.hint
+
+
+def test_the_api_takes_only_true_or_false():
+    import fewshot
+
+    with pytest.raises(TypeError, match="whiten must be True or False"):
+        fewshot.evaluate(fewshot.create_backbone("efficientnet_lite0", image_size=32), fewshot.data.Dataset([]),
+                         whiten="false")
+    from fewshot.checks import as_bool
+
+    assert as_bool(np.bool_(True), "x") is True and as_bool(False, "x") is False
+    for bad in ("false", 1, None, 2.5):
+        with pytest.raises(TypeError, match="open_set must be True or False"):
+            as_bool(bad, "open_set")
 
 
 def test_evaluate_refuses_whiten_without_a_gallery():

@@ -50,7 +50,7 @@ import numpy as np
 from ..catalogue.calibrate import MIN_ARTICLES, calibration_from
 from ..catalogue.reject import DEFAULT_TARGET_FAR, Rejector, answers, check_target_far, prediction_arrays
 from ..catalogue.scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, open_scores
-from ..catalogue.whitened import whitened_calibration_scores, whitened_catalogue
+from ..catalogue.whitened import WHITEN_FOLDS, whitened_calibration_scores, whitened_catalogue
 from ..checks import as_embeddings, as_list, positive_int
 from ..errors import DataError, InputError
 from ..index import CatalogueIndex
@@ -179,9 +179,17 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
     labels, groups = s.g_labels[cat].tolist(), s.g_groups[cat].tolist()
     paths = [f"gallery:{i}" for i in np.flatnonzero(cat)]
     if whiten:
-        white = whitened_catalogue(s.g[cat], labels, groups, paths)
+        try:
+            white = whitened_catalogue(s.g[cat], labels, groups, paths)
+            fold_scores = whitened_calibration_scores(s.g[cat], labels, groups, product)
+        except DataError as e:
+            raise DataError(f"open set with whitening: the catalogue of a draw ({len(known)} known articles, "
+                            f"{int(cat.sum())} gallery photos) or one of its {WHITEN_FOLDS} calibration folds cannot "
+                            f"be whitened: {e.message}",
+                            hint="every draw keeps half of the articles and each fold fit four fifths of those: give "
+                                 "more articles two or more gallery photos, or leave whiten off",
+                            options=("whiten",)) from None
         index, q = white.index, white.whitening.apply(s.q)
-        fold_scores = whitened_calibration_scores(s.g[cat], labels, groups, product)
         calibrations = {n: calibration_from(fold_scores[n], target_far, score=n) for n in product}
         rejectors = {n: Rejector(n, c.threshold, c) for n, c in calibrations.items()}
     else:

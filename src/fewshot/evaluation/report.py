@@ -46,7 +46,8 @@ def _lever_lines(c: dict) -> list[str]:
         w = c["whiten"]
         lines.append(f"- gallery and queries whitened by the gallery's within-article covariance ({w['photos']} photos "
                      f"of {w['articles']} articles, Ledoit-Wolf shrinkage {w['shrinkage']:.3f}) for the retrieval "
-                     "figures and the grid, and each open-set catalogue by its own; the episodes are not whitened")
+                     "figures and the grid" + (", and each open-set catalogue by its own" if c.get("open_set") else "")
+                     + "; the episodes are not whitened")
     if c.get("transductive", "none") != "none":
         lines.append(f"- episodes classified transductively (`{c['transductive']}`): each episode's queries "
                      "help classify each other; the gain holds only when queries are spread over the classes")

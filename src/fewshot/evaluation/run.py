@@ -30,7 +30,7 @@ from ..version import environment
 from ..viz import embedding_map, retrieval_grid
 from ..catalogue.reject import check_target_far
 from ..index.rerank import check_size
-from ..index.whiten import Whitening, fit_whitening
+from ..index.whiten import Whitening, check_spread, fit_whitening
 from .levers import adapts, check_levers, episode_inputs, ranked_report
 from .openset import DEFAULT_DRAWS, evaluate_open_set
 from .openset_report import OPEN_SET_FILES, write_open_set_plots
@@ -194,6 +194,8 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
     rerank = check_levers(cfg.rerank, cfg.transductive, cfg.query_imbalance, gallery=gallery is not None,
                           model_classifier=adapts(model.episode_classifier), whiten=cfg.whiten)
     check_size(rerank, len(queries), len(gallery) if gallery is not None else 0)
+    if cfg.whiten and gallery is not None:  # before embedding: the labels say whether it can be fitted
+        check_spread(np.unique(np.asarray(gallery.labels, dtype=object), return_counts=True)[1])
     q = cfg.embed.embed(model, queries)
     g = cfg.embed.embed(model, gallery) if gallery is not None else None
     check_evaluable(q.labels, g.labels if g is not None else None, f"the readable images of {name}")

@@ -35,7 +35,7 @@ from ..checks import as_embeddings, as_list
 from ..errors import DataError
 from .vectors import l2_normalize
 
-__all__ = ["Whitening", "fit_whitening", "MIN_SPREAD_PHOTOS"]
+__all__ = ["Whitening", "check_spread", "fit_whitening", "MIN_SPREAD_PHOTOS"]
 
 #: the fewest photos that vary within an article (photos minus articles, over articles of two or
 #: more photos) a catalogue needs to fit a whitening
@@ -82,6 +82,23 @@ class Whitening:
                 "photos": self.photos, "articles": self.articles}
 
 
+def check_spread(counts: Sequence[int] | np.ndarray) -> None:
+    """Refuse a catalogue whose articles' photo counts (``counts``, one per article) leave fewer
+    than :data:`MIN_SPREAD_PHOTOS` photos beyond the first of their article: cheap, so callers
+    check it before embedding anything.
+
+    Raises:
+        DataError: naming the ``whiten`` option.
+    """
+    counts = np.asarray(counts, np.int64)
+    spread = int((counts[counts > 1] - 1).sum())
+    if spread < MIN_SPREAD_PHOTOS:
+        raise DataError(f"the catalogue has {int(counts.sum())} photos of {len(counts)} articles, and only {spread} "
+                        f"of them are a second or later photo of an article: at least {MIN_SPREAD_PHOTOS} are needed "
+                        "to see how photos of an article vary, so no whitening can be fitted",
+                        hint="add a second photo to some articles, or leave whiten off", options=("whiten",))
+
+
 def fit_whitening(vectors: np.ndarray, labels: Sequence[str]) -> Whitening:
     """Fit the whitening of a catalogue (module docstring).
 
@@ -95,7 +112,7 @@ def fit_whitening(vectors: np.ndarray, labels: Sequence[str]) -> Whitening:
 
     Raises:
         DataError: fewer than :data:`MIN_SPREAD_PHOTOS` photos beyond the first of their article
-            (every article has one photo: nothing shows how photos of an article vary).
+            (:func:`check_spread`), or those photos identical to the rest of their article.
         ValueError / TypeError: bad arrays, or labels of the wrong length.
     """
     from sklearn.covariance import LedoitWolf
@@ -103,16 +120,18 @@ def fit_whitening(vectors: np.ndarray, labels: Sequence[str]) -> Whitening:
     x = l2_normalize(as_embeddings(vectors, "vectors")).astype(np.float64)
     names = np.array([str(v) for v in as_list(labels, len(x), "labels")], dtype=object)
     _, article, counts = np.unique(names, return_inverse=True, return_counts=True)
-    spread = int((counts[counts > 1] - 1).sum())
-    if spread < MIN_SPREAD_PHOTOS:
-        raise DataError(f"the catalogue has {len(x)} photos of {len(counts)} articles: too few photos of one "
-                        "article to see how its photos vary, so no whitening can be fitted",
-                        hint="add a second photo to some articles, or leave whiten off", options=("whiten",))
+    check_spread(counts)
     means = np.zeros((len(counts), x.shape[1]))
     np.add.at(means, article, x)
     means /= counts[:, None]
     multi = counts[article] > 1  # a single photo equals its article's mean: no spread to learn from
     residual = (x - means[article])[multi]
+    if float((residual ** 2).sum()) <= 1e-12 * len(residual):
+        raise DataError(f"the {int(multi.sum())} photos of articles with two or more photos are identical to "
+                        "the other photos of their article: nothing shows how photos of an article vary, so no "
+                        "whitening can be fitted",
+                        hint="add photos that differ (another view, another shelf), or leave whiten off",
+                        options=("whiten",))
     fit = LedoitWolf(assume_centered=True).fit(residual)
     eigenvalues, eigenvectors = np.linalg.eigh(fit.covariance_)
     floor = max(float(eigenvalues.max()), 1e-12) * 1e-9
