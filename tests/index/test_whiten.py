@@ -100,7 +100,8 @@ def test_open_set_draws_fit_each_catalogue_on_its_own():
 
 
 def test_open_set_says_which_draw_cannot_be_whitened():
-    from fewshot.evaluation.openset import evaluate_open_set
+    from fewshot.catalogue.whitened import check_whitenable
+    from fewshot.evaluation.openset import check_open_set_whitening, evaluate_open_set
 
     rng = np.random.default_rng(2)
     classes = [f"c{i:02d}" for i in range(12)]
@@ -113,6 +114,12 @@ def test_open_set_says_which_draw_cannot_be_whitened():
     with pytest.raises(DataError, match="open set with whitening: the catalogue of a draw") as exc:
         evaluate_open_set(q, ql, [None] * 24, g, gl, [None] * len(g), classes, draws=2, whiten=True)
     assert exc.value.options == ("whiten",) and "two or more gallery photos" in exc.value.hint
+    with pytest.raises(DataError, match="open set with whitening") as early:  # from the labels alone
+        check_open_set_whitening(classes, gl, 2, 0)
+    assert early.value.message == exc.value.message
+    check_open_set_whitening(classes, [c for c in classes for _ in range(3)], 20, 0)  # 3 photos each: fine
+    with pytest.raises(DataError, match="only 1 of them"):
+        check_whitenable(["a", "a", "b", "c", "d", "e", "f"])
 
 
 def test_the_api_takes_only_true_or_false():

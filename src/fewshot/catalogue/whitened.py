@@ -22,10 +22,11 @@ from typing import Sequence
 import numpy as np
 
 from ..index import CatalogueIndex
-from ..index.whiten import Whitening, fit_whitening
+from ..index.whiten import Whitening, check_spread, fit_whitening
 from .calibrate import CalibrationScores, calibration_scores
 
-__all__ = ["WHITEN_FOLDS", "WhitenedCatalogue", "whitened_catalogue", "whitened_calibration_scores"]
+__all__ = ["WHITEN_FOLDS", "WhitenedCatalogue", "article_folds", "check_whitenable", "whitened_catalogue",
+           "whitened_calibration_scores"]
 
 #: folds of articles for the calibration of a whitened catalogue
 WHITEN_FOLDS = 5
@@ -37,6 +38,29 @@ class WhitenedCatalogue:
 
     index: CatalogueIndex
     whitening: Whitening
+
+
+def article_folds(articles: np.ndarray, folds: int, seed: int) -> dict[str, int]:
+    """The calibration fold of each of ``articles`` (sorted, unique): dealt in turn after a
+    permutation seeded by ``seed``, into ``min(folds, len(articles))`` folds."""
+    order = articles[np.random.default_rng(seed).permutation(len(articles))]
+    return {str(a): int(i % min(folds, len(articles))) for i, a in enumerate(order)}
+
+
+def check_whitenable(labels: Sequence[str], *, folds: int = WHITEN_FOLDS, seed: int = 0) -> None:
+    """Refuse, from the labels alone (before anything is embedded), a catalogue that
+    :func:`whitened_catalogue` or :func:`whitened_calibration_scores` could not fit: the whole
+    catalogue and each fold's complement need photos that vary within an article.
+
+    Raises:
+        DataError: naming the ``whiten`` option (:func:`fewshot.index.whiten.check_spread`).
+    """
+    names, counts = np.unique(np.array([str(x) for x in labels], dtype=object), return_counts=True)
+    check_spread(counts)
+    fold_of = article_folds(names, folds, seed)
+    fold = np.array([fold_of[a] for a in names])
+    for k in np.unique(fold):
+        check_spread(counts[fold != k])
 
 
 def _build(vectors: np.ndarray, labels: np.ndarray, groups: Sequence[str | None], paths: Sequence[str],
@@ -79,9 +103,7 @@ def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], grou
             the catalogue is too small to calibrate. InputError: an unknown score.
     """
     labels = np.array([str(x) for x in labels], dtype=object)
-    articles = np.unique(labels)
-    fold_of = dict(zip(articles[np.random.default_rng(seed).permutation(len(articles))],
-                       np.arange(len(articles)) % min(folds, len(articles))))
+    fold_of = article_folds(np.unique(labels), folds, seed)
     fold = np.array([fold_of[a] for a in labels])
     paths = [f"catalogue:{i}" for i in range(len(labels))]
     parts: dict[str, list[CalibrationScores]] = {name: [] for name in scores}

@@ -50,7 +50,7 @@ import numpy as np
 from ..catalogue.calibrate import MIN_ARTICLES, calibration_from
 from ..catalogue.reject import DEFAULT_TARGET_FAR, Rejector, answers, check_target_far, prediction_arrays
 from ..catalogue.scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, open_scores
-from ..catalogue.whitened import WHITEN_FOLDS, whitened_calibration_scores, whitened_catalogue
+from ..catalogue.whitened import WHITEN_FOLDS, check_whitenable, whitened_calibration_scores, whitened_catalogue
 from ..checks import as_embeddings, as_list, positive_int
 from ..errors import DataError, InputError
 from ..index import CatalogueIndex
@@ -183,12 +183,7 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
             white = whitened_catalogue(s.g[cat], labels, groups, paths)
             fold_scores = whitened_calibration_scores(s.g[cat], labels, groups, product)
         except DataError as e:
-            raise DataError(f"open set with whitening: the catalogue of a draw ({len(known)} known articles, "
-                            f"{int(cat.sum())} gallery photos) or one of its {WHITEN_FOLDS} calibration folds cannot "
-                            f"be whitened: {e.message}",
-                            hint="every draw keeps half of the articles and each fold fit four fifths of those: give "
-                                 "more articles two or more gallery photos, or leave whiten off",
-                            options=("whiten",)) from None
+            raise _whiten_error(known, int(cat.sum()), e) from None
         index, q = white.index, white.whitening.apply(s.q)
         calibrations = {n: calibration_from(fold_scores[n], target_far, score=n) for n in product}
         rejectors = {n: Rejector(n, c.threshold, c) for n, c in calibrations.items()}
@@ -215,6 +210,31 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
         d.decided[name] = {"accepted": accepted, "accepted_right": accepted & d.right, "brand_named": named,
                            "brand_right": named & (np.array([a.brand for a in said], dtype=object) == s.q_groups)}
     return d
+
+
+def _whiten_error(known: list[str], photos: int, e: DataError) -> DataError:
+    """The error of a draw whose catalogue, or one of its calibration folds, cannot be whitened."""
+    return DataError(f"open set with whitening: the catalogue of a draw ({len(known)} known articles, {photos} "
+                     f"gallery photos) or one of its {WHITEN_FOLDS} calibration folds cannot be whitened: {e.message}",
+                     hint="every draw keeps half of the articles and each fold fit four fifths of those: give more "
+                          "articles two or more gallery photos, or leave whiten off", options=("whiten",))
+
+
+def check_open_set_whitening(classes: Sequence[str], gallery_labels: Sequence[str], draws: int, seed: int) -> None:
+    """Refuse, from the labels alone, an open-set protocol with ``whiten=True`` that a draw's
+    catalogue or one of its calibration folds could not fit (:func:`check_whitenable`), before
+    anything is embedded; the draws are those :func:`evaluate_open_set` makes.
+
+    Raises:
+        DataError: naming the draw, with the fix (``options``: ``whiten``).
+    """
+    labels = [str(x) for x in gallery_labels]
+    for known in draw_known(usable_classes([str(c) for c in classes], labels)[0], draws, seed):
+        mine = [x for x in labels if x in set(known)]
+        try:
+            check_whitenable(mine)
+        except DataError as e:
+            raise _whiten_error(known, len(mine), e) from None
 
 
 def _on_grid(fpr: np.ndarray, y: np.ndarray, grid: np.ndarray = FPR_GRID) -> np.ndarray:
@@ -370,7 +390,8 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
                  for c in ("roc", "oscr")}}
     return {
         "protocol": {"classes": len(s.classes), "known_per_draw": len(s.classes) // 2, "draws": draws, "seed": seed,
-                     "target_far": far, "queries": int(len(s.q)), "gallery_images": int(len(s.g)), "whiten": bool(whiten),
+                     "target_far": far, "queries": int(len(s.q)), "gallery_images": int(len(s.g)),
+                     "whiten": bool(whiten),
                      "dropped_classes": s.dropped,
                      "summaries": "mean, population sd, min and max over the draws",
                      "curves": "vertical average over the draws on fpr_grid (best rate at a FAR at most each value)"},

@@ -32,7 +32,7 @@ from ..catalogue.reject import check_target_far
 from ..index.rerank import check_size
 from ..index.whiten import Whitening, check_spread, fit_whitening
 from .levers import adapts, check_levers, episode_inputs, ranked_report
-from .openset import DEFAULT_DRAWS, evaluate_open_set
+from .openset import DEFAULT_DRAWS, check_open_set_whitening, evaluate_open_set
 from .openset_report import OPEN_SET_FILES, write_open_set_plots
 from .report import render_report
 
@@ -196,6 +196,8 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
     check_size(rerank, len(queries), len(gallery) if gallery is not None else 0)
     if cfg.whiten and gallery is not None:  # before embedding: the labels say whether it can be fitted
         check_spread(np.unique(np.asarray(gallery.labels, dtype=object), return_counts=True)[1])
+        if cfg.open_set:
+            check_open_set_whitening(_open_set_classes(protocol), gallery.labels, cfg.open_set_draws, cfg.seed)
     q = cfg.embed.embed(model, queries)
     g = cfg.embed.embed(model, gallery) if gallery is not None else None
     check_evaluable(q.labels, g.labels if g is not None else None, f"the readable images of {name}")
@@ -252,13 +254,18 @@ def episode_metrics(cfg: EvalConfig, model: EmbeddingModel, q: Embeddings, g: Em
     return episodes
 
 
+def _open_set_classes(protocol: dict) -> list[str]:
+    """The part's articles in the split file's order (the open-set draws depend on it)."""
+    from ..data.splits import ClassSplit
+
+    return ClassSplit.load(protocol["split_file"]).classes_of(protocol["part"])
+
+
 def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddings) -> dict:
     """The ``open_set`` section: :func:`evaluate_open_set` on the part's articles, in the split
     file's order (the draws depend on it)."""
-    from ..data.splits import ClassSplit
-
-    classes = ClassSplit.load(protocol["split_file"]).classes_of(protocol["part"])
-    return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups, classes,
+    return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups,
+                             _open_set_classes(protocol),
                              draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far, whiten=cfg.whiten)
 
 
