@@ -74,7 +74,7 @@ def whitened_catalogue(vectors: np.ndarray, labels: Sequence[str], groups: Seque
     ``labels`` (queries must go through ``.whitening.apply`` too).
 
     Raises:
-        DataError: no article has two photos (:func:`fit_whitening`).
+        DataError: too few photos that vary within an article (:func:`fit_whitening`).
     """
     labels = np.array([str(x) for x in labels], dtype=object)
     whitening = fit_whitening(vectors, labels)

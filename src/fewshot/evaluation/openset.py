@@ -230,7 +230,8 @@ def check_open_set_whitening(classes: Sequence[str], gallery_labels: Sequence[st
     """
     labels = [str(x) for x in gallery_labels]
     for known in draw_known(usable_classes([str(c) for c in classes], labels)[0], draws, seed):
-        mine = [x for x in labels if x in set(known)]
+        kept = set(known)
+        mine = [x for x in labels if x in kept]
         try:
             check_whitenable(mine)
         except DataError as e:
