@@ -106,6 +106,32 @@ def test_index_and_classify(small_manifest, cache, tmp_path):
     assert top1 >= 0.7 and "(24 images, 6 articles, mode nearest)  catalogue images among them: 0" in r.output
 
 
+def test_index_whiten_from_the_cli(small_manifest, cache, tmp_path):
+    """--whiten keeps its fit in the index; classify whitens the queries by it (the scores are
+    those the loaded index gives the model's embeddings); the check reads the model's embeddings."""
+    from fewshot.catalogue import Catalogue
+
+    idx = tmp_path / "idx"
+    common = ["--data", small_manifest, "--split", "train", "--image-size", "64", "--cache-dir", cache, "--no-progress"]
+    r = run("index", *common, "--out", idx, "--whiten")
+    assert "indexed 36 images of 6 articles" in r.output and "(flat index, whitened)" in r.output
+    assert json.loads((idx / "meta.json").read_text())["whitening"]["articles"] == 6
+    query = small_manifest.parent / "test" / "Banana" / "Banana" / "Banana_001.jpg"
+    line = json.loads(run("classify", "--index", idx, "--json", "--top-k", "2", "--cache-dir", cache,
+                          query).output.strip().splitlines()[-1])
+    cat = Catalogue.load(idx)
+    want = cat.classify([query], top_k=2)[0]
+    assert [(p["label"], round(p["score"], 4)) for p in line["predictions"]] == \
+        [(p.label, round(p.score, 4)) for p in want.predictions]
+    lines = small_manifest.read_text().splitlines()
+    firsts = [lines[0]] + [next(x for x in lines[1:] if f",{a}," in x) for a in ("Banana", "Carrots", "Pink-Lady")]
+    singles = small_manifest.parent / "singles.csv"  # one photo an article: nothing to fit
+    singles.write_text("\n".join(firsts) + "\n")
+    r = run("index", "--data", singles, "--split", "train", "--out", tmp_path / "one", "--whiten", code=1)
+    assert "error:" in r.output and "3 photos of 3 articles" in r.output and "--whiten" in r.output
+    assert not (tmp_path / "one").exists()
+
+
 def test_index_types_from_the_cli(small_manifest, cache, tmp_path):
     """--index-type hnsw builds, saves and classifies like flat; ivfpq on 36 images is refused
     before anything is embedded or written, with the fix."""

@@ -143,3 +143,20 @@ def test_evaluate_refuses_whiten_without_a_gallery():
         check_levers("none", "none", None, gallery=False, model_classifier=False, whiten=True)
     assert exc.value.options == ("whiten", "split_file")
     assert check_levers("none", "none", None, gallery=True, model_classifier=False, whiten=True).kind == "none"
+
+
+def test_unapply_gives_back_the_models_unit_embeddings():
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(12), 5).astype(str)
+    x = (rng.normal(size=(12, 16))[labels.astype(int)] + rng.normal(scale=0.3, size=(60, 16))).astype(np.float32)
+    w = fit_whitening(x, labels)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(w.unapply(w.apply(x)), unit, atol=2e-6)
+    from fewshot.index.whiten import Whitening
+
+    again = Whitening.from_arrays(w.to_arrays(), w.describe())
+    np.testing.assert_array_equal(again.apply(x), w.apply(x))
+    with pytest.raises(ValueError, match="dimension 3"):
+        w.unapply(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="matrix"):
+        Whitening.from_arrays({"mean": w.mean, "matrix": w.matrix[:3]}, w.describe())

@@ -23,6 +23,8 @@ from ..embed import Embeddings
 from ..errors import CheckpointError, DataError
 from ..index import AnnConfig, CatalogueIndex
 from ..index.ann import resolve as resolve_ann
+from ..index.whiten import fit_whitening
+from ..checks import as_bool
 from ..io import claimed_output
 from ..model import EmbeddingModel
 from ..data.protocol import ALL_SPLITS, data_protection, load_data
@@ -31,6 +33,7 @@ from ..methods.from_options import model_from_options
 from ..version import environment
 from .formats import INDEX_FILES, is_index_dir
 from .spec import EmbedderSpec
+from .whitened import check_whitenable
 from .store import ENROLLED_DIR, EnrolledArticle, enrolled_articles, load_index, save_index
 
 __all__ = ["EmbedRecords", "Previous", "add_enrolled", "build_index", "index_embeddings", "keep_enrolled",
@@ -42,7 +45,7 @@ log = logging.getLogger("fewshot")
 def build_index(data: str, out: str | Path, *, split: str | None = None, catalogue: str | None = None,
                 group_from: str | None = None, embed: EmbedOptions | None = None,
                 model: EmbeddingModel | None = None, overwrite: bool = False,
-                ann_config: AnnConfig | None = None, layout: str = "auto") -> CatalogueIndex:
+                ann_config: AnnConfig | None = None, layout: str = "auto", whiten: bool = False) -> CatalogueIndex:
     """Embed a catalogue and save it as an index folder.
 
     Args:
@@ -55,11 +58,15 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
             non-empty ``out`` is refused, and so is one that holds (or lies inside) the data.
         ann_config: the image index type (:class:`fewshot.index.AnnConfig`; default exact flat).
         layout: how a folder tree is read (``--layout``, :func:`fewshot.data.load_dataset`).
+        whiten: fit a catalogue whitening on the catalogue's photos (:mod:`fewshot.index.whiten`)
+            and keep it in the index: every later query and enrolment is whitened by it.
 
     Raises:
         DataError: bad data, split or catalogue; an ``out`` that may not be written; index
-            options that do not fit the catalogue. Checked before anything is embedded or written.
+            options that do not fit the catalogue; ``whiten`` on a catalogue with too few
+            articles of two or more photos. Checked before anything is embedded or written.
     """
+    whiten = as_bool(whiten, "whiten")
     embed = embed or EmbedOptions()
     root = resolve_data(data)
     if catalogue == "iconic":
@@ -73,27 +80,36 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
                         options=("catalogue",))
     else:
         dataset = load_data(data, split, group_from, embed.strict, default_split="train", layout=layout)
+    if whiten:
+        check_whitenable(dataset.labels)
     with claimed_output(out, writer := object(), what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
                         owned=INDEX_FILES.__contains__, **data_protection(data, dataset)):
         enrolled = previous_index(out)
         model = model or model_from_options(embed)
         ann_config = resolve_ann(ann_config or AnnConfig(), len(dataset), model.dim)
-        index = index_embeddings(model, embed.embed(model, dataset), data, catalogue, ann_config)
+        index = index_embeddings(model, embed.embed(model, dataset), data, catalogue, ann_config, whiten=whiten)
         keep_enrolled(index, enrolled, model, embed)
         save_index(index, out, owner=writer)
     return index
 
 
 def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, catalogue: str | None = None,
-                     ann_config: AnnConfig | None = None) -> CatalogueIndex:
+                     ann_config: AnnConfig | None = None, *, whiten: bool = False) -> CatalogueIndex:
     """A :class:`CatalogueIndex` of embedded images, with the config that
-    :class:`~fewshot.catalogue.spec.EmbedderSpec` needs to find (and check) its model again."""
+    :class:`~fewshot.catalogue.spec.EmbedderSpec` needs to find (and check) its model again;
+    ``whiten``: whitened by a fit on them (:func:`fewshot.index.whiten.fit_whitening`).
+
+    Raises:
+        DataError: ``whiten`` and too few photos that vary within an article (read images only:
+            an unreadable photo may leave too few).
+    """
+    whitening = fit_whitening(emb.vectors, emb.labels) if whiten else None
     config = {"data": str(Path(data).resolve()) if Path(data).exists() else str(data),
               "split": (emb.dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
               "catalogue": catalogue or "images", "model": model.describe(), **EmbedderSpec.of(model).to_config(),
               "skipped_images": [(str(p), r) for p, r in emb.skipped], **environment()}
     return CatalogueIndex.build(emb.vectors, emb.labels, emb.groups, [str(p) for p in emb.dataset.paths], config,
-                                digests=emb.digests, ann_config=ann_config)
+                                digests=emb.digests, ann_config=ann_config, whitening=whitening)
 
 
 class Previous(NamedTuple):

@@ -164,14 +164,22 @@ class _View:
         if not len(index):
             raise DataError("the catalogue has no images: nothing to check", hint="add articles first")
         article = np.asarray(index.image_article)
-        sums = index.prototype_sums(0, len(index.articles))
         counts = np.bincount(article, minlength=len(index.articles))
-        return cls(index, article, sums, counts, l2_normalize(sums))
+        view = cls(index, article, np.zeros(0, np.float32), counts, np.zeros(0, np.float32))
+        if index.whitening is None:
+            view.sums = index.prototype_sums(0, len(index.articles))
+        else:  # a whitened catalogue is checked on the model's embeddings, where the levels were read
+            view.sums = np.zeros((len(index.articles), index.dim), np.float32)
+            for start, xb in view.blocks():
+                np.add.at(view.sums, article[start:start + len(xb)], xb)
+        view.protos = l2_normalize(view.sums)
+        return view
 
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """``(start, float32 [B, D])``: the catalogue's normalised vectors, a block at a time."""
+        """``(start, float32 [B, D])``: the catalogue's normalised embeddings, a block at a time
+        (unwhitened: :meth:`~fewshot.index.CatalogueIndex.embedding_rows`)."""
         for start in range(0, len(self.article), BLOCK_ROWS):
-            yield start, self.index.vector_rows(start, min(start + BLOCK_ROWS, len(self.article)))
+            yield start, self.index.embedding_rows(start, min(start + BLOCK_ROWS, len(self.article)))
 
     def loo(self, x: np.ndarray, art: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For photos ``x [n, D]`` of articles ``art [n]``: ``(own [n], other [n], nearest [n])``:

@@ -10,6 +10,8 @@ whole)::
     INDEX_DIR/prototype_sums.npy   float32 [C, D] per article, the sum of its image vectors
                                    (read on demand for ivfpq / hnsw)
     INDEX_DIR/images.faiss         the ivfpq / hnsw index (a flat index is rebuilt from vectors.npy)
+    INDEX_DIR/whitening.safetensors a whitened catalogue's whitening (float64 mean [D], matrix
+                                   [D, D]; meta.json records its fit and the SHA-256 of its arrays)
     INDEX_DIR/journal/             changes since the base files (:mod:`fewshot.catalogue.journal`)
     INDEX_DIR/enrolled/            photos enrolled through the service (:mod:`fewshot.catalogue.store`)
     INDEX_DIR/audit.jsonl          the service's log of changes
@@ -19,6 +21,7 @@ Format 1 folders (``images.faiss`` flat, ``prototypes.faiss``, ``meta.json``) st
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -31,14 +34,18 @@ from ..errors import CheckpointError
 from ..index import CatalogueIndex, ann
 from ..index.ann import AnnConfig
 from ..index.vectors import RowFile
+from ..index.whiten import Whitening
 
 __all__ = ["FORMAT_VERSION", "INDEX_FILES", "check_folder", "is_index_dir", "open_meta", "read_base", "read_meta",
-           "write_arrays", "write_meta"]
+           "read_whitening", "write_arrays", "write_meta", "WHITENING_FILE"]
 
 FORMAT_VERSION = 2
+#: the whitening of a whitened catalogue (:mod:`fewshot.index.whiten`)
+WHITENING_FILE = "whitening.safetensors"
 #: what an index folder holds at its top level (the service adds ``enrolled/``)
 INDEX_FILES = frozenset({"meta.json", "images.faiss", "prototypes.faiss", "vectors.npy", "ids.npy",
-                         "prototype_sums.npy", "journal", "enrolled", "audit.jsonl", "calibration.json"})
+                         "prototype_sums.npy", "journal", "enrolled", "audit.jsonl", "calibration.json",
+                         WHITENING_FILE})
 
 
 def read_meta(path: Path) -> dict | None:
@@ -110,6 +117,42 @@ def write_arrays(index: CatalogueIndex, tmp: Path) -> None:
     _write_rows(tmp / "prototype_sums.npy", len(index.articles), index.dim, index.prototype_sums)
     if index.ann.index_kind.saves_index:
         faiss.write_index(index.image_index, str(tmp / "images.faiss"))
+    if index.whitening is not None:
+        from safetensors.numpy import save_file
+
+        save_file(index.whitening.to_arrays(), str(tmp / WHITENING_FILE))
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
+
+
+def _whitening_record(index: CatalogueIndex) -> dict | None:
+    w = index.whitening
+    return None if w is None else {**w.describe(), "sha256": _arrays_digest(w.to_arrays())}
+
+
+def read_whitening(path: Path, record: object) -> Whitening | None:
+    """The whitening that ``meta.json`` records (``record``: its ``"whitening"``; ``None``: none).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or not the one the record names.
+    """
+    if record is None:
+        return None
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(path / WHITENING_FILE))
+        if not isinstance(record, dict) or _arrays_digest(arrays) != record.get("sha256"):
+            raise ValueError("its arrays are not those meta.json records")
+        return Whitening.from_arrays(arrays, record)
+    except Exception as exc:  # safetensors raises its own errors, an OSError for a missing file
+        raise CheckpointError(f"index folder {path} is damaged: its whitening ({WHITENING_FILE}) cannot be used "
+                              f"({exc})", hint="rebuild it with `fewshot index ... --whiten --overwrite`") from None
 
 
 def write_meta(index: CatalogueIndex, tmp: Path) -> None:
@@ -121,7 +164,7 @@ def _meta(index: CatalogueIndex) -> dict:
     return {"format_version": FORMAT_VERSION, "fewshot_version": __version__, "dim": index.dim,
             "num_images": len(index.labels), "num_articles": len(index.articles),
             "index_type": index.ann.kind, "index": index.ann.to_dict(), "config": index.config,
-            "articles": index.articles,
+            "articles": index.articles, "whitening": _whitening_record(index),
             "labels": index.labels, "groups": index.groups, "paths": index.paths, "digests": index.digests}
 
 
@@ -194,4 +237,4 @@ def _load_v2(path: Path, meta: dict) -> CatalogueIndex:
     return CatalogueIndex.restore(dim=meta["dim"], labels=labels, groups=groups, paths=paths,
                                   config=meta.get("config", {}), ann_config=config, image_index=image_index,
                                   digests=digests, ids=ids, vectors=vectors, first_new=first_new, sums=sums,
-                                  articles=list(articles))
+                                  articles=list(articles), whitening=read_whitening(path, meta.get("whitening")))

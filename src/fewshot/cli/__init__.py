@@ -116,6 +116,7 @@ def index_cmd(
     overwrite: bool = OverwriteOpt,
     index_type: str = typer.Option("auto", "--index-type", rich_help_panel=INDEX_PANEL, help=index_type_help()),
     check: bool = typer.Option(True, "--check/--no-check", rich_help_panel=OUTPUT, help="Check the catalogue at the end and warn of its defects (as `fewshot check`, without writing a report)."),
+    whiten: bool = typer.Option(False, "--whiten", rich_help_panel=INDEX_PANEL, help="Whiten the catalogue by its photos' within-article covariance (Ledoit-Wolf shrinkage), fitted here and kept in the index: every later query and enrolment is whitened by it. Needs articles with two or more photos. Grocery, frozen: top-1 0.599 -> 0.720."),
     *, emb: "EmbedOptions", kind_opts: dict,
 ) -> None:
     """Embed a catalogue (a few labelled photos per article) into a FAISS index.
@@ -128,8 +129,9 @@ def index_cmd(
 
     ann = index_config(index_type, kind_opts)
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
-                      overwrite=overwrite, ann_config=ann, layout=layout)
-    typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {one_line(out)} ({idx.ann.kind} index)")
+                      overwrite=overwrite, ann_config=ann, layout=layout, whiten=whiten)
+    typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {one_line(out)} ({idx.ann.kind} index"
+               + (", whitened)" if idx.whitening is not None else ")"))
     _echo_calibration(idx)
     kept = idx.config.get("kept_enrolled")
     if kept:

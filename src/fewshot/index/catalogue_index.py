@@ -22,6 +22,7 @@ from . import ann
 from .ann import AnnConfig
 from .ranking import Neighbor, Ranking
 from .vectors import Growable, OnDemandPrototypes, Prototypes, VectorStore, l2_normalize, normalized_copy
+from .whiten import Whitening
 
 __all__ = ["CatalogueIndex"]
 
@@ -45,6 +46,10 @@ class CatalogueIndex(Ranking):
         image_article: int64 ``[N]``: each image's position in ``articles``.
         digests: SHA-256 of each catalogue image's file (``None`` where unknown); finds queries
             that are catalogue images (:meth:`find_images`).
+        whitening: the catalogue whitening (:mod:`fewshot.index.whiten`) fixed when the index was
+            built, or ``None``. With one, the stored vectors and prototypes are whitened, and every
+            vector given to :meth:`add_article` and every query is whitened by it first: callers
+            always pass the model's embeddings.
     """
 
     dim: int
@@ -74,15 +79,17 @@ class CatalogueIndex(Ranking):
     folder_state: tuple | None = field(default=None, repr=False)
     #: what is computed from the contents (a reject calibration), emptied by every change
     derived: dict = field(default_factory=dict, repr=False, compare=False)
+    whitening: Whitening | None = field(default=None, repr=False, compare=False)
 
     # ----------------------------------------------------------------- building
     @classmethod
     def build(cls, vectors: np.ndarray, labels: Sequence[str], groups: Sequence[str | None],
               paths: Sequence[str | Path], config: dict | None = None,
               digests: Sequence[str | None] | None = None, ann_config: AnnConfig | None = None,
-              progress: Callable[[int], None] | None = None) -> "CatalogueIndex":
+              progress: Callable[[int], None] | None = None,
+              whitening: Whitening | None = None) -> "CatalogueIndex":
         """Index ``vectors float32 [N, D]`` (normalised here, into one copy; a memory map is
-        read block by block) with per-image metadata.
+        read block by block; whitened first by ``whitening``) with per-image metadata.
 
         ``digests``: the SHA-256 of each image file (:func:`fewshot.embed.read_digests`).
         ``ann_config``: the image index type (default exact ``flat``; ``auto`` picks by size).
@@ -101,10 +108,10 @@ class CatalogueIndex(Ranking):
             raise DataError(f"catalogue metadata lengths differ: {n} vectors, {len(labels)} labels, "
                             f"{len(groups)} groups, {len(paths)} paths, {len(digests)} digests")
         resolved = ann.resolve(ann_config or AnnConfig(), n, vectors.shape[1])
-        normed = normalized_copy(vectors)
+        normed = normalized_copy(vectors) if whitening is None else whitening.apply(vectors)
         self = cls(dim=vectors.shape[1], labels=list(labels), groups=list(groups),
                    paths=[str(p) for p in paths], config=dict(config or {}), digests=digests,
-                   ann=resolved, ids=np.arange(n, dtype=np.int64))
+                   ann=resolved, ids=np.arange(n, dtype=np.int64), whitening=whitening)
         self.image_index = ann.build(resolved, normed, progress)
         self._vectors = VectorStore(normed, self.ids, n)
         self._init_articles(None)
@@ -114,7 +121,8 @@ class CatalogueIndex(Ranking):
     def restore(cls, *, dim: int, labels: list[str], groups: list[str | None], paths: list[str],
                 digests: list[str | None], config: dict, image_index: faiss.Index, ids: np.ndarray,
                 vectors: np.ndarray, first_new: int, ann_config: AnnConfig | None = None,
-                sums: np.ndarray | None = None, articles: list[str] | None = None) -> "CatalogueIndex":
+                sums: np.ndarray | None = None, articles: list[str] | None = None,
+                whitening: Whitening | None = None) -> "CatalogueIndex":
         """An index from its stored parts (:mod:`fewshot.catalogue.formats`), no check made.
 
         Args:
@@ -126,7 +134,7 @@ class CatalogueIndex(Ranking):
                 order (``None``: computed from the vectors, articles in order of appearance).
         """
         self = cls(dim=dim, labels=labels, groups=groups, paths=paths, config=config, digests=digests,
-                   ann=ann_config or AnnConfig(), image_index=image_index, ids=ids)
+                   ann=ann_config or AnnConfig(), image_index=image_index, ids=ids, whitening=whitening)
         self._vectors = VectorStore(vectors, ids, first_new)
         self._init_articles(sums, articles)
         return self
@@ -162,9 +170,15 @@ class CatalogueIndex(Ranking):
         self._by_digest = None
 
     def image_vectors(self) -> np.ndarray:
-        """The stored (normalised) image embeddings, ``float32 [N, D]``, by position."""
+        """The stored (normalised, and whitened when the index is) image embeddings, ``float32 [N, D]``, by position."""
         assert self._vectors is not None
         return self._vectors.get(self.ids)
+
+    def embedding_rows(self, start: int, stop: int) -> np.ndarray:
+        """The model's unit embeddings of positions ``start..stop-1``, ``float32 [stop - start, D]``:
+        the stored vectors, unwhitened when the index is whitened (:meth:`Whitening.unapply`)."""
+        rows = self.vector_rows(start, stop)
+        return rows if self.whitening is None else self.whitening.unapply(rows)
 
     @property
     def prototypes(self) -> np.ndarray:
@@ -221,7 +235,7 @@ class CatalogueIndex(Ranking):
         if not (len(paths) == len(digests) == len(vectors)):
             raise DataError(f"{len(paths)} paths and {len(digests)} digests for {len(vectors)} vectors")
         assert self._vectors is not None and self._protos is not None and self.image_index is not None
-        normed = l2_normalize(vectors)
+        normed = l2_normalize(vectors) if self.whitening is None else self.whitening.apply(vectors)
         new_ids = self._vectors.append(normed)
         self.ann.index_kind.add(self.image_index, normed, new_ids)
         a = self._article_of.get(label)
@@ -349,7 +363,7 @@ class CatalogueIndex(Ranking):
             raise CheckpointError(
                 f"query embeddings have dimension {queries.shape[1]} but the index has {self.dim}",
                 hint="embed queries with the backbone/model the index was built with")
-        return l2_normalize(queries)
+        return l2_normalize(queries) if self.whitening is None else self.whitening.apply(queries)
 
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """The stored (normalised) vectors of image ``positions`` (int64 ``[M]``), ``float32 [M, D]``."""
@@ -358,7 +372,8 @@ class CatalogueIndex(Ranking):
 
     def search_positions(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores [Q, k], positions int64 [Q, k])`` of the ``k`` nearest live images of unit
-        ``queries float32 [Q, D]`` (``-1`` pads); positions index :attr:`labels` / :attr:`paths`."""
+        ``queries float32 [Q, D]``, already whitened when the index is (``-1`` pads); positions
+        index :attr:`labels` / :attr:`paths`."""
         return self._search_images(np.ascontiguousarray(queries, dtype=np.float32), k)
 
     def _search_images(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

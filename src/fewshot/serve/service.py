@@ -148,8 +148,9 @@ class Service:
         with self.catalogue.lock:
             index = self.catalogue.index
             articles, images, kind = len(index.articles), len(index), index.ann.kind
+            whitened = index.whitening is not None
         return {"status": "ok", "version": __version__, "index": self.index_dir.name,
-                "articles": articles, "images": images, "index_type": kind,
+                "articles": articles, "images": images, "index_type": kind, "whitened": whitened,
                 "backbone": b.name, "image_size": b.image_size, "embedding_dim": self.catalogue.index.dim,
                 "model": Path(self.model.run_dir).name if getattr(self.model, "run_dir", None) else None,
                 "writes_need_token": self.access.write_token is not None,

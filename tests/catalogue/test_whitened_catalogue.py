@@ -1,0 +1,140 @@
+"""A whitened catalogue (``fewshot index --whiten``, ``Catalogue.build(whiten=True)``): the fit is
+kept in the index folder; every query and every photo added later, from memory, through the
+journal or a rebuild, is whitened by it; the reject threshold is calibrated fold by fold; the
+catalogue check reads the model's own embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fewshot
+from fewshot.catalogue import Catalogue, load_index
+from fewshot.catalogue.formats import WHITENING_FILE
+from fewshot.catalogue.whitened import whitened_calibration_scores
+from fewshot.errors import CheckpointError, DataError
+from fewshot.metrics.openset import threshold_for_far
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fewshot.create_backbone("efficientnet_lite0", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def built(model, drawn_tree: Path, tmp_path_factory) -> tuple[Catalogue, Catalogue]:
+    """The drawn photos as a plain and as a whitened catalogue."""
+    dataset = fewshot.load_dataset(drawn_tree)
+    cache = str(tmp_path_factory.mktemp("cache"))
+    return (Catalogue.build(model, dataset, runtime="torch", cache_dir=cache),
+            Catalogue.build(model, dataset, runtime="torch", cache_dir=cache, whiten=True))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_queries_and_the_catalogue_are_whitened_by_one_fit(built, drawn_tree: Path) -> None:
+    plain, white = built
+    w = white.index.whitening
+    assert white.whitened and not plain.whitened and w.photos == 36 and w.articles == 6
+    raw = plain.index.image_vectors()  # the model's unit embeddings
+    np.testing.assert_allclose(white.index.image_vectors(), w.apply(raw), atol=1e-6)
+    np.testing.assert_allclose(white.index.embedding_rows(0, 36), raw, atol=1e-5)
+    # a query's scores by hand: its whitened vector against the whitened photos' normalised means
+    photo = drawn_tree / "Red-Ball" / "Red-Ball_00.jpg"
+    q = raw[[i for i, p in enumerate(plain.index.paths) if Path(p) == photo]]
+    y = w.apply(raw)
+    labels = np.array(plain.index.labels)
+    protos = _unit(np.stack([y[labels == a].sum(0) for a in white.articles]))
+    by_hand = sorted(zip((w.apply(q) @ protos.T)[0].round(4), white.articles), reverse=True)[:3]
+    got = white.index.classify(q, top_k=3)[0]
+    assert [(p.label, round(p.score, 4)) for p in got] == [(a, s) for s, a in by_hand]
+
+
+def test_saved_loaded_added_and_replayed_alike(built, tmp_path: Path) -> None:
+    _, white = built
+    folder = white.save(tmp_path / "idx")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["whitening"]["photos"] == 36 and len(meta["whitening"]["sha256"]) == 64
+    again = Catalogue.load(folder, runtime="torch")
+    np.testing.assert_array_equal(again.index.whitening.matrix, white.index.whitening.matrix)
+    purple = [np.full((40, 40, 3), (120, 30, 160), np.uint8), np.full((40, 40, 3), (100, 40, 150), np.uint8)]
+    assert again.add("Purple-Thing", purple) == 2  # from memory: whitened by the kept fit
+    from fewshot.catalogue.inputs import embed_images
+
+    raw, _, _ = embed_images(again.model, purple, runtime="torch")
+    added = again.index.vector_rows(36, 38)
+    np.testing.assert_allclose(added, again.index.whitening.apply(raw), atol=1e-6)
+    assert again.classify([purple[0]], top_k=1, reject="none")[0].predictions[0].label == "Purple-Thing"
+
+    # through the journal (the service's way): the entry holds the model's embeddings, replayed whitened
+    writer = Catalogue.open(folder, model=again.model)
+    try:
+        vectors = raw
+        files = [(tmp_path / f"p{i}.png", ".png") for i in range(2)]
+        from PIL import Image
+
+        for (f, _), arr in zip(files, purple):
+            Image.fromarray(arr).save(f)
+        with writer.lock:
+            writer.enrol("Purple-Thing", None, vectors, files)
+        live = writer.index.vector_rows(36, 38)
+    finally:
+        writer.close()
+    replayed = load_index(folder)
+    assert replayed.whitening is not None and len(replayed) == 38
+    np.testing.assert_allclose(replayed.vector_rows(36, 38), live, atol=1e-6)
+    np.testing.assert_allclose(live, added, atol=1e-5)
+
+
+def test_a_changed_whitening_file_is_refused(built, tmp_path: Path) -> None:
+    _, white = built
+    folder = white.save(tmp_path / "idx")
+    from safetensors.numpy import load_file, save_file
+
+    arrays = load_file(str(folder / WHITENING_FILE))
+    arrays["matrix"] = arrays["matrix"] * 2
+    save_file(arrays, str(folder / WHITENING_FILE))
+    with pytest.raises(CheckpointError, match="whitening"):
+        load_index(folder)
+    (folder / WHITENING_FILE).unlink()
+    with pytest.raises(CheckpointError, match="whitening.safetensors") as err:
+        Catalogue.load(folder)
+    assert "--whiten --overwrite" in err.value.hint and str(tmp_path) not in err.value.hint
+
+
+def test_the_threshold_is_calibrated_fold_by_fold(built) -> None:
+    _, white = built
+    index = white.index
+    by_hand = whitened_calibration_scores(index.embedding_rows(0, len(index)), index.labels, index.groups,
+                                          ["relative"])["relative"]
+    rejector = white.rejector("auto", 0.2, "relative")
+    assert rejector.threshold == pytest.approx(threshold_for_far(by_hand.absent, 0.2))
+    # not the threshold of the index's own whitening, which has seen every article
+    from fewshot.catalogue.calibrate import calibration_scores
+
+    own = calibration_scores(index, score="relative")
+    assert threshold_for_far(own.absent, 0.2) != pytest.approx(rejector.threshold)
+
+
+def test_the_check_reads_the_models_embeddings(built) -> None:
+    plain, white = built
+    assert white.check().as_dict() == plain.check().as_dict()
+
+
+def test_whiten_is_refused_before_anything_is_embedded(model, drawn_tree: Path, tmp_path: Path, monkeypatch) -> None:
+    from fewshot.data.records import Dataset
+    from fewshot.embed.options import EmbedOptions
+
+    dataset = fewshot.load_dataset(drawn_tree)
+    singles = Dataset([r for r in dataset.records if r.path.name.endswith("_00.jpg")], name="singles")
+    monkeypatch.setattr(EmbedOptions, "embed", lambda *a, **k: pytest.fail("embedded"))
+    with pytest.raises(DataError, match="second or later photo") as err:
+        Catalogue.build(model, singles, whiten=True)
+    assert err.value.options == ("whiten",)
+    with pytest.raises(TypeError, match="whiten must be True or False"):
+        Catalogue.build(model, dataset, whiten="yes")
