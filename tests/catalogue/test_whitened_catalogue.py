@@ -62,6 +62,9 @@ def test_saved_loaded_added_and_replayed_alike(built, tmp_path: Path) -> None:
     assert meta["whitening"]["photos"] == 36 and len(meta["whitening"]["sha256"]) == 64
     again = Catalogue.load(folder, runtime="torch")
     np.testing.assert_array_equal(again.index.whitening.matrix, white.index.whitening.matrix)
+    # the threshold the save calibrated is read back, not computed again (5 fits of the folds)
+    assert ("calibration", "relative", 0.05) in again.index.derived
+    assert again.rejector().threshold == white.rejector().threshold
     purple = [np.full((40, 40, 3), (120, 30, 160), np.uint8), np.full((40, 40, 3), (100, 40, 150), np.uint8)]
     assert again.add("Purple-Thing", purple) == 2  # from memory: whitened by the kept fit
     from fewshot.catalogue.inputs import embed_images

@@ -160,3 +160,25 @@ def test_unapply_gives_back_the_models_unit_embeddings():
         w.unapply(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="matrix"):
         Whitening.from_arrays({"mean": w.mean, "matrix": w.matrix[:3]}, w.describe())
+
+
+@pytest.mark.parametrize("photos,dim", [(3, 4), (2, 40)])  # many dimensions, few photos: shrunk hard
+def test_fold_statistics_add_up_to_scikit_learns_fit(photos, dim):
+    from fewshot.index.whiten import fit_from_stats, within_stats
+
+    rng = np.random.default_rng(1)
+    labels = np.array([f"a{i}" for i in np.repeat(np.arange(9), photos)] + ["single"], dtype=object)
+    x = rng.normal(size=(len(labels), dim)).astype(np.float32)
+    first = np.isin(labels, ["a0", "a1", "a2", "single"])
+    whole = within_stats(x, labels)
+    parts = within_stats(x[first], labels[first]).plus(within_stats(x[~first], labels[~first]))
+    np.testing.assert_allclose(parts.scatter, whole.scatter, atol=1e-12)
+    assert (parts.residuals, parts.photos, parts.articles, parts.spread) == (9 * photos, len(x), 10, 9 * (photos - 1))
+    rest = fit_from_stats(whole.minus(within_stats(x[first], labels[first])))
+    unit = x[~first] / np.linalg.norm(x[~first], axis=1, keepdims=True)
+    lab = labels[~first]
+    means = {a: unit[lab == a].mean(0) for a in set(lab)}
+    reference = LedoitWolf(assume_centered=True).fit(unit - np.stack([means[a] for a in lab]))
+    assert rest.shrinkage == pytest.approx(reference.shrinkage_, abs=1e-12)
+    np.testing.assert_allclose(rest.matrix.T @ reference.covariance_ @ rest.matrix, np.eye(dim), atol=1e-6)
+    np.testing.assert_allclose(rest.mean, unit.mean(0), atol=1e-6)

@@ -228,12 +228,19 @@ CALIBRATION_FILE = "calibration.json"
 MAX_CALIBRATION_BYTES = 1 << 20
 
 
-def _digest(index: CatalogueIndex, record: dict) -> str:
-    """SHA-256 of a calibration record and of the index it was made for (its articles and the
-    sums of their vectors): a record edited by hand, or copied from another index, does not match."""
+def _digest(index: CatalogueIndex, record: dict, folder: Path) -> str:
+    """SHA-256 of a calibration record and of the index it was made for (its articles, and the
+    file of the sums of their vectors, which a save writes first: the sums in memory are not
+    always bit for bit those read back): a record edited by hand, or copied from another index,
+    does not match.
+
+    Raises:
+        OSError: the folder has no ``prototype_sums.npy`` (a format-1 folder)."""
     h = hashlib.sha256(json.dumps(record, sort_keys=True).encode())
     h.update(json.dumps([len(index.labels), index.articles]).encode())
-    h.update(np.ascontiguousarray(index.prototype_sums(0, len(index.articles))).tobytes())
+    with open(folder / "prototype_sums.npy", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -246,7 +253,7 @@ def write_calibration(index: CatalogueIndex, folder: Path) -> dict:
         record = {"calibrated": True, **cached_calibration(index, DEFAULT_TARGET_FAR, DEFAULT_SCORE).as_dict()}
     except DataError as e:
         record = {"calibrated": False, "reason": e.message, "score": DEFAULT_SCORE, "target_far": DEFAULT_TARGET_FAR}
-    record["digest"] = _digest(index, record)
+    record["digest"] = _digest(index, record, folder)
     (folder / CALIBRATION_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return record
 
@@ -262,7 +269,7 @@ def read_calibration(index: CatalogueIndex, folder: Path) -> Calibration | None:
             return None
         record = json.loads(file.read_text(encoding="utf-8"))
         digest = record.pop("digest")
-        if digest != _digest(index, record) or not record.pop("calibrated"):
+        if digest != _digest(index, record, folder) or not record.pop("calibrated"):
             return None
         cal = Calibration(**{f.name: record[f.name] for f in fields(Calibration) if f.name in record})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

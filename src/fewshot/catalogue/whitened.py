@@ -16,13 +16,14 @@ every other article's prototype in a whitening fitted on the other folds. On the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ..index import CatalogueIndex
-from ..index.whiten import Whitening, check_spread, fit_whitening
+from ..index.whiten import Whitening, WithinStats, check_spread, fit_from_stats, fit_whitening, within_stats
 from .calibrate import CalibrationScores, calibration_scores
 
 __all__ = ["WHITEN_FOLDS", "WhitenedCatalogue", "article_folds", "check_whitenable", "whitened_catalogue",
@@ -107,8 +108,10 @@ def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], grou
     fold = np.array([fold_of[a] for a in labels])
     paths = [f"catalogue:{i}" for i in range(len(labels))]
     parts: dict[str, list[CalibrationScores]] = {name: [] for name in scores}
-    for k in np.unique(fold):
-        index = _build(vectors, labels, groups, paths, fit_whitening(vectors[fold != k], labels[fold != k]))
+    stats = {int(k): within_stats(vectors[fold == k], labels[fold == k]) for k in np.unique(fold)}
+    whole = functools.reduce(WithinStats.plus, stats.values())
+    for k in np.unique(fold):  # the fit without fold k: the whole's statistics minus its own
+        index = _build(vectors, labels, groups, paths, fit_from_stats(whole.minus(stats[int(k)])))
         for name in scores:  # the index keeps the photos' order
             parts[name].append(calibration_scores(index, score=name, rows=np.flatnonzero(fold == k)))
     return {name: CalibrationScores(**{f: np.concatenate([getattr(p, f) for p in got])
