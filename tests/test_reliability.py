@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -628,3 +629,23 @@ def test_classify_does_not_count_queries_that_cannot_be_right(drawn_tree, cache,
     summary = json.loads(r.stdout.strip().splitlines()[-1])["summary"]  # --json: the summary is JSON too
     assert summary["num_images"] == 10 and summary["num_not_in_catalogue"] == 24
     assert summary["num_no_other_image"] == 2 and "26 image(s) not scored" in flat(r)
+
+
+def test_an_interrupted_evaluation_write_is_put_right_by_the_next(small_manifest, cache, tmp_path):
+    """A writer killed between replace_dir's two renames leaves the previous result at
+    ``.OUT.old-PID`` and its unfinished folder at ``.OUT.XXXXXXXX.tmp``: the next evaluate into the
+    same --out moves the previous result back (and so refuses it without --overwrite), and
+    removes the unfinished folder; nothing else beside --out is touched."""
+    out = tmp_path / "e"
+    args = ["evaluate", "--data", small_manifest, "--split", "test", "--image-size", "64", "--episodes", "1",
+            "--queries", "2", "--cache-dir", cache, "--no-progress"]
+    run(*args, "--out", out)
+    before = (out / "metrics.json").read_bytes()
+    os.replace(out, tmp_path / ".e.old-4242")
+    (tmp_path / ".e.ab12CD_x.tmp").mkdir()
+    (tmp_path / ".e.ab12CD_x.tmp" / "metrics.json").write_text("{}")
+    (tmp_path / ".e.mine.tmp").mkdir()  # not a name atomic_dir gives: left alone
+    r = run(*args, "--out", out, code=1)
+    assert "already exists" in r.output or "--overwrite" in r.output
+    assert (out / "metrics.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".e.mine.tmp", "e"]

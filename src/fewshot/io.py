@@ -373,5 +373,31 @@ def claimed_output(path: str | Path, owner: object, writer: str | None = None, *
     """
     check_output(path, **check)  # a bad --out is named as such before a lock file is made beside it
     with writer_lock(path, writer or check["what"], owner=owner) as real:
+        tidy_interrupted(path)
         check_output(path, **check)
         yield real
+
+
+#: the name :func:`atomic_dir` gives its temporary folder: ``.NAME.`` + mkdtemp's 8 characters + ``.tmp``
+_TMP_NAME = r"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp"
+
+
+def tidy_interrupted(path: str | Path) -> None:
+    """What a killed writer of ``path`` left beside it, put right by the next writer (which holds
+    ``path``'s writer lock, so no writer of it is alive): the previous folder moved aside by
+    :func:`replace_dir` is moved back (:func:`recover_dir`), and :func:`atomic_dir`'s
+    unfinished temporary folders ``.NAME.XXXXXXXX.tmp`` are removed. Says so in the log."""
+    import logging
+    import re
+
+    path = Path(path)
+    log = logging.getLogger("fewshot")
+    if recover_dir(path):
+        log.warning("%s: put back the previous folder, which an interrupted write had moved aside", path)
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(_TMP_NAME.format(name=re.escape(path.name)))
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        if pattern.fullmatch(tmp.name) and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("%s: removed %s, the unfinished folder of an interrupted write", path, tmp.name)

@@ -22,7 +22,7 @@ from ..data.records import Dataset
 from ..embed import Embeddings
 from ..embed.options import EmbedOptions
 from ..errors import DataError, InputError
-from ..io import atomic_dir, atomic_write_json, atomic_write_text, check_output
+from ..io import atomic_dir, atomic_write_json, atomic_write_text, claimed_output
 from ..methods.from_options import model_from_options
 from ..metrics import episodic_accuracy, nearest_neighbors
 from ..model import EmbeddingModel
@@ -187,9 +187,11 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
                          hint="pass split_file", options=("open_set", "split_file"))
     name = f"{cfg.data}" + (f" ({protocol['part']} classes)" if gallery is not None else "")
     check_evaluable(queries.labels, gallery.labels if gallery is not None else None, name)
-    if out is not None:
-        check_output(out, what="fewshot evaluation", is_ours=is_evaluation_dir, overwrite=overwrite,
-                     owned=EVALUATION_FILES.__contains__, **data_protection(cfg.data, queries, gallery))
+    claim = dict(what="fewshot evaluation", is_ours=is_evaluation_dir, overwrite=overwrite,
+                 owned=EVALUATION_FILES.__contains__, **data_protection(cfg.data, queries, gallery))
+    if out is not None:  # under the writer lock, which puts right what an interrupted write left
+        with claimed_output(out, object(), **claim):
+            pass
     model = model or model_from_options(cfg.embed)
     rerank = check_levers(cfg.rerank, cfg.transductive, cfg.query_imbalance, gallery=gallery is not None,
                           model_classifier=adapts(model.episode_classifier), whiten=cfg.whiten)
@@ -219,8 +221,9 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         "whiten": whitening.describe() if whitening else None, "similarity": "cosine",
         "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
         "skipped_images": skipped, **environment()}
-    if out is not None:
-        write_evaluation(metrics, rq, rg, Path(out), cfg)
+    if out is not None:  # checked again under the folder's writer lock, which puts right an interrupted write
+        with claimed_output(out, object(), **claim):
+            write_evaluation(metrics, rq, rg, Path(out), cfg)
     return metrics
 
 
