@@ -141,3 +141,79 @@ def test_whiten_is_refused_before_anything_is_embedded(model, drawn_tree: Path, 
     assert err.value.options == ("whiten",)
     with pytest.raises(TypeError, match="whiten must be True or False"):
         Catalogue.build(model, dataset, whiten="yes")
+
+
+def _craft(folder: Path, **change) -> None:
+    """Rewrite the folder's whitening with ``change`` applied, its SHA-256 in meta.json to match."""
+    from safetensors.numpy import load_file, save_file
+
+    from fewshot.catalogue.formats import _arrays_digest
+
+    arrays = {**load_file(str(folder / WHITENING_FILE)), **change}
+    save_file(arrays, str(folder / WHITENING_FILE))
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["whitening"]["sha256"] = _arrays_digest(arrays)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ("dim", "4-dimensional, the index"), ("nan", "not finite"), ("far", "not below 1"), ("zero", "singular"),
+    ("no record", "no whitening record"),
+])
+def test_a_whitening_that_cannot_be_right_is_refused(built, tmp_path: Path, change: str, fragment: str) -> None:
+    _, white = built
+    folder = white.save(tmp_path / "idx")
+    assert json.loads((folder / "meta.json").read_text())["format_version"] == 3  # fewshot < 0.7.0 refuses it
+    w = white.index.whitening
+    if change == "dim":
+        _craft(folder, mean=w.mean[:4].copy() * 0, matrix=np.eye(4))
+    elif change == "nan":
+        _craft(folder, mean=np.where(np.arange(w.dim) == 0, np.nan, w.mean))
+    elif change == "far":
+        _craft(folder, mean=w.mean / np.linalg.norm(w.mean) * 1.5)
+    elif change == "zero":
+        _craft(folder, matrix=np.zeros_like(w.matrix))
+    else:  # the record dropped, the file still there: read as plain, it would answer unwhitened
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["whitening"] = None
+        (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=fragment):
+        load_index(folder)
+
+
+def test_a_plain_index_keeps_format_2(built, tmp_path: Path) -> None:
+    plain, _ = built
+    folder = plain.save(tmp_path / "idx")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["format_version"] == 2 and meta["whitening"] is None and not (folder / WHITENING_FILE).exists()
+
+
+def test_too_few_articles_say_so_once(model, drawn_tree: Path, caplog) -> None:
+    from fewshot.data.records import Dataset
+
+    dataset = fewshot.load_dataset(drawn_tree)
+    five = Dataset([r for r in dataset.records if r.label != "Red-Ball"], name="five")
+    cat = Catalogue.build(model, five, runtime="torch", whiten=True)
+    with caplog.at_level("WARNING", logger="fewshot"):
+        assert cat.rejector().threshold is None
+    said = [r.getMessage() for r in caplog.records]
+    assert any("5 articles: too few to calibrate" in m for m in said) and not any("fold by fold" in m for m in said)
+
+
+def test_the_fold_that_cannot_be_fitted_is_named() -> None:
+    from fewshot.catalogue.whitened import check_whitenable
+
+    with pytest.raises(DataError, match=r"without fold \d \(2 article\(s\): .*the rest has 5 photos of 4 articles"):
+        check_whitenable(["a", "a", "b", "b", "c", "d", "e", "f"])
+
+
+def test_a_threshold_that_accepts_almost_nothing_warns(caplog) -> None:
+    from fewshot.catalogue.reject import cached_calibration
+    from fewshot.index import CatalogueIndex
+
+    x = np.random.default_rng(0).normal(size=(200, 32)).astype(np.float32)  # no article looks like itself
+    index = CatalogueIndex.build(x, [f"a{i % 20}" for i in range(200)], [None] * 200, [f"p{i}" for i in range(200)])
+    with caplog.at_level("WARNING", logger="fewshot"):
+        cal = cached_calibration(index, 0.05, "relative")
+    assert cal.present_accepted < 0.10
+    assert any("almost every photo will be answered 'unknown'" in r.getMessage() for r in caplog.records)

@@ -123,6 +123,10 @@ def test_index_whiten_from_the_cli(small_manifest, cache, tmp_path):
     want = cat.classify([query], top_k=2)[0]
     assert [(p["label"], round(p["score"], 4)) for p in line["predictions"]] == \
         [(p.label, round(p.score, 4)) for p in want.predictions]
+    r = run("classify", "--index", idx, "--data", small_manifest, "--split", "train", "--summary-only",
+            "--cache-dir", cache)  # the catalogue's own photos: the whitening was fitted on them
+    assert "catalogue images among them: 36 (scored leave-one-out" in r.output and "OPTIMISTIC" in r.output
+    assert "judge a whitened catalogue on photos that are not in it" in " ".join(r.output.split())
     lines = small_manifest.read_text().splitlines()
     firsts = [lines[0]] + [next(x for x in lines[1:] if f",{a}," in x) for a in ("Banana", "Carrots", "Pink-Lady")]
     singles = small_manifest.parent / "singles.csv"  # one photo an article: nothing to fit

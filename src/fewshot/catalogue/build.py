@@ -85,6 +85,9 @@ def build_index(data: str, out: str | Path, *, split: str | None = None, catalog
     with claimed_output(out, writer := object(), what="fewshot index", is_ours=is_index_dir, overwrite=overwrite,
                         owned=INDEX_FILES.__contains__, **data_protection(data, dataset)):
         enrolled = previous_index(out)
+        if enrolled.whitened and not whiten:
+            log.warning("the index being replaced was whitened (--whiten); this one will not be: add --whiten to keep "
+                        "the whitening")
         model = model or model_from_options(embed)
         ann_config = resolve_ann(ann_config or AnnConfig(), len(dataset), model.dim)
         index = index_embeddings(model, embed.embed(model, dataset), data, catalogue, ann_config, whiten=whiten)
@@ -117,6 +120,7 @@ class Previous(NamedTuple):
 
     enrolled: list[EnrolledArticle]
     articles: list[str]
+    whitened: bool = False
 
 
 def _note_dropped(index: CatalogueIndex, old: list[str], enrolled: list[EnrolledArticle]) -> None:
@@ -142,7 +146,7 @@ def previous_index(folder: str | Path) -> Previous:
         return Previous([], [])
     try:
         old = load_index(folder)
-        return Previous(enrolled_articles(old, folder), list(old.articles))
+        return Previous(enrolled_articles(old, folder), list(old.articles), old.whitening is not None)
     except CheckpointError as exc:
         if not any(p.is_file() for p in (folder / ENROLLED_DIR).rglob("*")):
             return Previous([], [])

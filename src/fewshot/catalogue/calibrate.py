@@ -34,7 +34,7 @@ from ..index.vectors import l2_normalize
 from ..metrics.openset import threshold_for_far
 from .scores import DEFAULT_SCORE, brand_scores, open_scores, top_scores
 
-__all__ = ["Calibration", "CalibrationScores", "calibrate", "calibration_from", "calibration_scores", "MIN_ARTICLES", "MIN_BRANDS",
+__all__ = ["Calibration", "CalibrationScores", "calibrate", "calibration_from", "calibration_scores", "check_calibratable", "MIN_ARTICLES", "MIN_BRANDS",
            "MAX_PHOTOS", "HISTOGRAM_BINS"]
 
 #: the fewest articles (or brands, with ``by="group"``) a catalogue needs to be calibrated
@@ -120,6 +120,16 @@ def _check(by: str, counts: np.ndarray, brand: np.ndarray) -> None:
         raise DataError(f"the catalogue has {units} {by}s: too few to calibrate a reject threshold "
                         f"(at least {MIN_ARTICLES} are needed)",
                         hint="add articles, or classify without a reject threshold (reject='none')")
+
+
+def check_calibratable(index: CatalogueIndex, by: str = "article") -> None:
+    """Refuse a catalogue too small to calibrate (fewer than :data:`MIN_ARTICLES` articles, or
+    brands with ``by="group"``) before any score is computed.
+
+    Raises:
+        DataError: as :func:`calibration_scores`.
+    """
+    _check(by, np.bincount(index.image_article, minlength=len(index.articles)), _brand_codes(index))
 
 
 def calibration_scores(index: CatalogueIndex, *, score: str = DEFAULT_SCORE, by: str = "article",

@@ -103,7 +103,8 @@ def export_catalogue(index: CatalogueIndex, folder: str | Path, out: str | Path,
 
     Returns:
         a summary: ``articles``, ``images``, ``missing`` (paths that are not on disk),
-        ``tree_exact`` (whether the folder tree alone reads back with the same labels).
+        ``tree_exact`` (whether the folder tree alone reads back with the same labels),
+        ``whitened`` (whether the index was: its rebuild takes ``--whiten`` again).
 
     Raises:
         DataError: no catalogue image is on disk.
@@ -135,7 +136,8 @@ def export_catalogue(index: CatalogueIndex, folder: str | Path, out: str | Path,
         csv.writer(buf, lineterminator="\n").writerows([("path", "label", "group"), *rows])
         atomic_write_text(tmp / EXPORT_MANIFEST, buf.getvalue())
         summary = {"format": "fewshot.export", "articles": len({r[1] for r in rows}), "images": len(rows),
-                   "missing": missing, "tree_exact": bool(exact), "source_index": root.name, **info}
+                   "missing": missing, "tree_exact": bool(exact), "source_index": root.name,
+                   "whitened": index.whitening is not None, **info}
         atomic_write_json(tmp / EXPORT_MARKER, summary)
     return summary
 

@@ -40,6 +40,9 @@ __all__ = ["FORMAT_VERSION", "INDEX_FILES", "check_folder", "is_index_dir", "ope
            "read_whitening", "write_arrays", "write_meta", "WHITENING_FILE"]
 
 FORMAT_VERSION = 2
+#: the format of a whitened index: format 2 plus ``whitening.safetensors``, which a reader of
+#: format 2 only (fewshot before 0.7.0) would ignore, answering with unwhitened queries
+WHITENED_FORMAT = 3
 #: the whitening of a whitened catalogue (:mod:`fewshot.index.whiten`)
 WHITENING_FILE = "whitening.safetensors"
 #: what an index folder holds at its top level (the service adds ``enrolled/``)
@@ -93,8 +96,8 @@ def open_meta(path: Path) -> dict:
         raise CheckpointError(f"index folder {path} is damaged: meta.json cannot be read",
                               hint="rebuild it with `fewshot index`")
     version = meta.get("format_version")
-    if version not in (1, FORMAT_VERSION):
-        raise CheckpointError(f"index {path} has format {version}, expected {FORMAT_VERSION}",
+    if version not in (1, FORMAT_VERSION, WHITENED_FORMAT):
+        raise CheckpointError(f"index {path} has format {version}, expected {FORMAT_VERSION} or {WHITENED_FORMAT}",
                               hint="rebuild it with this version of fewshot")
     return meta
 
@@ -135,21 +138,31 @@ def _whitening_record(index: CatalogueIndex) -> dict | None:
     return None if w is None else {**w.describe(), "sha256": _arrays_digest(w.to_arrays())}
 
 
-def read_whitening(path: Path, record: object) -> Whitening | None:
-    """The whitening that ``meta.json`` records (``record``: its ``"whitening"``; ``None``: none).
+def read_whitening(path: Path, meta: dict) -> Whitening | None:
+    """The whitening that ``meta.json`` (``meta``) records in ``"whitening"`` (``None``: none, in
+    a format-2 folder without the file).
 
     Raises:
-        CheckpointError: the file is missing, unreadable, or not the one the record names.
+        CheckpointError: the file is missing, unreadable, not the one the record names, of
+            another dimension than the index, or unusable (:meth:`Whitening.from_arrays`); a
+            whitened format without a record, or a file without one.
     """
-    if record is None:
+    record = meta.get("whitening")
+    whitened = meta.get("format_version") == WHITENED_FORMAT
+    if record is None and not whitened and not (path / WHITENING_FILE).exists():
         return None
     from safetensors.numpy import load_file
 
     try:
+        if record is None:
+            raise ValueError(f"meta.json has no whitening record for it (format {meta.get('format_version')})")
         arrays = load_file(str(path / WHITENING_FILE))
         if not isinstance(record, dict) or _arrays_digest(arrays) != record.get("sha256"):
             raise ValueError("its arrays are not those meta.json records")
-        return Whitening.from_arrays(arrays, record)
+        whitening = Whitening.from_arrays(arrays, record)
+        if whitening.dim != meta.get("dim"):
+            raise ValueError(f"it is {whitening.dim}-dimensional, the index {meta.get('dim')}-dimensional")
+        return whitening
     except Exception as exc:  # safetensors raises its own errors, an OSError for a missing file
         raise CheckpointError(f"index folder {path} is damaged: its whitening ({WHITENING_FILE}) cannot be used "
                               f"({exc})", hint="rebuild it with `fewshot index ... --whiten --overwrite`") from None
@@ -161,7 +174,8 @@ def write_meta(index: CatalogueIndex, tmp: Path) -> None:
 
 
 def _meta(index: CatalogueIndex) -> dict:
-    return {"format_version": FORMAT_VERSION, "fewshot_version": __version__, "dim": index.dim,
+    return {"format_version": FORMAT_VERSION if index.whitening is None else WHITENED_FORMAT,
+            "fewshot_version": __version__, "dim": index.dim,
             "num_images": len(index.labels), "num_articles": len(index.articles),
             "index_type": index.ann.kind, "index": index.ann.to_dict(), "config": index.config,
             "articles": index.articles, "whitening": _whitening_record(index),
@@ -237,4 +251,4 @@ def _load_v2(path: Path, meta: dict) -> CatalogueIndex:
     return CatalogueIndex.restore(dim=meta["dim"], labels=labels, groups=groups, paths=paths,
                                   config=meta.get("config", {}), ann_config=config, image_index=image_index,
                                   digests=digests, ids=ids, vectors=vectors, first_new=first_new, sums=sums,
-                                  articles=list(articles), whitening=read_whitening(path, meta.get("whitening")))
+                                  articles=list(articles), whitening=read_whitening(path, meta))

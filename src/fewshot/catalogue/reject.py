@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import DataError, InputError
 from ..index import CatalogueIndex, Prediction
-from .calibrate import Calibration, CalibrationScores, calibration_from, calibration_scores
+from .calibrate import Calibration, CalibrationScores, calibration_from, calibration_scores, check_calibratable
 from .scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, brand_scores, open_scores
 
 __all__ = ["Answer", "Rejector", "answers", "parse_reject", "prediction_arrays", "DEFAULT_TARGET_FAR",
@@ -164,6 +164,8 @@ class Rejector:
                 "brand_threshold": cal.brand_threshold if cal else None}
 
 
+#: below this share of the catalogue's own photos accepted, a calibration warns
+FEW_ACCEPTED = 0.10
 #: calibrations kept per index (one per score and target asked for; the oldest goes first)
 MAX_CACHED = 8
 
@@ -184,6 +186,11 @@ def cached_calibration(index: CatalogueIndex, target_far: float, score: str) -> 
     if scores_key not in index.derived:
         index.derived[scores_key] = _scores(index, score)
     cal = calibration_from(index.derived[scores_key], target_far, score=score)
+    if cal.present_accepted < FEW_ACCEPTED:
+        log.warning("the reject threshold (%s score >= %.4f for %g%% false accepts) accepts only %.0f%% of the "
+                    "catalogue's own photos left out in turn: almost every photo will be answered 'unknown'. Add "
+                    "articles and photos, choose a higher target_far, or classify with reject='none'", score,
+                    cal.threshold, target_far * 100, cal.present_accepted * 100)
     kept = [k for k in index.derived if k[0] == "calibration"]
     for old in kept[: max(0, len(kept) + 1 - MAX_CACHED)]:
         del index.derived[old]
@@ -200,16 +207,17 @@ def _scores(index: CatalogueIndex, score: str) -> CalibrationScores:
     without its article's fold (:func:`fewshot.catalogue.whitened.whitened_calibration_scores`,
     from the model's embeddings the index keeps); above :data:`MAX_WHITENED_PHOTOS` photos, or
     when a fold cannot be fitted, in the index's own whitening, with a warning that the threshold
-    is then stricter than its target (on Grocery: 3.1% false accepts for 5%).
+    is then not its target (on Grocery: 3.1% false accepts for 5%).
 
     Raises:
         DataError: too few articles to calibrate (:func:`calibration_scores`)."""
     if index.whitening is None:
         return calibration_scores(index, score=score)
+    check_calibratable(index)  # too few articles: no threshold at all, whitened or not
     if len(index) > MAX_WHITENED_PHOTOS:
         log.warning("the whitened catalogue has %d photos, more than the %d calibrated fold by fold: its reject "
-                    "threshold comes from its own whitening, which has seen every article, and accepts fewer photos "
-                    "than its target false-accept rate says", len(index), MAX_WHITENED_PHOTOS)
+                    "threshold comes from its own whitening, which has seen every article, so its false-accept "
+                    "rate is not its target (on Grocery 3.1%% for 5%%)", len(index), MAX_WHITENED_PHOTOS)
         return calibration_scores(index, score=score)
     from .whitened import whitened_calibration_scores
 
@@ -218,7 +226,8 @@ def _scores(index: CatalogueIndex, score: str) -> CalibrationScores:
         return whitened_calibration_scores(vectors, index.labels, index.groups, [score])[score]
     except DataError as e:  # articles removed since the build: a fold's other articles cannot be fitted
         log.warning("the whitened catalogue cannot be calibrated fold by fold (%s): its reject threshold comes from "
-                    "its own whitening and accepts fewer photos than its target false-accept rate says", e.message)
+                    "its own whitening, which has seen every article, so its false-accept rate is not its target",
+                    e.message)
         return calibration_scores(index, score=score)
 
 
@@ -241,6 +250,9 @@ def _digest(index: CatalogueIndex, record: dict, folder: Path) -> str:
     with open(folder / "prototype_sums.npy", "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
+    if index.whitening is not None:  # the threshold was made in this whitening
+        for array in index.whitening.to_arrays().values():
+            h.update(array.tobytes())
     return h.hexdigest()
 
 

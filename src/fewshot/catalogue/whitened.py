@@ -16,12 +16,14 @@ every other article's prototype in a whitening fitted on the other folds. On the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import DataError
 from ..index import CatalogueIndex
 from ..index.whiten import Whitening, WithinStats, check_spread, fit_from_stats, fit_whitening, within_stats
 from .calibrate import CalibrationScores, calibration_scores
@@ -61,7 +63,21 @@ def check_whitenable(labels: Sequence[str], *, folds: int = WHITEN_FOLDS, seed: 
     fold_of = article_folds(names, folds, seed)
     fold = np.array([fold_of[a] for a in names])
     for k in np.unique(fold):
-        check_spread(counts[fold != k])
+        with _in_fold(k, names[fold == k]):
+            check_spread(counts[fold != k])
+
+
+@contextlib.contextmanager
+def _in_fold(k: int, left_out: Sequence[str]) -> Iterator[None]:
+    """Say which calibration fold a refusal of the fit (a :class:`DataError`) is about."""
+    try:
+        yield
+    except DataError as e:
+        names = ", ".join(repr(str(a)) for a in list(left_out)[:5]) + (" ..." if len(left_out) > 5 else "")
+        raise DataError(f"the reject threshold of a whitened catalogue is calibrated in whitenings fitted without "
+                        f"each fold of its articles in turn; without fold {k + 1} ({len(left_out)} article(s): "
+                        f"{names}), {e.message.replace('the catalogue has', 'the rest has', 1)}",
+                        hint="add a second photo to more articles, or leave whiten off", options=("whiten",)) from None
 
 
 def _build(vectors: np.ndarray, labels: np.ndarray, groups: Sequence[str | None], paths: Sequence[str],
@@ -111,7 +127,9 @@ def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], grou
     stats = {int(k): within_stats(vectors[fold == k], labels[fold == k]) for k in np.unique(fold)}
     whole = functools.reduce(WithinStats.plus, stats.values())
     for k in np.unique(fold):  # the fit without fold k: the whole's statistics minus its own
-        index = _build(vectors, labels, groups, paths, fit_from_stats(whole.minus(stats[int(k)])))
+        with _in_fold(int(k), np.unique(labels[fold == k])):
+            whitening = fit_from_stats(whole.minus(stats[int(k)]))
+        index = _build(vectors, labels, groups, paths, whitening)
         for name in scores:  # the index keeps the photos' order
             parts[name].append(calibration_scores(index, score=name, rows=np.flatnonzero(fold == k)))
     return {name: CalibrationScores(**{f: np.concatenate([getattr(p, f) for p in got])

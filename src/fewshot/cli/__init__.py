@@ -169,7 +169,7 @@ def export_cmd(
     summary = export_index(index, out, overwrite=overwrite)
     typer.echo(f"exported {summary['images']} photos of {summary['articles']} articles to {one_line(out)}")
     typer.echo(f"build an index of them again: fewshot index --data {one_line(out / 'manifest.csv')} --out NEW_INDEX"
-               + ("" if summary["tree_exact"] else "  (the manifest keeps the exact labels; some are not "
+               + (" --whiten" if summary["whitened"] else "") + ("" if summary["tree_exact"] else "  (the manifest keeps the exact labels; some are not "
                                                      "usable as folder names, so the tree shows them changed)"))
     if summary["missing"]:
         shown = ", ".join(map(one_line, summary["missing"][:5])) + (" ..." if len(summary["missing"]) > 5 else "")

@@ -109,11 +109,19 @@ class Whitening:
         """A whitening from :meth:`to_arrays` and :meth:`describe`.
 
         Raises:
-            ValueError / KeyError: arrays or a description that do not fit together.
+            ValueError / KeyError: arrays or a description that do not fit together, values that
+                are not finite, a mean of norm 1 or more, a singular matrix.
         """
         mean, matrix = np.asarray(arrays["mean"], np.float64), np.asarray(arrays["matrix"], np.float64)
-        if mean.ndim != 1 or matrix.shape != (len(mean), len(mean)) or not np.isfinite(matrix).all():
+        if mean.ndim != 1 or matrix.shape != (len(mean), len(mean)):
             raise ValueError(f"a whitening of mean {mean.shape} and matrix {matrix.shape}")
+        if not (np.isfinite(mean).all() and np.isfinite(matrix).all()):
+            raise ValueError("a whitening with values that are not finite")
+        if not float(np.linalg.norm(mean)) < 1.0:  # a mean of unit vectors; unapply relies on it
+            raise ValueError(f"a whitening whose mean has norm {np.linalg.norm(mean):.3g}, not below 1")
+        sign, _ = np.linalg.slogdet(matrix)
+        if sign == 0:
+            raise ValueError("a whitening whose matrix is singular")
         return cls(mean=mean, matrix=matrix, shrinkage=float(described["shrinkage"]),
                    photos=int(described["photos"]), articles=int(described["articles"]))
 
