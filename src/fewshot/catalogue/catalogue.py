@@ -182,7 +182,8 @@ class Catalogue:
         ``.group``, ``.score`` = cosine similarity), and the answer (``result.answer.article``:
         the best article, or ``"unknown"`` when the photo is not confidently a catalogue article;
         ``result.answer.brand`` then names a confident brand). A path that is itself a catalogue
-        image is classified with its own copy left out (``result.in_catalogue``).
+        image is classified with its own copy left out (``result.in_catalogue``); in a whitened
+        catalogue its scores stay optimistic, since the whitening was fitted on it.
 
         ``reject``: ``"auto"`` (the threshold calibrated on this catalogue for ``target_far``
         false accepts, :func:`fewshot.catalogue.calibrate.calibrate`; a catalogue too small to
