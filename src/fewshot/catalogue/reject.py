@@ -135,9 +135,11 @@ class Rejector:
 
     @classmethod
     def for_index(cls, index: CatalogueIndex, reject: object = "auto", *, target_far: object = DEFAULT_TARGET_FAR,
-                  score: str = DEFAULT_SCORE) -> "Rejector":
+                  score: str = DEFAULT_SCORE, warn: bool = True) -> "Rejector":
         """The rejector of ``index``; ``auto`` calibrates (cached on the index until it changes), and
-        falls back to no reject, with a warning, when the catalogue is too small.
+        falls back to no reject, with a warning, when the catalogue is too small. ``warn=False``:
+        no warning that the threshold accepts few of the catalogue's own photos (a protocol that
+        reports what each of its catalogues accepts).
 
         Raises:
             InputError: a bad ``reject``, ``target_far`` or ``score``.
@@ -149,7 +151,7 @@ class Rejector:
         if reject != "auto":
             return cls(score, float(reject))
         try:
-            cal = cached_calibration(index, far, score)
+            cal = cached_calibration(index, far, score, warn=warn)
         except DataError as e:
             log.warning("no reject threshold: %s; every photo gets its best article (reject='none')", e.message)
             return cls(score)
@@ -175,18 +177,19 @@ def _cache_key(score: str, target_far: float) -> tuple:
     return ("calibration", score, target_far)
 
 
-def cached_calibration(index: CatalogueIndex, target_far: float, score: str) -> Calibration:
+def cached_calibration(index: CatalogueIndex, target_far: float, score: str, *, warn: bool = True) -> Calibration:
     """:func:`calibrate` of ``index``, kept in ``index.derived`` until the index changes: the
     calibration scores once per open-set score (the costly part), the thresholds per target (a
-    sort), at most :data:`MAX_CACHED` of them."""
+    sort), at most :data:`MAX_CACHED` of them; ``warn``: say so when the threshold accepts under
+    :data:`FEW_ACCEPTED` of the catalogue's own photos."""
     key = _cache_key(score, target_far)
     if key in index.derived:
         return index.derived[key]
     scores_key = ("calibration scores", score)
     if scores_key not in index.derived:
-        index.derived[scores_key] = _scores(index, score)
+        index.derived.update({("calibration scores", name): s for name, s in _scores(index, score).items()})
     cal = calibration_from(index.derived[scores_key], target_far, score=score)
-    if cal.present_accepted < FEW_ACCEPTED:
+    if warn and cal.present_accepted < FEW_ACCEPTED:
         log.warning("the reject threshold (%s score >= %.4f for %g%% false accepts) accepts only %.0f%% of the "
                     "catalogue's own photos left out in turn: almost every photo will be answered 'unknown'. Add "
                     "articles and photos, choose a higher target_far, or classify with reject='none'", score,
@@ -202,8 +205,9 @@ def cached_calibration(index: CatalogueIndex, target_far: float, score: str) -> 
 MAX_WHITENED_PHOTOS = 100_000
 
 
-def _scores(index: CatalogueIndex, score: str) -> CalibrationScores:
-    """The calibration scores of ``index``: for a whitened one, each photo in a whitening fitted
+def _scores(index: CatalogueIndex, score: str) -> dict[str, CalibrationScores]:
+    """The calibration scores of ``index`` for ``score``, by score name: for a whitened one, of
+    every open-set score at once (its cost is the fold fits), each photo in a whitening fitted
     without its article's fold (:func:`fewshot.catalogue.whitened.whitened_calibration_scores`,
     from the model's embeddings the index keeps); above :data:`MAX_WHITENED_PHOTOS` photos, or
     when a fold cannot be fitted, in the index's own whitening, with a warning that the threshold
@@ -212,23 +216,23 @@ def _scores(index: CatalogueIndex, score: str) -> CalibrationScores:
     Raises:
         DataError: too few articles to calibrate (:func:`calibration_scores`)."""
     if index.whitening is None:
-        return calibration_scores(index, score=score)
+        return {score: calibration_scores(index, score=score)}
     check_calibratable(index)  # too few articles: no threshold at all, whitened or not
     if len(index) > MAX_WHITENED_PHOTOS:
         log.warning("the whitened catalogue has %d photos, more than the %d calibrated fold by fold: its reject "
                     "threshold comes from its own whitening, which has seen every article, so its false-accept "
                     "rate is not its target (on Grocery 3.1%% for 5%%)", len(index), MAX_WHITENED_PHOTOS)
-        return calibration_scores(index, score=score)
+        return {score: calibration_scores(index, score=score)}
     from .whitened import whitened_calibration_scores
 
     vectors = index.embedding_rows(0, len(index))
     try:
-        return whitened_calibration_scores(vectors, index.labels, index.groups, [score])[score]
+        return whitened_calibration_scores(vectors, index.labels, index.groups, OPEN_SCORES.names())
     except DataError as e:  # articles removed since the build: a fold's other articles cannot be fitted
         log.warning("the whitened catalogue cannot be calibrated fold by fold (%s): its reject threshold comes from "
                     "its own whitening, which has seen every article, so its false-accept rate is not its target",
                     e.message)
-        return calibration_scores(index, score=score)
+        return {score: calibration_scores(index, score=score)}
 
 
 #: the file of an index folder that records its calibration (for the default score and target)

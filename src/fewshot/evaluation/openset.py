@@ -47,10 +47,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..catalogue.calibrate import MIN_ARTICLES, calibration_from
+from ..catalogue.calibrate import MIN_ARTICLES
 from ..catalogue.reject import DEFAULT_TARGET_FAR, Rejector, answers, check_target_far, prediction_arrays
 from ..catalogue.scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, open_scores
-from ..catalogue.whitened import WHITEN_FOLDS, check_whitenable, whitened_calibration_scores, whitened_catalogue
+from ..catalogue.whitened import WHITEN_FOLDS, check_whitenable
+from ..index.whiten import fit_whitening
 from ..checks import as_embeddings, as_list, positive_int
 from ..errors import DataError, InputError
 from ..index import CatalogueIndex
@@ -178,19 +179,15 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
     cat = np.isin(s.g_labels, known)
     labels, groups = s.g_labels[cat].tolist(), s.g_groups[cat].tolist()
     paths = [f"gallery:{i}" for i in np.flatnonzero(cat)]
-    if whiten:
+    whitening = None
+    if whiten:  # as `fewshot index --whiten` builds it: the queries and the calibration then follow
         try:
-            white = whitened_catalogue(s.g[cat], labels, groups, paths)
-            fold_scores = whitened_calibration_scores(s.g[cat], labels, groups, product)
+            whitening = fit_whitening(s.g[cat], labels)
         except DataError as e:
             raise _whiten_error(known, int(cat.sum()), e) from None
-        index, q = white.index, white.whitening.apply(s.q)
-        calibrations = {n: calibration_from(fold_scores[n], target_far, score=n) for n in product}
-        rejectors = {n: Rejector(n, c.threshold, c) for n, c in calibrations.items()}
-    else:
-        index, q = CatalogueIndex.build(s.g[cat], labels, groups, paths, {}), s.q
-        rejectors = {n: Rejector.for_index(index, "auto", target_far=target_far, score=n) for n in product}
-    preds = index.classify(q, top_k=SCORE_DEPTH)
+    index = CatalogueIndex.build(s.g[cat], labels, groups, paths, {}, whitening=whitening)
+    rejectors = {n: Rejector.for_index(index, "auto", target_far=target_far, score=n, warn=False) for n in product}
+    preds = index.classify(s.q, top_k=SCORE_DEPTH)
     top, _ = prediction_arrays(preds)
     best = np.array([p[0].label for p in preds], dtype=object)
     brands = {g for g in s.g_groups[cat] if g is not None}
@@ -198,7 +195,7 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
     d = _Draw(known=known, is_known=is_known, right=best == s.q_labels, groups=s.q_groups,
               known_brand=np.array([g is not None and g in brands for g in s.q_groups], bool),
               scores={name: open_scores(top, name) for name in product})
-    d.scores.update(_knn_scores(index, q))
+    d.scores.update(_knn_scores(index, s.q))
     for name, rejector in rejectors.items():
         if rejector.calibration is None:  # pragma: no cover - the inputs check rules this out
             raise DataError(f"the catalogue of draw {known} could not be calibrated")
