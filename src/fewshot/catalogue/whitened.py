@@ -74,7 +74,7 @@ def _in_fold(k: int, left_out: Sequence[str]) -> Iterator[None]:
 
 def _build(vectors: np.ndarray, labels: np.ndarray, groups: Sequence[str | None], paths: Sequence[str],
            whitening: Whitening) -> CatalogueIndex:
-    return CatalogueIndex.build(whitening.apply(vectors), labels.tolist(), list(groups), list(paths), {})
+    return CatalogueIndex.build(vectors, labels.tolist(), list(groups), list(paths), {}, whitening=whitening)
 
 
 def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], groups: Sequence[str | None],
