@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -387,9 +389,6 @@ def tidy_interrupted(path: str | Path) -> None:
     ``path``'s writer lock, so no writer of it is alive): the previous folder moved aside by
     :func:`replace_dir` is moved back (:func:`recover_dir`), and :func:`atomic_dir`'s
     unfinished temporary folders ``.NAME.XXXXXXXX.tmp`` are removed. Says so in the log."""
-    import logging
-    import re
-
     path = Path(path)
     log = logging.getLogger("fewshot")
     if recover_dir(path):
