@@ -6,6 +6,7 @@ exactly. Drawn photos at 64 px, no ../shared."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 from typer.testing import CliRunner
@@ -61,10 +62,17 @@ def test_classify_prints_one_line_per_image(drawn_tree, tmp_path):
     assert ODD_ARTICLE in [p["label"] for p in rows[0]["predictions"]]
     auto = [row["answer"] for row in rows[:2]]
     assert all(a["unknown"] == (a["score"] < a["threshold"]) and a["target_far"] == 0.05 for a in auto)
-    assert [line.split("\t")[1] for line in lines] == [one_line(a["article"]) for a in auto]
+    def column(a: dict) -> str:  # the answer, and for an unknown one its score and the threshold it missed
+        if not a["unknown"]:
+            return one_line(a["article"])
+        said = f"unknown article, brand {a['brand']}" if a.get("brand") else "unknown"
+        return f"{one_line(said)} ({a['open_score']} {a['score']:.3f} < {a['threshold']:.3f})"
+
+    assert [line.split("\t")[1] for line in lines] == [column(a) for a in auto]
     # a threshold no score reaches: every photo is unknown, its nearest articles still listed
     r = runner.invoke(app, args[:-1] + ["--reject", "5"])
-    assert [line.split("\t")[1] for line in r.stdout.splitlines()] == ["unknown", "unknown"]
+    said = [line.split("\t")[1] for line in r.stdout.splitlines()]  # the score and the threshold it missed
+    assert len(said) == 2 and all(re.fullmatch(r"unknown \(relative -?\d\.\d{3} < 5\.000\)", a) for a in said), said
     assert "a threshold given by hand" in r.stderr
     r = runner.invoke(app, args[:-1] + ["--reject", "none"])  # no answer column
     assert [len(line.split("\t")) for line in r.stdout.splitlines()] == [3, 3]

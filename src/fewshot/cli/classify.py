@@ -187,9 +187,19 @@ def _print_results(results, as_json: bool, summary_only: bool) -> int:
             typer.echo(json_line(r.to_dict()))
         else:
             preds = ", ".join(f"{one_line(p.label)} ({p.score:.3f})" for p in r.predictions)
-            said = f"{one_line(r.answer.text())}\t" if r.answer is not None and r.answer.threshold is not None else ""
+            said = _answer_column(r.answer)
             typer.echo(f"{one_line(r.image)}\t{said}{preds}" + ("\t[catalogue image: own copy left out]" if r.in_catalogue else ""))
     return bad
+
+
+def _answer_column(answer) -> str:
+    """The answer and a tab (nothing without a threshold); an ``unknown`` answer says the open-set
+    score it was judged on and the threshold it missed, e.g. ``unknown (relative 0.187 < 0.295)``
+    (the ranked articles beside it show cosines, another score)."""
+    if answer is None or answer.threshold is None:
+        return ""
+    why = f" ({answer.score_name} {answer.score:.3f} < {answer.threshold:.3f})" if answer.unknown else ""
+    return f"{one_line(answer.text())}{why}\t"
 
 
 def _in_catalogue(n: int, cat) -> str:
