@@ -32,9 +32,10 @@ cannot define, e.g. a precision of nothing named, is left out of its summary):
   both known and absent photos), realised false-accept rate and known accepted-and-right, pooled
   over draws (photos accepted / photos).
 
-With ``whiten=True`` each draw's catalogue and the queries are whitened by a fit on that
-catalogue's photos alone (:mod:`fewshot.index.whiten`) before the index is built: classification,
-calibration and every score then happen in the whitened space, and the thresholds come from
+With ``whiten=True`` each draw's catalogue is built as ``fewshot index --whiten`` builds one: a
+:class:`~fewshot.index.CatalogueIndex` holding a whitening fitted on that catalogue's photos alone
+(:mod:`fewshot.index.whiten`), which whitens the queries too; classification, calibration and
+every score then happen in the whitened space, and the thresholds come from
 :func:`fewshot.catalogue.whitened.whitened_calibration_scores` (photos scored in fits made
 without their article).
 """
@@ -213,8 +214,9 @@ def _whiten_error(known: list[str], photos: int, e: DataError) -> DataError:
     """The error of a draw whose catalogue, or one of its calibration folds, cannot be whitened."""
     return DataError(f"open set with whitening: the catalogue of a draw ({len(known)} known articles, {photos} "
                      f"gallery photos) or one of its {WHITEN_FOLDS} calibration folds cannot be whitened: {e.message}",
-                     hint="every draw keeps half of the articles and each fold fit four fifths of those: give more "
-                          "articles two or more gallery photos, or leave whiten off", options=("whiten",))
+                     hint=f"every draw keeps half of the articles and each fold fit all but one {WHITEN_FOLDS}th of "
+                          "those: give more articles two or more gallery photos, or leave whiten off",
+                     options=("whiten",))
 
 
 def check_open_set_whitening(classes: Sequence[str], gallery_labels: Sequence[str], draws: int, seed: int) -> None:

@@ -235,7 +235,7 @@ class CatalogueIndex(Ranking):
         if not (len(paths) == len(digests) == len(vectors)):
             raise DataError(f"{len(paths)} paths and {len(digests)} digests for {len(vectors)} vectors")
         assert self._vectors is not None and self._protos is not None and self.image_index is not None
-        normed = l2_normalize(vectors) if self.whitening is None else self.whitening.apply(vectors)
+        normed = self._in_space(vectors)
         new_ids = self._vectors.append(normed)
         self.ann.index_kind.add(self.image_index, normed, new_ids)
         a = self._article_of.get(label)
@@ -363,7 +363,12 @@ class CatalogueIndex(Ranking):
             raise CheckpointError(
                 f"query embeddings have dimension {queries.shape[1]} but the index has {self.dim}",
                 hint="embed queries with the backbone/model the index was built with")
-        return l2_normalize(queries) if self.whitening is None else self.whitening.apply(queries)
+        return self._in_space(queries)
+
+    def _in_space(self, vectors: np.ndarray) -> np.ndarray:
+        """The model's embeddings ``float32 [M, D]`` as the index stores them: unit rows, whitened
+        when the index is."""
+        return l2_normalize(vectors) if self.whitening is None else self.whitening.apply(vectors)
 
     def vectors_at(self, positions: np.ndarray) -> np.ndarray:
         """The stored (normalised) vectors of image ``positions`` (int64 ``[M]``), ``float32 [M, D]``."""
