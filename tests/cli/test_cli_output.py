@@ -74,8 +74,10 @@ def test_classify_prints_one_line_per_image(drawn_tree, tmp_path):
     said = [line.split("\t")[1] for line in r.stdout.splitlines()]  # the score and the threshold it missed
     assert len(said) == 2 and all(re.fullmatch(r"unknown \(relative -?\d\.\d{3} < 5\.000\)", a) for a in said), said
     assert "a threshold given by hand" in r.stderr
-    r = runner.invoke(app, args[:-1] + ["--reject", "none"])  # no answer column
-    assert [len(line.split("\t")) for line in r.stdout.splitlines()] == [3, 3]
+    r = runner.invoke(app, args[:-1] + ["--reject", "none"])  # the answer column is the best article
+    none_lines = r.stdout.splitlines()
+    assert [len(line.split("\t")) for line in none_lines] == [len(line.split("\t")) for line in lines]
+    assert [line.split("\t")[1] for line in none_lines] == [one_line(row["predictions"][0]["label"]) for row in rows[:2]]
     r = runner.invoke(app, args[:-1] + ["--reject", "maybe"])
     assert r.exit_code != 0 and "--reject" in r.stderr and "not auto, none or a score" in r.stderr
     r = runner.invoke(app, args[:-1] + ["--open-score", "energy"])

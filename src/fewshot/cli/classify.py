@@ -169,7 +169,7 @@ def _echo_accuracy(results, truth: list[str], cat, top_k: int, mode: str, as_jso
 def _print_results(results, as_json: bool, summary_only: bool) -> int:
     """Print each result (or only errors with ``summary_only``); returns how many were bad.
 
-    One image is one line: ``PATH<TAB>label (score), ...`` or ``error: PATH: reason`` on
+    One image is one line: ``PATH<TAB>answer<TAB>label (score), ...`` or ``error: PATH: reason`` on
     stderr, with paths and labels through :func:`~fewshot.cli.common.one_line` (a newline or
     tab in a file name is printed escaped); ``--json`` lines through ``json_line``."""
     bad = 0
@@ -187,17 +187,18 @@ def _print_results(results, as_json: bool, summary_only: bool) -> int:
             typer.echo(json_line(r.to_dict()))
         else:
             preds = ", ".join(f"{one_line(p.label)} ({p.score:.3f})" for p in r.predictions)
-            said = _answer_column(r.answer)
+            said = _answer_column(r.answer, r.predictions)
             typer.echo(f"{one_line(r.image)}\t{said}{preds}" + ("\t[catalogue image: own copy left out]" if r.in_catalogue else ""))
     return bad
 
 
-def _answer_column(answer) -> str:
-    """The answer and a tab (nothing without a threshold); an ``unknown`` answer says the open-set
-    score it was judged on and the threshold it missed, e.g. ``unknown (relative 0.187 < 0.295)``
-    (the ranked articles beside it show cosines, another score)."""
+def _answer_column(answer, predictions) -> str:
+    """The answer and a tab; an ``unknown`` answer says the open-set score it was judged on and the
+    threshold it missed, e.g. ``unknown (relative 0.187 < 0.295)`` (the ranked articles beside it
+    show cosines, another score). Without a threshold (``--reject none``) the answer is the best
+    article, so the columns are the same in every mode."""
     if answer is None or answer.threshold is None:
-        return ""
+        return f"{one_line(predictions[0].label)}\t" if predictions else "-\t"
     why = f" ({answer.score_name} {answer.score:.3f} < {answer.threshold:.3f})" if answer.unknown else ""
     return f"{one_line(answer.text())}{why}\t"
 
