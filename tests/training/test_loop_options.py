@@ -94,6 +94,10 @@ def test_rules_between_fields_name_options_and_the_cli_shows_flags(tmp_path):
         r = runner.invoke(app, ["train", "--data", "x.csv", "--split-file", "s.json", "--out", str(tmp_path / "r"),
                                 "--fine-tune", "all", *bad])
         assert r.exit_code == 1 and flag in _flat(r.output), r.output
+    r = runner.invoke(app, ["train", "--data", "x.csv", "--split-file", "s.json", "--out", str(tmp_path / "r"),
+                            "--train-on-val", "--split", "val"])
+    assert r.exit_code == 1 and "--train-on-val trains on the val classes" in _flat(r.output)
+    assert "fix: use --split test (or none)" in _flat(r.output), r.output
     assert not (tmp_path / "r").exists()
 
 
@@ -110,14 +114,14 @@ def test_a_method_check_names_its_options():
 def test_config_json_keeps_its_fields_in_their_order():
     """``train_config`` in config.json: the same keys, in the same order, as before the options
     were declared with loop_option (runs written before load, runs written now load in them);
-    later fields come last (weight averaging), or beside their kin (micro_batch and fold_bn by workers)."""
+    later fields come last (weight averaging, train_on_val), or beside their kin (micro_batch and fold_bn by workers)."""
     keys = list(make_config("triplet").to_dict())
     assert keys == ["method", "data", "split_file", "out", "backbone", "image_size", "test_image_size", "seed", "epochs", "patience",
                     "lr", "weight_decay", "fine_tune", "fine_tune_blocks", "backbone_lr", "warmup_steps",
                     "lr_schedule", "bn", "pretrained", "augment", "class_rotations", "head", "ways", "shots",
                     "queries", "val_episodes", "resume", "overwrite", "group_from", "layout", "progress", "device",
                     "cache_dir", "workers", "micro_batch", "fold_bn", "embed_batch_size", "runtime", "final_eval", "eval_episodes",
-                    "final_tta", "weight_average", "ema_decay", "swa_start", "options"]
+                    "final_tta", "weight_average", "ema_decay", "swa_start", "train_on_val", "options"]
     cfg = make_config("protonet", lr=3e-4, fine_tune="last:2", ways=3)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -148,6 +149,32 @@ def test_early_stopping_and_patience(tiny):
     assert result.best_epoch == 0
     assert [r["epoch"] for r in result.history] == [0, 1, 2]
     assert json.loads((out / "config.json").read_text())["stopped_early"] is True
+
+
+def test_train_on_val_trains_the_val_classes_and_keeps_the_last_epoch(tiny, run3, caplog):
+    out = tiny["folder"] / "on-val"
+    # the same ruinous rate: the val classes are trained on, so nothing held out picks an epoch or stops the run
+    result = train(_cfg(tiny, out, epochs=3, patience=2, lr=0.5, train_on_val=True))
+    assert not result.stopped_early and result.best_epoch == 3
+    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
+    config = json.loads((out / "config.json").read_text())
+    split = json.loads(Path(tiny["split_file"]).read_text())
+    protocol, plain = config["protocol"], run3[0].config["protocol"]
+    assert protocol["val_trained"] is True and plain["val_trained"] is False
+    assert protocol["train_classes"] == sorted(split["train"] + split["val"]) and protocol["val_classes"] == split["val"]
+    assert plain["train_classes"] == sorted(split["train"])
+    assert config["train_images"] > run3[0].config["train_images"]
+    # evaluating the run on the classes it trained on says so; the held-out test classes do not
+    from fewshot.evaluation import EmbedOptions, EvalConfig, evaluate
+
+    opts = EmbedOptions(backbone=None, model_dir=str(out), image_size=None, cache_dir=tiny["cache_dir"], progress=False)
+    with caplog.at_level(logging.WARNING, logger="fewshot"):
+        on_val = evaluate(EvalConfig(data=tiny["data"], split_file=tiny["split_file"], part="val", episodes=20, embed=opts))
+    assert on_val["config"]["trained_classes_evaluated"] == len(split["val"])
+    assert f"{len(split['val'])} of the {len(split['val'])} evaluated classes were trained on by on-val" in caplog.text
+    assert "--train-on-val" in caplog.text
+    held_out = json.loads((run3[1] / "eval_test" / "metrics.json").read_text())
+    assert held_out["config"]["trained_classes_evaluated"] == 0
 
 
 def test_mismatched_backbone_is_refused(run3):

@@ -40,7 +40,7 @@ def _train(
     nproc: int = typer.Option(1, "--nproc", min=1, max=MAX_NPROC, rich_help_panel=PERFORMANCE, help="Train with N local processes (DistributedDataParallel: gloo on CPU, nccl with one GPU per process): each embeds a slice of every batch, and the run equals the one-process run on the same batches. contrastive, triplet and protonet; a contrastive / triplet --batch-size must be a multiple of N; --threads then counts per process (default: cores / N). Worth it when the backbone trains (--fine-tune) on several GPUs or many cores; with --fine-tune none the exchange of the head's gradients outweighs the work. Under torchrun (`torchrun --nproc_per_node=N -m fewshot train ...`) leave it out."),
     **given,
 ) -> None:
-    """Train contrastive / triplet (or episodic) embeddings; keep the best epoch by val MAP@R.
+    """Train contrastive / triplet (or episodic) embeddings; keep the best epoch by val MAP@R (the last with --train-on-val).
 
     A method option (under "Method options", or --opt KEY=VALUE) applies to the methods its help names; `fewshot methods METHOD` lists one method's options.
     """
@@ -59,8 +59,9 @@ def _train_run(method: str, given: dict[str, Any], pairs: list[str], nproc: int,
     if result is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return
     b = result.best_metrics
-    typer.echo(f"best epoch {result.best_epoch} of {result.history[-1]['epoch']}"
-               + (" (stopped early)" if result.stopped_early else "")
+    kept = " kept (the val classes were trained on: these val figures are not held out)" if cfg.train_on_val else ""
+    typer.echo(f"{'last' if cfg.train_on_val else 'best'} epoch {result.best_epoch} of {result.history[-1]['epoch']}"
+               + (" (stopped early)" if result.stopped_early else "") + kept
                + f": val MAP@R {b['val_map_at_r']:.4f}  mAP {b['val_map']:.4f}  P@1 {b['val_precision_at_1']:.4f}"
                + f"  ({result.seconds:.1f} s)")
     rate = result.config.get("images_per_second")

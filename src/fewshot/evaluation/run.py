@@ -193,6 +193,7 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         with claimed_output(out, object(), **claim):
             pass
     model = model or model_from_options(cfg.embed)
+    trained = warn_trained_classes(model, queries.labels)
     rerank = check_levers(cfg.rerank, cfg.transductive, cfg.query_imbalance, gallery=gallery is not None,
                           model_classifier=adapts(model.episode_classifier), whiten=cfg.whiten)
     check_size(rerank, len(queries), len(gallery) if gallery is not None else 0)
@@ -219,6 +220,7 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         "seed": cfg.seed, "episodes": cfg.episodes, "n_query": cfg.n_query, "open_set": cfg.open_set,
         "rerank": rerank.to_dict(), "transductive": cfg.transductive, "query_imbalance": cfg.query_imbalance,
         "whiten": whitening.describe() if whitening else None, "similarity": "cosine",
+        "trained_classes_evaluated": trained,
         "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
         "skipped_images": skipped, **environment()}
     if out is not None:  # checked again under the folder's writer lock, which puts right an interrupted write
@@ -270,6 +272,20 @@ def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddin
     return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups,
                              _open_set_classes(protocol),
                              draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far, whiten=cfg.whiten)
+
+
+def warn_trained_classes(model: EmbeddingModel, labels: list[str]) -> int:
+    """How many of the evaluated classes (``labels``) the model's run trained on (its config's
+    ``protocol.train_classes``, the val classes included after ``train_on_val``); warns when any
+    did, since their figures are then not of unseen classes. 0 for a frozen backbone."""
+    protocol = model.run_config.get("protocol") or {}
+    seen = set(protocol.get("train_classes") or ()) & set(labels)
+    if seen:
+        log.warning("%d of the %d evaluated classes were trained on by %s%s: these figures are not of unseen "
+                    "classes (e.g. %s)", len(seen), len(set(labels)), Path(model.run_dir).name if model.run_dir else "the model",
+                    " (its val classes too: --train-on-val)" if protocol.get("val_trained") else "",
+                    ", ".join(sorted(seen)[:3]))
+    return len(seen)
 
 
 def warn_single_image_classes(q: Embeddings, g: Embeddings | None) -> list[str]:

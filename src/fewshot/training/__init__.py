@@ -21,7 +21,8 @@ written before the arguments, the data and :meth:`Method.check_data` have been c
    ``val_episodes`` episodes and :meth:`Method.episode_classifier`).
 5. Keeps the best epoch by val MAP@R (``RUN_DIR/config.json`` + ``model.safetensors`` via
    :func:`~fewshot.methods.runs.save_run`, atomically) and stops after ``patience`` epochs without
-   improvement. With ``weight_average`` (``"ema"`` or ``"swa"``, :mod:`.average`) what is
+   improvement (with ``train_on_val``, whose val classes also train, the last epoch and no
+   early stop). With ``weight_average`` (``"ema"`` or ``"swa"``, :mod:`.average`) what is
    validated and saved is an average of the trained weights, not the last ones.
 6. Every epoch writes ``RUN_DIR/history.csv`` (epoch, train_loss, val_map, val_map_at_r,
    val_precision_at_1, val_episodic_acc, seconds), ``RUN_DIR/curves.png`` and, last,

@@ -208,6 +208,11 @@ class TrainConfig:
                                           "about the last 100 steps).", unset=True)
     swa_start: int | None = loop_option(None, "First epoch averaged by --weight-average swa (default 2).", min=1,
                                         unset=True)
+    train_on_val: bool = loop_option(False, "Train on the val classes too, once a recipe is chosen: more classes to "
+                                     "learn from (the default triplet run on Grocery's unseen test articles: MAP@R "
+                                     "0.620 -> 0.645 over 3 seeds, 53 classes instead of 40). No held-out class is "
+                                     "left to pick an epoch, so the run keeps its last one; its val figures are then "
+                                     "of trained classes, and only the final evaluation (--split test) is held out.")
     options: Any = None
 
     def __post_init__(self) -> None:
@@ -343,6 +348,9 @@ def check_config(cfg: TrainConfig) -> type[Method]:
     _check_limits(cfg)
     _check_fine_tune(cfg)
     _check_average(cfg)
+    if cfg.train_on_val and cfg.final_eval == "val":
+        raise FewshotError("train_on_val trains on the val classes, so a final evaluation of them would not be held out",
+                           hint="use final_eval=test (or none)", options=("train_on_val", "final_eval"))
     if not cfg.out:
         raise FewshotError("no output folder given", hint="pass out=RUN_DIR", options=("out",))
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):

@@ -38,7 +38,8 @@ def _embed(dataset: Dataset, backbone: Backbone, cfg: TrainConfig) -> Embeddings
 
 
 def load_run_data(cfg: TrainConfig) -> RunData:
-    """Load ``cfg``'s dataset and split, and embed the train and val images (cached).
+    """Load ``cfg``'s dataset and split, and embed the train and val images (cached); with
+    ``cfg.train_on_val`` the split's ``train`` holds the val classes too.
 
     Raises:
         DataError: no split file, fewer than two train classes, or a val part too small to validate on.
@@ -49,6 +50,8 @@ def load_run_data(cfg: TrainConfig) -> RunData:
     from ..data.protocol import load_protocol
 
     dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, layout=cfg.layout)
+    if cfg.train_on_val:  # the val classes train too; they still give the (no longer held-out) val figures
+        split = replace(split, train=sorted([*split.train, *split.val]))
     train_set = dataset_for(dataset, split, "train")
     val_q_set, val_g_set = protocol_sets(dataset, split, "val")
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size)

@@ -243,7 +243,7 @@ def _end_epoch(cfg: TrainConfig, setup: Setup, work: Path, loop: TrainState, epo
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **metrics,
                "seconds": round(seconds, 3), "images_per_second": None if rate is None else round(rate, 2)}
         loop.history.append(row)
-        score = row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
+        score = _selection_score(cfg, row)
         if score > loop.best["map_at_r"]:
             loop.best, loop.bad_epochs = {"epoch": epoch, "map_at_r": score}, 0
             save_run(work, EmbeddingModel(backbone=data.backbone, head=method.head),
@@ -255,7 +255,15 @@ def _end_epoch(cfg: TrainConfig, setup: Setup, work: Path, loop: TrainState, epo
     _write_epoch_files(cfg, setup, work, loop, epoch)
     bar.update(1)
     bar.set_postfix(loss="-" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
-                    val_map_r=f"{score:.4f}", best=loop.best["epoch"])
+                    val_map_r="-" if row["val_map_at_r"] is None else f"{row['val_map_at_r']:.4f}", best=loop.best["epoch"])
+
+
+def _selection_score(cfg: TrainConfig, row: dict) -> float:
+    """What picks the best epoch: val MAP@R, or with ``train_on_val`` (no held-out class left) the
+    epoch itself, so that the last one is kept and patience never runs out."""
+    if cfg.train_on_val:
+        return float(row["epoch"])
+    return row["val_map_at_r"] if row["val_map_at_r"] is not None else -math.inf
 
 
 def _write_epoch_files(cfg: TrainConfig, setup: Setup, work: Path, loop: TrainState, epoch: int) -> None:

@@ -155,4 +155,5 @@ def _protocol(cfg: TrainConfig, data: RunData) -> dict:
     split = data.split
     return {"split_file": str(cfg.split_file), "split_name": split.name, "dataset": split.dataset,
             "train_classes": list(split.train), "val_classes": list(split.val), "test_classes": list(split.test),
-            "query_split": split.query_split, "gallery_split": split.gallery_split, "seed": split.seed}
+            "query_split": split.query_split, "gallery_split": split.gallery_split, "seed": split.seed,
+            "val_trained": cfg.train_on_val}
