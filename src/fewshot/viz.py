@@ -76,11 +76,13 @@ def retrieval_grid(query_paths: Sequence[str | Path], query_labels: Sequence[str
 
 def training_curves(history: Sequence[dict], out: str | Path, x: str = "epoch",
                     loss_keys: Sequence[str] = ("train_loss",),
-                    metric_keys: Sequence[str] = ("val_map", "val_map_at_r")) -> Path:
-    """Loss (left) and validation metrics (right) against ``x``; rows are dicts per epoch/step."""
+                    metric_keys: Sequence[str] = ("val_map", "val_map_at_r"),
+                    metric_title: str = "validation") -> Path:
+    """Loss (left) and validation metrics (right, titled ``metric_title``) against ``x``; rows
+    are dicts per epoch/step."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     xs = [h[x] for h in history]
-    for ax, keys, title in ((axes[0], loss_keys, "training loss"), (axes[1], metric_keys, "validation")):
+    for ax, keys, title in ((axes[0], loss_keys, "training loss"), (axes[1], metric_keys, metric_title)):
         for key in keys:
             ys = [h.get(key) for h in history]
             if any(y is not None for y in ys):

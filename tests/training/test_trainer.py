@@ -151,10 +151,17 @@ def test_early_stopping_and_patience(tiny):
     assert json.loads((out / "config.json").read_text())["stopped_early"] is True
 
 
-def test_train_on_val_trains_the_val_classes_and_keeps_the_last_epoch(tiny, run3, caplog):
+def test_train_on_val_trains_the_val_classes_and_keeps_the_last_epoch(tiny, run3, caplog, monkeypatch):
+    import fewshot.viz
+
     out = tiny["folder"] / "on-val"
+    titles = []
+    drawn = fewshot.viz.training_curves
+    monkeypatch.setattr(fewshot.viz, "training_curves",
+                        lambda *a, **kw: (titles.append(kw.get("metric_title")), drawn(*a, **kw))[1])
     # the same ruinous rate: the val classes are trained on, so nothing held out picks an epoch or stops the run
     result = train(_cfg(tiny, out, epochs=3, patience=2, lr=0.5, train_on_val=True))
+    assert titles == ["val classes, trained on (not held out)"] * 4 and (out / "curves.png").is_file()
     assert not result.stopped_early and result.best_epoch == 3
     assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
     config = json.loads((out / "config.json").read_text())

@@ -63,8 +63,13 @@ def read_history(run_dir: str | Path) -> list[dict]:
     return rows
 
 
-def write_curves(run_dir: Path, history: list[dict]) -> None:
-    """Draw ``RUN_DIR/curves.png`` from the history (nothing without matplotlib; a failure is logged)."""
+#: the title of ``curves.png``'s metrics when the val classes were trained on (``train_on_val``)
+TRAINED_VAL_TITLE = "val classes, trained on (not held out)"
+
+
+def write_curves(run_dir: Path, history: list[dict], val_trained: bool = False) -> None:
+    """Draw ``RUN_DIR/curves.png`` from the history (nothing without matplotlib; a failure is
+    logged); ``val_trained``: the val metrics are titled :data:`TRAINED_VAL_TITLE`."""
     try:
         from ..viz import training_curves
     except ImportError:  # matplotlib missing: the CSV is enough
@@ -73,7 +78,8 @@ def write_curves(run_dir: Path, history: list[dict]) -> None:
     rows = [{k: (nan if v is None else v) for k, v in row.items()} for row in history]
     try:
         training_curves(rows, run_dir / CURVES, loss_keys=("train_loss",),
-                        metric_keys=("val_map", "val_map_at_r", "val_precision_at_1", "val_episodic_acc"))
+                        metric_keys=("val_map", "val_map_at_r", "val_precision_at_1", "val_episodic_acc"),
+                        metric_title=TRAINED_VAL_TITLE if val_trained else "validation")
     except Exception as exc:  # a plotting failure must not end a long run
         log.warning("could not draw %s: %s", run_dir / CURVES, exc)
 

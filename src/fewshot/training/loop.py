@@ -268,7 +268,7 @@ def _selection_score(cfg: TrainConfig, row: dict) -> float:
 
 def _write_epoch_files(cfg: TrainConfig, setup: Setup, work: Path, loop: TrainState, epoch: int) -> None:
     write_history(work, loop.history)
-    write_curves(work, loop.history)
+    write_curves(work, loop.history, val_trained=cfg.train_on_val)
     save_checkpoint(work, checkpoint_of(cfg, setup, loop, epoch))
 
 
