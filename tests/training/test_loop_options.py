@@ -98,6 +98,9 @@ def test_rules_between_fields_name_options_and_the_cli_shows_flags(tmp_path):
                             "--train-on-val", "--split", "val"])
     assert r.exit_code == 1 and "--train-on-val trains on the val classes" in _flat(r.output)
     assert "fix: use --split test (or none)" in _flat(r.output), r.output
+    r = runner.invoke(app, ["train", "--data", "x.csv", "--split-file", "s.json", "--out", str(tmp_path / "r"),
+                            "--train-on-val", "--epochs", "0"])
+    assert r.exit_code == 1 and "--train-on-val with --epochs 0 trains nothing" in _flat(r.output), r.output
     assert not (tmp_path / "r").exists()
 
 

@@ -175,11 +175,20 @@ def test_train_on_val_trains_the_val_classes_and_keeps_the_last_epoch(tiny, run3
     from fewshot.evaluation import EmbedOptions, EvalConfig, evaluate
 
     opts = EmbedOptions(backbone=None, model_dir=str(out), image_size=None, cache_dir=tiny["cache_dir"], progress=False)
+    assert config["val_held_out"] is False and run3[0].config["val_held_out"] is True
     with caplog.at_level(logging.WARNING, logger="fewshot"):
-        on_val = evaluate(EvalConfig(data=tiny["data"], split_file=tiny["split_file"], part="val", episodes=20, embed=opts))
+        on_val = evaluate(EvalConfig(data=tiny["data"], split_file=tiny["split_file"], part="val", episodes=20, embed=opts),
+                          tiny["folder"] / "ev-val")
     assert on_val["config"]["trained_classes_evaluated"] == len(split["val"])
     assert f"{len(split['val'])} of the {len(split['val'])} evaluated classes were trained on by on-val" in caplog.text
-    assert "--train-on-val" in caplog.text
+    assert "(its val classes too: --train-on-val)" in caplog.text
+    assert f"NOT HELD OUT: the run trained on {len(split['val'])} of the evaluated classes" in \
+        (tiny["folder"] / "ev-val" / "report.md").read_text()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fewshot"):  # its train classes: no word of the val ones
+        on_train = evaluate(EvalConfig(data=tiny["data"], split_file=tiny["split_file"], part="train", episodes=20, embed=opts))
+    assert on_train["config"]["trained_classes_evaluated"] == len(split["train"])
+    assert "evaluated classes were trained on by on-val" in caplog.text and "--train-on-val" not in caplog.text
     held_out = json.loads((run3[1] / "eval_test" / "metrics.json").read_text())
     assert held_out["config"]["trained_classes_evaluated"] == 0
 

@@ -57,6 +57,13 @@ def _lever_lines(c: dict) -> list[str]:
     return lines
 
 
+def _trained_lines(c: dict) -> list[str]:
+    """A loud line when the run trained on some of the evaluated classes (``trained_classes_evaluated``)."""
+    n = c.get("trained_classes_evaluated") or 0
+    return [f"- **NOT HELD OUT: the run trained on {n} of the evaluated classes**; these figures are not "
+            "those of unseen classes"] if n else []
+
+
 def render_report(metrics: dict) -> str:
     """A Markdown report: headline table, episodic accuracy, per-group table, the open-set section."""
     c = metrics["config"]
@@ -69,6 +76,7 @@ def render_report(metrics: dict) -> str:
              + (f", split file `{c['protocol'].get('split_file')}` part `{c['protocol'].get('part')}`"
                 if c['protocol'].get('split_file') else ""),
              f"- queries: {metrics['num_queries']} (skipped: {metrics['num_skipped_queries']} whose class has no other image)",
+             *_trained_lines(c),
              *_lever_lines(c),
              f"- seed {c['seed']}, fewshot {c['fewshot_version']}", "",
              "| mAP | MAP@R | P@1 | R@1 | R@5 | R@10 | mAP@10 |", "|---|---|---|---|---|---|---|",

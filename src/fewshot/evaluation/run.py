@@ -283,7 +283,8 @@ def warn_trained_classes(model: EmbeddingModel, labels: list[str]) -> int:
     if seen:
         log.warning("%d of the %d evaluated classes were trained on by %s%s: these figures are not of unseen "
                     "classes (e.g. %s)", len(seen), len(set(labels)), Path(model.run_dir).name if model.run_dir else "the model",
-                    " (its val classes too: --train-on-val)" if protocol.get("val_trained") else "",
+                    " (its val classes too: --train-on-val)"
+                    if protocol.get("val_trained") and seen & set(protocol.get("val_classes") or ()) else "",
                     ", ".join(sorted(seen)[:3]))
     return len(seen)
 

@@ -211,8 +211,9 @@ class TrainConfig:
     train_on_val: bool = loop_option(False, "Train on the val classes too, once a recipe is chosen: more classes to "
                                      "learn from (the default triplet run on Grocery's unseen test articles: MAP@R "
                                      "0.620 -> 0.645 over 3 seeds, 53 classes instead of 40). No held-out class is "
-                                     "left to pick an epoch, so the run keeps its last one; its val figures are then "
-                                     "of trained classes, and only the final evaluation (--split test) is held out.")
+                                     "left to pick an epoch, so the run keeps its last one and never stops early "
+                                     "(--patience has no effect); its val figures are then of trained classes, and "
+                                     "only the final evaluation (--split test) is held out.")
     options: Any = None
 
     def __post_init__(self) -> None:
@@ -346,11 +347,9 @@ def check_config(cfg: TrainConfig) -> type[Method]:
     """
     check_options("the training loop", cfg)
     _check_limits(cfg)
+    _check_train_on_val(cfg)
     _check_fine_tune(cfg)
     _check_average(cfg)
-    if cfg.train_on_val and cfg.final_eval == "val":
-        raise FewshotError("train_on_val trains on the val classes, so a final evaluation of them would not be held out",
-                           hint="use final_eval=test (or none)", options=("train_on_val", "final_eval"))
     if not cfg.out:
         raise FewshotError("no output folder given", hint="pass out=RUN_DIR", options=("out",))
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
@@ -359,6 +358,16 @@ def check_config(cfg: TrainConfig) -> type[Method]:
     check_tta(cfg.final_tta)
     _check_head(cfg.head)
     return get_method(cfg.method)
+
+
+def _check_train_on_val(cfg: TrainConfig) -> None:
+    """``train_on_val`` needs a training epoch and a held-out final evaluation."""
+    if cfg.train_on_val and cfg.epochs == 0:
+        raise FewshotError("train_on_val with epochs=0 trains nothing", hint="give epochs=1 or more, or drop train_on_val",
+                           options=("train_on_val", "epochs"))
+    if cfg.train_on_val and cfg.final_eval == "val":
+        raise FewshotError("train_on_val trains on the val classes, so a final evaluation of them would not be held out",
+                           hint="use final_eval=test (or none)", options=("train_on_val", "final_eval"))
 
 
 def _check_limits(cfg: TrainConfig) -> None:

@@ -51,7 +51,7 @@ def load_run_data(cfg: TrainConfig) -> RunData:
 
     dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, layout=cfg.layout)
     if cfg.train_on_val:  # the val classes train too; they still give the (no longer held-out) val figures
-        split = replace(split, train=sorted([*split.train, *split.val]))
+        split = replace(split, train=sorted({*split.train, *split.val}))
     train_set = dataset_for(dataset, split, "train")
     val_q_set, val_g_set = protocol_sets(dataset, split, "val")
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size)
@@ -123,6 +123,6 @@ def _check_validation(val_q: Dataset, val_g: Dataset, cfg: TrainConfig) -> None:
                         hint="give the split file's val part at least 2 classes (5 or more is better) "
                              "with photos for both queries and gallery") from None
     usable = set(val_q.labels) & set(val_g.labels)
-    if len(usable) < 5:
+    if len(usable) < 5 and not cfg.train_on_val:  # with train_on_val val MAP@R picks nothing
         log.warning("only %d val classes: val MAP@R (which picks the best epoch) is noisy; "
                     "5 or more val classes are better", len(usable))

@@ -189,6 +189,7 @@ def _run_config(cfg: TrainConfig, setup: Setup, row: dict, elapsed: float) -> di
             "val_queries": len(data.val_q.vectors), "val_gallery": len(data.val_g.vectors),
             "best_epoch": row["epoch"],
             "best_val": {k[4:]: row[k] for k in HISTORY_FIELDS if k.startswith("val_")},
+            "val_held_out": not cfg.train_on_val,
             "training_seconds_to_best": round(elapsed, 3),
             **({"validation_runtime": setup.ft.val_runtime, "micro_batch": setup.ft.micro_batch}
                if setup.ft is not None else {}),
