@@ -193,6 +193,17 @@ def test_train_on_val_trains_the_val_classes_and_keeps_the_last_epoch(tiny, run3
     assert held_out["config"]["trained_classes_evaluated"] == 0
 
 
+def test_a_finished_run_trained_on_drops_the_evaluation_of_its_earlier_weights(tiny, caplog):
+    out = tiny["folder"] / "longer"
+    train(_cfg(tiny, out, epochs=1, patience=0, final_eval="test"))
+    assert (out / "eval_test" / "metrics.json").is_file()
+    with caplog.at_level(logging.INFO, logger="fewshot"):
+        result = train(_cfg(tiny, out, epochs=2, patience=0, final_eval="none", resume=True))
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]
+    assert not (out / "eval_test").exists() and (out / "model.safetensors").is_file()
+    assert "eval_test (the final evaluation of its earlier weights)" in caplog.text
+
+
 def test_mismatched_backbone_is_refused(run3):
     _, out = run3
     with pytest.raises(CheckpointError, match="trained on backbone 'efficientnet_lite0', not 'efficientnet_lite2'"):

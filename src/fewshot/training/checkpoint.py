@@ -214,6 +214,19 @@ def resume_source(cfg: TrainConfig, run_dir: Path, stage: Path) -> Path | None:
     return None
 
 
+#: the folders of a run's final evaluations (``RUN_DIR/eval_<part>/``, written by :func:`~fewshot.training.train`)
+FINAL_EVAL_DIRS = ("eval_test", "eval_val", "eval_train")
+
+
+def _earlier_evaluations(folder: str, names: list[str]) -> list[str]:
+    """``copytree``'s ignore for a finished run that trains on: its final evaluations, which
+    describe the earlier weights (the new run writes its own unless ``final_eval`` is none)."""
+    old = [n for n in names if n in FINAL_EVAL_DIRS and (Path(folder) / n / "metrics.json").is_file()]
+    if old:
+        log.info("not carried over from %s: %s (the final evaluation of its earlier weights)", folder, ", ".join(old))
+    return old
+
+
 def prepare_stage(stage: Path, source: Path | None, run_dir: Path) -> None:
     """Make ``stage`` the folder to train in (called once every argument has been checked)."""
     import shutil
@@ -223,7 +236,8 @@ def prepare_stage(stage: Path, source: Path | None, run_dir: Path) -> None:
     if stage.exists():  # an interrupted run that overwrite discards (checked by resume_source)
         shutil.rmtree(stage)
     if source == run_dir:  # continue a finished run (larger --epochs) without touching it
-        shutil.copytree(run_dir, stage)
+        shutil.copytree(run_dir, stage, ignore=lambda folder, names: _earlier_evaluations(folder, names)
+                        if Path(folder) == Path(run_dir) else [])
     else:
         stage.mkdir(parents=True)
     log.info("training in %s (it replaces %s when training completes)", stage, run_dir)
