@@ -278,11 +278,11 @@ def warn_trained_classes(model: EmbeddingModel, labels: list[str]) -> int:
     """How many of the evaluated classes (``labels``) the model's run trained on (its config's
     ``protocol.train_classes``, the val classes included after ``train_on_val``); warns when any
     did, since their figures are then not of unseen classes. 0 for a frozen backbone."""
-    protocol = model.run_config.get("protocol") or {}
-    seen = set(protocol.get("train_classes") or ()) & set(labels)
+    protocol, evaluated = model.run_config.get("protocol") or {}, set(labels)
+    seen = set(protocol.get("train_classes") or ()) & evaluated
     if seen:
         log.warning("%d of the %d evaluated classes were trained on by %s%s: these figures are not of unseen "
-                    "classes (e.g. %s)", len(seen), len(set(labels)), Path(model.run_dir).name if model.run_dir else "the model",
+                    "classes (e.g. %s)", len(seen), len(evaluated), Path(model.run_dir).name if model.run_dir else "the model",
                     " (its val classes too: --train-on-val)"
                     if protocol.get("val_trained") and seen & set(protocol.get("val_classes") or ()) else "",
                     ", ".join(sorted(seen)[:3]))
