@@ -218,3 +218,23 @@ def test_a_threshold_that_accepts_almost_nothing_warns(caplog) -> None:
         cal = cached_calibration(index, 0.05, "relative")
     assert cal.present_accepted < 0.10
     assert any("almost every photo will be answered 'unknown'" in r.getMessage() for r in caplog.records)
+
+
+def test_byte_identical_copies_count_once_in_the_fit(model, built, drawn_tree: Path, tmp_path: Path) -> None:
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(drawn_tree, tree)
+    for i in range(3):  # three copies of one photo: no spread, the same fit as without them
+        shutil.copyfile(tree / "Red-Ball" / "Red-Ball_00.jpg", tree / "Red-Ball" / f"Red-Ball_copy{i}.jpg")
+    copied = Catalogue.build(model, fewshot.load_dataset(tree), runtime="torch", cache_dir=str(tmp_path / "c"),
+                             whiten=True)
+    w, original = copied.index.whitening, built[1].index.whitening
+    assert len(copied.index) == 39 and w.photos == 36 and w.articles == 6
+    np.testing.assert_allclose(w.matrix, original.matrix, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(w.mean, original.mean, atol=1e-6)
+    # the calibration's fold fits leave the copies out too; every photo is still scored
+    index = copied.index
+    scores = whitened_calibration_scores(index.embedding_rows(0, len(index)), index.labels, index.groups,
+                                         ["relative"], digests=index.digests)["relative"]
+    assert len(scores.present) == 39

@@ -182,3 +182,19 @@ def test_fold_statistics_add_up_to_scikit_learns_fit(photos, dim):
     assert rest.shrinkage == pytest.approx(reference.shrinkage_, rel=1e-6)  # float32 photos: agree to 1e-8
     np.testing.assert_allclose(rest.matrix.T @ reference.covariance_ @ rest.matrix, np.eye(dim), atol=1e-6)
     np.testing.assert_allclose(rest.mean, unit.mean(0), atol=1e-6)
+
+
+def test_distinct_photos_keeps_the_first_of_each_byte_identical_copy_within_an_article():
+    from fewshot.index.whiten import distinct_photos, within_stats
+
+    labels = ["a", "a", "a", "b", "b", "b"]
+    digests = ["x", "x", "y", "x", None, None]  # "x" in b is another article's photo; None: not known
+    assert distinct_photos(labels, digests).tolist() == [True, False, True, True, True, True]
+    assert distinct_photos(labels, None).all()
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(6, 4)).astype(np.float32)
+    v[1] = v[0]
+    keep = distinct_photos(labels, digests)
+    by_hand, got = within_stats(v[keep], np.array(labels)[keep]), within_stats(v, labels, digests)
+    np.testing.assert_allclose(got.scatter, by_hand.scatter)
+    assert (got.photos, got.spread) == (5, 3) and within_stats(v, labels).photos == 6

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..index import CatalogueIndex
-from ..index.whiten import Whitening, WithinStats, check_spread, fit_from_stats, within_stats
+from ..index.whiten import Whitening, WithinStats, check_spread, distinct_photos, fit_from_stats, within_stats
 from .calibrate import CalibrationScores, calibration_scores
 
 __all__ = ["WHITEN_FOLDS", "article_folds", "check_whitenable", "whitened_calibration_scores"]
@@ -81,8 +81,8 @@ def _build(vectors: np.ndarray, labels: np.ndarray, groups: Sequence[str | None]
 
 
 def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], groups: Sequence[str | None],
-                                scores: Sequence[str], *, folds: int = WHITEN_FOLDS,
-                                seed: int = 0) -> dict[str, CalibrationScores]:
+                                scores: Sequence[str], *, folds: int = WHITEN_FOLDS, seed: int = 0,
+                                digests: Sequence[str | None] | None = None) -> dict[str, CalibrationScores]:
     """The calibration scores (:func:`calibration_scores`) of a whitened catalogue for each open-set
     score in ``scores``, every photo scored in a whitening fitted without its article's fold
     (module docstring): ``folds`` fits, each on the photos of the other folds' articles.
@@ -93,6 +93,8 @@ def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], grou
         scores: open-set score names (:data:`fewshot.catalogue.scores.OPEN_SCORES`).
         folds: folds of articles (at most the number of articles).
         seed: seed of how the articles are dealt into folds.
+        digests: optional SHA-256 of each photo's file: byte-identical copies count once in the
+            fits, as in the index's own (:func:`~fewshot.index.whiten.distinct_photos`).
 
     Returns:
         per score, the scores of every photo, fold by fold.
@@ -106,7 +108,9 @@ def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], grou
     fold = np.array([fold_of[a] for a in labels])
     paths = [f"catalogue:{i}" for i in range(len(labels))]
     parts: dict[str, list[CalibrationScores]] = {name: [] for name in scores}
-    stats = {int(k): within_stats(vectors[fold == k], labels[fold == k]) for k in np.unique(fold)}
+    distinct = distinct_photos(labels, digests)
+    stats = {int(k): within_stats(vectors[(fold == k) & distinct], labels[(fold == k) & distinct])
+             for k in np.unique(fold)}
     whole = functools.reduce(WithinStats.plus, stats.values())
     for k in np.unique(fold):  # the fit without fold k: the whole's statistics minus its own
         with _in_fold(int(k), np.unique(labels[fold == k])):

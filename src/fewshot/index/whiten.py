@@ -36,7 +36,7 @@ from ..checks import as_embeddings, as_list
 from ..errors import DataError
 from .vectors import l2_normalize
 
-__all__ = ["Whitening", "WithinStats", "check_spread", "fit_from_stats", "fit_whitening", "within_stats",
+__all__ = ["Whitening", "WithinStats", "check_spread", "distinct_photos", "fit_from_stats", "fit_whitening", "within_stats",
            "MIN_SPREAD_PHOTOS"]
 
 #: the fewest photos that vary within an article (photos minus articles, over articles of two or
@@ -134,7 +134,8 @@ class Whitening:
 def _refuse_spread(photos: int, articles: int, spread: int) -> None:
     if spread < MIN_SPREAD_PHOTOS:
         raise DataError(f"the catalogue has {photos} photos of {articles} articles, and only {spread} "
-                        f"of them are a second or later photo of an article: at least {MIN_SPREAD_PHOTOS} are needed "
+                        f"of them are a second or later photo of an article (a byte-identical copy counts once): at least "
+                        f"{MIN_SPREAD_PHOTOS} are needed "
                         "to see how photos of an article vary, so no whitening can be fitted",
                         hint="add a second photo to some articles, or leave whiten off", options=("whiten",))
 
@@ -183,15 +184,33 @@ class WithinStats:
         return self.plus(other, -1)
 
 
-def within_stats(vectors: np.ndarray, labels: Sequence[str]) -> WithinStats:
+def distinct_photos(labels: Sequence[str], digests: Sequence[str | None] | None) -> np.ndarray:
+    """``bool [N]``: each photo but the byte-identical copies (same article and ``digests`` entry,
+    the file's SHA-256) after the first; a copy shows nothing of how an article's photos vary.
+    ``None`` (all, or one photo's): not known, kept."""
+    keep = np.ones(len(labels), dtype=bool)
+    if digests is None:
+        return keep
+    seen: set[tuple[str, str]] = set()
+    for i, (label, digest) in enumerate(zip(labels, as_list(digests, len(labels), "digests"))):
+        if digest is not None:
+            keep[i] = (str(label), digest) not in seen
+            seen.add((str(label), digest))
+    return keep
+
+
+def within_stats(vectors: np.ndarray, labels: Sequence[str], digests: Sequence[str | None] | None = None) -> WithinStats:
     """The :class:`WithinStats` of ``vectors float32 [N, D]`` (normalised here) with the article
-    of each photo in ``labels``; one ``N x D x D`` product.
+    of each photo in ``labels``, byte-identical copies left out when ``digests`` are given
+    (:func:`distinct_photos`); one ``N x D x D`` product.
 
     Raises:
-        ValueError / TypeError: bad arrays, or labels of the wrong length.
+        ValueError / TypeError: bad arrays, or labels / digests of the wrong length.
     """
     x = l2_normalize(as_embeddings(vectors, "vectors")).astype(np.float64)
     names = np.array([str(v) for v in as_list(labels, len(x), "labels")], dtype=object)
+    keep = distinct_photos(names, digests)
+    x, names = x[keep], names[keep]
     _, article, counts = np.unique(names, return_inverse=True, return_counts=True)
     means = np.zeros((len(counts), x.shape[1]))
     np.add.at(means, article, x)
@@ -243,13 +262,15 @@ def fit_from_stats(stats: WithinStats) -> Whitening:
                      photos=stats.photos, articles=stats.articles)
 
 
-def fit_whitening(vectors: np.ndarray, labels: Sequence[str]) -> Whitening:
+def fit_whitening(vectors: np.ndarray, labels: Sequence[str], digests: Sequence[str | None] | None = None) -> Whitening:
     """Fit the whitening of a catalogue (module docstring): :func:`fit_from_stats` of
     :func:`within_stats`.
 
     Args:
         vectors: ``float32 [N, D]`` embeddings of the catalogue's photos (normalised here).
         labels: the article of each photo.
+        digests: optional SHA-256 of each photo's file: byte-identical copies of a photo of the
+            same article count once (:func:`distinct_photos`).
 
     Returns:
         the :class:`Whitening`; fitting costs one ``N x D x D`` product and a ``D x D``
@@ -260,4 +281,4 @@ def fit_whitening(vectors: np.ndarray, labels: Sequence[str]) -> Whitening:
             (:func:`check_spread`), or those photos identical to the rest of their article.
         ValueError / TypeError: bad arrays, or labels of the wrong length.
     """
-    return fit_from_stats(within_stats(vectors, labels))
+    return fit_from_stats(within_stats(vectors, labels, digests))
