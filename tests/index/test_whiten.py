@@ -76,7 +76,7 @@ def test_single_photo_articles_photos_count_for_the_mean_only():
         fit_whitening(g, labels[:3])
 
 
-def test_open_set_draws_fit_each_catalogue_on_its_own():
+def test_open_set_draws_fit_each_catalogue_on_its_own(monkeypatch):
     from fewshot.evaluation.openset import evaluate_open_set
 
     rng = np.random.default_rng(1)
@@ -97,6 +97,22 @@ def test_open_set_draws_fit_each_catalogue_on_its_own():
     assert white["protocol"]["whiten"] is True and plain["protocol"]["whiten"] is False
     assert white["top1_known"]["mean"] > plain["top1_known"]["mean"]
     assert white["scores"]["relative"]["auroc"]["mean"] > plain["scores"]["relative"]["auroc"]["mean"]
+    # with the gallery's digests, as `fewshot evaluate` passes them: distinct photos change nothing, and
+    # a byte-identical copy added under its article leaves each draw's fit as it was
+    distinct = [f"d{i}" for i in range(len(g))]
+    kw = dict(draws=3, whiten=True)
+    same = evaluate_open_set(q, ql, [None] * len(q), g, gl, [None] * len(g), classes, gallery_digests=distinct, **kw)
+    assert same["scores"]["relative"]["auroc"] == white["scores"]["relative"]["auroc"]
+    import fewshot.evaluation.openset as openset
+
+    fitted = []
+    monkeypatch.setattr(openset, "fit_whitening", lambda v, labels, digests=None: (
+        fitted.append((list(labels), digests)), fit_whitening(v, labels, digests))[1])
+    evaluate_open_set(q, ql, [None] * len(q), g, gl, [None] * len(g), classes, gallery_digests=distinct, **kw)
+    assert len(fitted) == 3 and all(d == [distinct[i] for i in range(len(g)) if gl[i] in set(lab)]
+                                    for lab, d in fitted)  # each draw's catalogue: its photos' digests
+    with pytest.raises(ValueError, match="gallery_digests"):
+        evaluate_open_set(q, ql, [None] * len(q), g, gl, [None] * len(g), classes, gallery_digests=distinct[:3], **kw)
 
 
 def test_open_set_says_which_draw_cannot_be_whitened():

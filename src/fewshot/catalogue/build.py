@@ -106,7 +106,7 @@ def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, c
         DataError: ``whiten`` and too few photos that vary within an article (read images only:
             an unreadable photo may leave too few).
     """
-    whitening = fit_whitening(emb.vectors, emb.labels, emb.digests) if whiten else None
+    whitening = fit_whitening(emb.vectors, emb.labels, emb.digests or None) if whiten else None
     config = {"data": str(Path(data).resolve()) if Path(data).exists() else str(data),
               "split": (emb.dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
               "catalogue": catalogue or "images", "model": model.describe(), **EmbedderSpec.of(model).to_config(),

@@ -116,6 +116,7 @@ class _Sets:
     g_groups: np.ndarray
     classes: list[str]
     dropped: list[str] = field(default_factory=list)
+    g_digests: np.ndarray | None = None  # the SHA-256 of each gallery photo's file (None: not known)
 
 
 @dataclass
@@ -136,7 +137,7 @@ class _Draw:
 
 
 def _inputs(query_vectors, query_labels, query_groups, gallery_vectors, gallery_labels, gallery_groups,
-            classes) -> _Sets:
+            classes, gallery_digests=None) -> _Sets:
     q = as_embeddings(query_vectors, "query_vectors")
     g = as_embeddings(gallery_vectors, "gallery_vectors")
     if q.shape[1] != g.shape[1]:
@@ -160,7 +161,9 @@ def _inputs(query_vectors, query_labels, query_groups, gallery_vectors, gallery_
         raise DataError("no query photo belongs to the classes of the open-set protocol",
                         hint="check that the queries and the split file are of the same dataset")
     gal = np.isin(gl, kept)
-    return _Sets(q[rows], ql[rows], qg[rows], g[gal], gl[gal], gg[gal], kept, dropped)
+    gd = None if gallery_digests is None else np.array(as_list(gallery_digests, len(g), "gallery_digests", "digests"),
+                                                       dtype=object)[gal]
+    return _Sets(q[rows], ql[rows], qg[rows], g[gal], gl[gal], gg[gal], kept, dropped, gd)
 
 
 def _knn_scores(index: CatalogueIndex, q: np.ndarray) -> dict[str, np.ndarray]:
@@ -180,13 +183,14 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
     cat = np.isin(s.g_labels, known)
     labels, groups = s.g_labels[cat].tolist(), s.g_groups[cat].tolist()
     paths = [f"gallery:{i}" for i in np.flatnonzero(cat)]
+    digests = None if s.g_digests is None else s.g_digests[cat].tolist()
     whitening = None
     if whiten:  # as `fewshot index --whiten` builds it: the queries and the calibration then follow
         try:
-            whitening = fit_whitening(s.g[cat], labels)
+            whitening = fit_whitening(s.g[cat], labels, digests)
         except DataError as e:
             raise _whiten_error(known, int(cat.sum()), e) from None
-    index = CatalogueIndex.build(s.g[cat], labels, groups, paths, {}, whitening=whitening)
+    index = CatalogueIndex.build(s.g[cat], labels, groups, paths, {}, digests=digests, whitening=whitening)
     rejectors = {n: Rejector.for_index(index, "auto", target_far=target_far, score=n, warn=False) for n in product}
     preds = index.classify(s.q, top_k=SCORE_DEPTH)
     top, _ = prediction_arrays(preds)
@@ -346,7 +350,8 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
                       gallery_vectors: np.ndarray, gallery_labels: Sequence[str],
                       gallery_groups: Sequence[str | None], classes: Sequence[str], *, draws: int = DEFAULT_DRAWS,
                       seed: int = 0, target_far: float = DEFAULT_TARGET_FAR,
-                      scores: Sequence[str] | None = None, whiten: bool = False) -> dict:
+                      scores: Sequence[str] | None = None, whiten: bool = False,
+                      gallery_digests: Sequence[str | None] | None = None) -> dict:
     """The open-set protocol of the module docstring on embeddings already computed.
 
     Args:
@@ -362,6 +367,8 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
         whiten: each draw's catalogue whitened by a fit on its own photos
             (:func:`fewshot.index.whiten.fit_whitening`), the queries with it; absent articles'
             photos never enter the fit.
+        gallery_digests: optional SHA-256 of each gallery photo's file, which each draw's
+            catalogue keeps as `fewshot index` does (a byte-identical copy counts once in a fit).
 
     Returns:
         a JSON-ready dict: ``protocol``, ``default_score``, ``scores`` (per score: ``auroc`` and
@@ -380,7 +387,8 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
     far = check_target_far(target_far)
     names, product = _score_names(scores)
     default = DEFAULT_SCORE if DEFAULT_SCORE in product else product[0]
-    s = _inputs(query_vectors, query_labels, query_groups, gallery_vectors, gallery_labels, gallery_groups, classes)
+    s = _inputs(query_vectors, query_labels, query_groups, gallery_vectors, gallery_labels, gallery_groups, classes,
+                gallery_digests)
     done = [_run_draw(s, known, far, product, whiten) for known in draw_known(s.classes, draws, seed)]
     by_score = {n: [_score_row(d, n) for d in done] for n in names}
     by_op = {n: [_operating_row(d, n) for d in done] for n in product}

@@ -231,7 +231,7 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
 
 def whitened_sets(q: Embeddings, g: Embeddings) -> tuple[Embeddings, Embeddings, Whitening]:
     """``q`` and ``g`` whitened by a fit on ``g``'s labelled photos (:func:`fit_whitening`), and the fit."""
-    whitening = fit_whitening(g.vectors, g.labels)
+    whitening = fit_whitening(g.vectors, g.labels, g.digests or None)
     return (replace(q, vectors=whitening.apply(q.vectors)), replace(g, vectors=whitening.apply(g.vectors)),
             whitening)
 
@@ -271,7 +271,8 @@ def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddin
     file's order (the draws depend on it)."""
     return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups,
                              _open_set_classes(protocol),
-                             draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far, whiten=cfg.whiten)
+                             draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far, whiten=cfg.whiten,
+                             gallery_digests=g.digests or None)
 
 
 def warn_trained_classes(model: EmbeddingModel, labels: list[str]) -> int:
