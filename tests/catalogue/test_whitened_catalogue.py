@@ -238,3 +238,17 @@ def test_byte_identical_copies_count_once_in_the_fit(model, built, drawn_tree: P
     scores = whitened_calibration_scores(index.embedding_rows(0, len(index)), index.labels, index.groups,
                                          ["relative"], digests=index.digests)["relative"]
     assert len(scores.present) == 39
+
+
+def test_copies_that_alone_made_a_fold_fittable_are_refused_before_anything_is_written(model, drawn_tree: Path,
+                                                                                      tmp_path: Path) -> None:
+    import shutil
+
+    tree = tmp_path / "tree"
+    for article in sorted(p.name for p in drawn_tree.iterdir() if p.is_dir()):
+        photos = sorted((drawn_tree / article).iterdir())
+        (tree / article).mkdir(parents=True)
+        for i in range(3):  # Red-Ball: three different photos; every other article: one photo and two copies
+            shutil.copyfile(photos[i if article == "Red-Ball" else 0], tree / article / f"{article}_{i}.jpg")
+    with pytest.raises(DataError, match=r"without fold \d+ \(1 article\(s\): 'Red-Ball'\).*byte-identical copy counts once"):
+        Catalogue.build(model, fewshot.load_dataset(tree), runtime="torch", cache_dir=str(tmp_path / "c"), whiten=True)

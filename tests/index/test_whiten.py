@@ -63,7 +63,7 @@ def test_single_photo_articles_photos_count_for_the_mean_only():
     assert with_single.articles == 3 and with_single.photos == 9
     with pytest.raises(DataError, match="2 photos of 2 articles, and only 0 of them") as exc:
         fit_whitening(g[[0, 4]], ["A", "B"])
-    assert "second photo" in exc.value.hint and exc.value.options == ("whiten",)
+    assert "second, different photo" in exc.value.hint and exc.value.options == ("whiten",)
     with pytest.raises(DataError, match="only 1 of them"):  # one article of two photos is not enough
         fit_whitening(g[[0, 1, 4]], ["A", "A", "B"])
     same = np.repeat(g[:1], 6, axis=0)  # every photo alike: whitened, each would be the zero vector
@@ -214,3 +214,15 @@ def test_distinct_photos_keeps_the_first_of_each_byte_identical_copy_within_an_a
     by_hand, got = within_stats(v[keep], np.array(labels)[keep]), within_stats(v, labels, digests)
     np.testing.assert_allclose(got.scatter, by_hand.scatter)
     assert (got.photos, got.spread) == (5, 3) and within_stats(v, labels).photos == 6
+
+
+def test_a_fit_refused_for_lack_of_spread_counts_the_copies_it_left_out():
+    g, labels = _nuisance_catalogue()
+    two = g[[0, 4]]
+    with pytest.raises(DataError, match=r"only 0 of them .* \(2 byte-identical copies of another photo of the same "
+                                        r"article left out\)") as exc:  # each article: its photo and a copy
+        fit_whitening(np.vstack([two, two]), ["A", "B", "A", "B"], ["a", "b", "a", "b"])
+    assert "different photo (not a copy)" in exc.value.hint
+    with pytest.raises(DataError, match="2 photos of 2 articles, and only 0 of them") as plain:
+        fit_whitening(two, ["A", "B"])
+    assert "left out" not in plain.value.message

@@ -23,7 +23,7 @@ from ..embed import Embeddings
 from ..errors import CheckpointError, DataError
 from ..index import AnnConfig, CatalogueIndex
 from ..index.ann import resolve as resolve_ann
-from ..index.whiten import fit_whitening
+from ..index.whiten import distinct_photos, fit_whitening
 from ..checks import as_bool
 from ..io import claimed_output
 from ..model import EmbeddingModel
@@ -106,7 +106,10 @@ def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, c
         DataError: ``whiten`` and too few photos that vary within an article (read images only:
             an unreadable photo may leave too few).
     """
-    whitening = fit_whitening(emb.vectors, emb.labels, emb.digests or None) if whiten else None
+    whitening = None
+    if whiten:  # checked again on the photos read, byte-identical copies counted once
+        check_whitenable(np.asarray(emb.labels, dtype=object)[distinct_photos(emb.labels, emb.digests or None)])
+        whitening = fit_whitening(emb.vectors, emb.labels, emb.digests or None)
     config = {"data": str(Path(data).resolve()) if Path(data).exists() else str(data),
               "split": (emb.dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
               "catalogue": catalogue or "images", "model": model.describe(), **EmbedderSpec.of(model).to_config(),

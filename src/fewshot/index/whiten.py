@@ -137,7 +137,8 @@ def _refuse_spread(photos: int, articles: int, spread: int) -> None:
                         f"of them are a second or later photo of an article (a byte-identical copy counts once): at least "
                         f"{MIN_SPREAD_PHOTOS} are needed "
                         "to see how photos of an article vary, so no whitening can be fitted",
-                        hint="add a second photo to some articles, or leave whiten off", options=("whiten",))
+                        hint="add a second, different photo (not a copy) to some articles, or leave whiten off",
+                        options=("whiten",))
 
 
 def check_spread(counts: Sequence[int] | np.ndarray) -> None:
@@ -281,4 +282,11 @@ def fit_whitening(vectors: np.ndarray, labels: Sequence[str], digests: Sequence[
             (:func:`check_spread`), or those photos identical to the rest of their article.
         ValueError / TypeError: bad arrays, or labels of the wrong length.
     """
-    return fit_from_stats(within_stats(vectors, labels, digests))
+    copies = int((~distinct_photos(as_list(labels, None, "labels"), digests)).sum())
+    try:
+        return fit_from_stats(within_stats(vectors, labels, digests))
+    except DataError as e:
+        if not copies:
+            raise
+        raise DataError(f"{e.message} ({copies} byte-identical cop{'y' if copies == 1 else 'ies'} of another photo "
+                        "of the same article left out)", hint=e.hint, options=e.options) from None
