@@ -251,3 +251,20 @@ def test_evaluate_open_set_through_the_api_writes_the_section_and_pngs(tmp_path,
     for name in ("roc.png", "oscr.png", "open_set_scores.png"):
         assert (tmp_path / "ev" / name).read_bytes()[:4] == b"\x89PNG"
     assert "## Open set" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_queries_that_are_copies_of_gallery_photos_are_counted_and_flagged(caplog):
+    from types import SimpleNamespace
+
+    from fewshot.evaluation.report import _trained_lines
+    from fewshot.evaluation.run import warn_queries_in_gallery
+
+    q = SimpleNamespace(digests=["a", "b", "c", None])
+    g = SimpleNamespace(digests=["b", "c", "d", None])
+    with caplog.at_level("WARNING", logger="fewshot"):
+        assert warn_queries_in_gallery(q, g) == 2  # b and c; unknown digests never match
+    assert "2 of the 4 queries are byte-identical copies of gallery photos" in caplog.text
+    assert warn_queries_in_gallery(q, None) == 0 and warn_queries_in_gallery(SimpleNamespace(digests=[]), g) == 0
+    assert _trained_lines({"queries_in_gallery": 2}) == [
+        "- **OPTIMISTIC: 2 queries are byte-identical copies of gallery photos** (each finds its own copy)"]
+    assert _trained_lines({"queries_in_gallery": 0, "trained_classes_evaluated": 0}) == []

@@ -58,10 +58,13 @@ def _lever_lines(c: dict) -> list[str]:
 
 
 def _trained_lines(c: dict) -> list[str]:
-    """A loud line when the run trained on some of the evaluated classes (``trained_classes_evaluated``)."""
-    n = c.get("trained_classes_evaluated") or 0
-    return [f"- **NOT HELD OUT: the run trained on {n} of the evaluated classes**; these figures are not "
-            "those of unseen classes"] if n else []
+    """Loud lines when the run trained on some of the evaluated classes (``trained_classes_evaluated``)
+    or queries are copies of gallery photos (``queries_in_gallery``)."""
+    n, copies = c.get("trained_classes_evaluated") or 0, c.get("queries_in_gallery") or 0
+    return ([f"- **NOT HELD OUT: the run trained on {n} of the evaluated classes**; these figures are not "
+             "those of unseen classes"] if n else []) + \
+           ([f"- **OPTIMISTIC: {copies} queries are byte-identical copies of gallery photos** (each finds its own "
+             "copy)"] if copies else [])
 
 
 def render_report(metrics: dict) -> str:

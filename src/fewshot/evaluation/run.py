@@ -207,6 +207,7 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
     if cfg.whiten and cfg.open_set and g is not None:  # again on the photos read, copies counted once
         distinct = np.asarray(g.labels, dtype=object)[distinct_photos(g.labels, g.digests or None)]
         check_open_set_whitening(_open_set_classes(protocol), distinct, cfg.open_set_draws, cfg.seed)
+    copies = warn_queries_in_gallery(q, g)
     rq, rg, whitening = whitened_sets(q, g) if cfg.whiten else (q, g, None)
     report = ranked_report(rerank, rq, rg)
     metrics = report.to_dict()
@@ -223,7 +224,7 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         "seed": cfg.seed, "episodes": cfg.episodes, "n_query": cfg.n_query, "open_set": cfg.open_set,
         "rerank": rerank.to_dict(), "transductive": cfg.transductive, "query_imbalance": cfg.query_imbalance,
         "whiten": whitening.describe() if whitening else None, "similarity": "cosine",
-        "trained_classes_evaluated": trained,
+        "trained_classes_evaluated": trained, "queries_in_gallery": copies,
         "num_images": len(q.dataset) + (len(g.dataset) if g else 0),
         "skipped_images": skipped, **environment()}
     if out is not None:  # checked again under the folder's writer lock, which puts right an interrupted write
@@ -291,6 +292,19 @@ def warn_trained_classes(model: EmbeddingModel, labels: list[str]) -> int:
                     if protocol.get("val_trained") and seen & set(protocol.get("val_classes") or ()) else "",
                     ", ".join(sorted(seen)[:3]))
     return len(seen)
+
+
+def warn_queries_in_gallery(q: Embeddings, g: Embeddings | None) -> int:
+    """How many queries are byte-identical copies of a gallery photo (same SHA-256); warns when
+    any are, since each then finds its own copy. 0 without a gallery or digests."""
+    if g is None or not q.digests or not g.digests:
+        return 0
+    gallery = {d for d in g.digests if d is not None}
+    n = sum(d in gallery for d in q.digests if d is not None)
+    if n:
+        log.warning("%d of the %d queries are byte-identical copies of gallery photos: each finds its own copy, so "
+                    "these figures are optimistic", n, len(q.digests))
+    return n
 
 
 def warn_single_image_classes(q: Embeddings, g: Embeddings | None) -> list[str]:
