@@ -23,7 +23,7 @@ from ..embed import Embeddings
 from ..errors import CheckpointError, DataError
 from ..index import AnnConfig, CatalogueIndex
 from ..index.ann import resolve as resolve_ann
-from ..index.whiten import distinct_photos, fit_whitening
+from ..index.whiten import distinct_labels, fit_whitening
 from ..checks import as_bool
 from ..io import claimed_output
 from ..model import EmbeddingModel
@@ -108,7 +108,7 @@ def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, c
     """
     whitening = None
     if whiten:  # checked again on the photos read, byte-identical copies counted once
-        check_whitenable(np.asarray(emb.labels, dtype=object)[distinct_photos(emb.labels, emb.digests or None)])
+        check_whitenable(distinct_labels(emb.labels, emb.digests or None))
         whitening = fit_whitening(emb.vectors, emb.labels, emb.digests or None)
     config = {"data": str(Path(data).resolve()) if Path(data).exists() else str(data),
               "split": (emb.dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,

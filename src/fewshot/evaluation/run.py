@@ -30,7 +30,7 @@ from ..version import environment
 from ..viz import embedding_map, retrieval_grid
 from ..catalogue.reject import check_target_far
 from ..index.rerank import check_size
-from ..index.whiten import Whitening, check_spread, distinct_photos, fit_whitening
+from ..index.whiten import Whitening, check_spread, distinct_labels, fit_whitening
 from .levers import adapts, check_levers, episode_inputs, ranked_report
 from .openset import DEFAULT_DRAWS, check_open_set_whitening, evaluate_open_set
 from .openset_report import OPEN_SET_FILES, write_open_set_plots
@@ -205,8 +205,8 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
     g = cfg.embed.embed(model, gallery) if gallery is not None else None
     check_evaluable(q.labels, g.labels if g is not None else None, f"the readable images of {name}")
     if cfg.whiten and cfg.open_set and g is not None:  # again on the photos read, copies counted once
-        distinct = np.asarray(g.labels, dtype=object)[distinct_photos(g.labels, g.digests or None)]
-        check_open_set_whitening(_open_set_classes(protocol), distinct, cfg.open_set_draws, cfg.seed)
+        check_open_set_whitening(_open_set_classes(protocol), distinct_labels(g.labels, g.digests or None),
+                                 cfg.open_set_draws, cfg.seed)
     copies = warn_queries_in_gallery(q, g)
     rq, rg, whitening = whitened_sets(q, g) if cfg.whiten else (q, g, None)
     report = ranked_report(rerank, rq, rg)

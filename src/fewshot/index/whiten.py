@@ -36,7 +36,7 @@ from ..checks import as_embeddings, as_list
 from ..errors import DataError
 from .vectors import l2_normalize
 
-__all__ = ["Whitening", "WithinStats", "check_spread", "distinct_photos", "fit_from_stats", "fit_whitening", "within_stats",
+__all__ = ["Whitening", "WithinStats", "check_spread", "distinct_labels", "distinct_photos", "fit_from_stats", "fit_whitening", "within_stats",
            "MIN_SPREAD_PHOTOS"]
 
 #: the fewest photos that vary within an article (photos minus articles, over articles of two or
@@ -198,6 +198,13 @@ def distinct_photos(labels: Sequence[str], digests: Sequence[str | None] | None)
             keep[i] = (str(label), digest) not in seen
             seen.add((str(label), digest))
     return keep
+
+
+def distinct_labels(labels: Sequence[str], digests: Sequence[str | None] | None) -> list[str]:
+    """The article of each photo :func:`distinct_photos` keeps: what a fit counts, for the checks
+    made from labels (:func:`check_spread`)."""
+    names = [str(x) for x in labels]
+    return [n for n, keep in zip(names, distinct_photos(names, digests)) if keep]
 
 
 def within_stats(vectors: np.ndarray, labels: Sequence[str], digests: Sequence[str | None] | None = None) -> WithinStats:
