@@ -289,10 +289,10 @@ def fit_whitening(vectors: np.ndarray, labels: Sequence[str], digests: Sequence[
             (:func:`check_spread`), or those photos identical to the rest of their article.
         ValueError / TypeError: bad arrays, or labels of the wrong length.
     """
-    copies = int((~distinct_photos(as_list(labels, None, "labels"), digests)).sum())
     try:
         return fit_from_stats(within_stats(vectors, labels, digests))
-    except DataError as e:
+    except DataError as e:  # only a refusal needs to know how many copies were left out
+        copies = int((~distinct_photos(as_list(labels, None, "labels"), digests)).sum())
         if not copies:
             raise
         raise DataError(f"{e.message} ({copies} byte-identical cop{'y' if copies == 1 else 'ies'} of another photo "
