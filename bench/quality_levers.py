@@ -44,7 +44,8 @@ GOAL_MAP_AT_R, GOAL_5WAY1SHOT, GOAL_STUDIO = 0.66, 0.94, 0.70
 #: (row, rerank, transductive): each lever alone, then the combinations
 LEVERS = [("none", "none", "none"), ("qe", "qe", "none"), ("dba", "dba", "none"), ("dba-qe", "dba-qe", "none"),
           ("k-reciprocal", "k-reciprocal", "none"), ("centre", "none", "centre"), ("bdcspn", "none", "bdcspn"),
-          ("tim", "none", "tim"), ("dba-qe + bdcspn", "dba-qe", "bdcspn"), ("k-reciprocal + tim", "k-reciprocal", "tim")]
+          ("tim", "none", "tim"), ("paddle", "none", "paddle"), ("dba-qe + bdcspn", "dba-qe", "bdcspn"),
+          ("k-reciprocal + tim", "k-reciprocal", "tim")]
 
 
 def embed_sets(model_dir: str | None, cache_dir: str | None, tta: str = "none"):
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tta", default="none", help="test-time augmentation of every model's embeddings (none | flip | scales)")
     ap.add_argument("--cost", action="store_true", help="also time Catalogue.search with dba-qe at 100,000 images")
+    ap.add_argument("--levers", default=None, help="comma-separated rows to measure (default: all); a model's "
+                    "other rows already in OUT/results.json are kept")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
@@ -230,11 +233,14 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.model or []:
         name, _, run = spec.partition("=")
         model, q, g, studio, names = embed_sets(run or None, args.cache_dir, args.tta)
-        rows = []
+        wanted = set(args.levers.split(",")) if args.levers else {row for row, _, _ in LEVERS}
+        kept = {r["name"]: r for r in results["models"].get(name, {}).get("rows", []) if r["name"] not in wanted}
         for row, rerank, transductive in LEVERS:
-            print(f"== {name}: {row}", flush=True)
-            rows.append(lever_row(row, rerank, transductive, model, q, g, studio, names, args.seed))
-            print(json.dumps(rows[-1]), flush=True)
+            if row in wanted:
+                print(f"== {name}: {row}", flush=True)
+                kept[row] = lever_row(row, rerank, transductive, model, q, g, studio, names, args.seed)
+                print(json.dumps(kept[row]), flush=True)
+        rows = [kept[row] for row, _, _ in LEVERS if row in kept]
         m = machine()
         results["models"][name] = {"run_dir": run or None, "tta": args.tta, "rows": rows, "machine": f"{m.get('cpu')}, "
                                    f"{m.get('usable_cpus')} CPU(s)", "load_average": os.getloadavg()[0],

@@ -109,7 +109,7 @@ def evaluate(model: EmbeddingModel | Backbone, dataset: Dataset, *, split_file: 
     ``rerank`` re-ranks the gallery before the retrieval figures (needs ``split_file``): a kind
     (``"qe"``, ``"dba"``, ``"dba-qe"``, ``"k-reciprocal"``), a dict of
     :class:`fewshot.index.rerank.RerankOptions` fields or an instance. ``transductive`` picks the
-    episodes' classifier (``"none"``, ``"centre"``, ``"bdcspn"``, ``"tim"``;
+    episodes' classifier (``"none"``, ``"centre"``, ``"bdcspn"``, ``"tim"``, ``"paddle"``;
     :mod:`fewshot.methods.transductive`), ``query_imbalance`` draws imbalanced query sets
     (Dirichlet concentration, e.g. 2), where transductive classifiers can lose to ``"none"``.
     ``whiten=True`` (needs ``split_file``) whitens the gallery and the queries by the gallery's

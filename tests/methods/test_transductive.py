@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fewshot.errors import FewshotError
-from fewshot.methods.transductive import (TimOptions, bd_cspn, centre, rectified_prototypes, tim,
-                                          transductive_classifier)
+from fewshot.methods.transductive import (PaddleOptions, TimOptions, bd_cspn, centre, paddle, rectified_prototypes,
+                                          tim, transductive_classifier)
 from fewshot.metrics import episodic_accuracy
 
 
@@ -52,9 +52,70 @@ def test_tim_fixes_an_episode_the_prototype_gets_wrong():
     assert (tim(sx, sy, qx, 2, TimOptions(steps=1, lr=1e-6)) == inductive).all()  # barely moved: the prototypes
 
 
+def _at(degrees) -> torch.Tensor:
+    d = np.radians(np.asarray(degrees, dtype=np.float64))
+    return torch.tensor(np.stack([np.cos(d), np.sin(d)], axis=-1), dtype=torch.float32)
+
+
+def _paddle_reference(sx, sy, qx, n_way, t, prior_weight, steps):
+    """PADDLE written out in numpy, loop by loop (float64), for the cross-check below."""
+    sx, qx = sx.numpy().astype(np.float64), qx.numpy().astype(np.float64)
+    q = qx + (sx.mean(0) - qx.mean(0))  # BD-CSPN's shift, then unit length
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    w = np.stack([sx[sy.numpy() == k].mean(0) for k in range(n_way)])
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    weight = prior_weight * n_way / len(q)
+    log_share = np.zeros(n_way)
+    for _ in range(steps):
+        scores = np.array([[-t / 2 * np.sum((qi - wk) ** 2) + weight * log_share[k] for k, wk in enumerate(w)]
+                           for qi in q])
+        p = np.exp(scores - scores.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        log_share = np.log(p.mean(0) + 1e-6)
+        for k in range(n_way):
+            mine = sy.numpy() == k
+            w[k] = (sx[mine].sum(0) + (p[:, k:k + 1] * q).sum(0)) / (mine.sum() + p[:, k].sum())
+            w[k] /= np.linalg.norm(w[k])
+    scores = np.array([[-t / 2 * np.sum((qi - wk) ** 2) + weight * log_share[k] for k, wk in enumerate(w)] for qi in q])
+    return scores.argmax(1).tolist()
+
+
+def test_paddle_matches_a_numpy_reference():
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(3, 6))
+    unit = lambda a: torch.nn.functional.normalize(torch.tensor(a, dtype=torch.float32), dim=1)  # noqa: E731
+    sx, sy = unit(centres + 0.6 * rng.normal(size=(3, 6))), torch.arange(3)
+    qx = unit(np.repeat(centres, [9, 2, 1], axis=0) + 0.6 * rng.normal(size=(12, 6)))  # imbalanced: 9 / 2 / 1
+    answers = {}
+    for prior_weight in (0.0, 4.0):
+        for steps in (1, 5):
+            opts = PaddleOptions(temperature=20.0, prior_weight=prior_weight, steps=steps)
+            answers[prior_weight, steps] = paddle(sx, sy, qx, 3, opts).tolist()
+            assert answers[prior_weight, steps] == _paddle_reference(sx, sy, qx, 3, 20.0, prior_weight, steps)
+    assert answers[0.0, 5] != answers[4.0, 5]  # the class-share prior changes answers in this case
+
+
+def test_paddle_lets_a_class_that_draws_no_queries_fade():
+    """Four articles on the unit circle; the queries show two of them (0 and 2, around 20 and 200
+    degrees) and their mean is the support's, so BD-CSPN's shift is zero. The nearest prototype
+    gives the queries past 25 degrees to article 1 (at 50); PADDLE's class-share prior takes them
+    back, and without the prior its soft k-means does worse than the nearest prototype."""
+    rng = np.random.default_rng(0)
+    sx, sy = _at([0.0, 50.0, 180.0, 230.0]), torch.arange(4)
+    around = 20 + 6 * rng.normal(size=12)
+    qx, qy = _at(np.concatenate([around, around + 180])), torch.tensor([0] * 12 + [2] * 12)
+    right = lambda pred: float((pred == qy).float().mean())  # noqa: E731
+    assert right((qx @ sx.T).argmax(1)) == pytest.approx(20 / 24)
+    assert right(paddle(sx, sy, qx, 4)) == 1.0
+    assert right(paddle(sx, sy, qx, 4, PaddleOptions(prior_weight=0.0))) == pytest.approx(16 / 24)
+    with pytest.raises(FewshotError):
+        PaddleOptions(steps=0)
+
+
 def test_classifier_names_options_and_centring():
     assert transductive_classifier("none") is None
     assert transductive_classifier("tim") is tim and transductive_classifier("bdcspn") is bd_cspn
+    assert transductive_classifier("paddle") is paddle
     with pytest.raises(FewshotError) as exc:
         transductive_classifier("magic")
     assert exc.value.options == ("transductive",)

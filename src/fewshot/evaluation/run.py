@@ -74,7 +74,7 @@ class EvalConfig:
         rerank: how the gallery ranking is re-ranked before the retrieval metrics
             (:class:`~fewshot.index.rerank.RerankOptions`, a kind name or a dict of its fields).
         transductive: the episodes' classifier (:data:`.levers.TRANSDUCTIVE_CHOICES`: ``none``,
-            ``centre``, ``bdcspn``, ``tim``; :mod:`fewshot.methods.transductive`).
+            ``centre``, ``bdcspn``, ``tim``, ``paddle``; :mod:`fewshot.methods.transductive`).
         query_imbalance: ``None`` (balanced episodes) or the Dirichlet concentration of
             imbalanced query sets (:func:`fewshot.metrics.episodic_accuracy`).
         whiten: whiten the gallery and the queries by the gallery's within-article covariance

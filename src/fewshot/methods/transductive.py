@@ -13,8 +13,14 @@ on L2-normalised embeddings, and is chosen by name (:data:`TRANSDUCTIVE`):
   Few-Shot Learning", NeurIPS 2020, TIM-GD): class weights, started at the prototypes, are
   trained by gradient descent on ``w_ce * CE(support) - (w_marginal * H(mean query prediction)
   - w_conditional * mean H(query prediction))``, logits ``-temperature/2 * ||x - w||^2``.
+* ``paddle``: PADDLE (Martin et al., "Towards Practical Few-Shot Query Sets: Transductive Minimum
+  Description Length Inference", NeurIPS 2022), for query sets that show only a few of the
+  classes: soft k-means from the prototypes, in which a class's share of the queries is a prior
+  (``prior_weight * N / M * log share`` for N classes and M queries: the paper's partition-complexity
+  term, its lambda ``prior_weight * N``), so classes that draw no queries fade out instead of
+  taking some; on queries first shifted as BD-CSPN's are.
 
-Both assume the query set is spread over the classes: TIM's marginal-entropy term pulls the
+``bdcspn`` and ``tim`` assume the query set is spread over the classes: TIM's marginal-entropy term pulls the
 predictions toward equal class shares. On imbalanced query sets (Veilleux et al., "Realistic
 Evaluation of Transductive Few-Shot Learning", NeurIPS 2021) they can fall below ``none``;
 ``fewshot evaluate --query-imbalance`` measures that. Centring on the catalogue's mean
@@ -35,17 +41,23 @@ from ..errors import FewshotError
 from ..model import EpisodeClassifier
 from ..options import check_options, option
 
-__all__ = ["TRANSDUCTIVE", "TimOptions", "rectified_prototypes", "bd_cspn", "tim", "transductive_classifier",
-           "centre"]
+__all__ = ["TRANSDUCTIVE", "TimOptions", "PaddleOptions", "rectified_prototypes", "bd_cspn", "tim", "paddle",
+           "transductive_classifier", "centre"]
 
 #: the episode classifiers, by name
-TRANSDUCTIVE = ("none", "bdcspn", "tim")
+TRANSDUCTIVE = ("none", "bdcspn", "tim", "paddle")
 
 
 def _prototypes(support_x: torch.Tensor, support_y: torch.Tensor, n_way: int) -> torch.Tensor:
     """Unit-length class means, float32 ``[n_way, D]``."""
     sums = torch.zeros(n_way, support_x.shape[1], dtype=support_x.dtype).index_add_(0, support_y, support_x)
     return F.normalize(sums, dim=1)
+
+
+def _shifted(support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+    """BD-CSPN's cross-class bias removed: the queries moved by the support mean minus the
+    query mean, then unit length: ``[M, D]``."""
+    return F.normalize(query_x + (support_x.mean(0) - query_x.mean(0)), dim=1)
 
 
 def rectified_prototypes(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, n_way: int,
@@ -59,7 +71,7 @@ def rectified_prototypes(support_x: torch.Tensor, support_y: torch.Tensor, query
     Returns:
         ``(prototypes [n_way, D], queries [M, D])``, both unit length.
     """
-    queries = F.normalize(query_x + (support_x.mean(0) - query_x.mean(0)), dim=1)
+    queries = _shifted(support_x, query_x)
     protos = _prototypes(support_x, support_y, n_way)
     pseudo = (queries @ protos.T).argmax(1)
     x = torch.cat([support_x, queries])
@@ -128,6 +140,42 @@ def tim(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
         return _tim_logits(query_x, w, opts.temperature).argmax(1)
 
 
+@dataclass(frozen=True)
+class PaddleOptions:
+    """PADDLE's settings (Martin et al. 2022), chosen on the val articles of
+    ``splits/grocery-unseen.json`` (docs/measurements.md)."""
+
+    temperature: float = option(100.0, "Scale of the squared distances in the soft assignments.", min=0.0)
+    prior_weight: float = option(60.0, "The partition-complexity weight per class: each assignment gets "
+                                 "prior_weight * N / M * log(class share) for N classes and M queries (the "
+                                 "paper's lambda is prior_weight * N).", min=0.0)
+    steps: int = option(30, "Alternating updates (assignments, shares, prototypes).", min=1)
+
+    def __post_init__(self) -> None:
+        check_options("PADDLE", self)
+
+
+def paddle(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, n_way: int,
+           opts: PaddleOptions = PaddleOptions()) -> torch.Tensor:
+    """PADDLE's prediction for each query, int64 ``[M]``: ``opts.steps`` rounds of (1) soft
+    assignments ``softmax(-temperature/2 * ||x - w_k||^2 + prior_weight * N / M * log pi_k)`` (``N =
+    n_way``, ``M`` queries), (2) class
+    shares ``pi_k`` = the mean assignment, (3) each prototype ``w_k`` = the unit-length mean of its
+    support and of the queries weighted by their assignment; on BD-CSPN-shifted queries.
+    Inputs as :func:`bd_cspn` (unit length)."""
+    queries = _shifted(support_x, query_x)
+    w = _prototypes(support_x, support_y, n_way)
+    onehot = F.one_hot(support_y, n_way).to(support_x.dtype)
+    support_sum, support_count = onehot.T @ support_x, onehot.sum(0)
+    weight = opts.prior_weight * n_way / len(queries)
+    log_share = torch.zeros(n_way, dtype=support_x.dtype)
+    for _ in range(opts.steps):
+        p = (_tim_logits(queries, w, opts.temperature) + weight * log_share).softmax(1)
+        log_share = torch.log(p.mean(0) + 1e-6)
+        w = F.normalize((support_sum + p.T @ queries) / (support_count + p.sum(0))[:, None], dim=1)
+    return (_tim_logits(queries, w, opts.temperature) + weight * log_share).argmax(1)
+
+
 def transductive_classifier(name: str) -> EpisodeClassifier | None:
     """The classifier called ``name`` (:data:`TRANSDUCTIVE`); ``None`` for ``"none"`` (the default
     nearest prototype of :func:`fewshot.metrics.episodic_accuracy`).
@@ -138,7 +186,7 @@ def transductive_classifier(name: str) -> EpisodeClassifier | None:
     if name not in TRANSDUCTIVE:
         raise FewshotError(f"unknown option transductive = {name!r}", hint=f"use one of: {', '.join(TRANSDUCTIVE)}",
                            options=("transductive",))
-    return {"none": None, "bdcspn": bd_cspn, "tim": tim}[name]
+    return {"none": None, "bdcspn": bd_cspn, "tim": tim, "paddle": paddle}[name]
 
 
 def centre(vectors: np.ndarray, mean: np.ndarray) -> np.ndarray:
