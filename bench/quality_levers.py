@@ -39,6 +39,13 @@ from bench.common import grocery_root, machine  # noqa: E402
 
 GROCERY_SPLIT = "splits/grocery-unseen.json"
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "levers"
+#: the folders part 10 reads: the first runs, then the 0.4.0 default run's three seeds, without and
+#: with ``--tta scales`` (each of the last two a seed group: a target is met when its worst seed meets it)
+RESULT_FOLDERS = ("levers", "levers-040", "levers-040-scales")
+SEED_GROUPS = ("levers-040", "levers-040-scales")
+#: the levers that do not assume the queries spread evenly over the classes (TIM falls to 0.73 on
+#: imbalanced episodes and to 0.22 on shelves of 5 articles)
+ROBUST = ("none", "centre", "bdcspn", "paddle")
 #: issue 30's targets
 GOAL_MAP_AT_R, GOAL_5WAY1SHOT, GOAL_STUDIO = 0.66, 0.94, 0.70
 #: (row, rerank, transductive): each lever alone, then the combinations
@@ -168,9 +175,32 @@ def render(results: dict) -> str:
 
 def run(quick: bool, ctx) -> dict:
     """Part 10 of ``bench/run_all.py``: the rows ``python bench/quality_levers.py`` stored in
-    ``docs/results/levers`` (they need trained runs, so nothing is measured here)."""
-    path = RESULTS / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    ``docs/results/<folder>`` for each of :data:`RESULT_FOLDERS` (they need trained runs, so
+    nothing is measured here); ``groups`` names each seed group's models."""
+    merged: dict = {"models": {}, "groups": {}}
+    for folder in RESULT_FOLDERS:
+        path = RESULTS.parent / folder / "results.json"
+        if not path.is_file():
+            continue
+        found = json.loads(path.read_text())
+        merged["models"].update(found.get("models", {}))
+        merged.setdefault("catalogue_cost", found.get("catalogue_cost"))
+        if folder in SEED_GROUPS:
+            merged["groups"][folder] = list(found.get("models", {}))
+    return merged
+
+
+def _worst_seed(results: dict, key: str, rows: tuple[str, ...]) -> tuple[float, str] | None:
+    """The lever whose worst seed is best, over the seed groups: ``(worst value, "group, lever:
+    seed values")``."""
+    found = []
+    for group, names in results.get("groups", {}).items():
+        entries = [results["models"][n] for n in names if n in results.get("models", {})]
+        for row in rows:
+            values = [next((r.get(key) for r in e["rows"] if r["name"] == row), None) for e in entries]
+            if values and None not in values:
+                found.append((min(values), f"{group}, {row}: " + " / ".join(f"{v:.3f}" for v in values)))
+    return max(found) if found else None
 
 
 def _best(results: dict, key: str, rows: tuple[str, ...] | None = None) -> tuple[float, str] | None:
@@ -182,26 +212,33 @@ def _best(results: dict, key: str, rows: tuple[str, ...] | None = None) -> tuple
 
 
 def goal_rows(results: dict) -> list[list[str]]:
-    """Rows of the goals table of ``run_all`` (issue 30's targets; the best lever of any model).
-    A figure that holds only under a condition says so, and its verdict is ``-``."""
+    """Rows of the goals table of ``run_all`` (issue 30's targets). A target is judged on the seed
+    groups (:data:`SEED_GROUPS`: the lever whose worst seed is best); the best single run of any
+    model is shown under it, unjudged (``-``), as is a figure that holds only under a condition."""
     from bench.common import verdict
 
     inductive = ("none", "qe", "dba", "dba-qe", "centre")
+    everything = tuple(row for row, _, _ in LEVERS)
     rows = []
     for key, goal, what, which, judged in (
-            ("map_at_r", GOAL_MAP_AT_R, "Ranking levers, Grocery unseen test classes: best MAP@R, re-ranking one "
-             "query at a time", inductive, True),
+            ("map_at_r", GOAL_MAP_AT_R, "Ranking levers, Grocery unseen test classes: MAP@R, re-ranking one query at a "
+             "time", inductive, True),
             ("map_at_r", GOAL_MAP_AT_R, "... k-reciprocal (each query ranked with the help of all the others)",
              ("k-reciprocal",), False),
-            ("5way1shot", GOAL_5WAY1SHOT, "... best 5-way 1-shot, balanced queries", None, False),
-            ("5way1shot_imbalanced", GOAL_5WAY1SHOT, "... best 5-way 1-shot, imbalanced queries", None, True),
-            ("studio_top1", GOAL_STUDIO, "... best shelf photo -> studio image top-1, all shelf photos in one "
-             "batch (the 28 articles about evenly)", None, False),
-            ("studio_top1_shelves", GOAL_STUDIO, "... the same, shelves of 5 articles", None, True)):
-        best = _best(results, key, which)
+            ("5way1shot", GOAL_5WAY1SHOT, "... 5-way 1-shot, balanced queries, a lever that holds on imbalanced ones "
+             "(not TIM)", ROBUST, True),
+            ("5way1shot_imbalanced", GOAL_5WAY1SHOT, "... 5-way 1-shot, imbalanced queries", everything, False),
+            ("studio_top1", GOAL_STUDIO, "... shelf photo -> studio image top-1, all shelf photos in one batch (the 28 "
+             "articles about evenly), a lever that holds on shelves (not TIM)", ROBUST, True),
+            ("studio_top1_shelves", GOAL_STUDIO, "... the same, shelves of 5 articles", ROBUST, True)):
+        target = f">= {goal:.2f}" if goal < 0.9 else f">= {goal:.0%}"
+        worst = _worst_seed(results, key, which)
+        if worst:
+            rows.append([what + ", every seed", target, f"{worst[0]:.3f} ({worst[1]})",
+                         verdict(worst[0] >= goal) if judged else "-"])
+        best = _best(results, key, None if which is everything else which)
         if best:
-            target = f">= {goal:.2f}" if goal < 0.9 else f">= {goal:.0%}"
-            rows.append([what, target, f"{best[0]:.3f} ({best[1]})", verdict(best[0] >= goal) if judged else "-"])
+            rows.append(["... best single run", target, f"{best[0]:.3f} ({best[1]})", "-"])
     return rows
 
 
