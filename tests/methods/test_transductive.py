@@ -59,9 +59,7 @@ def _at(degrees) -> torch.Tensor:
 
 def _paddle_reference(sx, sy, qx, n_way, t, prior_weight, steps):
     """PADDLE written out in numpy, loop by loop (float64), for the cross-check below."""
-    sx, qx = sx.numpy().astype(np.float64), qx.numpy().astype(np.float64)
-    q = qx + (sx.mean(0) - qx.mean(0))  # BD-CSPN's shift, then unit length
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sx, q = sx.numpy().astype(np.float64), qx.numpy().astype(np.float64)
     w = np.stack([sx[sy.numpy() == k].mean(0) for k in range(n_way)])
     w /= np.linalg.norm(w, axis=1, keepdims=True)
     weight = prior_weight * n_way / len(q)
@@ -97,9 +95,10 @@ def test_paddle_matches_a_numpy_reference():
 
 def test_paddle_lets_a_class_that_draws_no_queries_fade():
     """Four articles on the unit circle; the queries show two of them (0 and 2, around 20 and 200
-    degrees) and their mean is the support's, so BD-CSPN's shift is zero. The nearest prototype
-    gives the queries past 25 degrees to article 1 (at 50); PADDLE's class-share prior takes them
-    back, and without the prior its soft k-means does worse than the nearest prototype."""
+    degrees). The nearest prototype gives the queries past 25 degrees to article 1 (at 50);
+    PADDLE's class-share prior takes them back, and without the prior its soft k-means does worse
+    than the nearest prototype. A batch of one article's photos: BD-CSPN moves them all to the
+    support mean, PADDLE does not."""
     rng = np.random.default_rng(0)
     sx, sy = _at([0.0, 50.0, 180.0, 230.0]), torch.arange(4)
     around = 20 + 6 * rng.normal(size=12)
@@ -108,6 +107,9 @@ def test_paddle_lets_a_class_that_draws_no_queries_fade():
     assert right((qx @ sx.T).argmax(1)) == pytest.approx(20 / 24)
     assert right(paddle(sx, sy, qx, 4)) == 1.0
     assert right(paddle(sx, sy, qx, 4, PaddleOptions(prior_weight=0.0))) == pytest.approx(16 / 24)
+    one = qx[:12]  # the photos of article 0 alone
+    assert paddle(sx, sy, one, 4).tolist() == [0] * 12
+    assert float((bd_cspn(sx, sy, one, 4) == 0).float().mean()) < 0.5
     with pytest.raises(FewshotError):
         PaddleOptions(steps=0)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .build import build_index, index_embeddings
 from .catalogue import Catalogue
-from .classify import ClassifyResult, classification_accuracy, classify_embedded, classify_paths
+from .classify import ClassifyResult, check_transductive, classification_accuracy, classify_embedded, classify_paths
 from .calibrate import Calibration, calibrate
 from .export import export_index
 from .reject import Answer, Rejector
@@ -27,5 +27,5 @@ from .spec import EmbedderSpec, model_for_index
 from .store import load_index, save_index
 
 __all__ = ["Answer", "Calibration", "OPEN_SCORES", "Rejector", "calibrate", "open_scores", "Catalogue", "ClassifyResult", "EmbedderSpec", "build_index", "classification_accuracy",
-           "classify_embedded", "classify_paths", "export_index", "index_embeddings", "load_index",
+           "check_transductive", "classify_embedded", "classify_paths", "export_index", "index_embeddings", "load_index",
            "model_for_index", "save_index"]

@@ -38,7 +38,7 @@ from ..model import EmbeddingModel
 from ..embed.options import EmbedOptions
 from .check import CheckReport, check_catalogue
 from .build import index_embeddings, keep_enrolled, previous_index
-from .classify import ClassifyResult, classify_embedded, classify_paths
+from .classify import ClassifyResult, check_transductive, classify_embedded, classify_paths
 from .formats import INDEX_FILES, is_index_dir
 from .inputs import ImageLike, as_dataset, as_model, as_path, embed_images, image_list, to_pil
 from .journal import Change
@@ -177,7 +177,7 @@ class Catalogue:
 
     def classify(self, images: Sequence[ImageLike], top_k: int = 5, mode: str = "prototype", *,
                  reject: str | float = "auto", target_far: float = DEFAULT_TARGET_FAR,
-                 open_score: str = DEFAULT_SCORE) -> list[ClassifyResult]:
+                 open_score: str = DEFAULT_SCORE, transductive: str = "none") -> list[ClassifyResult]:
         """The ``top_k`` articles of each image, best first (``result.predictions[i].label``,
         ``.group``, ``.score`` = cosine similarity), and the answer (``result.answer.article``:
         the best article, or ``"unknown"`` when the photo is not confidently a catalogue article;
@@ -190,25 +190,35 @@ class Catalogue:
         calibrate answers every photo, with a warning), ``"none"`` or a threshold on
         ``open_score`` (:mod:`fewshot.catalogue.scores`).
 
+        ``transductive="paddle"`` classifies the images together, as one batch (PADDLE, Martin et
+        al. 2022, :meth:`fewshot.index.CatalogueIndex.transductive_first`): each result's first
+        article and ``answer.article`` are the batch's choice, the other articles follow by cosine.
+        It needs ``reject="none"`` and ``mode="prototype"``. On Grocery's shelf photos against one
+        studio image per article it raised top-1 from 0.652 / 0.642 / 0.632 to 0.729 / 0.722 /
+        0.727 (three runs; a batch of one article's photos: 0.665 -> 0.725 on the first).
+
         Raises:
             ImageReadError / InputError: an image that cannot be used; a bad ``reject``,
-                ``target_far`` or ``open_score``.
+                ``target_far``, ``open_score`` or ``transductive``; catalogue images in a
+                transductive batch.
             TypeError: ``images`` is not a list of images (one path is ``[path]``), ``top_k`` not
                 an integer. ValueError: ``top_k < 1``, an unknown ``mode``.
         """
         images = image_list(images)
         top_k = check_classify(top_k, mode)
         rejector = self.rejector(reject, target_far, open_score)
+        check_transductive(transductive, mode, rejector)
         if all(isinstance(x, Path) for x in images):
             opts = EmbedOptions(runtime=self.runtime, cache_dir=self.cache_dir, progress=False)
             results = classify_paths(self.index, self.model, images, top_k=top_k, mode=mode, embed=opts,
-                                     rejector=rejector)
+                                     rejector=rejector, transductive=transductive)
             bad = next((r for r in results if r.error), None)
             if bad is not None:
                 raise ImageReadError(bad.image, bad.error or "unreadable")
             return results
         vectors, digests, names = embed_images(self.model, images, runtime=self.runtime, cache_dir=self.cache_dir)
-        return classify_embedded(self.index, vectors, digests, names, top_k=top_k, mode=mode, rejector=rejector)
+        return classify_embedded(self.index, vectors, digests, names, top_k=top_k, mode=mode, rejector=rejector,
+                                 transductive=transductive)
 
     def rejector(self, reject: str | float = "auto", target_far: float = DEFAULT_TARGET_FAR,
                  open_score: str = DEFAULT_SCORE) -> Rejector:

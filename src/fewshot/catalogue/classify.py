@@ -11,18 +11,20 @@ classify``); :func:`classification_accuracy` scores results against known labels
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from ..index import CatalogueIndex, Prediction, check_classify
+from ..index.ranking import BATCH_TRANSDUCTIVE, TRANSDUCTIVE_CANDIDATES
 from ..model import EmbeddingModel
 from ..embed.options import EmbedOptions
 from .reject import SCORE_DEPTH, Answer, Rejector, answers
 
-__all__ = ["ClassifyResult", "classification_accuracy", "classify_embedded", "classify_paths"]
+__all__ = ["ClassifyResult", "check_transductive", "classification_accuracy", "classify_embedded", "classify_paths"]
 
 
 @dataclass
@@ -61,9 +63,31 @@ class ClassifyResult:
         return d
 
 
+def check_transductive(transductive: object, mode: str, rejector: Rejector | None) -> str:
+    """``transductive`` once it can be used with ``mode`` and ``rejector`` (call it before embedding).
+
+    Raises:
+        InputError: not one of :data:`~fewshot.index.ranking.BATCH_TRANSDUCTIVE`; or a transductive
+            batch in ``nearest`` mode or with a reject threshold (the threshold was calibrated on
+            each photo's own prototype scores, not on a batch's answers).
+    """
+    if transductive not in BATCH_TRANSDUCTIVE:
+        raise InputError(f"transductive={transductive!r} cannot classify a batch of photos",
+                         hint="use none or paddle (bdcspn and tim assume the photos cover the articles: "
+                              "on one article's photos BD-CSPN gets 4-8% right; they are for `fewshot evaluate`)")
+    if transductive != "none" and mode != "prototype":
+        raise InputError("--transductive paddle classifies by the articles' prototypes",
+                         hint="use --mode prototype (Python: mode='prototype')")
+    if transductive != "none" and rejector is not None and rejector.threshold is not None:
+        raise InputError("--transductive paddle answers every photo with an article: the reject threshold was "
+                         "calibrated on each photo alone", hint="add --reject none (Python: reject='none')")
+    return str(transductive)
+
+
 def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Sequence[str | None],
                       names: Sequence[str], *, top_k: int = 5, mode: str = "prototype",
-                      leave_one_out: bool = True, rejector: Rejector | None = None) -> list[ClassifyResult]:
+                      leave_one_out: bool = True, rejector: Rejector | None = None,
+                      transductive: str = "none") -> list[ClassifyResult]:
     """Classify embedded queries: ``vectors float32 [Q, E]``, each query's file SHA-256 in
     ``digests`` (``None``: unknown, an image in memory) and its name in ``names``.
 
@@ -75,18 +99,34 @@ def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Seque
     whether a photo shows a catalogue article is judged on the prototypes, where it was calibrated,
     and the answer is the best prototype's article, which the nearest-image ranking may put lower).
 
+    ``transductive="paddle"`` classifies the queries together (:meth:`CatalogueIndex.transductive_first`):
+    each result's first article, and its answer, is the batch's; needs ``mode="prototype"``, no
+    reject threshold and queries that are not catalogue images.
+
     Raises:
         ValueError / TypeError: a bad ``top_k`` or ``mode`` (:func:`fewshot.index.check_classify`).
+        InputError: a bad ``transductive`` (:func:`check_transductive`), or catalogue images
+            among the queries of a transductive batch.
         CheckpointError: query dimension differs from the index's.
     """
+    transductive = check_transductive(transductive, mode, rejector)
     own = index.find_images(digests)
+    if transductive != "none" and any(own):
+        raise InputError(f"{sum(map(bool, own))} of the {len(own)} photos are catalogue images (same file content): a "
+                         "transductive batch would find them", hint="classify photos that are not in the catalogue, "
+                         "or leave out --transductive")
     exclude = own if leave_one_out else None
     depth = max(top_k, SCORE_DEPTH) if rejector is not None and mode == "prototype" else top_k
+    depth = max(depth, TRANSDUCTIVE_CANDIDATES) if transductive != "none" else depth
     preds = index.classify(vectors, top_k=depth, mode=mode, exclude=exclude) if len(own) else []
     said: list[Answer | None] = [None] * len(preds)
     if rejector is not None and len(preds):
         scored = preds if mode == "prototype" else index.classify(vectors, SCORE_DEPTH, "prototype", exclude)
         said = list(answers(rejector, scored))  # nearest mode too: the prototype's article, which the score vouches for
+    if transductive != "none" and len(preds):
+        preds = index.transductive_first(vectors, preds, transductive)
+        said = [None if a is None else replace(a, article=p[0].label, transductive=transductive)
+                for a, p in zip(said, preds)]
     return [ClassifyResult(name, pred[:top_k], None, in_catalogue=leave_one_out and bool(same),
                            left_out=[index.labels[j] for j in same] if leave_one_out else [], same_images=same,
                            answer=a)
@@ -95,9 +135,10 @@ def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Seque
 
 def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Path], *, top_k: int = 5,
                    mode: str = "prototype", embed: EmbedOptions | None = None,
-                   leave_one_out: bool = True, rejector: Rejector | None = None) -> list[ClassifyResult]:
+                   leave_one_out: bool = True, rejector: Rejector | None = None,
+                   transductive: str = "none") -> list[ClassifyResult]:
     """Classify image files against an index; unreadable files get an ``error`` instead
-    (``rejector``: as :func:`classify_embedded`).
+    (``rejector``, ``transductive``: as :func:`classify_embedded`; the readable files are one batch).
 
     A query whose bytes are those of a catalogue image (same SHA-256) would find itself
     (score 1.0). With ``leave_one_out`` (default) its identical catalogue copies are left
@@ -111,6 +152,7 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
     from ..embed import read_digests
 
     top_k = check_classify(top_k, mode)
+    check_transductive(transductive, mode, rejector)
     embed = embed or EmbedOptions()
     digests = read_digests(paths)
     vectors, ok, failures, _ = model.embed_paths(paths, batch_size=embed.batch_size,
@@ -118,7 +160,8 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
                                                  progress=embed.progress and len(paths) > 16, digests=digests,
                                                  runtime=embed.runtime, threads=embed.threads)
     done = classify_embedded(index, vectors, [digests[0][i] for i in ok], [str(paths[i]) for i in ok],
-                             top_k=top_k, mode=mode, leave_one_out=leave_one_out, rejector=rejector)
+                             top_k=top_k, mode=mode, leave_one_out=leave_one_out, rejector=rejector,
+                             transductive=transductive)
     by_pos = dict(zip(ok, done))
     return [by_pos.get(i) or ClassifyResult(str(p), [], failures.get(i)) for i, p in enumerate(paths)]
 

@@ -103,6 +103,8 @@ class Answer:
     threshold: float | None
     target_far: float | None
     brand: str | None = None
+    #: the batch classifier that chose ``article`` (``classify(..., transductive="paddle")``), else ``None``
+    transductive: str | None = None
 
     @property
     def unknown(self) -> bool:
@@ -115,6 +117,8 @@ class Answer:
              "target_far": self.target_far}
         if self.brand is not None:
             d["brand"] = self.brand
+        if self.transductive is not None:
+            d["transductive"] = self.transductive
         return d
 
     def text(self) -> str:

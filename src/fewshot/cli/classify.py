@@ -71,6 +71,7 @@ def classify(
     reject: str = typer.Option("auto", "--reject", rich_help_panel=ANSWER, help="Answer 'unknown' for photos of no catalogue article. auto: below the threshold calibrated on the catalogue for --target-far; none: always the best article; a number: that threshold on --open-score."),
     target_far: float = typer.Option(0.05, "--target-far", rich_help_panel=ANSWER, help="With --reject auto: the share of photos of absent articles that may be given an article (false accepts), e.g. 0.05; lower rejects more."),
     open_score: str = typer.Option("relative", "--open-score", rich_help_panel=ANSWER, help="The score judged for 'unknown': relative (best minus half the second best cosine), cosine, margin or softmax."),
+    transductive: str = typer.Option("none", "--transductive", rich_help_panel=ANSWER, help="none: each photo on its own. paddle: the photos given are classified together, as one batch (PADDLE: the articles' prototypes move toward the photos they draw); the first article listed is the batch's answer. Needs --reject none and --mode prototype; photos that are not catalogue images."),
     batch_size: int = BatchOpt, workers: int = WorkersOpt, cache_dir: Optional[Path] = CacheOpt,
     no_progress: bool = NoProgressOpt, runtime: str = RuntimeOpt, threads: Optional[int] = ThreadsOpt,
     *, kind_opts: dict,
@@ -88,6 +89,8 @@ def classify(
     from ..catalogue import classify_paths, load_index, model_for_index
     from ..embed.options import EmbedOptions
     from ..errors import DataError
+
+    from ..catalogue import check_transductive
 
     if mode not in ("prototype", "nearest"):
         raise typer.BadParameter(f"{mode!r}: use prototype or nearest", param_hint="--mode")
@@ -110,9 +113,14 @@ def classify(
         raise DataError("no images given", hint="pass image files or folders that contain images, or --data")
     model = model_for_index(cat, index)
     rejector = _rejector(cat, reject, target_far, open_score)
+    check_transductive(transductive, mode, rejector)
     opts = EmbedOptions(batch_size=batch_size, num_workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
                         progress=not no_progress, runtime=runtime, threads=threads)
-    results = classify_paths(cat, model, paths, top_k=top_k, mode=mode, embed=opts, rejector=rejector)
+    results = classify_paths(cat, model, paths, top_k=top_k, mode=mode, embed=opts, rejector=rejector,
+                             transductive=transductive)
+    if transductive != "none":
+        log.info("transductive: the %d readable photos were classified together (%s); each line's first article "
+                 "is the batch's answer", sum(not r.error for r in results), transductive)
     bad = _print_results(results, as_json, summary_only and truth is not None)
     _report_catalogue_queries(results, cat)
     if truth is not None:
@@ -196,7 +204,7 @@ def _answer_column(answer, predictions) -> str:
     """The answer and a tab; an ``unknown`` answer says the open-set score it was judged on and the
     threshold it missed, e.g. ``unknown (relative 0.187 < 0.295)`` (the ranked articles beside it
     show cosines, another score). Without a threshold (``--reject none``) the answer is the best
-    article, so the columns are the same in every mode."""
+    article (with ``--transductive``, the batch's), so the columns are the same in every mode."""
     if answer is None or answer.threshold is None:
         return f"{one_line(predictions[0].label)}\t" if predictions else "-\t"
     why = f" ({answer.score_name} {answer.score:.3f} < {answer.threshold:.3f})" if answer.unknown else ""

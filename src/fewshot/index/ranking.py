@@ -21,7 +21,8 @@ from ..checks import positive_int
 from .ann import faiss_blas_setting
 from .vectors import Prototypes, l2_normalize
 
-__all__ = ["MODES", "Neighbor", "Prediction", "Ranking", "check_classify"]
+__all__ = ["MODES", "BATCH_TRANSDUCTIVE", "TRANSDUCTIVE_CANDIDATES", "Neighbor", "Prediction", "Ranking",
+           "check_classify"]
 
 #: prototype search of an approximate index (:meth:`CatalogueIndex._shortlist`): the articles
 #: of the nearest max(SHORTLIST_MIN, SHORTLIST_PER_RESULT x k) images are re-ranked exactly
@@ -61,6 +62,12 @@ class Neighbor:
 
 #: how :meth:`CatalogueIndex.classify` ranks articles
 MODES = ("prototype", "nearest")
+#: the transductive classifiers a batch of photos may be classified with
+#: (:meth:`Ranking.transductive_first`): BD-CSPN and TIM assume the photos cover the articles
+BATCH_TRANSDUCTIVE = ("none", "paddle")
+#: each photo's nearest articles (by prototype cosine) that a transductive batch chooses among:
+#: the union over the batch's photos
+TRANSDUCTIVE_CANDIDATES = 20
 
 
 def check_classify(top_k: object, mode: object) -> int:
@@ -226,3 +233,49 @@ class Ranking:
                     a = int(self.image_article[idx[r, c]])
                     results[r].append(Prediction(self.articles[a], self.article_groups[a], float(scores[r, c])))
             return results
+
+    def transductive_first(self, queries: np.ndarray, predictions: Sequence[Sequence[Prediction]],
+                           name: str = "paddle") -> list[list[Prediction]]:
+        """The predictions of a batch of photos classified together (transductive inference):
+        each photo's list gets, first, the article the batch's classifier ``name`` gives it
+        (:data:`BATCH_TRANSDUCTIVE`; :func:`fewshot.methods.transductive.paddle`), with its
+        prototype cosine as score; the others follow in their cosine order, the list keeping its
+        length. The classifier chooses among the union of the photos' ranked articles
+        (``predictions``, prototype mode, at least :data:`TRANSDUCTIVE_CANDIDATES` deep where the
+        catalogue has that many), their prototypes as the support set.
+
+        Args:
+            queries: the photos' embeddings, ``float32 [Q, D]`` (as for :meth:`classify`).
+            predictions: each photo's ranked articles from :meth:`classify` (no leave-one-out).
+
+        Raises:
+            ValueError: an unknown ``name``, or ``predictions`` not one list per query.
+        """
+        if name not in BATCH_TRANSDUCTIVE:
+            raise ValueError(f"unknown batch classifier {name!r}: use one of {', '.join(BATCH_TRANSDUCTIVE)}")
+        if len(predictions) != len(queries):
+            raise ValueError(f"{len(predictions)} prediction lists for {len(queries)} queries")
+        if name == "none" or not len(queries):
+            return [list(p) for p in predictions]
+        import torch
+
+        from ..methods.transductive import transductive_classifier
+
+        queries = self._check_queries(queries)
+        rows = np.unique(np.fromiter((self._article_of[p.label] for ps in predictions for p in ps), np.int64))
+        protos = np.ascontiguousarray(self._prototype_rows(rows), dtype=np.float32)
+        classifier = transductive_classifier(name)
+        chosen = rows[np.asarray(classifier(torch.from_numpy(protos), torch.arange(len(rows)),
+                                            torch.from_numpy(np.ascontiguousarray(queries)), len(rows)))]
+        at = {int(r): i for i, r in enumerate(rows)}
+        out = []
+        for q, (ps, j) in enumerate(zip(predictions, chosen)):
+            first = Prediction(self.articles[j], self.article_groups[j], float(queries[q] @ protos[at[int(j)]]))
+            out.append(([first] + [p for p in ps if p.label != first.label])[:max(len(ps), 1)])
+        return out
+
+    def _prototype_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The normalised prototypes of article ``rows`` (int64), ``float32 [len(rows), D]``."""
+        if isinstance(self._protos, Prototypes):
+            return self._protos.normed.view[rows]
+        return self._protos.normed_rows(rows)
