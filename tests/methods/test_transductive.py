@@ -57,9 +57,10 @@ def _at(degrees) -> torch.Tensor:
     return torch.tensor(np.stack([np.cos(d), np.sin(d)], axis=-1), dtype=torch.float32)
 
 
-def _paddle_reference(sx, sy, qx, n_way, t, prior_weight, steps):
+def _paddle_reference(sx, sy, qx, n_way, t, prior_weight, steps, support_weight=None):
     """PADDLE written out in numpy, loop by loop (float64), for the cross-check below."""
     sx, q = sx.numpy().astype(np.float64), qx.numpy().astype(np.float64)
+    sw = np.ones(len(sx)) if support_weight is None else np.asarray(support_weight, dtype=np.float64)
     w = np.stack([sx[sy.numpy() == k].mean(0) for k in range(n_way)])
     w /= np.linalg.norm(w, axis=1, keepdims=True)
     weight = prior_weight * n_way / len(q)
@@ -72,7 +73,7 @@ def _paddle_reference(sx, sy, qx, n_way, t, prior_weight, steps):
         log_share = np.log(p.mean(0) + 1e-6)
         for k in range(n_way):
             mine = sy.numpy() == k
-            w[k] = (sx[mine].sum(0) + (p[:, k:k + 1] * q).sum(0)) / (mine.sum() + p[:, k].sum())
+            w[k] = ((sw[mine, None] * sx[mine]).sum(0) + (p[:, k:k + 1] * q).sum(0)) / (sw[mine].sum() + p[:, k].sum())
             w[k] /= np.linalg.norm(w[k])
     scores = np.array([[-t / 2 * np.sum((qi - wk) ** 2) + weight * log_share[k] for k, wk in enumerate(w)] for qi in q])
     return scores.argmax(1).tolist()
@@ -91,6 +92,11 @@ def test_paddle_matches_a_numpy_reference():
             answers[prior_weight, steps] = paddle(sx, sy, qx, 3, opts).tolist()
             assert answers[prior_weight, steps] == _paddle_reference(sx, sy, qx, 3, 20.0, prior_weight, steps)
     assert answers[0.0, 5] != answers[4.0, 5]  # the class-share prior changes answers in this case
+    # support vectors that stand for several photos each (a catalogue's prototypes and image counts)
+    heavy = torch.tensor([30.0, 1.0, 1.0])
+    weighted = paddle(sx, sy, qx, 3, PaddleOptions(temperature=20.0, prior_weight=4.0, steps=5), support_weight=heavy)
+    assert weighted.tolist() == _paddle_reference(sx, sy, qx, 3, 20.0, 4.0, 5, support_weight=heavy.numpy())
+    assert weighted.tolist() != answers[4.0, 5]  # a heavy support vector moves less
 
 
 def test_paddle_lets_a_class_that_draws_no_queries_fade():

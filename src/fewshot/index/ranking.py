@@ -242,7 +242,8 @@ class Ranking:
         prototype cosine as score; the others follow in their cosine order, the list keeping its
         length. The classifier chooses among the union of the photos' ranked articles
         (``predictions``, prototype mode, at least :data:`TRANSDUCTIVE_CANDIDATES` deep where the
-        catalogue has that many), their prototypes as the support set.
+        catalogue has that many), their prototypes as the support set, each weighing as many
+        photos as its article has (``paddle``'s ``support_weight``).
 
         Args:
             queries: the photos' embeddings, ``float32 [Q, D]`` (as for :meth:`classify`).
@@ -259,14 +260,15 @@ class Ranking:
             return [list(p) for p in predictions]
         import torch
 
-        from ..methods.transductive import transductive_classifier
+        from ..methods.transductive import paddle
 
         queries = self._check_queries(queries)
         rows = np.unique(np.fromiter((self._article_of[p.label] for ps in predictions for p in ps), np.int64))
         protos = np.ascontiguousarray(self._prototype_rows(rows), dtype=np.float32)
-        classifier = transductive_classifier(name)
-        chosen = rows[np.asarray(classifier(torch.from_numpy(protos), torch.arange(len(rows)),
-                                            torch.from_numpy(np.ascontiguousarray(queries)), len(rows)))]
+        counts = torch.from_numpy(self._protos.counts.view[rows].astype(np.float32))
+        chosen = rows[np.asarray(paddle(torch.from_numpy(protos), torch.arange(len(rows)),
+                                        torch.from_numpy(np.ascontiguousarray(queries)), len(rows),
+                                        support_weight=counts))]
         at = {int(r): i for i, r in enumerate(rows)}
         out = []
         for q, (ps, j) in enumerate(zip(predictions, chosen)):

@@ -159,16 +159,19 @@ class PaddleOptions:
 
 
 def paddle(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, n_way: int,
-           opts: PaddleOptions = PaddleOptions()) -> torch.Tensor:
+           opts: PaddleOptions = PaddleOptions(), support_weight: torch.Tensor | None = None) -> torch.Tensor:
     """PADDLE's prediction for each query, int64 ``[M]``: ``opts.steps`` rounds of (1) soft
     assignments ``softmax(-temperature/2 * ||x - w_k||^2 + prior_weight * N / M * log pi_k)`` (``N =
-    n_way``, ``M`` queries), (2) class
-    shares ``pi_k`` = the mean assignment, (3) each prototype ``w_k`` = the unit-length mean of its
-    support and of the queries weighted by their assignment. Inputs as :func:`bd_cspn` (unit
-    length); any number of queries, from one."""
+    n_way``, ``M`` queries), (2) class shares ``pi_k`` = the mean assignment, (3) each prototype
+    ``w_k`` = the unit-length mean of its support and of the queries weighted by their assignment.
+    Inputs as :func:`bd_cspn` (unit length); any number of queries, from one. ``support_weight``
+    float32 ``[N*K]`` (default 1 each): how many photos each support vector stands for, e.g. an
+    article's image count when the support is the catalogue's prototypes."""
     queries = query_x
     w = _prototypes(support_x, support_y, n_way)
     onehot = F.one_hot(support_y, n_way).to(support_x.dtype)
+    if support_weight is not None:
+        onehot = onehot * support_weight.to(support_x.dtype)[:, None]
     support_sum, support_count = onehot.T @ support_x, onehot.sum(0)
     weight = opts.prior_weight * n_way / len(queries)
     log_share = torch.zeros(n_way, dtype=support_x.dtype)
