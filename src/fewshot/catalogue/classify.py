@@ -74,7 +74,7 @@ def check_transductive(transductive: object, mode: str, rejector: Rejector | Non
     if transductive not in BATCH_TRANSDUCTIVE:
         raise InputError(f"transductive={transductive!r} cannot classify a batch of photos",
                          hint="use none or paddle (bdcspn and tim assume the photos cover the articles: "
-                              "on one article's photos BD-CSPN gets 4-8% right; they are for `fewshot evaluate`)")
+                              "on one article's photos BD-CSPN gets 3-5% right; they are for `fewshot evaluate`)")
     if transductive != "none" and mode != "prototype":
         raise InputError("--transductive paddle classifies by the articles' prototypes",
                          hint="use --mode prototype (Python: mode='prototype')")

@@ -20,7 +20,7 @@ on L2-normalised embeddings, and is chosen by name (:data:`TRANSDUCTIVE`):
   term, its lambda ``prior_weight * N``), so classes that draw no queries fade out instead of
   taking some. Unlike ``bdcspn`` it does not shift the queries by the support mean minus the
   query mean: that shift assumes the queries cover the classes, and on a batch of one article's
-  photos it moves every query to the catalogue's mean (shelf -> studio top-1 0.04-0.08 with
+  photos it moves every query to the catalogue's mean (shelf -> studio top-1 0.03-0.05 with
   BD-CSPN, docs/measurements.md).
 
 ``bdcspn`` and ``tim`` assume the query set is spread over the classes: TIM's marginal-entropy term pulls the
