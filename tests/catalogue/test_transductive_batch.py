@@ -73,6 +73,17 @@ def test_refused_combinations():
     assert check_transductive("none", "nearest", auto) == "none"
 
 
+def test_a_batch_too_large_to_hold_is_refused(monkeypatch):
+    import fewshot.index.ranking as ranking
+
+    monkeypatch.setattr(ranking, "TRANSDUCTIVE_MAX_CELLS", 50)  # 24 photos x 4 articles = 96 pairs
+    index = _index()
+    with pytest.raises(InputError, match="24 photos over 4 candidate articles is too large") as exc:
+        classify_embedded(index, _queries(), [None] * 24, [str(i) for i in range(24)],
+                          rejector=Rejector.for_index(index, "none"), transductive="paddle")
+    assert "batches of at most 12" in exc.value.hint
+
+
 def test_classify_cli_and_api_with_a_batch(drawn_tree, tmp_path):
     import json
 

@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from ..checks import positive_int
+from ..errors import InputError
 from .ann import faiss_blas_setting
 from .vectors import Prototypes, l2_normalize
 
@@ -68,6 +69,9 @@ BATCH_TRANSDUCTIVE = ("none", "paddle")
 #: each photo's nearest articles (by prototype cosine) that a transductive batch chooses among:
 #: the union over the batch's photos
 TRANSDUCTIVE_CANDIDATES = 20
+#: the largest batch x candidate articles a transductive batch may hold (each of its 30 rounds
+#: makes a few float32 matrices of this size: about 40 MB each)
+TRANSDUCTIVE_MAX_CELLS = 10_000_000
 
 
 def check_classify(top_k: object, mode: object) -> int:
@@ -251,6 +255,7 @@ class Ranking:
 
         Raises:
             ValueError: an unknown ``name``, or ``predictions`` not one list per query.
+            InputError: the batch times its candidate articles exceeds :data:`TRANSDUCTIVE_MAX_CELLS`.
         """
         if name not in BATCH_TRANSDUCTIVE:
             raise ValueError(f"unknown batch classifier {name!r}: use one of {', '.join(BATCH_TRANSDUCTIVE)}")
@@ -264,6 +269,12 @@ class Ranking:
 
         queries = self._check_queries(queries)
         rows = np.unique(np.fromiter((self._article_of[p.label] for ps in predictions for p in ps), np.int64))
+        if len(queries) * len(rows) > TRANSDUCTIVE_MAX_CELLS:
+            most = max(1, TRANSDUCTIVE_MAX_CELLS // len(rows))
+            raise InputError(f"a batch of {len(queries):,} photos over {len(rows):,} candidate articles is too large to "
+                             f"classify together ({len(queries) * len(rows):,} pairs; at most "
+                             f"{TRANSDUCTIVE_MAX_CELLS:,})", hint=f"classify the photos in batches of at most {most:,} "
+                             "(a shelf, a listing) or leave out --transductive")
         protos = np.ascontiguousarray(self._prototype_rows(rows), dtype=np.float32)
         counts = torch.from_numpy(self._protos.counts.view[rows].astype(np.float32))
         chosen = rows[np.asarray(paddle(torch.from_numpy(protos), torch.arange(len(rows)),
