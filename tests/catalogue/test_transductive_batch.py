@@ -111,7 +111,19 @@ def test_classify_cli_and_api_with_a_batch(drawn_tree, tmp_path):
     r = runner.invoke(app, args + ["--transductive", "paddle", "--reject", "0.2"])  # a threshold: refused
     assert r.exit_code != 0 and "--reject none" in r.stderr and not r.stdout
     r = runner.invoke(app, args + ["--transductive", "tim", "--reject", "none"])
-    assert r.exit_code != 0 and "use none or paddle" in r.stderr
+    assert r.exit_code == 2 and "use none or paddle" in r.stderr
+    r = runner.invoke(app, args + ["--transductive", "paddle"])  # --reject auto: refused, whatever it falls back to
+    assert r.exit_code != 0 and "--reject none" in r.stderr and "reject:" not in r.stderr
+    fresh = tmp_path / "fresh-cache"  # catalogue images are refused before anything is embedded
+    catalogue_photo = sorted(drawn_tree.rglob("*.jpg"))[0]
+    r = runner.invoke(app, ["classify", "--index", str(idx), "--cache-dir", str(fresh), "--runtime", "torch",
+                            "--transductive", "paddle", "--reject", "none", str(catalogue_photo), str(new)])
+    assert r.exit_code != 0 and "1 of the 19 photos are catalogue images" in r.stderr and catalogue_photo.name in r.stderr
+    assert not fresh.exists()
+    one = sorted(new.rglob("*.jpg"))[0]
+    r = runner.invoke(app, args[:-1] + ["--transductive", "paddle", "--reject", "none", str(one), str(one)])
+    assert r.exit_code == 0 and "2 readable photos classified together" in r.stderr
+    assert "1 photo(s) were given more than once" in r.stderr
     cat = Catalogue.load(idx, runtime="torch")
     photos = sorted(new.rglob("*.jpg"))
     said = cat.classify(photos, top_k=3, reject="none", transductive="paddle")

@@ -57,13 +57,13 @@ def _at(degrees) -> torch.Tensor:
     return torch.tensor(np.stack([np.cos(d), np.sin(d)], axis=-1), dtype=torch.float32)
 
 
-def _paddle_reference(sx, sy, qx, n_way, t, prior_weight, steps, support_weight=None):
+def _paddle_reference(sx, sy, qx, n_way, t, prior_weight, steps, support_weight=None, max_weight=2.0):
     """PADDLE written out in numpy, loop by loop (float64), for the cross-check below."""
     sx, q = sx.numpy().astype(np.float64), qx.numpy().astype(np.float64)
     sw = np.ones(len(sx)) if support_weight is None else np.asarray(support_weight, dtype=np.float64)
     w = np.stack([sx[sy.numpy() == k].mean(0) for k in range(n_way)])
     w /= np.linalg.norm(w, axis=1, keepdims=True)
-    weight = prior_weight * n_way / len(q)
+    weight = min(prior_weight * n_way / len(q), max_weight)
     log_share = np.zeros(n_way)
     for _ in range(steps):
         scores = np.array([[-t / 2 * np.sum((qi - wk) ** 2) + weight * log_share[k] for k, wk in enumerate(w)]
@@ -118,6 +118,19 @@ def test_paddle_lets_a_class_that_draws_no_queries_fade():
     assert float((bd_cspn(sx, sy, one, 4) == 0).float().mean()) < 0.5
     with pytest.raises(FewshotError):
         PaddleOptions(steps=0)
+
+
+def test_paddle_does_not_merge_a_small_batch_of_many_articles():
+    """Ten photos of ten different articles among twenty (18 degrees apart): the prior's weight,
+    20 x 20 / 10 = 40 uncapped, merges them onto a few articles; capped at 2 it does not."""
+    rng = np.random.default_rng(0)
+    sx, sy = _at(np.arange(20) * 18.0), torch.arange(20)
+    shown = rng.choice(20, 10, replace=False)
+    qx = _at(shown * 18.0 + 3 * rng.normal(size=10))
+    capped = paddle(sx, sy, qx, 20).numpy()
+    uncapped = paddle(sx, sy, qx, 20, PaddleOptions(max_weight=1e9)).numpy()
+    assert (capped == shown).mean() >= 0.9 and len(set(capped)) >= 9
+    assert (uncapped == shown).mean() <= 0.5 and len(set(uncapped)) <= 5
 
 
 def test_classifier_names_options_and_centring():

@@ -22,7 +22,7 @@ from ..index import CatalogueIndex, Prediction, check_classify
 from ..index.ranking import BATCH_TRANSDUCTIVE, TRANSDUCTIVE_CANDIDATES
 from ..model import EmbeddingModel
 from ..embed.options import EmbedOptions
-from .reject import SCORE_DEPTH, Answer, Rejector, answers
+from .reject import SCORE_DEPTH, Answer, Rejector, answers, parse_reject
 
 __all__ = ["ClassifyResult", "check_transductive", "classification_accuracy", "classify_embedded", "classify_paths"]
 
@@ -63,25 +63,53 @@ class ClassifyResult:
         return d
 
 
-def check_transductive(transductive: object, mode: str, rejector: Rejector | None) -> str:
-    """``transductive`` once it can be used with ``mode`` and ``rejector`` (call it before embedding).
+def check_transductive(transductive: object, mode: str, reject: object) -> str:
+    """``transductive`` once it can be used with ``mode`` and ``reject`` (call it before embedding).
+
+    ``reject``: the reject option as given (``"none"`` is the only one a batch takes, even where
+    ``"auto"`` would fall back to it) or a :class:`Rejector` (then it must have no threshold).
 
     Raises:
         InputError: not one of :data:`~fewshot.index.ranking.BATCH_TRANSDUCTIVE`; or a transductive
-            batch in ``nearest`` mode or with a reject threshold (the threshold was calibrated on
-            each photo's own prototype scores, not on a batch's answers).
+            batch in ``nearest`` mode or with a reject option (a threshold judges each photo by its
+            own prototype scores, not a batch's answers).
     """
     if transductive not in BATCH_TRANSDUCTIVE:
-        raise InputError(f"transductive={transductive!r} cannot classify a batch of photos",
-                         hint="use none or paddle (bdcspn and tim assume the photos cover the articles: "
-                              "on one article's photos BD-CSPN gets 3-5% right; they are for `fewshot evaluate`)")
-    if transductive != "none" and mode != "prototype":
+        raise InputError(f"transductive={_short(transductive)} cannot classify a batch of photos",
+                         hint="use none or paddle (bdcspn and tim assume the photos cover the articles: on one "
+                              "article's photos BD-CSPN got 2.5-5.4% right; they are for `fewshot evaluate`)",
+                         options=("transductive",))
+    if transductive == "none":
+        return "none"
+    if mode != "prototype":
         raise InputError("--transductive paddle classifies by the articles' prototypes",
-                         hint="use --mode prototype (Python: mode='prototype')")
-    if transductive != "none" and rejector is not None and rejector.threshold is not None:
-        raise InputError("--transductive paddle answers every photo with an article: the reject threshold was "
-                         "calibrated on each photo alone", hint="add --reject none (Python: reject='none')")
+                         hint="use --mode prototype (Python: mode='prototype')", options=("mode",))
+    said = reject.threshold is None if isinstance(reject, Rejector) else parse_reject(reject) == "none"
+    if not said:
+        raise InputError("--transductive paddle answers every photo with an article: a reject threshold judges each "
+                         "photo alone", hint="add --reject none (Python: reject='none')", options=("reject",))
     return str(transductive)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _catalogue_photos(index: CatalogueIndex, digests: Sequence[str | None], names: Sequence[str]) -> None:
+    """Refuse a transductive batch that holds catalogue images (same file content): each would
+    find itself, and pull its article's prototype toward the batch.
+
+    Raises:
+        InputError: naming up to three of them.
+    """
+    own = index.find_images(digests)
+    found = [name for name, same in zip(names, own) if same]
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise InputError(f"{len(found)} of the {len(names)} photos are catalogue images (same file content): a "
+                         f"transductive batch would find them ({shown})",
+                         hint="classify photos that are not in the catalogue, or leave out --transductive")
 
 
 def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Sequence[str | None],
@@ -110,23 +138,21 @@ def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Seque
         CheckpointError: query dimension differs from the index's.
     """
     transductive = check_transductive(transductive, mode, rejector)
+    if transductive != "none":
+        _catalogue_photos(index, digests, names)
     own = index.find_images(digests)
-    if transductive != "none" and any(own):
-        raise InputError(f"{sum(map(bool, own))} of the {len(own)} photos are catalogue images (same file content): a "
-                         "transductive batch would find them", hint="classify photos that are not in the catalogue, "
-                         "or leave out --transductive")
     exclude = own if leave_one_out else None
     depth = max(top_k, SCORE_DEPTH) if rejector is not None and mode == "prototype" else top_k
     depth = max(depth, TRANSDUCTIVE_CANDIDATES) if transductive != "none" else depth
     preds = index.classify(vectors, top_k=depth, mode=mode, exclude=exclude) if len(own) else []
+    if transductive != "none" and len(preds):  # the batch's answer first: the scores read it
+        preds = index.transductive_first(vectors, preds, transductive)
     said: list[Answer | None] = [None] * len(preds)
     if rejector is not None and len(preds):
         scored = preds if mode == "prototype" else index.classify(vectors, SCORE_DEPTH, "prototype", exclude)
         said = list(answers(rejector, scored))  # nearest mode too: the prototype's article, which the score vouches for
-    if transductive != "none" and len(preds):
-        preds = index.transductive_first(vectors, preds, transductive)
-        said = [None if a is None else replace(a, article=p[0].label, transductive=transductive)
-                for a, p in zip(said, preds)]
+    if transductive != "none":
+        said = [None if a is None else replace(a, transductive=transductive) for a in said]
     return [ClassifyResult(name, pred[:top_k], None, in_catalogue=leave_one_out and bool(same),
                            left_out=[index.labels[j] for j in same] if leave_one_out else [], same_images=same,
                            answer=a)
@@ -155,6 +181,8 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
     check_transductive(transductive, mode, rejector)
     embed = embed or EmbedOptions()
     digests = read_digests(paths)
+    if transductive != "none":  # before anything is embedded
+        _catalogue_photos(index, digests[0], [str(p) for p in paths])
     vectors, ok, failures, _ = model.embed_paths(paths, batch_size=embed.batch_size,
                                                  num_workers=embed.num_workers, cache_dir=embed.cache_dir,
                                                  progress=embed.progress and len(paths) > 16, digests=digests,

@@ -91,9 +91,14 @@ def classify(
     from ..errors import DataError
 
     from ..catalogue import check_transductive
+    from ..index.ranking import BATCH_TRANSDUCTIVE
 
     if mode not in ("prototype", "nearest"):
         raise typer.BadParameter(f"{mode!r}: use prototype or nearest", param_hint="--mode")
+    if transductive not in BATCH_TRANSDUCTIVE:
+        raise typer.BadParameter(f"{transductive!r}: use none or paddle (bdcspn and tim are for `fewshot evaluate`: "
+                                 "they assume the photos cover the articles)", param_hint="--transductive")
+    check_transductive(transductive, mode, reject)  # before the catalogue is calibrated
     apply_runtime(runtime, threads)
     cat = load_index(index).with_search(**kind_opts)
     truth: list[str] | None = None
@@ -113,14 +118,12 @@ def classify(
         raise DataError("no images given", hint="pass image files or folders that contain images, or --data")
     model = model_for_index(cat, index)
     rejector = _rejector(cat, reject, target_far, open_score)
-    check_transductive(transductive, mode, rejector)
     opts = EmbedOptions(batch_size=batch_size, num_workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
                         progress=not no_progress, runtime=runtime, threads=threads)
     results = classify_paths(cat, model, paths, top_k=top_k, mode=mode, embed=opts, rejector=rejector,
                              transductive=transductive)
     if transductive != "none":
-        log.info("transductive: the %d readable photos were classified together (%s); each line's first article "
-                 "is the batch's answer", sum(not r.error for r in results), transductive)
+        _report_batch(results, transductive)
     bad = _print_results(results, as_json, summary_only and truth is not None)
     _report_catalogue_queries(results, cat)
     if truth is not None:
@@ -128,6 +131,16 @@ def classify(
     if bad:
         err_console.print(f"{bad} of {len(results)} image(s) could not be read", highlight=False)
         raise typer.Exit(1)
+
+
+def _report_batch(results, transductive: str) -> None:
+    """Say on stderr that the photos were one batch, and how many were the same photo twice."""
+    done = [r for r in results if not r.error]
+    log.info("transductive: %d readable photo%s classified together (%s); each line's first article is the "
+             "batch's answer", len(done), "" if len(done) == 1 else "s", transductive)
+    twice = len(done) - len({r.image for r in done})
+    if twice:
+        log.warning("%d photo(s) were given more than once: each copy counts in the batch", twice)
 
 
 def _rejector(cat, reject: str, target_far: float, open_score: str):

@@ -16,9 +16,10 @@ on L2-normalised embeddings, and is chosen by name (:data:`TRANSDUCTIVE`):
 * ``paddle``: PADDLE (Martin et al., "Towards Practical Few-Shot Query Sets: Transductive Minimum
   Description Length Inference", NeurIPS 2022), for query sets that show only a few of the
   classes: soft k-means from the prototypes, in which a class's share of the queries is a prior
-  (``prior_weight * N / M * log share`` for N classes and M queries: the paper's partition-complexity
-  term, its lambda ``prior_weight * N``), so classes that draw no queries fade out instead of
-  taking some. Unlike ``bdcspn`` it does not shift the queries by the support mean minus the
+  (``prior_weight * N / M * log share`` for N classes and M queries, at most ``max_weight``: the
+  paper's partition-complexity term, its lambda ``prior_weight * N``), so classes that draw no
+  queries fade out instead of taking some; capped, because a large weight on a small batch of
+  many classes merges them into one. Unlike ``bdcspn`` it does not shift the queries by the support mean minus the
   query mean: that shift assumes the queries cover the classes, and on a batch of one article's
   photos it moves every query to the catalogue's mean (shelf -> studio top-1 0.03-0.05 with
   BD-CSPN, docs/measurements.md).
@@ -151,7 +152,10 @@ class PaddleOptions:
     temperature: float = option(100.0, "Scale of the squared distances in the soft assignments.", min=0.0)
     prior_weight: float = option(20.0, "The partition-complexity weight per class: each assignment gets "
                                  "prior_weight * N / M * log(class share) for N classes and M queries (the "
-                                 "paper's lambda is prior_weight * N).", min=0.0)
+                                 "paper's lambda is prior_weight * N), at most max_weight.", min=0.0)
+    max_weight: float = option(2.0, "The largest weight of log(class share): the weight grows as the batch shrinks, "
+                               "and uncapped a small batch of many articles collapses onto one (10 photos of 10 "
+                               "articles: 4% right).", min=0.0)
     steps: int = option(30, "Alternating updates (assignments, shares, prototypes).", min=1)
 
     def __post_init__(self) -> None:
@@ -161,8 +165,8 @@ class PaddleOptions:
 def paddle(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, n_way: int,
            opts: PaddleOptions = PaddleOptions(), support_weight: torch.Tensor | None = None) -> torch.Tensor:
     """PADDLE's prediction for each query, int64 ``[M]``: ``opts.steps`` rounds of (1) soft
-    assignments ``softmax(-temperature/2 * ||x - w_k||^2 + prior_weight * N / M * log pi_k)`` (``N =
-    n_way``, ``M`` queries), (2) class shares ``pi_k`` = the mean assignment, (3) each prototype
+    assignments ``softmax(-temperature/2 * ||x - w_k||^2 + min(prior_weight * N / M, max_weight) * log pi_k)``
+    (``N = n_way``, ``M`` queries), (2) class shares ``pi_k`` = the mean assignment, (3) each prototype
     ``w_k`` = the unit-length mean of its support and of the queries weighted by their assignment.
     Inputs as :func:`bd_cspn` (unit length); any number of queries, from one. ``support_weight``
     float32 ``[N*K]`` (default 1 each): how many photos each support vector stands for, e.g. an
@@ -173,7 +177,7 @@ def paddle(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tens
     if support_weight is not None:
         onehot = onehot * support_weight.to(support_x.dtype)[:, None]
     support_sum, support_count = onehot.T @ support_x, onehot.sum(0)
-    weight = opts.prior_weight * n_way / len(queries)
+    weight = min(opts.prior_weight * n_way / len(queries), opts.max_weight)
     log_share = torch.zeros(n_way, dtype=support_x.dtype)
     for _ in range(opts.steps):
         p = (_tim_logits(queries, w, opts.temperature) + weight * log_share).softmax(1)
