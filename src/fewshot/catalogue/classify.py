@@ -10,6 +10,7 @@ classify``); :func:`classification_accuracy` scores results against known labels
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,8 @@ from ..index.ranking import BATCH_TRANSDUCTIVE, TRANSDUCTIVE_CANDIDATES
 from ..model import EmbeddingModel
 from ..embed.options import EmbedOptions
 from .reject import SCORE_DEPTH, Answer, Rejector, answers, parse_reject
+
+log = logging.getLogger("fewshot")
 
 __all__ = ["ClassifyResult", "check_transductive", "classification_accuracy", "classify_embedded", "classify_paths"]
 
@@ -82,12 +85,12 @@ def check_transductive(transductive: object, mode: str, reject: object) -> str:
     if transductive == "none":
         return "none"
     if mode != "prototype":
-        raise InputError("--transductive paddle classifies by the articles' prototypes",
-                         hint="use --mode prototype (Python: mode='prototype')", options=("mode",))
+        raise InputError(f"transductive='{transductive}' classifies by the articles' prototypes, not with "
+                         f"mode='{mode}'", hint="use mode='prototype'", options=("transductive", "mode"))
     said = reject.threshold is None if isinstance(reject, Rejector) else parse_reject(reject) == "none"
     if not said:
-        raise InputError("--transductive paddle answers every photo with an article: a reject threshold judges each "
-                         "photo alone", hint="add --reject none (Python: reject='none')", options=("reject",))
+        raise InputError(f"transductive='{transductive}' answers every photo with an article, and a reject threshold "
+                         "judges each photo alone", hint="use reject='none'", options=("transductive", "reject"))
     return str(transductive)
 
 
@@ -109,7 +112,17 @@ def _catalogue_photos(index: CatalogueIndex, digests: Sequence[str | None], name
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         raise InputError(f"{len(found)} of the {len(names)} photos are catalogue images (same file content): a "
                          f"transductive batch would find them ({shown})",
-                         hint="classify photos that are not in the catalogue, or leave out --transductive")
+                         hint="classify photos that are not in the catalogue, or use transductive='none'",
+                         options=("transductive",))
+
+
+def _warn_copies(digests: Sequence[str | None]) -> None:
+    """Say how many photos of a transductive batch are copies of another of its photos."""
+    known = [d for d in digests if d is not None]
+    copies = len(known) - len(set(known))
+    if copies:
+        log.warning("%d of the %d photos of the batch are copies of another of its photos (same file content): "
+                    "each copy counts in the batch", copies, len(digests))
 
 
 def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Sequence[str | None],
@@ -140,6 +153,7 @@ def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Seque
     transductive = check_transductive(transductive, mode, rejector)
     if transductive != "none":
         _catalogue_photos(index, digests, names)
+        _warn_copies(digests)
     own = index.find_images(digests)
     exclude = own if leave_one_out else None
     depth = max(top_k, SCORE_DEPTH) if rejector is not None and mode == "prototype" else top_k

@@ -134,13 +134,11 @@ def classify(
 
 
 def _report_batch(results, transductive: str) -> None:
-    """Say on stderr that the photos were one batch, and how many were the same photo twice."""
-    done = [r for r in results if not r.error]
-    log.info("transductive: %d readable photo%s classified together (%s); each line's first article is the "
-             "batch's answer", len(done), "" if len(done) == 1 else "s", transductive)
-    twice = len(done) - len({r.image for r in done})
-    if twice:
-        log.warning("%d photo(s) were given more than once: each copy counts in the batch", twice)
+    """Say on stderr that the readable photos were one batch (copies are warned of by the library)."""
+    done = sum(not r.error for r in results)
+    if done:
+        log.info("transductive (%s): the %d readable photo%s classified as one batch; each line's first article "
+                 "is the batch's answer", transductive, done, " was" if done == 1 else "s were")
 
 
 def _rejector(cat, reject: str, target_far: float, open_score: str):

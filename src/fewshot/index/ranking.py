@@ -274,7 +274,7 @@ class Ranking:
             raise InputError(f"a batch of {len(queries):,} photos over {len(rows):,} candidate articles is too large to "
                              f"classify together ({len(queries) * len(rows):,} pairs; at most "
                              f"{TRANSDUCTIVE_MAX_CELLS:,})", hint=f"classify the photos in batches of at most {most:,} "
-                             "(a shelf, a listing) or leave out --transductive")
+                             "(a shelf, a listing) or use transductive='none'", options=("transductive",))
         protos = np.ascontiguousarray(self._prototype_rows(rows), dtype=np.float32)
         counts = torch.from_numpy(self._protos.counts.view[rows].astype(np.float32))
         chosen = rows[np.asarray(paddle(torch.from_numpy(protos), torch.arange(len(rows)),
