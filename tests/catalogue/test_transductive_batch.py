@@ -49,6 +49,8 @@ def test_the_batch_answer_comes_first_and_is_paddles():
         assert r.answer.article == r.predictions[0].label and r.answer.transductive == "paddle"
         assert r.answer.to_dict()["transductive"] == "paddle"
         assert all(p.score == pytest.approx(float(cos["abcd".index(p.label)]), abs=1e-6) for p in r.predictions)
+    single = classify_embedded(index, q[14:15], [None], ["0"], top_k=3, rejector=none, transductive="paddle")
+    assert single[0].predictions == alone[14].predictions  # a batch of one photo is that photo alone
     # one article's photos alone: each photo still gets it (no shift toward the catalogue's mean)
     one = classify_embedded(index, q[:12], [None] * 12, [str(i) for i in range(12)], rejector=none,
                             transductive="paddle")

@@ -244,7 +244,8 @@ class Ranking:
         each photo's list gets, first, the article the batch's classifier ``name`` gives it
         (:data:`BATCH_TRANSDUCTIVE`; :func:`fewshot.methods.transductive.paddle`), with its
         prototype cosine as score; the others follow in their cosine order, the list keeping its
-        length. The classifier chooses among the union of the photos' ranked articles
+        length; a single photo keeps its own ranking. The classifier chooses among the union of the
+        photos' ranked articles
         (``predictions``, prototype mode, at least :data:`TRANSDUCTIVE_CANDIDATES` deep where the
         catalogue has that many), their prototypes as the support set, each weighing as many
         photos as its article has (``paddle``'s ``support_weight``).
@@ -261,7 +262,7 @@ class Ranking:
             raise ValueError(f"unknown batch classifier {name!r}: use one of {', '.join(BATCH_TRANSDUCTIVE)}")
         if len(predictions) != len(queries):
             raise ValueError(f"{len(predictions)} prediction lists for {len(queries)} queries")
-        if name == "none" or not len(queries):
+        if name == "none" or len(queries) < 2:  # a batch of one photo is that photo alone
             return [list(p) for p in predictions]
         import torch
 
