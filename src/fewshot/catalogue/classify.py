@@ -99,14 +99,14 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _catalogue_photos(index: CatalogueIndex, digests: Sequence[str | None], names: Sequence[str]) -> None:
-    """Refuse a transductive batch that holds catalogue images (same file content): each would
-    find itself, and pull its article's prototype toward the batch.
+def _catalogue_photos(own: Sequence[Sequence[int]], names: Sequence[str]) -> None:
+    """Refuse a transductive batch that holds catalogue images (``own``: each photo's catalogue
+    copies, :meth:`CatalogueIndex.find_images`): each would find itself, and pull its article's
+    prototype toward the batch.
 
     Raises:
         InputError: naming up to three of them.
     """
-    own = index.find_images(digests)
     found = [name for name, same in zip(names, own) if same]
     if found:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
@@ -151,10 +151,10 @@ def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Seque
         CheckpointError: query dimension differs from the index's.
     """
     transductive = check_transductive(transductive, mode, rejector)
-    if transductive != "none":
-        _catalogue_photos(index, digests, names)
-        _warn_copies(digests)
     own = index.find_images(digests)
+    if transductive != "none":
+        _catalogue_photos(own, names)
+        _warn_copies(digests)
     exclude = own if leave_one_out else None
     depth = max(top_k, SCORE_DEPTH) if rejector is not None and mode == "prototype" else top_k
     depth = max(depth, TRANSDUCTIVE_CANDIDATES) if transductive != "none" else depth
@@ -196,7 +196,7 @@ def classify_paths(index: CatalogueIndex, model: EmbeddingModel, paths: list[Pat
     embed = embed or EmbedOptions()
     digests = read_digests(paths)
     if transductive != "none":  # before anything is embedded
-        _catalogue_photos(index, digests[0], [str(p) for p in paths])
+        _catalogue_photos(index.find_images(digests[0]), [str(p) for p in paths])
     vectors, ok, failures, _ = model.embed_paths(paths, batch_size=embed.batch_size,
                                                  num_workers=embed.num_workers, cache_dir=embed.cache_dir,
                                                  progress=embed.progress and len(paths) > 16, digests=digests,
