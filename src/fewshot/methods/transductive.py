@@ -19,10 +19,10 @@ on L2-normalised embeddings, and is chosen by name (:data:`TRANSDUCTIVE`):
   (``prior_weight * N / M * log share`` for N classes and M queries, at most ``max_weight``: the
   paper's partition-complexity term, its lambda ``prior_weight * N``), so classes that draw no
   queries fade out instead of taking some; capped, because a large weight on a small batch of
-  many classes merges them into one. Unlike ``bdcspn`` it does not shift the queries by the support mean minus the
-  query mean: that shift assumes the queries cover the classes, and on a batch of one article's
-  photos it moves every query to the catalogue's mean (shelf -> studio top-1 0.03-0.05 with
-  BD-CSPN, docs/measurements.md).
+  many classes merges them into one. Unlike ``bdcspn`` it does not shift the queries by the
+  support mean minus the query mean: that shift assumes the queries cover the classes, and on a
+  batch of one article's photos it moves every query to the catalogue's mean (shelf -> studio
+  top-1 0.025-0.054 with BD-CSPN, docs/measurements.md).
 
 ``bdcspn`` and ``tim`` assume the query set is spread over the classes: TIM's marginal-entropy term pulls the
 predictions toward equal class shares. On imbalanced query sets (Veilleux et al., "Realistic
@@ -154,8 +154,8 @@ class PaddleOptions:
                                  "prior_weight * N / M * log(class share) for N classes and M queries (the "
                                  "paper's lambda is prior_weight * N), at most max_weight.", min=0.0)
     max_weight: float = option(2.0, "The largest weight of log(class share): the weight grows as the batch shrinks, "
-                               "and uncapped a small batch of many articles collapses onto one (10 photos of 10 "
-                               "articles: 4% right).", min=0.0)
+                               "and uncapped a small batch of many articles collapses onto one (batches of 20 "
+                               "photos of 20 articles: 4% right).", min=0.0)
     steps: int = option(30, "Alternating updates (assignments, shares, prototypes).", min=1)
 
     def __post_init__(self) -> None:
@@ -171,19 +171,18 @@ def paddle(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tens
     Inputs as :func:`bd_cspn` (unit length); any number of queries, from one. ``support_weight``
     float32 ``[N*K]`` (default 1 each): how many photos each support vector stands for, e.g. an
     article's image count when the support is the catalogue's prototypes."""
-    queries = query_x
     w = _prototypes(support_x, support_y, n_way)
     onehot = F.one_hot(support_y, n_way).to(support_x.dtype)
     if support_weight is not None:
         onehot = onehot * support_weight.to(support_x.dtype)[:, None]
     support_sum, support_count = onehot.T @ support_x, onehot.sum(0)
-    weight = min(opts.prior_weight * n_way / len(queries), opts.max_weight)
+    weight = min(opts.prior_weight * n_way / len(query_x), opts.max_weight)
     log_share = torch.zeros(n_way, dtype=support_x.dtype)
     for _ in range(opts.steps):
-        p = (_tim_logits(queries, w, opts.temperature) + weight * log_share).softmax(1)
+        p = (_tim_logits(query_x, w, opts.temperature) + weight * log_share).softmax(1)
         log_share = torch.log(p.mean(0) + 1e-6)
-        w = F.normalize((support_sum + p.T @ queries) / (support_count + p.sum(0))[:, None], dim=1)
-    return (_tim_logits(queries, w, opts.temperature) + weight * log_share).argmax(1)
+        w = F.normalize((support_sum + p.T @ query_x) / (support_count + p.sum(0))[:, None], dim=1)
+    return (_tim_logits(query_x, w, opts.temperature) + weight * log_share).argmax(1)
 
 
 def transductive_classifier(name: str) -> EpisodeClassifier | None:
