@@ -23,7 +23,7 @@ from ..index import CatalogueIndex, Prediction, check_classify
 from ..index.ranking import BATCH_TRANSDUCTIVE, TRANSDUCTIVE_CANDIDATES
 from ..model import EmbeddingModel
 from ..embed.options import EmbedOptions
-from .reject import SCORE_DEPTH, Answer, Rejector, answers, parse_reject
+from .reject import SCORE_DEPTH, Answer, Rejector, _short, answers, parse_reject
 
 log = logging.getLogger("fewshot")
 
@@ -92,11 +92,6 @@ def check_transductive(transductive: object, mode: str, reject: object) -> str:
         raise InputError(f"transductive='{transductive}' answers every photo with an article, and a reject threshold "
                          "judges each photo alone", hint="use reject='none'", options=("transductive", "reject"))
     return str(transductive)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _catalogue_photos(own: Sequence[Sequence[int]], names: Sequence[str]) -> None:
