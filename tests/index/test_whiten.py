@@ -106,8 +106,8 @@ def test_open_set_draws_fit_each_catalogue_on_its_own(monkeypatch):
     import fewshot.evaluation.openset as openset
 
     fitted = []
-    monkeypatch.setattr(openset, "fit_whitening", lambda v, labels, digests=None: (
-        fitted.append((list(labels), digests)), fit_whitening(v, labels, digests))[1])
+    monkeypatch.setattr(openset, "fit_whitening", lambda v, labels, digests=None, prior=None: (
+        fitted.append((list(labels), digests)), fit_whitening(v, labels, digests, prior))[1])
     evaluate_open_set(q, ql, [None] * len(q), g, gl, [None] * len(g), classes, gallery_digests=distinct, **kw)
     assert len(fitted) == 3 and all(d == [distinct[i] for i in range(len(g)) if gl[i] in set(lab)]
                                     for lab, d in fitted)  # each draw's catalogue: its photos' digests

@@ -201,7 +201,10 @@ def test_a_finished_run_trained_on_drops_the_evaluation_of_its_earlier_weights(t
         result = train(_cfg(tiny, out, epochs=2, patience=0, final_eval="none", resume=True))
     assert [r["epoch"] for r in result.history] == [0, 1, 2]
     assert not (out / "eval_test").exists() and (out / "model.safetensors").is_file()
-    assert "eval_test (the final evaluation of its earlier weights)" in caplog.text
+    assert "eval_test, whitening-prior.safetensors (made with its earlier weights)" in caplog.text
+    from fewshot.index.prior import load_prior  # written again, for the new weights
+
+    assert load_prior(load_run(out)) is not None and "other weights" not in caplog.text
 
 
 def test_mismatched_backbone_is_refused(run3):

@@ -23,6 +23,7 @@ from ..embed import Embeddings
 from ..errors import CheckpointError, DataError
 from ..index import AnnConfig, CatalogueIndex
 from ..index.ann import resolve as resolve_ann
+from ..index.prior import load_prior
 from ..index.whiten import distinct_labels, fit_whitening
 from ..checks import as_bool
 from ..io import claimed_output
@@ -109,7 +110,7 @@ def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, c
     whitening = None
     if whiten:  # checked again on the photos read, byte-identical copies counted once
         check_whitenable(distinct_labels(emb.labels, emb.digests or None))
-        whitening = fit_whitening(emb.vectors, emb.labels, emb.digests or None)
+        whitening = fit_whitening(emb.vectors, emb.labels, emb.digests or None, load_prior(model))
     config = {"data": str(Path(data).resolve()) if Path(data).exists() else str(data),
               "split": (emb.dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
               "catalogue": catalogue or "images", "model": model.describe(), **EmbedderSpec.of(model).to_config(),

@@ -232,7 +232,7 @@ def _scores(index: CatalogueIndex, score: str) -> dict[str, CalibrationScores]:
     vectors = index.embedding_rows(0, len(index))
     try:
         return whitened_calibration_scores(vectors, index.labels, index.groups, OPEN_SCORES.names(),
-                                           digests=index.digests)
+                                           digests=index.digests, prior=index.whitening.prior)
     except DataError as e:  # articles removed since the build: a fold's other articles cannot be fitted
         log.warning("the whitened catalogue cannot be calibrated fold by fold (%s): its reject threshold comes from "
                     "its own whitening, which has seen every article, so its false-accept rate is not its target",

@@ -82,7 +82,8 @@ def _build(vectors: np.ndarray, labels: np.ndarray, groups: Sequence[str | None]
 
 def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], groups: Sequence[str | None],
                                 scores: Sequence[str], *, folds: int = WHITEN_FOLDS, seed: int = 0,
-                                digests: Sequence[str | None] | None = None) -> dict[str, CalibrationScores]:
+                                digests: Sequence[str | None] | None = None,
+                                prior: WithinStats | None = None) -> dict[str, CalibrationScores]:
     """The calibration scores (:func:`calibration_scores`) of a whitened catalogue for each open-set
     score in ``scores``, every photo scored in a whitening fitted without its article's fold
     (module docstring): ``folds`` fits, each on the photos of the other folds' articles.
@@ -95,6 +96,8 @@ def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], grou
         seed: seed of how the articles are dealt into folds.
         digests: optional SHA-256 of each photo's file: byte-identical copies count once in the
             fits, as in the index's own (:func:`~fewshot.index.whiten.distinct_photos`).
+        prior: the whitening prior the index's own fit pooled in (``index.whitening.prior``),
+            pooled into every fold's fit too.
 
     Returns:
         per score, the scores of every photo, fold by fold.
@@ -114,7 +117,7 @@ def whitened_calibration_scores(vectors: np.ndarray, labels: Sequence[str], grou
     whole = functools.reduce(WithinStats.plus, stats.values())
     for k in np.unique(fold):  # the fit without fold k: the whole's statistics minus its own
         with _in_fold(int(k), np.unique(labels[fold == k])):
-            whitening = fit_from_stats(whole.minus(stats[int(k)]))
+            whitening = fit_from_stats(whole.minus(stats[int(k)]), prior)
         index = _build(vectors, labels, groups, paths, whitening)
         for name in scores:  # the index keeps the photos' order
             parts[name].append(calibration_scores(index, score=name, rows=np.flatnonzero(fold == k)))

@@ -52,7 +52,7 @@ from ..catalogue.calibrate import MIN_ARTICLES
 from ..catalogue.reject import DEFAULT_TARGET_FAR, Rejector, answers, check_target_far, prediction_arrays
 from ..catalogue.scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, open_scores
 from ..catalogue.whitened import WHITEN_FOLDS, check_whitenable
-from ..index.whiten import fit_whitening
+from ..index.whiten import WithinStats, fit_whitening
 from ..checks import as_embeddings, as_list, positive_int
 from ..errors import DataError, InputError
 from ..index import CatalogueIndex
@@ -176,7 +176,8 @@ def _knn_scores(index: CatalogueIndex, q: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str], whiten: bool = False) -> _Draw:
+def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str], whiten: bool = False,
+              prior: WithinStats | None = None) -> _Draw:
     """Build the catalogue of ``known`` (whitened by its own fit with ``whiten``, its thresholds
     then calibrated as :mod:`fewshot.catalogue.whitened` says), classify every query, score and
     answer it."""
@@ -187,7 +188,7 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
     whitening = None
     if whiten:  # as `fewshot index --whiten` builds it: the queries and the calibration then follow
         try:
-            whitening = fit_whitening(s.g[cat], labels, digests)
+            whitening = fit_whitening(s.g[cat], labels, digests, prior)
         except DataError as e:
             raise _whiten_error(known, int(cat.sum()), e) from None
     index = CatalogueIndex.build(s.g[cat], labels, groups, paths, {}, digests=digests, whitening=whitening)
@@ -351,7 +352,8 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
                       gallery_groups: Sequence[str | None], classes: Sequence[str], *, draws: int = DEFAULT_DRAWS,
                       seed: int = 0, target_far: float = DEFAULT_TARGET_FAR,
                       scores: Sequence[str] | None = None, whiten: bool = False,
-                      gallery_digests: Sequence[str | None] | None = None) -> dict:
+                      gallery_digests: Sequence[str | None] | None = None,
+                      whiten_prior: WithinStats | None = None) -> dict:
     """The open-set protocol of the module docstring on embeddings already computed.
 
     Args:
@@ -367,6 +369,9 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
         whiten: each draw's catalogue whitened by a fit on its own photos
             (:func:`fewshot.index.whiten.fit_whitening`), the queries with it; absent articles'
             photos never enter the fit.
+        whiten_prior: with ``whiten``, the model's whitening prior (its training photos'
+            statistics, :mod:`fewshot.index.prior`) pooled into each draw's fit, as
+            ``fewshot index --whiten`` pools it.
         gallery_digests: optional SHA-256 of each gallery photo's file, which each draw's
             catalogue keeps as `fewshot index` does (a byte-identical copy counts once in a fit).
 
@@ -389,7 +394,7 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
     default = DEFAULT_SCORE if DEFAULT_SCORE in product else product[0]
     s = _inputs(query_vectors, query_labels, query_groups, gallery_vectors, gallery_labels, gallery_groups, classes,
                 gallery_digests)
-    done = [_run_draw(s, known, far, product, whiten) for known in draw_known(s.classes, draws, seed)]
+    done = [_run_draw(s, known, far, product, whiten, whiten_prior) for known in draw_known(s.classes, draws, seed)]
     by_score = {n: [_score_row(d, n) for d in done] for n in names}
     by_op = {n: [_operating_row(d, n) for d in done] for n in product}
     top1 = [_share(d.right, d.is_known) for d in done]
@@ -400,6 +405,7 @@ def evaluate_open_set(query_vectors: np.ndarray, query_labels: Sequence[str], qu
         "protocol": {"classes": len(s.classes), "known_per_draw": len(s.classes) // 2, "draws": draws, "seed": seed,
                      "target_far": far, "queries": int(len(s.q)), "gallery_images": int(len(s.g)),
                      "whiten": bool(whiten),
+                     "whiten_prior": whiten_prior.describe() if whiten and whiten_prior is not None else None,
                      "dropped_classes": s.dropped,
                      "summaries": "mean, population sd, min and max over the draws",
                      "curves": "vertical average over the draws on fpr_grid (best rate at a FAR at most each value)"},

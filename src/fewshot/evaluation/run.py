@@ -30,7 +30,8 @@ from ..version import environment
 from ..viz import embedding_map, retrieval_grid
 from ..catalogue.reject import check_target_far
 from ..index.rerank import check_size
-from ..index.whiten import Whitening, check_spread, distinct_labels, fit_whitening
+from ..index.prior import load_prior
+from ..index.whiten import Whitening, WithinStats, check_spread, distinct_labels, fit_whitening
 from .levers import adapts, check_levers, episode_inputs, ranked_report
 from .openset import DEFAULT_DRAWS, check_open_set_whitening, evaluate_open_set
 from .openset_report import OPEN_SET_FILES, write_open_set_plots
@@ -208,14 +209,15 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         check_open_set_whitening(_open_set_classes(protocol), distinct_labels(g.labels, g.digests or None),
                                  cfg.open_set_draws, cfg.seed)
     copies = warn_queries_in_gallery(q, g)
-    rq, rg, whitening = whitened_sets(q, g) if cfg.whiten else (q, g, None)
+    prior = load_prior(model) if cfg.whiten else None
+    rq, rg, whitening = whitened_sets(q, g, prior) if cfg.whiten else (q, g, None)
     report = ranked_report(rerank, rq, rg)
     metrics = report.to_dict()
     if report.num_skipped_queries:
         warn_single_image_classes(q, g)
     metrics["episodes"] = episode_metrics(cfg, model, q, g)
     if cfg.open_set and g is not None:
-        metrics["open_set"] = open_set_metrics(cfg, protocol, q, g)
+        metrics["open_set"] = open_set_metrics(cfg, protocol, q, g, prior)
     skipped = [(str(p), r) for p, r in q.skipped + (g.skipped if g else [])]
     metrics["config"] = {
         "data": str(cfg.data), "dataset": queries.name,
@@ -233,9 +235,10 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
     return metrics
 
 
-def whitened_sets(q: Embeddings, g: Embeddings) -> tuple[Embeddings, Embeddings, Whitening]:
-    """``q`` and ``g`` whitened by a fit on ``g``'s labelled photos (:func:`fit_whitening`), and the fit."""
-    whitening = fit_whitening(g.vectors, g.labels, g.digests or None)
+def whitened_sets(q: Embeddings, g: Embeddings, prior: WithinStats | None = None) -> tuple[Embeddings, Embeddings, Whitening]:
+    """``q`` and ``g`` whitened by a fit on ``g``'s labelled photos (:func:`fit_whitening`, the
+    model's training photos pooled in when ``prior`` is given: :mod:`fewshot.index.prior`), and the fit."""
+    whitening = fit_whitening(g.vectors, g.labels, g.digests or None, prior)
     return (replace(q, vectors=whitening.apply(q.vectors)), replace(g, vectors=whitening.apply(g.vectors)),
             whitening)
 
@@ -270,13 +273,15 @@ def _open_set_classes(protocol: dict) -> list[str]:
     return ClassSplit.load(protocol["split_file"]).classes_of(protocol["part"])
 
 
-def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddings) -> dict:
+def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddings,
+                     prior: WithinStats | None = None) -> dict:
     """The ``open_set`` section: :func:`evaluate_open_set` on the part's articles, in the split
-    file's order (the draws depend on it)."""
+    file's order (the draws depend on it); with ``cfg.whiten``, ``prior`` is the model's whitening
+    prior (:func:`fewshot.index.prior.load_prior`), pooled into each draw's fit."""
     return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups,
                              _open_set_classes(protocol),
                              draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far, whiten=cfg.whiten,
-                             gallery_digests=g.digests or None)
+                             gallery_digests=g.digests or None, whiten_prior=prior)
 
 
 def warn_trained_classes(model: EmbeddingModel, labels: list[str]) -> int:

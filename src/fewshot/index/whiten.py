@@ -42,6 +42,8 @@ __all__ = ["Whitening", "WithinStats", "check_spread", "distinct_labels", "disti
 #: the fewest photos that vary within an article (photos minus articles, over articles of two or
 #: more photos) a catalogue needs to fit a whitening
 MIN_SPREAD_PHOTOS = 2
+#: the names of a pooled prior's arrays in a whitening's arrays (:meth:`Whitening.to_arrays`)
+PRIOR_PREFIX = "prior_"
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,10 @@ class Whitening:
         matrix: ``float64 [D, D]``, ``C^(-1/2)`` of the shrunk within-article covariance.
         shrinkage: the Ledoit-Wolf shrinkage intensity in ``[0, 1]`` (1: the identity's multiple,
             so plain centring).
-        photos, articles: what it was fitted on.
+        photos, articles: the catalogue's photos and articles it was fitted on.
+        prior: the :class:`WithinStats` of the model's own training photos pooled into the fit
+            (:mod:`fewshot.index.prior`), or ``None``; kept so that the calibration's fold fits
+            pool it too.
     """
 
     mean: np.ndarray
@@ -61,6 +66,7 @@ class Whitening:
     shrinkage: float
     photos: int
     articles: int
+    prior: "WithinStats | None" = None
 
     @property
     def dim(self) -> int:
@@ -101,8 +107,9 @@ class Whitening:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays that :meth:`from_arrays` reads back (``mean``, ``matrix``, ``float64``)."""
-        return {"mean": np.ascontiguousarray(self.mean, np.float64),
-                "matrix": np.ascontiguousarray(self.matrix, np.float64)}
+        arrays = {"mean": np.ascontiguousarray(self.mean, np.float64),
+                  "matrix": np.ascontiguousarray(self.matrix, np.float64)}
+        return arrays if self.prior is None else {**arrays, **self.prior.to_arrays(PRIOR_PREFIX)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], described: dict) -> "Whitening":
@@ -122,13 +129,17 @@ class Whitening:
         sign, _ = np.linalg.slogdet(matrix)
         if sign == 0:
             raise ValueError("a whitening whose matrix is singular")
+        prior = described.get("prior")
         return cls(mean=mean, matrix=matrix, shrinkage=float(described["shrinkage"]),
-                   photos=int(described["photos"]), articles=int(described["articles"]))
+                   photos=int(described["photos"]), articles=int(described["articles"]),
+                   prior=None if prior is None else WithinStats.from_arrays(arrays, prior, PRIOR_PREFIX, len(mean)))
 
     def describe(self) -> dict:
-        """What a result file records of it."""
+        """What a result file records of it (``prior``: what :meth:`WithinStats.describe` records
+        of the pooled training photos, or ``None``)."""
         return {"kind": "within-article, Ledoit-Wolf", "shrinkage": round(self.shrinkage, 6),
-                "photos": self.photos, "articles": self.articles}
+                "photos": self.photos, "articles": self.articles,
+                "prior": None if self.prior is None else self.prior.describe()}
 
 
 def _refuse_spread(photos: int, articles: int, spread: int) -> None:
@@ -183,6 +194,42 @@ class WithinStats:
     def minus(self, other: "WithinStats") -> "WithinStats":
         """The statistics of these photos without ``other``'s (whole articles among them)."""
         return self.plus(other, -1)
+
+    @property
+    def dim(self) -> int:
+        return int(self.total.shape[0])
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """``scatter`` and ``total`` as ``float64`` arrays named ``prefix + name`` (the counts go
+        in :meth:`describe`)."""
+        return {prefix + "scatter": np.ascontiguousarray(self.scatter, np.float64),
+                prefix + "total": np.ascontiguousarray(self.total, np.float64)}
+
+    def describe(self) -> dict:
+        """The counts and ``fourth`` (JSON numbers): with :meth:`to_arrays`, all of it."""
+        return {"fourth": float(self.fourth), "residuals": int(self.residuals), "photos": int(self.photos),
+                "articles": int(self.articles), "spread": int(self.spread)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], described: dict, prefix: str = "",
+                    dim: int | None = None) -> "WithinStats":
+        """The statistics :meth:`to_arrays` and :meth:`describe` wrote.
+
+        Raises:
+            ValueError / KeyError / TypeError: missing or misshapen arrays (another ``dim`` than
+                asked), values that are not finite, counts that do not fit together.
+        """
+        scatter = np.asarray(arrays[prefix + "scatter"], np.float64)
+        total = np.asarray(arrays[prefix + "total"], np.float64)
+        d = len(total) if dim is None else dim
+        if total.shape != (d,) or scatter.shape != (d, d):
+            raise ValueError(f"within-article statistics of shapes {scatter.shape} and {total.shape}, not for dimension {d}")
+        if not (np.isfinite(scatter).all() and np.isfinite(total).all() and np.isfinite(float(described["fourth"]))):
+            raise ValueError("within-article statistics with values that are not finite")
+        counts = {k: int(described[k]) for k in ("residuals", "photos", "articles", "spread")}
+        if min(counts.values()) < 0 or counts["residuals"] > counts["photos"] or counts["spread"] > counts["residuals"]:
+            raise ValueError(f"within-article statistics with counts that do not fit together: {counts}")
+        return cls(scatter=scatter, fourth=float(described["fourth"]), total=total, **counts)
 
 
 def distinct_photos(labels: Sequence[str], digests: Sequence[str | None] | None) -> np.ndarray:
@@ -248,12 +295,16 @@ def _ledoit_wolf(stats: WithinStats) -> tuple[np.ndarray, float]:
     return covariance, shrinkage
 
 
-def fit_from_stats(stats: WithinStats) -> Whitening:
-    """The whitening of the photos ``stats`` describes (:func:`fit_whitening`).
+def fit_from_stats(stats: WithinStats, prior: WithinStats | None = None) -> Whitening:
+    """The whitening of the photos ``stats`` describes (:func:`fit_whitening`), with ``prior``'s
+    photos (another set of articles: the model's training photos, :mod:`fewshot.index.prior`)
+    pooled in when given: the mean and the within-article covariance are those of both sets.
 
     Raises:
-        DataError: fewer than :data:`MIN_SPREAD_PHOTOS` photos beyond the first of their article,
-            or those photos identical to the rest of their article.
+        DataError: fewer than :data:`MIN_SPREAD_PHOTOS` photos beyond the first of their article
+            in ``stats`` (a prior does not make up for them), or those photos identical to the
+            rest of their article.
+        ValueError: a ``prior`` of another dimension.
     """
     _refuse_spread(stats.photos, stats.articles, stats.spread)
     if float(np.trace(stats.scatter)) <= 1e-12 * stats.residuals:
@@ -262,17 +313,22 @@ def fit_from_stats(stats: WithinStats) -> Whitening:
                         "whitening can be fitted",
                         hint="add photos that differ (another view, another shelf), or leave whiten off",
                         options=("whiten",))
-    covariance, shrinkage = _ledoit_wolf(stats)
+    if prior is not None and prior.dim != stats.dim:
+        raise ValueError(f"a whitening prior of dimension {prior.dim} for embeddings of dimension {stats.dim}")
+    pooled = stats if prior is None else stats.plus(prior)
+    covariance, shrinkage = _ledoit_wolf(pooled)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     floor = max(float(eigenvalues.max()), 1e-12) * 1e-9
     matrix = eigenvectors / np.sqrt(np.maximum(eigenvalues, floor))
-    return Whitening(mean=stats.total / stats.photos, matrix=matrix, shrinkage=float(shrinkage),
-                     photos=stats.photos, articles=stats.articles)
+    return Whitening(mean=pooled.total / pooled.photos, matrix=matrix, shrinkage=float(shrinkage),
+                     photos=stats.photos, articles=stats.articles, prior=prior)
 
 
-def fit_whitening(vectors: np.ndarray, labels: Sequence[str], digests: Sequence[str | None] | None = None) -> Whitening:
+def fit_whitening(vectors: np.ndarray, labels: Sequence[str], digests: Sequence[str | None] | None = None,
+                  prior: WithinStats | None = None) -> Whitening:
     """Fit the whitening of a catalogue (module docstring): :func:`fit_from_stats` of
-    :func:`within_stats`.
+    :func:`within_stats`, ``prior`` (the model's training photos, :mod:`fewshot.index.prior`)
+    pooled in when given.
 
     Args:
         vectors: ``float32 [N, D]`` embeddings of the catalogue's photos (normalised here).
@@ -290,7 +346,7 @@ def fit_whitening(vectors: np.ndarray, labels: Sequence[str], digests: Sequence[
         ValueError / TypeError: bad arrays, or labels of the wrong length.
     """
     try:
-        return fit_from_stats(within_stats(vectors, labels, digests))
+        return fit_from_stats(within_stats(vectors, labels, digests), prior)
     except DataError as e:  # only a refusal needs to know how many copies were left out
         copies = int((~distinct_photos(as_list(labels, None, "labels"), digests)).sum())
         if not copies:

@@ -33,6 +33,8 @@ from .heads import build_head
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.pt"
+#: the run's whitening prior (:mod:`fewshot.index.prior`), written after its weights
+WHITENING_PRIOR = "whitening-prior.safetensors"
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -48,7 +50,7 @@ def is_run_dir(path: str | Path) -> bool:
 
 def run_file(name: str) -> bool:
     """Whether ``name`` is one of the files a training run writes at its top level."""
-    return name in {CONFIG, WEIGHTS, CHECKPOINT, "history.csv", "curves.png"} or name.startswith("eval_")
+    return name in {CONFIG, WEIGHTS, CHECKPOINT, WHITENING_PRIOR, "history.csv", "curves.png"} or name.startswith("eval_")
 
 
 def run_completed(cfg: dict) -> bool:

@@ -20,7 +20,7 @@ import torch
 from ..errors import CheckpointError
 from ..io import atomic_path, atomic_write_text, check_output
 from ..methods import Method
-from ..methods.runs import CHECKPOINT, is_run_dir, run_file
+from ..methods.runs import CHECKPOINT, WHITENING_PRIOR, is_run_dir, run_file
 from .config import TrainConfig
 from .finetune import FineTune
 
@@ -219,11 +219,13 @@ FINAL_EVAL_DIRS = ("eval_test", "eval_val", "eval_train")
 
 
 def _earlier_evaluations(folder: str, names: list[str]) -> list[str]:
-    """``copytree``'s ignore for a finished run that trains on: its final evaluations, which
-    describe the earlier weights (the new run writes its own unless ``final_eval`` is none)."""
-    old = [n for n in names if n in FINAL_EVAL_DIRS and (Path(folder) / n / "metrics.json").is_file()]
+    """``copytree``'s ignore for a finished run that trains on: its final evaluations and its
+    whitening prior, which describe the earlier weights (the new run writes its own prior, and
+    its own evaluation unless ``final_eval`` is none)."""
+    old = sorted(n for n in names if (n in FINAL_EVAL_DIRS and (Path(folder) / n / "metrics.json").is_file())
+                 or n == WHITENING_PRIOR)
     if old:
-        log.info("not carried over from %s: %s (the final evaluation of its earlier weights)", folder, ", ".join(old))
+        log.info("not carried over from %s: %s (made with its earlier weights)", folder, ", ".join(old))
     return old
 
 

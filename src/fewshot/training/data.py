@@ -37,6 +37,17 @@ def _embed(dataset: Dataset, backbone: Backbone, cfg: TrainConfig) -> Embeddings
                          cache_dir=cfg.cache_dir, progress=cfg.progress, runtime=cfg.runtime)
 
 
+def run_split(cfg: TrainConfig) -> tuple[Dataset, ClassSplit]:
+    """``cfg``'s dataset and class split as the run trains on them: with ``cfg.train_on_val`` the
+    split's ``train`` holds the val classes too."""
+    from ..data.protocol import load_protocol
+
+    dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, layout=cfg.layout)
+    if cfg.train_on_val:  # the val classes train too; they still give the (no longer held-out) val figures
+        split = replace(split, train=sorted({*split.train, *split.val}))
+    return dataset, split
+
+
 def load_run_data(cfg: TrainConfig) -> RunData:
     """Load ``cfg``'s dataset and split, and embed the train and val images (cached); with
     ``cfg.train_on_val`` the split's ``train`` holds the val classes too.
@@ -47,11 +58,7 @@ def load_run_data(cfg: TrainConfig) -> RunData:
     if not cfg.split_file:
         raise DataError("training needs a class split (train / val classes)",
                         hint="set split_file=FILE (e.g. splits/grocery-unseen.json)", options=("split_file",))
-    from ..data.protocol import load_protocol
-
-    dataset, split = load_protocol(cfg.data, cfg.split_file, cfg.group_from, layout=cfg.layout)
-    if cfg.train_on_val:  # the val classes train too; they still give the (no longer held-out) val figures
-        split = replace(split, train=sorted({*split.train, *split.val}))
+    dataset, split = run_split(cfg)
     train_set = dataset_for(dataset, split, "train")
     val_q_set, val_g_set = protocol_sets(dataset, split, "val")
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, image_size=cfg.image_size)

@@ -24,6 +24,7 @@ from .checkpoint import (HISTORY_FIELDS, prepare_stage, resume_source, save_chec
                          write_history)
 from .config import TrainConfig, check_config
 from .optim import train_step
+from .prior import write_whitening_prior
 from .setup import ParallelRun, Setup, build_setup, epoch_seed
 from .state import TrainState, checkpoint_of, load_resumable, restore_state
 from .validate import validate_epoch
@@ -133,6 +134,7 @@ def _train_locked(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | 
         return None
     full = _finish_config(stage, loop, setup, spread)
     replace_dir(stage, run_dir)
+    full["whitening_prior"] = write_whitening_prior(cfg, run_dir)
     final = None
     if cfg.final_eval != "none":
         final = _final_evaluation(cfg, run_dir)
@@ -140,7 +142,7 @@ def _train_locked(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | 
                               "precision_at_1": final["precision_at_1"],
                               "episodes": {k: {"accuracy": v.get("accuracy"), "ci95": v.get("ci95")}
                                            for k, v in final["episodes"].items()}}
-        atomic_write_json(run_dir / CONFIG, full)
+    atomic_write_json(run_dir / CONFIG, full)
     best_row = next(r for r in loop.history if r["epoch"] == loop.best["epoch"])
     return RunResult(run_dir=run_dir, best_epoch=loop.best["epoch"], best_metrics=best_row,
                      history=loop.history, seconds=loop.elapsed, stopped_early=loop.stopped_early,
