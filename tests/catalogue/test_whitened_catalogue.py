@@ -252,3 +252,35 @@ def test_copies_that_alone_made_a_fold_fittable_are_refused_before_anything_is_w
             shutil.copyfile(photos[i if article == "Red-Ball" else 0], tree / article / f"{article}_{i}.jpg")
     with pytest.raises(DataError, match=r"without fold \d+ \(1 article\(s\): 'Red-Ball'\).*byte-identical copy counts once"):
         Catalogue.build(model, fewshot.load_dataset(tree), runtime="torch", cache_dir=str(tmp_path / "c"), whiten=True)
+
+
+def test_a_runs_whitening_prior_is_pooled_kept_and_calibrated_with(model, drawn_tree: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    import fewshot.catalogue.build as build
+    import fewshot.catalogue.whitened as whitened
+    from fewshot.index.whiten import fit_whitening, within_stats
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(30, model.dim)).astype(np.float32)
+    prior = within_stats(train, [f"t{i // 5}" for i in range(30)])
+    monkeypatch.setattr(build, "load_prior", lambda m: prior)  # as a run's file gives it (tests/index/test_prior.py)
+    dataset = fewshot.load_dataset(drawn_tree)
+    cat = Catalogue.build(model, dataset, runtime="torch", cache_dir=str(tmp_path / "cache"), whiten=True)
+    w = cat.index.whitening
+    assert w.prior is prior and (w.photos, w.articles) == (36, 6)
+    raw = cat.index.embedding_rows(0, 36)
+    by_hand = fit_whitening(raw, cat.index.labels, prior=prior)  # the same up to a rotation of the eigenvectors
+    y, y_hand = w.apply(raw), by_hand.apply(raw)
+    np.testing.assert_allclose(y @ y.T, y_hand @ y_hand.T, atol=1e-5)
+    assert np.abs(y @ y.T - (lambda z: z @ z.T)(fit_whitening(raw, cat.index.labels).apply(raw))).max() > 0.01
+    seen = []
+    real = whitened.whitened_calibration_scores
+    monkeypatch.setattr(whitened, "whitened_calibration_scores",
+                        lambda *a, **k: seen.append(k.get("prior")) or real(*a, **k))
+    folder = cat.save(tmp_path / "idx")  # calibrates: its folds pool the prior
+    assert seen and seen[0] is prior
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["whitening"]["prior"] == {**prior.describe(), "fourth": pytest.approx(prior.fourth)}
+    again = load_index(folder)
+    np.testing.assert_array_equal(again.whitening.prior.scatter, prior.scatter)
+    np.testing.assert_array_equal(again.whitening.matrix, w.matrix)

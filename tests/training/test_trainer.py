@@ -101,6 +101,20 @@ def test_saved_run_reloads_to_identical_embeddings(run3, tiny):
     tensors = load_file(str(out / "model.safetensors"))
     assert sorted(tensors) == ["head.centre_vector", "head.net.weight"]
     assert torch.equal(tensors["head.net.weight"], a.head.net.weight.detach())
+    # the whitening prior: the training photos embedded by these weights, their within-article statistics
+    from fewshot.data import dataset_for
+    from fewshot.index.prior import load_prior
+    from fewshot.index.whiten import within_stats
+
+    prior = load_prior(a)
+    split = ClassSplit.load(tiny["split_file"])
+    t = a.embed(dataset_for(load_dataset(tiny["data"]), split, "train"), cache_dir=tiny["cache_dir"], progress=False)
+    by_hand = within_stats(t.vectors, t.labels, t.digests)
+    assert prior.describe() == {**by_hand.describe(), "fourth": pytest.approx(by_hand.fourth, rel=1e-6)}
+    np.testing.assert_allclose(prior.scatter, by_hand.scatter, atol=1e-6)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["whitening_prior"] == {"file": "whitening-prior.safetensors", "photos": len(t.labels),
+                                      "articles": len(split.train)}
 
 
 def test_resume_continues_exactly(tiny):
@@ -452,3 +466,28 @@ def test_every_output_gets_the_usual_permissions(run3, tiny, tmp_path):
             if mode != want:
                 bad.append(f"{p}: {oct(mode)}, expected {oct(want)}")
     assert not bad, "\n".join(bad)
+
+
+def test_add_whitening_prior_writes_it_for_an_older_run(run3, tmp_path):
+    from fewshot.errors import CheckpointError
+    from fewshot.index.prior import PRIOR_FILE, read_prior
+    from fewshot.training import add_whitening_prior
+
+    _, out = run3
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / PRIOR_FILE).unlink()  # as a run trained before 0.10.0
+    cfg = json.loads((old / "config.json").read_text())
+    cfg.pop("whitening_prior")
+    (old / "config.json").write_text(json.dumps(cfg))
+    got = add_whitening_prior(old)
+    assert got == json.loads((out / "config.json").read_text())["whitening_prior"]
+    assert json.loads((old / "config.json").read_text())["whitening_prior"] == got
+    np.testing.assert_allclose(read_prior(old / PRIOR_FILE)[0].scatter, read_prior(out / PRIOR_FILE)[0].scatter,
+                               atol=1e-6)
+    with pytest.raises(CheckpointError, match="not a fewshot training run"):
+        add_whitening_prior(tmp_path)
+    cfg["complete"] = False
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unfinished run"):
+        add_whitening_prior(old)

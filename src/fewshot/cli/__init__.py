@@ -63,7 +63,7 @@ def evaluate(
     rerank_lambda: float = typer.Option(0.3, "--rerank-lambda", rich_help_panel=RERANK, min=0.0, max=1.0, help="k-reciprocal: weight of the original distance."),
     transductive: str = typer.Option("none", "--transductive", rich_help_panel=EPISODES, help="How episodes are classified: none (nearest prototype) | centre (nearest prototype after SimpleShot centring on the gallery mean) | bdcspn (prototype rectification) | tim (information maximisation) | paddle (soft k-means with a class-share prior, for query sets that show a few of the classes). The last three use each episode's queries together; bdcspn's and tim's gains need queries spread over the classes (see --query-imbalance)."),
     query_imbalance: Optional[float] = typer.Option(None, "--query-imbalance", rich_help_panel=EPISODES, help="Episodes with imbalanced query sets: the balanced protocol's classes and support, and up to N x --queries queries split by class shares drawn from Dirichlet(A) (e.g. 2; smaller is more imbalanced), each class giving at most the query photos it has."),
-    whiten: bool = typer.Option(False, "--whiten", rich_help_panel=RERANK, help="Whiten the gallery and the queries by the gallery's within-article covariance (fitted on its labelled photos, Ledoit-Wolf shrinkage; needs --split-file) for the retrieval figures, and each --open-set catalogue by its own: the directions in which photos of one article vary count less. Episodes stay unwhitened."),
+    whiten: bool = typer.Option(False, "--whiten", rich_help_panel=RERANK, help="Whiten the gallery and the queries by the gallery's within-article covariance (fitted on its labelled photos, Ledoit-Wolf shrinkage; needs --split-file) for the retrieval figures, and each --open-set catalogue by its own: the directions in which photos of one article vary count less. A --model run's training photos are pooled in (its whitening prior, written by fewshot train since 0.10.0). Episodes stay unwhitened."),
     *, emb: "EmbedOptions",
 ) -> None:
     """Retrieval mAP / MAP@R / P@1 / Recall@k and episodic accuracy of a backbone or trained run.
@@ -84,7 +84,7 @@ def evaluate(
                f"R@5 {metrics['recall_at_k']['5']:.4f}  queries {metrics['num_queries']} "
                f"(skipped {metrics['num_skipped_queries']})"
                + ("" if rr["kind"] == "none" else f"  [gallery re-ranked: {rr['kind']}]")
-               + ("" if not whiten else "  [gallery whitened: episodes are not]"))
+               + ("" if not whiten else "  [gallery whitened" + _pooled(metrics["config"]["whiten"]) + ": episodes are not]"))
     echo_episodes(metrics["episodes"])
     if transductive != "none" or query_imbalance is not None:
         typer.echo(f"episodes: {transductive}" + (
@@ -116,7 +116,7 @@ def index_cmd(
     overwrite: bool = OverwriteOpt,
     index_type: str = typer.Option("auto", "--index-type", rich_help_panel=INDEX_PANEL, help=index_type_help()),
     check: bool = typer.Option(True, "--check/--no-check", rich_help_panel=OUTPUT, help="Check the catalogue at the end and warn of its defects (as `fewshot check`, without writing a report)."),
-    whiten: bool = typer.Option(False, "--whiten", rich_help_panel=INDEX_PANEL, help="Whiten the catalogue by its photos' within-article covariance (Ledoit-Wolf shrinkage), fitted here and kept in the index: every later query and enrolment is whitened by it. Needs articles with two or more photos. Grocery, frozen: top-1 0.599 -> 0.720."),
+    whiten: bool = typer.Option(False, "--whiten", rich_help_panel=INDEX_PANEL, help="Whiten the catalogue by its photos' within-article covariance (Ledoit-Wolf shrinkage), fitted here and kept in the index: every later query and enrolment is whitened by it. Needs articles with two or more photos. A --model run's training photos are pooled in (its whitening prior, written by fewshot train since 0.10.0). Grocery, frozen: top-1 0.599 -> 0.720."),
     *, emb: "EmbedOptions", kind_opts: dict,
 ) -> None:
     """Embed a catalogue (a few labelled photos per article) into a FAISS index.
@@ -131,7 +131,7 @@ def index_cmd(
     idx = build_index(data, out, split=split, catalogue=catalogue, group_from=group_from, embed=emb,
                       overwrite=overwrite, ann_config=ann, layout=layout, whiten=whiten)
     typer.echo(f"indexed {len(idx)} images of {len(idx.articles)} articles into {one_line(out)} ({idx.ann.kind} index"
-               + (", whitened)" if idx.whitening is not None else ")"))
+               + (", whitened" + _pooled(idx.whitening.describe()) + ")" if idx.whitening is not None else ")"))
     _echo_calibration(idx)
     kept = idx.config.get("kept_enrolled")
     if kept:
@@ -140,6 +140,14 @@ def index_cmd(
                    + (f"; {len(kept['unreadable'])} unreadable photo(s) left out" if kept["unreadable"] else ""))
     if check:
         _warn_defects(idx, out)
+
+
+def _pooled(whiten: dict | None) -> str:
+    """``", the run's N training photos of M articles pooled in"`` for a whitening with a prior."""
+    from ..index.whiten import prior_note
+
+    note = prior_note((whiten or {}).get("prior"))
+    return f", {note}" if note else ""
 
 
 def _warn_defects(idx, out: Path) -> None:

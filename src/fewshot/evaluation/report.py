@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..index.whiten import prior_note
 from ..metrics import MIN_EPISODES_FOR_CI
 from .openset_report import render_open_set
 
@@ -44,9 +45,13 @@ def _lever_lines(c: dict) -> list[str]:
                         "k-reciprocal" else ""))
     if c.get("whiten"):
         w = c["whiten"]
+        pooled = prior_note(w.get("prior"))
         lines.append(f"- gallery and queries whitened by the gallery's within-article covariance ({w['photos']} photos "
-                     f"of {w['articles']} articles, Ledoit-Wolf shrinkage {w['shrinkage']:.3f}) for the retrieval "
-                     "figures and the grid" + (", and each open-set catalogue by its own" if c.get("open_set") else "")
+                     f"of {w['articles']} articles{', ' + pooled if pooled else ''}, Ledoit-Wolf shrinkage "
+                     f"{w['shrinkage']:.3f}) for the retrieval "
+                     "figures and the grid" + (", and each open-set catalogue by its own"
+                                               + (" (the same training photos pooled in)" if pooled else "")
+                                               if c.get("open_set") else "")
                      + "; the episodes are not whitened")
     if c.get("transductive", "none") != "none":
         lines.append(f"- episodes classified transductively (`{c['transductive']}`): each episode's queries "

@@ -21,7 +21,9 @@ catalogue (its labels used: not comparable with other retrieval figures), and th
 protocol (each draw's catalogue fitted on its own) relative AUROC 0.872 -> 0.898.
 
 It needs labelled photos of the articles being compared, so it applies to a catalogue (a
-gallery) and never to a single photo or a 1-shot support set.
+gallery) and never to a single photo or a 1-shot support set. A trained run's own training
+photos can be pooled in (``prior``: :mod:`fewshot.index.prior`, where it is measured): the mean
+and the within-article covariance are then those of both sets of photos.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..checks import as_embeddings, as_list
 from ..errors import DataError
 from .vectors import l2_normalize
 
-__all__ = ["Whitening", "WithinStats", "check_spread", "distinct_labels", "distinct_photos", "fit_from_stats", "fit_whitening", "within_stats",
+__all__ = ["Whitening", "WithinStats", "prior_note", "check_spread", "distinct_labels", "distinct_photos", "fit_from_stats", "fit_whitening", "within_stats",
            "MIN_SPREAD_PHOTOS"]
 
 #: the fewest photos that vary within an article (photos minus articles, over articles of two or
@@ -134,12 +136,24 @@ class Whitening:
                    photos=int(described["photos"]), articles=int(described["articles"]),
                    prior=None if prior is None else WithinStats.from_arrays(arrays, prior, PRIOR_PREFIX, len(mean)))
 
+    def pooled_note(self) -> str:
+        """``"the run's N training photos of M articles pooled in"``, or ``""`` without a prior:
+        what the CLI and the reports add after "whitened"."""
+        return "" if self.prior is None else prior_note(self.prior.describe())
+
     def describe(self) -> dict:
         """What a result file records of it (``prior``: what :meth:`WithinStats.describe` records
         of the pooled training photos, or ``None``)."""
         return {"kind": "within-article, Ledoit-Wolf", "shrinkage": round(self.shrinkage, 6),
                 "photos": self.photos, "articles": self.articles,
                 "prior": None if self.prior is None else self.prior.describe()}
+
+
+def prior_note(described: dict | None) -> str:
+    """:meth:`Whitening.pooled_note` from what :meth:`WithinStats.describe` recorded (``None``: ``""``)."""
+    if not described:
+        return ""
+    return f"the run's {described['photos']:,} training photos of {described['articles']} articles pooled in"
 
 
 def _refuse_spread(photos: int, articles: int, spread: int) -> None:
@@ -343,7 +357,8 @@ def fit_whitening(vectors: np.ndarray, labels: Sequence[str], digests: Sequence[
     Raises:
         DataError: fewer than :data:`MIN_SPREAD_PHOTOS` photos beyond the first of their article
             (:func:`check_spread`), or those photos identical to the rest of their article.
-        ValueError / TypeError: bad arrays, or labels of the wrong length.
+        ValueError / TypeError: bad arrays, or labels of the wrong length; a ``prior`` of another
+            dimension.
     """
     try:
         return fit_from_stats(within_stats(vectors, labels, digests), prior)

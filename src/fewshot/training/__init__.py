@@ -31,7 +31,11 @@ written before the arguments, the data and :meth:`Method.check_data` have been c
    and gives exactly the run an uninterrupted training would have given (every epoch's
    randomness is seeded from ``(seed, epoch)``); a finished run resumed with a larger
    ``epochs`` trains on (one that stopped early stays stopped).
-7. Evaluates the best model on ``cfg.final_eval`` classes (default ``test``) with
+7. Writes the run's whitening prior (:mod:`.prior`: the training photos embedded by the saved
+   weights, their within-article statistics, ``RUN_DIR/whitening-prior.safetensors``), which
+   every whitened catalogue made with the run pools in (:mod:`fewshot.index.prior`);
+   :func:`add_whitening_prior` writes it for a run trained before 0.10.0.
+8. Evaluates the best model on ``cfg.final_eval`` classes (default ``test``) with
    :func:`fewshot.evaluation.evaluate` into ``RUN_DIR/eval_<part>/``.
 
 With ``fine_tune="last:N"`` the backbone's last ``N`` blocks train too, with ``"all"`` every
@@ -62,7 +66,7 @@ Parts: :mod:`.config` (:class:`TrainConfig`: every loop setting declared once, i
 on augmented images), :mod:`.checkpoint` (the run folder: RUN_DIR.partial, history, curves,
 checkpoints, ``resume``), :mod:`.state` (the loop's state and its checkpoint),
 :mod:`.parallel` (the data-parallel step), :mod:`.distributed` (several processes),
-:mod:`.average` (the weight average: EMA or SWA).
+:mod:`.average` (the weight average: EMA or SWA), :mod:`.prior` (the whitening prior).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from .config import TrainConfig
 from .defaults import config_keys, make_config
 from .distributed import train_distributed
 from .loop import RunResult, train
+from .prior import add_whitening_prior
 
 __all__ = ["train", "train_distributed", "RunResult", "HISTORY_FIELDS", "CHECKPOINT", "read_history",
-           "staging_dir", "TrainConfig", "make_config", "config_keys"]
+           "staging_dir", "TrainConfig", "make_config", "config_keys", "add_whitening_prior"]
