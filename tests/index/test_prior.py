@@ -87,8 +87,8 @@ def test_the_calibration_folds_pool_the_prior(monkeypatch):
 class _Model:
     """What load_prior reads of a model: its run folder, weights digest, dimension, image size."""
 
-    def __init__(self, run_dir, digest="d1", dim=12):
-        self.run_dir, self._digest, self.dim = run_dir, digest, dim
+    def __init__(self, run_dir, digest="d1", dim=12, run_config=None):
+        self.run_dir, self._digest, self.dim, self.run_config = run_dir, digest, dim, run_config or {}
         self.backbone = type("B", (), {"image_size": 32})()
 
     def weights_digest(self):
@@ -110,6 +110,10 @@ def test_load_prior_reads_only_its_own_weights_prior(tmp_path, caplog):
         path.write_bytes(path.read_bytes()[:100])
         assert load_prior(_Model(tmp_path)) is None
         assert "cannot be read" in caplog.text
+        path.unlink()  # silent for a run trained before 0.10.0; said for one that wrote it
+        assert load_prior(_Model(tmp_path)) is None and "is missing" not in caplog.text
+        assert load_prior(_Model(tmp_path, run_config={"whitening_prior": {"photos": 42}})) is None
+        assert "whitening-prior.safetensors is missing" in caplog.text
 
 
 def test_within_stats_round_trip_checks_shapes():

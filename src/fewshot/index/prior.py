@@ -70,12 +70,16 @@ def read_prior(path: str | Path) -> tuple[WithinStats, dict]:
 
 def load_prior(model: EmbeddingModel) -> WithinStats | None:
     """The whitening prior of ``model``'s run, or ``None``: a frozen backbone, a run without the
-    file, or a file that does not belong to these weights or cannot be read (both warned: the
-    catalogue is then whitened on its own photos, and the index records ``prior: null``)."""
+    file (warned when its ``config.json`` says it wrote one), or a file that does not belong to
+    these weights or cannot be read (warned): the catalogue is then whitened on its own photos,
+    and the index records ``prior: null``."""
     if model.run_dir is None:
         return None
     path = Path(model.run_dir) / PRIOR_FILE
     if not path.is_file():
+        if (model.run_config or {}).get("whitening_prior"):  # the run wrote one: it was removed since
+            log.warning("warning: the run's whitening prior %s is missing: whitening on the catalogue's photos alone "
+                        "(fewshot.training.add_whitening_prior(RUN_DIR) writes it again)", PRIOR_FILE)
         return None
     try:
         stats, meta = read_prior(path)
