@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -119,3 +120,28 @@ def test_whiten_through_the_cli_is_recorded_reported_and_leaves_episodes_alone(d
     assert "open-set catalogue" not in report  # no --open-set: the report does not claim one
     r = CliRunner().invoke(app, ["evaluate", "--data", str(manifest), "--whiten", "--out", str(root / "loo-ev")])
     assert r.exit_code == 1 and "--whiten" in r.output and "--split-file" in r.output and "Traceback" not in r.output
+
+
+def test_whiten_pools_the_runs_prior_into_the_gallery_and_every_open_set_draw(drawn, monkeypatch):
+    import fewshot
+    import fewshot.evaluation.run as run
+    from fewshot.index.whiten import within_stats
+
+    root, manifest, split, model = drawn
+    monkeypatch.setenv("FEWSHOT_CACHE", str(root / "cache"))
+    rng = np.random.default_rng(0)
+    prior = within_stats(rng.normal(size=(40, model.dim)).astype(np.float32), [f"t{i // 4}" for i in range(40)])
+    ds = fewshot.load_dataset(manifest)
+    kw = dict(split_file=split, episodes=30, n_query=2, runtime="torch", whiten=True, open_set=True, open_set_draws=2)
+    alone = fewshot.evaluate(model, ds, **kw)
+    monkeypatch.setattr(run, "load_prior", lambda m: prior)  # as a run's whitening-prior.safetensors gives it
+    pooled = fewshot.evaluate(model, ds, out=root / "prior-ev", **kw)
+    assert alone["config"]["whiten"]["prior"] is None and alone["open_set"]["protocol"]["whiten_prior"] is None
+    assert pooled["config"]["whiten"]["prior"]["photos"] == 40
+    assert pooled["open_set"]["protocol"]["whiten_prior"] == pooled["config"]["whiten"]["prior"]
+    assert pooled["map_at_r"] != alone["map_at_r"]
+    assert (pooled["open_set"]["scores"]["relative"]["auroc"]["mean"]
+            != alone["open_set"]["scores"]["relative"]["auroc"]["mean"])
+    report = (root / "prior-ev" / "report.md").read_text()
+    assert "the run's 40 training photos of 10 articles pooled in" in report
+    assert "each open-set catalogue by its own (the same training photos pooled in)" in report

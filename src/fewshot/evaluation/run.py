@@ -217,7 +217,7 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         warn_single_image_classes(q, g)
     metrics["episodes"] = episode_metrics(cfg, model, q, g)
     if cfg.open_set and g is not None:
-        metrics["open_set"] = open_set_metrics(cfg, protocol, q, g, prior)
+        metrics["open_set"] = open_set_metrics(cfg, protocol, q, g, model)
     skipped = [(str(p), r) for p, r in q.skipped + (g.skipped if g else [])]
     metrics["config"] = {
         "data": str(cfg.data), "dataset": queries.name,
@@ -274,10 +274,12 @@ def _open_set_classes(protocol: dict) -> list[str]:
 
 
 def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddings,
-                     prior: WithinStats | None = None) -> dict:
+                     model: EmbeddingModel | None = None) -> dict:
     """The ``open_set`` section: :func:`evaluate_open_set` on the part's articles, in the split
-    file's order (the draws depend on it); with ``cfg.whiten``, ``prior`` is the model's whitening
-    prior (:func:`fewshot.index.prior.load_prior`), pooled into each draw's fit."""
+    file's order (the draws depend on it); with ``cfg.whiten``, the whitening prior of ``model``'s
+    run (:func:`fewshot.index.prior.load_prior`, none for ``None`` or a frozen backbone) is pooled
+    into each draw's fit, as ``fewshot index --whiten`` pools it."""
+    prior = load_prior(model) if cfg.whiten and model is not None else None
     return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups,
                              _open_set_classes(protocol),
                              draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far, whiten=cfg.whiten,
