@@ -134,7 +134,7 @@ def test_whiten_pools_the_runs_prior_into_the_gallery_and_every_open_set_draw(dr
     ds = fewshot.load_dataset(manifest)
     kw = dict(split_file=split, episodes=30, n_query=2, runtime="torch", whiten=True, open_set=True, open_set_draws=2)
     alone = fewshot.evaluate(model, ds, **kw)
-    monkeypatch.setattr(run, "load_prior", lambda m: prior)  # as a run's whitening-prior.safetensors gives it
+    monkeypatch.setattr(run, "load_prior", lambda m, labels=None, digests=None: prior)  # as a run's whitening-prior.safetensors gives it
     pooled = fewshot.evaluate(model, ds, out=root / "prior-ev", **kw)
     assert alone["config"]["whiten"]["prior"] is None and alone["open_set"]["protocol"]["whiten_prior"] is None
     assert pooled["config"]["whiten"]["prior"]["photos"] == 40

@@ -51,20 +51,35 @@ def test_a_prior_does_not_make_up_for_a_catalogue_without_spread():
 def test_the_prior_travels_with_the_whitening_arrays():
     w = fit_whitening(*_photos(0, 4, 5), prior=within_stats(*_photos(1, 6, 7, prefix="t")))
     arrays = w.to_arrays()
-    assert set(arrays) == {"mean", "matrix", f"{PRIOR_PREFIX}scatter", f"{PRIOR_PREFIX}total"}
-    back = Whitening.from_arrays(arrays, w.describe())
+    assert set(arrays) == {"mean", "matrix", *(f"{PRIOR_PREFIX}{k}" for k in ("scatter", "total", "counts"))}
+    back = Whitening.from_arrays(arrays, {**w.describe(), "prior": None})  # the arrays hold it all
     assert back.prior is not None and back.prior.describe() == w.prior.describe()
     np.testing.assert_array_equal(back.prior.scatter, w.prior.scatter)
     x, _ = _photos(5, 2, 3)
     np.testing.assert_array_equal(back.apply(x), w.apply(x))
-    # a record whose counts do not fit its arrays is refused
-    bad = {**w.describe(), "prior": {**w.describe()["prior"], "spread": 10**6}}
-    with pytest.raises(ValueError, match="counts that do not fit together"):
-        Whitening.from_arrays(arrays, bad)
-    with pytest.raises(ValueError, match="not finite"):
-        Whitening.from_arrays({**arrays, f"{PRIOR_PREFIX}total": np.full(12, np.nan)}, w.describe())
     with pytest.raises(KeyError):
-        Whitening.from_arrays({"mean": arrays["mean"], "matrix": arrays["matrix"]}, w.describe())
+        Whitening.from_arrays({k: v for k, v in arrays.items() if k != f"{PRIOR_PREFIX}counts"}, w.describe())
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda a: {**a, "counts": a["counts"] * [1, 1, 1, 1, 10**6]}, "do not fit together"),
+    (lambda a: {**a, "counts": a["counts"] * [1, 1, 10**10, 1, 1]}, "do not fit together"),
+    (lambda a: {**a, "counts": a["counts"] + [0, 0.5, 0, 0, 0]}, "not whole numbers"),
+    (lambda a: {**a, "counts": a["counts"] * [-1, 1, 1, 1, 1]}, "fourth moment"),
+    (lambda a: {**a, "scatter": a["scatter"] * 1e6}, "trace"),
+    (lambda a: {**a, "scatter": -a["scatter"]}, "trace"),
+    (lambda a: {**a, "scatter": a["scatter"] - 0.5 * np.trace(a["scatter"]) * np.outer(*[np.eye(12)[0]] * 2)},
+     "positive semi-definite"),
+    (lambda a: {**a, "scatter": a["scatter"] + np.triu(np.ones((12, 12)), 1) * 0.1}, "not symmetric"),
+    (lambda a: {**a, "total": a["total"] * 1e8}, "sum longer"),
+    (lambda a: {**a, "total": np.full(12, np.inf)}, "not finite"),
+    (lambda a: {**a, "total": a["total"][:8]}, "not for dimension"),
+])
+def test_statistics_no_photos_give_are_refused(change, why):
+    stats = within_stats(*_photos(1, 6, 7, prefix="t"))
+    assert WithinStats.from_arrays(stats.to_arrays()).describe() == stats.describe()
+    with pytest.raises(ValueError, match=why):
+        WithinStats.from_arrays(change(stats.to_arrays()))
 
 
 def test_the_calibration_folds_pool_the_prior(monkeypatch):
@@ -95,30 +110,53 @@ class _Model:
         return self._digest
 
 
+def _saved(folder):
+    x, labels = _photos(1, 6, 7, prefix="t")
+    digests = [f"{i:064x}" for i in range(len(labels) - 1)] + [None]
+    stats = within_stats(x, labels)
+    return stats, save_prior(folder, stats, _Model(folder), labels, digests)
+
+
 def test_load_prior_reads_only_its_own_weights_prior(tmp_path, caplog):
-    stats = within_stats(*_photos(1, 6, 7, prefix="t"))
     assert load_prior(_Model(None)) is None and load_prior(_Model(tmp_path)) is None  # frozen; no file
-    path = save_prior(tmp_path, stats, _Model(tmp_path))
-    assert path == tmp_path / PRIOR_FILE and oct(path.stat().st_mode & 0o777) != "0o600"
-    got = load_prior(_Model(tmp_path))
+    stats, path = _saved(tmp_path)
+    assert path == tmp_path / PRIOR_FILE
+    got = load_prior(_Model(tmp_path), ["a0", "a1"], ["f" * 64])
     assert got is not None and got.describe() == stats.describe() and np.array_equal(got.total, stats.total)
-    _, meta = read_prior(path)
-    assert meta["weights_sha256"] == "d1" and meta["image_size"] == "32" and meta["tta"] == "none"
+    prior = read_prior(path)
+    assert prior.meta["weights_sha256"] == "d1" and prior.meta["image_size"] == "32" and prior.meta["tta"] == "none"
+    assert prior.articles == {f"t{i}" for i in range(6)} and len(prior.digests) == 41 and f"{5:064x}" in prior.digests
+    assert not caplog.text
     with caplog.at_level(logging.WARNING, logger="fewshot"):
         assert load_prior(_Model(tmp_path, digest="d2")) is None
-        assert "measured with other weights" in caplog.text
+        assert "measured with other weights" in caplog.text and "add_whitening_prior" in caplog.text
+        assert load_prior(_Model(tmp_path, dim=64)) is None
+        assert "is 12-dimensional, the model 64-dimensional" in caplog.text
         path.write_bytes(path.read_bytes()[:100])
         assert load_prior(_Model(tmp_path)) is None
-        assert "cannot be read" in caplog.text
-        path.unlink()  # silent for a run trained before 0.10.0; said for one that wrote it
-        assert load_prior(_Model(tmp_path)) is None and "is missing" not in caplog.text
+        assert "cannot be used" in caplog.text
+        path.unlink()  # silent for a run trained before 0.10.0; said for one that wrote it, or was interrupted
+        caplog.clear()
+        assert load_prior(_Model(tmp_path, run_config={"fewshot_version": "0.9.0"})) is None and not caplog.text
         assert load_prior(_Model(tmp_path, run_config={"whitening_prior": {"photos": 42}})) is None
         assert "whitening-prior.safetensors is missing" in caplog.text
+        caplog.clear()
+        assert load_prior(_Model(tmp_path, run_config={"fewshot_version": "0.10.0"})) is None
+        assert "is missing" in caplog.text
+
+
+def test_a_catalogue_sharing_articles_or_photos_with_the_training_photos_does_not_pool_it(tmp_path, caplog):
+    _saved(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fewshot"):
+        assert load_prior(_Model(tmp_path), ["a0", "t3", "t4"], None) is None
+        assert "shares 2 article(s) (e.g. t3, t4)" in caplog.text
+        assert load_prior(_Model(tmp_path), ["a0"], [f"{7:064x}", None]) is None  # the same photo under a new name
+        assert "shares 1 photo(s)" in caplog.text
 
 
 def test_within_stats_round_trip_checks_shapes():
     stats = within_stats(*_photos(1, 3, 3))
-    back = WithinStats.from_arrays(stats.to_arrays(), stats.describe())
+    back = WithinStats.from_arrays(stats.to_arrays())
     assert back.describe() == stats.describe() and back.dim == 12
     with pytest.raises(ValueError, match="not for dimension 8"):
-        WithinStats.from_arrays(stats.to_arrays(), stats.describe(), dim=8)
+        WithinStats.from_arrays(stats.to_arrays(), dim=8)

@@ -483,10 +483,19 @@ def test_add_whitening_prior_writes_it_for_an_older_run(run3, tmp_path):
     got = add_whitening_prior(old)
     assert got == json.loads((out / "config.json").read_text())["whitening_prior"]
     assert json.loads((old / "config.json").read_text())["whitening_prior"] == got
-    np.testing.assert_allclose(read_prior(old / PRIOR_FILE)[0].scatter, read_prior(out / PRIOR_FILE)[0].scatter,
+    np.testing.assert_allclose(read_prior(old / PRIOR_FILE).stats.scatter, read_prior(out / PRIOR_FILE).stats.scatter,
                                atol=1e-6)
+    assert read_prior(old / PRIOR_FILE).digests == read_prior(out / PRIOR_FILE).digests
     with pytest.raises(CheckpointError, match="not a fewshot training run"):
         add_whitening_prior(tmp_path)
+    from fewshot.errors import DataError
+
+    moved = json.loads((old / "config.json").read_text())  # its split file gone: refused, not recorded as null
+    moved["train_config"]["split_file"] = str(tmp_path / "nowhere.json")
+    (old / "config.json").write_text(json.dumps(moved))
+    with pytest.raises(DataError):
+        add_whitening_prior(old)
+    assert json.loads((old / "config.json").read_text())["whitening_prior"] == got
     cfg["complete"] = False
     (old / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="unfinished run"):

@@ -110,7 +110,8 @@ def index_embeddings(model: EmbeddingModel, emb: Embeddings, data: str | Path, c
     whitening = None
     if whiten:  # checked again on the photos read, byte-identical copies counted once
         check_whitenable(distinct_labels(emb.labels, emb.digests or None))
-        whitening = fit_whitening(emb.vectors, emb.labels, emb.digests or None, load_prior(model))
+        whitening = fit_whitening(emb.vectors, emb.labels, emb.digests or None,
+                                  load_prior(model, emb.labels, emb.digests or None))
     config = {"data": str(Path(data).resolve()) if Path(data).exists() else str(data),
               "split": (emb.dataset.split or ALL_SPLITS) if catalogue != "iconic" else None,
               "catalogue": catalogue or "images", "model": model.describe(), **EmbedderSpec.of(model).to_config(),

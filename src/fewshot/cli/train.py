@@ -77,7 +77,10 @@ def _train_run(method: str, given: dict[str, Any], pairs: list[str], nproc: int,
         typer.echo(f"{cfg.final_eval} classes" + (f" (--tta {cfg.final_tta})" if cfg.final_tta != "none" else "")
                    + f": mAP {m['map']:.4f}  MAP@R {m['map_at_r']:.4f}  P@1 {m['precision_at_1']:.4f}")
         echo_episodes(m["episodes"])
-    typer.echo(f"wrote {one_line(cfg.out)}/config.json, model.safetensors, history.csv, curves.png")
+    prior = (result.config or {}).get("whitening_prior")
+    typer.echo(f"wrote {one_line(cfg.out)}/config.json, model.safetensors, history.csv, curves.png"
+               + (f", {prior['file']} (the whitening prior: {prior['photos']:,} training photos of {prior['articles']} "
+                  "articles)" if prior else ""))
 
 
 def _run(cfg, nproc: int, threads: Optional[int], run_train):

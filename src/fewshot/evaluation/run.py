@@ -209,7 +209,7 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         check_open_set_whitening(_open_set_classes(protocol), distinct_labels(g.labels, g.digests or None),
                                  cfg.open_set_draws, cfg.seed)
     copies = warn_queries_in_gallery(q, g)
-    prior = load_prior(model) if cfg.whiten else None
+    prior = load_prior(model, g.labels, g.digests or None) if cfg.whiten and g is not None else None
     rq, rg, whitening = whitened_sets(q, g, prior) if cfg.whiten else (q, g, None)
     report = ranked_report(rerank, rq, rg)
     metrics = report.to_dict()
@@ -279,7 +279,7 @@ def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddin
     file's order (the draws depend on it); with ``cfg.whiten``, the whitening prior of ``model``'s
     run (:func:`fewshot.index.prior.load_prior`, none for ``None`` or a frozen backbone) is pooled
     into each draw's fit, as ``fewshot index --whiten`` pools it."""
-    prior = load_prior(model) if cfg.whiten and model is not None else None
+    prior = load_prior(model, g.labels, g.digests or None) if cfg.whiten and model is not None else None
     return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups,
                              _open_set_classes(protocol),
                              draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far, whiten=cfg.whiten,

@@ -12,10 +12,18 @@ FPR@95TPR 0.389 / 0.402 / 0.396 -> 0.352 / 0.349 / 0.344 (docs/measurements.md).
 
 The file, written by ``fewshot train`` after the run's weights (:func:`save_prior`)::
 
-    RUN_DIR/whitening-prior.safetensors   float64 scatter [D, D], total [D]
-                                          (:class:`~fewshot.index.whiten.WithinStats`); its
-                                          metadata: the counts, the weights' SHA-256, the image
-                                          size and test-time augmentation it was embedded with
+    RUN_DIR/whitening-prior.safetensors   float64 scatter [D, D], total [D], counts [5]
+                                          (:class:`~fewshot.index.whiten.WithinStats`), uint8
+                                          digests [N, 32] (the photos' SHA-256); its metadata:
+                                          the articles, the weights' SHA-256, the image size and
+                                          test-time augmentation it was embedded with (none: a
+                                          catalogue embedded with ``--tta scales`` pools it as
+                                          well; measured alike, docs/measurements.md)
+
+A catalogue that shares articles (by name) or photos (by SHA-256) with the run's training photos
+does not pool it: those photos would count twice, and the calibration, which leaves articles out
+fold by fold, would have seen them (the whitening falls back to the catalogue's own photos, with
+a warning).
 
 A run without the file (trained before 0.10.0, or a frozen backbone) has no prior: its
 catalogues are whitened on their own photos, as before.
@@ -25,7 +33,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from ..io import atomic_path
 from ..methods.runs import WHITENING_PRIOR as PRIOR_FILE
@@ -33,30 +45,51 @@ from ..model import EmbeddingModel
 from ..version import __version__
 from .whiten import WithinStats
 
-__all__ = ["PRIOR_FILE", "save_prior", "load_prior", "read_prior"]
+__all__ = ["PRIOR_FILE", "Prior", "save_prior", "load_prior", "read_prior"]
 
 log = logging.getLogger("fewshot")
 
 
-def save_prior(run_dir: str | Path, stats: WithinStats, model: EmbeddingModel, tta: str = "none") -> Path:
+#: what a warning about the prior asks for
+FIX = "fewshot train ... --resume on the run, or fewshot.training.add_whitening_prior(RUN_DIR), writes it again"
+
+
+def save_prior(run_dir: str | Path, stats: WithinStats, model: EmbeddingModel, labels: Sequence[str],
+               digests: Sequence[str | None], tta: str = "none") -> Path:
     """Write ``stats`` (the run's training photos embedded by ``model``, the run's own) as
-    ``run_dir/whitening-prior.safetensors``, atomically; returns its path."""
+    ``run_dir/whitening-prior.safetensors``, atomically, with the articles (``labels``, one per
+    photo) and the photos' SHA-256 (``digests``, ``None`` where not known) it was measured on;
+    returns its path."""
     from safetensors.numpy import save_file
 
+    known = sorted({d for d in digests if d})
+    arrays = {**stats.to_arrays(), "digests": np.frombuffer(b"".join(bytes.fromhex(d) for d in known),
+                                                            np.uint8).reshape(len(known), 32)}
     meta = {"format": "fewshot.whitening_prior", "version": __version__, "weights_sha256": model.weights_digest(),
-            "image_size": str(model.backbone.image_size), "tta": tta, "stats": json.dumps(stats.describe())}
+            "image_size": str(model.backbone.image_size), "tta": tta,
+            "articles": json.dumps(sorted({str(x) for x in labels}))}
     path = Path(run_dir) / PRIOR_FILE
     with atomic_path(path) as tmp:
-        save_file(stats.to_arrays(), str(tmp), metadata=meta)
+        save_file(arrays, str(tmp), metadata=meta)
     return path
 
 
-def read_prior(path: str | Path) -> tuple[WithinStats, dict]:
-    """The statistics and the metadata of a prior file.
+@dataclass(frozen=True)
+class Prior:
+    """A prior file read back: the statistics, the metadata, and what it was measured on."""
+
+    stats: WithinStats
+    meta: dict
+    articles: frozenset[str]
+    digests: frozenset[str]
+
+
+def read_prior(path: str | Path) -> Prior:
+    """The prior file at ``path``.
 
     Raises:
         OSError, ValueError, KeyError, TypeError (and safetensors' own errors): an unreadable or
-            damaged file (:meth:`WithinStats.from_arrays`).
+            damaged file, or statistics no set of photos gives (:meth:`WithinStats.from_arrays`).
     """
     from safetensors import safe_open
     from safetensors.numpy import load_file
@@ -65,30 +98,71 @@ def read_prior(path: str | Path) -> tuple[WithinStats, dict]:
         meta = dict(fh.metadata() or {})
     if meta.get("format") != "fewshot.whitening_prior":
         raise ValueError(f"not a fewshot whitening prior (format {meta.get('format')!r})")
-    return WithinStats.from_arrays(load_file(str(path)), json.loads(meta["stats"])), meta
+    arrays = load_file(str(path))
+    digests = np.asarray(arrays["digests"], np.uint8)
+    if digests.ndim != 2 or digests.shape[1] != 32:
+        raise ValueError(f"photo digests of shape {digests.shape}")
+    articles = json.loads(meta["articles"])
+    if not isinstance(articles, list):
+        raise ValueError("its articles are not a list")
+    return Prior(WithinStats.from_arrays(arrays), meta, frozenset(str(a) for a in articles),
+                 frozenset(bytes(row).hex() for row in digests))
 
 
-def load_prior(model: EmbeddingModel) -> WithinStats | None:
-    """The whitening prior of ``model``'s run, or ``None``: a frozen backbone, a run without the
-    file (warned when its ``config.json`` says it wrote one), or a file that does not belong to
-    these weights or cannot be read (warned): the catalogue is then whitened on its own photos,
-    and the index records ``prior: null``."""
+def _shared(prior: Prior, labels: Sequence[str] | None, digests: Sequence[str | None] | None) -> str:
+    """What the catalogue shares with the prior's training photos (``""``: nothing)."""
+    articles = sorted({str(x) for x in labels or []} & prior.articles)
+    photos = {d for d in digests or [] if d} & prior.digests
+    parts = ([f"{len(articles)} article(s) (e.g. {', '.join(articles[:3])})"] if articles else []) + (
+        [f"{len(photos)} photo(s)"] if photos else [])
+    return " and ".join(parts)
+
+
+def _warn(what: str) -> None:
+    log.warning("warning: %s: whitening on the catalogue's photos alone (fix: %s)", what, FIX)
+
+
+def load_prior(model: EmbeddingModel, labels: Sequence[str] | None = None,
+               digests: Sequence[str | None] | None = None) -> WithinStats | None:
+    """The whitening prior of ``model``'s run for a catalogue of photos of ``labels`` with file
+    SHA-256 ``digests``, or ``None``: a frozen backbone or a run trained before 0.10.0 (silent);
+    a missing file that the run wrote, a file that cannot be read or gives impossible statistics,
+    one measured with other weights or embeddings of another dimension (each warned); or a
+    catalogue that shares articles (by name) or photos (by digest) with the run's training photos
+    (warned: the prior would count them twice, and its calibration folds would have seen the
+    articles they leave out). The catalogue is then whitened on its own photos, and the index
+    records ``prior: null``."""
     if model.run_dir is None:
         return None
     path = Path(model.run_dir) / PRIOR_FILE
     if not path.is_file():
-        if (model.run_config or {}).get("whitening_prior"):  # the run wrote one: it was removed since
-            log.warning("warning: the run's whitening prior %s is missing: whitening on the catalogue's photos alone "
-                        "(fewshot.training.add_whitening_prior(RUN_DIR) writes it again)", PRIOR_FILE)
+        if (model.run_config or {}).get("whitening_prior") or _written_since_010(model.run_config or {}):
+            _warn(f"the run's whitening prior {PRIOR_FILE} is missing")
         return None
     try:
-        stats, meta = read_prior(path)
+        prior = read_prior(path)
     except Exception as exc:  # safetensors raises its own errors
-        log.warning("warning: the run's whitening prior %s cannot be read (%s): whitening on the catalogue's "
-                    "photos alone (retrain the run to write it again)", PRIOR_FILE, exc)
+        _warn(f"the run's whitening prior {PRIOR_FILE} cannot be used ({exc})")
         return None
-    if meta.get("weights_sha256") != model.weights_digest() or stats.dim != model.dim:
-        log.warning("warning: the run's whitening prior %s was measured with other weights: not used, whitening on "
-                    "the catalogue's photos alone (retrain the run to write it again)", PRIOR_FILE)
+    if prior.stats.dim != model.dim:
+        _warn(f"the run's whitening prior {PRIOR_FILE} is {prior.stats.dim}-dimensional, the model {model.dim}-dimensional")
         return None
-    return stats
+    if prior.meta.get("weights_sha256") != model.weights_digest():
+        _warn(f"the run's whitening prior {PRIOR_FILE} was measured with other weights")
+        return None
+    shared = _shared(prior, labels, digests)
+    if shared:
+        log.warning("warning: the catalogue shares %s with the run's training photos: its whitening prior is left out "
+                    "(it would count them twice, and the reject threshold's calibration would have seen them)", shared)
+        return None
+    return prior.stats
+
+
+def _written_since_010(config: dict) -> bool:
+    """Whether a run's ``config.json`` says fewshot 0.10.0 or later trained it (such a run ends by
+    writing its prior: a run without one was interrupted in that step)."""
+    try:
+        major, minor = (int(x) for x in str(config.get("fewshot_version", "0.0")).split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (0, 10) and "whitening_prior" not in config

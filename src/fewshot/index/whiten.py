@@ -131,10 +131,9 @@ class Whitening:
         sign, _ = np.linalg.slogdet(matrix)
         if sign == 0:
             raise ValueError("a whitening whose matrix is singular")
-        prior = described.get("prior")
+        prior = WithinStats.from_arrays(arrays, PRIOR_PREFIX, len(mean)) if PRIOR_PREFIX + "scatter" in arrays else None
         return cls(mean=mean, matrix=matrix, shrinkage=float(described["shrinkage"]),
-                   photos=int(described["photos"]), articles=int(described["articles"]),
-                   prior=None if prior is None else WithinStats.from_arrays(arrays, prior, PRIOR_PREFIX, len(mean)))
+                   photos=int(described["photos"]), articles=int(described["articles"]), prior=prior)
 
     def pooled_note(self) -> str:
         """``"the run's N training photos of M articles pooled in"``, or ``""`` without a prior:
@@ -214,36 +213,67 @@ class WithinStats:
         return int(self.total.shape[0])
 
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        """``scatter`` and ``total`` as ``float64`` arrays named ``prefix + name`` (the counts go
-        in :meth:`describe`)."""
+        """Everything, as ``float64`` arrays named ``prefix + name``: ``scatter``, ``total`` and
+        ``counts`` (``fourth``, ``residuals``, ``photos``, ``articles``, ``spread``), so that a
+        digest of the arrays covers it all."""
+        counts = [self.fourth, self.residuals, self.photos, self.articles, self.spread]
         return {prefix + "scatter": np.ascontiguousarray(self.scatter, np.float64),
-                prefix + "total": np.ascontiguousarray(self.total, np.float64)}
+                prefix + "total": np.ascontiguousarray(self.total, np.float64),
+                prefix + "counts": np.asarray(counts, np.float64)}
 
     def describe(self) -> dict:
-        """The counts and ``fourth`` (JSON numbers): with :meth:`to_arrays`, all of it."""
+        """The counts and ``fourth`` (JSON numbers), for result files."""
         return {"fourth": float(self.fourth), "residuals": int(self.residuals), "photos": int(self.photos),
                 "articles": int(self.articles), "spread": int(self.spread)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], described: dict, prefix: str = "",
-                    dim: int | None = None) -> "WithinStats":
-        """The statistics :meth:`to_arrays` and :meth:`describe` wrote.
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "", dim: int | None = None) -> "WithinStats":
+        """The statistics :meth:`to_arrays` wrote, checked to be ones that unit embeddings can give.
 
         Raises:
-            ValueError / KeyError / TypeError: missing or misshapen arrays (another ``dim`` than
-                asked), values that are not finite, counts that do not fit together.
+            KeyError: a missing array. ValueError: misshapen arrays (another ``dim`` than asked),
+                values that are not finite, or statistics no set of unit embeddings gives.
         """
         scatter = np.asarray(arrays[prefix + "scatter"], np.float64)
         total = np.asarray(arrays[prefix + "total"], np.float64)
+        counts = np.asarray(arrays[prefix + "counts"], np.float64)
         d = len(total) if dim is None else dim
-        if total.shape != (d,) or scatter.shape != (d, d):
-            raise ValueError(f"within-article statistics of shapes {scatter.shape} and {total.shape}, not for dimension {d}")
-        if not (np.isfinite(scatter).all() and np.isfinite(total).all() and np.isfinite(float(described["fourth"]))):
+        if total.shape != (d,) or scatter.shape != (d, d) or counts.shape != (5,):
+            raise ValueError(f"within-article statistics of shapes {scatter.shape}, {total.shape} and {counts.shape}, "
+                             f"not for dimension {d}")
+        if not (np.isfinite(scatter).all() and np.isfinite(total).all() and np.isfinite(counts).all()):
             raise ValueError("within-article statistics with values that are not finite")
-        counts = {k: int(described[k]) for k in ("residuals", "photos", "articles", "spread")}
-        if min(counts.values()) < 0 or counts["residuals"] > counts["photos"] or counts["spread"] > counts["residuals"]:
-            raise ValueError(f"within-article statistics with counts that do not fit together: {counts}")
-        return cls(scatter=scatter, fourth=float(described["fourth"]), total=total, **counts)
+        stats = cls(scatter=scatter, fourth=float(counts[0]), total=total,
+                    **{k: int(v) for k, v in zip(("residuals", "photos", "articles", "spread"), counts[1:])})
+        _check_possible(stats, counts)
+        return stats
+
+
+def _check_possible(stats: WithinStats, counts: np.ndarray) -> None:
+    """Raise ``ValueError`` unless unit embeddings can give ``stats``: whole, ordered counts; a
+    sum of at most ``photos`` unit vectors; residuals of length at most 2 (a scatter of trace at
+    most ``4 x residuals``, a ``fourth`` of at most ``16 x residuals``), symmetric and positive
+    semi-definite."""
+    n, p, a, sp = stats.residuals, stats.photos, stats.articles, stats.spread
+    trace = float(np.trace(stats.scatter))
+    problems = [why for bad, why in (
+        ((counts[1:] != np.round(counts[1:])).any() or min(n, p, a, sp) < 0, "counts that are not whole numbers >= 0"),
+        (not (sp <= n <= p and a <= p and (a >= 1 or p == 0) and p <= 10**9),
+         f"counts that do not fit together ({n} residuals, {p} photos, {a} articles, {sp} spread)"),
+        (not 0.0 <= stats.fourth <= 16.0 * n + 1e-9, f"a fourth moment {stats.fourth:.3g} outside [0, 16 x residuals]"),
+        (float(np.linalg.norm(stats.total)) > p * (1 + 1e-6) + 1e-9, "a sum longer than its count of unit vectors"),
+        (not -1e-9 <= trace <= 4.0 * n * (1 + 1e-6) + 1e-9, f"a scatter of trace {trace:.3g} outside [0, 4 x residuals]"),
+        (float(np.abs(stats.scatter - stats.scatter.T).max(initial=0.0)) > 1e-6 * (trace + 1.0),
+         "a scatter that is not symmetric"),
+    ) if bad]
+    if not problems:
+        d = max(len(stats.total), 1)
+        try:
+            np.linalg.cholesky(stats.scatter + (1e-6 * trace / d + 1e-12) * np.eye(d))
+        except np.linalg.LinAlgError:
+            problems.append("a scatter that is not positive semi-definite")
+    if problems:
+        raise ValueError("within-article statistics that no set of unit embeddings gives: " + "; ".join(problems))
 
 
 def distinct_photos(labels: Sequence[str], digests: Sequence[str | None] | None) -> np.ndarray:

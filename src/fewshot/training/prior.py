@@ -15,7 +15,7 @@ import torch
 
 from ..data import dataset_for
 from ..embed.options import EmbedOptions
-from ..errors import FewshotError
+from ..errors import DataError, FewshotError
 from ..index.prior import save_prior
 from ..index.whiten import MIN_SPREAD_PHOTOS, within_stats
 from ..methods.from_options import model_from_options
@@ -27,11 +27,16 @@ __all__ = ["write_whitening_prior", "add_whitening_prior"]
 log = logging.getLogger("fewshot")
 
 
-def write_whitening_prior(cfg: TrainConfig, run_dir: str | Path) -> dict | None:
+def write_whitening_prior(cfg: TrainConfig, run_dir: str | Path, *, strict: bool = False) -> dict | None:
     """Embed ``cfg``'s training photos with the run in ``run_dir`` and write its prior; returns
     what ``config.json`` records of it (``{"file", "photos", "articles"}``), or ``None`` with a
     warning when the photos show no within-article spread or cannot be embedded (the run stays
-    complete: its catalogues are then whitened on their own photos)."""
+    complete: its catalogues are then whitened on their own photos). ``strict``: raise instead.
+
+    Raises:
+        FewshotError / OSError (``strict`` only): the data or the split file cannot be read.
+        DataError (``strict`` only): no within-article spread in the training photos.
+    """
     opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=None, batch_size=cfg.embed_batch_size,
                         num_workers=cfg.workers, cache_dir=cfg.cache_dir, progress=cfg.progress,
                         runtime=cfg.runtime, threads=torch.get_num_threads(), tta="none")
@@ -41,27 +46,34 @@ def write_whitening_prior(cfg: TrainConfig, run_dir: str | Path) -> dict | None:
         emb = opts.embed(model, dataset_for(dataset, split, "train"))
         stats = within_stats(emb.vectors, emb.labels, emb.digests or None)
     except (FewshotError, OSError) as exc:
+        if strict:
+            raise
         log.warning("warning: no whitening prior written (%s): catalogues whitened with this run use their own "
                     "photos alone", exc)
         return None
     if stats.spread < MIN_SPREAD_PHOTOS:
+        if strict:
+            raise DataError("the run's training photos show no within-article spread: no whitening prior to write")
         log.warning("warning: no whitening prior written: the training photos show no within-article spread")
         return None
-    path = save_prior(run_dir, stats, model)
+    path = save_prior(run_dir, stats, model, emb.labels, emb.digests or [None] * len(emb.labels))
     return {"file": path.name, "photos": stats.photos, "articles": stats.articles}
 
 
 def add_whitening_prior(run_dir: str | Path) -> dict | None:
-    """Write the whitening prior of a complete run trained before 0.10.0 (which had none): its
-    training photos as its ``config.json`` records them (the same data must be readable at the
-    same place), under the run folder's writer lock; ``config.json`` then records it too.
+    """Write the whitening prior of a complete run trained before 0.10.0 (or whose last step was
+    interrupted): its training photos as its ``config.json`` records them, under the run folder's
+    writer lock; ``config.json`` then records it too. The data and the split file are found as
+    the training found them: a relative path from the folder ``fewshot train`` ran in (run it
+    from there), a fetched dataset by its name.
 
     Returns:
-        what :func:`write_whitening_prior` returns.
+        what :func:`write_whitening_prior` returns (never ``None``: it raises instead).
 
     Raises:
         CheckpointError: ``run_dir`` is not a complete fewshot run. DataError: its data or split
-            file cannot be read. FewshotError: another fewshot command writes the folder.
+            file cannot be read, or its photos show no spread. FewshotError: another fewshot
+            command writes the folder.
     """
     import json
 
@@ -77,6 +89,6 @@ def add_whitening_prior(run_dir: str | Path) -> dict | None:
         if not config.get("complete"):
             raise CheckpointError(f"{run_dir} is an unfinished run", hint="finish it with `fewshot train ... --resume`")
         cfg = TrainConfig.from_dict(config["train_config"])
-        config["whitening_prior"] = write_whitening_prior(cfg, run_dir)
+        config["whitening_prior"] = write_whitening_prior(cfg, run_dir, strict=True)
         atomic_write_json(run_dir / CONFIG, config)
     return config["whitening_prior"]
