@@ -119,7 +119,7 @@ def _shared(prior: Prior, labels: Sequence[str] | None, digests: Sequence[str | 
 
 
 def _warn(what: str) -> None:
-    log.warning("warning: %s: whitening on the catalogue's photos alone (fix: %s)", what, FIX)
+    log.warning("%s: whitening on the catalogue's photos alone (fix: %s)", what, FIX)
 
 
 def load_prior(model: EmbeddingModel, labels: Sequence[str] | None = None,
@@ -152,7 +152,7 @@ def load_prior(model: EmbeddingModel, labels: Sequence[str] | None = None,
         return None
     shared = _shared(prior, labels, digests)
     if shared:
-        log.warning("warning: the catalogue shares %s with the run's training photos: its whitening prior is left out "
+        log.warning("the catalogue shares %s with the run's training photos: its whitening prior is left out "
                     "(it would count them twice, and the reject threshold's calibration would have seen them)", shared)
         return None
     return prior.stats

@@ -48,13 +48,13 @@ def write_whitening_prior(cfg: TrainConfig, run_dir: str | Path, *, strict: bool
     except (FewshotError, OSError) as exc:
         if strict:
             raise
-        log.warning("warning: no whitening prior written (%s): catalogues whitened with this run use their own "
+        log.warning("no whitening prior written (%s): catalogues whitened with this run use their own "
                     "photos alone", exc)
         return None
     if stats.spread < MIN_SPREAD_PHOTOS:
         if strict:
             raise DataError("the run's training photos show no within-article spread: no whitening prior to write")
-        log.warning("warning: no whitening prior written: the training photos show no within-article spread")
+        log.warning("no whitening prior written: the training photos show no within-article spread")
         return None
     path = save_prior(run_dir, stats, model, emb.labels, emb.digests or [None] * len(emb.labels))
     return {"file": path.name, "photos": stats.photos, "articles": stats.articles}
