@@ -67,7 +67,7 @@ def test_the_prior_travels_with_the_whitening_arrays():
     (lambda a: {**a, "counts": a["counts"] + [0, 0.5, 0, 0, 0]}, "not whole numbers"),
     (lambda a: {**a, "counts": a["counts"] * [-1, 1, 1, 1, 1]}, "fourth moment"),
     (lambda a: {**a, "scatter": a["scatter"] * 1e6}, "trace"),
-    (lambda a: {**a, "scatter": -a["scatter"]}, "trace"),
+    (lambda a: {**a, "scatter": -a["scatter"]}, r"trace -[\d.e+]+ outside \[0, 4 x residuals\]$"),
     (lambda a: {**a, "scatter": a["scatter"] - 0.5 * np.trace(a["scatter"]) * np.outer(*[np.eye(12)[0]] * 2)},
      "positive semi-definite"),
     (lambda a: {**a, "scatter": a["scatter"] + np.triu(np.ones((12, 12)), 1) * 0.1}, "not symmetric"),
@@ -152,6 +152,20 @@ def test_a_catalogue_sharing_articles_or_photos_with_the_training_photos_does_no
         assert "shares 2 article(s) (e.g. t3, t4)" in caplog.text
         assert load_prior(_Model(tmp_path), ["a0"], [f"{7:064x}", None]) is None  # the same photo under a new name
         assert "shares 1 photo(s)" in caplog.text
+
+
+def test_a_prior_whose_counts_do_not_fit_its_photos_is_not_used(tmp_path, caplog):
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    _, path = _saved(tmp_path)
+    with safe_open(str(path), framework="numpy") as fh:
+        meta = fh.metadata()
+    arrays = load_file(str(path))
+    save_file({**arrays, "counts": arrays["counts"] * [1, 1, 1, 2, 1]}, str(path), metadata=meta)  # 12 articles, 6 names
+    with caplog.at_level(logging.WARNING, logger="fewshot"):
+        assert load_prior(_Model(tmp_path)) is None
+    assert "do not fit its 41 photo digests and 6 article names" in caplog.text and str(tmp_path) in caplog.text
 
 
 def test_within_stats_round_trip_checks_shapes():

@@ -496,6 +496,10 @@ def test_add_whitening_prior_writes_it_for_an_older_run(run3, tmp_path):
     with pytest.raises(DataError):
         add_whitening_prior(old)
     assert json.loads((old / "config.json").read_text())["whitening_prior"] == got
+    (old / PRIOR_FILE).unlink()
+    (old / PRIOR_FILE).mkdir()  # not a file fewshot wrote: refused, named
+    with pytest.raises(CheckpointError, match="whitening-prior.safetensors is not a file fewshot wrote"):
+        add_whitening_prior(old)
     cfg["complete"] = False
     (old / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="unfinished run"):

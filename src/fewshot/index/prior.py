@@ -51,7 +51,8 @@ log = logging.getLogger("fewshot")
 
 
 #: what a warning about the prior asks for
-FIX = "fewshot train ... --resume on the run, or fewshot.training.add_whitening_prior(RUN_DIR), writes it again"
+FIX = ("rerun the run's own `fewshot train` command with --resume, or call "
+       "fewshot.training.add_whitening_prior(RUN_DIR) from the folder it was trained in: either writes it again")
 
 
 def save_prior(run_dir: str | Path, stats: WithinStats, model: EmbeddingModel, labels: Sequence[str],
@@ -105,8 +106,11 @@ def read_prior(path: str | Path) -> Prior:
     articles = json.loads(meta["articles"])
     if not isinstance(articles, list):
         raise ValueError("its articles are not a list")
-    return Prior(WithinStats.from_arrays(arrays), meta, frozenset(str(a) for a in articles),
-                 frozenset(bytes(row).hex() for row in digests))
+    stats = WithinStats.from_arrays(arrays)
+    if stats.articles != len(set(map(str, articles))) or len(digests) > stats.photos:
+        raise ValueError(f"its counts ({stats.photos} photos of {stats.articles} articles) do not fit its "
+                         f"{len(digests)} photo digests and {len(articles)} article names")
+    return Prior(stats, meta, frozenset(str(a) for a in articles), frozenset(bytes(row).hex() for row in digests))
 
 
 def _shared(prior: Prior, labels: Sequence[str] | None, digests: Sequence[str | None] | None) -> str:
@@ -137,18 +141,18 @@ def load_prior(model: EmbeddingModel, labels: Sequence[str] | None = None,
     path = Path(model.run_dir) / PRIOR_FILE
     if not path.is_file():
         if (model.run_config or {}).get("whitening_prior") or _written_since_010(model.run_config or {}):
-            _warn(f"the run's whitening prior {PRIOR_FILE} is missing")
+            _warn(f"the run's whitening prior {path} is missing")
         return None
     try:
         prior = read_prior(path)
     except Exception as exc:  # safetensors raises its own errors
-        _warn(f"the run's whitening prior {PRIOR_FILE} cannot be used ({exc})")
+        _warn(f"the run's whitening prior {path} cannot be used ({type(exc).__name__}: {exc})")
         return None
     if prior.stats.dim != model.dim:
-        _warn(f"the run's whitening prior {PRIOR_FILE} is {prior.stats.dim}-dimensional, the model {model.dim}-dimensional")
+        _warn(f"the run's whitening prior {path} is {prior.stats.dim}-dimensional, the model {model.dim}-dimensional")
         return None
     if prior.meta.get("weights_sha256") != model.weights_digest():
-        _warn(f"the run's whitening prior {PRIOR_FILE} was measured with other weights")
+        _warn(f"the run's whitening prior {path} was measured with other weights")
         return None
     shared = _shared(prior, labels, digests)
     if shared:

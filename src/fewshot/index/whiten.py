@@ -263,7 +263,7 @@ def _check_possible(stats: WithinStats, counts: np.ndarray) -> None:
         (not 0.0 <= stats.fourth <= 16.0 * n + 1e-9, f"a fourth moment {stats.fourth:.3g} outside [0, 16 x residuals]"),
         (float(np.linalg.norm(stats.total)) > p * (1 + 1e-6) + 1e-9, "a sum longer than its count of unit vectors"),
         (not -1e-9 <= trace <= 4.0 * n * (1 + 1e-6) + 1e-9, f"a scatter of trace {trace:.3g} outside [0, 4 x residuals]"),
-        (float(np.abs(stats.scatter - stats.scatter.T).max(initial=0.0)) > 1e-6 * (trace + 1.0),
+        (float(np.abs(stats.scatter - stats.scatter.T).max(initial=0.0)) > 1e-6 * (abs(trace) + 1.0),
          "a scatter that is not symmetric"),
     ) if bad]
     if not problems:

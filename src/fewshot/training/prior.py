@@ -79,7 +79,7 @@ def add_whitening_prior(run_dir: str | Path) -> dict | None:
 
     from ..errors import CheckpointError
     from ..io import atomic_write_json, writer_lock
-    from ..methods.runs import CONFIG, is_run_dir
+    from ..methods.runs import CONFIG, WHITENING_PRIOR, is_run_dir
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
@@ -88,6 +88,10 @@ def add_whitening_prior(run_dir: str | Path) -> dict | None:
         config = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
         if not config.get("complete"):
             raise CheckpointError(f"{run_dir} is an unfinished run", hint="finish it with `fewshot train ... --resume`")
+        target = run_dir / WHITENING_PRIOR
+        if (target.exists() or target.is_symlink()) and not target.is_file():
+            raise CheckpointError(f"{target} is not a file fewshot wrote (a folder, a link or a device)",
+                                  hint="move it out of the run folder, then run this again")
         cfg = TrainConfig.from_dict(config["train_config"])
         config["whitening_prior"] = write_whitening_prior(cfg, run_dir, strict=True)
         atomic_write_json(run_dir / CONFIG, config)
