@@ -68,7 +68,9 @@ def measure(data: str, model_dir: str | None, cache_dir: str | None, draws: int 
     t0 = time.perf_counter()
     q, g = opts.embed(model, queries), opts.embed(model, gallery)
     t1 = time.perf_counter()
-    section = open_set_metrics(cfg, protocol, q, g, model)
+    from fewshot.index.prior import load_prior
+
+    section = open_set_metrics(cfg, protocol, q, g, load_prior(model, g.labels, g.digests or None) if whiten else None)
     name = ((f"fine-tuned ({Path(model_dir).name})" if model_dir else f"frozen {backbone}") + (", whitened" if whiten else "")
             + (", its training photos pooled in" if section["protocol"].get("whiten_prior") else ""))
     return {"name": name, "model": model.describe(), "embed_seconds": round(t1 - t0, 1),

@@ -217,7 +217,7 @@ def evaluate_sets(cfg: EvalConfig, queries: Dataset, gallery: Dataset | None, pr
         warn_single_image_classes(q, g)
     metrics["episodes"] = episode_metrics(cfg, model, q, g)
     if cfg.open_set and g is not None:
-        metrics["open_set"] = open_set_metrics(cfg, protocol, q, g, model)
+        metrics["open_set"] = open_set_metrics(cfg, protocol, q, g, prior)
     skipped = [(str(p), r) for p, r in q.skipped + (g.skipped if g else [])]
     metrics["config"] = {
         "data": str(cfg.data), "dataset": queries.name,
@@ -274,12 +274,11 @@ def _open_set_classes(protocol: dict) -> list[str]:
 
 
 def open_set_metrics(cfg: EvalConfig, protocol: dict, q: Embeddings, g: Embeddings,
-                     model: EmbeddingModel | None = None) -> dict:
+                     prior: WithinStats | None = None) -> dict:
     """The ``open_set`` section: :func:`evaluate_open_set` on the part's articles, in the split
-    file's order (the draws depend on it); with ``cfg.whiten``, the whitening prior of ``model``'s
-    run (:func:`fewshot.index.prior.load_prior`, none for ``None`` or a frozen backbone) is pooled
-    into each draw's fit, as ``fewshot index --whiten`` pools it."""
-    prior = load_prior(model, g.labels, g.digests or None) if cfg.whiten and model is not None else None
+    file's order (the draws depend on it); with ``cfg.whiten``, ``prior`` (the model's, for this
+    gallery: ``fewshot.index.prior.load_prior(model, g.labels, g.digests)``, as :func:`evaluate_sets`
+    reads it) is pooled into each draw's fit, as ``fewshot index --whiten`` pools it."""
     return evaluate_open_set(q.vectors, q.labels, q.groups, g.vectors, g.labels, g.groups,
                              _open_set_classes(protocol),
                              draws=cfg.open_set_draws, seed=cfg.seed, target_far=cfg.target_far, whiten=cfg.whiten,

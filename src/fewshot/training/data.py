@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 import numpy as np
 import torch
 
@@ -11,6 +12,7 @@ from ..backbones import Backbone, create_backbone
 from ..data.records import Dataset
 from ..data import ClassSplit, dataset_for, protocol_sets
 from ..embed import Embeddings, embed_dataset
+from ..embed.options import EmbedOptions
 from ..errors import DataError, FewshotError
 from ..methods import TrainData
 from .config import TrainConfig
@@ -46,6 +48,14 @@ def run_split(cfg: TrainConfig) -> tuple[Dataset, ClassSplit]:
     if cfg.train_on_val:  # the val classes train too; they still give the (no longer held-out) val figures
         split = replace(split, train=sorted({*split.train, *split.val}))
     return dataset, split
+
+
+def run_embed_options(cfg: TrainConfig, run_dir: str | Path, tta: str) -> EmbedOptions:
+    """How a finished run embeds after training (its final evaluation, its whitening prior): the
+    run's own weights and test size, with ``cfg``'s batch size, workers, cache and runtime."""
+    return EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=None, batch_size=cfg.embed_batch_size,
+                        num_workers=cfg.workers, cache_dir=cfg.cache_dir, progress=cfg.progress,
+                        runtime=cfg.runtime, threads=torch.get_num_threads(), tta=tta)
 
 
 def load_run_data(cfg: TrainConfig) -> RunData:

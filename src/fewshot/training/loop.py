@@ -299,12 +299,10 @@ def images_per_second(history: list[dict]) -> float | None:
 
 
 def _final_evaluation(cfg: TrainConfig, run_dir: Path) -> dict:
-    from ..evaluation import EmbedOptions, EvalConfig, evaluate
+    from ..evaluation import EvalConfig, evaluate
+    from .data import run_embed_options
 
-    opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=None,  # the run's own (test) size
-                        batch_size=cfg.embed_batch_size, num_workers=cfg.workers, cache_dir=cfg.cache_dir,
-                        progress=cfg.progress, runtime=cfg.runtime, threads=torch.get_num_threads(),
-                        tta=cfg.final_tta)
+    opts = run_embed_options(cfg, run_dir, cfg.final_tta)  # the run's own (test) size
     ecfg = EvalConfig(data=cfg.data, split=None, split_file=cfg.split_file, part=cfg.final_eval,
                       group_from=cfg.group_from, layout=cfg.layout, seed=cfg.seed, episodes=cfg.eval_episodes,
                       embed=opts)

@@ -11,16 +11,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from ..data import dataset_for
-from ..embed.options import EmbedOptions
 from ..errors import DataError, FewshotError
 from ..index.prior import save_prior
 from ..index.whiten import MIN_SPREAD_PHOTOS, within_stats
 from ..methods.from_options import model_from_options
 from .config import TrainConfig
-from .data import run_split
+from .data import run_embed_options, run_split
 
 __all__ = ["write_whitening_prior", "add_whitening_prior"]
 
@@ -37,9 +34,7 @@ def write_whitening_prior(cfg: TrainConfig, run_dir: str | Path, *, strict: bool
         FewshotError / OSError (``strict`` only): the data or the split file cannot be read.
         DataError (``strict`` only): no within-article spread in the training photos.
     """
-    opts = EmbedOptions(backbone=None, model_dir=str(run_dir), image_size=None, batch_size=cfg.embed_batch_size,
-                        num_workers=cfg.workers, cache_dir=cfg.cache_dir, progress=cfg.progress,
-                        runtime=cfg.runtime, threads=torch.get_num_threads(), tta="none")
+    opts = run_embed_options(cfg, run_dir, "none")
     try:
         model = model_from_options(opts)
         dataset, split = run_split(cfg)
