@@ -93,13 +93,12 @@ def read_prior(path: str | Path) -> Prior:
             damaged file, or statistics no set of photos gives (:meth:`WithinStats.from_arrays`).
     """
     from safetensors import safe_open
-    from safetensors.numpy import load_file
 
-    with safe_open(str(path), framework="numpy") as fh:
+    with safe_open(str(path), framework="numpy") as fh:  # one read: the metadata, then the arrays
         meta = dict(fh.metadata() or {})
-    if meta.get("format") != "fewshot.whitening_prior":
-        raise ValueError(f"not a fewshot whitening prior (format {meta.get('format')!r})")
-    arrays = load_file(str(path))
+        if meta.get("format") != "fewshot.whitening_prior":
+            raise ValueError(f"not a fewshot whitening prior (format {meta.get('format')!r})")
+        arrays = {name: fh.get_tensor(name) for name in fh.keys()}
     digests = np.asarray(arrays["digests"], np.uint8)
     if digests.ndim != 2 or digests.shape[1] != 32:
         raise ValueError(f"photo digests of shape {digests.shape}")

@@ -135,11 +135,6 @@ class Whitening:
         return cls(mean=mean, matrix=matrix, shrinkage=float(described["shrinkage"]),
                    photos=int(described["photos"]), articles=int(described["articles"]), prior=prior)
 
-    def pooled_note(self) -> str:
-        """``"the run's N training photos of M articles pooled in"``, or ``""`` without a prior:
-        what the CLI and the reports add after "whitened"."""
-        return "" if self.prior is None else prior_note(self.prior.describe())
-
     def describe(self) -> dict:
         """What a result file records of it (``prior``: what :meth:`WithinStats.describe` records
         of the pooled training photos, or ``None``)."""
@@ -149,7 +144,8 @@ class Whitening:
 
 
 def prior_note(described: dict | None) -> str:
-    """:meth:`Whitening.pooled_note` from what :meth:`WithinStats.describe` recorded (``None``: ``""``)."""
+    """``"the run's N training photos of M articles pooled in"`` from what a whitening's
+    ``describe()["prior"]`` recorded (``None``: ``""``): what the CLI and the reports add after "whitened"."""
     if not described:
         return ""
     return f"the run's {described['photos']:,} training photos of {described['articles']} articles pooled in"
