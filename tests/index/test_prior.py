@@ -1,6 +1,6 @@
 """A run's whitening prior (fewshot.index.prior): pooling it is exactly fitting on both sets of
 photos; it travels with the whitening; the calibration's fold fits pool it; it is read only for
-the weights it was measured with."""
+the weights it was measured with; its rival articles compete for every place but the first."""
 
 from __future__ import annotations
 
@@ -174,3 +174,98 @@ def test_within_stats_round_trip_checks_shapes():
     assert back.describe() == stats.describe() and back.dim == 12
     with pytest.raises(ValueError, match="not for dimension 8"):
         WithinStats.from_arrays(stats.to_arrays(), dim=8)
+
+
+def _with_rivals(stats: WithinStats, x: np.ndarray, labels: list[str]) -> WithinStats:
+    from dataclasses import replace
+
+    from fewshot.training.prior import article_means
+
+    return replace(stats, rivals=article_means(x, labels))
+
+
+def test_rivals_take_every_place_but_the_first():
+    from fewshot.catalogue.scores import open_scores, with_rivals
+
+    top = np.array([[0.9, 0.5, 0.2], [0.6, 0.55, 0.1]], np.float32)
+    got = with_rivals(top, np.array([0.7, 0.95]))
+    np.testing.assert_allclose(got, [[0.9, 0.7, 0.5, 0.2], [0.6, 0.95, 0.55, 0.1]], atol=1e-7)
+    np.testing.assert_allclose(open_scores(got, "relative"), [0.9 - 0.35, 0.6 - 0.475], atol=1e-6)
+    np.testing.assert_allclose(open_scores(got, "cosine"), [0.9, 0.6], atol=1e-7)  # the answer's own cosine
+    assert with_rivals(top, None) is top
+
+
+def test_rivals_are_the_article_means_and_travel_with_the_whitening():
+    x, labels = _photos(1, 6, 7, prefix="t")
+    prior = _with_rivals(within_stats(x, labels), x, labels)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(prior.rivals[2], unit[14:21].mean(0), atol=1e-12)  # t2's photos, by name
+    assert prior.describe()["rivals"] == 6 and prior.plus(prior).rivals is None  # not additive
+    w = fit_whitening(*_photos(0, 4, 5), prior=prior)
+    back = Whitening.from_arrays(w.to_arrays(), w.describe())
+    np.testing.assert_array_equal(back.prior.rivals, prior.rivals)
+    np.testing.assert_allclose(back.rival_vectors, w.apply(prior.rivals.astype(np.float32)), atol=1e-6)
+    assert fit_whitening(*_photos(0, 4, 5), prior=within_stats(x, labels)).rival_vectors is None
+    from fewshot.index.whiten import prior_note
+
+    assert prior_note(w.describe()["prior"]).endswith("42 training photos of 6 articles pooled in, 6 of its articles as rivals")
+
+
+@pytest.mark.parametrize("rivals, why", [
+    (lambda r: r * 2.0, "norms outside"), (lambda r: r * 0.0, "norms outside"),
+    (lambda r: r[:, :8], r"not \[B, 12\]"), (lambda r: np.full_like(r, np.nan), "finite"), (lambda r: r[:0], "finite"),
+])
+def test_impossible_rivals_are_refused(rivals, why):
+    x, labels = _photos(1, 6, 7, prefix="t")
+    arrays = _with_rivals(within_stats(x, labels), x, labels).to_arrays()
+    with pytest.raises(ValueError, match=why):
+        WithinStats.from_arrays({**arrays, "rivals": rivals(arrays["rivals"])})
+
+
+def test_a_prior_with_rivals_is_saved_read_and_checked(tmp_path, caplog):
+    from dataclasses import replace
+
+    x, labels = _photos(1, 6, 7, prefix="t")
+    v, vlabels = _photos(2, 3, 4, prefix="v")  # validation articles: rivals, not in the statistics
+    stats = _with_rivals(within_stats(x, labels), np.concatenate([x, v]), labels + vlabels)
+    digests = [f"{i:064x}" for i in range(len(labels) + len(vlabels))]
+    save_prior(tmp_path, stats, _Model(tmp_path), labels + vlabels, digests)
+    prior = read_prior(tmp_path / PRIOR_FILE)
+    assert prior.articles == {*labels, *vlabels} and len(prior.digests) == 54 and len(prior.stats.rivals) == 9
+    with caplog.at_level(logging.WARNING, logger="fewshot"):  # a catalogue of a validation article leaves it out
+        assert load_prior(_Model(tmp_path), ["v1"], None) is None
+    assert "shares 1 article(s) (e.g. v1)" in caplog.text
+    with pytest.raises(ValueError, match="4 rival means for 9 articles"):
+        save_prior(tmp_path, replace(stats, rivals=stats.rivals[:4]), _Model(tmp_path), labels + vlabels, digests)
+
+
+def test_rivals_lower_the_scores_of_photos_near_them_in_calibration_and_classify():
+    from fewshot.catalogue.calibrate import calibration_scores, rival_cosines
+    from fewshot.catalogue.classify import classify_embedded
+    from fewshot.catalogue.reject import Rejector
+    from fewshot.index import CatalogueIndex
+
+    x, labels = _photos(0, 8, 5)
+    t, tlabels = _photos(1, 6, 7, prefix="t")
+    plain_prior = within_stats(t, tlabels)
+    # a rival that is article a3 itself: a3's photos, left out, now meet it
+    rivals_prior = _with_rivals(plain_prior, np.concatenate([t, x[15:20]]), tlabels + ["a3"] * 5)
+    got = {}
+    for name, prior in (("plain", plain_prior), ("rivals", rivals_prior)):
+        w = fit_whitening(x, labels, prior=prior)
+        index = CatalogueIndex.build(x, labels, [None] * len(labels), [f"p{i}" for i in range(40)], {}, whitening=w)
+        got[name] = (calibration_scores(index), index)
+    (plain, _), (rival, index) = got["plain"], got["rivals"]
+    assert rival_cosines(got["plain"][1], x) is None
+    cos = rival_cosines(index, x)
+    assert cos.shape == (40,) and cos[15:20].min() > 0.5 > cos[:15].max() - 0.3  # a3's photos lie near their rival
+    # absent scores (own article left out): a3's photos lose the most
+    drop = plain.absent - rival.absent
+    assert drop[15:20].min() > 0.2 and drop[15:20].mean() > 2 * drop[np.r_[0:15, 20:40]].mean()
+    assert np.all(drop >= -1e-6)  # a rival only ever lowers the relative score
+    # classify: the answer's score is the relative score with the rival in second place
+    rejector = Rejector("relative", threshold=0.0)
+    r = classify_embedded(index, x[15:16] + 0.01, [None], ["q"], rejector=rejector, leave_one_out=False)[0]
+    top = np.array([[p.score for p in r.predictions[:2]]], np.float32)
+    expected = top[0, 0] - 0.5 * max(top[0, 1], float(rival_cosines(index, x[15:16] + 0.01)[0]))
+    assert r.answer.score == pytest.approx(expected, abs=1e-5) and r.answer.article == "a3"

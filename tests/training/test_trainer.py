@@ -110,11 +110,17 @@ def test_saved_run_reloads_to_identical_embeddings(run3, tiny):
     split = ClassSplit.load(tiny["split_file"])
     t = a.embed(dataset_for(load_dataset(tiny["data"]), split, "train"), cache_dir=tiny["cache_dir"], progress=False)
     by_hand = within_stats(t.vectors, t.labels, t.digests)
-    assert prior.describe() == {**by_hand.describe(), "fourth": pytest.approx(by_hand.fourth, rel=1e-6)}
+    assert prior.describe() == {**by_hand.describe(), "fourth": pytest.approx(by_hand.fourth, rel=1e-6),
+                                "rivals": len(split.train) + len(split.val)}
     np.testing.assert_allclose(prior.scatter, by_hand.scatter, atol=1e-6)
+    # the rivals: the mean unit embedding of every training and validation article, by name
+    v = a.embed(dataset_for(load_dataset(tiny["data"]), split, "val"), cache_dir=tiny["cache_dir"], progress=False)
+    both, names = np.concatenate([t.vectors, v.vectors]), np.array(t.labels + v.labels)
+    unit = both / np.linalg.norm(both, axis=1, keepdims=True)
+    np.testing.assert_allclose(prior.rivals, [unit[names == n].mean(0) for n in sorted(set(names))], atol=1e-6)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["whitening_prior"] == {"file": "whitening-prior.safetensors", "photos": len(t.labels),
-                                      "articles": len(split.train)}
+                                      "articles": len(split.train), "rivals": len(split.train) + len(split.val)}
 
 
 def test_resume_continues_exactly(tiny):

@@ -32,9 +32,9 @@ from ..errors import DataError
 from ..index import CatalogueIndex
 from ..index.vectors import l2_normalize
 from ..metrics.openset import threshold_for_far
-from .scores import DEFAULT_SCORE, brand_scores, open_scores, top_scores
+from .scores import DEFAULT_SCORE, brand_scores, open_scores, top_scores, with_rivals
 
-__all__ = ["Calibration", "CalibrationScores", "calibrate", "calibration_from", "calibration_scores", "check_calibratable", "MIN_ARTICLES", "MIN_BRANDS",
+__all__ = ["Calibration", "CalibrationScores", "calibrate", "rival_cosines", "calibration_from", "calibration_scores", "check_calibratable", "MIN_ARTICLES", "MIN_BRANDS",
            "MAX_PHOTOS", "HISTOGRAM_BINS"]
 
 #: the fewest articles (or brands, with ``by="group"``) a catalogue needs to be calibrated
@@ -101,6 +101,19 @@ class Calibration:
                 f"{self.num_present} catalogue photos{brand})")
 
 
+def rival_cosines(index: CatalogueIndex, vectors: np.ndarray, *, stored: bool = False) -> np.ndarray | None:
+    """Each photo's best cosine to the rival articles of ``index``'s whitening prior
+    (:func:`fewshot.catalogue.scores.with_rivals`), ``float32 [Q]``, or ``None`` when it has none
+    (a plain catalogue, no prior, a prior written before 0.11.0). ``vectors float32 [Q, D]``: the
+    model's embeddings, or with ``stored`` already as the index stores them (whitened)."""
+    whitening = index.whitening
+    rivals = None if whitening is None else whitening.rival_vectors
+    if rivals is None or not len(vectors):
+        return None
+    x = np.asarray(vectors, np.float32) if stored else whitening.apply(vectors)
+    return (x @ rivals.T).max(axis=1)
+
+
 def _sample(index: CatalogueIndex, max_photos: int, seed: int) -> np.ndarray:
     n = len(index.labels)
     return np.arange(n) if n <= max_photos else np.sort(np.random.default_rng(seed).choice(n, max_photos, False))
@@ -162,12 +175,14 @@ def calibration_scores(index: CatalogueIndex, *, score: str = DEFAULT_SCORE, by:
         same_brand = brand[own][:, None] == brand[None, :]
         absent = sims.copy()
         absent[same_brand if by == "group" else (r, own)] = -np.inf
-        parts["absent"].append(open_scores(top_scores(absent), score))
+        rivals = rival_cosines(index, x, stored=True)
+        parts["absent"].append(open_scores(with_rivals(top_scores(absent), rivals), score))
         keep = counts[own] > 1
         loo = l2_normalize(sums[own[keep]] - x[keep])  # own article's prototype without the photo
         present = sims[keep].copy()
         present[np.arange(keep.sum()), own[keep]] = (loo * x[keep]).sum(1)
-        parts["present"].append(open_scores(top_scores(present), score))
+        parts["present"].append(open_scores(with_rivals(top_scores(present), None if rivals is None else rivals[keep]),
+                                            score))
         if with_brands:
             _brand_parts(parts, sims, own, same_brand, counts, groups)
     out = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}

@@ -23,6 +23,7 @@ from ..index import CatalogueIndex, Prediction, check_classify
 from ..index.ranking import BATCH_TRANSDUCTIVE, TRANSDUCTIVE_CANDIDATES
 from ..model import EmbeddingModel
 from ..embed.options import EmbedOptions
+from .calibrate import rival_cosines
 from .reject import SCORE_DEPTH, Answer, Rejector, _short, answers, parse_reject
 
 log = logging.getLogger("fewshot")
@@ -159,7 +160,7 @@ def classify_embedded(index: CatalogueIndex, vectors: np.ndarray, digests: Seque
     said: list[Answer | None] = [None] * len(preds)
     if rejector is not None and len(preds):
         scored = preds if mode == "prototype" else index.classify(vectors, SCORE_DEPTH, "prototype", exclude)
-        said = list(answers(rejector, scored))  # nearest mode too: the prototype's article, which the score vouches for
+        said = list(answers(rejector, scored, rival_cosines(index, vectors)))  # nearest mode too: the prototype's article, which the score vouches for
     if transductive != "none":
         said = [None if a is None else replace(a, transductive=transductive) for a in said]
     return [ClassifyResult(name, pred[:top_k], None, in_catalogue=leave_one_out and bool(same),

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import DataError, InputError
 from ..index import CatalogueIndex, Prediction
 from .calibrate import Calibration, CalibrationScores, calibration_from, calibration_scores, check_calibratable
-from .scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, brand_scores, open_scores
+from .scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, brand_scores, open_scores, with_rivals
 
 __all__ = ["Answer", "Rejector", "answers", "parse_reject", "prediction_arrays", "DEFAULT_TARGET_FAR",
            "CALIBRATION_FILE", "SCORE_DEPTH", "UNKNOWN", "read_calibration", "write_calibration", "cached_calibration", "check_score_name", "check_target_far"]
@@ -311,13 +311,16 @@ def prediction_arrays(predictions: Sequence[Sequence[Prediction]]) -> tuple[np.n
     return top, groups
 
 
-def answers(rejector: Rejector, predictions: Sequence[Sequence[Prediction]]) -> list[Answer]:
+def answers(rejector: Rejector, predictions: Sequence[Sequence[Prediction]],
+            rivals: np.ndarray | None = None) -> list[Answer]:
     """The answer for each photo from its ranked predictions (at least ``SCORE_DEPTH`` when the
-    catalogue has that many articles: the scores read them)."""
+    catalogue has that many articles: the scores read them) and its best rival cosine
+    (``rivals float32 [Q]``, :func:`fewshot.catalogue.calibrate.rival_cosines`; ``None``: none),
+    which the calibration counted too."""
     if not predictions:
         return []
     top, groups = prediction_arrays(predictions)
-    scores = open_scores(top, rejector.score)
+    scores = open_scores(with_rivals(top, rivals), rejector.score)
     cal = rejector.calibration
     brand_ok = np.zeros(len(top), bool)
     if cal is not None and cal.brand_threshold is not None:

@@ -48,9 +48,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..catalogue.calibrate import MIN_ARTICLES
+from ..catalogue.calibrate import MIN_ARTICLES, rival_cosines
 from ..catalogue.reject import DEFAULT_TARGET_FAR, Rejector, answers, check_target_far, prediction_arrays
-from ..catalogue.scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, open_scores
+from ..catalogue.scores import DEFAULT_SCORE, OPEN_SCORES, SCORE_DEPTH, open_scores, with_rivals
 from ..catalogue.whitened import WHITEN_FOLDS, check_whitenable
 from ..index.whiten import WithinStats, fit_whitening
 from ..checks import as_embeddings, as_list, positive_int
@@ -194,7 +194,8 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
     index = CatalogueIndex.build(s.g[cat], labels, groups, paths, {}, digests=digests, whitening=whitening)
     rejectors = {n: Rejector.for_index(index, "auto", target_far=target_far, score=n, warn=False) for n in product}
     preds = index.classify(s.q, top_k=SCORE_DEPTH)
-    top, _ = prediction_arrays(preds)
+    rivals = rival_cosines(index, s.q)
+    top = with_rivals(prediction_arrays(preds)[0], rivals)
     best = np.array([p[0].label for p in preds], dtype=object)
     brands = {g for g in s.g_groups[cat] if g is not None}
     is_known = np.isin(s.q_labels, known)
@@ -205,7 +206,7 @@ def _run_draw(s: _Sets, known: list[str], target_far: float, product: list[str],
     for name, rejector in rejectors.items():
         if rejector.calibration is None:  # pragma: no cover - the inputs check rules this out
             raise DataError(f"the catalogue of draw {known} could not be calibrated")
-        said = answers(rejector, preds)
+        said = answers(rejector, preds, rivals)
         accepted = np.array([not a.unknown for a in said], bool)
         named = np.array([a.brand is not None for a in said], bool)
         d.thresholds[name] = float(rejector.threshold)

@@ -50,6 +50,8 @@ __all__ = ["PRIOR_FILE", "Prior", "save_prior", "load_prior", "read_prior"]
 log = logging.getLogger("fewshot")
 
 
+#: the most photos of validation articles (rivals beyond the training photos) a prior names
+MAX_RIVAL_PHOTOS = 10**7
 #: what a warning about the prior asks for
 FIX = ("rerun the run's own `fewshot train` command with --resume, or call "
        "fewshot.training.add_whitening_prior(RUN_DIR) from the folder it was trained in: either writes it again")
@@ -57,11 +59,19 @@ FIX = ("rerun the run's own `fewshot train` command with --resume, or call "
 
 def save_prior(run_dir: str | Path, stats: WithinStats, model: EmbeddingModel, labels: Sequence[str],
                digests: Sequence[str | None], tta: str = "none") -> Path:
-    """Write ``stats`` (the run's training photos embedded by ``model``, the run's own) as
+    """Write ``stats`` (the run's training photos embedded by ``model``, the run's own; with
+    ``stats.rivals`` the mean of each of ``labels``' articles, sorted by name) as
     ``run_dir/whitening-prior.safetensors``, atomically, with the articles (``labels``, one per
-    photo) and the photos' SHA-256 (``digests``, ``None`` where not known) it was measured on;
-    returns its path."""
+    photo: the training photos' and the rivals') and the photos' SHA-256 (``digests``, ``None``
+    where not known) it was measured on; returns its path.
+
+    Raises:
+        ValueError: ``stats.rivals`` not one row per article of ``labels``.
+    """
     from safetensors.numpy import save_file
+
+    if stats.rivals is not None and len(stats.rivals) != len({str(x) for x in labels}):
+        raise ValueError(f"{len(stats.rivals)} rival means for {len({str(x) for x in labels})} articles")
 
     known = sorted({d for d in digests if d})
     arrays = {**stats.to_arrays(), "digests": np.frombuffer(b"".join(bytes.fromhex(d) for d in known),
@@ -106,8 +116,14 @@ def read_prior(path: str | Path) -> Prior:
     if not isinstance(articles, list):
         raise ValueError("its articles are not a list")
     stats = WithinStats.from_arrays(arrays)
-    if stats.articles != len(set(map(str, articles))) or len(digests) > stats.photos:
-        raise ValueError(f"its counts ({stats.photos} photos of {stats.articles} articles) do not fit its "
+    names = len(set(map(str, articles)))
+    if stats.rivals is None:  # written by 0.10.0: the training photos alone
+        fits = stats.articles == names and len(digests) <= stats.photos
+    else:  # since 0.11.0: the rivals' photos (training and validation articles) named too
+        fits = stats.articles <= names == len(stats.rivals) and len(digests) <= stats.photos + MAX_RIVAL_PHOTOS
+    if not fits:
+        raise ValueError(f"its counts ({stats.photos} photos of {stats.articles} articles"
+                         f"{'' if stats.rivals is None else f', {len(stats.rivals)} rivals'}) do not fit its "
                          f"{len(digests)} photo digests and {len(articles)} article names")
     return Prior(stats, meta, frozenset(str(a) for a in articles), frozenset(bytes(row).hex() for row in digests))
 

@@ -28,7 +28,7 @@ and the within-article covariance are then those of both sets of photos.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
@@ -85,6 +85,13 @@ class Whitening:
             raise ValueError(f"vectors have dimension {x.shape[1]}, the whitening {self.dim}")
         y = (l2_normalize(x).astype(np.float64) - self.mean) @ self.matrix
         return l2_normalize(y.astype(np.float32))
+
+    @cached_property
+    def rival_vectors(self) -> np.ndarray | None:
+        """The prior's rival articles (:attr:`WithinStats.rivals`) whitened, ``float32 [B, D]``, or ``None``."""
+        if self.prior is None or self.prior.rivals is None:
+            return None
+        return self.apply(self.prior.rivals.astype(np.float32))
 
     @cached_property
     def _inverse(self) -> np.ndarray:
@@ -148,7 +155,8 @@ def prior_note(described: dict | None) -> str:
     ``describe()["prior"]`` recorded (``None``: ``""``): what the CLI and the reports add after "whitened"."""
     if not described:
         return ""
-    return f"the run's {described['photos']:,} training photos of {described['articles']} articles pooled in"
+    note = f"the run's {described['photos']:,} training photos of {described['articles']} articles pooled in"
+    return note + (f", {described['rivals']} of its articles as rivals" if described.get("rivals") else "")
 
 
 def _refuse_spread(photos: int, articles: int, spread: int) -> None:
@@ -185,6 +193,10 @@ class WithinStats:
         residuals: how many residuals (photos of articles of two or more photos).
         total: ``float64 [D]``, the sum of the unit embeddings (every photo).
         photos, articles, spread: photos, articles, photos beyond the first of their article.
+        rivals: a run's prior only (:mod:`fewshot.index.prior`): ``float64 [B, D]``, the mean unit
+            embedding of each of the run's own articles, which the open-set scores count as rivals
+            of a catalogue's best article (:func:`fewshot.catalogue.scores.with_rivals`); not
+            additive (:meth:`plus` drops it), ``None`` elsewhere.
     """
 
     scatter: np.ndarray
@@ -194,11 +206,12 @@ class WithinStats:
     photos: int
     articles: int
     spread: int
+    rivals: np.ndarray | None = field(default=None, compare=False)
 
     def plus(self, other: "WithinStats", sign: int = 1) -> "WithinStats":
         """The statistics of these photos and ``other``'s (other articles); ``sign=-1``: without
-        ``other``'s (whole articles among these)."""
-        return WithinStats(*(getattr(self, f) + sign * getattr(other, f) for f in self.__dataclass_fields__))
+        ``other``'s (whole articles among these). ``rivals`` are not added (``None``)."""
+        return WithinStats(**{f: getattr(self, f) + sign * getattr(other, f) for f in STAT_FIELDS})
 
     def minus(self, other: "WithinStats") -> "WithinStats":
         """The statistics of these photos without ``other``'s (whole articles among them)."""
@@ -213,14 +226,16 @@ class WithinStats:
         ``counts`` (``fourth``, ``residuals``, ``photos``, ``articles``, ``spread``), so that a
         digest of the arrays covers it all."""
         counts = [self.fourth, self.residuals, self.photos, self.articles, self.spread]
-        return {prefix + "scatter": np.ascontiguousarray(self.scatter, np.float64),
-                prefix + "total": np.ascontiguousarray(self.total, np.float64),
-                prefix + "counts": np.asarray(counts, np.float64)}
+        arrays = {prefix + "scatter": np.ascontiguousarray(self.scatter, np.float64),
+                  prefix + "total": np.ascontiguousarray(self.total, np.float64),
+                  prefix + "counts": np.asarray(counts, np.float64)}
+        return arrays if self.rivals is None else {**arrays, prefix + "rivals": np.ascontiguousarray(self.rivals, np.float64)}
 
     def describe(self) -> dict:
-        """The counts and ``fourth`` (JSON numbers), for result files."""
-        return {"fourth": float(self.fourth), "residuals": int(self.residuals), "photos": int(self.photos),
-                "articles": int(self.articles), "spread": int(self.spread)}
+        """The counts and ``fourth`` (JSON numbers), and ``rivals`` (how many) when it has them, for result files."""
+        out = {"fourth": float(self.fourth), "residuals": int(self.residuals), "photos": int(self.photos),
+               "articles": int(self.articles), "spread": int(self.spread)}
+        return out if self.rivals is None else {**out, "rivals": len(self.rivals)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "", dim: int | None = None) -> "WithinStats":
@@ -239,10 +254,30 @@ class WithinStats:
                              f"not for dimension {d}")
         if not (np.isfinite(scatter).all() and np.isfinite(total).all() and np.isfinite(counts).all()):
             raise ValueError("within-article statistics with values that are not finite")
-        stats = cls(scatter=scatter, fourth=float(counts[0]), total=total,
+        rivals = _rivals(arrays[prefix + "rivals"], d) if prefix + "rivals" in arrays else None
+        stats = cls(scatter=scatter, fourth=float(counts[0]), total=total, rivals=rivals,
                     **{k: int(v) for k, v in zip(("residuals", "photos", "articles", "spread"), counts[1:])})
         _check_possible(stats, counts)
         return stats
+
+
+#: the additive fields of :class:`WithinStats`
+STAT_FIELDS = ("scatter", "fourth", "residuals", "total", "photos", "articles", "spread")
+
+
+def _rivals(array: np.ndarray, dim: int) -> np.ndarray:
+    """Rival article means read back: ``[B, dim]``, finite, each a mean of unit vectors (norm in ``(0, 1]``).
+
+    Raises:
+        ValueError: anything else.
+    """
+    rivals = np.asarray(array, np.float64)
+    if rivals.ndim != 2 or rivals.shape[1] != dim or not len(rivals) or not np.isfinite(rivals).all():
+        raise ValueError(f"rival article means of shape {rivals.shape}, not [B, {dim}] and finite")
+    norms = np.linalg.norm(rivals, axis=1)
+    if not ((norms > 1e-6) & (norms <= 1 + 1e-6)).all():
+        raise ValueError("rival article means that are not means of unit vectors (norms outside (0, 1])")
+    return rivals
 
 
 def _check_possible(stats: WithinStats, counts: np.ndarray) -> None:
