@@ -96,7 +96,7 @@ def test_a_run_records_and_prints_its_images_per_second(tiny, tmp_path):
     from fewshot.cli import app
 
     out = tmp_path / "cli-run"
-    args = ["train", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", str(out),
+    args = ["train", "--method", "triplet", "--data", tiny["data"], "--split-file", tiny["split_file"], "--out", str(out),
             "--cache-dir", tiny["cache_dir"], "--image-size", "64", "--fine-tune", "last:1",
             "--epochs", "2", "--val-episodes", "0", "--split", "none", "--no-progress", "--opt", "batch_size=16",
             "--opt", "m_per_class=4", "--micro-batch", "5"]

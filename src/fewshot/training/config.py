@@ -106,7 +106,7 @@ class TrainConfig:
             or a dict = its defaults / those values).
     """
 
-    method: str = loop_option("triplet", "contrastive | triplet | multisimilarity | proxyanchor | arcface | protonet | "
+    method: str = loop_option("arcface", "contrastive | triplet | multisimilarity | proxyanchor | arcface | protonet | "
                               "maml | fomaml (see `fewshot methods`).")
     data: str = loop_option("", "Dataset folder, CSV manifest, or a fetched dataset name.", required=True)
     split_file: str = loop_option("", "Class-disjoint protocol JSON (e.g. splits/grocery-unseen.json): train on its "
@@ -201,8 +201,8 @@ class TrainConfig:
     weight_average: str = loop_option("none", "Validate and save an average of the trained weights instead of the "
                                       "last ones: none | ema (exponential moving average after every step, "
                                       "--ema-decay) | swa (equal average of the weights at the end of each epoch from "
-                                      "--swa-start on; Izmailov et al. 2018). Default: swa when fine-tuning triplet "
-                                      "(test MAP@R +0.012 over 3 seeds on Grocery), else none.",
+                                      "--swa-start on; Izmailov et al. 2018). Default: swa when fine-tuning arcface or "
+                                      "triplet (triplet's test MAP@R +0.012 over 3 seeds on Grocery), else none.",
                                       choices=WEIGHT_AVERAGES, unset=True)
     ema_decay: float | None = loop_option(None, "Decay of --weight-average ema per step, 0 < d < 1 (default 0.99: "
                                           "about the last 100 steps).", unset=True)
