@@ -72,7 +72,8 @@ def measure(data: str, model_dir: str | None, cache_dir: str | None, draws: int 
 
     section = open_set_metrics(cfg, protocol, q, g, load_prior(model, g.labels, g.digests or None) if whiten else None)
     name = ((f"fine-tuned ({Path(model_dir).name})" if model_dir else f"frozen {backbone}") + (", whitened" if whiten else "")
-            + (", its training photos pooled in" if section["protocol"].get("whiten_prior") else ""))
+            + (", its training photos pooled in" if section["protocol"].get("whiten_prior") else "")
+            + (", its articles as rivals" if (section["protocol"].get("whiten_prior") or {}).get("rivals") else ""))
     return {"name": name, "model": model.describe(), "embed_seconds": round(t1 - t0, 1),
             "seconds": round(time.perf_counter() - t1, 1), "open_set": section, **_stamp()}
 

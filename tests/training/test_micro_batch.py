@@ -102,6 +102,9 @@ def test_a_run_records_and_prints_its_images_per_second(tiny, tmp_path):
             "--opt", "m_per_class=4", "--micro-batch", "5"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
+    prior = json.loads((out / "config.json").read_text())["whitening_prior"]  # its last line names the prior and rivals
+    assert (f"whitening-prior.safetensors (the whitening prior: {prior['photos']:,} training photos of "
+            f"{prior['articles']} articles, {prior['rivals']} articles as rivals)") in " ".join(res.output.split())
     rows = read_history(out)
     assert rows[0]["images_per_second"] is None
     rates = [r["images_per_second"] for r in rows[1:]]

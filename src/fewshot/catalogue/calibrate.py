@@ -24,6 +24,7 @@ thresholds and what they accept as a :class:`Calibration`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,7 +35,9 @@ from ..index.vectors import l2_normalize
 from ..metrics.openset import threshold_for_far
 from .scores import DEFAULT_SCORE, brand_scores, open_scores, top_scores, with_rivals
 
-__all__ = ["Calibration", "CalibrationScores", "calibrate", "rival_cosines", "calibration_from", "calibration_scores", "check_calibratable", "MIN_ARTICLES", "MIN_BRANDS",
+log = logging.getLogger("fewshot")
+
+__all__ = ["Calibration", "CalibrationScores", "calibrate", "rival_cosines", "kept_rivals", "SAME_ARTICLE_COSINE", "calibration_from", "calibration_scores", "check_calibratable", "MIN_ARTICLES", "MIN_BRANDS",
            "MAX_PHOTOS", "HISTOGRAM_BINS"]
 
 #: the fewest articles (or brands, with ``by="group"``) a catalogue needs to be calibrated
@@ -101,17 +104,55 @@ class Calibration:
                 f"{self.num_present} catalogue photos{brand})")
 
 
+#: a rival at least this near (whitened cosine) a catalogue article's prototype is taken for that
+#: article under another name and left out: on Grocery a catalogue article and the rival made of
+#: its own photos met at 0.74-0.80 or more (mean 0.91), two different articles at 0.75 at most
+SAME_ARTICLE_COSINE = 0.8
+
+
 def rival_cosines(index: CatalogueIndex, vectors: np.ndarray, *, stored: bool = False) -> np.ndarray | None:
     """Each photo's best cosine to the rival articles of ``index``'s whitening prior
     (:func:`fewshot.catalogue.scores.with_rivals`), ``float32 [Q]``, or ``None`` when it has none
     (a plain catalogue, no prior, a prior written before 0.11.0). ``vectors float32 [Q, D]``: the
-    model's embeddings, or with ``stored`` already as the index stores them (whitened)."""
+    model's embeddings, or with ``stored`` already as the index stores them (whitened). A rival
+    that is one of the catalogue's articles (:func:`kept_rivals`) is left out."""
     whitening = index.whitening
-    rivals = None if whitening is None else whitening.rival_vectors
-    if rivals is None or not len(vectors):
+    rivals = kept_rivals(index)
+    if rivals is None or not len(rivals) or not len(vectors):
         return None
     x = np.asarray(vectors, np.float32) if stored else whitening.apply(vectors)
     return (x @ rivals.T).max(axis=1)
+
+
+def kept_rivals(index: CatalogueIndex) -> np.ndarray | None:
+    """The whitened rivals of ``index`` (``float32 [B', D]``; ``None``: none) without those named
+    like one of its articles (case and spaces aside) or lying at :data:`SAME_ARTICLE_COSINE` or
+    nearer one of its prototypes (an enrolled article the run trained on: it would be its own
+    rival, and every photo of it rejected); said once per state of the index (kept in
+    ``index.derived`` until it changes)."""
+    whitening = index.whitening
+    rivals = None if whitening is None else whitening.rival_vectors
+    if rivals is None:
+        return None
+    if ("rivals",) not in index.derived:
+        counts = np.bincount(index.image_article, minlength=len(index.articles))
+        live = [a for a, c in zip(index.articles, counts) if c > 0]
+        names = whitening.prior.rival_names or [""] * len(rivals)
+        ours = {_plain(a) for a in live}
+        near = (rivals @ l2_normalize(index.prototype_sums(0, len(index.articles))[counts > 0]).T).max(axis=1, initial=-1.0)
+        out = np.array([_plain(n) in ours for n in names]) | (near >= SAME_ARTICLE_COSINE)
+        if out.any():
+            shown = ", ".join(n or "?" for n in np.array(names, dtype=object)[out][:3]) + (" ..." if out.sum() > 3 else "")
+            log.warning("%d of the run's %d rival articles are left out of the open-set scores: they are articles of "
+                        "the catalogue (by name, or a mean at cosine %.2f or more of one of its articles): %s",
+                        int(out.sum()), len(rivals), SAME_ARTICLE_COSINE, shown)
+        index.derived[("rivals",)] = rivals[~out]
+    return index.derived[("rivals",)]
+
+
+def _plain(name: str) -> str:
+    """An article name compared without case or surrounding and repeated spaces."""
+    return " ".join(str(name).split()).casefold()
 
 
 def _sample(index: CatalogueIndex, max_photos: int, seed: int) -> np.ndarray:

@@ -68,7 +68,8 @@ def cosine_score(top: np.ndarray) -> np.ndarray:
 
 @OPEN_SCORES.register("margin")
 def margin_score(top: np.ndarray) -> np.ndarray:
-    """Best minus second best prototype cosine, ``[Q]`` in ``[0, 2]``."""
+    """Best minus second best prototype cosine, ``[Q]``: in ``[0, 2]``, below 0 when a rival
+    (:func:`with_rivals`) is nearer than the best article."""
     return top[:, 0] - _second(top)
 
 
@@ -81,7 +82,7 @@ def relative_score(top: np.ndarray) -> np.ndarray:
 @OPEN_SCORES.register("softmax")
 def softmax_score(top: np.ndarray) -> np.ndarray:
     """The largest softmax probability over the given cosines at ``SOFTMAX_TEMPERATURE``, ``[Q]`` in ``(0, 1]``."""
-    z = (top - top[:, :1]) / SOFTMAX_TEMPERATURE  # the best is 0: no overflow; -inf pads give 0
+    z = (top - top[:, :1]) / SOFTMAX_TEMPERATURE  # at most 2 / 0.1 (a rival above the best): no overflow; -inf pads give 0
     return 1.0 / np.exp(z).sum(axis=1)
 
 

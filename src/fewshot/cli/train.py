@@ -80,7 +80,12 @@ def _train_run(method: str, given: dict[str, Any], pairs: list[str], nproc: int,
     prior = (result.config or {}).get("whitening_prior")
     typer.echo(f"wrote {one_line(cfg.out)}/config.json, model.safetensors, history.csv, curves.png"
                + (f", {prior['file']} (the whitening prior: {prior['photos']:,} training photos of {prior['articles']} "
-                  "articles)" if prior else ""))
+                  f"articles{_rivals(prior)})" if prior else ""))
+
+
+def _rivals(prior: dict) -> str:
+    """``", 53 articles as rivals"`` from what ``config.json`` records of a prior (``""``: none, before 0.11.0)."""
+    return f", {prior['rivals']} articles as rivals" if prior.get("rivals") else ""
 
 
 def _run(cfg, nproc: int, threads: Optional[int], run_train):

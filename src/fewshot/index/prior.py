@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -135,11 +135,13 @@ def read_prior(path: str | Path) -> Prior:
         raise ValueError(f"its counts ({stats.photos} photos of {stats.articles} articles"
                          f"{'' if stats.rivals is None else f', {len(stats.rivals)} rivals'}) do not fit its "
                          f"{len(digests)} photo digests and {len(articles)} article names")
+    if stats.rivals is not None:  # one row per article, by name
+        stats = replace(stats, rival_names=tuple(sorted({str(a) for a in articles})))
     return Prior(stats, meta, frozenset(str(a) for a in articles), frozenset(bytes(row).hex() for row in digests))
 
 
 def _shared(prior: Prior, labels: Sequence[str] | None, digests: Sequence[str | None] | None) -> str:
-    """What the catalogue shares with the prior's training photos (``""``: nothing)."""
+    """What the catalogue shares with the prior's training and validation photos (``""``: nothing)."""
     articles = sorted({str(x) for x in labels or []} & prior.articles)
     photos = {d for d in digests or [] if d} & prior.digests
     parts = ([f"{len(articles)} article(s) (e.g. {', '.join(articles[:3])})"] if articles else []) + (
@@ -184,7 +186,8 @@ def load_prior(model: EmbeddingModel, labels: Sequence[str] | None = None,
     if shared:
         log.warning("the catalogue shares %s with the run's training and validation photos: its whitening prior "
                     "and rivals are left out (it would count them twice, and the reject threshold's calibration would "
-                    "have seen them)", shared)
+                    "have seen them); to keep them, index only articles the run was neither trained nor validated on",
+                    shared)
         return None
     return prior.stats
 

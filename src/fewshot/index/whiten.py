@@ -28,6 +28,7 @@ and the within-article covariance are then those of both sets of photos.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
@@ -151,8 +152,9 @@ class Whitening:
 
 
 def prior_note(described: dict | None) -> str:
-    """``"the run's N training photos of M articles pooled in"`` from what a whitening's
-    ``describe()["prior"]`` recorded (``None``: ``""``): what the CLI and the reports add after "whitened"."""
+    """``"the run's N training photos of M articles pooled in"`` (and ``", B of its articles as
+    rivals"`` when it has them) from what a whitening's ``describe()["prior"]`` recorded
+    (``None``: ``""``): what the CLI and the reports add after "whitened"."""
     if not described:
         return ""
     note = f"the run's {described['photos']:,} training photos of {described['articles']} articles pooled in"
@@ -197,6 +199,8 @@ class WithinStats:
             embedding of each of the run's own articles, which the open-set scores count as rivals
             of a catalogue's best article (:func:`fewshot.catalogue.scores.with_rivals`); not
             additive (:meth:`plus` drops it), ``None`` elsewhere.
+        rival_names: the article of each row of ``rivals`` (a catalogue leaves out the rivals named
+            like one of its articles: :func:`fewshot.catalogue.calibrate.rival_cosines`).
     """
 
     scatter: np.ndarray
@@ -207,6 +211,7 @@ class WithinStats:
     articles: int
     spread: int
     rivals: np.ndarray | None = field(default=None, compare=False)
+    rival_names: tuple[str, ...] | None = field(default=None, compare=False)
 
     def plus(self, other: "WithinStats", sign: int = 1) -> "WithinStats":
         """The statistics of these photos and ``other``'s (other articles); ``sign=-1``: without
@@ -229,7 +234,11 @@ class WithinStats:
         arrays = {prefix + "scatter": np.ascontiguousarray(self.scatter, np.float64),
                   prefix + "total": np.ascontiguousarray(self.total, np.float64),
                   prefix + "counts": np.asarray(counts, np.float64)}
-        return arrays if self.rivals is None else {**arrays, prefix + "rivals": np.ascontiguousarray(self.rivals, np.float64)}
+        if self.rivals is not None:
+            arrays[prefix + "rivals"] = np.ascontiguousarray(self.rivals, np.float64)
+        if self.rival_names is not None:  # in the arrays, so that their digest covers the names too
+            arrays[prefix + "rival_names"] = np.frombuffer(json.dumps(list(self.rival_names)).encode(), np.uint8)
+        return arrays
 
     def describe(self) -> dict:
         """The counts and ``fourth`` (JSON numbers), and ``rivals`` (how many) when it has them, for result files."""
@@ -255,14 +264,30 @@ class WithinStats:
         if not (np.isfinite(scatter).all() and np.isfinite(total).all() and np.isfinite(counts).all()):
             raise ValueError("within-article statistics with values that are not finite")
         rivals = _rivals(arrays[prefix + "rivals"], d) if prefix + "rivals" in arrays else None
-        stats = cls(scatter=scatter, fourth=float(counts[0]), total=total, rivals=rivals,
+        names = _rival_names(arrays[prefix + "rival_names"], rivals) if prefix + "rival_names" in arrays else None
+        stats = cls(scatter=scatter, fourth=float(counts[0]), total=total, rivals=rivals, rival_names=names,
                     **{k: int(v) for k, v in zip(("residuals", "photos", "articles", "spread"), counts[1:])})
         _check_possible(stats, counts)
         return stats
 
 
+#: the most rival articles a prior may hold (a run trained on more articles than that is not expected)
+MAX_RIVALS = 50_000
 #: the additive fields of :class:`WithinStats`
 STAT_FIELDS = ("scatter", "fourth", "residuals", "total", "photos", "articles", "spread")
+
+
+def _rival_names(array: np.ndarray, rivals: np.ndarray | None) -> tuple[str, ...]:
+    """The names of the rivals read back (JSON in ``uint8``), one per row.
+
+    Raises:
+        ValueError: not a JSON list of strings, one per rival.
+    """
+    names = json.loads(np.asarray(array, np.uint8).tobytes().decode())
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or rivals is None \
+            or len(names) != len(rivals):
+        raise ValueError("rival names that are not one string per rival")
+    return tuple(names)
 
 
 def _rivals(array: np.ndarray, dim: int) -> np.ndarray:
@@ -272,6 +297,8 @@ def _rivals(array: np.ndarray, dim: int) -> np.ndarray:
         ValueError: anything else.
     """
     rivals = np.asarray(array, np.float64)
+    if len(rivals) > MAX_RIVALS:
+        raise ValueError(f"{len(rivals):,} rival articles, more than the {MAX_RIVALS:,} a prior may hold")
     if rivals.ndim != 2 or rivals.shape[1] != dim or not len(rivals) or not np.isfinite(rivals).all():
         raise ValueError(f"rival article means of shape {rivals.shape}, not [B, {dim}] and finite")
     norms = np.linalg.norm(rivals, axis=1)

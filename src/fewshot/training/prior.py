@@ -51,7 +51,8 @@ def write_whitening_prior(cfg: TrainConfig, run_dir: str | Path, *, strict: bool
         digests = emb.digests or [None] * len(emb.labels)
         stats = within_stats(emb.vectors[train], [x for x, t in zip(emb.labels, train) if t],
                              [d for d, t in zip(digests, train) if t] if emb.digests else None)
-        stats = replace(stats, rivals=article_means(emb.vectors, emb.labels))
+        stats = replace(stats, rivals=article_means(emb.vectors, emb.labels),
+                        rival_names=tuple(sorted({str(x) for x in emb.labels})))
     except (FewshotError, OSError) as exc:
         if strict:
             raise
