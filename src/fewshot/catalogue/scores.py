@@ -27,7 +27,7 @@ Grocery's open-set protocol, whitened, seeds 0 / 1 / 2 (docs/measurements.md): t
 runs of 0.4.0 FPR@95TPR 0.352 / 0.349 / 0.344 -> 0.340 / 0.335 / 0.342, known photos accepted
 and right at a 5% false-accept threshold chosen in hindsight 53.9 / 52.7 / 56.0% -> 61.8 /
 62.7 / 62.1%; the calibrated threshold is less cautious with rivals (7.7-8.2% false accepts for
-5% with triplet, 6.2-6.8% with the ArcFace default). Checked on the 13 validation articles first
+5% with triplet, 6.2-6.8% with the ArcFace default). Checked on the 13 validation articles too
 (the training articles as rivals: AUROC 0.905 / 0.911 / 0.918 -> 0.921 / 0.924 / 0.930).
 """
 
