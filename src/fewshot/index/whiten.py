@@ -37,6 +37,7 @@ import numpy as np
 
 from ..checks import as_embeddings, as_list
 from ..errors import DataError
+from .rivals import read_rivals
 from .vectors import l2_normalize
 
 __all__ = ["Whitening", "WithinStats", "prior_note", "check_spread", "distinct_labels", "distinct_photos", "fit_from_stats", "fit_whitening", "within_stats",
@@ -263,48 +264,15 @@ class WithinStats:
                              f"not for dimension {d}")
         if not (np.isfinite(scatter).all() and np.isfinite(total).all() and np.isfinite(counts).all()):
             raise ValueError("within-article statistics with values that are not finite")
-        rivals = _rivals(arrays[prefix + "rivals"], d) if prefix + "rivals" in arrays else None
-        names = _rival_names(arrays[prefix + "rival_names"], rivals) if prefix + "rival_names" in arrays else None
+        rivals, names = read_rivals(arrays, prefix, d)
         stats = cls(scatter=scatter, fourth=float(counts[0]), total=total, rivals=rivals, rival_names=names,
                     **{k: int(v) for k, v in zip(("residuals", "photos", "articles", "spread"), counts[1:])})
         _check_possible(stats, counts)
         return stats
 
 
-#: the most rival articles a prior may hold (a run trained on more articles than that is not expected)
-MAX_RIVALS = 50_000
 #: the additive fields of :class:`WithinStats`
 STAT_FIELDS = ("scatter", "fourth", "residuals", "total", "photos", "articles", "spread")
-
-
-def _rival_names(array: np.ndarray, rivals: np.ndarray | None) -> tuple[str, ...]:
-    """The names of the rivals read back (JSON in ``uint8``), one per row.
-
-    Raises:
-        ValueError: not a JSON list of strings, one per rival.
-    """
-    names = json.loads(np.asarray(array, np.uint8).tobytes().decode())
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or rivals is None \
-            or len(names) != len(rivals):
-        raise ValueError("rival names that are not one string per rival")
-    return tuple(names)
-
-
-def _rivals(array: np.ndarray, dim: int) -> np.ndarray:
-    """Rival article means read back: ``[B, dim]``, finite, each a mean of unit vectors (norm in ``(0, 1]``).
-
-    Raises:
-        ValueError: anything else.
-    """
-    rivals = np.asarray(array, np.float64)
-    if len(rivals) > MAX_RIVALS:
-        raise ValueError(f"{len(rivals):,} rival articles, more than the {MAX_RIVALS:,} a prior may hold")
-    if rivals.ndim != 2 or rivals.shape[1] != dim or not len(rivals) or not np.isfinite(rivals).all():
-        raise ValueError(f"rival article means of shape {rivals.shape}, not [B, {dim}] and finite")
-    norms = np.linalg.norm(rivals, axis=1)
-    if not ((norms > 1e-6) & (norms <= 1 + 1e-6)).all():
-        raise ValueError("rival article means that are not means of unit vectors (norms outside (0, 1])")
-    return rivals
 
 
 def _check_possible(stats: WithinStats, counts: np.ndarray) -> None:
