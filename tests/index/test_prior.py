@@ -181,7 +181,8 @@ def _with_rivals(stats: WithinStats, x: np.ndarray, labels: list[str]) -> Within
 
     from fewshot.training.prior import article_means
 
-    return replace(stats, rivals=article_means(x, labels))
+    names, means = article_means(x, labels)
+    return replace(stats, rivals=means, rival_names=names)
 
 
 def test_rivals_take_every_place_but_the_first():
@@ -288,7 +289,6 @@ def test_a_rival_that_is_a_catalogue_article_is_left_out(rival_name, shift, capl
     t, tlabels = _photos(1, 6, 7, prefix="t")
     prior = _with_rivals(within_stats(t, tlabels), np.concatenate([t, _sibling(x[15:20], shift)]),
                          tlabels + [rival_name] * 6)
-    prior = replace_names(prior, sorted({*tlabels, rival_name}))
     index = CatalogueIndex.build(x, labels, [None] * 40, [f"p{i}" for i in range(40)], {},
                                  whitening=fit_whitening(x, labels, prior=prior))
     with caplog.at_level(logging.WARNING, logger="fewshot"):
@@ -300,9 +300,3 @@ def test_a_rival_that_is_a_catalogue_article_is_left_out(rival_name, shift, capl
     index.remove_article("a3")  # gone from the catalogue: a rival again
     with caplog.at_level(logging.WARNING, logger="fewshot"):
         assert len(kept_rivals(index)) == 7 and not caplog.text
-
-
-def replace_names(stats: WithinStats, names: list[str]) -> WithinStats:
-    from dataclasses import replace
-
-    return replace(stats, rival_names=tuple(names))

@@ -135,7 +135,7 @@ def read_prior(path: str | Path) -> Prior:
         raise ValueError(f"its counts ({stats.photos} photos of {stats.articles} articles"
                          f"{'' if stats.rivals is None else f', {len(stats.rivals)} rivals'}) do not fit its "
                          f"{len(digests)} photo digests and {len(articles)} article names")
-    if stats.rivals is not None:  # one row per article, by name
+    if stats.rivals is not None and stats.rival_names is None:  # one row per article, by name
         stats = replace(stats, rival_names=tuple(sorted({str(a) for a in articles})))
     return Prior(stats, meta, frozenset(str(a) for a in articles), frozenset(bytes(row).hex() for row in digests))
 

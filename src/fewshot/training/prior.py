@@ -51,8 +51,8 @@ def write_whitening_prior(cfg: TrainConfig, run_dir: str | Path, *, strict: bool
         digests = emb.digests or [None] * len(emb.labels)
         stats = within_stats(emb.vectors[train], [x for x, t in zip(emb.labels, train) if t],
                              [d for d, t in zip(digests, train) if t] if emb.digests else None)
-        stats = replace(stats, rivals=article_means(emb.vectors, emb.labels),
-                        rival_names=tuple(sorted({str(x) for x in emb.labels})))
+        names, means = article_means(emb.vectors, emb.labels)
+        stats = replace(stats, rivals=means, rival_names=names)
     except (FewshotError, OSError) as exc:
         if strict:
             raise
@@ -68,13 +68,14 @@ def write_whitening_prior(cfg: TrainConfig, run_dir: str | Path, *, strict: bool
     return {"file": path.name, "photos": stats.photos, "articles": stats.articles, "rivals": len(stats.rivals)}
 
 
-def article_means(vectors: np.ndarray, labels: list[str]) -> np.ndarray:
-    """The mean unit embedding of each article of ``labels`` (sorted by name), ``float64 [B, D]``."""
+def article_means(vectors: np.ndarray, labels: list[str]) -> tuple[tuple[str, ...], np.ndarray]:
+    """The articles of ``labels`` (sorted by name) and the mean unit embedding of each,
+    ``float64 [B, D]``: a prior's ``rival_names`` and ``rivals``."""
     x = l2_normalize(np.asarray(vectors, np.float32)).astype(np.float64)
     names, inverse = np.unique(np.array([str(v) for v in labels], dtype=object), return_inverse=True)
     sums = np.zeros((len(names), x.shape[1]))
     np.add.at(sums, inverse, x)
-    return sums / np.bincount(inverse)[:, None]
+    return tuple(str(n) for n in names), sums / np.bincount(inverse)[:, None]
 
 
 def add_whitening_prior(run_dir: str | Path) -> dict | None:
